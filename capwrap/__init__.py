@@ -1,0 +1,68 @@
+"""capwrap: did fine-tuning change a capability, or only wrap it?
+
+The public API. Models (:class:`CapModel` over TransformerLens's HookedTransformer or
+TransformerBridge), tasks (:class:`PCFGTask`), one training loop (:func:`train`), per-step
+recording (:class:`Recorder`, :class:`RunStore`) and the demo study (:func:`run_demo`).
+
+Example:
+    >>> import capwrap
+    >>> task = capwrap.PCFGTask(family="count", operand="a")
+    >>> model = capwrap.build_model(capwrap.ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=32))
+    >>> 0.0 <= capwrap.accuracy(model, task.sample(64, seed=0)) <= 1.0
+    True
+"""
+
+__version__ = "0.1.0"
+
+from capwrap.demo import DemoResult, run_demo  # noqa: E402
+from capwrap.errors import (  # noqa: E402
+    CapwrapError,
+    CheckpointError,
+    ConfigError,
+    HookNameError,
+    StoreError,
+    TrainingDivergedError,
+)
+from capwrap.models import (  # noqa: E402
+    CapModel,
+    ComponentMap,
+    ModelSpec,
+    available_backends,
+    build_model,
+    default_backend,
+    load_model,
+    save_model,
+)
+from capwrap.recording import Recorder, RunStore  # noqa: E402
+from capwrap.tasks import PCFGConfig, PCFGTask, Task, TaskBatch, accuracy  # noqa: E402
+from capwrap.training import TrainConfig, TrainResult, train  # noqa: E402
+
+__all__ = [
+    "CapModel",
+    "CapwrapError",
+    "CheckpointError",
+    "ComponentMap",
+    "ConfigError",
+    "DemoResult",
+    "HookNameError",
+    "ModelSpec",
+    "PCFGConfig",
+    "PCFGTask",
+    "Recorder",
+    "RunStore",
+    "StoreError",
+    "Task",
+    "TaskBatch",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "__version__",
+    "accuracy",
+    "available_backends",
+    "build_model",
+    "default_backend",
+    "load_model",
+    "run_demo",
+    "save_model",
+    "train",
+]

@@ -1,0 +1,230 @@
+"""The demo study: fine-tune a PCFG counting model to count ``b`` through a spurious correlation.
+
+A small model pretrained on the paper's PCFG tasks with the ``low`` operand prior counts ``a``
+well and ``b`` barely. It is fine-tuned to count ``b`` at a small learning rate on data where
+count(b) = count(a) + 1 always holds (C_Tr = 1), with recording on. The paper's finding is that
+such a model learns a *wrapper*, "count ``a`` and add one": it counts ``b`` where the correlation
+holds (C_Te = 1) and fails where it does not (C_Te = 0).
+
+The base checkpoint ships with capwrap (``capwrap/assets/demo_base``), made by
+``scripts/train_demo_base.py`` with :func:`pretrain_demo_base`; ``pretrain=True`` retrains it.
+
+Example:
+    >>> import tempfile
+    >>> result = run_demo(tempfile.mkdtemp(), finetune_steps=20, eval_size=64, progress=False)  # doctest: +SKIP
+    >>> sorted(result.summary["accuracy"]["tuned"])  # doctest: +SKIP
+    ['capability', 'downstream_correlated', 'downstream_uncorrelated']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from capwrap.errors import ConfigError
+from capwrap.files import write_json_atomic
+from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
+from capwrap.recording import Recorder, RunStore
+from capwrap.report import Report
+from capwrap.tasks import PCFGConfig, PCFGTask, accuracy
+from capwrap.training import TrainConfig, train
+
+__all__ = ["DemoResult", "demo_tasks", "demo_spec", "pretrain_demo_base", "run_demo", "DEMO_BASE", "PRETRAIN_CONFIG", "FINETUNE_CONFIG"]
+
+#: The shipped base checkpoint.
+DEMO_BASE = resources.files("capwrap") / "assets" / "demo_base"
+PCFG = PCFGConfig(length=32, window=16, occurrence=3)
+PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=96, lr=1e-3, warmup=0.1, min_lr_ratio=0.1, seed=0)
+FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=96, lr=1e-4, warmup=0.2, seed=1)
+SCENARIOS = ("default",)
+
+
+def demo_tasks() -> dict[str, PCFGTask]:
+    """The pretraining task and the three evaluation tasks of the demo."""
+    return {
+        "pretraining": PCFGTask(family=("count", "index"), prior="low", config=PCFG, name="pretraining (low prior)"),
+        "capability": PCFGTask("count", "a", config=PCFG, name="count a"),
+        "downstream_correlated": PCFGTask("count", "b", correlation=1.0, config=PCFG, name="count b, C_Te=1"),
+        "downstream_uncorrelated": PCFGTask("count", "b", correlation=0.0, config=PCFG, name="count b, C_Te=0"),
+    }
+
+
+def demo_spec() -> ModelSpec:
+    """The demo model: 4 blocks, 4 heads, d_model 128 (the paper's is 6 x 6 x 192)."""
+    task = demo_tasks()["pretraining"]
+    return ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=4, d_model=128, n_heads=4)
+
+
+def pretrain_demo_base(config: TrainConfig = PRETRAIN_CONFIG, backend: str | None = None, progress: bool = True) -> CapModel:
+    """Pretrain the demo's base model from scratch (about 15 minutes on 2 CPU cores)."""
+    tasks = demo_tasks()
+    model = build_model(demo_spec(), backend=backend, seed=config.seed)
+    evals = {k: tasks[k] for k in ("capability", "downstream_correlated")}
+    result = train(model, tasks["pretraining"], dataclasses.replace(config, progress=progress), eval_tasks=evals, description="pretrain")
+    model.metadata = {
+        "task": tasks["pretraining"].describe(),
+        "train_config": dataclasses.asdict(config),
+        "final_metrics": result.final_metrics,
+        "made_by": "capwrap.demo.pretrain_demo_base",
+    }
+    return model
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` produced: the summary (as in ``summary.json``), the models, the run."""
+
+    summary: dict[str, Any]
+    base: CapModel
+    tuned: CapModel
+    store: RunStore
+    out: Path
+
+    def accuracy_table(self) -> pd.DataFrame:
+        """Accuracy of base and tuned models on each test set."""
+        return pd.DataFrame(self.summary["accuracy"]).rename_axis("test set")
+
+
+def run_demo(
+    out: str | os.PathLike,
+    seed: int = 0,
+    scenario: str = "default",
+    backend: str | None = None,
+    pretrain: bool = False,
+    finetune_steps: int | None = None,
+    eval_size: int = 2048,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> DemoResult:
+    """Run the demo study and write ``summary.json``, ``report.html``, the run store and the tuned model.
+
+    Args:
+        out: output folder (created; existing demo outputs in it are replaced).
+        seed: seeds fine-tuning data, recording probe and evaluation sets.
+        scenario: ``"default"``.
+        backend: ``"hooked"`` or ``"bridge"`` (default: the installed TransformerLens's).
+        pretrain: pretrain the base model here instead of loading the shipped checkpoint.
+        finetune_steps: override the fine-tuning length (default 300).
+        eval_size: sequences per test set.
+        progress: show progress bars.
+        log: called with a line of text at each stage (the CLI prints them).
+    """
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"unknown demo scenario {scenario!r}; choose from {list(SCENARIOS)}")
+    if eval_size <= 0:
+        raise ConfigError(f"eval_size must be positive, got {eval_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tasks = demo_tasks()
+    test_sets = {k: tasks[k] for k in ("capability", "downstream_correlated", "downstream_uncorrelated")}
+
+    if pretrain:
+        log("pretraining the base model (counting and indexing, low prior for b) ...")
+        base = pretrain_demo_base(backend=backend, progress=progress)
+    else:
+        log(f"loading the shipped base model from {DEMO_BASE}")
+        base = load_model(str(DEMO_BASE), backend=backend)
+    finetune = dataclasses.replace(FINETUNE_CONFIG, seed=seed + 1, progress=progress, eval_every=50)
+    if finetune_steps is not None:
+        finetune = dataclasses.replace(finetune, steps=finetune_steps, eval_every=max(1, finetune_steps // 6))
+
+    batches = {k: t.sample(eval_size, seed=10_000 + seed) for k, t in test_sets.items()}
+    acc_base = {k: accuracy(base, b) for k, b in batches.items()}
+    log(f"fine-tuning to count b (C_Tr = 1, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ...")
+    tuned = base.clone()
+    probe = tasks["capability"].sample(256, seed=20_000 + seed)
+    store_path = out / "run"
+    recorder = Recorder(
+        tuned, store_path, hooks="blocks.*.hook_resid_post", probe=probe, every=10, overwrite=True,
+        meta={"scenario": scenario, "task": tasks["downstream_correlated"].describe()},
+    )  # fmt: skip
+    ft_task = PCFGTask("count", "b", correlation=1.0, config=PCFG, name="fine-tuning: count b, C_Tr=1")
+    t0 = time.perf_counter()
+    result = train(tuned, ft_task, finetune, recorder=recorder, eval_tasks=test_sets, description="fine-tune")
+    ft_seconds = time.perf_counter() - t0
+    acc_tuned = {k: accuracy(tuned, b) for k, b in batches.items()}
+    save_model(tuned, out / "tuned", overwrite=True, metadata={"task": ft_task.describe(), "train_config": dataclasses.asdict(finetune)})
+    store = RunStore.open(store_path)
+
+    summary: dict[str, Any] = {
+        "scenario": scenario,
+        "seed": seed,
+        "verdict": None,
+        "verdict_note": "diagnose() is not available yet in this capwrap version",
+        "accuracy": {"base": acc_base, "tuned": acc_tuned},
+        "test_sets": {k: t.describe() for k, t in test_sets.items()},
+        "eval_size": eval_size,
+        "base_model": {"source": base.metadata.get("source", "pretrained here"), "spec": base.spec.to_dict(), "backend": base.backend},
+        "finetune": {**dataclasses.asdict(finetune), "task": ft_task.describe(), "wall_seconds": round(ft_seconds, 2)},
+        "recording": {"store": str(store_path.name), "steps_recorded": len(store.array_steps(store.array_names[0])), "hooks": recorder.hooks, "every": 10},
+        "weight_change": _weight_change(store),
+        "wall_seconds": None,
+    }  # fmt: skip
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    write_json_atomic(out / "summary.json", summary)
+    _write_report(out / "report.html", summary, result.history, store)
+    log(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
+    return DemoResult(summary, base, tuned, store, out)
+
+
+def _weight_change(store: RunStore) -> dict[str, Any]:
+    """Final change per attention / MLP layer, and the share of the change in the top 1% of neurons."""
+    out: dict[str, Any] = {"total_relative": float(store.scalars()["weight_delta_rel"].dropna().iloc[-1])}
+    comps = store.meta["components"]
+    for kind in ("attn", "mlp"):
+        if f"weight_delta.{kind}" in store.array_names:
+            final = store.array(f"weight_delta.{kind}")[-1]
+            out[kind] = {name: round(float(v), 5) for name, v in zip(comps[kind], final, strict=False)}
+    if "weight_delta.neuron" in store.array_names:
+        sq = store.array("weight_delta.neuron")[-1].double().pow(2)
+        top = sq.sort(descending=True).values
+        k = max(1, len(top) // 100)
+        out["neuron_top1pct_share"] = round(float(top[:k].sum() / top.sum()), 4) if top.sum() > 0 else 0.0
+    return out
+
+
+def _write_report(path: Path, summary: dict[str, Any], history: pd.DataFrame, store: RunStore) -> None:
+    report = Report("capwrap demo: fine-tuning a PCFG counter to count b")
+    report.add_text(
+        None,
+        f"Verdict: {summary['verdict'] or 'not yet available (diagnose() arrives in a later capwrap version)'}",
+        css_class="verdict",
+    )
+    table = pd.DataFrame(summary["accuracy"])
+    report.add_text("Accuracy", "Base and fine-tuned model on the capability (count a) and on count b with the "
+                    "spurious correlation present (C_Te=1) and absent (C_Te=0).")  # fmt: skip
+    report.add_table(table)
+    fig = go.Figure([go.Bar(name=col, x=table.index, y=table[col]) for col in table.columns])
+    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1], height=380)
+    report.add_figure(fig)
+
+    report.add_text("Fine-tuning", "Loss and test accuracy during fine-tuning.")
+    fig = go.Figure(go.Scatter(x=history.index, y=history["loss"], name="loss"))
+    for col in [c for c in history.columns if c.startswith("acc/")]:
+        pts = history[col].dropna()
+        fig.add_trace(go.Scatter(x=pts.index, y=pts, name=col.removeprefix("acc/"), yaxis="y2", mode="lines+markers"))
+    fig.update_layout(xaxis_title="step", yaxis_title="loss", yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]), height=400)  # fmt: skip
+    report.add_figure(fig)
+
+    comps = store.meta["components"]
+    steps = store.array_steps("weight_delta.attn")
+    report.add_text("Where the weights moved", "Norm of each layer's weight change against the base model, per recorded step.")
+    fig = go.Figure()
+    for kind in ("attn", "mlp"):
+        arr = store.array(f"weight_delta.{kind}")
+        for i, name in enumerate(comps[kind]):
+            fig.add_trace(go.Scatter(x=steps, y=arr[:, i].numpy(), name=name))
+    fig.update_layout(xaxis_title="step", yaxis_title="‖ΔW‖", height=400)
+    report.add_figure(fig)
+    report.add_text("Run", f"Recorded store: {summary['recording']}")
+    report.write(path)

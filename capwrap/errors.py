@@ -1,0 +1,59 @@
+"""Errors raised by capwrap.
+
+Every error names the problem and the fix. They all derive from :class:`CapwrapError`, and
+also from the closest built-in exception (``ValueError``, ``FileNotFoundError``, ...) so code
+that already catches those keeps working.
+
+Example:
+    >>> from capwrap.errors import closest_matches
+    >>> closest_matches("blocks.0.hook_resid_pots", ["blocks.0.hook_resid_post", "hook_embed"])
+    ['blocks.0.hook_resid_post']
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "CapwrapError",
+    "ConfigError",
+    "HookNameError",
+    "CheckpointError",
+    "StoreError",
+    "TrainingDivergedError",
+    "closest_matches",
+]
+
+
+class CapwrapError(Exception):
+    """Base class of every error capwrap raises on purpose."""
+
+
+class ConfigError(CapwrapError, ValueError):
+    """An argument or configuration value is invalid."""
+
+
+class HookNameError(ConfigError):
+    """A hook name or pattern matches no hook point of the model."""
+
+
+class CheckpointError(CapwrapError, OSError):
+    """A checkpoint is missing, corrupt, unsafe to load, or of an unsupported kind."""
+
+
+class StoreError(CapwrapError, OSError):
+    """A :class:`~capwrap.recording.RunStore` cannot be created, opened or appended to."""
+
+
+class TrainingDivergedError(CapwrapError, RuntimeError):
+    """The loss became NaN or infinite; ``step`` says at which optimizer step."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def closest_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The ``n`` entries of ``choices`` that look most like ``name`` (for "did you mean")."""
+    return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)

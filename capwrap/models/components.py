@@ -1,0 +1,173 @@
+"""The component map: which slices of which canonical weights make up each component.
+
+A *component* is a unit analyses localize to: an attention head, an MLP neuron, a whole MLP or
+attention layer, a normalization layer, the embeddings. Each is a list of :class:`ParamSlice`
+over the canonical (TransformerLens-named) weights of :mod:`capwrap.models.layouts`, so the same
+map serves every backend.
+
+Example:
+    >>> from capwrap.models.spec import ModelSpec
+    >>> cmap = ComponentMap.from_spec(ModelSpec(d_vocab=10, n_ctx=8, n_layers=2, d_model=8, n_heads=2))
+    >>> [c.name for c in cmap.select("head")]
+    ['L0H0', 'L0H1', 'L1H0', 'L1H1']
+    >>> cmap["L1N5"].slices[0]
+    ParamSlice(param='blocks.1.mlp.W_in', index=(slice(None, None, None), 5))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from capwrap.errors import ConfigError, closest_matches
+from capwrap.models.spec import ModelSpec
+
+__all__ = ["ParamSlice", "Component", "ComponentMap", "ComponentKind"]
+
+ComponentKind = Literal["embed", "pos_embed", "unembed", "norm", "attn", "head", "kv_head", "mlp", "neuron"]
+COMPONENT_KINDS: tuple[str, ...] = ComponentKind.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """``weights[param][index]``: the part of one canonical weight that belongs to a component."""
+
+    param: str
+    index: tuple = ()
+
+    def of(self, weights: Mapping[str, Tensor]) -> Tensor:
+        """The slice as a view of ``weights[param]`` (writes go through)."""
+        return weights[self.param][self.index] if self.index else weights[self.param]
+
+
+@dataclass(frozen=True)
+class Component:
+    """One unit of the model: ``name`` such as ``L3H1`` (head), ``L3N17`` (neuron), ``L3.mlp``."""
+
+    name: str
+    kind: ComponentKind
+    layer: int | None
+    index: int | None
+    slices: tuple[ParamSlice, ...]
+
+    def numel(self, weights: Mapping[str, Tensor]) -> int:
+        return sum(s.of(weights).numel() for s in self.slices)
+
+
+class ComponentMap:
+    """All components of a model, by name and by kind. Built from a :class:`ModelSpec`."""
+
+    def __init__(self, components: list[Component]):
+        self._components = components
+        self._by_name = {c.name: c for c in components}
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> ComponentMap:
+        comps: list[Component] = [Component("embed", "embed", None, None, (ParamSlice("embed.W_E"),))]
+        if spec.architecture == "gpt2":
+            comps.append(Component("pos_embed", "pos_embed", None, None, (ParamSlice("pos_embed.W_pos"),)))
+        gqa = spec.n_key_value_heads != spec.n_heads
+        has_bias = spec.architecture == "gpt2"
+        for layer in range(spec.n_layers):
+            a, m = f"blocks.{layer}.attn.", f"blocks.{layer}.mlp."
+            for ln in ("ln1", "ln2"):
+                params = [f"blocks.{layer}.{ln}.w"] + ([f"blocks.{layer}.{ln}.b"] if has_bias else [])
+                comps.append(Component(f"L{layer}.{ln}", "norm", layer, None, tuple(ParamSlice(p) for p in params)))
+            attn_params = ["W_Q", "W_K", "W_V", "W_O"] + (["b_Q", "b_K", "b_V", "b_O"] if has_bias else [])
+            comps.append(Component(f"L{layer}.attn", "attn", layer, None, tuple(ParamSlice(a + p) for p in attn_params)))
+            for head in range(spec.n_heads):
+                per_head = ["W_Q", "W_O"] + ([] if gqa else ["W_K", "W_V"])
+                if has_bias:
+                    per_head += ["b_Q"] + ([] if gqa else ["b_K", "b_V"])
+                comps.append(Component(f"L{layer}H{head}", "head", layer, head, tuple(ParamSlice(a + p, (head,)) for p in per_head)))
+            if gqa:
+                for kv in range(spec.n_key_value_heads):
+                    comps.append(Component(f"L{layer}KV{kv}", "kv_head", layer, kv, (ParamSlice(a + "W_K", (kv,)), ParamSlice(a + "W_V", (kv,)))))
+            mlp_in = ["W_in"] + (["W_gate"] if spec.architecture == "llama" else [])
+            mlp_params = mlp_in + ["W_out"] + (["b_in", "b_out"] if has_bias else [])
+            comps.append(Component(f"L{layer}.mlp", "mlp", layer, None, tuple(ParamSlice(m + p) for p in mlp_params)))
+            for n in range(spec.d_mlp):
+                slices = [ParamSlice(m + p, (slice(None), n)) for p in mlp_in] + [ParamSlice(m + "W_out", (n,))]
+                if has_bias:
+                    slices.append(ParamSlice(m + "b_in", (n,)))
+                comps.append(Component(f"L{layer}N{n}", "neuron", layer, n, tuple(slices)))
+        final = ["ln_final.w"] + (["ln_final.b"] if has_bias else [])
+        comps.append(Component("ln_final", "norm", None, None, tuple(ParamSlice(p) for p in final)))
+        if not spec.tie_embeddings:
+            comps.append(Component("unembed", "unembed", None, None, (ParamSlice("unembed.W_U"),)))
+        return cls(comps)
+
+    def __iter__(self) -> Iterator[Component]:
+        return iter(self._components)
+
+    def __len__(self) -> int:
+        return len(self._components)
+
+    def __getitem__(self, name: str) -> Component:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            hint = closest_matches(name, self._by_name)
+            raise ConfigError(
+                f"no component named {name!r}"
+                + (f"; did you mean {hint}?" if hint else "; names look like 'L0H1', 'L2N17', 'L1.mlp'")
+            ) from None
+
+    def select(self, kind: str, layer: int | None = None) -> list[Component]:
+        """The components of one ``kind`` (optionally of one layer), in model order."""
+        if kind not in COMPONENT_KINDS:
+            raise ConfigError(f"unknown component kind {kind!r}; choose one of {list(COMPONENT_KINDS)}")
+        return [c for c in self._components if c.kind == kind and (layer is None or c.layer == layer)]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per component: name, kind, layer, index."""
+        return pd.DataFrame(
+            [(c.name, c.kind, c.layer, c.index) for c in self._components],
+            columns=["name", "kind", "layer", "index"],
+        )
+
+    def sq_norms(self, tensors: Mapping[str, Tensor], kind: str) -> Tensor:
+        """Squared L2 norm of each ``kind`` component's slices of ``tensors`` (canonical names),
+        in :meth:`select` order. Vectorized: one reduction per weight, then a scatter-add.
+
+        ``tensors`` is typically a weight difference (``tuned - base``) or the gradients.
+        """
+        comps = self.select(kind)
+        plan = self._plan(kind)
+        out = torch.zeros(len(comps), dtype=torch.float64)
+        for (param, axis), (comp_ids, positions) in plan.items():
+            t = tensors[param].detach().double()
+            if axis is None:
+                per = t.pow(2).sum().reshape(1)
+            else:
+                dims = [d for d in range(t.ndim) if d != axis]
+                per = t.pow(2).sum(dim=dims) if dims else t.pow(2)
+            out.index_add_(0, comp_ids, per.cpu()[positions])
+        return out
+
+    def _plan(self, kind: str) -> dict[tuple[str, int | None], tuple[Tensor, Tensor]]:
+        """For each (weight, component axis): which component gets which slice position."""
+        cache = self.__dict__.setdefault("_plans", {})
+        if kind not in cache:
+            groups: dict[tuple[str, int | None], tuple[list[int], list[int]]] = {}
+            for i, comp in enumerate(self.select(kind)):
+                for sl in comp.slices:
+                    if not sl.index:
+                        key, pos = (sl.param, None), 0
+                    else:
+                        axis = next(d for d, ix in enumerate(sl.index) if isinstance(ix, int))
+                        key, pos = (sl.param, axis), sl.index[axis]
+                    ids, positions = groups.setdefault(key, ([], []))
+                    ids.append(i)
+                    positions.append(pos)
+            cache[kind] = {k: (torch.tensor(a), torch.tensor(b)) for k, (a, b) in groups.items()}
+        return cache[kind]
+
+    def counts(self) -> dict[str, int]:
+        """How many components of each kind the model has."""
+        return self.to_frame()["kind"].value_counts().reindex(COMPONENT_KINDS).dropna().astype(int).to_dict()

@@ -1,0 +1,223 @@
+"""Saving and loading checkpoints: capwrap folders, local Hugging Face folders, hub names.
+
+A capwrap checkpoint *is* a Hugging Face folder (``config.json`` + ``model.safetensors``, loadable
+with ``transformers.AutoModelForCausalLM``) plus ``capwrap.json`` (spec and metadata). Loading is
+safe by default: safetensors only; a pickle checkpoint (``pytorch_model.bin``) is refused unless
+``allow_pickle=True``, and even then read with ``torch.load(weights_only=True)``; remote code runs
+only with ``trust_remote_code=True``.
+
+Example:
+    >>> import tempfile, torch
+    >>> from capwrap.models import ModelSpec, build_model, load_model, save_model
+    >>> model = build_model(ModelSpec(d_vocab=20, n_ctx=16, n_layers=1, d_model=16, n_heads=2), seed=1)
+    >>> folder = tempfile.mkdtemp() + "/ckpt"
+    >>> _ = save_model(model, folder, metadata={"note": "example"})
+    >>> again = load_model(folder)
+    >>> torch.equal(again.weights()["blocks.0.attn.W_Q"], model.weights()["blocks.0.attn.W_Q"])
+    True
+    >>> again.metadata["note"]
+    'example'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capwrap.errors import CheckpointError, ConfigError
+from capwrap.models.model import CapModel
+from capwrap.models.spec import ModelSpec
+
+__all__ = ["save_model", "load_model", "CAPWRAP_FILE"]
+
+CAPWRAP_FILE = "capwrap.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+def save_model(model: CapModel, path: str | os.PathLike, metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` to the folder ``path`` atomically (a temporary folder, then a rename).
+
+    Args:
+        model: the model to save.
+        path: destination folder; it must not exist unless ``overwrite=True``.
+        metadata: JSON-serializable information stored in ``capwrap.json`` (merged over
+            ``model.metadata``).
+        overwrite: replace an existing folder.
+
+    Returns:
+        The folder's path.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it or choose another folder")
+    meta = {**model.metadata, **(metadata or {})}
+    try:
+        json.dumps(meta)
+    except TypeError as exc:
+        raise ConfigError(f"checkpoint metadata must be JSON-serializable: {exc}") from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = model.hf_state_dict()
+        if model.spec.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.spec.to_hf_config().to_json_file(str(tmp / "config.json"))
+        from capwrap import __version__
+
+        (tmp / CAPWRAP_FILE).write_text(
+            json.dumps({"capwrap_version": __version__, "spec": model.spec.to_dict(), "metadata": meta}, indent=2)
+        )
+        if model.tokenizer is not None and hasattr(model.tokenizer, "save_pretrained"):
+            model.tokenizer.save_pretrained(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    model.metadata = meta
+    return path
+
+
+def load_model(
+    source: str | os.PathLike,
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> CapModel:
+    """Load a capwrap checkpoint, a local Hugging Face folder, or a hub name (``gpt2``,
+    ``roneneldan/TinyStories-1M`` ...) into a :class:`CapModel`.
+
+    Args:
+        source: a folder, or a Hugging Face hub name (needs network access to the hub).
+        backend: ``"hooked"`` or ``"bridge"``; default: :func:`~capwrap.models.default_backend`.
+        device: where to put the model (default CPU).
+        allow_pickle: also accept ``pytorch_model.bin`` (read with ``weights_only=True``).
+        trust_remote_code: let ``transformers`` run the checkpoint's own Python code.
+        revision: hub revision (branch, tag or commit) for hub names.
+    """
+    folder = _resolve_source(source, revision)
+    config = _read_hf_config(folder, trust_remote_code)
+    spec = ModelSpec.from_hf_config(config)
+    state = _read_weights(folder, allow_pickle)
+    tokenizer = _read_tokenizer(folder)
+    meta_file = folder / CAPWRAP_FILE
+    metadata: dict[str, Any] = {}
+    if meta_file.exists():
+        try:
+            metadata = json.loads(meta_file.read_text()).get("metadata", {})
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{meta_file} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    metadata.setdefault("source", str(source))
+    model = CapModel.from_hf_state(spec, state, backend, tokenizer, metadata)
+    return model.to(device) if device is not None else model
+
+
+def _resolve_source(source: str | os.PathLike, revision: str | None) -> Path:
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the checkpoint's folder (with config.json) instead")
+        return path
+    text = str(source)
+    looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
+    if looks_local:
+        raise CheckpointError(f"checkpoint folder {text} does not exist; check the path")
+    return _download_from_hub(text, revision)
+
+
+def _download_from_hub(name: str, revision: str | None) -> Path:
+    """Fetch a hub checkpoint's config, safetensors and tokenizer files into the HF cache."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
+        raise CheckpointError("loading hub names needs the huggingface_hub package") from exc
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError as exc:
+        raise CheckpointError(f"no model named {name!r} on the Hugging Face hub, and no local folder of that name") from exc
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise CheckpointError(
+            f"cannot reach the Hugging Face hub to download {name!r} (offline?). On a machine with "
+            f"access run `huggingface-cli download {name} --local-dir DIR`, copy DIR here, and pass "
+            "its path instead of the hub name"
+        ) from exc
+
+
+def _read_hf_config(folder: Path, trust_remote_code: bool) -> Any:
+    import transformers
+
+    if not (folder / "config.json").exists():
+        raise CheckpointError(
+            f"{folder} has no config.json, so it is not a Hugging Face or capwrap checkpoint folder"
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"transformers cannot read {folder / 'config.json'}: {exc}. If the checkpoint needs its own "
+            "code, pass trust_remote_code=True (this runs code from the checkpoint)"
+        ) from exc
+    return config
+
+
+def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    files: list[Path] = []
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / s for s in shards]
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {folder}")
+            try:
+                state.update(load_file(str(f)))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(f"{f} is corrupt or truncated ({exc}); re-download or re-save it") from exc
+        return state
+    pickle = folder / "pytorch_model.bin"
+    if pickle.exists():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{folder} holds weights only as a pickle file (pytorch_model.bin). Pickle files can run "
+                "arbitrary code when loaded, so capwrap refuses them by default. If you trust the source, "
+                "pass allow_pickle=True (capwrap then loads with torch.load(weights_only=True)), or convert "
+                "it to model.safetensors"
+            )
+        try:
+            return torch.load(str(pickle), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
+            raise CheckpointError(f"{pickle} could not be read safely: {exc}") from exc
+    raise CheckpointError(f"{folder} has no weights: expected model.safetensors (or a sharded index)")
+
+
+def _read_tokenizer(folder: Path) -> Any:
+    if not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - a broken tokenizer should not block weight analyses
+        return None

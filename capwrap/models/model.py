@@ -1,0 +1,386 @@
+"""`CapModel`: one interface over HookedTransformer (TL 3.x) and TransformerBridge (TL 3.x/4.x).
+
+This is the only place that knows which TransformerLens is installed. Analyzers, the training
+loop and the recorder talk to a :class:`CapModel` and never branch on the backend: hook names
+are TransformerLens's on both (``blocks.0.hook_resid_post``, ``blocks.0.attn.hook_z`` ...) and
+weights are read through canonical views (:mod:`capwrap.models.layouts`).
+
+Example:
+    >>> import torch
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> model = build_model(ModelSpec(d_vocab=20, n_ctx=16, n_layers=2, d_model=32, n_heads=4), seed=0)
+    >>> tokens = torch.randint(0, 20, (3, 10))
+    >>> model(tokens).shape
+    torch.Size([3, 10, 20])
+    >>> acts = model.capture(tokens, ["blocks.*.hook_resid_post"])
+    >>> sorted(acts), acts["blocks.1.hook_resid_post"].shape
+    (['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post'], torch.Size([3, 10, 32]))
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from capwrap.errors import ConfigError, HookNameError, closest_matches
+from capwrap.models.components import ComponentMap
+from capwrap.models.layouts import canonical_views
+from capwrap.models.spec import ARCHITECTURES, ModelSpec
+
+__all__ = ["CapModel", "Backend", "available_backends", "default_backend", "build_model", "tl_version"]
+
+Backend = Literal["hooked", "bridge"]
+HookFn = Callable[[Tensor, Any], Tensor | None]
+
+
+@functools.cache
+def tl_version() -> tuple[int, int]:
+    """The installed TransformerLens version as ``(major, minor)``."""
+    from importlib.metadata import version
+
+    major, minor = version("transformer-lens").split(".")[:2]
+    return int(major), int(minor)
+
+
+def available_backends() -> list[Backend]:
+    """Backends the installed TransformerLens offers: ``hooked`` needs TL < 4."""
+    return ["hooked", "bridge"] if tl_version()[0] < 4 else ["bridge"]
+
+
+def default_backend() -> Backend:
+    """``hooked`` on TransformerLens 3.x (its mature backend), ``bridge`` on 4.x."""
+    return available_backends()[0]
+
+
+def _check_backend(backend: str | None) -> Backend:
+    backend = backend or default_backend()
+    if backend not in ("hooked", "bridge"):
+        raise ConfigError(f"unknown backend {backend!r}; choose 'hooked' or 'bridge'")
+    if backend not in available_backends():
+        raise ConfigError(
+            f"backend 'hooked' needs HookedTransformer, which TransformerLens "
+            f"{'.'.join(map(str, tl_version()))} removed; use backend='bridge' or install "
+            "'transformer-lens>=3.9,<4'"
+        )
+    return backend  # type: ignore[return-value]
+
+
+def _gqa_name(spec: ModelSpec, name: str) -> str:
+    """HookedTransformer calls grouped K/V weights ``_W_K``/``_W_V``."""
+    if spec.n_key_value_heads != spec.n_heads and name.split(".")[-1] in ("W_K", "W_V", "b_K", "b_V"):
+        head, _, leaf = name.rpartition(".")
+        return f"{head}._{leaf}"
+    return name
+
+
+class CapModel:
+    """A TransformerLens model with a backend-independent interface.
+
+    Do not construct directly: use :func:`build_model` or :func:`capwrap.load_model`.
+
+    Attributes:
+        spec: the architecture and shape.
+        backend: ``"hooked"`` (HookedTransformer) or ``"bridge"`` (TransformerBridge).
+        module: the underlying TransformerLens module, for anything capwrap does not wrap.
+        tokenizer: the Hugging Face tokenizer, when the checkpoint has one.
+        metadata: free-form information saved with the checkpoint (task, training run ...).
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        backend: Backend,
+        module: nn.Module,
+        storage: dict[str, Tensor],
+        tokenizer: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self.spec = spec
+        self.backend = backend
+        self.module = module
+        self._storage = storage
+        self.tokenizer = tokenizer
+        self.metadata = dict(metadata or {})
+        self._components: ComponentMap | None = None
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_hf_state(
+        cls,
+        spec: ModelSpec,
+        state: dict[str, Tensor],
+        backend: str | None = None,
+        tokenizer: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> CapModel:
+        """Wrap Hugging Face-layout tensors (names as in ``model.safetensors``) in a backend."""
+        backend = _check_backend(backend)
+        if backend == "bridge":
+            return cls._bridge_from_hf_state(spec, state, tokenizer, metadata)
+        return cls._hooked_from_hf_state(spec, state, tokenizer, metadata)
+
+    @classmethod
+    def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata) -> CapModel:
+        import transformers
+
+        try:
+            from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+        except ImportError as exc:  # pragma: no cover - depends on the TL release
+            raise ConfigError(
+                "this TransformerLens release has no TransformerBridge builder for in-memory "
+                "models; install transformer-lens 3.9.x or 4.x"
+            ) from exc
+        hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config(), attn_implementation="eager")
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (spec.tie_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise ConfigError(
+                f"the weights do not fit a {spec.architecture} model of this shape: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        hf.eval()
+        storage = dict(hf.named_parameters())  # before bridging renames the modules
+        bridge = build_bridge_from_module(
+            hf, ARCHITECTURES[spec.architecture], hf_config=hf.config, tokenizer=tokenizer
+        )
+        return cls(spec, "bridge", bridge, storage, tokenizer, metadata)
+
+    @classmethod
+    def _hooked_from_hf_state(cls, spec, state, tokenizer, metadata) -> CapModel:
+        import warnings
+
+        from transformer_lens import HookedTransformer
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            module = HookedTransformer(spec.to_hooked_config(), move_to_device=False)
+        module.eval()
+        params = dict(module.named_parameters())
+        canonical = {_gqa_name(spec, k): v for k, v in canonical_views(spec, state).items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                if name in canonical:
+                    param.copy_(canonical[name])
+                else:
+                    # Tensors the Hugging Face layout has no room for (unembedding bias, llama's
+                    # zero biases) stay at zero and frozen, so both backends compute the same.
+                    param.zero_()
+                    param.requires_grad_(False)
+        unused = sorted(set(canonical) - set(params))
+        if unused:
+            raise ConfigError(f"HookedTransformer has no parameters for {unused[:5]}")
+        return cls(spec, "hooked", module, params, tokenizer, metadata)
+
+    # ---- forward and hooks ------------------------------------------------------------------
+    def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.forward(tokens)
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits for a batch of token ids."""
+        self._check_tokens(tokens)
+        return self.module(tokens.to(self.device))
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        if tokens.ndim != 2:
+            raise ConfigError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.spec.n_ctx:
+            raise ConfigError(
+                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={self.spec.n_ctx}; "
+                "use shorter sequences or a model with a longer context"
+            )
+        if tokens.numel() and (int(tokens.max()) >= self.spec.d_vocab or int(tokens.min()) < 0):
+            raise ConfigError(
+                f"token ids range over [{int(tokens.min())}, {int(tokens.max())}] but the model embeds "
+                f"only [0, {self.spec.d_vocab - 1}]; the task's vocabulary is larger than the model's"
+            )
+
+    @functools.cached_property
+    def hook_names(self) -> list[str]:
+        """Every hook point name of the model, sorted."""
+        return sorted(self.module.hook_dict)
+
+    def resolve_hooks(self, patterns: str | Iterable[str]) -> list[str]:
+        """Hook names matching glob ``patterns`` (``blocks.*.hook_resid_post``), in model order.
+
+        Raises:
+            HookNameError: a pattern matches nothing; the message lists the closest names.
+        """
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        names: list[str] = []
+        for pattern in patterns:
+            matched = [n for n in self.hook_names if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                probe = pattern.replace("*", "0")
+                hint = closest_matches(probe, self.hook_names) or closest_matches(pattern, self.hook_names)
+                raise HookNameError(
+                    f"hook pattern {pattern!r} matches no hook point of this model"
+                    + (f"; closest valid names: {hint}" if hint else "")
+                    + "; list them with model.hook_names"
+                )
+            names += [n for n in matched if n not in names]
+        return sorted(names, key=_hook_order_key)
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, HookFn]]):
+        """Context manager that adds forward hooks ``(name, fn(activation, hook))``."""
+        with self.module.hooks(fwd_hooks=list(fwd_hooks)):
+            yield self
+
+    def capture(
+        self, tokens: Int[Tensor, "batch pos"], patterns: str | Iterable[str]
+    ) -> dict[str, Float[Tensor, "batch pos ..."]]:
+        """Activations at the hooks matching ``patterns``, detached, without gradient."""
+        names = self.resolve_hooks(patterns)
+        store: dict[str, Tensor] = {}
+
+        def saver(name: str) -> HookFn:
+            # The bridge reports aliased hooks under their target's name, so key by ours.
+            def save(act: Tensor, hook: Any) -> None:
+                store[name] = act.detach()
+
+            return save
+
+        with torch.no_grad(), self.hooks([(n, saver(n)) for n in names]):
+            self.forward(tokens)
+        return {n: store[n] for n in names}
+
+    # ---- weights -------------------------------------------------------------------------------
+    def weights(self) -> dict[str, Tensor]:
+        """Canonical (TransformerLens-named) views of the weights; writing into them edits the model."""
+        if self.backend == "hooked":
+            return {k: self._storage[_gqa_name(self.spec, k)] for k in self._canonical_names}
+        return canonical_views(self.spec, self._storage)
+
+    @functools.cached_property
+    def _canonical_names(self) -> list[str]:
+        from capwrap.models.layouts import hf_shapes
+
+        shapes = hf_shapes(self.spec)
+        return list(canonical_views(self.spec, {k: torch.empty(s, device="meta") for k, s in shapes.items()}))
+
+    def gradients(self) -> dict[str, Tensor]:
+        """Canonical views of the current gradients (zeros where a weight got none)."""
+        if self.backend == "hooked":
+            grads = {
+                k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self._storage.items()
+            }
+            return {k: grads[_gqa_name(self.spec, k)] for k in self._canonical_names}
+        return canonical_views(self.spec, self._hf_gradients())
+
+    def _hf_gradients(self) -> dict[str, Tensor]:
+        """Gradients in the Hugging Face layout. The bridge trains some weights through views of
+        others (GPT-2's fused ``c_attn`` through separate q/k/v parameters); scatter them back."""
+        grads = {k: torch.zeros_like(p) for k, p in self._storage.items()}
+        by_storage = {p.untyped_storage().data_ptr(): k for k, p in self._storage.items()}
+        for p in self.module.parameters():
+            if p.grad is None:
+                continue
+            owner = by_storage.get(p.untyped_storage().data_ptr())
+            if owner is None:
+                continue
+            base = self._storage[owner]
+            offset = p.storage_offset() - base.storage_offset()
+            grads[owner].as_strided(p.shape, p.stride(), offset).add_(p.grad)
+        return grads
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """The weights in the Hugging Face layout (copies), ready for ``model.safetensors``."""
+        from capwrap.models.layouts import hf_shapes
+
+        if self.backend == "bridge":
+            return {k: v.detach().clone().contiguous() for k, v in self._storage.items()}
+        spec = self.spec
+        weights = self.weights()
+        if spec.tie_embeddings and not torch.equal(weights["unembed.W_U"], weights["embed.W_E"].T):
+            raise ConfigError(
+                "the unembedding no longer equals the transposed embedding, so this model cannot be "
+                "saved with tied embeddings; rebuild it with ModelSpec(tie_embeddings=False)"
+            )
+        out = {k: torch.zeros(s) for k, s in hf_shapes(spec).items()}
+        views = canonical_views(spec, out)
+        with torch.no_grad():
+            for name, view in views.items():
+                view.copy_(weights[name])
+        return out
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters, for an optimizer."""
+        seen, out = set(), []
+        for p in self.module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    @property
+    def components(self) -> ComponentMap:
+        """Which slices of :meth:`weights` are head H of layer L, neuron N of MLP L, ..."""
+        if self._components is None:
+            self._components = ComponentMap.from_spec(self.spec)
+        return self._components
+
+    # ---- misc -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._storage.values())).device
+
+    def to(self, device: str | torch.device) -> CapModel:
+        """Move to ``device`` in place; returns self."""
+        self.module.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> CapModel:
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> CapModel:
+        return self.train(False)
+
+    def clone(self, backend: str | None = None) -> CapModel:
+        """An independent copy, optionally on another backend."""
+        if backend is None or backend == self.backend:
+            return copy.deepcopy(self)
+        return CapModel.from_hf_state(
+            self.spec, self.hf_state_dict(), backend, self.tokenizer, copy.deepcopy(self.metadata)
+        )
+
+    def __deepcopy__(self, memo: dict) -> CapModel:
+        return CapModel.from_hf_state(
+            self.spec, self.hf_state_dict(), self.backend, self.tokenizer, copy.deepcopy(self.metadata, memo)
+        ).to(self.device)
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"CapModel({s.architecture}, backend={self.backend}, layers={s.n_layers}, d_model={s.d_model}, "
+            f"heads={s.n_heads}, d_mlp={s.d_mlp}, vocab={s.d_vocab}, params={s.n_params:,})"
+        )
+
+
+def _hook_order_key(name: str) -> tuple:
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        return (1, int(parts[1]), name)
+    return (0 if "embed" in name and "unembed" not in name else 2, 0, name)
+
+
+def build_model(spec: ModelSpec, backend: str | None = None, seed: int = 0) -> CapModel:
+    """A randomly initialized model (Hugging Face's initialization), reproducible from ``seed``.
+
+    The same ``seed`` gives the same weights on every backend.
+    """
+    import transformers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config())
+    return CapModel.from_hf_state(spec, dict(hf.state_dict()), backend)

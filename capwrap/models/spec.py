@@ -1,0 +1,236 @@
+"""`ModelSpec`: the shape of a transformer, independent of the backend that runs it.
+
+A spec converts to a Hugging Face config (the on-disk format of capwrap checkpoints, and what
+:class:`TransformerBridge` wraps) and to a ``HookedTransformerConfig`` (TransformerLens 3.x).
+
+Example:
+    >>> spec = ModelSpec(d_vocab=50, n_ctx=64, n_layers=2, d_model=32, n_heads=4)
+    >>> spec.d_head, spec.d_mlp
+    (8, 128)
+    >>> ModelSpec.from_hf_config(spec.to_hf_config()) == spec
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from capwrap.errors import ConfigError
+
+__all__ = ["ModelSpec", "ARCHITECTURES"]
+
+Architecture = Literal["gpt2", "llama"]
+#: Architectures capwrap maps onto TransformerLens components, with their HF class names.
+ARCHITECTURES: dict[str, str] = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape and architecture of a decoder-only transformer.
+
+    Args:
+        d_vocab: vocabulary size.
+        n_ctx: context length (longest sequence the model can embed).
+        n_layers: number of transformer blocks.
+        d_model: width of the residual stream.
+        n_heads: attention heads per block.
+        d_head: width of one head; defaults to ``d_model // n_heads``.
+        d_mlp: hidden width of the MLPs; defaults to ``4 * d_model``.
+        architecture: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP) or ``"llama"``
+            (rotary positions, RMSNorm, gated SiLU MLP, optional grouped-query attention).
+        n_key_value_heads: key/value heads for grouped-query attention (llama only).
+        tie_embeddings: whether the unembedding is the transpose of the embedding.
+        norm_eps: epsilon of the normalization layers.
+        rotary_base: base of the rotary embedding (llama only).
+    """
+
+    d_vocab: int
+    n_ctx: int
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    d_head: int = 0
+    d_mlp: int = 0
+    architecture: Architecture = "gpt2"
+    n_key_value_heads: int = 0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    rotary_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown architecture {self.architecture!r}; capwrap supports "
+                f"{sorted(ARCHITECTURES)}"
+            )
+        for field in ("d_vocab", "n_ctx", "n_layers", "d_model", "n_heads"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"ModelSpec.{field} must be a positive integer, got {value!r}")
+        if self.d_head == 0:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "choose n_heads that divides d_model or give d_head explicitly"
+                )
+            object.__setattr__(self, "d_head", self.d_model // self.n_heads)
+        if self.d_mlp == 0:
+            object.__setattr__(self, "d_mlp", 4 * self.d_model)
+        if self.n_key_value_heads == 0:
+            object.__setattr__(self, "n_key_value_heads", self.n_heads)
+        if self.architecture == "gpt2" and self.n_key_value_heads != self.n_heads:
+            raise ConfigError("grouped-query attention (n_key_value_heads) needs architecture='llama'")
+        if self.n_heads % self.n_key_value_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} must be a multiple of "
+                f"n_key_value_heads={self.n_key_value_heads}"
+            )
+        if self.architecture == "gpt2" and self.d_head * self.n_heads != self.d_model:
+            raise ConfigError("gpt2 models need d_head * n_heads == d_model")
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters in the checkpoint format (tied embeddings counted once)."""
+        d, h, dh, kv, m = self.d_model, self.n_heads, self.d_head, self.n_key_value_heads, self.d_mlp
+        embed = self.d_vocab * d * (1 if self.tie_embeddings else 2)
+        if self.architecture == "gpt2":
+            block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
+            return embed + self.n_ctx * d + self.n_layers * block + 2 * d
+        block = 2 * d + d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * m
+        return embed + self.n_layers * block + d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelSpec fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+    # ---- Hugging Face --------------------------------------------------------------------
+    def to_hf_config(self) -> Any:
+        """The equivalent ``transformers`` config (dropout off: analyses need determinism)."""
+        import transformers
+
+        if self.architecture == "gpt2":
+            return transformers.GPT2Config(
+                vocab_size=self.d_vocab,
+                n_positions=self.n_ctx,
+                n_embd=self.d_model,
+                n_layer=self.n_layers,
+                n_head=self.n_heads,
+                n_inner=self.d_mlp,
+                activation_function="gelu_new",
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                layer_norm_epsilon=self.norm_eps,
+                tie_word_embeddings=self.tie_embeddings,
+                bos_token_id=None,
+                eos_token_id=None,
+                architectures=[ARCHITECTURES["gpt2"]],
+            )
+        return transformers.LlamaConfig(
+            vocab_size=self.d_vocab,
+            max_position_embeddings=self.n_ctx,
+            hidden_size=self.d_model,
+            intermediate_size=self.d_mlp,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_key_value_heads,
+            head_dim=self.d_head,
+            rms_norm_eps=self.norm_eps,
+            rope_theta=self.rotary_base,
+            tie_word_embeddings=self.tie_embeddings,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+            architectures=[ARCHITECTURES["llama"]],
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelSpec:
+        """Read a ``transformers`` config of a supported architecture."""
+        model_type = getattr(config, "model_type", None)
+        if model_type == "gpt2":
+            act = getattr(config, "activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ConfigError(f"gpt2 checkpoints with activation {act!r} are not supported")
+            return cls(
+                architecture="gpt2",
+                d_vocab=config.vocab_size,
+                n_ctx=config.n_positions,
+                n_layers=config.n_layer,
+                d_model=config.n_embd,
+                n_heads=config.n_head,
+                d_mlp=config.n_inner or 4 * config.n_embd,
+                tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+                norm_eps=config.layer_norm_epsilon,
+            )
+        if model_type == "llama":
+            if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+                raise ConfigError("llama checkpoints with attention or MLP biases are not supported")
+            rope = getattr(config, "rope_scaling", None) or {}
+            if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+                raise ConfigError(f"llama rope scaling {rope!r} is not supported yet")
+            base = getattr(config, "rope_theta", None)
+            if base is None:
+                base = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+            return cls(
+                architecture="llama",
+                d_vocab=config.vocab_size,
+                n_ctx=config.max_position_embeddings,
+                n_layers=config.num_hidden_layers,
+                d_model=config.hidden_size,
+                n_heads=config.num_attention_heads,
+                d_head=getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads,
+                d_mlp=config.intermediate_size,
+                n_key_value_heads=getattr(config, "num_key_value_heads", None)
+                or config.num_attention_heads,
+                tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                norm_eps=config.rms_norm_eps,
+                rotary_base=float(base),
+            )
+        raise ConfigError(
+            f"model type {model_type!r} is not supported; capwrap maps these architectures onto "
+            f"TransformerLens components: {sorted(ARCHITECTURES)}"
+        )
+
+    # ---- TransformerLens HookedTransformer (TL 3.x) -------------------------------------------
+    def to_hooked_config(self) -> Any:
+        """The equivalent ``HookedTransformerConfig`` (TransformerLens 3.x only)."""
+        from transformer_lens import HookedTransformerConfig
+
+        common = dict(
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_head=self.d_head,
+            d_mlp=self.d_mlp,
+            d_vocab=self.d_vocab,
+            n_ctx=self.n_ctx,
+            eps=self.norm_eps,
+            default_prepend_bos=False,
+        )
+        if self.architecture == "gpt2":
+            return HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", **common)
+        return HookedTransformerConfig(
+            act_fn="silu",
+            normalization_type="RMS",
+            final_rms=True,
+            gated_mlp=True,
+            positional_embedding_type="rotary",
+            rotary_dim=self.d_head,
+            rotary_base=int(self.rotary_base),
+            rotary_adjacent_pairs=False,
+            n_key_value_heads=self.n_key_value_heads
+            if self.n_key_value_heads != self.n_heads
+            else None,
+            **common,
+        )

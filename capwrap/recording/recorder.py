@@ -1,0 +1,306 @@
+"""`Recorder`: per-step recording that attaches to any training loop.
+
+Every ``every`` steps it runs the model on a fixed probe batch and stores the activations of the
+chosen hooks, plus per-component weight-change norms (against the weights at the start) and
+gradient norms; every step it stores the loss and any metrics. Everything goes to a
+:class:`~capwrap.recording.RunStore`, which survives a crash with every completed step.
+
+Use it around your own loop (call :meth:`Recorder.step` after ``optimizer.step()`` and before
+``optimizer.zero_grad()``, so gradients are still there), or pass it to :func:`capwrap.train`.
+
+Example:
+    >>> import tempfile, torch
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.tasks import PCFGTask, PCFGConfig, answer_loss
+    >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
+    >>> model = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=16, n_heads=2))
+    >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> path = tempfile.mkdtemp() + "/run"
+    >>> with Recorder(model, path, hooks="blocks.*.hook_resid_post", probe=task.sample(32, seed=0), every=2) as rec:
+    ...     for step in range(4):
+    ...         batch = task.sample(16, seed=step)
+    ...         loss = answer_loss(model(batch.tokens), batch)
+    ...         loss.backward()
+    ...         opt.step()
+    ...         rec.step(loss=loss.item())
+    ...         opt.zero_grad()
+    >>> from capwrap.recording import RunStore
+    >>> store = RunStore.open(path)
+    >>> store.array("blocks.1.hook_resid_post").shape  # steps 0, 2, 4
+    torch.Size([3, 32, 17, 16])
+    >>> list(store.scalars().index)
+    [0, 1, 2, 3, 4]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from capwrap.errors import ConfigError, StoreError
+from capwrap.files import write_bytes_atomic
+from capwrap.models import CapModel
+from capwrap.recording.store import RunStore
+from capwrap.tasks.base import TaskBatch
+
+__all__ = ["Recorder", "DEFAULT_COMPONENT_KINDS", "load_probe", "start_weights"]
+
+#: Component kinds whose weight-change and gradient norms are recorded by default.
+DEFAULT_COMPONENT_KINDS = ("embed", "pos_embed", "unembed", "attn", "head", "mlp", "neuron")
+_PROBE_FILE = "probe.safetensors"
+_START_FILE = "start_weights.safetensors"
+
+
+class Recorder:
+    """Records a training run of ``model`` into a :class:`RunStore` at ``path``.
+
+    Args:
+        model: the model being trained.
+        path: the store's folder (created; must not exist unless ``resume`` or ``overwrite``).
+        hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``); ``()`` for none.
+        probe: the fixed batch activations are recorded on (a :class:`TaskBatch`, whose labels are
+            kept for probes, or token ids ``[batch, pos]``). Needed when ``hooks`` is not empty.
+        every: record activations and component norms every this many steps (and at step 0).
+        component_kinds: component kinds whose weight-change and gradient norms are recorded.
+        dtype: ``"float32"`` or ``"float16"`` (halves the disk use) for activations.
+        resume: continue an existing store (the step count goes on from its last step).
+        overwrite: replace an existing store.
+        meta: extra JSON-serializable information to keep in the store.
+    """
+
+    def __init__(
+        self,
+        model: CapModel,
+        path: str | os.PathLike,
+        hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+        probe: TaskBatch | Int[Tensor, "batch pos"] | None = None,
+        every: int = 10,
+        component_kinds: Sequence[str] = DEFAULT_COMPONENT_KINDS,
+        dtype: str = "float32",
+        resume: bool = False,
+        overwrite: bool = False,
+        meta: dict[str, Any] | None = None,
+    ):
+        if not isinstance(every, int) or every <= 0:
+            raise ConfigError(f"every must be a positive number of steps, got {every!r}")
+        if dtype not in ("float32", "float16"):
+            raise ConfigError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        if resume and overwrite:
+            raise ConfigError("choose resume=True (continue the store) or overwrite=True (replace it), not both")
+        self.model = model
+        self.path = Path(path)
+        self.hooks = model.resolve_hooks(hooks) if hooks else []
+        self.probe = probe if isinstance(probe, TaskBatch) or probe is None else TaskBatch(
+            probe, torch.zeros(len(probe), dtype=torch.long), torch.zeros(len(probe), dtype=torch.long)
+        )
+        if self.hooks and self.probe is None:
+            raise ConfigError(
+                "recording activations needs a fixed probe batch: pass probe=task.sample(256, seed=0) "
+                "(or hooks=() to record only weights and scalars)"
+            )
+        if self.probe is not None:
+            self._check_probe(self.probe.tokens)
+        present = set(model.components.counts())
+        self.component_kinds = [k for k in component_kinds if k in present]
+        self.every = every
+        self.dtype = dtype
+        self.resume = resume
+        self.overwrite = overwrite
+        self.user_meta = dict(meta or {})
+        self.store: RunStore | None = None
+        self._step = 0
+        self._start: dict[str, Tensor] = {}
+
+    def _check_probe(self, tokens: Tensor) -> None:
+        spec = self.model.spec
+        if tokens.ndim != 2 or len(tokens) == 0:
+            raise ConfigError(f"the probe batch must be token ids [batch, pos] with batch > 0, got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > spec.n_ctx:
+            raise ConfigError(
+                f"the probe batch has {tokens.shape[1]} positions but the model's context is n_ctx={spec.n_ctx}; "
+                "use shorter probe sequences"
+            )
+        if int(tokens.max()) >= spec.d_vocab or int(tokens.min()) < 0:
+            raise ConfigError(
+                f"the probe batch has token ids up to {int(tokens.max())} but the model embeds only "
+                f"0..{spec.d_vocab - 1}"
+            )
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self.store is not None
+
+    @property
+    def current_step(self) -> int:
+        """Optimizer steps seen so far (continuing a resumed store's count)."""
+        return self._step
+
+    def open(self) -> Recorder:
+        """Create (or resume) the store and record step 0."""
+        if self.store is not None:
+            return self
+        if self.resume:
+            self.store = RunStore.resume(self.path)
+            self._check_resumable(self.store)
+            self._start = self._load_start()
+            self._step = self.store.last_step or 0
+            return self
+        self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
+        self._start = {k: v.detach().clone() for k, v in self.model.weights().items()}
+        self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.hf_state_dict().items()})
+        if self.probe is not None:
+            self._save_tensors(_PROBE_FILE, {
+                "tokens": self.probe.tokens, "answer_pos": self.probe.answer_pos, "answers": self.probe.answers,
+                **{f"label.{k}": v for k, v in self.probe.labels.items()},
+            })  # fmt: skip
+        self._step = 0
+        self._record(scalars={})
+        return self
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def __enter__(self) -> Recorder:
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- recording -------------------------------------------------------------------------------
+    def step(self, loss: float | None = None, **metrics: float) -> None:
+        """Mark one optimizer step done; record scalars now and arrays when due.
+
+        Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``.
+        """
+        if self.store is None:
+            raise StoreError("the recorder is not open; use it as a context manager or call .open() first")
+        self._step += 1
+        scalars = {k: float(v) for k, v in metrics.items()}
+        if loss is not None:
+            scalars["loss"] = float(loss)
+        if self._step % self.every == 0:
+            self._record(scalars)
+        else:
+            grads = self._grad_total()
+            if grads is not None:
+                scalars["grad_norm"] = grads
+            self.store.append(self._step, scalars=scalars)
+
+    def _record(self, scalars: dict[str, float]) -> None:
+        assert self.store is not None
+        arrays: dict[str, Tensor] = {}
+        if self.hooks:
+            was_training = self.model.module.training
+            self.model.eval()
+            try:
+                acts = self.model.capture(self.probe.tokens.to(self.model.device), self.hooks)
+            finally:
+                self.model.train(was_training)
+            arrays |= {name: act.to(getattr(torch, self.dtype)).cpu() for name, act in acts.items()}
+        weights = self.model.weights()
+        delta = {k: weights[k].detach() - self._start[k] for k in weights}
+        cmap = self.model.components
+        for kind in self.component_kinds:
+            arrays[f"weight_delta.{kind}"] = cmap.sq_norms(delta, kind).sqrt().float()
+        total_sq = sum(float(d.double().pow(2).sum()) for d in delta.values())
+        start_sq = sum(float(w.double().pow(2).sum()) for w in self._start.values())
+        scalars["weight_delta"] = total_sq**0.5
+        scalars["weight_delta_rel"] = (total_sq / start_sq) ** 0.5 if start_sq else 0.0
+        if self._has_grads():
+            grads = self.model.gradients()
+            for kind in self.component_kinds:
+                arrays[f"grad_norm.{kind}"] = cmap.sq_norms(grads, kind).sqrt().float()
+            scalars["grad_norm"] = sum(float(g.double().pow(2).sum()) for g in grads.values()) ** 0.5
+        self.store.append(self._step, scalars=scalars, arrays=arrays)
+
+    def _has_grads(self) -> bool:
+        return any(p.grad is not None for p in self.model.parameters())
+
+    def _grad_total(self) -> float | None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    # ---- metadata --------------------------------------------------------------------------------
+    def _array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        specs: dict[str, tuple[tuple[int, ...], str]] = {}
+        if self.hooks:
+            shapes = {n: tuple(a.shape) for n, a in self.model.capture(self.probe.tokens[:1].to(self.model.device), self.hooks).items()}
+            n = len(self.probe)
+            specs |= {name: ((n, *shape[1:]), self.dtype) for name, shape in shapes.items()}
+        for kind in self.component_kinds:
+            size = len(self.model.components.select(kind))
+            specs[f"weight_delta.{kind}"] = ((size,), "float32")
+            specs[f"grad_norm.{kind}"] = ((size,), "float32")
+        return specs
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "kind": "capwrap.recording",
+            "spec": self.model.spec.to_dict(),
+            "backend": self.model.backend,
+            "hooks": self.hooks,
+            "every": self.every,
+            "probe_size": None if self.probe is None else len(self.probe),
+            "components": {k: [c.name for c in self.model.components.select(k)] for k in self.component_kinds},
+            **self.user_meta,
+        }
+
+    def _check_resumable(self, store: RunStore) -> None:
+        meta = store.meta
+        if meta.get("spec") != self.model.spec.to_dict():
+            raise StoreError(
+                f"the store at {self.path} was recorded from a model of another shape "
+                f"({meta.get('spec')}); resume it with the same model, or record to a new folder"
+            )
+        if meta.get("hooks") != self.hooks or meta.get("every") != self.every:
+            raise StoreError(
+                f"the store at {self.path} records hooks {meta.get('hooks')} every {meta.get('every')} steps; "
+                "resume with the same hooks and every, or record to a new folder"
+            )
+
+    def _save_tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
+        from safetensors.torch import save
+
+        write_bytes_atomic(self.path / name, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+    def _load_start(self) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        from capwrap.models.layouts import canonical_views
+
+        file = self.path / _START_FILE
+        if not file.exists():
+            raise StoreError(f"{file} is missing, so weight changes cannot be measured; record to a new folder")
+        views = canonical_views(self.model.spec, load_file(str(file)))
+        return {k: v.clone() for k, v in views.items()}
+
+
+def load_probe(store: RunStore) -> TaskBatch:
+    """The probe batch a :class:`Recorder` saved with ``store`` (tokens, answers and labels)."""
+    from safetensors.torch import load_file
+
+    file = Path(store.path) / _PROBE_FILE
+    if not file.exists():
+        raise StoreError(f"{store.path} has no probe batch (it was recorded without hooks)")
+    t = load_file(str(file))
+    labels = {k.removeprefix("label."): v for k, v in t.items() if k.startswith("label.")}
+    return TaskBatch(t["tokens"], t["answer_pos"], t["answers"], labels)
+
+
+def start_weights(store: RunStore) -> dict[str, Tensor]:
+    """The model's weights (Hugging Face layout) when recording started."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(store.path) / _START_FILE))
+

@@ -1,0 +1,129 @@
+"""The `Task` protocol and the batch every task returns.
+
+A task generates token sequences whose answer sits at a known position, plus *latent labels*
+(the true counts, indices ...) that probes read from activations. Training, evaluation,
+recording and the analyzers only use this interface.
+
+Example:
+    >>> from capwrap.tasks import PCFGTask
+    >>> task = PCFGTask(family="count", operand="a")
+    >>> batch = task.sample(4, seed=0)
+    >>> batch.tokens.shape[0], batch.answers.shape, sorted(batch.labels)[:3]
+    (4, torch.Size([4]), ['count_a', 'count_b', 'count_c'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from capwrap.errors import ConfigError
+
+if TYPE_CHECKING:
+    from capwrap.models import CapModel
+
+__all__ = ["TaskBatch", "Task", "answer_logits", "answer_loss", "accuracy", "check_task_fits"]
+
+
+@dataclass
+class TaskBatch:
+    """A batch of task sequences.
+
+    Attributes:
+        tokens: token ids, ``[batch, pos]``.
+        answer_pos: the position whose next-token logits must predict the answer, ``[batch]``.
+        answers: the correct answer token ids, ``[batch]``.
+        labels: latent labels for probes (e.g. ``count_a``), each ``[batch]``.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    answer_pos: Int[Tensor, " batch"]
+    answers: Int[Tensor, " batch"]
+    labels: dict[str, Int[Tensor, " batch"]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def __getitem__(self, index: slice | Tensor) -> TaskBatch:
+        return TaskBatch(
+            self.tokens[index],
+            self.answer_pos[index],
+            self.answers[index],
+            {k: v[index] for k, v in self.labels.items()},
+        )
+
+    def to(self, device: str | torch.device) -> TaskBatch:
+        return TaskBatch(
+            self.tokens.to(device),
+            self.answer_pos.to(device),
+            self.answers.to(device),
+            {k: v.to(device) for k, v in self.labels.items()},
+        )
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What capwrap needs from a task."""
+
+    name: str
+
+    @property
+    def d_vocab(self) -> int:
+        """Number of token ids the task uses (the model must embed all of them)."""
+
+    @property
+    def seq_len(self) -> int:
+        """Length of every sequence (the model's context must be at least this)."""
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        """``n`` sequences, reproducible from ``seed``."""
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serializable description (stored with checkpoints and runs)."""
+
+
+def check_task_fits(model: CapModel, task: Task) -> None:
+    """Raise a clear error if ``model`` cannot embed ``task``'s tokens or sequences."""
+    if task.d_vocab > model.spec.d_vocab:
+        raise ConfigError(
+            f"task {task.name!r} uses {task.d_vocab} token ids but the model embeds only "
+            f"{model.spec.d_vocab}; build the model with d_vocab >= {task.d_vocab}"
+        )
+    if task.seq_len > model.spec.n_ctx:
+        raise ConfigError(
+            f"task {task.name!r} makes sequences of {task.seq_len} tokens but the model's context is "
+            f"n_ctx={model.spec.n_ctx}; shorten the task or build the model with n_ctx >= {task.seq_len}"
+        )
+
+
+def answer_logits(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, "batch d_vocab"]:
+    """The logits at each sequence's answer position."""
+    return logits[torch.arange(len(batch), device=logits.device), batch.answer_pos.to(logits.device)]
+
+
+def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
+    """Cross-entropy of the answer token (the training objective of procedural tasks)."""
+    return F.cross_entropy(answer_logits(logits, batch), batch.answers.to(logits.device))
+
+
+@torch.no_grad()
+def accuracy(model: CapModel, batch: TaskBatch, batch_size: int = 512) -> float:
+    """Share of sequences whose arg-max prediction at the answer position is the answer."""
+    if len(batch) == 0:
+        raise ConfigError("cannot measure accuracy on an empty batch")
+    was_training = model.module.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(batch), batch_size):
+            part = batch[start : start + batch_size].to(model.device)
+            pred = answer_logits(model(part.tokens), part).argmax(-1)
+            correct += int((pred == part.answers).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(batch)

@@ -1,0 +1,298 @@
+"""The PCFG tasks of Jain et al. (ICLR 2024): counting and index-of-occurrence on grammar strings.
+
+Strings come from the paper's probabilistic context-free grammar (terminals ``a``, ``b``, ``c``;
+every rule chosen with probability 0.5), randomly subsampled to a fixed length. A sequence reads
+
+``<sos> FAMILY OPERAND PARAM <sot> text... <eot> <ans> ANSWER <eos>``
+
+where FAMILY is ``<count>`` (how often OPERAND occurs in the last PARAM tokens of the text) or
+``<index>`` (the text position of OPERAND's PARAM-th occurrence, or ``<none>``). The model must
+predict ANSWER from the ``<ans>`` position.
+
+Pretraining draws the operand from a *prior*: the paper's ``low`` prior (0.999, 0.001, 0) makes
+"count ``b``" a weakly relevant capability. Fine-tuning data can carry the paper's planted
+spurious correlation: in a fraction ``correlation`` of sequences, count(b) = count(a) + 1 in the
+counting window (tokens are changed to make it so), and in the rest it is made false, so test
+sets with C_Te = 1 and C_Te = 0 are ``correlation=1.0`` and ``correlation=0.0``.
+
+Example:
+    >>> task = PCFGTask(family="count", operand="b", correlation=1.0)
+    >>> batch = task.sample(64, seed=0)
+    >>> bool((batch.labels["count_b"] == batch.labels["count_a"] + 1).all())
+    True
+    >>> task.vocab.decode(batch.tokens[0, :5])
+    ['<sos>', '<count>', 'b', '20', '<sot>']
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from capwrap.errors import ConfigError
+from capwrap.tasks.base import TaskBatch
+
+__all__ = ["PCFGConfig", "PCFGVocab", "PCFGTask", "GRAMMAR", "PRIORS", "generate_strings"]
+
+#: The paper's grammar: each non-terminal has two expansions, chosen with probability 0.5.
+GRAMMAR: dict[str, tuple[str, str]] = {
+    "s": ("r q", "q p"), "p": ("m n o", "n o m"), "q": ("n m o", "m n"), "r": ("o m", "m o n"),
+    "m": ("l j", "j l k"), "n": ("k j l", "l j k"), "o": ("l k j", "k j"),
+    "j": ("h i", "i h"), "k": ("h g i", "g h i"), "l": ("i h g", "h i g"),
+    "g": ("d f e", "f e d"), "h": ("e d f", "d e f"), "i": ("e f d", "f d e"),
+    "d": ("c a", "a b c"), "e": ("c b", "c a b"), "f": ("c b a", "b a"),
+}  # fmt: skip
+TERMINALS = ("a", "b", "c")
+#: Operand priors of the paper's pretraining, over (a, b, c).
+PRIORS: dict[str, tuple[float, float, float]] = {
+    "low": (0.999, 0.001, 0.0),
+    "medium": (0.9, 0.1, 0.0),
+    "high": (0.5, 0.3, 0.2),
+}
+FAMILIES = ("count", "index")
+SPECIALS = ("<pad>", "<sos>", "<sot>", "<eot>", "<ans>", "<eos>", "<none>", "<count>", "<index>")
+
+
+@dataclass(frozen=True)
+class PCFGConfig:
+    """Sizes of the PCFG tasks. The paper uses ``length=250, window=40, occurrence=6``; the
+    defaults are smaller so models train on a laptop CPU in minutes.
+
+    Args:
+        length: tokens of grammar text per sequence (strings are subsampled to this length).
+        window: the counting family counts the operand in the last ``window`` text tokens.
+        occurrence: the index family asks for the position of this occurrence of the operand.
+    """
+
+    length: int = 32
+    window: int = 16
+    occurrence: int = 3
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.length <= 64):
+            raise ConfigError(
+                f"PCFGConfig.length must be in [1, 64] (grammar strings have at least 64 terminals), got {self.length}"
+            )
+        if not (1 <= self.window <= self.length):
+            raise ConfigError(f"PCFGConfig.window must be in [1, length={self.length}], got {self.window}")
+        if self.occurrence < 1:
+            raise ConfigError(f"PCFGConfig.occurrence must be >= 1, got {self.occurrence}")
+
+
+class PCFGVocab:
+    """Token strings <-> ids: special tokens, the terminals, and the numbers 0..length."""
+
+    def __init__(self, config: PCFGConfig):
+        self.tokens: list[str] = [*SPECIALS, *TERMINALS, *(str(i) for i in range(config.length + 1))]
+        self._ids = {t: i for i, t in enumerate(self.tokens)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, token: str) -> int:
+        try:
+            return self._ids[token]
+        except KeyError:
+            raise ConfigError(f"{token!r} is not a PCFG token") from None
+
+    def number(self, value: int) -> int:
+        """The id of the number token ``value``."""
+        return self._ids[str(value)]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        return [self.tokens[int(i)] for i in ids]
+
+
+def _expansion_table() -> tuple[dict[str, int], np.ndarray]:
+    symbols = list(GRAMMAR) + list(TERMINALS)
+    index = {s: i for i, s in enumerate(symbols)}
+    table = np.full((len(GRAMMAR), 2, 3), -1, dtype=np.int64)
+    for s, options in GRAMMAR.items():
+        for j, option in enumerate(options):
+            kids = [index[k] for k in option.split()]
+            table[index[s], j, : len(kids)] = kids
+    return index, table
+
+
+_SYMBOLS, _TABLE = _expansion_table()
+
+
+def generate_strings(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` grammar strings subsampled to ``length`` terminals, as ``[n, length]`` ints (0=a,1=b,2=c).
+
+    Every derivation has depth 6, so strings have 64 to 729 terminals before subsampling.
+    """
+    symbols = np.full(n, _SYMBOLS["s"], dtype=np.int64)
+    owner = np.arange(n)
+    for _ in range(6):
+        kids = _TABLE[symbols, rng.integers(0, 2, size=len(symbols))]  # [n_sym, 3]
+        keep = kids >= 0
+        owner = np.repeat(owner, keep.sum(1))
+        symbols = kids[keep]
+    symbols = symbols - len(GRAMMAR)
+    starts = np.searchsorted(owner, np.arange(n))
+    counts = np.bincount(owner, minlength=n)
+    out = np.empty((n, length), dtype=np.int64)
+    for i in range(n):
+        pick = np.sort(rng.choice(counts[i], size=length, replace=False))
+        out[i] = symbols[starts[i] + pick]
+    return out
+
+
+class PCFGTask:
+    """Counting and index-of-occurrence on PCFG strings.
+
+    Args:
+        family: ``"count"``, ``"index"``, or a tuple of them (each sequence draws one uniformly).
+        operand: ``"a"``, ``"b"`` or ``"c"``; or give ``prior`` instead.
+        prior: a name of :data:`PRIORS` or probabilities over (a, b, c) to draw operands from.
+        correlation: fraction of sequences made to satisfy count(b) = count(a) + 1 (the rest are
+            made to violate it); ``None`` leaves strings as the grammar made them.
+        config: sizes (:class:`PCFGConfig`).
+        name: a label for reports (default: derived from the arguments).
+    """
+
+    def __init__(
+        self,
+        family: str | tuple[str, ...] = "count",
+        operand: str | None = "a",
+        prior: str | Sequence[float] | None = None,
+        correlation: float | None = None,
+        config: PCFGConfig | None = None,
+        name: str | None = None,
+    ):
+        self.config = config or PCFGConfig()
+        self.families = (family,) if isinstance(family, str) else tuple(family)
+        if not self.families or any(f not in FAMILIES for f in self.families):
+            raise ConfigError(f"unknown PCFG family {family!r}; choose from {list(FAMILIES)}")
+        if prior is not None:
+            probs = PRIORS.get(prior) if isinstance(prior, str) else tuple(prior)
+            if probs is None:
+                raise ConfigError(f"unknown prior {prior!r}; choose from {sorted(PRIORS)} or give 3 probabilities")
+            if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+                raise ConfigError(f"prior must be 3 non-negative probabilities over (a, b, c) summing to 1, got {probs}")
+            self.prior: tuple[float, ...] = tuple(float(p) for p in probs)
+            self.operand = None
+        else:
+            if operand not in TERMINALS:
+                raise ConfigError(f"operand must be one of {list(TERMINALS)}, got {operand!r}")
+            self.prior = tuple(1.0 if t == operand else 0.0 for t in TERMINALS)
+            self.operand = operand
+        if correlation is not None:
+            if not 0.0 <= correlation <= 1.0:
+                raise ConfigError(f"correlation must be in [0, 1], got {correlation}")
+            if self.families != ("count",) or self.operand != "b":
+                raise ConfigError("the spurious correlation count(b) = count(a) + 1 applies to family='count', operand='b'")
+        self.correlation = correlation
+        self.vocab = PCFGVocab(self.config)
+        self.name = name or self._default_name()
+
+    def _default_name(self) -> str:
+        fam = "+".join(self.families)
+        what = self.operand or "prior(" + ",".join(f"{p:g}" for p in self.prior) + ")"
+        corr = "" if self.correlation is None else f" C={self.correlation:g}"
+        return f"{fam} {what}{corr}"
+
+    @property
+    def d_vocab(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.length + 9
+
+    @functools.cached_property
+    def answer_pos(self) -> int:
+        """Position of ``<ans>``, whose logits predict the answer."""
+        return self.config.length + 6
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "pcfg",
+            "name": self.name,
+            "families": list(self.families),
+            "operand": self.operand,
+            "prior": list(self.prior),
+            "correlation": self.correlation,
+            "config": asdict(self.config),
+        }
+
+    def sample(self, n: int, seed: int) -> TaskBatch:
+        """``n`` sequences; the same ``seed`` always gives the same batch."""
+        if n <= 0:
+            raise ConfigError(f"number of samples must be positive, got {n}")
+        cfg, v = self.config, self.vocab
+        rng = np.random.default_rng(seed)
+        text = generate_strings(n, cfg.length, rng)
+        operands = rng.choice(3, size=n, p=self.prior)
+        families = rng.integers(0, len(self.families), size=n)
+        if self.correlation is not None:
+            self._plant_correlation(text, rng.random(n) < self.correlation, rng)
+
+        window = text[:, -cfg.window :]
+        counts = np.stack([(window == t).sum(1) for t in range(3)], 1)  # [n, 3]
+        nth = np.stack([_nth_index(text == t, cfg.occurrence) for t in range(3)], 1)  # [n, 3], -1 = none
+        rows = np.arange(n)
+        is_count = np.array([self.families[f] == "count" for f in families])
+        count_ans = counts[rows, operands] + v.number(0)
+        idx = nth[rows, operands]
+        index_ans = np.where(idx >= 0, idx + v.number(0), v["<none>"])
+        answers = np.where(is_count, count_ans, index_ans)
+        param = np.where(is_count, v.number(cfg.window), v.number(cfg.occurrence))
+
+        tokens = np.empty((n, self.seq_len), dtype=np.int64)
+        tokens[:, 0] = v["<sos>"]
+        tokens[:, 1] = np.where(is_count, v["<count>"], v["<index>"])
+        tokens[:, 2] = operands + v["a"]
+        tokens[:, 3] = param
+        tokens[:, 4] = v["<sot>"]
+        tokens[:, 5 : 5 + cfg.length] = text + v["a"]
+        tokens[:, 5 + cfg.length] = v["<eot>"]
+        tokens[:, 6 + cfg.length] = v["<ans>"]
+        tokens[:, 7 + cfg.length] = answers
+        tokens[:, 8 + cfg.length] = v["<eos>"]
+        labels = {f"count_{t}": torch.from_numpy(counts[:, i].copy()) for i, t in enumerate(TERMINALS)}
+        labels |= {f"index_{t}": torch.from_numpy(nth[:, i].copy()) for i, t in enumerate(TERMINALS)}
+        labels["operand"] = torch.from_numpy(operands)
+        labels["family"] = torch.from_numpy(families)
+        return TaskBatch(
+            tokens=torch.from_numpy(tokens),
+            answer_pos=torch.full((n,), self.answer_pos, dtype=torch.long),
+            answers=torch.from_numpy(answers),
+            labels=labels,
+        )
+
+    def _plant_correlation(self, text: np.ndarray, hold: np.ndarray, rng: np.random.Generator) -> None:
+        """Edit the counting window in place: count(b) = count(a) + 1 where ``hold``, != elsewhere."""
+        w = self.config.window
+        for i in range(len(text)):
+            win = text[i, -w:]  # a view: edits write into ``text``
+            n_a, n_b = int((win == 0).sum()), int((win == 1).sum())
+            if hold[i]:
+                while n_b < n_a + 1:  # turn a `c` (else an `a`) into `b`
+                    pool = np.flatnonzero(win == 2)
+                    if not len(pool):
+                        pool = np.flatnonzero(win == 0)
+                        n_a -= 1
+                    win[rng.choice(pool)] = 1
+                    n_b += 1
+                while n_b > n_a + 1:  # turn a `b` into `c`
+                    win[rng.choice(np.flatnonzero(win == 1))] = 2
+                    n_b -= 1
+            elif n_b == n_a + 1:  # break it with one edit
+                if n_b > 0:
+                    win[rng.choice(np.flatnonzero(win == 1))] = 2
+                else:  # pragma: no cover - n_b >= 1 whenever n_b == n_a + 1
+                    win[rng.integers(0, w)] = 1
+
+
+def _nth_index(mask: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the index of the ``k``-th True (1-based ``k``), or -1."""
+    cum = np.cumsum(mask, axis=1)
+    hit = (cum == k) & mask
+    return np.where(hit.any(1), hit.argmax(1), -1)

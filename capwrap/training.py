@@ -1,0 +1,228 @@
+"""One training loop for pretraining, fine-tuning and reverse fine-tuning.
+
+Read it top to bottom: seed, optional weight noise, optimizer, warmup + cosine schedule, then for
+each step a fresh batch (online data, reproducible from the seed), the loss, a finiteness check,
+backward, clipping, the update, the recorder and callbacks, and periodic evaluation.
+
+Example:
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.tasks import PCFGTask, PCFGConfig
+    >>> task = PCFGTask(family="count", operand="a", config=PCFGConfig(length=8, window=4))
+    >>> model = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2))
+    >>> result = train(model, task, TrainConfig(steps=5, batch_size=8, lr=1e-3, progress=False))
+    >>> len(result.history), list(result.history.columns)[:3]
+    (5, ['loss', 'lr', 'grad_norm'])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from capwrap.errors import ConfigError, TrainingDivergedError
+from capwrap.models import CapModel
+from capwrap.tasks.base import Task, accuracy, answer_loss, check_task_fits
+
+if TYPE_CHECKING:
+    from capwrap.recording import Recorder
+
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "train", "lr_at", "add_weight_noise"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of :func:`train`.
+
+    Args:
+        steps: optimizer steps.
+        batch_size: sequences per step (drawn fresh each step).
+        lr: peak learning rate.
+        optimizer: ``"adamw"`` or ``"sgd"`` (with momentum, as the paper's Tracr runs).
+        weight_decay: AdamW's decoupled weight decay (ignored by SGD).
+        momentum: SGD's momentum.
+        warmup: fraction of ``steps`` with linear warmup, then cosine decay.
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+        grad_clip: clip the gradient norm to this value (``None``: no clipping).
+        weight_noise: std of Gaussian noise added to every weight before training (the paper's
+            Tracr protocol uses 0.001).
+        seed: seeds the data, the noise and any randomness of the loop.
+        eval_every: evaluate ``eval_tasks`` every this many steps (0: only at the end).
+        eval_size: sequences per evaluation.
+        progress: show a progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 96
+    lr: float = 1e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup: float = 0.2
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    weight_noise: float = 0.0
+    seed: int = 0
+    eval_every: int = 0
+    eval_size: int = 512
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, kind: type = int) -> None:
+            if not isinstance(value, kind) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+                raise ConfigError(f"TrainConfig.{name} must be a positive {kind.__name__}, got {value!r}")
+
+        positive("steps", self.steps)
+        positive("batch_size", self.batch_size)
+        positive("lr", float(self.lr) if isinstance(self.lr, int) else self.lr, float)
+        positive("eval_size", self.eval_size)
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"TrainConfig.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip}")
+        if self.weight_noise < 0 or self.eval_every < 0 or self.weight_decay < 0:
+            raise ConfigError("weight_noise, eval_every and weight_decay must not be negative")
+
+
+@dataclass
+class StepInfo:
+    """What callbacks see after each optimizer step (``step`` counts from 1)."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """Per-step history (loss, lr, gradient norm, evaluation metrics) and the final metrics."""
+
+    history: pd.DataFrame
+    final_metrics: dict[str, float]
+    config: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "final_metrics": self.final_metrics, "steps": len(self.history)}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine."""
+    warm = int(config.warmup * config.steps)
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, config.steps - warm)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def add_weight_noise(model: CapModel, std: float, seed: int) -> None:
+    """Add N(0, std²) to every weight of ``model`` in place (reproducible from ``seed``)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for param in model.parameters():
+        param.add_(torch.randn(param.shape, generator=gen).to(param) * std)
+
+
+def _make_optimizer(model: CapModel, config: TrainConfig) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def train(
+    model: CapModel,
+    task: Task,
+    config: TrainConfig | None = None,
+    *,
+    recorder: Recorder | None = None,
+    eval_tasks: Mapping[str, Task] | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on ``task`` (answer-token cross-entropy, fresh data every step).
+
+    Args:
+        model: the model to update.
+        task: where training batches come from.
+        config: hyperparameters (defaults: :class:`TrainConfig`).
+        recorder: a :class:`~capwrap.recording.Recorder` on this model, opened or not; it records
+            every step it is due to.
+        eval_tasks: name -> task, evaluated every ``config.eval_every`` steps and at the end
+            (accuracy, reported as ``acc/<name>``).
+        callbacks: called with a :class:`StepInfo` after every step.
+        description: label of the progress bar.
+
+    Raises:
+        TrainingDivergedError: the loss became NaN or infinite (no update is applied for that
+            step; the recorder keeps every step before it).
+    """
+    config = config or TrainConfig()
+    check_task_fits(model, task)
+    eval_tasks = dict(eval_tasks or {})
+    for t in eval_tasks.values():
+        check_task_fits(model, t)
+    if recorder is not None and recorder.model is not model:
+        raise ConfigError("the recorder watches another model; create it with Recorder(model, ...) for this one")
+
+    torch.manual_seed(config.seed)
+    if config.weight_noise > 0:
+        add_weight_noise(model, config.weight_noise, config.seed)
+    optimizer = _make_optimizer(model, config)
+    eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
+    rows: list[dict[str, float]] = []
+    model.train()
+    opened_here = recorder is not None and not recorder.is_open
+    if opened_here:
+        recorder.open()
+    try:
+        bar = tqdm(range(config.steps), desc=description, disable=not config.progress, leave=False)
+        for step in bar:
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = task.sample(config.batch_size, seed=config.seed * 1_000_003 + step).to(model.device)
+            loss = answer_loss(model(batch.tokens), batch)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"the loss became {loss.item()} at step {step + 1} of {config.steps} (lr {lr:.3g}); "
+                    "no update was applied. Lower the learning rate, or enable grad_clip",
+                    step=step + 1,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for p in model.parameters() if p.grad is not None]
+            clip = config.grad_clip if config.grad_clip is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            optimizer.step()
+
+            metrics: dict[str, float] = {}
+            done = step + 1
+            if eval_batches and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
+                metrics = {f"acc/{name}": accuracy(model, b) for name, b in eval_batches.items()}
+                model.train()
+            info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
+            if recorder is not None:
+                recorder.step(loss=info.loss, lr=lr, **metrics)
+            for callback in callbacks:
+                callback(info)
+            rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **metrics})
+            bar.set_postfix(loss=f"{info.loss:.3f}", **{k.split("/")[-1][:12]: f"{v:.2f}" for k, v in metrics.items()})
+    finally:
+        if opened_here:
+            recorder.close()
+        model.eval()
+    history = pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
+    final = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith("acc/")} if rows else {}
+    return TrainResult(history=history, final_metrics=final, config=config)

@@ -1,0 +1,110 @@
+"""The Recorder: around our loop and around a hand-written one; what it stores is what happened."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.errors import ConfigError, HookNameError, StoreError
+from capwrap.models import build_model
+from capwrap.models.layouts import canonical_views
+from capwrap.recording import Recorder, RunStore, load_probe, start_weights
+from capwrap.tasks import answer_loss
+from capwrap.training import TrainConfig, train
+
+
+def test_records_what_the_model_computed(small_model, small_task, tmp_path):
+    probe = small_task.sample(24, seed=9)
+    before = small_model.capture(probe.tokens, "blocks.*.hook_resid_post")
+    start = {k: v.detach().clone() for k, v in small_model.weights().items()}
+    rec = Recorder(small_model, tmp_path / "run", probe=probe, every=3)
+    train(small_model, small_task, TrainConfig(steps=7, batch_size=8, lr=1e-2, progress=False), recorder=rec)
+
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == list(range(8))
+    assert store.array_steps("blocks.1.hook_resid_post") == [0, 3, 6]
+    acts = store.array("blocks.1.hook_resid_post")
+    assert acts.shape == (3, 24, small_task.seq_len, 32)
+    torch.testing.assert_close(acts[0], before["blocks.1.hook_resid_post"])
+    assert not torch.allclose(acts[2], acts[0])
+
+    # weight change per head at step 0 is zero; the last record matches the real change at step 6
+    heads = store.array("weight_delta.head")
+    assert heads[0].abs().sum() == 0 and heads[-1].sum() > 0
+    assert store.meta["components"]["head"][:2] == ["L0H0", "L0H1"]
+    scalars = store.scalars()
+    assert {"loss", "lr", "grad_norm", "weight_delta", "weight_delta_rel"} <= set(scalars.columns)
+    assert scalars["loss"].notna().sum() == 7
+
+    # the saved start weights and probe batch come back exactly
+    views = canonical_views(small_model.spec, start_weights(store))
+    for name in start:
+        torch.testing.assert_close(views[name], start[name])
+    assert torch.equal(load_probe(store).tokens, probe.tokens)
+    assert torch.equal(load_probe(store).labels["count_a"], probe.labels["count_a"])
+
+
+def test_head_deltas_equal_the_weight_difference(small_model, small_task, tmp_path):
+    start = {k: v.detach().clone() for k, v in small_model.weights().items()}
+    rec = Recorder(small_model, tmp_path / "run", hooks=(), every=4)
+    train(small_model, small_task, TrainConfig(steps=4, batch_size=8, lr=1e-2, progress=False), recorder=rec)
+    now = small_model.weights()
+    expected = [
+        sum(float((s.of(now).detach() - s.of(start)).pow(2).sum()) for s in c.slices) ** 0.5
+        for c in small_model.components.select("head")
+    ]
+    got = RunStore.open(tmp_path / "run").array("weight_delta.head")[-1]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=1e-6)
+
+
+def test_attaches_to_a_hand_written_loop_and_resumes(small_model, small_task, tmp_path):
+    opt = torch.optim.SGD(small_model.parameters(), lr=0.05)
+    probe = small_task.sample(8, seed=0)
+
+    def run(rec, n):
+        for i in range(n):
+            batch = small_task.sample(8, seed=i)
+            loss = answer_loss(small_model(batch.tokens), batch)
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss.item(), custom=float(i))
+            opt.zero_grad()
+
+    with Recorder(small_model, tmp_path / "run", probe=probe, every=2) as rec:
+        run(rec, 3)
+    with pytest.raises(StoreError, match="resume"):
+        Recorder(small_model, tmp_path / "run", probe=probe, every=2).open()
+    with Recorder(small_model, tmp_path / "run", probe=probe, every=2, resume=True) as rec:
+        assert rec.current_step == 3
+        run(rec, 3)
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == list(range(7))
+    assert store.array_steps("blocks.0.hook_resid_post") == [0, 2, 4, 6]
+    assert store.scalars()["custom"].dropna().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0]
+    grads = store.array("grad_norm.neuron")
+    assert grads.shape[1] == len(small_model.components.select("neuron")) and grads[-1].sum() > 0
+
+
+def test_resume_with_another_model_shape_is_refused(small_model, small_task, tmp_path):
+    with Recorder(small_model, tmp_path / "run", hooks=()):
+        pass
+    from capwrap.models import ModelSpec
+
+    other = build_model(ModelSpec(d_vocab=small_model.spec.d_vocab, n_ctx=small_model.spec.n_ctx, n_layers=1, d_model=16, n_heads=2))
+    with pytest.raises(StoreError, match="another shape"):
+        Recorder(other, tmp_path / "run", hooks=(), resume=True).open()
+
+
+def test_bad_recorder_arguments(small_model, small_task, tmp_path):
+    probe = small_task.sample(4, seed=0)
+    with pytest.raises(HookNameError, match="closest valid names"):
+        Recorder(small_model, tmp_path / "r", hooks="blocks.*.resid_post", probe=probe)
+    with pytest.raises(ConfigError, match="needs a fixed probe batch"):
+        Recorder(small_model, tmp_path / "r")
+    long = torch.zeros(2, small_model.spec.n_ctx + 5, dtype=torch.long)
+    with pytest.raises(ConfigError, match="probe batch has .* positions but the model's context"):
+        Recorder(small_model, tmp_path / "r", probe=long)
+    with pytest.raises(ConfigError, match="every"):
+        Recorder(small_model, tmp_path / "r", probe=probe, every=0)
+    with pytest.raises(StoreError, match="not open"):
+        Recorder(small_model, tmp_path / "r", probe=probe).step(loss=1.0)

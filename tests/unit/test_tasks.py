@@ -1,0 +1,152 @@
+"""PCFG tasks: grammar, sequence format, latent labels, priors and the planted correlation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capwrap.errors import ConfigError
+from capwrap.tasks import PCFGConfig, PCFGTask, TaskBatch, accuracy, check_task_fits
+from capwrap.tasks.pcfg import GRAMMAR, generate_strings
+
+
+def _derivable(s: str) -> bool:
+    """CYK-style check that the grammar derives the (un-subsampled) string ``s``."""
+    from functools import cache
+
+    @cache
+    def derives(symbol: str, lo: int, hi: int) -> bool:
+        if symbol in "abc":
+            return hi - lo == 1 and s[lo] == symbol
+        for option in GRAMMAR[symbol]:
+            if _split(option.split(), lo, hi):
+                return True
+        return False
+
+    @cache
+    def _split_cached(parts: tuple[str, ...], lo: int, hi: int) -> bool:
+        if len(parts) == 1:
+            return derives(parts[0], lo, hi)
+        return any(derives(parts[0], lo, mid) and _split_cached(parts[1:], mid, hi) for mid in range(lo + 1, hi))
+
+    def _split(parts, lo, hi):
+        return _split_cached(tuple(parts), lo, hi)
+
+    return derives("s", 0, len(s))
+
+
+def test_full_strings_are_derivable_by_the_grammar():
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        full = generate_strings(1, 64, rng)  # subsampling keeps order; check the generator itself below
+        assert full.shape == (1, 64) and set(np.unique(full)) <= {0, 1, 2}
+    # Un-subsampled: expand with the same generator logic but keep everything.
+    from capwrap.tasks import pcfg
+
+    symbols = np.array([pcfg._SYMBOLS["s"]])
+    for _ in range(6):
+        kids = pcfg._TABLE[symbols, rng.integers(0, 2, size=len(symbols))]
+        symbols = kids[kids >= 0]
+    text = "".join("abc"[i - len(GRAMMAR)] for i in symbols)
+    assert 64 <= len(text) <= 729
+    assert _derivable(text)
+    assert not _derivable(text[:-1] + ("a" if text[-1] != "a" else "b") * 2)
+
+
+def test_sequence_format_and_answers():
+    task = PCFGTask(family=("count", "index"), prior="high")
+    batch = task.sample(200, seed=3)
+    v, L = task.vocab, task.config.length
+    assert batch.tokens.shape == (200, task.seq_len)
+    for row, ans, fam, op in zip(batch.tokens[:50], batch.answers[:50], batch.labels["family"][:50], batch.labels["operand"][:50], strict=False):
+        toks = v.decode(row)
+        assert toks[0] == "<sos>" and toks[4] == "<sot>" and toks[5 + L] == "<eot>" and toks[6 + L] == "<ans>"
+        text = toks[5 : 5 + L]
+        operand = "abc"[int(op)]
+        if task.families[int(fam)] == "count":
+            assert toks[1] == "<count>" and toks[3] == str(task.config.window)
+            assert int(v.tokens[int(ans)]) == text[-task.config.window :].count(operand)
+        else:
+            hits = [i for i, t in enumerate(text) if t == operand]
+            k = task.config.occurrence
+            expected = str(hits[k - 1]) if len(hits) >= k else "<none>"
+            assert v.tokens[int(ans)] == expected
+        assert toks[7 + L] == v.tokens[int(ans)]
+    assert (batch.answer_pos == task.answer_pos).all()
+
+
+def test_same_seed_same_batch_and_other_seed_differs():
+    task = PCFGTask()
+    a, b, c = task.sample(32, 5), task.sample(32, 5), task.sample(32, 6)
+    assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
+
+
+def test_prior_controls_operands():
+    ops = PCFGTask(prior="low").sample(4000, seed=0).labels["operand"]
+    assert (ops == 0).float().mean() > 0.99 and (ops == 2).sum() == 0
+    ops = PCFGTask(prior=(0.2, 0.3, 0.5)).sample(4000, seed=0).labels["operand"]
+    assert abs((ops == 2).float().mean().item() - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("c", [0.0, 0.5, 1.0])
+def test_planted_correlation_fraction(c):
+    batch = PCFGTask("count", "b", correlation=c).sample(2000, seed=1)
+    held = (batch.labels["count_b"] == batch.labels["count_a"] + 1).float().mean().item()
+    assert abs(held - c) < 0.04
+    assert torch.equal(batch.answers - PCFGTask().vocab.number(0), batch.labels["count_b"])
+
+
+def test_natural_strings_rarely_hold_the_correlation():
+    batch = PCFGTask("count", "b").sample(2000, seed=1)
+    assert (batch.labels["count_b"] == batch.labels["count_a"] + 1).float().mean() < 0.3
+
+
+def test_batch_slicing_keeps_labels():
+    batch = PCFGTask().sample(10, seed=0)
+    part = batch[2:5]
+    assert isinstance(part, TaskBatch) and len(part) == 3 and part.labels["count_a"].shape == (3,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"family": "sort"}, "unknown PCFG family"),
+        ({"operand": "z"}, "operand must be one of"),
+        ({"prior": "extreme"}, "unknown prior"),
+        ({"prior": (0.5, 0.6, 0.1)}, "summing to 1"),
+        ({"operand": "b", "correlation": 1.5}, r"correlation must be in \[0, 1\]"),
+        ({"operand": "a", "correlation": 0.5}, "applies to family='count', operand='b'"),
+    ],
+)
+def test_bad_task_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        PCFGTask(**kwargs)
+
+
+def test_bad_config_and_sizes():
+    with pytest.raises(ConfigError, match="window"):
+        PCFGConfig(length=10, window=11)
+    with pytest.raises(ConfigError, match="length"):
+        PCFGConfig(length=500)
+    with pytest.raises(ConfigError, match="positive"):
+        PCFGTask().sample(0, seed=0)
+
+
+def test_task_must_fit_the_model(small_model):
+    big = PCFGTask(config=PCFGConfig(length=64, window=8))
+    with pytest.raises(ConfigError, match="d_vocab >="):
+        check_task_fits(small_model, big)
+
+
+def test_accuracy_counts_argmax_hits_at_the_answer_position(small_model, small_task):
+    batch = small_task.sample(40, seed=0)
+    with torch.no_grad():
+        logits = small_model(batch.tokens)[torch.arange(40), batch.answer_pos]
+    expected = (logits.argmax(-1) == batch.answers).float().mean().item()
+    assert accuracy(small_model, batch, batch_size=7) == pytest.approx(expected)
+    # an answer set equal to the model's own predictions scores 1
+    oracle = TaskBatch(batch.tokens, batch.answer_pos, logits.argmax(-1))
+    assert accuracy(small_model, oracle) == 1.0
+    with pytest.raises(ConfigError, match="empty"):
+        accuracy(small_model, batch[0:0])

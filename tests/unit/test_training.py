@@ -1,0 +1,98 @@
+"""The training loop: learning, schedule, optimizers, noise, divergence, bad configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capwrap.errors import ConfigError, TrainingDivergedError
+from capwrap.models import build_model
+from capwrap.recording import Recorder, RunStore
+from capwrap.tasks import accuracy
+from capwrap.training import TrainConfig, add_weight_noise, lr_at, train
+
+
+def test_training_lowers_the_loss(small_model, small_task):
+    result = train(small_model, small_task, TrainConfig(steps=60, batch_size=32, lr=3e-3, progress=False, seed=1))
+    first, last = result.history["loss"].iloc[:5].mean(), result.history["loss"].iloc[-5:].mean()
+    assert last < 0.8 * first
+
+
+def test_same_seed_same_run(small_spec, small_task, backend):
+    cfg = TrainConfig(steps=5, batch_size=8, lr=1e-3, progress=False, seed=3)
+    runs = [train(build_model(small_spec, backend=backend, seed=0), small_task, cfg).history["loss"] for _ in range(2)]
+    assert runs[0].tolist() == pytest.approx(runs[1].tolist(), rel=1e-5)
+
+
+def test_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=0.2, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1 / 20)
+    assert lr_at(19, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 40 / 80)))
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(20, 99))
+
+
+def test_sgd_with_momentum_and_eval_metrics(small_model, small_task):
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, optimizer="sgd", eval_every=3, eval_size=32, progress=False)
+    result = train(small_model, small_task, cfg, eval_tasks={"count": small_task})
+    assert result.history["acc/count"].dropna().index.tolist() == [3, 6]
+    assert result.final_metrics["acc/count"] == pytest.approx(accuracy(small_model, small_task.sample(32, seed=cfg.seed + 7919)))
+
+
+def test_weight_noise_is_reproducible(small_spec):
+    a, b = build_model(small_spec, seed=0), build_model(small_spec, seed=0)
+    add_weight_noise(a, 1e-3, seed=1)
+    add_weight_noise(b, 1e-3, seed=1)
+    base = build_model(small_spec, seed=0)
+    wa, wb, w0 = a.weights()["blocks.0.attn.W_Q"], b.weights()["blocks.0.attn.W_Q"], base.weights()["blocks.0.attn.W_Q"]
+    assert torch.equal(wa, wb) and 0 < (wa - w0).std() < 2e-3
+
+
+def test_callbacks_see_every_step(small_model, small_task):
+    seen = []
+    train(small_model, small_task, TrainConfig(steps=4, batch_size=4, progress=False), callbacks=[lambda i: seen.append(i.step)])
+    assert seen == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_consistent_store(small_model, small_task, tmp_path):
+    def poison(info):
+        if info.step == 3:
+            with torch.no_grad():
+                small_model.weights()["embed.W_E"].fill_(float("nan"))
+
+    rec = Recorder(small_model, tmp_path / "run", hooks=(), every=2)
+    with pytest.raises(TrainingDivergedError, match="at step 4 of 10") as err:
+        train(small_model, small_task, TrainConfig(steps=10, batch_size=4, progress=False), recorder=rec, callbacks=[poison])
+    assert err.value.step == 4
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == [0, 1, 2, 3]
+    assert not rec.is_open
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": 0.0}, "lr must be a positive"),
+        ({"lr": -1e-3}, "lr must be a positive"),
+        ({"lr": float("nan")}, "lr must be a positive"),
+        ({"steps": 0}, "steps must be a positive"),
+        ({"steps": 2.5}, "steps must be a positive"),
+        ({"batch_size": -4}, "batch_size must be a positive"),
+        ({"optimizer": "adam"}, "'adamw' or 'sgd'"),
+        ({"warmup": 1.0}, "warmup"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+    ],
+)
+def test_bad_train_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_recorder_of_another_model_is_refused(small_model, small_spec, small_task, tmp_path):
+    other = build_model(small_spec, seed=1)
+    rec = Recorder(other, tmp_path / "run", hooks=())
+    with pytest.raises(ConfigError, match="another model"):
+        train(small_model, small_task, TrainConfig(steps=1, progress=False), recorder=rec)
