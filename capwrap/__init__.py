@@ -4,7 +4,7 @@ The public API. Models (:class:`CapModel` over TransformerLens's HookedTransform
 TransformerBridge), tasks (:class:`PCFGTask`), one training loop (:func:`train`), per-step
 recording (:class:`Recorder`, :class:`RunStore`) and the demo study (:func:`run_demo`).
 
-Example:
+Examples:
     >>> import capwrap
     >>> task = capwrap.PCFGTask(family="count", operand="a")
     >>> model = capwrap.build_model(capwrap.ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=32))

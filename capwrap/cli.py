@@ -1,6 +1,6 @@
 """The ``capwrap`` command line: thin wrappers over the Python API.
 
-Example:
+Examples:
     $ capwrap demo --out demo_out --seed 0
 """
 

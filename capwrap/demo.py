@@ -9,7 +9,7 @@ holds (C_Te = 1) and fails where it does not (C_Te = 0).
 The base checkpoint ships with capwrap (``capwrap/assets/demo_base``), made by
 ``scripts/train_demo_base.py`` with :func:`pretrain_demo_base`; ``pretrain=True`` retrains it.
 
-Example:
+Examples:
     >>> import tempfile
     >>> result = run_demo(tempfile.mkdtemp(), finetune_steps=20, eval_size=64, progress=False)  # doctest: +SKIP
     >>> sorted(result.summary["accuracy"]["tuned"])  # doctest: +SKIP
@@ -38,13 +38,22 @@ from capwrap.report import Report
 from capwrap.tasks import PCFGConfig, PCFGTask, accuracy
 from capwrap.training import TrainConfig, train
 
-__all__ = ["DemoResult", "demo_tasks", "demo_spec", "pretrain_demo_base", "run_demo", "DEMO_BASE", "PRETRAIN_CONFIG", "FINETUNE_CONFIG"]
+__all__ = [
+    "DemoResult",
+    "demo_tasks",
+    "demo_spec",
+    "pretrain_demo_base",
+    "run_demo",
+    "DEMO_BASE",
+    "PRETRAIN_CONFIG",
+    "FINETUNE_CONFIG",
+]
 
 #: The shipped base checkpoint.
 DEMO_BASE = resources.files("capwrap") / "assets" / "demo_base"
 PCFG = PCFGConfig(length=32, window=16, occurrence=3)
-PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=96, lr=1e-3, warmup=0.1, min_lr_ratio=0.1, seed=0)
-FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=96, lr=1e-4, warmup=0.2, seed=1)
+PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=96, lr=1e-3, warmup=0.2, min_lr_ratio=0.1, seed=0, eval_every=500)
+FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=96, lr=3e-5, warmup=0.2, seed=1)
 SCENARIOS = ("default",)
 
 
@@ -64,12 +73,20 @@ def demo_spec() -> ModelSpec:
     return ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=4, d_model=128, n_heads=4)
 
 
-def pretrain_demo_base(config: TrainConfig = PRETRAIN_CONFIG, backend: str | None = None, progress: bool = True) -> CapModel:
+def pretrain_demo_base(
+    config: TrainConfig = PRETRAIN_CONFIG, backend: str | None = None, progress: bool = True
+) -> CapModel:
     """Pretrain the demo's base model from scratch (about 15 minutes on 2 CPU cores)."""
     tasks = demo_tasks()
     model = build_model(demo_spec(), backend=backend, seed=config.seed)
     evals = {k: tasks[k] for k in ("capability", "downstream_correlated")}
-    result = train(model, tasks["pretraining"], dataclasses.replace(config, progress=progress), eval_tasks=evals, description="pretrain")
+    result = train(
+        model,
+        tasks["pretraining"],
+        dataclasses.replace(config, progress=progress),
+        eval_tasks=evals,
+        description="pretrain",
+    )
     model.metadata = {
         "task": tasks["pretraining"].describe(),
         "train_config": dataclasses.asdict(config),
@@ -140,7 +157,9 @@ def run_demo(
 
     batches = {k: t.sample(eval_size, seed=10_000 + seed) for k, t in test_sets.items()}
     acc_base = {k: accuracy(base, b) for k, b in batches.items()}
-    log(f"fine-tuning to count b (C_Tr = 1, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ...")
+    log(
+        f"fine-tuning to count b (C_Tr = 1, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ..."
+    )
     tuned = base.clone()
     probe = tasks["capability"].sample(256, seed=20_000 + seed)
     store_path = out / "run"
@@ -153,7 +172,12 @@ def run_demo(
     result = train(tuned, ft_task, finetune, recorder=recorder, eval_tasks=test_sets, description="fine-tune")
     ft_seconds = time.perf_counter() - t0
     acc_tuned = {k: accuracy(tuned, b) for k, b in batches.items()}
-    save_model(tuned, out / "tuned", overwrite=True, metadata={"task": ft_task.describe(), "train_config": dataclasses.asdict(finetune)})
+    save_model(
+        tuned,
+        out / "tuned",
+        overwrite=True,
+        metadata={"task": ft_task.describe(), "train_config": dataclasses.asdict(finetune)},
+    )
     store = RunStore.open(store_path)
 
     summary: dict[str, Any] = {
@@ -213,12 +237,17 @@ def _write_report(path: Path, summary: dict[str, Any], history: pd.DataFrame, st
     for col in [c for c in history.columns if c.startswith("acc/")]:
         pts = history[col].dropna()
         fig.add_trace(go.Scatter(x=pts.index, y=pts, name=col.removeprefix("acc/"), yaxis="y2", mode="lines+markers"))
-    fig.update_layout(xaxis_title="step", yaxis_title="loss", yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[0, 1]), height=400)  # fmt: skip
+    fig.update_layout(
+        xaxis_title="step", yaxis_title="loss", height=400, legend=dict(x=1.08),
+        yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[-0.02, 1.02], tickformat=".0%"),
+    )  # fmt: skip
     report.add_figure(fig)
 
     comps = store.meta["components"]
     steps = store.array_steps("weight_delta.attn")
-    report.add_text("Where the weights moved", "Norm of each layer's weight change against the base model, per recorded step.")
+    report.add_text(
+        "Where the weights moved", "Norm of each layer's weight change against the base model, per recorded step."
+    )
     fig = go.Figure()
     for kind in ("attn", "mlp"):
         arr = store.array(f"weight_delta.{kind}")
@@ -226,5 +255,12 @@ def _write_report(path: Path, summary: dict[str, Any], history: pd.DataFrame, st
             fig.add_trace(go.Scatter(x=steps, y=arr[:, i].numpy(), name=name))
     fig.update_layout(xaxis_title="step", yaxis_title="‖ΔW‖", height=400)
     report.add_figure(fig)
-    report.add_text("Run", f"Recorded store: {summary['recording']}")
+    rec = summary["recording"]
+    report.add_text(
+        "Run",
+        f"Fine-tuned for {summary['finetune']['steps']} steps at lr {summary['finetune']['lr']:g} in "
+        f"{summary['finetune']['wall_seconds']:.0f} s. The store '{rec['store']}/' holds {rec['steps_recorded']} "
+        f"recordings (every {rec['every']} steps) of {', '.join(rec['hooks'])} on a 256-sequence probe batch; "
+        "open it with capwrap.RunStore.open.",
+    )
     report.write(path)

@@ -4,7 +4,7 @@ Every error names the problem and the fix. They all derive from :class:`CapwrapE
 also from the closest built-in exception (``ValueError``, ``FileNotFoundError``, ...) so code
 that already catches those keeps working.
 
-Example:
+Examples:
     >>> from capwrap.errors import closest_matches
     >>> closest_matches("blocks.0.hook_resid_pots", ["blocks.0.hook_resid_post", "hook_embed"])
     ['blocks.0.hook_resid_post']

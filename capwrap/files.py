@@ -2,7 +2,7 @@
 
 A reader never sees a half-written file, and a crash leaves either the old file or the new one.
 
-Example:
+Examples:
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "summary.json"
     >>> write_json_atomic(path, {"verdict": None})
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir"]
+__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "umask"]
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -26,6 +26,8 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp creates 0600 files; give the usual permissions
+            os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,6 +47,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

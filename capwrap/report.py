@@ -1,6 +1,6 @@
 """Self-contained HTML reports: tables and plotly figures, readable offline (no CDN).
 
-Example:
+Examples:
     >>> import pandas as pd, plotly.express as px, tempfile, pathlib
     >>> report = Report("Demo")
     >>> report.add_text("Accuracies", "Base and tuned models on three test sets.")
@@ -43,9 +43,10 @@ class Report:
     """An HTML report assembled from text, tables and plotly figures, in order."""
 
     title: str
-    _parts: list[str] = field(default_factory=list)
+    _parts: list[str] = field(default_factory=list, init=False, repr=False)
 
     def add_heading(self, text: str) -> None:
+        """A section heading."""
         self._parts.append(f"<h2>{html.escape(text)}</h2>")
 
     def add_text(self, heading: str | None, text: str, css_class: str | None = None) -> None:
@@ -56,6 +57,7 @@ class Report:
         self._parts.append(f"<p{cls}>{html.escape(text)}</p>")
 
     def add_table(self, frame: pd.DataFrame, float_format: str = "{:.3f}") -> None:
+        """A pandas table, floats formatted with ``float_format``."""
         self._parts.append(frame.to_html(float_format=float_format.format, border=0))
 
     def add_figure(self, figure: Any) -> None:
@@ -63,9 +65,11 @@ class Report:
         self._parts.append(figure.to_html(full_html=False, include_plotlyjs=False))
 
     def add_code(self, text: str) -> None:
+        """Preformatted text."""
         self._parts.append(f"<pre>{html.escape(text)}</pre>")
 
     def to_html(self) -> str:
+        """The whole page, with plotly.js inlined once."""
         from plotly.offline import get_plotlyjs
 
         return (

@@ -4,7 +4,7 @@ Read it top to bottom: seed, optional weight noise, optimizer, warmup + cosine s
 each step a fresh batch (online data, reproducible from the seed), the loss, a finiteness check,
 backward, clipping, the update, the recorder and callbacks, and periodic evaluation.
 
-Example:
+Examples:
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig
     >>> task = PCFGTask(family="count", operand="a", config=PCFGConfig(length=8, window=4))
@@ -113,6 +113,7 @@ class TrainResult:
     config: TrainConfig
 
     def to_dict(self) -> dict[str, Any]:
+        """Config, final metrics and step count as a JSON-serializable dict."""
         return {"config": asdict(self.config), "final_metrics": self.final_metrics, "steps": len(self.history)}
 
 
@@ -214,7 +215,7 @@ def train(
                 model.train()
             info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
             if recorder is not None:
-                recorder.step(loss=info.loss, lr=lr, **metrics)
+                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, **metrics)
             for callback in callbacks:
                 callback(info)
             rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **metrics})

@@ -5,7 +5,7 @@ attention layer, a normalization layer, the embeddings. Each is a list of :class
 over the canonical (TransformerLens-named) weights of :mod:`capwrap.models.layouts`, so the same
 map serves every backend.
 
-Example:
+Examples:
     >>> from capwrap.models.spec import ModelSpec
     >>> cmap = ComponentMap.from_spec(ModelSpec(d_vocab=10, n_ctx=8, n_layers=2, d_model=8, n_heads=2))
     >>> [c.name for c in cmap.select("head")]
@@ -56,6 +56,7 @@ class Component:
     slices: tuple[ParamSlice, ...]
 
     def numel(self, weights: Mapping[str, Tensor]) -> int:
+        """Number of weights in the component."""
         return sum(s.of(weights).numel() for s in self.slices)
 
 
@@ -68,26 +69,42 @@ class ComponentMap:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ComponentMap:
+        """Every component of a model with this spec, in model order."""
         comps: list[Component] = [Component("embed", "embed", None, None, (ParamSlice("embed.W_E"),))]
-        if spec.architecture == "gpt2":
+        if spec.architecture in ("gpt2", "tracr"):
             comps.append(Component("pos_embed", "pos_embed", None, None, (ParamSlice("pos_embed.W_pos"),)))
         gqa = spec.n_key_value_heads != spec.n_heads
-        has_bias = spec.architecture == "gpt2"
+        has_bias = spec.architecture in ("gpt2", "tracr")
+        norms = ("ln1", "ln2") if spec.architecture != "tracr" else ()
         for layer in range(spec.n_layers):
             a, m = f"blocks.{layer}.attn.", f"blocks.{layer}.mlp."
-            for ln in ("ln1", "ln2"):
+            for ln in norms:
                 params = [f"blocks.{layer}.{ln}.w"] + ([f"blocks.{layer}.{ln}.b"] if has_bias else [])
                 comps.append(Component(f"L{layer}.{ln}", "norm", layer, None, tuple(ParamSlice(p) for p in params)))
             attn_params = ["W_Q", "W_K", "W_V", "W_O"] + (["b_Q", "b_K", "b_V", "b_O"] if has_bias else [])
-            comps.append(Component(f"L{layer}.attn", "attn", layer, None, tuple(ParamSlice(a + p) for p in attn_params)))
+            comps.append(
+                Component(f"L{layer}.attn", "attn", layer, None, tuple(ParamSlice(a + p) for p in attn_params))
+            )
             for head in range(spec.n_heads):
                 per_head = ["W_Q", "W_O"] + ([] if gqa else ["W_K", "W_V"])
                 if has_bias:
                     per_head += ["b_Q"] + ([] if gqa else ["b_K", "b_V"])
-                comps.append(Component(f"L{layer}H{head}", "head", layer, head, tuple(ParamSlice(a + p, (head,)) for p in per_head)))
+                comps.append(
+                    Component(
+                        f"L{layer}H{head}", "head", layer, head, tuple(ParamSlice(a + p, (head,)) for p in per_head)
+                    )
+                )
             if gqa:
                 for kv in range(spec.n_key_value_heads):
-                    comps.append(Component(f"L{layer}KV{kv}", "kv_head", layer, kv, (ParamSlice(a + "W_K", (kv,)), ParamSlice(a + "W_V", (kv,)))))
+                    comps.append(
+                        Component(
+                            f"L{layer}KV{kv}",
+                            "kv_head",
+                            layer,
+                            kv,
+                            (ParamSlice(a + "W_K", (kv,)), ParamSlice(a + "W_V", (kv,))),
+                        )
+                    )
             mlp_in = ["W_in"] + (["W_gate"] if spec.architecture == "llama" else [])
             mlp_params = mlp_in + ["W_out"] + (["b_in", "b_out"] if has_bias else [])
             comps.append(Component(f"L{layer}.mlp", "mlp", layer, None, tuple(ParamSlice(m + p) for p in mlp_params)))
@@ -96,8 +113,9 @@ class ComponentMap:
                 if has_bias:
                     slices.append(ParamSlice(m + "b_in", (n,)))
                 comps.append(Component(f"L{layer}N{n}", "neuron", layer, n, tuple(slices)))
-        final = ["ln_final.w"] + (["ln_final.b"] if has_bias else [])
-        comps.append(Component("ln_final", "norm", None, None, tuple(ParamSlice(p) for p in final)))
+        if norms:
+            final = ["ln_final.w"] + (["ln_final.b"] if spec.architecture == "gpt2" else [])
+            comps.append(Component("ln_final", "norm", None, None, tuple(ParamSlice(p) for p in final)))
         if not spec.tie_embeddings:
             comps.append(Component("unembed", "unembed", None, None, (ParamSlice("unembed.W_U"),)))
         return cls(comps)
@@ -141,13 +159,13 @@ class ComponentMap:
         plan = self._plan(kind)
         out = torch.zeros(len(comps), dtype=torch.float64)
         for (param, axis), (comp_ids, positions) in plan.items():
-            t = tensors[param].detach().double()
+            sq = tensors[param].detach().square()  # float32 sums are pairwise: accurate to ~1e-6
             if axis is None:
-                per = t.pow(2).sum().reshape(1)
+                per = sq.sum().reshape(1)
             else:
-                dims = [d for d in range(t.ndim) if d != axis]
-                per = t.pow(2).sum(dim=dims) if dims else t.pow(2)
-            out.index_add_(0, comp_ids, per.cpu()[positions])
+                dims = [d for d in range(sq.ndim) if d != axis]
+                per = sq.sum(dim=dims) if dims else sq
+            out.index_add_(0, comp_ids, per.double().cpu()[positions])
         return out
 
     def _plan(self, kind: str) -> dict[tuple[str, int | None], tuple[Tensor, Tensor]]:

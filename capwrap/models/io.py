@@ -6,7 +6,7 @@ safe by default: safetensors only; a pickle checkpoint (``pytorch_model.bin``) i
 ``allow_pickle=True``, and even then read with ``torch.load(weights_only=True)``; remote code runs
 only with ``trust_remote_code=True``.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from capwrap.models import ModelSpec, build_model, load_model, save_model
     >>> model = build_model(ModelSpec(d_vocab=20, n_ctx=16, n_layers=1, d_model=16, n_heads=2), seed=1)
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from capwrap.errors import CheckpointError, ConfigError
+from capwrap.files import umask
 from capwrap.models.model import CapModel
 from capwrap.models.spec import ModelSpec
 
@@ -40,7 +41,9 @@ CAPWRAP_FILE = "capwrap.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
 
-def save_model(model: CapModel, path: str | os.PathLike, metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+def save_model(
+    model: CapModel, path: str | os.PathLike, metadata: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
     """Write ``model`` to the folder ``path`` atomically (a temporary folder, then a rename).
 
     Args:
@@ -52,6 +55,10 @@ def save_model(model: CapModel, path: str | os.PathLike, metadata: dict[str, Any
 
     Returns:
         The folder's path.
+
+    Raises:
+        CheckpointError: ``path`` exists and ``overwrite`` is false.
+        ConfigError: ``metadata`` is not JSON-serializable.
     """
     from safetensors.torch import save_file
 
@@ -65,12 +72,14 @@ def save_model(model: CapModel, path: str | os.PathLike, metadata: dict[str, Any
         raise ConfigError(f"checkpoint metadata must be JSON-serializable: {exc}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~umask())
     try:
-        state = model.hf_state_dict()
+        state = model.checkpoint_state()
         if model.spec.tie_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.spec.to_hf_config().to_json_file(str(tmp / "config.json"))
+        if model.spec.has_hf_equivalent:
+            model.spec.to_hf_config().to_json_file(str(tmp / "config.json"))
         from capwrap import __version__
 
         (tmp / CAPWRAP_FILE).write_text(
@@ -106,22 +115,40 @@ def load_model(
         allow_pickle: also accept ``pytorch_model.bin`` (read with ``weights_only=True``).
         trust_remote_code: let ``transformers`` run the checkpoint's own Python code.
         revision: hub revision (branch, tag or commit) for hub names.
+
+    Returns:
+        The model, with ``metadata`` from ``capwrap.json`` (and ``source``) and its tokenizer if any.
+
+    Raises:
+        CheckpointError: the folder is missing or not a checkpoint, its weights are corrupt or only
+            in pickle format (without ``allow_pickle``), or the hub cannot be reached.
+        ConfigError: the architecture is not one capwrap maps onto TransformerLens components.
     """
     folder = _resolve_source(source, revision)
-    config = _read_hf_config(folder, trust_remote_code)
-    spec = ModelSpec.from_hf_config(config)
+    capwrap_doc = _read_capwrap_file(folder)
+    if (folder / "config.json").exists() or capwrap_doc is None:
+        spec = ModelSpec.from_hf_config(_read_hf_config(folder, trust_remote_code))
+    else:  # architectures without a Hugging Face equivalent (tracr) keep their spec in capwrap.json
+        spec = ModelSpec.from_dict(capwrap_doc["spec"])
     state = _read_weights(folder, allow_pickle)
     tokenizer = _read_tokenizer(folder)
-    meta_file = folder / CAPWRAP_FILE
-    metadata: dict[str, Any] = {}
-    if meta_file.exists():
-        try:
-            metadata = json.loads(meta_file.read_text()).get("metadata", {})
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{meta_file} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
-    model = CapModel.from_hf_state(spec, state, backend, tokenizer, metadata)
+    model = CapModel.from_state(spec, state, backend, tokenizer, metadata)
     return model.to(device) if device is not None else model
+
+
+def _read_capwrap_file(folder: Path) -> dict[str, Any] | None:
+    meta_file = folder / CAPWRAP_FILE
+    if not meta_file.exists():
+        return None
+    try:
+        doc = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_file} is not valid JSON ({exc}); the checkpoint is corrupt") from exc
+    if not isinstance(doc, dict) or "spec" not in doc:
+        raise CheckpointError(f"{meta_file} has no model spec; the checkpoint is corrupt")
+    return doc
 
 
 def _resolve_source(source: str | os.PathLike, revision: str | None) -> Path:
@@ -131,7 +158,7 @@ def _resolve_source(source: str | os.PathLike, revision: str | None) -> Path:
             raise CheckpointError(f"{path} is a file; pass the checkpoint's folder (with config.json) instead")
         return path
     text = str(source)
-    looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1  # hub names are "owner/name"
     if looks_local:
         raise CheckpointError(f"checkpoint folder {text} does not exist; check the path")
     return _download_from_hub(text, revision)
@@ -148,7 +175,9 @@ def _download_from_hub(name: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except RepositoryNotFoundError as exc:
-        raise CheckpointError(f"no model named {name!r} on the Hugging Face hub, and no local folder of that name") from exc
+        raise CheckpointError(
+            f"no model named {name!r} on the Hugging Face hub, and no local folder of that name"
+        ) from exc
     except (LocalEntryNotFoundError, OSError) as exc:
         raise CheckpointError(
             f"cannot reach the Hugging Face hub to download {name!r} (offline?). On a machine with "
@@ -161,9 +190,7 @@ def _read_hf_config(folder: Path, trust_remote_code: bool) -> Any:
     import transformers
 
     if not (folder / "config.json").exists():
-        raise CheckpointError(
-            f"{folder} has no config.json, so it is not a Hugging Face or capwrap checkpoint folder"
-        )
+        raise CheckpointError(f"{folder} has no config.json, so it is not a Hugging Face or capwrap checkpoint folder")
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except ValueError as exc:

@@ -14,7 +14,7 @@ Canonical names (TransformerLens's, for both backends): ``embed.W_E`` ``[d_vocab
 ``blocks.{L}.ln2.w``/``.b``, ``blocks.{L}.mlp.W_in``/``W_gate`` ``[d_model, d_mlp]``, ``b_in``,
 ``W_out`` ``[d_mlp, d_model]``, ``b_out``, ``ln_final.w``/``.b``, ``unembed.W_U`` ``[d_model, d_vocab]``.
 
-Example:
+Examples:
     >>> import torch
     >>> from capwrap.models.spec import ModelSpec
     >>> spec = ModelSpec(d_vocab=10, n_ctx=8, n_layers=1, d_model=8, n_heads=2)
@@ -30,14 +30,21 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from capwrap.errors import ConfigError
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["canonical_views", "hf_shapes"]
+__all__ = ["canonical_views", "checkpoint_shapes", "hf_shapes", "Layout"]
+
+#: Where tensors live: ``checkpoint`` (the spec's file layout: Hugging Face names for gpt2/llama,
+#: canonical names for tracr) or ``native`` (TransformerLens's native model, the bridge's tracr host).
+Layout = Literal["checkpoint", "native"]
 
 
 def _gpt2_views(spec: ModelSpec, t: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -85,24 +92,69 @@ def _llama_views(spec: ModelSpec, t: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def canonical_views(spec: ModelSpec, storage: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """TransformerLens-named views of a Hugging Face state dict (or of its gradients).
+def _native_views(spec: ModelSpec, t: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    h, dh = spec.n_heads, spec.d_head
+    out = {"embed.W_E": t["tok_embed.weight"], "pos_embed.W_pos": t["pos.weight"]}
+    for layer in range(spec.n_layers):
+        p, c = f"layers.{layer}.", f"blocks.{layer}."
+        for name in "QKV":
+            lin = p + f"attn.{name.lower()}."
+            out[c + f"attn.W_{name}"] = t[lin + "weight"].unflatten(0, (h, dh)).transpose(1, 2)
+            out[c + f"attn.b_{name}"] = t[lin + "bias"].unflatten(0, (h, dh))
+        out[c + "attn.W_O"] = t[p + "attn.o.weight"].unflatten(1, (h, dh)).permute(1, 2, 0)
+        out[c + "attn.b_O"] = t[p + "attn.o.bias"]
+        out[c + "mlp.W_in"], out[c + "mlp.b_in"] = t[p + "mlp.fc_in.weight"].T, t[p + "mlp.fc_in.bias"]
+        out[c + "mlp.W_out"], out[c + "mlp.b_out"] = t[p + "mlp.fc_out.weight"].T, t[p + "mlp.fc_out.bias"]
+    out["unembed.W_U"] = t["head.weight"].T
+    return out
+
+
+def _canonical_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
+    """Canonical names and shapes of a tracr model (its checkpoint layout is the canonical one)."""
+    d, h, dh, m = spec.d_model, spec.n_heads, spec.d_head, spec.d_mlp
+    shapes = {"embed.W_E": (spec.d_vocab, d), "pos_embed.W_pos": (spec.n_ctx, d)}
+    for layer in range(spec.n_layers):
+        c = f"blocks.{layer}."
+        for name in "QKV":
+            shapes[c + f"attn.W_{name}"], shapes[c + f"attn.b_{name}"] = (h, d, dh), (h, dh)
+        shapes[c + "attn.W_O"], shapes[c + "attn.b_O"] = (h, dh, d), (d,)
+        shapes[c + "mlp.W_in"], shapes[c + "mlp.b_in"] = (d, m), (m,)
+        shapes[c + "mlp.W_out"], shapes[c + "mlp.b_out"] = (m, d), (d,)
+    shapes["unembed.W_U"] = (d, spec.d_vocab_out)
+    return {k: torch.Size(v) for k, v in shapes.items()}
+
+
+def canonical_views(spec: ModelSpec, storage: Mapping[str, Tensor], layout: Layout = "checkpoint") -> dict[str, Tensor]:
+    """TransformerLens-named views of a state dict (or of its gradients).
 
     Args:
         spec: the model's shape and architecture.
-        storage: Hugging Face parameter names to tensors, as in ``model.state_dict()``.
+        storage: parameter names to tensors, as in ``model.state_dict()``.
+        layout: ``"checkpoint"``: the names of the spec's checkpoint files (Hugging Face's for
+            gpt2 and llama, the canonical ones for tracr); ``"native"``: TransformerLens's
+            native model's.
 
     Returns:
         Canonical names to views of ``storage``'s tensors (no copies).
     """
-    missing = sorted(set(hf_shapes(spec)) - set(storage))
+    if layout == "native":
+        return _native_views(spec, storage)
+    missing = sorted(set(checkpoint_shapes(spec)) - set(storage))
     if missing:
-        raise KeyError(f"tensors missing for a {spec.architecture} model: {missing[:5]}")
+        raise ConfigError(f"tensors missing for a {spec.architecture} model of this shape: {missing[:5]}")
+    if spec.architecture == "tracr":
+        return {k: storage[k] for k in _canonical_shapes(spec)}
     return (_gpt2_views if spec.architecture == "gpt2" else _llama_views)(spec, storage)
 
 
+def checkpoint_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
+    """Names and shapes of the tensors in a checkpoint file of a model with this spec."""
+    return hf_shapes(spec) if spec.has_hf_equivalent else _canonical_shapes(spec)
+
+
+@functools.lru_cache(maxsize=64)
 def hf_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
-    """The Hugging Face parameter names and shapes of a model with this spec."""
+    """The Hugging Face parameter names and shapes of a model with this spec (cached; do not mutate)."""
     with torch.device("meta"):
         import transformers
 

@@ -5,7 +5,7 @@ loop and the recorder talk to a :class:`CapModel` and never branch on the backen
 are TransformerLens's on both (``blocks.0.hook_resid_post``, ``blocks.0.attn.hook_z`` ...) and
 weights are read through canonical views (:mod:`capwrap.models.layouts`).
 
-Example:
+Examples:
     >>> import torch
     >>> from capwrap.models import ModelSpec, build_model
     >>> model = build_model(ModelSpec(d_vocab=20, n_ctx=16, n_layers=2, d_model=32, n_heads=4), seed=0)
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from capwrap.errors import ConfigError, HookNameError, closest_matches
 from capwrap.models.components import ComponentMap
-from capwrap.models.layouts import canonical_views
+from capwrap.models.layouts import canonical_views, checkpoint_shapes
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
 
 __all__ = ["CapModel", "Backend", "available_backends", "default_backend", "build_model", "tl_version"]
@@ -100,6 +100,7 @@ class CapModel:
         backend: Backend,
         module: nn.Module,
         storage: dict[str, Tensor],
+        layout: str,
         tokenizer: Any = None,
         metadata: dict[str, Any] | None = None,
     ):
@@ -107,13 +108,14 @@ class CapModel:
         self.backend = backend
         self.module = module
         self._storage = storage
+        self._layout = layout  # how _storage is named: "hooked" (canonical), "checkpoint" or "native"
         self.tokenizer = tokenizer
         self.metadata = dict(metadata or {})
         self._components: ComponentMap | None = None
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def from_hf_state(
+    def from_state(
         cls,
         spec: ModelSpec,
         state: dict[str, Tensor],
@@ -121,23 +123,18 @@ class CapModel:
         tokenizer: Any = None,
         metadata: dict[str, Any] | None = None,
     ) -> CapModel:
-        """Wrap Hugging Face-layout tensors (names as in ``model.safetensors``) in a backend."""
+        """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend."""
         backend = _check_backend(backend)
-        if backend == "bridge":
+        if backend == "hooked":
+            return cls._hooked_from_state(spec, state, tokenizer, metadata)
+        if spec.has_hf_equivalent:
             return cls._bridge_from_hf_state(spec, state, tokenizer, metadata)
-        return cls._hooked_from_hf_state(spec, state, tokenizer, metadata)
+        return cls._bridge_from_native_state(spec, state, metadata)
 
     @classmethod
     def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata) -> CapModel:
         import transformers
 
-        try:
-            from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-        except ImportError as exc:  # pragma: no cover - depends on the TL release
-            raise ConfigError(
-                "this TransformerLens release has no TransformerBridge builder for in-memory "
-                "models; install transformer-lens 3.9.x or 4.x"
-            ) from exc
         hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config(), attn_implementation="eager")
         missing, unexpected = hf.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (spec.tie_embeddings and m == "lm_head.weight")]
@@ -148,13 +145,25 @@ class CapModel:
             )
         hf.eval()
         storage = dict(hf.named_parameters())  # before bridging renames the modules
-        bridge = build_bridge_from_module(
-            hf, ARCHITECTURES[spec.architecture], hf_config=hf.config, tokenizer=tokenizer
-        )
-        return cls(spec, "bridge", bridge, storage, tokenizer, metadata)
+        bridge = _build_bridge(hf, ARCHITECTURES[spec.architecture], hf_config=hf.config, tokenizer=tokenizer)
+        return cls(spec, "bridge", bridge, storage, "checkpoint", tokenizer, metadata)
 
     @classmethod
-    def _hooked_from_hf_state(cls, spec, state, tokenizer, metadata) -> CapModel:
+    def _bridge_from_native_state(cls, spec, state, metadata) -> CapModel:
+        from transformer_lens.model_bridge.sources.native import NativeModel
+
+        config = spec.to_native_config()
+        native = NativeModel(config).eval()
+        storage = dict(native.named_parameters())
+        with torch.no_grad():
+            target = canonical_views(spec, storage, "native")
+            for name, value in canonical_views(spec, state).items():
+                target[name].copy_(value)
+        bridge = _build_bridge(native, ARCHITECTURES[spec.architecture], tl_config=config)
+        return cls(spec, "bridge", bridge, storage, "native", None, metadata)
+
+    @classmethod
+    def _hooked_from_state(cls, spec, state, tokenizer, metadata) -> CapModel:
         import warnings
 
         from transformer_lens import HookedTransformer
@@ -170,14 +179,14 @@ class CapModel:
                 if name in canonical:
                     param.copy_(canonical[name])
                 else:
-                    # Tensors the Hugging Face layout has no room for (unembedding bias, llama's
+                    # Tensors the checkpoint layout has no room for (unembedding bias, llama's
                     # zero biases) stay at zero and frozen, so both backends compute the same.
                     param.zero_()
                     param.requires_grad_(False)
         unused = sorted(set(canonical) - set(params))
         if unused:
             raise ConfigError(f"HookedTransformer has no parameters for {unused[:5]}")
-        return cls(spec, "hooked", module, params, tokenizer, metadata)
+        return cls(spec, "hooked", module, params, "hooked", tokenizer, metadata)
 
     # ---- forward and hooks ------------------------------------------------------------------
     def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
@@ -236,48 +245,59 @@ class CapModel:
             yield self
 
     def capture(
-        self, tokens: Int[Tensor, "batch pos"], patterns: str | Iterable[str]
+        self, tokens: Int[Tensor, "batch pos"], patterns: str | Iterable[str], batch_size: int | None = None
     ) -> dict[str, Float[Tensor, "batch pos ..."]]:
-        """Activations at the hooks matching ``patterns``, detached, without gradient."""
-        names = self.resolve_hooks(patterns)
-        store: dict[str, Tensor] = {}
+        """Activations at the hooks matching ``patterns``, detached, without gradient.
 
-        def saver(name: str) -> HookFn:
+        Args:
+            tokens: token ids.
+            patterns: hook names or glob patterns (see :meth:`resolve_hooks`).
+            batch_size: run the forward passes this many sequences at a time (bounds memory;
+                64 to 128 is also faster on CPU than one large batch). Default: all at once.
+        """
+        names = self.resolve_hooks(patterns)
+        if batch_size is not None and batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        chunks: list[dict[str, Tensor]] = []
+
+        def saver(store: dict[str, Tensor], name: str) -> HookFn:
             # The bridge reports aliased hooks under their target's name, so key by ours.
             def save(act: Tensor, hook: Any) -> None:
                 store[name] = act.detach()
 
             return save
 
-        with torch.no_grad(), self.hooks([(n, saver(n)) for n in names]):
-            self.forward(tokens)
-        return {n: store[n] for n in names}
+        step = batch_size or max(1, len(tokens))
+        for start in range(0, len(tokens), step):
+            store: dict[str, Tensor] = {}
+            with torch.inference_mode(), self.hooks([(n, saver(store, n)) for n in names]):
+                self.forward(tokens[start : start + step])
+            chunks.append(store)
+        if len(chunks) == 1:
+            return {n: chunks[0][n] for n in names}
+        return {n: torch.cat([c[n] for c in chunks]) for n in names}
 
     # ---- weights -------------------------------------------------------------------------------
     def weights(self) -> dict[str, Tensor]:
         """Canonical (TransformerLens-named) views of the weights; writing into them edits the model."""
-        if self.backend == "hooked":
+        if self._layout == "hooked":
             return {k: self._storage[_gqa_name(self.spec, k)] for k in self._canonical_names}
-        return canonical_views(self.spec, self._storage)
+        return canonical_views(self.spec, self._storage, self._layout)  # type: ignore[arg-type]
 
     @functools.cached_property
     def _canonical_names(self) -> list[str]:
-        from capwrap.models.layouts import hf_shapes
-
-        shapes = hf_shapes(self.spec)
+        shapes = checkpoint_shapes(self.spec)
         return list(canonical_views(self.spec, {k: torch.empty(s, device="meta") for k, s in shapes.items()}))
 
     def gradients(self) -> dict[str, Tensor]:
         """Canonical views of the current gradients (zeros where a weight got none)."""
-        if self.backend == "hooked":
-            grads = {
-                k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self._storage.items()
-            }
+        if self._layout == "hooked":
+            grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self._storage.items()}
             return {k: grads[_gqa_name(self.spec, k)] for k in self._canonical_names}
-        return canonical_views(self.spec, self._hf_gradients())
+        return canonical_views(self.spec, self._storage_gradients(), self._layout)  # type: ignore[arg-type]
 
-    def _hf_gradients(self) -> dict[str, Tensor]:
-        """Gradients in the Hugging Face layout. The bridge trains some weights through views of
+    def _storage_gradients(self) -> dict[str, Tensor]:
+        """Gradients of the storage tensors. The bridge trains some weights through views of
         others (GPT-2's fused ``c_attn`` through separate q/k/v parameters); scatter them back."""
         grads = {k: torch.zeros_like(p) for k, p in self._storage.items()}
         by_storage = {p.untyped_storage().data_ptr(): k for k, p in self._storage.items()}
@@ -292,12 +312,9 @@ class CapModel:
             grads[owner].as_strided(p.shape, p.stride(), offset).add_(p.grad)
         return grads
 
-    def hf_state_dict(self) -> dict[str, Tensor]:
-        """The weights in the Hugging Face layout (copies), ready for ``model.safetensors``."""
-        from capwrap.models.layouts import hf_shapes
-
-        if self.backend == "bridge":
-            return {k: v.detach().clone().contiguous() for k, v in self._storage.items()}
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """Copies of the weights in the checkpoint layout (Hugging Face names for gpt2 and llama,
+        canonical names for tracr), ready for ``model.safetensors``."""
         spec = self.spec
         weights = self.weights()
         if spec.tie_embeddings and not torch.equal(weights["unembed.W_U"], weights["embed.W_E"].T):
@@ -305,10 +322,9 @@ class CapModel:
                 "the unembedding no longer equals the transposed embedding, so this model cannot be "
                 "saved with tied embeddings; rebuild it with ModelSpec(tie_embeddings=False)"
             )
-        out = {k: torch.zeros(s) for k, s in hf_shapes(spec).items()}
-        views = canonical_views(spec, out)
+        out = {k: torch.zeros(s, dtype=weights["embed.W_E"].dtype) for k, s in checkpoint_shapes(spec).items()}
         with torch.no_grad():
-            for name, view in views.items():
+            for name, view in canonical_views(spec, out).items():
                 view.copy_(weights[name])
         return out
 
@@ -331,31 +347,35 @@ class CapModel:
     # ---- misc -------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where the weights are."""
         return next(iter(self._storage.values())).device
 
     def to(self, device: str | torch.device) -> CapModel:
         """Move to ``device`` in place; returns self."""
-        self.module.to(device)
+        if torch.device(device) != self.device:
+            self.module.to(device, print_details=False)  # both TL modules accept print_details
         return self
 
     def train(self, mode: bool = True) -> CapModel:
+        """Training mode (as ``nn.Module.train``); returns self."""
         self.module.train(mode)
         return self
 
     def eval(self) -> CapModel:
+        """Evaluation mode; returns self."""
         return self.train(False)
 
     def clone(self, backend: str | None = None) -> CapModel:
         """An independent copy, optionally on another backend."""
         if backend is None or backend == self.backend:
             return copy.deepcopy(self)
-        return CapModel.from_hf_state(
-            self.spec, self.hf_state_dict(), backend, self.tokenizer, copy.deepcopy(self.metadata)
+        return CapModel.from_state(
+            self.spec, self.checkpoint_state(), backend, self.tokenizer, copy.deepcopy(self.metadata)
         )
 
     def __deepcopy__(self, memo: dict) -> CapModel:
-        return CapModel.from_hf_state(
-            self.spec, self.hf_state_dict(), self.backend, self.tokenizer, copy.deepcopy(self.metadata, memo)
+        return CapModel.from_state(
+            self.spec, self.checkpoint_state(), self.backend, self.tokenizer, copy.deepcopy(self.metadata, memo)
         ).to(self.device)
 
     def __repr__(self) -> str:
@@ -364,6 +384,18 @@ class CapModel:
             f"CapModel({s.architecture}, backend={self.backend}, layers={s.n_layers}, d_model={s.d_model}, "
             f"heads={s.n_heads}, d_mlp={s.d_mlp}, vocab={s.d_vocab}, params={s.n_params:,})"
         )
+
+
+def _build_bridge(module: nn.Module, architecture: str, **config: Any) -> nn.Module:
+    """Wrap an in-memory model in a TransformerBridge (no hub access)."""
+    try:
+        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+    except ImportError as exc:  # pragma: no cover - depends on the TL release
+        raise ConfigError(
+            "this TransformerLens release has no TransformerBridge builder for in-memory models; "
+            "install transformer-lens 3.9.x or 4.x"
+        ) from exc
+    return build_bridge_from_module(module, architecture, **config)
 
 
 def _hook_order_key(name: str) -> tuple:
@@ -383,4 +415,6 @@ def build_model(spec: ModelSpec, backend: str | None = None, seed: int = 0) -> C
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config())
-    return CapModel.from_hf_state(spec, dict(hf.state_dict()), backend)
+    if not spec.has_hf_equivalent:
+        raise ConfigError(f"{spec.architecture} models are compiled, not built: see capwrap.tasks.tracr")
+    return CapModel.from_state(spec, dict(hf.state_dict()), backend)

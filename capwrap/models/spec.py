@@ -3,7 +3,7 @@
 A spec converts to a Hugging Face config (the on-disk format of capwrap checkpoints, and what
 :class:`TransformerBridge` wraps) and to a ``HookedTransformerConfig`` (TransformerLens 3.x).
 
-Example:
+Examples:
     >>> spec = ModelSpec(d_vocab=50, n_ctx=64, n_layers=2, d_model=32, n_heads=4)
     >>> spec.d_head, spec.d_mlp
     (8, 128)
@@ -21,9 +21,14 @@ from capwrap.errors import ConfigError
 
 __all__ = ["ModelSpec", "ARCHITECTURES"]
 
-Architecture = Literal["gpt2", "llama"]
-#: Architectures capwrap maps onto TransformerLens components, with their HF class names.
-ARCHITECTURES: dict[str, str] = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+Architecture = Literal["gpt2", "llama", "tracr"]
+#: Architectures capwrap maps onto TransformerLens components, with their HF class names
+#: (``tracr``: compiled RASP programs, which have no Hugging Face equivalent).
+ARCHITECTURES: dict[str, str] = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "tracr": "TransformerLensNative",
+}
 
 
 @dataclass(frozen=True)
@@ -38,12 +43,15 @@ class ModelSpec:
         n_heads: attention heads per block.
         d_head: width of one head; defaults to ``d_model // n_heads``.
         d_mlp: hidden width of the MLPs; defaults to ``4 * d_model``.
-        architecture: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP) or ``"llama"``
-            (rotary positions, RMSNorm, gated SiLU MLP, optional grouped-query attention).
+        architecture: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP), ``"llama"``
+            (rotary positions, RMSNorm, gated SiLU MLP, optional grouped-query attention) or
+            ``"tracr"`` (a compiled RASP program: learned positions, no normalization, ReLU MLP,
+            bidirectional attention, an output vocabulary of its own).
         n_key_value_heads: key/value heads for grouped-query attention (llama only).
         tie_embeddings: whether the unembedding is the transpose of the embedding.
         norm_eps: epsilon of the normalization layers.
         rotary_base: base of the rotary embedding (llama only).
+        d_vocab_out: size of the output vocabulary (tracr only; others predict tokens).
     """
 
     d_vocab: int
@@ -58,13 +66,11 @@ class ModelSpec:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     rotary_base: float = 10000.0
+    d_vocab_out: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise ConfigError(
-                f"unknown architecture {self.architecture!r}; capwrap supports "
-                f"{sorted(ARCHITECTURES)}"
-            )
+            raise ConfigError(f"unknown architecture {self.architecture!r}; capwrap supports {sorted(ARCHITECTURES)}")
         for field in ("d_vocab", "n_ctx", "n_layers", "d_model", "n_heads"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
@@ -80,20 +86,31 @@ class ModelSpec:
             object.__setattr__(self, "d_mlp", 4 * self.d_model)
         if self.n_key_value_heads == 0:
             object.__setattr__(self, "n_key_value_heads", self.n_heads)
-        if self.architecture == "gpt2" and self.n_key_value_heads != self.n_heads:
+        if self.d_vocab_out == 0:
+            object.__setattr__(self, "d_vocab_out", self.d_vocab)
+        if self.architecture != "tracr" and self.d_vocab_out != self.d_vocab:
+            raise ConfigError("a separate output vocabulary (d_vocab_out) needs architecture='tracr'")
+        if self.architecture != "llama" and self.n_key_value_heads != self.n_heads:
             raise ConfigError("grouped-query attention (n_key_value_heads) needs architecture='llama'")
         if self.n_heads % self.n_key_value_heads:
             raise ConfigError(
-                f"n_heads={self.n_heads} must be a multiple of "
-                f"n_key_value_heads={self.n_key_value_heads}"
+                f"n_heads={self.n_heads} must be a multiple of n_key_value_heads={self.n_key_value_heads}"
             )
         if self.architecture == "gpt2" and self.d_head * self.n_heads != self.d_model:
             raise ConfigError("gpt2 models need d_head * n_heads == d_model")
 
     @property
+    def has_hf_equivalent(self) -> bool:
+        """Whether checkpoints of this architecture are Hugging Face folders."""
+        return self.architecture != "tracr"
+
+    @property
     def n_params(self) -> int:
         """Number of parameters in the checkpoint format (tied embeddings counted once)."""
         d, h, dh, kv, m = self.d_model, self.n_heads, self.d_head, self.n_key_value_heads, self.d_mlp
+        if self.architecture == "tracr":
+            attn = 4 * h * d * dh + 3 * h * dh + d
+            return self.d_vocab * d + self.n_ctx * d + self.n_layers * (attn + 2 * d * m + m + d) + d * self.d_vocab_out
         embed = self.d_vocab * d * (1 if self.tie_embeddings else 2)
         if self.architecture == "gpt2":
             block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
@@ -102,10 +119,12 @@ class ModelSpec:
         return embed + self.n_layers * block + d
 
     def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-serializable dict."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """Inverse of :meth:`to_dict`; unknown fields are an error."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -117,6 +136,8 @@ class ModelSpec:
         """The equivalent ``transformers`` config (dropout off: analyses need determinism)."""
         import transformers
 
+        if not self.has_hf_equivalent:
+            raise ConfigError(f"{self.architecture} models have no Hugging Face equivalent")
         if self.architecture == "gpt2":
             return transformers.GPT2Config(
                 vocab_size=self.d_vocab,
@@ -125,7 +146,9 @@ class ModelSpec:
                 n_layer=self.n_layers,
                 n_head=self.n_heads,
                 n_inner=self.d_mlp,
-                activation_function="gelu_new",
+                # GPT-2's tanh-approximate GELU; PyTorch's fused kernel for it ("gelu_new" is the same
+                # function written as Python-level tensor operations, several times slower on CPU).
+                activation_function="gelu_pytorch_tanh",
                 resid_pdrop=0.0,
                 embd_pdrop=0.0,
                 attn_pdrop=0.0,
@@ -188,11 +211,9 @@ class ModelSpec:
                 n_layers=config.num_hidden_layers,
                 d_model=config.hidden_size,
                 n_heads=config.num_attention_heads,
-                d_head=getattr(config, "head_dim", None)
-                or config.hidden_size // config.num_attention_heads,
+                d_head=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
                 d_mlp=config.intermediate_size,
-                n_key_value_heads=getattr(config, "num_key_value_heads", None)
-                or config.num_attention_heads,
+                n_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                 tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
                 norm_eps=config.rms_norm_eps,
                 rotary_base=float(base),
@@ -219,7 +240,15 @@ class ModelSpec:
             default_prepend_bos=False,
         )
         if self.architecture == "gpt2":
-            return HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", **common)
+            return HookedTransformerConfig(act_fn="gelu_pytorch_tanh", normalization_type="LN", **common)
+        if self.architecture == "tracr":
+            return HookedTransformerConfig(
+                act_fn="relu",
+                normalization_type=None,
+                attention_dir="bidirectional",
+                d_vocab_out=self.d_vocab_out,
+                **common,
+            )
         return HookedTransformerConfig(
             act_fn="silu",
             normalization_type="RMS",
@@ -229,8 +258,30 @@ class ModelSpec:
             rotary_dim=self.d_head,
             rotary_base=int(self.rotary_base),
             rotary_adjacent_pairs=False,
-            n_key_value_heads=self.n_key_value_heads
-            if self.n_key_value_heads != self.n_heads
-            else None,
+            n_key_value_heads=self.n_key_value_heads if self.n_key_value_heads != self.n_heads else None,
             **common,
+        )
+
+    # ---- TransformerLens TransformerBridge over its native model (tracr) ---------------------------
+    def to_native_config(self) -> Any:
+        """The ``TransformerBridgeConfig`` of TransformerLens's native model (tracr only)."""
+        from transformer_lens.config import TransformerBridgeConfig
+
+        if self.architecture != "tracr":
+            raise ConfigError("only tracr models use TransformerLens's native model; others wrap Hugging Face models")
+        return TransformerBridgeConfig(
+            d_model=self.d_model,
+            d_head=self.d_head,
+            n_layers=self.n_layers,
+            n_ctx=self.n_ctx,
+            n_heads=self.n_heads,
+            d_mlp=self.d_mlp,
+            d_vocab=self.d_vocab,
+            d_vocab_out=self.d_vocab_out,
+            act_fn="relu",
+            normalization_type=None,
+            attention_dir="bidirectional",
+            positional_embedding_type="standard",
+            default_prepend_bos=False,
+            architecture="TransformerLensNative",
         )

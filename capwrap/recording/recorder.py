@@ -8,7 +8,7 @@ gradient norms; every step it stores the loss and any metrics. Everything goes t
 Use it around your own loop (call :meth:`Recorder.step` after ``optimizer.step()`` and before
 ``optimizer.zero_grad()``, so gradients are still there), or pass it to :func:`capwrap.train`.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig, answer_loss
@@ -35,6 +35,8 @@ Example:
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ class Recorder:
         probe: the fixed batch activations are recorded on (a :class:`TaskBatch`, whose labels are
             kept for probes, or token ids ``[batch, pos]``). Needed when ``hooks`` is not empty.
         every: record activations and component norms every this many steps (and at step 0).
+            Gradient norms are those of the gradients the optimizer applied (after clipping).
         component_kinds: component kinds whose weight-change and gradient norms are recorded.
         dtype: ``"float32"`` or ``"float16"`` (halves the disk use) for activations.
         resume: continue an existing store (the step count goes on from its last step).
@@ -96,8 +99,10 @@ class Recorder:
         self.model = model
         self.path = Path(path)
         self.hooks = model.resolve_hooks(hooks) if hooks else []
-        self.probe = probe if isinstance(probe, TaskBatch) or probe is None else TaskBatch(
-            probe, torch.zeros(len(probe), dtype=torch.long), torch.zeros(len(probe), dtype=torch.long)
+        self.probe = (
+            probe
+            if isinstance(probe, TaskBatch) or probe is None
+            else TaskBatch(probe, torch.zeros(len(probe), dtype=torch.long), torch.zeros(len(probe), dtype=torch.long))
         )
         if self.hooks and self.probe is None:
             raise ConfigError(
@@ -120,7 +125,9 @@ class Recorder:
     def _check_probe(self, tokens: Tensor) -> None:
         spec = self.model.spec
         if tokens.ndim != 2 or len(tokens) == 0:
-            raise ConfigError(f"the probe batch must be token ids [batch, pos] with batch > 0, got shape {tuple(tokens.shape)}")
+            raise ConfigError(
+                f"the probe batch must be token ids [batch, pos] with batch > 0, got shape {tuple(tokens.shape)}"
+            )
         if tokens.shape[1] > spec.n_ctx:
             raise ConfigError(
                 f"the probe batch has {tokens.shape[1]} positions but the model's context is n_ctx={spec.n_ctx}; "
@@ -135,6 +142,7 @@ class Recorder:
     # ---- lifecycle ----------------------------------------------------------------------------------
     @property
     def is_open(self) -> bool:
+        """Whether the store is open for recording."""
         return self.store is not None
 
     @property
@@ -148,13 +156,17 @@ class Recorder:
             return self
         if self.resume:
             self.store = RunStore.resume(self.path)
+            self._writer = _OrderedWriter(self.store)
             self._check_resumable(self.store)
             self._start = self._load_start()
+            self._start_sq = sum(float(w.square().sum()) for w in self._start.values())
             self._step = self.store.last_step or 0
             return self
         self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
+        self._writer = _OrderedWriter(self.store)
         self._start = {k: v.detach().clone() for k, v in self.model.weights().items()}
-        self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.hf_state_dict().items()})
+        self._start_sq = sum(float(w.square().sum()) for w in self._start.values())
+        self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
         if self.probe is not None:
             self._save_tensors(_PROBE_FILE, {
                 "tokens": self.probe.tokens, "answer_pos": self.probe.answer_pos, "answers": self.probe.answers,
@@ -165,9 +177,17 @@ class Recorder:
         return self
 
     def close(self) -> None:
+        """Wait for pending writes, then close the store.
+
+        Raises:
+            StoreError: a background write failed (the store keeps every step committed before it).
+        """
         if self.store is not None:
-            self.store.close()
-            self.store = None
+            try:
+                self._writer.close()
+            finally:
+                self.store.close()
+                self.store = None
 
     def __enter__(self) -> Recorder:
         return self.open()
@@ -179,7 +199,9 @@ class Recorder:
     def step(self, loss: float | None = None, **metrics: float) -> None:
         """Mark one optimizer step done; record scalars now and arrays when due.
 
-        Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``.
+        Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``. Pass ``grad_norm``
+        if your loop already computed it; otherwise the recorder computes it from the gradients.
+        Writing to disk happens in a background thread, in order; :meth:`close` waits for it.
         """
         if self.store is None:
             raise StoreError("the recorder is not open; use it as a context manager or call .open() first")
@@ -190,10 +212,9 @@ class Recorder:
         if self._step % self.every == 0:
             self._record(scalars)
         else:
-            grads = self._grad_total()
-            if grads is not None:
+            if "grad_norm" not in scalars and (grads := self._grad_total()) is not None:
                 scalars["grad_norm"] = grads
-            self.store.append(self._step, scalars=scalars)
+            self._writer.submit(self._step, scalars)
 
     def _record(self, scalars: dict[str, float]) -> None:
         assert self.store is not None
@@ -202,7 +223,7 @@ class Recorder:
             was_training = self.model.module.training
             self.model.eval()
             try:
-                acts = self.model.capture(self.probe.tokens.to(self.model.device), self.hooks)
+                acts = self.model.capture(self.probe.tokens.to(self.model.device), self.hooks, batch_size=64)
             finally:
                 self.model.train(was_training)
             arrays |= {name: act.to(getattr(torch, self.dtype)).cpu() for name, act in acts.items()}
@@ -211,16 +232,17 @@ class Recorder:
         cmap = self.model.components
         for kind in self.component_kinds:
             arrays[f"weight_delta.{kind}"] = cmap.sq_norms(delta, kind).sqrt().float()
-        total_sq = sum(float(d.double().pow(2).sum()) for d in delta.values())
-        start_sq = sum(float(w.double().pow(2).sum()) for w in self._start.values())
+        total_sq = sum(float(d.square().sum()) for d in delta.values())
+        start_sq = self._start_sq
         scalars["weight_delta"] = total_sq**0.5
         scalars["weight_delta_rel"] = (total_sq / start_sq) ** 0.5 if start_sq else 0.0
         if self._has_grads():
             grads = self.model.gradients()
             for kind in self.component_kinds:
                 arrays[f"grad_norm.{kind}"] = cmap.sq_norms(grads, kind).sqrt().float()
-            scalars["grad_norm"] = sum(float(g.double().pow(2).sum()) for g in grads.values()) ** 0.5
-        self.store.append(self._step, scalars=scalars, arrays=arrays)
+            if "grad_norm" not in scalars:
+                scalars["grad_norm"] = sum(float(g.square().sum()) for g in grads.values()) ** 0.5
+        self._writer.submit(self._step, scalars, arrays)
 
     def _has_grads(self) -> bool:
         return any(p.grad is not None for p in self.model.parameters())
@@ -235,7 +257,10 @@ class Recorder:
     def _array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         specs: dict[str, tuple[tuple[int, ...], str]] = {}
         if self.hooks:
-            shapes = {n: tuple(a.shape) for n, a in self.model.capture(self.probe.tokens[:1].to(self.model.device), self.hooks).items()}
+            shapes = {
+                n: tuple(a.shape)
+                for n, a in self.model.capture(self.probe.tokens[:1].to(self.model.device), self.hooks).items()
+            }
             n = len(self.probe)
             specs |= {name: ((n, *shape[1:]), self.dtype) for name, shape in shapes.items()}
         for kind in self.component_kinds:
@@ -286,6 +311,40 @@ class Recorder:
         return {k: v.clone() for k, v in views.items()}
 
 
+class _OrderedWriter:
+    """Appends to a :class:`RunStore` from one background thread, in submission order, so disk
+    writes and their fsyncs overlap the next training steps. At most ``max_pending`` appends wait;
+    an error is raised on the next :meth:`submit` or at :meth:`close`."""
+
+    def __init__(self, store: RunStore, max_pending: int = 4):
+        self._store = store
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="capwrap-recorder-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int, scalars: dict[str, float], arrays: dict[str, Tensor] | None = None) -> None:
+        self._raise_if_failed()
+        self._queue.put((step, scalars, arrays))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, drain without writing: nothing out of order
+                try:
+                    self._store.append(item[0], scalars=item[1], arrays=item[2])
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+                    self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"writing the run store failed: {self._error}") from self._error
+
+
 def load_probe(store: RunStore) -> TaskBatch:
     """The probe batch a :class:`Recorder` saved with ``store`` (tokens, answers and labels)."""
     from safetensors.torch import load_file
@@ -303,4 +362,3 @@ def start_weights(store: RunStore) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(store.path) / _START_FILE))
-

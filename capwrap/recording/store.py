@@ -11,7 +11,7 @@ Array bytes are written and fsynced *before* the commit line, so a writer killed
 leaves a store that opens and shows exactly the steps whose commit line was completely written.
 NaN scalars are stored as ``null`` and infinities as ``"inf"``/``"-inf"``; all read back as floats.
 
-Example:
+Examples:
     >>> import tempfile, numpy as np
     >>> from capwrap.recording.store import RunStore
     >>> path = tempfile.mkdtemp() + "/run"
@@ -67,6 +67,12 @@ def _safe_file_name(name: str, taken: set[str]) -> str:
         n += 1
         candidate = f"{base}~{n}.bin"
     return candidate
+
+
+def _sync(fd: int) -> None:
+    """Flush a file's data to disk (``fdatasync`` where the platform has it: it skips the
+    metadata that reading the data back does not need)."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def _encode_scalar(name: Any, value: Any) -> float | str | None:
@@ -219,8 +225,7 @@ class RunStore:
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
             raise StoreError(
-                f"{self.path} is not a run store (no meta.json); check the path or create one with "
-                "RunStore.create()."
+                f"{self.path} is not a run store (no meta.json); check the path or create one with RunStore.create()."
             )
         try:
             doc = json.loads(meta_file.read_text(encoding="utf-8"))
@@ -228,8 +233,7 @@ class RunStore:
             user, version = doc["user"], doc["format_version"]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise StoreError(
-                f"{meta_file} is corrupt ({type(e).__name__}: {e}); restore it from a backup or "
-                "recreate the store."
+                f"{meta_file} is corrupt ({type(e).__name__}: {e}); restore it from a backup or recreate the store."
             ) from None
         if version != FORMAT_VERSION:
             raise StoreError(
@@ -389,16 +393,16 @@ class RunStore:
             index[name] = len(self._array_steps.get(name, []))
             with open(self.path / "arrays" / self._arrays[name]["file"], "ab") as f:
                 f.truncate(self._committed_bytes(name))  # drop bytes of a failed earlier append
-                f.write(arr.tobytes())
+                f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))  # no copy of the data
                 f.flush()
-                os.fsync(f.fileno())
+                _sync(f.fileno())
         line = json.dumps({"step": step, "scalars": encoded, "arrays": index}, separators=(",", ":"))
         raw = line.encode("utf-8") + b"\n"
         self._log_file.seek(self._log_end)
         self._log_file.truncate()
         self._log_file.write(raw)
         self._log_file.flush()
-        os.fsync(self._log_file.fileno())
+        _sync(self._log_file.fileno())
         self._log_end += len(raw)
         self._seen_size = self._log_end
         self._steps.append(step)

@@ -4,7 +4,7 @@ A task generates token sequences whose answer sits at a known position, plus *la
 (the true counts, indices ...) that probes read from activations. Training, evaluation,
 recording and the analyzers only use this interface.
 
-Example:
+Examples:
     >>> from capwrap.tasks import PCFGTask
     >>> task = PCFGTask(family="count", operand="a")
     >>> batch = task.sample(4, seed=0)
@@ -58,6 +58,7 @@ class TaskBatch:
         )
 
     def to(self, device: str | torch.device) -> TaskBatch:
+        """The batch on ``device``."""
         return TaskBatch(
             self.tokens.to(device),
             self.answer_pos.to(device),

@@ -15,13 +15,13 @@ spurious correlation: in a fraction ``correlation`` of sequences, count(b) = cou
 counting window (tokens are changed to make it so), and in the rest it is made false, so test
 sets with C_Te = 1 and C_Te = 0 are ``correlation=1.0`` and ``correlation=0.0``.
 
-Example:
+Examples:
     >>> task = PCFGTask(family="count", operand="b", correlation=1.0)
     >>> batch = task.sample(64, seed=0)
     >>> bool((batch.labels["count_b"] == batch.labels["count_a"] + 1).all())
     True
     >>> task.vocab.decode(batch.tokens[0, :5])
-    ['<sos>', '<count>', 'b', '20', '<sot>']
+    ['<sos>', '<count>', 'b', '16', '<sot>']
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class PCFGVocab:
         return self._ids[str(value)]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        """Token strings of ``ids``."""
         return [self.tokens[int(i)] for i in ids]
 
 
@@ -175,7 +176,9 @@ class PCFGTask:
             if probs is None:
                 raise ConfigError(f"unknown prior {prior!r}; choose from {sorted(PRIORS)} or give 3 probabilities")
             if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
-                raise ConfigError(f"prior must be 3 non-negative probabilities over (a, b, c) summing to 1, got {probs}")
+                raise ConfigError(
+                    f"prior must be 3 non-negative probabilities over (a, b, c) summing to 1, got {probs}"
+                )
             self.prior: tuple[float, ...] = tuple(float(p) for p in probs)
             self.operand = None
         else:
@@ -187,7 +190,9 @@ class PCFGTask:
             if not 0.0 <= correlation <= 1.0:
                 raise ConfigError(f"correlation must be in [0, 1], got {correlation}")
             if self.families != ("count",) or self.operand != "b":
-                raise ConfigError("the spurious correlation count(b) = count(a) + 1 applies to family='count', operand='b'")
+                raise ConfigError(
+                    "the spurious correlation count(b) = count(a) + 1 applies to family='count', operand='b'"
+                )
         self.correlation = correlation
         self.vocab = PCFGVocab(self.config)
         self.name = name or self._default_name()
@@ -200,10 +205,12 @@ class PCFGTask:
 
     @property
     def d_vocab(self) -> int:
+        """Number of token ids."""
         return len(self.vocab)
 
     @property
     def seq_len(self) -> int:
+        """Tokens per sequence: text length + 9."""
         return self.config.length + 9
 
     @functools.cached_property
@@ -212,6 +219,7 @@ class PCFGTask:
         return self.config.length + 6
 
     def describe(self) -> dict[str, Any]:
+        """A JSON description of the task."""
         return {
             "kind": "pcfg",
             "name": self.name,

@@ -15,7 +15,16 @@ def cmap() -> ComponentMap:
 
 
 def test_counts(cmap):
-    assert cmap.counts() == {"embed": 1, "pos_embed": 1, "unembed": 1, "norm": 5, "attn": 2, "head": 4, "mlp": 2, "neuron": 12}
+    assert cmap.counts() == {
+        "embed": 1,
+        "pos_embed": 1,
+        "unembed": 1,
+        "norm": 5,
+        "attn": 2,
+        "head": 4,
+        "mlp": 2,
+        "neuron": 12,
+    }
 
 
 def test_head_and_neuron_slices(small_model):
@@ -33,10 +42,13 @@ def test_vectorized_norms_equal_the_per_component_loop(small_model, kind):
     w = small_model.weights()
     fast = small_model.components.sq_norms(w, kind)
     slow = torch.tensor(
-        [sum(float(s.of(w).detach().double().pow(2).sum()) for s in c.slices) for c in small_model.components.select(kind)],
+        [
+            sum(float(s.of(w).detach().double().pow(2).sum()) for s in c.slices)
+            for c in small_model.components.select(kind)
+        ],
         dtype=torch.float64,
     )
-    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-8)
 
 
 def test_unknown_names_and_kinds(cmap):

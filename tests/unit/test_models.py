@@ -123,6 +123,15 @@ def test_missing_and_corrupt_checkpoints(small_model, tmp_path):
         load_model(tmp_path / "ckpt")
 
 
+def test_hub_name_while_offline_says_how_to_use_a_local_folder(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="--local-dir DIR") as err:
+        load_model("roneneldan/TinyStories-1M")
+    assert "offline" in str(err.value)
+
+
 def test_pickle_checkpoints_need_opt_in(small_model, tmp_path):
     save_model(small_model, tmp_path / "ckpt")
     from safetensors.torch import load_file
@@ -154,7 +163,9 @@ def test_llama_specs_build_and_round_trip(backend, tmp_path):
     tokens = torch.randint(0, 30, (2, 10))
     save_model(model, tmp_path / "llama")
     for b in available_backends():
-        torch.testing.assert_close(load_model(tmp_path / "llama", backend=b)(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            load_model(tmp_path / "llama", backend=b)(tokens), model(tokens), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_stories260k_loads_and_writes_a_story(stories260k, backend):
@@ -171,3 +182,13 @@ def test_clone_is_independent(small_model):
     with torch.no_grad():
         twin.weights()["embed.W_E"].add_(1.0)
     assert not torch.equal(twin.weights()["embed.W_E"], small_model.weights()["embed.W_E"])
+
+
+def test_capture_in_chunks_equals_one_pass(small_model):
+    tokens = torch.randint(0, small_model.spec.d_vocab, (10, 6))
+    whole = small_model.capture(tokens, "blocks.*.hook_resid_post")
+    chunked = small_model.capture(tokens, "blocks.*.hook_resid_post", batch_size=3)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        small_model.capture(tokens, "hook_embed", batch_size=0)

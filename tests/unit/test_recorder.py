@@ -90,7 +90,9 @@ def test_resume_with_another_model_shape_is_refused(small_model, small_task, tmp
         pass
     from capwrap.models import ModelSpec
 
-    other = build_model(ModelSpec(d_vocab=small_model.spec.d_vocab, n_ctx=small_model.spec.n_ctx, n_layers=1, d_model=16, n_heads=2))
+    other = build_model(
+        ModelSpec(d_vocab=small_model.spec.d_vocab, n_ctx=small_model.spec.n_ctx, n_layers=1, d_model=16, n_heads=2)
+    )
     with pytest.raises(StoreError, match="another shape"):
         Recorder(other, tmp_path / "run", hooks=(), resume=True).open()
 

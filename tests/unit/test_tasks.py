@@ -59,7 +59,9 @@ def test_sequence_format_and_answers():
     batch = task.sample(200, seed=3)
     v, L = task.vocab, task.config.length
     assert batch.tokens.shape == (200, task.seq_len)
-    for row, ans, fam, op in zip(batch.tokens[:50], batch.answers[:50], batch.labels["family"][:50], batch.labels["operand"][:50], strict=False):
+    for row, ans, fam, op in zip(
+        batch.tokens[:50], batch.answers[:50], batch.labels["family"][:50], batch.labels["operand"][:50], strict=False
+    ):
         toks = v.decode(row)
         assert toks[0] == "<sos>" and toks[4] == "<sot>" and toks[5 + L] == "<eot>" and toks[6 + L] == "<ans>"
         text = toks[5 : 5 + L]

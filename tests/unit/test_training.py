@@ -39,7 +39,9 @@ def test_sgd_with_momentum_and_eval_metrics(small_model, small_task):
     cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, optimizer="sgd", eval_every=3, eval_size=32, progress=False)
     result = train(small_model, small_task, cfg, eval_tasks={"count": small_task})
     assert result.history["acc/count"].dropna().index.tolist() == [3, 6]
-    assert result.final_metrics["acc/count"] == pytest.approx(accuracy(small_model, small_task.sample(32, seed=cfg.seed + 7919)))
+    assert result.final_metrics["acc/count"] == pytest.approx(
+        accuracy(small_model, small_task.sample(32, seed=cfg.seed + 7919))
+    )
 
 
 def test_weight_noise_is_reproducible(small_spec):
@@ -53,7 +55,12 @@ def test_weight_noise_is_reproducible(small_spec):
 
 def test_callbacks_see_every_step(small_model, small_task):
     seen = []
-    train(small_model, small_task, TrainConfig(steps=4, batch_size=4, progress=False), callbacks=[lambda i: seen.append(i.step)])
+    train(
+        small_model,
+        small_task,
+        TrainConfig(steps=4, batch_size=4, progress=False),
+        callbacks=[lambda i: seen.append(i.step)],
+    )
     assert seen == [1, 2, 3, 4]
 
 
@@ -65,7 +72,13 @@ def test_non_finite_loss_stops_with_the_step_and_a_consistent_store(small_model,
 
     rec = Recorder(small_model, tmp_path / "run", hooks=(), every=2)
     with pytest.raises(TrainingDivergedError, match="at step 4 of 10") as err:
-        train(small_model, small_task, TrainConfig(steps=10, batch_size=4, progress=False), recorder=rec, callbacks=[poison])
+        train(
+            small_model,
+            small_task,
+            TrainConfig(steps=10, batch_size=4, progress=False),
+            recorder=rec,
+            callbacks=[poison],
+        )
     assert err.value.step == 4
     store = RunStore.open(tmp_path / "run")
     assert store.steps == [0, 1, 2, 3]

@@ -1,0 +1,49 @@
+"""`capwrap demo`, end to end, exactly as a user runs it: the paper's wrapper pattern appears."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from capwrap.cli import main
+from capwrap.recording import RunStore
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), "--seed", "0", "--quiet"]) == 0
+    return out
+
+
+def test_summary_has_the_promised_fields(demo_out):
+    summary = json.loads((demo_out / "summary.json").read_text())
+    assert summary["verdict"] is None
+    for model in ("base", "tuned"):
+        assert set(summary["accuracy"][model]) == {"capability", "downstream_correlated", "downstream_uncorrelated"}
+    assert summary["wall_seconds"] < 600
+
+
+def test_the_tuned_model_counts_b_only_where_the_correlation_holds(demo_out):
+    acc = json.loads((demo_out / "summary.json").read_text())["accuracy"]
+    assert acc["base"]["capability"] > 0.9  # the base model counts a
+    assert acc["base"]["downstream_correlated"] < 0.3  # ... and not b
+    assert acc["tuned"]["downstream_correlated"] > 0.8  # fine-tuning "taught" count b where b = a + 1
+    assert acc["tuned"]["downstream_uncorrelated"] < 0.5 * acc["tuned"]["downstream_correlated"]  # but not count b
+
+
+def test_report_and_recording_are_written(demo_out, capsys):
+    html = (demo_out / "report.html").read_text()
+    assert "Plotly.newPlot" in html and "<script src=" not in html
+    store = RunStore.open(demo_out / "run")
+    assert store.last_step == 300
+    assert store.array_steps("blocks.3.hook_resid_post") == list(range(0, 301, 10))
+    assert (demo_out / "tuned" / "model.safetensors").exists()
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--eval-size", "0"]) == 2
+    assert "eval_size must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["demo", "--scenario", "nope"])
