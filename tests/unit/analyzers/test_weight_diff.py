@@ -1,0 +1,103 @@
+"""Weight-diff localization on real models: planted changes are found, grafts carry them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.analyzers import ModelPair, WeightDiff, effective_rank, graft, weight_change_table
+from capwrap.errors import ConfigError
+from capwrap.models import ModelSpec, build_model
+from capwrap.recording import Recorder, RunStore
+from capwrap.tasks import PCFGConfig, PCFGTask, accuracy
+from capwrap.training import TrainConfig, train
+
+
+@pytest.fixture
+def task():
+    return PCFGTask(config=PCFGConfig(length=12, window=6, occurrence=2))
+
+
+@pytest.fixture
+def spec(task):
+    return ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=32, n_heads=4)
+
+
+def test_planted_change_is_found_first(spec, backend):
+    base = build_model(spec, backend=backend, seed=0)
+    tuned = base.clone()
+    with torch.no_grad():
+        tuned.weights()["blocks.1.mlp.W_in"][:, 7] += 0.3
+        tuned.weights()["blocks.1.mlp.W_out"][7] += 0.3
+        tuned.weights()["blocks.0.attn.W_O"][2] += 0.01
+    table = weight_change_table(base, tuned)
+    units = table[table["kind"].isin(["head", "neuron"])]
+    assert units["component"].tolist()[:2] == ["L1N7", "L0H2"]
+    assert (units["change"].iloc[2:] == 0).all()
+    row = table.set_index("component").loc["L1N7"]
+    expected = (0.3**2 * 32 * 2) ** 0.5
+    assert row["change"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_effective_rank():
+    u, v = torch.randn(20, 1), torch.randn(1, 30)
+    assert effective_rank(u @ v) == pytest.approx(1.0, abs=1e-3)
+    assert effective_rank(torch.eye(10)) == pytest.approx(10.0, rel=1e-4)
+
+
+def test_graft_copies_only_the_named_components(spec):
+    base, tuned = build_model(spec, seed=0), build_model(spec, seed=1)
+    out = graft(base, tuned, ["L0H1", "L1N3"])
+    w, wb, wt = out.weights(), base.weights(), tuned.weights()
+    assert torch.equal(w["blocks.0.attn.W_Q"][1], wt["blocks.0.attn.W_Q"][1])
+    assert torch.equal(w["blocks.0.attn.W_Q"][0], wb["blocks.0.attn.W_Q"][0])
+    assert torch.equal(w["blocks.1.mlp.W_in"][:, 3], wt["blocks.1.mlp.W_in"][:, 3])
+    assert torch.equal(w["blocks.1.mlp.W_in"][:, 4], wb["blocks.1.mlp.W_in"][:, 4])
+    # reusing a working copy resets it to the base first
+    again = graft(base, tuned, ["L1N3"], into=out)
+    assert torch.equal(again.weights()["blocks.0.attn.W_Q"][1], wb["blocks.0.attn.W_Q"][1])
+
+
+def test_localized_fine_tune_is_carried_by_a_small_graft(spec, task, tmp_path):
+    """Fine-tune only two heads of a trained model: grafting the top units carries the new behaviour."""
+    base = build_model(spec, seed=0)
+    train(base, task, TrainConfig(steps=80, batch_size=32, lr=3e-3, progress=False))
+    tuned = base.clone()
+    downstream = PCFGTask("count", "b", config=task.config)
+    # train everything, then keep the change only in layer 1's attention (a localized "wrapper")
+    rec = Recorder(tuned, tmp_path / "run", hooks=(), every=5)
+    train(tuned, downstream, TrainConfig(steps=40, batch_size=32, lr=3e-3, progress=False, seed=1), recorder=rec)
+    localized = graft(base, tuned, ["L1.attn"])
+    pair = ModelPair(base, localized)
+    ev = WeightDiff(graft_fractions=(0.25, 0.5), eval_size=256)(pair, task, downstream)
+    units = ev.table[ev.table["kind"].isin(["head", "neuron"])]
+    assert set(units.head(4)["component"]) <= {"L1H0", "L1H1", "L1H2", "L1H3"}
+    assert ev.headline["top10pct_share"] > 0.99
+    grafts = {g["graft"]: g for g in ev.details["grafts"]}
+    down = downstream.sample(256, seed=0)
+    assert grafts["attention layers"]["downstream_accuracy"] == pytest.approx(accuracy(localized, down))
+    assert grafts["MLP layers"]["downstream_accuracy"] == pytest.approx(accuracy(base, down))
+    # with the run store of the full fine-tune: movement times for every unit
+    full = ModelPair(base, tuned)
+    ev2 = WeightDiff(graft_fractions=(0.1,), eval_size=128)(full, task, downstream, RunStore.open(tmp_path / "run"))
+    assert ev2.table.loc[ev2.table["kind"] == "head", "t50_step"].between(5, 40).all()
+    assert ev2.to_dict()["analyzer"] == "weight_diff"
+    assert ev2.figure().data
+
+
+def test_bad_input(spec, task, tmp_path):
+    base = build_model(spec, seed=0)
+    with pytest.raises(ConfigError, match="differ in n_layers"):
+        ModelPair(
+            base, build_model(ModelSpec(d_vocab=spec.d_vocab, n_ctx=spec.n_ctx, n_layers=1, d_model=32, n_heads=4))
+        )
+    with pytest.raises(ConfigError, match="graft_fractions"):
+        WeightDiff(graft_fractions=())
+    big = PCFGTask(config=PCFGConfig(length=40, window=8))
+    with pytest.raises(ConfigError, match="d_vocab >="):
+        WeightDiff()(ModelPair(base, base.clone()), big, task)
+    other = build_model(ModelSpec(d_vocab=spec.d_vocab, n_ctx=spec.n_ctx, n_layers=1, d_model=16, n_heads=2))
+    with Recorder(other, tmp_path / "other", hooks=()):
+        pass
+    with pytest.raises(ConfigError, match="recorded from another model"):
+        WeightDiff(eval_size=8)(ModelPair(base, base.clone()), task, task, RunStore.open(tmp_path / "other"))
