@@ -2,6 +2,7 @@
 `RunStore`) and returns `Evidence`."""
 
 from capwrap.analyzers.base import Analyzer, Direction, Evidence, ModelPair
+from capwrap.analyzers.probing import ProbeResult, Probing, fit_probes, probe_features
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
 
 __all__ = [
@@ -9,8 +10,12 @@ __all__ = [
     "Direction",
     "Evidence",
     "ModelPair",
+    "ProbeResult",
+    "Probing",
     "WeightDiff",
     "effective_rank",
+    "fit_probes",
     "graft",
+    "probe_features",
     "weight_change_table",
 ]

@@ -1,0 +1,69 @@
+"""Linear probes: batched fitting, the analyzer on real models and recorded runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.analyzers import ModelPair, Probing, fit_probes
+from capwrap.errors import ConfigError
+from capwrap.models import ModelSpec, build_model
+from capwrap.recording import Recorder, RunStore
+from capwrap.tasks import PCFGConfig, PCFGTask
+from capwrap.training import TrainConfig, train
+
+
+def _data(n=300, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    signal = torch.nn.functional.one_hot(labels, d).float() * 2 + 0.5 * torch.randn(n, d, generator=g)
+    return labels, signal, torch.randn(n, d, generator=g)
+
+
+def test_probes_find_planted_signal_and_not_noise():
+    labels, signal, noise = _data()
+    result = fit_probes(torch.stack([signal, noise]), labels)
+    assert result.test_accuracy[0] > 0.95
+    assert result.test_accuracy[1] < result.majority_baseline + 0.15
+    assert result.n_classes == 4
+
+
+def test_batched_fit_equals_one_probe_at_a_time():
+    labels, signal, noise = _data(seed=1)
+    feats = torch.stack([signal, noise, signal + noise])
+    batched = fit_probes(feats, labels, seed=3).test_accuracy
+    single = torch.cat([fit_probes(feats[i : i + 1], labels, seed=3).test_accuracy for i in range(3)])
+    assert torch.allclose(batched, single, atol=0.01)
+
+
+def test_bad_probe_input():
+    labels, signal, _ = _data()
+    with pytest.raises(ConfigError, match="single class"):
+        fit_probes(signal[None], torch.zeros_like(labels))
+    with pytest.raises(ConfigError, match=r"\[probe, n, d\]"):
+        fit_probes(signal, labels)
+    with pytest.raises(ConfigError, match="empty train or test"):
+        fit_probes(signal[None], labels, test_fraction=0.0)
+
+
+def test_probing_analyzer_on_a_trained_model_and_its_run(backend, tmp_path):
+    task = PCFGTask(config=PCFGConfig(length=12, window=6, occurrence=2))
+    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=32, n_heads=4)
+    base = build_model(spec, backend=backend, seed=0)
+    train(base, task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
+    tuned = base.clone()
+    rec = Recorder(tuned, tmp_path / "run", probe=task.sample(200, seed=5), every=10)
+    downstream = PCFGTask("count", "b", config=task.config)
+    train(tuned, downstream, TrainConfig(steps=20, batch_size=32, lr=1e-3, progress=False), recorder=rec)
+
+    probing = Probing(label="count_a", n=600, steps=200)
+    ev = probing(ModelPair(base, tuned), task, downstream, RunStore.open(tmp_path / "run"))
+    assert set(ev.table["model"]) == {"base", "tuned"} and len(ev.table) == 4
+    assert ev.headline["probe_best_base"] > ev.headline["majority_baseline"] + 0.2
+    per_step = ev.details["per_step"]
+    assert {r["step"] for r in per_step} == {0, 10, 20} and len(per_step) == 6
+    assert ev.direction in ("wrapper", "change", "neutral") and ev.reasons
+    with pytest.raises(ConfigError, match="no latent label 'count_z'"):
+        Probing(label="count_z", n=50)(ModelPair(base, tuned), task, downstream)
+    with pytest.raises(ConfigError, match="single class"):
+        Probing(label="family", n=100, steps=5)(ModelPair(base, tuned), task, downstream)
