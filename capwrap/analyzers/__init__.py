@@ -1,12 +1,14 @@
 """Analyzers: each takes a `ModelPair`, the capability and downstream tasks (and optionally a
 `RunStore`) and returns `Evidence`."""
 
+from capwrap.analyzers.attention import AttentionComparison
 from capwrap.analyzers.base import Analyzer, Direction, Evidence, ModelPair
 from capwrap.analyzers.probing import ProbeResult, Probing, fit_probes, probe_features
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
 
 __all__ = [
     "Analyzer",
+    "AttentionComparison",
     "Direction",
     "Evidence",
     "ModelPair",
