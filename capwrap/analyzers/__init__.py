@@ -4,6 +4,7 @@
 from capwrap.analyzers.attention import AttentionComparison
 from capwrap.analyzers.base import Analyzer, Direction, Evidence, ModelPair
 from capwrap.analyzers.probing import ProbeResult, Probing, fit_probes, probe_features
+from capwrap.analyzers.pruning import Pruning, prune, unit_scores
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
 
 __all__ = [
@@ -14,10 +15,13 @@ __all__ = [
     "ModelPair",
     "ProbeResult",
     "Probing",
+    "Pruning",
     "WeightDiff",
     "effective_rank",
     "fit_probes",
     "graft",
     "probe_features",
+    "prune",
+    "unit_scores",
     "weight_change_table",
 ]

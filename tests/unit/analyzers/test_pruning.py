@@ -1,0 +1,67 @@
+"""Pruning: scores, nested top-K sweeps, reviving a planted wrapper, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.analyzers import ModelPair, Pruning, prune, unit_scores
+from capwrap.errors import ConfigError
+from capwrap.models import build_model
+from capwrap.tasks import accuracy
+from capwrap.training import TrainConfig, train
+
+
+def test_scores_order_and_granularities(small_model, small_task):
+    mag = unit_scores(small_model, small_task, "magnitude", "neuron", n=32)
+    assert len(mag) == len(small_model.components.select("neuron"))
+    assert mag["score"].is_monotonic_increasing  # magnitude prunes the smallest first
+    gxw = unit_scores(small_model, small_task, "grad_x_weight", "head", n=32)
+    assert gxw["score"].is_monotonic_decreasing and len(gxw) == 8  # the paper's score prunes the highest first
+    wanda = unit_scores(small_model, small_task, "wanda", "weight", n=32)
+    assert wanda["unit"].iloc[0].startswith("blocks.") and (wanda["score"] >= 0).all()
+    assert not any(p.grad is not None for p in small_model.parameters())  # scoring leaves no gradients behind
+
+
+def test_grad_x_weight_is_the_first_order_loss_change(small_spec, small_task):
+    """Zeroing the top-scored neuron lowers the capability loss about as much as its score says."""
+    from capwrap.tasks import answer_loss
+
+    model = build_model(small_spec, seed=0)
+    train(model, small_task, TrainConfig(steps=30, batch_size=32, lr=3e-3, progress=False))
+    scores = unit_scores(model, small_task, "grad_x_weight", "neuron", n=256, seed=4)
+    batch = small_task.sample(256, seed=4)
+    with torch.no_grad():
+        before = float(answer_loss(model(batch.tokens), batch))
+        after = float(answer_loss(prune(model.clone(), [scores["unit"].iloc[0]])(batch.tokens), batch))
+    assert after < before
+    assert 0.2 < (before - after) / scores["score"].iloc[0] < 5  # first-order: right sign and size
+
+
+def test_pruning_a_planted_wrapper_revives_the_capability(small_spec, small_task, backend):
+    base = build_model(small_spec, backend=backend, seed=0)
+    train(base, small_task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
+    base_acc = accuracy(base, small_task.sample(512, seed=1))
+    # the "wrapper": two neurons whose output rows push every answer towards one wrong token
+    tuned = base.clone()
+    w = tuned.weights()
+    with torch.no_grad():
+        wrong = small_task.vocab["<none>"]
+        for n in (3, 9):
+            w["blocks.1.mlp.b_in"][n] = 50.0
+            w["blocks.1.mlp.W_out"][n] = 2.0 * w["unembed.W_U"][:, wrong] / w["unembed.W_U"][:, wrong].norm()
+    assert accuracy(tuned, small_task.sample(512, seed=1)) < 0.5 * base_acc
+    ev = Pruning(ks=(0, 1, 2, 4), eval_size=512, score_size=256)(ModelPair(base, tuned), small_task, small_task)
+    assert ev.direction == "wrapper"
+    assert ev.headline["k_to_revive"] <= 2
+    assert set(ev.details["top_units"][i]["unit"] for i in range(2)) == {"L1N3", "L1N9"}
+
+
+def test_bad_input(small_model, small_task):
+    pair = ModelPair(small_model, small_model.clone())
+    with pytest.raises(ConfigError, match="ks is empty"):
+        Pruning(ks=())
+    with pytest.raises(ConfigError, match="larger than the 8 head units"):
+        Pruning(granularity="head", ks=(0, 9), eval_size=8, score_size=8)(pair, small_task, small_task)
+    with pytest.raises(ConfigError, match="unknown pruning method"):
+        unit_scores(small_model, small_task, "random", "neuron")  # type: ignore[arg-type]
