@@ -32,7 +32,7 @@ from capwrap.tasks.base import Task, accuracy, answer_loss, check_task_fits
 if TYPE_CHECKING:
     from capwrap.recording import Recorder
 
-__all__ = ["TrainConfig", "TrainResult", "StepInfo", "train", "lr_at", "add_weight_noise"]
+__all__ = ["TrainConfig", "TrainResult", "StepInfo", "StopTraining", "train", "lr_at", "add_weight_noise"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,10 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip}")
         if self.weight_noise < 0 or self.eval_every < 0 or self.weight_decay < 0:
             raise ConfigError("weight_noise, eval_every and weight_decay must not be negative")
+
+
+class StopTraining(Exception):  # noqa: N818 - a signal, not an error
+    """Raise from a callback to end training after the current step (the result covers it)."""
 
 
 @dataclass
@@ -162,7 +166,8 @@ def train(
             every step it is due to.
         eval_tasks: name -> task, evaluated every ``config.eval_every`` steps and at the end
             (accuracy, reported as ``acc/<name>``).
-        callbacks: called with a :class:`StepInfo` after every step.
+        callbacks: called with a :class:`StepInfo` after every step; a callback may add entries to
+            ``info.metrics`` (they go into the history) or raise :class:`StopTraining` to end early.
         description: label of the progress bar.
 
     Raises:
@@ -216,9 +221,15 @@ def train(
             info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
             if recorder is not None:
                 recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, **metrics)
+            stop = False
             for callback in callbacks:
-                callback(info)
-            rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **metrics})
+                try:
+                    callback(info)
+                except StopTraining:
+                    stop = True
+            rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **info.metrics})
+            if stop:
+                break
             bar.set_postfix(loss=f"{info.loss:.3f}", **{k.split("/")[-1][:12]: f"{v:.2f}" for k, v in metrics.items()})
     finally:
         if opened_here:

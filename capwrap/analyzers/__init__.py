@@ -5,6 +5,7 @@ from capwrap.analyzers.attention import AttentionComparison
 from capwrap.analyzers.base import Analyzer, Direction, Evidence, ModelPair
 from capwrap.analyzers.probing import ProbeResult, Probing, fit_probes, probe_features
 from capwrap.analyzers.pruning import Pruning, prune, unit_scores
+from capwrap.analyzers.revival import Revival, steps_to_threshold
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
 
 __all__ = [
@@ -16,12 +17,14 @@ __all__ = [
     "ProbeResult",
     "Probing",
     "Pruning",
+    "Revival",
     "WeightDiff",
     "effective_rank",
     "fit_probes",
     "graft",
     "probe_features",
     "prune",
+    "steps_to_threshold",
     "unit_scores",
     "weight_change_table",
 ]

@@ -1,0 +1,75 @@
+"""Revival: a wrapped capability comes back faster than a control learns it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from capwrap.analyzers import ModelPair, Revival
+from capwrap.errors import ConfigError
+from capwrap.models import ModelSpec, build_model
+from capwrap.tasks import PCFGTask, accuracy
+from capwrap.training import TrainConfig, train
+
+
+def test_fine_tuned_capability_revives_faster_than_the_control(small_spec, small_task, backend):
+    """Count a, fine-tuned to count b with count(b) = count(a) + 1: count a comes back far faster
+    than a model that only ever saw the fine-tuning data learns it."""
+    downstream = PCFGTask("count", "b", correlation=1.0, config=small_task.config)
+    base = build_model(small_spec, backend=backend, seed=0)
+    train(base, small_task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
+    tuned = base.clone()
+    train(tuned, downstream, TrainConfig(steps=60, batch_size=64, lr=1e-3, progress=False, seed=1))
+    assert accuracy(tuned, small_task.sample(256, seed=9)) < 0.5  # the capability looks lost
+    revival = Revival(max_steps=300, eval_every=5, eval_size=256, lr=1e-3, control_steps=60, batch_size=64)
+    ev = revival(ModelPair(base, tuned), small_task, downstream)
+    assert ev.headline["steps_tuned"] <= 100
+    assert math.isnan(ev.headline["steps_control"]) or ev.headline["steps_control"] > 1.5 * ev.headline["steps_tuned"]
+    assert ev.direction in ("wrapper", "neutral") and ev.reasons
+    curve = ev.table[ev.table["model"] == "tuned"]
+    assert curve["step"].iloc[0] == 0 and curve["accuracy"].iloc[-1] >= ev.headline["threshold"]
+    assert ev.figure().data
+
+
+def test_a_model_already_at_the_threshold_needs_zero_steps(small_model, small_task):
+    ev = Revival(max_steps=5, eval_every=5, eval_size=64, control_steps=1, threshold_fraction=0.01)(
+        ModelPair(small_model, small_model.clone()), small_task, small_task
+    )
+    assert ev.headline["steps_tuned"] == 0.0
+
+
+def test_bad_input(small_model, small_task):
+    with pytest.raises(ConfigError, match="max_steps must be positive"):
+        Revival(max_steps=0)
+    with pytest.raises(ConfigError, match="threshold_fraction"):
+        Revival(threshold_fraction=1.5)
+    other = build_model(
+        ModelSpec(d_vocab=small_model.spec.d_vocab, n_ctx=small_model.spec.n_ctx, n_layers=1, d_model=32, n_heads=4)
+    )
+    with pytest.raises(ConfigError, match="differ in n_layers"):
+        Revival(max_steps=2, control=other)(ModelPair(small_model, small_model.clone()), small_task, small_task)
+
+
+@pytest.mark.parametrize(
+    "tuned, control, expected",
+    [
+        (10.0, 60.0, "wrapper"),
+        (10.0, math.nan, "wrapper"),
+        (50.0, 60.0, "change"),
+        (30.0, 60.0, "neutral"),
+        (math.nan, 40.0, "change"),
+    ],
+)
+def test_judgement(tuned, control, expected):
+    from capwrap.analyzers.revival import _judge, _ratio
+
+    headline = {
+        "threshold": 0.9,
+        "steps_tuned": tuned,
+        "steps_control": control,
+        "budget": 300.0,
+        "control_over_tuned": _ratio(tuned, control, 300),
+    }
+    direction, strength, reasons = _judge(headline)
+    assert direction == expected and 0 <= strength <= 1 and reasons
