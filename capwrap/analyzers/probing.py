@@ -165,18 +165,19 @@ class Probing(Analyzer):
         if self.label not in batch.labels:
             raise ConfigError(f"the capability task has no latent label {self.label!r}; it has {sorted(batch.labels)}")
         labels = batch.labels[self.label]
-        rows = []
-        results = {}
-        for which, model in (("base", pair.base), ("tuned", pair.tuned)):
-            names, feats = probe_features(model, batch, self.hooks, self.position)
-            results[which] = fit_probes(feats, labels, steps=self.steps, seed=self.seed)
-            rows += [(which, name, acc) for name, acc in zip(names, results[which].test_accuracy.tolist(), strict=True)]
-        table = pd.DataFrame(rows, columns=["model", "hook", "probe_accuracy"])
+        names, base_feats = probe_features(pair.base, batch, self.hooks, self.position)
+        _, tuned_feats = probe_features(pair.tuned, batch, self.hooks, self.position)
+        fit = fit_probes(torch.cat([base_feats, tuned_feats]), labels, steps=self.steps, seed=self.seed)  # one solve
+        acc = {"base": fit.test_accuracy[: len(names)], "tuned": fit.test_accuracy[len(names) :]}
+        table = pd.DataFrame(
+            [(which, name, float(a)) for which in ("base", "tuned") for name, a in zip(names, acc[which], strict=True)],
+            columns=["model", "hook", "probe_accuracy"],
+        )
         task_acc = {k: accuracy(m, batch) for k, m in (("base", pair.base), ("tuned", pair.tuned))}
         headline = {
-            "probe_best_base": float(results["base"].test_accuracy.max()),
-            "probe_best_tuned": float(results["tuned"].test_accuracy.max()),
-            "majority_baseline": results["base"].majority_baseline,
+            "probe_best_base": float(acc["base"].max()),
+            "probe_best_tuned": float(acc["tuned"].max()),
+            "majority_baseline": fit.majority_baseline,
             "capability_accuracy_base": task_acc["base"],
             "capability_accuracy_tuned": task_acc["tuned"],
         }
