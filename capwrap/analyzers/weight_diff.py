@@ -65,8 +65,17 @@ def effective_rank(matrix: Tensor) -> float:
 
 def weight_change_table(base: CapModel, tuned: CapModel, kinds: Sequence[str] = _KINDS) -> pd.DataFrame:
     """One row per component of ``kinds``: absolute and relative change, sorted by change."""
+    return _change_table(base, _delta(base, tuned), kinds)
+
+
+def _delta(base: CapModel, tuned: CapModel) -> dict[str, Tensor]:
+    """``tuned - base`` for every canonical weight (detached, on the base model's device)."""
     wb, wt = base.weights(), tuned.weights()
-    delta = {k: (wt[k].detach().to(wb[k].device) - wb[k].detach()) for k in wb}
+    return {k: wt[k].detach().to(wb[k].device) - wb[k].detach() for k in wb}
+
+
+def _change_table(base: CapModel, delta: dict[str, Tensor], kinds: Sequence[str]) -> pd.DataFrame:
+    wb = base.weights()
     cmap = base.components
     present = set(cmap.counts())
     rows = []
@@ -101,13 +110,11 @@ def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapM
     return out
 
 
-def _matrix_ranks(base: CapModel, tuned: CapModel) -> pd.DataFrame:
-    wb, wt = base.weights(), tuned.weights()
+def _matrix_ranks(delta: dict[str, Tensor]) -> pd.DataFrame:
     rows = []
-    for name, w in wb.items():
-        if w.ndim < 2 or ".b_" in name:  # matrices only, not per-head bias tables
+    for name, d in delta.items():
+        if d.ndim < 2 or ".b_" in name:  # matrices only, not per-head bias tables
             continue
-        d = wt[name].detach().to(w.device) - w.detach()
         if name.endswith(("W_Q", "W_K", "W_V")):  # [head, d_model, d_head] -> [d_model, head*d_head]
             d = d.permute(1, 0, 2).flatten(1)
         elif name.endswith("W_O"):  # [head, d_head, d_model] -> [head*d_head, d_model]
@@ -142,7 +149,8 @@ class WeightDiff(Analyzer):
             raise ConfigError(f"eval_size must be positive, got {self.eval_size}")
 
     def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
-        table = weight_change_table(pair.base, pair.tuned)
+        delta = _delta(pair.base, pair.tuned)
+        table = _change_table(pair.base, delta, _KINDS)
         units = table[table["kind"].isin(_UNIT_KINDS)].reset_index(drop=True)
         sq = units["change"].to_numpy() ** 2
         total = sq.sum()
@@ -151,13 +159,13 @@ class WeightDiff(Analyzer):
             k = max(1, math.ceil(fraction * len(units)))
             return float(sq[:k].sum() / total) if total > 0 else math.nan
 
-        ranks = _matrix_ranks(pair.base, pair.tuned)
+        ranks = _matrix_ranks(delta)
         grafts = self._grafts(pair, capability, downstream, units)
         if store is not None:
             table = table.merge(_movement_times(store), on="component", how="left")
 
         headline = {
-            "total_change": float(math.sqrt(sum(float(v.square().sum()) for v in _delta(pair).values()))),
+            "total_change": float(math.sqrt(sum(float(v.square().sum()) for v in delta.values()))),
             "top1pct_share": share(0.01),
             "top10pct_share": share(0.10),
             "median_effective_rank_ratio": float((ranks["effective_rank"] / ranks["max_rank"]).median()) if len(ranks) else math.nan,
@@ -213,11 +221,6 @@ class WeightDiff(Analyzer):
         return pd.DataFrame(
             rows, columns=["graft", "fraction", "components", "downstream_accuracy", "capability_accuracy", "carried"]
         )
-
-
-def _delta(pair: ModelPair) -> dict[str, Tensor]:
-    wb, wt = pair.base.weights(), pair.tuned.weights()
-    return {k: wt[k].detach().to(wb[k].device) - wb[k].detach() for k in wb}
 
 
 def _movement_times(store: RunStore) -> pd.DataFrame:
