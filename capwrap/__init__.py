@@ -2,7 +2,8 @@
 
 The public API. Models (:class:`CapModel` over TransformerLens's HookedTransformer or
 TransformerBridge), tasks (:class:`PCFGTask`), one training loop (:func:`train`), per-step
-recording (:class:`Recorder`, :class:`RunStore`) and the demo study (:func:`run_demo`).
+recording (:class:`Recorder`, :class:`RunStore`), analyzers (each returns :class:`Evidence`),
+:func:`diagnose` (their verdict) and the demo study (:func:`run_demo`).
 
 Examples:
     >>> import capwrap
@@ -14,7 +15,20 @@ Examples:
 
 __version__ = "0.1.0"
 
+from capwrap.analyzers import (  # noqa: E402
+    Analyzer,
+    AttentionComparison,
+    Evidence,
+    ModelPair,
+    Patching,
+    Probing,
+    Pruning,
+    Revival,
+    WeightDiff,
+    activation_patching,
+)
 from capwrap.demo import DemoResult, run_demo  # noqa: E402
+from capwrap.diagnosis import Diagnosis, default_analyzers, diagnose  # noqa: E402
 from capwrap.errors import (  # noqa: E402
     CapwrapError,
     CheckpointError,
@@ -33,11 +47,42 @@ from capwrap.models import (  # noqa: E402
     load_model,
     save_model,
 )
+from capwrap.models.generation import generate  # noqa: E402
 from capwrap.recording import Recorder, RunStore  # noqa: E402
-from capwrap.tasks import PCFGConfig, PCFGTask, Task, TaskBatch, accuracy  # noqa: E402
+from capwrap.tasks import (  # noqa: E402
+    Feature,
+    PCFGConfig,
+    PCFGTask,
+    Task,
+    TaskBatch,
+    TextTask,
+    accuracy,
+    feature_frequency,
+    filter_out,
+    load_texts,
+)
 from capwrap.training import TrainConfig, TrainResult, train  # noqa: E402
 
 __all__ = [
+    "Analyzer",
+    "AttentionComparison",
+    "Diagnosis",
+    "Evidence",
+    "ModelPair",
+    "Patching",
+    "Probing",
+    "Pruning",
+    "Revival",
+    "WeightDiff",
+    "activation_patching",
+    "default_analyzers",
+    "diagnose",
+    "Feature",
+    "TextTask",
+    "feature_frequency",
+    "filter_out",
+    "generate",
+    "load_texts",
     "CapModel",
     "CapwrapError",
     "CheckpointError",

@@ -8,6 +8,15 @@ holds (C_Te = 1) and fails where it does not (C_Te = 0).
 
 The base checkpoint ships with capwrap (``capwrap/assets/demo_base``), made by
 ``scripts/train_demo_base.py`` with :func:`pretrain_demo_base`; ``pretrain=True`` retrains it.
+After fine-tuning, :func:`~capwrap.diagnosis.diagnose` weighs the analyzers' evidence into a verdict.
+
+Scenarios:
+
+* ``default``: the study above; the verdict is expected to be ``wrapper``.
+* ``removed``: the negative control. Before fine-tuning, every weight of the transformer blocks
+  (attention and MLP, where counting is computed) is re-initialized; only the embeddings and the
+  unembedding survive. The capability is then truly gone from the model that is fine-tuned, and a
+  verdict of ``wrapper`` would be a false positive.
 
 Examples:
     >>> import tempfile
@@ -29,7 +38,10 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
+from capwrap.analyzers import Analyzer, AttentionComparison, Patching, Probing, Pruning, Revival, WeightDiff
+from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
@@ -43,6 +55,8 @@ __all__ = [
     "demo_tasks",
     "demo_spec",
     "pretrain_demo_base",
+    "demo_analyzers",
+    "remove_capability",
     "run_demo",
     "DEMO_BASE",
     "PRETRAIN_CONFIG",
@@ -54,7 +68,7 @@ DEMO_BASE = resources.files("capwrap") / "assets" / "demo_base"
 PCFG = PCFGConfig(length=32, window=16, occurrence=3)
 PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=96, lr=1e-3, warmup=0.2, min_lr_ratio=0.1, seed=0, eval_every=500)
 FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=96, lr=3e-5, warmup=0.2, seed=1)
-SCENARIOS = ("default",)
+SCENARIOS = ("default", "removed")
 
 
 def demo_tasks() -> dict[str, PCFGTask]:
@@ -105,6 +119,7 @@ class DemoResult:
     tuned: CapModel
     store: RunStore
     out: Path
+    diagnosis: Diagnosis | None = None
 
     def accuracy_table(self) -> pd.DataFrame:
         """Accuracy of base and tuned models on each test set."""
@@ -119,6 +134,7 @@ def run_demo(
     pretrain: bool = False,
     finetune_steps: int | None = None,
     eval_size: int = 2048,
+    diagnose_pair: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> DemoResult:
@@ -127,11 +143,12 @@ def run_demo(
     Args:
         out: output folder (created; existing demo outputs in it are replaced).
         seed: seeds fine-tuning data, recording probe and evaluation sets.
-        scenario: ``"default"``.
+        scenario: ``"default"`` or ``"removed"`` (the negative control; see the module docstring).
         backend: ``"hooked"`` or ``"bridge"`` (default: the installed TransformerLens's).
         pretrain: pretrain the base model here instead of loading the shipped checkpoint.
         finetune_steps: override the fine-tuning length (default 300).
         eval_size: sequences per test set.
+        diagnose_pair: run :func:`~capwrap.diagnosis.diagnose` on (base, tuned) and report its verdict.
         progress: show progress bars.
         log: called with a line of text at each stage (the CLI prints them).
     """
@@ -157,10 +174,13 @@ def run_demo(
 
     batches = {k: t.sample(eval_size, seed=10_000 + seed) for k, t in test_sets.items()}
     acc_base = {k: accuracy(base, b) for k, b in batches.items()}
+    tuned = base.clone()
+    if scenario == "removed":
+        log("negative control: re-initializing every transformer block before fine-tuning (the capability is gone)")
+        remove_capability(tuned, seed=seed)
     log(
         f"fine-tuning to count b (C_Tr = 1, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ..."
     )
-    tuned = base.clone()
     probe = tasks["capability"].sample(256, seed=20_000 + seed)
     store_path = out / "run"
     recorder = Recorder(
@@ -179,12 +199,20 @@ def run_demo(
         metadata={"task": ft_task.describe(), "train_config": dataclasses.asdict(finetune)},
     )
     store = RunStore.open(store_path)
+    diagnosis = None
+    if diagnose_pair:
+        log("diagnosing (probing, pruning, revival, weight diff, attention, patching) ...")
+        diagnosis = diagnose(
+            base, tuned, capability=tasks["capability"], downstream=tasks["downstream_correlated"],
+            analyzers=demo_analyzers(finetune.steps, seed), store=store, seed=seed, progress=progress,
+        )  # fmt: skip
+        log(f"verdict: {diagnosis.verdict} (score {diagnosis.score:+.2f})")
 
     summary: dict[str, Any] = {
         "scenario": scenario,
         "seed": seed,
-        "verdict": None,
-        "verdict_note": "diagnose() is not available yet in this capwrap version",
+        "verdict": diagnosis.verdict if diagnosis else None,
+        "verdict_note": diagnosis.reasons[0] if diagnosis else "diagnosis skipped (diagnose_pair=False)",
         "accuracy": {"base": acc_base, "tuned": acc_tuned},
         "test_sets": {k: t.describe() for k, t in test_sets.items()},
         "eval_size": eval_size,
@@ -192,13 +220,38 @@ def run_demo(
         "finetune": {**dataclasses.asdict(finetune), "task": ft_task.describe(), "wall_seconds": round(ft_seconds, 2)},
         "recording": {"store": str(store_path.name), "steps_recorded": len(store.array_steps(store.array_names[0])), "hooks": recorder.hooks, "every": 10},
         "weight_change": _weight_change(store),
+        "diagnosis": diagnosis.to_dict() if diagnosis else None,
         "wall_seconds": None,
     }  # fmt: skip
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     write_json_atomic(out / "summary.json", summary)
-    _write_report(out / "report.html", summary, result.history, store)
+    _write_report(out / "report.html", summary, result.history, store, diagnosis)
     log(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
-    return DemoResult(summary, base, tuned, store, out)
+    return DemoResult(summary, base, tuned, store, out, diagnosis)
+
+
+def demo_analyzers(finetune_steps: int, seed: int = 0) -> list[Analyzer]:
+    """The demo's analyzers: the defaults with evaluation sets sized to keep the demo within three
+    minutes on a 2-core CPU; the revival control trains for the fine-tuning budget."""
+    return [
+        Probing(n=1024, seed=seed),
+        Pruning(ks=(0, 1, 2, 5, 10, 15, 25), eval_size=512, seed=seed),
+        Revival(eval_size=256, control_steps=finetune_steps, seed=seed),
+        WeightDiff(eval_size=512, seed=seed),
+        AttentionComparison(seed=seed),
+        Patching(seed=seed),
+    ]
+
+
+def remove_capability(model: CapModel, seed: int = 0) -> None:
+    """Re-initialize every transformer-block weight of ``model`` in place (the negative control):
+    attention and MLP weights and norms take the values of a fresh model of the same shape;
+    embeddings and unembedding stay."""
+    fresh = build_model(model.spec, backend=model.backend, seed=50_000 + seed).weights()
+    with torch.no_grad():
+        for name, weight in model.weights().items():
+            if name.startswith("blocks."):
+                weight.copy_(fresh[name].to(weight.device))
 
 
 def _weight_change(store: RunStore) -> dict[str, Any]:
@@ -217,13 +270,17 @@ def _weight_change(store: RunStore) -> dict[str, Any]:
     return out
 
 
-def _write_report(path: Path, summary: dict[str, Any], history: pd.DataFrame, store: RunStore) -> None:
-    report = Report("capwrap demo: fine-tuning a PCFG counter to count b")
-    report.add_text(
-        None,
-        f"Verdict: {summary['verdict'] or 'not yet available (diagnose() arrives in a later capwrap version)'}",
-        css_class="verdict",
-    )
+def _write_report(
+    path: Path, summary: dict[str, Any], history: pd.DataFrame, store: RunStore, diagnosis: Diagnosis | None
+) -> None:
+    title = "capwrap demo: fine-tuning a PCFG counter to count b"
+    if summary["scenario"] == "removed":
+        title += " — negative control (capability removed before fine-tuning)"
+    report = Report(title)
+    if diagnosis is None:
+        report.add_text(None, "Verdict: not computed (diagnosis skipped)", css_class="verdict")
+    else:
+        diagnosis.add_verdict(report)
     table = pd.DataFrame(summary["accuracy"])
     report.add_text("Accuracy", "Base and fine-tuned model on the capability (count a) and on count b with the "
                     "spurious correlation present (C_Te=1) and absent (C_Te=0).")  # fmt: skip
@@ -263,4 +320,6 @@ def _write_report(path: Path, summary: dict[str, Any], history: pd.DataFrame, st
         f"recordings (every {rec['every']} steps) of {', '.join(rec['hooks'])} on a 256-sequence probe batch; "
         "open it with capwrap.RunStore.open.",
     )
+    if diagnosis is not None:
+        diagnosis.add_evidence(report)
     report.write(path)

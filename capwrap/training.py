@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from capwrap.errors import ConfigError, TrainingDivergedError
 from capwrap.models import CapModel
-from capwrap.tasks.base import Task, accuracy, answer_loss, check_task_fits
+from capwrap.tasks.base import Task, accuracy, check_task_fits, task_loss
 
 if TYPE_CHECKING:
     from capwrap.recording import Recorder
@@ -199,7 +199,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = task.sample(config.batch_size, seed=config.seed * 1_000_003 + step).to(model.device)
-            loss = answer_loss(model(batch.tokens), batch)
+            loss = task_loss(model(batch.tokens), batch)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"the loss became {loss.item()} at step {step + 1} of {config.steps} (lr {lr:.3g}); "

@@ -3,6 +3,7 @@
 
 from capwrap.analyzers.attention import AttentionComparison
 from capwrap.analyzers.base import Analyzer, Direction, Evidence, ModelPair
+from capwrap.analyzers.patching import SITES, Patching, PatchingResult, activation_patching, patch_index
 from capwrap.analyzers.probing import ProbeResult, Probing, fit_probes, probe_features
 from capwrap.analyzers.pruning import Pruning, prune, unit_scores
 from capwrap.analyzers.revival import Revival, steps_to_threshold
@@ -14,14 +15,19 @@ __all__ = [
     "Direction",
     "Evidence",
     "ModelPair",
+    "Patching",
+    "PatchingResult",
+    "SITES",
     "ProbeResult",
     "Probing",
     "Pruning",
     "Revival",
     "WeightDiff",
+    "activation_patching",
     "effective_rank",
     "fit_probes",
     "graft",
+    "patch_index",
     "probe_features",
     "prune",
     "steps_to_threshold",

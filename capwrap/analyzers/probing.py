@@ -23,7 +23,7 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
 from capwrap.errors import ConfigError
-from capwrap.models import CapModel
+from capwrap.models import CapModel, build_model
 from capwrap.recording import RunStore
 from capwrap.recording.recorder import load_probe
 from capwrap.tasks.base import Task, TaskBatch, accuracy
@@ -97,22 +97,41 @@ def fit_probes(
     x = (x - mean) / std
     n_probe, _, d = x.shape
     c = len(classes)
-    weight = torch.zeros(n_probe, d, c, requires_grad=True)
-    bias = torch.zeros(n_probe, 1, c, requires_grad=True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
-    xt, yt = x[:, train], labels[train]
-    for _ in range(steps):
-        logits = torch.einsum("pnd,pdc->pnc", xt, weight) + bias
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), yt.repeat(n_probe)) * n_probe
-        loss = loss + weight_decay * weight.square().sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        pred = (torch.einsum("pnd,pdc->pnc", x, weight) + bias).argmax(-1)
-        correct = pred == labels
+    weight, bias = _adam_softmax_regression(x[:, train], labels[train], c, steps, lr, weight_decay)
+    pred = torch.baddbmm(bias, x, weight).argmax(-1)
+    correct = pred == labels
     majority = float(torch.bincount(labels[test]).max()) / n_test
     return ProbeResult(correct[:, train].float().mean(1), correct[:, test].float().mean(1), c, majority)
+
+
+@torch.no_grad()
+def _adam_softmax_regression(
+    x: Float[Tensor, "probe n d"], y: Int[Tensor, " n"], n_classes: int, steps: int, lr: float, weight_decay: float
+) -> tuple[Float[Tensor, "probe d c"], Float[Tensor, "probe 1 c"]]:
+    """Full-batch Adam on the mean cross-entropy (+ L2 on the weights) of every probe at once.
+
+    The gradient is written out (softmax minus one-hot, then one batched product with the
+    features), which is what autograd would compute, without its graph; Adam is PyTorch's update
+    (betas 0.9/0.999, eps 1e-8, bias-corrected), applied in place to all probes.
+    """
+    n_probe, n, d = x.shape
+    x_t = x.transpose(1, 2).contiguous()  # [probe, d, n] for the weight gradient
+    onehot = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)  # [n, c], shared by all probes
+    weight = torch.zeros(n_probe, d, n_classes)
+    bias = torch.zeros(n_probe, 1, n_classes)
+    params = (weight, bias)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, steps + 1):
+        err = torch.baddbmm(bias, x, weight).softmax(-1).sub_(onehot).div_(n)  # d loss / d logits, [probe, n, c]
+        grads = (torch.bmm(x_t, err).add_(weight, alpha=2 * weight_decay), err.sum(1, keepdim=True))
+        c1, c2 = 1 - beta1**step, 1 - beta2**step
+        for p, g, m_, v_ in zip(params, grads, m, v, strict=True):
+            m_.mul_(beta1).add_(g, alpha=1 - beta1)
+            v_.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            p.addcdiv_(m_, v_.div(c2).sqrt_().add_(eps), value=-lr / c1)
+    return weight, bias
 
 
 def probe_features(
@@ -144,7 +163,10 @@ class Probing(Analyzer):
     recorded step when a run store is given).
 
     Args:
-        label: the latent label to probe (a key of the capability task's ``labels``, e.g. ``count_a``).
+        label: the latent label to probe (a key of the task's ``labels``, e.g. ``count_a``); default:
+            the capability task's ``probe_label`` (text tasks: ``feature_next``), else ``count_a``.
+        task: the task whose sequences are probed; default: the capability task's ``probe_task()``
+            when it has one (text tasks: texts with and without the feature), else the capability task.
         hooks: hook pattern whose activations are probed.
         position: ``"answer"`` or a fixed position.
         n: sequences sampled (train + test) for base and tuned.
@@ -152,7 +174,8 @@ class Probing(Analyzer):
         steps: probe optimizer steps.
     """
 
-    label: str = "count_a"
+    label: str | None = None
+    task: Task | None = field(default=None, repr=False)
     hooks: str = "blocks.*.hook_resid_post"
     position: str | int = "answer"
     n: int = 2048
@@ -160,42 +183,63 @@ class Probing(Analyzer):
     steps: int = 300
     name: str = "probing"
 
+    def settings(self) -> dict:
+        return {k: v for k, v in super().settings().items() if k != "task"}
+
+    def _resolve(self, capability: Task) -> tuple[str, Task]:
+        label = self.label or getattr(capability, "probe_label", None) or "count_a"
+        task = self.task
+        if task is None:
+            task = capability.probe_task() if hasattr(capability, "probe_task") else capability
+        return label, task
+
     def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
-        batch = capability.sample(self.n, seed=self.seed)
-        if self.label not in batch.labels:
-            raise ConfigError(f"the capability task has no latent label {self.label!r}; it has {sorted(batch.labels)}")
-        labels = batch.labels[self.label]
-        names, base_feats = probe_features(pair.base, batch, self.hooks, self.position)
-        _, tuned_feats = probe_features(pair.tuned, batch, self.hooks, self.position)
-        fit = fit_probes(torch.cat([base_feats, tuned_feats]), labels, steps=self.steps, seed=self.seed)  # one solve
-        acc = {"base": fit.test_accuracy[: len(names)], "tuned": fit.test_accuracy[len(names) :]}
+        label, task = self._resolve(capability)
+        pair.check_tasks(task)
+        batch = task.sample(self.n, seed=self.seed)
+        if label not in batch.labels:
+            raise ConfigError(f"the task {task.name!r} has no latent label {label!r}; it has {sorted(batch.labels)}")
+        labels = batch.labels[label]
+        # A freshly initialized model of the same shape is the floor: what probes read from
+        # random features of the input alone (token counts are often linear in them).
+        untrained = build_model(pair.spec, backend=pair.base.backend, seed=self.seed + 999).to(pair.base.device)
+        models = {"base": pair.base, "tuned": pair.tuned, "untrained": untrained}
+        feats = {}
+        for which, model in models.items():
+            names, feats[which] = probe_features(model, batch, self.hooks, self.position)
+        fit = fit_probes(torch.cat(list(feats.values())), labels, steps=self.steps, seed=self.seed)  # one solve
+        acc = dict(zip(models, fit.test_accuracy.split(len(names)), strict=True))
         table = pd.DataFrame(
-            [(which, name, float(a)) for which in ("base", "tuned") for name, a in zip(names, acc[which], strict=True)],
+            [(which, name, float(a)) for which in models for name, a in zip(names, acc[which], strict=True)],
             columns=["model", "hook", "probe_accuracy"],
         )
-        task_acc = {k: accuracy(m, batch) for k, m in (("base", pair.base), ("tuned", pair.tuned))}
+        cap_batch = batch if task is capability else capability.sample(self.n, seed=self.seed + 1)
+        task_acc = {k: accuracy(m, cap_batch) for k, m in (("base", pair.base), ("tuned", pair.tuned))}
         headline = {
             "probe_best_base": float(acc["base"].max()),
             "probe_best_tuned": float(acc["tuned"].max()),
+            "probe_best_untrained": float(acc["untrained"].max()),
             "majority_baseline": fit.majority_baseline,
             "capability_accuracy_base": task_acc["base"],
             "capability_accuracy_tuned": task_acc["tuned"],
         }
         details: dict = {}
-        if store is not None:
-            per_step = self.over_run(store)
+        if store is not None and label in load_probe(store).labels:
+            per_step = self.over_run(store, label)
             details["per_step"] = per_step.to_dict(orient="records")
             headline["probe_best_last_step"] = float(
                 per_step[per_step["step"] == per_step["step"].max()]["probe_accuracy"].max()
             )
-        direction, strength, reasons = _judge(headline, self.label)
+        direction, strength, reasons = _judge(headline, label)
         return Evidence(self.name, headline, table, direction, strength, reasons, details, plot=_plot)
 
-    def over_run(self, store: RunStore) -> pd.DataFrame:
-        """Probe accuracy per hook and recorded step of ``store`` (one batched fit for all)."""
+    def over_run(self, store: RunStore, label: str | None = None) -> pd.DataFrame:
+        """Probe accuracy per hook and recorded step of ``store`` (one batched fit for all) for
+        ``label`` (default: this analyzer's label, else ``count_a``)."""
+        label = label or self.label or "count_a"
         probe = load_probe(store)
-        if self.label not in probe.labels:
-            raise ConfigError(f"the store's probe batch has no label {self.label!r}; it has {sorted(probe.labels)}")
+        if label not in probe.labels:
+            raise ConfigError(f"the store's probe batch has no label {label!r}; it has {sorted(probe.labels)}")
         hooks = [h for h in store.meta.get("hooks", []) if _matches(h, self.hooks)]
         if not hooks:
             raise ConfigError(
@@ -209,7 +253,7 @@ class Probing(Analyzer):
             for i, step in enumerate(store.array_steps(hook)):
                 feats.append(arr[i][rows, pos].flatten(1).float())
                 keys.append((hook, step))
-        result = fit_probes(torch.stack(feats), probe.labels[self.label], steps=self.steps, seed=self.seed)
+        result = fit_probes(torch.stack(feats), probe.labels[label], steps=self.steps, seed=self.seed)
         return pd.DataFrame(
             [(h, s, a) for (h, s), a in zip(keys, result.test_accuracy.tolist(), strict=True)],
             columns=["hook", "step", "probe_accuracy"],
@@ -223,18 +267,22 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def _judge(h: dict[str, float], label: str) -> tuple[str, float, list[str]]:
-    base, tuned, chance = h["probe_best_base"], h["probe_best_tuned"], h["majority_baseline"]
+    base, tuned = h["probe_best_base"], h["probe_best_tuned"]
+    chance = max(h["majority_baseline"], h["probe_best_untrained"])  # the floor: majority class or random features
     lost = h["capability_accuracy_base"] - h["capability_accuracy_tuned"]
     if base - chance < 0.1:
         return (
             "neutral",
             0.0,
-            [f"even the base model's probes read {label} barely above chance ({base:.0%} vs {chance:.0%})"],
+            [
+                f"even the base model's probes read {label} barely better than the floor ({base:.0%} vs {chance:.0%}: "
+                f"majority class {h['majority_baseline']:.0%}, untrained model {h['probe_best_untrained']:.0%})"
+            ],
         )
     kept = (tuned - chance) / (base - chance)
     if kept >= 0.9:
         reason = (
-            f"probes read {label} from the tuned model as well as from the base ({tuned:.0%} vs {base:.0%}, chance {chance:.0%})"
+            f"probes read {label} from the tuned model as well as from the base ({tuned:.0%} vs {base:.0%}, floor {chance:.0%})"
             + (
                 f", although its task accuracy fell by {lost:.0%}: the capability is still represented"
                 if lost > 0.05
@@ -247,7 +295,7 @@ def _judge(h: dict[str, float], label: str) -> tuple[str, float, list[str]]:
             "change",
             0.5 + 0.4 * (1 - kept / 0.6),
             [
-                f"probes read {label} much worse from the tuned model ({tuned:.0%} vs {base:.0%}, chance {chance:.0%}): the representation changed"
+                f"probes read {label} much worse from the tuned model ({tuned:.0%} vs {base:.0%}, floor {chance:.0%}): the representation changed"
             ],
         )
     return "neutral", 0.2, [f"probe accuracy for {label} dropped somewhat ({tuned:.0%} vs {base:.0%})"]

@@ -5,7 +5,7 @@ See :class:`CapModel` for the interface, :func:`build_model` / :func:`load_model
 """
 
 from capwrap.models.components import Component, ComponentMap, ParamSlice
-from capwrap.models.io import load_model, save_model
+from capwrap.models.io import describe_model, load_model, save_model
 from capwrap.models.model import Backend, CapModel, available_backends, build_model, default_backend, tl_version
 from capwrap.models.spec import ModelSpec
 
@@ -19,6 +19,7 @@ __all__ = [
     "available_backends",
     "build_model",
     "default_backend",
+    "describe_model",
     "load_model",
     "save_model",
     "tl_version",

@@ -149,16 +149,20 @@ class ComponentMap:
             columns=["name", "kind", "layer", "index"],
         )
 
-    def sq_norms(self, tensors: Mapping[str, Tensor], kind: str) -> Tensor:
+    def sq_norms(self, tensors: Mapping[str, Tensor], kind: str, partial: bool = False) -> Tensor:
         """Squared L2 norm of each ``kind`` component's slices of ``tensors`` (canonical names),
         in :meth:`select` order. Vectorized: one reduction per weight, then a scatter-add.
 
-        ``tensors`` is typically a weight difference (``tuned - base``) or the gradients.
+        ``tensors`` is typically a weight difference (``tuned - base``) or the gradients. With
+        ``partial``, weights absent from ``tensors`` are skipped (their share is 0): summing the
+        results over groups of weights (e.g. one layer at a time) gives the whole norms.
         """
         comps = self.select(kind)
         plan = self._plan(kind)
         out = torch.zeros(len(comps), dtype=torch.float64)
         for (param, axis), (comp_ids, positions) in plan.items():
+            if partial and param not in tensors:
+                continue
             sq = tensors[param].detach().square()  # float32 sums are pairwise: accurate to ~1e-6
             if axis is None:
                 per = sq.sum().reshape(1)

@@ -248,3 +248,32 @@ def _read_tokenizer(folder: Path) -> Any:
         return transformers.AutoTokenizer.from_pretrained(str(folder))
     except Exception:  # noqa: BLE001 - a broken tokenizer should not block weight analyses
         return None
+
+
+def describe_model(model: CapModel) -> dict[str, Any]:
+    """What ``capwrap info`` prints: spec, backend, parameter count, component counts, tokenizer.
+
+    Examples:
+        >>> from capwrap.models import ModelSpec, build_model
+        >>> info = describe_model(build_model(ModelSpec(d_vocab=20, n_ctx=16, n_layers=2, d_model=16, n_heads=2)))
+        >>> info["components"]["head"], info["components"]["neuron"]
+        (4, 128)
+    """
+    tok = model.tokenizer
+    return {
+        "spec": model.spec.to_dict(),
+        "backend": model.backend,
+        "parameters": count_parameters(model),
+        "components": model.components.counts(),
+        "tokenizer": None if tok is None else f"{type(tok).__name__} ({len(tok)} tokens)",
+        "source": model.metadata.get("source"),
+    }
+
+
+def count_parameters(model: CapModel) -> int:
+    """Distinct trainable numbers (tied embeddings and fused q/k/v storage counted once)."""
+    storages = {
+        w.untyped_storage().data_ptr(): w.untyped_storage().nbytes() // w.element_size()
+        for w in model.weights().values()
+    }
+    return int(sum(storages.values()))

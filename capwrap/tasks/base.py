@@ -27,7 +27,7 @@ from capwrap.errors import ConfigError
 if TYPE_CHECKING:
     from capwrap.models import CapModel
 
-__all__ = ["TaskBatch", "Task", "answer_logits", "answer_loss", "accuracy", "check_task_fits"]
+__all__ = ["TaskBatch", "Task", "answer_logits", "answer_loss", "task_loss", "accuracy", "check_task_fits"]
 
 
 @dataclass
@@ -39,12 +39,16 @@ class TaskBatch:
         answer_pos: the position whose next-token logits must predict the answer, ``[batch]``.
         answers: the correct answer token ids, ``[batch]``.
         labels: latent labels for probes (e.g. ``count_a``), each ``[batch]``.
+        lm_targets: for text tasks, the next token at every position (``-100`` where there is
+            none, e.g. padding), ``[batch, pos]``: training then minimizes the language-modeling
+            loss over the whole sequence; accuracy still reads the answer position.
     """
 
     tokens: Int[Tensor, "batch pos"]
     answer_pos: Int[Tensor, " batch"]
     answers: Int[Tensor, " batch"]
     labels: dict[str, Int[Tensor, " batch"]] = field(default_factory=dict)
+    lm_targets: Int[Tensor, "batch pos"] | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -55,6 +59,7 @@ class TaskBatch:
             self.answer_pos[index],
             self.answers[index],
             {k: v[index] for k, v in self.labels.items()},
+            None if self.lm_targets is None else self.lm_targets[index],
         )
 
     def to(self, device: str | torch.device) -> TaskBatch:
@@ -64,6 +69,7 @@ class TaskBatch:
             self.answer_pos.to(device),
             self.answers.to(device),
             {k: v.to(device) for k, v in self.labels.items()},
+            None if self.lm_targets is None else self.lm_targets.to(device),
         )
 
 
@@ -110,6 +116,14 @@ def answer_logits(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) 
 def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
     """Cross-entropy of the answer token (the training objective of procedural tasks)."""
     return F.cross_entropy(answer_logits(logits, batch), batch.answers.to(logits.device))
+
+
+def task_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
+    """The training objective: the language-modeling loss over ``batch.lm_targets`` when the batch
+    has them (text tasks), else the answer token's cross-entropy."""
+    if batch.lm_targets is None:
+        return answer_loss(logits, batch)
+    return F.cross_entropy(logits.flatten(0, 1), batch.lm_targets.to(logits.device).flatten(), ignore_index=-100)
 
 
 @torch.no_grad()

@@ -204,6 +204,12 @@ class PCFGTask:
         return f"{fam} {what}{corr}"
 
     @property
+    def probe_label(self) -> str:
+        """The latent label probes read by default: the count (or index) of the operand."""
+        family = self.families[0] if len(self.families) == 1 else "count"
+        return f"{family}_{self.operand or 'a'}"
+
+    @property
     def d_vocab(self) -> int:
         """Number of token ids."""
         return len(self.vocab)

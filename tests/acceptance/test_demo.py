@@ -1,4 +1,5 @@
-"""`capwrap demo`, end to end, exactly as a user runs it: the paper's wrapper pattern appears."""
+"""`capwrap demo`, end to end, exactly as a user runs it: the paper's wrapper pattern appears, the
+verdict says `wrapper`, and the negative control (capability removed before fine-tuning) does not."""
 
 from __future__ import annotations
 
@@ -17,9 +18,37 @@ def demo_out(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def removed_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_removed")
+    assert main(["demo", "--out", str(out), "--seed", "0", "--scenario", "removed", "--quiet"]) == 0
+    return out
+
+
+def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
+    summary = json.loads((demo_out / "summary.json").read_text())
+    assert summary["verdict"] == "wrapper", summary["diagnosis"]["reasons"]
+    evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
+    assert set(evidence) == {"probing", "pruning", "revival", "weight_diff", "attention", "patching"}
+    assert evidence["probing"]["direction"] == "wrapper"  # the count of a is still readable
+    assert evidence["revival"]["headline"]["control_over_tuned"] >= 3  # and comes back fast
+    assert summary["verdict_note"].startswith("wrapper:")
+
+
+def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
+    summary = json.loads((removed_out / "summary.json").read_text())
+    assert summary["scenario"] == "removed"
+    assert summary["verdict"] != "wrapper", summary["diagnosis"]["reasons"]
+    assert summary["verdict"] == "capability_change"
+    assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
+    html = (removed_out / "report.html").read_text()
+    assert "negative control" in html and "Verdict: capability_change" in html
+
+
 def test_summary_has_the_promised_fields(demo_out):
     summary = json.loads((demo_out / "summary.json").read_text())
-    assert summary["verdict"] is None
+    assert summary["verdict"] in ("wrapper", "capability_change", "inconclusive")
+    assert summary["diagnosis"]["reasons"] and -1 <= summary["diagnosis"]["score"] <= 1
     for model in ("base", "tuned"):
         assert set(summary["accuracy"][model]) == {"capability", "downstream_correlated", "downstream_uncorrelated"}
     assert summary["wall_seconds"] > 0 and summary["finetune"]["wall_seconds"] > 0  # speed lives in benchmarks
@@ -36,6 +65,7 @@ def test_the_tuned_model_counts_b_only_where_the_correlation_holds(demo_out):
 def test_report_and_recording_are_written(demo_out, capsys):
     html = (demo_out / "report.html").read_text()
     assert "Plotly.newPlot" in html and "<script src=" not in html
+    assert "Verdict: wrapper" in html and "revival: wrapper" in html  # the evidence sections
     store = RunStore.open(demo_out / "run")
     assert store.last_step == 300
     assert store.array_steps("blocks.3.hook_resid_post") == list(range(0, 301, 10))

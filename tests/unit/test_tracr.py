@@ -90,3 +90,13 @@ def test_tracr_bad_arguments(counter):
         compile_max_identifier(rank=9, max_seq_len=5)
     with pytest.raises(ConfigError, match="length"):
         TracrCounterTask(counter, length=40)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_functional_forward_of_a_compiled_program(counter, backend):
+    from capwrap.models.functional import Functional
+
+    model = counter.to_model(backend)
+    tokens = counter.encode([list("abca"), list("dada")])
+    trace = Functional(model).trace(tokens)  # bidirectional attention, no norm, ReLU
+    torch.testing.assert_close(trace.logits, model(tokens), atol=1e-4, rtol=1e-5)

@@ -58,7 +58,8 @@ def test_probing_analyzer_on_a_trained_model_and_its_run(backend, tmp_path):
 
     probing = Probing(label="count_a", n=600, steps=200)
     ev = probing(ModelPair(base, tuned), task, downstream, RunStore.open(tmp_path / "run"))
-    assert set(ev.table["model"]) == {"base", "tuned"} and len(ev.table) == 4
+    assert set(ev.table["model"]) == {"base", "tuned", "untrained"} and len(ev.table) == 6
+    assert 0 <= ev.headline["probe_best_untrained"] <= 1
     assert ev.headline["probe_best_base"] > ev.headline["majority_baseline"] + 0.2
     per_step = ev.details["per_step"]
     assert {r["step"] for r in per_step} == {0, 10, 20} and len(per_step) == 6
@@ -67,3 +68,15 @@ def test_probing_analyzer_on_a_trained_model_and_its_run(backend, tmp_path):
         Probing(label="count_z", n=50)(ModelPair(base, tuned), task, downstream)
     with pytest.raises(ConfigError, match="single class"):
         Probing(label="family", n=100, steps=5)(ModelPair(base, tuned), task, downstream)
+
+
+def test_probing_judges_against_the_untrained_floor():
+    from capwrap.analyzers.probing import _judge
+
+    common = {"probe_best_base": 1.0, "majority_baseline": 0.25, "capability_accuracy_base": 1.0,
+              "capability_accuracy_tuned": 0.3}  # fmt: skip
+    # random features already read the label at 75%: a tuned model at 77% has lost what the base added
+    assert _judge({**common, "probe_best_tuned": 0.77, "probe_best_untrained": 0.75}, "count_a")[0] == "change"
+    assert _judge({**common, "probe_best_tuned": 0.99, "probe_best_untrained": 0.75}, "count_a")[0] == "wrapper"
+    # an untrained model reading it as well as the base: probes cannot tell
+    assert _judge({**common, "probe_best_tuned": 0.99, "probe_best_untrained": 0.95}, "count_a")[0] == "neutral"

@@ -1,0 +1,593 @@
+"""Activation patching, batched: which activations carry a behaviour?
+
+A *patch* replaces one activation of a *target* run by the same activation of a *source* run and
+measures a metric of the target's output. Two settings share one engine:
+
+* **within one model**: source = the model on clean inputs, target = the same model on corrupted
+  inputs (TransformerLens's ``patching`` functions compute the same numbers, one forward per patch);
+* **across models**: source and target are the two models of a pair on the *same* inputs — e.g. the
+  base model's activation patched into the tuned model: which components, given back their base
+  output, give the capability back?
+
+Sites: ``resid_pre`` / ``resid_mid`` / ``resid_post`` (the residual stream), ``attn_out``,
+``mlp_out`` (layer outputs), ``head`` (one head's output ``hook_z``), each at every single position
+or at all positions at once. Many patches run in one forward pass: the target batch is repeated
+once per patch of a chunk, and one hook per hook point writes every patch of the chunk; the chunk
+size follows a memory budget. ``method="attribution"`` is the gradient approximation (Nanda, 2023):
+``(source - target) · ∂metric/∂activation`` for every site from one forward and one backward pass.
+
+Examples:
+    >>> import torch
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.tasks import PCFGTask, PCFGConfig
+    >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
+    >>> model = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=16, n_heads=2))
+    >>> batch = task.sample(8, seed=0)
+    >>> result = activation_patching(model, batch, source=model, sites=("attn_out",), positions="all", progress=False)
+    >>> result.table[["site", "layer", "effect"]].round(6).to_dict("records")  # a model patched with itself: no effect
+    [{'site': 'attn_out', 'layer': 0, 'effect': 0.0}, {'site': 'attn_out', 'layer': 1, 'effect': 0.0}]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
+from capwrap.errors import ConfigError
+from capwrap.models import CapModel
+from capwrap.models.functional import Functional, Trace
+from capwrap.recording import RunStore
+from capwrap.tasks.base import Task, TaskBatch, answer_logits
+
+__all__ = [
+    "SITES",
+    "Patching",
+    "PatchingResult",
+    "activation_patching",
+    "answer_logprob",
+    "answer_logit",
+    "patch_index",
+]
+
+#: Patchable sites and their TransformerLens hook names.
+SITES: dict[str, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "head": "blocks.{layer}.attn.hook_z",
+}
+#: A metric maps the logits at each sequence's answer position to one number per sequence.
+Metric = Callable[[Float[Tensor, "batch d_vocab"], TaskBatch], Float[Tensor, " batch"]]
+Positions = Literal["each", "all", "both"] | Sequence[int]
+
+
+def answer_logprob(logits: Float[Tensor, "batch d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Log-probability of the correct answer (the default metric)."""
+    return F.log_softmax(logits.float(), -1).gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+
+
+def answer_logit(logits: Float[Tensor, "batch d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Logit of the correct answer."""
+    return logits.float().gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+
+
+def patch_index(
+    n_layers: int, n_heads: int, seq_len: int, sites: Sequence[str], positions: Positions = "each"
+) -> pd.DataFrame:
+    """One row per patch: ``site, layer, pos, head`` (``pos = -1``: all positions; ``head = -1``: no head).
+
+    Examples:
+        >>> patch_index(2, 4, 8, ["mlp_out", "head"], positions="all").shape
+        (10, 4)
+    """
+    unknown = [s for s in sites if s not in SITES]
+    if unknown or not sites:
+        raise ConfigError(f"unknown patching sites {unknown or sites!r}; choose from {list(SITES)}")
+    if isinstance(positions, str):
+        if positions not in ("each", "all", "both"):
+            raise ConfigError(f"positions must be 'each', 'all', 'both' or a list of positions, got {positions!r}")
+        pos_list = {"each": list(range(seq_len)), "all": [-1], "both": [-1, *range(seq_len)]}[positions]
+    else:
+        pos_list = [int(p) for p in positions]
+        bad = [p for p in pos_list if not 0 <= p < seq_len]
+        if bad or not pos_list:
+            raise ConfigError(f"positions {bad or pos_list} are outside the sequences' 0..{seq_len - 1}")
+    rows = [
+        (site, layer, pos, head)
+        for site in sites
+        for layer in range(n_layers)
+        for pos in pos_list
+        for head in (range(n_heads) if site == "head" else [-1])
+    ]
+    return pd.DataFrame(rows, columns=["site", "layer", "pos", "head"])
+
+
+@dataclass
+class PatchingResult:
+    """A patching sweep.
+
+    Attributes:
+        table: one row per patch: ``site, layer, pos, head, value`` (metric after the patch,
+            averaged over the batch), ``effect`` (value − the unpatched target's) and
+            ``restored`` (effect / (source − target), the share of the gap the patch closes; NaN
+            when the gap is under 1e-6).
+        values: per-sequence metric after each patch, ``[patch, batch]``.
+        target_baseline: the unpatched target's metric, ``[batch]``.
+        source_baseline: the source's own metric on the target's batch, ``[batch]``.
+        method: ``exact`` or ``attribution``.
+    """
+
+    table: pd.DataFrame
+    values: Float[Tensor, "patch batch"]
+    target_baseline: Float[Tensor, " batch"]
+    source_baseline: Float[Tensor, " batch"]
+    method: str
+    shape: dict[str, int] = field(default_factory=dict)
+
+    def grid(self, site: str, all_positions: bool = False) -> Float[Tensor, "layer ..."]:
+        """Mean patched metric of one site as TransformerLens lays it out: ``[layer, pos]``,
+        ``[layer, pos, head]`` for heads; with ``all_positions``, ``[layer]`` or ``[layer, head]``."""
+        part = self.table[(self.table["site"] == site) & ((self.table["pos"] == -1) == all_positions)]
+        if part.empty:
+            raise ConfigError(
+                f"the sweep has no {site!r} patches {'at all positions' if all_positions else 'by position'}"
+            )
+        dims = ["layer"] + ([] if all_positions else ["pos"]) + (["head"] if site == "head" else [])
+        part = part.sort_values(dims)
+        shape = [part[d].nunique() for d in dims]
+        return torch.tensor(part["value"].to_numpy(), dtype=torch.float32).reshape(shape)
+
+
+def _bytes_per_position(model: CapModel, context: int) -> int:
+    """Peak bytes one sequence position of one forward pass holds (float32): residual copies, the MLP's
+    hidden layer, attention scores over ``context`` keys, logits."""
+    s = model.spec
+    return 4 * (8 * s.d_model + 3 * s.d_mlp + 3 * s.n_heads * context + 2 * s.d_vocab_out)
+
+
+def _tile(batch: TaskBatch, times: int) -> TaskBatch:
+    return batch[torch.arange(len(batch)).repeat(times)]
+
+
+def _check_inputs(target: CapModel, source: CapModel, batch: TaskBatch, source_tokens: Tensor) -> None:
+    ModelPair(source, target)  # same architecture and shape, or a clear error
+    if source_tokens.shape != batch.tokens.shape:
+        raise ConfigError(
+            f"source tokens {tuple(source_tokens.shape)} and target tokens {tuple(batch.tokens.shape)} must have the "
+            "same shape: patching swaps activations position by position"
+        )
+    if len(batch) == 0:
+        raise ConfigError("the patching batch is empty; sample at least one sequence")
+
+
+def activation_patching(
+    target: CapModel,
+    batch: TaskBatch,
+    *,
+    source: CapModel | None = None,
+    source_tokens: Int[Tensor, "batch pos"] | None = None,
+    sites: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "head"),
+    positions: Positions = "each",
+    index: pd.DataFrame | None = None,
+    metric: Metric = answer_logprob,
+    method: Literal["exact", "attribution"] = "exact",
+    engine: Literal["resumed", "hooks"] = "resumed",
+    memory_mb: float = 128.0,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch activations of ``source`` (on ``source_tokens``) into ``target`` (on ``batch``).
+
+    Within one model: ``activation_patching(model, corrupted_batch, source_tokens=clean_tokens)``.
+    Across models: ``activation_patching(tuned, batch, source=base)`` (same tokens).
+
+    Args:
+        target: the model that is run and patched.
+        batch: the target's inputs (the metric reads its answers and answer positions).
+        source: the model whose activations are patched in; default: ``target``.
+        source_tokens: the source's inputs, same shape as ``batch.tokens``; default: ``batch.tokens``.
+        sites: which activations (keys of :data:`SITES`).
+        positions: ``each`` position separately, ``all`` at once, ``both``, or a list of positions.
+        index: the patches as a DataFrame (``site, layer, pos, head``), instead of ``sites``/``positions``.
+        metric: ``f(answer-position logits, batch) -> [batch]``.
+        method: ``exact`` (patched forward passes) or ``attribution`` (gradient approximation).
+        engine: how exact patches run: ``resumed`` (default) resumes the forward pass where the patch
+            enters, for the positions it can change, over the model's canonical weights
+            (:class:`~capwrap.models.functional.Functional`); ``hooks`` runs whole forward passes with
+            TransformerLens hooks writing the patches — the definition, slower, kept to check against.
+        memory_mb: memory budget of one batched forward pass; sets how many patches share one.
+        progress: show a progress bar.
+
+    Raises:
+        ConfigError: unknown sites or positions, a source of another shape, tokens of another shape.
+    """
+    source = target if source is None else source
+    source_tokens = batch.tokens if source_tokens is None else source_tokens
+    _check_inputs(target, source, batch, source_tokens)
+    if method not in ("exact", "attribution"):
+        raise ConfigError(f"method must be 'exact' or 'attribution', got {method!r}")
+    if engine not in ("resumed", "hooks"):
+        raise ConfigError(f"engine must be 'resumed' or 'hooks', got {engine!r}")
+    if memory_mb <= 0:
+        raise ConfigError(f"memory_mb must be positive, got {memory_mb}")
+    spec, seq_len = target.spec, batch.tokens.shape[1]
+    if index is None:
+        index = patch_index(spec.n_layers, spec.n_heads, seq_len, sites, positions)
+    else:
+        index = index[["site", "layer", "pos", "head"]].reset_index(drop=True)
+        if len(index) == 0:
+            raise ConfigError("the patch index is empty; give at least one patch")
+        patch_index(spec.n_layers, spec.n_heads, seq_len, sorted(set(index["site"])), "all")  # validates the sites
+    hooks = sorted({SITES[s].format(layer=layer) for s, layer in zip(index["site"], index["layer"], strict=True)})
+    target.resolve_hooks(hooks)  # a clear error if the backend lacks one
+    device = target.device
+    batch = batch.to(device)
+    with torch.inference_mode():
+        target_base = metric(answer_logits(target(batch.tokens), batch), batch).float()
+        source_logits = source(source_tokens.to(source.device)).to(device)
+        source_base = metric(answer_logits(source_logits, batch), batch).float()
+    if method == "exact" and engine == "resumed":
+        values = _resumed(target, source, batch, source_tokens, index, metric, memory_mb, progress)
+    else:
+        source_acts = source.capture(source_tokens.to(source.device), hooks, batch_size=128)
+        source_acts = {k: v.to(device) for k, v in source_acts.items()}
+        if method == "exact":
+            values = _exact_hooks(target, batch, source_acts, index, metric, memory_mb, progress)
+        else:
+            values = _attribution(target, batch, source_acts, index, metric) + target_base
+    table = index.copy()
+    table["hook"] = [SITES[s].format(layer=layer) for s, layer in zip(index["site"], index["layer"], strict=True)]
+    table["value"] = values.mean(1).cpu().numpy()
+    table["effect"] = table["value"] - float(target_base.mean())
+    gap = float(source_base.mean() - target_base.mean())
+    table["restored"] = table["effect"] / gap if abs(gap) > 1e-6 else math.nan
+    return PatchingResult(
+        table,
+        values.cpu(),
+        target_base.cpu(),
+        source_base.cpu(),
+        method,
+        {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "pos": seq_len},
+    )
+
+
+def _write_patches(act: Tensor, src: Tensor, slots: Tensor, pos: Tensor, head: Tensor, n_batch: int) -> Tensor:
+    """Write ``src`` [batch, pos, ...] into the rows of ``act`` [slot*batch, pos, ...] of each patch."""
+    act = act.view(-1, n_batch, *act.shape[1:])  # [slot, batch, pos, ...]
+    per_pos, all_pos = pos >= 0, pos < 0
+    if head[0] < 0:  # residual / layer outputs: [slot, batch, pos, d]
+        if per_pos.any():
+            p = pos[per_pos]
+            act[slots[per_pos], :, p] = src[:, p].transpose(0, 1)
+        if all_pos.any():
+            act[slots[all_pos]] = src
+    else:  # heads: [slot, batch, pos, head, d_head]
+        if per_pos.any():
+            p, h = pos[per_pos], head[per_pos]
+            act[slots[per_pos], :, p, h] = src[:, p, h].transpose(0, 1)
+        if all_pos.any():
+            h = head[all_pos]
+            act[slots[all_pos], :, :, h] = src[:, :, h].permute(2, 0, 1, 3)
+    return act.view(-1, *act.shape[2:])
+
+
+def _entry(site: str, layer: int, n_layers: int) -> tuple[int, str]:
+    """Where a patch enters the residual stream: (layer, ``attn`` | ``mlp``); layer ``n_layers`` = the unembedding."""
+    if site == "resid_pre":
+        return layer, "attn"
+    if site in ("resid_mid", "attn_out", "head"):
+        return layer, "mlp"
+    return layer + 1, "attn"  # resid_post, mlp_out
+
+
+@torch.inference_mode()
+def _resumed(
+    target: CapModel,
+    source: CapModel,
+    batch: TaskBatch,
+    source_tokens: Tensor,
+    index: pd.DataFrame,
+    metric: Metric,
+    memory_mb: float,
+    progress: bool,
+) -> Float[Tensor, "patch batch"]:
+    """Exact patching that recomputes only what a patch can change.
+
+    Every patch is a change of the residual stream at one layer and sub-layer (a head's output
+    enters through its ``W_O``); the target's forward pass is resumed there, for the positions from
+    the first changed one to the last answer position (causal models), with earlier positions' keys
+    and values taken from the unpatched run. Patches that change nothing are not run at all.
+    """
+    fn = Functional(target)
+    tgt = fn.trace(batch.tokens)
+    src = Functional(source).trace(source_tokens.to(source.device))
+    src = _to_device(src, target.device)
+    n_batch, seq_len = batch.tokens.shape
+    n_layers = target.spec.n_layers
+    answer_pos = batch.answer_pos.to(target.device)
+    end = int(answer_pos.max()) + 1 if fn.causal else seq_len
+    baseline = metric(answer_logits(tgt.logits, batch), batch).float().cpu()
+    out = baseline.repeat(len(index), 1)
+
+    # Each patch as (entry layer, stage, first changed position, delta [batch, pos, d_model]).
+    plans: dict[tuple[int, str, int], list[tuple[int, Tensor]]] = {}
+    for i, (site, layer, pos, head) in enumerate(index[["site", "layer", "pos", "head"]].itertuples(index=False)):
+        diff = src.activation(site, layer) - tgt.activation(site, layer)
+        if head >= 0:
+            diff = diff[:, :, head] @ fn.w[f"blocks.{layer}.attn.W_O"][head]
+        if pos >= 0:
+            keep = torch.zeros(seq_len, 1, device=diff.device)
+            keep[pos] = 1
+            diff = diff * keep
+        changed = diff.abs().amax((0, 2)) > 0  # [pos]
+        if fn.causal:
+            changed[end:] = False
+        if not bool(changed.any()):
+            continue  # the patch writes what is already there: the metric is the baseline
+        p0 = int(changed.nonzero()[0]) if fn.causal else 0
+        entry_layer, stage = _entry(site, layer, n_layers)
+        plans.setdefault((entry_layer, stage, p0), []).append((i, diff[:, p0:end]))
+
+    bar = tqdm(total=len(index), desc="patching", disable=not progress, leave=False, unit="patch")
+    bar.update(len(index) - sum(len(v) for v in plans.values()))
+    for (entry_layer, stage, p0), patches in sorted(plans.items()):
+        width = end - p0
+        per_patch = n_batch * _bytes_per_position(target, end) * width
+        chunk = max(1, int(memory_mb * 2**20 // per_patch))
+        if entry_layer == n_layers:
+            start_resid = tgt.resid_post[-1][:, p0:end]
+        else:
+            start_resid = (tgt.resid_pre if stage == "attn" else tgt.resid_mid)[entry_layer][:, p0:end]
+        rel = (answer_pos - p0).clamp(min=0)
+        before = answer_pos < p0  # the patch lies after these sequences' answers: baseline
+        for c in range(0, len(patches), chunk):
+            part = patches[c : c + chunk]
+            n = len(part)
+            resid = (start_resid.unsqueeze(0) + torch.stack([d for _, d in part])).flatten(0, 1)
+            if entry_layer < n_layers:
+                resid = fn.resume(resid, entry_layer, stage, p0, tgt)
+            final = resid.view(n, n_batch, width, -1)[:, torch.arange(n_batch), rel]  # [n, batch, d_model]
+            logits = fn.unembed(final).flatten(0, 1)
+            values = metric(logits, _tile(batch, n)).float().view(n, n_batch).cpu()
+            values[:, before.cpu()] = baseline[before.cpu()]
+            out[[i for i, _ in part]] = values
+            bar.update(n)
+    bar.close()
+    return out
+
+
+def _to_device(trace: Trace, device: torch.device) -> Trace:
+    return Trace(
+        *[[t.to(device) for t in getattr(trace, f)] for f in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "k", "v")],
+        logits=trace.logits.to(device),
+    )  # fmt: skip
+
+
+def _exact_hooks(
+    target: CapModel,
+    batch: TaskBatch,
+    source_acts: dict[str, Tensor],
+    index: pd.DataFrame,
+    metric: Metric,
+    memory_mb: float,
+    progress: bool,
+) -> Float[Tensor, "patch batch"]:
+    n_batch, seq_len = batch.tokens.shape
+    per_patch = n_batch * seq_len * _bytes_per_position(target, seq_len)
+    chunk = max(1, int(memory_mb * 2**20 // per_patch))
+    hooks = [SITES[s].format(layer=layer) for s, layer in zip(index["site"], index["layer"], strict=True)]
+    pos_all = torch.tensor(index["pos"].to_numpy(), device=target.device)
+    head_all = torch.tensor(index["head"].to_numpy(), device=target.device)
+    out = torch.empty(len(index), n_batch)
+    bar = tqdm(total=len(index), desc="patching", disable=not progress, leave=False, unit="patch")
+    tiled_cache: dict[int, tuple[Tensor, TaskBatch]] = {}
+    for start in range(0, len(index), chunk):
+        stop = min(start + chunk, len(index))
+        n = stop - start
+        if n not in tiled_cache:
+            tiled_cache[n] = (batch.tokens.repeat(n, 1), _tile(batch, n))
+        tokens, tiled = tiled_cache[n]
+        groups: dict[str, list[int]] = {}
+        for i in range(start, stop):
+            groups.setdefault(hooks[i], []).append(i)
+        fwd = []
+        for name, rows in groups.items():
+            rows_t = torch.tensor(rows, device=target.device)
+            is_head = head_all[rows_t] >= 0
+            for sel in (is_head, ~is_head):  # a hook point holds either head patches or not
+                if sel.any():
+                    r = rows_t[sel]
+                    fwd.append((name, _patch_hook(source_acts[name], r - start, pos_all[r], head_all[r], n_batch)))
+        with torch.inference_mode(), target.hooks(fwd):
+            logits = answer_logits(target(tokens), tiled)
+        out[start:stop] = metric(logits, tiled).float().view(n, n_batch).cpu()
+        bar.update(n)
+    bar.close()
+    return out
+
+
+def _patch_hook(src: Tensor, slots: Tensor, pos: Tensor, head: Tensor, n_batch: int):
+    def hook(act: Tensor, hook=None) -> Tensor:
+        return _write_patches(act, src.to(act.dtype), slots, pos, head, n_batch)
+
+    return hook
+
+
+def _attribution(
+    target: CapModel, batch: TaskBatch, source_acts: dict[str, Tensor], index: pd.DataFrame, metric: Metric
+) -> Float[Tensor, "patch batch"]:
+    """First-order estimate of each patch's effect: (source − target) · ∂metric/∂activation."""
+    acts: dict[str, Tensor] = {}
+    shifts: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def hook(act: Tensor, hook=None) -> Tensor:
+            shift = torch.zeros_like(act, requires_grad=True)  # d metric / d shift == d metric / d act
+            shifts[name], acts[name] = shift, act.detach()
+            return act + shift
+
+        return hook
+
+    names = list(source_acts)
+    with torch.enable_grad(), target.hooks([(n, keep(n)) for n in names]):
+        logits = answer_logits(target(batch.tokens), batch)
+        metric(logits, batch).float().sum().backward()  # sequences are independent: per-sequence gradients
+    out = torch.empty(len(index), len(batch))
+    for i, (site, layer, pos, head) in enumerate(index[["site", "layer", "pos", "head"]].itertuples(index=False)):
+        name = SITES[site].format(layer=layer)
+        contrib = (source_acts[name] - acts[name]) * shifts[name].grad  # [batch, pos, d] or [batch, pos, head, d_head]
+        if head >= 0:
+            contrib = contrib[:, :, head]
+        contrib = contrib if pos < 0 else contrib[:, pos : pos + 1]
+        out[i] = contrib.flatten(1).sum(1).detach().cpu()
+    target.module.zero_grad(set_to_none=True)
+    return out
+
+
+@dataclass
+class Patching(Analyzer):
+    """Across-model patching on the capability task: give single components of the tuned model their
+    base output back — which of them restore the capability, and how much?
+
+    If fine-tuning only wrapped the capability, a few components (the wrapper's) carry the whole
+    difference, so patching one of them back restores most of the capability; if the capability
+    itself changed, the difference is spread over many. Sites are patched at all positions; with
+    ``by_position`` also each position separately.
+
+    Args:
+        sites: the sites to patch (keys of :data:`SITES`).
+        n: sequences.
+        seed: seed of the sequences.
+        method: ``exact`` or ``attribution``.
+        memory_mb: memory budget of one batched forward pass.
+        localized_share: a component whose restored share × share of layers after it reaches this
+            counts as evidence of a wrapper. 0.75 sits between the demo pair (0.99: the base's layer-0
+            MLP output restores 99%) and its negative control (0.53: base outputs restore much of the
+            gap even in a model whose blocks were re-initialized), see benchmarks/RESULTS.md.
+    """
+
+    sites: tuple[str, ...] = ("attn_out", "mlp_out", "head")
+    n: int = 256
+    seed: int = 0
+    method: Literal["exact", "attribution"] = "exact"
+    memory_mb: float = 128.0
+    localized_share: float = 0.75
+    name: str = "patching"
+
+    def __post_init__(self) -> None:
+        patch_index(1, 1, 1, self.sites, "all")
+        if self.n <= 0:
+            raise ConfigError(f"Patching.n must be positive, got {self.n}")
+
+    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
+        batch = capability.sample(self.n, seed=self.seed)
+        result = activation_patching(
+            pair.tuned, batch, source=pair.base, sites=self.sites, positions="all", method=self.method,
+            memory_mb=self.memory_mb, progress=False,
+        )  # fmt: skip
+        n_layers = pair.spec.n_layers
+        table = result.table.drop(columns=["pos"])
+        table.insert(0, "component", [_component(r.site, r.layer, r.head) for r in table.itertuples()])
+        # What a restoring patch says depends on what follows it: restoring the capability from an
+        # early component means the tuned model's own later layers still compute it; restoring it
+        # from the last layer only replaces the read-out.
+        table["after_share"] = (n_layers - 1 - table["layer"]) / max(1, n_layers - 1)
+        table["wrapper_evidence"] = table["restored"].clip(lower=0) * table["after_share"]
+        table = table.sort_values("restored", ascending=False, ignore_index=True)
+        gap = float(result.source_baseline.mean() - result.target_baseline.mean())
+        has_gap = gap > 1e-6
+        headline = {
+            "logprob_base": float(result.source_baseline.mean()),
+            "logprob_tuned": float(result.target_baseline.mean()),
+            "best_restored": float(table["restored"].max()) if has_gap else math.nan,
+            "best_wrapper_evidence": float(table["wrapper_evidence"].max()) if has_gap else math.nan,
+            "patches": float(len(table)),
+        }
+        direction, strength, reasons = self._judge(table, headline, gap)
+        return Evidence(self.name, headline, table, direction, strength, reasons, plot=_plot)
+
+    def _judge(self, table: pd.DataFrame, h: dict[str, float], gap: float) -> tuple[str, float, list[str]]:
+        if gap < 0.1:
+            return (
+                "neutral",
+                0.0,
+                [
+                    f"the tuned model's answer log-probability is within {max(gap, 0):.2f} nats of the base's; nothing to restore"
+                ],
+            )
+        top = table.iloc[0]
+        best = table.loc[table["wrapper_evidence"].idxmax()]
+        nats = f"({h['logprob_tuned']:.2f} → {h['logprob_base']:.2f} nats)"
+        if best["wrapper_evidence"] >= self.localized_share:
+            return (
+                "wrapper",
+                0.3 + 0.3 * min(1.0, float(best["wrapper_evidence"])),
+                [
+                    f"giving {best.component} its base output back restores {best.restored:.0%} of the capability's "
+                    f"log-probability gap {nats}: the tuned model's own later layers still compute the capability"
+                ],
+            )
+        if top["restored"] >= self.localized_share:
+            return (
+                "neutral",
+                0.1,
+                [
+                    f"only late components restore the capability when given their base output (best: {top.component}, "
+                    f"{top.restored:.0%} of the gap {nats}): that replaces the read-out and says little about what lies underneath"
+                ],
+            )
+        return (
+            "change",
+            0.3 * (1 - max(0.0, float(top["restored"])) / self.localized_share),
+            [
+                f"no single component restores more than {top.restored:.0%} of the capability's log-probability gap "
+                f"{nats} (best: {top.component}): the difference is spread over the model"
+            ],
+        )
+
+
+def _component(site: str, layer: int, head: int) -> str:
+    return f"L{layer}H{head}" if site == "head" else f"L{layer}.{site}"
+
+
+def _plot(evidence: Evidence):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    table = evidence.table
+    heads = table[table["site"] == "head"]
+    layers = table[table["site"] != "head"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("layer outputs", "heads"), column_widths=[0.4, 0.6])
+    for site, part in layers.groupby("site"):
+        part = part.sort_values("layer")
+        fig.add_trace(go.Bar(x=[f"L{x}" for x in part["layer"]], y=part["restored"], name=site), row=1, col=1)
+    if not heads.empty:
+        grid = heads.pivot(index="layer", columns="head", values="restored").sort_index()
+        fig.add_trace(
+            go.Heatmap(z=grid.values, x=[f"H{h}" for h in grid.columns], y=[f"L{x}" for x in grid.index],
+                       colorscale="RdBu", zmid=0, colorbar=dict(title="restored")),
+            row=1, col=2,
+        )  # fmt: skip
+    fig.update_layout(height=360, title=f"patching base → tuned: {evidence.direction} ({evidence.strength:.2f})",
+                      yaxis=dict(title="share of the gap restored", tickformat=".0%"))  # fmt: skip
+    return fig
+
+
+def correlation(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Pearson correlation (NaN when either side is constant)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.std() == 0 or b.std() == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])

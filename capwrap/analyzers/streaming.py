@@ -1,0 +1,174 @@
+"""Weight diff of checkpoints on disk, one layer at a time: pairs larger than memory.
+
+:func:`weight_change_table` needs both models in memory. For big checkpoints (a 1B-parameter pair
+is 8 GB in float32), :func:`stream_weight_change` reads the two ``safetensors`` files (single or
+sharded) tensor group by tensor group — the embeddings, then each layer — maps each group onto
+TransformerLens components with the same layout code the models use (the other layers are
+``meta`` tensors: shapes without memory), and accumulates every component's squared change and
+norm. Peak memory is about one layer of each model, whatever the model's size.
+
+Examples:
+    >>> import tempfile, torch
+    >>> from capwrap.models import ModelSpec, build_model, save_model
+    >>> spec = ModelSpec(d_vocab=20, n_ctx=16, n_layers=2, d_model=16, n_heads=2, architecture="llama")
+    >>> base = build_model(spec, seed=0)
+    >>> tuned = base.clone()
+    >>> with torch.no_grad():
+    ...     tuned.weights()["blocks.1.mlp.W_out"][5] += 1.0  # neuron 5 of layer 1
+    >>> root = tempfile.mkdtemp()
+    >>> _ = save_model(base, f"{root}/base"), save_model(tuned, f"{root}/tuned")
+    >>> stream_weight_change(f"{root}/base", f"{root}/tuned", kinds=("neuron",)).iloc[0]["component"]
+    'L1N5'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from capwrap.analyzers.weight_diff import _KINDS
+from capwrap.errors import CheckpointError, ConfigError
+from capwrap.models.components import ComponentMap
+from capwrap.models.layouts import canonical_views, checkpoint_shapes
+from capwrap.models.spec import ModelSpec
+
+__all__ = ["stream_weight_change", "checkpoint_spec"]
+
+_LAYER = re.compile(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.")
+
+
+def checkpoint_spec(folder: str | os.PathLike) -> ModelSpec:
+    """The :class:`~capwrap.models.ModelSpec` of a checkpoint folder, read from its config files only."""
+    from capwrap.models.io import _read_capwrap_file, _read_hf_config
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist; check the path")
+    doc = _read_capwrap_file(folder)
+    if (folder / "config.json").exists():
+        return ModelSpec.from_hf_config(_read_hf_config(folder, False))
+    if doc is not None and "spec" in doc:
+        return ModelSpec(**doc["spec"])
+    raise CheckpointError(f"{folder} has no config.json (or capwrap.json); it is not a checkpoint folder")
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (single file or sharded with an index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        pickled = any(folder.glob("*.bin"))
+        raise CheckpointError(
+            f"{folder} has no model.safetensors"
+            + (
+                "; it has only pickle files, which streaming does not read — convert them to safetensors"
+                if pickled
+                else ""
+            )
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(single, "pt") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{single} is corrupt or not a safetensors file ({err})") from None
+
+
+def _groups(names: Sequence[str]) -> list[list[str]]:
+    """Tensor names grouped by layer (in order), the rest (embeddings, final norm) first."""
+    by_layer: dict[int, list[str]] = {}
+    rest = []
+    for name in names:
+        m = _LAYER.search(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(name)
+        else:
+            rest.append(name)
+    return [rest] + [by_layer[k] for k in sorted(by_layer)]
+
+
+class _Reader:
+    """Opens each safetensors file once; reads tensors as float32 on demand."""
+
+    def __init__(self, files: dict[str, Path], stack: ExitStack):
+        from safetensors import safe_open
+
+        self.files = files
+        self.handles = {p: stack.enter_context(safe_open(p, "pt")) for p in set(files.values())}
+
+    def read(self, name: str) -> Tensor:
+        return self.handles[self.files[name]].get_tensor(name).float()
+
+
+def _groupwise(spec: ModelSpec, reader: _Reader, names: list[str], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """Canonical views of one group's tensors (every other tensor is a meta placeholder)."""
+    storage = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
+    for n in names:
+        storage[n] = reader.read(n)
+    views = canonical_views(spec, storage)
+    return {k: v for k, v in views.items() if v.device.type != "meta"}
+
+
+def stream_weight_change(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    kinds: Sequence[str] = _KINDS,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Per-component change between two checkpoint folders, read one layer at a time.
+
+    Returns the table :func:`~capwrap.analyzers.weight_change_table` returns (``component, kind,
+    layer, index, change, relative_change``, sorted by change) with the same numbers.
+
+    Raises:
+        CheckpointError: a folder is missing, has no safetensors weights, or a file is corrupt.
+        ConfigError: the two checkpoints differ in architecture or shape.
+    """
+    spec_b, spec_t = checkpoint_spec(base), checkpoint_spec(tuned)
+    a, b = spec_b.to_dict(), spec_t.to_dict()
+    differ = [f for f in a if a[f] != b[f]]
+    if differ:
+        raise ConfigError(
+            "the base and tuned checkpoints differ in " + ", ".join(f"{f} ({a[f]} vs {b[f]})" for f in differ)
+        )
+    files_b, files_t = _tensor_files(Path(base)), _tensor_files(Path(tuned))
+    shapes = dict(checkpoint_shapes(spec_b))
+    missing = sorted(set(shapes) - set(files_b)) or sorted(set(shapes) - set(files_t))
+    if missing:
+        raise CheckpointError(f"tensors missing from a checkpoint: {missing[:5]}")
+    cmap = ComponentMap.from_spec(spec_b)
+    present = [k for k in kinds if k in cmap.counts()]
+    change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
+    norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
+    with ExitStack() as stack:
+        rb, rt = _Reader(files_b, stack), _Reader(files_t, stack)
+        groups = _groups([n for n in shapes])
+        for names in tqdm(groups, desc="weight diff", disable=not progress, leave=False, unit="layer"):
+            wb = _groupwise(spec_b, rb, names, shapes)
+            wt = _groupwise(spec_b, rt, names, shapes)
+            delta = {k: wt[k] - wb[k] for k in wb}
+            for kind in present:
+                change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
+                norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
+            del wb, wt, delta
+    rows = []
+    for kind in present:
+        for comp, c2, n2 in zip(cmap.select(kind), change_sq[kind].tolist(), norm_sq[kind].tolist(), strict=True):
+            c, n = math.sqrt(c2), math.sqrt(n2)
+            rows.append((comp.name, kind, comp.layer, comp.index, c, c / n if n > 0 else math.nan))
+    table = pd.DataFrame(rows, columns=["component", "kind", "layer", "index", "change", "relative_change"])
+    return table.sort_values("change", ascending=False, ignore_index=True)

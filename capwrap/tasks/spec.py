@@ -1,0 +1,106 @@
+"""Tasks from one-line specs, for the command line: ``key=value`` pairs separated by commas.
+
+* PCFG: ``pcfg=count,operand=a`` · ``pcfg=count,operand=b,correlation=1`` · ``pcfg=index,operand=c``
+  (keys: ``pcfg`` (the family), ``operand``, ``prior``, ``correlation``, ``length``, ``window``,
+  ``occurrence``);
+* text: ``text=PATH_OR_HUB_NAME,feature=word:Lily`` (the capability: writing the feature where
+  stories mention it) · ``text=PATH,without=word:Lily`` (the filtering protocol: language modeling
+  on the texts without the feature) · ``text=PATH`` (language modeling); further keys ``field``,
+  ``split``, ``limit``, ``seq_len``, ``relabel=word:Lily->Max`` (the relabeling protocol).
+
+Examples:
+    >>> task_from_spec("pcfg=count,operand=b,correlation=1").name
+    'count b C=1'
+    >>> task_from_spec("pcfg=count,operand=q")
+    Traceback (most recent call last):
+    ...
+    capwrap.errors.ConfigError: task spec 'pcfg=count,operand=q': operand must be one of ['a', 'b', 'c'], got 'q'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capwrap.errors import ConfigError
+from capwrap.tasks.base import Task
+from capwrap.tasks.pcfg import PCFGConfig, PCFGTask
+
+__all__ = ["parse_spec", "task_from_spec"]
+
+_PCFG_KEYS = {"pcfg", "operand", "prior", "correlation", "length", "window", "occurrence", "name"}
+_TEXT_KEYS = {"text", "feature", "without", "relabel", "field", "split", "limit", "seq_len", "name"}
+
+
+def parse_spec(spec: str) -> dict[str, str]:
+    """``a=1,b=2`` → ``{"a": "1", "b": "2"}``."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"task spec {spec!r}: {part!r} is not key=value (e.g. pcfg=count,operand=a)")
+        out[key.strip()] = value.strip()
+    if not out:
+        raise ConfigError("empty task spec; e.g. pcfg=count,operand=a or text=stories.txt,feature=word:Lily")
+    return out
+
+
+def task_from_spec(spec: str, tokenizer: Any = None) -> Task:
+    """The task a spec describes (text tasks need the model's ``tokenizer``).
+
+    Raises:
+        ConfigError: an unknown key or kind, a bad value, a text task without a tokenizer.
+    """
+    keys = parse_spec(spec)
+    try:
+        if "pcfg" in keys:
+            return _pcfg(keys)
+        if "text" in keys:
+            return _text(keys, tokenizer)
+    except ConfigError as err:
+        raise ConfigError(f"task spec {spec!r}: {err}") from None
+    raise ConfigError(f"task spec {spec!r} names no task kind; start it with pcfg=FAMILY or text=PATH_OR_HUB_NAME")
+
+
+def _check_keys(keys: dict[str, str], allowed: set[str]) -> None:
+    unknown = sorted(set(keys) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown}; this kind takes {sorted(allowed)}")
+
+
+def _number(keys: dict[str, str], key: str, kind: type) -> Any:
+    try:
+        return kind(keys[key])
+    except ValueError:
+        raise ConfigError(f"{key}={keys[key]!r} is not a {kind.__name__}") from None
+
+
+def _pcfg(keys: dict[str, str]) -> PCFGTask:
+    _check_keys(keys, _PCFG_KEYS)
+    config = PCFGConfig(**{k: _number(keys, k, int) for k in ("length", "window", "occurrence") if k in keys})
+    correlation = _number(keys, "correlation", float) if "correlation" in keys else None
+    prior: Any = keys.get("prior")
+    if prior and "/" in prior:
+        prior = tuple(float(p) for p in prior.split("/"))
+    operand = None if prior else keys.get("operand", "a")
+    return PCFGTask(keys["pcfg"], operand, prior=prior, correlation=correlation, config=config, name=keys.get("name"))
+
+
+def _text(keys: dict[str, str], tokenizer: Any) -> Task:
+    from capwrap.tasks.text import Feature, TextTask, filter_out, load_texts, relabel
+
+    _check_keys(keys, _TEXT_KEYS)
+    if tokenizer is None:
+        raise ConfigError("a text task needs the model's tokenizer, and this model has none")
+    limit = _number(keys, "limit", int) if "limit" in keys else None
+    ds = load_texts(keys["text"], split=keys.get("split", "train"), field=keys.get("field", "text"), limit=limit)
+    if "without" in keys:
+        ds = filter_out(ds, keys["without"])
+        if len(ds) == 0:
+            raise ConfigError(f"every text contains {keys['without']}; nothing is left after filtering it out")
+    if "relabel" in keys:
+        old, arrow, new = keys["relabel"].partition("->")
+        if not arrow:
+            raise ConfigError("relabel takes FEATURE->REPLACEMENT, e.g. relabel=word:Lily->Max")
+        ds = relabel(ds, Feature.parse(old), new)
+    seq_len = _number(keys, "seq_len", int) if "seq_len" in keys else 128
+    return TextTask(ds, tokenizer, seq_len=seq_len, feature=keys.get("feature"), name=keys.get("name"))

@@ -1,0 +1,173 @@
+"""Activation patching: the same numbers as TransformerLens's `patching`, within and across models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+
+from capwrap.analyzers import ModelPair, Patching, activation_patching, patch_index
+from capwrap.analyzers.patching import answer_logprob, correlation
+from capwrap.errors import ConfigError
+from capwrap.models import ModelSpec, build_model
+from capwrap.models.functional import Functional
+from capwrap.tasks import PCFGConfig, PCFGTask, TaskBatch
+from capwrap.tasks.base import answer_logits
+
+ALL_SITES = ("resid_pre", "attn_out", "mlp_out", "head")
+
+
+@pytest.fixture
+def task() -> PCFGTask:
+    return PCFGTask(family="count", operand="a", config=PCFGConfig(length=10, window=5, occurrence=2))
+
+
+def _sharp_model(task, backend, architecture="gpt2", seed=0):
+    """A random model with weights scaled up so that patches have visible effects."""
+    extra = {"n_key_value_heads": 2} if architecture == "llama" else {}
+    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=32, n_heads=4,
+                     architecture=architecture, **extra)  # fmt: skip
+    model = build_model(spec, backend=backend, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, w in model.weights().items():
+            if name == "unembed.W_U":
+                w.mul_(30.0)
+            elif w.ndim > 1:
+                w.mul_(3.0)
+            else:
+                w.add_(0.2 * torch.randn(w.shape, generator=gen))
+    return model.eval()
+
+
+def _clean_corrupt(task, n=6):
+    clean, corrupt = task.sample(n, seed=0), task.sample(n, seed=1)
+    return clean, TaskBatch(corrupt.tokens, clean.answer_pos, clean.answers, corrupt.labels)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_functional_forward_matches_the_model_hooks(task, backend, architecture):
+    model = _sharp_model(task, backend, architecture)
+    tokens = task.sample(4, seed=2).tokens
+    trace = Functional(model).trace(tokens)
+    acts = model.capture(tokens, ["blocks.1.hook_resid_pre", "blocks.1.attn.hook_z", "blocks.0.hook_mlp_out"])
+    torch.testing.assert_close(trace.resid_pre[1], acts["blocks.1.hook_resid_pre"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(trace.z[1], acts["blocks.1.attn.hook_z"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(trace.mlp_out[0], acts["blocks.0.hook_mlp_out"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(trace.logits, model(tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["resumed", "hooks"])
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_within_model_patching_equals_transformer_lens(task, backend, architecture, engine):
+    model = _sharp_model(task, backend, architecture)
+    clean, corrupt = _clean_corrupt(task)
+    result = activation_patching(model, corrupt, source_tokens=clean.tokens, sites=ALL_SITES, positions="both",
+                                 engine=engine, progress=False)  # fmt: skip
+
+    def metric(logits):
+        return answer_logprob(answer_logits(logits, corrupt), corrupt).mean()
+
+    _, cache = model.module.run_with_cache(clean.tokens)
+    references = {
+        ("resid_pre", False): tl_patching.get_act_patch_resid_pre,
+        ("attn_out", False): tl_patching.get_act_patch_attn_out,
+        ("mlp_out", False): tl_patching.get_act_patch_mlp_out,
+        ("head", False): tl_patching.get_act_patch_attn_head_out_by_pos,
+        ("head", True): tl_patching.get_act_patch_attn_head_out_all_pos,
+    }
+    spread = 0.0
+    for (site, all_positions), reference in references.items():
+        expected = reference(model.module, corrupt.tokens, cache, metric).detach().cpu()
+        got = result.grid(site, all_positions=all_positions)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        spread = max(spread, float(expected.max() - expected.min()))
+    assert spread > 0.01  # the patches do something, so agreement means something
+
+
+def test_across_models_final_residual_restores_the_source_exactly(task, backend):
+    base = _sharp_model(task, backend, "llama", seed=0)
+    tuned = base.clone()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # every block changes; embeddings and unembedding stay
+        for name, w in tuned.weights().items():
+            if name.startswith("blocks."):
+                w.add_(0.3 * torch.randn(w.shape, generator=gen))
+    batch = task.sample(8, seed=3)
+    result = activation_patching(tuned, batch, source=base, sites=("resid_post", "mlp_out", "head"),
+                                 positions="all", progress=False)  # fmt: skip
+    last = result.table[(result.table.site == "resid_post") & (result.table.layer == 1)].iloc[0]
+    assert abs(last.restored - 1.0) < 1e-4  # the whole final residual stream is the source's
+    assert abs(last.value - float(result.source_baseline.mean())) < 1e-4
+    hooks = activation_patching(tuned, batch, source=base, sites=("resid_post", "mlp_out", "head"),
+                                positions="all", engine="hooks", progress=False)  # fmt: skip
+    torch.testing.assert_close(result.values, hooks.values, atol=1e-4, rtol=0)
+
+
+def test_patching_a_model_with_itself_changes_nothing(task, backend):
+    model = _sharp_model(task, backend)
+    batch = task.sample(5, seed=4)
+    result = activation_patching(model, batch, source=model.clone(), positions="each", progress=False)
+    assert float(result.table["effect"].abs().max()) < 1e-6
+
+
+def test_chunking_to_a_tiny_memory_budget_gives_the_same_numbers(task, backend):
+    model = _sharp_model(task, backend)
+    clean, corrupt = _clean_corrupt(task)
+    big = activation_patching(model, corrupt, source_tokens=clean.tokens, progress=False)
+    tiny = activation_patching(model, corrupt, source_tokens=clean.tokens, memory_mb=0.01, progress=False)
+    torch.testing.assert_close(big.values, tiny.values, atol=1e-5, rtol=0)
+
+
+def test_attribution_patching_tracks_exact_patching(task, backend):
+    model = _sharp_model(task, backend)
+    clean, corrupt = _clean_corrupt(task, n=8)
+    kwargs = dict(source_tokens=clean.tokens, sites=ALL_SITES, positions="each", progress=False)
+    exact = activation_patching(model, corrupt, **kwargs)
+    approx = activation_patching(model, corrupt, method="attribution", **kwargs)
+    assert approx.method == "attribution"
+    assert correlation(exact.table["effect"], approx.table["effect"]) > 0.7
+
+
+def _pair_differing_in_one_head(task, backend, layer):
+    first = _sharp_model(task, backend)
+    second = first.clone()
+    with torch.no_grad():
+        second.weights()[f"blocks.{layer}.attn.W_O"][2] *= -4.0  # one head is the only difference
+    batch = task.sample(32, seed=0)
+    scores = [float(answer_logprob(answer_logits(m(batch.tokens), batch), batch).mean()) for m in (first, second)]
+    return ModelPair(*((first, second) if scores[0] > scores[1] else (second, first)))  # the tuned one lost log-prob
+
+
+def test_patching_analyzer_finds_a_planted_early_head_change(task, backend):
+    ev = Patching(n=32)(_pair_differing_in_one_head(task, backend, layer=0), task, task)
+    assert ev.table.iloc[0]["component"] in ("L0H2", "L0.attn_out")
+    assert ev.headline["best_restored"] > 0.99
+    assert ev.direction == "wrapper"  # layer 1 of the tuned model still does the rest
+    assert ev.figure().data
+
+
+def test_patching_analyzer_does_not_read_a_last_layer_change_as_a_wrapper(task, backend):
+    ev = Patching(n=32)(_pair_differing_in_one_head(task, backend, layer=1), task, task)
+    assert ev.table.iloc[0]["component"] in ("L1H2", "L1.attn_out")
+    assert ev.headline["best_restored"] > 0.99
+    assert ev.direction == "neutral"  # restoring the read-out says nothing about what lies underneath
+
+
+def test_patching_bad_input(task, backend):
+    model = _sharp_model(task, backend)
+    batch = task.sample(4, seed=0)
+    with pytest.raises(ConfigError, match="unknown patching sites"):
+        activation_patching(model, batch, sites=("resid",), progress=False)
+    with pytest.raises(ConfigError, match="outside the sequences"):
+        activation_patching(model, batch, positions=[99], progress=False)
+    with pytest.raises(ConfigError, match="same shape"):
+        activation_patching(model, batch, source_tokens=batch.tokens[:, :-1], progress=False)
+    other = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=32, n_heads=4))
+    with pytest.raises(ConfigError, match="n_layers"):
+        activation_patching(model, batch, source=other, progress=False)
+    with pytest.raises(ConfigError, match="method"):
+        activation_patching(model, batch, method="guess", progress=False)
+    with pytest.raises(ConfigError, match="empty"):
+        activation_patching(model, batch, index=patch_index(2, 4, 4, ["head"], "all").iloc[:0], progress=False)

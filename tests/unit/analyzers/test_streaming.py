@@ -1,0 +1,75 @@
+"""Streaming weight diff: the same table as the in-memory one, from files, one layer at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.analyzers import weight_change_table
+from capwrap.analyzers.streaming import stream_weight_change
+from capwrap.errors import CheckpointError, ConfigError
+from capwrap.models import ModelSpec, build_model, save_model
+
+
+def _pair(architecture: str, tie: bool = False):
+    extra = {"n_key_value_heads": 2} if architecture == "llama" else {}
+    spec = ModelSpec(d_vocab=24, n_ctx=16, n_layers=3, d_model=16, n_heads=4, architecture=architecture,
+                     tie_embeddings=tie, **extra)  # fmt: skip
+    base = build_model(spec, seed=0)
+    tuned = base.clone()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, w in tuned.weights().items():
+            scale = 0.2 if name.startswith("blocks.1.") else 0.01
+            w.add_(scale * torch.randn(w.shape, generator=gen))
+    return base, tuned
+
+
+@pytest.mark.parametrize(("architecture", "tie"), [("gpt2", True), ("llama", False), ("llama", True)])
+def test_streamed_table_equals_the_in_memory_table(architecture, tie, tmp_path):
+    base, tuned = _pair(architecture, tie)
+    save_model(base, tmp_path / "base")
+    save_model(tuned, tmp_path / "tuned")
+    streamed = stream_weight_change(tmp_path / "base", tmp_path / "tuned").set_index("component").sort_index()
+    expected = weight_change_table(base, tuned).set_index("component").sort_index()
+    assert list(streamed.index) == list(expected.index)
+    torch.testing.assert_close(torch.tensor(streamed["change"].to_numpy()), torch.tensor(expected["change"].to_numpy()),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert streamed.loc["L1.mlp", "change"] > 5 * streamed.loc["L0.mlp", "change"]  # layer 1 moved most
+
+
+def test_sharded_checkpoints_stream_too(tmp_path):
+    base, tuned = _pair("llama")
+    save_model(base, tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(tuned.spec.to_hf_config())
+    hf.load_state_dict(tuned.checkpoint_state())
+    hf.save_pretrained(tmp_path / "tuned", max_shard_size="20KB")  # several files and an index
+    assert len(list((tmp_path / "tuned").glob("model-*.safetensors"))) > 1
+    streamed = stream_weight_change(tmp_path / "base", tmp_path / "tuned").set_index("component")
+    expected = weight_change_table(base, tuned).set_index("component")
+    assert abs(streamed.loc["L1.attn", "change"] - expected.loc["L1.attn", "change"]) < 1e-5
+
+
+def test_streaming_bad_input(tmp_path):
+    base, tuned = _pair("gpt2")
+    save_model(base, tmp_path / "base")
+    other = build_model(ModelSpec(d_vocab=24, n_ctx=16, n_layers=2, d_model=16, n_heads=4))
+    save_model(other, tmp_path / "other")
+    with pytest.raises(ConfigError, match="n_layers"):
+        stream_weight_change(tmp_path / "base", tmp_path / "other")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        stream_weight_change(tmp_path / "base", tmp_path / "nowhere")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    torch.save({}, pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="only pickle"):
+        stream_weight_change(tmp_path / "base", pickled)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        stream_weight_change(tmp_path / "base", broken)

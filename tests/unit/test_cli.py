@@ -1,0 +1,118 @@
+"""`capwrap info` and `capwrap diagnose` on checkpoints written to disk, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capwrap.cli import main
+from capwrap.models import ModelSpec, build_model, save_model
+from capwrap.tasks import PCFGConfig, PCFGTask
+from capwrap.training import TrainConfig, train
+
+CONFIG = "length=10,window=5,occurrence=2"
+
+
+@pytest.fixture(scope="module")
+def pair_on_disk(tmp_path_factory):
+    """A small counting model and a fine-tune of it to count b, saved as checkpoint folders."""
+    root = tmp_path_factory.mktemp("pair")
+    config = PCFGConfig(length=10, window=5, occurrence=2)
+    spec = ModelSpec(d_vocab=PCFGTask(config=config).d_vocab, n_ctx=19, n_layers=2, d_model=32, n_heads=4)
+    base = build_model(spec, seed=0)
+    train(base, PCFGTask("count", None, prior=(0.5, 0.5, 0.0), config=config),
+          TrainConfig(steps=120, batch_size=64, lr=3e-3, progress=False))  # fmt: skip
+    tuned = base.clone()
+    train(tuned, PCFGTask("count", "b", config=config), TrainConfig(steps=30, batch_size=64, lr=3e-3, progress=False))
+    save_model(base, root / "base")
+    save_model(tuned, root / "tuned")
+    other = build_model(ModelSpec(d_vocab=spec.d_vocab, n_ctx=19, n_layers=2, d_model=32, n_heads=4,
+                                  architecture="llama"))  # fmt: skip
+    save_model(other, root / "llama")
+    return root
+
+
+def test_info_prints_architecture_and_components(pair_on_disk, capsys):
+    assert main(["info", str(pair_on_disk / "base")]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2" in out and "8 head" in out and "256 neuron" in out
+    assert main(["info", str(pair_on_disk / "llama"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["spec"]["architecture"] == "llama" and info["components"]["head"] == 8
+    assert info["parameters"] == sum(w.numel() for n, w in build_model(ModelSpec(**info["spec"])).weights().items())
+
+
+def test_info_on_stories260k(stories260k, capsys):
+    assert main(["info", str(stories260k), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == 260_032  # tied embeddings counted once, as the model card says
+    assert info["components"]["kv_head"] == 20 and info["tokenizer"].endswith("(512 tokens)")
+
+
+def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, capsys):
+    out = tmp_path / "diag"
+    code = main(["diagnose", str(pair_on_disk / "base"), str(pair_on_disk / "tuned"),
+                 "--capability", f"pcfg=count,operand=a,{CONFIG}", "--downstream", f"pcfg=count,operand=b,{CONFIG}",
+                 "--out", str(out), "--quick", "--quiet"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "verdict:" in printed and "revival" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] in ("wrapper", "capability_change", "inconclusive")
+    assert {e["analyzer"] for e in summary["evidence"]} == {
+        "probing",
+        "pruning",
+        "revival",
+        "weight_diff",
+        "attention",
+        "patching",
+    }
+    assert summary["capability_spec"].startswith("pcfg=count") and summary["spec"]["n_layers"] == 2
+    assert "Plotly.newPlot" in (out / "report.html").read_text()
+
+
+def test_diagnose_command_bad_input(pair_on_disk, tmp_path, capsys):
+    base, tuned = str(pair_on_disk / "base"), str(pair_on_disk / "tuned")
+    cap, down = f"pcfg=count,operand=a,{CONFIG}", f"pcfg=count,operand=b,{CONFIG}"
+
+    def run(*args: str) -> str:
+        assert main(["diagnose", *args, "--quick", "--quiet"]) == 2
+        return capsys.readouterr().err
+
+    assert "differ in architecture" in run(base, str(pair_on_disk / "llama"), "--capability", cap, "--downstream", down)
+    assert "does not exist" in run(base, str(tmp_path / "nowhere"), "--capability", cap, "--downstream", down)
+    assert "not key=value" in run(base, tuned, "--capability", "count a", "--downstream", down)
+    assert "names no task kind" in run(base, tuned, "--capability", "operand=a", "--downstream", down)
+    assert "needs the model's tokenizer" in run(
+        base, tuned, "--capability", "text=x.txt,feature=word:Lily", "--downstream", down
+    )
+    # a corrupt safetensors file, and a pickle-only checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((pair_on_disk / "tuned" / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "corrupt" in run(base, str(broken), "--capability", cap, "--downstream", down).lower()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((pair_on_disk / "tuned" / "config.json").read_text())
+    torch.save({}, pickled / "pytorch_model.bin")
+    assert "allow_pickle" in run(base, str(pickled), "--capability", cap, "--downstream", down).replace("-", "_")
+
+
+def test_diagnose_refuses_pairs_with_different_tokenizers(stories260k, tmp_path):
+    from transformers import AutoTokenizer
+
+    from capwrap.diagnosis import check_same_tokenizer
+    from capwrap.errors import ConfigError
+    from capwrap.models import load_model
+
+    base = load_model(stories260k)
+    other = load_model(stories260k)
+    tok = AutoTokenizer.from_pretrained(stories260k)
+    tok.add_tokens(["<extra_token>"])
+    other.tokenizer = tok
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        check_same_tokenizer(base, other)
+    check_same_tokenizer(base, load_model(stories260k))  # the same tokenizer passes

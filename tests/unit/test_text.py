@@ -1,0 +1,131 @@
+"""Text tasks on real TinyStories material: loading through `datasets`, features, deletion protocols,
+the capability task, generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from capwrap.errors import CheckpointError, ConfigError
+from capwrap.models import load_model
+from capwrap.models.generation import generate
+from capwrap.tasks import Feature, TextTask, feature_frequency, filter_out, load_texts, randomize, relabel, task_loss
+from capwrap.tasks.spec import task_from_spec
+
+TINYSTORIES = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories"
+TEXT = TINYSTORIES / "text"
+
+
+@pytest.fixture(scope="module")
+def stories():
+    if not (TEXT / "train_head.txt").exists():
+        pytest.skip("the shared TinyStories text (../shared/data/tinystories/text) is absent")
+    return load_texts(TEXT / "train_head.txt")
+
+
+@pytest.fixture(scope="module")
+def model260k():
+    path = TINYSTORIES / "stories260K"
+    if not (path / "model.safetensors").exists():
+        pytest.skip("the shared stories260K checkpoint is absent")
+    return load_model(path)
+
+
+def test_features_match_whole_words_regexes_and_dialogue():
+    lily = Feature.parse("word:Lily")
+    assert lily.present("then LILY ran") and not lily.present("Lilyanne ran")
+    assert lily.spans("Lily and Lily") == [(0, 4), (9, 13)]
+    assert Feature.parse("Tom") == Feature("word", "Tom")
+    assert Feature.parse(r"regex:\bdogs?\b").present("two dogs")
+    assert Feature.parse("dialogue").present('Mom said, "Hello."') and not Feature.parse("dialogue").present("No talk.")
+    with pytest.raises(ConfigError, match="invalid"):
+        Feature.parse("regex:(unclosed")
+    with pytest.raises(ConfigError, match="unknown feature kind"):
+        Feature.parse("colour:red")
+
+
+def test_load_texts_reads_paragraphs_documents_and_tables(stories, tmp_path):
+    assert len(stories) > 1000 and stories.column_names == ["text"]
+    assert stories[0]["text"].startswith("One day, a little girl named Lily")
+    v2 = load_texts(TEXT / "sample_v2.txt")  # <|endoftext|>-separated documents
+    assert len(v2) == 5 and all("<|endoftext|>" not in t for t in v2["text"])
+    rows = [{"story": t, "id": i} for i, t in enumerate(stories["text"][:20])]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "s.parquet")
+    for name in ("s.jsonl", "s.parquet"):
+        ds = load_texts(tmp_path / name, field="story")
+        assert ds["text"] == stories["text"][:20]
+    assert len(load_texts(tmp_path / "s.jsonl", field="story", limit=5)) == 5
+
+
+def test_load_texts_bad_input(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_texts(tmp_path / "missing.txt")
+    (tmp_path / "s.jsonl").write_text(json.dumps({"story": "x"}))
+    with pytest.raises(ConfigError, match="no column 'text'.*story"):
+        load_texts(tmp_path / "s.jsonl")
+    (tmp_path / "t.txt").write_text("a story")
+    with pytest.raises(ConfigError, match="mixed"):
+        load_texts(tmp_path)
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(CheckpointError, match="unreachable.*local files"):
+        load_texts("roneneldan/TinyStories")
+
+
+def test_deletion_protocols(stories):
+    without = filter_out(stories, "word:Lily")
+    assert 0 < len(without) < len(stories) and not any(Feature.parse("Lily").present(t) for t in without["text"])
+    renamed = relabel(stories, "word:Lily", "Max")
+    assert not any(Feature.parse("Lily").present(t) for t in renamed["text"])
+    assert sum(t.count("Max") for t in renamed["text"]) > sum(t.count("Max") for t in stories["text"])
+    a, b = randomize(stories, "Lily", ["Ann", "Zoe"], seed=3), randomize(stories, "Lily", ["Ann", "Zoe"], seed=3)
+    assert a["text"] == b["text"] and not any(Feature.parse("Lily").present(t) for t in a["text"])
+    assert {"Ann", "Zoe"} <= set(" ".join(a["text"]).replace(".", " ").replace(",", " ").split())
+
+
+def test_capability_task_asks_for_the_feature_where_stories_mention_it(stories, model260k):
+    task = TextTask(stories, model260k.tokenizer, seq_len=64, feature="word:Lily")
+    batch = task.sample(32, seed=0)
+    assert batch.tokens.shape == (32, 64) and task.d_vocab == model260k.spec.d_vocab
+    lily = model260k.tokenizer(" Lily", add_special_tokens=False)["input_ids"][0]
+    assert set(batch.answers.tolist()) == {lily}
+    rows = torch.arange(32)
+    for i in range(32):  # the LM targets are the next tokens, ending with the answer
+        p = int(batch.answer_pos[i])
+        assert batch.lm_targets[i, p] == batch.answers[i]
+        assert torch.equal(batch.lm_targets[i, :p], batch.tokens[i, 1 : p + 1])
+        assert (batch.lm_targets[i, p + 1 :] == -100).all()
+    assert torch.equal(task.sample(32, seed=0).tokens, batch.tokens)  # reproducible
+    logits = model260k(batch.tokens)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.lm_targets.flatten(), ignore_index=-100)
+    assert torch.allclose(task_loss(logits, batch), expected)
+    assert logits[rows, batch.answer_pos].argmax(-1).eq(lily).float().mean() > 0.05  # the model does write Lily
+    probe = task.probe_task().sample(40, seed=1)
+    assert probe.labels["feature_next"].sum() == 20
+
+
+def test_text_task_bad_input(stories, model260k):
+    with pytest.raises(ConfigError, match="no text contains the feature word:Zzyzx"):
+        TextTask(stories, model260k.tokenizer, feature="word:Zzyzx")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        TextTask(stories, None)
+    with pytest.raises(ConfigError, match="nothing is left"):
+        task_from_spec(f"text={TEXT / 'train_head.txt'},without=regex:.", model260k.tokenizer)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        task_from_spec(f"text={TEXT / 'train_head.txt'},colour=red", model260k.tokenizer)
+
+
+def test_generation_and_feature_frequency(model260k):
+    greedy = generate(model260k, n=2, max_new_tokens=30, temperature=0)
+    assert greedy[0] == greedy[1] and greedy[0].startswith("Once upon a time, there was a little girl named Lily")
+    freq, texts = feature_frequency(model260k, "Lily", n=8, max_new_tokens=40, seed=0)
+    assert len(texts) == 8 and freq == sum(Feature.parse("Lily").present(t) for t in texts) / 8
+    assert feature_frequency(model260k, "Lily", n=8, max_new_tokens=40, seed=0) == (freq, texts)  # seeded
