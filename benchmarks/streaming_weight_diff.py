@@ -58,9 +58,18 @@ def measure(root: Path) -> dict:
     return {
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "largest_group_float32_gb": round(largest_group(root) * 4 / 2**30, 2),
         "components": len(table),
         "top_layers": sorted(set(moved["layer"].dropna().astype(int).tolist())),
     }
+
+
+def largest_group(root: Path) -> int:
+    """Parameters in the largest group streaming reads at once (embeddings, or one layer)."""
+    from capwrap.analyzers.streaming import _groups, checkpoint_spec
+
+    shapes = hf_shapes(checkpoint_spec(root / "base"))
+    return max(sum(shapes[n].numel() for n in group) for group in _groups(list(shapes)))
 
 
 def main() -> None:

@@ -101,24 +101,23 @@ def _groups(names: Sequence[str]) -> list[list[str]]:
     return [rest] + [by_layer[k] for k in sorted(by_layer)]
 
 
-class _Reader:
-    """Opens each safetensors file once; reads tensors as float32 on demand."""
+def _read_group(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
+    """One group's tensors as float32 copies. The files are opened (memory-mapped) for this group
+    only and closed after, so their pages do not pile up in the process's memory."""
+    from safetensors import safe_open
 
-    def __init__(self, files: dict[str, Path], stack: ExitStack):
-        from safetensors import safe_open
-
-        self.files = files
-        self.handles = {p: stack.enter_context(safe_open(p, "pt")) for p in set(files.values())}
-
-    def read(self, name: str) -> Tensor:
-        return self.handles[self.files[name]].get_tensor(name).float()
+    out: dict[str, Tensor] = {}
+    with ExitStack() as stack:
+        handles = {p: stack.enter_context(safe_open(p, "pt")) for p in {files[n] for n in names}}
+        for n in names:
+            out[n] = handles[files[n]].get_tensor(n).float().clone()
+    return out
 
 
-def _groupwise(spec: ModelSpec, reader: _Reader, names: list[str], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
+def _groupwise(spec: ModelSpec, tensors: dict[str, Tensor], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
     """Canonical views of one group's tensors (every other tensor is a meta placeholder)."""
     storage = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
-    for n in names:
-        storage[n] = reader.read(n)
+    storage.update(tensors)
     views = canonical_views(spec, storage)
     return {k: v for k, v in views.items() if v.device.type != "meta"}
 
@@ -154,17 +153,14 @@ def stream_weight_change(
     present = [k for k in kinds if k in cmap.counts()]
     change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
-    with ExitStack() as stack:
-        rb, rt = _Reader(files_b, stack), _Reader(files_t, stack)
-        groups = _groups([n for n in shapes])
-        for names in tqdm(groups, desc="weight diff", disable=not progress, leave=False, unit="layer"):
-            wb = _groupwise(spec_b, rb, names, shapes)
-            wt = _groupwise(spec_b, rt, names, shapes)
-            delta = {k: wt[k] - wb[k] for k in wb}
-            for kind in present:
-                change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
-                norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
-            del wb, wt, delta
+    for names in tqdm(_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
+        wb = _groupwise(spec_b, _read_group(files_b, names), shapes)
+        wt = _groupwise(spec_b, _read_group(files_t, names), shapes)
+        delta = {k: wt[k] - wb[k] for k in wb}
+        for kind in present:
+            change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
+            norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
+        del wb, wt, delta
     rows = []
     for kind in present:
         for comp, c2, n2 in zip(cmap.select(kind), change_sq[kind].tolist(), norm_sq[kind].tolist(), strict=True):
