@@ -112,6 +112,13 @@ class CapModel:
         self.tokenizer = tokenizer
         self.metadata = dict(metadata or {})
         self._components: ComponentMap | None = None
+        # Parameters a backend adds that the checkpoint has no room for (TransformerLens 3.9's
+        # bridge gives the unembedding a zero bias) stay frozen: training them would change the
+        # model in a way that is never saved, and make the backends disagree.
+        held = {t.untyped_storage().data_ptr() for t in storage.values()}
+        for param in module.parameters():
+            if param.untyped_storage().data_ptr() not in held:
+                param.requires_grad_(False)
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
@@ -172,7 +179,11 @@ class CapModel:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             module = HookedTransformer(spec.to_hooked_config(), move_to_device=False)
         module.eval()
+        if spec.tie_embeddings:
+            _tie_unembedding(module)
         params = dict(module.named_parameters())
+        if spec.tie_embeddings:
+            params["unembed.W_U"] = module.embed.W_E.T  # a view: the one weight, seen both ways
         canonical = {_gqa_name(spec, k): v for k, v in canonical_views(spec, state).items()}
         with torch.no_grad():
             for name, param in params.items():
@@ -292,7 +303,12 @@ class CapModel:
     def gradients(self) -> dict[str, Tensor]:
         """Canonical views of the current gradients (zeros where a weight got none)."""
         if self._layout == "hooked":
-            grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in self._storage.items()}
+            grads = {
+                k: (p.grad if p.is_leaf and p.grad is not None else torch.zeros_like(p.detach()))
+                for k, p in self._storage.items()
+            }
+            if self.spec.tie_embeddings:  # one weight: its gradient, seen both ways (as on the bridge)
+                grads["unembed.W_U"] = grads["embed.W_E"].T
             return {k: grads[_gqa_name(self.spec, k)] for k in self._canonical_names}
         return canonical_views(self.spec, self._storage_gradients(), self._layout)  # type: ignore[arg-type]
 
@@ -384,6 +400,20 @@ class CapModel:
             f"CapModel({s.architecture}, backend={self.backend}, layers={s.n_layers}, d_model={s.d_model}, "
             f"heads={s.n_heads}, d_mlp={s.d_mlp}, vocab={s.d_vocab}, params={s.n_params:,})"
         )
+
+
+def _tie_unembedding(module: nn.Module) -> None:
+    """Make a HookedTransformer's unembedding read its embedding matrix, so that training keeps the
+    two tied as the checkpoint has them (HookedTransformer otherwise holds two separate copies)."""
+    unembed, embed = module.unembed, module.embed
+
+    class TiedUnembed(type(unembed)):  # type: ignore[misc, valid-type]
+        @property
+        def W_U(self) -> Tensor:  # noqa: N802 - TransformerLens's name
+            return embed.W_E.T
+
+    del unembed._parameters["W_U"]
+    unembed.__class__ = TiedUnembed
 
 
 def _build_bridge(module: nn.Module, architecture: str, **config: Any) -> nn.Module:

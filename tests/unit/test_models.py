@@ -192,3 +192,25 @@ def test_capture_in_chunks_equals_one_pass(small_model):
         torch.testing.assert_close(chunked[name], whole[name], atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="batch_size"):
         small_model.capture(tokens, "hook_embed", batch_size=0)
+
+
+def test_training_keeps_ties_and_agrees_across_backends(backend, tmp_path):
+    """A tied checkpoint (like stories260K) trains and saves on every backend, with the same result;
+    parameters a backend adds beyond the checkpoint (TL 3.9's bridge: an unembedding bias) stay frozen."""
+    from capwrap.tasks import PCFGConfig, PCFGTask
+    from capwrap.training import TrainConfig, train
+
+    task = PCFGTask(config=PCFGConfig(length=6, window=3, occurrence=1))
+    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=16, n_layers=2, d_model=16, n_heads=4, architecture="llama",
+                     n_key_value_heads=2, tie_embeddings=True)  # fmt: skip
+    models = {b: build_model(spec, backend=b, seed=0) for b in available_backends()}
+    for model in models.values():
+        train(model, task, TrainConfig(steps=5, batch_size=8, lr=1e-2, progress=False))
+    model = models[backend]
+    w = model.weights()
+    assert torch.equal(w["unembed.W_U"], w["embed.W_E"].T)
+    save_model(model, tmp_path / "tied")  # refused if the tie had broken
+    tokens = task.sample(4, seed=1).tokens
+    for other in models.values():
+        assert torch.allclose(model(tokens), other(tokens), atol=1e-5)
+    assert torch.allclose(load_model(tmp_path / "tied", backend=backend)(tokens), model(tokens), atol=1e-6)
