@@ -60,6 +60,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  layers {spec['n_layers']}, d_model {spec['d_model']}, heads {spec['n_heads']} "
           f"(kv {spec['n_key_value_heads']}), d_head {spec['d_head']}, d_mlp {spec['d_mlp']}, "
           f"vocab {spec['d_vocab']}, context {spec['n_ctx']}")  # fmt: skip
+    local = [i for i, kind in enumerate(spec["attention_layers"]) if kind == "local"]
+    if local:
+        print(f"  local attention (window {spec['window_size']}) in layers {', '.join(map(str, local))}")
     print("  components: " + ", ".join(f"{n:,} {k}" for k, n in info["components"].items()))
     print(f"  tokenizer: {info['tokenizer'] or 'none'}")
     return 0

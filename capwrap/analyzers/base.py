@@ -47,10 +47,8 @@ class ModelPair:
     tuned: CapModel
 
     def __post_init__(self) -> None:
-        a, b = self.base.spec.to_dict(), self.tuned.spec.to_dict()
-        differ = [f for f in a if a[f] != b[f]]
-        if differ:
-            detail = ", ".join(f"{f} ({a[f]} vs {b[f]})" for f in differ)
+        detail = self.base.spec.differences(self.tuned.spec)
+        if detail:
             raise ConfigError(
                 f"the base and tuned models differ in {detail}; a pair must share architecture and shape "
                 "(was one of them fine-tuned from the other?)"
@@ -70,7 +68,7 @@ class ModelPair:
 def check_store_matches(pair: ModelPair, store: RunStore) -> None:
     """Raise if ``store`` was recorded from a model of another shape than ``pair``'s."""
     recorded = store.meta.get("spec")
-    if recorded != pair.spec.to_dict():
+    if not pair.spec.same_as(recorded):
         raise ConfigError(
             f"the RunStore at {store.path} was recorded from another model ({recorded}); "
             "pass the store of the run that produced this tuned model"

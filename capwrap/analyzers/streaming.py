@@ -62,8 +62,17 @@ def checkpoint_spec(folder: str | os.PathLike) -> ModelSpec:
     raise CheckpointError(f"{folder} has no config.json (or capwrap.json); it is not a checkpoint folder")
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (single file or sharded with an index)."""
+def _tensor_files(folder: Path, spec: ModelSpec) -> dict[str, tuple[Path, str]]:
+    """Checkpoint tensor name -> the safetensors file holding it (single file or sharded with an
+    index) and the name it is stored under there (older checkpoints drop the model prefix)."""
+    from capwrap.models.io import stored_keys
+
+    files = _stored_files(folder)
+    return {name: (files[key], key) for name, key in stored_keys(spec, files).items()}
+
+
+def _stored_files(folder: Path) -> dict[str, Path]:
+    """Stored tensor name -> the safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -101,16 +110,17 @@ def _groups(names: Sequence[str]) -> list[list[str]]:
     return [rest] + [by_layer[k] for k in sorted(by_layer)]
 
 
-def _read_group(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
+def _read_group(files: dict[str, tuple[Path, str]], names: list[str]) -> dict[str, Tensor]:
     """One group's tensors as float32 copies. The files are opened (memory-mapped) for this group
     only and closed after, so their pages do not pile up in the process's memory."""
     from safetensors import safe_open
 
     out: dict[str, Tensor] = {}
     with ExitStack() as stack:
-        handles = {p: stack.enter_context(safe_open(p, "pt")) for p in {files[n] for n in names}}
+        handles = {p: stack.enter_context(safe_open(p, "pt")) for p in {files[n][0] for n in names}}
         for n in names:
-            out[n] = handles[files[n]].get_tensor(n).float().clone()
+            path, key = files[n]
+            out[n] = handles[path].get_tensor(key).float().clone()
     return out
 
 
@@ -138,13 +148,10 @@ def stream_weight_change(
         ConfigError: the two checkpoints differ in architecture or shape.
     """
     spec_b, spec_t = checkpoint_spec(base), checkpoint_spec(tuned)
-    a, b = spec_b.to_dict(), spec_t.to_dict()
-    differ = [f for f in a if a[f] != b[f]]
-    if differ:
-        raise ConfigError(
-            "the base and tuned checkpoints differ in " + ", ".join(f"{f} ({a[f]} vs {b[f]})" for f in differ)
-        )
-    files_b, files_t = _tensor_files(Path(base)), _tensor_files(Path(tuned))
+    detail = spec_b.differences(spec_t)
+    if detail:
+        raise ConfigError(f"the base and tuned checkpoints differ in {detail}")
+    files_b, files_t = _tensor_files(Path(base), spec_b), _tensor_files(Path(tuned), spec_b)
     shapes = dict(checkpoint_shapes(spec_b))
     missing = sorted(set(shapes) - set(files_b)) or sorted(set(shapes) - set(files_t))
     if missing:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from capwrap.errors import ConfigError, closest_matches
+from capwrap.models.layouts import canonical_names
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["ParamSlice", "Component", "ComponentMap", "ComponentKind"]
@@ -70,29 +71,27 @@ class ComponentMap:
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> ComponentMap:
         """Every component of a model with this spec, in model order."""
+        has = set(canonical_names(spec))  # which weights (biases, norms, gates) this architecture has
+
+        def present(*names: str) -> list[str]:
+            return [n for n in names if n in has]
+
         comps: list[Component] = [Component("embed", "embed", None, None, (ParamSlice("embed.W_E"),))]
-        if spec.architecture in ("gpt2", "tracr"):
+        if "pos_embed.W_pos" in has:
             comps.append(Component("pos_embed", "pos_embed", None, None, (ParamSlice("pos_embed.W_pos"),)))
         gqa = spec.n_key_value_heads != spec.n_heads
-        has_bias = spec.architecture in ("gpt2", "tracr")
-        norms = ("ln1", "ln2") if spec.architecture != "tracr" else ()
         for layer in range(spec.n_layers):
-            a, m = f"blocks.{layer}.attn.", f"blocks.{layer}.mlp."
-            for ln in norms:
-                params = [f"blocks.{layer}.{ln}.w"] + ([f"blocks.{layer}.{ln}.b"] if has_bias else [])
-                comps.append(Component(f"L{layer}.{ln}", "norm", layer, None, tuple(ParamSlice(p) for p in params)))
-            attn_params = ["W_Q", "W_K", "W_V", "W_O"] + (["b_Q", "b_K", "b_V", "b_O"] if has_bias else [])
-            comps.append(
-                Component(f"L{layer}.attn", "attn", layer, None, tuple(ParamSlice(a + p) for p in attn_params))
-            )
+            b, a, m = f"blocks.{layer}.", f"blocks.{layer}.attn.", f"blocks.{layer}.mlp."
+            for ln in ("ln1", "ln2"):
+                params = present(f"{b}{ln}.w", f"{b}{ln}.b")
+                if params:
+                    comps.append(Component(f"L{layer}.{ln}", "norm", layer, None, tuple(ParamSlice(p) for p in params)))
+            attn_params = present(*(a + p for p in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")))
+            comps.append(Component(f"L{layer}.attn", "attn", layer, None, tuple(ParamSlice(p) for p in attn_params)))
+            per_head = present(*(a + p for p in ("W_Q", "W_O", "b_Q") + (() if gqa else ("W_K", "W_V", "b_K", "b_V"))))
             for head in range(spec.n_heads):
-                per_head = ["W_Q", "W_O"] + ([] if gqa else ["W_K", "W_V"])
-                if has_bias:
-                    per_head += ["b_Q"] + ([] if gqa else ["b_K", "b_V"])
                 comps.append(
-                    Component(
-                        f"L{layer}H{head}", "head", layer, head, tuple(ParamSlice(a + p, (head,)) for p in per_head)
-                    )
+                    Component(f"L{layer}H{head}", "head", layer, head, tuple(ParamSlice(p, (head,)) for p in per_head))
                 )
             if gqa:
                 for kv in range(spec.n_key_value_heads):
@@ -105,16 +104,16 @@ class ComponentMap:
                             (ParamSlice(a + "W_K", (kv,)), ParamSlice(a + "W_V", (kv,))),
                         )
                     )
-            mlp_in = ["W_in"] + (["W_gate"] if spec.architecture == "llama" else [])
-            mlp_params = mlp_in + ["W_out"] + (["b_in", "b_out"] if has_bias else [])
-            comps.append(Component(f"L{layer}.mlp", "mlp", layer, None, tuple(ParamSlice(m + p) for p in mlp_params)))
+            mlp_in = present(m + "W_in", m + "W_gate")
+            mlp_params = mlp_in + present(m + "W_out", m + "b_in", m + "b_out")
+            comps.append(Component(f"L{layer}.mlp", "mlp", layer, None, tuple(ParamSlice(p) for p in mlp_params)))
+            neuron_bias = present(m + "b_in")
             for n in range(spec.d_mlp):
-                slices = [ParamSlice(m + p, (slice(None), n)) for p in mlp_in] + [ParamSlice(m + "W_out", (n,))]
-                if has_bias:
-                    slices.append(ParamSlice(m + "b_in", (n,)))
+                slices = [ParamSlice(p, (slice(None), n)) for p in mlp_in] + [ParamSlice(m + "W_out", (n,))]
+                slices += [ParamSlice(p, (n,)) for p in neuron_bias]
                 comps.append(Component(f"L{layer}N{n}", "neuron", layer, n, tuple(slices)))
-        if norms:
-            final = ["ln_final.w"] + (["ln_final.b"] if spec.architecture == "gpt2" else [])
+        final = present("ln_final.w", "ln_final.b")
+        if final:
             comps.append(Component("ln_final", "norm", None, None, tuple(ParamSlice(p) for p in final)))
         if not spec.tie_embeddings:
             comps.append(Component("unembed", "unembed", None, None, (ParamSlice("unembed.W_U"),)))

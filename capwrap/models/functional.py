@@ -10,9 +10,9 @@ of the arithmetic.
 
 :class:`Functional` reads the canonical TL-named weights of a :class:`~capwrap.models.CapModel`
 (views over the real storage, so it always sees the current weights) and implements the three
-architectures capwrap knows: ``gpt2`` (LayerNorm, learned positions, tanh-GELU), ``llama`` (RMSNorm,
-rotary, gated SiLU MLP, grouped-query attention) and ``tracr`` (no norm, ReLU, bidirectional
-attention). Its :meth:`~Functional.trace` agrees with the model's own hooks to float rounding (tested
+architectures capwrap knows: ``gpt2`` (LayerNorm, learned positions, tanh-GELU), ``gpt_neo`` (as
+gpt2, with unscaled attention scores and local-window layers), ``llama`` (RMSNorm, rotary, gated SiLU
+MLP, grouped-query attention) and ``tracr`` (no norm, ReLU, bidirectional attention). Its :meth:`~Functional.trace` agrees with the model's own hooks to float rounding (tested
 on both TransformerLens lines).
 
 Examples:
@@ -27,7 +27,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -132,11 +131,14 @@ class Functional:
             k_all, v_all = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
         if self._group > 1:
             k_all, v_all = (t.repeat_interleave(self._group, dim=2) for t in (k_all, v_all))
-        scores = torch.einsum("bqhk,bshk->bhqs", q, k_all) / math.sqrt(self.spec.d_head)
+        scores = torch.einsum("bqhk,bshk->bhqs", q, k_all) / self.spec.attn_scale
         if self.causal:
             q_pos = torch.arange(p0, p0 + q.shape[1], device=q.device)
             k_pos = torch.arange(k_all.shape[1], device=q.device)
-            scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            hidden = k_pos[None, :] > q_pos[:, None]
+            if self.spec.attention_kinds[layer] == "local":  # sees only the last window_size positions
+                hidden |= k_pos[None, :] <= q_pos[:, None] - self.spec.window_size
+            scores = scores.masked_fill(hidden, float("-inf"))
         pattern = scores.float().softmax(-1).to(q.dtype)
         z = torch.einsum("bhqs,bshk->bqhk", pattern, v_all)
         out = torch.einsum("bqhk,hkd->bqd", z, self.w[f"{a}.W_O"]) + self._bias(f"{a}.b_O")

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,11 @@ import torch
 
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
+from capwrap.models.layouts import checkpoint_shapes
 from capwrap.models.model import CapModel
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["save_model", "load_model", "CAPWRAP_FILE"]
+__all__ = ["save_model", "load_model", "normalize_state", "stored_keys", "CAPWRAP_FILE"]
 
 CAPWRAP_FILE = "capwrap.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
@@ -124,13 +126,13 @@ def load_model(
             in pickle format (without ``allow_pickle``), or the hub cannot be reached.
         ConfigError: the architecture is not one capwrap maps onto TransformerLens components.
     """
-    folder = _resolve_source(source, revision)
+    folder = _resolve_source(source, revision, allow_pickle)
     capwrap_doc = _read_capwrap_file(folder)
     if (folder / "config.json").exists() or capwrap_doc is None:
         spec = ModelSpec.from_hf_config(_read_hf_config(folder, trust_remote_code))
     else:  # architectures without a Hugging Face equivalent (tracr) keep their spec in capwrap.json
         spec = ModelSpec.from_dict(capwrap_doc["spec"])
-    state = _read_weights(folder, allow_pickle)
+    state = normalize_state(spec, _read_weights(folder, allow_pickle))
     tokenizer = _read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
@@ -151,7 +153,7 @@ def _read_capwrap_file(folder: Path) -> dict[str, Any] | None:
     return doc
 
 
-def _resolve_source(source: str | os.PathLike, revision: str | None) -> Path:
+def _resolve_source(source: str | os.PathLike, revision: str | None, allow_pickle: bool = False) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -161,11 +163,13 @@ def _resolve_source(source: str | os.PathLike, revision: str | None) -> Path:
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1  # hub names are "owner/name"
     if looks_local:
         raise CheckpointError(f"checkpoint folder {text} does not exist; check the path")
-    return _download_from_hub(text, revision)
+    return _download_from_hub(text, revision, allow_pickle)
 
 
-def _download_from_hub(name: str, revision: str | None) -> Path:
-    """Fetch a hub checkpoint's config, safetensors and tokenizer files into the HF cache."""
+def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = False) -> Path:
+    """Fetch a hub checkpoint's config, safetensors and tokenizer files into the HF cache; with
+    ``allow_pickle``, its ``pytorch_model*.bin`` files too when it has no safetensors (several
+    TinyStories checkpoints are published that way)."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
@@ -173,7 +177,10 @@ def _download_from_hub(name: str, revision: str | None) -> Path:
         raise CheckpointError("loading hub names needs the huggingface_hub package") from exc
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+        if allow_pickle and not any(folder.glob("*.safetensors")):
+            snapshot_download(name, revision=revision, allow_patterns=["pytorch_model*.bin"])
+        return folder
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
             f"no model named {name!r} on the Hugging Face hub, and no local folder of that name"
@@ -237,6 +244,58 @@ def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
             raise CheckpointError(f"{pickle} could not be read safely: {exc}") from exc
     raise CheckpointError(f"{folder} has no weights: expected model.safetensors (or a sharded index)")
+
+
+#: Tensors older checkpoints saved that are not weights: causal masks (GPT-2's ``attn.bias``,
+#: GPT-Neo's ``attn.attention.bias``), their fill values, and rotary frequency tables.
+_DERIVED_BUFFERS = (
+    ".attn.bias",
+    ".attn.masked_bias",
+    ".attention.bias",
+    ".attention.masked_bias",
+    "rotary_emb.inv_freq",
+)
+
+
+def stored_keys(spec: ModelSpec, names: Iterable[str]) -> dict[str, str]:
+    """For each tensor of the spec's checkpoint layout, the name a (possibly older) checkpoint
+    stores it under: the same name, or the name without the base model's prefix (the hub's ``gpt2``
+    has ``h.0.attn...`` where ``GPT2LMHeadModel`` expects ``transformer.h.0.attn...``). Tensors
+    absent from ``names`` are left out.
+
+    Examples:
+        >>> spec = ModelSpec(d_vocab=10, n_ctx=8, n_layers=1, d_model=8, n_heads=2)
+        >>> stored_keys(spec, ["wte.weight", "h.0.attn.bias"])
+        {'transformer.wte.weight': 'wte.weight'}
+    """
+    available = {n for n in names if not n.endswith(_DERIVED_BUFFERS)}
+    out = {}
+    for name in checkpoint_shapes(spec):
+        head, _, rest = name.partition(".")
+        if name in available:
+            out[name] = name
+        elif rest in available and head in ("transformer", "model"):
+            out[name] = rest
+    return out
+
+
+def normalize_state(spec: ModelSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A third-party state dict in the spec's checkpoint names (see :func:`stored_keys`), without
+    the tensors that are not weights (attention masks and rotary tables that older checkpoints,
+    such as the TinyStories models' ``pytorch_model.bin``, saved with them). Other unknown tensors
+    stay, so that loading can name them.
+
+    Examples:
+        >>> import torch
+        >>> spec = ModelSpec(d_vocab=10, n_ctx=8, n_layers=1, d_model=8, n_heads=2)
+        >>> state = {"wte.weight": torch.zeros(10, 8), "h.0.attn.bias": torch.ones(1, 1, 8, 8)}
+        >>> sorted(normalize_state(spec, state))
+        ['transformer.wte.weight']
+    """
+    keys = stored_keys(spec, state)
+    used = set(keys.values())
+    out = {k: v for k, v in state.items() if k not in used and not k.endswith(_DERIVED_BUFFERS)}
+    return out | {name: state[key] for name, key in keys.items()}
 
 
 def _read_tokenizer(folder: Path) -> Any:

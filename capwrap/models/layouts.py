@@ -8,9 +8,9 @@ writing into a view (pruning, grafting, loading a HookedTransformer checkpoint b
 format) writes the storage.
 
 Canonical names (TransformerLens's, for both backends): ``embed.W_E`` ``[d_vocab, d_model]``,
-``pos_embed.W_pos`` ``[n_ctx, d_model]`` (gpt2), ``blocks.{L}.ln1.w``/``.b``, ``blocks.{L}.attn.W_Q``
+``pos_embed.W_pos`` ``[n_ctx, d_model]`` (not llama), ``blocks.{L}.ln1.w``/``.b``, ``blocks.{L}.attn.W_Q``
 ``[n_heads, d_model, d_head]``, ``W_K``/``W_V`` ``[n_kv_heads, d_model, d_head]``, ``b_Q``
-``[n_heads, d_head]``, ``W_O`` ``[n_heads, d_head, d_model]``, ``b_O`` ``[d_model]``,
+``[n_heads, d_head]`` (gpt2, tracr), ``W_O`` ``[n_heads, d_head, d_model]``, ``b_O`` ``[d_model]``,
 ``blocks.{L}.ln2.w``/``.b``, ``blocks.{L}.mlp.W_in``/``W_gate`` ``[d_model, d_mlp]``, ``b_in``,
 ``W_out`` ``[d_mlp, d_model]``, ``b_out``, ``ln_final.w``/``.b``, ``unembed.W_U`` ``[d_model, d_vocab]``.
 
@@ -40,7 +40,7 @@ from torch import Tensor
 from capwrap.errors import ConfigError
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["canonical_views", "checkpoint_shapes", "hf_shapes", "Layout"]
+__all__ = ["canonical_names", "canonical_views", "checkpoint_shapes", "hf_shapes", "Layout"]
 
 #: Where tensors live: ``checkpoint`` (the spec's file layout: Hugging Face names for gpt2/llama,
 #: canonical names for tracr) or ``native`` (TransformerLens's native model, the bridge's tracr host).
@@ -64,6 +64,26 @@ def _gpt2_views(spec: ModelSpec, t: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out[c + "mlp.W_in"], out[c + "mlp.b_in"] = t[p + "mlp.c_fc.weight"], t[p + "mlp.c_fc.bias"]
         out[c + "mlp.W_out"] = t[p + "mlp.c_proj.weight"]
         out[c + "mlp.b_out"] = t[p + "mlp.c_proj.bias"]
+    out["ln_final.w"], out["ln_final.b"] = t["transformer.ln_f.weight"], t["transformer.ln_f.bias"]
+    unembed = t["transformer.wte.weight"] if spec.tie_embeddings else t["lm_head.weight"]
+    out["unembed.W_U"] = unembed.T
+    return out
+
+
+def _gpt_neo_views(spec: ModelSpec, t: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    h, dh = spec.n_heads, spec.d_head
+    out = {"embed.W_E": t["transformer.wte.weight"], "pos_embed.W_pos": t["transformer.wpe.weight"]}
+    for layer in range(spec.n_layers):
+        p, c = f"transformer.h.{layer}.", f"blocks.{layer}."
+        a = p + "attn.attention."
+        for name in "QKV":  # nn.Linear, no bias: [h*dh, d] -> [h, d, dh]
+            out[c + f"attn.W_{name}"] = t[a + f"{name.lower()}_proj.weight"].unflatten(0, (h, dh)).transpose(1, 2)
+        out[c + "attn.W_O"] = t[a + "out_proj.weight"].unflatten(1, (h, dh)).permute(1, 2, 0)
+        out[c + "attn.b_O"] = t[a + "out_proj.bias"]
+        out[c + "ln1.w"], out[c + "ln1.b"] = t[p + "ln_1.weight"], t[p + "ln_1.bias"]
+        out[c + "ln2.w"], out[c + "ln2.b"] = t[p + "ln_2.weight"], t[p + "ln_2.bias"]
+        out[c + "mlp.W_in"], out[c + "mlp.b_in"] = t[p + "mlp.c_fc.weight"].T, t[p + "mlp.c_fc.bias"]
+        out[c + "mlp.W_out"], out[c + "mlp.b_out"] = t[p + "mlp.c_proj.weight"].T, t[p + "mlp.c_proj.bias"]
     out["ln_final.w"], out["ln_final.b"] = t["transformer.ln_f.weight"], t["transformer.ln_f.bias"]
     unembed = t["transformer.wte.weight"] if spec.tie_embeddings else t["lm_head.weight"]
     out["unembed.W_U"] = unembed.T
@@ -144,7 +164,17 @@ def canonical_views(spec: ModelSpec, storage: Mapping[str, Tensor], layout: Layo
         raise ConfigError(f"tensors missing for a {spec.architecture} model of this shape: {missing[:5]}")
     if spec.architecture == "tracr":
         return {k: storage[k] for k in _canonical_shapes(spec)}
-    return (_gpt2_views if spec.architecture == "gpt2" else _llama_views)(spec, storage)
+    return _HF_VIEWS[spec.architecture](spec, storage)
+
+
+_HF_VIEWS = {"gpt2": _gpt2_views, "gpt_neo": _gpt_neo_views, "llama": _llama_views}
+
+
+@functools.lru_cache(maxsize=64)
+def canonical_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The canonical weight names of a model with this spec, in model order (cached)."""
+    meta = {k: torch.empty(s, device="meta") for k, s in checkpoint_shapes(spec).items()}
+    return tuple(canonical_views(spec, meta))
 
 
 def checkpoint_shapes(spec: ModelSpec) -> dict[str, torch.Size]:

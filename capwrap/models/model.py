@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from capwrap.errors import ConfigError, HookNameError, closest_matches
 from capwrap.models.components import ComponentMap
-from capwrap.models.layouts import canonical_views, checkpoint_shapes
+from capwrap.models.layouts import canonical_names, canonical_views, checkpoint_shapes
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
 
 __all__ = ["CapModel", "Backend", "available_backends", "default_backend", "build_model", "tl_version"]
@@ -295,10 +295,9 @@ class CapModel:
             return {k: self._storage[_gqa_name(self.spec, k)] for k in self._canonical_names}
         return canonical_views(self.spec, self._storage, self._layout)  # type: ignore[arg-type]
 
-    @functools.cached_property
-    def _canonical_names(self) -> list[str]:
-        shapes = checkpoint_shapes(self.spec)
-        return list(canonical_views(self.spec, {k: torch.empty(s, device="meta") for k, s in shapes.items()}))
+    @property
+    def _canonical_names(self) -> tuple[str, ...]:
+        return canonical_names(self.spec)
 
     def gradients(self) -> dict[str, Tensor]:
         """Canonical views of the current gradients (zeros where a weight got none)."""

@@ -21,11 +21,12 @@ from capwrap.errors import ConfigError
 
 __all__ = ["ModelSpec", "ARCHITECTURES"]
 
-Architecture = Literal["gpt2", "llama", "tracr"]
+Architecture = Literal["gpt2", "gpt_neo", "llama", "tracr"]
 #: Architectures capwrap maps onto TransformerLens components, with their HF class names
 #: (``tracr``: compiled RASP programs, which have no Hugging Face equivalent).
 ARCHITECTURES: dict[str, str] = {
     "gpt2": "GPT2LMHeadModel",
+    "gpt_neo": "GPTNeoForCausalLM",
     "llama": "LlamaForCausalLM",
     "tracr": "TransformerLensNative",
 }
@@ -43,15 +44,20 @@ class ModelSpec:
         n_heads: attention heads per block.
         d_head: width of one head; defaults to ``d_model // n_heads``.
         d_mlp: hidden width of the MLPs; defaults to ``4 * d_model``.
-        architecture: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP), ``"llama"``
-            (rotary positions, RMSNorm, gated SiLU MLP, optional grouped-query attention) or
-            ``"tracr"`` (a compiled RASP program: learned positions, no normalization, ReLU MLP,
-            bidirectional attention, an output vocabulary of its own).
+        architecture: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP), ``"gpt_neo"`` (as
+            gpt2, but separate query/key/value projections without biases, unscaled attention
+            scores, and some layers attending only to a local window: the TinyStories models),
+            ``"llama"`` (rotary positions, RMSNorm, gated SiLU MLP, optional grouped-query
+            attention) or ``"tracr"`` (a compiled RASP program: learned positions, no
+            normalization, ReLU MLP, bidirectional attention, an output vocabulary of its own).
         n_key_value_heads: key/value heads for grouped-query attention (llama only).
         tie_embeddings: whether the unembedding is the transpose of the embedding.
         norm_eps: epsilon of the normalization layers.
         rotary_base: base of the rotary embedding (llama only).
         d_vocab_out: size of the output vocabulary (tracr only; others predict tokens).
+        attention_layers: per layer, ``"global"`` or ``"local"`` (gpt_neo only; empty: all
+            global). A local layer's queries see only the last ``window_size`` positions.
+        window_size: how many positions a local attention layer sees (its own included).
     """
 
     d_vocab: int
@@ -67,6 +73,8 @@ class ModelSpec:
     norm_eps: float = 1e-5
     rotary_base: float = 10000.0
     d_vocab_out: int = 0
+    attention_layers: tuple[str, ...] = ()
+    window_size: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -96,8 +104,43 @@ class ModelSpec:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a multiple of n_key_value_heads={self.n_key_value_heads}"
             )
-        if self.architecture == "gpt2" and self.d_head * self.n_heads != self.d_model:
-            raise ConfigError("gpt2 models need d_head * n_heads == d_model")
+        if self.architecture in ("gpt2", "gpt_neo") and self.d_head * self.n_heads != self.d_model:
+            raise ConfigError(f"{self.architecture} models need d_head * n_heads == d_model")
+        self._check_attention_layers()
+
+    def _check_attention_layers(self) -> None:
+        layers = tuple(self.attention_layers)  # JSON gives lists; keep specs comparable
+        if layers and len(layers) != self.n_layers:
+            raise ConfigError(
+                f"attention_layers names {len(layers)} layers but the model has n_layers={self.n_layers}; "
+                "give one 'global' or 'local' per layer"
+            )
+        wrong = sorted({kind for kind in layers if kind not in ("global", "local")})
+        if wrong:
+            raise ConfigError(f"attention_layers may hold only 'global' and 'local', got {wrong}")
+        if "local" in layers:
+            if self.architecture != "gpt_neo":
+                raise ConfigError("local attention layers need architecture='gpt_neo'")
+            if self.window_size <= 0:
+                raise ConfigError("local attention layers need a positive window_size (TinyStories models use 256)")
+        else:
+            layers = ()  # all global: one spelling, so equal models have equal specs
+        object.__setattr__(self, "attention_layers", layers)
+
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """``"global"`` or ``"local"`` for each layer."""
+        return self.attention_layers or ("global",) * self.n_layers
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether positions come from a learned embedding (``pos_embed.W_pos``) rather than rotary."""
+        return self.architecture != "llama"
+
+    @property
+    def attn_scale(self) -> float:
+        """What attention scores are divided by: sqrt(d_head), or 1 for gpt_neo (unscaled)."""
+        return 1.0 if self.architecture == "gpt_neo" else float(self.d_head) ** 0.5
 
     @property
     def has_hf_equivalent(self) -> bool:
@@ -112,15 +155,36 @@ class ModelSpec:
             attn = 4 * h * d * dh + 3 * h * dh + d
             return self.d_vocab * d + self.n_ctx * d + self.n_layers * (attn + 2 * d * m + m + d) + d * self.d_vocab_out
         embed = self.d_vocab * d * (1 if self.tie_embeddings else 2)
-        if self.architecture == "gpt2":
-            block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
+        if self.architecture in ("gpt2", "gpt_neo"):
+            qkv_bias = 3 * d if self.architecture == "gpt2" else 0
+            block = 4 * d + (3 * d * d + qkv_bias) + (d * d + d) + (d * m + m) + (m * d + d)
             return embed + self.n_ctx * d + self.n_layers * block + 2 * d
         block = 2 * d + d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * m
         return embed + self.n_layers * block + d
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as a JSON-serializable dict."""
-        return dataclasses.asdict(self)
+        """The spec as a JSON-serializable dict (what reading it back from JSON gives)."""
+        data = dataclasses.asdict(self)
+        data["attention_layers"] = list(self.attention_layers)
+        return data
+
+    def differences(self, other: ModelSpec) -> str:
+        """The fields in which ``other`` differs, as ``"n_layers (2 vs 4), d_model (...)"``; empty if none.
+
+        Examples:
+            >>> ModelSpec(d_vocab=9, n_ctx=8, n_layers=2).differences(ModelSpec(d_vocab=9, n_ctx=8, n_layers=4))
+            'n_layers (2 vs 4)'
+        """
+        a, b = self.to_dict(), other.to_dict()
+        return ", ".join(f"{f} ({a[f]} vs {b[f]})" for f in a if a[f] != b[f])
+
+    def same_as(self, recorded: dict[str, Any] | None) -> bool:
+        """Whether a spec saved as a dict (a run store's, a checkpoint's) describes this model.
+        Fields the saved dict lacks (written by an older capwrap) take their defaults."""
+        try:
+            return recorded is not None and ModelSpec.from_dict(recorded) == self
+        except (ConfigError, TypeError):
+            return False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -158,6 +222,26 @@ class ModelSpec:
                 eos_token_id=None,
                 architectures=[ARCHITECTURES["gpt2"]],
             )
+        if self.architecture == "gpt_neo":
+            return transformers.GPTNeoConfig(
+                vocab_size=self.d_vocab,
+                max_position_embeddings=self.n_ctx,
+                hidden_size=self.d_model,
+                num_layers=self.n_layers,
+                num_heads=self.n_heads,
+                intermediate_size=self.d_mlp,
+                attention_types=[[[kind], 1] for kind in self.attention_kinds],
+                window_size=self.window_size or 256,
+                activation_function="gelu_pytorch_tanh",  # = the checkpoints' gelu_new, fused
+                resid_dropout=0.0,
+                embed_dropout=0.0,
+                attention_dropout=0.0,
+                layer_norm_epsilon=self.norm_eps,
+                tie_word_embeddings=self.tie_embeddings,
+                bos_token_id=None,
+                eos_token_id=None,
+                architectures=[ARCHITECTURES["gpt_neo"]],
+            )
         return transformers.LlamaConfig(
             vocab_size=self.d_vocab,
             max_position_embeddings=self.n_ctx,
@@ -194,6 +278,24 @@ class ModelSpec:
                 d_mlp=config.n_inner or 4 * config.n_embd,
                 tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
                 norm_eps=config.layer_norm_epsilon,
+            )
+        if model_type == "gpt_neo":
+            act = getattr(config, "activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ConfigError(f"gpt_neo checkpoints with activation {act!r} are not supported")
+            layers = tuple(config.attention_layers)
+            return cls(
+                architecture="gpt_neo",
+                d_vocab=config.vocab_size,
+                n_ctx=config.max_position_embeddings,
+                n_layers=config.num_layers,
+                d_model=config.hidden_size,
+                n_heads=config.num_heads,
+                d_mlp=config.intermediate_size or 4 * config.hidden_size,
+                tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+                norm_eps=config.layer_norm_epsilon,
+                attention_layers=layers,
+                window_size=config.window_size if "local" in layers else 0,
             )
         if model_type == "llama":
             if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
@@ -241,6 +343,16 @@ class ModelSpec:
         )
         if self.architecture == "gpt2":
             return HookedTransformerConfig(act_fn="gelu_pytorch_tanh", normalization_type="LN", **common)
+        if self.architecture == "gpt_neo":
+            return HookedTransformerConfig(
+                act_fn="gelu_pytorch_tanh",
+                normalization_type="LN",
+                use_attn_scale=False,
+                use_local_attn="local" in self.attention_layers,
+                attn_types=list(self.attention_kinds),
+                window_size=self.window_size or None,
+                **common,
+            )
         if self.architecture == "tracr":
             return HookedTransformerConfig(
                 act_fn="relu",

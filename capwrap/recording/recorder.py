@@ -283,7 +283,7 @@ class Recorder:
 
     def _check_resumable(self, store: RunStore) -> None:
         meta = store.meta
-        if meta.get("spec") != self.model.spec.to_dict():
+        if not self.model.spec.same_as(meta.get("spec")):
             raise StoreError(
                 f"the store at {self.path} was recorded from a model of another shape "
                 f"({meta.get('spec')}); resume it with the same model, or record to a new folder"

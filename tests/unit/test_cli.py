@@ -44,6 +44,16 @@ def test_info_prints_architecture_and_components(pair_on_disk, capsys):
     assert info["parameters"] == sum(w.numel() for n, w in build_model(ModelSpec(**info["spec"])).weights().items())
 
 
+def test_info_names_local_attention_layers(tmp_path, capsys):
+    spec = ModelSpec(d_vocab=30, n_ctx=16, n_layers=4, d_model=16, n_heads=2, architecture="gpt_neo",
+                     attention_layers=("global", "local") * 2, window_size=8, tie_embeddings=True)  # fmt: skip
+    save_model(build_model(spec), tmp_path / "neo")
+    assert main(["info", str(tmp_path / "neo")]) == 0
+    out = capsys.readouterr().out
+    assert "gpt_neo" in out and "local attention (window 8) in layers 1, 3" in out
+    assert f"{spec.n_params:,} parameters" in out
+
+
 def test_info_on_stories260k(stories260k, capsys):
     assert main(["info", str(stories260k), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

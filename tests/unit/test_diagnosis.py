@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from capwrap.analyzers import AttentionComparison, Evidence, Patching, Probing, Revival, WeightDiff
+from capwrap.analyzers import AttentionComparison, Evidence, Patching, Probing, Pruning, Revival, WeightDiff
 from capwrap.diagnosis import diagnose, weigh
 from capwrap.errors import ConfigError
 from capwrap.models import ModelSpec, build_model
@@ -101,3 +101,25 @@ def test_diagnose_bad_input(trained_pair):
     wide = PCFGTask("count", "a", config=PCFGConfig(length=40, window=5, occurrence=2))
     with pytest.raises(ConfigError, match="embeds only"):  # tokens the model cannot embed
         diagnose(base, tuned, wide, downstream, progress=False)
+
+
+def test_every_analyzer_works_on_a_gpt_neo_pair(tmp_path):
+    """The TinyStories architecture (local attention layers, unscaled scores) through all six analyzers."""
+    capability = PCFGTask("count", "a", config=PCFGConfig(length=10, window=5, occurrence=2))
+    downstream = PCFGTask("count", "b", config=capability.config)
+    spec = ModelSpec(d_vocab=capability.d_vocab, n_ctx=capability.seq_len, n_layers=2, d_model=32, n_heads=4,
+                     architecture="gpt_neo", attention_layers=("global", "local"), window_size=4,
+                     tie_embeddings=True)  # fmt: skip
+    base = build_model(spec, seed=0)
+    train(base, capability, TrainConfig(steps=60, batch_size=64, lr=3e-3, progress=False))
+    tuned = base.clone()
+    train(tuned, downstream, TrainConfig(steps=20, batch_size=64, lr=3e-3, seed=1, progress=False))
+    analyzers = [Probing(n=256, steps=50), Pruning(ks=(0, 2), eval_size=128, score_size=128),
+                 Revival(max_steps=20, eval_every=10, eval_size=128, control_steps=10),
+                 WeightDiff(graft_fractions=(0.1,), eval_size=128), AttentionComparison(n=64), Patching(n=16)]  # fmt: skip
+    d = diagnose(base, tuned, capability, downstream, analyzers=analyzers, eval_size=128, progress=False)
+    assert [e.analyzer for e in d.evidence] == ["probing", "pruning", "revival", "weight_diff", "attention", "patching"]
+    assert d.verdict in ("wrapper", "capability_change", "inconclusive")
+    changed = d["weight_diff"].table.set_index("component")
+    assert "L1H3" in changed.index and changed.loc["L1.attn", "change"] > 0  # heads without q/k/v biases
+    assert len(d["attention"].table) == 8 and len(d["patching"].table) > 0

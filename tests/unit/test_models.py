@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from capwrap.errors import CheckpointError, ConfigError, HookNameError
-from capwrap.models import ModelSpec, available_backends, build_model, load_model, save_model
+from capwrap.models import CapModel, ModelSpec, available_backends, build_model, load_model, save_model
 from capwrap.models.layouts import canonical_views, hf_shapes
 
 
@@ -166,6 +167,88 @@ def test_llama_specs_build_and_round_trip(backend, tmp_path):
         torch.testing.assert_close(
             load_model(tmp_path / "llama", backend=b)(tokens), model(tokens), atol=1e-5, rtol=1e-5
         )
+
+
+def _tinystories_like_folder(path, window=3):
+    """A GPT-Neo checkpoint written by transformers itself, shaped like roneneldan/TinyStories-1M
+    (alternating global/local attention, tied embeddings, gelu_new), only smaller."""
+    import transformers
+
+    config = transformers.GPTNeoConfig(vocab_size=40, max_position_embeddings=24, hidden_size=32, num_layers=4,
+                                       num_heads=4, attention_types=[[["global", "local"], 2]], window_size=window,
+                                       bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.GPTNeoForCausalLM(config).eval()
+    hf.save_pretrained(path)
+    return hf
+
+
+def test_gpt_neo_checkpoints_load_on_every_backend_as_transformers_runs_them(tmp_path):
+    hf = _tinystories_like_folder(tmp_path / "neo")
+    tokens = torch.randint(0, 40, (3, 14))  # longer than the window: the local layers matter
+    expected = hf(tokens).logits
+    for b in available_backends():
+        model = load_model(tmp_path / "neo", backend=b)
+        assert model.spec.attention_layers == ("global", "local", "global", "local") and model.spec.window_size == 3
+        assert model.spec.n_params == sum(p.numel() for p in hf.parameters())
+        torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=0)
+        assert "blocks.0.attn.b_Q" not in model.weights() and "blocks.0.attn.b_O" in model.weights()
+        assert model.components.counts()["head"] == 16
+    save_model(model, tmp_path / "again")
+    torch.testing.assert_close(load_model(tmp_path / "again")(tokens), expected, atol=1e-5, rtol=0)
+    # The window is real: the same weights with every layer global compute something else.
+    spec = dataclasses.replace(model.spec, attention_layers=("global",) * 4, window_size=0)
+    everywhere = CapModel.from_state(spec, model.checkpoint_state())
+    assert (everywhere(tokens) - expected).abs().max() > 1e-3
+
+
+def test_checkpoints_in_older_hub_formats_load(tmp_path):
+    """TinyStories-1M's pytorch_model.bin keeps its causal masks as tensors; the hub's gpt2 saves its
+    weights without the ``transformer.`` prefix. Both load (the pickle only with the opt-in)."""
+    hf = _tinystories_like_folder(tmp_path / "neo")
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    for layer in range(4):
+        state[f"transformer.h.{layer}.attn.attention.bias"] = torch.tril(torch.ones(1, 1, 24, 24, dtype=torch.bool))
+        state[f"transformer.h.{layer}.attn.attention.masked_bias"] = torch.tensor(-1e9)
+    (tmp_path / "neo" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "neo" / "pytorch_model.bin")
+    tokens = torch.randint(0, 40, (2, 12))
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        load_model(tmp_path / "neo")
+    torch.testing.assert_close(
+        load_model(tmp_path / "neo", allow_pickle=True)(tokens), hf(tokens).logits, atol=1e-5, rtol=0
+    )
+
+    gpt2 = build_model(ModelSpec(d_vocab=40, n_ctx=16, n_layers=2, d_model=16, n_heads=2, tie_embeddings=True), seed=1)
+    save_model(gpt2, tmp_path / "gpt2")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "gpt2" / "model.safetensors")
+    bare = {k.removeprefix("transformer."): v for k, v in weights.items()}
+    bare |= {f"h.{i}.attn.bias": torch.ones(1, 1, 16, 16) for i in range(2)}
+    save_file(bare, tmp_path / "gpt2" / "model.safetensors")
+    torch.testing.assert_close(load_model(tmp_path / "gpt2")(tokens), gpt2(tokens), atol=1e-5, rtol=0)
+
+
+def test_gpt_neo_spec_validation():
+    with pytest.raises(ConfigError, match="window_size"):
+        ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=("global", "local"))
+    with pytest.raises(ConfigError, match="one 'global' or 'local' per layer"):
+        ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=("global",), window_size=4)
+    with pytest.raises(ConfigError, match="need architecture='gpt_neo'"):
+        ModelSpec(d_vocab=10, n_ctx=8, attention_layers=("global", "local"), window_size=4)
+    with pytest.raises(ConfigError, match="'global' and 'local'"):
+        ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=("global", "sliding"), window_size=4)
+    spec = ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=["local", "global"], window_size=4)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert spec.same_as(json.loads(json.dumps(spec.to_dict())))
+    assert ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=("global", "global")) == ModelSpec(
+        d_vocab=10, n_ctx=8, architecture="gpt_neo"
+    )
+    # Specs saved by an older capwrap (run stores, checkpoints) lack the new fields: still the same model.
+    gpt2 = ModelSpec(d_vocab=10, n_ctx=8)
+    older = {k: v for k, v in gpt2.to_dict().items() if k not in ("attention_layers", "window_size")}
+    assert gpt2.same_as(older) and not spec.same_as(older) and not gpt2.same_as({"colour": "red"})
 
 
 def test_stories260k_loads_and_writes_a_story(stories260k, backend):

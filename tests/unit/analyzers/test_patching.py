@@ -24,7 +24,10 @@ def task() -> PCFGTask:
 
 def _sharp_model(task, backend, architecture="gpt2", seed=0):
     """A random model with weights scaled up so that patches have visible effects."""
-    extra = {"n_key_value_heads": 2} if architecture == "llama" else {}
+    extra = {
+        "llama": {"n_key_value_heads": 2},
+        "gpt_neo": {"attention_layers": ("local", "global"), "window_size": 3},  # TinyStories' layer kinds
+    }.get(architecture, {})
     spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=32, n_heads=4,
                      architecture=architecture, **extra)  # fmt: skip
     model = build_model(spec, backend=backend, seed=seed)
@@ -45,7 +48,7 @@ def _clean_corrupt(task, n=6):
     return clean, TaskBatch(corrupt.tokens, clean.answer_pos, clean.answers, corrupt.labels)
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neo", "llama"])
 def test_functional_forward_matches_the_model_hooks(task, backend, architecture):
     model = _sharp_model(task, backend, architecture)
     tokens = task.sample(4, seed=2).tokens
@@ -58,7 +61,7 @@ def test_functional_forward_matches_the_model_hooks(task, backend, architecture)
 
 
 @pytest.mark.parametrize("engine", ["resumed", "hooks"])
-@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neo", "llama"])
 def test_within_model_patching_equals_transformer_lens(task, backend, architecture, engine):
     model = _sharp_model(task, backend, architecture)
     clean, corrupt = _clean_corrupt(task)

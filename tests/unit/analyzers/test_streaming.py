@@ -25,7 +25,9 @@ def _pair(architecture: str, tie: bool = False):
     return base, tuned
 
 
-@pytest.mark.parametrize(("architecture", "tie"), [("gpt2", True), ("llama", False), ("llama", True)])
+@pytest.mark.parametrize(
+    ("architecture", "tie"), [("gpt2", True), ("gpt_neo", True), ("llama", False), ("llama", True)]
+)
 def test_streamed_table_equals_the_in_memory_table(architecture, tie, tmp_path):
     base, tuned = _pair(architecture, tie)
     save_model(base, tmp_path / "base")
@@ -73,3 +75,20 @@ def test_streaming_bad_input(tmp_path):
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="corrupt"):
         stream_weight_change(tmp_path / "base", broken)
+
+
+def test_older_checkpoint_names_stream_too(tmp_path):
+    """The hub's gpt2 stores ``h.0.attn.c_attn.weight`` (no ``transformer.`` prefix) and its causal
+    masks; a fine-tune saved by transformers has the prefix. The pair still streams."""
+    from safetensors.torch import load_file, save_file
+
+    base, tuned = _pair("gpt2", tie=True)
+    save_model(base, tmp_path / "base")
+    save_model(tuned, tmp_path / "tuned")
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    bare = {k.removeprefix("transformer."): v for k, v in stored.items()}
+    bare |= {f"h.{i}.attn.bias": torch.ones(1, 1, 16, 16) for i in range(3)}
+    save_file(bare, tmp_path / "base" / "model.safetensors")
+    streamed = stream_weight_change(tmp_path / "base", tmp_path / "tuned").set_index("component")
+    expected = weight_change_table(base, tuned).set_index("component")
+    assert abs(streamed.loc["L1.attn", "change"] - expected.loc["L1.attn", "change"]) < 1e-5
