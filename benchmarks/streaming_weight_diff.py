@@ -3,7 +3,8 @@
 Writes two randomly initialized Llama-shaped checkpoints (Hugging Face folders: config.json +
 model.safetensors, bfloat16 like most released checkpoints; default: TinyLlama-1.1B's shape,
 1.1B parameters, 2.2 GB each) where the "tuned" one differs from the base in a few layers, then
-runs :func:`capwrap.analyzers.streaming.stream_weight_change` in a fresh process and reports its
+runs :func:`capwrap.analyzers.streaming.stream_weight_diff` (the per-component table, each matrix's
+effective rank of change, the concentration headline) in a fresh process and reports its
 peak resident memory and wall time, against the memory of holding the two models.
 
     python benchmarks/streaming_weight_diff.py --dir /tmp/big_pair [--layers 22] [--keep]
@@ -49,17 +50,21 @@ def write_pair(spec: ModelSpec, root: Path) -> int:
 
 def measure(root: Path) -> dict:
     """Run the streamed diff in this (fresh) process; peak RSS and time."""
-    from capwrap.analyzers.streaming import stream_weight_change
+    from capwrap.analyzers.streaming import stream_weight_diff
 
     t0 = time.perf_counter()
-    table = stream_weight_change(root / "base", root / "tuned")
+    diff = stream_weight_diff(root / "base", root / "tuned")
     seconds = time.perf_counter() - t0
+    table = diff.table
     moved = table.head(10)
     return {
         "seconds": round(seconds, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "largest_group_float32_gb": round(largest_group(root) * 4 / 2**30, 2),
         "components": len(table),
+        "matrices_ranked": len(diff.ranks),
+        "median_effective_rank_ratio": round(diff.headline["median_effective_rank_ratio"], 3),
+        "top10pct_share": round(diff.headline["top10pct_share"], 3),
         "top_layers": sorted(set(moved["layer"].dropna().astype(int).tolist())),
     }
 

@@ -6,6 +6,8 @@ sharded) tensor group by tensor group — the embeddings, then each layer — ma
 TransformerLens components with the same layout code the models use (the other layers are
 ``meta`` tensors: shapes without memory), and accumulates every component's squared change and
 norm. Peak memory is about one layer of each model, whatever the model's size.
+:func:`stream_weight_diff` adds each matrix's effective rank of change and the concentration
+headline: all the :class:`~capwrap.analyzers.WeightDiff` analyzer reports except grafting.
 
 Examples:
     >>> import tempfile, torch
@@ -29,6 +31,7 @@ import os
 import re
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -36,13 +39,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capwrap.analyzers.weight_diff import _KINDS
+from capwrap.analyzers.weight_diff import _KINDS, change_ranks, change_summary
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models.components import ComponentMap
 from capwrap.models.layouts import canonical_views, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["stream_weight_change", "checkpoint_spec"]
+__all__ = ["stream_weight_diff", "stream_weight_change", "StreamedWeightDiff", "checkpoint_spec"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.")
 
@@ -132,6 +135,36 @@ def _groupwise(spec: ModelSpec, tensors: dict[str, Tensor], shapes: dict[str, to
     return {k: v for k, v in views.items() if v.device.type != "meta"}
 
 
+@dataclass
+class StreamedWeightDiff:
+    """What :func:`stream_weight_diff` measures: the weight diff analyzer's numbers without grafting.
+
+    Attributes:
+        table: per component (``component, kind, layer, index, change, relative_change``), sorted
+            by change, as :func:`~capwrap.analyzers.weight_change_table`.
+        ranks: effective rank of each matrix's change, as :func:`~capwrap.analyzers.weight_diff.change_ranks`.
+        headline: ``total_change``, ``top1pct_share``, ``top10pct_share``,
+            ``median_effective_rank_ratio``, as the :class:`~capwrap.analyzers.WeightDiff` analyzer's.
+    """
+
+    table: pd.DataFrame
+    ranks: pd.DataFrame
+    headline: dict[str, float]
+
+
+def stream_weight_diff(base: str | os.PathLike, tuned: str | os.PathLike, progress: bool = False) -> StreamedWeightDiff:
+    """The weight diff of two checkpoint folders, read one layer at a time: the per-component table,
+    each matrix's effective rank of change and the concentration headline — everything the
+    :class:`~capwrap.analyzers.WeightDiff` analyzer reports except grafting (which runs models).
+
+    Raises:
+        CheckpointError: a folder is missing, has no safetensors weights, or a file is corrupt.
+        ConfigError: the two checkpoints differ in architecture or shape.
+    """
+    table, ranks, total_sq = _stream(base, tuned, _KINDS, with_ranks=True, progress=progress)
+    return StreamedWeightDiff(table, ranks, change_summary(table, ranks, total_sq))
+
+
 def stream_weight_change(
     base: str | os.PathLike,
     tuned: str | os.PathLike,
@@ -147,6 +180,14 @@ def stream_weight_change(
         CheckpointError: a folder is missing, has no safetensors weights, or a file is corrupt.
         ConfigError: the two checkpoints differ in architecture or shape.
     """
+    return _stream(base, tuned, kinds, with_ranks=False, progress=progress)[0]
+
+
+def _stream(
+    base: str | os.PathLike, tuned: str | os.PathLike, kinds: Sequence[str], with_ranks: bool, progress: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """One pass over the two checkpoints: the change table, the matrices' ranks (if asked) and the
+    summed squared change of every canonical weight."""
     spec_b, spec_t = checkpoint_spec(base), checkpoint_spec(tuned)
     detail = spec_b.differences(spec_t)
     if detail:
@@ -160,6 +201,7 @@ def stream_weight_change(
     present = [k for k in kinds if k in cmap.counts()]
     change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
+    rank_frames, total_sq = [], 0.0
     for names in tqdm(_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
         wb = _groupwise(spec_b, _read_group(files_b, names), shapes)
         wt = _groupwise(spec_b, _read_group(files_t, names), shapes)
@@ -167,6 +209,9 @@ def stream_weight_change(
         for kind in present:
             change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
             norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
+        total_sq += sum(float(d.double().square().sum()) for d in delta.values())
+        if with_ranks:
+            rank_frames.append(change_ranks(delta))
         del wb, wt, delta
     rows = []
     for kind in present:
@@ -174,4 +219,5 @@ def stream_weight_change(
             c, n = math.sqrt(c2), math.sqrt(n2)
             rows.append((comp.name, kind, comp.layer, comp.index, c, c / n if n > 0 else math.nan))
     table = pd.DataFrame(rows, columns=["component", "kind", "layer", "index", "change", "relative_change"])
-    return table.sort_values("change", ascending=False, ignore_index=True)
+    ranks = pd.concat(rank_frames, ignore_index=True) if rank_frames else change_ranks({})
+    return table.sort_values("change", ascending=False, ignore_index=True), ranks, total_sq

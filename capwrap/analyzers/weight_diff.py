@@ -32,7 +32,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +46,7 @@ from capwrap.models import CapModel
 from capwrap.recording import RunStore
 from capwrap.tasks.base import Task, accuracy
 
-__all__ = ["WeightDiff", "graft", "effective_rank", "weight_change_table"]
+__all__ = ["WeightDiff", "graft", "effective_rank", "weight_change_table", "change_ranks", "change_summary"]
 
 _KINDS = ("head", "kv_head", "neuron", "attn", "mlp", "embed", "pos_embed", "unembed")
 _UNIT_KINDS = ("head", "kv_head", "neuron")
@@ -88,6 +88,28 @@ def _change_table(base: CapModel, delta: dict[str, Tensor], kinds: Sequence[str]
     return table.sort_values("change", ascending=False, ignore_index=True)
 
 
+def change_summary(table: pd.DataFrame, ranks: pd.DataFrame, total_sq: float) -> dict[str, float]:
+    """Headline numbers of a change table (:func:`weight_change_table`) and its matrices' ranks
+    (:func:`change_ranks`): the total change (from ``total_sq``, the summed squared change of every
+    weight), the share of the units' (heads', neurons') squared change held by the top 1% and 10%
+    of them, and the median effective rank of the matrices' change relative to the largest possible."""
+    units = table[table["kind"].isin(_UNIT_KINDS)].sort_values("change", ascending=False)
+    sq = units["change"].to_numpy() ** 2
+    total = sq.sum()
+
+    def share(fraction: float) -> float:
+        k = max(1, math.ceil(fraction * len(units)))
+        return float(sq[:k].sum() / total) if total > 0 else math.nan
+
+    ratio = (ranks["effective_rank"] / ranks["max_rank"]).median() if len(ranks) else math.nan
+    return {
+        "total_change": math.sqrt(total_sq),
+        "top1pct_share": share(0.01),
+        "top10pct_share": share(0.10),
+        "median_effective_rank_ratio": float(ratio),
+    }
+
+
 def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapModel | None = None) -> CapModel:
     """``base`` with the named components' weights taken from ``tuned``.
 
@@ -110,7 +132,10 @@ def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapM
     return out
 
 
-def _matrix_ranks(delta: dict[str, Tensor]) -> pd.DataFrame:
+def change_ranks(delta: Mapping[str, Tensor]) -> pd.DataFrame:
+    """Effective rank of each weight matrix's change (``weight, effective_rank, max_rank``); heads'
+    Q/K/V and O matrices are read as the whole layer's ``[d_model, heads*d_head]`` map. Unchanged
+    matrices and bias tables are left out."""
     rows = []
     for name, d in delta.items():
         if d.ndim < 2 or ".b_" in name:  # matrices only, not per-head bias tables
@@ -152,24 +177,13 @@ class WeightDiff(Analyzer):
         delta = _delta(pair.base, pair.tuned)
         table = _change_table(pair.base, delta, _KINDS)
         units = table[table["kind"].isin(_UNIT_KINDS)].reset_index(drop=True)
-        sq = units["change"].to_numpy() ** 2
-        total = sq.sum()
-
-        def share(fraction: float) -> float:
-            k = max(1, math.ceil(fraction * len(units)))
-            return float(sq[:k].sum() / total) if total > 0 else math.nan
-
-        ranks = _matrix_ranks(delta)
+        ranks = change_ranks(delta)
         grafts = self._grafts(pair, capability, downstream, units)
         if store is not None:
             table = table.merge(_movement_times(store), on="component", how="left")
 
-        headline = {
-            "total_change": float(math.sqrt(sum(float(v.square().sum()) for v in delta.values()))),
-            "top1pct_share": share(0.01),
-            "top10pct_share": share(0.10),
-            "median_effective_rank_ratio": float((ranks["effective_rank"] / ranks["max_rank"]).median()) if len(ranks) else math.nan,
-        }  # fmt: skip
+        total_sq = sum(float(v.square().sum()) for v in delta.values())
+        headline = change_summary(table, ranks, total_sq)
         for row in grafts.itertuples():
             key = (
                 f"top{row.fraction:g}"

@@ -92,3 +92,26 @@ def test_older_checkpoint_names_stream_too(tmp_path):
     streamed = stream_weight_change(tmp_path / "base", tmp_path / "tuned").set_index("component")
     expected = weight_change_table(base, tuned).set_index("component")
     assert abs(streamed.loc["L1.attn", "change"] - expected.loc["L1.attn", "change"]) < 1e-5
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_streamed_headline_and_ranks_equal_the_in_memory_ones(tie, tmp_path):
+    from capwrap.analyzers.streaming import stream_weight_diff
+    from capwrap.analyzers.weight_diff import _delta, change_ranks, change_summary
+
+    base, tuned = _pair("llama", tie)
+    save_model(base, tmp_path / "base")
+    save_model(tuned, tmp_path / "tuned")
+    streamed = stream_weight_diff(tmp_path / "base", tmp_path / "tuned")
+    delta = _delta(base, tuned)
+    ranks = change_ranks(delta)
+    expected = change_summary(
+        weight_change_table(base, tuned), ranks, sum(float(d.square().sum()) for d in delta.values())
+    )
+    for key, value in expected.items():
+        assert streamed.headline[key] == pytest.approx(value, rel=1e-5), key
+    merged = streamed.ranks.merge(ranks, on="weight", suffixes=("", "_memory"))
+    assert len(merged) == len(ranks) > 0
+    torch.testing.assert_close(torch.tensor(merged["effective_rank"].to_numpy()),
+                               torch.tensor(merged["effective_rank_memory"].to_numpy()), rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert 0 < streamed.headline["top10pct_share"] <= 1
