@@ -265,9 +265,7 @@ class ModelSpec:
         """Read a ``transformers`` config of a supported architecture."""
         model_type = getattr(config, "model_type", None)
         if model_type == "gpt2":
-            act = getattr(config, "activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ConfigError(f"gpt2 checkpoints with activation {act!r} are not supported")
+            _check_tanh_gelu(config)
             return cls(
                 architecture="gpt2",
                 d_vocab=config.vocab_size,
@@ -280,9 +278,7 @@ class ModelSpec:
                 norm_eps=config.layer_norm_epsilon,
             )
         if model_type == "gpt_neo":
-            act = getattr(config, "activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ConfigError(f"gpt_neo checkpoints with activation {act!r} are not supported")
+            _check_tanh_gelu(config)
             layers = tuple(config.attention_layers)
             return cls(
                 architecture="gpt_neo",
@@ -397,3 +393,10 @@ class ModelSpec:
             default_prepend_bos=False,
             architecture="TransformerLensNative",
         )
+
+
+def _check_tanh_gelu(config: Any) -> None:
+    """GPT-2 and GPT-Neo checkpoints must use the tanh-approximate GELU capwrap's models compute."""
+    act = getattr(config, "activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"{config.model_type} checkpoints with activation {act!r} are not supported")
