@@ -139,7 +139,8 @@ def _pair_differing_in_one_head(task, backend, layer):
     with torch.no_grad():
         second.weights()[f"blocks.{layer}.attn.W_O"][2] *= -4.0  # one head is the only difference
     batch = task.sample(32, seed=0)
-    scores = [float(answer_logprob(answer_logits(m(batch.tokens), batch), batch).mean()) for m in (first, second)]
+    with torch.no_grad():
+        scores = [float(answer_logprob(answer_logits(m(batch.tokens), batch), batch).mean()) for m in (first, second)]
     return ModelPair(*((first, second) if scores[0] > scores[1] else (second, first)))  # the tuned one lost log-prob
 
 
