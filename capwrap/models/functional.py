@@ -9,11 +9,12 @@ the metric reads, so recomputing only that corner of the model gives the same nu
 of the arithmetic.
 
 :class:`Functional` reads the canonical TL-named weights of a :class:`~capwrap.models.CapModel`
-(views over the real storage, so it always sees the current weights) and implements the three
+(views over the real storage, so it always sees the current weights) and implements the four
 architectures capwrap knows: ``gpt2`` (LayerNorm, learned positions, tanh-GELU), ``gpt_neo`` (as
 gpt2, with unscaled attention scores and local-window layers), ``llama`` (RMSNorm, rotary, gated SiLU
-MLP, grouped-query attention) and ``tracr`` (no norm, ReLU, bidirectional attention). Its :meth:`~Functional.trace` agrees with the model's own hooks to float rounding (tested
-on both TransformerLens lines).
+MLP, grouped-query attention) and ``tracr`` (no norm, ReLU, bidirectional attention). Its
+:meth:`~Functional.trace` agrees with the model's own hooks to float rounding (tested on both
+TransformerLens lines).
 
 Examples:
     >>> import torch

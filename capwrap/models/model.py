@@ -292,12 +292,8 @@ class CapModel:
     def weights(self) -> dict[str, Tensor]:
         """Canonical (TransformerLens-named) views of the weights; writing into them edits the model."""
         if self._layout == "hooked":
-            return {k: self._storage[_gqa_name(self.spec, k)] for k in self._canonical_names}
+            return {k: self._storage[_gqa_name(self.spec, k)] for k in canonical_names(self.spec)}
         return canonical_views(self.spec, self._storage, self._layout)  # type: ignore[arg-type]
-
-    @property
-    def _canonical_names(self) -> tuple[str, ...]:
-        return canonical_names(self.spec)
 
     def gradients(self) -> dict[str, Tensor]:
         """Canonical views of the current gradients (zeros where a weight got none)."""
@@ -308,7 +304,7 @@ class CapModel:
             }
             if self.spec.tie_embeddings:  # one weight: its gradient, seen both ways (as on the bridge)
                 grads["unembed.W_U"] = grads["embed.W_E"].T
-            return {k: grads[_gqa_name(self.spec, k)] for k in self._canonical_names}
+            return {k: grads[_gqa_name(self.spec, k)] for k in canonical_names(self.spec)}
         return canonical_views(self.spec, self._storage_gradients(), self._layout)  # type: ignore[arg-type]
 
     def _storage_gradients(self) -> dict[str, Tensor]:

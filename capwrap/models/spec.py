@@ -133,11 +133,6 @@ class ModelSpec:
         return self.attention_layers or ("global",) * self.n_layers
 
     @property
-    def learned_positions(self) -> bool:
-        """Whether positions come from a learned embedding (``pos_embed.W_pos``) rather than rotary."""
-        return self.architecture != "llama"
-
-    @property
     def attn_scale(self) -> float:
         """What attention scores are divided by: sqrt(d_head), or 1 for gpt_neo (unscaled)."""
         return 1.0 if self.architecture == "gpt_neo" else float(self.d_head) ** 0.5
