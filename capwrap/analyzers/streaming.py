@@ -52,17 +52,12 @@ _LAYER = re.compile(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.")
 
 def checkpoint_spec(folder: str | os.PathLike) -> ModelSpec:
     """The :class:`~capwrap.models.ModelSpec` of a checkpoint folder, read from its config files only."""
-    from capwrap.models.io import _read_capwrap_file, _read_hf_config
+    from capwrap.models.io import _read_capwrap_file, read_spec
 
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist; check the path")
-    doc = _read_capwrap_file(folder)
-    if (folder / "config.json").exists():
-        return ModelSpec.from_hf_config(_read_hf_config(folder, False))
-    if doc is not None and "spec" in doc:
-        return ModelSpec(**doc["spec"])
-    raise CheckpointError(f"{folder} has no config.json (or capwrap.json); it is not a checkpoint folder")
+    return read_spec(folder, _read_capwrap_file(folder))
 
 
 def _tensor_files(folder: Path, spec: ModelSpec) -> dict[str, tuple[Path, str]]:

@@ -128,16 +128,22 @@ def load_model(
     """
     folder = _resolve_source(source, revision, allow_pickle)
     capwrap_doc = _read_capwrap_file(folder)
-    if (folder / "config.json").exists() or capwrap_doc is None:
-        spec = ModelSpec.from_hf_config(_read_hf_config(folder, trust_remote_code))
-    else:  # architectures without a Hugging Face equivalent (tracr) keep their spec in capwrap.json
-        spec = ModelSpec.from_dict(capwrap_doc["spec"])
+    spec = read_spec(folder, capwrap_doc, trust_remote_code)
     state = normalize_state(spec, _read_weights(folder, allow_pickle))
     tokenizer = _read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
     model = CapModel.from_state(spec, state, backend, tokenizer, metadata)
     return model.to(device) if device is not None else model
+
+
+def read_spec(folder: Path, capwrap_doc: dict[str, Any] | None, trust_remote_code: bool = False) -> ModelSpec:
+    """The spec of a checkpoint folder from its config files alone: ``config.json`` (Hugging Face),
+    or, for architectures without a Hugging Face equivalent (tracr), ``capwrap.json``'s spec
+    (``capwrap_doc``, as :func:`_read_capwrap_file` returns it)."""
+    if (folder / "config.json").exists() or capwrap_doc is None:
+        return ModelSpec.from_hf_config(_read_hf_config(folder, trust_remote_code))
+    return ModelSpec.from_dict(capwrap_doc["spec"])
 
 
 def _read_capwrap_file(folder: Path) -> dict[str, Any] | None:
