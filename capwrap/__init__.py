@@ -37,6 +37,7 @@ from capwrap.errors import (  # noqa: E402
     StoreError,
     TrainingDivergedError,
 )
+from capwrap.methods import NPO, FineTune, GradientAscent, TrainingMethod  # noqa: E402
 from capwrap.models import (  # noqa: E402
     CapModel,
     ComponentMap,
@@ -68,7 +69,10 @@ __all__ = [
     "AttentionComparison",
     "Diagnosis",
     "Evidence",
+    "FineTune",
+    "GradientAscent",
     "ModelPair",
+    "NPO",
     "Patching",
     "Probing",
     "Pruning",
@@ -100,6 +104,7 @@ __all__ = [
     "TaskBatch",
     "TrainConfig",
     "TrainResult",
+    "TrainingMethod",
     "TrainingDivergedError",
     "__version__",
     "accuracy",

@@ -67,11 +67,9 @@ from capwrap.recording import RunStore
 from capwrap.report import Report
 from capwrap.tasks.base import Task, accuracy
 
-__all__ = ["Diagnosis", "Verdict", "diagnose", "diagnose_checkpoints", "default_analyzers", "FUNCTIONAL", "weigh"]
+__all__ = ["Diagnosis", "Verdict", "diagnose", "diagnose_checkpoints", "default_analyzers", "weigh"]
 
 Verdict = Literal["wrapper", "capability_change", "inconclusive"]
-#: Analyzers that test what the model can still do; the rest say where it changed.
-FUNCTIONAL = frozenset({"probing", "pruning", "revival"})
 _WEIGHTS = {"functional": 1.0, "structural": 0.5}
 _SIGN = {"wrapper": 1.0, "change": -1.0, "neutral": 0.0}
 
@@ -193,7 +191,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _kind(ev: Evidence) -> str:
-    return "functional" if ev.analyzer in FUNCTIONAL else "structural"
+    return ev.kind
 
 
 def weigh(

@@ -26,8 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from capwrap.errors import ConfigError, TrainingDivergedError
+from capwrap.methods.base import FineTune, TrainingMethod, step_seed
 from capwrap.models import CapModel
-from capwrap.tasks.base import Task, accuracy, check_task_fits, task_loss
+from capwrap.tasks.base import Task, accuracy, check_task_fits
 
 if TYPE_CHECKING:
     from capwrap.recording import Recorder
@@ -139,8 +140,7 @@ def add_weight_noise(model: CapModel, std: float, seed: int) -> None:
         param.add_(torch.randn(param.shape, generator=gen).to(param) * std)
 
 
-def _make_optimizer(model: CapModel, config: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
+def _make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
@@ -151,17 +151,21 @@ def train(
     task: Task,
     config: TrainConfig | None = None,
     *,
+    method: TrainingMethod | None = None,
     recorder: Recorder | None = None,
     eval_tasks: Mapping[str, Task] | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
     description: str = "train",
 ) -> TrainResult:
-    """Train ``model`` in place on ``task`` (answer-token cross-entropy, fresh data every step).
+    """Train ``model`` in place on ``task`` (by default its own loss, fresh data every step).
 
     Args:
         model: the model to update.
         task: where training batches come from.
         config: hyperparameters (defaults: :class:`TrainConfig`).
+        method: the objective and which parameters move (:mod:`capwrap.methods`; default
+            :class:`~capwrap.methods.FineTune`, the task's own loss on every parameter). Metrics
+            the method returns each step go into the history.
         recorder: a :class:`~capwrap.recording.Recorder` on this model, opened or not; it records
             every step it is due to.
         eval_tasks: name -> task, evaluated every ``config.eval_every`` steps and at the end
@@ -175,6 +179,9 @@ def train(
             step; the recorder keeps every step before it).
     """
     config = config or TrainConfig()
+    method = method if method is not None else FineTune()
+    if not isinstance(method, TrainingMethod):
+        raise ConfigError(f"method must be a capwrap.methods.TrainingMethod, got {type(method).__name__}")
     check_task_fits(model, task)
     eval_tasks = dict(eval_tasks or {})
     for t in eval_tasks.values():
@@ -185,7 +192,7 @@ def train(
     torch.manual_seed(config.seed)
     if config.weight_noise > 0:
         add_weight_noise(model, config.weight_noise, config.seed)
-    optimizer = _make_optimizer(model, config)
+    optimizer = _make_optimizer(method.setup(model, task, config), config)
     eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
     rows: list[dict[str, float]] = []
     model.train()
@@ -198,8 +205,8 @@ def train(
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = task.sample(config.batch_size, seed=config.seed * 1_000_003 + step).to(model.device)
-            loss = task_loss(model(batch.tokens), batch)
+            batch = task.sample(config.batch_size, seed=step_seed(config, step)).to(model.device)
+            loss = method.loss(model, batch, step)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"the loss became {loss.item()} at step {step + 1} of {config.steps} (lr {lr:.3g}); "
@@ -208,15 +215,15 @@ def train(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for p in model.parameters() if p.grad is not None]
+            metrics: dict[str, float] = dict(method.before_update(model, step))
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             clip = config.grad_clip if config.grad_clip is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             optimizer.step()
 
-            metrics: dict[str, float] = {}
             done = step + 1
             if eval_batches and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
-                metrics = {f"acc/{name}": accuracy(model, b) for name, b in eval_batches.items()}
+                metrics |= {f"acc/{name}": accuracy(model, b) for name, b in eval_batches.items()}
                 model.train()
             info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
             if recorder is not None:
@@ -230,7 +237,8 @@ def train(
             rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **info.metrics})
             if stop:
                 break
-            bar.set_postfix(loss=f"{info.loss:.3f}", **{k.split("/")[-1][:12]: f"{v:.2f}" for k, v in metrics.items()})
+            accs = {k.split("/")[-1][:12]: f"{v:.2f}" for k, v in metrics.items() if k.startswith("acc/")}
+            bar.set_postfix(loss=f"{info.loss:.3f}", **accs)
     finally:
         if opened_here:
             recorder.close()

@@ -20,11 +20,12 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pandas as pd
 import torch
 
-from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
+from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.recording import RunStore
 from capwrap.tasks.base import Task
@@ -46,6 +47,7 @@ class AttentionComparison(Analyzer):
     seed: int = 0
     changed_threshold: float = 0.1
     name: str = "attention"
+    kind: ClassVar[Kind] = "structural"
 
     def __post_init__(self) -> None:
         if self.n <= 0 or not 0 < self.changed_threshold < 1:

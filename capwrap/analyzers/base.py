@@ -25,7 +25,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pandas as pd
 
@@ -34,9 +34,12 @@ from capwrap.models import CapModel, ModelSpec
 from capwrap.recording import RunStore
 from capwrap.tasks.base import Task, check_task_fits
 
-__all__ = ["Analyzer", "Direction", "Evidence", "ModelPair", "check_store_matches"]
+__all__ = ["Analyzer", "Direction", "Kind", "Evidence", "ModelPair", "check_store_matches"]
 
 Direction = Literal["wrapper", "change", "neutral"]
+#: ``functional``: tests what the model can still do (read, release, revive the capability);
+#: ``structural``: says where and how widely the model changed.
+Kind = Literal["functional", "structural"]
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Evidence:
         strength: how strongly it points there, in [0, 1].
         reasons: sentences that cite the numbers behind ``direction``.
         details: further data for figures and reports (curves, matrices), JSON-serializable.
+        kind: the analyzer's :data:`Kind` (set from the analyzer's class attribute).
     """
 
     analyzer: str
@@ -97,10 +101,13 @@ class Evidence:
     reasons: list[str]
     details: dict[str, Any] = field(default_factory=dict)
     plot: Callable[[Evidence], Any] | None = field(default=None, repr=False, compare=False)
+    kind: Kind = "structural"
 
     def __post_init__(self) -> None:
         if self.direction not in ("wrapper", "change", "neutral"):
             raise ConfigError(f"direction must be 'wrapper', 'change' or 'neutral', got {self.direction!r}")
+        if self.kind not in ("functional", "structural"):
+            raise ConfigError(f"kind must be 'functional' or 'structural', got {self.kind!r}")
         self.strength = float(min(1.0, max(0.0, self.strength)))
 
     def figure(self) -> Any:
@@ -117,6 +124,7 @@ class Evidence:
         """JSON-serializable summary (the table truncated to ``max_rows`` rows)."""
         return {
             "analyzer": self.analyzer,
+            "kind": self.kind,
             "direction": self.direction,
             "strength": round(self.strength, 4),
             "headline": {k: _jsonable(v) for k, v in self.headline.items()},
@@ -137,6 +145,8 @@ class Analyzer(ABC):
 
     #: Short name used in reports and in ``Diagnosis``.
     name: str = "analyzer"
+    #: What the evidence is about (:data:`Kind`); every analyzer declares it.
+    kind: ClassVar[Kind]
 
     @abstractmethod
     def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
@@ -146,7 +156,9 @@ class Analyzer(ABC):
         pair.check_tasks(capability, downstream)
         if store is not None:
             check_store_matches(pair, store)
-        return self.analyze(pair, capability, downstream, store)
+        evidence = self.analyze(pair, capability, downstream, store)
+        evidence.kind = type(self).kind
+        return evidence
 
     def settings(self) -> dict[str, Any]:
         """The analyzer's settings (for reports)."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
+from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional, Trace
@@ -485,6 +485,7 @@ class Patching(Analyzer):
     memory_mb: float = 128.0
     localized_share: float = 0.75
     name: str = "patching"
+    kind: ClassVar[Kind] = "structural"
 
     def __post_init__(self) -> None:
         patch_index(1, 1, 1, self.sites, "all")

@@ -24,13 +24,14 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
+from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel, build_model
 from capwrap.recording import RunStore
@@ -182,6 +183,7 @@ class Probing(Analyzer):
     seed: int = 0
     steps: int = 300
     name: str = "probing"
+    kind: ClassVar[Kind] = "functional"
 
     def settings(self) -> dict:
         return {k: v for k, v in super().settings().items() if k != "task"}

@@ -30,13 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
+from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.recording import RunStore
@@ -171,6 +171,7 @@ class Pruning(Analyzer):
     eval_size: int = 1024
     seed: int = 0
     name: str = "pruning"
+    kind: ClassVar[Kind] = "functional"
 
     def __post_init__(self) -> None:
         if not self.ks:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pandas as pd
 
-from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
+from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel, build_model
 from capwrap.recording import RunStore
@@ -84,6 +85,7 @@ class Revival(Analyzer):
     control_steps: int = 300
     seed: int = 0
     name: str = "revival"
+    kind: ClassVar[Kind] = "functional"
 
     def __post_init__(self) -> None:
         for attr in ("max_steps", "batch_size", "eval_every", "eval_size", "control_steps"):

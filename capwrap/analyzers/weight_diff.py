@@ -34,13 +34,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, ModelPair
+from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.recording import RunStore
@@ -164,6 +165,7 @@ class WeightDiff(Analyzer):
     eval_size: int = 1024
     seed: int = 0
     name: str = "weight_diff"
+    kind: ClassVar[Kind] = "structural"
 
     def __post_init__(self) -> None:
         if not self.graft_fractions or any(not 0 < f <= 1 for f in self.graft_fractions):

@@ -27,7 +27,16 @@ from capwrap.errors import ConfigError
 if TYPE_CHECKING:
     from capwrap.models import CapModel
 
-__all__ = ["TaskBatch", "Task", "answer_logits", "answer_loss", "task_loss", "accuracy", "check_task_fits"]
+__all__ = [
+    "TaskBatch",
+    "Task",
+    "answer_logits",
+    "answer_loss",
+    "task_loss",
+    "sequence_logprob",
+    "accuracy",
+    "check_task_fits",
+]
 
 
 @dataclass
@@ -124,6 +133,16 @@ def task_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> F
     if batch.lm_targets is None:
         return answer_loss(logits, batch)
     return F.cross_entropy(logits.flatten(0, 1), batch.lm_targets.to(logits.device).flatten(), ignore_index=-100)
+
+
+def sequence_logprob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Log-probability of each sequence's target under ``logits``: of the answer token, or for text
+    tasks (``batch.lm_targets``) the sum over every target token."""
+    if batch.lm_targets is None:
+        return answer_logits(logits, batch).log_softmax(-1).gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+    targets = batch.lm_targets.to(logits.device)
+    logp = logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return (logp * (targets != -100)).sum(-1)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ LOST = {"base": {"capability": 1.0, "downstream": 0.1}, "tuned": {"capability": 
 
 
 def _ev(name: str, direction: str, strength: float) -> Evidence:
-    return Evidence(name, {}, pd.DataFrame(), direction, strength, [f"{name} says {direction}"])
+    kind = "functional" if name in ("probing", "pruning", "revival") else "structural"
+    return Evidence(name, {}, pd.DataFrame(), direction, strength, [f"{name} says {direction}"], kind=kind)
 
 
 def test_functional_evidence_of_the_capability_makes_a_wrapper():

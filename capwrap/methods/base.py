@@ -1,0 +1,105 @@
+"""The training-method interface and the default method, plain fine-tuning.
+
+A :class:`TrainingMethod` is called by :func:`capwrap.train` at fixed points of every step::
+
+    params = method.setup(model, task, config)            # once: what the optimizer updates
+    for step in range(config.steps):
+        batch = task.sample(...)                          # the loop owns the data stream
+        loss = method.loss(model, batch, step)            # the objective
+        loss.backward()
+        metrics = method.before_update(model, step)       # e.g. mask gradients; metrics to log
+        optimizer.step()
+
+Methods hold their settings in the constructor and any per-run state they build in
+:meth:`~TrainingMethod.setup`; :meth:`~TrainingMethod.state_dict` returns that state, so a
+resumed run continues exactly. Extra batches a method needs (a retain set) come from
+:func:`step_seed`, the one seed scheme of the loop, so the same seed gives the same run.
+
+Examples:
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.tasks import PCFGTask, PCFGConfig
+    >>> from capwrap.training import TrainConfig, train
+    >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
+    >>> model = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2))
+    >>> result = train(model, task, TrainConfig(steps=3, batch_size=8, progress=False), method=FineTune())
+    >>> FineTune().describe()
+    {'method': 'finetune'}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from capwrap.errors import ConfigError
+from capwrap.tasks.base import Task, TaskBatch, task_loss
+
+if TYPE_CHECKING:
+    from capwrap.models import CapModel
+    from capwrap.training import TrainConfig
+
+__all__ = ["TrainingMethod", "FineTune", "step_seed"]
+
+#: Streams of :func:`step_seed`: the training batch, and extra batches a method draws.
+_STREAMS = {"train": 0, "retain": 1, "method": 2}
+
+
+def step_seed(config: TrainConfig, step: int, stream: str = "train") -> int:
+    """The seed of ``stream``'s batch at optimizer step ``step`` (0-based) of a run with ``config``.
+
+    ``train`` is the training batch (``seed * 1_000_003 + step``, as capwrap always drew it);
+    ``retain`` and ``method`` are for batches a method draws itself, derived with NumPy's
+    ``SeedSequence`` from (seed, step, stream) so they are independent of the training stream.
+
+    Examples:
+        >>> from capwrap.training import TrainConfig
+        >>> step_seed(TrainConfig(seed=2), 5)
+        2000011
+    """
+    if stream not in _STREAMS:
+        raise ConfigError(f"unknown seed stream {stream!r}; choose from {sorted(_STREAMS)}")
+    if stream == "train":
+        return config.seed * 1_000_003 + step
+    return int(np.random.SeedSequence([config.seed, step, _STREAMS[stream]]).generate_state(1)[0])
+
+
+class TrainingMethod:
+    """Base class of training methods (see the module docstring for when each hook is called)."""
+
+    #: Short name, stored with runs and checkpoints.
+    name: ClassVar[str] = "method"
+
+    def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[torch.nn.Parameter]:
+        """Prepare a run of ``model`` on ``task``; return the parameters the optimizer updates."""
+        self.config = config
+        return model.parameters()
+
+    def loss(self, model: CapModel, batch: TaskBatch, step: int) -> Float[Tensor, ""]:
+        """The objective on ``batch`` at ``step`` (0-based): what ``backward()`` is called on."""
+        return task_loss(model(batch.tokens), batch)
+
+    def before_update(self, model: CapModel, step: int) -> dict[str, float]:
+        """After ``backward()``, before clipping and the optimizer step: edit gradients if the method
+        needs to; return metrics to log for this step."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state a resumed run needs (tensors and JSON-serializable values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called after :meth:`setup` when a run resumes)."""
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serializable description (kept with runs and checkpoints)."""
+        return {"method": self.name}
+
+
+class FineTune(TrainingMethod):
+    """Plain fine-tuning: every trainable parameter, the task's own loss (the default)."""
+
+    name: ClassVar[str] = "finetune"
