@@ -18,8 +18,11 @@ __version__ = "0.1.0"
 from capwrap.analyzers import (  # noqa: E402
     Analyzer,
     AttentionComparison,
+    Context,
     Evidence,
+    Generalization,
     ModelPair,
+    NewLatentProbing,
     Patching,
     Probing,
     Pruning,
@@ -28,7 +31,7 @@ from capwrap.analyzers import (  # noqa: E402
     activation_patching,
 )
 from capwrap.demo import DemoResult, run_demo  # noqa: E402
-from capwrap.diagnosis import Diagnosis, default_analyzers, diagnose  # noqa: E402
+from capwrap.diagnosis import Diagnosis, Finding, VerdictRule, default_analyzers, diagnose  # noqa: E402
 from capwrap.errors import (  # noqa: E402
     CapwrapError,
     CheckpointError,
@@ -67,8 +70,13 @@ from capwrap.training import TrainConfig, TrainResult, train  # noqa: E402
 __all__ = [
     "Analyzer",
     "AttentionComparison",
+    "Context",
     "Diagnosis",
     "Evidence",
+    "Finding",
+    "Generalization",
+    "NewLatentProbing",
+    "VerdictRule",
     "FineTune",
     "GradientAscent",
     "ModelPair",

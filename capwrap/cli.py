@@ -37,12 +37,20 @@ def _demo(args: argparse.Namespace) -> int:
     print(table.to_string(float_format=lambda v: f"{v:6.1%}"))
     print()
     if result.diagnosis is not None:
-        evidence = result.diagnosis.summary()[["analyzer", "kind", "direction", "strength", "contribution"]]
-        print(evidence.to_string(index=False))
-        print()
-    print(f"verdict: {result.summary['verdict']}  ({result.summary.get('verdict_note', '')})")
+        _print_findings(result.diagnosis)
+    print(f"verdict: {result.summary['verdict']}")
     print(f"done in {result.summary['wall_seconds']:.0f} s; outputs in {result.out}/")
     return 0
+
+
+def _print_findings(diagnosis) -> None:
+    """The evidence table and both findings, as the terminal shows them."""
+    columns = ["question", "analyzer", "kind", "value", "direction", "strength", "contribution"]
+    print(diagnosis.summary()[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print()
+    for finding in diagnosis.findings:
+        print(f"{finding.question}: {finding.verdict} — {finding.reasons[0]}")
+    print()
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -75,14 +83,42 @@ def _diagnose(args: argparse.Namespace) -> int:
         args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
         quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
     )  # fmt: skip
-    print(diagnosis.summary()[["analyzer", "kind", "direction", "strength", "contribution"]].to_string(index=False))
-    print()
     acc = diagnosis.accuracy
     print(f"capability accuracy {acc['base']['capability']:.1%} (base) -> {acc['tuned']['capability']:.1%} (tuned); "
           f"downstream {acc['base']['downstream']:.1%} -> {acc['tuned']['downstream']:.1%}")  # fmt: skip
-    print(f"verdict: {diagnosis.verdict}  ({diagnosis.reasons[0]})")
+    _print_findings(diagnosis)
+    print(f"verdict: {diagnosis.verdict}")
     if args.out:
         print(f"wrote {args.out}/summary.json and {args.out}/report.html")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from capwrap.diagnosis.rule import VerdictRule, default_rule
+    from capwrap.validation import ValidationResult, fit_rule, run_suite, scenarios
+
+    chosen = scenarios(args.split, args.scenario, args.kind)
+    if args.list:
+        for s in chosen:
+            print(f"{s.name:48s} {s.split:11s} {s.kind:8s} {s.family:14s} {s.note}")
+        print(f"{len(chosen)} scenarios")
+        return 0
+    if not chosen:
+        print("no scenario matches; list them with capwrap validate --list")
+        return 2
+    rule = VerdictRule.load(args.rule) if args.rule else default_rule()
+    log = (lambda message: None) if args.quiet else print
+    records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
+                        n_boot=args.n_boot, progress=not args.quiet, log=log)  # fmt: skip
+    if args.fit:
+        command = "capwrap validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "capwrap validate"
+        rule = fit_rule(records, start=rule, command=command)
+        rule.save(args.fit)
+        print(f"fitted the verdict rule on {len(records)} scenarios; wrote {args.fit}")
+    result = ValidationResult.from_records(records, rule, split=args.split, command="capwrap validate")
+    print(result.summary_text())
+    json_path, html_path = result.write(args.out)
+    print(f"wrote {json_path} and {html_path}")
     return 0
 
 
@@ -134,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
     diag.add_argument("--quiet", action="store_true", help="no progress bars")
     diag.set_defaults(func=_diagnose)
+
+    val = sub.add_parser(
+        "validate", help="run the suite of fine-tuning scenarios with known truth; measure the verdict"
+    )
+    val.add_argument("--split", default="held-out", choices=["calibration", "held-out", "all"],
+                     help="which half of the suite (default held-out)")  # fmt: skip
+    val.add_argument("--scenario", action="append", default=None, metavar="NAME",
+                     help="only this scenario (a name or a glob pattern; repeatable)")  # fmt: skip
+    val.add_argument("--kind", action="append", default=None, choices=["wrapper", "removed", "genuine", "kept", "unknown"],
+                     help="only scenarios of this kind (repeatable)")  # fmt: skip
+    val.add_argument("--out", default="capwrap_validation", help="results folder (default capwrap_validation)")
+    val.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    val.add_argument("--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('local' starts one here)")
+    val.add_argument("--cache", default=None, help="where tuned models are kept between runs (default OUT/cache)")
+    val.add_argument("--rule", default=None, help="a verdict rule file to score with (default: the fitted rule)")
+    val.add_argument(
+        "--fit", default=None, metavar="RULE.json", help="fit the verdict rule on these scenarios and save it"
+    )
+    val.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates (default 200)")
+    val.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    val.add_argument("--quiet", action="store_true", help="no progress bars")
+    val.set_defaults(func=_validate)
     return parser
 
 

@@ -40,7 +40,17 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from capwrap.analyzers import Analyzer, AttentionComparison, Patching, Probing, Pruning, Revival, WeightDiff
+from capwrap.analyzers import (
+    Analyzer,
+    AttentionComparison,
+    Generalization,
+    NewLatentProbing,
+    Patching,
+    Probing,
+    Pruning,
+    Revival,
+    WeightDiff,
+)
 from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import write_json_atomic
@@ -201,10 +211,11 @@ def run_demo(
     store = RunStore.open(store_path)
     diagnosis = None
     if diagnose_pair:
-        log("diagnosing (probing, pruning, revival, weight diff, attention, patching) ...")
+        log("diagnosing (probing, pruning, revival, weight diff, attention, patching, generalization, new latent) ...")
         diagnosis = diagnose(
             base, tuned, capability=tasks["capability"], downstream=tasks["downstream_correlated"],
-            analyzers=demo_analyzers(finetune.steps, seed), store=store, seed=seed, progress=progress,
+            downstream_free=tasks["downstream_uncorrelated"], analyzers=demo_analyzers(finetune.steps), store=store,
+            seed=seed, eval_size=min(eval_size, 1024), progress=progress,
         )  # fmt: skip
         log(f"verdict: {diagnosis.verdict} (score {diagnosis.score:+.2f})")
 
@@ -230,16 +241,18 @@ def run_demo(
     return DemoResult(summary, base, tuned, store, out, diagnosis)
 
 
-def demo_analyzers(finetune_steps: int, seed: int = 0) -> list[Analyzer]:
-    """The demo's analyzers: the defaults with evaluation sets sized to keep the demo within three
-    minutes on a 2-core CPU; the revival control trains for the fine-tuning budget."""
+def demo_analyzers(finetune_steps: int) -> list[Analyzer]:
+    """The demo's analyzers: the defaults with samples sized to keep the demo within three minutes
+    on a 2-core CPU; the revival control trains for the fine-tuning budget."""
     return [
-        Probing(n=1024, seed=seed),
-        Pruning(ks=(0, 1, 2, 5, 10, 15, 25), eval_size=512, seed=seed),
-        Revival(eval_size=256, control_steps=finetune_steps, seed=seed),
-        WeightDiff(eval_size=512, seed=seed),
-        AttentionComparison(seed=seed),
-        Patching(seed=seed),
+        Probing(n=1024),
+        Pruning(ks=(0, 1, 2, 5, 10, 15, 25)),
+        Revival(check_size=256, control_steps=finetune_steps, seeds=1),
+        WeightDiff(),
+        AttentionComparison(),
+        Patching(),
+        Generalization(),
+        NewLatentProbing(n=1024),
     ]
 
 

@@ -1,10 +1,12 @@
-"""Analyzers: each takes a `ModelPair`, the capability and downstream tasks (and optionally a
-`RunStore`) and returns `Evidence`."""
+"""Analyzers: each reads a :class:`Context` (the pair, the tasks, the shared evaluation set) and
+returns :class:`Evidence` about one of diagnose's two questions."""
 
 from capwrap.analyzers.attention import AttentionComparison
-from capwrap.analyzers.base import Analyzer, Direction, Evidence, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Direction, EvalSet, Evidence, Kind, ModelPair, Question
+from capwrap.analyzers.controls import untrained_like
+from capwrap.analyzers.generalization import Generalization
 from capwrap.analyzers.patching import SITES, Patching, PatchingResult, activation_patching, patch_index
-from capwrap.analyzers.probing import ProbeResult, Probing, fit_probes, probe_features
+from capwrap.analyzers.probing import NewLatentProbing, ProbeResult, Probing, fit_probes, probe_features
 from capwrap.analyzers.pruning import Pruning, prune, unit_scores
 from capwrap.analyzers.revival import Revival, steps_to_threshold
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
@@ -12,11 +14,17 @@ from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, wei
 __all__ = [
     "Analyzer",
     "AttentionComparison",
+    "Context",
     "Direction",
+    "EvalSet",
     "Evidence",
+    "Generalization",
+    "Kind",
     "ModelPair",
+    "NewLatentProbing",
     "Patching",
     "PatchingResult",
+    "Question",
     "SITES",
     "ProbeResult",
     "Probing",
@@ -32,5 +40,6 @@ __all__ = [
     "prune",
     "steps_to_threshold",
     "unit_scores",
+    "untrained_like",
     "weight_change_table",
 ]

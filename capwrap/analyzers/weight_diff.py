@@ -24,7 +24,7 @@ Examples:
     >>> tuned = base.clone()
     >>> with torch.no_grad():
     ...     tuned.weights()["blocks.0.attn.W_V"][1] += 0.5  # change one head only
-    >>> ev = WeightDiff(graft_fractions=(0.1,), eval_size=32)(ModelPair(base, tuned), task, task)
+    >>> ev = WeightDiff(graft_fractions=(0.1,))(ModelPair(base, tuned), task, task, eval_size=32)
     >>> ev.table.iloc[0]["component"], round(ev.headline["top1pct_share"], 2)
     ('L0H1', 1.0)
 """
@@ -41,11 +41,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.recording import RunStore
-from capwrap.tasks.base import Task, accuracy
+from capwrap.tasks.base import accuracy
 
 __all__ = ["WeightDiff", "graft", "effective_rank", "weight_change_table", "change_ranks", "change_summary"]
 
@@ -155,37 +155,43 @@ def change_ranks(delta: Mapping[str, Tensor]) -> pd.DataFrame:
 class WeightDiff(Analyzer):
     """Weight-diff localization and grafting.
 
+    Statistic ``relative_weight_change``: log10 of the size of the whole change relative to the base
+    weights, ``log10(‖W_tuned − W_base‖ / ‖W_base‖)`` over every canonical weight. A wrapper is a
+    small change on top of the base; re-initialized or retrained components move by about their own
+    size (log10 near 0). It is computed from the weights alone (its interval is the point). The
+    table, concentration and grafting figures say *where* the change sits.
+
     Args:
         graft_fractions: shares of units (heads and neurons) to graft, most-changed first.
-        eval_size: sequences per accuracy measurement.
-        seed: seed of the evaluation batches.
     """
 
     graft_fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25)
-    eval_size: int = 1024
-    seed: int = 0
     name: str = "weight_diff"
     kind: ClassVar[Kind] = "structural"
+    statistic: ClassVar[str | None] = "relative_weight_change"
 
     def __post_init__(self) -> None:
         if not self.graft_fractions or any(not 0 < f <= 1 for f in self.graft_fractions):
             raise ConfigError(
                 f"graft_fractions must be a non-empty list of shares in (0, 1], got {self.graft_fractions}"
             )
-        if self.eval_size <= 0:
-            raise ConfigError(f"eval_size must be positive, got {self.eval_size}")
 
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
+    def analyze(self, context: Context) -> Evidence:
+        pair, store = context.pair, context.store
         delta = _delta(pair.base, pair.tuned)
         table = _change_table(pair.base, delta, _KINDS)
         units = table[table["kind"].isin(_UNIT_KINDS)].reset_index(drop=True)
         ranks = change_ranks(delta)
-        grafts = self._grafts(pair, capability, downstream, units)
+        grafts = self._grafts(context, units)
         if store is not None:
             table = table.merge(_movement_times(store), on="component", how="left")
 
         total_sq = sum(float(v.square().sum()) for v in delta.values())
+        base_sq = sum(float(w.detach().float().square().sum()) for w in pair.base.weights().values())
         headline = change_summary(table, ranks, total_sq)
+        relative = math.sqrt(total_sq / base_sq) if base_sq > 0 else math.nan
+        headline["relative_change"] = relative
+        value = math.log10(relative) if relative > 0 else -12.0
         for row in grafts.itertuples():
             key = (
                 f"top{row.fraction:g}"
@@ -197,23 +203,28 @@ class WeightDiff(Analyzer):
             top = table[table["kind"].isin(_UNIT_KINDS)].head(max(1, len(units) // 10))
             headline["t50_top10pct_units"] = float(top["t50_step"].median())
             headline["t50_all_units"] = float(table.loc[table["kind"].isin(_UNIT_KINDS), "t50_step"].median())
-        direction, strength, reasons = _judge(headline, grafts)
-        return Evidence(
-            analyzer=self.name,
-            headline=headline,
-            table=table,
-            direction=direction,
-            strength=strength,
-            reasons=reasons,
-            details={"grafts": grafts.to_dict(orient="records"), "ranks": ranks.to_dict(orient="records")},
-            plot=_plot,
+        carried = grafts.dropna(subset=["fraction"]).set_index("fraction")["carried"]
+        small = carried[carried.index <= 0.1].dropna()
+        graft_text = (
+            f"; grafting the {float(small.idxmax()):.0%} most-changed units into the base carries "
+            f"{float(small.max()):.0%} of the downstream gain"
+            if len(small)
+            else ""
         )
+        summary = (f"the weights moved by {relative:.1%} of their norm; the top 10% of units hold "
+                   f"{headline['top10pct_share']:.0%} of the squared change{graft_text}")  # fmt: skip
+        return Evidence(
+            analyzer=self.name, headline=headline, table=table,
+            details={"grafts": grafts.to_dict(orient="records"), "ranks": ranks.to_dict(orient="records")},
+            plot=_plot, value=value, replicates=np.full(context.n_boot, value), intervals={"value": (value, value)},
+            summary=summary,
+        )  # fmt: skip
 
-    def _grafts(self, pair: ModelPair, capability: Task, downstream: Task, units: pd.DataFrame) -> pd.DataFrame:
-        down = downstream.sample(self.eval_size, seed=self.seed)
-        cap = capability.sample(self.eval_size, seed=self.seed + 1)
-        base_down = accuracy(pair.base, down)
-        gain = accuracy(pair.tuned, down) - base_down
+    def _grafts(self, context: Context, units: pd.DataFrame) -> pd.DataFrame:
+        pair = context.pair
+        down, cap = context.eval.batches["downstream"], context.eval.batches["capability"]
+        base_down = context.eval.accuracy("base", "downstream")
+        gain = context.eval.accuracy("tuned", "downstream") - base_down
         cmap = pair.base.components
         layers = {kind: [c.name for c in cmap.select(kind)] for kind in ("attn", "mlp")}
         present = set(cmap.counts())
@@ -258,38 +269,6 @@ def _movement_times(store: RunStore) -> pd.DataFrame:
             f"the RunStore at {store.path} has no weight-change records; record with component_kinds including 'head' or 'neuron'"
         )
     return pd.concat(frames, ignore_index=True)
-
-
-def _judge(headline: dict[str, float], grafts: pd.DataFrame) -> tuple[str, float, list[str]]:
-    carried = grafts.dropna(subset=["fraction"]).set_index("fraction")["carried"]
-    small = carried[carried.index <= 0.1].dropna()
-    if small.empty:
-        return (
-            "neutral",
-            0.0,
-            ["the tuned model is no better than the base on the downstream task, so grafting says nothing"],
-        )
-    best_small = float(small.max())
-    frac = float(small.idxmax())
-    top10 = headline["top10pct_share"]
-    if best_small >= 0.8:
-        reason = (
-            f"grafting only the {frac:.0%} most-changed units into the base carries {best_small:.0%} of the downstream "
-            f"gain; the top 10% of units hold {top10:.0%} of the squared weight change"
-        )
-        return "wrapper", 0.4 + 0.3 * min(1.0, best_small), [reason]
-    full = float(carried.dropna().max()) if carried.notna().any() else math.nan
-    if best_small < 0.3:
-        reason = (
-            f"the 10% most-changed units carry only {best_small:.0%} of the downstream gain "
-            f"(best over all grafts: {full:.0%}): the change is spread out"
-        )
-        return "change", 0.3 + 0.3 * (1 - best_small / 0.3), [reason]
-    return (
-        "neutral",
-        0.2,
-        [f"the 10% most-changed units carry {best_small:.0%} of the downstream gain: partly localized"],
-    )
 
 
 def _plot(evidence: Evidence):

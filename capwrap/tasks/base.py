@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TaskBatch",
     "Task",
+    "TaskBase",
     "answer_logits",
     "answer_loss",
     "task_loss",
@@ -84,7 +85,11 @@ class TaskBatch:
 
 @runtime_checkable
 class Task(Protocol):
-    """What capwrap needs from a task."""
+    """What capwrap needs from a task: sequences with an answer position, latent labels for probes,
+    and what the analyzers read about the capability it measures.
+
+    Subclass :class:`TaskBase` to get the defaults of the analyzer-facing members.
+    """
 
     name: str
 
@@ -96,11 +101,47 @@ class Task(Protocol):
     def seq_len(self) -> int:
         """Length of every sequence (the model's context must be at least this)."""
 
+    @property
+    def probe_label(self) -> str | None:
+        """The latent label (a key of ``TaskBatch.labels``) that measures the capability inside the
+        model, e.g. ``count_a``; ``None`` when the task has none."""
+
+    @property
+    def capability_floor(self) -> float:
+        """Accuracy below which a model does not have the capability at all (chance-level)."""
+
+    def probe_task(self) -> Task:
+        """The task whose sequences probes read :attr:`probe_label` from (often the task itself)."""
+
+    def correlation_free(self) -> Task | None:
+        """The same task with its planted spurious correlation removed (C_Te = 0), or ``None`` when
+        the task has no planted correlation."""
+
     def sample(self, n: int, seed: int) -> TaskBatch:
         """``n`` sequences, reproducible from ``seed``."""
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serializable description (stored with checkpoints and runs)."""
+
+
+class TaskBase:
+    """Defaults of the analyzer-facing :class:`Task` members: no latent label, a 50% capability
+    floor (procedural tasks with a handful of answers), probes read the task itself, and no planted
+    correlation."""
+
+    @property
+    def probe_label(self) -> str | None:
+        return None
+
+    @property
+    def capability_floor(self) -> float:
+        return 0.5
+
+    def probe_task(self) -> Task:
+        return self  # type: ignore[return-value]
+
+    def correlation_free(self) -> Task | None:
+        return None
 
 
 def check_task_fits(model: CapModel, task: Task) -> None:

@@ -51,7 +51,8 @@ def test_pruning_a_planted_wrapper_revives_the_capability(small_spec, small_task
             w["blocks.1.mlp.b_in"][n] = 50.0
             w["blocks.1.mlp.W_out"][n] = 2.0 * w["unembed.W_U"][:, wrong] / w["unembed.W_U"][:, wrong].norm()
     assert accuracy(tuned, small_task.sample(512, seed=1)) < 0.5 * base_acc
-    ev = Pruning(ks=(0, 1, 2, 4), eval_size=512, score_size=256)(ModelPair(base, tuned), small_task, small_task)
+    ev = Pruning(ks=(0, 1, 2, 4), score_size=256)(ModelPair(base, tuned), small_task, small_task, eval_size=512)
+    assert ev.value > 0.9 and ev.intervals["value"][0] > 0.8  # nearly all of the loss comes back
     assert ev.direction == "wrapper"
     assert ev.headline["k_to_revive"] <= 2
     assert set(ev.details["top_units"][i]["unit"] for i in range(2)) == {"L1N3", "L1N9"}
@@ -62,6 +63,6 @@ def test_bad_input(small_model, small_task):
     with pytest.raises(ConfigError, match="ks is empty"):
         Pruning(ks=())
     with pytest.raises(ConfigError, match="larger than the 8 head units"):
-        Pruning(granularity="head", ks=(0, 9), eval_size=8, score_size=8)(pair, small_task, small_task)
+        Pruning(granularity="head", ks=(0, 9), score_size=8)(pair, small_task, small_task, eval_size=8)
     with pytest.raises(ConfigError, match="unknown pruning method"):
         unit_scores(small_model, small_task, "random", "neuron")  # type: ignore[arg-type]
