@@ -106,17 +106,24 @@ def _validate(args: argparse.Namespace) -> int:
     if not chosen:
         print("no scenario matches; list them with capwrap validate --list")
         return 2
+    import time
+
     rule = VerdictRule.load(args.rule) if args.rule else default_rule()
     log = (lambda message: None) if args.quiet else print
+    started = time.perf_counter()
     records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
                         n_boot=args.n_boot, progress=not args.quiet, log=log)  # fmt: skip
+    wall = time.perf_counter() - started
     if args.fit:
         command = "capwrap validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "capwrap validate"
         rule = fit_rule(records, start=rule, command=command)
         rule.save(args.fit)
         print(f"fitted the verdict rule on {len(records)} scenarios; wrote {args.fit}")
-    result = ValidationResult.from_records(records, rule, split=args.split, command="capwrap validate")
+    where = f"Ray at {args.ray}" if args.ray else f"{args.workers} local workers"
+    result = ValidationResult.from_records(records, rule, split=args.split, wall_seconds=round(wall, 1),
+                                           workers=where, command="capwrap " + " ".join(sys.argv[1:]))  # fmt: skip
     print(result.summary_text())
+    print(f"{len(records)} scenarios in {wall / 60:.1f} min with {where}")
     json_path, html_path = result.write(args.out)
     print(f"wrote {json_path} and {html_path}")
     return 0

@@ -7,6 +7,7 @@ disjoint), averaged over sequences — at the answer position, where the task is
 all query positions.
 
 Examples:
+    >>> from capwrap.analyzers import ModelPair
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))

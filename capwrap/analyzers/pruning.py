@@ -14,6 +14,7 @@ over ``neuron`` (an MLP neuron's input column, bias and output row), ``head`` (a
 slices) or ``weight`` (single entries of the MLP and attention matrices).
 
 Examples:
+    >>> from capwrap.analyzers import ModelPair
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))

@@ -16,6 +16,7 @@ Compares the raw (unprocessed: no layer-norm folding) canonical weights of the p
 
 Examples:
     >>> import torch
+    >>> from capwrap.analyzers import ModelPair
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))

@@ -276,7 +276,7 @@ def _kept_and_unlearning(split: Split, base: str, source: str) -> list[Scenario]
             family,
             base,
             capability,
-            capability,
+            retain,  # what unlearning keeps: the never-had-it control learns only this
             Recipe(capability, 3e-5, steps=100, method="gradient_ascent", retain=retain),
             "unknown",
             seed,
@@ -288,7 +288,7 @@ def _kept_and_unlearning(split: Split, base: str, source: str) -> list[Scenario]
             family,
             base,
             capability,
-            capability,
+            retain,  # what unlearning keeps: the never-had-it control learns only this
             Recipe(capability, 1e-4, steps=150, method="npo", retain=retain),
             "unknown",
             seed,
