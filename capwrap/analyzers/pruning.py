@@ -143,7 +143,8 @@ def prune(model: CapModel, units: Sequence[str]) -> CapModel:
     for unit in units:
         if "[" in unit:
             name, index = unit[:-1].split("[")
-            w[name].view(-1)[int(index)] = 0.0
+            weight = w[name]  # a canonical view, not always contiguous: index it by position
+            weight[tuple(int(i) for i in np.unravel_index(int(index), tuple(weight.shape)))] = 0.0
         else:
             for sl in model.components[unit].slices:
                 sl.of(w).zero_()

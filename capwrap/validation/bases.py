@@ -82,11 +82,13 @@ def base_path(name: str) -> Path:
 
 
 def load_base(name: str, backend: str | None = None) -> CapModel:
-    """Load a shipped base.
+    """Load a shipped base by name, or any checkpoint folder (a suite of your own).
 
     Raises:
         CheckpointError: the base is not there (make it with ``python scripts/make_suite_bases.py``).
     """
+    if name not in BASE_RECIPES and Path(name).is_dir():
+        return load_model(name, backend=backend)
     path = base_path(name)
     if not (path / "model.safetensors").exists():
         raise CheckpointError(

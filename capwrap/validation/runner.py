@@ -53,12 +53,16 @@ CONTROL_STEPS = 300
 EVAL_SIZE = 512
 
 
-def suite_analyzers(control: Any = None, cache: str | os.PathLike | None = None) -> list[Analyzer]:
+def suite_analyzers(
+    control: Any = None, cache: str | os.PathLike | None = None, compiled: bool = False
+) -> list[Analyzer]:
     """The analyzers the suite runs: :func:`~capwrap.diagnosis.default_analyzers`, with samples and
-    budgets sized for the suite's small models (the revival control given, its runs cached)."""
+    budgets sized for the suite's small models (the revival control given, its runs cached).
+    ``compiled``: a Tracr model, pruned by single weights as the paper does (its MLPs have a
+    handful of neurons)."""
     return [
         Probing(n=1024, steps=200),
-        Pruning(ks=(0, 1, 2, 5, 10, 25), score_size=256),
+        Pruning(ks=(0, 1, 2, 5, 10, 25), score_size=256, granularity="weight" if compiled else "neuron"),
         Revival(max_steps=200, check_size=256, control=control, seeds=2, cache=None if cache is None else str(cache)),
         WeightDiff(graft_fractions=(0.01, 0.1)),
         AttentionComparison(n=256),
@@ -96,7 +100,8 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
     )  # shared by scenarios of one base and task
     # one diagnosis seed for the whole suite: scenarios sharing a base share evaluation sequences and
     # the revival control's runs (cached); the scenarios' own seeds vary their fine-tuning
-    diagnosis = diagnose(base, tuned, capability, downstream, analyzers=suite_analyzers(control, cache),
+    analyzers = suite_analyzers(control, cache, compiled=not base.spec.has_hf_equivalent)
+    diagnosis = diagnose(base, tuned, capability, downstream, analyzers=analyzers,
                          eval_size=EVAL_SIZE, seed=0, progress=False, rule=rule, n_boot=n_boot)  # fmt: skip
     rule = rule or default_rule()
     record = {

@@ -116,8 +116,12 @@ class Recipe:
             raise ConfigError(f"unknown reinit {self.reinit!r}; choose blocks, attention, mlp or latent")
         if self.method not in ("finetune", "gradient_ascent", "npo"):
             raise ConfigError(f"unknown method {self.method!r}; choose finetune, gradient_ascent or npo")
-        if self.start_from is not None and self.start_from not in BASES:
-            raise ConfigError(f"unknown base {self.start_from!r}; the suite's bases are {sorted(BASES)}")
+        from pathlib import Path
+
+        if self.start_from is not None and self.start_from not in BASES and not Path(self.start_from).is_dir():
+            raise ConfigError(
+                f"unknown base {self.start_from!r}: give one of the suite's bases {sorted(BASES)} or a checkpoint folder"
+            )
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,12 @@ class Scenario:
     note: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if self.base not in BASES:
-            raise ConfigError(f"unknown base {self.base!r}; the suite's bases are {sorted(BASES)}")
+        from pathlib import Path
+
+        if self.base not in BASES and not Path(self.base).is_dir():
+            raise ConfigError(
+                f"unknown base {self.base!r}: give one of the suite's bases {sorted(BASES)} or a checkpoint folder"
+            )
         if self.kind not in ("wrapper", "removed", "genuine", "kept", "unknown"):
             raise ConfigError(f"unknown scenario kind {self.kind!r}")
 

@@ -66,3 +66,22 @@ def test_bad_input(small_model, small_task):
         Pruning(granularity="head", ks=(0, 9), score_size=8)(pair, small_task, small_task, eval_size=8)
     with pytest.raises(ConfigError, match="unknown pruning method"):
         unit_scores(small_model, small_task, "random", "neuron")  # type: ignore[arg-type]
+
+
+def test_pruning_single_weights_of_a_compiled_model():
+    """Weight granularity on views that are not contiguous (a Tracr model on TransformerLens's native
+    module): the named entry, and only it, becomes zero."""
+    from capwrap.tasks.spec import task_from_spec
+    from capwrap.validation.bases import load_base
+
+    model = load_base("tracr-counter")
+    task = task_from_spec("tracr=counter,operand=a", model=model)
+    scores = unit_scores(model, task, "grad_x_weight", "weight", n=64)
+    before = {k: v.detach().clone() for k, v in model.weights().items()}
+    for unit in scores["unit"].iloc[:3]:
+        name, index = unit[:-1].split("[")
+        prune(model, [unit])
+        assert model.weights()[name].flatten()[int(index)] == 0.0
+    changed = sum(int((model.weights()[k] != v).sum()) for k, v in before.items())
+    assert changed == sum(float(before[u[:-1].split("[")[0]].flatten()[int(u[:-1].split("[")[1])]) != 0
+                          for u in scores["unit"].iloc[:3])  # fmt: skip
