@@ -74,9 +74,12 @@ class AttentionComparison(Analyzer):
                 rows.append((f"L{layer}H{head}", layer, head, float(at_answer[head]), float(overall[head])))
         table = pd.DataFrame(rows, columns=["component", "layer", "head", "tv_answer", "tv_all"])
         table = table.sort_values("tv_answer", ascending=False, ignore_index=True)
-        per_seq = torch.cat(per_sequence, 1).mean(1)  # [batch]: mean over every head
+        per_head = torch.cat(per_sequence, 1)  # [batch, layer * head]
+        per_seq = per_head.mean(1)  # [batch]: mean over every head
         value = float(per_seq.mean())
-        reps = per_seq[context.resample(len(per_seq), self.name)].mean(1).numpy()
+        idx = context.resample(len(per_seq), self.name)
+        reps = per_seq[idx].mean(1).numpy()
+        head_reps = per_head[idx].mean(1)  # [n_boot, layer * head]
         changed = int((table["tv_answer"] > self.changed_threshold).sum())
         headline = {
             "attention_change": value,
@@ -91,7 +94,10 @@ class AttentionComparison(Analyzer):
                    f"{changed} of {len(table)} heads moved more than {self.changed_threshold:.0%} "
                    f"(most: {top.component}, {top.tv_answer:.0%})")  # fmt: skip
         return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps,
-                        intervals={"attention_change": context.interval(reps)}, summary=summary)  # fmt: skip
+                        intervals={"attention_change": context.interval(reps),
+                                   "max_tv_answer": context.interval(head_reps.max(1).values.numpy()),
+                                   "median_tv_answer": context.interval(head_reps.median(1).values.numpy())},
+                        summary=summary)  # fmt: skip
 
 
 def _plot(evidence: Evidence):

@@ -272,7 +272,9 @@ class Evidence:
         statistic: the name of the analyzer's statistic (``None``: the analyzer judges itself).
         value: the statistic (NaN: not applicable to this pair; ``summary`` says why).
         replicates: bootstrap replicates of ``value`` (the verdict's confidence comes from them).
-        intervals: headline name (and ``value``) -> its confidence interval.
+        intervals: headline name (and ``value``) -> its confidence interval (the bootstrap's for
+            numbers measured on sampled sequences; the number itself, twice, for numbers computed
+            exactly: from the weights, or counts such as ``units`` and ``budget``).
         summary: what was measured, in one sentence that cites the numbers.
     """
 
@@ -407,6 +409,9 @@ class Analyzer(ABC):
         evidence.statistic = type(self).statistic
         if evidence.statistic is not None and "value" not in evidence.intervals:
             evidence.intervals["value"] = context.interval(evidence.replicates)
+        for key, number in evidence.headline.items():  # computed exactly (from weights, or a count)
+            if key not in evidence.intervals and isinstance(number, (int, float)):
+                evidence.intervals[key] = (float(number), float(number))
         return (rule or default_rule()).judge(evidence)
 
     def settings(self) -> dict[str, Any]:

@@ -532,7 +532,11 @@ class Patching(Analyzer):
                        f"log-probability gap {nats} with {best.after_share:.0%} of the layers after it "
                        f"(largest restoration: {top.component}, {top.restored:.0%})")  # fmt: skip
         return Evidence(self.name, headline, order, plot=_plot, value=value, replicates=reps,
-                        intervals={"patching_deep_restore": context.interval(reps)}, summary=summary)  # fmt: skip
+                        intervals={"patching_deep_restore": context.interval(reps),
+                                   "logprob_base": context.interval(source.numpy()),
+                                   "logprob_tuned": context.interval(target.numpy()),
+                                   "best_restored": context.interval(restored.max(0).values.numpy())},
+                        summary=summary)  # fmt: skip
 
 
 def _component(site: str, layer: int, head: int) -> str:

@@ -244,6 +244,10 @@ class Probing(Analyzer):
         }  # fmt: skip
         intervals = {f"probe_best_{w}": context.interval(r) for w, r in reps.items()}
         intervals["probe_kept_share"] = context.interval(kept_reps)
+        for which in ("base", "tuned"):
+            intervals[f"capability_accuracy_{which}"] = context.interval(
+                context.accuracy_replicates(which, "capability")
+            )
         details: dict = {"labels": labels_used}
         store = context.store
         if store is not None and label in load_probe(store).labels:

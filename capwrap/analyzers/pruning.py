@@ -236,6 +236,7 @@ class Pruning(Analyzer):
             "units": float(len(scores)),
         }  # fmt: skip
         intervals = {"recovered_share": context.interval(reps),
+                     "best_capability_accuracy": context.interval(k_reps[ks.index(int(best["k"]))].numpy()),
                      "capability_accuracy_base": context.interval(context.accuracy_replicates("base", "capability")),
                      "capability_accuracy_tuned": context.interval(context.accuracy_replicates("tuned", "capability"))}  # fmt: skip
         what = f"{self.granularity}s by {self.method}"

@@ -166,6 +166,7 @@ class Revival(Analyzer):
             "seeds": float(self.seeds),
         }  # fmt: skip
         intervals = {"revival_speedup_log2": context.interval(reps),
+                     "threshold": context.interval(self.threshold_fraction * base_correct[context.resample(len(base_correct), self.name)].mean(1).numpy()),
                      "control_over_tuned": context.interval(2.0**reps)}  # fmt: skip
         text = {w: (f"{med[w]:.0f} steps" if math.isfinite(med[w]) else f"more than {self.max_steps} steps")
                 for w in med}  # fmt: skip
