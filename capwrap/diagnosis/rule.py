@@ -127,12 +127,23 @@ class Anchor:
 
 @dataclass(frozen=True)
 class QuestionRule:
-    """The score thresholds of one question."""
+    """The score thresholds of one question, and what the functional evidence must say.
+
+    Args:
+        wrapper_threshold: the score a ``wrapper`` verdict needs.
+        change_threshold: ``-change_threshold`` is the score a ``capability_change`` verdict needs.
+        functional_support: ``agree``: a functional analyzer must point the verdict's way;
+            ``not_against``: no functional analyzer may point the other way (when the functional
+            evidence is silent, the score decides).
+    """
 
     wrapper_threshold: float = 0.2
     change_threshold: float = 0.2
+    functional_support: Literal["agree", "not_against"] = "agree"
 
     def __post_init__(self) -> None:
+        if self.functional_support not in ("agree", "not_against"):
+            raise ConfigError(f"functional_support must be 'agree' or 'not_against', got {self.functional_support!r}")
         if not (0 <= self.wrapper_threshold <= 1 and 0 <= self.change_threshold <= 1):
             raise ConfigError(
                 f"score thresholds must be in [0, 1], got {self.wrapper_threshold} and {self.change_threshold}"
@@ -188,11 +199,23 @@ def decide(thresholds: QuestionRule, finding: Finding) -> Verdict:
 
 
 def _raw_verdict(thresholds: QuestionRule, score: float, wrapper_support: bool, change_support: bool) -> Verdict:
-    if score >= thresholds.wrapper_threshold and wrapper_support and score > 0:
+    if thresholds.functional_support == "agree":
+        wrapper_ok, change_ok = wrapper_support, change_support
+    else:
+        wrapper_ok, change_ok = not change_support, not wrapper_support
+    if score >= thresholds.wrapper_threshold and wrapper_ok and score > 0:
         return "wrapper"
-    if score <= -thresholds.change_threshold and change_support and score < 0:
+    if score <= -thresholds.change_threshold and change_ok and score < 0:
         return "capability_change"
     return "inconclusive"
+
+
+def _backing(functional: list[Evidence], what: str, evidence: Sequence[Evidence]) -> str:
+    """Which analyzers the verdict rests on, in words."""
+    if functional:
+        return f"{', '.join(e.analyzer for e in functional)} point to {what}"
+    structural = [e.analyzer for e in evidence if e.kind == "structural" and e.direction != "neutral"]
+    return f"the functional evidence is silent and {', '.join(structural) or 'the structural evidence'} point to {what}"
 
 
 def _round(value: float) -> float | None:
@@ -334,15 +357,15 @@ class VerdictRule:
                 return finding("inconclusive", confidence,
                                f"inconclusive: the evidence leans towards a wrapper ({span}) but its {self.level:.0%} "
                                f"interval reaches below the wrapper threshold {rule.wrapper_threshold:+.2f}")  # fmt: skip
-            return finding("wrapper", confidence,
-                           f"wrapper ({span}, confidence {confidence:.0%}): {names(support['wrapper'])} point to a wrapper")  # fmt: skip
+            return finding("wrapper", confidence, f"wrapper ({span}, confidence {confidence:.0%}): "
+                           + _backing(support["wrapper"], "a wrapper", evidence))  # fmt: skip
         if verdict == "capability_change":
             if interval[1] > -rule.change_threshold:
                 return finding("inconclusive", confidence,
                                f"inconclusive: the evidence leans towards a change ({span}) but its {self.level:.0%} "
                                f"interval reaches above the change threshold {-rule.change_threshold:+.2f}")  # fmt: skip
-            return finding("capability_change", confidence,
-                           f"capability change ({span}, confidence {confidence:.0%}): {names(support['change'])} point to a change")  # fmt: skip
+            return finding("capability_change", confidence, f"capability change ({span}, confidence {confidence:.0%}): "
+                           + _backing(support["change"], "a change", evidence))  # fmt: skip
         if support["wrapper"] and support["change"]:
             why = (f"the functional evidence disagrees: {names(support['wrapper'])} point to a wrapper, "
                    f"{names(support['change'])} to a change ({span})")  # fmt: skip

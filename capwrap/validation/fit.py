@@ -14,10 +14,12 @@ The procedure (:func:`fit_rule`), on the *calibration* records:
    (0 when the statistic does not separate). A statistic with fewer than two findings of either truth
    keeps the starting rule's anchor with weight 0.
 3. **Thresholds, per question.** With those anchors and weights, the wrapper and change score
-   thresholds are chosen on a grid (0 to 0.6, step 0.025) to maximize the calibration accuracy of the
-   whole rule (confidence fallback included), never allowing a ``wrapper`` verdict on a removed
+   thresholds are chosen on a grid (0 to 0.6, step 0.025) to maximize the calibration accuracy of
+   the whole rule (confidence fallback included), never allowing a ``wrapper`` verdict on a removed
    scenario or a ``capability_change`` verdict on a wrapper scenario; among equally accurate
-   choices, the one whose thresholds lie farthest from every calibration score wins.
+   choices, the thresholds farthest from every calibration score win. A functional analyzer must
+   point the verdict's way (``functional_support="agree"``; leave-one-scenario-out on the
+   calibration half preferred it to ``not_against``, see ``_SUPPORT_MODES``).
 
 :func:`sensitivity` perturbs each number of a rule by ±20% and counts the verdicts that flip.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -54,10 +57,19 @@ PROCEDURE = (
     "ties broken by the distance to the nearest calibration score"
 )
 _GRID = np.round(np.arange(0.0, 0.6001, 0.025), 4)
+#: What the functional evidence must say, as the fit chooses it. Only ``agree``: on the calibration
+#: half, leaving one scenario out at a time, a fit that could also choose ``not_against`` predicted
+#: the left-out scenario right 92.7% of the time, one that keeps ``agree`` 95.1% (records of
+#: 2026-12-02; see benchmarks/RESULTS.md).
+_SUPPORT_MODES: tuple[str, ...] = ("agree",)
 
 
-def fit_anchor(wrapper: np.ndarray, change: np.ndarray, fallback: Anchor | None) -> Anchor:
-    """The anchor of one statistic from its values on wrapper-truth and change-truth findings."""
+def fit_anchor(wrapper: np.ndarray, change: np.ndarray, fallback: Anchor | None, tolerance: float = 0.0) -> Anchor:
+    """The anchor of one statistic from its values on wrapper-truth and change-truth findings.
+
+    ``tolerance``: the share of the other truth's findings a cut may leave beyond it (0: the cut is
+    the most extreme value seen with the other truth; 0.2: its 80th percentile).
+    """
     w, c = np.asarray(wrapper, dtype=float), np.asarray(change, dtype=float)
     w, c = w[np.isfinite(w)], c[np.isfinite(c)]
     if len(w) < 2 or len(c) < 2:
@@ -65,11 +77,14 @@ def fit_anchor(wrapper: np.ndarray, change: np.ndarray, fallback: Anchor | None)
         return dataclasses.replace(base, weight=0.0)
     flip = 1.0 if np.median(w) >= np.median(c) else -1.0
     w, c = flip * w, flip * c
-    if c.max() < w.min():
-        cut_w = cut_c = float((c.max() + w.min()) / 2)
+    top_c, bottom_w = float(np.quantile(c, 1 - tolerance)), float(np.quantile(w, tolerance))
+    if top_c < bottom_w:
+        cut_w = cut_c = (top_c + bottom_w) / 2
     else:
-        cut_w, cut_c = float(c.max()), float(w.min())
-    full_w, full_c = max(float(np.median(w)), cut_w), min(float(np.median(c)), cut_c)
+        cut_w, cut_c = top_c, bottom_w
+    # strength 1 at the side's median; where the median sits at the cut, at the side's extreme
+    full_w = float(np.median(w)) if np.median(w) > cut_w else max(float(w.max()), cut_w)
+    full_c = float(np.median(c)) if np.median(c) < cut_c else min(float(c.min()), cut_c)
     weight = max(0.0, 2 * auc(w, c) - 1)
     return Anchor(flip * cut_w, flip * full_w, flip * cut_c, flip * full_c, weight=round(weight, 4))
 
@@ -141,20 +156,19 @@ def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, questi
         return rule
     decided = np.array([f.score for _, t, f in cases if t in ("wrapper", "capability_change")])
     decided = decided if len(decided) else np.array([math.inf])
-    best: tuple[float, float, QuestionRule] | None = None
-    for tw in _GRID:
-        for tc in _GRID:
-            thresholds = QuestionRule(float(tw), float(tc))
-            verdicts = [decide(thresholds, f) for _, _, f in cases]
-            right = np.mean([v == t for v, (_, t, _) in zip(verdicts, cases, strict=True)])
-            bad = sum((k == "removed" and v == "wrapper") or (t == "wrapper" and v == "capability_change")
-                      for v, (k, t, _) in zip(verdicts, cases, strict=True))  # fmt: skip
-            margin = float(min(np.min(np.abs(decided - tw)), np.min(np.abs(decided + tc))))
-            key = (float(right) - 10.0 * bad, margin)
-            if best is None or key > best[:2]:
-                best = (*key, thresholds)
+    best: tuple[float, float, float, QuestionRule] | None = None
+    for mode, tw, tc in itertools.product(_SUPPORT_MODES, _GRID, _GRID):
+        thresholds = QuestionRule(float(tw), float(tc), mode)
+        verdicts = [decide(thresholds, f) for _, _, f in cases]
+        right = np.mean([v == t for v, (_, t, _) in zip(verdicts, cases, strict=True)])
+        bad = sum((k == "removed" and v == "wrapper") or (t == "wrapper" and v == "capability_change")
+                  for v, (k, t, _) in zip(verdicts, cases, strict=True))  # fmt: skip
+        margin = float(min(np.min(np.abs(decided - tw)), np.min(np.abs(decided + tc))))
+        key = (float(right) - 10.0 * bad, float(mode == "agree"), margin)
+        if best is None or key > best[:3]:
+            best = (*key, thresholds)
     assert best is not None
-    return dataclasses.replace(rule, **{question: best[2]})
+    return dataclasses.replace(rule, **{question: best[3]})
 
 
 def _perturbations(rule: VerdictRule) -> list[tuple[str, VerdictRule, VerdictRule]]:
