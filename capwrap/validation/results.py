@@ -64,6 +64,24 @@ def score_records(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def relearning(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per scenario: the capability's accuracy before and after, and the steps reverse fine-tuning
+    took to bring it back to 90% of the base's, for the tuned model and for a model that never had
+    it (the metric the unlearning literature reports)."""
+    rows = []
+    for record in records:
+        revival = next((e for e in record["evidence"] if e["statistic"] == "revival_speedup_log2"), None)
+        head = (revival or {}).get("headline", {})
+        rows.append({
+            "name": record["scenario"]["name"], "kind": record["scenario"]["kind"],
+            "capability_base": record["accuracy"]["base"]["capability"],
+            "capability_tuned": record["accuracy"]["tuned"]["capability"],
+            "relearn_steps_tuned": head.get("steps_tuned"), "relearn_steps_control": head.get("steps_control"),
+            "budget": head.get("budget"),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 @dataclass
 class ValidationResult:
     """The suite's rows under one rule, and what they add up to."""
@@ -71,11 +89,21 @@ class ValidationResult:
     rows: pd.DataFrame
     rule: VerdictRule
     meta: dict[str, Any] = field(default_factory=dict)
+    relearning: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @classmethod
     def from_records(cls, records: Sequence[dict[str, Any]], rule: VerdictRule, **meta: Any) -> ValidationResult:
         """Score ``records`` under ``rule``."""
-        return cls(score_records(records, rule), rule, meta)
+        return cls(score_records(records, rule), rule, meta, relearning(records))
+
+    def unknown(self) -> pd.DataFrame:
+        """The scenarios of unknown truth (large learning rates, unlearning recipes): both verdicts,
+        and how fast the capability is relearned by the tuned model and by a never-had-it control."""
+        if not len(self.rows):
+            return pd.DataFrame()
+        part = self.rows[self.rows["kind"] == "unknown"]
+        verdicts = part.pivot(index="name", columns="question", values="verdict").add_suffix(" verdict")
+        return verdicts.join(self.relearning.set_index("name")).reset_index()
 
     @property
     def scored(self) -> pd.DataFrame:
@@ -151,6 +179,13 @@ class ValidationResult:
             "",
             self.analyzers().to_string(index=False, float_format=lambda v: f"{v:.2f}"),
         ]
+        unknown = self.unknown()
+        if len(unknown):
+            lines += [
+                "",
+                "unknown truth (reported, not scored):",
+                unknown.to_string(index=False, float_format=lambda v: f"{v:.3g}"),
+            ]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +210,7 @@ class ValidationResult:
             "targets": {k: _clean(v) for k, v in self.targets().items()},
             "confusion": {t: {v: int(n) for v, n in row.items()} for t, row in self.confusion().iterrows()},
             "analyzers": [{k: _clean(v) for k, v in r.items()} for r in self.analyzers().to_dict(orient="records")],
+            "unknown": [{k: _clean(v) for k, v in r.items()} for r in self.unknown().to_dict(orient="records")],
             "rule": self.rule.provenance,
             **self.meta,
         }
@@ -208,6 +244,11 @@ class ValidationResult:
         fig.update_layout(boxmode="group", height=420, yaxis_title="score", xaxis_title="question",
                           title="finding scores by truth")  # fmt: skip
         report.add_figure(fig)
+        if len(self.unknown()):
+            report.add_text("Unknown truth", "Large learning rates and unlearning recipes: what diagnose says, and how "
+                            "fast the capability is relearned (steps to 90% of the base) by the tuned model and by a "
+                            "model that never had it.")  # fmt: skip
+            report.add_table(self.unknown())
         report.add_text("Scenarios", "Every scenario and question: truth, verdict, score and its interval.")
         report.add_table(
             self.rows[["name", "question", "kind", "truth", "verdict", "score", "low", "high", "confidence"]]
