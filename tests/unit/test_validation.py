@@ -1,5 +1,5 @@
 """The validation suite's registry, truths, fit, results and runner bookkeeping (no model runs here;
-tests/acceptance/test_validation.py runs named scenarios end to end)."""
+tests/acceptance/test_validation_suite.py runs named scenarios end to end)."""
 
 from __future__ import annotations
 
