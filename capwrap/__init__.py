@@ -37,7 +37,7 @@ from capwrap.errors import (  # noqa: E402
     StoreError,
     TrainingDivergedError,
 )
-from capwrap.methods import NPO, FineTune, GradientAscent, TrainingMethod  # noqa: E402
+from capwrap.methods import NPO, CircuitTuning, FineTune, GradientAscent, TrainingMethod  # noqa: E402
 from capwrap.models import (  # noqa: E402
     CapModel,
     ComponentMap,
@@ -67,6 +67,7 @@ from capwrap.training import TrainConfig, TrainResult, train  # noqa: E402
 __all__ = [
     "Analyzer",
     "AttentionComparison",
+    "CircuitTuning",
     "Diagnosis",
     "Evidence",
     "FineTune",

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from capwrap.analyzers import patching
 from capwrap.tasks.base import TaskBatch, answer_logits
 
 __all__ = ["Metric", "answer_logprob", "negative_loss"]
@@ -32,8 +31,10 @@ Metric = Callable[[Float[Tensor, "batch pos d_vocab"], TaskBatch], Float[Tensor,
 
 
 def answer_logprob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
-    """Log-probability of each sequence's answer at its answer position (patching's default metric)."""
-    return patching.answer_logprob(answer_logits(logits, batch), batch)
+    """Log-probability of each sequence's answer at its answer position (what
+    :func:`capwrap.analyzers.patching.answer_logprob` computes from the answer position's logits)."""
+    logprobs = F.log_softmax(answer_logits(logits, batch).float(), -1)
+    return logprobs.gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
 
 
 def negative_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
