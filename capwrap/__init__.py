@@ -24,6 +24,7 @@ from capwrap.analyzers import (  # noqa: E402
     Probing,
     Pruning,
     Revival,
+    Subgraph,
     WeightDiff,
     activation_patching,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "Probing",
     "Pruning",
     "Revival",
+    "Subgraph",
     "WeightDiff",
     "activation_patching",
     "default_analyzers",
