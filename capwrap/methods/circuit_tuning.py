@@ -117,6 +117,10 @@ class CircuitTuning(TrainingMethod):
             paper's code), ``mean_positional`` or ``zero``.
         metric: score edges by this metric (``(logits, batch) -> [batch]``) in a separate pass; default
             ``None``: by the training loss, from the training step's own pass.
+        max_params: a budget of trainable parameters (an ``int``, or a ``float`` in (0, 1]: a share of
+            the model's): edges are taken in ``|score|`` order while the parameters of the nodes they
+            touch fit it (an edge that would exceed it is skipped), up to ``N`` edges. Only with
+            ``select="edges"``. Default: no budget.
     """
 
     name: ClassVar[str] = "circuit_tuning"
@@ -131,6 +135,7 @@ class CircuitTuning(TrainingMethod):
         select: Selection = "edges",
         ablation: Literal["mean", "mean_positional", "zero"] = "mean",
         metric: Metric | None = None,
+        max_params: int | float | None = None,
     ):
         for label, value in (("top_n", top_n), ("top_n_start", top_n if top_n_start is None else top_n_start)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -146,6 +151,15 @@ class CircuitTuning(TrainingMethod):
                 f"CircuitTuning scores edges with ablation {list(_ABLATIONS)}, got {ablation!r} "
                 "(a corrupted ablation needs corrupted sequences the training task does not have)"
             )
+        if max_params is not None:
+            share = isinstance(max_params, float)
+            if isinstance(max_params, bool) or not (0 < max_params <= 1 if share else max_params >= 1):
+                raise ConfigError(
+                    f"CircuitTuning.max_params must be a parameter count (int >= 1) or a share in (0, 1], got {max_params!r}"
+                )
+            if select != "edges":
+                raise ConfigError(f"a parameter budget (max_params) works with select='edges', not {select!r}")
+        self.max_params = max_params
         self.top_n, self.top_n_start, self.schedule = top_n, top_n if top_n_start is None else top_n_start, schedule
         self.every, self.select, self.ablation, self.metric = every, select, ablation, metric
         self.graph: Graph | None = None
@@ -177,6 +191,16 @@ class CircuitTuning(TrainingMethod):
         params = super().setup(model, task, config)
         self.model = model
         self.graph = Graph.from_spec(model.spec)
+        weights = model.weights()
+        self._cost = [
+            [sum(piece.of(weights).numel() for piece in self.graph.node_params(node)) for node in side]
+            for side in (self.graph.upstream, self.graph.downstream)
+        ]
+        if self.max_params is None:
+            self.budget = None
+        else:
+            share = isinstance(self.max_params, float)
+            self.budget = round(self.max_params * model.spec.n_params) if share else int(self.max_params)
         self.edges = self.scores = self.ever = self.scored_step = self._previous = None
         self._masks, self._ever_params = {}, 0
         return params
@@ -243,9 +267,12 @@ class CircuitTuning(TrainingMethod):
     def _choose(self, scores: Tensor, step: int) -> None:
         assert self.graph is not None
         n = self.top_n_at(step, self.config.steps)
-        circuit = Circuit.from_scores(EdgeScores(self.graph, scores, "eap", self.ablation), n, self.select)
+        if self.budget is None:
+            edges = Circuit.from_scores(EdgeScores(self.graph, scores, "eap", self.ablation), n, self.select).mask
+        else:
+            edges = _within_budget(self.graph, scores, n, self._cost, self.budget)
         self._previous = self.edges
-        self.edges, self.scores, self.scored_step = circuit.mask, circuit.scores, step
+        self.edges, self.scores, self.scored_step = edges, scores.detach().float().cpu(), step
         self.ever = self.edges.clone() if self.ever is None else self.ever | self.edges
         self._masks = parameter_masks(self.model, self.graph, self.edges)
         self._ever_params = sum(int(m.sum()) for m in parameter_masks(self.model, self.graph, self.ever).values())
@@ -274,6 +301,8 @@ class CircuitTuning(TrainingMethod):
             "method/trainable_ratio": trainable / total,
             "method/trained_ever_ratio": self._ever_params / total,
         }
+        if self.budget is not None:
+            out["method/budget_ratio"] = self.budget / total
         if self._recorded and self._previous is not None:
             union = int((self._previous | self.edges).sum())
             out["method/jaccard_prev"] = int((self._previous & self.edges).sum()) / union if union else 1.0
@@ -325,7 +354,31 @@ class CircuitTuning(TrainingMethod):
             "select": self.select,
             "ablation": self.ablation,
             "metric": "training loss" if self.metric is None else getattr(self.metric, "__name__", repr(self.metric)),
+            "max_params": self.max_params,
         }
+
+
+def _within_budget(graph: Graph, scores: Tensor, n: int, cost: list[list[int]], budget: int) -> Tensor:
+    """Up to ``n`` edges in ``|score|`` order whose nodes' parameters fit ``budget`` (``cost``: per
+    upstream and per downstream node); an edge that would exceed it is skipped."""
+    order = torch.argsort(torch.nan_to_num(scores.abs(), nan=-1.0), descending=True, stable=True).tolist()
+    mask = torch.zeros(graph.n_edges, dtype=torch.bool)
+    used: tuple[set[int], set[int]] = (set(), set())
+    spent = kept = 0
+    ups, downs = graph.edge_up.tolist(), graph.edge_down.tolist()
+    for e in order:
+        if kept >= n:
+            break
+        u, d = ups[e], downs[e]
+        extra = (cost[0][u] if u not in used[0] else 0) + (cost[1][d] if d not in used[1] else 0)
+        if spent + extra > budget:
+            continue
+        spent += extra
+        used[0].add(u)
+        used[1].add(d)
+        mask[e] = True
+        kept += 1
+    return mask
 
 
 def _is_like(value: Any, param: Tensor) -> bool:

@@ -158,3 +158,16 @@ def test_a_custom_metric_and_bad_settings(tiny, tiny_task):
                           ({"ablation": "corrupted"}, "corrupted"), ({"every": 0}, "every"), ({"select": "all"}, "selection")]:  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             CircuitTuning(**{"top_n": 3, **kwargs})
+
+
+def test_a_parameter_budget_is_respected(tiny, tiny_task):
+    model = tiny("gpt2", "bridge")
+    method = CircuitTuning(top_n=30, max_params=600)  # no MLP (>1000 each) fits, a few head slices do
+    result = train(model, tiny_task, TrainConfig(steps=2, batch_size=8, progress=False), method=method)
+    assert (result.history["method/trainable_params"] <= 600).all()
+    assert (result.history["method/trainable_params"] > 0).all() and (result.history["method/edges"] <= 30).all()
+    assert result.history["method/budget_ratio"].iloc[0] == pytest.approx(600 / model.spec.n_params)
+    with pytest.raises(ConfigError, match="select='edges'"):
+        CircuitTuning(top_n=3, max_params=0.1, select="nodes")
+    with pytest.raises(ConfigError, match="max_params"):
+        CircuitTuning(top_n=3, max_params=1.5)
