@@ -27,6 +27,7 @@ from capwrap.analyzers import (  # noqa: E402
     Probing,
     Pruning,
     Revival,
+    Subgraph,
     WeightDiff,
     activation_patching,
 )
@@ -40,7 +41,7 @@ from capwrap.errors import (  # noqa: E402
     StoreError,
     TrainingDivergedError,
 )
-from capwrap.methods import NPO, FineTune, GradientAscent, TrainingMethod  # noqa: E402
+from capwrap.methods import NPO, CircuitTuning, FineTune, GradientAscent, TrainingMethod  # noqa: E402
 from capwrap.models import (  # noqa: E402
     CapModel,
     ComponentMap,
@@ -70,6 +71,7 @@ from capwrap.training import TrainConfig, TrainResult, train  # noqa: E402
 __all__ = [
     "Analyzer",
     "AttentionComparison",
+    "CircuitTuning",
     "Context",
     "Diagnosis",
     "Evidence",
@@ -85,6 +87,7 @@ __all__ = [
     "Probing",
     "Pruning",
     "Revival",
+    "Subgraph",
     "WeightDiff",
     "activation_patching",
     "default_analyzers",

@@ -140,7 +140,8 @@ def add_weight_noise(model: CapModel, std: float, seed: int) -> None:
         param.add_(torch.randn(param.shape, generator=gen).to(param) * std)
 
 
-def _make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """``config``'s optimizer (AdamW or SGD with momentum) over ``params`` (what methods use by default)."""
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
@@ -192,7 +193,7 @@ def train(
     torch.manual_seed(config.seed)
     if config.weight_noise > 0:
         add_weight_noise(model, config.weight_noise, config.seed)
-    optimizer = _make_optimizer(method.setup(model, task, config), config)
+    optimizer = method.optimizer(method.setup(model, task, config), config)
     eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
     rows: list[dict[str, float]] = []
     model.train()
@@ -227,7 +228,7 @@ def train(
                 model.train()
             info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
             if recorder is not None:
-                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, **metrics)
+                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, arrays=method.arrays(step), **metrics)
             stop = False
             for callback in callbacks:
                 try:

@@ -9,6 +9,7 @@ from capwrap.analyzers.patching import SITES, Patching, PatchingResult, activati
 from capwrap.analyzers.probing import NewLatentProbing, ProbeResult, Probing, fit_probes, probe_features
 from capwrap.analyzers.pruning import Pruning, prune, unit_scores
 from capwrap.analyzers.revival import Revival, steps_to_threshold
+from capwrap.analyzers.subgraph import Subgraph
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Probing",
     "Pruning",
     "Revival",
+    "Subgraph",
     "WeightDiff",
     "activation_patching",
     "effective_rank",

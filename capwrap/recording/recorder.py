@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +196,12 @@ class Recorder:
         self.close()
 
     # ---- recording -------------------------------------------------------------------------------
-    def step(self, loss: float | None = None, **metrics: float) -> None:
+    def step(self, loss: float | None = None, *, arrays: Mapping[str, Tensor] | None = None, **metrics: float) -> None:
         """Mark one optimizer step done; record scalars now and arrays when due.
 
         Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``. Pass ``grad_norm``
         if your loop already computed it; otherwise the recorder computes it from the gradients.
+        ``arrays`` (e.g. a training method's per-step arrays) are stored with this step, due or not.
         Writing to disk happens in a background thread, in order; :meth:`close` waits for it.
         """
         if self.store is None:
@@ -209,16 +210,17 @@ class Recorder:
         scalars = {k: float(v) for k, v in metrics.items()}
         if loss is not None:
             scalars["loss"] = float(loss)
+        extra = {name: value.detach().float().cpu() for name, value in (arrays or {}).items()}
         if self._step % self.every == 0:
-            self._record(scalars)
+            self._record(scalars, extra)
         else:
             if "grad_norm" not in scalars and (grads := self._grad_total()) is not None:
                 scalars["grad_norm"] = grads
-            self._writer.submit(self._step, scalars)
+            self._writer.submit(self._step, scalars, extra or None)
 
-    def _record(self, scalars: dict[str, float]) -> None:
+    def _record(self, scalars: dict[str, float], extra: dict[str, Tensor] | None = None) -> None:
         assert self.store is not None
-        arrays: dict[str, Tensor] = {}
+        arrays: dict[str, Tensor] = dict(extra or {})
         if self.hooks:
             was_training = self.model.module.training
             self.model.eval()

@@ -15,6 +15,7 @@ from capwrap.analyzers import (
     Probing,
     Pruning,
     Revival,
+    Subgraph,
     WeightDiff,
 )
 from capwrap.analyzers.checks import check_analyzer
@@ -32,6 +33,7 @@ ANALYZERS = {
     "patching": lambda: Patching(n=8),
     "generalization": lambda: Generalization(),
     "new_latent": lambda: NewLatentProbing(n=200, steps=50),
+    "subgraph": lambda: Subgraph(n=32, method="eap", top_share=0.1),
 }
 
 
