@@ -33,6 +33,7 @@ import torch
 
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
+from capwrap.models.adapters import adapter_base, adapter_hint, is_adapter_folder, merge_adapter
 from capwrap.models.layouts import checkpoint_shapes
 from capwrap.models.model import CapModel
 from capwrap.models.spec import ModelSpec
@@ -106,26 +107,35 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> CapModel:
     """Load a capwrap checkpoint, a local Hugging Face folder, or a hub name (``gpt2``,
-    ``roneneldan/TinyStories-1M`` ...) into a :class:`CapModel`.
+    ``roneneldan/TinyStories-1M`` ...) into a :class:`CapModel`, optionally with a PEFT LoRA
+    adapter merged in.
 
     Args:
-        source: a folder, or a Hugging Face hub name (needs network access to the hub).
+        source: a folder, or a Hugging Face hub name (needs network access to the hub). A PEFT
+            adapter folder alone loads merged into the base its ``adapter_config.json`` names.
         backend: ``"hooked"`` or ``"bridge"``; default: :func:`~capwrap.models.default_backend`.
         device: where to put the model (default CPU).
         allow_pickle: also accept ``pytorch_model.bin`` (read with ``weights_only=True``).
         trust_remote_code: let ``transformers`` run the checkpoint's own Python code.
         revision: hub revision (branch, tag or commit) for hub names.
+        adapter: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+            to merge into ``source`` (see :mod:`capwrap.models.adapters`); ``allow_pickle`` also
+            admits ``adapter_model.bin``.
 
     Returns:
-        The model, with ``metadata`` from ``capwrap.json`` (and ``source``) and its tokenizer if any.
+        The model, with ``metadata`` from ``capwrap.json`` (and ``source``; ``adapter``: what
+        the merged adapter is) and its tokenizer if any.
 
     Raises:
         CheckpointError: the folder is missing or not a checkpoint, its weights are corrupt or only
             in pickle format (without ``allow_pickle``), or the hub cannot be reached.
         ConfigError: the architecture is not one capwrap maps onto TransformerLens components.
     """
+    if adapter is None and is_adapter_folder(source):
+        adapter, source = source, adapter_base(source)
     folder = _resolve_source(source, revision, allow_pickle)
     capwrap_doc = _read_capwrap_file(folder)
     spec = read_spec(folder, capwrap_doc, trust_remote_code)
@@ -133,6 +143,8 @@ def load_model(
     tokenizer = _read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
+    if adapter is not None:
+        metadata["adapter"] = merge_adapter(adapter, spec, state, allow_pickle)
     model = CapModel.from_state(spec, state, backend, tokenizer, metadata)
     return model.to(device) if device is not None else model
 
@@ -202,6 +214,8 @@ def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = Fal
 def _read_hf_config(folder: Path, trust_remote_code: bool) -> Any:
     import transformers
 
+    if is_adapter_folder(folder):
+        raise CheckpointError(adapter_hint(folder))
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder} has no config.json, so it is not a Hugging Face or capwrap checkpoint folder")
     try:
