@@ -1,6 +1,7 @@
 """Analyzers: each takes a `ModelPair`, the capability and downstream tasks (and optionally a
 `RunStore`) and returns `Evidence`."""
 
+from capwrap.analyzers.adapter_diff import AdapterWeightDiff, adapter_weight_diff
 from capwrap.analyzers.attention import AttentionComparison
 from capwrap.analyzers.base import Analyzer, Direction, Evidence, ModelPair
 from capwrap.analyzers.patching import SITES, Patching, PatchingResult, activation_patching, patch_index
@@ -10,6 +11,7 @@ from capwrap.analyzers.revival import Revival, steps_to_threshold
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
 
 __all__ = [
+    "AdapterWeightDiff",
     "Analyzer",
     "AttentionComparison",
     "Direction",
@@ -24,6 +26,7 @@ __all__ = [
     "Revival",
     "WeightDiff",
     "activation_patching",
+    "adapter_weight_diff",
     "effective_rank",
     "fit_probes",
     "graft",

@@ -38,7 +38,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,6 +118,11 @@ class LoraModule:
         delta = (self.b.float() @ self.a.float()) * self.scaling
         return delta.T if transpose or self.kind == "embedding" else delta
 
+    def delta_shape(self, transpose: bool = False) -> tuple[int, int]:
+        """The shape of :meth:`delta` (without forming it)."""
+        out, inp = int(self.b.shape[0]), int(self.a.shape[1])
+        return (inp, out) if transpose or self.kind == "embedding" else (out, inp)
+
     def sq_norm(self) -> float:
         """``‖ΔW‖²`` from the factors alone (``scaling² · tr(AAᵀ · BᵀB)``), without forming ``ΔW``."""
         a, b = self.a.double(), self.b.double()
@@ -164,6 +169,37 @@ class LoraAdapter:
             + sum(t.numel() for t in self.replaced.values()),
         }
 
+    def check_fits(self, spec: ModelSpec, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Raise unless every tensor the adapter changes is one of ``shapes`` (the base's tensor
+        names and shapes, checkpoint layout) with the same shape.
+
+        Raises:
+            CheckpointError: the adapter was made for another model, or changes ``lm_head`` of a
+                base that ties it to the embedding.
+        """
+        if spec.tie_embeddings and any(n.startswith("lm_head.") for n in [*self.replaced, *self.changed_weights]):
+            raise CheckpointError(
+                f"the adapter at {self.path} changes lm_head, which this base ties to its input embedding, so the "
+                "two cannot differ in the merged model; merge it with peft (merge_and_unload) to decide how"
+            )
+        transposed = _input_first_modules(spec)
+        changed = {name: tuple(t.shape) for name, t in self.replaced.items()}
+        changed |= {m.weight_name: m.delta_shape(m.name in transposed) for m in self.modules.values()}
+        for name, shape in changed.items():
+            if name not in shapes:
+                hint = closest_matches(name, shapes)
+                raise CheckpointError(
+                    f"the adapter at {self.path} changes {name}, which the base model does not have"
+                    + (f" (closest: {hint})" if hint else "")
+                    + f"; it was made for another model (its config names {self.base_name!r} as base)"
+                )
+            if tuple(shapes[name]) != shape:
+                raise CheckpointError(
+                    f"the adapter at {self.path} changes {name} with shape {list(shape)}, but the base's "
+                    f"{name} has shape {list(shapes[name])}; it was made for another model "
+                    f"(its config names {self.base_name!r} as base)"
+                )
+
     def deltas(self, spec: ModelSpec, names: Iterable[str] | None = None) -> dict[str, Tensor]:
         """``ΔW`` (float32) for each weight the adapter changes, by the spec's checkpoint names;
         with ``names``, only for those weights (the rest is not formed). Replaced tensors are
@@ -189,37 +225,13 @@ class LoraAdapter:
             CheckpointError: the adapter changes a tensor the base does not have, or one of
                 another shape (it was made for another model).
         """
-        if spec.tie_embeddings and any(n.startswith("lm_head.") for n in [*self.replaced, *self.changed_weights]):
-            raise CheckpointError(
-                f"the adapter at {self.path} changes lm_head, which this base ties to its input embedding, so the "
-                "two cannot differ in the merged model; merge it with peft (merge_and_unload) to decide how"
-            )
-        for name, tensor in self.replaced.items():
-            self._check_fits(name, tuple(tensor.shape), state)
-        for module in self.modules.values():
-            self._check_fits(module.weight_name, None, state)
+        self.check_fits(spec, {name: tensor.shape for name, tensor in state.items()})
         with torch.no_grad():
             for name, tensor in self.replaced.items():  # base layers the adapter saved come first
                 state[name] = tensor.to(state[name].dtype)
             for name, delta in self.deltas(spec).items():
                 target = state[name]
-                self._check_fits(name, tuple(delta.shape), state)
                 state[name] = (target.float() + delta).to(target.dtype)
-
-    def _check_fits(self, name: str, shape: tuple[int, ...] | None, state: dict[str, Tensor]) -> None:
-        if name not in state:
-            hint = closest_matches(name, state)
-            raise CheckpointError(
-                f"the adapter at {self.path} changes {name}, which the base model does not have"
-                + (f" (closest: {hint})" if hint else "")
-                + f"; it was made for another model (its config names {self.base_name!r} as base)"
-            )
-        if shape is not None and tuple(state[name].shape) != shape:
-            raise CheckpointError(
-                f"the adapter at {self.path} changes {name} with shape {list(shape)}, but the base's "
-                f"{name} has shape {list(state[name].shape)}; it was made for another model "
-                f"(its config names {self.base_name!r} as base)"
-            )
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:

@@ -108,3 +108,36 @@ def test_adapter_where_a_checkpoint_is_expected_says_how_to_use_it(gpt2_folder, 
     adapter = make_adapter(gpt2_folder, target_modules=["c_attn"])
     with pytest.raises(CheckpointError, match=r"PEFT adapter \(LORA r=4, trained on .*gpt2'\), not a full checkpoint"):
         checkpoint_spec(adapter)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_adapter_weight_diff_equals_the_diff_of_the_merged_model(
+    arch, gpt2_folder, llama_folder, make_adapter, tmp_path
+):
+    from capwrap.analyzers.adapter_diff import adapter_weight_diff
+    from capwrap.analyzers.streaming import stream_weight_diff
+    from capwrap.models import save_model
+
+    base = {"gpt2": gpt2_folder, "llama": llama_folder}[arch]
+    targets = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj", "down_proj"]}[arch]
+    adapter = make_adapter(base, target_modules=targets, r=2, layers_to_transform=[1])
+    save_model(load_model(base, adapter=adapter), tmp_path / "merged")
+    expected = stream_weight_diff(base, tmp_path / "merged")
+    diff = adapter_weight_diff(None, adapter)  # the base its config names
+
+    got, want = diff.table.set_index("component"), expected.table.set_index("component")
+    assert set(got.index) == set(want.index)
+    torch.testing.assert_close(torch.tensor(got.loc[want.index, "change"].to_numpy()),
+                               torch.tensor(want["change"].to_numpy()), rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert (got.loc[got["layer"] == 0, "change"] == 0).all()  # only layer 1 was adapted
+    heads = got[got["kind"] == "head"]
+    assert heads["share"].sum() == pytest.approx(1.0)
+    ranks, want_ranks = diff.ranks.set_index("weight"), expected.ranks.set_index("weight")
+    assert set(ranks.index) == set(want_ranks.index)
+    torch.testing.assert_close(torch.tensor(ranks.loc[want_ranks.index, "effective_rank"].to_numpy()),
+                               torch.tensor(want_ranks["effective_rank"].to_numpy()), rtol=1e-3, atol=1e-3)  # fmt: skip
+    assert (ranks["effective_rank"] <= 2 + 1e-3).all()  # rank-2 adapter
+    for key in ("total_change", "top1pct_share", "top10pct_share"):
+        assert diff.headline[key] == pytest.approx(expected.headline[key], rel=1e-4)
+    assert len(diff.modules) == diff.adapter["modules"] and diff.modules["share"].sum() == pytest.approx(1.0)
+    assert set(diff.modules["rank"]) == {2} and diff.modules["module"].str.contains(".1.").all()
