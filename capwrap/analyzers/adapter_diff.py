@@ -48,7 +48,7 @@ from capwrap.errors import CheckpointError
 from capwrap.models.adapters import LoraAdapter, adapter_base, read_adapter
 from capwrap.models.layouts import checkpoint_shapes
 
-__all__ = ["AdapterWeightDiff", "adapter_weight_diff"]
+__all__ = ["AdapterWeightDiff", "adapter_weight_diff", "adapter_summary"]
 
 
 @dataclass
@@ -123,3 +123,17 @@ def _module_table(lora: LoraAdapter, replaced_change: dict[str, float]) -> pd.Da
     total = float((table["change"] ** 2).sum())
     table["share"] = table["change"] ** 2 / total if total > 0 else math.nan
     return table.sort_values("change", ascending=False, ignore_index=True)
+
+
+def adapter_summary(base: str | os.PathLike, adapter: str | os.PathLike, allow_pickle: bool = False) -> dict:
+    """The adapter's description and, when ``base`` is a local folder, its weight diff's headline
+    and five largest modules, as JSON-serializable data (``summary.json``'s ``adapter`` entry)."""
+    lora = read_adapter(adapter, allow_pickle)
+    out: dict = {"adapter": lora.describe(), "applied_to": str(base)}
+    if Path(base).is_dir():
+        diff = adapter_weight_diff(base, adapter, allow_pickle)
+        out["weight_diff"] = diff.headline
+        out["largest_modules"] = diff.modules.head(5).to_dict(orient="records")
+        heads = diff.table[diff.table["kind"].isin(("head", "neuron"))].head(5)
+        out["largest_units"] = heads[["component", "change", "share"]].to_dict(orient="records")
+    return out

@@ -346,6 +346,7 @@ def describe_model(model: CapModel) -> dict[str, Any]:
         "components": model.components.counts(),
         "tokenizer": None if tok is None else f"{type(tok).__name__} ({len(tok)} tokens)",
         "source": model.metadata.get("source"),
+        **({"adapter": model.metadata["adapter"]} if "adapter" in model.metadata else {}),
     }
 
 

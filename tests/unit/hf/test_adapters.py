@@ -141,3 +141,34 @@ def test_adapter_weight_diff_equals_the_diff_of_the_merged_model(
         assert diff.headline[key] == pytest.approx(expected.headline[key], rel=1e-4)
     assert len(diff.modules) == diff.adapter["modules"] and diff.modules["share"].sum() == pytest.approx(1.0)
     assert set(diff.modules["rank"]) == {2} and diff.modules["module"].str.contains(".1.").all()
+
+
+def test_capwrap_diagnose_base_and_adapter_folder(tmp_path, make_adapter, capsys, monkeypatch):
+    import capwrap.diagnosis
+    from capwrap.analyzers import WeightDiff
+    from capwrap.cli import main
+    from capwrap.models import ModelSpec, build_model, save_model
+    from capwrap.tasks import PCFGConfig, PCFGTask
+
+    config = "length=8,window=4,occurrence=2"
+    task = PCFGTask(config=PCFGConfig(length=8, window=4, occurrence=2))
+    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=16, n_heads=2)
+    save_model(build_model(spec, seed=0), tmp_path / "base")
+    adapter = make_adapter(tmp_path / "base", target_modules=["c_attn", "c_fc"])
+    assert main(["info", str(adapter)]) == 0
+    assert f"merged adapter: LoRA r=4 on c_attn, c_fc (4 modules) from {adapter}" in capsys.readouterr().out
+
+    # The whole pipeline with one cheap analyzer (tutorial 06 runs the full quick diagnosis on an adapter).
+    monkeypatch.setattr(capwrap.diagnosis, "default_analyzers", lambda quick: [WeightDiff((0.1,), eval_size=64)])
+    out = tmp_path / "diag"
+    code = main(["diagnose", str(tmp_path / "base"), str(adapter), "--capability", f"pcfg=count,operand=a,{config}",
+                 "--downstream", f"pcfg=count,operand=b,{config}", "--out", str(out), "--quick", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tuned"] == str(adapter) and summary["adapter"]["adapter"]["rank"] == 4
+    assert summary["adapter"]["weight_diff"]["total_change"] > 0
+    assert {m["module"].rsplit(".", 1)[-1] for m in summary["adapter"]["largest_modules"]} <= {"c_attn", "c_fc"}
+    weight_diff = next(e for e in summary["evidence"] if e["analyzer"] == "weight_diff")
+    assert weight_diff["headline"]["total_change"] == pytest.approx(
+        summary["adapter"]["weight_diff"]["total_change"], rel=1e-4
+    )
