@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     diag = sub.add_parser("diagnose", help="did fine-tuning change a capability, or wrap it? (any compatible pair)")
     diag.add_argument("base", help="the base checkpoint (folder or hub name)")
-    diag.add_argument("tuned", help="the fine-tuned checkpoint (folder or hub name), or a PEFT LoRA adapter folder of BASE")
+    diag.add_argument(
+        "tuned", help="the fine-tuned checkpoint (folder or hub name), or a PEFT LoRA adapter folder of BASE"
+    )
     diag.add_argument(
         "--capability",
         required=True,
