@@ -47,6 +47,7 @@ from capwrap.models import (  # noqa: E402
     default_backend,
     load_model,
     save_model,
+    wrap_hf_model,
 )
 from capwrap.models.generation import generate  # noqa: E402
 from capwrap.recording import Recorder, RunStore  # noqa: E402
@@ -115,4 +116,5 @@ __all__ = [
     "run_demo",
     "save_model",
     "train",
+    "wrap_hf_model",
 ]

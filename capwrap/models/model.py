@@ -308,12 +308,14 @@ class CapModel:
         return canonical_views(self.spec, self._storage_gradients(), self._layout)  # type: ignore[arg-type]
 
     def _storage_gradients(self) -> dict[str, Tensor]:
-        """Gradients of the storage tensors. The bridge trains some weights through views of
-        others (GPT-2's fused ``c_attn`` through separate q/k/v parameters); scatter them back."""
-        grads = {k: torch.zeros_like(p) for k, p in self._storage.items()}
+        """Gradients of the storage tensors: their own (a model trained outside the bridge, as a
+        wrapped live model is), plus those of views the bridge trains some weights through (GPT-2's
+        fused ``c_attn`` through separate q/k/v parameters), scattered back."""
+        grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in self._storage.items()}
+        held = {id(p) for p in self._storage.values()}
         by_storage = {p.untyped_storage().data_ptr(): k for k, p in self._storage.items()}
         for p in self.module.parameters():
-            if p.grad is None:
+            if p.grad is None or id(p) in held:
                 continue
             owner = by_storage.get(p.untyped_storage().data_ptr())
             if owner is None:
