@@ -9,7 +9,7 @@ it bridges (GPT-2's fused ``c_attn`` is read through split q/k/v views), which w
 optimizer holding the live parameters trains.
 
 A model trained with a PEFT LoRA adapter is seen merged: each adapted weight is
-``W + scaling·B·A`` with the adapter as it is now (recomputed when the factors changed), so the
+``W + scaling·B·A`` with the adapter as it is now (recomputed before each use), so the
 weight changes a :class:`~capwrap.recording.Recorder` stores are the merged deltas.
 
 Examples:
@@ -94,7 +94,7 @@ class LiveModel(CapModel):
     """A :class:`CapModel` whose weights are a live model's (see :func:`wrap_hf_model`).
 
     It differs from a loaded model in two ways: a LoRA-adapted weight is the merged ``W +
-    scaling·B·A``, refreshed before every forward pass and weight read when the adapter changed;
+    scaling·B·A``, recomputed before every forward pass and weight read;
     and it cannot be moved (move the live model itself). ``clone()`` returns an ordinary,
     independent :class:`CapModel` of the weights as they are now.
     """
@@ -112,7 +112,7 @@ class LiveModel(CapModel):
         self._merged = merged
 
     def refresh(self) -> None:
-        """Recompute the merged LoRA weights whose adapter changed since the last call."""
+        """Recompute the merged LoRA weights from the adapter as it is now."""
         for weight in self._merged:
             weight.refresh()
 
@@ -134,18 +134,16 @@ class LiveModel(CapModel):
 
 
 class _MergedWeight:
-    """The weight of one LoRA-adapted module, merged: ``base + Σ active deltas``, recomputed when the
-    adapter's tensors changed (their version counters moved) or it was enabled/disabled/merged."""
+    """The weight of one LoRA-adapted module, merged: ``base + Σ active deltas`` (peft's own
+    ``get_delta_weight``). Recomputed on every :meth:`refresh`: optimizers update parameters in
+    ways that do not all move their version counters, so nothing cheaper tells reliably whether
+    the adapter changed (forming ``B·A`` costs about what one token's forward pass through the
+    module does)."""
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
         self.base = layer.get_base_layer().weight
         self.tensor = nn.Parameter(torch.empty_like(self.base), requires_grad=False)
-        self._seen: tuple | None = None
-
-    def _state(self) -> tuple:
-        factors = tuple(p._version for p in self.layer.parameters())
-        return (factors, self.base._version, tuple(self._active()), self.layer.merged, self.layer.disable_adapters)
 
     def _active(self) -> list[str]:
         return [a for a in self.layer.active_adapters if a in getattr(self.layer, "lora_A", {})] + [
@@ -154,15 +152,11 @@ class _MergedWeight:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        state = self._state()
-        if state == self._seen:
-            return
         merged = self.base.detach().float()
         if not (self.layer.merged or self.layer.disable_adapters):
             for adapter in self._active():
                 merged = merged + self.layer.get_delta_weight(adapter).float()
         self.tensor.copy_(merged)
-        self._seen = state
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
