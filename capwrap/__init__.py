@@ -37,7 +37,7 @@ from capwrap.errors import (  # noqa: E402
     StoreError,
     TrainingDivergedError,
 )
-from capwrap.methods import NPO, FineTune, GradientAscent, TrainingMethod  # noqa: E402
+from capwrap.methods import NPO, FineTune, GradientAscent, LoRA, TrainingMethod  # noqa: E402
 from capwrap.models import (  # noqa: E402
     CapModel,
     ComponentMap,
@@ -72,6 +72,7 @@ __all__ = [
     "Evidence",
     "FineTune",
     "GradientAscent",
+    "LoRA",
     "ModelPair",
     "NPO",
     "Patching",

@@ -220,6 +220,7 @@ def train(
             clip = config.grad_clip if config.grad_clip is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             optimizer.step()
+            method.after_update(model, step)
 
             done = step + 1
             if eval_batches and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):

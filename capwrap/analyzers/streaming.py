@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from capwrap.analyzers.weight_diff import _KINDS, change_ranks, change_summary
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models.components import ComponentMap
-from capwrap.models.layouts import canonical_views, checkpoint_shapes
+from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["stream_weight_diff", "stream_weight_change", "stream_changes", "StreamedWeightDiff", "checkpoint_spec"]
@@ -120,14 +120,6 @@ def _read_group(files: dict[str, tuple[Path, str]], names: list[str]) -> dict[st
             path, key = files[n]
             out[n] = handles[path].get_tensor(key).float().clone()
     return out
-
-
-def _groupwise(spec: ModelSpec, tensors: dict[str, Tensor], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-    """Canonical views of one group's tensors (every other tensor is a meta placeholder)."""
-    storage = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
-    storage.update(tensors)
-    views = canonical_views(spec, storage)
-    return {k: v for k, v in views.items() if v.device.type != "meta"}
 
 
 @dataclass
@@ -234,8 +226,8 @@ def stream_changes(
     rank_frames, total_sq = [], 0.0
     for names in tqdm(_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
         base_tensors = _read_group(files_b, names)
-        wb = _groupwise(spec, base_tensors, shapes)
-        delta = _groupwise(spec, change(names, base_tensors), shapes)
+        wb = canonical_views_of_some(spec, base_tensors)
+        delta = canonical_views_of_some(spec, change(names, base_tensors))
         for kind in present:
             change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
             norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)

@@ -5,6 +5,7 @@ The loop in :mod:`capwrap.training` is the same for every method; a method decid
 """
 
 from capwrap.methods.base import FineTune, TrainingMethod, step_seed
+from capwrap.methods.lora import LoRA
 from capwrap.methods.unlearning import NPO, GradientAscent
 
-__all__ = ["FineTune", "GradientAscent", "NPO", "TrainingMethod", "step_seed"]
+__all__ = ["FineTune", "GradientAscent", "LoRA", "NPO", "TrainingMethod", "step_seed"]

@@ -9,6 +9,7 @@ A :class:`TrainingMethod` is called by :func:`capwrap.train` at fixed points of 
         loss.backward()
         metrics = method.before_update(model, step)       # e.g. mask gradients; metrics to log
         optimizer.step()
+        method.after_update(model, step)                  # e.g. write merged adapter weights
 
 Methods hold their settings in the constructor and any per-run state they build in
 :meth:`~TrainingMethod.setup`; :meth:`~TrainingMethod.state_dict` returns that state, so a
@@ -86,6 +87,10 @@ class TrainingMethod:
         """After ``backward()``, before clipping and the optimizer step: edit gradients if the method
         needs to; return metrics to log for this step."""
         return {}
+
+    def after_update(self, model: CapModel, step: int) -> None:
+        """After the optimizer step, before the recorder and callbacks see the model: bring the model
+        up to date if the method trains something else than its weights (LoRA's adapter)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The state a resumed run needs (tensors and JSON-serializable values)."""
