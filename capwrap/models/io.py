@@ -34,8 +34,9 @@ import torch
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
 from capwrap.models.adapters import adapter_base, adapter_hint, is_adapter_folder, merge_adapter
+from capwrap.models.dispatch import load_dispatched
 from capwrap.models.layouts import checkpoint_shapes
-from capwrap.models.model import CapModel
+from capwrap.models.model import CapModel, resolve_dtype
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["save_model", "load_model", "normalize_state", "stored_keys", "CAPWRAP_FILE"]
@@ -108,6 +109,10 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     adapter: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> CapModel:
     """Load a capwrap checkpoint, a local Hugging Face folder, or a hub name (``gpt2``,
     ``roneneldan/TinyStories-1M`` ...) into a :class:`CapModel`, optionally with a PEFT LoRA
@@ -124,6 +129,13 @@ def load_model(
         adapter: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
             to merge into ``source`` (see :mod:`capwrap.models.adapters`); ``allow_pickle`` also
             admits ``adapter_model.bin``.
+        dtype: the weights' dtype (``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a
+            ``torch.dtype``). Train bfloat16 models with ``train(..., dtype="bfloat16")`` on float32
+            weights instead: small updates vanish in bfloat16 weights.
+        device_map: spread a model larger than one device with accelerate (``"auto"``, ``"cpu"``,
+            or accelerate's ``{module: device}``); see :mod:`capwrap.models.dispatch`.
+        max_memory: with ``device_map``, how much each device may hold (``{0: "20GiB", "cpu": "60GiB"}``).
+        offload_folder: with ``device_map``, where accelerate puts what does not fit (disk offload).
 
     Returns:
         The model, with ``metadata`` from ``capwrap.json`` (and ``source``; ``adapter``: what
@@ -139,13 +151,25 @@ def load_model(
     folder = _resolve_source(source, revision, allow_pickle)
     capwrap_doc = _read_capwrap_file(folder)
     spec = read_spec(folder, capwrap_doc, trust_remote_code)
-    state = normalize_state(spec, _read_weights(folder, allow_pickle))
     tokenizer = _read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
+    dtype = resolve_dtype(dtype)
+    if device_map is not None:
+        if adapter is not None or (backend or "bridge") != "bridge":
+            raise ConfigError(
+                "device_map loads through transformers and the TransformerBridge: use backend='bridge', and merge "
+                "an adapter first (load_model(BASE, adapter=...) then save_model) to dispatch it"
+            )
+        return load_dispatched(
+            folder, spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle
+        )
+    if max_memory is not None or offload_folder is not None:
+        raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
+    state = normalize_state(spec, _read_weights(folder, allow_pickle))
     if adapter is not None:
         metadata["adapter"] = merge_adapter(adapter, spec, state, allow_pickle)
-    model = CapModel.from_state(spec, state, backend, tokenizer, metadata)
+    model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
     return model.to(device) if device is not None else model
 
 
