@@ -41,7 +41,7 @@ from capwrap.errors import (  # noqa: E402
     StoreError,
     TrainingDivergedError,
 )
-from capwrap.methods import NPO, CircuitTuning, FineTune, GradientAscent, TrainingMethod  # noqa: E402
+from capwrap.methods import NPO, CircuitTuning, FineTune, GradientAscent, LoRA, TrainingMethod  # noqa: E402
 from capwrap.models import (  # noqa: E402
     CapModel,
     ComponentMap,
@@ -51,6 +51,7 @@ from capwrap.models import (  # noqa: E402
     default_backend,
     load_model,
     save_model,
+    wrap_hf_model,
 )
 from capwrap.models.generation import generate  # noqa: E402
 from capwrap.recording import Recorder, RunStore  # noqa: E402
@@ -81,6 +82,7 @@ __all__ = [
     "VerdictRule",
     "FineTune",
     "GradientAscent",
+    "LoRA",
     "ModelPair",
     "NPO",
     "Patching",
@@ -126,4 +128,5 @@ __all__ = [
     "run_demo",
     "save_model",
     "train",
+    "wrap_hf_model",
 ]

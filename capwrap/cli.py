@@ -73,6 +73,9 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  local attention (window {spec['window_size']}) in layers {', '.join(map(str, local))}")
     print("  components: " + ", ".join(f"{n:,} {k}" for k, n in info["components"].items()))
     print(f"  tokenizer: {info['tokenizer'] or 'none'}")
+    if adapter := info.get("adapter"):
+        print(f"  merged adapter: LoRA r={adapter['rank']} on {', '.join(adapter['target_modules'])} "
+              f"({adapter['modules']} modules) from {adapter['path']}")  # fmt: skip
     return 0
 
 
@@ -153,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     info = sub.add_parser("info", help="architecture and component counts of a checkpoint (folder or hub name)")
-    info.add_argument("source", help="a checkpoint folder or a Hugging Face hub name")
+    info.add_argument("source", help="a checkpoint folder, a Hugging Face hub name, or a PEFT LoRA adapter folder")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--backend", choices=["hooked", "bridge"], default=None, help="TransformerLens backend")
     info.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
@@ -161,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     diag = sub.add_parser("diagnose", help="did fine-tuning change a capability, or wrap it? (any compatible pair)")
     diag.add_argument("base", help="the base checkpoint (folder or hub name)")
-    diag.add_argument("tuned", help="the fine-tuned checkpoint (folder or hub name)")
+    diag.add_argument(
+        "tuned", help="the fine-tuned checkpoint (folder or hub name), or a PEFT LoRA adapter folder of BASE"
+    )
     diag.add_argument(
         "--capability",
         required=True,

@@ -16,6 +16,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from capwrap.errors import ConfigError, TrainingDivergedError
 from capwrap.methods.base import FineTune, TrainingMethod, step_seed
 from capwrap.models import CapModel
+from capwrap.models.model import resolve_dtype
 from capwrap.tasks.base import Task, accuracy, check_task_fits
 
 if TYPE_CHECKING:
@@ -140,6 +142,29 @@ def add_weight_noise(model: CapModel, std: float, seed: int) -> None:
         param.add_(torch.randn(param.shape, generator=gen).to(param) * std)
 
 
+def _precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The context the forward passes and the loss run in: nothing for float32, autocast for bfloat16."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    if dtype == torch.float16:
+        raise ConfigError("training in float16 needs loss scaling, which capwrap does not do; use dtype='bfloat16'")
+    if dtype != torch.bfloat16:
+        raise ConfigError(f"train's dtype is 'float32' or 'bfloat16', got {dtype}")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bfloat16; train in float32")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _check_trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise ConfigError(
+            f"the weights being trained are {', '.join(low)}: updates smaller than their resolution would be lost. "
+            "Load the model in float32 (the default) and pass dtype='bfloat16' to train() for bfloat16 compute"
+        )
+    return params
+
+
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     """``config``'s optimizer (AdamW or SGD with momentum) over ``params`` (what methods use by default)."""
     if config.optimizer == "adamw":
@@ -157,6 +182,8 @@ def train(
     eval_tasks: Mapping[str, Task] | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
     description: str = "train",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``task`` (by default its own loss, fresh data every step).
 
@@ -174,8 +201,15 @@ def train(
         callbacks: called with a :class:`StepInfo` after every step; a callback may add entries to
             ``info.metrics`` (they go into the history) or raise :class:`StopTraining` to end early.
         description: label of the progress bar.
+        device: train there (the model is moved there, in place, and stays); default: where it is.
+        dtype: the forward passes' precision: ``"float32"`` (default) or ``"bfloat16"`` (autocast:
+            matrix products in bfloat16, while the weights, the optimizer's state, the loss, the
+            gradients' clipping and every metric stay float32 — the safe way to use bfloat16).
 
     Raises:
+        ConfigError: ``dtype`` is float16 (it needs loss scaling: use bfloat16) or bfloat16 on a
+            device without it, or the weights being trained are themselves 16-bit (updates smaller
+            than their resolution would be lost: load the model in float32).
         TrainingDivergedError: the loss became NaN or infinite (no update is applied for that
             step; the recorder keeps every step before it).
     """
@@ -190,10 +224,13 @@ def train(
     if recorder is not None and recorder.model is not model:
         raise ConfigError("the recorder watches another model; create it with Recorder(model, ...) for this one")
 
+    if device is not None:
+        model.to(device)
+    precision = _precision(model.device, resolve_dtype(dtype))
     torch.manual_seed(config.seed)
     if config.weight_noise > 0:
         add_weight_noise(model, config.weight_noise, config.seed)
-    optimizer = method.optimizer(method.setup(model, task, config), config)
+    optimizer = method.optimizer(_check_trainable(method.setup(model, task, config)), config)
     eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
     rows: list[dict[str, float]] = []
     model.train()
@@ -207,7 +244,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = task.sample(config.batch_size, seed=step_seed(config, step)).to(model.device)
-            loss = method.loss(model, batch, step)
+            with precision:
+                loss = method.loss(model, batch, step).float()
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"the loss became {loss.item()} at step {step + 1} of {config.steps} (lr {lr:.3g}); "
@@ -221,6 +259,7 @@ def train(
             clip = config.grad_clip if config.grad_clip is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             optimizer.step()
+            method.after_update(model, step)
 
             done = step + 1
             if eval_batches and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):

@@ -1,6 +1,7 @@
 """Analyzers: each reads a :class:`Context` (the pair, the tasks, the shared evaluation set) and
 returns :class:`Evidence` about one of diagnose's two questions."""
 
+from capwrap.analyzers.adapter_diff import AdapterWeightDiff, adapter_weight_diff
 from capwrap.analyzers.attention import AttentionComparison
 from capwrap.analyzers.base import Analyzer, Context, Direction, EvalSet, Evidence, Kind, ModelPair, Question
 from capwrap.analyzers.controls import untrained_like
@@ -13,6 +14,7 @@ from capwrap.analyzers.subgraph import Subgraph
 from capwrap.analyzers.weight_diff import WeightDiff, effective_rank, graft, weight_change_table
 
 __all__ = [
+    "AdapterWeightDiff",
     "Analyzer",
     "AttentionComparison",
     "Context",
@@ -34,6 +36,7 @@ __all__ = [
     "Subgraph",
     "WeightDiff",
     "activation_patching",
+    "adapter_weight_diff",
     "effective_rank",
     "fit_probes",
     "graft",

@@ -54,15 +54,34 @@ _KINDS = ("head", "kv_head", "neuron", "attn", "mlp", "embed", "pos_embed", "une
 _UNIT_KINDS = ("head", "kv_head", "neuron")
 
 
-def effective_rank(matrix: Tensor) -> float:
-    """exp(entropy of the normalized singular values): 1 for a rank-one change, up to min(shape)."""
-    s = torch.linalg.svdvals(matrix.detach().float())
+def effective_rank(matrix: Tensor, rank_bound: int | None = None) -> float:
+    """exp(entropy of the normalized singular values): 1 for a rank-one change, up to min(shape).
+
+    ``rank_bound``: the matrix's rank is known to be at most this (a LoRA change's ``r``); its
+    singular values are then found in ``O(rows · cols · r)`` instead of a full SVD."""
+    matrix = matrix.detach().float()
+    if rank_bound is not None and rank_bound + _OVERSAMPLE < min(matrix.shape):
+        s = _low_rank_svdvals(matrix, rank_bound + _OVERSAMPLE)
+    else:
+        s = torch.linalg.svdvals(matrix)
     total = s.sum()
     if total <= 0:
         return 0.0
     p = s / total
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+_OVERSAMPLE = 8
+
+
+def _low_rank_svdvals(matrix: Tensor, k: int) -> Tensor:
+    """The singular values of a matrix of rank at most ``k``: project it onto its column space,
+    found from ``k`` random combinations of its columns (fixed seed), then one small SVD."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(matrix.shape[1], k, generator=gen, dtype=matrix.dtype).to(matrix.device)
+    basis, _ = torch.linalg.qr(matrix @ probe)
+    return torch.linalg.svdvals(basis.T @ matrix)
 
 
 def weight_change_table(base: CapModel, tuned: CapModel, kinds: Sequence[str] = _KINDS) -> pd.DataFrame:
@@ -134,10 +153,10 @@ def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapM
     return out
 
 
-def change_ranks(delta: Mapping[str, Tensor]) -> pd.DataFrame:
+def change_ranks(delta: Mapping[str, Tensor], rank_bound: int | None = None) -> pd.DataFrame:
     """Effective rank of each weight matrix's change (``weight, effective_rank, max_rank``); heads'
     Q/K/V and O matrices are read as the whole layer's ``[d_model, heads*d_head]`` map. Unchanged
-    matrices and bias tables are left out."""
+    matrices and bias tables are left out. ``rank_bound``: see :func:`effective_rank`."""
     rows = []
     for name, d in delta.items():
         if d.ndim < 2 or ".b_" in name:  # matrices only, not per-head bias tables
@@ -148,7 +167,7 @@ def change_ranks(delta: Mapping[str, Tensor]) -> pd.DataFrame:
             d = d.flatten(0, 1)
         if float(d.abs().max()) == 0:
             continue
-        rows.append((name, effective_rank(d), min(d.shape)))
+        rows.append((name, effective_rank(d, rank_bound), min(d.shape)))
     return pd.DataFrame(rows, columns=["weight", "effective_rank", "max_rank"])
 
 

@@ -51,6 +51,9 @@ def diagnose_checkpoints(
     """:func:`diagnose` for two checkpoints (folders or hub names) and task specs
     (:func:`~capwrap.tasks.spec.task_from_spec`); writes ``summary.json`` and ``report.html`` to ``out``.
 
+    ``tuned`` may be a PEFT LoRA adapter folder: the tuned model is then ``base`` with it merged in,
+    and ``summary.json`` adds the adapter's own weight diff (``adapter``).
+
     This is what ``capwrap diagnose BASE TUNED --capability SPEC --downstream SPEC --out DIR`` runs.
     ``downstream_free``: a spec of the downstream task without its spurious correlation (default:
     the downstream task's own correlation-free variant, when it has one). ``rule``: a verdict rule
@@ -63,12 +66,14 @@ def diagnose_checkpoints(
             dataset has no example of the feature; the rule file is not a rule.
     """
     from capwrap.models import load_model
+    from capwrap.models.adapters import is_adapter_folder
     from capwrap.tasks.spec import task_from_spec
 
     started = time.perf_counter()
     verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
     base_model = load_model(base, backend=backend, allow_pickle=allow_pickle)
-    tuned_model = load_model(tuned, backend=backend, allow_pickle=allow_pickle)
+    adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in
+    tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter)
     ModelPair(base_model, tuned_model)
     check_same_tokenizer(base_model, tuned_model)
     tokenizer = base_model.tokenizer or tuned_model.tokenizer
@@ -86,6 +91,10 @@ def diagnose_checkpoints(
             "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
             "quick": quick, "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
         }  # fmt: skip
+        if adapter is not None:
+            from capwrap.analyzers.adapter_diff import adapter_summary
+
+            summary["adapter"] = adapter_summary(base, adapter, allow_pickle)
         write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, default=json_default))
         diagnosis.to_html(
             folder / "report.html", title=f"capwrap diagnosis: {Path(str(tuned)).name} vs {Path(str(base)).name}"

@@ -7,6 +7,7 @@ subgraph the task uses), and what it logs per step.
 
 from capwrap.methods.base import FineTune, TrainingMethod, step_seed
 from capwrap.methods.circuit_tuning import CircuitTuning
+from capwrap.methods.lora import LoRA
 from capwrap.methods.unlearning import NPO, GradientAscent
 
-__all__ = ["CircuitTuning", "FineTune", "GradientAscent", "NPO", "TrainingMethod", "step_seed"]
+__all__ = ["CircuitTuning", "FineTune", "GradientAscent", "LoRA", "NPO", "TrainingMethod", "step_seed"]

@@ -10,6 +10,7 @@ A :class:`TrainingMethod` is called by :func:`capwrap.train` at fixed points of 
         loss.backward()
         metrics = method.before_update(model, step)       # e.g. mask gradients; metrics to log
         optimizer.step()
+        method.after_update(model, step)                  # e.g. write merged adapter weights
         recorder.step(..., arrays=method.arrays(step))    # with a recorder: per-step arrays to keep
 
 Methods hold their settings in the constructor and any per-run state they build in
@@ -101,6 +102,10 @@ class TrainingMethod:
         :class:`~capwrap.recording.Recorder`, which stores them in its ``RunStore`` (under these names,
         at recorder step ``step + 1``); default none."""
         return {}
+
+    def after_update(self, model: CapModel, step: int) -> None:
+        """After the optimizer step, before the recorder and callbacks see the model: bring the model
+        up to date if the method trains something else than its weights (LoRA's adapter)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The state a resumed run needs (tensors and JSON-serializable values)."""

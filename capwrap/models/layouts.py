@@ -40,7 +40,7 @@ from torch import Tensor
 from capwrap.errors import ConfigError
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["canonical_names", "canonical_views", "checkpoint_shapes", "hf_shapes", "Layout"]
+__all__ = ["canonical_names", "canonical_views", "canonical_views_of_some", "checkpoint_shapes", "hf_shapes", "Layout"]
 
 #: Where tensors live: ``checkpoint`` (the spec's file layout: Hugging Face names for gpt2/llama,
 #: canonical names for tracr) or ``native`` (TransformerLens's native model, the bridge's tracr host).
@@ -168,6 +168,15 @@ def canonical_views(spec: ModelSpec, storage: Mapping[str, Tensor], layout: Layo
 
 
 _HF_VIEWS = {"gpt2": _gpt2_views, "gpt_neo": _gpt_neo_views, "llama": _llama_views}
+
+
+def canonical_views_of_some(spec: ModelSpec, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Canonical views of *some* of a checkpoint's tensors (one layer's, the ones an adapter
+    changes ...): the canonical weights that ``tensors`` hold entirely. The other checkpoint
+    tensors stand in as ``meta`` placeholders, shapes without memory."""
+    storage = {name: torch.empty(shape, device="meta") for name, shape in checkpoint_shapes(spec).items()}
+    storage.update(tensors)
+    return {k: v for k, v in canonical_views(spec, storage).items() if v.device.type != "meta"}
 
 
 @functools.lru_cache(maxsize=64)

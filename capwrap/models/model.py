@@ -60,6 +60,19 @@ def default_backend() -> Backend:
     return available_backends()[0]
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from its name (``"bfloat16"``, ``"torch.float16"`` ...); ``None`` stays ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def _check_backend(backend: str | None) -> Backend:
     backend = backend or default_backend()
     if backend not in ("hooked", "bridge"):
@@ -129,20 +142,23 @@ class CapModel:
         backend: str | None = None,
         tokenizer: Any = None,
         metadata: dict[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> CapModel:
-        """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend."""
+        """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend,
+        with weights of ``dtype`` (default float32)."""
         backend = _check_backend(backend)
         if backend == "hooked":
-            return cls._hooked_from_state(spec, state, tokenizer, metadata)
+            return cls._hooked_from_state(spec, state, tokenizer, metadata, dtype)
         if spec.has_hf_equivalent:
-            return cls._bridge_from_hf_state(spec, state, tokenizer, metadata)
-        return cls._bridge_from_native_state(spec, state, metadata)
+            return cls._bridge_from_hf_state(spec, state, tokenizer, metadata, dtype)
+        return cls._bridge_from_native_state(spec, state, metadata, dtype)
 
     @classmethod
-    def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata) -> CapModel:
+    def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata, dtype=None) -> CapModel:
         import transformers
 
         hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config(), attn_implementation="eager")
+        hf.to(dtype=dtype or torch.float32)  # before bridging: the bridge reads some weights through views
         missing, unexpected = hf.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (spec.tie_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
@@ -156,11 +172,11 @@ class CapModel:
         return cls(spec, "bridge", bridge, storage, "checkpoint", tokenizer, metadata)
 
     @classmethod
-    def _bridge_from_native_state(cls, spec, state, metadata) -> CapModel:
+    def _bridge_from_native_state(cls, spec, state, metadata, dtype=None) -> CapModel:
         from transformer_lens.model_bridge.sources.native import NativeModel
 
         config = spec.to_native_config()
-        native = NativeModel(config).eval()
+        native = NativeModel(config).eval().to(dtype=dtype or torch.float32)
         storage = dict(native.named_parameters())
         with torch.no_grad():
             target = canonical_views(spec, storage, "native")
@@ -170,7 +186,7 @@ class CapModel:
         return cls(spec, "bridge", bridge, storage, "native", None, metadata)
 
     @classmethod
-    def _hooked_from_state(cls, spec, state, tokenizer, metadata) -> CapModel:
+    def _hooked_from_state(cls, spec, state, tokenizer, metadata, dtype=None) -> CapModel:
         import warnings
 
         from transformer_lens import HookedTransformer
@@ -178,7 +194,7 @@ class CapModel:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             module = HookedTransformer(spec.to_hooked_config(), move_to_device=False)
-        module.eval()
+        module.eval().to(dtype=dtype or torch.float32)
         if spec.tie_embeddings:
             _tie_unembedding(module)
         params = dict(module.named_parameters())
@@ -308,12 +324,14 @@ class CapModel:
         return canonical_views(self.spec, self._storage_gradients(), self._layout)  # type: ignore[arg-type]
 
     def _storage_gradients(self) -> dict[str, Tensor]:
-        """Gradients of the storage tensors. The bridge trains some weights through views of
-        others (GPT-2's fused ``c_attn`` through separate q/k/v parameters); scatter them back."""
-        grads = {k: torch.zeros_like(p) for k, p in self._storage.items()}
+        """Gradients of the storage tensors: their own (a model trained outside the bridge, as a
+        wrapped live model is), plus those of views the bridge trains some weights through (GPT-2's
+        fused ``c_attn`` through separate q/k/v parameters), scattered back."""
+        grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in self._storage.items()}
+        held = {id(p) for p in self._storage.values()}
         by_storage = {p.untyped_storage().data_ptr(): k for k, p in self._storage.items()}
         for p in self.module.parameters():
-            if p.grad is None:
+            if p.grad is None or id(p) in held:
                 continue
             owner = by_storage.get(p.untyped_storage().data_ptr())
             if owner is None:
@@ -361,6 +379,11 @@ class CapModel:
         """Where the weights are."""
         return next(iter(self._storage.values())).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
+        return next(iter(self._storage.values())).dtype
+
     def to(self, device: str | torch.device) -> CapModel:
         """Move to ``device`` in place; returns self."""
         if torch.device(device) != self.device:
@@ -381,12 +404,17 @@ class CapModel:
         if backend is None or backend == self.backend:
             return copy.deepcopy(self)
         return CapModel.from_state(
-            self.spec, self.checkpoint_state(), backend, self.tokenizer, copy.deepcopy(self.metadata)
-        )
+            self.spec, self.checkpoint_state(), backend, self.tokenizer, copy.deepcopy(self.metadata), self.dtype
+        ).to(self.device)
 
     def __deepcopy__(self, memo: dict) -> CapModel:
         return CapModel.from_state(
-            self.spec, self.checkpoint_state(), self.backend, self.tokenizer, copy.deepcopy(self.metadata, memo)
+            self.spec,
+            self.checkpoint_state(),
+            self.backend,
+            self.tokenizer,
+            copy.deepcopy(self.metadata, memo),
+            self.dtype,
         ).to(self.device)
 
     def __repr__(self) -> str:

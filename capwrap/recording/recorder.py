@@ -48,6 +48,7 @@ from torch import Tensor
 from capwrap.errors import ConfigError, StoreError
 from capwrap.files import write_bytes_atomic
 from capwrap.models import CapModel
+from capwrap.models.live import as_cap_model
 from capwrap.recording.store import RunStore
 from capwrap.tasks.base import TaskBatch
 
@@ -63,7 +64,9 @@ class Recorder:
     """Records a training run of ``model`` into a :class:`RunStore` at ``path``.
 
     Args:
-        model: the model being trained.
+        model: the model being trained: a :class:`~capwrap.models.CapModel`, or a Hugging Face causal
+            LM (or a peft LoRA model of one) trained by your own loop, which is wrapped with
+            :func:`~capwrap.models.live.wrap_hf_model` (no weight copy; ``recorder.model`` is the wrapper).
         path: the store's folder (created; must not exist unless ``resume`` or ``overwrite``).
         hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``); ``()`` for none.
         probe: the fixed batch activations are recorded on (a :class:`TaskBatch`, whose labels are
@@ -79,7 +82,7 @@ class Recorder:
 
     def __init__(
         self,
-        model: CapModel,
+        model: CapModel | torch.nn.Module,
         path: str | os.PathLike,
         hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
         probe: TaskBatch | Int[Tensor, "batch pos"] | None = None,
@@ -96,6 +99,7 @@ class Recorder:
             raise ConfigError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
         if resume and overwrite:
             raise ConfigError("choose resume=True (continue the store) or overwrite=True (replace it), not both")
+        model = as_cap_model(model)  # a live Hugging Face model is wrapped, sharing its weights
         self.model = model
         self.path = Path(path)
         self.hooks = model.resolve_hooks(hooks) if hooks else []

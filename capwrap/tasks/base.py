@@ -164,25 +164,31 @@ def answer_logits(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) 
 
 
 def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
-    """Cross-entropy of the answer token (the training objective of procedural tasks)."""
-    return F.cross_entropy(answer_logits(logits, batch), batch.answers.to(logits.device))
+    """Cross-entropy of the answer token (the training objective of procedural tasks), in float32."""
+    return F.cross_entropy(answer_logits(logits, batch).float(), batch.answers.to(logits.device))
 
 
 def task_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
     """The training objective: the language-modeling loss over ``batch.lm_targets`` when the batch
-    has them (text tasks), else the answer token's cross-entropy."""
+    has them (text tasks), else the answer token's cross-entropy; in float32 whatever the logits' dtype."""
     if batch.lm_targets is None:
         return answer_loss(logits, batch)
-    return F.cross_entropy(logits.flatten(0, 1), batch.lm_targets.to(logits.device).flatten(), ignore_index=-100)
+    targets = batch.lm_targets.to(logits.device).flatten()
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100)
 
 
 def sequence_logprob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
     """Log-probability of each sequence's target under ``logits``: of the answer token, or for text
     tasks (``batch.lm_targets``) the sum over every target token."""
     if batch.lm_targets is None:
-        return answer_logits(logits, batch).log_softmax(-1).gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+        return (
+            answer_logits(logits, batch)
+            .float()
+            .log_softmax(-1)
+            .gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+        )
     targets = batch.lm_targets.to(logits.device)
-    logp = logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
     return (logp * (targets != -100)).sum(-1)
 
 
