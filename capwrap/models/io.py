@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from capwrap.checks import check_finite_weights
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
 from capwrap.models.layouts import checkpoint_shapes
@@ -130,6 +131,7 @@ def load_model(
     capwrap_doc = _read_capwrap_file(folder)
     spec = read_spec(folder, capwrap_doc, trust_remote_code)
     state = normalize_state(spec, _read_weights(folder, allow_pickle))
+    check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
     tokenizer = _read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
