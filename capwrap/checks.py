@@ -110,6 +110,6 @@ def check_finite_weights(weights: Mapping[str, Tensor], where: str, error: type[
         bad = int((~finite).sum())
         raise error(
             f"{where} holds non-finite values in {name} ({nan} NaN, {bad - nan} infinite of {weight.numel()} "
-            "values); nothing can be trained or measured from it. Load the weights again from a good "
-            "checkpoint (if training produced them, it diverged earlier: lower the learning rate there)"
+            "values), so nothing computed from it means anything. Load the weights again from a good "
+            "checkpoint (if a training run wrote these, that run had diverged)"
         )

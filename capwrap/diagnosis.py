@@ -61,7 +61,7 @@ from capwrap.analyzers import (
     WeightDiff,
 )
 from capwrap.errors import ConfigError
-from capwrap.files import write_text_atomic
+from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
 from capwrap.recording import RunStore
 from capwrap.report import Report
@@ -347,6 +347,8 @@ def diagnose_checkpoints(
     from capwrap.tasks.spec import task_from_spec
 
     started = time.perf_counter()
+    if out is not None:
+        check_output_folder(out)
     base_model = load_model(base, backend=backend, allow_pickle=allow_pickle)
     tuned_model = load_model(tuned, backend=backend, allow_pickle=allow_pickle)
     ModelPair(base_model, tuned_model)

@@ -25,7 +25,7 @@ from capwrap.errors import ConfigError
 from capwrap.tasks.base import Task
 from capwrap.tasks.pcfg import PCFGConfig, PCFGTask
 
-__all__ = ["parse_spec", "task_from_spec"]
+__all__ = ["parse_spec", "task_from_spec", "spec_help", "SPEC_EXAMPLES"]
 
 _PCFG_KEYS = {"pcfg", "operand", "prior", "correlation", "length", "window", "occurrence", "name"}
 _TEXT_KEYS = {"text", "feature", "without", "relabel", "field", "split", "limit", "seq_len", "name"}
@@ -104,3 +104,31 @@ def _text(keys: dict[str, str], tokenizer: Any) -> Task:
         ds = relabel(ds, Feature.parse(old), new)
     seq_len = _number(keys, "seq_len", int) if "seq_len" in keys else 128
     return TextTask(ds, tokenizer, seq_len=seq_len, feature=keys.get("feature"), name=keys.get("name"))
+
+
+#: Example specs of each task kind (the help text shows them; the tests parse every one).
+SPEC_EXAMPLES = {
+    "pcfg": ("pcfg=count,operand=a", "pcfg=count,operand=b,correlation=1", "pcfg=index,operand=c,length=24"),
+    "text": ("text=stories.txt,feature=word:Lily", "text=stories.txt,without=word:Lily", "text=stories.txt"),
+}
+
+
+def spec_help() -> str:
+    """What task specs look like: the keys each kind takes, the feature kinds, examples.
+
+    Built from the tables the parser itself checks, so it cannot go stale.
+
+    Examples:
+        >>> print(spec_help().splitlines()[0])
+        task specs are key=value pairs separated by commas:
+    """
+    from capwrap.tasks.text import FEATURE_KINDS
+
+    keys = {"pcfg": _PCFG_KEYS, "text": _TEXT_KEYS}
+    lines = ["task specs are key=value pairs separated by commas:"]
+    for kind, allowed in keys.items():
+        lines.append(f"  {kind}: keys {', '.join(sorted(allowed, key=lambda k: (k != kind, k)))}")
+        lines += [f"    e.g. {example}" for example in SPEC_EXAMPLES[kind]]
+    lines.append("features (feature=, without=, relabel=FEATURE->NEW):")
+    lines += [f"  {example:<18} {meaning}" for example, meaning in FEATURE_KINDS.values()]
+    return "\n".join(lines)
