@@ -9,10 +9,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 
 from capwrap.errors import CapwrapError
+from capwrap.tasks.spec import spec_help
 
 __all__ = ["main"]
 
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capwrap",
         description="Did fine-tuning change a capability, or only wrap it? Analyses on TransformerLens models.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune a small PCFG counting model with recording, and report")
     demo.add_argument("--out", default="capwrap_demo", help="output folder (default: capwrap_demo)")
@@ -147,22 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["default", "removed"],
         help="default: the study; removed: the negative control (capability re-initialized before fine-tuning)",
     )
-    demo.add_argument("--backend", choices=["hooked", "bridge"], default=None, help="TransformerLens backend")
+    _add_backend_option(demo)
     demo.add_argument("--pretrain", action="store_true", help="pretrain the base model here (about 15 min)")
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300)")
     demo.add_argument("--eval-size", type=int, default=2048, help="sequences per test set (default 2048)")
     demo.add_argument("--no-diagnose", action="store_true", help="skip diagnose() (no verdict)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
     info = sub.add_parser("info", help="architecture and component counts of a checkpoint (folder or hub name)")
     info.add_argument("source", help="a checkpoint folder, a Hugging Face hub name, or a PEFT LoRA adapter folder")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.add_argument("--backend", choices=["hooked", "bridge"], default=None, help="TransformerLens backend")
+    _add_backend_option(info)
     info.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
     info.set_defaults(func=_info)
 
-    diag = sub.add_parser("diagnose", help="did fine-tuning change a capability, or wrap it? (any compatible pair)")
+    diag = sub.add_parser(
+        "diagnose",
+        help="did fine-tuning change a capability, or wrap it? (any compatible pair)",
+        epilog=spec_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     diag.add_argument("base", help="the base checkpoint (folder or hub name)")
     diag.add_argument(
         "tuned", help="the fine-tuned checkpoint (folder or hub name), or a PEFT LoRA adapter folder of BASE"
@@ -178,9 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--store", default=None, help="the fine-tuning run's RunStore folder, if recorded")
     diag.add_argument("--quick", action="store_true", help="smaller samples and budgets (minutes instead of more)")
     diag.add_argument("--seed", type=int, default=0)
-    diag.add_argument("--backend", choices=["hooked", "bridge"], default=None, help="TransformerLens backend")
+    _add_backend_option(diag)
     diag.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
-    diag.add_argument("--quiet", action="store_true", help="no progress bars")
     diag.set_defaults(func=_diagnose)
 
     val = sub.add_parser(
@@ -202,18 +209,134 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates (default 200)")
     val.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    val.add_argument("--quiet", action="store_true", help="no progress bars")
     val.set_defaults(func=_validate)
+
+    for command in sub.choices.values():  # every command, including ones added above later
+        _add_common_options(command)
     return parser
 
 
+# ---- options and behaviour every command shares ----------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import version
+
+    from capwrap import __version__
+
+    return f"capwrap {__version__} (TransformerLens {version('transformer-lens')}, torch {version('torch')})"
+
+
+def _add_backend_option(parser: argparse.ArgumentParser) -> None:
+    from capwrap.models import available_backends, default_backend
+
+    backends = available_backends()
+    parser.add_argument(
+        "--backend", choices=backends, default=None,
+        help=f"TransformerLens backend: {' or '.join(backends)} with the installed TransformerLens (default {default_backend()})",
+    )  # fmt: skip
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    options = {a for action in parser._actions for a in action.option_strings}
+    if "--quiet" not in options:
+        parser.add_argument(
+            "--quiet", action="store_true", help="no progress bars (capwrap's, datasets', transformers')"
+        )
+    if "--debug" not in options:
+        parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+
+
+#: Failures a user's input or environment causes (a missing file, a full disk, a value a library
+#: rejects): one line and exit code 2, never a traceback (``--debug`` shows it).
+EXPECTED_ERRORS = (CapwrapError, OSError, ValueError, MemoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, or 2 on an error, 130 when interrupted)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except CapwrapError as exc:
-        print(f"capwrap: error: {exc}", file=sys.stderr)
+        with _progress_bars(enabled=not args.quiet):
+            return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("capwrap: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"capwrap: error: {describe_error(exc)}", file=sys.stderr)
         return 2
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc`` as one line: capwrap's own messages as they are; others with their type, and a
+    pointer to ``--debug``.
+
+    Examples:
+        >>> describe_error(FileExistsError(17, "File exists", "out/report.html"))
+        'File exists: out/report.html (FileExistsError; run with --debug for the traceback)'
+    """
+    if isinstance(exc, CapwrapError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or "no message"
+    return f"{' '.join(text.split())} ({type(exc).__name__}; run with --debug for the traceback)"
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """Silence the progress bars of the libraries capwrap calls (datasets' "Filter:" and "Map:",
+    Hugging Face downloads) while a command runs, when ``enabled`` is false. capwrap's own bars
+    follow each command's ``progress=`` argument."""
+    if enabled:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in _PROGRESS_ENV}
+    os.environ.update(dict.fromkeys(_PROGRESS_ENV, "1"))  # for the libraries not imported yet
+    restore = [switch() for name, switch in _PROGRESS_SWITCHES.items() if name in sys.modules]
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_PROGRESS_ENV = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+def _quiet_datasets():
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    return datasets.enable_progress_bars if was else lambda: None
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    return logging.enable_progress_bar if was else lambda: None
+
+
+def _quiet_hub():
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was = not are_progress_bars_disabled()
+    disable_progress_bars()
+    return enable_progress_bars if was else lambda: None
+
+
+#: Module -> a function that turns its progress bars off and returns how to turn them back on.
+_PROGRESS_SWITCHES = {"datasets": _quiet_datasets, "transformers": _quiet_transformers, "huggingface_hub": _quiet_hub}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,7 +53,7 @@ from capwrap.analyzers import (
 )
 from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
-from capwrap.files import write_json_atomic
+from capwrap.files import check_output_folder, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
 from capwrap.recording import Recorder, RunStore
 from capwrap.report import Report
@@ -166,7 +166,7 @@ def run_demo(
         raise ConfigError(f"unknown demo scenario {scenario!r}; choose from {list(SCENARIOS)}")
     if eval_size <= 0:
         raise ConfigError(f"eval_size must be positive, got {eval_size}")
-    out = Path(out)
+    out = check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tasks = demo_tasks()

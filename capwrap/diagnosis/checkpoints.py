@@ -12,7 +12,7 @@ from capwrap.diagnosis.result import Diagnosis, json_default
 from capwrap.diagnosis.rule import VerdictRule
 from capwrap.diagnosis.run import default_analyzers, diagnose
 from capwrap.errors import ConfigError
-from capwrap.files import write_text_atomic
+from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
 from capwrap.recording import RunStore
 
@@ -70,6 +70,8 @@ def diagnose_checkpoints(
     from capwrap.tasks.spec import task_from_spec
 
     started = time.perf_counter()
+    if out is not None:
+        check_output_folder(out)
     verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
     base_model = load_model(base, backend=backend, allow_pickle=allow_pickle)
     adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from capwrap.checks import check_finite_weights
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
 from capwrap.models.adapters import adapter_base, adapter_hint, is_adapter_folder, merge_adapter
@@ -167,6 +168,7 @@ def load_model(
     if max_memory is not None or offload_folder is not None:
         raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
     state = normalize_state(spec, _read_weights(folder, allow_pickle))
+    check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
     if adapter is not None:
         metadata["adapter"] = merge_adapter(adapter, spec, state, allow_pickle)
     model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)

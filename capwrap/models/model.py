@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from capwrap.checks import check_token_ids
 from capwrap.errors import ConfigError, HookNameError, closest_matches
 from capwrap.models.components import ComponentMap
 from capwrap.models.layouts import canonical_names, canonical_views, checkpoint_shapes
@@ -225,18 +226,7 @@ class CapModel:
         return self.module(tokens.to(self.device))
 
     def _check_tokens(self, tokens: Tensor) -> None:
-        if tokens.ndim != 2:
-            raise ConfigError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.spec.n_ctx:
-            raise ConfigError(
-                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={self.spec.n_ctx}; "
-                "use shorter sequences or a model with a longer context"
-            )
-        if tokens.numel() and (int(tokens.max()) >= self.spec.d_vocab or int(tokens.min()) < 0):
-            raise ConfigError(
-                f"token ids range over [{int(tokens.min())}, {int(tokens.max())}] but the model embeds "
-                f"only [0, {self.spec.d_vocab - 1}]; the task's vocabulary is larger than the model's"
-            )
+        check_token_ids(tokens, self.spec, "tokens")
 
     @functools.cached_property
     def hook_names(self) -> list[str]:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from capwrap.checks import check_batch_shapes
 from capwrap.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class TaskBatch:
     answers: Int[Tensor, " batch"]
     labels: dict[str, Int[Tensor, " batch"]] = field(default_factory=dict)
     lm_targets: Int[Tensor, "batch pos"] | None = None
+
+    def __post_init__(self) -> None:
+        check_batch_shapes(self)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])

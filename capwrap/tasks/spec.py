@@ -31,7 +31,7 @@ from capwrap.errors import ConfigError
 from capwrap.tasks.base import Task
 from capwrap.tasks.pcfg import PCFGConfig, PCFGTask
 
-__all__ = ["parse_spec", "task_from_spec"]
+__all__ = ["parse_spec", "task_from_spec", "spec_help", "SPEC_EXAMPLES"]
 
 _PCFG_KEYS = {"pcfg", "operand", "prior", "correlation", "source", "offset", "length", "window", "occurrence", "name"}
 _TEXT_KEYS = {"text", "feature", "without", "relabel", "field", "split", "limit", "seq_len", "name"}
@@ -143,3 +143,34 @@ def _tracr(keys: dict[str, str], model: Any) -> Task:
         return TracrCounterTask(program, keys.get("operand", "a"), correlation, length, keys.get("source", "a"), offset)
     numbers = {k: _number(keys, k, int) for k in ("rank", "source_rank", "shift") if k in keys}
     return TracrMaxIdentifierTask(program, length=length, correlation=correlation, **numbers)
+
+
+#: Example specs of each task kind (the help text shows them; the tests parse every one).
+SPEC_EXAMPLES = {
+    "pcfg": ("pcfg=count,operand=a", "pcfg=count,operand=b,correlation=1", "pcfg=index,operand=c,length=24"),
+    "text": ("text=stories.txt,feature=word:Lily", "text=stories.txt,without=word:Lily", "text=stories.txt"),
+    "tracr": ("tracr=counter,operand=b,correlation=1", "tracr=max_identifier,rank=2,shift=1"),
+}
+
+
+def spec_help() -> str:
+    """What task specs look like: the keys each kind takes, the feature kinds, examples.
+
+    Built from the tables the parser itself checks, so it cannot go stale.
+
+    Examples:
+        >>> print(spec_help().splitlines()[0])
+        task specs are key=value pairs separated by commas:
+    """
+    from capwrap.tasks.text import FEATURE_KINDS
+
+    keys = {"pcfg": _PCFG_KEYS, "text": _TEXT_KEYS}
+    keys |= {f"tracr={program}": allowed for program, allowed in _TRACR_KEYS.items()}
+    lines = ["task specs are key=value pairs separated by commas:"]
+    for kind, allowed in keys.items():
+        family = kind.split("=")[0]
+        lines.append(f"  {kind}: keys {', '.join(sorted(allowed, key=lambda k: (k != family, k)))}")
+        lines += [f"    e.g. {example}" for example in SPEC_EXAMPLES[family] if example.startswith(kind)]
+    lines.append("features (feature=, without=, relabel=FEATURE->NEW):")
+    lines += [f"  {example:<18} {meaning}" for example, meaning in FEATURE_KINDS.values()]
+    return "\n".join(lines)

@@ -56,6 +56,14 @@ __all__ = [
 _EOT = "<|endoftext|>"
 
 
+#: Each feature kind, with an example spec and what it matches (help texts are built from this).
+FEATURE_KINDS = {
+    "word": ("word:Lily", "a whole word or name, any case"),
+    "regex": (r"regex:\bdogs?\b", "a Python regular expression, case-insensitive"),
+    "dialogue": ("dialogue", "a double-quoted utterance"),
+}
+
+
 @dataclass(frozen=True)
 class Feature:
     """A story feature: ``kind`` is ``word`` (a whole word or name, any case), ``regex`` (a Python
@@ -65,8 +73,9 @@ class Feature:
     value: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("word", "regex", "dialogue"):
-            raise ConfigError(f"unknown feature kind {self.kind!r}; use word:WORD, regex:PATTERN or dialogue")
+        if self.kind not in FEATURE_KINDS:
+            examples = ", ".join(example for example, _ in FEATURE_KINDS.values())
+            raise ConfigError(f"unknown feature kind {self.kind!r}; use one of {examples}")
         if self.kind != "dialogue" and not self.value.strip():
             raise ConfigError(f"a {self.kind} feature needs a value, e.g. {self.kind}:Lily")
         try:

@@ -70,3 +70,12 @@ def test_tracr_specs(counter, max_identifier):
         task_from_spec("tracr=counter,operand=b")
     with pytest.raises(ConfigError, match="unknown keys"):
         task_from_spec("tracr=counter,rank=3", model=counter)
+
+
+def test_the_help_texts_tracr_examples_parse(counter, max_identifier):
+    from capwrap.tasks.spec import SPEC_EXAMPLES
+
+    models = {"counter": counter, "max_identifier": max_identifier}
+    for example in SPEC_EXAMPLES["tracr"]:
+        program = example.split(",")[0].split("=")[1]
+        assert task_from_spec(example, model=models[program]).seq_len > 0
