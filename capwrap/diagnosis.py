@@ -63,6 +63,7 @@ from capwrap.analyzers import (
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
+from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import RunStore
 from capwrap.report import Report
 from capwrap.tasks.base import Task, accuracy
@@ -150,20 +151,20 @@ class Diagnosis:
             write_text_atomic(path, text)
         return text
 
-    def report(self, title: str = "capwrap diagnosis") -> Report:
-        """The report: verdict, reasons, accuracies, the summary and each analyzer's figure and table."""
-        report = Report(title)
+    def report(self, title: str = "capwrap diagnosis", provenance: dict[str, Any] | None = None) -> Report:
+        """The report: verdict, reasons, accuracies, the summary and each analyzer's figure and table,
+        and ``provenance`` (:func:`capwrap.provenance.run_provenance`; software and date when omitted)."""
+        report = Report(title, provenance=dict(provenance or {}))
         self.add_verdict(report)
         report.add_text("Accuracy", "Base and tuned model on the capability and downstream tasks.")
-        report.add_table(pd.DataFrame(self.accuracy))
+        report.add_table(pd.DataFrame(self.accuracy).rename_axis("task"), float_format="{:.1%}")
         self.add_evidence(report)
         return report
 
     def add_verdict(self, report: Report) -> None:
         """Append the verdict and its reasons to ``report``."""
         report.add_text(None, f"Verdict: {self.verdict} (score {self.score:+.2f})", css_class="verdict")
-        report.add_heading("Why")
-        report.add_code("\n".join(f"• {r}" for r in self.reasons))
+        report.add_list("Why", self.reasons)
 
     def add_evidence(self, report: Report) -> None:
         """Append the evidence summary and each analyzer's figure and table to ``report``."""
@@ -171,13 +172,18 @@ class Diagnosis:
         report.add_table(self.summary().drop(columns=["reason"]))
         for ev in self.evidence:
             report.add_heading(f"{ev.analyzer}: {ev.direction} ({ev.strength:.2f})")
-            report.add_code("\n".join(ev.reasons))
-            report.add_figure(ev.figure())
+            report.add_list(None, ev.reasons)
+            report.add_figure(ev.figure(), empty_note="No data to plot.")
             report.add_table(ev.table.head(12))
 
-    def to_html(self, path: str | os.PathLike | None = None, title: str = "capwrap diagnosis") -> str:
+    def to_html(
+        self,
+        path: str | os.PathLike | None = None,
+        title: str = "capwrap diagnosis",
+        provenance: dict[str, Any] | None = None,
+    ) -> str:
         """A self-contained HTML report (plotly inlined, readable offline); written atomically to ``path``."""
-        report = self.report(title)
+        report = self.report(title, provenance)
         if path is not None:
             report.write(path)
         return report.to_html()
@@ -363,13 +369,19 @@ def diagnose_checkpoints(
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
+        provenance = run_provenance(
+            models={"base": base_model, "tuned": tuned_model}, seeds={"seed": seed}, started=started,
+            call=describe_call("capwrap.diagnosis.diagnose_checkpoints", base=str(base), tuned=str(tuned),
+                               capability=capability, downstream=downstream, quick=quick, seed=seed),
+        )  # fmt: skip
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
             "spec": base_model.spec.to_dict(), "backend": base_model.backend, "quick": quick, "seed": seed,
-            **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
+            **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2), "provenance": provenance,
         }  # fmt: skip
         write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, default=_json_default))
         diagnosis.to_html(
-            folder / "report.html", title=f"capwrap diagnosis: {Path(str(tuned)).name} vs {Path(str(base)).name}"
-        )
+            folder / "report.html", title=f"capwrap diagnosis: {Path(str(tuned)).name} vs {Path(str(base)).name}",
+            provenance=provenance,
+        )  # fmt: skip
     return diagnosis

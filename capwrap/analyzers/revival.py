@@ -186,9 +186,12 @@ def _judge(h: dict[str, float]) -> tuple[str, float, list[str]]:
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
 
+    from capwrap.report import error_bars
+
     fig = go.Figure()
     for model, part in evidence.table.groupby("model"):
-        fig.add_trace(go.Scatter(x=part["step"], y=part["accuracy"], mode="lines+markers", name=model))
+        fig.add_trace(go.Scatter(x=part["step"], y=part["accuracy"], mode="lines+markers", name=f"{model} model",
+                                 error_y=error_bars(part, "accuracy")))  # fmt: skip
     fig.add_hline(y=evidence.headline["threshold"], line_dash="dot", annotation_text="revival threshold")
     fig.update_layout(height=360, xaxis_title="reverse fine-tuning step", yaxis=dict(title="capability accuracy", tickformat=".0%", range=[0, 1.02]),
                       title=f"revival: {evidence.direction} ({evidence.strength:.2f})")  # fmt: skip
