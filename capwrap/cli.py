@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -243,6 +244,36 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
         )
     if "--debug" not in options:
         parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    if "--threads" not in options:
+        parser.add_argument(
+            "--threads", type=_positive_int, default=None, metavar="N",
+            help="torch CPU threads (default: the cores other processes leave idle, by the 1-minute load "
+                 "average, at least 1; OMP_NUM_THREADS, if set, instead)",
+        )  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def default_threads() -> int:
+    """Torch CPU threads for a command: ``OMP_NUM_THREADS`` when the user set it; otherwise the
+    cores the machine's other processes leave idle (cores minus the 1-minute load average), at
+    least 1. On a shared machine a second thread that must wait for a busy core slows every step
+    down (benchmarks/RESULTS.md measures it); on an idle one it speeds them up."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
 
 
 #: Failures a user's input or environment causes (a missing file, a full disk, a value a library
@@ -252,9 +283,16 @@ EXPECTED_ERRORS = (CapwrapError, OSError, ValueError, MemoryError)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0, or 2 on an error, 130 when interrupted)."""
+    from capwrap.provenance import invoked_as
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        with _progress_bars(enabled=not args.quiet):
+        with (
+            _progress_bars(enabled=not args.quiet),
+            _torch_threads(args.threads or default_threads()),
+            invoked_as(shlex.join(["capwrap", *argv])),
+        ):
             return args.func(args)
     except KeyboardInterrupt:
         if args.debug:
@@ -283,6 +321,19 @@ def describe_error(exc: BaseException) -> str:
     else:
         text = str(exc) or "no message"
     return f"{' '.join(text.split())} ({type(exc).__name__}; run with --debug for the traceback)"
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch uses ``n`` CPU threads while a command runs (restored after, for callers in Python)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

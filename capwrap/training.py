@@ -2,7 +2,9 @@
 
 Read it top to bottom: seed, optional weight noise, optimizer, warmup + cosine schedule, then for
 each step a fresh batch (online data, reproducible from the seed), the loss, a finiteness check,
-backward, clipping, the update, the recorder and callbacks, and periodic evaluation.
+backward, clipping, the update, the recorder and callbacks, periodic evaluation, and, with
+``checkpoint_every``, a training checkpoint in the run's store from which a restarted run resumes
+(:func:`train`'s ``resume``; the functions under "resuming" at the end).
 
 Examples:
     >>> from capwrap.models import ModelSpec, build_model

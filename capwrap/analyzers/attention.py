@@ -111,9 +111,11 @@ def _plot(evidence: Evidence):
             y=[f"L{layer}" for layer in grid.index],
             colorscale="Viridis",
             zmin=0,
+            colorbar=dict(title="total<br>variation"),
         )
     )
     fig.update_layout(
-        height=340, title=f"attention change at the answer position (total variation): {evidence.direction}"
-    )
+        height=340, title=f"attention change at the answer position (total variation): {evidence.direction}",
+        xaxis_title="head", yaxis_title="layer",
+    )  # fmt: skip
     return fig

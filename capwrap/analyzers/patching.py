@@ -547,22 +547,29 @@ def _plot(evidence: Evidence):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from capwrap.report import error_bars
+
     table = evidence.table
     heads = table[table["site"] == "head"]
     layers = table[table["site"] != "head"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("layer outputs", "heads"), column_widths=[0.4, 0.6])
     for site, part in layers.groupby("site"):
         part = part.sort_values("layer")
-        fig.add_trace(go.Bar(x=[f"L{x}" for x in part["layer"]], y=part["restored"], name=site), row=1, col=1)
+        fig.add_trace(go.Bar(x=[f"L{int(x)}" for x in part["layer"]], y=part["restored"], name=str(site).replace("_", " "),
+                             error_y=error_bars(part, "restored")), row=1, col=1)  # fmt: skip
     if not heads.empty:
         grid = heads.pivot(index="layer", columns="head", values="restored").sort_index()
         fig.add_trace(
-            go.Heatmap(z=grid.values, x=[f"H{h}" for h in grid.columns], y=[f"L{x}" for x in grid.index],
-                       colorscale="RdBu", zmid=0, colorbar=dict(title="restored")),
+            go.Heatmap(z=grid.values, x=[f"H{int(h)}" for h in grid.columns], y=[f"L{int(x)}" for x in grid.index],
+                       colorscale="RdBu", zmid=0, colorbar=dict(title="share of<br>gap restored", tickformat=".0%")),
             row=1, col=2,
         )  # fmt: skip
-    fig.update_layout(height=360, title=f"patching base → tuned: {evidence.direction} ({evidence.strength:.2f})",
-                      yaxis=dict(title="share of the gap restored", tickformat=".0%"))  # fmt: skip
+    fig.update_xaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(title_text="share of the gap restored", tickformat=".0%", row=1, col=1)
+    fig.update_xaxes(title_text="head", row=1, col=2)
+    fig.update_yaxes(title_text="layer", row=1, col=2)
+    fig.update_layout(height=400, title=f"patching base → tuned: {evidence.direction} ({evidence.strength:.2f})",
+                      legend=dict(title="patched site", orientation="h", yanchor="top", y=-0.25, x=0))  # fmt: skip
     return fig
 
 

@@ -390,11 +390,15 @@ def _matches(name: str, pattern: str) -> bool:
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
 
+    from capwrap.report import error_bars
+
     fig = go.Figure()
     for model, part in evidence.table.groupby("model"):
-        fig.add_trace(go.Scatter(x=part["hook"], y=part["probe_accuracy"], mode="lines+markers", name=f"{model}"))
+        fig.add_trace(go.Scatter(x=part["hook"], y=part["probe_accuracy"], mode="lines+markers", name=f"{model} model",
+                                 error_y=error_bars(part, "probe_accuracy")))  # fmt: skip
     if "majority_baseline" in evidence.headline:
         fig.add_hline(y=evidence.headline["majority_baseline"], line_dash="dot", annotation_text="majority class")
-    fig.update_layout(height=360, yaxis=dict(title="probe accuracy (held out)", tickformat=".0%", range=[0, 1.02]),
-                      title=f"probing: {evidence.direction} ({evidence.strength:.2f})")  # fmt: skip
+    fig.update_layout(height=360, xaxis_title="hook point (layer)",
+                      yaxis=dict(title="probe accuracy (held out)", tickformat=".0%", range=[0, 1.02]),
+                      title=f"probing: {evidence.direction} ({evidence.strength:.2f})", legend_title_text="model")  # fmt: skip
     return fig

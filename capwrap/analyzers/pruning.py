@@ -255,10 +255,14 @@ class Pruning(Analyzer):
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
 
+    from capwrap.report import error_bars
+
     t = evidence.table
     fig = go.Figure([
-        go.Scatter(x=t["k"], y=t["capability_accuracy"], mode="lines+markers", name="capability"),
-        go.Scatter(x=t["k"], y=t["downstream_accuracy"], mode="lines+markers", name="downstream"),
+        go.Scatter(x=t["k"], y=t["capability_accuracy"], mode="lines+markers", name="capability",
+                   error_y=error_bars(t, "capability_accuracy")),
+        go.Scatter(x=t["k"], y=t["downstream_accuracy"], mode="lines+markers", name="downstream",
+                   error_y=error_bars(t, "downstream_accuracy")),
     ])  # fmt: skip
     fig.update_layout(height=360, xaxis_title="units pruned (K)", yaxis=dict(title="accuracy", tickformat=".0%", range=[0, 1.02]),
                       title=f"pruning: {evidence.direction} ({evidence.strength:.2f})")  # fmt: skip

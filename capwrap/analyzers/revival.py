@@ -236,11 +236,12 @@ def _fingerprint(control: CapModel, task: Task, batch: TaskBatch, threshold: flo
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
 
+    from capwrap.report import error_bars
+
     fig = go.Figure()
     for (model, seed), part in evidence.table.groupby(["model", "seed"]):
-        fig.add_trace(
-            go.Scatter(x=part["step"], y=part["accuracy"], mode="lines+markers", name=f"{model} (seed {seed})")
-        )
+        fig.add_trace(go.Scatter(x=part["step"], y=part["accuracy"], mode="lines+markers", name=f"{model} model (seed {seed})",
+                                 error_y=error_bars(part, "accuracy")))  # fmt: skip
     fig.add_hline(y=evidence.headline["threshold"], line_dash="dot", annotation_text="revival threshold")
     fig.update_layout(height=360, xaxis_title="reverse fine-tuning step", yaxis=dict(title="capability accuracy", tickformat=".0%", range=[0, 1.02]),
                       title=f"revival: {evidence.direction} ({evidence.strength:.2f})")  # fmt: skip

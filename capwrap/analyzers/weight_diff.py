@@ -295,18 +295,23 @@ def _plot(evidence: Evidence):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from capwrap.report import error_bars
+
     table = evidence.table
     fig = make_subplots(rows=1, cols=2, subplot_titles=("change per layer", "grafting the most-changed units"))
-    for kind in ("attn", "mlp"):
+    for kind, label in (("attn", "attention"), ("mlp", "MLP")):
         part = table[table["kind"] == kind].sort_values("layer")
-        fig.add_trace(go.Bar(x=part["component"], y=part["relative_change"], name=f"{kind} ‖ΔW‖/‖W‖"), row=1, col=1)
+        fig.add_trace(go.Bar(x=part["component"], y=part["relative_change"], name=f"{label} layers",
+                             error_y=error_bars(part, "relative_change")), row=1, col=1)  # fmt: skip
     grafts = pd.DataFrame(evidence.details["grafts"]).dropna(subset=["fraction"])
     fig.add_trace(
-        go.Scatter(x=grafts["fraction"], y=grafts["carried"], mode="lines+markers", name="downstream gain carried"),
-        row=1,
-        col=2,
-    )
+        go.Scatter(x=grafts["fraction"], y=grafts["carried"], mode="lines+markers", name="downstream gain carried",
+                   error_y=error_bars(grafts, "carried")),
+        row=1, col=2,
+    )  # fmt: skip
+    fig.update_xaxes(title_text="component", row=1, col=1)
+    fig.update_yaxes(title_text="relative change ‖ΔW‖/‖W‖", row=1, col=1)
     fig.update_xaxes(title_text="share of units grafted", tickformat=".0%", row=1, col=2)
-    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(title_text="downstream gain carried", tickformat=".0%", row=1, col=2)
     fig.update_layout(height=380, title=f"weight diff: {evidence.direction} ({evidence.strength:.2f})")
     return fig

@@ -14,6 +14,7 @@ from capwrap.diagnosis.run import default_analyzers, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
+from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import RunStore
 
 __all__ = ["check_same_tokenizer", "diagnose_checkpoints"]
@@ -88,10 +89,16 @@ def diagnose_checkpoints(
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
+        provenance = run_provenance(
+            models={"base": base_model, "tuned": tuned_model}, seeds={"seed": seed}, started=started,
+            call=describe_call("capwrap.diagnosis.diagnose_checkpoints", base=str(base), tuned=str(tuned),
+                               capability=capability, downstream=downstream, quick=quick, seed=seed),
+        )  # fmt: skip
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
             "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
             "quick": quick, "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
+            "provenance": provenance,
         }  # fmt: skip
         if adapter is not None:
             from capwrap.analyzers.adapter_diff import adapter_summary
@@ -99,6 +106,8 @@ def diagnose_checkpoints(
             summary["adapter"] = adapter_summary(base, adapter, allow_pickle)
         write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, default=json_default))
         diagnosis.to_html(
-            folder / "report.html", title=f"capwrap diagnosis: {Path(str(tuned)).name} vs {Path(str(base)).name}"
+            folder / "report.html",
+            title=f"capwrap diagnosis: {Path(str(tuned)).name} vs {Path(str(base)).name}",
+            provenance=provenance,
         )
     return diagnosis

@@ -129,12 +129,13 @@ class Diagnosis:
         return text
 
     # ---- the report ---------------------------------------------------------------------------------
-    def report(self, title: str = "capwrap diagnosis") -> Report:
-        """The report: both findings, accuracies, the summary and each analyzer's figure and table."""
-        report = Report(title)
+    def report(self, title: str = "capwrap diagnosis", provenance: dict[str, Any] | None = None) -> Report:
+        """The report: both findings, accuracies, the summary and each analyzer's figure and table,
+        and ``provenance`` (:func:`capwrap.provenance.run_provenance`; software and date when omitted)."""
+        report = Report(title, provenance=dict(provenance or {}))
         self.add_verdict(report)
         report.add_text("Accuracy", "Base and tuned model on each test set of the one evaluation set (90% intervals).")
-        report.add_table(self.accuracy_table())
+        report.add_table(self.accuracy_table(), float_format="{:.1%}")
         self.add_evidence(report)
         return report
 
@@ -159,7 +160,7 @@ class Diagnosis:
             report.add_heading(f"{finding.question.capitalize()}: {finding.verdict} "
                                f"(score {finding.score:+.2f} [{lo:+.2f}, {hi:+.2f}])")  # fmt: skip
             report.add_text(None, _QUESTIONS[finding.question])
-            report.add_code("\n".join(f"• {r}" for r in finding.reasons))
+            report.add_list(None, finding.reasons)
 
     def add_evidence(self, report: Report) -> None:
         """Append the evidence summary and each analyzer's figure and table to ``report``."""
@@ -167,13 +168,18 @@ class Diagnosis:
         report.add_table(self.summary().drop(columns=["reason"]))
         for ev in self.evidence:
             report.add_heading(f"{ev.analyzer} ({ev.question}): {ev.direction} ({ev.strength:.2f})")
-            report.add_code("\n".join(ev.reasons))
-            report.add_figure(ev.figure())
+            report.add_list(None, ev.reasons)
+            report.add_figure(ev.figure(), empty_note="No data to plot.")
             report.add_table(ev.table.head(12))
 
-    def to_html(self, path: str | os.PathLike | None = None, title: str = "capwrap diagnosis") -> str:
+    def to_html(
+        self,
+        path: str | os.PathLike | None = None,
+        title: str = "capwrap diagnosis",
+        provenance: dict[str, Any] | None = None,
+    ) -> str:
         """A self-contained HTML report (plotly inlined, readable offline); written atomically to ``path``."""
-        report = self.report(title)
+        report = self.report(title, provenance)
         if path is not None:
             report.write(path)
         return report.to_html()

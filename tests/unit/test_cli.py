@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -179,3 +180,16 @@ def test_quiet_silences_the_progress_bars_of_datasets(stories260k, tmp_path, cap
     err = capsys.readouterr().err
     assert "Filter" not in err and err.count("\n") == 1 and "every text contains word:Lily" in err
     assert datasets.is_progress_bar_enabled()  # switched back on after the command
+
+
+def test_threads_option_sets_torch_threads_for_the_command_only(pair_on_disk, capsys, monkeypatch):
+    import capwrap.cli as cli
+
+    before, seen, info = torch.get_num_threads(), [], cli._info
+    monkeypatch.setattr(cli, "_info", lambda args: seen.append(torch.get_num_threads()) or info(args))
+    assert main(["info", str(pair_on_disk / "base"), "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+    assert 1 <= cli.default_threads() <= (os.cpu_count() or 1)
+    with pytest.raises(SystemExit):
+        main(["info", str(pair_on_disk / "base"), "--threads", "0"])
+    assert "positive whole number" in capsys.readouterr().err
