@@ -264,7 +264,14 @@ def _keep_legend_off_colorbars(figure: Any) -> None:
     """A figure with both a colour bar (a heatmap) and a legend: put the legend under the plot, where
     the colour bar cannot cover it."""
     bars = any(t.type in ("heatmap", "contour") and t.showscale is not False for t in figure.data)
-    legend = sum(1 for t in figure.data if t.type not in ("heatmap", "contour", "table") and getattr(t, "showlegend", None) is not False) > 1
+    legend = (
+        sum(
+            1
+            for t in figure.data
+            if t.type not in ("heatmap", "contour", "table") and getattr(t, "showlegend", None) is not False
+        )
+        > 1
+    )
     if bars and legend and figure.layout.legend.orientation is None:
         figure.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0))
 
