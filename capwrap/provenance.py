@@ -132,7 +132,7 @@ def run_provenance(
 ) -> dict[str, Any]:
     """The provenance record of a run: :func:`environment`, the command line, the Python ``call``
     that made the result, each model's :func:`model_provenance`, the ``seeds``, the date (UTC) and,
-    given ``started`` (a :func:`time.perf_counter` reading), the wall time. ``extra`` entries are
+    given ``started`` (a ``time.perf_counter()`` reading), the wall time. ``extra`` entries are
     added as they are (JSON values)."""
     record: dict[str, Any] = environment()
     record |= {

@@ -135,8 +135,10 @@ def faithfulness(
         scores: edge scores (from :func:`~capwrap.circuits.attribute` or :func:`~capwrap.circuits.exact_scores`).
         ns: circuit sizes: edges (``select="edges"``/``"greedy"``) or components (``"nodes"``).
         select: how circuits are chosen (:meth:`Circuit.from_scores`).
-        metric, ablation, corrupted, reference: as in :func:`~capwrap.circuits.attribute`; use the
-            ablation the scores were computed with.
+        metric: as in :func:`~capwrap.circuits.attribute`.
+        ablation: as in :func:`~capwrap.circuits.attribute`; use the ablation the scores were computed with.
+        corrupted: as in :func:`~capwrap.circuits.attribute`.
+        reference: as in :func:`~capwrap.circuits.attribute`.
         memory_mb: memory budget of one batched forward pass.
     """
     if scores.graph.spec != model.spec:
