@@ -251,11 +251,12 @@ def run_demo(
 
 def demo_analyzers(finetune_steps: int) -> list[Analyzer]:
     """The demo's analyzers: the defaults with samples sized to keep the demo within three minutes
-    on a 2-core CPU; the revival control trains for the fine-tuning budget."""
+    on a 2-core CPU; the revival control trains for the fine-tuning budget, and revival has the
+    budget the verdict rule was fitted with (the validation suite's, 200 steps)."""
     return [
         Probing(n=1024),
         Pruning(ks=(0, 1, 2, 5, 10, 15, 25)),
-        Revival(check_size=256, control_steps=finetune_steps, seeds=1),
+        Revival(max_steps=200, check_size=256, control_steps=finetune_steps, seeds=1),
         WeightDiff(),
         AttentionComparison(),
         Patching(),
