@@ -195,7 +195,7 @@ class CapModel:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             module = HookedTransformer(spec.to_hooked_config(), move_to_device=False)
-        module.eval().to(dtype=dtype or torch.float32)
+        module.eval().to(dtype or torch.float32, print_details=False)  # TL 3.x's own to(): keeps cfg.dtype
         if spec.tie_embeddings:
             _tie_unembedding(module)
         params = dict(module.named_parameters())
