@@ -43,12 +43,18 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
 def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
     summary = json.loads((removed_out / "summary.json").read_text())
     assert summary["scenario"] == "removed"
-    assert summary["verdict"] != "wrapper", summary["diagnosis"]["reasons"]
-    assert summary["verdict"] == "capability_change"
-    assert summary["diagnosis"]["findings"]["deletion"]["verdict"] == "capability_change"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
+    deletion = summary["diagnosis"]["findings"]["deletion"]
+    # The structural analyzers see the rewrite; no functional one finds the capability, none clearly
+    # finds it gone, and the fitted rule asks a functional analyzer to agree: inconclusive, not wrapper.
+    assert deletion["verdict"] == "inconclusive", deletion["reasons"]
+    evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
+    assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
+    assert all(evidence[name]["direction"] != "wrapper" for name in ("probing", "pruning", "revival"))
+    # a lost capability whose fate is undecided leaves the pair inconclusive, whatever creation says
+    assert summary["verdict"] == "inconclusive", summary["diagnosis"]["reasons"]
     html = (removed_out / "report.html").read_text()
-    assert "negative control" in html and "Verdict: capability_change" in html
+    assert "negative control" in html and "Verdict: inconclusive" in html
 
 
 def test_summary_has_the_promised_fields(demo_out):
@@ -71,7 +77,7 @@ def test_the_tuned_model_counts_b_only_where_the_correlation_holds(demo_out):
 def test_report_and_recording_are_written(demo_out, capsys):
     html = (demo_out / "report.html").read_text()
     assert "Plotly.newPlot" in html and "<script src=" not in html
-    assert "Verdict: wrapper" in html and "revival: wrapper" in html  # the evidence sections
+    assert "Verdict: wrapper" in html and "probing (deletion): wrapper" in html  # the evidence sections
     store = RunStore.open(demo_out / "run")
     assert store.last_step == 300
     assert store.array_steps("blocks.3.hook_resid_post") == list(range(0, 301, 10))
