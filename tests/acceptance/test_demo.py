@@ -59,7 +59,7 @@ def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
 
 def test_summary_has_the_promised_fields(demo_out):
     summary = json.loads((demo_out / "summary.json").read_text())
-    assert summary["verdict"] in ("wrapper", "capability_change", "inconclusive")
+    assert summary["verdict"] == "wrapper"  # the default demo: count a hidden under a wrapper
     assert summary["diagnosis"]["reasons"] and -1 <= summary["diagnosis"]["score"] <= 1
     for model in ("base", "tuned"):
         assert set(summary["accuracy"][model]) == {"capability", "downstream_correlated", "downstream_uncorrelated"}
