@@ -33,6 +33,7 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
                              "generalization", "new_latent"}  # fmt: skip
     assert evidence["probing"]["direction"] == "wrapper"  # the count of a is still readable
     assert evidence["revival"]["headline"]["control_over_tuned"] >= 3  # and comes back fast
+    assert summary["revival_control"].startswith("shipped")  # the shipped control, not trained here
     assert summary["verdict_note"].startswith("wrapper:")
     findings = summary["diagnosis"]["findings"]
     assert findings["deletion"]["verdict"] == "wrapper"  # count a is hidden, not gone
@@ -45,16 +46,17 @@ def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
     assert summary["scenario"] == "removed"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     deletion = summary["diagnosis"]["findings"]["deletion"]
-    # The structural analyzers see the rewrite; no functional one finds the capability, none clearly
-    # finds it gone, and the fitted rule asks a functional analyzer to agree: inconclusive, not wrapper.
-    assert deletion["verdict"] == "inconclusive", deletion["reasons"]
+    # Pruning finds nothing to restore, revival is no faster than for a model that never had it, and
+    # the structural analyzers see the rewrite: the capability was changed, not wrapped.
+    assert deletion["verdict"] == "capability_change", deletion["reasons"]
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
     assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
-    assert all(evidence[name]["direction"] != "wrapper" for name in ("probing", "pruning", "revival"))
-    # a lost capability whose fate is undecided leaves the pair inconclusive, whatever creation says
-    assert summary["verdict"] == "inconclusive", summary["diagnosis"]["reasons"]
+    assert evidence["pruning"]["direction"] == "change" and evidence["revival"]["direction"] == "change"
+    assert evidence["probing"]["direction"] != "wrapper"
+    # the pair's verdict is the deletion finding's: a capability was lost, and it is gone
+    assert summary["verdict"] == "capability_change", summary["diagnosis"]["reasons"]
     html = (removed_out / "report.html").read_text()
-    assert "negative control" in html and "Verdict: inconclusive" in html
+    assert "negative control" in html and "Verdict: capability_change" in html
 
 
 def test_summary_has_the_promised_fields(demo_out):
