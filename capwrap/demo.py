@@ -83,7 +83,7 @@ CONTROL_STEPS = 300
 DIAGNOSIS_EVAL_SIZE = 512
 PCFG = PCFGConfig(length=32, window=16, occurrence=3)
 PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=96, lr=1e-3, warmup=0.2, min_lr_ratio=0.1, seed=0, eval_every=500)
-FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=96, lr=3e-5, warmup=0.2, seed=1)
+FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=48, lr=3e-5, warmup=0.2, seed=1)
 SCENARIOS = ("default", "removed")
 
 
