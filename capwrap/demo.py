@@ -47,7 +47,7 @@ from capwrap.analyzers import (
 from capwrap.analyzers.controls import never_had_it
 from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
-from capwrap.files import check_output_folder, write_bytes_atomic, write_json_atomic
+from capwrap.files import check_output_folder, copy_missing, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import Recorder, RunStore
@@ -220,8 +220,8 @@ def run_demo(
     if diagnose_pair:
         log("diagnosing (probing, pruning, revival, weight diff, attention, patching, generalization, new latent) ...")
         cache = out / "revival_cache"
-        if control is not None:
-            _seed_revival_cache(cache)
+        if control is not None:  # the shipped control's runs (other seeds or settings miss, and are made here)
+            copy_missing(DEMO_CONTROL / "revival", cache)
         analyzers = demo_analyzers(finetune.steps, control=control, cache=cache)
         diagnosis = diagnose(
             base, tuned, capability=tasks["capability"], downstream=tasks["downstream_correlated"],
@@ -289,18 +289,6 @@ def load_demo_control(backend: str | None = None) -> CapModel | None:
     if not (DEMO_CONTROL / "model.safetensors").is_file():
         return None
     return load_model(str(DEMO_CONTROL), backend=backend)
-
-
-def _seed_revival_cache(cache: Path) -> None:
-    """Copy the shipped control's reverse fine-tuning runs into ``cache`` (runs of other seeds,
-    evaluation sets or settings miss, and are made and kept there)."""
-    shipped = DEMO_CONTROL / "revival"
-    if not shipped.is_dir():
-        return
-    cache.mkdir(parents=True, exist_ok=True)
-    for item in shipped.iterdir():
-        if item.name.endswith(".pt") and not (cache / item.name).exists():
-            write_bytes_atomic(cache / item.name, item.read_bytes())
 
 
 def remove_capability(model: CapModel, seed: int = 0) -> None:
