@@ -216,8 +216,9 @@ def run_demo(
     )
     store = RunStore.open(store_path)
     diagnosis = None
-    control = load_demo_control(backend) if finetune.steps == CONTROL_STEPS else None
+    control = None
     if diagnose_pair:
+        control = load_demo_control(backend) if finetune.steps == CONTROL_STEPS else None
         log("diagnosing (probing, pruning, revival, weight diff, attention, patching, generalization, new latent) ...")
         cache = out / "revival_cache"
         if control is not None:  # the shipped control's runs (other seeds or settings miss, and are made here)
@@ -242,7 +243,8 @@ def run_demo(
         "finetune": {**dataclasses.asdict(finetune), "task": ft_task.describe(), "wall_seconds": round(ft_seconds, 2)},
         "recording": {"store": str(store_path.name), "steps_recorded": len(store.array_steps(store.array_names[0])), "hooks": recorder.hooks, "every": 10},
         "weight_change": _weight_change(store),
-        "revival_control": (f"shipped: {DEMO_CONTROL.name} (make_demo_control: a fresh model trained {CONTROL_STEPS} steps on count b)"
+        "revival_control": (None if diagnosis is None
+                            else f"shipped: {DEMO_CONTROL.name} (make_demo_control: a fresh model trained {CONTROL_STEPS} steps on count b)"
                             if control is not None else f"made here: a fresh model trained {finetune.steps} steps on count b"),
         "diagnosis": diagnosis.to_dict() if diagnosis else None,
         "wall_seconds": None,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from capwrap.demo import DEMO_BASE, DEMO_CONTROL, demo_tasks, make_demo_control, pretrain_demo_base, run_demo
+from capwrap.files import copy_missing
 from capwrap.models import load_model, save_model
 from capwrap.tasks import accuracy
 
@@ -61,11 +62,8 @@ def make_control(backend: str | None, started: float) -> None:
     save_model(control, str(DEMO_CONTROL))
     with tempfile.TemporaryDirectory() as tmp:
         result = run_demo(tmp, seed=0, backend=backend, progress=False)
-        runs = sorted(Path(tmp, "revival_cache").glob("revival-control-*.pt"))
-        (Path(DEMO_CONTROL) / "revival").mkdir()
-        for run in runs:
-            shutil.copy(run, Path(DEMO_CONTROL) / "revival" / run.name)
-    print(f"saved {DEMO_CONTROL} and {len(runs)} reverse fine-tuning run(s); demo verdict {result.summary['verdict']}")
+        runs = copy_missing(Path(tmp, "revival_cache"), Path(DEMO_CONTROL) / "revival")
+    print(f"saved {DEMO_CONTROL} and {runs} reverse fine-tuning run(s); demo verdict {result.summary['verdict']}")
 
 
 if __name__ == "__main__":
