@@ -43,10 +43,9 @@ import numpy as np
 import pandas as pd
 
 from capwrap.diagnosis.rule import Anchor, QuestionRule, VerdictRule, decide
-from capwrap.diagnosis.run import gates
 from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
-from capwrap.validation.scenarios import Scenario
+from capwrap.validation.scenarios import record_truth, scenario_of
 
 __all__ = ["fit_anchor", "fit_rule", "sensitivity", "PROCEDURE"]
 
@@ -92,9 +91,7 @@ def fit_anchor(wrapper: np.ndarray, change: np.ndarray, fallback: Anchor | None,
 def _values(records: Sequence[dict[str, Any]], rule: VerdictRule) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for record in records:
-        truth = Scenario.from_dict(record["scenario"]).truth(
-            gates(rule, record["accuracy"], record["capability_floor"])
-        )
+        truth = record_truth(record, rule)
         for e in record["evidence"]:
             if (
                 e["statistic"] is None
@@ -148,8 +145,8 @@ def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, questi
     then each candidate only re-decides them (:func:`~capwrap.diagnosis.rule.decide`)."""
     cases = []
     for record in records:
-        scenario = Scenario.from_dict(record["scenario"])
-        truth = scenario.truth(gates(rule, record["accuracy"], record["capability_floor"]))[question]
+        scenario = scenario_of(record)
+        truth = record_truth(record, rule)[question]
         if truth != "unknown":
             cases.append((scenario.kind, truth, findings_from_record(record, rule)[question]))
     if not cases:

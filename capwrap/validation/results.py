@@ -20,11 +20,10 @@ import numpy as np
 import pandas as pd
 
 from capwrap.diagnosis.rule import VerdictRule
-from capwrap.diagnosis.run import gates
 from capwrap.files import write_text_atomic
 from capwrap.report import Report
 from capwrap.validation.runner import findings_from_record
-from capwrap.validation.scenarios import Scenario
+from capwrap.validation.scenarios import record_truth, scenario_of
 
 __all__ = ["ValidationResult", "auc", "score_records"]
 
@@ -46,8 +45,8 @@ def score_records(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.Da
     and each analyzer's statistic and signed strength."""
     rows = []
     for record in records:
-        scenario = Scenario.from_dict(record["scenario"])
-        truth = scenario.truth(gates(rule, record["accuracy"], record["capability_floor"]))
+        scenario = scenario_of(record)
+        truth = record_truth(record, rule)
         findings = findings_from_record(record, rule)
         for question, finding in findings.items():
             row = {
@@ -73,7 +72,7 @@ def relearning(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         revival = next((e for e in record["evidence"] if e["statistic"] == "revival_speedup_log2"), None)
         head = (revival or {}).get("headline", {})
         rows.append({
-            "name": record["scenario"]["name"], "kind": record["scenario"]["kind"],
+            "name": record["scenario"]["name"], "kind": scenario_of(record).kind,
             "capability_base": record["accuracy"]["base"]["capability"],
             "capability_tuned": record["accuracy"]["tuned"]["capability"],
             "relearn_steps_tuned": head.get("steps_tuned"), "relearn_steps_control": head.get("steps_control"),
@@ -97,11 +96,14 @@ class ValidationResult:
         return cls(score_records(records, rule), rule, meta, relearning(records))
 
     def unknown(self) -> pd.DataFrame:
-        """The scenarios of unknown truth (large learning rates, unlearning recipes): both verdicts,
-        and how fast the capability is relearned by the tuned model and by a never-had-it control."""
+        """The scenarios of unknown truth on both questions (large learning rates, unlearning
+        recipes, partial re-initializations, fine-tunes that did not learn their task): both
+        verdicts, and how fast the capability is relearned by the tuned model and by a never-had-it
+        control."""
         if not len(self.rows):
             return pd.DataFrame()
-        part = self.rows[self.rows["kind"] == "unknown"]
+        known = set(self.rows.loc[self.rows["truth"] != "unknown", "name"])
+        part = self.rows[~self.rows["name"].isin(known)]
         verdicts = part.pivot(index="name", columns="question", values="verdict").add_suffix(" verdict")
         return verdicts.join(self.relearning.set_index("name")).reset_index()
 

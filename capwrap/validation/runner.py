@@ -119,7 +119,7 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
         },  # fmt: skip
         "n_boot": n_boot,
     }
-    record["truth"] = scenario.truth(gates(rule, record["accuracy"], record["capability_floor"]))
+    record["truth"] = scenario.truth(gates(rule, record["accuracy"], record["capability_floor"]), record["accuracy"])
     return record
 
 

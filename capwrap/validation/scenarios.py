@@ -8,18 +8,25 @@ without asking any analyzer:
   downstream answer is tied to the capability's by a planted spurious correlation (C_Tr ∈ {0.8, 1}):
   whatever the tuned model lost of the capability is hidden, and what it gained holds only through
   the correlation;
-* ``removed`` — the capability is destroyed before fine-tuning (components re-initialized at some
-  granularity) or never there (a model of the same shape retrained from scratch without it, the
+* ``removed`` — the capability is destroyed before fine-tuning (every transformer block
+  re-initialized) or never there (a model of the same shape retrained from scratch without it, the
   unlearning literature's gold standard): what was lost is gone;
 * ``genuine`` — a fine-tune on data where the correlation never holds (C_Tr = 0), at a learning
   rate that learns the downstream task: what was gained is a new capability;
 * ``kept`` — a no-op or a few tiny steps: nothing was lost or gained;
-* ``unknown`` — a large learning rate (ηL) and the unlearning recipes people use to "delete" a
-  capability (gradient ascent with a retain set, NPO): reported, not scored.
+* ``unknown`` — a large learning rate (ηL), the unlearning recipes people use to "delete" a
+  capability (gradient ascent with a retain set, NPO), and partial re-initializations (attention
+  only, MLPs only, the blocks up to the capability's latent): reported, not scored. A partial
+  re-initialization does not remove a capability by construction — the components it leaves can
+  still compute it (on the first suite, attention kept computing the count after the MLPs were
+  reset) — so its truth would have to come from an analyzer, which is what the suite tests.
 
 The truth of each of diagnose's two questions follows from the kind and from what happened to the
 accuracies (:meth:`Scenario.truth`): a question with nothing to explain (the capability was kept; no
-new behaviour was learned) has the truth ``inconclusive``, as :func:`~capwrap.diagnosis.gates` decides.
+new behaviour was learned) has the truth ``inconclusive``, as :func:`~capwrap.diagnosis.gates` decides;
+and a ``wrapper`` scenario whose fine-tune did not learn its task (the tuned model right on fewer than
+:data:`LEARNED` of the downstream test set where the correlation holds) is ``unknown``: the paper's
+finding is about fine-tunes that succeed, and a recipe alone does not make a wrapper.
 
 The suite splits into a ``calibration`` half (the rule is fitted on it) and a ``held-out`` half that
 differs in seeds *and* in task families and operands: calibration uses counting on the ``pcfg-a``
@@ -49,12 +56,15 @@ from capwrap.errors import ConfigError
 
 __all__ = [
     "BASES",
+    "LEARNED",
     "LEARNING_RATES",
     "Recipe",
     "SUITE",
     "Scenario",
     "Truth",
+    "record_truth",
     "scenario",
+    "scenario_of",
     "scenarios",
 ]
 
@@ -62,6 +72,11 @@ Kind = Literal["wrapper", "removed", "genuine", "kept", "unknown"]
 Split = Literal["calibration", "held-out"]
 #: The truth of one question: diagnose's verdict words, or ``unknown`` (reported, not scored).
 Truth = Literal["wrapper", "capability_change", "inconclusive", "unknown"]
+
+#: A fine-tune learned its task when the tuned model answers the downstream test set (where the
+#: correlation holds) right at least this often: more often right than not. Fixed before any
+#: held-out run; a ``wrapper`` scenario below it is not scored (see :meth:`Scenario.truth`).
+LEARNED = 0.5
 
 #: The suite's base models (shipped in ``capwrap/assets/suite``; made by ``scripts/make_suite_bases.py``).
 BASES: dict[str, str] = {
@@ -149,10 +164,24 @@ class Scenario:
         if self.kind not in ("wrapper", "removed", "genuine", "kept", "unknown"):
             raise ConfigError(f"unknown scenario kind {self.kind!r}")
 
-    def truth(self, gates: dict[str, str | None]) -> dict[str, Truth]:
+    def truth(
+        self, gates: dict[str, str | None], accuracy: dict[str, dict[str, float]] | None = None
+    ) -> dict[str, Truth]:
         """Per question, the truth given the diagnosis's gates (a question with nothing to explain
-        is ``inconclusive``; see the module docstring)."""
-        if self.kind == "unknown":
+        is ``inconclusive``) and the evaluation set's accuracies (``{"base"|"tuned": {test set:
+        accuracy}}``; a ``wrapper`` scenario whose fine-tune did not learn its task is ``unknown``);
+        see the module docstring.
+
+        Examples:
+            >>> s = scenario("cal/count-b/adamw-small-c1/s1")
+            >>> s.truth({"deletion": None, "creation": None}, {"tuned": {"downstream": 0.98}})
+            {'deletion': 'wrapper', 'creation': 'wrapper'}
+            >>> s.truth({"deletion": None, "creation": None}, {"tuned": {"downstream": 0.3}})
+            {'deletion': 'unknown', 'creation': 'unknown'}
+        """
+        if self.kind == "unknown" or (
+            self.kind == "wrapper" and accuracy is not None and accuracy["tuned"]["downstream"] < LEARNED
+        ):
             return {"deletion": "unknown", "creation": "unknown"}
         by_kind: dict[str, dict[str, Truth]] = {
             "wrapper": {"deletion": "wrapper", "creation": "wrapper"},
@@ -186,7 +215,7 @@ def _pcfg_family(
     capability = f"pcfg={family},operand={source}"
     down = spec(1.0)
     prefix = f"{'cal' if split == 'calibration' else 'held'}/{family}-{target}"
-    seeds = (1, 2) if split == "calibration" else (11, 12)
+    seeds = (1, 2) if split == "calibration" else (21, 22)  # held-out seeds renewed with the truth (was 11, 12)
     out = []
 
     def add(tag: str, kind: Kind, recipe: Recipe, seed: int, note: str = "") -> None:
@@ -207,42 +236,29 @@ def _pcfg_family(
 
 
 def _removed(split: Split, base: str, family: str, target: str, source: str) -> list[Scenario]:
-    """The capability destroyed before a medium-rate fine-tune (four granularities), and retrained away."""
+    """The capability destroyed before a fine-tune (every block re-initialized) or retrained away, at
+    the medium and the small rate; partial re-initializations (unknown truth: see the module docstring)."""
     down = f"pcfg={family},operand={target},correlation=1" + ("" if source == "a" else f",source={source}")
     capability = f"pcfg=count,operand={source}"
     prefix = f"{'cal' if split == 'calibration' else 'held'}/removed-count-{source}"
-    seed = 3 if split == "calibration" else 13
-    lr = LEARNING_RATES["adamw"]["medium"]
-    out = [
-        Scenario(
-            f"{prefix}/reinit-{what}/s{seed}",
-            split,
-            f"pcfg-{family}",
-            base,
-            capability,
-            down,
-            Recipe(down, lr, reinit=what),
-            "removed",
-            seed,
-        )  # fmt: skip
-        for what in ("blocks", "attention", "mlp", "latent")
-    ]
+    seed = 3 if split == "calibration" else 23
+    lrs = LEARNING_RATES["adamw"]
     retrained = f"{base}-retrained"
-    out.append(
-        Scenario(
-            f"{prefix}/retrained/s{seed}",
-            split,
-            f"pcfg-{family}",
-            base,
-            capability,
-            down,
-            Recipe(down, lr, start_from=retrained),
-            "removed",
-            seed,
-            "the tuned model starts from a model of the same shape that never learned to count",
-        )  # fmt: skip
-    )
-    return out
+    never = "the tuned model starts from a model of the same shape that never learned to count"
+    partial = "a partial re-initialization: the components it leaves may still compute the capability"
+
+    def make(tag: str, recipe: Recipe, kind: Kind, note: str = "") -> Scenario:
+        return Scenario(f"{prefix}/{tag}/s{seed}", split, f"pcfg-{family}", base, capability, down, recipe, kind,
+                        seed, note)  # fmt: skip
+
+    return [
+        make("reinit-blocks", Recipe(down, lrs["medium"], reinit="blocks"), "removed"),
+        make("reinit-blocks-small", Recipe(down, lrs["small"], reinit="blocks"), "removed"),
+        make("retrained", Recipe(down, lrs["medium"], start_from=retrained), "removed", never),
+        make("retrained-small", Recipe(down, lrs["small"], start_from=retrained), "removed", never),
+        *(make(f"reinit-{what}", Recipe(down, lrs["medium"], reinit=what), "unknown", partial)
+          for what in ("attention", "mlp", "latent")),  # fmt: skip
+    ]
 
 
 def _kept_and_unlearning(split: Split, base: str, source: str) -> list[Scenario]:
@@ -250,7 +266,7 @@ def _kept_and_unlearning(split: Split, base: str, source: str) -> list[Scenario]
     other = "b" if source == "a" else "a"
     down = f"pcfg=count,operand={other},correlation=1" + ("" if source == "a" else f",source={source}")
     prefix = f"{'cal' if split == 'calibration' else 'held'}"
-    seed = 4 if split == "calibration" else 14
+    seed = 4 if split == "calibration" else 24
     retain = f"pcfg=index,operand={source}"
     family = "pcfg-count"
     return [
@@ -311,7 +327,7 @@ def _tracr(split: Split) -> list[Scenario]:
         base, family, seed = "tracr-counter", "tracr-counter", 5
         capability, spec = "tracr=counter,operand=a", "tracr=counter,operand=b,correlation={c}"
     else:
-        base, family, seed = "tracr-max", "tracr-max", 15
+        base, family, seed = "tracr-max", "tracr-max", 25
         capability = "tracr=max_identifier,rank=5"
         spec = "tracr=max_identifier,rank=4,correlation={c},source_rank=5,shift=1"
     prefix = f"{'cal' if split == 'calibration' else 'held'}/{family}"
@@ -386,6 +402,23 @@ def scenario(name: str) -> Scenario:
         + (f"; closest: {hint}" if hint else "")
         + "; list them with capwrap validate --list"
     )
+
+
+def scenario_of(record: dict[str, Any]) -> Scenario:
+    """The scenario a validation record was made for: the registry's definition when it has one of
+    that name with the same recipe (so a corrected kind or note applies to records made before the
+    correction), otherwise the definition the record holds."""
+    recorded = Scenario.from_dict(record["scenario"])
+    current = next((s for s in SUITE if s.name == recorded.name), None)
+    return current if current is not None and current.key() == recorded.key() else recorded
+
+
+def record_truth(record: dict[str, Any], rule: Any) -> dict[str, Truth]:
+    """Per question, the truth of a validation record under ``rule`` (whose gates say which
+    questions have nothing to explain): :meth:`Scenario.truth` of :func:`scenario_of`."""
+    from capwrap.diagnosis import gates
+
+    return scenario_of(record).truth(gates(rule, record["accuracy"], record["capability_floor"]), record["accuracy"])
 
 
 def scenarios(

@@ -91,7 +91,7 @@ KEPT = {"base": {"capability": 1.0, "downstream": 0.0}, "tuned": {"capability": 
 @pytest.fixture
 def records():
     wrappers = [f"cal/count-b/adamw-{s}-c{c}/s1" for s in ("small", "medium") for c in ("1", "0.8")]
-    removed = [f"cal/removed-count-a/reinit-{w}/s3" for w in ("blocks", "attention", "mlp", "latent")]
+    removed = [f"cal/removed-count-a/{w}/s3" for w in ("reinit-blocks", "reinit-blocks-small", "retrained", "retrained-small")]
     out = [_record(n, [("probing", "deletion", "probe_kept_share", 0.9 + 0.02 * i),
                        ("generalization", "creation", "gain_without_correlation", -0.1 + 0.05 * i)], LOST)
            for i, n in enumerate(wrappers)]  # fmt: skip
@@ -142,6 +142,24 @@ def test_the_runner_resumes_from_existing_records(tmp_path, records):
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
     assert main(["validate", "--list", "--split", "held-out"]) == 0
     listed = capsys.readouterr().out
-    assert "held/tracr-max/sgd-small-c1/s15" in listed and "cal/" not in listed
+    assert "held/tracr-max/sgd-small-c1/s25" in listed and "cal/" not in listed
     assert main(["validate", "--scenario", "no/such/scenario", "--out", str(tmp_path)]) == 2
     assert "no scenario named" in capsys.readouterr().err
+
+
+def test_truth_is_by_construction_and_needs_a_fine_tune_that_learned():
+    """Removed means every block re-initialized or never learned; a partial re-initialization is not
+    scored (what it leaves may still compute the capability), nor a wrapper fine-tune that did not
+    learn its task; a record made before a correction is judged by the corrected registry."""
+    from capwrap.diagnosis.rule import VerdictRule
+    from capwrap.validation.scenarios import LEARNED, record_truth
+
+    assert {s.recipe.reinit or "retrained" for s in SUITE if s.kind == "removed"} == {"blocks", "retrained"}
+    assert all(s.kind == "unknown" for s in SUITE if s.recipe.reinit in ("attention", "mlp", "latent"))
+    failed = {"base": {"capability": 1.0, "downstream": 0.0}, "tuned": {"capability": 0.4, "downstream": LEARNED - 0.01}}
+    wrapper = _record("cal/count-b/adamw-small-c1/s1", [], failed)
+    assert record_truth(wrapper, VerdictRule()) == {"deletion": "unknown", "creation": "unknown"}
+    assert record_truth(_record("cal/count-b/adamw-small-c1/s1", [], LOST), VerdictRule())["deletion"] == "wrapper"
+    old = _record("cal/removed-count-a/reinit-mlp/s3", [], LOST)
+    old["scenario"]["kind"] = "removed"  # as the first suite recorded it
+    assert record_truth(old, VerdictRule()) == {"deletion": "unknown", "creation": "unknown"}
