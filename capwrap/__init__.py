@@ -18,17 +18,21 @@ __version__ = "0.1.0"
 from capwrap.analyzers import (  # noqa: E402
     Analyzer,
     AttentionComparison,
+    Context,
     Evidence,
+    Generalization,
     ModelPair,
+    NewLatentProbing,
     Patching,
     Probing,
     Pruning,
     Revival,
+    Subgraph,
     WeightDiff,
     activation_patching,
 )
 from capwrap.demo import DemoResult, run_demo  # noqa: E402
-from capwrap.diagnosis import Diagnosis, default_analyzers, diagnose  # noqa: E402
+from capwrap.diagnosis import Diagnosis, Finding, VerdictRule, default_analyzers, diagnose  # noqa: E402
 from capwrap.errors import (  # noqa: E402
     CapwrapError,
     CheckpointError,
@@ -37,7 +41,7 @@ from capwrap.errors import (  # noqa: E402
     StoreError,
     TrainingDivergedError,
 )
-from capwrap.methods import NPO, FineTune, GradientAscent, TrainingMethod  # noqa: E402
+from capwrap.methods import NPO, CircuitTuning, FineTune, GradientAscent, LoRA, TrainingMethod  # noqa: E402
 from capwrap.models import (  # noqa: E402
     CapModel,
     ComponentMap,
@@ -47,6 +51,7 @@ from capwrap.models import (  # noqa: E402
     default_backend,
     load_model,
     save_model,
+    wrap_hf_model,
 )
 from capwrap.models.generation import generate  # noqa: E402
 from capwrap.recording import Recorder, RunStore  # noqa: E402
@@ -67,16 +72,24 @@ from capwrap.training import TrainConfig, TrainResult, train  # noqa: E402
 __all__ = [
     "Analyzer",
     "AttentionComparison",
+    "CircuitTuning",
+    "Context",
     "Diagnosis",
     "Evidence",
+    "Finding",
+    "Generalization",
+    "NewLatentProbing",
+    "VerdictRule",
     "FineTune",
     "GradientAscent",
+    "LoRA",
     "ModelPair",
     "NPO",
     "Patching",
     "Probing",
     "Pruning",
     "Revival",
+    "Subgraph",
     "WeightDiff",
     "activation_patching",
     "default_analyzers",
@@ -115,4 +128,5 @@ __all__ = [
     "run_demo",
     "save_model",
     "train",
+    "wrap_hf_model",
 ]

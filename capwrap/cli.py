@@ -9,10 +9,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 
 from capwrap.errors import CapwrapError
+from capwrap.tasks.spec import spec_help
 
 __all__ = ["main"]
 
@@ -37,12 +41,20 @@ def _demo(args: argparse.Namespace) -> int:
     print(table.to_string(float_format=lambda v: f"{v:6.1%}"))
     print()
     if result.diagnosis is not None:
-        evidence = result.diagnosis.summary()[["analyzer", "kind", "direction", "strength", "contribution"]]
-        print(evidence.to_string(index=False))
-        print()
-    print(f"verdict: {result.summary['verdict']}  ({result.summary.get('verdict_note', '')})")
+        _print_findings(result.diagnosis)
+    print(f"verdict: {result.summary['verdict']}")
     print(f"done in {result.summary['wall_seconds']:.0f} s; outputs in {result.out}/")
     return 0
+
+
+def _print_findings(diagnosis) -> None:
+    """The evidence table and both findings, as the terminal shows them."""
+    columns = ["question", "analyzer", "kind", "value", "direction", "strength", "contribution"]
+    print(diagnosis.summary()[columns].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print()
+    for finding in diagnosis.findings:
+        print(f"{finding.question}: {finding.verdict} — {finding.reasons[0]}")
+    print()
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -71,6 +83,9 @@ def _info(args: argparse.Namespace) -> int:
     else:
         print("  patching: fast engine (resumed) and hooks engine")
     print(f"  tokenizer: {info['tokenizer'] or 'none'}")
+    if adapter := info.get("adapter"):
+        print(f"  merged adapter: LoRA r={adapter['rank']} on {', '.join(adapter['target_modules'])} "
+              f"({adapter['modules']} modules) from {adapter['path']}")  # fmt: skip
     return 0
 
 
@@ -81,14 +96,49 @@ def _diagnose(args: argparse.Namespace) -> int:
         args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
         quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
     )  # fmt: skip
-    print(diagnosis.summary()[["analyzer", "kind", "direction", "strength", "contribution"]].to_string(index=False))
-    print()
     acc = diagnosis.accuracy
     print(f"capability accuracy {acc['base']['capability']:.1%} (base) -> {acc['tuned']['capability']:.1%} (tuned); "
           f"downstream {acc['base']['downstream']:.1%} -> {acc['tuned']['downstream']:.1%}")  # fmt: skip
-    print(f"verdict: {diagnosis.verdict}  ({diagnosis.reasons[0]})")
+    _print_findings(diagnosis)
+    print(f"verdict: {diagnosis.verdict}")
     if args.out:
         print(f"wrote {args.out}/summary.json and {args.out}/report.html")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from capwrap.diagnosis.rule import VerdictRule, default_rule
+    from capwrap.validation import ValidationResult, fit_rule, run_suite, scenarios
+
+    chosen = scenarios(args.split, args.scenario, args.kind)
+    if args.list:
+        for s in chosen:
+            print(f"{s.name:48s} {s.split:11s} {s.kind:8s} {s.family:14s} {s.note}")
+        print(f"{len(chosen)} scenarios")
+        return 0
+    if not chosen:
+        print("no scenario matches; list them with capwrap validate --list")
+        return 2
+    import time
+
+    rule = VerdictRule.load(args.rule) if args.rule else default_rule()
+    log = (lambda message: None) if args.quiet else print
+    started = time.perf_counter()
+    records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
+                        n_boot=args.n_boot, progress=not args.quiet, log=log)  # fmt: skip
+    wall = time.perf_counter() - started
+    if args.fit:
+        command = "capwrap validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "capwrap validate"
+        rule = fit_rule(records, start=rule, command=command)
+        rule.save(args.fit)
+        print(f"fitted the verdict rule on {len(records)} scenarios; wrote {args.fit}")
+    where = f"Ray at {args.ray}" if args.ray else f"{args.workers} local workers"
+    result = ValidationResult.from_records(records, rule, split=args.split, wall_seconds=round(wall, 1),
+                                           workers=where, command="capwrap " + " ".join(sys.argv[1:]))  # fmt: skip
+    print(result.summary_text())
+    print(f"{len(records)} scenarios in {wall / 60:.1f} min with {where}")
+    json_path, html_path = result.write(args.out)
+    print(f"wrote {json_path} and {html_path}")
     return 0
 
 
@@ -97,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="capwrap",
         description="Did fine-tuning change a capability, or only wrap it? Analyses on TransformerLens models.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune a small PCFG counting model with recording, and report")
     demo.add_argument("--out", default="capwrap_demo", help="output folder (default: capwrap_demo)")
@@ -107,24 +158,30 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["default", "removed"],
         help="default: the study; removed: the negative control (capability re-initialized before fine-tuning)",
     )
-    demo.add_argument("--backend", choices=["hooked", "bridge"], default=None, help="TransformerLens backend")
+    _add_backend_option(demo)
     demo.add_argument("--pretrain", action="store_true", help="pretrain the base model here (about 15 min)")
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300)")
     demo.add_argument("--eval-size", type=int, default=2048, help="sequences per test set (default 2048)")
     demo.add_argument("--no-diagnose", action="store_true", help="skip diagnose() (no verdict)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
     info = sub.add_parser("info", help="architecture and component counts of a checkpoint (folder or hub name)")
-    info.add_argument("source", help="a checkpoint folder or a Hugging Face hub name")
+    info.add_argument("source", help="a checkpoint folder, a Hugging Face hub name, or a PEFT LoRA adapter folder")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.add_argument("--backend", choices=["hooked", "bridge"], default=None, help="TransformerLens backend")
+    _add_backend_option(info)
     info.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
     info.set_defaults(func=_info)
 
-    diag = sub.add_parser("diagnose", help="did fine-tuning change a capability, or wrap it? (any compatible pair)")
+    diag = sub.add_parser(
+        "diagnose",
+        help="did fine-tuning change a capability, or wrap it? (any compatible pair)",
+        epilog=spec_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     diag.add_argument("base", help="the base checkpoint (folder or hub name)")
-    diag.add_argument("tuned", help="the fine-tuned checkpoint (folder or hub name)")
+    diag.add_argument(
+        "tuned", help="the fine-tuned checkpoint (folder or hub name), or a PEFT LoRA adapter folder of BASE"
+    )
     diag.add_argument(
         "--capability",
         required=True,
@@ -136,20 +193,207 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--store", default=None, help="the fine-tuning run's RunStore folder, if recorded")
     diag.add_argument("--quick", action="store_true", help="smaller samples and budgets (minutes instead of more)")
     diag.add_argument("--seed", type=int, default=0)
-    diag.add_argument("--backend", choices=["hooked", "bridge"], default=None, help="TransformerLens backend")
+    _add_backend_option(diag)
     diag.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
-    diag.add_argument("--quiet", action="store_true", help="no progress bars")
     diag.set_defaults(func=_diagnose)
+
+    val = sub.add_parser(
+        "validate", help="run the suite of fine-tuning scenarios with known truth; measure the verdict"
+    )
+    val.add_argument("--split", default="held-out", choices=["calibration", "held-out", "all"],
+                     help="which half of the suite (default held-out)")  # fmt: skip
+    val.add_argument("--scenario", action="append", default=None, metavar="NAME",
+                     help="only this scenario (a name or a glob pattern; repeatable)")  # fmt: skip
+    val.add_argument("--kind", action="append", default=None, choices=["wrapper", "removed", "genuine", "kept", "unknown"],
+                     help="only scenarios of this kind (repeatable)")  # fmt: skip
+    val.add_argument("--out", default="capwrap_validation", help="results folder (default capwrap_validation)")
+    val.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    val.add_argument("--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('local' starts one here)")
+    val.add_argument("--cache", default=None, help="where tuned models are kept between runs (default OUT/cache)")
+    val.add_argument("--rule", default=None, help="a verdict rule file to score with (default: the fitted rule)")
+    val.add_argument(
+        "--fit", default=None, metavar="RULE.json", help="fit the verdict rule on these scenarios and save it"
+    )
+    val.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates (default 200)")
+    val.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    val.set_defaults(func=_validate)
+
+    for command in sub.choices.values():  # every command, including ones added above later
+        _add_common_options(command)
     return parser
 
 
+# ---- options and behaviour every command shares ----------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import version
+
+    from capwrap import __version__
+
+    return f"capwrap {__version__} (TransformerLens {version('transformer-lens')}, torch {version('torch')})"
+
+
+def _add_backend_option(parser: argparse.ArgumentParser) -> None:
+    from capwrap.models import available_backends, default_backend
+
+    backends = available_backends()
+    parser.add_argument(
+        "--backend", choices=backends, default=None,
+        help=f"TransformerLens backend: {' or '.join(backends)} with the installed TransformerLens (default {default_backend()})",
+    )  # fmt: skip
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    options = {a for action in parser._actions for a in action.option_strings}
+    if "--quiet" not in options:
+        parser.add_argument(
+            "--quiet", action="store_true", help="no progress bars (capwrap's, datasets', transformers')"
+        )
+    if "--debug" not in options:
+        parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    if "--threads" not in options:
+        parser.add_argument(
+            "--threads", type=_positive_int, default=None, metavar="N",
+            help="torch CPU threads (default: the cores other processes leave idle, by the 1-minute load "
+                 "average, at least 1; OMP_NUM_THREADS, if set, instead)",
+        )  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def default_threads() -> int:
+    """Torch CPU threads for a command: ``OMP_NUM_THREADS`` when the user set it; otherwise the
+    cores the machine's other processes leave idle (cores minus the 1-minute load average), at
+    least 1. On a shared machine a second thread that must wait for a busy core slows every step
+    down (benchmarks/RESULTS.md measures it); on an idle one it speeds them up."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+#: Failures a user's input or environment causes (a missing file, a full disk, a value a library
+#: rejects): one line and exit code 2, never a traceback (``--debug`` shows it).
+EXPECTED_ERRORS = (CapwrapError, OSError, ValueError, MemoryError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0, or 2 on an error, 130 when interrupted)."""
+    from capwrap.provenance import invoked_as
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except CapwrapError as exc:
-        print(f"capwrap: error: {exc}", file=sys.stderr)
+        with (
+            _progress_bars(enabled=not args.quiet),
+            _torch_threads(args.threads or default_threads()),
+            invoked_as(shlex.join(["capwrap", *argv])),
+        ):
+            return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("capwrap: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"capwrap: error: {describe_error(exc)}", file=sys.stderr)
         return 2
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc`` as one line: capwrap's own messages as they are; others with their type, and a
+    pointer to ``--debug``.
+
+    Examples:
+        >>> describe_error(FileExistsError(17, "File exists", "out/report.html"))
+        'File exists: out/report.html (FileExistsError; run with --debug for the traceback)'
+    """
+    if isinstance(exc, CapwrapError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or "no message"
+    return f"{' '.join(text.split())} ({type(exc).__name__}; run with --debug for the traceback)"
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch uses ``n`` CPU threads while a command runs (restored after, for callers in Python)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """Silence the progress bars of the libraries capwrap calls (datasets' "Filter:" and "Map:",
+    Hugging Face downloads) while a command runs, when ``enabled`` is false. capwrap's own bars
+    follow each command's ``progress=`` argument."""
+    if enabled:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in _PROGRESS_ENV}
+    os.environ.update(dict.fromkeys(_PROGRESS_ENV, "1"))  # for the libraries not imported yet
+    restore = [switch() for name, switch in _PROGRESS_SWITCHES.items() if name in sys.modules]
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_PROGRESS_ENV = ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+def _quiet_datasets():
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    return datasets.enable_progress_bars if was else lambda: None
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    return logging.enable_progress_bar if was else lambda: None
+
+
+def _quiet_hub():
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was = not are_progress_bars_disabled()
+    disable_progress_bars()
+    return enable_progress_bars if was else lambda: None
+
+
+#: Module -> a function that turns its progress bars off and returns how to turn them back on.
+_PROGRESS_SWITCHES = {"datasets": _quiet_datasets, "transformers": _quiet_transformers, "huggingface_hub": _quiet_hub}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,13 +40,24 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from capwrap.analyzers import Analyzer, AttentionComparison, Patching, Probing, Pruning, Revival, WeightDiff
+from capwrap.analyzers import (
+    Analyzer,
+    AttentionComparison,
+    Generalization,
+    NewLatentProbing,
+    Patching,
+    Probing,
+    Pruning,
+    Revival,
+    WeightDiff,
+)
 from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
-from capwrap.files import write_json_atomic
+from capwrap.files import check_output_folder, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
+from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import Recorder, RunStore
-from capwrap.report import Report
+from capwrap.report import Report, error_bars, proportion_interval
 from capwrap.tasks import PCFGConfig, PCFGTask, accuracy
 from capwrap.training import TrainConfig, train
 
@@ -156,7 +167,7 @@ def run_demo(
         raise ConfigError(f"unknown demo scenario {scenario!r}; choose from {list(SCENARIOS)}")
     if eval_size <= 0:
         raise ConfigError(f"eval_size must be positive, got {eval_size}")
-    out = Path(out)
+    out = check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tasks = demo_tasks()
@@ -201,10 +212,11 @@ def run_demo(
     store = RunStore.open(store_path)
     diagnosis = None
     if diagnose_pair:
-        log("diagnosing (probing, pruning, revival, weight diff, attention, patching) ...")
+        log("diagnosing (probing, pruning, revival, weight diff, attention, patching, generalization, new latent) ...")
         diagnosis = diagnose(
             base, tuned, capability=tasks["capability"], downstream=tasks["downstream_correlated"],
-            analyzers=demo_analyzers(finetune.steps, seed), store=store, seed=seed, progress=progress,
+            downstream_free=tasks["downstream_uncorrelated"], analyzers=demo_analyzers(finetune.steps), store=store,
+            seed=seed, eval_size=min(eval_size, 1024), progress=progress,
         )  # fmt: skip
         log(f"verdict: {diagnosis.verdict} (score {diagnosis.score:+.2f})")
 
@@ -224,22 +236,32 @@ def run_demo(
         "wall_seconds": None,
     }  # fmt: skip
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    summary["provenance"] = run_provenance(
+        models={"base": base, "tuned": tuned}, started=started,
+        seeds={"seed": seed, "fine-tuning data": finetune.seed, "test sets": 10_000 + seed, "probe batch": 20_000 + seed},
+        call=describe_call("capwrap.run_demo", out=str(out), seed=seed, scenario=scenario, backend=backend,
+                           pretrain=pretrain, finetune_steps=finetune_steps, eval_size=eval_size,
+                           diagnose_pair=diagnose_pair),
+    )  # fmt: skip
     write_json_atomic(out / "summary.json", summary)
-    _write_report(out / "report.html", summary, result.history, store, diagnosis)
+    _write_report(out / "report.html", summary, result.history, store, diagnosis, test_sets)
     log(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
     return DemoResult(summary, base, tuned, store, out, diagnosis)
 
 
-def demo_analyzers(finetune_steps: int, seed: int = 0) -> list[Analyzer]:
-    """The demo's analyzers: the defaults with evaluation sets sized to keep the demo within three
-    minutes on a 2-core CPU; the revival control trains for the fine-tuning budget."""
+def demo_analyzers(finetune_steps: int) -> list[Analyzer]:
+    """The demo's analyzers: the defaults with samples sized to keep the demo within three minutes
+    on a 2-core CPU; the revival control trains for the fine-tuning budget, and revival has the
+    budget the verdict rule was fitted with (the validation suite's, 200 steps)."""
     return [
-        Probing(n=1024, seed=seed),
-        Pruning(ks=(0, 1, 2, 5, 10, 15, 25), eval_size=512, seed=seed),
-        Revival(eval_size=256, control_steps=finetune_steps, seed=seed),
-        WeightDiff(eval_size=512, seed=seed),
-        AttentionComparison(seed=seed),
-        Patching(seed=seed),
+        Probing(n=1024),
+        Pruning(ks=(0, 1, 2, 5, 10, 15, 25)),
+        Revival(max_steps=200, check_size=256, control_steps=finetune_steps, seeds=1),
+        WeightDiff(),
+        AttentionComparison(),
+        Patching(),
+        Generalization(),
+        NewLatentProbing(n=1024),
     ]
 
 
@@ -271,31 +293,47 @@ def _weight_change(store: RunStore) -> dict[str, Any]:
 
 
 def _write_report(
-    path: Path, summary: dict[str, Any], history: pd.DataFrame, store: RunStore, diagnosis: Diagnosis | None
+    path: Path,
+    summary: dict[str, Any],
+    history: pd.DataFrame,
+    store: RunStore,
+    diagnosis: Diagnosis | None,
+    test_sets: dict[str, PCFGTask],
 ) -> None:
     title = "capwrap demo: fine-tuning a PCFG counter to count b"
     if summary["scenario"] == "removed":
         title += " — negative control (capability removed before fine-tuning)"
-    report = Report(title)
+    report = Report(title, provenance=summary["provenance"])
     if diagnosis is None:
         report.add_text(None, "Verdict: not computed (diagnosis skipped)", css_class="verdict")
     else:
         diagnosis.add_verdict(report)
-    table = pd.DataFrame(summary["accuracy"])
-    report.add_text("Accuracy", "Base and fine-tuned model on the capability (count a) and on count b with the "
-                    "spurious correlation present (C_Te=1) and absent (C_Te=0).")  # fmt: skip
-    report.add_table(table)
-    fig = go.Figure([go.Bar(name=col, x=table.index, y=table[col]) for col in table.columns])
-    fig.update_layout(barmode="group", yaxis_title="accuracy", yaxis_range=[0, 1], height=380)
+    names = {key: task.name for key, task in test_sets.items()}  # "count b, C_Te=1", not downstream_correlated
+    table = pd.DataFrame(summary["accuracy"]).rename(index=names).rename_axis("test set")
+    n = summary["eval_size"]
+    report.add_text("Accuracy", f"Base and fine-tuned model on the capability (count a) and on count b with the "
+                    f"spurious correlation present (C_Te=1) and absent (C_Te=0), on {n:,} sequences each; the "
+                    "error bars are 95% (Wilson) intervals.")  # fmt: skip
+    report.add_table(table, float_format="{:.1%}")
+    fig = go.Figure()
+    for model in table.columns:
+        low, high = zip(*(proportion_interval(acc, n) for acc in table[model]), strict=True)
+        acc = pd.DataFrame({"accuracy": table[model], "accuracy_low": low, "accuracy_high": high})
+        fig.add_trace(
+            go.Bar(name=f"{model} model", x=acc.index, y=acc["accuracy"], error_y=error_bars(acc, "accuracy"))
+        )
+    fig.update_layout(barmode="group", xaxis_title="test set", yaxis=dict(title="accuracy", range=[0, 1.05], tickformat=".0%"),
+                      height=380, legend_title_text="model")  # fmt: skip
     report.add_figure(fig)
 
     report.add_text("Fine-tuning", "Loss and test accuracy during fine-tuning.")
-    fig = go.Figure(go.Scatter(x=history.index, y=history["loss"], name="loss"))
+    fig = go.Figure(go.Scatter(x=history.index, y=history["loss"], name="training loss"))
     for col in [c for c in history.columns if c.startswith("acc/")]:
         pts = history[col].dropna()
-        fig.add_trace(go.Scatter(x=pts.index, y=pts, name=col.removeprefix("acc/"), yaxis="y2", mode="lines+markers"))
+        name = names.get(col.removeprefix("acc/"), col.removeprefix("acc/"))
+        fig.add_trace(go.Scatter(x=pts.index, y=pts, name=f"accuracy: {name}", yaxis="y2", mode="lines+markers"))
     fig.update_layout(
-        xaxis_title="step", yaxis_title="loss", height=400, legend=dict(x=1.08),
+        xaxis_title="fine-tuning step", yaxis_title="loss", height=400, legend=dict(x=1.08),
         yaxis2=dict(title="accuracy", overlaying="y", side="right", range=[-0.02, 1.02], tickformat=".0%"),
     )  # fmt: skip
     report.add_figure(fig)
@@ -306,11 +344,12 @@ def _write_report(
         "Where the weights moved", "Norm of each layer's weight change against the base model, per recorded step."
     )
     fig = go.Figure()
-    for kind in ("attn", "mlp"):
+    for kind, label in (("attn", "attention"), ("mlp", "MLP")):
         arr = store.array(f"weight_delta.{kind}")
         for i, name in enumerate(comps[kind]):
-            fig.add_trace(go.Scatter(x=steps, y=arr[:, i].numpy(), name=name))
-    fig.update_layout(xaxis_title="step", yaxis_title="‖ΔW‖", height=400)
+            fig.add_trace(go.Scatter(x=steps, y=arr[:, i].numpy(), name=f"{label} {name.split('.')[0]}"))
+    fig.update_layout(xaxis_title="fine-tuning step", yaxis_title="‖ΔW‖ (Frobenius norm)", height=400,
+                      legend_title_text="layer")  # fmt: skip
     report.add_figure(fig)
     rec = summary["recording"]
     report.add_text(

@@ -18,12 +18,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "umask"]
+from capwrap.errors import ConfigError
+
+__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "umask", "check_output_folder"]
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+    """Write ``data`` to ``path`` atomically (its folder is created if missing)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         if hasattr(os, "fchmod"):  # mkstemp creates 0600 files; give the usual permissions
@@ -68,3 +71,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder outputs can go into: it may exist (as a folder) or not; a file there is
+    refused before any work starts, with a :class:`~capwrap.errors.ConfigError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"the output folder {path} is a file; choose a folder (it is created if missing)")
+    return path

@@ -2,7 +2,9 @@
 
 Read it top to bottom: seed, optional weight noise, optimizer, warmup + cosine schedule, then for
 each step a fresh batch (online data, reproducible from the seed), the loss, a finiteness check,
-backward, clipping, the update, the recorder and callbacks, and periodic evaluation.
+backward, clipping, the update, the recorder and callbacks, periodic evaluation, and, with
+``checkpoint_every``, a training checkpoint in the run's store from which a restarted run resumes
+(:func:`train`'s ``resume``; the functions under "resuming" at the end).
 
 Examples:
     >>> from capwrap.models import ModelSpec, build_model
@@ -16,7 +18,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,9 +30,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from capwrap.errors import ConfigError, TrainingDivergedError
+from capwrap.checks import check_finite_weights
+from capwrap.errors import ConfigError, StoreError, TrainingDivergedError
 from capwrap.methods.base import FineTune, TrainingMethod, step_seed
-from capwrap.models import CapModel
+from capwrap.models import CapModel, ModelSpec
+from capwrap.models.model import resolve_dtype
+from capwrap.recording.train_state import load_train_state, rng_state, save_train_state, set_rng_state
 from capwrap.tasks.base import Task, accuracy, check_task_fits
 
 if TYPE_CHECKING:
@@ -56,6 +64,8 @@ class TrainConfig:
         eval_every: evaluate ``eval_tasks`` every this many steps (0: only at the end).
         eval_size: sequences per evaluation.
         progress: show a progress bar.
+        checkpoint_every: every this many steps (and at the end), keep everything a resumed run
+            needs in the run's store (``0``: never); needs a recorder. See :func:`train`'s ``resume``.
     """
 
     steps: int = 1000
@@ -72,6 +82,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_size: int = 512
     progress: bool = True
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, kind: type = int) -> None:
@@ -92,6 +103,14 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip}")
         if self.weight_noise < 0 or self.eval_every < 0 or self.weight_decay < 0:
             raise ConfigError("weight_noise, eval_every and weight_decay must not be negative")
+        if (
+            not isinstance(self.checkpoint_every, int)
+            or isinstance(self.checkpoint_every, bool)
+            or self.checkpoint_every < 0
+        ):
+            raise ConfigError(
+                f"TrainConfig.checkpoint_every must be a number of steps >= 0, got {self.checkpoint_every!r}"
+            )
 
 
 class StopTraining(Exception):  # noqa: N818 - a signal, not an error
@@ -140,7 +159,31 @@ def add_weight_noise(model: CapModel, std: float, seed: int) -> None:
         param.add_(torch.randn(param.shape, generator=gen).to(param) * std)
 
 
-def _make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def _precision(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The context the forward passes and the loss run in: nothing for float32, autocast for bfloat16."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    if dtype == torch.float16:
+        raise ConfigError("training in float16 needs loss scaling, which capwrap does not do; use dtype='bfloat16'")
+    if dtype != torch.bfloat16:
+        raise ConfigError(f"train's dtype is 'float32' or 'bfloat16', got {dtype}")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bfloat16; train in float32")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _check_trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise ConfigError(
+            f"the weights being trained are {', '.join(low)}: updates smaller than their resolution would be lost. "
+            "Load the model in float32 (the default) and pass dtype='bfloat16' to train() for bfloat16 compute"
+        )
+    return params
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """``config``'s optimizer (AdamW or SGD with momentum) over ``params`` (what methods use by default)."""
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
@@ -153,9 +196,12 @@ def train(
     *,
     method: TrainingMethod | None = None,
     recorder: Recorder | None = None,
+    resume: str | os.PathLike | None = None,
     eval_tasks: Mapping[str, Task] | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
     description: str = "train",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``task`` (by default its own loss, fresh data every step).
 
@@ -167,16 +213,37 @@ def train(
             :class:`~capwrap.methods.FineTune`, the task's own loss on every parameter). Metrics
             the method returns each step go into the history.
         recorder: a :class:`~capwrap.recording.Recorder` on this model, opened or not; it records
-            every step it is due to.
+            every step it is due to. With ``config.checkpoint_every``, its store also keeps the
+            training checkpoint; a recorder made with ``resume=True`` continues the run from it.
+        resume: the folder of a run store with a training checkpoint: continue that run (and its
+            recording), as ``recorder=Recorder(model, resume, resume=True)`` does.
         eval_tasks: name -> task, evaluated every ``config.eval_every`` steps and at the end
             (accuracy, reported as ``acc/<name>``).
         callbacks: called with a :class:`StepInfo` after every step; a callback may add entries to
             ``info.metrics`` (they go into the history) or raise :class:`StopTraining` to end early.
         description: label of the progress bar.
+        device: train there (the model is moved there, in place, and stays); default: where it is.
+        dtype: the forward passes' precision: ``"float32"`` (default) or ``"bfloat16"`` (autocast:
+            matrix products in bfloat16, while the weights, the optimizer's state, the loss, the
+            gradients' clipping and every metric stay float32 — the safe way to use bfloat16).
+
+    A resumed run restores the weights, the optimizer, the method's state, the random generators
+    and the history from the last checkpoint, drops what the store recorded after it, and goes on
+    from there: on CPU its final weights equal, bit for bit, those of a run that was never
+    interrupted. ``model`` only has to be of the checkpoint's spec and backend (a fresh
+    ``build_model`` does); ``task``, ``method`` and ``config`` must be the run's (only
+    ``progress`` and ``checkpoint_every`` may change). A run that finished (or that a callback
+    stopped) is not trained further.
 
     Raises:
+        ConfigError: ``dtype`` is float16 (it needs loss scaling: use bfloat16) or bfloat16 on a
+            device without it, or the weights being trained are themselves 16-bit (updates smaller
+            than their resolution would be lost: load the model in float32).
         TrainingDivergedError: the loss became NaN or infinite (no update is applied for that
             step; the recorder keeps every step before it).
+        ConfigError: the model already holds NaN or infinite weights; ``checkpoint_every``
+            without a recorder; resuming with another spec, backend, task, method or config.
+        StoreError: resuming a store that has no training checkpoint.
     """
     config = config or TrainConfig()
     method = method if method is not None else FineTune()
@@ -186,27 +253,59 @@ def train(
     eval_tasks = dict(eval_tasks or {})
     for t in eval_tasks.values():
         check_task_fits(model, t)
+    recorder = _recorder_to_use(model, recorder, resume)
     if recorder is not None and recorder.model is not model:
         raise ConfigError("the recorder watches another model; create it with Recorder(model, ...) for this one")
+    if config.checkpoint_every and recorder is None:
+        raise ConfigError(
+            "checkpoint_every keeps the training state in the run's store, so it needs a recorder: pass "
+            "recorder=Recorder(model, path, hooks=()) (hooks=() records only weights and scalars)"
+        )
+    checkpoint = _checkpoint_to_resume(recorder, model, task, config, method)
 
+    if device is not None:
+        model.to(device)
+    precision = _precision(model.device, resolve_dtype(dtype))
     torch.manual_seed(config.seed)
-    if config.weight_noise > 0:
-        add_weight_noise(model, config.weight_noise, config.seed)
-    optimizer = _make_optimizer(method.setup(model, task, config), config)
-    eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
+    if checkpoint is None:
+        check_finite_weights(model.weights(), "the model to train")
+        if config.weight_noise > 0:
+            add_weight_noise(model, config.weight_noise, config.seed)
+    optimizer = method.optimizer(_check_trainable(method.setup(model, task, config)), config)
     rows: list[dict[str, float]] = []
+    start = 0
+    if checkpoint is not None:
+        start, rows = _restore(checkpoint, model, optimizer, method)
+    eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
+
+    def save_checkpoint(done: int, finished: bool) -> None:
+        recorder.flush()  # the store holds every step up to this one before the checkpoint says so
+        state = _run_identity(model, task, config, method) | {
+            "step": done, "finished": finished, "history": rows, "weights": model.checkpoint_state(),
+            "optimizer": optimizer.state_dict(), "method_state": method.state_dict(), "rng": rng_state(),
+            "data": {"batches": "capwrap.methods.step_seed(config, step)", "next_step": done},
+        }  # fmt: skip
+        save_train_state(recorder.path, state)
+
     model.train()
     opened_here = recorder is not None and not recorder.is_open
     if opened_here:
         recorder.open()
     try:
-        bar = tqdm(range(config.steps), desc=description, disable=not config.progress, leave=False)
+        if checkpoint is not None:
+            recorder.rollback(start)
+        elif config.checkpoint_every:
+            save_checkpoint(0, finished=False)
+        finished = checkpoint is not None and checkpoint["finished"]
+        steps = range(config.steps if finished else start, config.steps)
+        bar = tqdm(steps, initial=start, total=config.steps, desc=description, disable=not config.progress, leave=False)
         for step in bar:
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = task.sample(config.batch_size, seed=step_seed(config, step)).to(model.device)
-            loss = method.loss(model, batch, step)
+            with precision:
+                loss = method.loss(model, batch, step).float()
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"the loss became {loss.item()} at step {step + 1} of {config.steps} (lr {lr:.3g}); "
@@ -220,6 +319,7 @@ def train(
             clip = config.grad_clip if config.grad_clip is not None else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             optimizer.step()
+            method.after_update(model, step)
 
             done = step + 1
             if eval_batches and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
@@ -227,7 +327,7 @@ def train(
                 model.train()
             info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
             if recorder is not None:
-                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, **metrics)
+                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, arrays=method.arrays(step), **metrics)
             stop = False
             for callback in callbacks:
                 try:
@@ -235,6 +335,8 @@ def train(
                 except StopTraining:
                     stop = True
             rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **info.metrics})
+            if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps or stop):
+                save_checkpoint(done, finished=stop or done == config.steps)
             if stop:
                 break
             accs = {k.split("/")[-1][:12]: f"{v:.2f}" for k, v in metrics.items() if k.startswith("acc/")}
@@ -246,3 +348,90 @@ def train(
     history = pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
     final = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith("acc/")} if rows else {}
     return TrainResult(history=history, final_metrics=final, config=config)
+
+
+# ---- resuming ------------------------------------------------------------------------------------
+#: TrainConfig fields that may change when a run resumes: they do not change what is computed.
+_RESUMABLE_CHANGES = ("progress", "checkpoint_every")
+
+
+def _recorder_to_use(model: CapModel, recorder: Recorder | None, resume: str | os.PathLike | None) -> Recorder | None:
+    if resume is None:
+        return recorder
+    if recorder is not None:
+        raise ConfigError(
+            "pass either recorder=Recorder(model, path, resume=True) or resume=path, not both "
+            "(resume=path builds that recorder)"
+        )
+    from capwrap.recording import Recorder
+
+    return Recorder(model, resume, resume=True)
+
+
+def _run_identity(model: CapModel, task: Task, config: TrainConfig, method: TrainingMethod) -> dict[str, Any]:
+    """What a run is, as the checkpoint keeps it and a resumed run must match (JSON values)."""
+    return json.loads(json.dumps({
+        "config": asdict(config), "spec": model.spec.to_dict(), "backend": model.backend,
+        "task": task.describe(), "method": method.describe(),
+    }))  # fmt: skip
+
+
+def _checkpoint_to_resume(
+    recorder: Recorder | None, model: CapModel, task: Task, config: TrainConfig, method: TrainingMethod
+) -> dict[str, Any] | None:
+    """The checkpoint a resumed recorder's store holds, checked against this call; ``None`` for a new run."""
+    if recorder is None or not recorder.resume:
+        return None
+    state = load_train_state(recorder.path)
+    if state is None:
+        raise StoreError(
+            f"the run store at {recorder.path} holds no training checkpoint, so train() cannot continue the "
+            "training where it stopped (it would restart the schedule and the data from step 0). Runs keep one "
+            "with TrainConfig(checkpoint_every=k). Start this run over in a new folder (or with overwrite=True); "
+            "to add steps to the recording of your own loop, use the Recorder without train()"
+        )
+    now = _run_identity(model, task, config, method)
+    where = f"the checkpoint in {recorder.path}"
+    if not model.spec.same_as(state["spec"]):
+        raise ConfigError(
+            f"{where} is of a model of another spec ({ModelSpec.from_dict(state['spec']).differences(model.spec)}, "
+            "checkpoint vs given); resume with a model of the run's spec (build_model(spec) will do)"
+        )
+    if state["backend"] != model.backend:
+        raise ConfigError(
+            f"{where} was trained on the {state['backend']!r} backend, the model given is {model.backend!r}; "
+            f"the optimizer's state is per backend, so resume with backend={state['backend']!r}"
+        )
+    changed = [
+        f"{k} ({state['config'].get(k)!r} vs {v!r})"
+        for k, v in now["config"].items()
+        if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v
+    ]
+    if changed:
+        raise ConfigError(
+            f"{where} is of a run with another TrainConfig: {', '.join(changed)} (checkpoint vs given); resume "
+            f"with the run's config (only {' and '.join(_RESUMABLE_CHANGES)} may change) or start a new run"
+        )
+    for what in ("task", "method"):
+        if state[what] != now[what]:
+            raise ConfigError(
+                f"{where} was trained with another {what}: {state[what]} (checkpoint) vs {now[what]} (given); "
+                f"resume with the run's {what}"
+            )
+    return state
+
+
+def _restore(
+    state: dict[str, Any], model: CapModel, optimizer: torch.optim.Optimizer, method: TrainingMethod
+) -> tuple[int, list[dict[str, float]]]:
+    """Put the checkpoint's weights, optimizer, method and random states back; (step, history)."""
+    from capwrap.models.layouts import canonical_views
+
+    saved = canonical_views(model.spec, state["weights"])
+    with torch.no_grad():
+        for name, weight in model.weights().items():
+            weight.copy_(saved[name])
+    optimizer.load_state_dict(state["optimizer"])
+    method.load_state_dict(state["method_state"])
+    set_rng_state(state["rng"])  # last: rebuilding a method's state may draw random numbers
+    return int(state["step"]), list(state["history"])

@@ -21,6 +21,21 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).resolve().parents[1] / "tutorials" / "02_paper_pcfg.ipynb"
 
 
+def execute_notebook(notebook: Path, out: Path, *, full: bool, device: str | None, timeout: int) -> Path:
+    """Execute ``notebook`` with ``CAPWRAP_FULL`` (and ``CAPWRAP_DEVICE``) set; write it to ``out``."""
+    os.environ["CAPWRAP_FULL"] = "1" if full else "0"
+    if device:
+        os.environ["CAPWRAP_DEVICE"] = device
+    nb = nbformat.read(notebook, as_version=4)
+    with tempfile.TemporaryDirectory() as work:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": work}}).execute()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(out)  # never a half-written notebook
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="paper_pcfg_full.ipynb", help="where to write the executed notebook")
@@ -28,18 +43,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the small (CI) configuration instead")
     parser.add_argument("--timeout", type=int, default=6 * 3600, help="seconds per cell")
     args = parser.parse_args()
-    os.environ["CAPWRAP_FULL"] = "0" if args.small else "1"
-    if args.device:
-        os.environ["CAPWRAP_DEVICE"] = args.device
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    with tempfile.TemporaryDirectory() as work:
-        NotebookClient(
-            nb, timeout=args.timeout, kernel_name="python3", resources={"metadata": {"path": work}}
-        ).execute()
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    nbformat.write(nb, tmp)
-    tmp.replace(out)  # never a half-written notebook
+    out = execute_notebook(NOTEBOOK, Path(args.out), full=not args.small, device=args.device, timeout=args.timeout)
     print(f"wrote {out}")
 
 

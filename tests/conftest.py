@@ -1,19 +1,46 @@
-"""Shared fixtures: real TransformerLens models on every backend the installed TL offers."""
+"""Shared fixtures: real TransformerLens models on every backend the installed TL offers.
+
+Which tests run where:
+
+* ``tests/unit`` (one component, seconds), ``tests/integration`` (components together on small real
+  models), ``tests/acceptance`` (what a user runs, end to end; marked ``slow`` here, so
+  ``pytest -m "not slow"`` is the quick loop);
+* on the TransformerLens 3.9 line only the tests whose behaviour depends on the backend run — those
+  that take the ``backend`` fixture (directly or through ``small_model``) or carry
+  ``@pytest.mark.backend``; the rest run on the 4.x line. ``CAPWRAP_ALL_TESTS=1`` runs everything
+  on either line.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from capwrap.models import ModelSpec, available_backends, build_model
+from capwrap.models import ModelSpec, available_backends, build_model, tl_version
 from capwrap.tasks import PCFGConfig, PCFGTask
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINYSTORIES = SHARED / "data" / "tinystories"
 
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here / "acceptance" in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
+    if tl_version()[0] >= 4 or os.environ.get("CAPWRAP_ALL_TESTS"):
+        return
+    skip = pytest.mark.skip(
+        reason="backend-independent: runs on the TransformerLens 4.x line (CAPWRAP_ALL_TESTS=1 runs it here too)"
+    )
+    for item in items:
+        if "backend" not in getattr(item, "fixturenames", ()) and item.get_closest_marker("backend") is None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=available_backends())

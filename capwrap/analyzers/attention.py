@@ -7,12 +7,13 @@ disjoint), averaged over sequences — at the answer position, where the task is
 all query positions.
 
 Examples:
+    >>> from capwrap.analyzers import ModelPair
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
     >>> spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2)
     >>> base = build_model(spec, seed=0)
-    >>> ev = AttentionComparison(n=32)(ModelPair(base, base.clone()), task, task)
+    >>> ev = AttentionComparison(n=32)(ModelPair(base, base.clone()), task, task, eval_size=32)
     >>> float(ev.table["tv_answer"].max())
     0.0
 """
@@ -25,10 +26,8 @@ from typing import ClassVar
 import pandas as pd
 import torch
 
-from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind
 from capwrap.errors import ConfigError
-from capwrap.recording import RunStore
-from capwrap.tasks.base import Task
 
 __all__ = ["AttentionComparison"]
 
@@ -37,40 +36,53 @@ __all__ = ["AttentionComparison"]
 class AttentionComparison(Analyzer):
     """Per-head change of attention patterns on the capability task.
 
+    Statistic ``attention_change``: the total variation between base and tuned attention at the
+    answer position, averaged over heads and sequences (0: every head attends as before; 1: every
+    head attends elsewhere). The interval resamples the sequences.
+
     Args:
-        n: sequences compared.
-        seed: seed of the sequences.
-        changed_threshold: a head counts as changed when its answer-position distance exceeds this.
+        n: sequences compared (the first ``n`` of the diagnosis's capability evaluation set).
+        changed_threshold: a head counts as changed (in ``heads_changed``) when its answer-position
+            distance exceeds this.
     """
 
     n: int = 256
-    seed: int = 0
     changed_threshold: float = 0.1
     name: str = "attention"
     kind: ClassVar[Kind] = "structural"
+    statistic: ClassVar[str | None] = "attention_change"
 
     def __post_init__(self) -> None:
         if self.n <= 0 or not 0 < self.changed_threshold < 1:
             raise ConfigError("n must be positive and changed_threshold in (0, 1)")
 
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
-        batch = capability.sample(self.n, seed=self.seed)
+    def analyze(self, context: Context) -> Evidence:
+        pair = context.pair
+        batch = context.eval.batches["capability"][: self.n]
         pattern = "blocks.*.attn.hook_pattern"
         base = pair.base.capture(batch.tokens.to(pair.base.device), pattern, batch_size=128)
         tuned = pair.tuned.capture(batch.tokens.to(pair.tuned.device), pattern, batch_size=128)
         rows_idx = torch.arange(len(batch))
-        rows = []
+        rows, per_sequence = [], []
         for layer, name in enumerate(base):
             pb, pt = base[name].float().cpu(), tuned[name].float().cpu()  # [batch, head, query, key]
             tv = 0.5 * (pb - pt).abs().sum(-1)  # [batch, head, query]
-            at_answer = tv[rows_idx, :, batch.answer_pos].mean(0)  # [head]
-            overall = tv.mean((0, 2))
+            answer = tv[rows_idx, :, batch.answer_pos]  # [batch, head]
+            per_sequence.append(answer)
+            at_answer, overall = answer.mean(0), tv.mean((0, 2))
             for head in range(pb.shape[1]):
                 rows.append((f"L{layer}H{head}", layer, head, float(at_answer[head]), float(overall[head])))
         table = pd.DataFrame(rows, columns=["component", "layer", "head", "tv_answer", "tv_all"])
         table = table.sort_values("tv_answer", ascending=False, ignore_index=True)
+        per_head = torch.cat(per_sequence, 1)  # [batch, layer * head]
+        per_seq = per_head.mean(1)  # [batch]: mean over every head
+        value = float(per_seq.mean())
+        idx = context.resample(len(per_seq), self.name)
+        reps = per_seq[idx].mean(1).numpy()
+        head_reps = per_head[idx].mean(1)  # [n_boot, layer * head]
         changed = int((table["tv_answer"] > self.changed_threshold).sum())
         headline = {
+            "attention_change": value,
             "max_tv_answer": float(table["tv_answer"].max()),
             "median_tv_answer": float(table["tv_answer"].median()),
             "mean_tv_all": float(table["tv_all"].mean()),
@@ -78,17 +90,14 @@ class AttentionComparison(Analyzer):
             "heads": float(len(table)),
         }
         top = table.iloc[0]
-        share = changed / len(table)
-        if changed == 0:
-            direction, strength = "neutral", 0.1
-            reason = f"no head's attention at the answer position moved by more than {self.changed_threshold:.0%} (largest: {top.component}, {top.tv_answer:.1%})"
-        elif share <= 0.25:
-            direction, strength = "wrapper", 0.25
-            reason = f"{changed} of {len(table)} heads changed where they attend at the answer position (most: {top.component}, {top.tv_answer:.0%}); the rest kept their patterns"
-        else:
-            direction, strength = "change", 0.25 + 0.2 * min(1.0, share)
-            reason = f"{changed} of {len(table)} heads changed where they attend at the answer position (most: {top.component}, {top.tv_answer:.0%})"
-        return Evidence(self.name, headline, table, direction, strength, [reason], plot=_plot)
+        summary = (f"attention at the answer position moved by {value:.1%} (total variation, mean over heads); "
+                   f"{changed} of {len(table)} heads moved more than {self.changed_threshold:.0%} "
+                   f"(most: {top.component}, {top.tv_answer:.0%})")  # fmt: skip
+        return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps,
+                        intervals={"attention_change": context.interval(reps),
+                                   "max_tv_answer": context.interval(head_reps.max(1).values.numpy()),
+                                   "median_tv_answer": context.interval(head_reps.median(1).values.numpy())},
+                        summary=summary)  # fmt: skip
 
 
 def _plot(evidence: Evidence):
@@ -102,9 +111,11 @@ def _plot(evidence: Evidence):
             y=[f"L{layer}" for layer in grid.index],
             colorscale="Viridis",
             zmin=0,
+            colorbar=dict(title="total<br>variation"),
         )
     )
     fig.update_layout(
-        height=340, title=f"attention change at the answer position (total variation): {evidence.direction}"
-    )
+        height=340, title=f"attention change at the answer position (total variation): {evidence.direction}",
+        xaxis_title="head", yaxis_title="layer",
+    )  # fmt: skip
     return fig

@@ -1,11 +1,22 @@
-"""The analyzer interface: a `ModelPair` in, `Evidence` out.
+"""The analyzer interface: a :class:`Context` in, :class:`Evidence` out.
 
-Every analyzer takes the pair (base, tuned), the capability task, the downstream task and,
-optionally, the :class:`~capwrap.recording.RunStore` of the fine-tuning run, and returns
-:class:`Evidence`: headline numbers, a per-component table, the direction the evidence points
-(``wrapper``: the capability is still there under a thin change; ``change``: the capability itself
-changed; ``neutral``) with a strength in [0, 1], the reasons in words, and a plotly figure.
-Analyzers hold only their settings, so any subset runs in any order.
+Every analyzer answers one of the two questions of :func:`capwrap.diagnose` (its ``question``
+class attribute): ``deletion`` — is a capability that seems lost still in the tuned model under a
+thin change, or is it gone? — or ``creation`` — is a behaviour that seems new a genuine capability,
+or a wrapper over an old one? It declares its ``kind`` (``functional``: tests what the model can
+still do; ``structural``: says where and how widely it changed) and the ``statistic`` it measures.
+
+An analyzer reads everything it needs from a :class:`Context`: the pair (base, tuned), the
+capability and downstream tasks (and the downstream task without its spurious correlation), the
+run store if any, and the one :class:`EvalSet` of the diagnosis — the evaluation sequences and
+the base and tuned models' per-sequence correctness on them, measured once — plus the one seed
+scheme (:meth:`Context.seed_for`) and bootstrap resamples (:meth:`Context.resample`).
+It returns :class:`Evidence`: its statistic with bootstrap replicates and an interval, headline
+numbers (each with an interval), a per-component table, a sentence saying what it measured, and a
+figure. Which way the evidence points (``wrapper``, ``change`` or ``neutral``) and how strongly is
+the :class:`~capwrap.diagnosis.rule.VerdictRule`'s judgement of the statistic, so that strengths
+mean the same thing for every analyzer. Analyzers hold only their settings: any subset runs in any
+order.
 
 Examples:
     >>> from capwrap.models import ModelSpec, build_model
@@ -22,24 +33,51 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import pandas as pd
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
 
+from capwrap.analyzers.bootstrap import LEVEL, percentile_interval, resample
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel, ModelSpec
 from capwrap.recording import RunStore
-from capwrap.tasks.base import Task, check_task_fits
+from capwrap.tasks.base import Task, TaskBatch, answer_logits, check_task_fits
 
-__all__ = ["Analyzer", "Direction", "Kind", "Evidence", "ModelPair", "check_store_matches"]
+if TYPE_CHECKING:
+    from capwrap.diagnosis.rule import VerdictRule
+
+__all__ = [
+    "Analyzer",
+    "Context",
+    "Direction",
+    "EvalSet",
+    "Evidence",
+    "Kind",
+    "ModelPair",
+    "Question",
+    "check_store_matches",
+    "correctness",
+]
 
 Direction = Literal["wrapper", "change", "neutral"]
 #: ``functional``: tests what the model can still do (read, release, revive the capability);
 #: ``structural``: says where and how widely the model changed.
 Kind = Literal["functional", "structural"]
+#: ``deletion``: is a capability that seems lost hidden or gone? ``creation``: is a behaviour that
+#: seems new a genuine capability, or a wrapper over an old one?
+Question = Literal["deletion", "creation"]
+#: The evaluation sets of a diagnosis: the capability, the downstream task, and the downstream
+#: task without its spurious correlation (when the task has one).
+EVAL_SETS = ("capability", "downstream", "downstream_free")
 
 
 @dataclass
@@ -62,6 +100,10 @@ class ModelPair:
         """The shared spec."""
         return self.base.spec
 
+    def models(self) -> dict[str, CapModel]:
+        """``{"base": base, "tuned": tuned}``."""
+        return {"base": self.base, "tuned": self.tuned}
+
     def check_tasks(self, *tasks: Task) -> None:
         """Raise a clear error if the models cannot embed a task's tokens or sequences."""
         for task in tasks:
@@ -78,6 +120,141 @@ def check_store_matches(pair: ModelPair, store: RunStore) -> None:
         )
 
 
+@torch.no_grad()
+def correctness(model: CapModel, batch: TaskBatch, batch_size: int = 512) -> Bool[Tensor, " batch"]:
+    """Per sequence: whether ``model``'s arg-max prediction at the answer position is the answer
+    (:func:`capwrap.tasks.accuracy` is its mean)."""
+    was_training = model.module.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(batch), batch_size):
+            part = batch[start : start + batch_size].to(model.device)
+            out.append((answer_logits(model(part.tokens), part).argmax(-1) == part.answers).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+@dataclass
+class EvalSet:
+    """The one evaluation set of a diagnosis: sequences of each test set and the base and tuned
+    models' per-sequence correctness on them, measured once and shared by every analyzer and
+    every reason.
+
+    Attributes:
+        batches: test set name (``capability``, ``downstream``, ``downstream_free``) -> sequences.
+        correct: ``"base"``/``"tuned"`` -> test set name -> ``[n]`` booleans.
+        seed: the seed the sequences were drawn with.
+    """
+
+    batches: dict[str, TaskBatch]
+    correct: dict[str, dict[str, Bool[Tensor, " n"]]]
+    seed: int
+
+    @classmethod
+    def measure(cls, pair: ModelPair, tasks: dict[str, Task], size: int, seed: int) -> EvalSet:
+        """Sample ``size`` sequences of each task (set ``i`` with seed ``seed * 1000 + 77 + i``) and
+        measure both models on them."""
+        if size <= 0:
+            raise ConfigError(f"the evaluation set needs a positive size, got {size}")
+        batches = {k: t.sample(size, seed=seed * 1000 + 77 + i) for i, (k, t) in enumerate(tasks.items())}
+        correct = {which: {k: correctness(m, b) for k, b in batches.items()} for which, m in pair.models().items()}
+        return cls(batches, correct, seed)
+
+    def accuracy(self, model: str, which: str) -> float:
+        """Accuracy of ``model`` (``base`` or ``tuned``) on test set ``which``."""
+        return float(self.correct[model][which].float().mean())
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """``{model: {test set: accuracy}}``."""
+        return {m: {k: self.accuracy(m, k) for k in self.batches} for m in self.correct}
+
+
+@dataclass
+class Context:
+    """Everything an analyzer reads: the pair, the tasks, the run store, the shared evaluation set,
+    the seed scheme and the bootstrap settings. :func:`capwrap.diagnose` builds one per diagnosis;
+    calling an analyzer directly builds one with :meth:`build`.
+
+    Attributes:
+        pair: the models.
+        capability: the task whose fate is in question (deletion).
+        downstream: the fine-tuning task, as tested (e.g. with its spurious correlation, C_Te = 1).
+        downstream_free: the downstream task without its spurious correlation (C_Te = 0), if any.
+        store: the fine-tuning run's store, if recorded.
+        eval: the shared evaluation set.
+        seed: the diagnosis's seed; every analyzer derives its own from it (:meth:`seed_for`).
+        n_boot: bootstrap resamples per interval.
+        level: coverage of the intervals.
+    """
+
+    pair: ModelPair
+    capability: Task
+    downstream: Task
+    downstream_free: Task | None
+    store: RunStore | None
+    eval: EvalSet
+    seed: int = 0
+    n_boot: int = 200
+    level: float = LEVEL
+
+    @classmethod
+    def build(
+        cls,
+        pair: ModelPair,
+        capability: Task,
+        downstream: Task,
+        store: RunStore | None = None,
+        downstream_free: Task | None | Literal["auto"] = "auto",
+        eval_size: int = 1024,
+        seed: int = 0,
+        n_boot: int = 200,
+        level: float = LEVEL,
+    ) -> Context:
+        """Check the inputs and measure the evaluation set (``downstream_free="auto"``: the
+        downstream task's own :meth:`~capwrap.tasks.Task.correlation_free` variant)."""
+        if downstream_free == "auto":
+            downstream_free = _correlation_free(downstream)
+        tasks = {"capability": capability, "downstream": downstream}
+        if downstream_free is not None:
+            tasks["downstream_free"] = downstream_free
+        pair.check_tasks(*tasks.values())
+        if store is not None:
+            check_store_matches(pair, store)
+        if n_boot < 1 or not 0 < level < 1:
+            raise ConfigError(f"n_boot must be positive and level in (0, 1), got {n_boot} and {level}")
+        evalset = EvalSet.measure(pair, tasks, eval_size, seed)
+        return cls(pair, capability, downstream, downstream_free, store, evalset, seed, n_boot, level)
+
+    def seed_for(self, analyzer: str, purpose: str) -> int:
+        """The seed of one random choice of one analyzer (stable across runs and Python versions)."""
+        return self.seed * 1_000_003 + zlib.crc32(f"{analyzer}/{purpose}".encode()) % 1_000_003
+
+    def resample(self, n: int, analyzer: str, purpose: str = "bootstrap") -> Int[Tensor, "n_boot n"]:
+        """``n_boot`` bootstrap resamples of ``n`` sequence indices."""
+        return resample(n, self.n_boot, self.seed_for(analyzer, purpose))
+
+    def eval_resample(self, which: str) -> Int[Tensor, "n_boot n"]:
+        """Bootstrap resamples of evaluation set ``which``, shared by every analyzer (paired: the same
+        sequences for base and tuned)."""
+        return resample(len(self.eval.batches[which]), self.n_boot, self.seed_for("eval", which))
+
+    def accuracy_replicates(self, model: str, which: str) -> np.ndarray:
+        """Bootstrap replicates of one accuracy of the evaluation set."""
+        correct = self.eval.correct[model][which].float()
+        return correct[self.eval_resample(which)].mean(1).numpy()
+
+    def interval(self, replicates: np.ndarray) -> tuple[float, float]:
+        """The :attr:`level` percentile interval of ``replicates``."""
+        return percentile_interval(replicates, self.level)
+
+
+def _correlation_free(task: Task) -> Task | None:
+    method = getattr(task, "correlation_free", None)
+    return method() if callable(method) else None
+
+
 @dataclass
 class Evidence:
     """What one analyzer found.
@@ -86,29 +263,56 @@ class Evidence:
         analyzer: the analyzer's name.
         headline: a few named numbers (JSON-serializable floats).
         table: per-component (or per-setting) results.
-        direction: ``wrapper``, ``change`` or ``neutral``.
-        strength: how strongly it points there, in [0, 1].
+        direction: ``wrapper``, ``change`` or ``neutral`` (the rule's judgement of ``value``).
+        strength: how strongly it points there, in [0, 1] (see :mod:`capwrap.diagnosis.rule`).
         reasons: sentences that cite the numbers behind ``direction``.
         details: further data for figures and reports (curves, matrices), JSON-serializable.
         kind: the analyzer's :data:`Kind` (set from the analyzer's class attribute).
+        question: the :data:`Question` the evidence is about (from the analyzer's class attribute).
+        statistic: the name of the analyzer's statistic (``None``: the analyzer judges itself).
+        value: the statistic (NaN: not applicable to this pair; ``summary`` says why).
+        replicates: bootstrap replicates of ``value`` (the verdict's confidence comes from them).
+        intervals: headline name (and ``value``) -> its confidence interval (the bootstrap's for
+            numbers measured on sampled sequences; the number itself, twice, for numbers computed
+            exactly: from the weights, or counts such as ``units`` and ``budget``).
+        summary: what was measured, in one sentence that cites the numbers.
     """
 
     analyzer: str
     headline: dict[str, float]
     table: pd.DataFrame
-    direction: Direction
-    strength: float
-    reasons: list[str]
+    direction: Direction = "neutral"
+    strength: float = 0.0
+    reasons: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     plot: Callable[[Evidence], Any] | None = field(default=None, repr=False, compare=False)
     kind: Kind = "structural"
+    question: Question = "deletion"
+    statistic: str | None = None
+    value: float = math.nan
+    replicates: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False, compare=False)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    summary: str = ""
 
     def __post_init__(self) -> None:
         if self.direction not in ("wrapper", "change", "neutral"):
             raise ConfigError(f"direction must be 'wrapper', 'change' or 'neutral', got {self.direction!r}")
         if self.kind not in ("functional", "structural"):
             raise ConfigError(f"kind must be 'functional' or 'structural', got {self.kind!r}")
+        if self.question not in ("deletion", "creation"):
+            raise ConfigError(f"question must be 'deletion' or 'creation', got {self.question!r}")
         self.strength = float(min(1.0, max(0.0, self.strength)))
+        self.replicates = np.asarray(self.replicates, dtype=np.float64)
+
+    @property
+    def signed_strength(self) -> float:
+        """``strength`` with the sign of ``direction`` (wrapper +, change −)."""
+        return {"wrapper": 1.0, "change": -1.0, "neutral": 0.0}[self.direction] * self.strength
+
+    @property
+    def applicable(self) -> bool:
+        """Whether the statistic could be measured on this pair (analyzers without a statistic always are)."""
+        return self.statistic is None or math.isfinite(self.value)
 
     def figure(self) -> Any:
         """A plotly figure of the evidence."""
@@ -124,41 +328,91 @@ class Evidence:
         """JSON-serializable summary (the table truncated to ``max_rows`` rows)."""
         return {
             "analyzer": self.analyzer,
+            "question": self.question,
             "kind": self.kind,
+            "statistic": self.statistic,
+            "value": _jsonable(self.value),
+            "interval": [_jsonable(v) for v in self.intervals.get("value", (math.nan, math.nan))],
             "direction": self.direction,
             "strength": round(self.strength, 4),
+            "summary": self.summary,
             "headline": {k: _jsonable(v) for k, v in self.headline.items()},
+            "intervals": {k: [_jsonable(a), _jsonable(b)] for k, (a, b) in self.intervals.items()},
             "reasons": list(self.reasons),
-            "table": self.table.head(max_rows).to_dict(orient="records"),
+            "table": [
+                {k: _jsonable(v) for k, v in row.items()} for row in self.table.head(max_rows).to_dict(orient="records")
+            ],
         }
 
 
 def _jsonable(value: Any) -> Any:
-    try:
-        return round(float(value), 6)
-    except (TypeError, ValueError):
+    """A JSON value: integers stay integers, floats are rounded (non-finite ones become ``None``)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str) or value is None:
         return value
+    try:
+        number = round(float(value), 6)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
 
 
 class Analyzer(ABC):
-    """Base class of analyzers: settings in the constructor, the work in :meth:`analyze`."""
+    """Base class of analyzers: settings in the constructor, the work in :meth:`analyze`.
+
+    Subclasses declare ``kind``, ``question`` and ``statistic`` as class attributes, and return
+    :class:`Evidence` whose ``value`` is that statistic (with its bootstrap ``replicates``) and whose
+    ``summary`` says what was measured; the :class:`~capwrap.diagnosis.rule.VerdictRule` turns it
+    into a direction and a strength.
+    """
 
     #: Short name used in reports and in ``Diagnosis``.
     name: str = "analyzer"
     #: What the evidence is about (:data:`Kind`); every analyzer declares it.
     kind: ClassVar[Kind]
+    #: Which of diagnose's two questions the analyzer answers.
+    question: ClassVar[Question] = "deletion"
+    #: The name of the statistic the analyzer measures: the rule's anchors for it are keyed by this
+    #: name (never by the analyzer's ``name``). ``None``: the analyzer sets its own direction and strength.
+    statistic: ClassVar[str | None] = None
 
     @abstractmethod
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
+    def analyze(self, context: Context) -> Evidence:
         """Run the analysis and return its evidence."""
 
-    def __call__(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
-        pair.check_tasks(capability, downstream)
-        if store is not None:
-            check_store_matches(pair, store)
-        evidence = self.analyze(pair, capability, downstream, store)
-        evidence.kind = type(self).kind
-        return evidence
+    def __call__(
+        self,
+        pair: ModelPair,
+        capability: Task,
+        downstream: Task,
+        store: RunStore | None = None,
+        *,
+        context: Context | None = None,
+        rule: VerdictRule | None = None,
+        eval_size: int = 1024,
+        seed: int = 0,
+    ) -> Evidence:
+        """Analyze ``pair`` and judge the evidence with ``rule`` (default: the fitted rule).
+
+        Called directly, the analyzer measures its own evaluation set of ``eval_size`` sequences
+        per task (seed ``seed``); :func:`capwrap.diagnose` passes the diagnosis's ``context``.
+        """
+        from capwrap.diagnosis.rule import default_rule
+
+        if context is None:
+            context = Context.build(pair, capability, downstream, store, eval_size=eval_size, seed=seed)
+        evidence = self.analyze(context)
+        evidence.kind, evidence.question = type(self).kind, type(self).question
+        evidence.statistic = type(self).statistic
+        if evidence.statistic is not None and "value" not in evidence.intervals:
+            evidence.intervals["value"] = context.interval(evidence.replicates)
+        for key, number in evidence.headline.items():  # computed exactly (from weights, or a count)
+            if key not in evidence.intervals and isinstance(number, (int, float)):
+                evidence.intervals[key] = (float(number), float(number))
+        return (rule or default_rule()).judge(evidence)
 
     def settings(self) -> dict[str, Any]:
         """The analyzer's settings (for reports)."""

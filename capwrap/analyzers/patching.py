@@ -43,12 +43,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional, Trace
-from capwrap.recording import RunStore
-from capwrap.tasks.base import Task, TaskBatch, answer_logits
+from capwrap.tasks.base import TaskBatch, answer_logits
 
 __all__ = [
     "SITES",
@@ -454,39 +453,41 @@ class Patching(Analyzer):
     """Across-model patching on the capability task: give single components of the tuned model their
     base output back — which of them restore the capability, and how much?
 
-    If fine-tuning only wrapped the capability, a few components (the wrapper's) carry the whole
-    difference, so patching one of them back restores most of the capability; if the capability
-    itself changed, the difference is spread over many. Sites are patched at all positions; with
-    ``by_position`` also each position separately.
+    What a restoring patch says depends on what follows it: restoring the capability from an early
+    component means the tuned model's own later layers still compute it; restoring it from the last
+    layer only replaces the read-out. Statistic ``patching_deep_restore``: the largest, over
+    components, of the share of the capability's log-probability gap its base output restores times
+    the share of layers after it. Near 1: one early component's base output brings the capability back
+    through the tuned model's own later layers (a wrapper); near 0: no single component does. Not
+    applicable when the tuned model's answer log-probability is within ``min_gap`` nats of the
+    base's. The interval resamples the sequences.
 
     Args:
-        sites: the sites to patch (keys of :data:`SITES`).
-        n: sequences.
-        seed: seed of the sequences.
+        sites: the sites to patch (keys of :data:`SITES`), each at all positions.
+        n: sequences (the first ``n`` of the diagnosis's capability evaluation set).
         method: ``exact`` or ``attribution``.
         memory_mb: memory budget of one batched forward pass.
-        localized_share: a component whose restored share × share of layers after it reaches this
-            counts as evidence of a wrapper. 0.75 sits between the demo pair (0.99: the base's layer-0
-            MLP output restores 99%) and its negative control (0.53: base outputs restore much of the
-            gap even in a model whose blocks were re-initialized), see benchmarks/RESULTS.md.
+        min_gap: the statistic applies when the base's answer log-probability exceeds the tuned
+            model's by at least this many nats.
     """
 
     sites: tuple[str, ...] = ("attn_out", "mlp_out", "head")
     n: int = 256
-    seed: int = 0
     method: Literal["exact", "attribution"] = "exact"
     memory_mb: float = 128.0
-    localized_share: float = 0.75
+    min_gap: float = 0.1
     name: str = "patching"
     kind: ClassVar[Kind] = "structural"
+    statistic: ClassVar[str | None] = "patching_deep_restore"
 
     def __post_init__(self) -> None:
         patch_index(1, 1, 1, self.sites, "all")
         if self.n <= 0:
             raise ConfigError(f"Patching.n must be positive, got {self.n}")
 
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
-        batch = capability.sample(self.n, seed=self.seed)
+    def analyze(self, context: Context) -> Evidence:
+        pair = context.pair
+        batch = context.eval.batches["capability"][: self.n]
         # capwrap's fast engine where it computes the model; TransformerLens's hooks elsewhere
         engine = "hooks" if Functional.unsupported(pair.spec) else "resumed"
         result = activation_patching(
@@ -496,62 +497,41 @@ class Patching(Analyzer):
         n_layers = pair.spec.n_layers
         table = result.table.drop(columns=["pos"])
         table.insert(0, "component", [_component(r.site, r.layer, r.head) for r in table.itertuples()])
-        # What a restoring patch says depends on what follows it: restoring the capability from an
-        # early component means the tuned model's own later layers still compute it; restoring it
-        # from the last layer only replaces the read-out.
-        table["after_share"] = (n_layers - 1 - table["layer"]) / max(1, n_layers - 1)
+        after = ((n_layers - 1 - table["layer"]) / max(1, n_layers - 1)).to_numpy()
+        table["after_share"] = after
         table["wrapper_evidence"] = table["restored"].clip(lower=0) * table["after_share"]
-        table = table.sort_values("restored", ascending=False, ignore_index=True)
         gap = float(result.source_baseline.mean() - result.target_baseline.mean())
-        has_gap = gap > 1e-6
+        applicable = gap >= self.min_gap
+        value = float(table["wrapper_evidence"].max()) if applicable else math.nan
+        # bootstrap over sequences: per replicate, each patch's restored share times its after share
+        idx = context.resample(len(batch), self.name)
+        patched = result.values.float()[:, idx].mean(-1)  # [patch, n_boot]
+        target, source = result.target_baseline.float()[idx].mean(-1), result.source_baseline.float()[idx].mean(-1)
+        restored = (patched - target) / (source - target)
+        reps = (restored.clamp_min(0) * torch.tensor(after, dtype=torch.float32)[:, None]).max(0).values.numpy()
+        order = table.sort_values("restored", ascending=False, ignore_index=True)
         headline = {
             "logprob_base": float(result.source_baseline.mean()),
             "logprob_tuned": float(result.target_baseline.mean()),
-            "best_restored": float(table["restored"].max()) if has_gap else math.nan,
-            "best_wrapper_evidence": float(table["wrapper_evidence"].max()) if has_gap else math.nan,
+            "best_restored": float(order["restored"].max()) if applicable else math.nan,
+            "patching_deep_restore": value,
             "patches": float(len(table)),
         }
-        direction, strength, reasons = self._judge(table, headline, gap)
-        return Evidence(self.name, headline, table, direction, strength, reasons, plot=_plot)
-
-    def _judge(self, table: pd.DataFrame, h: dict[str, float], gap: float) -> tuple[str, float, list[str]]:
-        if gap < 0.1:
-            return (
-                "neutral",
-                0.0,
-                [
-                    f"the tuned model's answer log-probability is within {max(gap, 0):.2f} nats of the base's; nothing to restore"
-                ],
-            )
-        top = table.iloc[0]
-        best = table.loc[table["wrapper_evidence"].idxmax()]
-        nats = f"({h['logprob_tuned']:.2f} → {h['logprob_base']:.2f} nats)"
-        if best["wrapper_evidence"] >= self.localized_share:
-            return (
-                "wrapper",
-                0.3 + 0.3 * min(1.0, float(best["wrapper_evidence"])),
-                [
-                    f"giving {best.component} its base output back restores {best.restored:.0%} of the capability's "
-                    f"log-probability gap {nats}: the tuned model's own later layers still compute the capability"
-                ],
-            )
-        if top["restored"] >= self.localized_share:
-            return (
-                "neutral",
-                0.1,
-                [
-                    f"only late components restore the capability when given their base output (best: {top.component}, "
-                    f"{top.restored:.0%} of the gap {nats}): that replaces the read-out and says little about what lies underneath"
-                ],
-            )
-        return (
-            "change",
-            0.3 * (1 - max(0.0, float(top["restored"])) / self.localized_share),
-            [
-                f"no single component restores more than {top.restored:.0%} of the capability's log-probability gap "
-                f"{nats} (best: {top.component}): the difference is spread over the model"
-            ],
-        )
+        nats = f"({headline['logprob_tuned']:.2f} → {headline['logprob_base']:.2f} nats)"
+        if not applicable:
+            summary = f"the tuned model's answer log-probability is within {max(gap, 0):.2f} nats of the base's; nothing to restore"
+        else:
+            best = table.loc[table["wrapper_evidence"].idxmax()]
+            top = order.iloc[0]
+            summary = (f"giving {best.component} its base output back restores {best.restored:.0%} of the capability's "
+                       f"log-probability gap {nats} with {best.after_share:.0%} of the layers after it "
+                       f"(largest restoration: {top.component}, {top.restored:.0%})")  # fmt: skip
+        return Evidence(self.name, headline, order, plot=_plot, value=value, replicates=reps,
+                        intervals={"patching_deep_restore": context.interval(reps),
+                                   "logprob_base": context.interval(source.numpy()),
+                                   "logprob_tuned": context.interval(target.numpy()),
+                                   "best_restored": context.interval(restored.max(0).values.numpy())},
+                        summary=summary)  # fmt: skip
 
 
 def _component(site: str, layer: int, head: int) -> str:
@@ -562,22 +542,29 @@ def _plot(evidence: Evidence):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from capwrap.report import error_bars
+
     table = evidence.table
     heads = table[table["site"] == "head"]
     layers = table[table["site"] != "head"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("layer outputs", "heads"), column_widths=[0.4, 0.6])
     for site, part in layers.groupby("site"):
         part = part.sort_values("layer")
-        fig.add_trace(go.Bar(x=[f"L{x}" for x in part["layer"]], y=part["restored"], name=site), row=1, col=1)
+        fig.add_trace(go.Bar(x=[f"L{int(x)}" for x in part["layer"]], y=part["restored"], name=str(site).replace("_", " "),
+                             error_y=error_bars(part, "restored")), row=1, col=1)  # fmt: skip
     if not heads.empty:
         grid = heads.pivot(index="layer", columns="head", values="restored").sort_index()
         fig.add_trace(
-            go.Heatmap(z=grid.values, x=[f"H{h}" for h in grid.columns], y=[f"L{x}" for x in grid.index],
-                       colorscale="RdBu", zmid=0, colorbar=dict(title="restored")),
+            go.Heatmap(z=grid.values, x=[f"H{int(h)}" for h in grid.columns], y=[f"L{int(x)}" for x in grid.index],
+                       colorscale="RdBu", zmid=0, colorbar=dict(title="share of<br>gap restored", tickformat=".0%")),
             row=1, col=2,
         )  # fmt: skip
-    fig.update_layout(height=360, title=f"patching base → tuned: {evidence.direction} ({evidence.strength:.2f})",
-                      yaxis=dict(title="share of the gap restored", tickformat=".0%"))  # fmt: skip
+    fig.update_xaxes(title_text="layer", row=1, col=1)
+    fig.update_yaxes(title_text="share of the gap restored", tickformat=".0%", row=1, col=1)
+    fig.update_xaxes(title_text="head", row=1, col=2)
+    fig.update_yaxes(title_text="layer", row=1, col=2)
+    fig.update_layout(height=400, title=f"patching base → tuned: {evidence.direction} ({evidence.strength:.2f})",
+                      legend=dict(title="patched site", orientation="h", yanchor="top", y=-0.25, x=0))  # fmt: skip
     return fig
 
 

@@ -23,32 +23,45 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, Question
+from capwrap.analyzers.controls import untrained_like
 from capwrap.errors import ConfigError
-from capwrap.models import CapModel, build_model
+from capwrap.models import CapModel
 from capwrap.recording import RunStore
 from capwrap.recording.recorder import load_probe
-from capwrap.tasks.base import Task, TaskBatch, accuracy
+from capwrap.tasks.base import Task, TaskBatch
 
-__all__ = ["ProbeResult", "fit_probes", "Probing", "probe_features"]
+__all__ = ["NewLatentProbing", "ProbeResult", "fit_probes", "Probing", "probe_features"]
 
 
 @dataclass
 class ProbeResult:
-    """Accuracies of a batch of probes (one per leading index of the features)."""
+    """Accuracies of a batch of probes (one per leading index of the features).
+
+    Attributes:
+        train_accuracy: per probe, on the training split.
+        test_accuracy: per probe, on the held-out split.
+        n_classes: distinct labels.
+        majority_baseline: the held-out share of the most frequent label.
+        test_correct: per probe and held-out sequence, whether the probe was right (for bootstrap
+            intervals over the held-out sequences).
+    """
 
     train_accuracy: Float[Tensor, " probe"]
     test_accuracy: Float[Tensor, " probe"]
     n_classes: int
     majority_baseline: float
+    test_correct: Bool[Tensor, "probe n_test"] | None = None
 
 
 def fit_probes(
@@ -102,7 +115,9 @@ def fit_probes(
     pred = torch.baddbmm(bias, x, weight).argmax(-1)
     correct = pred == labels
     majority = float(torch.bincount(labels[test]).max()) / n_test
-    return ProbeResult(correct[:, train].float().mean(1), correct[:, test].float().mean(1), c, majority)
+    return ProbeResult(
+        correct[:, train].float().mean(1), correct[:, test].float().mean(1), c, majority, correct[:, test]
+    )
 
 
 @torch.no_grad()
@@ -160,19 +175,26 @@ def _positions(batch: TaskBatch, position: str | int) -> Tensor:
 
 @dataclass
 class Probing(Analyzer):
-    """Linear probes per layer for a latent label of the capability task, base vs tuned (and per
-    recorded step when a run store is given).
+    """Linear probes per layer for the capability's latent label, base vs tuned (and per recorded
+    step when the context has a run store).
+
+    Statistic ``probe_kept_share``: the share of the base's probe accuracy above the floor that the
+    tuned model keeps, ``(tuned − floor) / (base − floor)``, for the best layer of each model. The
+    floor is the higher of the majority class and what probes read from a freshly initialized model
+    of the same shape (token counts are often linear in random features of the input). Near 1: the
+    capability is still represented (a wrapper hides it); near 0: the representation is gone. Not
+    applicable when the base's probes beat the floor by less than ``min_margin``. The interval
+    resamples the held-out probe sequences.
 
     Args:
-        label: the latent label to probe (a key of the task's ``labels``, e.g. ``count_a``); default:
-            the capability task's ``probe_label`` (text tasks: ``feature_next``), else ``count_a``.
-        task: the task whose sequences are probed; default: the capability task's ``probe_task()``
-            when it has one (text tasks: texts with and without the feature), else the capability task.
+        label: the latent label to probe (a key of the task's ``labels``); default: the capability
+            task's ``probe_label``.
+        task: the task whose sequences are probed; default: the capability task's ``probe_task()``.
         hooks: hook pattern whose activations are probed.
         position: ``"answer"`` or a fixed position.
-        n: sequences sampled (train + test) for base and tuned.
-        seed: seed of the data and the split.
+        n: sequences sampled (train + test) for every model.
         steps: probe optimizer steps.
+        min_margin: the base's probes must beat the floor by this much for the statistic to apply.
     """
 
     label: str | None = None
@@ -180,60 +202,97 @@ class Probing(Analyzer):
     hooks: str = "blocks.*.hook_resid_post"
     position: str | int = "answer"
     n: int = 2048
-    seed: int = 0
     steps: int = 300
+    min_margin: float = 0.1
     name: str = "probing"
     kind: ClassVar[Kind] = "functional"
+    statistic: ClassVar[str | None] = "probe_kept_share"
 
     def settings(self) -> dict:
         return {k: v for k, v in super().settings().items() if k != "task"}
 
-    def _resolve(self, capability: Task) -> tuple[str, Task]:
-        label = self.label or getattr(capability, "probe_label", None) or "count_a"
-        task = self.task
-        if task is None:
-            task = capability.probe_task() if hasattr(capability, "probe_task") else capability
-        return label, task
+    def _resolve(self, context: Context) -> tuple[str | None, Task]:
+        capability = context.capability
+        return self.label or capability.probe_label, self.task or capability.probe_task()
 
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
-        label, task = self._resolve(capability)
-        pair.check_tasks(task)
-        batch = task.sample(self.n, seed=self.seed)
-        if label not in batch.labels:
-            raise ConfigError(f"the task {task.name!r} has no latent label {label!r}; it has {sorted(batch.labels)}")
-        labels = batch.labels[label]
-        # A freshly initialized model of the same shape is the floor: what probes read from
-        # random features of the input alone (token counts are often linear in them).
-        untrained = build_model(pair.spec, backend=pair.base.backend, seed=self.seed + 999).to(pair.base.device)
-        models = {"base": pair.base, "tuned": pair.tuned, "untrained": untrained}
-        feats = {}
-        for which, model in models.items():
-            names, feats[which] = probe_features(model, batch, self.hooks, self.position)
-        fit = fit_probes(torch.cat(list(feats.values())), labels, steps=self.steps, seed=self.seed)  # one solve
+    def analyze(self, context: Context) -> Evidence:
+        label, task = self._resolve(context)
+        if label is None:
+            return Evidence(
+                self.name, {}, pd.DataFrame(), summary=f"the task {task.name!r} has no latent label to probe"
+            )
+        fit, names, models, labels_used = self._fit(context, task, label)
         acc = dict(zip(models, fit.test_accuracy.split(len(names)), strict=True))
         table = pd.DataFrame(
             [(which, name, float(a)) for which in models for name, a in zip(names, acc[which], strict=True)],
             columns=["model", "hook", "probe_accuracy"],
         )
-        cap_batch = batch if task is capability else capability.sample(self.n, seed=self.seed + 1)
-        task_acc = {k: accuracy(m, cap_batch) for k, m in (("base", pair.base), ("tuned", pair.tuned))}
+        reps = self._best_replicates(context, fit, len(names), list(models))
+        best = {which: float(acc[which].max()) for which in models}
+        floor = max(fit.majority_baseline, best.get("untrained", 0.0))
+        floor_reps = np.maximum(fit.majority_baseline, reps.get("untrained", np.zeros(context.n_boot)))
+        margin = best["base"] - floor
+        kept = (best["tuned"] - floor) / margin if margin >= self.min_margin else math.nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            kept_reps = (reps["tuned"] - floor_reps) / (reps["base"] - floor_reps)
         headline = {
-            "probe_best_base": float(acc["base"].max()),
-            "probe_best_tuned": float(acc["tuned"].max()),
-            "probe_best_untrained": float(acc["untrained"].max()),
-            "majority_baseline": fit.majority_baseline,
-            "capability_accuracy_base": task_acc["base"],
-            "capability_accuracy_tuned": task_acc["tuned"],
-        }
-        details: dict = {}
+            "probe_best_base": best["base"], "probe_best_tuned": best["tuned"],
+            "probe_best_untrained": best.get("untrained", math.nan), "majority_baseline": fit.majority_baseline,
+            "probe_kept_share": kept,
+            "capability_accuracy_base": context.eval.accuracy("base", "capability"),
+            "capability_accuracy_tuned": context.eval.accuracy("tuned", "capability"),
+        }  # fmt: skip
+        intervals = {f"probe_best_{w}": context.interval(r) for w, r in reps.items()}
+        intervals["probe_kept_share"] = context.interval(kept_reps)
+        for which in ("base", "tuned"):
+            intervals[f"capability_accuracy_{which}"] = context.interval(
+                context.accuracy_replicates(which, "capability")
+            )
+        details: dict = {"labels": labels_used}
+        store = context.store
         if store is not None and label in load_probe(store).labels:
             per_step = self.over_run(store, label)
             details["per_step"] = per_step.to_dict(orient="records")
             headline["probe_best_last_step"] = float(
                 per_step[per_step["step"] == per_step["step"].max()]["probe_accuracy"].max()
             )
-        direction, strength, reasons = _judge(headline, label)
-        return Evidence(self.name, headline, table, direction, strength, reasons, details, plot=_plot)
+        if margin < self.min_margin:
+            summary = (f"even the base model's probes read {label} barely above the floor ({best['base']:.0%} vs "
+                       f"{floor:.0%}: majority class {fit.majority_baseline:.0%}, untrained model "
+                       f"{best.get('untrained', math.nan):.0%}), so probes cannot tell")  # fmt: skip
+        else:
+            summary = (f"probes read {label} from the tuned model at {best['tuned']:.0%} against the base's "
+                       f"{best['base']:.0%} (floor {floor:.0%}): it keeps {kept:.0%} of the base's margin")  # fmt: skip
+        return Evidence(self.name, headline, table, details=details, plot=_plot, value=kept, replicates=kept_reps,
+                        intervals=intervals, summary=summary)  # fmt: skip
+
+    def _fit(self, context: Context, task: Task, label: str) -> tuple[ProbeResult, list[str], dict, int]:
+        """Probes for ``label`` on ``task``'s sequences, from base, tuned and an untrained model, in one solve."""
+        pair = context.pair
+        pair.check_tasks(task)
+        batch = task.sample(self.n, seed=context.seed_for(self.name, "probe data"))
+        if label not in batch.labels:
+            raise ConfigError(f"the task {task.name!r} has no latent label {label!r}; it has {sorted(batch.labels)}")
+        # A freshly initialized model of the same shape is the floor: what probes read from random
+        # features of the input alone.
+        untrained = untrained_like(pair.base, seed=context.seed_for(self.name, "untrained model"))
+        models = {"base": pair.base, "tuned": pair.tuned, "untrained": untrained}
+        feats = {}
+        for which, model in models.items():
+            names, feats[which] = probe_features(model, batch, self.hooks, self.position)
+        fit = fit_probes(torch.cat(list(feats.values())), batch.labels[label], steps=self.steps,
+                         seed=context.seed_for(self.name, "split"))  # fmt: skip
+        return fit, names, models, len(batch)
+
+    def _best_replicates(
+        self, context: Context, fit: ProbeResult, n_hooks: int, models: list[str]
+    ) -> dict[str, np.ndarray]:
+        """Bootstrap replicates of each model's best-layer probe accuracy (resampling held-out sequences)."""
+        assert fit.test_correct is not None
+        correct = fit.test_correct.float()  # [probe, n_test]
+        idx = context.resample(correct.shape[1], self.name)  # [n_boot, n_test]
+        reps = correct[:, idx].mean(-1)  # [probe, n_boot]
+        return {w: r.max(0).values.numpy() for w, r in zip(models, reps.split(n_hooks), strict=True)}
 
     def over_run(self, store: RunStore, label: str | None = None) -> pd.DataFrame:
         """Probe accuracy per hook and recorded step of ``store`` (one batched fit for all) for
@@ -255,11 +314,71 @@ class Probing(Analyzer):
             for i, step in enumerate(store.array_steps(hook)):
                 feats.append(arr[i][rows, pos].flatten(1).float())
                 keys.append((hook, step))
-        result = fit_probes(torch.stack(feats), probe.labels[label], steps=self.steps, seed=self.seed)
+        result = fit_probes(torch.stack(feats), probe.labels[label], steps=self.steps, seed=0)
         return pd.DataFrame(
             [(h, s, a) for (h, s), a in zip(keys, result.test_accuracy.tolist(), strict=True)],
             columns=["hook", "step", "probe_accuracy"],
         )
+
+
+@dataclass
+class NewLatentProbing(Probing):
+    """Creation: does the tuned model represent the downstream task's latent variable (e.g.
+    ``count_b``) where the base did not — a genuinely new capability — or not, as a wrapper that
+    reads the old capability's latent and transforms it?
+
+    Probes are fitted on the downstream task *without* its spurious correlation (C_Te = 0: there the
+    new latent cannot be read off the old one), base vs tuned. Statistic ``new_latent_gain``: the
+    share of the base's probe error that the tuned model removes, ``(tuned − base) / (1 − base)``,
+    best layer of each. Near 1: a new representation (a genuine capability); near 0: none. Not
+    applicable when the base already reads the latent almost perfectly (within ``min_margin`` of 100%)
+    or the task has no latent label.
+
+    Args: as :class:`Probing`; ``label`` defaults to the downstream task's ``probe_label``.
+    """
+
+    name: str = "new_latent"
+    kind: ClassVar[Kind] = "functional"
+    question: ClassVar[Question] = "creation"
+    statistic: ClassVar[str | None] = "new_latent_gain"
+
+    def _resolve(self, context: Context) -> tuple[str | None, Task]:
+        task = self.task or context.downstream_free or context.downstream
+        return self.label or context.downstream.probe_label, task
+
+    def analyze(self, context: Context) -> Evidence:
+        label, task = self._resolve(context)
+        if label is None:
+            return Evidence(
+                self.name, {}, pd.DataFrame(), summary=f"the task {task.name!r} has no latent label to probe"
+            )
+        fit, names, models, _ = self._fit(context, task, label)
+        acc = dict(zip(models, fit.test_accuracy.split(len(names)), strict=True))
+        table = pd.DataFrame(
+            [(which, name, float(a)) for which in models for name, a in zip(names, acc[which], strict=True)],
+            columns=["model", "hook", "probe_accuracy"],
+        )
+        reps = self._best_replicates(context, fit, len(names), list(models))
+        best = {which: float(acc[which].max()) for which in models}
+        headroom = 1.0 - best["base"]
+        gain = (best["tuned"] - best["base"]) / headroom if headroom >= self.min_margin else math.nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gain_reps = (reps["tuned"] - reps["base"]) / (1.0 - reps["base"])
+        headline = {
+            "probe_best_base": best["base"], "probe_best_tuned": best["tuned"],
+            "probe_best_untrained": best["untrained"], "majority_baseline": fit.majority_baseline,
+            "new_latent_gain": gain,
+        }  # fmt: skip
+        intervals = {f"probe_best_{w}": context.interval(r) for w, r in reps.items()}
+        intervals["new_latent_gain"] = context.interval(gain_reps)
+        where = f"on {task.name!r}"
+        if headroom < self.min_margin:
+            summary = f"the base model's probes already read {label} at {best['base']:.0%} {where}: nothing new to find"
+        else:
+            summary = (f"probes read {label} {where} from the tuned model at {best['tuned']:.0%} against the base's "
+                       f"{best['base']:.0%} (untrained {best['untrained']:.0%}): {gain:.0%} of the base's error removed")  # fmt: skip
+        return Evidence(self.name, headline, table, plot=_plot, value=gain, replicates=gain_reps, intervals=intervals,
+                        summary=summary)  # fmt: skip
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -268,48 +387,18 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def _judge(h: dict[str, float], label: str) -> tuple[str, float, list[str]]:
-    base, tuned = h["probe_best_base"], h["probe_best_tuned"]
-    chance = max(h["majority_baseline"], h["probe_best_untrained"])  # the floor: majority class or random features
-    lost = h["capability_accuracy_base"] - h["capability_accuracy_tuned"]
-    if base - chance < 0.1:
-        return (
-            "neutral",
-            0.0,
-            [
-                f"even the base model's probes read {label} barely better than the floor ({base:.0%} vs {chance:.0%}: "
-                f"majority class {h['majority_baseline']:.0%}, untrained model {h['probe_best_untrained']:.0%})"
-            ],
-        )
-    kept = (tuned - chance) / (base - chance)
-    if kept >= 0.9:
-        reason = (
-            f"probes read {label} from the tuned model as well as from the base ({tuned:.0%} vs {base:.0%}, floor {chance:.0%})"
-            + (
-                f", although its task accuracy fell by {lost:.0%}: the capability is still represented"
-                if lost > 0.05
-                else ""
-            )
-        )
-        return "wrapper", (0.5 + 0.4 * min(1.0, lost / 0.3)) if lost > 0.05 else 0.3, [reason]
-    if kept < 0.6:
-        return (
-            "change",
-            0.5 + 0.4 * (1 - kept / 0.6),
-            [
-                f"probes read {label} much worse from the tuned model ({tuned:.0%} vs {base:.0%}, floor {chance:.0%}): the representation changed"
-            ],
-        )
-    return "neutral", 0.2, [f"probe accuracy for {label} dropped somewhat ({tuned:.0%} vs {base:.0%})"]
-
-
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
 
+    from capwrap.report import error_bars
+
     fig = go.Figure()
     for model, part in evidence.table.groupby("model"):
-        fig.add_trace(go.Scatter(x=part["hook"], y=part["probe_accuracy"], mode="lines+markers", name=f"{model}"))
-    fig.add_hline(y=evidence.headline["majority_baseline"], line_dash="dot", annotation_text="majority class")
-    fig.update_layout(height=360, yaxis=dict(title="probe accuracy (held out)", tickformat=".0%", range=[0, 1.02]),
-                      title=f"probing: {evidence.direction} ({evidence.strength:.2f})")  # fmt: skip
+        fig.add_trace(go.Scatter(x=part["hook"], y=part["probe_accuracy"], mode="lines+markers", name=f"{model} model",
+                                 error_y=error_bars(part, "probe_accuracy")))  # fmt: skip
+    if "majority_baseline" in evidence.headline:
+        fig.add_hline(y=evidence.headline["majority_baseline"], line_dash="dot", annotation_text="majority class")
+    fig.update_layout(height=360, xaxis_title="hook point (layer)",
+                      yaxis=dict(title="probe accuracy (held out)", tickformat=".0%", range=[0, 1.02]),
+                      title=f"probing: {evidence.direction} ({evidence.strength:.2f})", legend_title_text="model")  # fmt: skip
     return fig

@@ -14,13 +14,14 @@ over ``neuron`` (an MLP neuron's input column, bias and output row), ``head`` (a
 slices) or ``weight`` (single entries of the MLP and attention matrices).
 
 Examples:
+    >>> from capwrap.analyzers import ModelPair
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
     >>> spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2)
     >>> model = build_model(spec, seed=0)
     >>> pair = ModelPair(model, model.clone())
-    >>> ev = Pruning(ks=(0, 1, 2), eval_size=32)(pair, task, task)
+    >>> ev = Pruning(ks=(0, 1, 2))(pair, task, task, eval_size=32)
     >>> ev.table["k"].tolist()
     [0, 1, 2]
 """
@@ -32,14 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, correctness
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
-from capwrap.recording import RunStore
 from capwrap.tasks.base import Task, accuracy, answer_loss
 
 __all__ = ["Pruning", "unit_scores", "prune"]
@@ -142,7 +143,8 @@ def prune(model: CapModel, units: Sequence[str]) -> CapModel:
     for unit in units:
         if "[" in unit:
             name, index = unit[:-1].split("[")
-            w[name].view(-1)[int(index)] = 0.0
+            weight = w[name]  # a canonical view, not always contiguous: index it by position
+            weight[tuple(int(i) for i in np.unravel_index(int(index), tuple(weight.shape)))] = 0.0
         else:
             for sl in model.components[unit].slices:
                 sl.of(w).zero_()
@@ -151,16 +153,23 @@ def prune(model: CapModel, units: Sequence[str]) -> CapModel:
 
 @dataclass
 class Pruning(Analyzer):
-    """Prune the top-K units of the tuned model; sweep K; find the smallest K that revives the capability.
+    """Prune the top-K units of the tuned model; sweep K; how much of the lost capability comes back?
+
+    Statistic ``pruning_recovered_share``: the largest share of the capability accuracy lost in
+    fine-tuning that pruning K units brings back, ``(acc_K − acc_tuned) / (acc_base − acc_tuned)``,
+    over the swept K. Near 1: a handful of units (the wrapper) hid the capability; near 0: pruning
+    brings nothing back. Not applicable when the tuned model lost less than ``min_loss`` of the
+    capability. Accuracies are measured on the diagnosis's evaluation set; the interval resamples
+    its sequences.
 
     Args:
         method: ``grad_x_weight`` (the paper's), ``magnitude`` or ``wanda``.
         granularity: ``neuron``, ``head`` or ``weight``.
         ks: the K values to sweep (must include at least one).
-        revive_fraction: the capability counts as back at this share of the base model's accuracy.
+        revive_fraction: the capability counts as revived at this share of the base model's accuracy
+            (reported as ``k_to_revive``).
         score_size: sequences used to compute the scores.
-        eval_size: sequences per accuracy measurement.
-        seed: seed of the data.
+        min_loss: the statistic applies when the tuned model lost at least this much accuracy.
     """
 
     method: Method = "grad_x_weight"
@@ -168,10 +177,10 @@ class Pruning(Analyzer):
     ks: tuple[int, ...] = (0, 1, 2, 5, 10, 15, 25, 50, 100)
     revive_fraction: float = 0.9
     score_size: int = 512
-    eval_size: int = 1024
-    seed: int = 0
+    min_loss: float = 0.05
     name: str = "pruning"
     kind: ClassVar[Kind] = "functional"
+    statistic: ClassVar[str | None] = "pruning_recovered_share"
 
     def __post_init__(self) -> None:
         if not self.ks:
@@ -181,92 +190,79 @@ class Pruning(Analyzer):
         if not 0 < self.revive_fraction <= 1:
             raise ConfigError(f"revive_fraction must be in (0, 1], got {self.revive_fraction}")
 
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
-        scores = unit_scores(pair.tuned, capability, self.method, self.granularity, self.score_size, self.seed)
+    def analyze(self, context: Context) -> Evidence:
+        pair, capability = context.pair, context.capability
+        scores = unit_scores(pair.tuned, capability, self.method, self.granularity, self.score_size,
+                             context.seed_for(self.name, "scores"))  # fmt: skip
         too_big = [k for k in self.ks if k > len(scores)]
         if too_big:
             raise ConfigError(
                 f"K={max(too_big)} is larger than the {len(scores)} {self.granularity} units of the model; use smaller ks"
             )
-        cap = capability.sample(self.eval_size, seed=self.seed + 1)
-        down = downstream.sample(self.eval_size, seed=self.seed + 2)
-        base_cap = accuracy(pair.base, cap)
+        cap, down = context.eval.batches["capability"], context.eval.batches["downstream"]
+        base_correct = context.eval.correct["base"]["capability"].float()
         work = pair.tuned.clone()
-        rows, pruned = [], 0
-        for k in sorted(set(self.ks)):
+        ks, rows, correct_k, pruned = sorted(set(self.ks) | {0}), [], [], 0
+        for k in ks:
             prune(work, scores["unit"].iloc[pruned:k].tolist())  # the top-k sets are nested
             pruned = k
-            rows.append((k, accuracy(work, cap), accuracy(work, down)))
+            correct = correctness(work, cap).float()
+            correct_k.append(correct)
+            rows.append((k, float(correct.mean()), accuracy(work, down)))
         table = pd.DataFrame(rows, columns=["k", "capability_accuracy", "downstream_accuracy"])
+        table = table[table["k"].isin(set(self.ks))].reset_index(drop=True)
+        per_k = torch.stack(correct_k)  # [k, n], row 0 = the tuned model
+        base_cap, tuned_cap = float(base_correct.mean()), float(per_k[0].mean())
+        lost = base_cap - tuned_cap
+        recovered = (
+            float((per_k[1:].mean(1).max() - tuned_cap) / lost) if lost >= self.min_loss and len(ks) > 1 else math.nan
+        )
+        idx = context.eval_resample("capability")
+        k_reps = per_k[:, idx].mean(-1)  # [k, n_boot]
+        lost_reps = base_correct[idx].mean(-1) - k_reps[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reps = (
+                ((k_reps[1:].max(0).values - k_reps[0]) / lost_reps).numpy()
+                if len(ks) > 1
+                else np.full(len(idx), np.nan)
+            )
         target = self.revive_fraction * base_cap
         revived = table[table["capability_accuracy"] >= target]
-        tuned_cap = float(table.loc[table["k"] == table["k"].min(), "capability_accuracy"].iloc[0])
-        k_revive = int(revived["k"].min()) if len(revived) else math.nan
         best = table.loc[table["capability_accuracy"].idxmax()]
-        lost = base_cap - tuned_cap
         headline = {
-            "capability_accuracy_base": base_cap,
-            "capability_accuracy_tuned": tuned_cap,
-            "best_capability_accuracy": float(best["capability_accuracy"]),
-            "k_best": float(best["k"]),
-            "recovered_share": float((best["capability_accuracy"] - tuned_cap) / lost) if lost > 0.02 else math.nan,
-            "k_to_revive": k_revive,
+            "capability_accuracy_base": base_cap, "capability_accuracy_tuned": tuned_cap,
+            "best_capability_accuracy": float(best["capability_accuracy"]), "k_best": float(best["k"]),
+            "recovered_share": recovered, "k_to_revive": float(revived["k"].min()) if len(revived) else math.nan,
             "units": float(len(scores)),
-        }
-        direction, strength, reasons = self._judge(headline, target)
-        details = {"top_units": scores.head(20).to_dict(orient="records")}
-        return Evidence(self.name, headline, table, direction, strength, reasons, details, plot=_plot)
-
-    def _judge(self, h: dict[str, float], target: float) -> tuple[str, float, list[str]]:
+        }  # fmt: skip
+        intervals = {"recovered_share": context.interval(reps),
+                     "best_capability_accuracy": context.interval(k_reps[ks.index(int(best["k"]))].numpy()),
+                     "capability_accuracy_base": context.interval(context.accuracy_replicates("base", "capability")),
+                     "capability_accuracy_tuned": context.interval(context.accuracy_replicates("tuned", "capability"))}  # fmt: skip
         what = f"{self.granularity}s by {self.method}"
-        if h["capability_accuracy_tuned"] >= target:
-            return (
-                "neutral",
-                0.0,
-                [
-                    f"the tuned model keeps {h['capability_accuracy_tuned']:.0%} capability accuracy already; pruning has nothing to revive"
-                ],
-            )
-        if not math.isnan(h["k_to_revive"]):
-            k = int(h["k_to_revive"])
-            share = k / h["units"]
-            strength = 0.9 if share <= 0.01 else 0.7 if share <= 0.05 else 0.4
-            return (
-                "wrapper",
-                strength,
-                [
-                    f"pruning {k} {what} ({share:.1%} of them) brings the capability back to {h['best_capability_accuracy']:.0%} "
-                    f"(base {h['capability_accuracy_base']:.0%}, tuned {h['capability_accuracy_tuned']:.0%})"
-                ],
-            )
-        recovered, k_best = h["recovered_share"], int(h["k_best"])
-        if recovered >= 0.5 and k_best / h["units"] <= 0.05:
-            return (
-                "wrapper",
-                0.5,
-                [
-                    f"pruning {k_best} {what} ({k_best / h['units']:.1%} of them) recovers {recovered:.0%} of the lost "
-                    f"capability accuracy ({h['capability_accuracy_tuned']:.0%} -> {h['best_capability_accuracy']:.0%}, "
-                    f"base {h['capability_accuracy_base']:.0%}), short of the {target:.0%} revival threshold"
-                ],
-            )
-        return (
-            "change",
-            0.3,
-            [
-                f"pruning up to {max(self.ks)} {what} recovers only {recovered:.0%} of the lost capability accuracy "
-                f"(best {h['best_capability_accuracy']:.0%}, tuned {h['capability_accuracy_tuned']:.0%}, base {h['capability_accuracy_base']:.0%})"
-            ],
-        )
+        if lost < self.min_loss:
+            summary = f"the tuned model lost only {max(lost, 0):.0%} of the capability accuracy; pruning has nothing to recover"
+        else:
+            k_best = int(best["k"])
+            summary = (f"pruning up to {max(self.ks)} {what} brings the capability from {tuned_cap:.0%} to at most "
+                       f"{best['capability_accuracy']:.0%} (base {base_cap:.0%}; best K={k_best}, "
+                       f"{k_best / len(scores):.1%} of the units): {recovered:.0%} of the loss recovered")  # fmt: skip
+        details = {"top_units": scores.head(20).to_dict(orient="records")}
+        return Evidence(self.name, headline, table, details=details, plot=_plot, value=recovered, replicates=reps,
+                        intervals=intervals, summary=summary)  # fmt: skip
 
 
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
 
+    from capwrap.report import error_bars
+
     t = evidence.table
     fig = go.Figure([
-        go.Scatter(x=t["k"], y=t["capability_accuracy"], mode="lines+markers", name="capability"),
-        go.Scatter(x=t["k"], y=t["downstream_accuracy"], mode="lines+markers", name="downstream"),
+        go.Scatter(x=t["k"], y=t["capability_accuracy"], mode="lines+markers", name="capability",
+                   error_y=error_bars(t, "capability_accuracy")),
+        go.Scatter(x=t["k"], y=t["downstream_accuracy"], mode="lines+markers", name="downstream",
+                   error_y=error_bars(t, "downstream_accuracy")),
     ])  # fmt: skip
     fig.update_layout(height=360, xaxis_title="units pruned (K)", yaxis=dict(title="accuracy", tickformat=".0%", range=[0, 1.02]),
                       title=f"pruning: {evidence.direction} ({evidence.strength:.2f})")  # fmt: skip

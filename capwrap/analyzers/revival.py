@@ -1,12 +1,13 @@
 """Revival: how fast does reverse fine-tuning bring the capability back, compared with a model that
 never had it?
 
-The tuned model is fine-tuned back on the capability task, with accuracy checked every few steps
-until it reaches a threshold (default: 90% of the base model's). The same loop runs from a
-*control* that never had the capability — by default a freshly initialized model of the same shape
-trained on the downstream task alone for the same budget as the fine-tuning, or a model you pass.
-If fine-tuning only wrapped the capability, the tuned model revives many times faster than the
-control learns it (the paper: 100–1K steps against ~4.5K).
+The tuned model is fine-tuned back on the capability task, with its accuracy checked every few steps
+on the diagnosis's evaluation sequences until it reaches a threshold (default: 90% of the base
+model's accuracy on the same sequences). The same loop runs from a *control* that never had the
+capability — by default a freshly initialized model of the same shape trained on the downstream task
+alone for the fine-tuning's budget, or a model you pass. If fine-tuning only wrapped the capability,
+the tuned model revives many times faster than the control learns it (the paper: 100–1K steps
+against ~4.5K). Both loops run for several training seeds.
 
 Examples:
     >>> from capwrap.models import ModelSpec, build_model
@@ -14,81 +15,118 @@ Examples:
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
     >>> spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2)
     >>> model = build_model(spec, seed=0)
-    >>> ev = Revival(max_steps=4, eval_every=2, eval_size=32, control_steps=2)(ModelPair(model, model.clone()), task, task)
+    >>> ev = Revival(max_steps=4, eval_every=2, check_size=32, control_steps=2, seeds=1)(
+    ...     ModelPair(model, model.clone()), task, task, eval_size=32)
     >>> sorted(set(ev.table["model"]))
     ['control', 'tuned']
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pandas as pd
+import torch
+from jaxtyping import Bool
+from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair, correctness
+from capwrap.analyzers.controls import never_had_it
 from capwrap.errors import ConfigError
-from capwrap.models import CapModel, build_model
-from capwrap.recording import RunStore
-from capwrap.tasks.base import Task, accuracy
+from capwrap.files import write_bytes_atomic
+from capwrap.models import CapModel
+from capwrap.tasks.base import Task, TaskBatch
 from capwrap.training import StepInfo, StopTraining, TrainConfig, train
 
-__all__ = ["Revival", "steps_to_threshold"]
+__all__ = ["Revival", "steps_to_threshold", "first_reaching"]
 
 
 def steps_to_threshold(
-    model: CapModel, task: Task, threshold: float, config: TrainConfig, eval_every: int, eval_size: int, seed: int
-) -> tuple[float, pd.DataFrame]:
-    """Train ``model`` on ``task`` until its accuracy reaches ``threshold`` (checked every
-    ``eval_every`` steps); returns (the step it did, or NaN within ``config.steps``; the curve)."""
-    batch = task.sample(eval_size, seed=seed)
-    curve = [(0, accuracy(model, batch))]
-    if curve[0][1] >= threshold:
-        return 0.0, pd.DataFrame(curve, columns=["step", "accuracy"])
+    model: CapModel, task: Task, batch: TaskBatch, threshold: float, config: TrainConfig, eval_every: int
+) -> tuple[float, pd.DataFrame, Bool[Tensor, "check n"]]:
+    """Train ``model`` on ``task`` until its accuracy on ``batch`` reaches ``threshold`` (checked every
+    ``eval_every`` steps and at step 0).
 
-    def check(info: StepInfo) -> None:
-        if info.step % eval_every == 0 or info.step == config.steps:
-            acc = accuracy(model, batch)
-            curve.append((info.step, acc))
-            if acc >= threshold:
-                raise StopTraining
+    Returns:
+        The first step that reached it (NaN if none within ``config.steps``), the curve
+        (``step``, ``accuracy``), and the per-sequence correctness at each check (for bootstrap).
+    """
+    checks = [correctness(model, batch)]
+    steps = [0]
+    if float(checks[0].float().mean()) < threshold:
 
-    train(model, task, config, callbacks=[check], description="revive")
-    reached = [s for s, a in curve if a >= threshold]
-    return (float(reached[0]) if reached else math.nan), pd.DataFrame(curve, columns=["step", "accuracy"])
+        def check(info: StepInfo) -> None:
+            if info.step % eval_every == 0 or info.step == config.steps:
+                checks.append(correctness(model, batch))
+                steps.append(info.step)
+                if float(checks[-1].float().mean()) >= threshold:
+                    raise StopTraining
+
+        train(model, task, config, callbacks=[check], description="revive")
+    correct = torch.stack(checks)
+    acc = correct.float().mean(1)
+    reached = (acc >= threshold).nonzero()
+    first = float(steps[int(reached[0])]) if len(reached) else math.nan
+    return first, pd.DataFrame({"step": steps, "accuracy": acc.tolist()}), correct
+
+
+def first_reaching(curves: Tensor, steps: Tensor, thresholds: Tensor, censored: float) -> Tensor:
+    """For each row of ``curves`` (``[replicate, check]`` accuracies at ``steps``), the first step whose
+    accuracy reaches that row's threshold, or ``censored`` if none."""
+    hit = curves >= thresholds[:, None]
+    first = torch.where(hit.any(1), steps[hit.int().argmax(1)].float(), torch.tensor(float(censored)))
+    return first
 
 
 @dataclass
 class Revival(Analyzer):
     """Reverse fine-tuning of the tuned model against a control that never had the capability.
 
+    Statistic ``revival_speedup_log2``: log2 of how many times faster the tuned model gets back to
+    the threshold than the control learns it, ``log2(steps_control / steps_tuned)``, medians over
+    seeds. A run that does not get there within ``max_steps`` counts as ``2 * max_steps`` (so the
+    statistic is a bound). Large: the capability was hidden (a wrapper); near 0 or below: it has to
+    be learned anew. The interval resamples the evaluation sequences and the seeds.
+
     Args:
         max_steps: budget of reverse fine-tuning steps.
         lr: reverse fine-tuning learning rate (the paper uses a smaller one than pretraining).
         batch_size: sequences per step.
         eval_every: check the accuracy every this many steps.
-        eval_size: sequences per check.
-        threshold_fraction: revival = this share of the base model's capability accuracy.
+        check_size: the first this many sequences of the evaluation set are the checks' sequences.
+        threshold_fraction: revival = this share of the base model's accuracy on them.
         control: a model that never had the capability; default: one built and trained here.
         control_steps: steps the default control trains on the downstream task (the fine-tuning budget).
-        seed: seed of data and the control's initialization.
+        seeds: training seeds (each reverse fine-tunes both models with other data).
+        cache: a folder where the control's reverse fine-tuning runs are kept, keyed by everything
+            that makes them (the control's weights, the task, the sequences, the threshold, the
+            training settings), so diagnoses that share a control (a suite's scenarios) run it once.
     """
 
     max_steps: int = 1000
     lr: float = 1e-4
     batch_size: int = 96
     eval_every: int = 10
-    eval_size: int = 512
+    check_size: int = 256
     threshold_fraction: float = 0.9
     control: CapModel | None = field(default=None, repr=False)
     control_steps: int = 300
-    seed: int = 0
+    seeds: int = 2
+    cache: str | None = None
     name: str = "revival"
     kind: ClassVar[Kind] = "functional"
+    statistic: ClassVar[str | None] = "revival_speedup_log2"
 
     def __post_init__(self) -> None:
-        for attr in ("max_steps", "batch_size", "eval_every", "eval_size", "control_steps"):
+        for attr in ("max_steps", "batch_size", "eval_every", "check_size", "control_steps", "seeds"):
             if getattr(self, attr) <= 0:
                 raise ConfigError(f"Revival.{attr} must be positive, got {getattr(self, attr)}")
         if not 0 < self.threshold_fraction <= 1:
@@ -97,98 +135,113 @@ class Revival(Analyzer):
     def settings(self) -> dict:
         return {k: v for k, v in super().settings().items() if k != "control"}
 
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
+    def analyze(self, context: Context) -> Evidence:
+        pair, capability = context.pair, context.capability
         if self.control is not None:
             ModelPair(pair.base, self.control)  # same shape, or a clear error
-        base_acc = accuracy(pair.base, capability.sample(self.eval_size, seed=self.seed + 5))
-        threshold = self.threshold_fraction * base_acc
-        config = TrainConfig(
-            steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, warmup=0.0, seed=self.seed, progress=False
+        batch = context.eval.batches["capability"][: self.check_size]
+        base_correct = context.eval.correct["base"]["capability"][: self.check_size].float()
+        threshold = self.threshold_fraction * float(base_correct.mean())
+        control = self.control if self.control is not None else self._make_control(context)
+        runs: dict[str, list[tuple[float, pd.DataFrame, Tensor]]] = {"tuned": [], "control": []}
+        for s in range(self.seeds):
+            config = TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, warmup=0.0,
+                                 seed=context.seed_for(self.name, f"reverse fine-tuning {s}"), progress=False)  # fmt: skip
+            runs["tuned"].append(
+                steps_to_threshold(pair.tuned.clone(), capability, batch, threshold, config, self.eval_every)
+            )
+            runs["control"].append(self._control_run(control, capability, batch, threshold, config))
+        censored = 2.0 * self.max_steps
+        steps = {w: [r[0] if math.isfinite(r[0]) else censored for r in rs] for w, rs in runs.items()}
+        value = math.log2(max(float(np.median(steps["control"])), 1.0) / max(float(np.median(steps["tuned"])), 1.0))
+        reps = self._replicates(context, runs, base_correct, censored)
+        table = pd.concat(
+            [r[1].assign(model=w, seed=s) for w, rs in runs.items() for s, r in enumerate(rs)], ignore_index=True
         )
-        tuned_steps, tuned_curve = steps_to_threshold(
-            pair.tuned.clone(), capability, threshold, config, self.eval_every, self.eval_size, self.seed
-        )
-        control = self.control.clone() if self.control is not None else self._make_control(pair, downstream)
-        control_steps, control_curve = steps_to_threshold(
-            control, capability, threshold, config, self.eval_every, self.eval_size, self.seed
-        )
-        table = pd.concat([tuned_curve.assign(model="tuned"), control_curve.assign(model="control")], ignore_index=True)
-        ratio = _ratio(tuned_steps, control_steps, self.max_steps)
+        med = {w: float(np.median([r[0] for r in rs])) if all(math.isfinite(r[0]) for r in rs) else math.nan
+               for w, rs in runs.items()}  # fmt: skip
         headline = {
-            "threshold": threshold,
-            "steps_tuned": tuned_steps,
-            "steps_control": control_steps,
-            "control_over_tuned": ratio,
-            "budget": float(self.max_steps),
-        }
-        direction, strength, reasons = _judge(headline)
-        return Evidence(self.name, headline, table, direction, strength, reasons, plot=_plot)
+            "threshold": threshold, "steps_tuned": med["tuned"], "steps_control": med["control"],
+            "control_over_tuned": 2.0**value, "revival_speedup_log2": value, "budget": float(self.max_steps),
+            "seeds": float(self.seeds),
+        }  # fmt: skip
+        intervals = {"revival_speedup_log2": context.interval(reps),
+                     "threshold": context.interval(self.threshold_fraction * base_correct[context.resample(len(base_correct), self.name)].mean(1).numpy()),
+                     "control_over_tuned": context.interval(2.0**reps)}  # fmt: skip
+        text = {w: (f"{med[w]:.0f} steps" if math.isfinite(med[w]) else f"more than {self.max_steps} steps")
+                for w in med}  # fmt: skip
+        summary = (f"reverse fine-tuning brings the capability back to {threshold:.0%} in {text['tuned']} for the "
+                   f"tuned model and {text['control']} for a model that never had it "
+                   f"({2.0**value:.1f}x; median of {self.seeds} seeds)")  # fmt: skip
+        return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps, intervals=intervals,
+                        summary=summary)  # fmt: skip
 
-    def _make_control(self, pair: ModelPair, downstream: Task) -> CapModel:
+    def _control_run(self, control: CapModel, capability: Task, batch: TaskBatch, threshold: float,
+                     config: TrainConfig) -> tuple[float, pd.DataFrame, Tensor]:  # fmt: skip
+        """The control's run, from :attr:`cache` when it was made before."""
+        if self.cache is None:
+            return steps_to_threshold(control.clone(), capability, batch, threshold, config, self.eval_every)
+        key = _fingerprint(control, capability, batch, threshold, config, self.eval_every)
+        path = Path(self.cache) / f"revival-control-{key}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            return (
+                float(saved["first"]),
+                pd.DataFrame({"step": saved["steps"].tolist(), "accuracy": saved["accuracy"].tolist()}),
+                saved["correct"],
+            )
+        first, curve, correct = steps_to_threshold(
+            control.clone(), capability, batch, threshold, config, self.eval_every
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({"first": torch.tensor(first), "steps": torch.tensor(curve["step"].to_numpy()),
+                    "accuracy": torch.tensor(curve["accuracy"].to_numpy()), "correct": correct}, buffer)  # fmt: skip
+        write_bytes_atomic(path, buffer.getvalue())
+        return first, curve, correct
+
+    def _replicates(self, context: Context, runs: dict, base_correct: Tensor, censored: float) -> np.ndarray:
+        """Bootstrap replicates: replicate b uses seed ``b % seeds`` and a resample of the check sequences."""
+        idx = context.resample(len(base_correct), self.name)  # [n_boot, n]
+        thresholds = self.threshold_fraction * base_correct[idx].mean(1)
+        firsts = {}
+        for which, rs in runs.items():
+            per_seed = []
+            for _, curve, correct in rs:
+                curves = correct.float()[:, idx].mean(-1).T  # [n_boot, check]
+                per_seed.append(first_reaching(curves, torch.tensor(curve["step"].to_numpy()), thresholds, censored))
+            seed_of = torch.arange(len(idx)) % len(rs)
+            firsts[which] = torch.stack(per_seed)[seed_of, torch.arange(len(idx))]
+        return torch.log2(firsts["control"].clamp_min(1.0) / firsts["tuned"].clamp_min(1.0)).numpy()
+
+    def _make_control(self, context: Context) -> CapModel:
         """A model of the same shape that never saw the capability task: trained on the downstream task only."""
-        control = build_model(pair.spec, backend=pair.base.backend, seed=self.seed + 1000).to(pair.base.device)
-        train(
-            control,
-            downstream,
-            TrainConfig(
-                steps=self.control_steps, batch_size=self.batch_size, lr=1e-3, seed=self.seed + 1, progress=False
-            ),
-        )
-        return control
+        seed = context.seed_for(self.name, "control")
+        return never_had_it(context.pair.base, context.downstream, self.control_steps, seed, self.batch_size)
 
 
-def _ratio(tuned: float, control: float, budget: int) -> float:
-    if math.isnan(tuned):
-        return math.nan
-    control_or_budget = budget if math.isnan(control) else control  # a lower bound when the control never got there
-    return control_or_budget / max(tuned, 1.0)
-
-
-def _judge(h: dict[str, float]) -> tuple[str, float, list[str]]:
-    tuned, control, budget, ratio = h["steps_tuned"], h["steps_control"], int(h["budget"]), h["control_over_tuned"]
-    control_text = (
-        f"{control:.0f} steps" if not math.isnan(control) else f"more than {budget} steps (not within the budget)"
-    )
-    if math.isnan(tuned):
-        return (
-            "change",
-            0.5,
-            [
-                f"reverse fine-tuning did not bring the capability back to {h['threshold']:.0%} within {budget} steps (control: {control_text})"
-            ],
-        )
-    if ratio >= 3:
-        return (
-            "wrapper",
-            min(1.0, 0.5 + 0.1 * math.log2(ratio)),
-            [
-                f"reverse fine-tuning revives the capability in {tuned:.0f} steps; a model that never had it needs {control_text} "
-                f"({'at least ' if math.isnan(control) else ''}{ratio:.1f}x longer)"
-            ],
-        )
-    if ratio < 1.5:
-        return (
-            "change",
-            0.4,
-            [
-                f"the tuned model relearns the capability no faster than a control that never had it ({tuned:.0f} vs {control_text})"
-            ],
-        )
-    return (
-        "neutral",
-        0.2,
-        [
-            f"the tuned model relearns the capability {ratio:.1f}x faster than the control ({tuned:.0f} vs {control_text})"
-        ],
-    )
+def _fingerprint(control: CapModel, task: Task, batch: TaskBatch, threshold: float, config: TrainConfig,
+                 eval_every: int) -> str:  # fmt: skip
+    """A hash of everything that makes a control's reverse fine-tuning run."""
+    digest = hashlib.sha256()
+    for name, weight in sorted(control.weights().items()):
+        digest.update(name.encode())
+        digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(batch.tokens.numpy().tobytes())
+    meta = [task.describe(), round(threshold, 9), dataclasses.asdict(config), eval_every]
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
 
 
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
 
+    from capwrap.report import error_bars
+
     fig = go.Figure()
-    for model, part in evidence.table.groupby("model"):
-        fig.add_trace(go.Scatter(x=part["step"], y=part["accuracy"], mode="lines+markers", name=model))
+    for (model, seed), part in evidence.table.groupby(["model", "seed"]):
+        fig.add_trace(go.Scatter(x=part["step"], y=part["accuracy"], mode="lines+markers", name=f"{model} model (seed {seed})",
+                                 error_y=error_bars(part, "accuracy")))  # fmt: skip
     fig.add_hline(y=evidence.headline["threshold"], line_dash="dot", annotation_text="revival threshold")
     fig.update_layout(height=360, xaxis_title="reverse fine-tuning step", yaxis=dict(title="capability accuracy", tickformat=".0%", range=[0, 1.02]),
                       title=f"revival: {evidence.direction} ({evidence.strength:.2f})")  # fmt: skip

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 from capwrap.analyzers.weight_diff import _KINDS, change_ranks, change_summary
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models.components import ComponentMap
-from capwrap.models.layouts import canonical_views, checkpoint_shapes
+from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["stream_weight_diff", "stream_weight_change", "StreamedWeightDiff", "checkpoint_spec"]
+__all__ = ["stream_weight_diff", "stream_weight_change", "stream_changes", "StreamedWeightDiff", "checkpoint_spec"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.")
 
@@ -122,14 +122,6 @@ def _read_group(files: dict[str, tuple[Path, str]], names: list[str]) -> dict[st
     return out
 
 
-def _groupwise(spec: ModelSpec, tensors: dict[str, Tensor], shapes: dict[str, torch.Size]) -> dict[str, Tensor]:
-    """Canonical views of one group's tensors (every other tensor is a meta placeholder)."""
-    storage = {n: torch.empty(s, device="meta") for n, s in shapes.items()}
-    storage.update(tensors)
-    views = canonical_views(spec, storage)
-    return {k: v for k, v in views.items() if v.device.type != "meta"}
-
-
 @dataclass
 class StreamedWeightDiff:
     """What :func:`stream_weight_diff` measures: the weight diff analyzer's numbers without grafting.
@@ -187,27 +179,62 @@ def _stream(
     detail = spec_b.differences(spec_t)
     if detail:
         raise ConfigError(f"the base and tuned checkpoints differ in {detail}")
-    files_b, files_t = _tensor_files(Path(base), spec_b), _tensor_files(Path(tuned), spec_b)
-    shapes = dict(checkpoint_shapes(spec_b))
-    missing = sorted(set(shapes) - set(files_b)) or sorted(set(shapes) - set(files_t))
+    files_t = _tensor_files(Path(tuned), spec_b)
+    missing = sorted(set(checkpoint_shapes(spec_b)) - set(files_t))
     if missing:
         raise CheckpointError(f"tensors missing from a checkpoint: {missing[:5]}")
-    cmap = ComponentMap.from_spec(spec_b)
+
+    def tuned_minus_base(names: list[str], base_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        tuned_tensors = _read_group(files_t, names)
+        return {n: tuned_tensors[n] - base_tensors[n] for n in names}
+
+    return stream_changes(base, spec_b, tuned_minus_base, kinds, with_ranks, progress)
+
+
+#: ``change(names, base_tensors)``: the change of a group of checkpoint tensors, given the base's.
+ChangeOfGroup = Callable[[list[str], dict[str, Tensor]], dict[str, Tensor]]
+
+
+def stream_changes(
+    base: str | os.PathLike,
+    spec: ModelSpec,
+    change: ChangeOfGroup,
+    kinds: Sequence[str] = _KINDS,
+    with_ranks: bool = True,
+    progress: bool = False,
+    rank_bound: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Read the base checkpoint one tensor group (the embeddings, then each layer) at a time, ask
+    ``change`` for that group's change (checkpoint names; tensors it leaves out did not change),
+    and accumulate every component's squared change and norm.
+
+    Returns:
+        The change table (as :func:`~capwrap.analyzers.weight_change_table`), each changed
+        matrix's effective rank (``with_ranks``; ``rank_bound``: a known bound on the change's
+        rank, see :func:`~capwrap.analyzers.weight_diff.change_ranks`) and the summed squared
+        change of every canonical weight.
+    """
+    files_b = _tensor_files(Path(base), spec)
+    shapes = dict(checkpoint_shapes(spec))
+    missing = sorted(set(shapes) - set(files_b))
+    if missing:
+        raise CheckpointError(f"tensors missing from a checkpoint: {missing[:5]}")
+    cmap = ComponentMap.from_spec(spec)
     present = [k for k in kinds if k in cmap.counts()]
     change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     rank_frames, total_sq = [], 0.0
     for names in tqdm(_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
-        wb = _groupwise(spec_b, _read_group(files_b, names), shapes)
-        wt = _groupwise(spec_b, _read_group(files_t, names), shapes)
-        delta = {k: wt[k] - wb[k] for k in wb}
+        base_tensors = _read_group(files_b, names)
+        wb = canonical_views_of_some(spec, base_tensors)
+        delta = canonical_views_of_some(spec, change(names, base_tensors))
         for kind in present:
             change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
             norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
         total_sq += sum(float(d.double().square().sum()) for d in delta.values())
-        if with_ranks:
-            rank_frames.append(change_ranks(delta))
-        del wb, wt, delta
+        if with_ranks and len(frame := change_ranks(delta, rank_bound=rank_bound)):
+            rank_frames.append(frame)  # (empty frames would make the columns' dtype object)
+        del wb, delta, base_tensors
     rows = []
     for kind in present:
         for comp, c2, n2 in zip(cmap.select(kind), change_sq[kind].tolist(), norm_sq[kind].tolist(), strict=True):

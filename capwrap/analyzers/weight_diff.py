@@ -16,6 +16,7 @@ Compares the raw (unprocessed: no layer-norm folding) canonical weights of the p
 
 Examples:
     >>> import torch
+    >>> from capwrap.analyzers import ModelPair
     >>> from capwrap.models import ModelSpec, build_model
     >>> from capwrap.tasks import PCFGTask, PCFGConfig
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
@@ -24,7 +25,7 @@ Examples:
     >>> tuned = base.clone()
     >>> with torch.no_grad():
     ...     tuned.weights()["blocks.0.attn.W_V"][1] += 0.5  # change one head only
-    >>> ev = WeightDiff(graft_fractions=(0.1,), eval_size=32)(ModelPair(base, tuned), task, task)
+    >>> ev = WeightDiff(graft_fractions=(0.1,))(ModelPair(base, tuned), task, task, eval_size=32)
     >>> ev.table.iloc[0]["component"], round(ev.headline["top1pct_share"], 2)
     ('L0H1', 1.0)
 """
@@ -41,11 +42,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.recording import RunStore
-from capwrap.tasks.base import Task, accuracy
+from capwrap.tasks.base import accuracy
 
 __all__ = ["WeightDiff", "graft", "effective_rank", "weight_change_table", "change_ranks", "change_summary"]
 
@@ -53,15 +54,34 @@ _KINDS = ("head", "kv_head", "neuron", "attn", "mlp", "embed", "pos_embed", "une
 _UNIT_KINDS = ("head", "kv_head", "neuron")
 
 
-def effective_rank(matrix: Tensor) -> float:
-    """exp(entropy of the normalized singular values): 1 for a rank-one change, up to min(shape)."""
-    s = torch.linalg.svdvals(matrix.detach().float())
+def effective_rank(matrix: Tensor, rank_bound: int | None = None) -> float:
+    """exp(entropy of the normalized singular values): 1 for a rank-one change, up to min(shape).
+
+    ``rank_bound``: the matrix's rank is known to be at most this (a LoRA change's ``r``); its
+    singular values are then found in ``O(rows · cols · r)`` instead of a full SVD."""
+    matrix = matrix.detach().float()
+    if rank_bound is not None and rank_bound + _OVERSAMPLE < min(matrix.shape):
+        s = _low_rank_svdvals(matrix, rank_bound + _OVERSAMPLE)
+    else:
+        s = torch.linalg.svdvals(matrix)
     total = s.sum()
     if total <= 0:
         return 0.0
     p = s / total
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+_OVERSAMPLE = 8
+
+
+def _low_rank_svdvals(matrix: Tensor, k: int) -> Tensor:
+    """The singular values of a matrix of rank at most ``k``: project it onto its column space,
+    found from ``k`` random combinations of its columns (fixed seed), then one small SVD."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(matrix.shape[1], k, generator=gen, dtype=matrix.dtype).to(matrix.device)
+    basis, _ = torch.linalg.qr(matrix @ probe)
+    return torch.linalg.svdvals(basis.T @ matrix)
 
 
 def weight_change_table(base: CapModel, tuned: CapModel, kinds: Sequence[str] = _KINDS) -> pd.DataFrame:
@@ -133,10 +153,10 @@ def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapM
     return out
 
 
-def change_ranks(delta: Mapping[str, Tensor]) -> pd.DataFrame:
+def change_ranks(delta: Mapping[str, Tensor], rank_bound: int | None = None) -> pd.DataFrame:
     """Effective rank of each weight matrix's change (``weight, effective_rank, max_rank``); heads'
     Q/K/V and O matrices are read as the whole layer's ``[d_model, heads*d_head]`` map. Unchanged
-    matrices and bias tables are left out."""
+    matrices and bias tables are left out. ``rank_bound``: see :func:`effective_rank`."""
     rows = []
     for name, d in delta.items():
         if d.ndim < 2 or ".b_" in name:  # matrices only, not per-head bias tables
@@ -147,7 +167,7 @@ def change_ranks(delta: Mapping[str, Tensor]) -> pd.DataFrame:
             d = d.flatten(0, 1)
         if float(d.abs().max()) == 0:
             continue
-        rows.append((name, effective_rank(d), min(d.shape)))
+        rows.append((name, effective_rank(d, rank_bound), min(d.shape)))
     return pd.DataFrame(rows, columns=["weight", "effective_rank", "max_rank"])
 
 
@@ -155,37 +175,43 @@ def change_ranks(delta: Mapping[str, Tensor]) -> pd.DataFrame:
 class WeightDiff(Analyzer):
     """Weight-diff localization and grafting.
 
+    Statistic ``relative_weight_change``: log10 of the size of the whole change relative to the base
+    weights, ``log10(‖W_tuned − W_base‖ / ‖W_base‖)`` over every canonical weight. A wrapper is a
+    small change on top of the base; re-initialized or retrained components move by about their own
+    size (log10 near 0). It is computed from the weights alone (its interval is the point). The
+    table, concentration and grafting figures say *where* the change sits.
+
     Args:
         graft_fractions: shares of units (heads and neurons) to graft, most-changed first.
-        eval_size: sequences per accuracy measurement.
-        seed: seed of the evaluation batches.
     """
 
     graft_fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25)
-    eval_size: int = 1024
-    seed: int = 0
     name: str = "weight_diff"
     kind: ClassVar[Kind] = "structural"
+    statistic: ClassVar[str | None] = "relative_weight_change"
 
     def __post_init__(self) -> None:
         if not self.graft_fractions or any(not 0 < f <= 1 for f in self.graft_fractions):
             raise ConfigError(
                 f"graft_fractions must be a non-empty list of shares in (0, 1], got {self.graft_fractions}"
             )
-        if self.eval_size <= 0:
-            raise ConfigError(f"eval_size must be positive, got {self.eval_size}")
 
-    def analyze(self, pair: ModelPair, capability: Task, downstream: Task, store: RunStore | None = None) -> Evidence:
+    def analyze(self, context: Context) -> Evidence:
+        pair, store = context.pair, context.store
         delta = _delta(pair.base, pair.tuned)
         table = _change_table(pair.base, delta, _KINDS)
         units = table[table["kind"].isin(_UNIT_KINDS)].reset_index(drop=True)
         ranks = change_ranks(delta)
-        grafts = self._grafts(pair, capability, downstream, units)
+        grafts = self._grafts(context, units)
         if store is not None:
             table = table.merge(_movement_times(store), on="component", how="left")
 
         total_sq = sum(float(v.square().sum()) for v in delta.values())
+        base_sq = sum(float(w.detach().float().square().sum()) for w in pair.base.weights().values())
         headline = change_summary(table, ranks, total_sq)
+        relative = math.sqrt(total_sq / base_sq) if base_sq > 0 else math.nan
+        headline["relative_change"] = relative
+        value = math.log10(relative) if relative > 0 else -12.0
         for row in grafts.itertuples():
             key = (
                 f"top{row.fraction:g}"
@@ -197,23 +223,28 @@ class WeightDiff(Analyzer):
             top = table[table["kind"].isin(_UNIT_KINDS)].head(max(1, len(units) // 10))
             headline["t50_top10pct_units"] = float(top["t50_step"].median())
             headline["t50_all_units"] = float(table.loc[table["kind"].isin(_UNIT_KINDS), "t50_step"].median())
-        direction, strength, reasons = _judge(headline, grafts)
-        return Evidence(
-            analyzer=self.name,
-            headline=headline,
-            table=table,
-            direction=direction,
-            strength=strength,
-            reasons=reasons,
-            details={"grafts": grafts.to_dict(orient="records"), "ranks": ranks.to_dict(orient="records")},
-            plot=_plot,
+        carried = grafts.dropna(subset=["fraction"]).set_index("fraction")["carried"]
+        small = carried[carried.index <= 0.1].dropna()
+        graft_text = (
+            f"; grafting the {float(small.idxmax()):.0%} most-changed units into the base carries "
+            f"{float(small.max()):.0%} of the downstream gain"
+            if len(small)
+            else ""
         )
+        summary = (f"the weights moved by {relative:.1%} of their norm; the top 10% of units hold "
+                   f"{headline['top10pct_share']:.0%} of the squared change{graft_text}")  # fmt: skip
+        return Evidence(
+            analyzer=self.name, headline=headline, table=table,
+            details={"grafts": grafts.to_dict(orient="records"), "ranks": ranks.to_dict(orient="records")},
+            plot=_plot, value=value, replicates=np.full(context.n_boot, value), intervals={"value": (value, value)},
+            summary=summary,
+        )  # fmt: skip
 
-    def _grafts(self, pair: ModelPair, capability: Task, downstream: Task, units: pd.DataFrame) -> pd.DataFrame:
-        down = downstream.sample(self.eval_size, seed=self.seed)
-        cap = capability.sample(self.eval_size, seed=self.seed + 1)
-        base_down = accuracy(pair.base, down)
-        gain = accuracy(pair.tuned, down) - base_down
+    def _grafts(self, context: Context, units: pd.DataFrame) -> pd.DataFrame:
+        pair = context.pair
+        down, cap = context.eval.batches["downstream"], context.eval.batches["capability"]
+        base_down = context.eval.accuracy("base", "downstream")
+        gain = context.eval.accuracy("tuned", "downstream") - base_down
         cmap = pair.base.components
         layers = {kind: [c.name for c in cmap.select(kind)] for kind in ("attn", "mlp")}
         present = set(cmap.counts())
@@ -260,54 +291,27 @@ def _movement_times(store: RunStore) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _judge(headline: dict[str, float], grafts: pd.DataFrame) -> tuple[str, float, list[str]]:
-    carried = grafts.dropna(subset=["fraction"]).set_index("fraction")["carried"]
-    small = carried[carried.index <= 0.1].dropna()
-    if small.empty:
-        return (
-            "neutral",
-            0.0,
-            ["the tuned model is no better than the base on the downstream task, so grafting says nothing"],
-        )
-    best_small = float(small.max())
-    frac = float(small.idxmax())
-    top10 = headline["top10pct_share"]
-    if best_small >= 0.8:
-        reason = (
-            f"grafting only the {frac:.0%} most-changed units into the base carries {best_small:.0%} of the downstream "
-            f"gain; the top 10% of units hold {top10:.0%} of the squared weight change"
-        )
-        return "wrapper", 0.4 + 0.3 * min(1.0, best_small), [reason]
-    full = float(carried.dropna().max()) if carried.notna().any() else math.nan
-    if best_small < 0.3:
-        reason = (
-            f"the 10% most-changed units carry only {best_small:.0%} of the downstream gain "
-            f"(best over all grafts: {full:.0%}): the change is spread out"
-        )
-        return "change", 0.3 + 0.3 * (1 - best_small / 0.3), [reason]
-    return (
-        "neutral",
-        0.2,
-        [f"the 10% most-changed units carry {best_small:.0%} of the downstream gain: partly localized"],
-    )
-
-
 def _plot(evidence: Evidence):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from capwrap.report import error_bars
+
     table = evidence.table
     fig = make_subplots(rows=1, cols=2, subplot_titles=("change per layer", "grafting the most-changed units"))
-    for kind in ("attn", "mlp"):
+    for kind, label in (("attn", "attention"), ("mlp", "MLP")):
         part = table[table["kind"] == kind].sort_values("layer")
-        fig.add_trace(go.Bar(x=part["component"], y=part["relative_change"], name=f"{kind} ‖ΔW‖/‖W‖"), row=1, col=1)
+        fig.add_trace(go.Bar(x=part["component"], y=part["relative_change"], name=f"{label} layers",
+                             error_y=error_bars(part, "relative_change")), row=1, col=1)  # fmt: skip
     grafts = pd.DataFrame(evidence.details["grafts"]).dropna(subset=["fraction"])
     fig.add_trace(
-        go.Scatter(x=grafts["fraction"], y=grafts["carried"], mode="lines+markers", name="downstream gain carried"),
-        row=1,
-        col=2,
-    )
+        go.Scatter(x=grafts["fraction"], y=grafts["carried"], mode="lines+markers", name="downstream gain carried",
+                   error_y=error_bars(grafts, "carried")),
+        row=1, col=2,
+    )  # fmt: skip
+    fig.update_xaxes(title_text="component", row=1, col=1)
+    fig.update_yaxes(title_text="relative change ‖ΔW‖/‖W‖", row=1, col=1)
     fig.update_xaxes(title_text="share of units grafted", tickformat=".0%", row=1, col=2)
-    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_yaxes(title_text="downstream gain carried", tickformat=".0%", row=1, col=2)
     fig.update_layout(height=380, title=f"weight diff: {evidence.direction} ({evidence.strength:.2f})")
     return fig

@@ -3,12 +3,15 @@
 A :class:`TrainingMethod` is called by :func:`capwrap.train` at fixed points of every step::
 
     params = method.setup(model, task, config)            # once: what the optimizer updates
+    optimizer = method.optimizer(params, config)          # once: config's AdamW or SGD by default
     for step in range(config.steps):
         batch = task.sample(...)                          # the loop owns the data stream
         loss = method.loss(model, batch, step)            # the objective
         loss.backward()
         metrics = method.before_update(model, step)       # e.g. mask gradients; metrics to log
         optimizer.step()
+        method.after_update(model, step)                  # e.g. write merged adapter weights
+        recorder.step(..., arrays=method.arrays(step))    # with a recorder: per-step arrays to keep
 
 Methods hold their settings in the constructor and any per-run state they build in
 :meth:`~TrainingMethod.setup`; :meth:`~TrainingMethod.state_dict` returns that state, so a
@@ -82,10 +85,27 @@ class TrainingMethod:
         """The objective on ``batch`` at ``step`` (0-based): what ``backward()`` is called on."""
         return task_loss(model(batch.tokens), batch)
 
+    def optimizer(self, params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+        """The run's optimizer over ``params`` (default: ``config``'s AdamW or SGD). A method may
+        configure it, e.g. keep frozen elements of a tensor out of weight decay and optimizer state."""
+        from capwrap.training import make_optimizer
+
+        return make_optimizer(params, config)
+
     def before_update(self, model: CapModel, step: int) -> dict[str, float]:
         """After ``backward()``, before clipping and the optimizer step: edit gradients if the method
         needs to; return metrics to log for this step."""
         return {}
+
+    def arrays(self, step: int) -> dict[str, Tensor]:
+        """Arrays to record with optimizer step ``step`` (0-based) when the run has a
+        :class:`~capwrap.recording.Recorder`, which stores them in its ``RunStore`` (under these names,
+        at recorder step ``step + 1``); default none."""
+        return {}
+
+    def after_update(self, model: CapModel, step: int) -> None:
+        """After the optimizer step, before the recorder and callbacks see the model: bring the model
+        up to date if the method trains something else than its weights (LoRA's adapter)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The state a resumed run needs (tensors and JSON-serializable values)."""

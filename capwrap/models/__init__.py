@@ -6,6 +6,7 @@ See :class:`CapModel` for the interface, :func:`build_model` / :func:`load_model
 
 from capwrap.models.components import Component, ComponentMap, ParamSlice
 from capwrap.models.io import describe_model, load_model, save_model
+from capwrap.models.live import wrap_hf_model
 from capwrap.models.model import Backend, CapModel, available_backends, build_model, default_backend, tl_version
 from capwrap.models.spec import ModelSpec
 
@@ -23,4 +24,5 @@ __all__ = [
     "load_model",
     "save_model",
     "tl_version",
+    "wrap_hf_model",
 ]

@@ -33,10 +33,13 @@ from typing import Any
 
 import torch
 
+from capwrap.checks import check_finite_weights
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
+from capwrap.models.adapters import adapter_base, adapter_hint, is_adapter_folder, merge_adapter
+from capwrap.models.dispatch import load_dispatched
 from capwrap.models.layouts import checkpoint_shapes
-from capwrap.models.model import CapModel
+from capwrap.models.model import CapModel, resolve_dtype
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["save_model", "load_model", "normalize_state", "stored_keys", "CAPWRAP_FILE"]
@@ -108,34 +111,69 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    adapter: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> CapModel:
     """Load a capwrap checkpoint, a local Hugging Face folder, or a hub name (``gpt2``,
-    ``roneneldan/TinyStories-1M`` ...) into a :class:`CapModel`.
+    ``roneneldan/TinyStories-1M`` ...) into a :class:`CapModel`, optionally with a PEFT LoRA
+    adapter merged in.
 
     Args:
-        source: a folder, or a Hugging Face hub name (needs network access to the hub).
+        source: a folder, or a Hugging Face hub name (needs network access to the hub). A PEFT
+            adapter folder alone loads merged into the base its ``adapter_config.json`` names.
         backend: ``"hooked"`` or ``"bridge"``; default: :func:`~capwrap.models.default_backend`.
         device: where to put the model (default CPU).
         allow_pickle: also accept ``pytorch_model.bin`` (read with ``weights_only=True``).
         trust_remote_code: let ``transformers`` run the checkpoint's own Python code.
         revision: hub revision (branch, tag or commit) for hub names.
+        adapter: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+            to merge into ``source`` (see :mod:`capwrap.models.adapters`); ``allow_pickle`` also
+            admits ``adapter_model.bin``.
+        dtype: the weights' dtype (``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a
+            ``torch.dtype``). Train bfloat16 models with ``train(..., dtype="bfloat16")`` on float32
+            weights instead: small updates vanish in bfloat16 weights.
+        device_map: spread a model larger than one device with accelerate (``"auto"``, ``"cpu"``,
+            or accelerate's ``{module: device}``); see :mod:`capwrap.models.dispatch`.
+        max_memory: with ``device_map``, how much each device may hold (``{0: "20GiB", "cpu": "60GiB"}``).
+        offload_folder: with ``device_map``, where accelerate puts what does not fit (disk offload).
 
     Returns:
-        The model, with ``metadata`` from ``capwrap.json`` (and ``source``) and its tokenizer if any.
+        The model, with ``metadata`` from ``capwrap.json`` (and ``source``; ``adapter``: what
+        the merged adapter is) and its tokenizer if any.
 
     Raises:
         CheckpointError: the folder is missing or not a checkpoint, its weights are corrupt or only
             in pickle format (without ``allow_pickle``), or the hub cannot be reached.
         ConfigError: the architecture is not one capwrap maps onto TransformerLens components.
     """
+    if adapter is None and is_adapter_folder(source):
+        adapter, source = source, adapter_base(source)
     folder = _resolve_source(source, revision, allow_pickle)
     capwrap_doc = _read_capwrap_file(folder)
     spec = read_spec(folder, capwrap_doc, trust_remote_code)
-    state = normalize_state(spec, _read_weights(folder, allow_pickle))
     tokenizer = _read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
-    model = CapModel.from_state(spec, state, backend, tokenizer, metadata)
+    dtype = resolve_dtype(dtype)
+    if device_map is not None:
+        if adapter is not None or (backend or "bridge") != "bridge":
+            raise ConfigError(
+                "device_map loads through transformers and the TransformerBridge: use backend='bridge', and merge "
+                "an adapter first (load_model(BASE, adapter=...) then save_model) to dispatch it"
+            )
+        return load_dispatched(
+            folder, spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle
+        )
+    if max_memory is not None or offload_folder is not None:
+        raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
+    state = normalize_state(spec, _read_weights(folder, allow_pickle))
+    check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
+    if adapter is not None:
+        metadata["adapter"] = merge_adapter(adapter, spec, state, allow_pickle)
+    model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
     return model.to(device) if device is not None else model
 
 
@@ -210,6 +248,8 @@ def _read_hf_config(folder: Path, trust_remote_code: bool) -> Any:
     that names the file and the fix (never ``transformers``' own exception)."""
     import transformers
 
+    if is_adapter_folder(folder):
+        raise CheckpointError(adapter_hint(folder))
     path = folder / "config.json"
     if not path.exists():
         raise CheckpointError(f"{folder} has no config.json, so it is not a Hugging Face or capwrap checkpoint folder")
@@ -395,6 +435,7 @@ def describe_model(model: CapModel) -> dict[str, Any]:
         "components": model.components.counts(),
         "tokenizer": None if tok is None else f"{type(tok).__name__} ({len(tok)} tokens)",
         "source": model.metadata.get("source"),
+        **({"adapter": model.metadata["adapter"]} if "adapter" in model.metadata else {}),
     }
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "canonical_names",
     "canonical_shapes",
     "canonical_views",
+    "canonical_views_of_some",
     "checkpoint_shapes",
     "hf_shapes",
     "Layout",
@@ -244,6 +245,15 @@ def canonical_views(spec: ModelSpec, storage: Mapping[str, Tensor], layout: Layo
             f"the {spec.architecture} checkpoint has no tensor {err.args[0]!r} where capwrap expects one; "
             "its layout differs from the family's"
         ) from None
+
+
+def canonical_views_of_some(spec: ModelSpec, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Canonical views of *some* of a checkpoint's tensors (one layer's, the ones an adapter
+    changes ...): the canonical weights that ``tensors`` hold entirely. The other checkpoint
+    tensors stand in as ``meta`` placeholders, shapes without memory."""
+    storage = {name: torch.empty(shape, device="meta") for name, shape in checkpoint_shapes(spec).items()}
+    storage.update(tensors)
+    return {k: v for k, v in canonical_views(spec, storage).items() if v.device.type != "meta"}
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from capwrap.checks import check_token_ids
 from capwrap.errors import ConfigError, HookNameError, closest_matches
 from capwrap.models.components import ComponentMap
 from capwrap.models.layouts import canonical_names, canonical_views, checkpoint_shapes
@@ -58,6 +59,19 @@ def available_backends() -> list[Backend]:
 def default_backend() -> Backend:
     """``hooked`` on TransformerLens 3.x (its mature backend), ``bridge`` on 4.x."""
     return available_backends()[0]
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from its name (``"bfloat16"``, ``"torch.float16"`` ...); ``None`` stays ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def _check_backend(backend: str | None) -> Backend:
@@ -132,18 +146,21 @@ class CapModel:
         backend: str | None = None,
         tokenizer: Any = None,
         metadata: dict[str, Any] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> CapModel:
-        """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend."""
+        """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend,
+        with weights of ``dtype`` (default float32)."""
         backend = _check_backend(backend)
         if backend == "hooked":
-            return cls._hooked_from_state(spec, state, tokenizer, metadata)
+            return cls._hooked_from_state(spec, state, tokenizer, metadata, dtype)
         if spec.has_hf_equivalent:
-            return cls._bridge_from_hf_state(spec, state, tokenizer, metadata)
-        return cls._bridge_from_native_state(spec, state, metadata)
+            return cls._bridge_from_hf_state(spec, state, tokenizer, metadata, dtype)
+        return cls._bridge_from_native_state(spec, state, metadata, dtype)
 
     @classmethod
-    def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata) -> CapModel:
+    def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata, dtype=None) -> CapModel:
         hf = _hf_model(spec, state)
+        hf.to(dtype=dtype or torch.float32)  # before bridging: the bridge reads some weights through views
         storage = dict(hf.named_parameters())  # before bridging renames the modules
         bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
         split = _split_copies(spec, bridge, storage)
@@ -154,11 +171,11 @@ class CapModel:
         return cls(spec, "bridge", bridge, storage, "checkpoint", tokenizer, metadata)
 
     @classmethod
-    def _bridge_from_native_state(cls, spec, state, metadata) -> CapModel:
+    def _bridge_from_native_state(cls, spec, state, metadata, dtype=None) -> CapModel:
         from transformer_lens.model_bridge.sources.native import NativeModel
 
         config = spec.to_native_config()
-        native = NativeModel(config).eval()
+        native = NativeModel(config).eval().to(dtype=dtype or torch.float32)
         storage = dict(native.named_parameters())
         with torch.no_grad():
             target = canonical_views(spec, storage, "native")
@@ -168,7 +185,7 @@ class CapModel:
         return cls(spec, "bridge", bridge, storage, "native", None, metadata)
 
     @classmethod
-    def _hooked_from_state(cls, spec, state, tokenizer, metadata) -> CapModel:
+    def _hooked_from_state(cls, spec, state, tokenizer, metadata, dtype=None) -> CapModel:
         import warnings
 
         from transformer_lens import HookedTransformer
@@ -176,7 +193,7 @@ class CapModel:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             module = HookedTransformer(spec.to_hooked_config(), move_to_device=False)
-        module.eval()
+        module.eval().to(dtype or torch.float32, print_details=False)  # TL 3.x's own to(): keeps cfg.dtype
         _adapt_hooked(module, spec)
         if spec.tie_embeddings:
             _tie_unembedding(module)
@@ -209,23 +226,12 @@ class CapModel:
         return self.module(tokens.to(self.device))
 
     def _check_tokens(self, tokens: Tensor) -> None:
-        if tokens.ndim != 2:
-            raise ConfigError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}")
+        check_token_ids(tokens, self.spec, "tokens")
         context = self.spec.n_ctx if self.backend == "bridge" else self.module.cfg.n_ctx
         if tokens.shape[1] > context:
             raise ConfigError(
-                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={context}"
-                + (
-                    " on HookedTransformer (backend='bridge' takes the checkpoint's full context)"
-                    if context < self.spec.n_ctx
-                    else ""
-                )
-                + "; use shorter sequences or a model with a longer context"
-            )
-        if tokens.numel() and (int(tokens.max()) >= self.spec.d_vocab or int(tokens.min()) < 0):
-            raise ConfigError(
-                f"token ids range over [{int(tokens.min())}, {int(tokens.max())}] but the model embeds "
-                f"only [0, {self.spec.d_vocab - 1}]; the task's vocabulary is larger than the model's"
+                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={context} on HookedTransformer "
+                "(backend='bridge' takes the checkpoint's full context); use shorter sequences or backend='bridge'"
             )
 
     @functools.cached_property
@@ -314,12 +320,14 @@ class CapModel:
         return canonical_views(self.spec, self._storage_gradients(), self._layout)  # type: ignore[arg-type]
 
     def _storage_gradients(self) -> dict[str, Tensor]:
-        """Gradients of the storage tensors. The bridge trains some weights through views of
-        others (GPT-2's fused ``c_attn`` through separate q/k/v parameters); scatter them back."""
-        grads = {k: torch.zeros_like(p) for k, p in self._storage.items()}
+        """Gradients of the storage tensors: their own (a model trained outside the bridge, as a
+        wrapped live model is), plus those of views the bridge trains some weights through (GPT-2's
+        fused ``c_attn`` through separate q/k/v parameters), scattered back."""
+        grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in self._storage.items()}
+        held = {id(p) for p in self._storage.values()}
         by_storage = {p.untyped_storage().data_ptr(): k for k, p in self._storage.items()}
         for p in self.module.parameters():
-            if p.grad is None:
+            if p.grad is None or id(p) in held:
                 continue
             owner = by_storage.get(p.untyped_storage().data_ptr())
             if owner is None:
@@ -367,6 +375,11 @@ class CapModel:
         """Where the weights are."""
         return next(iter(self._storage.values())).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
+        return next(iter(self._storage.values())).dtype
+
     def to(self, device: str | torch.device) -> CapModel:
         """Move to ``device`` in place; returns self."""
         if torch.device(device) != self.device:
@@ -387,12 +400,17 @@ class CapModel:
         if backend is None or backend == self.backend:
             return copy.deepcopy(self)
         return CapModel.from_state(
-            self.spec, self.checkpoint_state(), backend, self.tokenizer, copy.deepcopy(self.metadata)
-        )
+            self.spec, self.checkpoint_state(), backend, self.tokenizer, copy.deepcopy(self.metadata), self.dtype
+        ).to(self.device)
 
     def __deepcopy__(self, memo: dict) -> CapModel:
         return CapModel.from_state(
-            self.spec, self.checkpoint_state(), self.backend, self.tokenizer, copy.deepcopy(self.metadata, memo)
+            self.spec,
+            self.checkpoint_state(),
+            self.backend,
+            self.tokenizer,
+            copy.deepcopy(self.metadata, memo),
+            self.dtype,
         ).to(self.device)
 
     def __repr__(self) -> str:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from capwrap.checks import check_token_ids
 from capwrap.errors import ConfigError, StoreError
 from capwrap.files import write_bytes_atomic
 from capwrap.models import CapModel
+from capwrap.models.live import as_cap_model
 from capwrap.recording.store import RunStore
 from capwrap.tasks.base import TaskBatch
 
@@ -63,54 +65,69 @@ class Recorder:
     """Records a training run of ``model`` into a :class:`RunStore` at ``path``.
 
     Args:
-        model: the model being trained.
+        model: the model being trained: a :class:`~capwrap.models.CapModel`, or a Hugging Face causal
+            LM (or a peft LoRA model of one) trained by your own loop, which is wrapped with
+            :func:`~capwrap.models.live.wrap_hf_model` (no weight copy; ``recorder.model`` is the wrapper).
         path: the store's folder (created; must not exist unless ``resume`` or ``overwrite``).
-        hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``); ``()`` for none.
+        hooks: hook names or glob patterns (default ``"blocks.*.hook_resid_post"``); ``()`` for none.
         probe: the fixed batch activations are recorded on (a :class:`TaskBatch`, whose labels are
-            kept for probes, or token ids ``[batch, pos]``). Needed when ``hooks`` is not empty.
-        every: record activations and component norms every this many steps (and at step 0).
-            Gradient norms are those of the gradients the optimizer applied (after clipping).
-        component_kinds: component kinds whose weight-change and gradient norms are recorded.
-        dtype: ``"float32"`` or ``"float16"`` (halves the disk use) for activations.
+            kept for probes, or integer token ids ``[batch, pos]``). Needed when ``hooks`` is not empty.
+        every: record activations and component norms every this many steps (and at step 0;
+            default 10). Gradient norms are those of the gradients the optimizer applied (after
+            clipping).
+        component_kinds: component kinds whose weight-change and gradient norms are recorded
+            (default :data:`DEFAULT_COMPONENT_KINDS`).
+        dtype: ``"float32"`` (default) or ``"float16"`` (halves the disk use) for activations.
         resume: continue an existing store (the step count goes on from its last step).
+            ``hooks``, ``probe``, ``every``, ``component_kinds`` and ``dtype`` then default to the
+            store's; given, they must match it.
         overwrite: replace an existing store.
         meta: extra JSON-serializable information to keep in the store.
     """
 
     def __init__(
         self,
-        model: CapModel,
+        model: CapModel | torch.nn.Module,
         path: str | os.PathLike,
-        hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+        hooks: str | Sequence[str] | None = None,
         probe: TaskBatch | Int[Tensor, "batch pos"] | None = None,
-        every: int = 10,
-        component_kinds: Sequence[str] = DEFAULT_COMPONENT_KINDS,
-        dtype: str = "float32",
+        every: int | None = None,
+        component_kinds: Sequence[str] | None = None,
+        dtype: str | None = None,
         resume: bool = False,
         overwrite: bool = False,
         meta: dict[str, Any] | None = None,
     ):
-        if not isinstance(every, int) or every <= 0:
+        if resume and overwrite:
+            raise ConfigError("choose resume=True (continue the store) or overwrite=True (replace it), not both")
+        model = as_cap_model(model)  # a live Hugging Face model is wrapped, sharing its weights
+        self.model = model
+        self.path = Path(path)
+        recorded = _recorded_settings(self.path) if resume else {}
+        hooks = recorded.get("hooks", "blocks.*.hook_resid_post") if hooks is None else hooks
+        every = recorded.get("every", 10) if every is None else every
+        component_kinds = (
+            recorded.get("component_kinds", DEFAULT_COMPONENT_KINDS) if component_kinds is None else component_kinds
+        )
+        dtype = recorded.get("dtype", "float32") if dtype is None else dtype
+        if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
             raise ConfigError(f"every must be a positive number of steps, got {every!r}")
         if dtype not in ("float32", "float16"):
             raise ConfigError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-        if resume and overwrite:
-            raise ConfigError("choose resume=True (continue the store) or overwrite=True (replace it), not both")
-        self.model = model
-        self.path = Path(path)
+        if isinstance(hooks, str) and not hooks.strip():
+            raise ConfigError(
+                "hooks='' names no hook; pass hook names or patterns such as 'blocks.*.hook_resid_post', "
+                "or hooks=() to record only weights and scalars"
+            )
         self.hooks = model.resolve_hooks(hooks) if hooks else []
-        self.probe = (
-            probe
-            if isinstance(probe, TaskBatch) or probe is None
-            else TaskBatch(probe, torch.zeros(len(probe), dtype=torch.long), torch.zeros(len(probe), dtype=torch.long))
-        )
+        if probe is None and self.hooks and resume:
+            probe = recorded.get("probe")
+        self.probe = _as_probe(probe, model)
         if self.hooks and self.probe is None:
             raise ConfigError(
                 "recording activations needs a fixed probe batch: pass probe=task.sample(256, seed=0) "
                 "(or hooks=() to record only weights and scalars)"
             )
-        if self.probe is not None:
-            self._check_probe(self.probe.tokens)
         present = set(model.components.counts())
         self.component_kinds = [k for k in component_kinds if k in present]
         self.every = every
@@ -121,23 +138,6 @@ class Recorder:
         self.store: RunStore | None = None
         self._step = 0
         self._start: dict[str, Tensor] = {}
-
-    def _check_probe(self, tokens: Tensor) -> None:
-        spec = self.model.spec
-        if tokens.ndim != 2 or len(tokens) == 0:
-            raise ConfigError(
-                f"the probe batch must be token ids [batch, pos] with batch > 0, got shape {tuple(tokens.shape)}"
-            )
-        if tokens.shape[1] > spec.n_ctx:
-            raise ConfigError(
-                f"the probe batch has {tokens.shape[1]} positions but the model's context is n_ctx={spec.n_ctx}; "
-                "use shorter probe sequences"
-            )
-        if int(tokens.max()) >= spec.d_vocab or int(tokens.min()) < 0:
-            raise ConfigError(
-                f"the probe batch has token ids up to {int(tokens.max())} but the model embeds only "
-                f"0..{spec.d_vocab - 1}"
-            )
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -176,6 +176,24 @@ class Recorder:
         self._record(scalars={})
         return self
 
+    def flush(self) -> None:
+        """Wait until every step submitted so far is committed to the store.
+
+        Raises:
+            StoreError: a background write failed.
+        """
+        if self.store is not None:
+            self._writer.flush()
+
+    def rollback(self, step: int) -> None:
+        """Go back to ``step``: drop the store's later steps and count on from ``step`` (a resumed
+        training run does this to continue from its last checkpoint)."""
+        if self.store is None:
+            raise StoreError("the recorder is not open; use it as a context manager or call .open() first")
+        self.flush()
+        self.store.rollback(step)
+        self._step = step
+
     def close(self) -> None:
         """Wait for pending writes, then close the store.
 
@@ -196,11 +214,12 @@ class Recorder:
         self.close()
 
     # ---- recording -------------------------------------------------------------------------------
-    def step(self, loss: float | None = None, **metrics: float) -> None:
+    def step(self, loss: float | None = None, *, arrays: Mapping[str, Tensor] | None = None, **metrics: float) -> None:
         """Mark one optimizer step done; record scalars now and arrays when due.
 
         Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``. Pass ``grad_norm``
         if your loop already computed it; otherwise the recorder computes it from the gradients.
+        ``arrays`` (e.g. a training method's per-step arrays) are stored with this step, due or not.
         Writing to disk happens in a background thread, in order; :meth:`close` waits for it.
         """
         if self.store is None:
@@ -209,16 +228,17 @@ class Recorder:
         scalars = {k: float(v) for k, v in metrics.items()}
         if loss is not None:
             scalars["loss"] = float(loss)
+        extra = {name: value.detach().float().cpu() for name, value in (arrays or {}).items()}
         if self._step % self.every == 0:
-            self._record(scalars)
+            self._record(scalars, extra)
         else:
             if "grad_norm" not in scalars and (grads := self._grad_total()) is not None:
                 scalars["grad_norm"] = grads
-            self._writer.submit(self._step, scalars)
+            self._writer.submit(self._step, scalars, extra or None)
 
-    def _record(self, scalars: dict[str, float]) -> None:
+    def _record(self, scalars: dict[str, float], extra: dict[str, Tensor] | None = None) -> None:
         assert self.store is not None
-        arrays: dict[str, Tensor] = {}
+        arrays: dict[str, Tensor] = dict(extra or {})
         if self.hooks:
             was_training = self.model.module.training
             self.model.eval()
@@ -276,6 +296,7 @@ class Recorder:
             "backend": self.model.backend,
             "hooks": self.hooks,
             "every": self.every,
+            "dtype": self.dtype,
             "probe_size": None if self.probe is None else len(self.probe),
             "components": {k: [c.name for c in self.model.components.select(k)] for k in self.component_kinds},
             **self.user_meta,
@@ -311,6 +332,44 @@ class Recorder:
         return {k: v.clone() for k, v in views.items()}
 
 
+def _as_probe(probe: Any, model: CapModel) -> TaskBatch | None:
+    """The probe batch, checked: a :class:`TaskBatch`, or token ids wrapped in one."""
+    if probe is None:
+        return None
+    if not isinstance(probe, TaskBatch | Tensor):
+        raise ConfigError(
+            f"probe must be a TaskBatch (task.sample(n, seed)) or a tensor of token ids [batch, pos], "
+            f"got {type(probe).__name__}"
+        )
+    tokens = probe.tokens if isinstance(probe, TaskBatch) else probe
+    check_token_ids(tokens, model.spec, "the probe batch")
+    if len(tokens) == 0:
+        raise ConfigError("the probe batch is empty; give it at least one sequence")
+    if isinstance(probe, TaskBatch):
+        return probe
+    zeros = torch.zeros(len(probe), dtype=torch.long)
+    return TaskBatch(probe, zeros, zeros.clone())
+
+
+def _recorded_settings(path: Path) -> dict[str, Any]:
+    """What a store written by a :class:`Recorder` was recording: the defaults of a resumed one."""
+    store = RunStore.open(path)
+    meta = store.meta
+    if meta.get("kind") != "capwrap.recording":
+        raise StoreError(
+            f"{path} is a run store but was not written by a Recorder, so a Recorder cannot resume it; "
+            "record to a new folder"
+        )
+    hooks = list(meta.get("hooks", []))
+    dtype = meta.get("dtype") or (store.array_spec(hooks[0])[1] if hooks else "float32")
+    settings = {
+        "hooks": hooks, "every": meta.get("every"), "component_kinds": list(meta.get("components", {})), "dtype": dtype,
+    }  # fmt: skip
+    if hooks:
+        settings["probe"] = load_probe(store)
+    return settings
+
+
 class _OrderedWriter:
     """Appends to a :class:`RunStore` from one background thread, in submission order, so disk
     writes and their fsyncs overlap the next training steps. At most ``max_pending`` appends wait;
@@ -327,6 +386,11 @@ class _OrderedWriter:
         self._raise_if_failed()
         self._queue.put((step, scalars, arrays))
 
+    def flush(self) -> None:
+        """Wait until every submitted append is done."""
+        self._queue.join()
+        self._raise_if_failed()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
@@ -339,6 +403,7 @@ class _OrderedWriter:
                     self._store.append(item[0], scalars=item[1], arrays=item[2])
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
                     self._error = exc
+            self._queue.task_done()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

@@ -211,13 +211,17 @@ class RunStore:
                 ) from None
         self._refresh()  # re-read under the lock, then drop everything uncommitted
         self._log_file.truncate(self._log_end)
+        self._cut_uncommitted_arrays()
+        self._writable = True
+        return self
+
+    def _cut_uncommitted_arrays(self) -> None:
+        """Truncate each array file to the records the commit log covers."""
         for name, info in self._arrays.items():
-            file = path / "arrays" / info["file"]
+            file = self.path / "arrays" / info["file"]
             if file.exists() and file.stat().st_size > self._committed_bytes(name):
                 with open(file, "r+b") as f:
                     f.truncate(self._committed_bytes(name))
-        self._writable = True
-        return self
 
     def _load_meta(self) -> None:
         if not self.path.is_dir():
@@ -426,6 +430,29 @@ class RunStore:
             return np.ascontiguousarray(arr, dtype=_DTYPES[dtype]), (shape, dtype)
         except (TypeError, ValueError):
             raise ConfigError(f"Array {name!r} is not numeric ({arr.dtype}); pass a float tensor.") from None
+
+    def rollback(self, step: int) -> None:
+        """Drop every committed step after ``step``, so that appending continues from it.
+
+        A resumed training run goes back to its last checkpoint and records the steps after it
+        again; this removes their first recording. Cutting the commit log is the one commit point:
+        a crash during the rollback leaves either the old store or the rolled-back one.
+        """
+        self._check_writable()
+        self._refresh()
+        keep = sum(1 for s in self._steps if s <= step)
+        if keep == len(self._steps):
+            return
+        with open(self.path / "steps.jsonl", "rb") as f:
+            lines = f.read(self._log_end).split(b"\n")
+        end = sum(len(line) + 1 for line in lines[:keep])
+        self._log_file.truncate(end)
+        self._log_file.flush()
+        _sync(self._log_file.fileno())
+        self._log_end = self._seen_size = end
+        self._steps, self._scalar_rows = self._steps[:keep], self._scalar_rows[:keep]
+        self._array_steps = {name: [s for s in steps if s <= step] for name, steps in self._array_steps.items()}
+        self._cut_uncommitted_arrays()
 
     def update_meta(self, **entries: Any) -> None:
         """Merge ``entries`` into the user metadata and rewrite ``meta.json`` atomically."""

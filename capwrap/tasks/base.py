@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from capwrap.checks import check_batch_shapes
 from capwrap.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TaskBatch",
     "Task",
+    "TaskBase",
     "answer_logits",
     "answer_loss",
     "task_loss",
@@ -59,6 +61,9 @@ class TaskBatch:
     labels: dict[str, Int[Tensor, " batch"]] = field(default_factory=dict)
     lm_targets: Int[Tensor, "batch pos"] | None = None
 
+    def __post_init__(self) -> None:
+        check_batch_shapes(self)
+
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
@@ -84,7 +89,11 @@ class TaskBatch:
 
 @runtime_checkable
 class Task(Protocol):
-    """What capwrap needs from a task."""
+    """What capwrap needs from a task: sequences with an answer position, latent labels for probes,
+    and what the analyzers read about the capability it measures.
+
+    Subclass :class:`TaskBase` to get the defaults of the analyzer-facing members.
+    """
 
     name: str
 
@@ -96,11 +105,47 @@ class Task(Protocol):
     def seq_len(self) -> int:
         """Length of every sequence (the model's context must be at least this)."""
 
+    @property
+    def probe_label(self) -> str | None:
+        """The latent label (a key of ``TaskBatch.labels``) that measures the capability inside the
+        model, e.g. ``count_a``; ``None`` when the task has none."""
+
+    @property
+    def capability_floor(self) -> float:
+        """Accuracy below which a model does not have the capability at all (chance-level)."""
+
+    def probe_task(self) -> Task:
+        """The task whose sequences probes read :attr:`probe_label` from (often the task itself)."""
+
+    def correlation_free(self) -> Task | None:
+        """The same task with its planted spurious correlation removed (C_Te = 0), or ``None`` when
+        the task has no planted correlation."""
+
     def sample(self, n: int, seed: int) -> TaskBatch:
         """``n`` sequences, reproducible from ``seed``."""
 
     def describe(self) -> dict[str, Any]:
         """A JSON-serializable description (stored with checkpoints and runs)."""
+
+
+class TaskBase:
+    """Defaults of the analyzer-facing :class:`Task` members: no latent label, a 50% capability
+    floor (procedural tasks with a handful of answers), probes read the task itself, and no planted
+    correlation."""
+
+    @property
+    def probe_label(self) -> str | None:
+        return None
+
+    @property
+    def capability_floor(self) -> float:
+        return 0.5
+
+    def probe_task(self) -> Task:
+        return self  # type: ignore[return-value]
+
+    def correlation_free(self) -> Task | None:
+        return None
 
 
 def check_task_fits(model: CapModel, task: Task) -> None:
@@ -123,25 +168,31 @@ def answer_logits(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) 
 
 
 def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
-    """Cross-entropy of the answer token (the training objective of procedural tasks)."""
-    return F.cross_entropy(answer_logits(logits, batch), batch.answers.to(logits.device))
+    """Cross-entropy of the answer token (the training objective of procedural tasks), in float32."""
+    return F.cross_entropy(answer_logits(logits, batch).float(), batch.answers.to(logits.device))
 
 
 def task_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, ""]:
     """The training objective: the language-modeling loss over ``batch.lm_targets`` when the batch
-    has them (text tasks), else the answer token's cross-entropy."""
+    has them (text tasks), else the answer token's cross-entropy; in float32 whatever the logits' dtype."""
     if batch.lm_targets is None:
         return answer_loss(logits, batch)
-    return F.cross_entropy(logits.flatten(0, 1), batch.lm_targets.to(logits.device).flatten(), ignore_index=-100)
+    targets = batch.lm_targets.to(logits.device).flatten()
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100)
 
 
 def sequence_logprob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
     """Log-probability of each sequence's target under ``logits``: of the answer token, or for text
     tasks (``batch.lm_targets``) the sum over every target token."""
     if batch.lm_targets is None:
-        return answer_logits(logits, batch).log_softmax(-1).gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+        return (
+            answer_logits(logits, batch)
+            .float()
+            .log_softmax(-1)
+            .gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+        )
     targets = batch.lm_targets.to(logits.device)
-    logp = logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    logp = logits.float().log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
     return (logp * (targets != -100)).sum(-1)
 
 

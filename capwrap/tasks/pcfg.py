@@ -11,9 +11,13 @@ predict ANSWER from the ``<ans>`` position.
 
 Pretraining draws the operand from a *prior*: the paper's ``low`` prior (0.999, 0.001, 0) makes
 "count ``b``" a weakly relevant capability. Fine-tuning data can carry the paper's planted
-spurious correlation: in a fraction ``correlation`` of sequences, count(b) = count(a) + 1 in the
-counting window (tokens are changed to make it so), and in the rest it is made false, so test
-sets with C_Te = 1 and C_Te = 0 are ``correlation=1.0`` and ``correlation=0.0``.
+spurious correlation between the answer for the task's operand (the *target*) and the answer for
+another operand (the *source*): in a fraction ``correlation`` of sequences, count(target) =
+count(source) + offset in the counting window — the paper's count(b) = count(a) + 1 by default —
+or, for the index family, index(target) = index(source) + offset (the positions of their
+``occurrence``-th occurrences). Tokens are changed to make it so, and in the rest of the sequences it
+is made false, so test sets with C_Te = 1 and C_Te = 0 are ``correlation=1.0`` and
+``correlation=0.0`` (:meth:`PCFGTask.correlation_free` gives the latter).
 
 Examples:
     >>> task = PCFGTask(family="count", operand="b", correlation=1.0)
@@ -22,6 +26,12 @@ Examples:
     True
     >>> task.vocab.decode(batch.tokens[0, :5])
     ['<sos>', '<count>', 'b', '16', '<sot>']
+    >>> index = PCFGTask("index", "c", correlation=1.0, source="b", offset=2)
+    >>> batch = index.sample(64, seed=0)
+    >>> bool((batch.labels["index_c"] == batch.labels["index_b"] + 2).all())
+    True
+    >>> index.correlation_free().name
+    'index c C=0 (c = b + 2)'
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import numpy as np
 import torch
 
 from capwrap.errors import ConfigError
-from capwrap.tasks.base import TaskBatch
+from capwrap.tasks.base import TaskBase, TaskBatch
 
 __all__ = ["PCFGConfig", "PCFGVocab", "PCFGTask", "GRAMMAR", "PRIORS", "generate_strings"]
 
@@ -145,15 +155,19 @@ def generate_strings(n: int, length: int, rng: np.random.Generator) -> np.ndarra
     return out
 
 
-class PCFGTask:
+class PCFGTask(TaskBase):
     """Counting and index-of-occurrence on PCFG strings.
 
     Args:
         family: ``"count"``, ``"index"``, or a tuple of them (each sequence draws one uniformly).
         operand: ``"a"``, ``"b"`` or ``"c"``; or give ``prior`` instead.
         prior: a name of :data:`PRIORS` or probabilities over (a, b, c) to draw operands from.
-        correlation: fraction of sequences made to satisfy count(b) = count(a) + 1 (the rest are
-            made to violate it); ``None`` leaves strings as the grammar made them.
+        correlation: fraction of sequences made to satisfy the planted correlation
+            answer(operand) = answer(source) + offset (the rest are made to violate it); ``None``
+            leaves strings as the grammar made them. Needs a single family and an operand.
+        source: the operand whose answer the correlation ties the task's answer to (default ``a``).
+        offset: the difference the correlation plants (default 1: count(b) = count(a) + 1); for the
+            index family a non-zero number of positions.
         config: sizes (:class:`PCFGConfig`).
         name: a label for reports (default: derived from the arguments).
     """
@@ -166,6 +180,8 @@ class PCFGTask:
         correlation: float | None = None,
         config: PCFGConfig | None = None,
         name: str | None = None,
+        source: str = "a",
+        offset: int = 1,
     ):
         self.config = config or PCFGConfig()
         self.families = (family,) if isinstance(family, str) else tuple(family)
@@ -186,28 +202,73 @@ class PCFGTask:
                 raise ConfigError(f"operand must be one of {list(TERMINALS)}, got {operand!r}")
             self.prior = tuple(1.0 if t == operand else 0.0 for t in TERMINALS)
             self.operand = operand
+        self.source, self.offset = source, offset
         if correlation is not None:
-            if not 0.0 <= correlation <= 1.0:
-                raise ConfigError(f"correlation must be in [0, 1], got {correlation}")
-            if self.families != ("count",) or self.operand != "b":
-                raise ConfigError(
-                    "the spurious correlation count(b) = count(a) + 1 applies to family='count', operand='b'"
-                )
-        self.correlation = correlation
+            self._check_correlation(correlation)
+        self.correlation = None if correlation is None else float(correlation)
         self.vocab = PCFGVocab(self.config)
         self.name = name or self._default_name()
+
+    def _check_correlation(self, correlation: float) -> None:
+        if not 0.0 <= correlation <= 1.0:
+            raise ConfigError(f"correlation must be in [0, 1], got {correlation}")
+        if len(self.families) != 1 or self.operand is None:
+            raise ConfigError(
+                "a planted correlation needs one family and one operand (e.g. family='count', operand='b'), "
+                f"got family={self.families}, operand={self.operand!r}"
+            )
+        if self.source not in TERMINALS or self.source == self.operand:
+            raise ConfigError(
+                f"source must be one of {list(TERMINALS)} other than the operand {self.operand!r}, got {self.source!r}"
+            )
+        if not isinstance(self.offset, int) or isinstance(self.offset, bool):
+            raise ConfigError(f"offset must be an integer, got {self.offset!r}")
+        if self.families[0] == "count" and abs(self.offset) >= self.config.window:
+            raise ConfigError(f"offset {self.offset} cannot hold in a counting window of {self.config.window} tokens")
+        if self.families[0] == "index" and not 0 < abs(self.offset) < self.config.length:
+            raise ConfigError(
+                f"an index correlation needs an offset other than 0 and within the text's {self.config.length} "
+                f"positions, got {self.offset}"
+            )
+
+    @property
+    def relation(self) -> str | None:
+        """The planted relation in words, e.g. ``b = a + 1``; ``None`` without a correlation."""
+        if self.correlation is None:
+            return None
+        return f"{self.operand} = {self.source} {'+' if self.offset >= 0 else '-'} {abs(self.offset)}"
 
     def _default_name(self) -> str:
         fam = "+".join(self.families)
         what = self.operand or "prior(" + ",".join(f"{p:g}" for p in self.prior) + ")"
-        corr = "" if self.correlation is None else f" C={self.correlation:g}"
-        return f"{fam} {what}{corr}"
+        if self.correlation is None:
+            return f"{fam} {what}"
+        planted = "" if (self.source, self.offset) == ("a", 1) else f" ({self.relation})"
+        return f"{fam} {what} C={self.correlation:g}{planted}"
 
     @property
     def probe_label(self) -> str:
         """The latent label probes read by default: the count (or index) of the operand."""
         family = self.families[0] if len(self.families) == 1 else "count"
         return f"{family}_{self.operand or 'a'}"
+
+    @property
+    def source_label(self) -> str | None:
+        """The latent label of the correlation's source (what a wrapper reads instead), or ``None``."""
+        return None if self.correlation is None else f"{self.families[0]}_{self.source}"
+
+    def correlation_free(self) -> PCFGTask | None:
+        """The same task with the correlation made false in every sequence (C_Te = 0), or ``None``
+        when the task plants no correlation."""
+        if self.correlation is None:
+            return None
+        return self.with_correlation(0.0)
+
+    def with_correlation(self, correlation: float | None) -> PCFGTask:
+        """The same task with another fraction of correlated sequences (e.g. C_Te = 1 or 0)."""
+        task = PCFGTask(self.families, self.operand, correlation=correlation, config=self.config,
+                        source=self.source, offset=self.offset)  # fmt: skip
+        return task
 
     @property
     def d_vocab(self) -> int:
@@ -233,6 +294,7 @@ class PCFGTask:
             "operand": self.operand,
             "prior": list(self.prior),
             "correlation": self.correlation,
+            **({} if self.correlation is None else {"source": self.source, "offset": self.offset}),
             "config": asdict(self.config),
         }
 
@@ -282,27 +344,78 @@ class PCFGTask:
         )
 
     def _plant_correlation(self, text: np.ndarray, hold: np.ndarray, rng: np.random.Generator) -> None:
-        """Edit the counting window in place: count(b) = count(a) + 1 where ``hold``, != elsewhere."""
-        w = self.config.window
-        for i in range(len(text)):
-            win = text[i, -w:]  # a view: edits write into ``text``
-            n_a, n_b = int((win == 0).sum()), int((win == 1).sum())
-            if hold[i]:
-                while n_b < n_a + 1:  # turn a `c` (else an `a`) into `b`
-                    pool = np.flatnonzero(win == 2)
-                    if not len(pool):
-                        pool = np.flatnonzero(win == 0)
-                        n_a -= 1
-                    win[rng.choice(pool)] = 1
-                    n_b += 1
-                while n_b > n_a + 1:  # turn a `b` into `c`
-                    win[rng.choice(np.flatnonzero(win == 1))] = 2
-                    n_b -= 1
-            elif n_b == n_a + 1:  # break it with one edit
-                if n_b > 0:
-                    win[rng.choice(np.flatnonzero(win == 1))] = 2
-                else:  # pragma: no cover - n_b >= 1 whenever n_b == n_a + 1
-                    win[rng.integers(0, w)] = 1
+        """Edit ``text`` in place so that the planted relation holds where ``hold`` and fails elsewhere."""
+        target, source = TERMINALS.index(self.operand), TERMINALS.index(self.source)  # type: ignore[arg-type]
+        filler = 3 - target - source  # the third terminal
+        if self.families[0] == "count":
+            for i in range(len(text)):
+                _plant_count(text[i, -self.config.window :], bool(hold[i]), target, source, filler, self.offset, rng)
+        else:
+            for i in range(len(text)):
+                for _ in range(64):  # a string where the relation cannot be planted is redrawn
+                    if _plant_index(text[i], bool(hold[i]), target, source, filler, self.offset,
+                                    self.config.occurrence, rng):  # fmt: skip
+                        break
+                    text[i] = generate_strings(1, self.config.length, rng)[0]
+                else:  # pragma: no cover - every length >= occurrence + |offset| + 1 plants within a few draws
+                    raise ConfigError(f"could not plant {self.relation} in 64 draws; use a smaller offset")
+
+
+def _plant_count(
+    win: np.ndarray, hold: bool, target: int, source: int, filler: int, offset: int, rng: np.random.Generator
+) -> None:
+    """Edit a counting window (a view) in place: count(target) = count(source) + offset where
+    ``hold``, anything else where not. Only tokens that must change are changed: for the paper's
+    count(b) = count(a) + 1 this turns a ``c`` (else an ``a``) into ``b`` while ``b`` is short, and a
+    ``b`` into ``c`` while it is over."""
+    n_t, n_s = int((win == target).sum()), int((win == source).sum())
+    if hold:
+        while n_t < n_s + offset:  # turn a filler (else a source) into the target
+            pool = np.flatnonzero(win == filler)
+            if not len(pool):
+                pool = np.flatnonzero(win == source)
+                n_s -= 1
+            win[rng.choice(pool)] = target
+            n_t += 1
+        while n_t > n_s + offset:
+            if n_t > 0:  # turn a target into the filler
+                win[rng.choice(np.flatnonzero(win == target))] = filler
+                n_t -= 1
+            else:  # count(source) + offset < 0: turn a filler into the source
+                win[rng.choice(np.flatnonzero(win == filler))] = source
+                n_s += 1
+    elif n_t == n_s + offset:  # break it with one edit
+        if n_t > 0:
+            win[rng.choice(np.flatnonzero(win == target))] = filler
+        else:
+            win[rng.choice(np.flatnonzero(win != target))] = target
+
+
+def _plant_index(
+    text: np.ndarray, hold: bool, target: int, source: int, filler: int, offset: int, k: int, rng: np.random.Generator
+) -> bool:
+    """Edit ``text`` in place: the ``k``-th ``target`` sits ``offset`` positions after the ``k``-th
+    ``source`` where ``hold``, anywhere else where not. Source tokens are never changed, so the
+    source's occurrence stays where the grammar put it. Returns False when this string cannot hold."""
+    p_target = int(_nth_index((text == target)[None], k)[0])
+    p_source = int(_nth_index((text == source)[None], k)[0])
+    if not hold:
+        if p_source >= 0 and p_target == p_source + offset:
+            text[p_target] = filler  # the k-th target moves later (or disappears)
+        return True
+    q = p_source + offset
+    if p_source < 0 or not 0 <= q < len(text) or text[q] == source:
+        return False
+    text[q] = target
+    before = np.flatnonzero(text[:q] == target)
+    if len(before) > k - 1:  # too many targets before q: make the extra ones fillers
+        text[rng.choice(before, size=len(before) - (k - 1), replace=False)] = filler
+    elif len(before) < k - 1:  # too few: turn fillers before q into targets
+        pool = np.flatnonzero(text[:q] == filler)
+        if len(pool) < k - 1 - len(before):
+            return False
+        text[rng.choice(pool, size=k - 1 - len(before), replace=False)] = target
+    return True
 
 
 def _nth_index(mask: np.ndarray, k: int) -> np.ndarray:

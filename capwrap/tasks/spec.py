@@ -1,12 +1,18 @@
 """Tasks from one-line specs, for the command line: ``key=value`` pairs separated by commas.
 
-* PCFG: ``pcfg=count,operand=a`` · ``pcfg=count,operand=b,correlation=1`` · ``pcfg=index,operand=c``
-  (keys: ``pcfg`` (the family), ``operand``, ``prior``, ``correlation``, ``length``, ``window``,
-  ``occurrence``);
+* PCFG: ``pcfg=count,operand=a`` · ``pcfg=count,operand=b,correlation=1`` (count(b) = count(a) + 1
+  in every sequence) · ``pcfg=index,operand=c,correlation=1,source=b,offset=2`` · ``pcfg=index,operand=c``
+  (keys: ``pcfg`` (the family), ``operand``, ``prior``, ``correlation``, ``source``, ``offset``,
+  ``length``, ``window``, ``occurrence``);
 * text: ``text=PATH_OR_HUB_NAME,feature=word:Lily`` (the capability: writing the feature where
   stories mention it) · ``text=PATH,without=word:Lily`` (the filtering protocol: language modeling
   on the texts without the feature) · ``text=PATH`` (language modeling); further keys ``field``,
-  ``split``, ``limit``, ``seq_len``, ``relabel=word:Lily->Max`` (the relabeling protocol).
+  ``split``, ``limit``, ``seq_len``, ``relabel=word:Lily->Max`` (the relabeling protocol);
+* Tracr (the program's vocabularies come from the model, a checkpoint saved from
+  :meth:`~capwrap.tasks.tracr.CompiledProgram.to_model`): ``tracr=counter,operand=b,correlation=1``
+  (keys ``operand``, ``correlation``, ``source``, ``offset``, ``length``) ·
+  ``tracr=max_identifier,rank=4,correlation=1,source_rank=5,shift=1`` (keys ``rank``,
+  ``correlation``, ``source_rank``, ``shift``, ``length``).
 
 Examples:
     >>> task_from_spec("pcfg=count,operand=b,correlation=1").name
@@ -25,10 +31,14 @@ from capwrap.errors import ConfigError
 from capwrap.tasks.base import Task
 from capwrap.tasks.pcfg import PCFGConfig, PCFGTask
 
-__all__ = ["parse_spec", "task_from_spec"]
+__all__ = ["parse_spec", "task_from_spec", "spec_help", "SPEC_EXAMPLES"]
 
-_PCFG_KEYS = {"pcfg", "operand", "prior", "correlation", "length", "window", "occurrence", "name"}
+_PCFG_KEYS = {"pcfg", "operand", "prior", "correlation", "source", "offset", "length", "window", "occurrence", "name"}
 _TEXT_KEYS = {"text", "feature", "without", "relabel", "field", "split", "limit", "seq_len", "name"}
+_TRACR_KEYS = {
+    "counter": {"tracr", "operand", "correlation", "source", "offset", "length"},
+    "max_identifier": {"tracr", "rank", "correlation", "source_rank", "shift", "length"},
+}
 
 
 def parse_spec(spec: str) -> dict[str, str]:
@@ -44,11 +54,13 @@ def parse_spec(spec: str) -> dict[str, str]:
     return out
 
 
-def task_from_spec(spec: str, tokenizer: Any = None) -> Task:
-    """The task a spec describes (text tasks need the model's ``tokenizer``).
+def task_from_spec(spec: str, tokenizer: Any = None, model: Any = None) -> Task:
+    """The task a spec describes (text tasks need the model's ``tokenizer``, Tracr tasks the
+    compiled ``model`` itself).
 
     Raises:
-        ConfigError: an unknown key or kind, a bad value, a text task without a tokenizer.
+        ConfigError: an unknown key or kind, a bad value, a text task without a tokenizer, a Tracr
+            task without a compiled model.
     """
     keys = parse_spec(spec)
     try:
@@ -56,9 +68,13 @@ def task_from_spec(spec: str, tokenizer: Any = None) -> Task:
             return _pcfg(keys)
         if "text" in keys:
             return _text(keys, tokenizer)
+        if "tracr" in keys:
+            return _tracr(keys, model)
     except ConfigError as err:
         raise ConfigError(f"task spec {spec!r}: {err}") from None
-    raise ConfigError(f"task spec {spec!r} names no task kind; start it with pcfg=FAMILY or text=PATH_OR_HUB_NAME")
+    raise ConfigError(
+        f"task spec {spec!r} names no task kind; start it with pcfg=FAMILY, text=PATH_OR_HUB_NAME or tracr=PROGRAM"
+    )
 
 
 def _check_keys(keys: dict[str, str], allowed: set[str]) -> None:
@@ -82,7 +98,9 @@ def _pcfg(keys: dict[str, str]) -> PCFGTask:
     if prior and "/" in prior:
         prior = tuple(float(p) for p in prior.split("/"))
     operand = None if prior else keys.get("operand", "a")
-    return PCFGTask(keys["pcfg"], operand, prior=prior, correlation=correlation, config=config, name=keys.get("name"))
+    planted = {"source": keys.get("source", "a"), "offset": _number(keys, "offset", int) if "offset" in keys else 1}
+    return PCFGTask(keys["pcfg"], operand, prior=prior, correlation=correlation, config=config, name=keys.get("name"),
+                    **planted)  # fmt: skip
 
 
 def _text(keys: dict[str, str], tokenizer: Any) -> Task:
@@ -104,3 +122,55 @@ def _text(keys: dict[str, str], tokenizer: Any) -> Task:
         ds = relabel(ds, Feature.parse(old), new)
     seq_len = _number(keys, "seq_len", int) if "seq_len" in keys else 128
     return TextTask(ds, tokenizer, seq_len=seq_len, feature=keys.get("feature"), name=keys.get("name"))
+
+
+def _tracr(keys: dict[str, str], model: Any) -> Task:
+    from capwrap.tasks.tracr import CompiledProgram, TracrCounterTask, TracrMaxIdentifierTask
+
+    program_name = keys["tracr"]
+    if program_name not in _TRACR_KEYS:
+        raise ConfigError(f"unknown Tracr program {program_name!r}; choose from {sorted(_TRACR_KEYS)}")
+    _check_keys(keys, _TRACR_KEYS[program_name])
+    if model is None:
+        raise ConfigError("a Tracr task needs the compiled model its vocabularies come from")
+    program = CompiledProgram.from_model(model)
+    if program.name != program_name:
+        raise ConfigError(f"the model was compiled from the {program.name} program, not {program_name}")
+    length = _number(keys, "length", int) if "length" in keys else None
+    correlation = _number(keys, "correlation", float) if "correlation" in keys else None
+    if program_name == "counter":
+        offset = _number(keys, "offset", int) if "offset" in keys else 1
+        return TracrCounterTask(program, keys.get("operand", "a"), correlation, length, keys.get("source", "a"), offset)
+    numbers = {k: _number(keys, k, int) for k in ("rank", "source_rank", "shift") if k in keys}
+    return TracrMaxIdentifierTask(program, length=length, correlation=correlation, **numbers)
+
+
+#: Example specs of each task kind (the help text shows them; the tests parse every one).
+SPEC_EXAMPLES = {
+    "pcfg": ("pcfg=count,operand=a", "pcfg=count,operand=b,correlation=1", "pcfg=index,operand=c,length=24"),
+    "text": ("text=stories.txt,feature=word:Lily", "text=stories.txt,without=word:Lily", "text=stories.txt"),
+    "tracr": ("tracr=counter,operand=b,correlation=1", "tracr=max_identifier,rank=2,shift=1"),
+}
+
+
+def spec_help() -> str:
+    """What task specs look like: the keys each kind takes, the feature kinds, examples.
+
+    Built from the tables the parser itself checks, so it cannot go stale.
+
+    Examples:
+        >>> print(spec_help().splitlines()[0])
+        task specs are key=value pairs separated by commas:
+    """
+    from capwrap.tasks.text import FEATURE_KINDS
+
+    keys = {"pcfg": _PCFG_KEYS, "text": _TEXT_KEYS}
+    keys |= {f"tracr={program}": allowed for program, allowed in _TRACR_KEYS.items()}
+    lines = ["task specs are key=value pairs separated by commas:"]
+    for kind, allowed in keys.items():
+        family = kind.split("=")[0]
+        lines.append(f"  {kind}: keys {', '.join(sorted(allowed, key=lambda k: (k != family, k)))}")
+        lines += [f"    e.g. {example}" for example in SPEC_EXAMPLES[family] if example.startswith(kind)]
+    lines.append("features (feature=, without=, relabel=FEATURE->NEW):")
+    lines += [f"  {example:<18} {meaning}" for example, meaning in FEATURE_KINDS.values()]
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from capwrap.errors import CheckpointError, ConfigError
-from capwrap.tasks.base import TaskBatch
+from capwrap.tasks.base import TaskBase, TaskBatch
 
 if TYPE_CHECKING:
     import datasets
@@ -56,6 +56,14 @@ __all__ = [
 _EOT = "<|endoftext|>"
 
 
+#: Each feature kind, with an example spec and what it matches (help texts are built from this).
+FEATURE_KINDS = {
+    "word": ("word:Lily", "a whole word or name, any case"),
+    "regex": (r"regex:\bdogs?\b", "a Python regular expression, case-insensitive"),
+    "dialogue": ("dialogue", "a double-quoted utterance"),
+}
+
+
 @dataclass(frozen=True)
 class Feature:
     """A story feature: ``kind`` is ``word`` (a whole word or name, any case), ``regex`` (a Python
@@ -65,8 +73,9 @@ class Feature:
     value: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("word", "regex", "dialogue"):
-            raise ConfigError(f"unknown feature kind {self.kind!r}; use word:WORD, regex:PATTERN or dialogue")
+        if self.kind not in FEATURE_KINDS:
+            examples = ", ".join(example for example, _ in FEATURE_KINDS.values())
+            raise ConfigError(f"unknown feature kind {self.kind!r}; use one of {examples}")
         if self.kind != "dialogue" and not self.value.strip():
             raise ConfigError(f"a {self.kind} feature needs a value, e.g. {self.kind}:Lily")
         try:
@@ -218,7 +227,7 @@ class _Doc:
     feature_starts: list[int]  # token index where each occurrence of the feature begins
 
 
-class TextTask:
+class TextTask(TaskBase):
     """Texts as a capwrap task, for one tokenizer.
 
     With a ``feature``, the capability: each sequence is a story up to a mention of the feature,
@@ -256,10 +265,6 @@ class TextTask:
         self._seq_len = seq_len
         self.feature = None if feature is None else Feature.parse(feature)
         self.name = name or (f"mentions {self.feature.name}" if self.feature else "language modeling")
-        self.probe_label = "feature_next"
-        #: a base model below this accuracy does not have the capability (top-1 of one word among
-        #: the whole vocabulary: 5% is already far above chance)
-        self.capability_floor = 0.05
         self._docs = [self._encode(t) for t in self.texts]
         if self.feature is not None:
             self._sites = [(d, s) for d, doc in enumerate(self._docs) for s in doc.feature_starts if s >= 2]
@@ -274,6 +279,16 @@ class TextTask:
     @property
     def d_vocab(self) -> int:
         return len(self.tokenizer)
+
+    @property
+    def probe_label(self) -> str | None:
+        """``feature_next`` (is the feature the next word?) when the task has a feature."""
+        return "feature_next" if self.feature is not None else None
+
+    @property
+    def capability_floor(self) -> float:
+        """5%: top-1 of one word among the whole vocabulary is already far above chance."""
+        return 0.05
 
     @property
     def seq_len(self) -> int:
@@ -304,9 +319,10 @@ class TextTask:
         contexts contain the feature); label ``feature_next``: is the feature the next word? A probe
         that reads it from the tuned model finds the capability even where the output no longer
         writes the feature. Its batches hold distinct sequences only, so at most twice the number
-        of feature sites, whatever ``n`` asks."""
+        of feature sites, whatever ``n`` asks. A task without a feature has no latent label to probe:
+        it returns itself."""
         if self.feature is None:
-            raise ConfigError("probe_task needs a text task with a feature")
+            return self
         return _ContrastTask(self)
 
     # -- internals --

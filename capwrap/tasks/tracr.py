@@ -6,7 +6,9 @@ largest token). This module compiles them with `tracr <https://github.com/google
 (the ``capwrap[tracr]`` extra, which brings JAX), converts the compiled weights into a
 :class:`~capwrap.models.CapModel` on either TransformerLens backend (architecture ``"tracr"``: no
 normalization, ReLU MLPs, bidirectional attention), and provides matching tasks for fine-tuning,
-with the paper's planted correlation for the counter.
+with the paper's planted correlations: count(operand) = count(source) + offset for the counter, and
+for the max-identifier the fine-tuning answer = the compiled rank's answer shifted by ``shift``
+letters.
 
 Examples:
     >>> program = compile_counter("a", letters="abc", max_seq_len=5)  # doctest: +SKIP
@@ -28,7 +30,7 @@ import torch
 
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel, ModelSpec
-from capwrap.tasks.base import TaskBatch
+from capwrap.tasks.base import TaskBase, TaskBatch
 
 __all__ = ["CompiledProgram", "compile_counter", "compile_max_identifier", "TracrCounterTask", "TracrMaxIdentifierTask"]
 
@@ -71,13 +73,35 @@ class CompiledProgram:
 
     def evaluate(self, sequence: Sequence[str]) -> list[Any]:
         """The RASP program's own output on ``sequence`` (ground truth, no neural network)."""
+        if self.program is None:
+            raise ConfigError(f"the {self.name} program was read from a checkpoint, which keeps no RASP program to run")
         rasp, _ = _require_tracr()
         return list(rasp.evaluate(self.program, list(sequence)))
 
     def to_model(self, backend: str | None = None) -> CapModel:
-        """The compiled weights as a TransformerLens model (``[batch, pos, n_outputs]`` logits)."""
+        """The compiled weights as a TransformerLens model (``[batch, pos, n_outputs]`` logits); its
+        metadata keeps the vocabularies, so :meth:`from_model` gets the program's tasks back from a
+        saved checkpoint without tracr."""
         spec, state = _convert(self)
-        return CapModel.from_state(spec, state, backend, metadata={"tracr_program": self.name})
+        meta = {"tracr_program": self.name, "input_tokens": self.input_tokens,
+                "output_values": [str(v) for v in self.output_values], "max_seq_len": self.max_seq_len}  # fmt: skip
+        return CapModel.from_state(spec, state, backend, metadata=meta)
+
+    @classmethod
+    def from_model(cls, model: CapModel) -> CompiledProgram:
+        """The program's vocabularies from a model made by :meth:`to_model` (e.g. loaded from a saved
+        checkpoint): enough to build its tasks, without tracr or JAX (no RASP program to evaluate).
+
+        Raises:
+            ConfigError: the model was not compiled from a RASP program by capwrap.
+        """
+        meta = model.metadata
+        if "input_tokens" not in meta or "output_values" not in meta:
+            raise ConfigError(
+                "this model carries no tracr program vocabularies; was it made by CompiledProgram.to_model?"
+            )
+        values = [int(v) if str(v).lstrip("-").isdigit() else v for v in meta["output_values"]]
+        return cls(meta["tracr_program"], None, None, list(meta["input_tokens"]), values, int(meta["max_seq_len"]))
 
 
 def _compile(name: str, program: Any, letters: str, max_seq_len: int) -> CompiledProgram:
@@ -177,7 +201,7 @@ def _convert(program: CompiledProgram) -> tuple[ModelSpec, dict[str, torch.Tenso
     return spec, {k: torch.tensor(np.ascontiguousarray(v), dtype=torch.float32) for k, v in state.items()}
 
 
-class _TracrTask:
+class _TracrTask(TaskBase):
     """Shared parts of the Tracr tasks: inputs are ``BOS`` + letters; the answer is read at the last position."""
 
     def __init__(self, program: CompiledProgram, length: int | None, name: str):
@@ -217,22 +241,52 @@ class TracrCounterTask(_TracrTask):
     Args:
         program: a compiled counter (:func:`compile_counter`); its output classes are the counts.
         operand: the letter to count (the fine-tuning task of the paper counts ``b``).
-        correlation: fraction of sequences made to satisfy count(operand) = count(a) + 1 (the rest
-            violate it), as in the PCFG tasks; ``None`` for plain random strings.
+        correlation: fraction of sequences made to satisfy count(operand) = count(source) + offset
+            (the rest violate it), as in the PCFG tasks; ``None`` for plain random strings.
         length: letters per sequence (default: the compiled ``max_seq_len``).
+        source: the letter whose count the correlation ties the operand's to (default ``a``, what
+            the compiled counter counts).
+        offset: the planted difference (default 1).
     """
 
     def __init__(
-        self, program: CompiledProgram, operand: str = "a", correlation: float | None = None, length: int | None = None
+        self,
+        program: CompiledProgram,
+        operand: str = "a",
+        correlation: float | None = None,
+        length: int | None = None,
+        source: str = "a",
+        offset: int = 1,
     ):
-        super().__init__(
-            program, length, f"tracr count {operand}" + ("" if correlation is None else f" C={correlation:g}")
+        planted = (
+            ""
+            if (source, offset) == ("a", 1)
+            else f" ({operand} = {source} {'+' if offset >= 0 else '-'} {abs(offset)})"
         )
-        if operand not in self.letters:
-            raise ConfigError(f"operand {operand!r} is not in the program's letters {self.letters}")
-        if correlation is not None and not (0.0 <= correlation <= 1.0 and operand != "a"):
-            raise ConfigError("correlation must be in [0, 1] and needs an operand other than 'a'")
-        self.operand, self.correlation = operand, correlation
+        super().__init__(
+            program, length, f"tracr count {operand}" + ("" if correlation is None else f" C={correlation:g}{planted}")
+        )
+        if operand not in self.letters or source not in self.letters:
+            raise ConfigError(
+                f"operand {operand!r} and source {source!r} must be among the program's letters {self.letters}"
+            )
+        if correlation is not None:
+            if not 0.0 <= correlation <= 1.0 or operand == source:
+                raise ConfigError("correlation must be in [0, 1] and needs an operand other than its source")
+            if abs(offset) >= self.length:
+                raise ConfigError(f"offset {offset} cannot hold in strings of {self.length} letters")
+        self.operand, self.correlation, self.source, self.offset = operand, correlation, source, offset
+
+    @property
+    def probe_label(self) -> str:
+        """``count_<operand>``."""
+        return f"count_{self.operand}"
+
+    def correlation_free(self) -> TracrCounterTask | None:
+        """The same task with the correlation false in every sequence (C_Te = 0)."""
+        if self.correlation is None:
+            return None
+        return TracrCounterTask(self.program, self.operand, 0.0, self.length, self.source, self.offset)
 
     def describe(self) -> dict[str, Any]:
         """A JSON description of the task."""
@@ -241,6 +295,7 @@ class TracrCounterTask(_TracrTask):
             "name": self.name,
             "operand": self.operand,
             "correlation": self.correlation,
+            **({} if self.correlation is None else {"source": self.source, "offset": self.offset}),
             "length": self.length,
         }
 
@@ -255,14 +310,14 @@ class TracrCounterTask(_TracrTask):
             hold = rng.random(n) < self.correlation
             for text, h in zip(texts, hold, strict=True):
                 self._plant(text, bool(h), rng)
-        counts = {t: [text.count(t) for text in texts] for t in ("a", self.operand)}
+        counts = {t: [text.count(t) for text in texts] for t in self.letters}
         answers = counts[self.operand]
-        return self._batch(texts, answers, {"count_a": counts["a"], f"count_{self.operand}": counts[self.operand]})
+        return self._batch(texts, answers, {f"count_{t}": c for t, c in counts.items()})
 
     def _plant(self, text: list[str], hold: bool, rng: np.random.Generator) -> None:
-        """Edit ``text`` in place: count(operand) = count(a) + 1 if ``hold``, else anything but."""
-        target = self.operand
-        filler = [t for t in self.letters if t not in ("a", target)] or ["a"]
+        """Edit ``text`` in place: count(operand) = count(source) + offset if ``hold``, else anything but."""
+        target, source, offset = self.operand, self.source, self.offset
+        filler = [t for t in self.letters if t not in (source, target)] or [source]
 
         def positions(pred) -> list[int]:
             return [i for i, t in enumerate(text) if pred(t)]
@@ -271,13 +326,19 @@ class TracrCounterTask(_TracrTask):
             return text.count(letter)
 
         if hold:
-            while n(target) < n("a") + 1:  # turn a filler letter (else an `a`) into the operand
-                pool = positions(lambda t: t not in ("a", target)) or positions(lambda t: t == "a")
+            while n(target) < n(source) + offset:  # turn a filler letter (else a source) into the operand
+                pool = positions(lambda t: t not in (source, target)) or positions(lambda t: t == source)
                 text[int(rng.choice(pool))] = target
-            while n(target) > n("a") + 1:  # turn an operand into a filler letter
+            while n(target) > n(source) + offset:
+                if n(target):  # turn an operand into a filler letter
+                    text[int(rng.choice(positions(lambda t: t == target)))] = str(rng.choice(filler))
+                else:  # count(source) + offset < 0: turn a filler letter into the source
+                    text[int(rng.choice(positions(lambda t: t != source)))] = source
+        elif n(target) == n(source) + offset:
+            if n(target):
                 text[int(rng.choice(positions(lambda t: t == target)))] = str(rng.choice(filler))
-        elif n(target) == n("a") + 1:
-            text[int(rng.choice(positions(lambda t: t == target)))] = str(rng.choice(filler))
+            else:
+                text[int(rng.choice(positions(lambda t: t != target)))] = target
 
 
 class TracrMaxIdentifierTask(_TracrTask):
@@ -287,23 +348,86 @@ class TracrMaxIdentifierTask(_TracrTask):
         program: a compiled max-identifier (:func:`compile_max_identifier`); output classes are letters.
         rank: which largest letter to name; a fine-tuning task uses another rank than the compiled one.
         length: letters per sequence (default: the compiled ``max_seq_len``).
+        correlation: fraction of sequences where the answer equals the ``source_rank``-th largest
+            letter shifted by ``shift`` places in the alphabet (the paper's shift-by-q rule; the rest
+            violate it); ``None`` for plain random sets of letters.
+        source_rank: the rank the correlation ties the answer to (the compiled rank, default 5).
+        shift: the planted shift q (default 1: the answer is the letter after the source's).
     """
 
-    def __init__(self, program: CompiledProgram, rank: int = 5, length: int | None = None):
-        super().__init__(program, length, f"tracr max-identifier rank {rank}")
+    def __init__(
+        self,
+        program: CompiledProgram,
+        rank: int = 5,
+        length: int | None = None,
+        correlation: float | None = None,
+        source_rank: int = 5,
+        shift: int = 1,
+    ):
+        planted = "" if correlation is None else f" C={correlation:g} (rank {rank} = rank {source_rank} + {shift})"
+        super().__init__(program, length, f"tracr max-identifier rank {rank}{planted}")
         if not 1 <= rank <= self.length or self.length > len(self.letters):
             raise ConfigError(f"rank must be in [1, length={self.length}] and length <= {len(self.letters)} letters")
-        self.rank = rank
+        if correlation is not None:
+            if not 0.0 <= correlation <= 1.0:
+                raise ConfigError(f"correlation must be in [0, 1], got {correlation}")
+            if not 1 <= source_rank <= self.length or source_rank == rank:
+                raise ConfigError(f"source_rank must be in [1, {self.length}] and differ from rank {rank}")
+            if shift == 0 or (shift > 0) != (rank < source_rank) or abs(shift) < abs(rank - source_rank):
+                raise ConfigError(
+                    f"rank {rank} = rank {source_rank} shifted by {shift} letters cannot hold: a larger rank number "
+                    "is a smaller letter, and the shift must span at least the ranks between them"
+                )
+        self.rank, self.correlation, self.source_rank, self.shift = rank, correlation, source_rank, shift
+
+    @property
+    def probe_label(self) -> str:
+        """``rank<rank>_letter``: the index of the answer letter."""
+        return f"rank{self.rank}_letter"
+
+    def correlation_free(self) -> TracrMaxIdentifierTask | None:
+        """The same task with the shift rule false in every sequence (C_Te = 0)."""
+        if self.correlation is None:
+            return None
+        return TracrMaxIdentifierTask(self.program, self.rank, self.length, 0.0, self.source_rank, self.shift)
 
     def describe(self) -> dict[str, Any]:
         """A JSON description of the task."""
-        return {"kind": "tracr_max_identifier", "name": self.name, "rank": self.rank, "length": self.length}
+        planted = {} if self.correlation is None else {"source_rank": self.source_rank, "shift": self.shift}
+        return {"kind": "tracr_max_identifier", "name": self.name, "rank": self.rank, "length": self.length,
+                "correlation": self.correlation, **planted}  # fmt: skip
 
     def sample(self, n: int, seed: int) -> TaskBatch:
         """``n`` sequences of distinct letters, reproducible from ``seed``."""
         if n <= 0:
             raise ConfigError(f"number of samples must be positive, got {n}")
         rng = np.random.default_rng(seed)
-        texts = [list(rng.choice(np.array(self.letters), size=self.length, replace=False)) for _ in range(n)]
-        answers = [sorted(text, reverse=True)[self.rank - 1] for text in texts]
-        return self._batch(texts, answers, {"answer_letter": [self.letters.index(a) for a in answers]})
+        letters = np.array(self.letters)
+        if self.correlation is None:
+            ids = np.stack([rng.choice(len(letters), size=self.length, replace=False) for _ in range(n)])
+        else:
+            ids = self._sample_planted(n, rng)
+        texts = [list(letters[row]) for row in ids]
+        ranked = -np.sort(-ids, axis=1)  # letter indices, largest first
+        labels = {f"rank{k + 1}_letter": ranked[:, k].tolist() for k in range(self.length)}
+        answers = [self.letters[i] for i in ranked[:, self.rank - 1]]
+        labels["answer_letter"] = labels[self.probe_label]
+        return self._batch(texts, answers, labels)
+
+    def _sample_planted(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Distinct-letter sets, redrawn until the shift rule holds (or fails) as each row needs."""
+        hold = rng.random(n) < self.correlation
+        out = np.empty((n, self.length), dtype=np.int64)
+        todo = np.arange(n)
+        for _ in range(1000):
+            if not len(todo):
+                return out
+            draws = np.argsort(rng.random((len(todo), len(self.letters))), axis=1)[:, : self.length]
+            ranked = -np.sort(-draws, axis=1)
+            holds = ranked[:, self.rank - 1] - ranked[:, self.source_rank - 1] == self.shift
+            ok = holds == hold[todo]
+            out[todo[ok]] = draws[ok]
+            todo = todo[~ok]
+        raise ConfigError(  # pragma: no cover - the rule holds for a fair share of random sets
+            f"could not draw sets where rank {self.rank} = rank {self.source_rank} + {self.shift}; use a smaller shift"
+        )

@@ -29,10 +29,15 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
     summary = json.loads((demo_out / "summary.json").read_text())
     assert summary["verdict"] == "wrapper", summary["diagnosis"]["reasons"]
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
-    assert set(evidence) == {"probing", "pruning", "revival", "weight_diff", "attention", "patching"}
+    assert set(evidence) == {"probing", "pruning", "revival", "weight_diff", "attention", "patching",
+                             "generalization", "new_latent"}  # fmt: skip
     assert evidence["probing"]["direction"] == "wrapper"  # the count of a is still readable
     assert evidence["revival"]["headline"]["control_over_tuned"] >= 3  # and comes back fast
     assert summary["verdict_note"].startswith("wrapper:")
+    findings = summary["diagnosis"]["findings"]
+    assert findings["deletion"]["verdict"] == "wrapper"  # count a is hidden, not gone
+    assert findings["creation"]["verdict"] == "wrapper"  # count b holds only where b = a + 1
+    assert evidence["generalization"]["direction"] == "wrapper"
 
 
 def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
@@ -40,6 +45,7 @@ def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
     assert summary["scenario"] == "removed"
     assert summary["verdict"] != "wrapper", summary["diagnosis"]["reasons"]
     assert summary["verdict"] == "capability_change"
+    assert summary["diagnosis"]["findings"]["deletion"]["verdict"] == "capability_change"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     html = (removed_out / "report.html").read_text()
     assert "negative control" in html and "Verdict: capability_change" in html

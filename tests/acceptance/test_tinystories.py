@@ -16,6 +16,8 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories"
 TEXT = SHARED / "text" / "train_head.txt"
 MODEL = SHARED / "stories260K"
 
+pytestmark = pytest.mark.backend  # every test here exercises the TransformerLens backends
+
 
 @pytest.fixture(scope="module")
 def suppressed(tmp_path_factory):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from capwrap.cli import main
 from capwrap.models import ModelSpec, build_model, save_model
-from capwrap.tasks import PCFGConfig, PCFGTask
+from capwrap.tasks import Feature, PCFGConfig, PCFGTask, task_from_spec
 from capwrap.training import TrainConfig, train
 
 CONFIG = "length=10,window=5,occurrence=2"
@@ -70,7 +71,11 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
     printed = capsys.readouterr().out
     assert "verdict:" in printed and "revival" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["verdict"] in ("wrapper", "capability_change", "inconclusive")
+    assert set(summary["findings"]) == {"deletion", "creation"}
+    assert summary["verdict"] == summary["findings"]["deletion"]["verdict"] or (
+        summary["findings"]["deletion"]["verdict"] == "inconclusive"
+        and summary["verdict"] == summary["findings"]["creation"]["verdict"]
+    )
     assert {e["analyzer"] for e in summary["evidence"]} == {
         "probing",
         "pruning",
@@ -78,6 +83,8 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
         "weight_diff",
         "attention",
         "patching",
+        "generalization",
+        "new_latent",
     }
     assert summary["capability_spec"].startswith("pcfg=count") and summary["spec"]["n_layers"] == 2
     assert "Plotly.newPlot" in (out / "report.html").read_text()
@@ -126,3 +133,63 @@ def test_diagnose_refuses_pairs_with_different_tokenizers(stories260k, tmp_path)
     with pytest.raises(ConfigError, match="different tokenizers"):
         check_same_tokenizer(base, other)
     check_same_tokenizer(base, load_model(stories260k))  # the same tokenizer passes
+
+
+def test_version_and_the_help_that_cannot_go_stale(capsys):
+    from importlib.metadata import version
+
+    from capwrap.models import available_backends
+    from capwrap.tasks.spec import _PCFG_KEYS, _TEXT_KEYS, SPEC_EXAMPLES
+    from capwrap.tasks.text import FEATURE_KINDS
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert f"TransformerLens {version('transformer-lens')}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--help"])
+    text = capsys.readouterr().out
+    assert all(key in text for key in _PCFG_KEYS | _TEXT_KEYS)
+    assert all(example in text for example, _ in FEATURE_KINDS.values())
+    assert all(example in text for examples in SPEC_EXAMPLES.values() for example in examples)
+    assert "--debug" in text and "--quiet" in text
+    assert "{" + ",".join(available_backends()) + "}" in text  # only the installed TL's backends
+    for example in SPEC_EXAMPLES["pcfg"]:  # the examples parse
+        task_from_spec(example)
+    for example, _ in FEATURE_KINDS.values():
+        Feature.parse(example)
+
+
+def test_quiet_silences_the_progress_bars_of_datasets(stories260k, tmp_path, capsys):
+    import datasets
+
+    texts = tmp_path / "lily.txt"
+    texts.write_text("Lily went home.\n\nLily had a dog.\n\nThe cat sat with Lily.\n")
+    argv = [
+        "diagnose",
+        str(stories260k),
+        str(stories260k),
+        "--capability",
+        f"text={texts},feature=word:Lily",
+        "--downstream",
+        f"text={texts},without=word:Lily",
+    ]  # fmt: skip  (every text mentions Lily: an error)
+    assert main(argv) == 2
+    assert "Filter" in capsys.readouterr().err  # without --quiet the bars are there
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Filter" not in err and err.count("\n") == 1 and "every text contains word:Lily" in err
+    assert datasets.is_progress_bar_enabled()  # switched back on after the command
+
+
+def test_threads_option_sets_torch_threads_for_the_command_only(pair_on_disk, capsys, monkeypatch):
+    import capwrap.cli as cli
+
+    before, seen, info = torch.get_num_threads(), [], cli._info
+    monkeypatch.setattr(cli, "_info", lambda args: seen.append(torch.get_num_threads()) or info(args))
+    assert main(["info", str(pair_on_disk / "base"), "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+    assert 1 <= cli.default_threads() <= (os.cpu_count() or 1)
+    with pytest.raises(SystemExit):
+        main(["info", str(pair_on_disk / "base"), "--threads", "0"])
+    assert "positive whole number" in capsys.readouterr().err

@@ -12,6 +12,8 @@ from capwrap.errors import CheckpointError, ConfigError, HookNameError
 from capwrap.models import CapModel, ModelSpec, available_backends, build_model, load_model, save_model
 from capwrap.models.layouts import canonical_views, hf_shapes
 
+pytestmark = pytest.mark.backend  # every test here exercises the TransformerLens backends
+
 
 def test_same_seed_same_function_on_every_backend(small_spec):
     tokens = torch.randint(0, small_spec.d_vocab, (3, 10), generator=torch.Generator().manual_seed(0))

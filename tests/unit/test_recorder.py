@@ -85,6 +85,26 @@ def test_attaches_to_a_hand_written_loop_and_resumes(small_model, small_task, tm
     assert grads.shape[1] == len(small_model.components.select("neuron")) and grads[-1].sum() > 0
 
 
+def test_a_resumed_recorder_takes_its_settings_from_the_store(small_model, small_task, tmp_path):
+    probe = small_task.sample(6, seed=2)
+    with Recorder(small_model, tmp_path / "run", hooks="blocks.0.hook_resid_post", probe=probe, every=2,
+                  component_kinds=("head",), dtype="float16"):  # fmt: skip
+        pass
+    rec = Recorder(small_model, tmp_path / "run", resume=True)
+    assert (rec.hooks, rec.every, rec.component_kinds, rec.dtype) == (
+        ["blocks.0.hook_resid_post"],
+        2,
+        ["head"],
+        "float16",
+    )
+    assert torch.equal(rec.probe.tokens, probe.tokens)
+    with pytest.raises(StoreError, match="every 2 steps"):
+        Recorder(small_model, tmp_path / "run", every=3, resume=True).open()
+    RunStore.create(tmp_path / "plain").close()
+    with pytest.raises(StoreError, match="not written by a Recorder"):
+        Recorder(small_model, tmp_path / "plain", resume=True)
+
+
 def test_resume_with_another_model_shape_is_refused(small_model, small_task, tmp_path):
     with Recorder(small_model, tmp_path / "run", hooks=()):
         pass
@@ -110,3 +130,11 @@ def test_bad_recorder_arguments(small_model, small_task, tmp_path):
         Recorder(small_model, tmp_path / "r", probe=probe, every=0)
     with pytest.raises(StoreError, match="not open"):
         Recorder(small_model, tmp_path / "r", probe=probe).step(loss=1.0)
+    with pytest.raises(ConfigError, match="hooks='' names no hook"):
+        Recorder(small_model, tmp_path / "r", hooks="", probe=probe)
+    with pytest.raises(ConfigError, match="integer token ids, got dtype torch.float32"):
+        Recorder(small_model, tmp_path / "r", probe=torch.rand(4, 8))
+    with pytest.raises(ConfigError, match="must have shape \\[batch, pos\\]"):
+        Recorder(small_model, tmp_path / "r", probe=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ConfigError, match="probe must be a TaskBatch"):
+        Recorder(small_model, tmp_path / "r", probe=[[1, 2, 3]])

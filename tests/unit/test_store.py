@@ -208,6 +208,24 @@ def test_killed_writer_leaves_a_consistent_store(tmp_path):
     assert run.steps == steps + [steps[-1] + 1] and run.array("acts")[-1, 0, 0].item() == -1.0
 
 
+def test_rollback_drops_later_steps_and_appending_goes_on_from_there(tmp_path):
+    path = tmp_path / "run"
+    with RunStore.create(path) as store:
+        for step in range(6):
+            arrays = {"x": _fill(step, (4,))} if step % 2 == 0 else None
+            store.append(step, scalars={"loss": float(step)}, arrays=arrays)
+        store.rollback(3)
+        assert store.steps == [0, 1, 2, 3] and store.array_steps("x") == [0, 2]
+        store.append(4, scalars={"loss": -4.0}, arrays={"x": _fill(-4, (4,))})
+        store.rollback(10)  # nothing after 10: no change
+    run = RunStore.open(path)
+    assert run.steps == [0, 1, 2, 3, 4] and run.scalars()["loss"].tolist() == [0.0, 1.0, 2.0, 3.0, -4.0]
+    assert run.array_steps("x") == [0, 2, 4] and run.array("x")[:, 0].tolist() == [0.0, 2.0, -4.0]
+    assert (path / "arrays" / "x.bin").stat().st_size == 3 * 16
+    with pytest.raises(StoreError, match="read-only"):
+        run.rollback(0)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 

@@ -9,6 +9,10 @@ import torch
 from capwrap.errors import ConfigError
 from capwrap.tasks import PCFGConfig, PCFGTask, TaskBatch, accuracy, check_task_fits
 from capwrap.tasks.pcfg import GRAMMAR, generate_strings
+from capwrap.tasks.spec import task_from_spec
+
+#: The token sum of PCFGTask("count", "b", correlation=1.0).sample(64, seed=0) as capwrap 0.1.0 drew it.
+PINNED_TOKEN_SUM = 25431
 
 
 def _derivable(s: str) -> bool:
@@ -99,6 +103,45 @@ def test_planted_correlation_fraction(c):
     assert torch.equal(batch.answers - PCFGTask().vocab.number(0), batch.labels["count_b"])
 
 
+@pytest.mark.parametrize(
+    "family, target, source, offset",
+    [("count", "c", "a", 2), ("count", "a", "b", -1), ("index", "b", "a", 1), ("index", "c", "b", -3)],
+)
+def test_any_target_source_and_offset_can_be_planted(family, target, source, offset):
+    task = PCFGTask(family, target, correlation=1.0, source=source, offset=offset)
+    for c, expected in ((1.0, 1.0), (0.0, 0.0), (0.5, 0.5)):
+        batch = task.with_correlation(c).sample(1000, seed=2)
+        held = (batch.labels[f"{family}_{target}"] == batch.labels[f"{family}_{source}"] + offset).float().mean()
+        assert abs(float(held) - expected) < 0.05
+        assert torch.equal(batch.answers, _answers(task, batch, family, target))  # answers follow the edited text
+    free = task.correlation_free()
+    assert free.correlation == 0.0 and (free.source, free.offset) == (source, offset)
+    assert task.source_label == f"{family}_{source}" and task.probe_label == f"{family}_{target}"
+    assert PCFGTask(family, target).correlation_free() is None
+
+
+def _answers(task, batch, family, target):
+    v = task.vocab
+    labels = batch.labels[f"{family}_{target}"]
+    if family == "count":
+        return labels + v.number(0)
+    return torch.where(labels >= 0, labels + v.number(0), torch.tensor(v["<none>"]))
+
+
+def test_the_papers_correlation_draws_what_capwrap_always_drew():
+    """count(b) = count(a) + 1 (the default source and offset) keeps its random stream, so runs made
+    before the correlation was generalized are reproduced exactly."""
+    batch = PCFGTask("count", "b", correlation=1.0).sample(64, seed=0)
+    assert int(batch.tokens.sum()) == PINNED_TOKEN_SUM
+
+
+def test_planted_correlation_specs():
+    task = task_from_spec("pcfg=index,operand=c,correlation=0.8,source=b,offset=-2")
+    assert (task.families, task.operand, task.correlation, task.source, task.offset) == (("index",), "c", 0.8, "b", -2)
+    assert task.name == "index c C=0.8 (c = b - 2)"
+    assert task_from_spec("pcfg=count,operand=b,correlation=1").name == "count b C=1"
+
+
 def test_natural_strings_rarely_hold_the_correlation():
     batch = PCFGTask("count", "b").sample(2000, seed=1)
     assert (batch.labels["count_b"] == batch.labels["count_a"] + 1).float().mean() < 0.3
@@ -118,7 +161,10 @@ def test_batch_slicing_keeps_labels():
         ({"prior": "extreme"}, "unknown prior"),
         ({"prior": (0.5, 0.6, 0.1)}, "summing to 1"),
         ({"operand": "b", "correlation": 1.5}, r"correlation must be in \[0, 1\]"),
-        ({"operand": "a", "correlation": 0.5}, "applies to family='count', operand='b'"),
+        ({"operand": "a", "correlation": 0.5}, "other than the operand"),
+        ({"family": ("count", "index"), "operand": "b", "correlation": 0.5}, "one family and one operand"),
+        ({"family": "index", "operand": "b", "correlation": 1.0, "offset": 0}, "offset other than 0"),
+        ({"family": "count", "operand": "b", "correlation": 1.0, "offset": 99}, "cannot hold"),
     ],
 )
 def test_bad_task_arguments(kwargs, match):

@@ -145,18 +145,20 @@ def _pair_differing_in_one_head(task, backend, layer):
 
 
 def test_patching_analyzer_finds_a_planted_early_head_change(task, backend):
-    ev = Patching(n=32)(_pair_differing_in_one_head(task, backend, layer=0), task, task)
+    ev = Patching(n=32)(_pair_differing_in_one_head(task, backend, layer=0), task, task, eval_size=32)
     assert ev.table.iloc[0]["component"] in ("L0H2", "L0.attn_out")
     assert ev.headline["best_restored"] > 0.99
+    assert ev.value > 0.99  # restored from layer 0, with all of layer 1 after it
     assert ev.direction == "wrapper"  # layer 1 of the tuned model still does the rest
     assert ev.figure().data
 
 
 def test_patching_analyzer_does_not_read_a_last_layer_change_as_a_wrapper(task, backend):
-    ev = Patching(n=32)(_pair_differing_in_one_head(task, backend, layer=1), task, task)
+    ev = Patching(n=32)(_pair_differing_in_one_head(task, backend, layer=1), task, task, eval_size=32)
     assert ev.table.iloc[0]["component"] in ("L1H2", "L1.attn_out")
     assert ev.headline["best_restored"] > 0.99
-    assert ev.direction == "neutral"  # restoring the read-out says nothing about what lies underneath
+    assert ev.value < 0.05  # restoring the read-out says nothing about what lies underneath
+    assert ev.direction != "wrapper"
 
 
 def test_patching_bad_input(task, backend):

@@ -57,7 +57,7 @@ def test_probing_analyzer_on_a_trained_model_and_its_run(backend, tmp_path):
     train(tuned, downstream, TrainConfig(steps=20, batch_size=32, lr=1e-3, progress=False), recorder=rec)
 
     probing = Probing(label="count_a", n=600, steps=200)
-    ev = probing(ModelPair(base, tuned), task, downstream, RunStore.open(tmp_path / "run"))
+    ev = probing(ModelPair(base, tuned), task, downstream, RunStore.open(tmp_path / "run"), eval_size=128)
     assert set(ev.table["model"]) == {"base", "tuned", "untrained"} and len(ev.table) == 6
     assert 0 <= ev.headline["probe_best_untrained"] <= 1
     assert ev.headline["probe_best_base"] > ev.headline["majority_baseline"] + 0.2
@@ -65,18 +65,27 @@ def test_probing_analyzer_on_a_trained_model_and_its_run(backend, tmp_path):
     assert {r["step"] for r in per_step} == {0, 10, 20} and len(per_step) == 6
     assert ev.direction in ("wrapper", "change", "neutral") and ev.reasons
     with pytest.raises(ConfigError, match="no latent label 'count_z'"):
-        Probing(label="count_z", n=50)(ModelPair(base, tuned), task, downstream)
+        Probing(label="count_z", n=50)(ModelPair(base, tuned), task, downstream, eval_size=32)
     with pytest.raises(ConfigError, match="single class"):
-        Probing(label="family", n=100, steps=5)(ModelPair(base, tuned), task, downstream)
+        Probing(label="family", n=100, steps=5)(ModelPair(base, tuned), task, downstream, eval_size=32)
 
 
-def test_probing_judges_against_the_untrained_floor():
-    from capwrap.analyzers.probing import _judge
-
-    common = {"probe_best_base": 1.0, "majority_baseline": 0.25, "capability_accuracy_base": 1.0,
-              "capability_accuracy_tuned": 0.3}  # fmt: skip
-    # random features already read the label at 75%: a tuned model at 77% has lost what the base added
-    assert _judge({**common, "probe_best_tuned": 0.77, "probe_best_untrained": 0.75}, "count_a")[0] == "change"
-    assert _judge({**common, "probe_best_tuned": 0.99, "probe_best_untrained": 0.75}, "count_a")[0] == "wrapper"
-    # an untrained model reading it as well as the base: probes cannot tell
-    assert _judge({**common, "probe_best_tuned": 0.99, "probe_best_untrained": 0.95}, "count_a")[0] == "neutral"
+def test_probing_statistic_is_the_kept_share_of_the_margin_over_the_floor(small_spec, small_task):
+    """A tuned model whose read-out is scrambled keeps the latent (kept share near 1); a freshly
+    initialized model, which never had it, keeps none of the base's margin over the floor (near 0)."""
+    base = build_model(small_spec, seed=0)
+    train(base, small_task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
+    hidden = base.clone()
+    with torch.no_grad():
+        hidden.weights()["unembed.W_U"].copy_(hidden.weights()["unembed.W_U"][:, torch.randperm(small_spec.d_vocab)])
+    destroyed = build_model(small_spec, seed=3)
+    probing = Probing(label="count_a", n=600, steps=200)
+    kept = probing(ModelPair(base, hidden), small_task, small_task, eval_size=128)
+    lost = probing(ModelPair(base, destroyed), small_task, small_task, eval_size=128)
+    h = kept.headline
+    floor = max(h["majority_baseline"], h["probe_best_untrained"])
+    assert kept.value == pytest.approx((h["probe_best_tuned"] - floor) / (h["probe_best_base"] - floor))
+    assert kept.value > 0.9 > 0.3 > lost.value  # (the floor is another fresh model: lost.value is near 0)
+    lo, hi = kept.intervals["value"]
+    assert lo <= kept.value <= hi and len(kept.replicates) == 200
+    assert kept.direction == "wrapper" and lost.direction == "change"

@@ -51,7 +51,8 @@ def test_pruning_a_planted_wrapper_revives_the_capability(small_spec, small_task
             w["blocks.1.mlp.b_in"][n] = 50.0
             w["blocks.1.mlp.W_out"][n] = 2.0 * w["unembed.W_U"][:, wrong] / w["unembed.W_U"][:, wrong].norm()
     assert accuracy(tuned, small_task.sample(512, seed=1)) < 0.5 * base_acc
-    ev = Pruning(ks=(0, 1, 2, 4), eval_size=512, score_size=256)(ModelPair(base, tuned), small_task, small_task)
+    ev = Pruning(ks=(0, 1, 2, 4), score_size=256)(ModelPair(base, tuned), small_task, small_task, eval_size=512)
+    assert ev.value > 0.9 and ev.intervals["value"][0] > 0.8  # nearly all of the loss comes back
     assert ev.direction == "wrapper"
     assert ev.headline["k_to_revive"] <= 2
     assert set(ev.details["top_units"][i]["unit"] for i in range(2)) == {"L1N3", "L1N9"}
@@ -62,6 +63,25 @@ def test_bad_input(small_model, small_task):
     with pytest.raises(ConfigError, match="ks is empty"):
         Pruning(ks=())
     with pytest.raises(ConfigError, match="larger than the 8 head units"):
-        Pruning(granularity="head", ks=(0, 9), eval_size=8, score_size=8)(pair, small_task, small_task)
+        Pruning(granularity="head", ks=(0, 9), score_size=8)(pair, small_task, small_task, eval_size=8)
     with pytest.raises(ConfigError, match="unknown pruning method"):
         unit_scores(small_model, small_task, "random", "neuron")  # type: ignore[arg-type]
+
+
+def test_pruning_single_weights_of_a_compiled_model():
+    """Weight granularity on views that are not contiguous (a Tracr model on TransformerLens's native
+    module): the named entry, and only it, becomes zero."""
+    from capwrap.tasks.spec import task_from_spec
+    from capwrap.validation.bases import load_base
+
+    model = load_base("tracr-counter")
+    task = task_from_spec("tracr=counter,operand=a", model=model)
+    scores = unit_scores(model, task, "grad_x_weight", "weight", n=64)
+    before = {k: v.detach().clone() for k, v in model.weights().items()}
+    for unit in scores["unit"].iloc[:3]:
+        name, index = unit[:-1].split("[")
+        prune(model, [unit])
+        assert model.weights()[name].flatten()[int(index)] == 0.0
+    changed = sum(int((model.weights()[k] != v).sum()) for k, v in before.items())
+    assert changed == sum(float(before[u[:-1].split("[")[0]].flatten()[int(u[:-1].split("[")[1])]) != 0
+                          for u in scores["unit"].iloc[:3])  # fmt: skip

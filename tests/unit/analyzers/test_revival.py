@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from capwrap.analyzers import ModelPair, Revival
 from capwrap.errors import ConfigError
@@ -22,21 +23,22 @@ def test_fine_tuned_capability_revives_faster_than_the_control(small_spec, small
     tuned = base.clone()
     train(tuned, downstream, TrainConfig(steps=60, batch_size=64, lr=1e-3, progress=False, seed=1))
     assert accuracy(tuned, small_task.sample(256, seed=9)) < 0.5  # the capability looks lost
-    revival = Revival(max_steps=300, eval_every=5, eval_size=256, lr=1e-3, control_steps=60, batch_size=64)
-    ev = revival(ModelPair(base, tuned), small_task, downstream)
+    revival = Revival(max_steps=300, eval_every=5, check_size=256, lr=1e-3, control_steps=60, batch_size=64, seeds=2)
+    ev = revival(ModelPair(base, tuned), small_task, downstream, eval_size=256)
     assert ev.headline["steps_tuned"] <= 100
     assert math.isnan(ev.headline["steps_control"]) or ev.headline["steps_control"] > 1.5 * ev.headline["steps_tuned"]
+    assert ev.value == pytest.approx(math.log2(ev.headline["control_over_tuned"])) and ev.value > 0.5
     assert ev.direction in ("wrapper", "neutral") and ev.reasons
-    curve = ev.table[ev.table["model"] == "tuned"]
+    curve = ev.table[(ev.table["model"] == "tuned") & (ev.table["seed"] == 1)]
     assert curve["step"].iloc[0] == 0 and curve["accuracy"].iloc[-1] >= ev.headline["threshold"]
-    assert ev.figure().data
+    assert set(ev.table["seed"]) == {0, 1} and ev.figure().data
 
 
 def test_a_model_already_at_the_threshold_needs_zero_steps(small_model, small_task):
-    ev = Revival(max_steps=5, eval_every=5, eval_size=64, control_steps=1, threshold_fraction=0.01)(
-        ModelPair(small_model, small_model.clone()), small_task, small_task
+    ev = Revival(max_steps=5, eval_every=5, check_size=64, control_steps=1, threshold_fraction=0.01, seeds=1)(
+        ModelPair(small_model, small_model.clone()), small_task, small_task, eval_size=64
     )
-    assert ev.headline["steps_tuned"] == 0.0
+    assert ev.headline["steps_tuned"] == 0.0 and ev.value == 0.0  # both at the threshold from the start
 
 
 def test_bad_input(small_model, small_task):
@@ -51,25 +53,10 @@ def test_bad_input(small_model, small_task):
         Revival(max_steps=2, control=other)(ModelPair(small_model, small_model.clone()), small_task, small_task)
 
 
-@pytest.mark.parametrize(
-    "tuned, control, expected",
-    [
-        (10.0, 60.0, "wrapper"),
-        (10.0, math.nan, "wrapper"),
-        (50.0, 60.0, "change"),
-        (30.0, 60.0, "neutral"),
-        (math.nan, 40.0, "change"),
-    ],
-)
-def test_judgement(tuned, control, expected):
-    from capwrap.analyzers.revival import _judge, _ratio
+def test_first_reaching_reads_curves_and_censors():
+    from capwrap.analyzers.revival import first_reaching
 
-    headline = {
-        "threshold": 0.9,
-        "steps_tuned": tuned,
-        "steps_control": control,
-        "budget": 300.0,
-        "control_over_tuned": _ratio(tuned, control, 300),
-    }
-    direction, strength, reasons = _judge(headline)
-    assert direction == expected and 0 <= strength <= 1 and reasons
+    curves = torch.tensor([[0.1, 0.5, 0.95, 0.99], [0.1, 0.2, 0.3, 0.4], [0.95, 0.9, 0.8, 0.7]])
+    steps = torch.tensor([0, 10, 20, 30])
+    first = first_reaching(curves, steps, torch.tensor([0.9, 0.9, 0.9]), censored=600.0)
+    assert first.tolist() == [20.0, 600.0, 0.0]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from capwrap.analyzers import ModelPair, WeightDiff, effective_rank, graft, weight_change_table
+from capwrap.analyzers import Context, ModelPair, WeightDiff, effective_rank, graft, weight_change_table
 from capwrap.errors import ConfigError
 from capwrap.models import ModelSpec, build_model
 from capwrap.recording import Recorder, RunStore
-from capwrap.tasks import PCFGConfig, PCFGTask, accuracy
+from capwrap.tasks import PCFGConfig, PCFGTask
 from capwrap.training import TrainConfig, train
 
 
@@ -69,17 +71,21 @@ def test_localized_fine_tune_is_carried_by_a_small_graft(spec, task, tmp_path):
     train(tuned, downstream, TrainConfig(steps=40, batch_size=32, lr=3e-3, progress=False, seed=1), recorder=rec)
     localized = graft(base, tuned, ["L1.attn"])
     pair = ModelPair(base, localized)
-    ev = WeightDiff(graft_fractions=(0.25, 0.5), eval_size=256)(pair, task, downstream)
+    context = Context.build(pair, task, downstream, eval_size=256)
+    ev = WeightDiff(graft_fractions=(0.25, 0.5))(pair, task, downstream, context=context)
     units = ev.table[ev.table["kind"].isin(["head", "neuron"])]
     assert set(units.head(4)["component"]) <= {"L1H0", "L1H1", "L1H2", "L1H3"}
     assert ev.headline["top10pct_share"] > 0.99
     grafts = {g["graft"]: g for g in ev.details["grafts"]}
-    down = downstream.sample(256, seed=0)
-    assert grafts["attention layers"]["downstream_accuracy"] == pytest.approx(accuracy(localized, down))
-    assert grafts["MLP layers"]["downstream_accuracy"] == pytest.approx(accuracy(base, down))
+    assert grafts["attention layers"]["downstream_accuracy"] == pytest.approx(
+        context.eval.accuracy("tuned", "downstream")
+    )
+    assert grafts["MLP layers"]["downstream_accuracy"] == pytest.approx(context.eval.accuracy("base", "downstream"))
+    relative = ev.headline["relative_change"]
+    assert ev.value == pytest.approx(math.log10(relative)) and 0 < relative < 0.5
     # with the run store of the full fine-tune: movement times for every unit
     full = ModelPair(base, tuned)
-    ev2 = WeightDiff(graft_fractions=(0.1,), eval_size=128)(full, task, downstream, RunStore.open(tmp_path / "run"))
+    ev2 = WeightDiff(graft_fractions=(0.1,))(full, task, downstream, RunStore.open(tmp_path / "run"), eval_size=128)
     assert ev2.table.loc[ev2.table["kind"] == "head", "t50_step"].between(5, 40).all()
     assert ev2.to_dict()["analyzer"] == "weight_diff"
     assert ev2.figure().data
@@ -100,4 +106,4 @@ def test_bad_input(spec, task, tmp_path):
     with Recorder(other, tmp_path / "other", hooks=()):
         pass
     with pytest.raises(ConfigError, match="recorded from another model"):
-        WeightDiff(eval_size=8)(ModelPair(base, base.clone()), task, task, RunStore.open(tmp_path / "other"))
+        WeightDiff()(ModelPair(base, base.clone()), task, task, RunStore.open(tmp_path / "other"), eval_size=8)

@@ -1,0 +1,161 @@
+"""Edge attribution on the demo model: precision against references, and speed against a training step.
+
+Measures, on the shipped demo base model (4 blocks, 4 heads, d_model 128; 479 edges) and the
+capability task (count ``a``):
+
+* **EAP = hook reference**: the largest difference between :func:`capwrap.circuits.attribute` and
+  the textbook implementation over TransformerLens's split-input hooks
+  (:func:`capwrap.circuits.split_input_eap`), for each ablation (goal: 1e-5);
+* **EAP / EAP-IG against exact edge patching** (:func:`capwrap.circuits.exact_scores`, every edge
+  ablated alone): Pearson correlation of the signed scores and of ``|score|``, and the overlap of the
+  top-25 edges (goal for EAP-IG: >= 0.9);
+* **speed**: scoring every edge on a 96-sequence batch (one forward and one backward pass) against one
+  training step (forward, backward, AdamW) on the same batch, and a circuit-tuning step (which
+  scores from its own pass) against a fine-tuning step (goal: scoring <= 3x a step);
+* **faithfulness** of the EAP-IG circuits of count ``a``: metric recovered with the rest ablated.
+
+    python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5]
+
+Prints one JSON object; the figures and the command are in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import capwrap
+from capwrap.circuits import Circuit, attribute, exact_scores, faithfulness, split_input_eap
+from capwrap.demo import DEMO_BASE, demo_tasks
+from capwrap.tasks import task_loss
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _top_overlap(a, b, k: int = 25) -> float:
+    top_a = set(torch.argsort(a.values.abs(), descending=True)[:k].tolist())
+    top_b = set(torch.argsort(b.values.abs(), descending=True)[:k].tolist())
+    return len(top_a & top_b) / k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default=None, help="hooked or bridge (default: the installed TL's default)")
+    parser.add_argument("--exact-size", type=int, default=64, help="sequences for the comparison with exact patching")
+    parser.add_argument("--ig-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = capwrap.load_model(str(DEMO_BASE), backend=args.backend)
+    tasks = demo_tasks()
+    capability = tasks["capability"]
+    out: dict = {
+        "model": repr(model),
+        "transformer_lens": ".".join(map(str, capwrap.models.tl_version())),
+        "torch_threads": args.threads,
+    }
+
+    # ---- EAP against the split-input hook reference --------------------------------------------------
+    batch = capability.sample(96, seed=0)
+    corrupted = capability.sample(96, seed=1).tokens
+    reference = {}
+    for ablation in ("mean", "mean_positional", "zero", "corrupted"):
+        kwargs = {"corrupted": corrupted} if ablation == "corrupted" else {}
+        ours = attribute(model, batch, ablation=ablation, **kwargs)
+        ref = split_input_eap(model, batch, ablation=ablation, **kwargs)
+        diff = float((ours.values - ref.values).abs().max())
+        reference[ablation] = {"max_abs_diff": diff, "max_abs_score": float(ref.values.abs().max())}
+    out["eap_vs_split_input_reference"] = reference
+
+    # ---- EAP and EAP-IG against exact edge patching ----------------------------------------------------
+    small = capability.sample(args.exact_size, seed=2)
+    small_corrupted = capability.sample(args.exact_size, seed=3).tokens
+    versus = {}
+    for ablation in ("mean_positional", "mean", "corrupted"):
+        kwargs = {"corrupted": small_corrupted} if ablation == "corrupted" else {}
+        start = time.perf_counter()
+        exact = exact_scores(model, small, ablation=ablation, **kwargs)
+        exact_s = time.perf_counter() - start
+        row = {"exact_seconds": exact_s}
+        for method in ("eap", "eap-ig"):
+            scores = attribute(model, small, method=method, ablation=ablation, ig_steps=args.ig_steps, **kwargs)
+            row[method] = {
+                "pearson": scores.correlation(exact),
+                "pearson_abs": scores.correlation(exact, absolute=True),
+                "top25_overlap": _top_overlap(scores, exact),
+            }
+        versus[ablation] = row
+    out["vs_exact_edge_patching"] = {"sequences": args.exact_size, "ig_steps": args.ig_steps, **versus}
+
+    # ---- speed -------------------------------------------------------------------------------------------
+    trainable = model.clone().train()
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-5)
+
+    def train_step() -> None:
+        loss = task_loss(trainable(batch.tokens), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step_s = _median_seconds(train_step, args.repeats)
+    eap_s = _median_seconds(lambda: attribute(model, batch, ablation="mean"), args.repeats)
+    ig_s = _median_seconds(lambda: attribute(model, batch, method="eap-ig", ig_steps=5, ablation="mean"), 2)
+
+    config = capwrap.TrainConfig(steps=args.repeats + 1, batch_size=96, lr=1e-5, warmup=0.0, progress=False)
+    finetune_s = _run_seconds(model, tasks["downstream_correlated"], config, capwrap.FineTune())
+    circuit_s = _run_seconds(model, tasks["downstream_correlated"], config, capwrap.CircuitTuning(top_n=50))
+    out["speed"] = {
+        "batch": 96,
+        "train_step_s": step_s,
+        "eap_all_edges_s": eap_s,
+        "eap_over_train_step": eap_s / step_s,
+        "eap_ig5_s": ig_s,
+        "finetune_step_s": finetune_s,
+        "circuit_tuning_step_s": circuit_s,
+        "circuit_tuning_over_finetune": circuit_s / finetune_s,
+    }
+
+    # ---- faithfulness of count a's circuits -------------------------------------------------------------
+    scores = attribute(model, small, method="eap-ig", ablation="mean_positional", ig_steps=args.ig_steps)
+    curve = faithfulness(model, small, scores, ablation="mean_positional", ns=[0, 5, 10, 20, 40, 80, 160, 479])
+    greedy = faithfulness(model, small, scores, ablation="mean_positional", ns=[5, 10, 20, 40, 80], select="greedy")
+    out["faithfulness"] = {
+        "model_metric": curve.model_metric,
+        "empty_metric": curve.empty_metric,
+        "top_edges": curve.table.to_dict("records"),
+        "greedy": greedy.table.to_dict("records"),
+        "top20_components": Circuit.from_scores(scores, 20).components,
+    }
+    print(json.dumps(out, indent=1))
+
+
+def _run_seconds(model, task, config, method) -> float:
+    """Median wall time of a training step of ``method`` (the first step excluded)."""
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def clock(info) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    capwrap.train(model.clone(), task, config, method=method, callbacks=[clock])
+    return statistics.median(times[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Benchmark: wall-time overhead of recording a Hugging Face ``Trainer`` run with ``RecorderCallback``.
+
+The demo's fine-tuning (the shipped base model as a ``GPT2LMHeadModel``; count b with C_Tr = 1;
+batch 96; AdamW, lr 3e-5, warmup + cosine) run by ``transformers.Trainer`` with and without a
+``RecorderCallback`` at the demo's recording settings: every ``blocks.*.hook_resid_post`` on a
+256-sequence probe batch every 10 steps, plus per-component weight-change and gradient norms.
+``--lora`` trains a peft LoRA adapter (r 8 on c_attn and c_fc, lr 1e-3) instead of every weight.
+Runs alternate (off, on, off, on, ...) so drifts in machine load hit both alike; the median of each
+is reported, with the bare probe forward passes (the floor of any recorder) as a share of the run.
+
+    python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from capwrap.demo import DEMO_BASE, FINETUNE_CONFIG, demo_tasks
+from capwrap.integrations import RecorderCallback, task_dataset
+from capwrap.models import wrap_hf_model
+from capwrap.recording import RunStore
+
+
+def make_model(lora: bool) -> torch.nn.Module:
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(DEMO_BASE))
+    if lora:
+        import peft
+
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, config)
+    return model
+
+
+def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data) -> float:
+    model = make_model(lora)
+    callbacks = []
+    if record:
+        probe = demo_tasks()["capability"].sample(256, seed=0)
+        callbacks.append(RecorderCallback(out / f"run{seed}", probe=probe, hooks="blocks.*.hook_resid_post", every=10))
+    args = transformers.TrainingArguments(
+        str(out / f"trainer{seed}"), max_steps=steps, per_device_train_batch_size=FINETUNE_CONFIG.batch_size,
+        learning_rate=1e-3 if lora else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
+        lr_scheduler_type="cosine", weight_decay=FINETUNE_CONFIG.weight_decay, max_grad_norm=1.0, logging_steps=50,
+        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model, args, train_dataset=data, callbacks=callbacks)
+    t0 = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - t0
+    if record:
+        store = RunStore.open(out / f"run{seed}")
+        assert len(store.array_steps("blocks.0.hook_resid_post")) == steps // 10 + 1
+    return elapsed
+
+
+def probe_forward_seconds(lora: bool) -> float:
+    """One bare forward pass of the wrapped model over the probe batch, in chunks of 64 as the recorder runs it."""
+    model = wrap_hf_model(make_model(lora))
+    tokens = demo_tasks()["capability"].sample(256, seed=0).tokens
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, len(tokens), 64):
+                model(tokens[start : start + 64])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lora", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    out = Path(tempfile.mkdtemp(prefix="capwrap-bench-"))
+    try:
+        data = task_dataset(demo_tasks()["downstream_correlated"], args.steps * FINETUNE_CONFIG.batch_size, seed=1)
+        one_run(10, True, args.lora, 999, out, data)  # warm-up (allocator, kernels, imports)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(args.repeats):
+            for record in (False, True):
+                times[record].append(one_run(args.steps, record, args.lora, r, out, data))
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        floor = probe_forward_seconds(args.lora) * (args.steps // 10)
+        size = sum(f.stat().st_size for f in (out / "run0").rglob("*") if f.is_file())
+        result = {
+            "training": "LoRA r=8 (c_attn, c_fc)" if args.lora else "full fine-tuning",
+            "threads": args.threads,
+            "transformers": transformers.__version__,
+            "steps": args.steps,
+            "seconds_without": round(off, 2),
+            "seconds_with": round(on, 2),
+            "overhead_percent": round(100 * (on - off) / off, 1),
+            "probe_forwards_percent": round(100 * floor / off, 1),
+            "store_megabytes": round(size / 2**20, 1),
+            "runs": {"without": [round(t, 2) for t in times[False]], "with": [round(t, 2) for t in times[True]]},
+        }
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

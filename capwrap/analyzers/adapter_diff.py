@@ -1,0 +1,139 @@
+"""The weight diff of a LoRA adapter, read straight from its low-rank factors.
+
+A PEFT LoRA adapter *is* a weight change: ``ΔW = scaling · B·A`` per adapted module.
+:func:`adapter_weight_diff` reads the base checkpoint one layer at a time, forms each module's
+``ΔW`` only for that layer, maps it onto TransformerLens components with the component map, and
+reports what :func:`~capwrap.analyzers.streaming.stream_weight_diff` reports for a merged pair —
+the same per-component table (plus each component's share of its kind's squared change), each
+matrix's effective rank of change (found in ``O(size · r)``: the change has rank at most ``r``)
+and the concentration headline — plus one row per adapted module: its rank, scaling, ``‖ΔW‖``
+(from the factors alone) and share. The merged model is never built.
+
+Examples:
+    >>> import json, tempfile, torch
+    >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
+    >>> from capwrap.models import ModelSpec, build_model, save_model
+    >>> spec = ModelSpec(d_vocab=20, n_ctx=8, n_layers=2, d_model=8, n_heads=2, architecture="llama")
+    >>> root = Path(tempfile.mkdtemp())
+    >>> _ = save_model(build_model(spec, seed=0), root / "base")
+    >>> (root / "adapter").mkdir()
+    >>> _ = (root / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1,
+    ...     "lora_alpha": 1, "target_modules": ["o_proj"], "base_model_name_or_path": str(root / "base")}))
+    >>> b = torch.zeros(8, 1); b[0] = 1.0  # writes only output dimension 0 of layer 1's attention
+    >>> a = torch.zeros(1, 8); a[0, 4:] = 1.0  # reads only head 1's values (d_head 4)
+    >>> prefix = "base_model.model.model.layers.1.self_attn.o_proj"
+    >>> save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}, str(root / "adapter" / "adapter_model.safetensors"))
+    >>> diff = adapter_weight_diff(root / "base", root / "adapter")
+    >>> top = diff.table[diff.table["kind"] == "head"].iloc[0]
+    >>> top["component"], float(top["share"])
+    ('L1H1', 1.0)
+    >>> diff.modules[["module", "rank", "change"]].values.tolist()
+    [['model.layers.1.self_attn.o_proj', 1, 2.0]]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from torch import Tensor
+
+from capwrap.analyzers.streaming import StreamedWeightDiff, checkpoint_spec, stream_changes
+from capwrap.analyzers.weight_diff import change_summary
+from capwrap.errors import CheckpointError
+from capwrap.models.adapters import LoraAdapter, adapter_base, read_adapter
+from capwrap.models.layouts import checkpoint_shapes
+
+__all__ = ["AdapterWeightDiff", "adapter_weight_diff", "adapter_summary"]
+
+
+@dataclass
+class AdapterWeightDiff(StreamedWeightDiff):
+    """What :func:`adapter_weight_diff` measures.
+
+    Attributes:
+        table: per component, as :func:`~capwrap.analyzers.weight_change_table`, plus ``share``:
+            the component's share of the squared change of all components of its kind.
+        ranks: effective rank of each changed matrix's change.
+        headline: ``total_change``, ``top1pct_share``, ``top10pct_share``,
+            ``median_effective_rank_ratio`` (as :func:`~capwrap.analyzers.streaming.stream_weight_diff`).
+        modules: one row per adapted module (``module, kind, rank, scaling, change, share``) and
+            per tensor the adapter replaces whole (``kind`` ``"replaced"``).
+        adapter: the adapter's description (:meth:`~capwrap.models.adapters.LoraAdapter.describe`).
+    """
+
+    modules: pd.DataFrame
+    adapter: dict
+
+
+def adapter_weight_diff(
+    base: str | os.PathLike | None,
+    adapter: str | os.PathLike,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> AdapterWeightDiff:
+    """The weight diff of a PEFT LoRA adapter against its base checkpoint folder, one layer at a time.
+
+    Args:
+        base: the base model's folder (``None``: the one ``adapter_config.json`` names).
+        adapter: the adapter folder, as peft's ``save_pretrained`` writes it.
+        allow_pickle: also accept ``adapter_model.bin`` (the base must be safetensors).
+        progress: show a progress bar over the layers.
+
+    Raises:
+        CheckpointError: a folder is missing or corrupt, or the adapter does not fit the base.
+    """
+    lora = read_adapter(adapter, allow_pickle)
+    base = Path(base if base is not None else adapter_base(adapter))
+    spec = checkpoint_spec(base)
+    lora.check_fits(spec, checkpoint_shapes(spec))
+    replaced_change: dict[str, float] = {}
+
+    def change(names: list[str], base_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for name in names:
+            if name in lora.replaced:
+                out[name] = lora.replaced[name].float() - base_tensors[name]
+                replaced_change[name] = float(out[name].double().square().sum()) ** 0.5
+        for name, delta in lora.deltas(spec, names).items():
+            out[name] = out[name] + delta if name in out else delta
+        return out
+
+    # Whole replaced matrices can have any rank; LoRA changes have rank at most r.
+    low_rank = not any(t.ndim >= 2 for t in lora.replaced.values())
+    bound = max((m.rank for m in lora.modules.values()), default=None) if low_rank else None
+    table, ranks, total_sq = stream_changes(base, spec, change, rank_bound=bound, progress=progress)
+    if not lora.modules and not replaced_change:
+        raise CheckpointError(f"the adapter at {lora.path} changes nothing in {base}")
+    kind_sq = (table["change"] ** 2).groupby(table["kind"]).transform("sum")
+    table["share"] = (table["change"] ** 2 / kind_sq).where(kind_sq > 0)
+    return AdapterWeightDiff(
+        table, ranks, change_summary(table, ranks, total_sq), _module_table(lora, replaced_change), lora.describe()
+    )
+
+
+def _module_table(lora: LoraAdapter, replaced_change: dict[str, float]) -> pd.DataFrame:
+    rows = [(m.name, m.kind, m.rank, m.scaling, math.sqrt(m.sq_norm())) for m in lora.modules.values()]
+    rows += [(name, "replaced", None, None, change) for name, change in replaced_change.items()]
+    table = pd.DataFrame(rows, columns=["module", "kind", "rank", "scaling", "change"])
+    total = float((table["change"] ** 2).sum())
+    table["share"] = table["change"] ** 2 / total if total > 0 else math.nan
+    return table.sort_values("change", ascending=False, ignore_index=True)
+
+
+def adapter_summary(base: str | os.PathLike, adapter: str | os.PathLike, allow_pickle: bool = False) -> dict:
+    """The adapter's description and, when ``base`` is a local folder, its weight diff's headline
+    and five largest modules, as JSON-serializable data (``summary.json``'s ``adapter`` entry)."""
+    lora = read_adapter(adapter, allow_pickle)
+    out: dict = {"adapter": lora.describe(), "applied_to": str(base)}
+    if Path(base).is_dir():
+        diff = adapter_weight_diff(base, adapter, allow_pickle)
+        out["weight_diff"] = diff.headline
+        out["largest_modules"] = diff.modules.head(5).to_dict(orient="records")
+        heads = diff.table[diff.table["kind"].isin(("head", "neuron"))].head(5)
+        out["largest_units"] = heads[["component", "change", "share"]].to_dict(orient="records")
+    return out

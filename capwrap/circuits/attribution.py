@@ -1,0 +1,277 @@
+"""Edge attribution: how much would ablating each edge change a metric? EAP and EAP-IG.
+
+An edge ``u -> d`` is ablated by giving downstream node ``d`` the ablated output ``ã_u`` of upstream
+node ``u`` (its mean, zero, or its output on corrupted inputs: :data:`~capwrap.circuits.nodes.ABLATIONS`)
+in place of ``u``'s own output ``a_u``, everything else untouched. Its **score** is the change of the
+metric, averaged over the batch; to first order (attribution patching, *EAP*; Syed et al. 2023)
+
+    ``score(u, d) = mean over sequences of  Σ_positions (ã_u − a_u) · ∂metric/∂(input of d)``
+
+— every edge of the model from one forward and one backward pass. *EAP-IG* (Hanna et al. 2024)
+averages the gradient over ``ig_steps`` points on the straight path from the ablated input
+embeddings to the real ones, which follows the metric better where it is far from linear.
+Positive scores mean ablating the edge would raise the metric. Circuit-tuning ranks edges by
+``|score|`` (the absolute value of the batch mean).
+
+Examples:
+    >>> import torch
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.tasks import PCFGTask, PCFGConfig
+    >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
+    >>> model = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=16, n_heads=2))
+    >>> scores = attribute(model, task.sample(16, seed=0), method="eap", ablation="mean")
+    >>> scores.values.shape, scores.graph.n_edges
+    (torch.Size([46]), 46)
+    >>> list(scores.table().columns[:4])
+    ['edge', 'upstream', 'downstream', 'score']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from capwrap.circuits.graph import Graph
+from capwrap.circuits.metrics import Metric, answer_logprob
+from capwrap.circuits.nodes import Ablation, NodeCapture, NodeValues, ablated_values, capture_values, check_ablation
+from capwrap.errors import ConfigError
+from capwrap.models import CapModel
+from capwrap.tasks.base import TaskBatch
+
+__all__ = ["EdgeScores", "ScoreAccumulator", "attribute", "METHODS"]
+
+#: Attribution methods: plain attribution patching, and with integrated gradients.
+METHODS: tuple[str, ...] = ("eap", "eap-ig")
+
+
+@dataclass
+class EdgeScores:
+    """A score for every edge of a model's graph.
+
+    Attributes:
+        graph: the graph (edge order).
+        values: per-edge scores ``[n_edges]``: the estimated (or, from :func:`~capwrap.circuits.exact.exact_scores`,
+            measured) change of the metric when the edge is ablated, averaged over the batch.
+        method: ``eap``, ``eap-ig``, ``exact``.
+        ablation: how edges were ablated.
+        info: further settings (metric, sequences, IG steps).
+    """
+
+    graph: Graph
+    values: Float[Tensor, " n_edges"]
+    method: str
+    ablation: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.shape != (self.graph.n_edges,):
+            raise ConfigError(f"expected {self.graph.n_edges} edge scores, got shape {tuple(self.values.shape)}")
+        self.values = self.values.detach().float().cpu()
+
+    def table(self) -> pd.DataFrame:
+        """One row per edge: ``edge, upstream, downstream, score, abs_score`` and the nodes' kinds, layers and
+        components, sorted by ``abs_score`` (largest first)."""
+        frame = self.graph.edges_frame()
+        frame.insert(3, "score", self.values.numpy())
+        frame.insert(4, "abs_score", self.values.abs().numpy())
+        return frame.sort_values("abs_score", ascending=False, kind="stable").reset_index(drop=True)
+
+    def matrix(self) -> Float[Tensor, "n_up n_down"]:
+        """Scores as an ``[n_up, n_down]`` matrix (NaN where there is no edge)."""
+        return self.graph.to_matrix(self.values)
+
+    def correlation(self, other: EdgeScores, absolute: bool = False) -> float:
+        """Pearson correlation with another scoring of the same graph (of ``|score|`` with ``absolute``)."""
+        if other.graph.spec != self.graph.spec:
+            raise ConfigError("the two scorings belong to models of different shapes")
+        a, b = (self.values.abs(), other.values.abs()) if absolute else (self.values, other.values)
+        stacked = torch.stack([a, b]).double()
+        return float(torch.corrcoef(stacked)[0, 1])
+
+    def node_scores(self) -> pd.Series:
+        """Each component's total ``|score|`` over the edges it takes part in (as upstream or downstream)."""
+        frame = self.graph.edges_frame()
+        frame["abs_score"] = self.values.abs().numpy()
+        up = frame.groupby("up_component")["abs_score"].sum()
+        down = frame.groupby("down_component")["abs_score"].sum()
+        return up.add(down, fill_value=0.0).reindex(self.graph.components, fill_value=0.0)
+
+
+class ScoreAccumulator:
+    """Running sums from which edge scores follow, batch chunk by batch chunk.
+
+    ``score(u, d) = Σ (ã_u − a_u) · g_d`` splits into ``Σ ã_u · g_d − Σ a_u · g_d``; with mean
+    ablation ``ã_u`` is a constant vector (per position with ``mean_positional``), so only the
+    gradients' sums are needed for the first term — and the means themselves may be those of the
+    very batch being scored, known only after its last chunk. One forward and one backward pass per
+    chunk is all it takes.
+
+    Args:
+        graph: the model's graph.
+        ablation: how edges are ablated.
+        ablated: the ablated values when known in advance (a reference batch's means, zeros); for
+            ``mean``/``mean_positional`` without it, the means of the scored values are used.
+    """
+
+    def __init__(self, graph: Graph, ablation: Ablation, ablated: NodeValues | None = None):
+        self.graph, self.ablation, self.ablated = graph, ablation, ablated
+        n_up, n_down = len(graph.upstream), len(graph.downstream)
+        self.value_grad = torch.zeros(n_up, n_down, dtype=torch.float64)
+        self.ablated_grad = torch.zeros(n_up, n_down, dtype=torch.float64)
+        self.grad_sum: Tensor | None = None  # Σ g over the mean's dimensions
+        self.value_sum: Tensor | None = None  # Σ a over the mean's dimensions
+        self.count = 0
+
+    @property
+    def _mean_dims(self) -> tuple[int, ...]:
+        return (1, 2) if self.ablation == "mean" else (1,)
+
+    def add(
+        self,
+        values: NodeValues,
+        grads: Float[Tensor, "n_down batch pos d_model"],
+        weights: dict[str, Tensor],
+        ablated: NodeValues | None = None,
+    ) -> None:
+        """Add one chunk: its (clean) upstream values, its downstream input gradients, and for
+        ``corrupted`` its ablated values."""
+        up = values.upstream(weights)  # [n_up, batch, pos, d_model]
+        grads = grads.to(up.dtype)
+        self.value_grad += (up.flatten(1) @ grads.flatten(1).T).double().cpu()
+        if self.ablation == "corrupted":
+            if ablated is None:
+                raise ConfigError("corrupted ablation needs each chunk's corrupted values")
+            corrupt = ablated.upstream(weights).expand_as(up)
+            self.ablated_grad += (corrupt.flatten(1) @ grads.flatten(1).T).double().cpu()
+        elif self.ablation in ("mean", "mean_positional"):
+            g = grads.sum(self._mean_dims).double()
+            self.grad_sum = g if self.grad_sum is None else self.grad_sum + g
+            if self.ablated is None:
+                a = up.sum(self._mean_dims).double()
+                self.value_sum = a if self.value_sum is None else self.value_sum + a
+                self.count += up.shape[1] * (up.shape[2] if self.ablation == "mean" else 1)
+
+    def scores(self, weights: dict[str, Tensor], n_sequences: int | float = 1) -> Float[Tensor, " n_edges"]:
+        """Per-edge scores (edge order), divided by ``n_sequences`` (the batch size when the backward
+        pass was of the metric's sum; 1 when it was of a mean, such as a training loss)."""
+        ablated_grad = self.ablated_grad
+        if self.ablation in ("mean", "mean_positional"):
+            if self.grad_sum is None:
+                raise ConfigError("no chunk was added")
+            if self.ablated is not None:
+                means = self.ablated.upstream(weights).double()  # [n_up, 1, 1|pos, d]
+                means = means.flatten(1, 2) if self.ablation == "mean_positional" else means.flatten(1, 3)
+            else:
+                means = self.value_sum / self.count
+            g = self.grad_sum.to(means.device)
+            ablated_grad = torch.einsum("u...,d...->ud", means, g).cpu()
+        matrix = (ablated_grad - self.value_grad) / n_sequences
+        return self.graph.from_matrix(matrix).float()
+
+
+def _chunks(batch: TaskBatch, batch_size: int | None) -> list[TaskBatch]:
+    size = batch_size or len(batch)
+    return [batch[i : i + size] for i in range(0, len(batch), size)]
+
+
+def _node_gradients(
+    model: CapModel, graph: Graph, batch: TaskBatch, metric: Metric, input_override: Tensor | None = None
+) -> tuple[NodeValues, Tensor]:
+    """One forward and one backward pass: the upstream values and the downstream input gradients of
+    ``metric(...).sum()``. The model's parameter gradients are left untouched."""
+    capture = NodeCapture(model, graph, grads=True, input_override=input_override)
+    with torch.enable_grad(), model.hooks(capture.hooks()):
+        logits = model(batch.tokens)
+        total = metric(logits, batch).float().sum()
+    names = list(capture.shifts)
+    grads = torch.autograd.grad(total, [capture.shifts[n] for n in names], allow_unused=True)
+    grads = {
+        n: (g if g is not None else torch.zeros_like(capture.shifts[n])) for n, g in zip(names, grads, strict=True)
+    }
+    return capture.values(), capture.gradients(grads)
+
+
+def attribute(
+    model: CapModel,
+    batch: TaskBatch,
+    *,
+    metric: Metric = answer_logprob,
+    method: Literal["eap", "eap-ig"] = "eap",
+    ablation: Ablation = "mean",
+    corrupted: Tensor | None = None,
+    reference: TaskBatch | None = None,
+    ig_steps: int = 5,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> EdgeScores:
+    """Score every edge of ``model``'s graph on ``batch``.
+
+    Args:
+        model: the model (left unchanged; its parameter gradients too).
+        batch: the sequences (answers and answer positions for the metric).
+        metric: ``metric(logits, batch) -> [batch]`` (:mod:`capwrap.circuits.metrics`).
+        method: ``eap``: one forward and one backward pass per chunk; ``eap-ig``: ``ig_steps`` of
+            each, the gradient averaged on the path from the ablated input to the real one.
+        ablation: ``mean`` (over the batch and positions), ``mean_positional``, ``zero``, ``corrupted``.
+        corrupted: for ``corrupted``: token ids shaped like ``batch.tokens``.
+        reference: for the means: take them over these sequences instead of ``batch``.
+        ig_steps: integration points of ``eap-ig`` (midpoints of ``ig_steps`` equal intervals).
+        batch_size: sequences per forward/backward pass (bounds memory); default all at once.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`EdgeScores`: per edge, the estimated change of the batch-mean metric on ablation.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown attribution method {method!r}; choose one of {list(METHODS)}")
+    if ig_steps < 1:
+        raise ConfigError(f"ig_steps must be at least 1, got {ig_steps}")
+    if len(batch) == 0:
+        raise ConfigError("the batch is empty; sample at least one sequence")
+    if batch_size is not None and batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    check_ablation(ablation, batch, corrupted)
+    graph = Graph.from_spec(model.spec)
+    batch = batch.to(model.device)
+    was_training = model.module.training
+    model.eval()
+    try:
+        known: NodeValues | None = None
+        if ablation == "zero" or reference is not None or (method == "eap-ig" and ablation != "corrupted"):
+            known = ablated_values(model, graph, ablation, batch, reference=reference)
+        acc = ScoreAccumulator(graph, ablation, known)
+        chunks = _chunks(batch, batch_size)
+        corrupt_chunks = [None] * len(chunks) if corrupted is None else _chunks(
+            TaskBatch(corrupted.to(model.device), batch.answer_pos, batch.answers), batch_size
+        )  # fmt: skip
+        steps = 1 if method == "eap" else ig_steps
+        bar = tqdm(total=len(chunks) * steps, desc=method, disable=not progress, leave=False)
+        for chunk, corrupt in zip(chunks, corrupt_chunks, strict=True):
+            corrupt_values = None if corrupt is None else capture_values(model, corrupt.tokens, graph)
+            if method == "eap":
+                values, grads = _node_gradients(model, graph, chunk, metric)
+                bar.update()
+            else:
+                values = capture_values(model, chunk.tokens, graph)
+                start = (corrupt_values or known).input.expand_as(values.input)  # type: ignore[union-attr]
+                grads = None
+                for k in range(steps):
+                    alpha = (k + 0.5) / steps
+                    _, g = _node_gradients(model, graph, chunk, metric, start + alpha * (values.input - start))
+                    grads = g / steps if grads is None else grads + g / steps
+                    bar.update()
+            acc.add(values, grads, model.weights(), corrupt_values)
+        bar.close()
+        scores = acc.scores(model.weights(), n_sequences=len(batch))
+    finally:
+        model.train(was_training)
+    info = {"metric": getattr(metric, "__name__", repr(metric)), "sequences": len(batch)}
+    if method == "eap-ig":
+        info["ig_steps"] = ig_steps
+    return EdgeScores(graph, scores, method, ablation, info)

@@ -1,0 +1,48 @@
+"""Metrics edges are scored by: ``metric(logits, batch) -> [batch]``, one number per sequence.
+
+A metric sees the full logits ``[batch, pos, d_vocab]`` and the :class:`~capwrap.tasks.TaskBatch`
+(answers, answer positions, language-modeling targets), so it can read the answer position (procedural
+tasks) or every position (text).
+
+Examples:
+    >>> import torch
+    >>> from capwrap.tasks import TaskBatch
+    >>> batch = TaskBatch(torch.zeros(2, 3, dtype=torch.long), torch.tensor([2, 1]), torch.tensor([0, 1]))
+    >>> logits = torch.zeros(2, 3, 4)
+    >>> answer_logprob(logits, batch)        # uniform over 4 tokens: log(1/4)
+    tensor([-1.3863, -1.3863])
+    >>> negative_loss(logits, batch)
+    tensor([-1.3863, -1.3863])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from capwrap.tasks.base import TaskBatch, answer_logits
+
+__all__ = ["Metric", "answer_logprob", "negative_loss"]
+
+Metric = Callable[[Float[Tensor, "batch pos d_vocab"], TaskBatch], Float[Tensor, " batch"]]
+
+
+def answer_logprob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Log-probability of each sequence's answer at its answer position (what
+    :func:`capwrap.analyzers.patching.answer_logprob` computes from the answer position's logits)."""
+    logprobs = F.log_softmax(answer_logits(logits, batch).float(), -1)
+    return logprobs.gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+
+
+def negative_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Minus each sequence's training loss: the answer's cross-entropy, or for text tasks
+    (``batch.lm_targets``) the mean cross-entropy over the sequence's target tokens."""
+    if batch.lm_targets is None:
+        return answer_logprob(logits, batch)
+    targets = batch.lm_targets.to(logits.device)
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
+    valid = (targets != -100).float()
+    return -(per_token * valid).sum(1) / valid.sum(1).clamp_min(1.0)

@@ -1,0 +1,273 @@
+"""Reading the graph's nodes off a running model: upstream outputs, downstream input gradients, ablations.
+
+Everything here uses the model's own TransformerLens hooks, its canonical weights and its own norm
+modules, so it works on both backends and every architecture without knowing either:
+
+* an upstream node's output: ``blocks.0.hook_resid_pre`` (the input), ``blocks.{l}.attn.hook_z`` times
+  ``W_O[h]`` (head ``h``), ``blocks.{l}.hook_mlp_out`` (the MLP);
+* a downstream node's input gradient, from one backward pass: a query/key/value input's is the
+  gradient at ``hook_q``/``hook_k``/``hook_v`` (the projections, before rotary) times ``W[h]``, pulled
+  back through block ``l``'s ``ln1`` module at the stream it read (one vector-Jacobian product per
+  layer, all heads at once); an MLP input's is the gradient at ``hook_resid_post`` pulled back
+  through the MLP (with its norm) at the stream it read, ``hook_resid_mid``
+  (:class:`~capwrap.models.functional.Functional`'s ``mlp``); the logits' is the gradient at the last
+  ``hook_resid_post``. (Not the gradient *at* ``hook_resid_mid``: TransformerBridge places that hook
+  on the MLP's branch only, HookedTransformer before the skip connection branches off.)
+
+Gradients are read through zero *shifts* added at those hooks (``act + shift``; ``shift.grad`` is the
+gradient at ``act``), which works on both backends, also where a hook shows a reshaped view of the
+tensor the model goes on with.
+
+Examples:
+    >>> import torch
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.circuits.graph import Graph
+    >>> model = build_model(ModelSpec(d_vocab=20, n_ctx=8, n_layers=2, d_model=16, n_heads=2))
+    >>> graph = Graph.from_spec(model.spec)
+    >>> capture = NodeCapture(model, graph)
+    >>> with model.hooks(capture.hooks()):
+    ...     logits = model(torch.randint(0, 20, (3, 8)))
+    >>> logits[:, -1, 0].sum().backward()
+    >>> capture.values().upstream(model.weights()).shape  # [n_up, batch, pos, d_model]
+    torch.Size([7, 3, 8, 16])
+    >>> capture.gradients().shape                          # [n_down, batch, pos, d_model]
+    torch.Size([15, 3, 8, 16])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from capwrap.circuits.graph import Graph
+from capwrap.errors import ConfigError
+from capwrap.models import CapModel
+from capwrap.models.functional import Functional
+from capwrap.tasks.base import TaskBatch
+
+__all__ = ["NodeValues", "NodeCapture", "Ablation", "ABLATIONS", "ablated_values", "norm_module"]
+
+Ablation = Literal["mean", "mean_positional", "zero", "corrupted"]
+#: What an ablated upstream node outputs instead of its own output: its ``mean`` over the batch and
+#: positions (circuit-tuning's and EAP-IG's "mean"), its ``mean_positional`` (over the batch, at each
+#: position), ``zero``, or its output on ``corrupted`` inputs (the same positions of other sequences).
+ABLATIONS: tuple[str, ...] = ("mean", "mean_positional", "zero", "corrupted")
+
+
+def norm_module(model: CapModel, layer: int, which: str = "ln1") -> nn.Module:
+    """Block ``layer``'s norm module ``ln1`` (before attention) or ``ln2`` (before the MLP), as the model
+    runs it (TransformerLens names it the same on both backends); identity where the model has none.
+
+    It is applied to tensors with extra leading dimensions (one copy of the stream per head), which
+    every TransformerLens norm supports: norms act on the last dimension.
+    """
+    block = model.module.blocks[layer]
+    module = getattr(block, which, None)
+    return module if module is not None else nn.Identity()
+
+
+@dataclass
+class NodeValues:
+    """Upstream node outputs in compact form: the head outputs as ``z`` (``z[..., h, :] @ W_O[h]`` is head
+    ``h``'s output). Leading dimensions may be 1 (broadcast): a mean is ``[1, 1, ...]``.
+
+    Attributes:
+        input: ``[batch, pos, d_model]`` — what enters block 0.
+        z: per layer, ``[batch, pos, head, d_head]``.
+        mlp: per layer, ``[batch, pos, d_model]``.
+    """
+
+    input: Tensor
+    z: list[Tensor]
+    mlp: list[Tensor]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> NodeValues:
+        """``fn`` applied to every tensor."""
+        return NodeValues(fn(self.input), [fn(t) for t in self.z], [fn(t) for t in self.mlp])
+
+    def upstream(self, weights: Mapping[str, Tensor]) -> Float[Tensor, "n_up batch pos d_model"]:
+        """Every upstream node's output, in graph order (``input``, then per layer its heads and its MLP)."""
+        parts = [self.input.unsqueeze(0)]
+        for layer, (z, mlp) in enumerate(zip(self.z, self.mlp, strict=True)):
+            w_o = weights[f"blocks.{layer}.attn.W_O"].detach().to(z.dtype)
+            parts.append(torch.einsum("bphk,hkd->hbpd", z, w_o))
+            parts.append(mlp.unsqueeze(0))
+        shape = torch.broadcast_shapes(*(p.shape[1:] for p in parts))
+        return torch.cat([p.expand(p.shape[0], *shape) for p in parts])
+
+
+class NodeCapture:
+    """Forward hooks that record the upstream outputs and, after a backward pass, the downstream input
+    gradients of one forward pass (see the module docstring).
+
+    Args:
+        model: the model.
+        graph: its graph.
+        grads: also add the zero shifts that read gradients (``False``: values only, cheaper).
+        input_override: what block 0 receives instead of the embeddings (integrated gradients
+            interpolate it); ``[batch, pos, d_model]``.
+    """
+
+    def __init__(self, model: CapModel, graph: Graph, grads: bool = True, input_override: Tensor | None = None):
+        self.model, self.graph, self.grads = model, graph, grads
+        self.input_override = input_override
+        n = model.spec.n_layers
+        self.resid_pre: list[Tensor | None] = [None] * n
+        self.resid_mid: list[Tensor | None] = [None] * n
+        self.z: list[Tensor | None] = [None] * n
+        self.mlp: list[Tensor | None] = [None] * n
+        self.shifts: dict[str, Tensor] = {}
+
+    def hooks(self) -> list[tuple[str, Callable[[Tensor, Any], Tensor | None]]]:
+        """``(hook name, function)`` pairs for :meth:`CapModel.hooks`."""
+        out: list[tuple[str, Callable]] = []
+        for layer in range(self.model.spec.n_layers):
+            out.append((f"blocks.{layer}.hook_resid_pre", self._keep_pre(layer)))
+            out.append((f"blocks.{layer}.attn.hook_z", self._keep(self.z, layer)))
+            out.append((f"blocks.{layer}.hook_mlp_out", self._keep(self.mlp, layer)))
+            if self.grads:
+                out.append((f"blocks.{layer}.hook_resid_mid", self._keep(self.resid_mid, layer)))
+                names = [f"blocks.{layer}.attn.hook_{w}" for w in "qkv"] + [f"blocks.{layer}.hook_resid_post"]
+                out += [(name, self._shift(name)) for name in names]
+        return out
+
+    def _keep_pre(self, layer: int):
+        def hook(act: Tensor, hook: Any = None) -> Tensor | None:
+            if layer == 0 and self.input_override is not None:
+                act = self.input_override.to(act.dtype)
+            self.resid_pre[layer] = act.detach()
+            return act if layer == 0 and self.input_override is not None else None
+
+        return hook
+
+    @staticmethod
+    def _keep(store: list, layer: int):
+        def hook(act: Tensor, hook: Any = None) -> None:
+            store[layer] = act.detach()
+
+        return hook
+
+    def _shift(self, name: str):
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            if not torch.is_grad_enabled():
+                return act
+            shift = torch.zeros_like(act, requires_grad=True)
+            self.shifts[name] = shift
+            return act + shift
+
+        return hook
+
+    def values(self) -> NodeValues:
+        """The upstream outputs of the recorded pass."""
+        if any(t is None for t in self.resid_pre):
+            raise ConfigError("no forward pass was recorded: run the model inside model.hooks(capture.hooks())")
+        return NodeValues(self.resid_pre[0], list(self.z), list(self.mlp))  # type: ignore[arg-type]
+
+    def gradients(self, grads: Mapping[str, Tensor] | None = None) -> Float[Tensor, "n_down batch pos d_model"]:
+        """Every downstream node's input gradient, in graph order.
+
+        Args:
+            grads: gradients at the shifts by hook name (from ``torch.autograd.grad``); default: the
+                shifts' ``.grad`` after ``backward()``.
+        """
+        if grads is None:
+            grads = {name: s.grad for name, s in self.shifts.items()}
+        missing = [n for n, g in grads.items() if g is None]
+        if not self.shifts or missing:
+            raise ConfigError(
+                "no gradients were recorded: create NodeCapture(grads=True), run the forward pass with gradients "
+                "enabled inside model.hooks(capture.hooks()), then call backward() on the metric"
+            )
+        weights = self.model.weights()
+        functional = Functional(self.model)
+        spec = self.model.spec
+        by_layer: dict[int, list[int]] = {}
+        for i, node in enumerate(self.graph.downstream):
+            if node.kind in ("q", "k", "v"):
+                by_layer.setdefault(node.layer, []).append(i)
+        pieces: list[Tensor | None] = [None] * len(self.graph.downstream)
+        for layer in range(spec.n_layers):
+            rows = by_layer[layer]
+            cotangents = []
+            for i in rows:
+                node = self.graph.downstream[i]
+                g = grads[f"blocks.{layer}.attn.hook_{node.kind}"][:, :, node.index]  # [batch, pos, d_head]
+                w = weights[f"blocks.{layer}.attn.W_{node.kind.upper()}"][node.index].detach()  # [d_model, d_head]
+                cotangents.append(g @ w.T.to(g.dtype))
+            stacked = torch.stack(cotangents, 2)  # [batch, pos, node, d_model]
+            x = self.resid_pre[layer]
+            assert x is not None
+            copies = x.unsqueeze(2).expand(-1, -1, len(rows), -1).clone().requires_grad_(True)
+            with torch.enable_grad():
+                normed = norm_module(self.model, layer, "ln1")(copies)
+                (pulled,) = torch.autograd.grad(normed, copies, stacked)
+            for j, i in enumerate(rows):
+                pieces[i] = pulled[:, :, j]
+            mid = self.resid_mid[layer]
+            assert mid is not None
+            mid = mid.clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = functional.mlp(layer, mid)
+                (pulled,) = torch.autograd.grad(out, mid, grads[f"blocks.{layer}.hook_resid_post"].to(out.dtype))
+            pieces[self.graph.downstream_index(f"L{layer}.mlp")] = pulled
+        pieces[-1] = grads[f"blocks.{spec.n_layers - 1}.hook_resid_post"]
+        return torch.stack(pieces)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def capture_values(model: CapModel, tokens: Tensor, graph: Graph) -> NodeValues:
+    """Upstream outputs of one forward pass without gradients."""
+    capture = NodeCapture(model, graph, grads=False)
+    with torch.inference_mode(), model.hooks(capture.hooks()):
+        model(tokens.to(model.device))
+    return capture.values()
+
+
+def ablated_values(
+    model: CapModel,
+    graph: Graph,
+    ablation: Ablation,
+    batch: TaskBatch,
+    corrupted: Tensor | None = None,
+    reference: TaskBatch | None = None,
+) -> NodeValues:
+    """What each upstream node outputs when ablated (see :data:`ABLATIONS`), broadcastable to ``batch``.
+
+    Args:
+        model: the model.
+        graph: its graph.
+        ablation: ``mean``, ``mean_positional``, ``zero`` or ``corrupted``.
+        batch: the sequences that are scored.
+        corrupted: for ``corrupted``: token ids of the same shape as ``batch.tokens``.
+        reference: for the means: the sequences they are taken over (default: ``batch``).
+    """
+    check_ablation(ablation, batch, corrupted)
+    if ablation == "corrupted":
+        assert corrupted is not None
+        return capture_values(model, corrupted, graph)
+    values = capture_values(model, (reference or batch).tokens, graph)
+    if ablation == "zero":
+        return values.map(lambda t: torch.zeros_like(t[:1, :1]))
+    dims = (0, 1) if ablation == "mean" else (0,)
+    return values.map(lambda t: t.mean(dims, keepdim=True))
+
+
+def check_ablation(ablation: str, batch: TaskBatch, corrupted: Tensor | None) -> None:
+    """Raise a clear error for an unknown ablation or corrupted tokens that do not fit ``batch``."""
+    if ablation not in ABLATIONS:
+        raise ConfigError(f"unknown ablation {ablation!r}; choose one of {list(ABLATIONS)}")
+    if ablation == "corrupted":
+        if corrupted is None:
+            raise ConfigError("ablation='corrupted' needs corrupted=<token ids of the same shape as the batch>")
+        if tuple(corrupted.shape) != tuple(batch.tokens.shape):
+            raise ConfigError(
+                f"corrupted tokens {tuple(corrupted.shape)} must have the batch's shape {tuple(batch.tokens.shape)}: "
+                "each corrupted sequence stands in for the clean one at the same positions"
+            )
+    elif corrupted is not None:
+        raise ConfigError(f"corrupted tokens are only used by ablation='corrupted', not {ablation!r}")

@@ -1,0 +1,113 @@
+"""`diagnose` for checkpoints on disk (or the hub) and task specs: what ``capwrap diagnose`` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from capwrap.analyzers import ModelPair
+from capwrap.diagnosis.result import Diagnosis, json_default
+from capwrap.diagnosis.rule import VerdictRule
+from capwrap.diagnosis.run import default_analyzers, diagnose
+from capwrap.errors import ConfigError
+from capwrap.files import check_output_folder, write_text_atomic
+from capwrap.models import CapModel
+from capwrap.provenance import describe_call, run_provenance
+from capwrap.recording import RunStore
+
+__all__ = ["check_same_tokenizer", "diagnose_checkpoints"]
+
+
+def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
+    """Raise if the two models carry tokenizers with different vocabularies."""
+    a, b = base.tokenizer, tuned.tokenizer
+    if a is None or b is None:
+        return
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        differ = len(set(va.items()) ^ set(vb.items()))
+        raise ConfigError(
+            f"the base and tuned models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} entries differ); "
+            "a pair must share its tokenizer (was one of them fine-tuned from the other?)"
+        )
+
+
+def diagnose_checkpoints(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    capability: str,
+    downstream: str,
+    out: str | os.PathLike | None = None,
+    backend: str | None = None,
+    quick: bool = False,
+    store: str | os.PathLike | None = None,
+    seed: int = 0,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    rule: str | os.PathLike | VerdictRule | None = None,
+    downstream_free: str | None = None,
+) -> Diagnosis:
+    """:func:`diagnose` for two checkpoints (folders or hub names) and task specs
+    (:func:`~capwrap.tasks.spec.task_from_spec`); writes ``summary.json`` and ``report.html`` to ``out``.
+
+    ``tuned`` may be a PEFT LoRA adapter folder: the tuned model is then ``base`` with it merged in,
+    and ``summary.json`` adds the adapter's own weight diff (``adapter``).
+
+    This is what ``capwrap diagnose BASE TUNED --capability SPEC --downstream SPEC --out DIR`` runs.
+    ``downstream_free``: a spec of the downstream task without its spurious correlation (default:
+    the downstream task's own correlation-free variant, when it has one). ``rule``: a verdict rule
+    or the path of one saved with :meth:`VerdictRule.save` (default: the fitted rule).
+
+    Raises:
+        CheckpointError: a checkpoint is missing, corrupt, pickle-only (without ``allow_pickle``) or
+            on an unreachable hub.
+        ConfigError: the pair differs in architecture, shape or tokenizer; a spec is invalid; a text
+            dataset has no example of the feature; the rule file is not a rule.
+    """
+    from capwrap.models import load_model
+    from capwrap.models.adapters import is_adapter_folder
+    from capwrap.tasks.spec import task_from_spec
+
+    started = time.perf_counter()
+    if out is not None:
+        check_output_folder(out)
+    verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
+    base_model = load_model(base, backend=backend, allow_pickle=allow_pickle)
+    adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in
+    tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter)
+    ModelPair(base_model, tuned_model)
+    check_same_tokenizer(base_model, tuned_model)
+    tokenizer = base_model.tokenizer or tuned_model.tokenizer
+    cap_task = task_from_spec(capability, tokenizer)
+    down_task = task_from_spec(downstream, tokenizer)
+    free_task = task_from_spec(downstream_free, tokenizer) if downstream_free else "auto"
+    run = RunStore.open(store) if store is not None else None
+    diagnosis = diagnose(base_model, tuned_model, cap_task, down_task, analyzers=default_analyzers(quick=quick),
+                         store=run, seed=seed, progress=progress, rule=verdict_rule, downstream_free=free_task)  # fmt: skip
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        provenance = run_provenance(
+            models={"base": base_model, "tuned": tuned_model}, seeds={"seed": seed}, started=started,
+            call=describe_call("capwrap.diagnosis.diagnose_checkpoints", base=str(base), tuned=str(tuned),
+                               capability=capability, downstream=downstream, quick=quick, seed=seed),
+        )  # fmt: skip
+        summary = {
+            "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
+            "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
+            "quick": quick, "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
+            "provenance": provenance,
+        }  # fmt: skip
+        if adapter is not None:
+            from capwrap.analyzers.adapter_diff import adapter_summary
+
+            summary["adapter"] = adapter_summary(base, adapter, allow_pickle)
+        write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, default=json_default))
+        diagnosis.to_html(
+            folder / "report.html",
+            title=f"capwrap diagnosis: {Path(str(tuned)).name} vs {Path(str(base)).name}",
+            provenance=provenance,
+        )
+    return diagnosis

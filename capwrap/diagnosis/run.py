@@ -1,0 +1,163 @@
+"""`diagnose()`: run analyzers on a (base, tuned) pair and weigh their evidence into two findings.
+
+Deletion — is a capability that seems lost still in the tuned model under a thin change
+(``wrapper``), or is it gone (``capability_change``)? Creation — is a behaviour that seems new a
+genuine capability (``capability_change``), or a wrapper over an old one (``wrapper``)? Each finding
+is ``inconclusive`` when there is nothing to explain or the evidence does not settle it, with the
+reason. How evidence is weighed is :class:`~capwrap.diagnosis.rule.VerdictRule`'s job.
+
+Examples:
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.tasks import PCFGTask, PCFGConfig
+    >>> from capwrap.analyzers import AttentionComparison, Generalization
+    >>> config = PCFGConfig(length=8, window=4)
+    >>> capability, downstream = PCFGTask("count", "a", config=config), PCFGTask("count", "b", correlation=1.0, config=config)
+    >>> base = build_model(ModelSpec(d_vocab=capability.d_vocab, n_ctx=capability.seq_len, n_layers=1, d_model=16, n_heads=2))
+    >>> d = diagnose(base, base.clone(), capability=capability, downstream=downstream,
+    ...              analyzers=[AttentionComparison(n=16), Generalization()], eval_size=64, progress=False)
+    >>> d.deletion.verdict, d.creation.verdict
+    ('inconclusive', 'inconclusive')
+    >>> list(d.summary().columns)[:4]
+    ['question', 'analyzer', 'kind', 'statistic']
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+from tqdm.auto import tqdm
+
+from capwrap.analyzers import (
+    Analyzer,
+    AttentionComparison,
+    Context,
+    Generalization,
+    ModelPair,
+    NewLatentProbing,
+    Patching,
+    Probing,
+    Pruning,
+    Revival,
+    WeightDiff,
+)
+from capwrap.diagnosis.result import Diagnosis
+from capwrap.diagnosis.rule import VerdictRule, default_rule
+from capwrap.errors import ConfigError
+from capwrap.models import CapModel
+from capwrap.recording import RunStore
+from capwrap.tasks.base import Task
+
+__all__ = ["diagnose", "default_analyzers", "gates"]
+
+
+def default_analyzers(quick: bool = False) -> list[Analyzer]:
+    """The analyzers ``diagnose`` runs by default (both questions); ``quick`` shrinks their samples
+    and budgets."""
+    if quick:
+        return [
+            Probing(n=1024, steps=200),
+            Pruning(ks=(0, 1, 2, 4, 8), score_size=256),
+            Revival(max_steps=200, batch_size=32, check_size=256, control_steps=200, seeds=1),
+            WeightDiff(graft_fractions=(0.01, 0.1)),
+            AttentionComparison(n=128),
+            Patching(n=64),
+            Generalization(),
+            NewLatentProbing(n=1024, steps=200),
+        ]
+    return [Probing(), Pruning(), Revival(), WeightDiff(), AttentionComparison(), Patching(), Generalization(),
+            NewLatentProbing()]  # fmt: skip
+
+
+def gates(rule: VerdictRule, accuracy: dict[str, dict[str, float]], floor: float) -> dict[str, str | None]:
+    """Per question, the reason there is nothing to explain (``None``: there is something), from the
+    evaluation set's accuracies (``{"base"|"tuned": {test set: accuracy}}``).
+
+    Deletion needs a base that has the capability (at least ``floor``, the capability task's
+    ``capability_floor``) and a tuned model that lost some of it (below ``rule.kept_fraction`` of the
+    base); creation needs a tuned model that gained at least ``rule.min_gain`` on the downstream task.
+
+    Examples:
+        >>> from capwrap.diagnosis.rule import VerdictRule
+        >>> acc = {"base": {"capability": 0.99, "downstream": 0.1}, "tuned": {"capability": 0.97, "downstream": 0.9}}
+        >>> g = gates(VerdictRule(), acc, floor=0.5)
+        >>> g["deletion"].startswith("fine-tuning kept the capability"), g["creation"] is None
+        (True, True)
+    """
+    base, tuned = accuracy["base"]["capability"], accuracy["tuned"]["capability"]
+    out: dict[str, str | None] = {"deletion": None, "creation": None}
+    if base < floor:
+        out["deletion"] = (f"the base model barely has the capability ({base:.0%}, below its floor {floor:.0%}): "
+                           "there is nothing to lose")  # fmt: skip
+    elif tuned >= rule.kept_fraction * base:
+        out["deletion"] = (f"fine-tuning kept the capability ({base:.0%} → {tuned:.0%}, at least "
+                           f"{rule.kept_fraction:.0%} of the base): there is no loss to explain")  # fmt: skip
+    gain = accuracy["tuned"]["downstream"] - accuracy["base"]["downstream"]
+    if gain < rule.min_gain:
+        out["creation"] = (f"the tuned model gained {gain:+.0%} on the downstream task (less than {rule.min_gain:.0%}): "
+                           "there is no new behaviour to explain")  # fmt: skip
+    return out
+
+
+def diagnose(
+    base: CapModel,
+    tuned: CapModel,
+    capability: Task,
+    downstream: Task,
+    analyzers: Sequence[Analyzer] | None = None,
+    store: RunStore | None = None,
+    eval_size: int = 1024,
+    seed: int = 0,
+    progress: bool = True,
+    rule: VerdictRule | None = None,
+    downstream_free: Task | None | Literal["auto"] = "auto",
+    n_boot: int = 200,
+) -> Diagnosis:
+    """Run ``analyzers`` (default: :func:`default_analyzers`) on the pair and weigh their evidence.
+
+    Args:
+        base: the model before fine-tuning.
+        tuned: the fine-tuned model (same architecture and shape).
+        capability: the task the base model could do (whose fate the deletion finding is about).
+        downstream: the fine-tuning task as tested (e.g. with its spurious correlation, C_Te = 1).
+        analyzers: any subset, in any order; names must be unique.
+        store: the fine-tuning run's :class:`~capwrap.recording.RunStore`, for analyzers that use it.
+        eval_size: sequences per test set of the one evaluation set every analyzer and reason uses.
+        seed: the seed every random choice of the diagnosis derives from.
+        progress: show which analyzer runs.
+        rule: the verdict rule (default: the fitted one that ships with capwrap).
+        downstream_free: the downstream task without its spurious correlation (C_Te = 0);
+            ``"auto"``: the downstream task's own ``correlation_free()``; ``None``: none.
+        n_boot: bootstrap replicates behind every interval and the verdicts' confidence.
+
+    Raises:
+        ConfigError: the pair differs in shape, the tasks do not fit, the store is another model's,
+            analyzers repeat a name, or the list is empty.
+    """
+    pair = ModelPair(base, tuned)
+    rule = rule or default_rule()
+    analyzers = list(default_analyzers() if analyzers is None else analyzers)
+    if not analyzers:
+        raise ConfigError("no analyzers given; pass at least one (see capwrap.diagnosis.default_analyzers())")
+    names = [a.name for a in analyzers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"analyzer names repeat ({names}); give each analyzer a distinct name=")
+    context = Context.build(pair, capability, downstream, store, downstream_free, eval_size=eval_size, seed=seed,
+                            n_boot=n_boot, level=rule.level)  # fmt: skip
+    evidence, seconds = [], {}
+    bar = tqdm(analyzers, desc="diagnose", disable=not progress, leave=False)
+    for analyzer in bar:
+        bar.set_postfix_str(analyzer.name)
+        t0 = time.perf_counter()
+        evidence.append(analyzer(pair, capability, downstream, store, context=context, rule=rule))
+        seconds[analyzer.name] = round(time.perf_counter() - t0, 2)
+    accuracy = context.eval.table()
+    reasons = gates(rule, accuracy, capability.capability_floor)
+    findings = {q: rule.weigh(q, evidence, reasons[q], n_boot=n_boot) for q in ("deletion", "creation")}
+    intervals = {m: {k: context.interval(context.accuracy_replicates(m, k)) for k in accuracy[m]} for m in accuracy}
+    tasks = {"capability": capability.describe(), "downstream": downstream.describe()}
+    if context.downstream_free is not None:
+        tasks["downstream_free"] = context.downstream_free.describe()
+    return Diagnosis(findings["deletion"], findings["creation"], accuracy, intervals, tasks, seconds,
+                     rule=dict(rule.provenance), weights={e.analyzer: rule.weight(e) for e in evidence})  # fmt: skip

@@ -1,0 +1,152 @@
+"""`RecorderCallback`: record a Hugging Face ``Trainer`` run into a :class:`~capwrap.recording.RunStore`.
+
+Add it to any ``transformers.Trainer`` (TRL's ``SFTTrainer`` and other trainers built on it
+included) that trains a causal LM of an architecture capwrap supports, full fine-tuning or with a
+peft LoRA adapter. When training starts it wraps the live model with
+:func:`~capwrap.models.live.wrap_hf_model` (no weight copy; a LoRA model is seen merged) and
+opens a :class:`~capwrap.recording.Recorder`; after every optimizer step — with the weights just
+updated and the gradients still there — it records the step: the training loss (the mean over the
+step's micro-batches, from the model's own output), the learning rate the step used, the gradient
+norm, and every ``every`` steps the hooks' activations on the probe batch and the per-component
+weight-change and gradient norms. The store has the layout :func:`capwrap.train` writes, so every
+analyzer reads it. Evaluation metrics stay in the Trainer's own log (``trainer.state.log_history``).
+
+Examples:
+    >>> import tempfile, torch, transformers
+    >>> from capwrap.recording import RunStore
+    >>> config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    >>> model = transformers.GPT2LMHeadModel(config)
+    >>> tokens = torch.randint(0, 40, (16, 12), generator=torch.Generator().manual_seed(0))
+    >>> data = [{"input_ids": t, "labels": t} for t in tokens]
+    >>> out = tempfile.mkdtemp()
+    >>> callback = RecorderCallback(out + "/run", probe=tokens[:4], hooks="blocks.*.hook_resid_post", every=2)
+    >>> args = transformers.TrainingArguments(out + "/trainer", max_steps=4, per_device_train_batch_size=4,
+    ...     report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True)
+    >>> _ = transformers.Trainer(model, args, train_dataset=data, callbacks=[callback]).train()  # prints its metrics
+    {...}
+    >>> store = RunStore.open(out + "/run")
+    >>> store.array_steps("blocks.1.hook_resid_post"), sorted(store.scalars().columns)
+    ([0, 2, 4], ['grad_norm', 'loss', 'lr', 'weight_delta', 'weight_delta_rel'])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from jaxtyping import Int
+from torch import Tensor
+
+from capwrap.errors import ConfigError, StoreError
+from capwrap.models.live import wrap_hf_model
+from capwrap.recording.recorder import DEFAULT_COMPONENT_KINDS, Recorder
+from capwrap.recording.store import RunStore
+from capwrap.tasks.base import TaskBatch
+
+__all__ = ["RecorderCallback"]
+
+
+class RecorderCallback(transformers.TrainerCallback):
+    """Records the Trainer's run into a :class:`~capwrap.recording.RunStore` at ``path``.
+
+    Args:
+        path: the store's folder (created when training starts; it must not exist unless
+            ``overwrite``, or unless the Trainer resumes from a checkpoint at the store's last step).
+        probe: the fixed batch activations are recorded on: a :class:`~capwrap.tasks.TaskBatch`
+            (its labels are kept for probes) or token ids ``[batch, pos]``.
+        hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``); ``()`` for none.
+        every: record activations and component norms every this many optimizer steps (and at 0).
+        component_kinds: component kinds whose weight-change and gradient norms are recorded.
+        dtype: ``"float32"`` or ``"float16"`` for stored activations.
+        overwrite: replace an existing store.
+        meta: extra JSON-serializable information to keep in the store.
+
+    Attributes:
+        recorder: the :class:`~capwrap.recording.Recorder` while training runs (``None`` before,
+            and on processes other than the main one).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        probe: TaskBatch | Int[Tensor, "batch pos"] | None = None,
+        hooks: str | Sequence[str] = "blocks.*.hook_resid_post",
+        every: int = 10,
+        component_kinds: Sequence[str] = DEFAULT_COMPONENT_KINDS,
+        dtype: str = "float32",
+        overwrite: bool = False,
+        meta: dict[str, Any] | None = None,
+    ):
+        if not isinstance(every, int) or every <= 0:
+            raise ConfigError(f"every must be a positive number of steps, got {every!r}")
+        if hooks and probe is None:
+            raise ConfigError(
+                "recording activations needs a fixed probe batch: pass probe=task.sample(256, seed=0) or token ids "
+                "[batch, pos] (or hooks=() to record only weights and scalars)"
+            )
+        self.path = Path(path)
+        self.settings = dict(hooks=hooks, probe=probe, every=every, component_kinds=component_kinds, dtype=dtype,
+                             overwrite=overwrite, meta=meta)  # fmt: skip
+        self.recorder: Recorder | None = None
+        self._losses: list[Tensor] = []
+        self._shares = False  # whether the model's losses are shares of the step's (Trainer's num_items_in_batch)
+        self._hook: Any = None
+
+    # ---- Trainer events -------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if model is None:  # pragma: no cover - every Trainer passes its model
+            raise ConfigError("the Trainer passed no model to RecorderCallback")
+        tokenizer = processing_class if hasattr(processing_class, "get_vocab") else None
+        live = wrap_hf_model(model, tokenizer=tokenizer)
+        resume = state.global_step > 0 and (self.path / "meta.json").exists() and not self.settings["overwrite"]
+        if resume:
+            self._check_resumable(state.global_step)
+        self.recorder = Recorder(live, self.path, resume=resume, **self.settings)
+        self.recorder.open()
+        self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.recorder is None:
+            return
+        scalars: dict[str, float] = {}
+        if optimizer is not None:
+            scalars["lr"] = float(optimizer.param_groups[0]["lr"])
+        loss = self._step_loss()
+        self.recorder.step(loss=loss, **scalars)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.recorder is not None:
+            self.recorder.close()
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _keep_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        loss = getattr(output, "loss", None)
+        if module.training and isinstance(loss, Tensor):
+            self._losses.append(loss.detach())
+            self._shares = kwargs.get("num_items_in_batch") is not None
+
+    def _step_loss(self) -> float | None:
+        """The step's loss: the sum of the micro-batches' shares when the Trainer weighs them by
+        tokens (``num_items_in_batch``), else their mean; ``None`` if the model reported none."""
+        if not self._losses:
+            return None
+        losses = torch.stack([loss.float() for loss in self._losses])
+        self._losses = []
+        return float(losses.sum() if self._shares else losses.mean())
+
+    def _check_resumable(self, step: int) -> None:
+        last = RunStore.open(self.path).last_step
+        if last != step:
+            raise StoreError(
+                f"the Trainer resumes at step {step} but the store at {self.path} ends at step {last}; record the "
+                "resumed run to a new folder (or pass overwrite=True to start the store again)"
+            )

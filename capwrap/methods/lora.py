@@ -1,0 +1,203 @@
+"""LoRA: fine-tune low-rank adapters (peft) instead of the weights themselves.
+
+:class:`LoRA` puts a peft LoRA adapter on a Hugging Face copy of the model (frozen: the base
+weights ``W0``) and trains only the adapter's factors, with the task's own loss computed through
+that copy. After every optimizer step it writes the merged weights ``W0 + scaling·B·A`` into the
+model being trained, so the model :func:`capwrap.train` returns *is* the fine-tuned model — its
+accuracy, its checkpoint, the analyzers, and a :class:`~capwrap.recording.Recorder`'s weight
+changes (the merged deltas, of rank at most ``r`` per adapted matrix) all see it. The adapter
+itself can be saved as a peft adapter folder (:meth:`LoRA.save_adapter`), which
+``load_model(BASE, adapter=...)`` merges back.
+
+The base weights get no gradient, so a recorder stores no per-component gradient norms during a
+LoRA run; the ``grad_norm`` scalar is the adapter's.
+
+Examples:
+    >>> import torch
+    >>> from capwrap.models import ModelSpec, build_model
+    >>> from capwrap.tasks import PCFGConfig, PCFGTask
+    >>> from capwrap.training import TrainConfig, train
+    >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
+    >>> model = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2))
+    >>> before = {k: w.clone() for k, w in model.weights().items()}
+    >>> _ = train(model, task, TrainConfig(steps=3, batch_size=8, lr=1e-2, progress=False), method=LoRA(r=2, target=["c_attn"]))
+    >>> sorted(k for k, w in model.weights().items() if not torch.equal(w, before[k]))
+    ['blocks.0.attn.W_K', 'blocks.0.attn.W_Q', 'blocks.0.attn.W_V']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from capwrap.errors import ConfigError
+from capwrap.methods.base import TrainingMethod
+from capwrap.models.layouts import canonical_views_of_some
+from capwrap.tasks.base import Task, TaskBatch, task_loss
+
+if TYPE_CHECKING:
+    from capwrap.models import CapModel
+    from capwrap.training import TrainConfig
+
+__all__ = ["LoRA"]
+
+
+class LoRA(TrainingMethod):
+    """Low-rank adaptation with peft: only the adapter's factors train; the model gets the merged weights.
+
+    Args:
+        r: the adapter's rank.
+        alpha: ``lora_alpha``; the change is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        target: which modules get an adapter, by their Hugging Face names (``["c_attn"]`` for GPT-2,
+            ``["q_proj", "v_proj"]`` for Llama, ``"all-linear"``); ``None``: peft's default for the
+            architecture (GPT-2: ``c_attn``; Llama: ``q_proj``, ``v_proj``).
+        dropout: dropout on the adapter's input during training.
+        rslora: rank-stabilized scaling.
+
+    Raises:
+        ConfigError: peft is not installed (``pip install 'capwrap[hf]'``), the model has no Hugging
+            Face form (tracr), or ``target`` names no module of the model.
+    """
+
+    name: ClassVar[str] = "lora"
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        target: str | Sequence[str] | None = None,
+        dropout: float = 0.0,
+        rslora: bool = False,
+    ):
+        if not isinstance(r, int) or r <= 0:
+            raise ConfigError(f"LoRA's rank r must be a positive integer, got {r!r}")
+        if not alpha > 0:
+            raise ConfigError(f"LoRA's alpha must be positive, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"LoRA's dropout must be in [0, 1), got {dropout!r}")
+        self.r, self.alpha, self.dropout, self.rslora = r, float(alpha), float(dropout), bool(rslora)
+        self.target = target if target is None or isinstance(target, str) else list(target)
+        self._peft: nn.Module | None = None
+        self._model: CapModel | None = None
+        self._source: str | None = None
+
+    # ---- the TrainingMethod interface ---------------------------------------------------------------
+    def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[nn.Parameter]:
+        super().setup(model, task, config)
+        peft = _import_peft()
+        if not model.spec.has_hf_equivalent:
+            raise ConfigError(f"LoRA trains Hugging Face layers; {model.spec.architecture} models have none")
+        shell = _frozen_hf_copy(model)
+        options = dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.rslora)
+        try:
+            config = peft.LoraConfig(target_modules=self.target, task_type="CAUSAL_LM", **options)
+            self._peft = peft.get_peft_model(shell, config)
+        except ValueError as exc:
+            names = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in shell.named_modules() if isinstance(m, _adaptable_types())}
+            )
+            raise ConfigError(
+                f"LoRA target {self.target!r} does not fit this {model.spec.architecture} model ({exc}); "
+                f"its layers are {names}"
+            ) from exc
+        self._peft.to(model.device)
+        self._model, self._source = model, model.metadata.get("source")
+        return [p for p in self._peft.parameters() if p.requires_grad]
+
+    def loss(self, model: CapModel, batch: TaskBatch, step: int) -> Float[Tensor, ""]:
+        peft_model = self._require_setup()
+        peft_model.train()
+        return task_loss(peft_model(input_ids=batch.tokens).logits, batch)
+
+    def after_update(self, model: CapModel, step: int) -> None:
+        self.write_merged(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The adapter's factors and the base weights they apply to: a resumed run continues exactly,
+        even from a checkpoint of the model (which holds the merged weights)."""
+        return {
+            "adapter": {name: p.detach().clone() for name, p in self._trainable().items()},
+            "base": {name: layer.get_base_layer().weight.detach().clone() for name, layer in self._layers().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        trainable, layers = self._trainable(), self._layers()
+        if set(state.get("adapter", {})) != set(trainable) or set(state.get("base", {})) != set(layers):
+            raise ConfigError(
+                "this LoRA state was saved for another adapter (other targets or model); resume with the same LoRA settings"
+            )
+        with torch.no_grad():
+            for name, tensor in state["adapter"].items():
+                trainable[name].copy_(tensor)
+            for name, tensor in state["base"].items():
+                layers[name].get_base_layer().weight.copy_(tensor)
+        assert self._model is not None, "setup() runs before load_state_dict()"
+        self.write_merged(self._model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "r": self.r, "alpha": self.alpha, "target": self.target,
+                "dropout": self.dropout, "rslora": self.rslora}  # fmt: skip
+
+    # ---- LoRA's own --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_merged(self, model: CapModel) -> None:
+        """Write ``W0 + scaling·B·A`` of every adapted weight into ``model`` (canonical views, so any backend)."""
+        merged = {
+            f"{name}.weight": layer.get_base_layer().weight.float() + layer.get_delta_weight("default").float()
+            for name, layer in self._layers().items()
+        }
+        weights = model.weights()
+        for canonical, value in canonical_views_of_some(model.spec, merged).items():
+            weights[canonical].copy_(value)
+
+    def save_adapter(self, path: str | os.PathLike, base: str | None = None) -> None:
+        """Save the adapter as a peft adapter folder (``adapter_config.json`` +
+        ``adapter_model.safetensors``), naming ``base`` (default: the model's ``metadata["source"]``)
+        as its base model."""
+        peft_model = self._require_setup()
+        peft_model.peft_config["default"].base_model_name_or_path = base or self._source
+        peft_model.save_pretrained(str(path))
+
+    def _require_setup(self) -> nn.Module:
+        if self._peft is None:
+            raise ConfigError("LoRA has no adapter yet: train(model, task, config, method=lora) sets it up")
+        return self._peft
+
+    def _layers(self) -> dict[str, nn.Module]:
+        """The adapted layers by their module name in the Hugging Face model (``transformer.h.0.attn.c_attn``)."""
+        from peft.tuners.lora import LoraLayer
+
+        root = self._require_setup().get_base_model()
+        return {name: m for name, m in root.named_modules() if isinstance(m, LoraLayer)}
+
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self._require_setup().named_parameters() if p.requires_grad}
+
+
+def _import_peft() -> Any:
+    try:
+        import peft
+    except ImportError as exc:
+        raise ConfigError("LoRA needs peft: pip install 'capwrap[hf]' (or pip install peft)") from exc
+    return peft
+
+
+def _frozen_hf_copy(model: CapModel) -> nn.Module:
+    """A Hugging Face model with a copy of ``model``'s weights, every parameter frozen."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_config(model.spec.to_hf_config(), attn_implementation="eager")
+    hf.load_state_dict(model.checkpoint_state(), strict=False)  # (a tied lm_head is not stored)
+    hf.requires_grad_(False)
+    return hf
+
+
+def _adaptable_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, nn.Embedding, Conv1D)

@@ -1,0 +1,417 @@
+"""PEFT LoRA adapters: read an adapter folder, its low-rank weight changes, and merge it into a base.
+
+A LoRA adapter saved by `peft <https://github.com/huggingface/peft>`_ (``save_pretrained``) is a
+folder with ``adapter_config.json`` and ``adapter_model.safetensors``: for each adapted module a
+pair of factors ``A`` ``[r, in]`` and ``B`` ``[out, r]``, whose weight change is
+``ΔW = scaling · B·A`` (``scaling = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA; per-module
+ranks and alphas from ``rank_pattern`` / ``alpha_pattern``), plus whole tensors the adapter
+replaces (``modules_to_save``, trained biases). :func:`read_adapter` reads it (safetensors only,
+unless ``allow_pickle``), :meth:`LoraAdapter.deltas` gives ``ΔW`` in the checkpoint's tensor
+names one module at a time, and :meth:`LoraAdapter.merge_into` adds them to a state dict: what
+``load_model(BASE, adapter=DIR)`` does, equal to peft's ``merge_and_unload``.
+
+Examples:
+    >>> import json, tempfile, torch
+    >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
+    >>> from capwrap.models import ModelSpec
+    >>> spec = ModelSpec(d_vocab=20, n_ctx=8, n_layers=1, d_model=8, n_heads=2, architecture="llama")
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+    ...     "target_modules": ["q_proj"], "base_model_name_or_path": "my-base"}))  # doctest: +ELLIPSIS
+    1...
+    >>> prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    >>> save_file({f"{prefix}.lora_A.weight": torch.ones(2, 8), f"{prefix}.lora_B.weight": torch.ones(8, 2)},
+    ...           str(folder / "adapter_model.safetensors"))
+    >>> adapter = read_adapter(folder)
+    >>> adapter.base_name, adapter.describe()["rank"]
+    ('my-base', 2)
+    >>> delta = adapter.deltas(spec)["model.layers.0.self_attn.q_proj.weight"]
+    >>> delta.shape, float(delta[0, 0])  # scaling 4 / 2 times (B·A)[0, 0] = 2
+    (torch.Size([8, 8]), 4.0)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from capwrap.errors import CheckpointError, ConfigError, closest_matches
+from capwrap.models.spec import ModelSpec
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "LoraAdapter",
+    "LoraModule",
+    "adapter_base",
+    "adapter_hint",
+    "is_adapter_folder",
+    "merge_adapter",
+    "read_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+_FACTORS = {
+    ".lora_A.weight": ("linear", "a"),
+    ".lora_B.weight": ("linear", "b"),
+    ".lora_embedding_A": ("embedding", "a"),
+    ".lora_embedding_B": ("embedding", "b"),
+}
+#: Adapter options whose weight change is not ``scaling · B·A``; peft can merge them.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora=True)",
+    "use_qalora": "QALoRA (use_qalora=True)",
+    "trainable_token_indices": "trainable token indices",
+    "layer_replication": "layer replication",
+}
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a PEFT adapter (``adapter_config.json``) and no model."""
+    folder = Path(path)
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: ``ΔW = scaling · B·A``.
+
+    Attributes:
+        name: the module's path in the Hugging Face model (``model.layers.0.self_attn.q_proj``).
+        kind: ``"linear"`` (``nn.Linear`` or GPT-2's ``Conv1D``) or ``"embedding"``.
+        a: ``[r, in]`` (embeddings: ``[r, vocabulary]``).
+        b: ``[out, r]`` (embeddings: ``[d_model, r]``).
+        scaling: ``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``).
+    """
+
+    name: str
+    kind: Literal["linear", "embedding"]
+    a: Float[Tensor, "r fan_in"]
+    b: Float[Tensor, "fan_out r"]
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        """The rank ``r`` of the factors."""
+        return int(self.a.shape[0])
+
+    @property
+    def weight_name(self) -> str:
+        """The name of the weight the module changes."""
+        return f"{self.name}.weight"
+
+    def delta(self, transpose: bool = False) -> Float[Tensor, "rows cols"]:
+        """``scaling · B·A`` in float32, ``[out, in]``; transposed (``[in, out]``) for weights
+        stored input-first (GPT-2's ``Conv1D``, embeddings)."""
+        delta = (self.b.float() @ self.a.float()) * self.scaling
+        return delta.T if transpose or self.kind == "embedding" else delta
+
+    def delta_shape(self, transpose: bool = False) -> tuple[int, int]:
+        """The shape of :meth:`delta` (without forming it)."""
+        out, inp = int(self.b.shape[0]), int(self.a.shape[1])
+        return (inp, out) if transpose or self.kind == "embedding" else (out, inp)
+
+    def sq_norm(self) -> float:
+        """``‖ΔW‖²`` from the factors alone (``scaling² · tr(AAᵀ · BᵀB)``), without forming ``ΔW``."""
+        a, b = self.a.double(), self.b.double()
+        return float((a @ a.T * (b.T @ b)).sum()) * self.scaling**2
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter read from disk (see :func:`read_adapter`).
+
+    Attributes:
+        path: the adapter folder.
+        config: ``adapter_config.json``.
+        modules: the adapted modules, by module name, in file order.
+        replaced: tensors the adapter replaces whole, by the base model's tensor name:
+            ``modules_to_save``, trained biases, and base layers peft saves with the adapter
+            (embeddings it adapts); the LoRA changes apply on top of them.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraModule]
+    replaced: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def base_name(self) -> str | None:
+        """The base model the adapter was trained on, as ``adapter_config.json`` names it."""
+        return self.config.get("base_model_name_or_path") or None
+
+    def describe(self) -> dict[str, Any]:
+        """Rank, alpha, targets, counts: what ``summary.json`` and ``capwrap info`` show."""
+        ranks = sorted({m.rank for m in self.modules.values()})
+        return {
+            "path": str(self.path),
+            "peft_type": "LORA",
+            "base": self.base_name,
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "lora_alpha": self.config.get("lora_alpha"),
+            "rslora": bool(self.config.get("use_rslora")),
+            "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in self.modules.values()}),
+            "modules": len(self.modules),
+            "replaced_tensors": sorted(self.replaced),
+            "parameters": sum(m.a.numel() + m.b.numel() for m in self.modules.values())
+            + sum(t.numel() for t in self.replaced.values()),
+        }
+
+    def check_fits(self, spec: ModelSpec, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Raise unless every tensor the adapter changes is one of ``shapes`` (the base's tensor
+        names and shapes, checkpoint layout) with the same shape.
+
+        Raises:
+            CheckpointError: the adapter was made for another model, or changes ``lm_head`` of a
+                base that ties it to the embedding.
+        """
+        if spec.tie_embeddings and any(n.startswith("lm_head.") for n in [*self.replaced, *self.changed_weights]):
+            raise CheckpointError(
+                f"the adapter at {self.path} changes lm_head, which this base ties to its input embedding, so the "
+                "two cannot differ in the merged model; merge it with peft (merge_and_unload) to decide how"
+            )
+        transposed = _input_first_modules(spec)
+        changed = {name: tuple(t.shape) for name, t in self.replaced.items()}
+        changed |= {m.weight_name: m.delta_shape(m.name in transposed) for m in self.modules.values()}
+        for name, shape in changed.items():
+            if name not in shapes:
+                hint = closest_matches(name, shapes)
+                raise CheckpointError(
+                    f"the adapter at {self.path} changes {name}, which the base model does not have"
+                    + (f" (closest: {hint})" if hint else "")
+                    + f"; it was made for another model (its config names {self.base_name!r} as base)"
+                )
+            if tuple(shapes[name]) != shape:
+                raise CheckpointError(
+                    f"the adapter at {self.path} changes {name} with shape {list(shape)}, but the base's "
+                    f"{name} has shape {list(shapes[name])}; it was made for another model "
+                    f"(its config names {self.base_name!r} as base)"
+                )
+
+    def deltas(self, spec: ModelSpec, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """``ΔW`` (float32) for each weight the adapter changes, by the spec's checkpoint names;
+        with ``names``, only for those weights (the rest is not formed). Replaced tensors are
+        not included: their change depends on the base (see :meth:`merge_into`)."""
+        transposed = _input_first_modules(spec)
+        wanted = None if names is None else set(names)
+        out = {}
+        for module in self.modules.values():
+            if wanted is None or module.weight_name in wanted:
+                out[module.weight_name] = module.delta(transpose=module.name in transposed)
+        return out
+
+    @property
+    def changed_weights(self) -> list[str]:
+        """The names of the weights the adapter's LoRA factors change."""
+        return [m.weight_name for m in self.modules.values()]
+
+    def merge_into(self, spec: ModelSpec, state: dict[str, Tensor]) -> None:
+        """Add every ``ΔW`` to ``state`` (checkpoint names, as :func:`~capwrap.models.io.load_model`
+        reads them) and put in the replaced tensors, in place; each weight keeps its dtype.
+
+        Raises:
+            CheckpointError: the adapter changes a tensor the base does not have, or one of
+                another shape (it was made for another model).
+        """
+        self.check_fits(spec, {name: tensor.shape for name, tensor in state.items()})
+        with torch.no_grad():
+            for name, tensor in self.replaced.items():  # base layers the adapter saved come first
+                state[name] = tensor.to(state[name].dtype)
+            for name, delta in self.deltas(spec).items():
+                target = state[name]
+                state[name] = (target.float() + delta).to(target.dtype)
+
+
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Args:
+        path: the adapter folder, as ``PeftModel.save_pretrained`` writes it.
+        allow_pickle: also accept ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
+
+    Raises:
+        CheckpointError: the folder is missing or has no adapter, its files are corrupt, its
+            weights are only a pickle (without ``allow_pickle``), or its kind is not plain LoRA
+            (DoRA, LoHa, IA3 ...: merge those with peft's ``merge_and_unload`` and load the result).
+    """
+    folder = Path(path).expanduser()
+    config_file = folder / ADAPTER_CONFIG
+    if not folder.is_dir():
+        raise CheckpointError(f"adapter folder {folder} does not exist; check the path")
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); the adapter is corrupt") from exc
+    _check_supported(folder, config)
+    tensors = _read_tensors(folder, allow_pickle)
+    modules, replaced = _parse(folder, config, tensors)
+    return LoraAdapter(folder, config, modules, replaced)
+
+
+def adapter_hint(folder: str | os.PathLike) -> str:
+    """What to say when an adapter folder is passed where a full checkpoint was expected."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    base = config.get("base_model_name_or_path")
+    kind = config.get("peft_type", "PEFT")
+    what = f"{kind} r={config['r']}" if "r" in config else kind
+    return (
+        f"{folder} is a PEFT adapter ({what}"
+        + (f", trained on {base!r}" if base else "")
+        + "), not a full checkpoint: it holds only the weight changes. Load it merged into its base with "
+        f"capwrap.load_model(BASE, adapter={str(folder)!r}), or diagnose it with "
+        f"`capwrap diagnose BASE {folder} ...` (BASE: the base model's folder or hub name)"
+    )
+
+
+def merge_adapter(
+    adapter: str | os.PathLike, spec: ModelSpec, state: dict[str, Tensor], allow_pickle: bool = False
+) -> dict[str, Any]:
+    """Read the adapter folder ``adapter`` and merge it into ``state`` (see
+    :meth:`LoraAdapter.merge_into`); returns its description (:meth:`LoraAdapter.describe`)."""
+    lora = read_adapter(adapter, allow_pickle)
+    lora.merge_into(spec, state)
+    return lora.describe()
+
+
+def adapter_base(folder: str | os.PathLike) -> str:
+    """The base model an adapter folder's ``adapter_config.json`` names (a folder or hub name).
+
+    Raises:
+        CheckpointError: the config names no base, or names a local folder that does not exist
+            here; the message says how to pass the base instead.
+    """
+    folder = Path(folder)
+    try:
+        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} cannot be read ({exc}); the adapter is corrupt") from exc
+    if not base:
+        raise CheckpointError(f"{adapter_hint(folder)}. Its {ADAPTER_CONFIG} does not name its base")
+    local = str(base).startswith((".", "/", "~")) or str(base).count("/") > 1
+    if local and not Path(base).expanduser().is_dir():
+        raise CheckpointError(f"{adapter_hint(folder)}. The base its {ADAPTER_CONFIG} names, {base}, is not here")
+    return str(base)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def _check_supported(folder: Path, config: dict[str, Any]) -> None:
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise CheckpointError(
+            f"{folder} is a {kind} adapter; capwrap reads LoRA adapters. Merge it into its base with peft "
+            "(PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and load the result"
+        )
+    used = [what for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key)]
+    if used:
+        raise CheckpointError(
+            f"{folder} is a LoRA adapter with {', '.join(used)}, whose weight change is not scaling·B·A; "
+            "merge it with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) "
+            "and load the merged folder"
+        )
+
+
+def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single = folder / "adapter_model.safetensors"
+    if single.exists():
+        try:
+            return load_file(str(single))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{single} is corrupt or truncated ({exc}); re-save the adapter") from exc
+    pickle = folder / "adapter_model.bin"
+    if pickle.exists():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{folder} holds the adapter only as a pickle file (adapter_model.bin). Pickle files can run "
+                "arbitrary code when loaded, so capwrap refuses them by default. If you trust the source, pass "
+                "allow_pickle=True (--allow-pickle; capwrap then loads with torch.load(weights_only=True)), or "
+                "re-save it with save_pretrained(..., safe_serialization=True)"
+            )
+        try:
+            return torch.load(str(pickle), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
+            raise CheckpointError(f"{pickle} could not be read safely: {exc}") from exc
+    raise CheckpointError(f"{folder} has {ADAPTER_CONFIG} but no weights: expected adapter_model.safetensors")
+
+
+def _parse(
+    folder: Path, config: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, LoraModule], dict[str, Tensor]]:
+    factors: dict[str, dict[str, Tensor]] = {}
+    kinds: dict[str, str] = {}
+    replaced: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(_PREFIX)
+        for suffix, (kind, role) in _FACTORS.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                factors.setdefault(module, {})[role] = tensor
+                kinds[module] = kind
+                break
+        else:
+            if ".lora_" in name:
+                raise CheckpointError(
+                    f"{folder} holds {key}, a LoRA tensor capwrap does not know; merge the adapter with peft "
+                    "(merge_and_unload) and load the merged model"
+                )
+            replaced[name.replace(".base_layer.", ".")] = tensor  # trained biases, modules_to_save
+    modules = {}
+    for module, pair in factors.items():
+        if set(pair) != {"a", "b"}:
+            raise CheckpointError(f"{folder} has only one of the two LoRA factors of {module}; the adapter is corrupt")
+        a, b = pair["a"], pair["b"]
+        if a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"{folder}: the LoRA factors of {module} disagree in rank ({list(a.shape)} vs {list(b.shape)}); "
+                "the adapter is corrupt"
+            )
+        modules[module] = LoraModule(module, kinds[module], a, b, _scaling(config, module, int(a.shape[0])))  # type: ignore[arg-type]
+    if not modules and not replaced:
+        raise CheckpointError(f"{folder}'s adapter weights hold no tensors")
+    return modules, replaced
+
+
+def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
+    """peft's scaling of one module: its alpha (``alpha_pattern`` or ``lora_alpha``) over its rank
+    (or over the rank's square root with ``use_rslora``)."""
+    alpha = float(config.get("lora_alpha", 8))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    if rank == 0:
+        raise CheckpointError(f"the LoRA factors of {module} have rank 0")
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+@functools.lru_cache(maxsize=16)
+def _input_first_modules(spec: ModelSpec) -> frozenset[str]:
+    """Modules of the spec's Hugging Face model that store weights ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    if not spec.has_hf_equivalent:
+        raise ConfigError(f"{spec.architecture} models have no Hugging Face layers, so LoRA adapters do not apply")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config())
+    return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))

@@ -1,0 +1,142 @@
+"""Models larger than one device: loaded by accelerate across GPUs, CPU and disk, run through the bridge.
+
+``load_model(..., device_map="auto", max_memory={...})`` hands the checkpoint to ``transformers``'
+``from_pretrained`` with accelerate's device map — the existing engine: it places whole blocks on
+the GPUs, then the CPU, then offloads the rest to disk, and moves activations (and offloaded
+weights) where they are needed during the forward pass. capwrap wraps the dispatched model in a
+TransformerBridge, so forward passes, hooks and :meth:`~capwrap.models.CapModel.capture` work as
+on any model. Weights that accelerate offloaded are not in memory: reading them
+(:meth:`~capwrap.models.CapModel.weights`, saving, cloning, training) is refused with a message
+that says so, while weights placed on devices read as usual.
+
+Examples:
+    >>> import tempfile, torch
+    >>> from capwrap.models import ModelSpec, build_model, load_model, save_model
+    >>> spec = ModelSpec(d_vocab=32, n_ctx=16, n_layers=4, d_model=16, n_heads=2, architecture="llama")
+    >>> folder = tempfile.mkdtemp() + "/model"
+    >>> _ = save_model(build_model(spec, seed=0), folder)
+    >>> model = load_model(folder, device_map="auto", max_memory={"cpu": "30KB"}, offload_folder=tempfile.mkdtemp())
+    >>> model.offloaded[:2]
+    ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight']
+    >>> tokens = torch.randint(0, 32, (2, 8))
+    >>> torch.allclose(model(tokens), load_model(folder)(tokens), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from capwrap.errors import CheckpointError, ConfigError
+from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
+from capwrap.models.spec import ModelSpec
+
+__all__ = ["DispatchedModel", "load_dispatched"]
+
+
+def load_dispatched(
+    folder: Path,
+    spec: ModelSpec,
+    device_map: str | dict[str, Any],
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer: Any = None,
+    metadata: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+) -> DispatchedModel:
+    """Load ``folder`` with ``transformers`` and accelerate's ``device_map`` / ``max_memory`` and
+    wrap it in a TransformerBridge (see the module docstring).
+
+    Raises:
+        CheckpointError: the weights cannot be read (pickle-only without ``allow_pickle``, corrupt),
+            or the map offloads to disk and no ``offload_folder`` was given.
+    """
+    import transformers
+
+    if not spec.has_hf_equivalent:
+        raise ConfigError(f"{spec.architecture} models have no Hugging Face form for accelerate to dispatch")
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=None if offload_folder is None else str(offload_folder),
+            dtype=dtype or torch.float32,
+            attn_implementation="eager",
+            use_safetensors=None if allow_pickle else True,
+        )
+    except (OSError, ValueError) as exc:
+        hint = " (pass offload_folder=DIR for what does not fit in max_memory)" if "offload" in str(exc) else ""
+        raise CheckpointError(
+            f"accelerate could not load {folder} with device_map={device_map!r}: {exc}{hint}"
+        ) from exc
+    hf.eval()
+    storage = dict(hf.named_parameters())  # before bridging renames the modules
+    offloaded = [name for name, tensor in storage.items() if tensor.device.type == "meta"]
+    bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
+    meta = {**(metadata or {}), "device_map": {k: str(v) for k, v in getattr(hf, "hf_device_map", {}).items()}}
+    return DispatchedModel(spec, bridge, storage, tokenizer, meta, offloaded)
+
+
+class DispatchedModel(CapModel):
+    """A :class:`CapModel` whose Hugging Face model accelerate spread over devices (see the module docstring).
+
+    Attributes:
+        offloaded: the checkpoint tensors accelerate keeps on CPU or disk outside the model (on the
+            ``meta`` device in it); empty when everything sits on devices.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        module: nn.Module,
+        storage: dict[str, Tensor],
+        tokenizer: Any,
+        metadata: dict[str, Any],
+        offloaded: list[str],
+    ):
+        super().__init__(spec, "bridge", module, storage, "checkpoint", tokenizer, metadata)
+        self.offloaded = offloaded
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the first device accelerate placed a part on (offloaded parts run
+        there too), or the CPU."""
+        placed = [d for d in self.metadata.get("device_map", {}).values() if d not in ("cpu", "disk")]
+        if not placed:
+            return torch.device("cpu")
+        return torch.device(f"cuda:{placed[0]}" if placed[0].isdigit() else placed[0])
+
+    def _require_in_memory(self, what: str) -> None:
+        if self.offloaded:
+            raise ConfigError(
+                f"{what} needs every weight in memory, but accelerate offloaded {len(self.offloaded)} tensors "
+                f"({self.offloaded[0]} ...) to CPU or disk; load without device_map (or with a max_memory that "
+                "holds the model), or use the streamed weight diff (capwrap.analyzers.streaming) on the folders"
+            )
+
+    def weights(self) -> dict[str, Tensor]:
+        self._require_in_memory("reading the weights")
+        return super().weights()
+
+    def gradients(self) -> dict[str, Tensor]:
+        self._require_in_memory("reading the gradients")
+        return super().gradients()
+
+    def parameters(self) -> list[nn.Parameter]:
+        self._require_in_memory("training")
+        return super().parameters()
+
+    def to(self, device: str | torch.device) -> CapModel:
+        if torch.device(device) != self.device:
+            raise ConfigError(
+                "accelerate placed this model's parts (model.metadata['device_map']); load it again with another "
+                "device_map to move it"
+            )
+        return self

@@ -1,0 +1,222 @@
+"""Wrap a live Hugging Face model, one that is being trained elsewhere, as a :class:`CapModel`.
+
+:func:`wrap_hf_model` gives a :class:`~capwrap.models.CapModel` over TransformerLens's
+TransformerBridge that *shares* the live model's weights (no copy), so the recorder, the hooks and
+the analyzers see the weights as they are now, while the live model is left exactly as it was:
+the bridge is built around a second module tree (a shell, its parameters on the ``meta`` device
+until they are replaced by the live model's own tensors), because TransformerLens rewires the model
+it bridges (GPT-2's fused ``c_attn`` is read through split q/k/v views), which would change what an
+optimizer holding the live parameters trains.
+
+A model trained with a PEFT LoRA adapter is seen merged: each adapted weight is
+``W + scaling·B·A`` with the adapter as it is now (recomputed before each use), so the
+weight changes a :class:`~capwrap.recording.Recorder` stores are the merged deltas.
+
+Examples:
+    >>> import torch, transformers
+    >>> config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    >>> hf = transformers.GPT2LMHeadModel(config).eval()
+    >>> model = wrap_hf_model(hf)
+    >>> model.weights()["blocks.0.attn.W_Q"].untyped_storage().data_ptr() == hf.transformer.h[0].attn.c_attn.weight.untyped_storage().data_ptr()
+    True
+    >>> tokens = torch.randint(0, 40, (2, 8))
+    >>> torch.allclose(model(tokens), hf(tokens).logits, atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from capwrap.errors import ConfigError
+from capwrap.models.layouts import checkpoint_shapes
+from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
+from capwrap.models.spec import ARCHITECTURES, ModelSpec
+
+__all__ = ["LiveModel", "wrap_hf_model", "as_cap_model"]
+
+
+def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, Any] | None = None) -> LiveModel:
+    """A :class:`CapModel` over a live Hugging Face causal LM, sharing its weights.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` of a supported architecture, a peft ``PeftModel`` of
+            one with a LoRA adapter (seen merged), or either inside ``DistributedDataParallel``.
+        tokenizer: its tokenizer, if any (kept as ``.tokenizer``).
+        metadata: free-form information kept as ``.metadata``.
+
+    Raises:
+        ConfigError: the architecture is not one capwrap maps onto TransformerLens components,
+            the model is not a causal LM, its weights are sharded (DeepSpeed ZeRO-3, FSDP) or on the
+            ``meta`` device, or the adapter is not LoRA.
+    """
+    hf, adapter_layers = _unwrap(model)
+    config = getattr(hf, "config", None)
+    if config is None:
+        raise ConfigError(
+            f"{type(model).__name__} is not a Hugging Face model (it has no .config); wrap_hf_model takes an "
+            "AutoModelForCausalLM (or a peft model of one)"
+        )
+    spec = ModelSpec.from_hf_config(config)
+    if not spec.has_hf_equivalent:  # pragma: no cover - from_hf_config never returns such a spec
+        raise ConfigError(f"{spec.architecture} models have no Hugging Face equivalent")
+    shell, merged = _shell(hf, config, adapter_layers)
+    names = checkpoint_shapes(spec)
+    shell_params = dict(shell.named_parameters(remove_duplicate=False))
+    missing = sorted(set(names) - set(shell_params))
+    if missing:
+        raise ConfigError(f"the live model has no tensors {missing[:5]}; is it a {ARCHITECTURES[spec.architecture]}?")
+    storage = {name: shell_params[name] for name in names}
+    bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
+    meta = {"source": f"live {type(hf).__name__}", **(metadata or {})}
+    return LiveModel(spec, bridge, storage, tokenizer, meta, merged)
+
+
+def as_cap_model(model: Any) -> CapModel:
+    """``model`` itself if it is a :class:`CapModel`; a live Hugging Face (or peft) model wrapped with
+    :func:`wrap_hf_model`; anything else is an error that says what is accepted."""
+    if isinstance(model, CapModel):
+        return model
+    if isinstance(model, nn.Module) and hasattr(_unwrap(model)[0], "config"):
+        return wrap_hf_model(model)
+    raise ConfigError(
+        f"expected a capwrap.CapModel or a Hugging Face causal LM, got {type(model).__name__}; load one with "
+        "capwrap.load_model(...) or wrap a live transformers model with capwrap.wrap_hf_model(model)"
+    )
+
+
+class LiveModel(CapModel):
+    """A :class:`CapModel` whose weights are a live model's (see :func:`wrap_hf_model`).
+
+    It differs from a loaded model in two ways: a LoRA-adapted weight is the merged ``W +
+    scaling·B·A``, recomputed before every forward pass and weight read;
+    and it cannot be moved (move the live model itself). ``clone()`` returns an ordinary,
+    independent :class:`CapModel` of the weights as they are now.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        module: nn.Module,
+        storage: dict[str, Tensor],
+        tokenizer: Any,
+        metadata: dict[str, Any],
+        merged: list[_MergedWeight],
+    ):
+        super().__init__(spec, "bridge", module, storage, "checkpoint", tokenizer, metadata)
+        self._merged = merged
+
+    def refresh(self) -> None:
+        """Recompute the merged LoRA weights from the adapter as it is now."""
+        for weight in self._merged:
+            weight.refresh()
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        self.refresh()
+        return super().forward(tokens)
+
+    def weights(self) -> dict[str, Tensor]:
+        self.refresh()
+        return super().weights()
+
+    def to(self, device: str | torch.device) -> CapModel:
+        if torch.device(device) != self.device:
+            raise ConfigError(
+                "a wrapped live model shares the live model's weights; move the live model itself (model.to(...)) "
+                "and wrap it again"
+            )
+        return self
+
+
+class _MergedWeight:
+    """The weight of one LoRA-adapted module, merged: ``base + Σ active deltas`` (peft's own
+    ``get_delta_weight``). Recomputed on every :meth:`refresh`: optimizers update parameters in
+    ways that do not all move their version counters, so nothing cheaper tells reliably whether
+    the adapter changed (forming ``B·A`` costs about what one token's forward pass through the
+    module does)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.base = layer.get_base_layer().weight
+        self.tensor = nn.Parameter(torch.empty_like(self.base), requires_grad=False)
+
+    def _active(self) -> list[str]:
+        return [a for a in self.layer.active_adapters if a in getattr(self.layer, "lora_A", {})] + [
+            a for a in self.layer.active_adapters if a in getattr(self.layer, "lora_embedding_A", {})
+        ]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        merged = self.base.detach().float()
+        if not (self.layer.merged or self.layer.disable_adapters):
+            for adapter in self._active():
+                merged = merged + self.layer.get_delta_weight(adapter).float()
+        self.tensor.copy_(merged)
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """The Hugging Face model inside ``model`` (DDP, peft) and its LoRA layers (if a peft model)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        kinds = {str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in model.peft_config.values()}
+        if kinds != {"LORA"}:
+            raise ConfigError(f"capwrap follows LoRA adapters; this peft model has {sorted(kinds)}")
+        model = model.get_base_model()
+    layers = [m for m in model.modules() if _is_lora_layer(m)]
+    for layer in layers:
+        if any(getattr(layer, "use_dora", {}).values()):
+            raise ConfigError("capwrap follows plain LoRA adapters; this one uses DoRA (use_dora=True)")
+    return model, layers
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft, no LoRA layers
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def _shell(hf: nn.Module, config: Any, lora_layers: list[nn.Module]) -> tuple[nn.Module, list[_MergedWeight]]:
+    """A second module tree of ``hf``'s class whose parameters and buffers are ``hf``'s own tensors
+    (LoRA-adapted weights: merged copies), built on ``meta`` so that nothing is allocated twice."""
+    import transformers
+
+    with torch.device("meta"):
+        shell = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
+    shell.eval()
+    lora_ids = {id(layer) for layer in lora_layers}
+    lora_paths = {path: m for path, m in hf.named_modules() if id(m) in lora_ids}
+    merged: list[_MergedWeight] = []
+
+    def live_tensor(name: str, kind: str) -> Tensor:
+        path, _, leaf = name.rpartition(".")
+        module = hf.get_submodule(path)
+        if path in lora_paths and leaf == "weight" and kind == "parameter":
+            weight = _MergedWeight(lora_paths[path])
+            merged.append(weight)
+            return weight.tensor
+        if hasattr(module, "get_base_layer"):
+            module = module.get_base_layer()
+        return getattr(module, leaf)  # peft's modules_to_save wrappers answer with the active copy
+
+    for kind, named in (("parameter", shell.named_parameters), ("buffer", shell.named_buffers)):
+        for name, _ in list(named(remove_duplicate=False)):
+            tensor = live_tensor(name, kind)
+            if tensor is None or tensor.device.type == "meta" or (tensor.numel() == 0 and kind == "parameter"):
+                raise ConfigError(
+                    f"the live model's {name} is not in memory (sharded by DeepSpeed ZeRO-3 or FSDP, or offloaded); "
+                    "capwrap records models whose weights are whole on one process"
+                )
+            path, _, leaf = name.rpartition(".")
+            owner = shell.get_submodule(path)
+            getattr(owner, f"_{kind}s")[leaf] = tensor
+    for weight in merged:
+        weight.refresh()
+    return shell, merged

@@ -1,0 +1,264 @@
+"""Running the suite: one scenario at a time in worker processes (or Ray tasks), resumable.
+
+Each scenario's result is a JSON *record* written atomically to ``OUT/scenarios/``: the scenario,
+the evaluation set's accuracies and gates, each analyzer's statistic with its bootstrap replicates,
+and the findings. A finished scenario is never rerun (delete its record to redo it). Records keep
+everything the verdict rule reads, so a rule can be refitted or perturbed without running a model
+(:func:`findings_from_record`).
+
+Workers are the standard library's process pool (``spawn``), one torch thread each by default; with
+``ray_address`` the same function runs as Ray tasks on a cluster (the ``ray`` extra) — capwrap does
+not schedule anything itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from capwrap.analyzers import (
+    Analyzer,
+    AttentionComparison,
+    Evidence,
+    Generalization,
+    NewLatentProbing,
+    Patching,
+    Probing,
+    Pruning,
+    Revival,
+    WeightDiff,
+)
+from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
+from capwrap.diagnosis.run import diagnose, gates
+from capwrap.errors import CapwrapError, ConfigError
+from capwrap.files import write_json_atomic
+from capwrap.validation.scenarios import Scenario
+
+__all__ = ["findings_from_record", "record_path", "run_scenario", "run_suite", "suite_analyzers", "load_records"]
+
+#: Fine-tuning budget of the revival control (the scenarios' fine-tuning budget).
+CONTROL_STEPS = 300
+#: Sequences per test set of each scenario's evaluation set.
+EVAL_SIZE = 512
+
+
+def suite_analyzers(
+    control: Any = None, cache: str | os.PathLike | None = None, compiled: bool = False
+) -> list[Analyzer]:
+    """The analyzers the suite runs: :func:`~capwrap.diagnosis.default_analyzers`, with samples and
+    budgets sized for the suite's small models (the revival control given, its runs cached).
+    ``compiled``: a Tracr model, pruned by single weights as the paper does (its MLPs have a
+    handful of neurons)."""
+    return [
+        Probing(n=1024, steps=200),
+        Pruning(ks=(0, 1, 2, 5, 10, 25), score_size=256, granularity="weight" if compiled else "neuron"),
+        Revival(max_steps=200, check_size=256, control=control, seeds=2, cache=None if cache is None else str(cache)),
+        WeightDiff(graft_fractions=(0.01, 0.1)),
+        AttentionComparison(n=256),
+        Patching(n=128),
+        Generalization(),
+        NewLatentProbing(n=1024, steps=200),
+    ]
+
+
+def record_path(out: str | os.PathLike, scenario: Scenario) -> Path:
+    """Where a scenario's record lives in ``out``."""
+    return Path(out) / "scenarios" / (scenario.name.replace("/", "__") + ".json")
+
+
+def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rule: VerdictRule | None = None,
+                 n_boot: int = 200, threads: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Make the scenario's tuned model and diagnose it; the record (see the module docstring)."""
+    import torch
+
+    from capwrap.tasks.spec import task_from_spec
+    from capwrap.validation.bases import load_base
+    from capwrap.validation.build import make_control, make_tuned
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    cache = Path(cache) if cache is not None else None
+    base = load_base(scenario.base)
+    capability = task_from_spec(scenario.capability, model=base)
+    downstream = task_from_spec(scenario.downstream, model=base)
+    tuned, made = make_tuned(scenario, base, capability, cache)
+    built = time.perf_counter() - started
+    control = make_control(
+        base, downstream, CONTROL_STEPS, seed=0, cache=cache
+    )  # shared by scenarios of one base and task
+    # one diagnosis seed for the whole suite: scenarios sharing a base share evaluation sequences and
+    # the revival control's runs (cached); the scenarios' own seeds vary their fine-tuning
+    analyzers = suite_analyzers(control, cache, compiled=not base.spec.has_hf_equivalent)
+    diagnosis = diagnose(base, tuned, capability, downstream, analyzers=analyzers,
+                         eval_size=EVAL_SIZE, seed=0, progress=False, rule=rule, n_boot=n_boot)  # fmt: skip
+    rule = rule or default_rule()
+    record = {
+        "scenario": scenario.to_dict(),
+        "made": made,
+        "accuracy": diagnosis.accuracy,
+        "capability_floor": capability.capability_floor,
+        "evidence": [_evidence_record(e) for e in diagnosis.evidence],
+        "findings": {f.question: f.to_dict() for f in diagnosis.findings},
+        "seconds": {
+            "build": round(built, 1),
+            "diagnose": round(time.perf_counter() - started - built, 1),
+            "analyzers": diagnosis.seconds,
+        },  # fmt: skip
+        "n_boot": n_boot,
+    }
+    record["truth"] = scenario.truth(gates(rule, record["accuracy"], record["capability_floor"]))
+    return record
+
+
+def _evidence_record(e: Evidence) -> dict[str, Any]:
+    def num(v: float) -> float | None:
+        return round(float(v), 5) if math.isfinite(float(v)) else None
+
+    return {
+        "analyzer": e.analyzer, "question": e.question, "kind": e.kind, "statistic": e.statistic,
+        "value": num(e.value), "replicates": [num(v) for v in e.replicates], "summary": e.summary,
+        "direction": e.direction, "strength": round(e.strength, 4),
+        "headline": {k: num(v) if isinstance(v, (int, float)) else v for k, v in e.headline.items()},
+    }  # fmt: skip
+
+
+def _run_to_file(
+    scenario: Scenario, out: str, cache: str | None, rule_dict: dict | None, n_boot: int, threads: int
+) -> str:
+    """A worker's job: run one scenario and write its record (or an error record)."""
+    rule = VerdictRule.from_dict(rule_dict) if rule_dict is not None else None
+    path = record_path(out, scenario)
+    try:
+        record = run_scenario(scenario, cache, rule, n_boot, threads)
+    except Exception as exc:  # noqa: BLE001 - reported per scenario, the suite goes on
+        write_json_atomic(path.with_suffix(".error.json"), {"scenario": scenario.name, "error": repr(exc),
+                                                            "traceback": traceback.format_exc()})  # fmt: skip
+        raise
+    write_json_atomic(path, record)
+    path.with_suffix(".error.json").unlink(missing_ok=True)
+    return scenario.name
+
+
+def run_suite(
+    scenarios: Sequence[Scenario],
+    out: str | os.PathLike,
+    workers: int = 2,
+    ray_address: str | None = None,
+    cache: str | os.PathLike | None = None,
+    rule: VerdictRule | None = None,
+    n_boot: int = 200,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> list[dict[str, Any]]:
+    """Run every scenario that has no record in ``out`` yet; return all their records.
+
+    Args:
+        scenarios: what to run (see :func:`~capwrap.validation.scenarios.scenarios`).
+        out: the results folder (records go to ``out/scenarios``).
+        workers: local worker processes (each with ``cores // workers`` torch threads).
+        ray_address: run on a Ray cluster instead (``"local"`` starts one on this machine).
+        cache: where tuned models and revival controls are kept between runs (default ``out/cache``).
+        rule: the verdict rule the records' findings use (default: the fitted rule).
+        n_boot: bootstrap replicates.
+        progress: a progress bar over scenarios.
+        log: called with a line of text per finished or failed scenario.
+
+    Raises:
+        CapwrapError: some scenarios failed (their records say why); the others are kept.
+    """
+    from tqdm.auto import tqdm
+
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    out = Path(out)
+    (out / "scenarios").mkdir(parents=True, exist_ok=True)
+    cache = Path(cache) if cache is not None else out / "cache"
+    todo = [s for s in scenarios if not record_path(out, s).exists()]
+    if len(todo) < len(scenarios):
+        log(
+            f"{len(scenarios) - len(todo)} of {len(scenarios)} scenarios already have records in {out}; running {len(todo)}"
+        )
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    args = (str(out), str(cache), None if rule is None else rule.to_dict(), n_boot)
+    failed: list[str] = []
+    bar = tqdm(total=len(todo), desc="validate", disable=not progress)
+    if todo and ray_address is not None:
+        failed = _run_on_ray(todo, args, ray_address, bar, log)
+    elif todo and workers == 1:
+        for s in todo:
+            failed += _one(lambda s=s: _run_to_file(s, *args, threads), s.name, bar, log)
+    elif todo:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_to_file, s, *args, threads): s.name for s in todo}
+            for future in as_completed(futures):
+                failed += _one(future.result, futures[future], bar, log)
+    bar.close()
+    if failed:
+        raise CapwrapError(
+            f"{len(failed)} scenarios failed ({', '.join(failed)}); see their .error.json in {out / 'scenarios'}"
+        )
+    return load_records(out, scenarios)
+
+
+def _one(run: Callable[[], Any], name: str, bar: Any, log: Callable[[str], None]) -> list[str]:
+    try:
+        run()
+    except Exception as exc:  # noqa: BLE001 - reported, the suite goes on
+        log(f"failed: {name}: {exc!r}")
+        bar.update(1)
+        return [name]
+    log(f"done: {name}")
+    bar.update(1)
+    return []
+
+
+def _run_on_ray(todo: list[Scenario], args: tuple, address: str, bar: Any, log: Callable[[str], None]) -> list[str]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("running on Ray needs the ray extra: pip install 'capwrap[ray]'") from None
+    ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(_run_to_file)
+    pending = {remote.remote(s, *args, 1): s.name for s in todo}
+    failed = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        failed += _one(lambda ref=done[0]: ray.get(ref), name, bar, log)
+    return failed
+
+
+def load_records(out: str | os.PathLike, scenarios: Sequence[Scenario] | None = None) -> list[dict[str, Any]]:
+    """The records in ``out`` (of ``scenarios`` only, in their order, when given)."""
+    folder = Path(out) / "scenarios"
+    if scenarios is None:
+        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if not p.name.endswith(".error.json")]
+    return [json.loads(record_path(out, s).read_text()) for s in scenarios if record_path(out, s).exists()]
+
+
+def findings_from_record(record: dict[str, Any], rule: VerdictRule) -> dict[str, Finding]:
+    """Both findings of a record under ``rule`` (the evidence re-judged, the gates re-decided)."""
+    evidence = []
+    for e in record["evidence"]:
+        reps = np.array([np.nan if v is None else v for v in e["replicates"]], dtype=np.float64)
+        ev = Evidence(e["analyzer"], dict(e.get("headline", {})), pd.DataFrame(), kind=e["kind"], question=e["question"],
+                      statistic=e["statistic"], value=np.nan if e["value"] is None else e["value"], replicates=reps,
+                      summary=e["summary"])  # fmt: skip
+        if ev.statistic is None:
+            ev.direction, ev.strength = e["direction"], e["strength"]
+        evidence.append(rule.judge(ev))
+    reasons = gates(rule, record["accuracy"], record["capability_floor"])
+    n_boot = int(record.get("n_boot", 200))
+    return {q: rule.weigh(q, evidence, reasons[q], n_boot=n_boot) for q in ("deletion", "creation")}

@@ -1,0 +1,420 @@
+"""Fine-tuning scenarios with known ground truth: the registry `capwrap validate` runs.
+
+A :class:`Scenario` is a base model, a :class:`Recipe` that makes the tuned model from it, the
+capability and downstream tasks (as task specs), and a *kind* that fixes the truth by construction,
+without asking any analyzer:
+
+* ``wrapper`` — a small- or medium-learning-rate fine-tune (the paper's ηS / ηM) on data where the
+  downstream answer is tied to the capability's by a planted spurious correlation (C_Tr ∈ {0.8, 1}):
+  whatever the tuned model lost of the capability is hidden, and what it gained holds only through
+  the correlation;
+* ``removed`` — the capability is destroyed before fine-tuning (components re-initialized at some
+  granularity) or never there (a model of the same shape retrained from scratch without it, the
+  unlearning literature's gold standard): what was lost is gone;
+* ``genuine`` — a fine-tune on data where the correlation never holds (C_Tr = 0), at a learning
+  rate that learns the downstream task: what was gained is a new capability;
+* ``kept`` — a no-op or a few tiny steps: nothing was lost or gained;
+* ``unknown`` — a large learning rate (ηL) and the unlearning recipes people use to "delete" a
+  capability (gradient ascent with a retain set, NPO): reported, not scored.
+
+The truth of each of diagnose's two questions follows from the kind and from what happened to the
+accuracies (:meth:`Scenario.truth`): a question with nothing to explain (the capability was kept; no
+new behaviour was learned) has the truth ``inconclusive``, as :func:`~capwrap.diagnosis.gates` decides.
+
+The suite splits into a ``calibration`` half (the rule is fitted on it) and a ``held-out`` half that
+differs in seeds *and* in task families and operands: calibration uses counting on the ``pcfg-a``
+base (counts and indexes ``a``) and the Tracr Counter; held-out uses the index family on ``pcfg-a``,
+counting on the ``pcfg-b`` base (counts and indexes ``b``) and the Tracr Max-identifier.
+
+Examples:
+    >>> len(SUITE) >= 40
+    True
+    >>> s = scenario("cal/count-b/adamw-small-c1/s1")
+    >>> s.kind, s.recipe.lr, s.downstream
+    ('wrapper', 3e-05, 'pcfg=count,operand=b,correlation=1')
+    >>> sorted({x.split for x in SUITE})
+    ['calibration', 'held-out']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from capwrap.errors import ConfigError
+
+__all__ = [
+    "BASES",
+    "LEARNING_RATES",
+    "Recipe",
+    "SUITE",
+    "Scenario",
+    "Truth",
+    "scenario",
+    "scenarios",
+]
+
+Kind = Literal["wrapper", "removed", "genuine", "kept", "unknown"]
+Split = Literal["calibration", "held-out"]
+#: The truth of one question: diagnose's verdict words, or ``unknown`` (reported, not scored).
+Truth = Literal["wrapper", "capability_change", "inconclusive", "unknown"]
+
+#: The suite's base models (shipped in ``capwrap/assets/suite``; made by ``scripts/make_suite_bases.py``).
+BASES: dict[str, str] = {
+    "pcfg-a": "PCFG counting and indexing, operand prior (0.999, 0.001, 0): counts and indexes a",
+    "pcfg-b": "PCFG counting and indexing, operand prior (0.001, 0.999, 0): counts and indexes b",
+    "pcfg-a-retrained": "pcfg-a's shape and data without counting: the gold standard of 'count a' removed",
+    "pcfg-b-retrained": "pcfg-b's shape and data without counting: the gold standard of 'count b' removed",
+    "tracr-counter": "Tracr Counter compiled to count a (letters a-i, 10 positions)",
+    "tracr-max": "Tracr Max-identifier compiled to name the 5th-largest letter (26 letters, 10 positions)",
+}
+
+#: Learning rates by optimizer: the paper's small (ηS), medium (ηM) and large (ηL) rates, scaled to
+#: 300-step fine-tunes of the suite's models (the paper: 1e-6 / 1e-5 / 1e-4 over 10K steps).
+LEARNING_RATES: dict[str, dict[str, float]] = {
+    "adamw": {"small": 3e-5, "medium": 1e-4, "large": 1e-3},
+    "sgd": {"small": 3e-3, "medium": 1e-2, "large": 1e-1},
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a scenario's tuned model is made from its base.
+
+    Args:
+        task: the fine-tuning task's spec (its correlation is C_Tr).
+        lr: the learning rate.
+        steps: optimizer steps (0: the tuned model is the base itself).
+        optimizer: ``adamw`` or ``sgd`` (with momentum, as the paper's Tracr runs).
+        batch_size: sequences per step.
+        weight_noise: std of Gaussian noise added to the weights first (the paper's Tracr protocol: 1e-3).
+        method: ``finetune``, ``gradient_ascent`` or ``npo`` (the last two forget ``task``).
+        retain: the retain task's spec of an unlearning method.
+        reinit: components re-initialized before fine-tuning: ``blocks`` (every transformer block),
+            ``attention``, ``mlp``, or ``latent`` (the blocks up to the first layer where the
+            capability's latent is linearly decodable); empty: none.
+        start_from: another base to start from instead (a model retrained without the capability).
+    """
+
+    task: str
+    lr: float
+    steps: int = 300
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    batch_size: int = 96
+    weight_noise: float = 0.0
+    method: Literal["finetune", "gradient_ascent", "npo"] = "finetune"
+    retain: str | None = None
+    reinit: Literal["", "blocks", "attention", "mlp", "latent"] = ""
+    start_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reinit not in ("", "blocks", "attention", "mlp", "latent"):
+            raise ConfigError(f"unknown reinit {self.reinit!r}; choose blocks, attention, mlp or latent")
+        if self.method not in ("finetune", "gradient_ascent", "npo"):
+            raise ConfigError(f"unknown method {self.method!r}; choose finetune, gradient_ascent or npo")
+        from pathlib import Path
+
+        if self.start_from is not None and self.start_from not in BASES and not Path(self.start_from).is_dir():
+            raise ConfigError(
+                f"unknown base {self.start_from!r}: give one of the suite's bases {sorted(BASES)} or a checkpoint folder"
+            )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fine-tuning scenario with known ground truth (see the module docstring)."""
+
+    name: str
+    split: Split
+    family: str
+    base: str
+    capability: str
+    downstream: str
+    recipe: Recipe
+    kind: Kind
+    seed: int = 0
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        from pathlib import Path
+
+        if self.base not in BASES and not Path(self.base).is_dir():
+            raise ConfigError(
+                f"unknown base {self.base!r}: give one of the suite's bases {sorted(BASES)} or a checkpoint folder"
+            )
+        if self.kind not in ("wrapper", "removed", "genuine", "kept", "unknown"):
+            raise ConfigError(f"unknown scenario kind {self.kind!r}")
+
+    def truth(self, gates: dict[str, str | None]) -> dict[str, Truth]:
+        """Per question, the truth given the diagnosis's gates (a question with nothing to explain
+        is ``inconclusive``; see the module docstring)."""
+        if self.kind == "unknown":
+            return {"deletion": "unknown", "creation": "unknown"}
+        by_kind: dict[str, dict[str, Truth]] = {
+            "wrapper": {"deletion": "wrapper", "creation": "wrapper"},
+            "removed": {"deletion": "capability_change", "creation": "unknown"},
+            "genuine": {"deletion": "unknown", "creation": "capability_change"},
+            "kept": {"deletion": "inconclusive", "creation": "inconclusive"},
+        }
+        return {q: ("inconclusive" if gates.get(q) else t) for q, t in by_kind[self.kind].items()}
+
+    def key(self) -> str:
+        """A short hash of everything that makes the tuned model (for caching it)."""
+        recipe = json.dumps([self.base, dataclasses.asdict(self.recipe), self.seed], sort_keys=True)
+        return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Scenario:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**data, "recipe": Recipe(**data["recipe"])})
+
+
+def _pcfg_family(
+    split: Split, base: str, family: str, target: str, source: str, offset: int, only: tuple[str, ...] | None = None
+) -> list[Scenario]:
+    """Wrapper, genuine and unknown scenarios of one PCFG task family on one base (``only``: these tags)."""
+    planted = f"source={source},offset={offset}" if (source, offset) != ("a", 1) else ""
+    spec = lambda c: ",".join(filter(None, [f"pcfg={family},operand={target},correlation={c:g}", planted]))  # noqa: E731
+    capability = f"pcfg={family},operand={source}"
+    down = spec(1.0)
+    prefix = f"{'cal' if split == 'calibration' else 'held'}/{family}-{target}"
+    seeds = (1, 2) if split == "calibration" else (11, 12)
+    out = []
+
+    def add(tag: str, kind: Kind, recipe: Recipe, seed: int, note: str = "") -> None:
+        out.append(Scenario(f"{prefix}/{tag}/s{seed}", split, f"pcfg-{family}", base, capability, down, recipe, kind,
+                            seed, note))  # fmt: skip
+
+    lrs = LEARNING_RATES
+    for size in ("small", "medium"):
+        for c in (1.0, 0.8):
+            add(f"adamw-{size}-c{c:g}", "wrapper", Recipe(spec(c), lrs["adamw"][size]), seeds[0])
+    add("adamw-small-c1", "wrapper", Recipe(spec(1.0), lrs["adamw"]["small"]), seeds[1])
+    add("sgd-medium-c1", "wrapper", Recipe(spec(1.0), lrs["sgd"]["medium"], optimizer="sgd"), seeds[0])
+    for size in ("medium", "large"):
+        add(f"adamw-{size}-c0", "genuine", Recipe(spec(0.0), lrs["adamw"][size]), seeds[0],
+            "no correlation to lean on: what is learned is learned for real")  # fmt: skip
+    add("adamw-large-c1", "unknown", Recipe(spec(1.0), lrs["adamw"]["large"]), seeds[0], "the paper's ηL")
+    return [s for s in out if only is None or s.name.split("/")[2] in only]
+
+
+def _removed(split: Split, base: str, family: str, target: str, source: str) -> list[Scenario]:
+    """The capability destroyed before a medium-rate fine-tune (four granularities), and retrained away."""
+    down = f"pcfg={family},operand={target},correlation=1" + ("" if source == "a" else f",source={source}")
+    capability = f"pcfg=count,operand={source}"
+    prefix = f"{'cal' if split == 'calibration' else 'held'}/removed-count-{source}"
+    seed = 3 if split == "calibration" else 13
+    lr = LEARNING_RATES["adamw"]["medium"]
+    out = [
+        Scenario(
+            f"{prefix}/reinit-{what}/s{seed}",
+            split,
+            f"pcfg-{family}",
+            base,
+            capability,
+            down,
+            Recipe(down, lr, reinit=what),
+            "removed",
+            seed,
+        )  # fmt: skip
+        for what in ("blocks", "attention", "mlp", "latent")
+    ]
+    retrained = f"{base}-retrained"
+    out.append(
+        Scenario(
+            f"{prefix}/retrained/s{seed}",
+            split,
+            f"pcfg-{family}",
+            base,
+            capability,
+            down,
+            Recipe(down, lr, start_from=retrained),
+            "removed",
+            seed,
+            "the tuned model starts from a model of the same shape that never learned to count",
+        )  # fmt: skip
+    )
+    return out
+
+
+def _kept_and_unlearning(split: Split, base: str, source: str) -> list[Scenario]:
+    capability = f"pcfg=count,operand={source}"
+    other = "b" if source == "a" else "a"
+    down = f"pcfg=count,operand={other},correlation=1" + ("" if source == "a" else f",source={source}")
+    prefix = f"{'cal' if split == 'calibration' else 'held'}"
+    seed = 4 if split == "calibration" else 14
+    retain = f"pcfg=index,operand={source}"
+    family = "pcfg-count"
+    return [
+        Scenario(
+            f"{prefix}/kept/noop/s{seed}",
+            split,
+            family,
+            base,
+            capability,
+            down,
+            Recipe(down, 1e-4, steps=0),
+            "kept",
+            seed,
+            "the tuned model is the base",
+        ),  # fmt: skip
+        Scenario(
+            f"{prefix}/kept/tiny/s{seed}",
+            split,
+            family,
+            base,
+            capability,
+            down,
+            Recipe(down, 1e-6, steps=20),
+            "kept",
+            seed,
+            "20 steps at lr 1e-6",
+        ),  # fmt: skip
+        Scenario(
+            f"{prefix}/unlearn/gradient-ascent/s{seed}",
+            split,
+            family,
+            base,
+            capability,
+            retain,  # what unlearning keeps: the never-had-it control learns only this
+            Recipe(capability, 3e-5, steps=100, method="gradient_ascent", retain=retain),
+            "unknown",
+            seed,
+            "forget count by gradient ascent, retain indexing",
+        ),  # fmt: skip
+        Scenario(
+            f"{prefix}/unlearn/npo/s{seed}",
+            split,
+            family,
+            base,
+            capability,
+            retain,  # what unlearning keeps: the never-had-it control learns only this
+            Recipe(capability, 1e-4, steps=150, method="npo", retain=retain),
+            "unknown",
+            seed,
+            "forget count by NPO, retain indexing",
+        ),  # fmt: skip
+    ]
+
+
+def _tracr(split: Split) -> list[Scenario]:
+    """The paper's Tracr settings: SGD with momentum, weight noise N(0, 0.001), two learning rates."""
+    if split == "calibration":
+        base, family, seed = "tracr-counter", "tracr-counter", 5
+        capability, spec = "tracr=counter,operand=a", "tracr=counter,operand=b,correlation={c}"
+    else:
+        base, family, seed = "tracr-max", "tracr-max", 15
+        capability = "tracr=max_identifier,rank=5"
+        spec = "tracr=max_identifier,rank=4,correlation={c},source_rank=5,shift=1"
+    prefix = f"{'cal' if split == 'calibration' else 'held'}/{family}"
+    down = spec.format(c=1)
+    lrs = LEARNING_RATES["sgd"]
+    recipe = lambda c, size, **kw: Recipe(spec.format(c=c), lrs[size], optimizer="sgd", weight_noise=1e-3, **kw)  # noqa: E731
+    return [
+        Scenario(f"{prefix}/sgd-small-c1/s{seed}", split, family, base, capability, down, recipe(1, "small"), "wrapper", seed),
+        Scenario(f"{prefix}/sgd-medium-c1/s{seed}", split, family, base, capability, down, recipe(1, "medium"), "wrapper", seed),
+        Scenario(f"{prefix}/sgd-medium-c0.8/s{seed}", split, family, base, capability, down, recipe(0.8, "medium"), "wrapper", seed),
+        Scenario(f"{prefix}/reinit-blocks/s{seed}", split, family, base, capability, down,
+                 recipe(1, "medium", reinit="blocks"), "removed", seed),  # fmt: skip
+    ]  # fmt: skip
+
+
+def _build_suite() -> tuple[Scenario, ...]:
+    suite = [
+        # calibration: counting on pcfg-a (b through a; c through a + 2), Tracr Counter
+        *_pcfg_family("calibration", "pcfg-a", "count", "b", "a", 1),
+        *_pcfg_family(
+            "calibration",
+            "pcfg-a",
+            "count",
+            "c",
+            "a",
+            2,
+            only=("adamw-small-c1", "adamw-small-c0.8", "adamw-medium-c1", "adamw-medium-c0.8", "adamw-large-c0"),
+        ),
+        *_removed("calibration", "pcfg-a", "count", "b", "a"),
+        *_kept_and_unlearning("calibration", "pcfg-a", "a"),
+        *_tracr("calibration"),
+        # held-out: indexing on pcfg-a, counting on pcfg-b (a through b; c through b - 1), Tracr Max-identifier
+        *_pcfg_family("held-out", "pcfg-a", "index", "b", "a", 1),
+        *_pcfg_family(
+            "held-out",
+            "pcfg-b",
+            "count",
+            "a",
+            "b",
+            1,
+            only=("adamw-small-c1", "adamw-small-c0.8", "adamw-medium-c1", "adamw-medium-c0.8", "adamw-large-c0"),
+        ),
+        *_pcfg_family("held-out", "pcfg-b", "count", "c", "b", -1, only=("adamw-small-c1", "adamw-small-c0.8")),
+        *_removed("held-out", "pcfg-b", "count", "a", "b"),
+        *_kept_and_unlearning("held-out", "pcfg-b", "b"),
+        *_tracr("held-out"),
+    ]
+    names = [s.name for s in suite]
+    if len(set(names)) != len(names):  # pragma: no cover - a registry bug
+        raise ConfigError(f"scenario names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+    return tuple(suite)
+
+
+#: Every scenario of the suite, calibration first.
+SUITE: tuple[Scenario, ...] = _build_suite()
+
+
+def scenario(name: str) -> Scenario:
+    """The scenario called ``name``.
+
+    Raises:
+        ConfigError: no scenario has that name (the message lists close ones).
+    """
+    for s in SUITE:
+        if s.name == name:
+            return s
+    from capwrap.errors import closest_matches
+
+    hint = closest_matches(name, [s.name for s in SUITE])
+    raise ConfigError(
+        f"no scenario named {name!r}"
+        + (f"; closest: {hint}" if hint else "")
+        + "; list them with capwrap validate --list"
+    )
+
+
+def scenarios(
+    split: str | None = None, names: Iterable[str] | None = None, kinds: Iterable[str] | None = None
+) -> list[Scenario]:
+    """The scenarios of ``split`` (``calibration``, ``held-out``, or ``None``/``all`` for both),
+    optionally only those named (exact names or glob patterns) or of some kinds.
+
+    Raises:
+        ConfigError: an unknown split, kind, or a name that matches nothing.
+    """
+    import fnmatch
+
+    if split not in (None, "all", "calibration", "held-out"):
+        raise ConfigError(f"unknown split {split!r}; choose calibration, held-out or all")
+    chosen = [s for s in SUITE if split in (None, "all") or s.split == split]
+    if names:
+        picked = []
+        for pattern in names:
+            hits = [s for s in chosen if fnmatch.fnmatchcase(s.name, pattern)]
+            if not hits:
+                scenario(pattern)  # raises with the closest names
+                raise ConfigError(f"scenario {pattern!r} is not in the {split} split")
+            picked += [s for s in hits if s not in picked]
+        chosen = picked
+    if kinds:
+        kinds = set(kinds)
+        unknown = kinds - {"wrapper", "removed", "genuine", "kept", "unknown"}
+        if unknown:
+            raise ConfigError(f"unknown scenario kinds {sorted(unknown)}")
+        chosen = [s for s in chosen if s.kind in kinds]
+    return chosen

@@ -1,0 +1,51 @@
+"""`capwrap validate` end to end on named scenarios of both halves of the suite, with their verdicts
+pinned: a textbook wrapper (count b learned through count a + 1 at a small learning rate) and two
+removed capabilities (every block re-initialized; a model retrained without counting)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from capwrap.cli import main
+
+WRAPPER = "cal/count-b/adamw-small-c1/s1"
+REMOVED = "held/removed-count-b/reinit-blocks/s13"
+RETRAINED = "cal/removed-count-a/retrained/s3"
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("validate")
+    argv = ["validate", "--split", "all", "--out", str(out), "--workers", "2", "--quiet"]
+    for name in (WRAPPER, REMOVED, RETRAINED):
+        argv += ["--scenario", name]
+    assert main(argv) == 0
+    data = json.loads((out / "validation.json").read_text())
+    return out, {(row["name"], row["question"]): row for row in data["scenarios"]}, data
+
+
+def test_the_textbook_wrapper_is_a_wrapper_on_both_questions(validated):
+    _, rows, _ = validated
+    assert rows[(WRAPPER, "deletion")]["truth"] == "wrapper"
+    assert rows[(WRAPPER, "deletion")]["verdict"] == "wrapper"
+    assert rows[(WRAPPER, "creation")]["verdict"] == "wrapper"
+
+
+def test_removed_capabilities_are_capability_changes(validated):
+    _, rows, _ = validated
+    for name in (REMOVED, RETRAINED):
+        assert rows[(name, "deletion")]["truth"] == "capability_change"
+        assert rows[(name, "deletion")]["verdict"] == "capability_change", rows[(name, "deletion")]["reason"]
+        assert rows[(name, "creation")]["truth"] == "unknown"
+
+
+def test_validate_writes_its_report_and_resumes(validated, capsys):
+    out, _, data = validated
+    assert data["targets"]["accuracy"] == 1.0 and data["targets"]["wrapper_on_removed"] == 0
+    assert (out / "validation.html").read_text().count("Plotly.newPlot") >= 1
+    # a second run finds every record and reruns nothing
+    argv = ["validate", "--split", "all", "--out", str(out), "--scenario", WRAPPER]
+    assert main(argv) == 0
+    assert "1 of 1 scenarios already have records" in capsys.readouterr().out

@@ -1,0 +1,98 @@
+"""The contract every analyzer keeps (capwrap.analyzers.checks.check_analyzer), on every kind of pair
+capwrap loads: a trained gpt2-style PCFG pair and a compiled Tracr pair."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.analyzers import (
+    AttentionComparison,
+    Generalization,
+    ModelPair,
+    NewLatentProbing,
+    Patching,
+    Probing,
+    Pruning,
+    Revival,
+    Subgraph,
+    WeightDiff,
+)
+from capwrap.analyzers.checks import check_analyzer
+from capwrap.models import ModelSpec, build_model
+from capwrap.tasks import PCFGConfig, PCFGTask
+from capwrap.tasks.spec import task_from_spec
+from capwrap.training import TrainConfig, train
+
+ANALYZERS = {
+    "probing": lambda: Probing(n=200, steps=50),
+    "pruning": lambda: Pruning(ks=(0, 1, 3), score_size=64),
+    "revival": lambda: Revival(max_steps=10, eval_every=5, check_size=32, control_steps=5, batch_size=16, seeds=2),
+    "weight_diff": lambda: WeightDiff(graft_fractions=(0.1,)),
+    "attention": lambda: AttentionComparison(n=16),
+    "patching": lambda: Patching(n=8),
+    "generalization": lambda: Generalization(),
+    "new_latent": lambda: NewLatentProbing(n=200, steps=50),
+    "subgraph": lambda: Subgraph(n=32, method="eap", top_share=0.1),
+}
+
+
+@pytest.fixture(scope="module")
+def pcfg_pair():
+    config = PCFGConfig(length=10, window=5, occurrence=2)
+    capability = PCFGTask("count", "a", config=config)
+    downstream = PCFGTask("count", "b", correlation=1.0, config=config)
+    spec = ModelSpec(d_vocab=capability.d_vocab, n_ctx=capability.seq_len, n_layers=2, d_model=32, n_heads=4)
+    base = build_model(spec, seed=0)
+    train(base, PCFGTask(("count", "index"), prior=(0.9, 0.1, 0.0), config=config),
+          TrainConfig(steps=80, batch_size=64, lr=3e-3, progress=False))  # fmt: skip
+    tuned = base.clone()
+    train(tuned, downstream, TrainConfig(steps=20, batch_size=64, lr=3e-3, seed=1, progress=False))
+    return ModelPair(base, tuned), capability, downstream
+
+
+@pytest.fixture(scope="module")
+def tracr_pair():
+    from capwrap.validation.bases import load_base
+
+    base = load_base("tracr-counter")
+    tuned = base.clone()
+    with torch.no_grad():  # a small perturbation of the compiled weights, as the paper's noise
+        gen = torch.Generator().manual_seed(0)
+        for w in tuned.weights().values():
+            w.add_(torch.randn(w.shape, generator=gen) * 0.05)
+    capability = task_from_spec("tracr=counter,operand=a", model=base)
+    downstream = task_from_spec("tracr=counter,operand=b,correlation=1", model=base)
+    return ModelPair(base, tuned), capability, downstream
+
+
+@pytest.mark.parametrize("name", sorted(ANALYZERS))
+@pytest.mark.parametrize("pair_kind", ["pcfg", "tracr"])
+def test_every_analyzer_keeps_the_contract(name, pair_kind, request):
+    pair, capability, downstream = request.getfixturevalue(f"{pair_kind}_pair")
+    ev = check_analyzer(ANALYZERS[name](), pair, capability, downstream, eval_size=64)
+    assert ev.analyzer == name
+
+
+def test_the_contract_catches_a_broken_analyzer(pcfg_pair):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import numpy as np
+    import pandas as pd
+
+    from capwrap.analyzers import Analyzer, Evidence
+
+    @dataclass
+    class Careless(Analyzer):
+        name: str = "careless"
+        kind: ClassVar[str] = "functional"
+        statistic: ClassVar[str] = "probe_kept_share"
+
+        def analyze(self, context):  # a random value: not reproducible
+            value = float(np.random.default_rng().random())
+            return Evidence(self.name, {}, pd.DataFrame(), value=value, replicates=np.full(10, value), summary="noise")
+
+    pair, capability, downstream = pcfg_pair
+    with pytest.raises(AssertionError, match="not reproducible"):
+        check_analyzer(Careless(), pair, capability, downstream, eval_size=16)

@@ -1,0 +1,173 @@
+"""Circuit-tuning: only the kept subgraph's parameter slices move, frozen ones get no decay and no
+state, the subgraph and its parameter share are logged and recorded, and its state resumes a run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap import CircuitTuning, Recorder, RunStore, TrainConfig, train
+from capwrap.circuits import Graph
+from capwrap.circuits.metrics import answer_logprob
+from capwrap.errors import ConfigError
+from capwrap.methods.circuit_tuning import parameter_masks
+from capwrap.models import CapModel
+from capwrap.training import StepInfo
+
+
+def _grads_through(model, masks) -> dict[str, torch.Tensor]:
+    """Canonical gradients when every masked element's gradient is 1 and all others 0."""
+    for p in model.parameters():
+        p.grad = masks[p].float() if p in masks else torch.zeros_like(p)
+    grads = {k: v.clone() for k, v in model.gradients().items()}
+    model.module.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize(("arch", "edge", "expected"), [
+    ("gpt2", "input->L1H1.q", {"blocks.1.attn.W_Q": (1,), "blocks.1.attn.b_Q": (1,)}),
+    ("gpt2", "L0H0->logits", {"blocks.0.attn.W_O": (0,)}),
+    ("llama", "input->L0KV1.k", {"blocks.0.attn.W_K": (1,)}),
+    ("llama", "L0.mlp->L1.mlp", {"blocks.0.mlp.W_out": (), "blocks.1.mlp.W_in": (), "blocks.1.mlp.W_gate": ()}),
+])  # fmt: skip
+def test_parameter_masks_cover_exactly_the_nodes_slices(arch, edge, expected, backend, tiny):
+    model = tiny(arch, backend)
+    graph = Graph.from_spec(model.spec)
+    edges = torch.zeros(graph.n_edges, dtype=torch.bool)
+    edges[graph.edge_index(edge)] = True
+    grads = _grads_through(model, parameter_masks(model, graph, edges))
+    for name, g in grads.items():
+        want = torch.zeros_like(g)
+        if name in expected:
+            index = expected[name]
+            (want[index] if index else want).fill_(1.0)
+        assert torch.equal(g, want), name
+
+
+def _weights(model: CapModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.weights().items()}
+
+
+def test_only_the_kept_slices_move_even_with_weight_decay(backend, tiny, tiny_task):
+    model = tiny("gpt2", backend)
+    method = CircuitTuning(top_n=6)
+    graph = Graph.from_spec(model.spec)
+    snapshots = [(_weights(model), None)]
+
+    def snapshot(info: StepInfo) -> None:
+        snapshots.append((_weights(model), method.edges.clone()))
+
+    config = TrainConfig(steps=3, batch_size=8, lr=1e-2, weight_decay=0.5, warmup=0.0, progress=False)
+    train(model, tiny_task, config, method=method, callbacks=[snapshot])
+    for (before, _), (after, edges) in zip(snapshots, snapshots[1:], strict=False):
+        allowed = _grads_through(model, parameter_masks(model, graph, edges))
+        moved_inside = False
+        for name in before:
+            changed = before[name] != after[name]
+            assert not bool((changed & (allowed[name] == 0)).any()), f"{name} moved outside the subgraph"
+            moved_inside |= bool(changed.any())
+        assert moved_inside
+
+
+def test_frozen_parameters_hold_no_optimizer_state(tiny, tiny_task):
+    """The method's own hooks, driven by hand as train() does; then read the optimizer's state."""
+    model = tiny("gpt2", "bridge")
+    config = TrainConfig(steps=2, batch_size=8, lr=1e-2, weight_decay=0.1, progress=False)
+    method = CircuitTuning(top_n=3)
+    optimizer = method.optimizer(method.setup(model, tiny_task, config), config)
+    for step in range(config.steps):
+        batch = tiny_task.sample(8, seed=step)
+        loss = method.loss(model, batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_update(model, step)
+        optimizer.step()
+    masks = parameter_masks(model, method.graph, method.ever)
+    for param in model.parameters():
+        state = optimizer.state.get(param, {})
+        if param not in masks:
+            assert not state  # never trained: no state at all
+        else:
+            assert bool((state["exp_avg"][~masks[param]] == 0).all())  # frozen elements: none either
+
+
+def test_the_schedule_the_logged_share_and_the_recorded_subgraphs(tiny, tiny_task, tmp_path):
+    model = tiny("gpt2", "bridge")
+    method = CircuitTuning(top_n=4, top_n_start=20, schedule="linear")
+    recorder = Recorder(model, tmp_path / "run", hooks=(), every=2)
+    result = train(
+        model, tiny_task, TrainConfig(steps=5, batch_size=8, progress=False), method=method, recorder=recorder
+    )
+    history = result.history
+    assert history["method/top_n"].tolist() == [20.0, 16.0, 12.0, 8.0, 4.0]
+    assert history["method/edges"].tolist() == history["method/top_n"].tolist()
+    ratio = history["method/trainable_ratio"]
+    assert ((ratio > 0) & (ratio < 1)).all() and (history["method/trained_ever_ratio"] >= ratio - 1e-12).all()
+    assert history["method/trained_ever_ratio"].is_monotonic_increasing
+    assert history["method/jaccard_prev"].iloc[1:].between(0, 1).all()
+    store = RunStore.open(tmp_path / "run")
+    assert store.array_steps("circuit_tuning.edges") == [1, 2, 3, 4, 5]
+    kept = store.array("circuit_tuning.edges")
+    assert kept.shape == (5, method.graph.n_edges) and kept.sum(1).tolist() == [20.0, 16.0, 12.0, 8.0, 4.0]
+    assert torch.equal(kept[-1].bool(), method.edges)
+    assert store.scalars()["method/trainable_ratio"].dropna().tolist() == pytest.approx(ratio.tolist())
+
+
+def _manual_run(model, method, config, task, steps, optimizer=None):
+    optimizer = optimizer or method.optimizer(method.setup(model, task, config), config)
+    for step in steps:
+        batch = task.sample(config.batch_size, seed=100 + step)
+        loss = method.loss(model, batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.before_update(model, step)
+        optimizer.step()
+    return optimizer
+
+
+def test_state_dict_resumes_a_run_exactly(tiny, tiny_task):
+    config = TrainConfig(steps=4, batch_size=8, lr=1e-2, progress=False)
+    straight = tiny("gpt2", "bridge")
+    _manual_run(straight, CircuitTuning(top_n=5, every=3), config, tiny_task, range(4))
+
+    first = tiny("gpt2", "bridge")
+    method = CircuitTuning(top_n=5, every=3)
+    optimizer = _manual_run(first, method, config, tiny_task, range(2))  # steps 0, 1; step 2 reuses step 0's subgraph
+    state, opt_state = method.state_dict(), optimizer.state_dict()
+    resumed = CapModel.from_state(first.spec, first.checkpoint_state(), first.backend)
+    again = CircuitTuning(top_n=5, every=3)
+    optimizer = again.optimizer(again.setup(resumed, tiny_task, config), config)
+    optimizer.load_state_dict(opt_state)
+    again.load_state_dict(state)
+    assert torch.equal(again.edges, method.edges) and again.scored_step == 0
+    _manual_run(resumed, again, config, tiny_task, range(2, 4), optimizer)
+    for name, w in straight.weights().items():
+        assert torch.equal(w, resumed.weights()[name]), name
+    with pytest.raises(ConfigError, match="other settings"):
+        other = CircuitTuning(top_n=6, every=3)
+        other.setup(resumed, tiny_task, config)
+        other.load_state_dict(state)
+
+
+def test_a_custom_metric_and_bad_settings(tiny, tiny_task):
+    model = tiny("gpt2", "bridge")
+    result = train(model, tiny_task, TrainConfig(steps=2, batch_size=8, progress=False),
+                   method=CircuitTuning(top_n=3, metric=answer_logprob, select="greedy"))  # fmt: skip
+    assert result.history["method/edges"].tolist() == [3.0, 3.0]
+    for kwargs, match in [({"top_n": 0}, "top_n"), ({"schedule": "step"}, "schedule"),
+                          ({"ablation": "corrupted"}, "corrupted"), ({"every": 0}, "every"), ({"select": "all"}, "selection")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            CircuitTuning(**{"top_n": 3, **kwargs})
+
+
+def test_a_parameter_budget_is_respected(tiny, tiny_task):
+    model = tiny("gpt2", "bridge")
+    method = CircuitTuning(top_n=30, max_params=600)  # no MLP (>1000 each) fits, a few head slices do
+    result = train(model, tiny_task, TrainConfig(steps=2, batch_size=8, progress=False), method=method)
+    assert (result.history["method/trainable_params"] <= 600).all()
+    assert (result.history["method/trainable_params"] > 0).all() and (result.history["method/edges"] <= 30).all()
+    assert result.history["method/budget_ratio"].iloc[0] == pytest.approx(600 / model.spec.n_params)
+    with pytest.raises(ConfigError, match="select='edges'"):
+        CircuitTuning(top_n=3, max_params=0.1, select="nodes")
+    with pytest.raises(ConfigError, match="max_params"):
+        CircuitTuning(top_n=3, max_params=1.5)

@@ -1,0 +1,122 @@
+"""Edge attribution: EAP equals the textbook split-input implementation and is the derivative of exact
+edge ablation; a hand-computable graph; EAP-IG's completeness; chunking; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.circuits import Graph, attribute, exact_scores, split_input_eap
+from capwrap.circuits.exact import ablated_metric
+from capwrap.circuits.nodes import NodeValues, ablated_values, capture_values
+from capwrap.errors import ConfigError
+from capwrap.tasks import TaskBatch
+
+
+def _answer_logit(logits, batch):
+    return logits[torch.arange(len(batch)), batch.answer_pos, batch.answers]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "tracr"])
+def test_eap_equals_the_split_input_reference(arch, backend, tiny, tiny_task):
+    model = tiny(arch, backend)
+    batch = tiny_task.sample(6, seed=0)
+    corrupted = tiny_task.sample(6, seed=1).tokens
+    for ablation in ("mean", "mean_positional", "zero", "corrupted"):
+        kwargs = {"corrupted": corrupted} if ablation == "corrupted" else {}
+        try:
+            reference = split_input_eap(model, batch, ablation=ablation, **kwargs)
+        except ConfigError:
+            pytest.skip(f"the {backend} backend has no split inputs for {arch} (checked by the derivative test)")
+        scores = attribute(model, batch, ablation=ablation, **kwargs)
+        scale = float(reference.values.abs().max())
+        assert torch.allclose(scores.values, reference.values, atol=1e-5 * max(1.0, scale), rtol=0), ablation
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "tracr"])
+def test_eap_is_the_derivative_of_exact_edge_ablation(arch, backend, tiny, tiny_task):
+    """Ablating each edge by a small step ε towards its mean changes the metric by ε · EAP score (to
+    float32 rounding of the metric, and ReLU kinks in tracr)."""
+    model = tiny(arch, backend)
+    batch = tiny_task.sample(6, seed=0)
+    graph = Graph.from_spec(model.spec)
+    clean, mean = capture_values(model, batch.tokens, graph), ablated_values(model, graph, "mean", batch)
+    eps = 1e-2
+    near = NodeValues(
+        clean.input + eps * (mean.input - clean.input),
+        [c + eps * (m - c) for c, m in zip(clean.z, mean.z, strict=True)],
+        [c + eps * (m - c) for c, m in zip(clean.mlp, mean.mlp, strict=True)],
+    )
+    masks = torch.zeros(graph.n_edges + 1, graph.n_edges, dtype=torch.bool)
+    masks[torch.arange(1, graph.n_edges + 1), torch.arange(graph.n_edges)] = True
+    values = ablated_metric(model, batch, masks, near).double().mean(1)
+    finite_difference = (values[1:] - values[0]) / eps
+    eap = attribute(model, batch, ablation="mean").values.double()
+    assert torch.corrcoef(torch.stack([finite_difference, eap]))[0, 1] > 0.999
+    assert (finite_difference - eap).abs().max() < 0.05 * eap.abs().max()
+
+
+def test_a_hand_computable_graph(tiny, tiny_task):
+    """Blocks that write nothing and no norm: the logits are (embedding + position) @ W_U + b_U, so only
+    the edge input -> logits matters, and its score is linear algebra."""
+    model = tiny("tracr", "bridge")
+    with torch.no_grad():
+        for name, w in model.weights().items():
+            if name.endswith(("W_O", "b_O", "W_out", "b_out")):
+                w.zero_()
+    batch = tiny_task.sample(8, seed=0)
+    scores = attribute(model, batch, metric=_answer_logit, ablation="mean")
+    w = {k: v.detach() for k, v in model.weights().items()}
+    x = w["embed.W_E"][batch.tokens] + w["pos_embed.W_pos"][: batch.tokens.shape[1]]
+    delta = x.mean((0, 1)) - x[torch.arange(8), batch.answer_pos]  # [batch, d_model]
+    expected = (delta * w["unembed.W_U"].T[batch.answers]).sum(1).mean()
+    index = scores.graph.edge_index("input->logits")
+    assert float(scores.values[index]) == pytest.approx(float(expected), rel=1e-5)
+    others = torch.cat([scores.values[:index], scores.values[index + 1 :]])
+    assert float(others.abs().max()) < 1e-6
+    exact = exact_scores(model, batch, metric=_answer_logit, ablation="mean", edges=[index])
+    assert float(exact.values[index]) == pytest.approx(float(expected), rel=1e-4)  # a linear metric: EAP is exact
+    ig = attribute(model, batch, metric=_answer_logit, ablation="mean", method="eap-ig", ig_steps=3)
+    assert torch.allclose(ig.values, scores.values, atol=1e-6)
+
+
+def test_eap_ig_is_complete_over_the_input_node(tiny, tiny_task):
+    """Integrated gradients along the input: the input's edges add up to ablating the whole input."""
+    model = tiny("gpt2", "bridge")
+    batch = tiny_task.sample(8, seed=0)
+    corrupted = tiny_task.sample(8, seed=1).tokens
+    ig = attribute(model, batch, method="eap-ig", ablation="corrupted", corrupted=corrupted, ig_steps=12)
+    graph = ig.graph
+    from_input = graph.edge_up == graph.upstream_index("input")
+    masks = torch.stack([torch.zeros(graph.n_edges, dtype=torch.bool), from_input])
+    ablated = ablated_values(model, graph, "corrupted", batch, corrupted)
+    values = ablated_metric(model, batch, masks, ablated).mean(1)
+    assert float(ig.values[from_input].sum()) == pytest.approx(float(values[1] - values[0]), rel=2e-3)
+
+
+def test_chunks_give_the_same_scores_and_leave_the_model_alone(tiny, tiny_task):
+    model = tiny("gpt2", "bridge")
+    batch = tiny_task.sample(9, seed=0)
+    whole = attribute(model, batch, ablation="mean")
+    chunked = attribute(model, batch, ablation="mean", batch_size=4)  # the means span all chunks
+    assert torch.allclose(whole.values, chunked.values, atol=1e-7)
+    reference = tiny_task.sample(16, seed=5)
+    assert not torch.allclose(attribute(model, batch, reference=reference).values, whole.values)
+    assert all(p.grad is None for p in model.parameters()) and not model.module.training
+    table = whole.table()
+    assert table["abs_score"].is_monotonic_decreasing and len(table) == whole.graph.n_edges
+
+
+def test_bad_arguments_are_named(tiny, tiny_task):
+    model = tiny("gpt2", "bridge")
+    batch = tiny_task.sample(4, seed=0)
+    with pytest.raises(ConfigError, match="unknown attribution method"):
+        attribute(model, batch, method="acdc")
+    with pytest.raises(ConfigError, match="unknown ablation"):
+        attribute(model, batch, ablation="resample")
+    with pytest.raises(ConfigError, match="needs corrupted"):
+        attribute(model, batch, ablation="corrupted")
+    with pytest.raises(ConfigError, match="must have the batch's shape"):
+        attribute(model, batch, ablation="corrupted", corrupted=batch.tokens[:2])
+    with pytest.raises(ConfigError, match="empty"):
+        attribute(model, TaskBatch(batch.tokens[:0], batch.answer_pos[:0], batch.answers[:0]))

@@ -1,0 +1,75 @@
+"""The Subgraph analyzer: wrapper where a change sits outside a surviving circuit, change where the
+circuit is replaced, and a circuit-tuning run's recorded subgraphs read back from its store."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from capwrap import CircuitTuning, ModelPair, Recorder, RunStore, Subgraph, TrainConfig, train
+from capwrap.circuits import Graph, attribute, negative_loss
+from capwrap.errors import ConfigError
+from capwrap.tasks import PCFGTask
+
+
+@pytest.fixture
+def tasks(tiny_task):
+    return tiny_task, PCFGTask("count", "b", correlation=1.0, config=tiny_task.config)
+
+
+def _perturb(model, components, std, graph):
+    with torch.no_grad():
+        for node in graph.upstream + graph.downstream:
+            if node.component in components:
+                for piece in graph.node_params(node):
+                    view = piece.of(model.weights())
+                    view.add_(std * torch.randn(view.shape, generator=torch.Generator().manual_seed(1)))
+
+
+def test_a_small_change_off_the_circuit_is_a_wrapper_a_large_one_in_it_a_change(tiny, tasks):
+    capability, downstream = tasks
+    base = tiny("gpt2", "bridge", seed=0)
+    graph = Graph.from_spec(base.spec)
+    analyzer = Subgraph(n=32, method="eap", ablation="mean", top_share=0.2)
+    used = attribute(base, capability.sample(32, seed=0), metric=negative_loss, ablation="mean").node_scores()
+    used = used.drop(["input", "logits"]).sort_values()
+    off = base.clone()  # nudge the component the capability uses least: the circuit survives, the change is off it
+    _perturb(off, {used.index[0]}, 1e-3, graph)
+    wrapper = analyzer(ModelPair(base, off), capability, downstream)
+    assert wrapper.kind == "structural" and wrapper.direction == "wrapper", wrapper.reasons
+    assert wrapper.headline["capability_overlap"] > 0.9 and wrapper.headline["weight_change_inside"] == 0.0
+    inside = base.clone()  # scramble the components it uses most
+    _perturb(inside, set(used.index[-2:]), 0.5, graph)
+    change = analyzer(ModelPair(base, inside), capability, downstream)
+    assert change.direction == "change", change.reasons
+    assert change.headline["weight_change_enrichment"] > 1.5 or change.headline["capability_overlap"] <= 0.25
+
+
+def test_reads_the_recorded_subgraphs_of_a_circuit_tuning_run(tiny, tasks, tmp_path):
+    capability, downstream = tasks
+    base = tiny("gpt2", "bridge")
+    tuned = base.clone()
+    recorder = Recorder(tuned, tmp_path / "run", hooks=(), every=10)
+    train(tuned, downstream, TrainConfig(steps=4, batch_size=16, lr=1e-2, progress=False),
+          method=CircuitTuning(top_n=6), recorder=recorder)  # fmt: skip
+    evidence = Subgraph(n=32, method="eap-ig", ig_steps=2)(
+        ModelPair(base, tuned), capability, downstream, RunStore.open(tmp_path / "run")
+    )
+    assert evidence.details["finetune_source"] == "recorded circuit-tuning subgraphs"
+    assert len(evidence.details["per_step"]) == 4
+    kept = RunStore.open(tmp_path / "run").array("circuit_tuning.edges")
+    assert evidence.headline["finetune_edges"] == float((kept.mean(0) >= 0.5).sum())
+    shares = [evidence.headline[k] for k in ("finetune_inside", "finetune_attached", "finetune_outside")]
+    assert sum(shares) == pytest.approx(1.0) and not any(math.isnan(s) for s in shares)
+    assert evidence.table["in_finetune"].sum() == evidence.headline["finetune_edges"]
+    assert isinstance(evidence.figure(), go.Figure) and evidence.to_dict()["analyzer"] == "subgraph"
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="top_share"):
+        Subgraph(top_share=0)
+    with pytest.raises(ConfigError, match="rewired <= survive"):
+        Subgraph(survive=0.2, rewired=0.4)

@@ -1,0 +1,174 @@
+"""PEFT LoRA adapters saved by peft: merged on load (equal to peft's merge), safe loading, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from capwrap.errors import CheckpointError
+from capwrap.models import load_model
+from capwrap.models.adapters import is_adapter_folder, read_adapter
+
+
+def _assert_merged_like_peft(model, reference) -> None:
+    expected = reference.state_dict()
+    for name, tensor in model.checkpoint_state().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=1e-6, msg=name)
+    tokens = torch.randint(0, model.spec.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_adapter_merges_like_peft(gpt2_folder, make_adapter, peft_merged):
+    # GPT-2's Conv1D layers store weights [in, out]: peft's fan_in_fan_out; its biases trained too.
+    adapter = make_adapter(gpt2_folder, target_modules=["c_attn", "c_proj", "c_fc"], bias="lora_only")
+    assert is_adapter_folder(adapter) and not is_adapter_folder(gpt2_folder)
+    model = load_model(gpt2_folder, adapter=adapter)
+    _assert_merged_like_peft(model, peft_merged(gpt2_folder, adapter))
+    info = model.metadata["adapter"]
+    assert info["rank"] == 4 and info["target_modules"] == ["c_attn", "c_fc", "c_proj"] and info["modules"] == 8
+    assert info["base"] == str(gpt2_folder)
+
+
+def test_llama_adapter_with_rank_and_alpha_patterns_merges_like_peft(llama_folder, make_adapter, peft_merged):
+    adapter = make_adapter(
+        llama_folder,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"down_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 32}, use_rslora=True,
+        modules_to_save=["lm_head"],
+    )  # fmt: skip
+    lora = read_adapter(adapter)
+    assert lora.modules["model.layers.0.mlp.down_proj"].rank == 2
+    assert lora.modules["model.layers.1.self_attn.q_proj"].scaling == pytest.approx(32 / 2)  # rsLoRA: alpha/sqrt(r)
+    assert lora.modules["model.embed_tokens"].kind == "embedding" and "lm_head.weight" in lora.replaced
+    _assert_merged_like_peft(load_model(llama_folder, adapter=adapter), peft_merged(llama_folder, adapter))
+
+
+def test_adapter_folder_alone_loads_onto_the_base_its_config_names(gpt2_folder, make_adapter, tmp_path):
+    adapter = make_adapter(gpt2_folder, target_modules=["c_attn"])
+    alone, given = load_model(adapter), load_model(gpt2_folder, adapter=adapter)
+    assert torch.equal(alone.weights()["blocks.1.attn.W_Q"], given.weights()["blocks.1.attn.W_Q"])
+
+    moved = tmp_path / "moved"
+    shutil.copytree(adapter, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
+    with pytest.raises(
+        CheckpointError, match=r"is a PEFT adapter \(LORA r=4.*load_model\(BASE, adapter=.*/nowhere/base"
+    ):
+        load_model(moved)
+
+
+def test_adapter_pickles_are_refused_unless_allowed(gpt2_folder, make_adapter, tmp_path):
+    from safetensors.torch import load_file
+
+    adapter = make_adapter(gpt2_folder, target_modules=["c_fc"])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(adapter / "adapter_config.json", pickled)
+    torch.save(load_file(adapter / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="only as a pickle file.*allow_pickle=True"):
+        load_model(gpt2_folder, adapter=pickled)
+    merged = load_model(gpt2_folder, adapter=pickled, allow_pickle=True)
+    assert torch.equal(
+        merged.weights()["blocks.0.mlp.W_in"], load_model(gpt2_folder, adapter=adapter).weights()["blocks.0.mlp.W_in"]
+    )
+
+
+def test_bad_adapters_get_clear_errors(gpt2_folder, llama_folder, make_adapter, tmp_path):
+    adapter = make_adapter(gpt2_folder, target_modules=["c_attn"])
+    with pytest.raises(
+        CheckpointError, match="changes transformer.h.0.attn.c_attn.weight, which the base model does not have"
+    ):
+        load_model(llama_folder, adapter=adapter)
+
+    dora = tmp_path / "dora"
+    shutil.copytree(adapter, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(CheckpointError, match="DoRA.*merge_and_unload"):
+        read_adapter(dora)
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="is a IA3 adapter; capwrap reads LoRA adapters"):
+        read_adapter(dora)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(adapter, corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_adapter(corrupt)
+
+
+def test_adapter_where_a_checkpoint_is_expected_says_how_to_use_it(gpt2_folder, make_adapter):
+    from capwrap.analyzers.streaming import checkpoint_spec
+
+    adapter = make_adapter(gpt2_folder, target_modules=["c_attn"])
+    with pytest.raises(CheckpointError, match=r"PEFT adapter \(LORA r=4, trained on .*gpt2'\), not a full checkpoint"):
+        checkpoint_spec(adapter)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_adapter_weight_diff_equals_the_diff_of_the_merged_model(
+    arch, gpt2_folder, llama_folder, make_adapter, tmp_path
+):
+    from capwrap.analyzers.adapter_diff import adapter_weight_diff
+    from capwrap.analyzers.streaming import stream_weight_diff
+    from capwrap.models import save_model
+
+    base = {"gpt2": gpt2_folder, "llama": llama_folder}[arch]
+    targets = {"gpt2": ["c_attn", "c_proj"], "llama": ["q_proj", "v_proj", "down_proj"]}[arch]
+    adapter = make_adapter(base, target_modules=targets, r=2, layers_to_transform=[1])
+    save_model(load_model(base, adapter=adapter), tmp_path / "merged")
+    expected = stream_weight_diff(base, tmp_path / "merged")
+    diff = adapter_weight_diff(None, adapter)  # the base its config names
+
+    got, want = diff.table.set_index("component"), expected.table.set_index("component")
+    assert set(got.index) == set(want.index)
+    torch.testing.assert_close(torch.tensor(got.loc[want.index, "change"].to_numpy()),
+                               torch.tensor(want["change"].to_numpy()), rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert (got.loc[got["layer"] == 0, "change"] == 0).all()  # only layer 1 was adapted
+    heads = got[got["kind"] == "head"]
+    assert heads["share"].sum() == pytest.approx(1.0)
+    ranks, want_ranks = diff.ranks.set_index("weight"), expected.ranks.set_index("weight")
+    assert set(ranks.index) == set(want_ranks.index)
+    torch.testing.assert_close(torch.tensor(ranks.loc[want_ranks.index, "effective_rank"].to_numpy()),
+                               torch.tensor(want_ranks["effective_rank"].to_numpy()), rtol=1e-3, atol=1e-3)  # fmt: skip
+    assert (ranks["effective_rank"] <= 2 + 1e-3).all()  # rank-2 adapter
+    for key in ("total_change", "top1pct_share", "top10pct_share"):
+        assert diff.headline[key] == pytest.approx(expected.headline[key], rel=1e-4)
+    assert len(diff.modules) == diff.adapter["modules"] and diff.modules["share"].sum() == pytest.approx(1.0)
+    assert set(diff.modules["rank"]) == {2} and diff.modules["module"].str.contains(".1.").all()
+
+
+def test_capwrap_diagnose_base_and_adapter_folder(tmp_path, make_adapter, capsys, monkeypatch):
+    import capwrap.diagnosis
+    from capwrap.analyzers import WeightDiff
+    from capwrap.cli import main
+    from capwrap.models import ModelSpec, build_model, save_model
+    from capwrap.tasks import PCFGConfig, PCFGTask
+
+    config = "length=8,window=4,occurrence=2"
+    task = PCFGTask(config=PCFGConfig(length=8, window=4, occurrence=2))
+    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=16, n_heads=2)
+    save_model(build_model(spec, seed=0), tmp_path / "base")
+    adapter = make_adapter(tmp_path / "base", target_modules=["c_attn", "c_fc"])
+    assert main(["info", str(adapter)]) == 0
+    assert f"merged adapter: LoRA r=4 on c_attn, c_fc (4 modules) from {adapter}" in capsys.readouterr().out
+
+    # The whole pipeline with one cheap analyzer (tutorial 06 runs the full quick diagnosis on an adapter).
+    monkeypatch.setattr(capwrap.diagnosis, "default_analyzers", lambda quick: [WeightDiff((0.1,), eval_size=64)])
+    out = tmp_path / "diag"
+    code = main(["diagnose", str(tmp_path / "base"), str(adapter), "--capability", f"pcfg=count,operand=a,{config}",
+                 "--downstream", f"pcfg=count,operand=b,{config}", "--out", str(out), "--quick", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tuned"] == str(adapter) and summary["adapter"]["adapter"]["rank"] == 4
+    assert summary["adapter"]["weight_diff"]["total_change"] > 0
+    assert {m["module"].rsplit(".", 1)[-1] for m in summary["adapter"]["largest_modules"]} <= {"c_attn", "c_fc"}
+    weight_diff = next(e for e in summary["evidence"] if e["analyzer"] == "weight_diff")
+    assert weight_diff["headline"]["total_change"] == pytest.approx(
+        summary["adapter"]["weight_diff"]["total_change"], rel=1e-4
+    )

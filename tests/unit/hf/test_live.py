@@ -1,0 +1,78 @@
+"""wrap_hf_model: a live Hugging Face (or peft) model as a CapModel, sharing its weights, leaving it alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from capwrap.analyzers import weight_change_table
+from capwrap.errors import ConfigError
+from capwrap.models import load_model, wrap_hf_model
+from capwrap.recording import Recorder, RunStore
+
+
+def test_recorder_takes_a_live_gpt2_and_leaves_its_training_alone(gpt2_folder, tmp_path):
+    live = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder).train()
+    twin = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder).train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (live, twin)]
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 64, (8, 12), generator=gen)
+    with Recorder(live, tmp_path / "run", hooks="blocks.*.hook_resid_post", probe=probe, every=2) as recorder:
+        for _ in range(4):
+            tokens = torch.randint(0, 64, (4, 12), generator=gen)
+            for model, optimizer in zip((live, twin), optimizers, strict=True):
+                loss = model(tokens, labels=tokens).loss
+                loss.backward()
+                optimizer.step()
+            recorder.step(loss=loss.item())
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+    for (name, p), q in zip(live.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), f"recording changed how {name} trains"
+
+    store = RunStore.open(tmp_path / "run")
+    assert store.array_steps("weight_delta.head") == [0, 2, 4]
+    start, now = load_model(gpt2_folder), recorder.model
+    heads = weight_change_table(start, now, kinds=("head",)).set_index("component")["change"]
+    recorded = store.array("weight_delta.head")[-1].double()
+    torch.testing.assert_close(
+        recorded, torch.tensor(heads[store.meta["components"]["head"]].to_numpy()), rtol=1e-4, atol=1e-6
+    )
+    assert (store.array("grad_norm.head")[-1] > 0).all()  # GPT-2's fused c_attn gradients are seen
+    with torch.no_grad():
+        hidden = live.eval()(probe, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(store.array("blocks.0.hook_resid_post")[-1], hidden[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_live_peft_model_is_seen_merged_and_followed(gpt2_folder, make_adapter, peft_merged):
+    import peft
+
+    adapter = make_adapter(gpt2_folder, target_modules=["c_attn", "c_fc"])
+    live = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder), adapter, is_trainable=True
+    ).eval()
+    model = wrap_hf_model(live)
+    reference = peft_merged(gpt2_folder, adapter).state_dict()
+    for name, tensor in model.checkpoint_state().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6, msg=name)
+
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in live.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)  # an optimizer step on the adapter
+        torch.testing.assert_close(model(tokens), live(tokens).logits, rtol=1e-4, atol=1e-4)
+        with live.disable_adapter():
+            torch.testing.assert_close(model(tokens), live(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_what_cannot_be_recorded_says_what_can(tmp_path):
+    with pytest.raises(
+        ConfigError, match="expected a capwrap.CapModel or a Hugging Face causal LM, got Linear.*wrap_hf_model"
+    ):
+        Recorder(torch.nn.Linear(2, 2), tmp_path / "run", hooks=())
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                                             ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))  # fmt: skip
+    with pytest.raises(ConfigError, match="model type 'opt' is not supported"):
+        wrap_hf_model(opt)

@@ -1,0 +1,89 @@
+"""capwrap.LoRA: train() fine-tunes a peft adapter; the model holds the merged weights, and the recorder sees them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.analyzers import weight_change_table
+from capwrap.analyzers.weight_diff import change_ranks
+from capwrap.errors import ConfigError
+from capwrap.methods import LoRA
+from capwrap.models import ModelSpec, build_model, load_model, save_model
+from capwrap.recording import Recorder, RunStore
+from capwrap.tasks import PCFGConfig, PCFGTask
+from capwrap.training import TrainConfig, train
+
+TASK = PCFGTask("count", "b", correlation=1.0, config=PCFGConfig(length=8, window=4, occurrence=2))
+CONFIG = TrainConfig(steps=8, batch_size=16, lr=1e-2, warmup=0.0, progress=False)
+
+
+def _base(architecture: str, backend: str | None, tmp_path):
+    extra = {"n_key_value_heads": 2} if architecture == "llama" else {}
+    spec = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=2, d_model=16, n_heads=4,
+                     architecture=architecture, **extra)  # fmt: skip
+    save_model(build_model(spec, seed=0), tmp_path / "base")
+    return load_model(tmp_path / "base", backend=backend)
+
+
+def test_lora_trains_the_merged_model_the_recorder_and_peft_see(backend, tmp_path):
+    model = _base("gpt2", backend, tmp_path)
+    lora = LoRA(r=2, alpha=4, target=["c_attn", "c_fc"])
+    recorder = Recorder(
+        model, tmp_path / "run", hooks="blocks.*.hook_resid_post", probe=TASK.sample(8, seed=0), every=4
+    )
+    result = train(model, TASK, CONFIG, method=lora, recorder=recorder)
+    assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[0]
+
+    base = load_model(tmp_path / "base", backend=backend)
+    table = weight_change_table(base, model, kinds=("head", "neuron", "attn", "mlp")).set_index("component")
+    assert table.loc["L0H0", "change"] > 0 and table.loc["L1N3", "change"] > 0
+    delta = {k: model.weights()[k] - w for k, w in base.weights().items()}
+    assert float(delta["blocks.0.attn.W_O"].abs().max()) == 0 and float(delta["blocks.1.mlp.W_out"].abs().max()) == 0
+    ranks = change_ranks(delta).set_index("weight")
+    assert (ranks["effective_rank"] <= 2 + 1e-3).all()  # rank-2 adapters: rank-2 changes
+
+    store = RunStore.open(tmp_path / "run")
+    recorded = store.array("weight_delta.head")[-1].double()
+    expected = table.loc[store.meta["components"]["head"], "change"].to_numpy()
+    torch.testing.assert_close(recorded, torch.tensor(expected), rtol=1e-4, atol=1e-6)
+
+    lora.save_adapter(tmp_path / "adapter")  # a peft adapter folder that names its base
+    merged = load_model(tmp_path / "adapter", backend=backend)
+    for name, weight in model.weights().items():
+        torch.testing.assert_close(merged.weights()[name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_state_resumes_the_adapter_exactly(tmp_path):
+    model = _base("llama", None, tmp_path)
+    lora = LoRA(r=2, target=["q_proj", "v_proj", "down_proj"], rslora=True)
+    train(model, TASK, CONFIG, method=lora)
+    state = lora.state_dict()
+    assert sorted(state) == ["adapter", "base"] and len(state["base"]) == 6
+    save_model(model, tmp_path / "tuned")  # a checkpoint holds the merged weights ...
+
+    resumed_model, resumed = (
+        load_model(tmp_path / "tuned"),
+        LoRA(r=2, target=["q_proj", "v_proj", "down_proj"], rslora=True),
+    )
+    resumed.setup(resumed_model, TASK, CONFIG)
+    resumed.load_state_dict(state)  # ... and the state, the base weights and the adapter
+    for name, weight in model.weights().items():
+        torch.testing.assert_close(resumed_model.weights()[name], weight, rtol=0, atol=1e-6, msg=name)
+    batch = TASK.sample(4, seed=3)
+    torch.testing.assert_close(resumed.loss(resumed_model, batch, 0), lora.loss(model, batch, 0))
+    with pytest.raises(ConfigError, match="saved for another adapter"):
+        other = LoRA(r=2, target=["q_proj"])
+        other.setup(resumed_model, TASK, CONFIG)
+        other.load_state_dict(state)
+
+
+def test_lora_bad_settings(tmp_path):
+    with pytest.raises(ConfigError, match="rank r must be a positive integer"):
+        LoRA(r=0)
+    model = _base("gpt2", None, tmp_path)
+    with pytest.raises(ConfigError, match=r"does not fit this gpt2 model .* its layers are \[.*'c_attn'"):
+        train(model, TASK, CONFIG, method=LoRA(target=["q_proj"]))
+    assert LoRA(r=4, target="all-linear").describe() == {
+        "method": "lora", "r": 4, "alpha": 16.0, "target": "all-linear", "dropout": 0.0, "rslora": False,
+    }  # fmt: skip

@@ -1,0 +1,420 @@
+"""Every bad input in the docs' table (docs/guide/bad-inputs.md) gets the clear error the table says.
+
+Each case is a row of that table, by id: an API call that must raise the given error with a message
+matching a pattern, or a command line that must print one line ``capwrap: error: ...`` and exit
+with code 2, never a traceback. ``test_the_docs_table_lists_exactly_these_cases`` keeps the two in
+step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from capwrap.cli import main
+from capwrap.diagnosis import diagnose
+from capwrap.errors import CheckpointError, ConfigError, HookNameError, StoreError
+from capwrap.methods import FineTune
+from capwrap.models import ModelSpec, available_backends, build_model, load_model, save_model
+from capwrap.recording import Recorder, RunStore
+from capwrap.tasks import Feature, PCFGConfig, PCFGTask, TaskBatch, load_texts, task_from_spec
+from capwrap.training import TrainConfig, train
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "guide" / "bad-inputs.md"
+PCFG = PCFGConfig(length=8, window=4, occurrence=2)
+TASK = PCFGTask("count", "a", config=PCFG)
+SPEC = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=1, d_model=16, n_heads=2)
+CAP, DOWN = "pcfg=count,operand=a,length=8,window=4,occurrence=2", "pcfg=count,operand=b,length=8,window=4,occurrence=2"
+
+
+class Env:
+    """Files on disk the cases use: checkpoints good and bad, a recorded run, a plain file."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.model = build_model(SPEC, seed=0)
+        self.ckpt = save_model(self.model, root / "ckpt")
+        self.file = root / "a_file.txt"
+        self.file.write_text("not a folder")
+        self.nan_ckpt = self._broken("nan", weights=self._nan_weights())
+        self.no_config = self._broken("no_config", config=None)
+        self.bad_config = self._broken("bad_config", config="{not json")
+        self.truncated = self._broken("truncated", weights=b"garbage")
+        self.pickled = self._broken("pickled", weights=None)
+        torch.save({}, self.pickled / "pytorch_model.bin")
+        self.plain_store = root / "plain_run"
+        model = build_model(SPEC, seed=0)
+        train(
+            model,
+            TASK,
+            TrainConfig(steps=1, batch_size=4, progress=False),
+            recorder=Recorder(model, self.plain_store, hooks=()),
+        )
+        self.checkpointed = root / "checkpointed_run"
+        model = build_model(SPEC, seed=0)
+        train(model, TASK, TrainConfig(steps=2, batch_size=4, progress=False, checkpoint_every=1),
+              recorder=Recorder(model, self.checkpointed, hooks=()))  # fmt: skip
+        self.csv = root / "texts.csv"
+        self.csv.write_text("story\nOnce upon a time.\n")
+
+    def _nan_weights(self) -> bytes:
+        from safetensors.torch import save
+
+        state = self.model.checkpoint_state()
+        state["transformer.h.0.mlp.c_fc.weight"][3, 5] = float("nan")
+        return save(state)
+
+    def _broken(self, name: str, config: str | None | bool = True, weights: bytes | None | bool = True) -> Path:
+        folder = self.root / name
+        folder.mkdir()
+        if config is True:
+            config = (self.ckpt / "config.json").read_text()
+        if config is not None:
+            (folder / "config.json").write_text(config)
+        if weights is True:
+            weights = (self.ckpt / "model.safetensors").read_bytes()
+        if weights is not None:
+            (folder / "model.safetensors").write_bytes(weights)
+        return folder
+
+    def model_with_nan_row(self):
+        """A NaN in the embedding of a token the task never uses."""
+        model = build_model(ModelSpec(d_vocab=SPEC.d_vocab + 4, n_ctx=SPEC.n_ctx, n_layers=1, d_model=16, n_heads=2))
+        with torch.no_grad():
+            model.weights()["embed.W_E"][-1, 0] = float("nan")
+        return model
+
+
+@dataclass
+class Case:
+    """One row of the table: ``run(env)`` must raise ``error`` matching ``match`` (API), or, for a
+    command line (``argv``), exit 2 with one line matching ``match``."""
+
+    id: str
+    error: type[BaseException] | None
+    match: str
+    run: Callable[[Env], Any] | None = None
+    argv: Callable[[Env], list[str]] | None = None
+
+
+def _unavailable_backend() -> str:
+    return next((b for b in ("hooked", "bridge") if b not in available_backends()), "nonsense")
+
+
+CASES = [
+    # models and checkpoints
+    Case("load-missing-folder", CheckpointError, "does not exist", lambda e: load_model(e.root / "nowhere")),
+    Case("load-file-not-folder", CheckpointError, "is a file", lambda e: load_model(e.file)),
+    Case("load-no-config", CheckpointError, "no config.json", lambda e: load_model(e.no_config)),
+    Case("load-config-not-json", OSError, "config", lambda e: load_model(e.bad_config)),
+    Case("load-truncated-weights", CheckpointError, "corrupt", lambda e: load_model(e.truncated)),
+    Case("load-pickle-only", CheckpointError, "allow_pickle", lambda e: load_model(e.pickled)),
+    Case(
+        "load-nan-weight",
+        CheckpointError,
+        r"non-finite values in transformer\.h\.0\.mlp\.c_fc\.weight \(1 NaN",
+        lambda e: load_model(e.nan_ckpt),
+    ),  # fmt: skip
+    Case("save-existing-folder", CheckpointError, "already exists", lambda e: save_model(e.model, e.ckpt)),
+    Case(
+        "spec-bad-heads",
+        ConfigError,
+        "not divisible by n_heads",
+        lambda e: ModelSpec(d_vocab=9, n_ctx=8, d_model=16, n_heads=3),
+    ),  # fmt: skip
+    Case("forward-float-tokens", ConfigError, "integer token ids", lambda e: e.model(torch.rand(2, 5))),
+    Case(
+        "forward-1d-tokens", ConfigError, r"shape \[batch, pos\]", lambda e: e.model(torch.zeros(5, dtype=torch.long))
+    ),
+    Case("forward-too-long", ConfigError, "n_ctx", lambda e: e.model(torch.zeros(1, SPEC.n_ctx + 1, dtype=torch.long))),
+    Case("forward-out-of-vocab", ConfigError, "embeds only", lambda e: e.model(torch.full((1, 3), SPEC.d_vocab))),
+    Case(
+        "hooks-unknown",
+        HookNameError,
+        "closest valid names",
+        lambda e: e.model.capture(TASK.sample(2, seed=0).tokens, "blocks.*.resid_post"),
+    ),  # fmt: skip
+    # tasks
+    Case(
+        "batch-float-answers",
+        ConfigError,
+        "answers must be an integer tensor of shape \\[2\\]",
+        lambda e: TaskBatch(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), torch.zeros(2)),
+    ),  # fmt: skip
+    Case(
+        "batch-label-length",
+        ConfigError,
+        r"labels\['count_a'\] must be a tensor of shape \[2\]",
+        lambda e: TaskBatch(
+            torch.zeros(2, 3, dtype=torch.long), *[torch.zeros(2, dtype=torch.long)] * 2, {"count_a": torch.zeros(3)}
+        ),
+    ),  # fmt: skip
+    Case("pcfg-bad-operand", ConfigError, "operand", lambda e: PCFGTask("count", "q", config=PCFG)),
+    Case("spec-not-key-value", ConfigError, "not key=value", lambda e: task_from_spec("count a")),
+    Case("spec-unknown-key", ConfigError, "unknown keys \\['colour'\\]", lambda e: task_from_spec(f"{CAP},colour=red")),
+    Case("feature-bad-kind", ConfigError, "unknown feature kind", lambda e: Feature.parse("colour:red")),
+    Case("feature-bad-regex", ConfigError, "regular expression", lambda e: Feature.parse("regex:(")),
+    Case("texts-missing-file", ConfigError, "no such file", lambda e: load_texts(e.root / "nope.txt")),
+    Case("texts-missing-column", ConfigError, "no column 'text'", lambda e: load_texts(e.csv)),
+    # training
+    Case(
+        "train-nan-weight",
+        ConfigError,
+        r"^the model to train holds non-finite values in embed\.W_E \(1 NaN",
+        lambda e: train(e.model_with_nan_row(), TASK, TrainConfig(steps=1, progress=False)),
+    ),  # fmt: skip
+    Case("train-bad-lr", ConfigError, "lr must be a positive", lambda e: TrainConfig(lr=0)),
+    Case(
+        "train-method-not-a-method",
+        ConfigError,
+        "TrainingMethod",
+        lambda e: train(e.model, TASK, TrainConfig(steps=1, progress=False), method="npo"),
+    ),  # fmt: skip
+    Case(
+        "train-recorder-of-another-model",
+        ConfigError,
+        "another model",
+        lambda e: train(
+            e.model.clone(),
+            TASK,
+            TrainConfig(steps=1, progress=False),
+            recorder=Recorder(e.model, e.root / "r1", hooks=()),
+        ),
+    ),  # fmt: skip
+    Case(
+        "train-checkpoint-without-recorder",
+        ConfigError,
+        "needs a recorder",
+        lambda e: train(e.model, TASK, TrainConfig(steps=1, progress=False, checkpoint_every=1)),
+    ),  # fmt: skip
+    Case(
+        "train-resume-without-checkpoint",
+        StoreError,
+        "no training checkpoint",
+        lambda e: train(build_model(SPEC), TASK, TrainConfig(steps=1, progress=False), resume=e.plain_store),
+    ),  # fmt: skip
+    Case(
+        "train-resume-other-config",
+        ConfigError,
+        r"another TrainConfig: steps \(2 vs 3\)",
+        lambda e: train(
+            build_model(SPEC),
+            TASK,
+            TrainConfig(steps=3, batch_size=4, progress=False, checkpoint_every=1),
+            resume=e.checkpointed,
+        ),
+    ),  # fmt: skip
+    Case(
+        "train-resume-other-method",
+        ConfigError,
+        "another method",
+        lambda e: train(
+            build_model(SPEC),
+            TASK,
+            TrainConfig(steps=2, batch_size=4, progress=False, checkpoint_every=1),
+            resume=e.checkpointed,
+            method=_OtherMethod(),
+        ),
+    ),  # fmt: skip
+    # recording
+    Case(
+        "recorder-empty-hooks",
+        ConfigError,
+        "hooks='' names no hook",
+        lambda e: Recorder(e.model, e.root / "r2", hooks="", probe=TASK.sample(2, seed=0)),
+    ),  # fmt: skip
+    Case(
+        "recorder-float-probe",
+        ConfigError,
+        "integer token ids, got dtype torch.float32",
+        lambda e: Recorder(e.model, e.root / "r3", probe=torch.rand(4, 8)),
+    ),  # fmt: skip
+    Case(
+        "recorder-probe-not-a-tensor",
+        ConfigError,
+        "probe must be a TaskBatch",
+        lambda e: Recorder(e.model, e.root / "r4", probe=[[1, 2, 3]]),
+    ),  # fmt: skip
+    Case("recorder-no-probe", ConfigError, "needs a fixed probe batch", lambda e: Recorder(e.model, e.root / "r5")),
+    Case(
+        "recorder-every-zero",
+        ConfigError,
+        "every must be a positive",
+        lambda e: Recorder(e.model, e.root / "r6", hooks=(), every=0),
+    ),  # fmt: skip
+    Case(
+        "recorder-bad-dtype",
+        ConfigError,
+        "dtype must be",
+        lambda e: Recorder(e.model, e.root / "r7", hooks=(), dtype="int8"),
+    ),
+    Case(
+        "recorder-existing-store",
+        StoreError,
+        "overwrite=True",
+        lambda e: Recorder(e.model, e.plain_store, hooks=()).open(),
+    ),  # fmt: skip
+    Case(
+        "recorder-resume-missing",
+        StoreError,
+        "does not exist",
+        lambda e: Recorder(e.model, e.root / "nowhere", resume=True),
+    ),  # fmt: skip
+    Case("store-not-a-store", StoreError, "not a run store", lambda e: RunStore.open(e.root)),
+    Case(
+        "store-unknown-array",
+        ConfigError,
+        "did you mean",
+        lambda e: RunStore.open(e.plain_store).array("weight_delta.heads"),
+    ),  # fmt: skip
+    # analysis
+    Case(
+        "pair-of-different-shapes",
+        ConfigError,
+        "differ in",
+        lambda e: diagnose(
+            e.model,
+            build_model(ModelSpec(d_vocab=SPEC.d_vocab, n_ctx=SPEC.n_ctx, n_layers=2, d_model=16, n_heads=2)),
+            TASK,
+            TASK,
+        ),
+    ),  # fmt: skip
+    Case(
+        "diagnose-no-analyzers",
+        ConfigError,
+        "no analyzers",
+        lambda e: diagnose(e.model, e.model, TASK, TASK, analyzers=[]),
+    ),
+    # the demo
+    Case(
+        "demo-unknown-scenario",
+        ConfigError,
+        "unknown demo scenario",
+        lambda e: __import__("capwrap").run_demo(e.root / "d", scenario="nope"),
+    ),  # fmt: skip
+    Case("demo-out-is-a-file", ConfigError, "is a file", lambda e: __import__("capwrap").run_demo(e.file)),
+    # the command line: one line, exit code 2
+    Case("cli-info-missing-folder", None, "does not exist", argv=lambda e: ["info", str(e.root / "nowhere")]),
+    Case("cli-info-config-not-json", None, "config", argv=lambda e: ["info", str(e.bad_config)]),
+    Case(
+        "cli-info-nan-weight",
+        None,
+        "non-finite values in transformer.h.0.mlp.c_fc.weight",
+        argv=lambda e: ["info", str(e.nan_ckpt)],
+    ),  # fmt: skip
+    Case("cli-demo-out-is-a-file", None, "is a file", argv=lambda e: ["demo", "--out", str(e.file), "--quiet"]),
+    Case(
+        "cli-demo-eval-size-zero",
+        None,
+        "eval_size must be positive",
+        argv=lambda e: ["demo", "--out", str(e.root / "d2"), "--eval-size", "0"],
+    ),  # fmt: skip
+    Case(
+        "cli-diagnose-out-is-a-file",
+        None,
+        "is a file",
+        argv=lambda e: [
+            "diagnose",
+            str(e.ckpt),
+            str(e.ckpt),
+            "--capability",
+            CAP,
+            "--downstream",
+            DOWN,
+            "--out",
+            str(e.file),
+        ],
+    ),  # fmt: skip
+    Case(
+        "cli-diagnose-bad-spec",
+        None,
+        "not key=value",
+        argv=lambda e: ["diagnose", str(e.ckpt), str(e.ckpt), "--capability", "count a", "--downstream", DOWN],
+    ),  # fmt: skip
+    Case(
+        "cli-diagnose-missing-store",
+        None,
+        "No run store",
+        argv=lambda e: [
+            "diagnose",
+            str(e.ckpt),
+            str(e.ckpt),
+            "--capability",
+            CAP,
+            "--downstream",
+            DOWN,
+            "--store",
+            str(e.root / "nowhere"),
+        ],
+    ),  # fmt: skip
+    Case(
+        "cli-diagnose-text-without-tokenizer",
+        None,
+        "needs the model's tokenizer",
+        argv=lambda e: [
+            "diagnose",
+            str(e.ckpt),
+            str(e.ckpt),
+            "--capability",
+            "text=x.txt,feature=word:Lily",
+            "--downstream",
+            DOWN,
+        ],
+    ),  # fmt: skip
+    Case(
+        "cli-backend-not-installed",
+        SystemExit,
+        "invalid choice",
+        argv=lambda e: ["info", str(e.ckpt), "--backend", _unavailable_backend()],
+    ),  # fmt: skip
+]
+
+
+class _OtherMethod(FineTune):
+    name = "other"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Env:
+    return Env(tmp_path_factory.mktemp("bad_inputs"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gets_a_clear_error(case: Case, env: Env, capsys):
+    if case.argv is None:
+        with pytest.raises(case.error, match=case.match):
+            case.run(env)
+        return
+    if case.error is SystemExit:  # argparse's own check: usage and the reason, exit code 2
+        with pytest.raises(SystemExit) as info:
+            main(case.argv(env))
+        assert info.value.code == 2 and re.search(case.match, capsys.readouterr().err)
+        return
+    assert main(case.argv(env)) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("capwrap: error: "), err
+    assert re.search(case.match, lines[0]) and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(env: Env):
+    with pytest.raises(OSError):
+        main(["info", str(env.bad_config), "--debug"])
+
+
+def test_the_docs_table_lists_exactly_these_cases():
+    rows = [line for line in DOCS.read_text().splitlines() if line.startswith("| `")]
+    documented = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        documented[cells[0].strip("`")] = cells[-1]
+    assert sorted(documented) == sorted(c.id for c in CASES)
+    for case in CASES:  # the table names the error each row gets
+        expected = "exit code 2" if case.error in (None, SystemExit) else case.error.__name__
+        assert expected in documented[case.id], (case.id, documented[case.id])

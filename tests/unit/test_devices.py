@@ -1,0 +1,75 @@
+"""Devices and precision: train(device=, dtype=) with bfloat16 autocast, load_model(dtype=), and accelerate's
+device_map / max_memory with disk offload (what a CPU machine can show of models larger than one device)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.errors import ConfigError
+from capwrap.models import ModelSpec, build_model, load_model, save_model
+from capwrap.tasks import PCFGConfig, PCFGTask
+from capwrap.training import TrainConfig, train
+
+TASK = PCFGTask("count", "a", config=PCFGConfig(length=8, window=4, occurrence=2))
+SPEC = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=4, d_model=32, n_heads=4, architecture="llama",
+                 n_key_value_heads=2)  # fmt: skip
+CONFIG = TrainConfig(steps=6, batch_size=16, lr=3e-3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_model(build_model(SPEC, seed=0), tmp_path_factory.mktemp("devices") / "llama")
+
+
+def test_bfloat16_training_keeps_weights_and_loss_in_float32(backend, folder):
+    model = load_model(folder, backend=backend)
+    seen: list[torch.dtype] = []
+    with model.hooks([("blocks.1.hook_mlp_out", lambda act, hook: seen.append(act.dtype))]):
+        result = train(model, TASK, CONFIG, dtype="bfloat16", device="cpu")
+    assert set(seen) == {torch.bfloat16}  # the forward passes ran in bfloat16
+    assert model.dtype == torch.float32 and all(w.dtype == torch.float32 for w in model.weights().values())
+    reference = load_model(folder, backend=backend)
+    expected = train(reference, TASK, CONFIG)
+    losses, expected_losses = result.history["loss"], expected.history["loss"]
+    assert not losses.equals(expected_losses)
+    assert (losses - expected_losses).abs().max() < 0.05 * expected_losses.abs().max()
+
+
+def test_precision_mistakes_are_refused(folder):
+    with pytest.raises(ConfigError, match="float16 needs loss scaling.*bfloat16"):
+        train(load_model(folder), TASK, CONFIG, dtype="float16")
+    with pytest.raises(ConfigError, match="weights being trained are torch.bfloat16.*Load the model in float32"):
+        train(load_model(folder, dtype="bfloat16"), TASK, CONFIG)
+    with pytest.raises(ConfigError, match="unknown dtype 'half-ish'"):
+        load_model(folder, dtype="half-ish")
+
+
+def test_load_model_in_bfloat16(backend, folder):
+    model = load_model(folder, backend=backend, dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and model.clone().dtype == torch.bfloat16
+    tokens = TASK.sample(4, seed=0).tokens
+    torch.testing.assert_close(model(tokens).float(), load_model(folder, backend=backend)(tokens), atol=0.1, rtol=0.05)
+
+
+def test_device_map_with_disk_offload_runs_the_model(folder, tmp_path):
+    model = load_model(folder, device_map="auto", max_memory={"cpu": "40KB"}, offload_folder=tmp_path / "offload")
+    assert model.offloaded and "disk" in model.metadata["device_map"].values()
+    whole = load_model(folder, backend="bridge")
+    tokens = TASK.sample(8, seed=0).tokens
+    torch.testing.assert_close(model(tokens), whole(tokens), atol=1e-5, rtol=1e-5)
+    acts = model.capture(tokens, "blocks.*.hook_resid_post")
+    torch.testing.assert_close(
+        acts["blocks.3.hook_resid_post"], whole.capture(tokens, "blocks.3.hook_resid_post")["blocks.3.hook_resid_post"]
+    )
+    with pytest.raises(ConfigError, match="needs every weight in memory, but accelerate offloaded"):
+        model.weights()
+    with pytest.raises(ConfigError, match="needs every weight in memory"):
+        train(model, TASK, CONFIG)
+
+    placed = load_model(folder, device_map="cpu")  # everything fits: weights read as usual
+    assert not placed.offloaded and torch.equal(
+        placed.weights()["blocks.2.mlp.W_in"], whole.weights()["blocks.2.mlp.W_in"]
+    )
+    with pytest.raises(ConfigError, match="max_memory and offload_folder go with device_map"):
+        load_model(folder, max_memory={"cpu": "1GB"})

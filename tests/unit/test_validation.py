@@ -1,0 +1,147 @@
+"""The validation suite's registry, truths, fit, results and runner bookkeeping (no model runs here;
+tests/acceptance/test_validation_suite.py runs named scenarios end to end)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capwrap.cli import main
+from capwrap.diagnosis import Anchor, VerdictRule
+from capwrap.errors import ConfigError
+from capwrap.files import write_json_atomic
+from capwrap.validation import (
+    SUITE,
+    ValidationResult,
+    fit_anchor,
+    fit_rule,
+    run_suite,
+    scenario,
+    scenarios,
+    sensitivity,
+)
+from capwrap.validation.runner import record_path
+
+
+def test_the_suite_is_big_enough_and_splits_by_seed_and_family():
+    assert len(SUITE) >= 40 and len({s.name for s in SUITE}) == len(SUITE)
+    cal, held = scenarios("calibration"), scenarios("held-out")
+    assert {s.seed for s in cal}.isdisjoint({s.seed for s in held})
+    tasks = lambda ss: {(s.base, s.capability, s.downstream) for s in ss if s.kind == "wrapper"}  # noqa: E731
+    assert tasks(cal).isdisjoint(tasks(held))  # held-out wrappers use other families, operands or bases
+    for split in (cal, held):
+        kinds = {s.kind for s in split}
+        assert kinds == {"wrapper", "removed", "genuine", "kept", "unknown"}
+        assert {s.recipe.optimizer for s in split if s.kind == "wrapper"} == {"adamw", "sgd"}
+        assert {s.recipe.reinit for s in split if s.kind == "removed"} >= {"blocks"}
+    assert any(s.family == "tracr-counter" for s in cal) and any(s.family == "tracr-max" for s in held)
+    assert any(s.recipe.method == "npo" for s in SUITE) and any(s.recipe.method == "gradient_ascent" for s in SUITE)
+
+
+def test_truth_follows_the_kind_and_the_gates():
+    wrapper = scenario("cal/count-b/adamw-small-c1/s1")
+    assert wrapper.truth({"deletion": None, "creation": None}) == {"deletion": "wrapper", "creation": "wrapper"}
+    assert wrapper.truth({"deletion": "kept", "creation": None})["deletion"] == "inconclusive"
+    removed = scenario("cal/removed-count-a/reinit-blocks/s3")
+    assert removed.truth({"deletion": None, "creation": None}) == {
+        "deletion": "capability_change",
+        "creation": "unknown",
+    }
+    unknown = scenario("cal/unlearn/npo/s4")
+    assert set(unknown.truth({"deletion": None, "creation": None}).values()) == {"unknown"}
+    assert scenario(wrapper.name).key() == wrapper.key() != removed.key()
+
+
+def test_selecting_scenarios():
+    assert [s.name for s in scenarios("all", ["cal/kept/*"])] == ["cal/kept/noop/s4", "cal/kept/tiny/s4"]
+    assert {s.kind for s in scenarios("held-out", kinds=["removed"])} == {"removed"}
+    with pytest.raises(ConfigError, match="closest"):
+        scenario("cal/count-b/adamw-smal-c1/s1")
+    with pytest.raises(ConfigError, match="unknown split"):
+        scenarios("train")
+
+
+def test_fit_anchor_puts_cuts_where_the_other_truth_stops():
+    # overlapping: wrapper values reach down to 0.5, change values up to 0.6
+    anchor = fit_anchor(np.array([0.5, 0.9, 0.95, 1.0]), np.array([0.0, 0.1, 0.2, 0.6]), None)
+    assert (anchor.wrapper_cut, anchor.change_cut) == (0.6, 0.5)
+    assert anchor.wrapper_full == pytest.approx(0.925) and anchor.change_full == pytest.approx(0.15)
+    assert anchor.weight == pytest.approx(2 * (15 / 16) - 1)
+    # a statistic where small values mean wrapper
+    low = fit_anchor(np.array([-2.0, -1.5]), np.array([0.0, -0.2]), None)
+    assert not low.higher_is_wrapper and low.signed(-1.8) > 0 and low.signed(0.0) < 0
+    # too few findings: the fallback anchor, with no weight
+    assert fit_anchor(np.array([1.0]), np.array([0.0, 0.1]), Anchor(0.8, 1.0, 0.4, 0.0)).weight == 0.0
+
+
+def _record(name, values, accuracy):
+    s = scenario(name)
+    evidence = [{"analyzer": a, "question": q, "kind": "functional", "statistic": stat, "value": v,
+                 "replicates": [v] * 20, "summary": f"{a} = {v}", "direction": "neutral", "strength": 0.0, "headline": {}}
+                for a, q, stat, v in values]  # fmt: skip
+    return {"scenario": s.to_dict(), "accuracy": accuracy, "capability_floor": 0.5, "evidence": evidence,
+            "n_boot": 20, "findings": {}, "seconds": {}}  # fmt: skip
+
+
+LOST = {"base": {"capability": 1.0, "downstream": 0.0, "downstream_free": 0.2},
+        "tuned": {"capability": 0.4, "downstream": 0.9, "downstream_free": 0.1}}  # fmt: skip
+KEPT = {"base": {"capability": 1.0, "downstream": 0.0}, "tuned": {"capability": 1.0, "downstream": 0.0}}
+
+
+@pytest.fixture
+def records():
+    wrappers = [f"cal/count-b/adamw-{s}-c{c}/s1" for s in ("small", "medium") for c in ("1", "0.8")]
+    removed = [f"cal/removed-count-a/reinit-{w}/s3" for w in ("blocks", "attention", "mlp", "latent")]
+    out = [_record(n, [("probing", "deletion", "probe_kept_share", 0.9 + 0.02 * i),
+                       ("generalization", "creation", "gain_without_correlation", -0.1 + 0.05 * i)], LOST)
+           for i, n in enumerate(wrappers)]  # fmt: skip
+    out += [
+        _record(n, [("probing", "deletion", "probe_kept_share", 0.1 + 0.1 * i)], LOST) for i, n in enumerate(removed)
+    ]
+    genuine = ["cal/count-b/adamw-large-c0/s1", "cal/count-b/adamw-medium-c0/s1"]
+    out += [_record(n, [("generalization", "creation", "gain_without_correlation", 0.8 + 0.1 * i)], LOST)
+            for i, n in enumerate(genuine)]  # fmt: skip
+    out.append(_record("cal/kept/noop/s4", [("probing", "deletion", "probe_kept_share", 1.0)], KEPT))
+    return out
+
+
+def test_fit_rule_separates_a_separable_suite_and_records_its_provenance(records):
+    rule = fit_rule(records, start=VerdictRule(), command="capwrap validate --split calibration --fit rule.json")
+    probe = rule.anchors["probe_kept_share"]
+    assert probe.wrapper_cut == probe.change_cut == pytest.approx((0.4 + 0.9) / 2) and probe.weight == 1.0
+    result = ValidationResult.from_records(records, rule)
+    assert result.accuracy == 1.0 and result.targets()["wrapper_on_removed"] == 0
+    assert result.confusion().loc["wrapper", "wrapper"] == 8  # 4 scenarios x 2 questions
+    assert result.confusion().loc["capability_change", "capability_change"] == 6  # 4 removed + 2 genuine
+    assert rule.provenance["fitted"] and rule.provenance["calibration_accuracy"] == 1.0
+    assert "capwrap validate" in rule.provenance["command"]
+    data = result.to_dict()
+    assert {"name", "question", "truth", "verdict", "score"} <= set(data["scenarios"][0])
+    table = result.analyzers().set_index("analyzer")
+    assert table.loc["probing", "auc"] == 1.0 and table.loc["probing", "accuracy"] == 1.0
+
+
+def test_sensitivity_counts_flips_per_number(records):
+    rule = fit_rule(records, start=VerdictRule())
+    table = sensitivity(records, rule)
+    assert {"probe_kept_share.wrapper_cut", "deletion.wrapper_threshold", "kept_fraction"} <= set(table["number"])
+    assert set(table["factor"]) == {0.8, 1.2} and (table["flips"] >= 0).all()
+    # moving the kept bar to 72% of the base still calls a 40% model a loss: no flip from that number
+    assert table[(table["number"] == "kept_fraction") & (table["factor"] == 0.8)]["flips"].iloc[0] == 0
+
+
+def test_the_runner_resumes_from_existing_records(tmp_path, records):
+    chosen = scenarios("calibration", ["cal/count-b/adamw-small-c1/s1"])
+    record_path(tmp_path, chosen[0]).parent.mkdir(parents=True)
+    write_json_atomic(record_path(tmp_path, chosen[0]), records[0])
+    logged = []
+    out = run_suite(chosen, tmp_path, workers=2, progress=False, log=logged.append)
+    assert out == [records[0]] and "already have records" in logged[0]
+
+
+def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
+    assert main(["validate", "--list", "--split", "held-out"]) == 0
+    listed = capsys.readouterr().out
+    assert "held/tracr-max/sgd-small-c1/s15" in listed and "cal/" not in listed
+    assert main(["validate", "--scenario", "no/such/scenario", "--out", str(tmp_path)]) == 2
+    assert "no scenario named" in capsys.readouterr().err
