@@ -152,7 +152,9 @@ class ModelSpec:
     def _check_family(self, family: Family) -> None:
         """Whether the family's Hugging Face config can express this spec; a clear error if not."""
         which = _families_with
-        if self.d_vocab_out != self.d_vocab and family.hf_class is not None:
+        if family.hf_class is None:  # a native model (tracr): TransformerLens's config takes any shape
+            return
+        if self.d_vocab_out != self.d_vocab:
             raise ConfigError("a separate output vocabulary (d_vocab_out) needs architecture='tracr'")
         if self.n_key_value_heads != self.n_heads and not family.supports("n_key_value_heads"):
             raise ConfigError(
