@@ -253,8 +253,8 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     if "--threads" not in options:
         parser.add_argument(
             "--threads", type=_positive_int, default=None, metavar="N",
-            help="torch CPU threads (default: the cores other processes leave idle, by the 1-minute load "
-                 "average, at least 1; OMP_NUM_THREADS, if set, instead)",
+            help="torch CPU threads (default: the cores other processes leave idle, sampled when the "
+                 "command starts, at least 1; OMP_NUM_THREADS, if set, instead)",
         )  # fmt: skip
 
 
@@ -270,16 +270,43 @@ def _positive_int(text: str) -> int:
 
 def default_threads() -> int:
     """Torch CPU threads for a command: ``OMP_NUM_THREADS`` when the user set it; otherwise the
-    cores the machine's other processes leave idle (cores minus the 1-minute load average), at
-    least 1. On a shared machine a second thread that must wait for a busy core slows every step
-    down (benchmarks/RESULTS.md measures it); on an idle one it speeds them up."""
+    cores other processes leave idle, at least 1. On a shared machine a second thread that must wait
+    for a busy core slows every step down (``benchmarks/threads.py`` measures it); on an idle one it
+    speeds them up. The busy cores are sampled over a fifth of a second while this process waits, so
+    a Python session that was itself computing does not count as load (the 1-minute load average,
+    the fallback where ``/proc/stat`` is missing, would)."""
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = busy_cores(0.2)
     return max(1, min(cores, round(cores - busy)))
+
+
+def busy_cores(interval: float) -> float:
+    """How many cores other processes keep busy, sampled over ``interval`` seconds (``/proc/stat``);
+    the 1-minute load average where the kernel does not offer it."""
+    import time
+
+    def sample() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    before = sample()
+    if before is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(interval)
+    after = sample()
+    if after is None or after[1] <= before[1]:
+        return 0.0
+    share = (after[0] - before[0]) / (after[1] - before[1])  # of every core the kernel counts
+    return share * (os.cpu_count() or 1)
 
 
 #: Failures a user's input or environment causes (a missing file, a full disk, a value a library

@@ -42,18 +42,12 @@ import torch
 
 from capwrap.analyzers import (
     Analyzer,
-    AttentionComparison,
-    Generalization,
-    NewLatentProbing,
-    Patching,
-    Probing,
-    Pruning,
     Revival,
-    WeightDiff,
 )
+from capwrap.analyzers.controls import never_had_it
 from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
-from capwrap.files import check_output_folder, write_json_atomic
+from capwrap.files import check_output_folder, copy_missing, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import Recorder, RunStore
@@ -67,18 +61,29 @@ __all__ = [
     "demo_spec",
     "pretrain_demo_base",
     "demo_analyzers",
+    "make_demo_control",
+    "load_demo_control",
     "remove_capability",
     "run_demo",
     "DEMO_BASE",
+    "DEMO_CONTROL",
     "PRETRAIN_CONFIG",
     "FINETUNE_CONFIG",
 ]
 
 #: The shipped base checkpoint.
 DEMO_BASE = resources.files("capwrap") / "assets" / "demo_base"
+#: The shipped revival control (:func:`make_demo_control`), with its reverse fine-tuning runs for the
+#: default seed in ``revival/`` (the :class:`~capwrap.analyzers.Revival` cache's files).
+DEMO_CONTROL = resources.files("capwrap") / "assets" / "demo_control"
+#: Steps the revival control trains on the downstream task: the fine-tuning budget.
+CONTROL_STEPS = 300
+#: Sequences per test set of the diagnosis's evaluation set: the validation suite's, on which the
+#: verdict rule was fitted (the summary's accuracies use the demo's larger ``eval_size``).
+DIAGNOSIS_EVAL_SIZE = 512
 PCFG = PCFGConfig(length=32, window=16, occurrence=3)
 PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=96, lr=1e-3, warmup=0.2, min_lr_ratio=0.1, seed=0, eval_every=500)
-FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=96, lr=3e-5, warmup=0.2, seed=1)
+FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=48, lr=3e-5, warmup=0.2, seed=1)
 SCENARIOS = ("default", "removed")
 
 
@@ -211,12 +216,18 @@ def run_demo(
     )
     store = RunStore.open(store_path)
     diagnosis = None
+    control = None
     if diagnose_pair:
+        control = load_demo_control(backend) if finetune.steps == CONTROL_STEPS else None
         log("diagnosing (probing, pruning, revival, weight diff, attention, patching, generalization, new latent) ...")
+        cache = out / "revival_cache"
+        if control is not None:  # the shipped control's runs (other seeds or settings miss, and are made here)
+            copy_missing(DEMO_CONTROL / "revival", cache)
+        analyzers = demo_analyzers(finetune.steps, control=control, cache=cache)
         diagnosis = diagnose(
             base, tuned, capability=tasks["capability"], downstream=tasks["downstream_correlated"],
-            downstream_free=tasks["downstream_uncorrelated"], analyzers=demo_analyzers(finetune.steps), store=store,
-            seed=seed, eval_size=min(eval_size, 1024), progress=progress,
+            downstream_free=tasks["downstream_uncorrelated"], analyzers=analyzers, store=store,
+            seed=seed, eval_size=min(eval_size, DIAGNOSIS_EVAL_SIZE), progress=progress,
         )  # fmt: skip
         log(f"verdict: {diagnosis.verdict} (score {diagnosis.score:+.2f})")
 
@@ -232,6 +243,9 @@ def run_demo(
         "finetune": {**dataclasses.asdict(finetune), "task": ft_task.describe(), "wall_seconds": round(ft_seconds, 2)},
         "recording": {"store": str(store_path.name), "steps_recorded": len(store.array_steps(store.array_names[0])), "hooks": recorder.hooks, "every": 10},
         "weight_change": _weight_change(store),
+        "revival_control": (None if diagnosis is None
+                            else f"shipped: {DEMO_CONTROL.name} (make_demo_control: a fresh model trained {CONTROL_STEPS} steps on count b)"
+                            if control is not None else f"made here: a fresh model trained {finetune.steps} steps on count b"),
         "diagnosis": diagnosis.to_dict() if diagnosis else None,
         "wall_seconds": None,
     }  # fmt: skip
@@ -249,20 +263,34 @@ def run_demo(
     return DemoResult(summary, base, tuned, store, out, diagnosis)
 
 
-def demo_analyzers(finetune_steps: int) -> list[Analyzer]:
-    """The demo's analyzers: the defaults with samples sized to keep the demo within three minutes
-    on a 2-core CPU; the revival control trains for the fine-tuning budget, and revival has the
-    budget the verdict rule was fitted with (the validation suite's, 200 steps)."""
+def demo_analyzers(
+    finetune_steps: int, control: CapModel | None = None, cache: str | os.PathLike | None = None
+) -> list[Analyzer]:
+    """The demo's analyzers: the validation suite's (:func:`~capwrap.validation.suite_analyzers`:
+    the samples and budgets the verdict rule was fitted with), with one reverse fine-tuning seed.
+    Revival compares with ``control`` (default: one trained here for the fine-tuning budget, as
+    ``control_steps``) and keeps the control's runs in ``cache``."""
+    from capwrap.validation.runner import suite_analyzers
+
     return [
-        Probing(n=1024),
-        Pruning(ks=(0, 1, 2, 5, 10, 15, 25)),
-        Revival(max_steps=200, check_size=256, control_steps=finetune_steps, seeds=1),
-        WeightDiff(),
-        AttentionComparison(),
-        Patching(),
-        Generalization(),
-        NewLatentProbing(n=1024),
+        dataclasses.replace(a, seeds=1, control_steps=finetune_steps) if isinstance(a, Revival) else a
+        for a in suite_analyzers(control, cache)
     ]
+
+
+def make_demo_control(base: CapModel, seed: int = 0) -> CapModel:
+    """The demo's revival control: a fresh model of ``base``'s shape that never saw count ``a``,
+    trained :data:`CONTROL_STEPS` steps on count ``b`` with C_Tr = 1 (what
+    :class:`~capwrap.analyzers.Revival` builds by default). ``scripts/train_demo_base.py --control``
+    ships it in :data:`DEMO_CONTROL`, so the demo does not train it on every run."""
+    return never_had_it(base, demo_tasks()["downstream_correlated"], CONTROL_STEPS, seed)
+
+
+def load_demo_control(backend: str | None = None) -> CapModel | None:
+    """The shipped revival control (``None`` where the installed package lacks it)."""
+    if not (DEMO_CONTROL / "model.safetensors").is_file():
+        return None
+    return load_model(str(DEMO_CONTROL), backend=backend)
 
 
 def remove_capability(model: CapModel, seed: int = 0) -> None:

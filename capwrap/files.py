@@ -20,7 +20,15 @@ from typing import Any
 
 from capwrap.errors import ConfigError
 
-__all__ = ["write_bytes_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "umask", "check_output_folder"]
+__all__ = [
+    "write_bytes_atomic",
+    "write_text_atomic",
+    "write_json_atomic",
+    "fsync_dir",
+    "umask",
+    "check_output_folder",
+    "copy_missing",
+]
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -80,3 +88,32 @@ def check_output_folder(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"the output folder {path} is a file; choose a folder (it is created if missing)")
     return path
+
+
+def copy_missing(source: Any, target: str | os.PathLike) -> int:
+    """Copy every file under ``source`` (a folder, or an ``importlib.resources`` traversable: shipped
+    assets) that ``target`` lacks, keeping relative paths; each file is written atomically. Returns
+    how many were copied. Used to seed a cache with the runs capwrap ships.
+
+    Examples:
+        >>> import tempfile
+        >>> src, dst = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+        >>> _ = (src / "a").mkdir(), (src / "a" / "x.pt").write_bytes(b"1"), (dst / "y.pt").write_bytes(b"2")
+        >>> copy_missing(src, dst), copy_missing(src, dst), sorted(p.name for p in dst.rglob("*.pt"))
+        (1, 0, ['x.pt', 'y.pt'])
+    """
+    copied = 0
+
+    def walk(folder: Any, into: Path) -> None:
+        nonlocal copied
+        for item in folder.iterdir():
+            if item.is_dir():
+                walk(item, into / item.name)
+            elif not (into / item.name).exists():
+                into.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(into / item.name, item.read_bytes())
+                copied += 1
+
+    if source.is_dir():
+        walk(source, Path(target))
+    return copied

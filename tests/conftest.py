@@ -25,7 +25,7 @@ from capwrap.tasks import PCFGConfig, PCFGTask
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINYSTORIES = SHARED / "data" / "tinystories"
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 2 unless the environment says
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -20,6 +20,10 @@ from capwrap.recording import RunStore
 __all__ = ["check_same_tokenizer", "diagnose_checkpoints"]
 
 
+#: Sequences per test set of the shared evaluation set with ``quick`` (the full diagnosis uses 1,024).
+QUICK_EVAL_SIZE = 256
+
+
 def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
     """Raise if the two models carry tokenizers with different vocabularies."""
     a, b = base.tokenizer, tuned.tokenizer
@@ -55,6 +59,8 @@ def diagnose_checkpoints(
     ``tuned`` may be a PEFT LoRA adapter folder: the tuned model is then ``base`` with it merged in,
     and ``summary.json`` adds the adapter's own weight diff (``adapter``).
 
+    ``quick``: smaller samples and budgets, and an evaluation set of :data:`QUICK_EVAL_SIZE` sequences per task.
+
     This is what ``capwrap diagnose BASE TUNED --capability SPEC --downstream SPEC --out DIR`` runs.
     ``downstream_free``: a spec of the downstream task without its spurious correlation (default:
     the downstream task's own correlation-free variant, when it has one). ``rule``: a verdict rule
@@ -85,6 +91,7 @@ def diagnose_checkpoints(
     free_task = task_from_spec(downstream_free, tokenizer) if downstream_free else "auto"
     run = RunStore.open(store) if store is not None else None
     diagnosis = diagnose(base_model, tuned_model, cap_task, down_task, analyzers=default_analyzers(quick=quick),
+                         eval_size=QUICK_EVAL_SIZE if quick else 1024,
                          store=run, seed=seed, progress=progress, rule=verdict_rule, downstream_free=free_task)  # fmt: skip
     if out is not None:
         folder = Path(out)

@@ -54,21 +54,29 @@ class Diagnosis:
         return [self.deletion, self.creation]
 
     @property
+    def headline_finding(self) -> Finding:
+        """The finding that gives the pair its one word: deletion's, unless fine-tuning lost
+        nothing of the capability (deletion has nothing to explain), then creation's — a model that
+        kept the capability and learned a wrapper is a ``wrapper``. A capability that was lost and
+        whose fate is undecided leaves the pair ``inconclusive``, whatever the creation finding says."""
+        if self.deletion.verdict == "inconclusive" and self.deletion.support.get("gated"):
+            return self.creation
+        return self.deletion
+
+    @property
     def verdict(self) -> Verdict:
-        """One word for the pair: the deletion finding's verdict when it is decided, else the
-        creation finding's (a model that kept the capability and learned a wrapper is a
-        ``wrapper``)."""
-        return self.deletion.verdict if self.deletion.verdict != "inconclusive" else self.creation.verdict
+        """One word for the pair: :attr:`headline_finding`'s verdict."""
+        return self.headline_finding.verdict
 
     @property
     def score(self) -> float:
         """The score of the finding that gave :attr:`verdict`."""
-        return self.deletion.score if self.deletion.verdict != "inconclusive" else self.creation.score
+        return self.headline_finding.score
 
     @property
     def confidence(self) -> float:
         """The confidence of the finding that gave :attr:`verdict`."""
-        return self.deletion.confidence if self.deletion.verdict != "inconclusive" else self.creation.confidence
+        return self.headline_finding.confidence
 
     @property
     def reasons(self) -> list[str]:

@@ -42,7 +42,8 @@ from capwrap.analyzers import (
 from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
 from capwrap.diagnosis.run import diagnose, gates
 from capwrap.errors import CapwrapError, ConfigError
-from capwrap.files import write_json_atomic
+from capwrap.files import copy_missing, write_json_atomic
+from capwrap.validation.bases import SUITE_ASSETS
 from capwrap.validation.scenarios import Scenario
 
 __all__ = ["findings_from_record", "record_path", "run_scenario", "run_suite", "suite_analyzers", "load_records"]
@@ -185,6 +186,7 @@ def run_suite(
     out = Path(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
+    copy_missing(SUITE_ASSETS / "cache", cache)  # the shipped controls and their runs
     todo = [s for s in scenarios if not record_path(out, s).exists()]
     if len(todo) < len(scenarios):
         log(

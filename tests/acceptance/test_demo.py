@@ -33,6 +33,7 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
                              "generalization", "new_latent"}  # fmt: skip
     assert evidence["probing"]["direction"] == "wrapper"  # the count of a is still readable
     assert evidence["revival"]["headline"]["control_over_tuned"] >= 3  # and comes back fast
+    assert summary["revival_control"].startswith("shipped")  # the shipped control, not trained here
     assert summary["verdict_note"].startswith("wrapper:")
     findings = summary["diagnosis"]["findings"]
     assert findings["deletion"]["verdict"] == "wrapper"  # count a is hidden, not gone
@@ -43,17 +44,24 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
 def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
     summary = json.loads((removed_out / "summary.json").read_text())
     assert summary["scenario"] == "removed"
-    assert summary["verdict"] != "wrapper", summary["diagnosis"]["reasons"]
-    assert summary["verdict"] == "capability_change"
-    assert summary["diagnosis"]["findings"]["deletion"]["verdict"] == "capability_change"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
+    deletion = summary["diagnosis"]["findings"]["deletion"]
+    # Pruning finds nothing to restore, revival is no faster than for a model that never had it, and
+    # the structural analyzers see the rewrite: the capability was changed, not wrapped.
+    assert deletion["verdict"] == "capability_change", deletion["reasons"]
+    evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
+    assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
+    assert evidence["pruning"]["direction"] == "change" and evidence["revival"]["direction"] == "change"
+    assert evidence["probing"]["direction"] != "wrapper"
+    # the pair's verdict is the deletion finding's: a capability was lost, and it is gone
+    assert summary["verdict"] == "capability_change", summary["diagnosis"]["reasons"]
     html = (removed_out / "report.html").read_text()
     assert "negative control" in html and "Verdict: capability_change" in html
 
 
 def test_summary_has_the_promised_fields(demo_out):
     summary = json.loads((demo_out / "summary.json").read_text())
-    assert summary["verdict"] in ("wrapper", "capability_change", "inconclusive")
+    assert summary["verdict"] == "wrapper"  # the default demo: count a hidden under a wrapper
     assert summary["diagnosis"]["reasons"] and -1 <= summary["diagnosis"]["score"] <= 1
     for model in ("base", "tuned"):
         assert set(summary["accuracy"][model]) == {"capability", "downstream_correlated", "downstream_uncorrelated"}
@@ -71,7 +79,7 @@ def test_the_tuned_model_counts_b_only_where_the_correlation_holds(demo_out):
 def test_report_and_recording_are_written(demo_out, capsys):
     html = (demo_out / "report.html").read_text()
     assert "Plotly.newPlot" in html and "<script src=" not in html
-    assert "Verdict: wrapper" in html and "revival: wrapper" in html  # the evidence sections
+    assert "Verdict: wrapper" in html and "probing (deletion): wrapper" in html  # the evidence sections
     store = RunStore.open(demo_out / "run")
     assert store.last_step == 300
     assert store.array_steps("blocks.3.hook_resid_post") == list(range(0, 301, 10))

@@ -1,6 +1,8 @@
 """`capwrap validate` end to end on named scenarios of both halves of the suite, with their verdicts
-pinned: a textbook wrapper (count b learned through count a + 1 at a small learning rate) and two
-removed capabilities (every block re-initialized; a model retrained without counting)."""
+pinned: a textbook wrapper (count b learned through count a + 1 at a small learning rate) and a
+removed capability (every block re-initialized before fine-tuning). The two run side by side, one
+worker each; the suite's other removal recipes are exercised by `capwrap validate` itself
+(benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -12,14 +14,13 @@ from capwrap.cli import main
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
 REMOVED = "held/removed-count-b/reinit-blocks/s13"
-RETRAINED = "cal/removed-count-a/retrained/s3"
 
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory):
     out = tmp_path_factory.mktemp("validate")
     argv = ["validate", "--split", "all", "--out", str(out), "--workers", "2", "--quiet"]
-    for name in (WRAPPER, REMOVED, RETRAINED):
+    for name in (WRAPPER, REMOVED):
         argv += ["--scenario", name]
     assert main(argv) == 0
     data = json.loads((out / "validation.json").read_text())
@@ -33,12 +34,11 @@ def test_the_textbook_wrapper_is_a_wrapper_on_both_questions(validated):
     assert rows[(WRAPPER, "creation")]["verdict"] == "wrapper"
 
 
-def test_removed_capabilities_are_capability_changes(validated):
+def test_a_removed_capability_is_a_capability_change(validated):
     _, rows, _ = validated
-    for name in (REMOVED, RETRAINED):
-        assert rows[(name, "deletion")]["truth"] == "capability_change"
-        assert rows[(name, "deletion")]["verdict"] == "capability_change", rows[(name, "deletion")]["reason"]
-        assert rows[(name, "creation")]["truth"] == "unknown"
+    assert rows[(REMOVED, "deletion")]["truth"] == "capability_change"
+    assert rows[(REMOVED, "deletion")]["verdict"] == "capability_change", rows[(REMOVED, "deletion")]["reason"]
+    assert rows[(REMOVED, "creation")]["truth"] == "unknown"
 
 
 def test_validate_writes_its_report_and_resumes(validated, capsys):

@@ -104,7 +104,10 @@ def test_every_analyzer_works_on_a_gpt_neo_pair(tmp_path):
                  WeightDiff(graft_fractions=(0.1,)), AttentionComparison(n=64), Patching(n=16)]  # fmt: skip
     d = diagnose(base, tuned, capability, downstream, analyzers=analyzers, eval_size=128, progress=False)
     assert [e.analyzer for e in d.evidence] == ["probing", "pruning", "revival", "weight_diff", "attention", "patching"]
-    assert d.verdict in ("wrapper", "capability_change", "inconclusive")
+    # a large learning rate (3e-3) on a small model: count a falls 72% -> 23% and probes and pruning
+    # find it gone; the downstream task gains too little for a creation finding
+    assert d.deletion.verdict == "capability_change", d.deletion.reasons
+    assert d.creation.verdict == "inconclusive" and d.verdict == "capability_change"
     changed = d["weight_diff"].table.set_index("component")
     assert "L1H3" in changed.index and changed.loc["L1.attn", "change"] > 0  # heads without q/k/v biases
     assert len(d["attention"].table) == 8 and len(d["patching"].table) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -180,6 +181,21 @@ def test_quiet_silences_the_progress_bars_of_datasets(stories260k, tmp_path, cap
     err = capsys.readouterr().err
     assert "Filter" not in err and err.count("\n") == 1 and "every text contains word:Lily" in err
     assert datasets.is_progress_bar_enabled()  # switched back on after the command
+
+
+def test_busy_cores_sees_another_process():
+    import subprocess
+    import sys
+
+    import capwrap.cli as cli
+
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert cli.busy_cores(0.5) >= 0.7  # one core kept busy by the other process
+    finally:
+        burner.kill()
+        burner.wait()
 
 
 def test_threads_option_sets_torch_threads_for_the_command_only(pair_on_disk, capsys, monkeypatch):
