@@ -108,7 +108,14 @@ def read_hf_config(config: Any) -> ConfigReading:
             f"the {getattr(config, 'model_type', '?')} config has no hidden size, head count or layer count "
             "capwrap can read; it is not a decoder-only transformer capwrap can map"
         )
-    d_head = _get(config, "head_dim", default=d_model // n_heads)
+    d_head = _get(config, "head_dim")
+    if d_head is None:
+        if d_model % n_heads:
+            raise ConfigError(
+                f"d_model={d_model} is not divisible by n_heads={n_heads} and the config gives no head_dim; "
+                "the config was edited by hand or is corrupt: fix the hidden size or the head count"
+            )
+        d_head = d_model // n_heads
     kinds, window, pattern_problems = _attention_layers(config, n_layers)
     problems += pattern_problems
     rope = _rope_parameters(config)
@@ -222,10 +229,22 @@ def bridge_architecture(config: Any) -> str | None:
     TransformerLens has one."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
-    for name in getattr(config, "architectures", None) or []:
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:  # a config built in memory: transformers' own causal-LM class for its model type
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        names = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None), "")]
+    for name in names:
         if name in SUPPORTED_ARCHITECTURES and name.endswith(("ForCausalLM", "LMHeadModel")):
             return name
     return None
+
+
+#: Config entries that say where and how a checkpoint was saved, not what the model computes: a
+#: fine-tune saved elsewhere, by another transformers version or in another dtype is the same model.
+_NOT_ARCHITECTURE = frozenset(
+    {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset"}
+)
 
 
 def spec_from_hf_config(config: Any) -> Any:
@@ -250,7 +269,9 @@ def spec_from_hf_config(config: Any) -> Any:
     return ModelSpec(
         architecture=family.name if family else str(config.model_type),
         features=reading.features,
-        hf_config=json.dumps(config.to_dict(), sort_keys=True, default=str),
+        hf_config=json.dumps(
+            {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}, sort_keys=True, default=str
+        ),
         **sizes,
     )
 

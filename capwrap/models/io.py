@@ -269,16 +269,27 @@ def _read_hf_config(folder: Path, trust_remote_code: bool) -> Any:
         )
     try:
         return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, OSError, *_strict_config_errors()) as exc:
         from capwrap.models.families import FAMILIES
 
         known = ", ".join(sorted(f.model_type for f in FAMILIES.values() if f.hf_class))
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:2]).rstrip(".") if lines else type(exc).__name__
         raise CheckpointError(
             f"transformers cannot read {path} (model type {doc['model_type']!r}): {detail}. capwrap's families "
             f"have the model types {known}; a checkpoint that needs its own code loads with trust_remote_code=True "
             "(this runs code from the checkpoint), and a config edited by hand may hold a wrong value"
         ) from None
+
+
+def _strict_config_errors() -> tuple[type[Exception], ...]:
+    """The exception newer ``huggingface_hub`` raises when a config field has the wrong type
+    (``transformers`` 5 validates its configs with it); none where it does not exist."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return ()
+    return (StrictDataclassError,)
 
 
 def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

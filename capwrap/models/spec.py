@@ -217,7 +217,14 @@ class ModelSpec:
     def hf_class(self) -> str:
         """The Hugging Face (and TransformerBridge adapter) class name."""
         if self.hf_config:
-            return json.loads(self.hf_config).get("architectures", [None])[0] or ""
+            listed = json.loads(self.hf_config).get("architectures") or []
+            if listed:
+                return listed[0]
+            if self.architecture in ARCHITECTURES:
+                return ARCHITECTURES[self.architecture]
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.architecture, "")  # a config built in memory
         return ARCHITECTURES[self.architecture]
 
     @property

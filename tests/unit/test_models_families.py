@@ -43,7 +43,9 @@ TINY: dict[str, transformers.PretrainedConfig] = {
     "qwen3": transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **_SIZES),
     "gpt_neox": transformers.GPTNeoXConfig(rotary_pct=0.25, **_SIZES),  # Pythia
     "gemma2": transformers.Gemma2Config(
-        num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16, **_SIZES, **_NO_SPECIAL
+        num_key_value_heads=2, head_dim=16, sliding_window=5, query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0,  # caps that bite at this scale
+        **_SIZES, **_NO_SPECIAL,
     ),  # fmt: skip
     "gemma3": transformers.Gemma3TextConfig(
         num_key_value_heads=1,
@@ -273,12 +275,12 @@ def test_diagnose_runs_every_analyzer_on_new_families(family):
         tuned.weights()["blocks.1.mlp.W_out"][:5] += 0.3
     analyzers = [
         Probing(n=64, steps=10),
-        Pruning(ks=(0, 1), score_size=16, eval_size=16),
-        Revival(max_steps=2, batch_size=4, eval_every=1, eval_size=16, control_steps=2),
-        WeightDiff(graft_fractions=(0.1,), eval_size=16),
+        Pruning(ks=(0, 1), score_size=16),
+        Revival(max_steps=2, batch_size=4, eval_every=1, check_size=16, control_steps=2, seeds=1),
+        WeightDiff(graft_fractions=(0.1,)),
         AttentionComparison(n=8),
         Patching(n=4),
     ]
-    result = diagnose(base, tuned, capability=task, downstream=task, analyzers=analyzers)
+    result = diagnose(base, tuned, capability=task, downstream=task, analyzers=analyzers, eval_size=16)
     assert {e.analyzer for e in result.evidence} == {a.name for a in analyzers}
     assert result.verdict in ("wrapper", "capability_change", "inconclusive")
