@@ -30,7 +30,7 @@ _GENERIC = {
     "its config can change": "—",
     "patching engine": "hooks",
     "HookedTransformer (TL 3.x)": "no",
-    "TransformerBridge": "yes: loading, hooks, weight diff by layer (embeddings, norms, attention, MLP)",
+    "TransformerBridge": "yes: loading, hooks, weight diff, every hook-based analyzer (single heads and neurons where q/k/v/o and the MLP are plain linear layers)",
 }
 
 

@@ -284,3 +284,42 @@ def test_diagnose_runs_every_analyzer_on_new_families(family):
     result = diagnose(base, tuned, capability=task, downstream=task, analyzers=analyzers, eval_size=16)
     assert {e.analyzer for e in result.evidence} == {a.name for a in analyzers}
     assert result.verdict in ("wrapper", "capability_change", "inconclusive")
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_capwrap_diagnose_on_each_family(family, tmp_path, capsys, monkeypatch):
+    """`capwrap diagnose BASE TUNED` on folders written by transformers: the CLI reads both, builds
+    the tasks, runs every analyzer (on budgets that fit a unit test) and writes its summary."""
+    import json
+
+    import capwrap.diagnosis.checkpoints
+    from capwrap.analyzers import AttentionComparison, Patching, Probing, Pruning, Revival, WeightDiff
+    from capwrap.cli import main
+    from capwrap.tasks import PCFGConfig, PCFGTask
+
+    task = PCFGTask(config=PCFGConfig(length=8, window=4, occurrence=2))
+    config = TINY[family].__class__.from_dict({**TINY[family].to_dict(), "vocab_size": task.d_vocab})
+    _write(config, tmp_path / "base", seed=1)
+    tuned = load_model(tmp_path / "base")
+    with torch.no_grad():
+        tuned.weights()["blocks.1.mlp.W_out"][:5] += 0.3
+    save_model(tuned, tmp_path / "tuned")
+    analyzers = [
+        Probing(n=32, steps=5),
+        Pruning(ks=(0, 1), score_size=16),
+        Revival(max_steps=2, batch_size=4, eval_every=1, check_size=16, control_steps=2, seeds=1),
+        WeightDiff(graft_fractions=(0.1,)),
+        AttentionComparison(n=8),
+        Patching(n=4),
+    ]
+    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick: analyzers)
+    spec = "length=8,window=4,occurrence=2"
+    code = main(["diagnose", str(tmp_path / "base"), str(tmp_path / "tuned"), "--capability",
+                 f"pcfg=count,operand=a,{spec}", "--downstream", f"pcfg=count,operand=b,{spec}",
+                 "--out", str(tmp_path / "diag"), "--quick", "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "diag" / "summary.json").read_text())
+    assert summary["spec"]["architecture"] == family
+    assert {e["analyzer"] for e in summary["evidence"]} >= {a.name for a in analyzers}
+    weight_diff = next(e for e in summary["evidence"] if e["analyzer"] == "weight_diff")
+    assert weight_diff["headline"]["total_change"] > 0
