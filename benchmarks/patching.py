@@ -12,6 +12,14 @@ resumed engine against its own hook engine (TransformerLens has no across-model 
 
     capwrap demo --out /tmp/demo_out          # for the tuned model (across-model part)
     python benchmarks/patching.py --tuned /tmp/demo_out/tuned [--device cuda] [--batch 16]
+
+With ``--family qwen2`` (or any family of ``capwrap.models.families.FAMILIES``) the model is instead
+a random one of that family with the demo base's shape (4 layers, d_model 128, 4 heads; 2 key/value
+heads where the family has grouped-query attention; the family's features, e.g. Gemma-2's soft-caps
+and post-norms), its weights scaled up so that patches have visible effects, on the same task:
+
+    python benchmarks/patching.py --family qwen2 --threads 1
+    python benchmarks/patching.py --family gemma2 --threads 1
 """
 
 from __future__ import annotations
@@ -50,6 +58,27 @@ def _timed(fn, repeats: int):
     return best, out
 
 
+def family_model(family: str, d_vocab: int, n_ctx: int, backend: str | None) -> capwrap.CapModel:
+    """A random model of ``family`` shaped like the demo base, with weights scaled up (seeded)."""
+    from capwrap.models import ModelSpec, build_model
+    from capwrap.models.families import FAMILIES
+
+    gqa = 2 if FAMILIES[family].supports("n_key_value_heads") else 0
+    spec = ModelSpec(d_vocab=d_vocab, n_ctx=n_ctx, n_layers=4, d_model=128, n_heads=4, n_key_value_heads=gqa,
+                     architecture=family)  # fmt: skip
+    model = build_model(spec, backend=backend, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in model.weights().items():
+            if name == "unembed.W_U" and not spec.tie_embeddings:
+                w.mul_(3.0 if spec.features.logit_softcap else 30.0)  # soft-capped logits would saturate
+            elif w.ndim > 1:
+                w.mul_(3.0)
+            else:
+                w.add_(0.2 * torch.randn(w.shape, generator=gen))
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tuned", default=None, help="the demo's tuned model folder, for the across-model part")
@@ -57,10 +86,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None)
+    parser.add_argument("--family", default=None, help="a random model of this family, the demo base's shape")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (the RESULTS figures pin 1)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    model = capwrap.load_model(str(DEMO_BASE), backend=args.backend).to(args.device).eval()
     task = demo_tasks()["capability"]
+    if args.family:
+        model = family_model(args.family, task.d_vocab, task.seq_len, args.backend).to(args.device).eval()
+    else:
+        model = capwrap.load_model(str(DEMO_BASE), backend=args.backend).to(args.device).eval()
     clean, corrupt = task.sample(args.batch, seed=0), task.sample(args.batch, seed=1)
     corrupt = TaskBatch(corrupt.tokens, clean.answer_pos, clean.answers, corrupt.labels).to(args.device)
     clean = clean.to(args.device)
@@ -86,6 +122,8 @@ def main() -> None:
     n = len(cw.table)
     diff = max(float((cw.grid(site) - tl[site]).abs().max()) for site in SITES)
     report = {
+        "model": args.family or "demo base (gpt2)",
+        "threads": torch.get_num_threads(),
         "device": args.device,
         "backend": model.backend,
         "transformer_lens": capwrap.models.model.tl_version(),

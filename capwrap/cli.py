@@ -68,7 +68,9 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     spec = info["spec"]
-    print(f"{args.source}: {spec['architecture']}, {info['parameters']:,} parameters, backend {info['backend']}")
+    print(f"{args.source}: {spec['architecture']} ({info['family']}), {info['parameters']:,} parameters, "
+          f"backend {info['backend']}")  # fmt: skip
+    print(f"  blocks: {info['blocks']}")
     print(f"  layers {spec['n_layers']}, d_model {spec['d_model']}, heads {spec['n_heads']} "
           f"(kv {spec['n_key_value_heads']}), d_head {spec['d_head']}, d_mlp {spec['d_mlp']}, "
           f"vocab {spec['d_vocab']}, context {spec['n_ctx']}")  # fmt: skip
@@ -76,6 +78,10 @@ def _info(args: argparse.Namespace) -> int:
     if local:
         print(f"  local attention (window {spec['window_size']}) in layers {', '.join(map(str, local))}")
     print("  components: " + ", ".join(f"{n:,} {k}" for k, n in info["components"].items()))
+    if info["not_in_fast_engine"]:
+        print(f"  patching: hooks engine only ({'; '.join(info['not_in_fast_engine'])})")
+    else:
+        print("  patching: fast engine (resumed) and hooks engine")
     print(f"  tokenizer: {info['tokenizer'] or 'none'}")
     if adapter := info.get("adapter"):
         print(f"  merged adapter: LoRA r={adapter['rank']} on {', '.join(adapter['target_modules'])} "

@@ -282,15 +282,6 @@ def _write_patches(act: Tensor, src: Tensor, slots: Tensor, pos: Tensor, head: T
     return act.view(-1, *act.shape[2:])
 
 
-def _entry(site: str, layer: int, n_layers: int) -> tuple[int, str]:
-    """Where a patch enters the residual stream: (layer, ``attn`` | ``mlp``); layer ``n_layers`` = the unembedding."""
-    if site == "resid_pre":
-        return layer, "attn"
-    if site in ("resid_mid", "attn_out", "head"):
-        return layer, "mlp"
-    return layer + 1, "attn"  # resid_post, mlp_out
-
-
 @torch.inference_mode()
 def _resumed(
     target: CapModel,
@@ -305,7 +296,8 @@ def _resumed(
     """Exact patching that recomputes only what a patch can change.
 
     Every patch is a change of the residual stream at one layer and sub-layer (a head's output
-    enters through its ``W_O``); the target's forward pass is resumed there, for the positions from
+    enters through its ``W_O``, and its block's post-norm if any: ``Functional.head_delta``; where
+    it enters: ``Functional.entry``); the target's forward pass is resumed there, for the positions from
     the first changed one to the last answer position (causal models), with earlier positions' keys
     and values taken from the unpatched run. Patches that change nothing are not run at all.
     """
@@ -323,9 +315,10 @@ def _resumed(
     # Each patch as (entry layer, stage, first changed position, delta [batch, pos, d_model]).
     plans: dict[tuple[int, str, int], list[tuple[int, Tensor]]] = {}
     for i, (site, layer, pos, head) in enumerate(index[["site", "layer", "pos", "head"]].itertuples(index=False)):
-        diff = src.activation(site, layer) - tgt.activation(site, layer)
-        if head >= 0:
-            diff = diff[:, :, head] @ fn.w[f"blocks.{layer}.attn.W_O"][head]
+        if head >= 0:  # what the head's change adds to the residual stream
+            diff = fn.head_delta(layer, head, tgt.z[layer], src.z[layer])
+        else:
+            diff = src.activation(site, layer) - tgt.activation(site, layer)
         if pos >= 0:
             keep = torch.zeros(seq_len, 1, device=diff.device)
             keep[pos] = 1
@@ -336,7 +329,7 @@ def _resumed(
         if not bool(changed.any()):
             continue  # the patch writes what is already there: the metric is the baseline
         p0 = int(changed.nonzero()[0]) if fn.causal else 0
-        entry_layer, stage = _entry(site, layer, n_layers)
+        entry_layer, stage = fn.entry(site, layer)
         plans.setdefault((entry_layer, stage, p0), []).append((i, diff[:, p0:end]))
 
     bar = tqdm(total=len(index), desc="patching", disable=not progress, leave=False, unit="patch")
@@ -495,9 +488,11 @@ class Patching(Analyzer):
     def analyze(self, context: Context) -> Evidence:
         pair = context.pair
         batch = context.eval.batches["capability"][: self.n]
+        # capwrap's fast engine where it computes the model; TransformerLens's hooks elsewhere
+        engine = "hooks" if Functional.unsupported(pair.spec) else "resumed"
         result = activation_patching(
             pair.tuned, batch, source=pair.base, sites=self.sites, positions="all", method=self.method,
-            memory_mb=self.memory_mb, progress=False,
+            engine=engine, memory_mb=self.memory_mb, progress=False,
         )  # fmt: skip
         n_layers = pair.spec.n_layers
         table = result.table.drop(columns=["pos"])

@@ -32,6 +32,9 @@ __all__ = ["ParamSlice", "Component", "ComponentMap", "ComponentKind"]
 
 ComponentKind = Literal["embed", "pos_embed", "unembed", "norm", "attn", "head", "kv_head", "mlp", "neuron"]
 COMPONENT_KINDS: tuple[str, ...] = ComponentKind.__args__  # type: ignore[attr-defined]
+#: A block's attention weights (canonical names, in order) and norms, in model order.
+_ATTN = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "q_norm.w", "k_norm.w")
+_NORM_ORDER = {"ln1": 0, "ln1_post": 1, "ln2": 2, "ln2_post": 3}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class Component:
         return sum(s.of(weights).numel() for s in self.slices)
 
 
+def _with_prefix(first: list[str], names: set[str], prefix: str) -> list[str]:
+    """``first``, then the other ``names`` under ``prefix`` (a generic model's own tensors), sorted."""
+    return first + sorted(n for n in names if n.startswith(prefix) and n not in first)
+
+
 class ComponentMap:
     """All components of a model, by name and by kind. Built from a :class:`ModelSpec`."""
 
@@ -82,37 +90,36 @@ class ComponentMap:
         gqa = spec.n_key_value_heads != spec.n_heads
         for layer in range(spec.n_layers):
             b, a, m = f"blocks.{layer}.", f"blocks.{layer}.attn.", f"blocks.{layer}.mlp."
-            for ln in ("ln1", "ln2"):
-                params = present(f"{b}{ln}.w", f"{b}{ln}.b")
-                if params:
-                    comps.append(Component(f"L{layer}.{ln}", "norm", layer, None, tuple(ParamSlice(p) for p in params)))
-            attn_params = present(*(a + p for p in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")))
-            comps.append(Component(f"L{layer}.attn", "attn", layer, None, tuple(ParamSlice(p) for p in attn_params)))
-            per_head = present(*(a + p for p in ("W_Q", "W_O", "b_Q") + (() if gqa else ("W_K", "W_V", "b_K", "b_V"))))
-            for head in range(spec.n_heads):
+            norms = dict.fromkeys(n[len(b) :].split(".")[0] for n in has if n.startswith(b + "ln"))
+            for ln in sorted(norms, key=lambda n: (_NORM_ORDER.get(n, 9), n)):
+                params = sorted(n for n in has if n.startswith(f"{b}{ln}."))
+                comps.append(Component(f"L{layer}.{ln}", "norm", layer, None, tuple(ParamSlice(p) for p in params)))
+            attn_params = _with_prefix(present(*(a + p for p in _ATTN)), has, a)
+            if attn_params:
+                comps.append(
+                    Component(f"L{layer}.attn", "attn", layer, None, tuple(ParamSlice(p) for p in attn_params))
+                )
+            kv_names = ("W_K", "W_V", "b_K", "b_V")
+            per_head = present(*(a + p for p in ("W_Q", "W_O", "b_Q") + (() if gqa else kv_names)))
+            for head in range(spec.n_heads if per_head else 0):
                 comps.append(
                     Component(f"L{layer}H{head}", "head", layer, head, tuple(ParamSlice(p, (head,)) for p in per_head))
                 )
-            if gqa:
-                for kv in range(spec.n_key_value_heads):
-                    comps.append(
-                        Component(
-                            f"L{layer}KV{kv}",
-                            "kv_head",
-                            layer,
-                            kv,
-                            (ParamSlice(a + "W_K", (kv,)), ParamSlice(a + "W_V", (kv,))),
-                        )
-                    )
+            per_kv = present(*(a + p for p in kv_names)) if gqa else []
+            for kv in range(spec.n_key_value_heads if per_kv else 0):
+                comps.append(
+                    Component(f"L{layer}KV{kv}", "kv_head", layer, kv, tuple(ParamSlice(p, (kv,)) for p in per_kv))
+                )
             mlp_in = present(m + "W_in", m + "W_gate")
-            mlp_params = mlp_in + present(m + "W_out", m + "b_in", m + "b_out")
-            comps.append(Component(f"L{layer}.mlp", "mlp", layer, None, tuple(ParamSlice(p) for p in mlp_params)))
+            mlp_params = _with_prefix(mlp_in + present(m + "W_out", m + "b_in", m + "b_out"), has, m)
+            if mlp_params:
+                comps.append(Component(f"L{layer}.mlp", "mlp", layer, None, tuple(ParamSlice(p) for p in mlp_params)))
             neuron_bias = present(m + "b_in")
-            for n in range(spec.d_mlp):
+            for n in range(spec.d_mlp if mlp_in else 0):
                 slices = [ParamSlice(p, (slice(None), n)) for p in mlp_in] + [ParamSlice(m + "W_out", (n,))]
                 slices += [ParamSlice(p, (n,)) for p in neuron_bias]
                 comps.append(Component(f"L{layer}N{n}", "neuron", layer, n, tuple(slices)))
-        final = present("ln_final.w", "ln_final.b")
+        final = sorted(n for n in has if n.startswith("ln_final."))
         if final:
             comps.append(Component("ln_final", "norm", None, None, tuple(ParamSlice(p) for p in final)))
         if not spec.tie_embeddings:

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from capwrap.errors import CheckpointError, ConfigError
-from capwrap.models.model import CapModel, _build_bridge
-from capwrap.models.spec import ARCHITECTURES, ModelSpec
+from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
+from capwrap.models.spec import ModelSpec
 
 __all__ = ["DispatchedModel", "load_dispatched"]
 
@@ -79,7 +79,7 @@ def load_dispatched(
     hf.eval()
     storage = dict(hf.named_parameters())  # before bridging renames the modules
     offloaded = [name for name, tensor in storage.items() if tensor.device.type == "meta"]
-    bridge = _build_bridge(hf, ARCHITECTURES[spec.architecture], hf_config=hf.config, tokenizer=tokenizer)
+    bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
     meta = {**(metadata or {}), "device_map": {k: str(v) for k, v in getattr(hf, "hf_device_map", {}).items()}}
     return DispatchedModel(spec, bridge, storage, tokenizer, meta, offloaded)
 

@@ -21,8 +21,10 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -180,7 +182,11 @@ def read_spec(folder: Path, capwrap_doc: dict[str, Any] | None, trust_remote_cod
     or, for architectures without a Hugging Face equivalent (tracr), ``capwrap.json``'s spec
     (``capwrap_doc``, as :func:`_read_capwrap_file` returns it)."""
     if (folder / "config.json").exists() or capwrap_doc is None:
-        return ModelSpec.from_hf_config(_read_hf_config(folder, trust_remote_code))
+        config = _read_hf_config(folder, trust_remote_code)
+        try:
+            return ModelSpec.from_hf_config(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{folder / 'config.json'}: {exc}") from None
     return ModelSpec.from_dict(capwrap_doc["spec"])
 
 
@@ -238,20 +244,52 @@ def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = Fal
 
 
 def _read_hf_config(folder: Path, trust_remote_code: bool) -> Any:
+    """The folder's ``transformers`` config; every way of failing is a :class:`CheckpointError`
+    that names the file and the fix (never ``transformers``' own exception)."""
     import transformers
 
     if is_adapter_folder(folder):
         raise CheckpointError(adapter_hint(folder))
-    if not (folder / "config.json").exists():
+    path = folder / "config.json"
+    if not path.exists():
         raise CheckpointError(f"{folder} has no config.json, so it is not a Hugging Face or capwrap checkpoint folder")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} ({exc.strerror or exc}); check the file's permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
-            f"transformers cannot read {folder / 'config.json'}: {exc}. If the checkpoint needs its own "
-            "code, pass trust_remote_code=True (this runs code from the checkpoint)"
-        ) from exc
-    return config
+            f"{path} is not valid JSON ({exc}); the file is corrupt or truncated: re-download the checkpoint, "
+            "or write config.json again with transformers (config.save_pretrained)"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_type"), str):
+        raise CheckpointError(
+            f"{path} has no model_type, so nothing can tell which architecture the weights belong to; "
+            "it is not a transformers model config (write it with config.save_pretrained)"
+        )
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, OSError, *_strict_config_errors()) as exc:
+        from capwrap.models.families import FAMILIES
+
+        known = ", ".join(sorted(f.model_type for f in FAMILIES.values() if f.hf_class))
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = " ".join(lines[:2]).rstrip(".") if lines else type(exc).__name__
+        raise CheckpointError(
+            f"transformers cannot read {path} (model type {doc['model_type']!r}): {detail}. capwrap's families "
+            f"have the model types {known}; a checkpoint that needs its own code loads with trust_remote_code=True "
+            "(this runs code from the checkpoint), and a config edited by hand may hold a wrong value"
+        ) from None
+
+
+def _strict_config_errors() -> tuple[type[Exception], ...]:
+    """The exception newer ``huggingface_hub`` raises when a config field has the wrong type
+    (``transformers`` 5 validates its configs with it); none where it does not exist."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return ()
+    return (StrictDataclassError,)
 
 
 def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -305,8 +343,9 @@ _DERIVED_BUFFERS = (
 
 def stored_keys(spec: ModelSpec, names: Iterable[str]) -> dict[str, str]:
     """For each tensor of the spec's checkpoint layout, the name a (possibly older) checkpoint
-    stores it under: the same name, or the name without the base model's prefix (the hub's ``gpt2``
-    has ``h.0.attn...`` where ``GPT2LMHeadModel`` expects ``transformer.h.0.attn...``). Tensors
+    stores it under: the same name, the name without the base model's prefix (the hub's ``gpt2``
+    has ``h.0.attn...`` where ``GPT2LMHeadModel`` expects ``transformer.h.0.attn...``), or an older
+    name ``transformers`` renames on loading (GPT-NeoX's ``embed_out``, now ``lm_head``). Tensors
     absent from ``names`` are left out.
 
     Examples:
@@ -315,14 +354,40 @@ def stored_keys(spec: ModelSpec, names: Iterable[str]) -> dict[str, str]:
         {'transformer.wte.weight': 'wte.weight'}
     """
     available = {n for n in names if not n.endswith(_DERIVED_BUFFERS)}
+    renamed = {_current_name(spec, n): n for n in available}
     out = {}
     for name in checkpoint_shapes(spec):
         head, _, rest = name.partition(".")
         if name in available:
             out[name] = name
+        elif name in renamed:
+            out[name] = renamed[name]
         elif rest in available and head in ("transformer", "model"):
             out[name] = rest
     return out
+
+
+def _current_name(spec: ModelSpec, name: str) -> str:
+    """``name`` after the renames ``transformers`` applies to older checkpoints of the spec's class."""
+    for pattern, target in _renames(spec.hf_class if spec.has_hf_equivalent else ""):
+        name = pattern.sub(target, name)
+    return name
+
+
+@functools.cache
+def _renames(hf_class: str) -> tuple[tuple[re.Pattern, str], ...]:
+    """The plain tensor renames ``transformers`` (5.x) registers for a model class; none before 5.x."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return ()
+    out = []
+    for transform in get_checkpoint_conversion_mapping(hf_class) or []:
+        if type(transform) is WeightRenaming and len(transform.source_patterns) == 1:
+            source, target = transform._original_source_patterns[0], transform._original_target_patterns[0]
+            out.append((re.compile(source), target))
+    return tuple(out)
 
 
 def normalize_state(spec: ModelSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -364,9 +429,18 @@ def describe_model(model: CapModel) -> dict[str, Any]:
         >>> info["components"]["head"], info["components"]["neuron"]
         (4, 128)
     """
+    from capwrap.models.functional import Functional
+
     tok = model.tokenizer
+    spec = model.spec
+    family = spec.family
+    not_fast = Functional.unsupported(spec)
     return {
-        "spec": model.spec.to_dict(),
+        "spec": spec.to_dict(),
+        "family": family.title if family else f"{spec.architecture} (no capwrap family: TransformerLens's adapter)",
+        "blocks": spec.features.describe(),  # type: ignore[union-attr]
+        "patching_engine": "hooks" if not_fast else "resumed",
+        "not_in_fast_engine": not_fast,
         "backend": model.backend,
         "parameters": count_parameters(model),
         "components": model.components.counts(),

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from capwrap.errors import ConfigError
 from capwrap.models.layouts import checkpoint_shapes
-from capwrap.models.model import CapModel, _build_bridge
+from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
 
 __all__ = ["LiveModel", "wrap_hf_model", "as_cap_model"]
@@ -72,7 +72,7 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
     if missing:
         raise ConfigError(f"the live model has no tensors {missing[:5]}; is it a {ARCHITECTURES[spec.architecture]}?")
     storage = {name: shell_params[name] for name in names}
-    bridge = _build_bridge(shell, ARCHITECTURES[spec.architecture], hf_config=shell.config, tokenizer=tokenizer)
+    bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
     meta = {"source": f"live {type(hf).__name__}", **(metadata or {})}
     return LiveModel(spec, bridge, storage, tokenizer, meta, merged)
 

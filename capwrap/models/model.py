@@ -34,7 +34,7 @@ from capwrap.checks import check_token_ids
 from capwrap.errors import ConfigError, HookNameError, closest_matches
 from capwrap.models.components import ComponentMap
 from capwrap.models.layouts import canonical_names, canonical_views, checkpoint_shapes
-from capwrap.models.spec import ARCHITECTURES, ModelSpec
+from capwrap.models.spec import ModelSpec
 
 __all__ = ["CapModel", "Backend", "available_backends", "default_backend", "build_model", "tl_version"]
 
@@ -87,11 +87,14 @@ def _check_backend(backend: str | None) -> Backend:
     return backend  # type: ignore[return-value]
 
 
-def _gqa_name(spec: ModelSpec, name: str) -> str:
-    """HookedTransformer calls grouped K/V weights ``_W_K``/``_W_V``."""
-    if spec.n_key_value_heads != spec.n_heads and name.split(".")[-1] in ("W_K", "W_V", "b_K", "b_V"):
-        head, _, leaf = name.rpartition(".")
+def _hooked_name(spec: ModelSpec, name: str) -> str:
+    """A canonical weight's name on HookedTransformer: grouped K/V weights are ``_W_K``/``_W_V``, and
+    the norms of a post-norm-only block (OLMo-2) are its ``ln1``/``ln2``."""
+    head, _, leaf = name.rpartition(".")
+    if spec.n_key_value_heads != spec.n_heads and leaf in ("W_K", "W_V", "b_K", "b_V"):
         return f"{head}._{leaf}"
+    if spec.features.post_norm and not spec.features.pre_norm:  # type: ignore[union-attr]
+        return name.replace(".ln1_post.", ".ln1.").replace(".ln2_post.", ".ln2.")
     return name
 
 
@@ -122,7 +125,7 @@ class CapModel:
         self.backend = backend
         self.module = module
         self._storage = storage
-        self._layout = layout  # how _storage is named: "hooked" (canonical), "checkpoint" or "native"
+        self._layout = layout  # how _storage is named: "hooked" (canonical), "checkpoint", "native" or "split"
         self.tokenizer = tokenizer
         self.metadata = dict(metadata or {})
         self._components: ComponentMap | None = None
@@ -156,20 +159,15 @@ class CapModel:
 
     @classmethod
     def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata, dtype=None) -> CapModel:
-        import transformers
-
-        hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config(), attn_implementation="eager")
+        hf = _hf_model(spec, state)
         hf.to(dtype=dtype or torch.float32)  # before bridging: the bridge reads some weights through views
-        missing, unexpected = hf.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (spec.tie_embeddings and m == "lm_head.weight")]
-        if missing or unexpected:
-            raise ConfigError(
-                f"the weights do not fit a {spec.architecture} model of this shape: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        hf.eval()
         storage = dict(hf.named_parameters())  # before bridging renames the modules
-        bridge = _build_bridge(hf, ARCHITECTURES[spec.architecture], hf_config=hf.config, tokenizer=tokenizer)
+        bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
+        split = _split_copies(spec, bridge, storage)
+        if split:  # the bridge computes with copies of a fused q/k/v: they are the weights now
+            fused = f".{spec.family.tensors.qkv}."  # type: ignore[union-attr]
+            storage = {k: v for k, v in storage.items() if fused not in k} | split
+            return cls(spec, "bridge", bridge, storage, "split", tokenizer, metadata)
         return cls(spec, "bridge", bridge, storage, "checkpoint", tokenizer, metadata)
 
     @classmethod
@@ -183,7 +181,7 @@ class CapModel:
             target = canonical_views(spec, storage, "native")
             for name, value in canonical_views(spec, state).items():
                 target[name].copy_(value)
-        bridge = _build_bridge(native, ARCHITECTURES[spec.architecture], tl_config=config)
+        bridge = _build_bridge(native, "TransformerLensNative", tl_config=config)
         return cls(spec, "bridge", bridge, storage, "native", None, metadata)
 
     @classmethod
@@ -196,19 +194,21 @@ class CapModel:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             module = HookedTransformer(spec.to_hooked_config(), move_to_device=False)
         module.eval().to(dtype or torch.float32, print_details=False)  # TL 3.x's own to(): keeps cfg.dtype
+        _adapt_hooked(module, spec)
         if spec.tie_embeddings:
             _tie_unembedding(module)
         params = dict(module.named_parameters())
         if spec.tie_embeddings:
             params["unembed.W_U"] = module.embed.W_E.T  # a view: the one weight, seen both ways
-        canonical = {_gqa_name(spec, k): v for k, v in canonical_views(spec, state).items()}
+        canonical = {_hooked_name(spec, k): v for k, v in canonical_views(spec, state).items()}
         with torch.no_grad():
             for name, param in params.items():
                 if name in canonical:
                     param.copy_(canonical[name])
                 else:
-                    # Tensors the checkpoint layout has no room for (unembedding bias, llama's
-                    # zero biases) stay at zero and frozen, so both backends compute the same.
+                    # Tensors the checkpoint layout has no room for (unembedding bias, the zero
+                    # biases of bias-free families) stay at zero and frozen, so both backends
+                    # compute the same.
                     param.zero_()
                     param.requires_grad_(False)
         unused = sorted(set(canonical) - set(params))
@@ -227,6 +227,12 @@ class CapModel:
 
     def _check_tokens(self, tokens: Tensor) -> None:
         check_token_ids(tokens, self.spec, "tokens")
+        context = self.spec.n_ctx if self.backend == "bridge" else self.module.cfg.n_ctx
+        if tokens.shape[1] > context:
+            raise ConfigError(
+                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={context} on HookedTransformer "
+                "(backend='bridge' takes the checkpoint's full context); use shorter sequences or backend='bridge'"
+            )
 
     @functools.cached_property
     def hook_names(self) -> list[str]:
@@ -298,7 +304,7 @@ class CapModel:
     def weights(self) -> dict[str, Tensor]:
         """Canonical (TransformerLens-named) views of the weights; writing into them edits the model."""
         if self._layout == "hooked":
-            return {k: self._storage[_gqa_name(self.spec, k)] for k in canonical_names(self.spec)}
+            return {k: self._storage[_hooked_name(self.spec, k)] for k in canonical_names(self.spec)}
         return canonical_views(self.spec, self._storage, self._layout)  # type: ignore[arg-type]
 
     def gradients(self) -> dict[str, Tensor]:
@@ -310,7 +316,7 @@ class CapModel:
             }
             if self.spec.tie_embeddings:  # one weight: its gradient, seen both ways (as on the bridge)
                 grads["unembed.W_U"] = grads["embed.W_E"].T
-            return {k: grads[_gqa_name(self.spec, k)] for k in canonical_names(self.spec)}
+            return {k: grads[_hooked_name(self.spec, k)] for k in canonical_names(self.spec)}
         return canonical_views(self.spec, self._storage_gradients(), self._layout)  # type: ignore[arg-type]
 
     def _storage_gradients(self) -> dict[str, Tensor]:
@@ -429,10 +435,109 @@ def _tie_unembedding(module: nn.Module) -> None:
     unembed.__class__ = TiedUnembed
 
 
-def _build_bridge(module: nn.Module, architecture: str, **config: Any) -> nn.Module:
-    """Wrap an in-memory model in a TransformerBridge (no hub access)."""
+def _adapt_hooked(module: nn.Module, spec: ModelSpec) -> None:
+    """Give a HookedTransformer what its config has no flag for, so that it computes what the
+    checkpoint's weights mean: RMSNorm by ``offset + w`` (Gemma stores ``w``; TransformerLens's own
+    Gemma loader adds the offset into the weights, which would break writing them back) and token
+    embeddings scaled by ``sqrt(d_model)``."""
+    features = spec.features
+    assert features is not None
+    if features.norm_offset:
+        offset = features.norm_offset
+        for norm in [m for m in module.modules() if type(m).__name__ == "RMSNorm"]:
+
+            class OffsetRMSNorm(type(norm)):  # type: ignore[misc, valid-type]
+                def forward(self, x: Tensor) -> Tensor:  # TransformerLens's RMSNorm, scaled by offset + w
+                    scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+                    return self.hook_normalized(x / scale) * (offset + self.w)
+
+            norm.__class__ = OffsetRMSNorm
+    if features.embed_scale:
+        scale = spec.d_model**0.5
+
+        class ScaledEmbed(type(module.embed)):  # type: ignore[misc, valid-type]
+            def forward(self, tokens: Tensor) -> Tensor:
+                out = super().forward(tokens)
+                return out * torch.tensor(scale, dtype=out.dtype)
+
+        module.embed.__class__ = ScaledEmbed
+
+
+def _split_copies(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The bridge's own query/key/value parameters where it split a fused projection into copies
+    (TransformerLens does for GPT-NeoX's per-head ``query_key_value``, which no view can split),
+    by name (``gpt_neox.layers.0.attention.q.weight``); empty where it split into views or not at all."""
+    family = spec.family
+    if family is None or family.tensors.qkv is None:
+        return {}
+    held = {t.untyped_storage().data_ptr() for t in storage.values()}
+    names = family.tensors
+    wanted = {
+        f"{names.layers}.{layer}.{names.attn}.{part}.{kind}"
+        for layer in range(spec.n_layers)
+        for part in "qkv"
+        for kind in ("weight", "bias")
+    }
+    copies = {}
+    for name, param in bridge.named_parameters():
+        plain = name.replace("._original_component", "")
+        if plain in wanted and param.untyped_storage().data_ptr() not in held:
+            copies[plain] = param
+    return copies
+
+
+def _hf_model(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Module:
+    """The ``transformers`` model of a spec in float32 with eager attention (so hooks see attention
+    patterns): randomly initialized (Hugging Face's initialization), or holding ``state`` — loaded
+    as ``transformers`` loads checkpoints (``from_pretrained``: no random initialization first, older
+    tensor names renamed, embeddings tied), with a clear error if the tensors do not fit."""
+    import transformers
+
+    config = spec.to_hf_config()
+    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+    if state is None:
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", **dtype)
+    model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
     try:
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+        hf, info = model_class.from_pretrained(
+            None, config=config, state_dict=state, attn_implementation="eager", output_loading_info=True, **dtype
+        )
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    missing = [m for m in info["missing_keys"] if not (spec.tie_embeddings and m == "lm_head.weight")]
+    unexpected, mismatched = info["unexpected_keys"], info.get("mismatched_keys", [])
+    if missing or unexpected or mismatched:
+        raise ConfigError(
+            f"the weights do not fit a {spec.architecture} model of this shape: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+            + (f", of another shape {list(mismatched)[:5]}" if mismatched else "")
+        )
+    return hf.eval()
+
+
+def _bridge_architecture(spec: ModelSpec) -> str:
+    """The TransformerBridge adapter's key for a spec."""
+    if not spec.hf_config:
+        return spec.hf_class
+    from capwrap.models.configs import bridge_architecture
+
+    name = bridge_architecture(spec.to_hf_config())
+    if name is None:
+        raise ConfigError(
+            f"the installed TransformerLens bridge has no adapter for {spec.hf_class or spec.architecture}; "
+            "upgrade transformer-lens, or use a checkpoint of a family capwrap knows"
+        )
+    return name
+
+
+def _build_bridge(module: nn.Module, architecture: str, **config: Any) -> nn.Module:
+    """Wrap an in-memory model in a TransformerBridge (no hub access), through TransformerLens's
+    public builder (``transformer_lens.model_bridge.sources``, in 3.9 and 4.x)."""
+    try:
+        from transformer_lens.model_bridge.sources import build_bridge_from_module
     except ImportError as exc:  # pragma: no cover - depends on the TL release
         raise ConfigError(
             "this TransformerLens release has no TransformerBridge builder for in-memory models; "
@@ -453,11 +558,9 @@ def build_model(spec: ModelSpec, backend: str | None = None, seed: int = 0) -> C
 
     The same ``seed`` gives the same weights on every backend.
     """
-    import transformers
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config())
     if not spec.has_hf_equivalent:
         raise ConfigError(f"{spec.architecture} models are compiled, not built: see capwrap.tasks.tracr")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = _hf_model(spec)
     return CapModel.from_state(spec, dict(hf.state_dict()), backend)

@@ -1,7 +1,14 @@
 """`ModelSpec`: the shape of a transformer, independent of the backend that runs it.
 
-A spec converts to a Hugging Face config (the on-disk format of capwrap checkpoints, and what
+A spec is a family (:data:`~capwrap.models.families.FAMILIES`: where the weights live), sizes, and
+:class:`~capwrap.models.features.BlockFeatures` (what a block computes; the family's defaults unless
+given). It converts to a Hugging Face config (the on-disk format of capwrap checkpoints, and what
 :class:`TransformerBridge` wraps) and to a ``HookedTransformerConfig`` (TransformerLens 3.x).
+
+A checkpoint whose config says more than capwrap's features describe (a rope scaling, a family
+capwrap has no entry for but TransformerLens's bridge runs) keeps that config in ``hf_config``: it
+loads, and everything that runs through TransformerLens's hooks works on it, but capwrap's own
+forward pass (:class:`~capwrap.models.functional.Functional`) does not claim to compute it.
 
 Examples:
     >>> spec = ModelSpec(d_vocab=50, n_ctx=64, n_layers=2, d_model=32, n_heads=4)
@@ -9,27 +16,35 @@ Examples:
     (8, 128)
     >>> ModelSpec.from_hf_config(spec.to_hf_config()) == spec
     True
+    >>> gemma = ModelSpec(d_vocab=50, n_ctx=64, d_model=32, n_heads=4, architecture="gemma2")
+    >>> gemma.features.attn_softcap, gemma.features.norm_offset
+    (50.0, 1.0)
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from capwrap.errors import ConfigError
+from capwrap.models.families import FAMILIES, Family
+from capwrap.models.features import BlockFeatures
 
-__all__ = ["ModelSpec", "ARCHITECTURES"]
+__all__ = ["ModelSpec", "ARCHITECTURES", "hooked_problems"]
 
-Architecture = Literal["gpt2", "gpt_neo", "llama", "tracr"]
 #: Architectures capwrap maps onto TransformerLens components, with their HF class names
-#: (``tracr``: compiled RASP programs, which have no Hugging Face equivalent).
-ARCHITECTURES: dict[str, str] = {
-    "gpt2": "GPT2LMHeadModel",
-    "gpt_neo": "GPTNeoForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "tracr": "TransformerLensNative",
-}
+#: (``tracr``: compiled RASP programs, which have no Hugging Face equivalent). Derived from
+#: :data:`~capwrap.models.families.FAMILIES`.
+ARCHITECTURES: dict[str, str] = {name: f.hf_class or "TransformerLensNative" for name, f in FAMILIES.items()}
+
+#: The longest context a HookedTransformer of a rotary model is built for (see ``to_hooked_config``).
+HOOKED_MAX_CONTEXT = 4096
+#: Spec fields that only some families' configs can express (see ``Family.configurable``).
+_ATTENTION_BIAS = ("qkv_bias", "o_bias")
 
 
 @dataclass(frozen=True)
@@ -44,20 +59,23 @@ class ModelSpec:
         n_heads: attention heads per block.
         d_head: width of one head; defaults to ``d_model // n_heads``.
         d_mlp: hidden width of the MLPs; defaults to ``4 * d_model``.
-        architecture: ``"gpt2"`` (learned positions, LayerNorm, GELU MLP), ``"gpt_neo"`` (as
-            gpt2, but separate query/key/value projections without biases, unscaled attention
-            scores, and some layers attending only to a local window: the TinyStories models),
-            ``"llama"`` (rotary positions, RMSNorm, gated SiLU MLP, optional grouped-query
-            attention) or ``"tracr"`` (a compiled RASP program: learned positions, no
-            normalization, ReLU MLP, bidirectional attention, an output vocabulary of its own).
-        n_key_value_heads: key/value heads for grouped-query attention (llama only).
+        architecture: the family, a key of :data:`~capwrap.models.families.FAMILIES`: ``"gpt2"``,
+            ``"gpt_neo"`` (the TinyStories models), ``"llama"``, ``"mistral"``, ``"qwen2"``,
+            ``"qwen3"``, ``"gpt_neox"`` (Pythia), ``"gemma2"``, ``"gemma3"``, ``"phi3"``,
+            ``"olmo2"``, ``"tracr"`` (a compiled RASP program); or, with ``hf_config``, any
+            ``model_type`` TransformerLens's bridge runs.
+        n_key_value_heads: key/value heads for grouped-query attention.
         tie_embeddings: whether the unembedding is the transpose of the embedding.
         norm_eps: epsilon of the normalization layers.
-        rotary_base: base of the rotary embedding (llama only).
+        rotary_base: base of the rotary embedding (of global layers).
         d_vocab_out: size of the output vocabulary (tracr only; others predict tokens).
-        attention_layers: per layer, ``"global"`` or ``"local"`` (gpt_neo only; empty: all
-            global). A local layer's queries see only the last ``window_size`` positions.
+        attention_layers: per layer, ``"global"`` or ``"local"`` (empty: all global). A local
+            layer's queries see only the last ``window_size`` positions.
         window_size: how many positions a local attention layer sees (its own included).
+        features: what a block computes; default: the family's. A family accepts only the
+            features its Hugging Face config can express.
+        hf_config: the checkpoint's Hugging Face config as JSON, for models the features do not
+            describe completely (set by :meth:`from_hf_config`; empty for fully described models).
     """
 
     d_vocab: int
@@ -67,7 +85,7 @@ class ModelSpec:
     n_heads: int = 4
     d_head: int = 0
     d_mlp: int = 0
-    architecture: Architecture = "gpt2"
+    architecture: str = "gpt2"
     n_key_value_heads: int = 0
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
@@ -75,14 +93,24 @@ class ModelSpec:
     d_vocab_out: int = 0
     attention_layers: tuple[str, ...] = ()
     window_size: int = 0
+    features: BlockFeatures | None = None
+    hf_config: str = ""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ConfigError(f"unknown architecture {self.architecture!r}; capwrap supports {sorted(ARCHITECTURES)}")
+        family = FAMILIES.get(self.architecture)
+        if family is None and not self.hf_config:
+            raise ConfigError(
+                f"unknown architecture {self.architecture!r}; capwrap supports {sorted(FAMILIES)} "
+                "(and, loaded from a checkpoint, any architecture TransformerLens's bridge runs)"
+            )
         for field in ("d_vocab", "n_ctx", "n_layers", "d_model", "n_heads"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"ModelSpec.{field} must be a positive integer, got {value!r}")
+        features = self.features
+        if isinstance(features, dict):
+            features = BlockFeatures.from_dict(features)
+        object.__setattr__(self, "features", features or (family.features if family else BlockFeatures()))
         if self.d_head == 0:
             if self.d_model % self.n_heads:
                 raise ConfigError(
@@ -96,17 +124,14 @@ class ModelSpec:
             object.__setattr__(self, "n_key_value_heads", self.n_heads)
         if self.d_vocab_out == 0:
             object.__setattr__(self, "d_vocab_out", self.d_vocab)
-        if self.architecture != "tracr" and self.d_vocab_out != self.d_vocab:
-            raise ConfigError("a separate output vocabulary (d_vocab_out) needs architecture='tracr'")
-        if self.architecture != "llama" and self.n_key_value_heads != self.n_heads:
-            raise ConfigError("grouped-query attention (n_key_value_heads) needs architecture='llama'")
+        object.__setattr__(self, "rotary_base", float(self.rotary_base))
         if self.n_heads % self.n_key_value_heads:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a multiple of n_key_value_heads={self.n_key_value_heads}"
             )
-        if self.architecture in ("gpt2", "gpt_neo") and self.d_head * self.n_heads != self.d_model:
-            raise ConfigError(f"{self.architecture} models need d_head * n_heads == d_model")
         self._check_attention_layers()
+        if family is not None and not self.hf_config:
+            self._check_family(family)
 
     def _check_attention_layers(self) -> None:
         layers = tuple(self.attention_layers)  # JSON gives lists; keep specs comparable
@@ -118,14 +143,59 @@ class ModelSpec:
         wrong = sorted({kind for kind in layers if kind not in ("global", "local")})
         if wrong:
             raise ConfigError(f"attention_layers may hold only 'global' and 'local', got {wrong}")
-        if "local" in layers:
-            if self.architecture != "gpt_neo":
-                raise ConfigError("local attention layers need architecture='gpt_neo'")
-            if self.window_size <= 0:
-                raise ConfigError("local attention layers need a positive window_size (TinyStories models use 256)")
-        else:
+        if "local" in layers and self.window_size <= 0:
+            raise ConfigError("local attention layers need a positive window_size (TinyStories models use 256)")
+        if "local" not in layers:
             layers = ()  # all global: one spelling, so equal models have equal specs
         object.__setattr__(self, "attention_layers", layers)
+
+    def _check_family(self, family: Family) -> None:
+        """Whether the family's Hugging Face config can express this spec; a clear error if not."""
+        which = _families_with
+        if family.hf_class is None:  # a native model (tracr): TransformerLens's config takes any shape
+            return
+        if self.d_vocab_out != self.d_vocab:
+            raise ConfigError("a separate output vocabulary (d_vocab_out) needs architecture='tracr'")
+        if self.n_key_value_heads != self.n_heads and not family.supports("n_key_value_heads"):
+            raise ConfigError(
+                f"grouped-query attention (n_key_value_heads) is not expressible in {family.title} models; "
+                f"families with it: {which('n_key_value_heads')}"
+            )
+        if self.d_head * self.n_heads != self.d_model and not family.supports("d_head"):
+            raise ConfigError(
+                f"{family.name} models need d_head * n_heads == d_model; families with a free d_head: {which('d_head')}"
+            )
+        kinds = set(self.attention_kinds)
+        if "local" in kinds and not (
+            family.supports("layer_types") or (family.supports("windows") and kinds == {"local"})
+        ):
+            fix = "every layer local, or none" if family.supports("windows") else "no local layers"
+            raise ConfigError(
+                f"this pattern of local attention layers is not expressible in {family.title} models ({fix}); "
+                f"families with any pattern: {which('layer_types')}"
+            )
+        defaults, own = family.features.to_dict(), self.features.to_dict()  # type: ignore[union-attr]
+        for name, value in own.items():
+            if value == defaults[name]:
+                continue
+            if name in _ATTENTION_BIAS and family.supports("attention_bias"):
+                if own["qkv_bias"] != own["o_bias"]:
+                    raise ConfigError(
+                        f"{family.title} configs bias q/k/v and the output projection together (attention_bias): "
+                        "set qkv_bias and o_bias to the same value"
+                    )
+                continue
+            if not family.supports(name):
+                raise ConfigError(
+                    f"{family.title} models have {name}={defaults[name]!r}, not {value!r}; "
+                    f"families whose {name} can differ: {which(name) or 'none'}"
+                )
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def family(self) -> Family | None:
+        """The family's registry entry (``None`` for an architecture capwrap has no entry for)."""
+        return FAMILIES.get(self.architecture)
 
     @property
     def attention_kinds(self) -> tuple[str, ...]:
@@ -134,33 +204,54 @@ class ModelSpec:
 
     @property
     def attn_scale(self) -> float:
-        """What attention scores are divided by: sqrt(d_head), or 1 for gpt_neo (unscaled)."""
-        return 1.0 if self.architecture == "gpt_neo" else float(self.d_head) ** 0.5
+        """What attention scores are divided by: sqrt(d_head) unless the features say otherwise."""
+        return self.features.attn_scale or float(self.d_head) ** 0.5  # type: ignore[union-attr]
 
     @property
     def has_hf_equivalent(self) -> bool:
         """Whether checkpoints of this architecture are Hugging Face folders."""
-        return self.architecture != "tracr"
+        family = self.family
+        return family is None or family.hf_class is not None
+
+    @property
+    def hf_class(self) -> str:
+        """The Hugging Face (and TransformerBridge adapter) class name."""
+        if self.hf_config:
+            listed = json.loads(self.hf_config).get("architectures") or []
+            if listed:
+                return listed[0]
+            if self.architecture in ARCHITECTURES:
+                return ARCHITECTURES[self.architecture]
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.architecture, "")  # a config built in memory
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def unsupported(self) -> list[str]:
+        """What the checkpoint's config says that capwrap's features do not describe (empty for
+        fully described models): why :class:`~capwrap.models.functional.Functional` and the
+        HookedTransformer backend refuse it."""
+        if not self.hf_config:
+            return []
+        from capwrap.models.configs import read_hf_config
+
+        return read_hf_config(self.to_hf_config()).problems
 
     @property
     def n_params(self) -> int:
         """Number of parameters in the checkpoint format (tied embeddings counted once)."""
-        d, h, dh, kv, m = self.d_model, self.n_heads, self.d_head, self.n_key_value_heads, self.d_mlp
-        if self.architecture == "tracr":
-            attn = 4 * h * d * dh + 3 * h * dh + d
-            return self.d_vocab * d + self.n_ctx * d + self.n_layers * (attn + 2 * d * m + m + d) + d * self.d_vocab_out
-        embed = self.d_vocab * d * (1 if self.tie_embeddings else 2)
-        if self.architecture in ("gpt2", "gpt_neo"):
-            qkv_bias = 3 * d if self.architecture == "gpt2" else 0
-            block = 4 * d + (3 * d * d + qkv_bias) + (d * d + d) + (d * m + m) + (m * d + d)
-            return embed + self.n_ctx * d + self.n_layers * block + 2 * d
-        block = 2 * d + d * h * dh + 2 * d * kv * dh + h * dh * d + 3 * d * m
-        return embed + self.n_layers * block + d
+        from capwrap.models.layouts import checkpoint_shapes
 
+        return sum(shape.numel() for shape in checkpoint_shapes(self).values())
+
+    # ---- dicts -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-serializable dict (what reading it back from JSON gives)."""
         data = dataclasses.asdict(self)
         data["attention_layers"] = list(self.attention_layers)
+        if not data["hf_config"]:
+            del data["hf_config"]
         return data
 
     def differences(self, other: ModelSpec) -> str:
@@ -171,7 +262,16 @@ class ModelSpec:
             'n_layers (2 vs 4)'
         """
         a, b = self.to_dict(), other.to_dict()
-        return ", ".join(f"{f} ({a[f]} vs {b[f]})" for f in a if a[f] != b[f])
+        out = []
+        for f in dict.fromkeys([*a, *b]):
+            if f == "features":
+                out += [f"features.{d}" for d in self.features.differences(other.features)]  # type: ignore[union-attr]
+            elif f == "hf_config":
+                if a.get(f) != b.get(f):
+                    out.append("hf_config (the checkpoints' Hugging Face configs differ)")
+            elif a.get(f) != b.get(f):
+                out.append(f"{f} ({a.get(f)} vs {b.get(f)})")
+        return ", ".join(out)
 
     def same_as(self, recorded: dict[str, Any] | None) -> bool:
         """Whether a spec saved as a dict (a run store's, a checkpoint's) describes this model.
@@ -193,176 +293,78 @@ class ModelSpec:
     # ---- Hugging Face --------------------------------------------------------------------
     def to_hf_config(self) -> Any:
         """The equivalent ``transformers`` config (dropout off: analyses need determinism)."""
-        import transformers
-
-        if not self.has_hf_equivalent:
+        if self.hf_config:
+            return copy.deepcopy(_config_from_json(self.hf_config))
+        family = self.family
+        if family is None or family.hf_class is None:
             raise ConfigError(f"{self.architecture} models have no Hugging Face equivalent")
-        if self.architecture == "gpt2":
-            return transformers.GPT2Config(
-                vocab_size=self.d_vocab,
-                n_positions=self.n_ctx,
-                n_embd=self.d_model,
-                n_layer=self.n_layers,
-                n_head=self.n_heads,
-                n_inner=self.d_mlp,
-                # GPT-2's tanh-approximate GELU; PyTorch's fused kernel for it ("gelu_new" is the same
-                # function written as Python-level tensor operations, several times slower on CPU).
-                activation_function="gelu_pytorch_tanh",
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                layer_norm_epsilon=self.norm_eps,
-                tie_word_embeddings=self.tie_embeddings,
-                bos_token_id=None,
-                eos_token_id=None,
-                architectures=[ARCHITECTURES["gpt2"]],
-            )
-        if self.architecture == "gpt_neo":
-            return transformers.GPTNeoConfig(
-                vocab_size=self.d_vocab,
-                max_position_embeddings=self.n_ctx,
-                hidden_size=self.d_model,
-                num_layers=self.n_layers,
-                num_heads=self.n_heads,
-                intermediate_size=self.d_mlp,
-                attention_types=[[[kind], 1] for kind in self.attention_kinds],
-                window_size=self.window_size or 256,
-                activation_function="gelu_pytorch_tanh",  # = the checkpoints' gelu_new, fused
-                resid_dropout=0.0,
-                embed_dropout=0.0,
-                attention_dropout=0.0,
-                layer_norm_epsilon=self.norm_eps,
-                tie_word_embeddings=self.tie_embeddings,
-                bos_token_id=None,
-                eos_token_id=None,
-                architectures=[ARCHITECTURES["gpt_neo"]],
-            )
-        return transformers.LlamaConfig(
-            vocab_size=self.d_vocab,
-            max_position_embeddings=self.n_ctx,
-            hidden_size=self.d_model,
-            intermediate_size=self.d_mlp,
-            num_hidden_layers=self.n_layers,
-            num_attention_heads=self.n_heads,
-            num_key_value_heads=self.n_key_value_heads,
-            head_dim=self.d_head,
-            rms_norm_eps=self.norm_eps,
-            rope_theta=self.rotary_base,
-            tie_word_embeddings=self.tie_embeddings,
-            attention_bias=False,
-            mlp_bias=False,
-            hidden_act="silu",
-            architectures=[ARCHITECTURES["llama"]],
-        )
+        return family.hf_config(self)
 
     @classmethod
     def from_hf_config(cls, config: Any) -> ModelSpec:
-        """Read a ``transformers`` config of a supported architecture."""
-        model_type = getattr(config, "model_type", None)
-        if model_type == "gpt2":
-            _check_tanh_gelu(config)
-            return cls(
-                architecture="gpt2",
-                d_vocab=config.vocab_size,
-                n_ctx=config.n_positions,
-                n_layers=config.n_layer,
-                d_model=config.n_embd,
-                n_heads=config.n_head,
-                d_mlp=config.n_inner or 4 * config.n_embd,
-                tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
-                norm_eps=config.layer_norm_epsilon,
-            )
-        if model_type == "gpt_neo":
-            _check_tanh_gelu(config)
-            layers = tuple(config.attention_layers)
-            return cls(
-                architecture="gpt_neo",
-                d_vocab=config.vocab_size,
-                n_ctx=config.max_position_embeddings,
-                n_layers=config.num_layers,
-                d_model=config.hidden_size,
-                n_heads=config.num_heads,
-                d_mlp=config.intermediate_size or 4 * config.hidden_size,
-                tie_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
-                norm_eps=config.layer_norm_epsilon,
-                attention_layers=layers,
-                window_size=config.window_size if "local" in layers else 0,
-            )
-        if model_type == "llama":
-            if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-                raise ConfigError("llama checkpoints with attention or MLP biases are not supported")
-            rope = getattr(config, "rope_scaling", None) or {}
-            if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
-                raise ConfigError(f"llama rope scaling {rope!r} is not supported yet")
-            base = getattr(config, "rope_theta", None)
-            if base is None:
-                base = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-            return cls(
-                architecture="llama",
-                d_vocab=config.vocab_size,
-                n_ctx=config.max_position_embeddings,
-                n_layers=config.num_hidden_layers,
-                d_model=config.hidden_size,
-                n_heads=config.num_attention_heads,
-                d_head=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-                d_mlp=config.intermediate_size,
-                n_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-                norm_eps=config.rms_norm_eps,
-                rotary_base=float(base),
-            )
-        raise ConfigError(
-            f"model type {model_type!r} is not supported; capwrap maps these architectures onto "
-            f"TransformerLens components: {sorted(ARCHITECTURES)}"
-        )
+        """Read a ``transformers`` config (see :func:`capwrap.models.configs.read_hf_config`).
+
+        Raises:
+            ConfigError: neither capwrap nor the installed TransformerBridge knows the architecture;
+                the message lists the families and, for a Llama-like model, the closest one.
+        """
+        from capwrap.models.configs import spec_from_hf_config
+
+        return spec_from_hf_config(config)
 
     # ---- TransformerLens HookedTransformer (TL 3.x) -------------------------------------------
     def to_hooked_config(self) -> Any:
-        """The equivalent ``HookedTransformerConfig`` (TransformerLens 3.x only)."""
+        """The equivalent ``HookedTransformerConfig`` (TransformerLens 3.x only), from the features."""
         from transformer_lens import HookedTransformerConfig
 
-        common = dict(
+        if self.hf_config:
+            raise ConfigError(
+                f"HookedTransformer cannot run this {self.architecture} checkpoint: "
+                f"{'; '.join(self.unsupported) or 'capwrap has no feature description of its architecture'}. "
+                "Load it with backend='bridge'"
+            )
+        f: BlockFeatures = self.features  # type: ignore[assignment]
+        rotary = f.positions == "rotary"
+        problems = hooked_problems(f)
+        if problems:
+            raise ConfigError(f"HookedTransformer cannot run this model: {'; '.join(problems)}; use backend='bridge'")
+        post_only = f.post_norm and not f.pre_norm
+        local = "local" in self.attention_kinds
+        return HookedTransformerConfig(
             n_layers=self.n_layers,
             d_model=self.d_model,
             n_heads=self.n_heads,
             d_head=self.d_head,
             d_mlp=self.d_mlp,
             d_vocab=self.d_vocab,
-            n_ctx=self.n_ctx,
+            d_vocab_out=self.d_vocab_out,
+            # HookedTransformer holds an n_ctx x n_ctx mask per layer: cap rotary models' contexts
+            # (Mistral's config says 131,072), as TransformerLens's own loader does.
+            n_ctx=min(self.n_ctx, HOOKED_MAX_CONTEXT) if rotary else self.n_ctx,
             eps=self.norm_eps,
             default_prepend_bos=False,
-        )
-        if self.architecture == "gpt2":
-            return HookedTransformerConfig(act_fn="gelu_pytorch_tanh", normalization_type="LN", **common)
-        if self.architecture == "gpt_neo":
-            return HookedTransformerConfig(
-                act_fn="gelu_pytorch_tanh",
-                normalization_type="LN",
-                use_attn_scale=False,
-                use_local_attn="local" in self.attention_layers,
-                attn_types=list(self.attention_kinds),
-                window_size=self.window_size or None,
-                **common,
-            )
-        if self.architecture == "tracr":
-            return HookedTransformerConfig(
-                act_fn="relu",
-                normalization_type=None,
-                attention_dir="bidirectional",
-                d_vocab_out=self.d_vocab_out,
-                **common,
-            )
-        return HookedTransformerConfig(
-            act_fn="silu",
-            normalization_type="RMS",
-            final_rms=True,
-            gated_mlp=True,
-            positional_embedding_type="rotary",
-            rotary_dim=self.d_head,
-            rotary_base=int(self.rotary_base),
+            act_fn={"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu", "relu": "relu"}[f.act],
+            normalization_type={"layer": "LN", "rms": "RMS", "none": None}[f.norm],
+            final_rms=f.norm == "rms",
+            gated_mlp=f.gated,
+            parallel_attn_mlp=f.parallel,
+            use_normalization_before_and_after=f.pre_norm and f.post_norm,
+            original_architecture="Olmo2ForCausalLM" if post_only else self.hf_class,
+            positional_embedding_type="rotary" if rotary else "standard",
+            rotary_dim=f.rotary_dim(self.d_head) if rotary else None,
+            rotary_base=self.rotary_base,
+            rotary_base_local=(f.rotary_base_local or None) if rotary else None,
             rotary_adjacent_pairs=False,
             n_key_value_heads=self.n_key_value_heads if self.n_key_value_heads != self.n_heads else None,
-            **common,
+            use_qk_norm=f.qk_norm == "head",
+            use_attn_scale=True,
+            attn_scale=self.attn_scale,
+            attn_scores_soft_cap=f.attn_softcap or -1.0,
+            output_logits_soft_cap=f.logit_softcap or -1.0,
+            use_local_attn=local,
+            attn_types=list(self.attention_kinds) if local else None,
+            window_size=self.window_size or None,
+            attention_dir="causal" if f.causal else "bidirectional",
         )
 
     # ---- TransformerLens TransformerBridge over its native model (tracr) ---------------------------
@@ -370,7 +372,7 @@ class ModelSpec:
         """The ``TransformerBridgeConfig`` of TransformerLens's native model (tracr only)."""
         from transformer_lens.config import TransformerBridgeConfig
 
-        if self.architecture != "tracr":
+        if self.has_hf_equivalent:
             raise ConfigError("only tracr models use TransformerLens's native model; others wrap Hugging Face models")
         return TransformerBridgeConfig(
             d_model=self.d_model,
@@ -390,8 +392,30 @@ class ModelSpec:
         )
 
 
-def _check_tanh_gelu(config: Any) -> None:
-    """GPT-2 and GPT-Neo checkpoints must use the tanh-approximate GELU capwrap's models compute."""
-    act = getattr(config, "activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(f"{config.model_type} checkpoints with activation {act!r} are not supported")
+def hooked_problems(features: BlockFeatures) -> list[str]:
+    """What keeps TransformerLens 3.x's HookedTransformer from computing blocks with these features
+    (empty: it computes them; capwrap adds Gemma's norm offset and embedding scale itself)."""
+    post_only = features.post_norm and not features.pre_norm
+    if post_only != (features.qk_norm == "all"):
+        # TransformerLens 3.x keys both on OLMo-2's architecture name, so only both together run.
+        return ["post-norm-only blocks run only with q/k norm over all heads, as in OLMo-2"]
+    return []
+
+
+def _families_with(what: str) -> str:
+    """The families whose config can express ``what``, for error messages."""
+    names = [
+        f.name
+        for f in FAMILIES.values()
+        if f.supports(what) or (what in _ATTENTION_BIAS and f.supports("attention_bias"))
+    ]
+    return ", ".join(names)
+
+
+@functools.lru_cache(maxsize=32)
+def _config_from_json(text: str) -> Any:
+    """A ``transformers`` config from its JSON (cached: callers get copies)."""
+    import transformers
+
+    data = json.loads(text)
+    return transformers.AutoConfig.for_model(data.pop("model_type"), **data)

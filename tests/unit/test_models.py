@@ -237,7 +237,7 @@ def test_gpt_neo_spec_validation():
         ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=("global", "local"))
     with pytest.raises(ConfigError, match="one 'global' or 'local' per layer"):
         ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=("global",), window_size=4)
-    with pytest.raises(ConfigError, match="need architecture='gpt_neo'"):
+    with pytest.raises(ConfigError, match="not expressible in GPT-2 models.*any pattern: gpt_neo"):
         ModelSpec(d_vocab=10, n_ctx=8, attention_layers=("global", "local"), window_size=4)
     with pytest.raises(ConfigError, match="'global' and 'local'"):
         ModelSpec(d_vocab=10, n_ctx=8, architecture="gpt_neo", attention_layers=("global", "sliding"), window_size=4)

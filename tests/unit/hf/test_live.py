@@ -72,7 +72,10 @@ def test_what_cannot_be_recorded_says_what_can(tmp_path):
         ConfigError, match="expected a capwrap.CapModel or a Hugging Face causal LM, got Linear.*wrap_hf_model"
     ):
         Recorder(torch.nn.Linear(2, 2), tmp_path / "run", hooks=())
+    biogpt = transformers.BioGptForCausalLM(transformers.BioGptConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, intermediate_size=32, num_attention_heads=2))  # fmt: skip
+    with pytest.raises(ConfigError, match="model type 'biogpt' .* neither one of capwrap's families — gpt2"):
+        wrap_hf_model(biogpt)  # neither a capwrap family nor one TransformerLens's bridge runs
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
                                                              ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))  # fmt: skip
-    with pytest.raises(ConfigError, match="model type 'opt' is not supported"):
-        wrap_hf_model(opt)
+    assert wrap_hf_model(opt).spec.architecture == "opt"  # the bridge runs OPT: the generic path
