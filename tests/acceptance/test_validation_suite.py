@@ -13,7 +13,7 @@ import pytest
 from capwrap.cli import main
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
-REMOVED = "held/removed-count-b/reinit-blocks/s13"
+REMOVED = "held/removed-count-b/reinit-blocks/s23"
 
 
 @pytest.fixture(scope="module")
