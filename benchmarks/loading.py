@@ -8,6 +8,13 @@ and ``capwrap.load_model(folder)`` (reading the config, the spec, the safetensor
 ``--backend hooked``). Reports the median of each and their ratio. **Goal: capwrap ≤ 1.5x.**
 One torch thread; each load in the same process (warm file cache, as a user loading twice).
 
+Two references, because ``from_pretrained`` in transformers 5 memory-maps the safetensors file and
+reads no weight until the first forward pass: ``transformers`` alone, and TransformerLens's own
+loader of the same folder (``TransformerBridge.boot_transformers``: ``from_pretrained`` plus the
+bridge every TransformerLens user pays for) — the second says what capwrap adds on top of the
+library it builds on (reading the config into a spec, the finiteness check of every weight, the
+canonical views).
+
     python benchmarks/loading.py [--families qwen2 gemma2 ...] [--repeats 5] [--backend hooked]
 """
 
@@ -27,7 +34,26 @@ import capwrap
 from capwrap.models import ModelSpec
 from capwrap.models.families import FAMILIES
 
+try:
+    from transformer_lens.model_bridge import TransformerBridge
+except ImportError:  # pragma: no cover - TransformerLens 3.x without the bridge
+    TransformerBridge = None
+
 NEW = ["mistral", "qwen2", "qwen3", "gpt_neox", "gemma2", "gemma3", "phi3", "olmo2"]
+
+
+def _tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A one-word tokenizer saved with each checkpoint (as published checkpoints have one), so that
+    TransformerLens's loader does not look for one on the hub; both loaders read it."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")), unk_token="[UNK]"
+    )
+
+
+TOKENIZER = _tokenizer()
 
 
 def write(family: str, root: Path, layers: int, d_model: int, vocab: int) -> tuple[Path, int]:
@@ -39,6 +65,7 @@ def write(family: str, root: Path, layers: int, d_model: int, vocab: int) -> tup
     # a checkpoint as transformers writes it (capwrap's own save writes the same layout)
     hf = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config())
     hf.save_pretrained(folder)
+    TOKENIZER.save_pretrained(folder)
     del hf
     return folder, spec.n_params
 
@@ -70,20 +97,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             folder, n_params = write(family, Path(tmp), args.layers, args.d_model, args.vocab)
-            hf_times, cw_times = [], []
+            hf_times, tl_times, cw_times = [], [], []
             capwrap.load_model(folder, backend=args.backend)  # warm-up: imports, file cache
-            for _ in range(args.repeats):  # alternate, so drifting load on the machine hits both alike
+            boot = lambda f=folder: TransformerBridge.boot_transformers(str(f), device="cpu")  # noqa: E731
+            boot()
+            for _ in range(args.repeats):  # alternate, so drifting load on the machine hits all alike
                 hf_times.append(timed(lambda f=folder: transformers.AutoModelForCausalLM.from_pretrained(f)))
+                tl_times.append(timed(boot))
                 cw_times.append(timed(lambda f=folder: capwrap.load_model(f, backend=args.backend)))
-            t_hf, t_cw = statistics.median(hf_times), statistics.median(cw_times)
+            t_hf, t_tl, t_cw = (statistics.median(t) for t in (hf_times, tl_times, cw_times))
             report["families"][family] = {
                 "parameters": n_params,
                 "seconds_transformers": round(t_hf, 3),
+                "seconds_transformer_lens_boot": round(t_tl, 3),
                 "seconds_capwrap": round(t_cw, 3),
                 "ratio": round(t_cw / t_hf, 2),
+                "ratio_to_transformer_lens": round(t_cw / t_tl, 2),
             }
             print(family, report["families"][family], flush=True)
     report["worst_ratio"] = max(r["ratio"] for r in report["families"].values())
+    report["worst_ratio_to_transformer_lens"] = max(r["ratio_to_transformer_lens"] for r in report["families"].values())
     print(json.dumps(report, indent=2))
 
 
