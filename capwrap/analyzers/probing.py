@@ -24,7 +24,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
@@ -174,6 +174,24 @@ def _positions(batch: TaskBatch, position: str | int) -> Tensor:
 
 
 @dataclass
+class _Probed:
+    """What :meth:`Probing._probe_models` found: probes on every model's activations."""
+
+    label: str
+    task: Task
+    fit: ProbeResult
+    names: list[str]
+    models: dict
+    labels_used: int
+    table: pd.DataFrame
+    reps: dict[str, np.ndarray]
+    best: dict[str, float]
+
+    def __iter__(self):  # unpacks like a tuple, without copying (dataclasses.astuple deep-copies)
+        return (getattr(self, f.name) for f in fields(self))
+
+
+@dataclass
 class Probing(Analyzer):
     """Linear probes per layer for the capability's latent label, base vs tuned (and per recorded
     step when the context has a run store).
@@ -215,7 +233,8 @@ class Probing(Analyzer):
         capability = context.capability
         return self.label or capability.probe_label, self.task or capability.probe_task()
 
-    def analyze(self, context: Context) -> Evidence:
+    def _probe_models(self, context: Context) -> _Probed | Evidence:
+        """Probes fitted on every model's activations, or neutral evidence if the task has no latent."""
         label, task = self._resolve(context)
         if label is None:
             return Evidence(
@@ -229,6 +248,13 @@ class Probing(Analyzer):
         )
         reps = self._best_replicates(context, fit, len(names), list(models))
         best = {which: float(acc[which].max()) for which in models}
+        return _Probed(label, task, fit, names, models, labels_used, table, reps, best)
+
+    def analyze(self, context: Context) -> Evidence:
+        probed = self._probe_models(context)
+        if isinstance(probed, Evidence):
+            return probed
+        label, task, fit, names, models, labels_used, table, reps, best = probed
         floor = max(fit.majority_baseline, best.get("untrained", 0.0))
         floor_reps = np.maximum(fit.majority_baseline, reps.get("untrained", np.zeros(context.n_boot)))
         margin = best["base"] - floor
@@ -347,19 +373,10 @@ class NewLatentProbing(Probing):
         return self.label or context.downstream.probe_label, task
 
     def analyze(self, context: Context) -> Evidence:
-        label, task = self._resolve(context)
-        if label is None:
-            return Evidence(
-                self.name, {}, pd.DataFrame(), summary=f"the task {task.name!r} has no latent label to probe"
-            )
-        fit, names, models, _ = self._fit(context, task, label)
-        acc = dict(zip(models, fit.test_accuracy.split(len(names)), strict=True))
-        table = pd.DataFrame(
-            [(which, name, float(a)) for which in models for name, a in zip(names, acc[which], strict=True)],
-            columns=["model", "hook", "probe_accuracy"],
-        )
-        reps = self._best_replicates(context, fit, len(names), list(models))
-        best = {which: float(acc[which].max()) for which in models}
+        probed = self._probe_models(context)
+        if isinstance(probed, Evidence):
+            return probed
+        label, task, fit, names, models, _, table, reps, best = probed
         headroom = 1.0 - best["base"]
         gain = (best["tuned"] - best["base"]) / headroom if headroom >= self.min_margin else math.nan
         with np.errstate(invalid="ignore", divide="ignore"):
