@@ -11,7 +11,12 @@
    revival controls come from the first run's cache, so this checks the Ray path, not the training
    again); the verdicts must be the same.
 
+5. With ``--cross-validate CAL_OUT``: leave-one-scenario-out cross-validation of the rule's fit on
+   the calibration records in CAL_OUT (a ``capwrap validate --split calibration`` folder), instead of
+   steps 1-4.
+
     python benchmarks/validation_suite.py --out /tmp/validation_heldout [--split held-out] [--workers 2] [--ray]
+    python benchmarks/validation_suite.py --cross-validate /tmp/validation_calibration
 """
 
 from __future__ import annotations
@@ -23,16 +28,27 @@ from pathlib import Path
 import pandas as pd
 
 from capwrap.diagnosis import default_rule
-from capwrap.validation import ValidationResult, run_suite, scenarios, sensitivity
+from capwrap.validation import ValidationResult, cross_validate, load_records, run_suite, scenarios, sensitivity
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--cross-validate", metavar="CAL_OUT", help="leave-one-scenario-out CV of the fit instead")
     parser.add_argument("--split", default="held-out", choices=["calibration", "held-out", "all"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ray", action="store_true", help="also run on a local Ray cluster and compare verdicts")
     args = parser.parse_args()
+    if args.cross_validate:
+        records = [r for r in load_records(Path(args.cross_validate)) if r["scenario"]["split"] == "calibration"]
+        rows = cross_validate(records)
+        right = int((rows["truth"] == rows["verdict"]).sum())
+        print(rows[rows["truth"] != rows["verdict"]].to_string(index=False))
+        print(f"leave-one-scenario-out: {right} of {len(rows)} findings right ({right / len(rows):.1%}), "
+              f"{len(records)} calibration scenarios")  # fmt: skip
+        return
+    if not args.out:
+        parser.error("--out is required (or --cross-validate CAL_OUT)")
     out = Path(args.out)
     chosen = scenarios(args.split)
     rule = default_rule()

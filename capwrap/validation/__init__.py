@@ -8,7 +8,7 @@ Examples:
     True
 """
 
-from capwrap.validation.fit import fit_anchor, fit_rule, sensitivity
+from capwrap.validation.fit import cross_validate, fit_anchor, fit_rule, sensitivity
 from capwrap.validation.results import ValidationResult, auc, score_records
 from capwrap.validation.runner import findings_from_record, load_records, run_scenario, run_suite, suite_analyzers
 from capwrap.validation.scenarios import BASES, SUITE, Recipe, Scenario, scenario, scenarios
@@ -20,6 +20,7 @@ __all__ = [
     "Scenario",
     "ValidationResult",
     "auc",
+    "cross_validate",
     "findings_from_record",
     "fit_anchor",
     "fit_rule",

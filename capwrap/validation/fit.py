@@ -47,7 +47,7 @@ from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
 from capwrap.validation.scenarios import record_truth, scenario_of
 
-__all__ = ["fit_anchor", "fit_rule", "sensitivity", "PROCEDURE"]
+__all__ = ["cross_validate", "fit_anchor", "fit_rule", "sensitivity", "PROCEDURE"]
 
 PROCEDURE = (
     "anchors: cuts at the most extreme value seen with the other truth (halfway when the truths do not overlap), "
@@ -201,6 +201,23 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, VerdictRule, VerdictRul
         value = getattr(rule, name)
         out.append((name, *[dataclasses.replace(rule, **{name: min(1.0, value * f)}) for f in (0.8, 1.2)]))
     return out
+
+
+def cross_validate(records: Sequence[dict[str, Any]], start: VerdictRule | None = None) -> pd.DataFrame:
+    """Leave-one-scenario-out cross-validation of the whole fit: for each scenario, fit the rule on
+    the other records and score the left-out one's findings. How often the fitted procedure is right
+    on a scenario it did not see — on the calibration half, an estimate of the held-out accuracy.
+
+    Returns:
+        One row per scored finding of the left-out scenarios: ``name``, ``question``, ``truth``,
+        ``verdict`` (``(rows.truth == rows.verdict).mean()`` is the cross-validated accuracy).
+    """
+    rows = []
+    for i, record in enumerate(records):
+        rule = fit_rule([r for j, r in enumerate(records) if j != i], start)
+        scored = ValidationResult.from_records([record], rule).scored
+        rows += scored[["name", "question", "truth", "verdict"]].to_dict(orient="records")
+    return pd.DataFrame(rows, columns=["name", "question", "truth", "verdict"])
 
 
 def sensitivity(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.DataFrame:

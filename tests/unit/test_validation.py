@@ -121,6 +121,18 @@ def test_fit_rule_separates_a_separable_suite_and_records_its_provenance(records
     assert table.loc["probing", "auc"] == 1.0 and table.loc["probing", "accuracy"] == 1.0
 
 
+def test_cross_validation_leaves_each_scenario_out_of_its_own_fit(records):
+    from capwrap.validation import cross_validate
+
+    rows = cross_validate(records, start=VerdictRule())
+    assert len(rows) == 14 + 2  # the scored findings of every scenario, each scored by a fit without it
+    assert (rows["truth"] == rows["verdict"]).mean() >= 0.75
+    # a lone removed scenario left out: its probe value 0.1 is still on the change side of the others' cut
+    assert rows.set_index(["name", "question"]).loc[("cal/removed-count-a/reinit-blocks/s3", "deletion"), "verdict"] == (
+        "capability_change"
+    )
+
+
 def test_sensitivity_counts_flips_per_number(records):
     rule = fit_rule(records, start=VerdictRule())
     table = sensitivity(records, rule)
