@@ -260,6 +260,15 @@ _GEMMA_TENSORS = TensorNames(
     ln2="pre_feedforward_layernorm",
     ln2_post="post_feedforward_layernorm",
 )
+#: GPT-2's module names, which GPT-Neo keeps for everything but its attention.
+_GPT2_STYLE_NAMES = dict(
+    embed="transformer.wte",
+    pos_embed="transformer.wpe",
+    layers="transformer.h",
+    ln_final="transformer.ln_f",
+    ln1="ln_1",
+    ln2="ln_2",
+)
 _GQA = frozenset({"n_key_value_heads"})
 _GEMMA_CONFIGURABLE = _GQA | {"d_head", "layer_types", "attn_scale", "attn_softcap", "logit_softcap", "act"}
 
@@ -274,12 +283,7 @@ FAMILIES: dict[str, Family] = {
             "GPT2LMHeadModel",
             BlockFeatures(),
             TensorNames(
-                embed="transformer.wte",
-                pos_embed="transformer.wpe",
-                layers="transformer.h",
-                ln_final="transformer.ln_f",
-                ln1="ln_1",
-                ln2="ln_2",
+                **_GPT2_STYLE_NAMES,
                 attn="attn",
                 q=None,
                 k=None,
@@ -308,12 +312,7 @@ FAMILIES: dict[str, Family] = {
             "GPTNeoForCausalLM",
             BlockFeatures(qkv_bias=False, attn_scale=1.0),
             TensorNames(
-                embed="transformer.wte",
-                pos_embed="transformer.wpe",
-                layers="transformer.h",
-                ln_final="transformer.ln_f",
-                ln1="ln_1",
-                ln2="ln_2",
+                **_GPT2_STYLE_NAMES,
                 attn="attn.attention",
                 o="out_proj",
                 up="c_fc",
