@@ -12,8 +12,10 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "CapwrapError",
@@ -22,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "StoreError",
     "TrainingDivergedError",
+    "check_known_fields",
     "closest_matches",
 ]
 
@@ -57,3 +60,21 @@ class TrainingDivergedError(CapwrapError, RuntimeError):
 def closest_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The ``n`` entries of ``choices`` that look most like ``name`` (for "did you mean")."""
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+
+
+def check_known_fields(cls: type, data: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``data`` (a dict read back into the dataclass ``cls``) has
+    fields ``cls`` does not, naming them and the valid ones.
+
+    Examples:
+        >>> import dataclasses
+        >>> Point = dataclasses.make_dataclass("Point", ["x", "y"])
+        >>> check_known_fields(Point, {"x": 1, "z": 2})
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: unknown Point fields ['z']; valid fields: ['x', 'y']
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")

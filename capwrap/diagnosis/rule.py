@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, check_known_fields
 from capwrap.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -388,10 +388,7 @@ class VerdictRule:
         Raises:
             ConfigError: a field is unknown or a value invalid.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown VerdictRule fields {unknown}; valid fields: {sorted(known)}")
+        check_known_fields(cls, data)
         try:
             data = dict(data)
             data["anchors"] = {k: Anchor(**v) for k, v in data.get("anchors", {}).items()}

@@ -30,7 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, check_known_fields
 from capwrap.models.families import FAMILIES, Family
 from capwrap.models.features import BlockFeatures
 
@@ -284,10 +284,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """Inverse of :meth:`to_dict`; unknown fields are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelSpec fields {unknown}; valid fields: {sorted(known)}")
+        check_known_fields(cls, data)
         return cls(**data)
 
     # ---- Hugging Face --------------------------------------------------------------------
