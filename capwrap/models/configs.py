@@ -224,17 +224,27 @@ def _guess_features(config: Any) -> BlockFeatures:
     )
 
 
+def model_classes(model_type: str | None, architectures: list[str] | None) -> list[str]:
+    """The ``transformers`` class names of a config: those it lists, or, for a config built in memory
+    (which lists none), transformers' own causal-LM class for its model type.
+
+    Examples:
+        >>> model_classes("qwen2", None), model_classes("qwen2", ["MyQwen"])
+        (['Qwen2ForCausalLM'], ['MyQwen'])
+    """
+    if architectures:
+        return list(architectures)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "", "")]
+
+
 def bridge_architecture(config: Any) -> str | None:
     """The TransformerBridge adapter (a ``...ForCausalLM`` class name) for a config, if the installed
     TransformerLens has one."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
-    names = list(getattr(config, "architectures", None) or [])
-    if not names:  # a config built in memory: transformers' own causal-LM class for its model type
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        names = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None), "")]
-    for name in names:
+    for name in model_classes(getattr(config, "model_type", None), getattr(config, "architectures", None)):
         if name in SUPPORTED_ARCHITECTURES and name.endswith(("ForCausalLM", "LMHeadModel")):
             return name
     return None

@@ -217,14 +217,10 @@ class ModelSpec:
     def hf_class(self) -> str:
         """The Hugging Face (and TransformerBridge adapter) class name."""
         if self.hf_config:
-            listed = json.loads(self.hf_config).get("architectures") or []
-            if listed:
-                return listed[0]
-            if self.architecture in ARCHITECTURES:
-                return ARCHITECTURES[self.architecture]
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            from capwrap.models.configs import model_classes
 
-            return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(self.architecture, "")  # a config built in memory
+            config = json.loads(self.hf_config)
+            return model_classes(config.get("model_type"), config.get("architectures"))[0]
         return ARCHITECTURES[self.architecture]
 
     @property
