@@ -44,7 +44,7 @@ from capwrap.diagnosis.run import diagnose, gates
 from capwrap.errors import CapwrapError, ConfigError
 from capwrap.files import copy_missing, write_json_atomic
 from capwrap.validation.bases import SUITE_ASSETS
-from capwrap.validation.scenarios import Scenario
+from capwrap.validation.scenarios import Scenario, record_truth
 
 __all__ = ["findings_from_record", "record_path", "run_scenario", "run_suite", "suite_analyzers", "load_records"]
 
@@ -119,7 +119,7 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
         },  # fmt: skip
         "n_boot": n_boot,
     }
-    record["truth"] = scenario.truth(gates(rule, record["accuracy"], record["capability_floor"]), record["accuracy"])
+    record["truth"] = record_truth(record, rule)
     return record
 
 
