@@ -29,15 +29,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformer_lens.model_bridge import TransformerBridge
 
 import capwrap
 from capwrap.models import ModelSpec
 from capwrap.models.families import FAMILIES
-
-try:
-    from transformer_lens.model_bridge import TransformerBridge
-except ImportError:  # pragma: no cover - TransformerLens 3.x without the bridge
-    TransformerBridge = None
 
 NEW = ["mistral", "qwen2", "qwen3", "gpt_neox", "gemma2", "gemma3", "phi3", "olmo2"]
 

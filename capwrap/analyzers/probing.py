@@ -180,8 +180,6 @@ class _Probed:
     label: str
     task: Task
     fit: ProbeResult
-    names: list[str]
-    models: dict
     labels_used: int
     table: pd.DataFrame
     reps: dict[str, np.ndarray]
@@ -248,13 +246,13 @@ class Probing(Analyzer):
         )
         reps = self._best_replicates(context, fit, len(names), list(models))
         best = {which: float(acc[which].max()) for which in models}
-        return _Probed(label, task, fit, names, models, labels_used, table, reps, best)
+        return _Probed(label, task, fit, labels_used, table, reps, best)
 
     def analyze(self, context: Context) -> Evidence:
         probed = self._probe_models(context)
         if isinstance(probed, Evidence):
             return probed
-        label, task, fit, names, models, labels_used, table, reps, best = probed
+        label, _, fit, labels_used, table, reps, best = probed
         floor = max(fit.majority_baseline, best.get("untrained", 0.0))
         floor_reps = np.maximum(fit.majority_baseline, reps.get("untrained", np.zeros(context.n_boot)))
         margin = best["base"] - floor
@@ -376,7 +374,7 @@ class NewLatentProbing(Probing):
         probed = self._probe_models(context)
         if isinstance(probed, Evidence):
             return probed
-        label, task, fit, names, models, _, table, reps, best = probed
+        label, task, fit, _, table, reps, best = probed
         headroom = 1.0 - best["base"]
         gain = (best["tuned"] - best["base"]) / headroom if headroom >= self.min_margin else math.nan
         with np.errstate(invalid="ignore", divide="ignore"):
