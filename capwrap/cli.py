@@ -95,6 +95,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     diagnosis = diagnose_checkpoints(
         args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
         quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
+        memory=args.memory,
     )  # fmt: skip
     acc = diagnosis.accuracy
     print(f"capability accuracy {acc['base']['capability']:.1%} (base) -> {acc['tuned']['capability']:.1%} (tuned); "
@@ -193,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--store", default=None, help="the fine-tuning run's RunStore folder, if recorded")
     diag.add_argument("--quick", action="store_true", help="smaller samples and budgets (minutes instead of more)")
     diag.add_argument("--seed", type=int, default=0)
+    diag.add_argument("--memory", choices=["normal", "low"], default="normal",
+                      help="low: the two models take turns in memory (about one model's worth; the other waits in a "
+                           "temporary file), for the same numbers")  # fmt: skip
     _add_backend_option(diag)
     diag.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
     diag.set_defaults(func=_diagnose)

@@ -36,7 +36,8 @@ import dataclasses
 import math
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -49,6 +50,7 @@ from torch import Tensor
 from capwrap.analyzers.bootstrap import LEVEL, percentile_interval, resample
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel, ModelSpec
+from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
 from capwrap.tasks.base import Task, TaskBatch, answer_logits, check_task_fits
 
@@ -82,10 +84,22 @@ EVAL_SETS = ("capability", "downstream", "downstream_free")
 
 @dataclass
 class ModelPair:
-    """A base model and a fine-tuned version of it, of the same architecture and shape."""
+    """A base model and a fine-tuned version of it, of the same architecture and shape.
+
+    With a :class:`~capwrap.models.residency.Residency` (``diagnose(..., memory="low")``) the two
+    models take turns in memory: analyzers use them one after the other, do a copy's work on the
+    model itself (:meth:`scratch`) and read the other model's weights one at a time (:meth:`weight`).
+    Without one, both stay in memory and :meth:`scratch` lends a copy.
+
+    Attributes:
+        base: the model before fine-tuning.
+        tuned: the fine-tuned model.
+        residency: the residency both models are members of, or ``None`` (both in memory).
+    """
 
     base: CapModel
     tuned: CapModel
+    residency: Residency | None = None
 
     def __post_init__(self) -> None:
         detail = self.base.spec.differences(self.tuned.spec)
@@ -94,6 +108,49 @@ class ModelPair:
                 f"the base and tuned models differ in {detail}; a pair must share architecture and shape "
                 "(was one of them fine-tuned from the other?)"
             )
+        if self.residency is not None:
+            for model in (self.base, self.tuned):
+                if model not in self.residency:
+                    self.residency.add(model)
+
+    @contextmanager
+    def scratch(self, model: CapModel) -> Iterator[CapModel]:
+        """A model to change freely (prune, graft into, train) that is ``model`` before the
+        changes: a copy, or with a residency ``model`` itself, read back from its file afterwards."""
+        if self.residency is None:
+            yield model.clone()
+            return
+        self.adopt(model)
+        with self.residency.scratch(model) as work:
+            yield work
+
+    def revert(self, work: CapModel, model: CapModel) -> None:
+        """Undo every change made to ``work``, lent by :meth:`scratch` for ``model``."""
+        if self.residency is None:
+            with torch.no_grad():
+                source = model.weights()
+                for name, w in work.weights().items():
+                    w.copy_(source[name])
+        else:
+            self.residency.revert(model)
+
+    def adopt(self, model: CapModel) -> CapModel:
+        """Let another model of the pair's size (a control) take turns with the pair; returns it."""
+        if self.residency is not None and model not in self.residency:
+            self.residency.add(model)
+        return model
+
+    def make_room(self) -> None:
+        """Free the pair's memory before building a model of another origin (with a residency)."""
+        if self.residency is not None:
+            self.residency.release_all()
+
+    def weight(self, model: CapModel, name: str) -> Tensor:
+        """One canonical weight of ``model``, without bringing it into memory (with a residency,
+        a released model's weight is read from its file)."""
+        if self.residency is None:
+            return model.weights()[name]
+        return self.residency.read_weight(model, name)
 
     @property
     def spec(self) -> ModelSpec:

@@ -301,10 +301,11 @@ def _resumed(
     the first changed one to the last answer position (causal models), with earlier positions' keys
     and values taken from the unpatched run. Patches that change nothing are not run at all.
     """
+    # The source first: with a residency (diagnose(memory="low")) the models take turns in memory,
+    # and the target's weights must stay in memory from here on.
+    src = _to_device(Functional(source).trace(source_tokens.to(source.device)), target.device)
     fn = Functional(target)
     tgt = fn.trace(batch.tokens)
-    src = Functional(source).trace(source_tokens.to(source.device))
-    src = _to_device(src, target.device)
     n_batch, seq_len = batch.tokens.shape
     n_layers = target.spec.n_layers
     answer_pos = batch.answer_pos.to(target.device)

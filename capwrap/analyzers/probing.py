@@ -290,8 +290,9 @@ class Probing(Analyzer):
         return Evidence(self.name, headline, table, details=details, plot=_plot, value=kept, replicates=kept_reps,
                         intervals=intervals, summary=summary)  # fmt: skip
 
-    def _fit(self, context: Context, task: Task, label: str) -> tuple[ProbeResult, list[str], dict, int]:
-        """Probes for ``label`` on ``task``'s sequences, from base, tuned and an untrained model, in one solve."""
+    def _fit(self, context: Context, task: Task, label: str) -> tuple[ProbeResult, list[str], dict[str, Tensor], int]:
+        """Probes for ``label`` on ``task``'s sequences, from base, tuned and an untrained model, in one
+        solve; returns the fit, the hooks, each model's features (in the fit's order) and the sample size."""
         pair = context.pair
         pair.check_tasks(task)
         batch = task.sample(self.n, seed=context.seed_for(self.name, "probe data"))
@@ -299,14 +300,16 @@ class Probing(Analyzer):
             raise ConfigError(f"the task {task.name!r} has no latent label {label!r}; it has {sorted(batch.labels)}")
         # A freshly initialized model of the same shape is the floor: what probes read from random
         # features of the input alone.
-        untrained = untrained_like(pair.base, seed=context.seed_for(self.name, "untrained model"))
-        models = {"base": pair.base, "tuned": pair.tuned, "untrained": untrained}
         feats = {}
-        for which, model in models.items():
+        for which, model in pair.models().items():
             names, feats[which] = probe_features(model, batch, self.hooks, self.position)
+        pair.make_room()  # (with a residency: built when neither model of the pair is in memory)
+        untrained = untrained_like(pair.base, seed=context.seed_for(self.name, "untrained model"))
+        names, feats["untrained"] = probe_features(untrained, batch, self.hooks, self.position)
+        del untrained
         fit = fit_probes(torch.cat(list(feats.values())), batch.labels[label], steps=self.steps,
                          seed=context.seed_for(self.name, "split"))  # fmt: skip
-        return fit, names, models, len(batch)
+        return fit, names, feats, len(batch)
 
     def _best_replicates(
         self, context: Context, fit: ProbeResult, n_hooks: int, models: list[str]

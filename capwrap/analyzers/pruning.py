@@ -201,14 +201,14 @@ class Pruning(Analyzer):
             )
         cap, down = context.eval.batches["capability"], context.eval.batches["downstream"]
         base_correct = context.eval.correct["base"]["capability"].float()
-        work = pair.tuned.clone()
         ks, rows, correct_k, pruned = sorted(set(self.ks) | {0}), [], [], 0
-        for k in ks:
-            prune(work, scores["unit"].iloc[pruned:k].tolist())  # the top-k sets are nested
-            pruned = k
-            correct = correctness(work, cap).float()
-            correct_k.append(correct)
-            rows.append((k, float(correct.mean()), accuracy(work, down)))
+        with pair.scratch(pair.tuned) as work:
+            for k in ks:
+                prune(work, scores["unit"].iloc[pruned:k].tolist())  # the top-k sets are nested
+                pruned = k
+                correct = correctness(work, cap).float()
+                correct_k.append(correct)
+                rows.append((k, float(correct.mean()), accuracy(work, down)))
         table = pd.DataFrame(rows, columns=["k", "capability_accuracy", "downstream_accuracy"])
         table = table[table["k"].isin(set(self.ks))].reset_index(drop=True)
         per_k = torch.stack(correct_k)  # [k, n], row 0 = the tuned model

@@ -142,15 +142,19 @@ class Revival(Analyzer):
         batch = context.eval.batches["capability"][: self.check_size]
         base_correct = context.eval.correct["base"]["capability"][: self.check_size].float()
         threshold = self.threshold_fraction * float(base_correct.mean())
-        control = self.control if self.control is not None else self._make_control(context)
+        configs = [TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, warmup=0.0,
+                               seed=context.seed_for(self.name, f"reverse fine-tuning {s}"), progress=False)
+                   for s in range(self.seeds)]  # fmt: skip
         runs: dict[str, list[tuple[float, pd.DataFrame, Tensor]]] = {"tuned": [], "control": []}
-        for s in range(self.seeds):
-            config = TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, warmup=0.0,
-                                 seed=context.seed_for(self.name, f"reverse fine-tuning {s}"), progress=False)  # fmt: skip
-            runs["tuned"].append(
-                steps_to_threshold(pair.tuned.clone(), capability, batch, threshold, config, self.eval_every)
-            )
-            runs["control"].append(self._control_run(control, capability, batch, threshold, config))
+        for config in configs:
+            with pair.scratch(pair.tuned) as work:
+                runs["tuned"].append(steps_to_threshold(work, capability, batch, threshold, config, self.eval_every))
+        control = self.control if self.control is not None else self._make_control(context)
+        pair.adopt(control)  # (with a residency: it takes turns with the pair)
+        for config in configs:
+            runs["control"].append(self._control_run(pair, control, capability, batch, threshold, config))
+        if self.control is None and pair.residency is not None:
+            pair.residency.remove(control)
         censored = 2.0 * self.max_steps
         steps = {w: [r[0] if math.isfinite(r[0]) else censored for r in rs] for w, rs in runs.items()}
         value = math.log2(max(float(np.median(steps["control"])), 1.0) / max(float(np.median(steps["tuned"])), 1.0))
@@ -176,11 +180,16 @@ class Revival(Analyzer):
         return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps, intervals=intervals,
                         summary=summary)  # fmt: skip
 
-    def _control_run(self, control: CapModel, capability: Task, batch: TaskBatch, threshold: float,
+    def _control_run(self, pair: ModelPair, control: CapModel, capability: Task, batch: TaskBatch, threshold: float,
                      config: TrainConfig) -> tuple[float, pd.DataFrame, Tensor]:  # fmt: skip
         """The control's run, from :attr:`cache` when it was made before."""
+
+        def run() -> tuple[float, pd.DataFrame, Tensor]:
+            with pair.scratch(control) as work:
+                return steps_to_threshold(work, capability, batch, threshold, config, self.eval_every)
+
         if self.cache is None:
-            return steps_to_threshold(control.clone(), capability, batch, threshold, config, self.eval_every)
+            return run()
         key = _fingerprint(control, capability, batch, threshold, config, self.eval_every)
         path = Path(self.cache) / f"revival-control-{key}.pt"
         if path.exists():
@@ -190,9 +199,7 @@ class Revival(Analyzer):
                 pd.DataFrame({"step": saved["steps"].tolist(), "accuracy": saved["accuracy"].tolist()}),
                 saved["correct"],
             )
-        first, curve, correct = steps_to_threshold(
-            control.clone(), capability, batch, threshold, config, self.eval_every
-        )
+        first, curve, correct = run()
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save({"first": torch.tensor(first), "steps": torch.tensor(curve["step"].to_numpy()),
@@ -217,6 +224,7 @@ class Revival(Analyzer):
     def _make_control(self, context: Context) -> CapModel:
         """A model of the same shape that never saw the capability task: trained on the downstream task only."""
         seed = context.seed_for(self.name, "control")
+        context.pair.make_room()  # (with a residency: trained when neither model of the pair is in memory)
         return never_had_it(context.pair.base, context.downstream, self.control_steps, seed, self.batch_size)
 
 

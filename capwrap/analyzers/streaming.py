@@ -26,22 +26,19 @@ Examples:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capwrap.analyzers.weight_diff import _KINDS, change_ranks, change_summary
+from capwrap.analyzers.weight_diff import _KINDS, GroupChange, accumulate_changes, change_summary
 from capwrap.errors import CheckpointError, ConfigError
-from capwrap.models.components import ComponentMap
 from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
 
@@ -219,27 +216,11 @@ def stream_changes(
     missing = sorted(set(shapes) - set(files_b))
     if missing:
         raise CheckpointError(f"tensors missing from a checkpoint: {missing[:5]}")
-    cmap = ComponentMap.from_spec(spec)
-    present = [k for k in kinds if k in cmap.counts()]
-    change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
-    norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
-    rank_frames, total_sq = [], 0.0
-    for names in tqdm(_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
-        base_tensors = _read_group(files_b, names)
-        wb = canonical_views_of_some(spec, base_tensors)
-        delta = canonical_views_of_some(spec, change(names, base_tensors))
-        for kind in present:
-            change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
-            norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
-        total_sq += sum(float(d.double().square().sum()) for d in delta.values())
-        if with_ranks and len(frame := change_ranks(delta, rank_bound=rank_bound)):
-            rank_frames.append(frame)  # (empty frames would make the columns' dtype object)
-        del wb, delta, base_tensors
-    rows = []
-    for kind in present:
-        for comp, c2, n2 in zip(cmap.select(kind), change_sq[kind].tolist(), norm_sq[kind].tolist(), strict=True):
-            c, n = math.sqrt(c2), math.sqrt(n2)
-            rows.append((comp.name, kind, comp.layer, comp.index, c, c / n if n > 0 else math.nan))
-    table = pd.DataFrame(rows, columns=["component", "kind", "layer", "index", "change", "relative_change"])
-    ranks = pd.concat(rank_frames, ignore_index=True) if rank_frames else change_ranks({})
-    return table.sort_values("change", ascending=False, ignore_index=True), ranks, total_sq
+
+    def groups() -> Iterator[GroupChange]:
+        for names in tqdm(_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
+            base_tensors = _read_group(files_b, names)
+            yield canonical_views_of_some(spec, base_tensors), canonical_views_of_some(spec, change(names, base_tensors))
+
+    changes = accumulate_changes(spec, groups(), kinds, with_ranks, rank_bound)
+    return changes.table, changes.ranks, changes.total_sq

@@ -46,6 +46,8 @@ from torch import Tensor
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
 from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, negative_loss
 from capwrap.errors import ConfigError
+from capwrap.models import ParamSlice
+from capwrap.models.layouts import canonical_names
 from capwrap.recording import RunStore
 
 __all__ = ["Subgraph", "RECORDED_EDGES"]
@@ -218,19 +220,25 @@ def _weight_change_shares(pair: ModelPair, graph: Graph, circuit: Circuit) -> di
     """Where the weight change ‖ΔW‖² lies: the share of the nodes' change on the circuit's nodes, those
     nodes' share of the nodes' parameters, their ratio (enrichment), the share of all change on weights
     of no node (embeddings, norms, unembedding, attention output bias), and the total."""
-    base, tuned = pair.base.weights(), pair.tuned.weights()
-    delta = {k: (tuned[k].detach().float().cpu() - base[k].detach().float().cpu()) for k in base}
-    total = sum(float(d.square().sum()) for d in delta.values())
     kept_up, kept_down = set(graph.edge_up[circuit.mask].tolist()), set(graph.edge_down[circuit.mask].tolist())
-    change = {"nodes": 0.0, "circuit": 0.0}
-    params = {"nodes": 0, "circuit": 0}
+    pieces: dict[str, list[tuple[ParamSlice, bool]]] = {}  # weight -> (a node's piece of it, whether the node is kept)
     for nodes, chosen in ((graph.upstream, kept_up), (graph.downstream, kept_down)):
         for i, node in enumerate(nodes):
-            pieces = [piece.of(delta) for piece in graph.node_params(node)]
-            sq, count = sum(float(p.square().sum()) for p in pieces), sum(p.numel() for p in pieces)
+            for piece in graph.node_params(node):
+                pieces.setdefault(piece.param, []).append((piece, i in chosen))
+    total = 0.0
+    change = {"nodes": 0.0, "circuit": 0.0}
+    params = {"nodes": 0, "circuit": 0}
+    for name in canonical_names(pair.spec):  # one weight of each model at a time
+        base = pair.weight(pair.base, name).detach().float().cpu()
+        delta = {name: pair.weight(pair.tuned, name).detach().float().cpu() - base}
+        total += float(delta[name].square().sum())
+        for piece, kept in pieces.get(name, []):
+            part = piece.of(delta)
+            sq, count = float(part.square().sum()), part.numel()
             change["nodes"] += sq
             params["nodes"] += count
-            if i in chosen:
+            if kept:
                 change["circuit"] += sq
                 params["circuit"] += count
     inside = change["circuit"] / change["nodes"] if change["nodes"] > 0 else math.nan

@@ -33,7 +33,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,13 +42,25 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
-from capwrap.models import CapModel
+from capwrap.models import CapModel, ComponentMap, ModelSpec
+from capwrap.models.layouts import canonical_names
 from capwrap.recording import RunStore
 from capwrap.tasks.base import accuracy
 
-__all__ = ["WeightDiff", "graft", "effective_rank", "weight_change_table", "change_ranks", "change_summary"]
+__all__ = [
+    "Changes",
+    "WeightDiff",
+    "accumulate_changes",
+    "change_ranks",
+    "change_summary",
+    "copy_components",
+    "effective_rank",
+    "graft",
+    "weight_change_table",
+    "weight_groups",
+]
 
 _KINDS = ("head", "kv_head", "neuron", "attn", "mlp", "embed", "pos_embed", "unembed")
 _UNIT_KINDS = ("head", "kv_head", "neuron")
@@ -86,27 +98,84 @@ def _low_rank_svdvals(matrix: Tensor, k: int) -> Tensor:
 
 def weight_change_table(base: CapModel, tuned: CapModel, kinds: Sequence[str] = _KINDS) -> pd.DataFrame:
     """One row per component of ``kinds``: absolute and relative change, sorted by change."""
-    return _change_table(base, _delta(base, tuned), kinds)
+    return accumulate_changes(base.spec, _layer_changes(ModelPair(base, tuned)), kinds, with_ranks=False).table
 
 
-def _delta(base: CapModel, tuned: CapModel) -> dict[str, Tensor]:
-    """``tuned - base`` for every canonical weight (detached, on the base model's device)."""
-    wb, wt = base.weights(), tuned.weights()
-    return {k: wt[k].detach().to(wb[k].device) - wb[k].detach() for k in wb}
+#: One group of canonical weights (the embeddings, or one block): the base's, and their change.
+GroupChange = tuple[Mapping[str, Tensor], Mapping[str, Tensor]]
 
 
-def _change_table(base: CapModel, delta: dict[str, Tensor], kinds: Sequence[str]) -> pd.DataFrame:
-    wb = base.weights()
-    cmap = base.components
-    present = set(cmap.counts())
+@dataclass
+class Changes:
+    """What :func:`accumulate_changes` sums over the groups of a model's weights.
+
+    Attributes:
+        table: per component (``component, kind, layer, index, change, relative_change``), sorted by change.
+        ranks: effective rank of each changed matrix (:func:`change_ranks`).
+        total_sq: the summed squared change of every canonical weight.
+        base_sq: the summed squared base weight of every canonical weight.
+    """
+
+    table: pd.DataFrame
+    ranks: pd.DataFrame
+    total_sq: float
+    base_sq: float
+
+
+def accumulate_changes(
+    spec: ModelSpec,
+    groups: Iterable[GroupChange],
+    kinds: Sequence[str] = _KINDS,
+    with_ranks: bool = True,
+    rank_bound: int | None = None,
+) -> Changes:
+    """Every component's change and norm, summed over groups of canonical weights that are seen one
+    at a time (so that only one group of the two models need be in memory): the models' own weights
+    (:class:`WeightDiff`), or checkpoint files read a layer at a time
+    (:func:`~capwrap.analyzers.streaming.stream_weight_diff`). A weight missing from a group's
+    change did not change. ``rank_bound``: see :func:`change_ranks`."""
+    cmap = ComponentMap.from_spec(spec)
+    present = [k for k in kinds if k in cmap.counts()]
+    change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
+    norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
+    rank_frames, total_sq, base_sq = [], 0.0, 0.0
+    for wb, delta in groups:
+        for kind in present:
+            change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
+            norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
+        total_sq += sum(float(d.float().square().sum()) for d in delta.values())
+        base_sq += sum(float(w.detach().float().square().sum()) for w in wb.values())
+        if with_ranks and len(frame := change_ranks(delta, rank_bound=rank_bound)):
+            rank_frames.append(frame)  # (empty frames would make the columns' dtype object)
     rows = []
-    for kind in (k for k in kinds if k in present):
-        change = cmap.sq_norms(delta, kind).sqrt()
-        norm = cmap.sq_norms(wb, kind).sqrt()
-        for comp, c, n in zip(cmap.select(kind), change.tolist(), norm.tolist(), strict=True):
+    for kind in present:
+        for comp, c2, n2 in zip(cmap.select(kind), change_sq[kind].tolist(), norm_sq[kind].tolist(), strict=True):
+            c, n = math.sqrt(c2), math.sqrt(n2)
             rows.append((comp.name, kind, comp.layer, comp.index, c, c / n if n > 0 else math.nan))
     table = pd.DataFrame(rows, columns=["component", "kind", "layer", "index", "change", "relative_change"])
-    return table.sort_values("change", ascending=False, ignore_index=True)
+    ranks = pd.concat(rank_frames, ignore_index=True) if rank_frames else change_ranks({})
+    return Changes(table.sort_values("change", ascending=False, ignore_index=True), ranks, total_sq, base_sq)
+
+
+def weight_groups(spec: ModelSpec) -> list[list[str]]:
+    """The canonical weight names in groups: the ones of no block (embeddings, final norm,
+    unembedding) first, then each block's."""
+    blocks: dict[int, list[str]] = {}
+    rest = []
+    for name in canonical_names(spec):
+        if name.startswith("blocks."):
+            blocks.setdefault(int(name.split(".")[1]), []).append(name)
+        else:
+            rest.append(name)
+    return [rest] + [blocks[k] for k in sorted(blocks)]
+
+
+def _layer_changes(pair: ModelPair) -> Iterator[GroupChange]:
+    """The pair's weights and their change, a group (:func:`weight_groups`) at a time, read with
+    :meth:`ModelPair.weight` (so that with a residency only one model need be in memory)."""
+    for names in weight_groups(pair.spec):
+        wb = {n: pair.weight(pair.base, n).detach() for n in names}
+        yield wb, {n: pair.weight(pair.tuned, n).detach().to(wb[n].device).float() - wb[n].float() for n in names}
 
 
 def change_summary(table: pd.DataFrame, ranks: pd.DataFrame, total_sq: float) -> dict[str, float]:
@@ -142,15 +211,28 @@ def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapM
             one); default: a fresh copy of ``base``.
     """
     out = into if into is not None else base.clone()
-    w_out, w_base, w_tuned = out.weights(), base.weights(), tuned.weights()
-    with torch.no_grad():
-        if into is not None:
-            for name, w in w_out.items():
+    if into is not None:
+        with torch.no_grad():
+            w_base = base.weights()
+            for name, w in out.weights().items():
                 w.copy_(w_base[name])
-        for name in components:
-            for sl in out.components[name].slices:
-                sl.of(w_out).copy_(sl.of(w_tuned))
+    copy_components(out, tuned.weights().__getitem__, components)
     return out
+
+
+@torch.no_grad()
+def copy_components(into: CapModel, source: Callable[[str], Tensor], components: Sequence[str]) -> None:
+    """Overwrite the named components of ``into`` with ``source``'s (``source(name)``: a canonical
+    weight of the other model), reading each weight of the other model once."""
+    slices: dict[str, list] = {}
+    for name in components:
+        for sl in into.components[name].slices:
+            slices.setdefault(sl.param, []).append(sl)
+    w_out = into.weights()
+    for param, parts in slices.items():
+        src = {param: source(param)}
+        for sl in parts:
+            sl.of(w_out).copy_(sl.of(src))
 
 
 def change_ranks(delta: Mapping[str, Tensor], rank_bound: int | None = None) -> pd.DataFrame:
@@ -198,16 +280,12 @@ class WeightDiff(Analyzer):
 
     def analyze(self, context: Context) -> Evidence:
         pair, store = context.pair, context.store
-        delta = _delta(pair.base, pair.tuned)
-        table = _change_table(pair.base, delta, _KINDS)
+        changes = accumulate_changes(pair.spec, _layer_changes(pair))
+        table, ranks, total_sq, base_sq = changes.table, changes.ranks, changes.total_sq, changes.base_sq
         units = table[table["kind"].isin(_UNIT_KINDS)].reset_index(drop=True)
-        ranks = change_ranks(delta)
         grafts = self._grafts(context, units)
         if store is not None:
             table = table.merge(_movement_times(store), on="component", how="left")
-
-        total_sq = sum(float(v.square().sum()) for v in delta.values())
-        base_sq = sum(float(w.detach().float().square().sum()) for w in pair.base.weights().values())
         headline = change_summary(table, ranks, total_sq)
         relative = math.sqrt(total_sq / base_sq) if base_sq > 0 else math.nan
         headline["relative_change"] = relative
@@ -258,13 +336,14 @@ class WeightDiff(Analyzer):
             ("attention + MLP layers", math.nan, layers["attn"] + layers["mlp"]),
             ("embeddings", math.nan, [k for k in ("embed", "pos_embed", "unembed") if k in present]),
         ]  # fmt: skip
-        work = pair.base.clone()
         rows = []
-        for what, fraction, names in plans:
-            graft(pair.base, pair.tuned, names, into=work)
-            acc_down = accuracy(work, down)
-            carried = (acc_down - base_down) / gain if abs(gain) > 0.02 else math.nan
-            rows.append((what, fraction, len(names), acc_down, accuracy(work, cap), carried))
+        with pair.scratch(pair.base) as work:
+            for what, fraction, names in plans:
+                pair.revert(work, pair.base)
+                copy_components(work, lambda name: pair.weight(pair.tuned, name), names)
+                acc_down = accuracy(work, down)
+                carried = (acc_down - base_down) / gain if abs(gain) > 0.02 else math.nan
+                rows.append((what, fraction, len(names), acc_down, accuracy(work, cap), carried))
         return pd.DataFrame(
             rows, columns=["graft", "fraction", "components", "downstream_accuracy", "capability_accuracy", "carried"]
         )

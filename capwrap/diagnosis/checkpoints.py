@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -10,10 +11,11 @@ from pathlib import Path
 from capwrap.analyzers import ModelPair
 from capwrap.diagnosis.result import Diagnosis, json_default
 from capwrap.diagnosis.rule import VerdictRule
-from capwrap.diagnosis.run import default_analyzers, diagnose
+from capwrap.diagnosis.run import MEMORY_MODES, Memory, default_analyzers, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
+from capwrap.models.residency import Residency
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import RunStore
 
@@ -52,6 +54,7 @@ def diagnose_checkpoints(
     progress: bool = True,
     rule: str | os.PathLike | VerdictRule | None = None,
     downstream_free: str | None = None,
+    memory: Memory = "normal",
 ) -> Diagnosis:
     """:func:`diagnose` for two checkpoints (folders or hub names) and task specs
     (:func:`~capwrap.tasks.spec.task_from_spec`); writes ``summary.json`` and ``report.html`` to ``out``.
@@ -60,6 +63,10 @@ def diagnose_checkpoints(
     and ``summary.json`` adds the adapter's own weight diff (``adapter``).
 
     ``quick``: smaller samples and budgets, and an evaluation set of :data:`QUICK_EVAL_SIZE` sequences per task.
+
+    ``memory="low"``: the two models take turns in memory from the start (the base is written to a
+    temporary file and freed before the tuned model is loaded; see :func:`diagnose`), so the pair
+    needs about one model of memory.
 
     This is what ``capwrap diagnose BASE TUNED --capability SPEC --downstream SPEC --out DIR`` runs.
     ``downstream_free``: a spec of the downstream task without its spurious correlation (default:
@@ -72,18 +79,50 @@ def diagnose_checkpoints(
         ConfigError: the pair differs in architecture, shape or tokenizer; a spec is invalid; a text
             dataset has no example of the feature; the rule file is not a rule.
     """
-    from capwrap.models import load_model
-    from capwrap.models.adapters import is_adapter_folder
-    from capwrap.tasks.spec import task_from_spec
 
     started = time.perf_counter()
     if out is not None:
         check_output_folder(out)
+    if memory not in MEMORY_MODES:
+        raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
+    with contextlib.ExitStack() as stack:
+        residency = None
+        if memory == "low":  # models discarded at the end: no need to bring them back
+            residency = Residency()
+            stack.callback(residency.close, restore=False)
+        return _diagnose_files(base, tuned, capability, downstream, out, backend, quick, store, seed, allow_pickle,
+                               progress, verdict_rule, downstream_free, residency, started)  # fmt: skip
+
+
+def _diagnose_files(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    capability: str,
+    downstream: str,
+    out: str | os.PathLike | None,
+    backend: str | None,
+    quick: bool,
+    store: str | os.PathLike | None,
+    seed: int,
+    allow_pickle: bool,
+    progress: bool,
+    verdict_rule: VerdictRule | None,
+    downstream_free: str | None,
+    residency: Residency | None,
+    started: float,
+) -> Diagnosis:
+    from capwrap.models import load_model
+    from capwrap.models.adapters import is_adapter_folder
+    from capwrap.tasks.spec import task_from_spec
+
     base_model = load_model(base, backend=backend, allow_pickle=allow_pickle)
+    if residency is not None:  # the base waits in a file while the tuned model loads
+        residency.add(base_model)
+        residency.release_all()
     adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in
     tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter)
-    ModelPair(base_model, tuned_model)
+    ModelPair(base_model, tuned_model, residency)
     check_same_tokenizer(base_model, tuned_model)
     tokenizer = base_model.tokenizer or tuned_model.tokenizer
     cap_task = task_from_spec(capability, tokenizer)
@@ -91,8 +130,8 @@ def diagnose_checkpoints(
     free_task = task_from_spec(downstream_free, tokenizer) if downstream_free else "auto"
     run = RunStore.open(store) if store is not None else None
     diagnosis = diagnose(base_model, tuned_model, cap_task, down_task, analyzers=default_analyzers(quick=quick),
-                         eval_size=QUICK_EVAL_SIZE if quick else 1024,
-                         store=run, seed=seed, progress=progress, rule=verdict_rule, downstream_free=free_task)  # fmt: skip
+                         eval_size=QUICK_EVAL_SIZE if quick else 1024, store=run, seed=seed, progress=progress,
+                         rule=verdict_rule, downstream_free=free_task, memory="low" if residency else "normal")  # fmt: skip
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -104,7 +143,7 @@ def diagnose_checkpoints(
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
             "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
-            "quick": quick, "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
+            "quick": quick, "memory": "low" if residency else "normal", "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
             "provenance": provenance,
         }  # fmt: skip
         if adapter is not None:

@@ -46,10 +46,15 @@ from capwrap.diagnosis.result import Diagnosis
 from capwrap.diagnosis.rule import VerdictRule, default_rule
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
+from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
 from capwrap.tasks.base import Task
 
-__all__ = ["diagnose", "default_analyzers", "gates"]
+__all__ = ["MEMORY_MODES", "Memory", "diagnose", "default_analyzers", "gates"]
+
+#: How a diagnosis holds its models: both in memory, or taking turns (see :func:`diagnose`).
+Memory = Literal["normal", "low"]
+MEMORY_MODES: tuple[str, ...] = ("normal", "low")
 
 
 def default_analyzers(quick: bool = False) -> list[Analyzer]:
@@ -113,6 +118,7 @@ def diagnose(
     rule: VerdictRule | None = None,
     downstream_free: Task | None | Literal["auto"] = "auto",
     n_boot: int = 200,
+    memory: Memory = "normal",
 ) -> Diagnosis:
     """Run ``analyzers`` (default: :func:`default_analyzers`) on the pair and weigh their evidence.
 
@@ -130,12 +136,45 @@ def diagnose(
         downstream_free: the downstream task without its spurious correlation (C_Te = 0);
             ``"auto"``: the downstream task's own ``correlation_free()``; ``None``: none.
         n_boot: bootstrap replicates behind every interval and the verdicts' confidence.
+        memory: ``"normal"``: both models stay in memory, and analyzers work on copies;
+            ``"low"``: the models take turns in memory (a :class:`~capwrap.models.residency.Residency`;
+            the other one waits in a temporary file), and analyzers work on the models themselves and
+            undo their changes — about one model of memory, for the same numbers. If the models
+            already take turns in a residency, it is used and left open; else one is made for the
+            call and both models are back in memory when it returns.
 
     Raises:
         ConfigError: the pair differs in shape, the tasks do not fit, the store is another model's,
             analyzers repeat a name, or the list is empty.
     """
-    pair = ModelPair(base, tuned)
+    if memory not in MEMORY_MODES:
+        raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    residency, own = None, False
+    if memory == "low":
+        residency = base._residency or tuned._residency
+        if residency is None:
+            residency, own = Residency(), True
+    try:
+        return _diagnose(ModelPair(base, tuned, residency), capability, downstream, analyzers, store, eval_size,
+                         seed, progress, rule, downstream_free, n_boot)  # fmt: skip
+    finally:
+        if own:
+            residency.close(restore=True)
+
+
+def _diagnose(
+    pair: ModelPair,
+    capability: Task,
+    downstream: Task,
+    analyzers: Sequence[Analyzer] | None,
+    store: RunStore | None,
+    eval_size: int,
+    seed: int,
+    progress: bool,
+    rule: VerdictRule | None,
+    downstream_free: Task | None | Literal["auto"],
+    n_boot: int,
+) -> Diagnosis:
     rule = rule or default_rule()
     analyzers = list(default_analyzers() if analyzers is None else analyzers)
     if not analyzers:

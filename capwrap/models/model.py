@@ -129,6 +129,7 @@ class CapModel:
         self.tokenizer = tokenizer
         self.metadata = dict(metadata or {})
         self._components: ComponentMap | None = None
+        self._residency: Any = None  # a capwrap.models.residency.Residency this model takes turns in
         # Parameters a backend adds that the checkpoint has no room for (TransformerLens 3.9's
         # bridge gives the unembedding a zero bias) stay frozen: training them would change the
         # model in a way that is never saved, and make the backends disagree.
@@ -301,14 +302,21 @@ class CapModel:
         return {n: torch.cat([c[n] for c in chunks]) for n in names}
 
     # ---- weights -------------------------------------------------------------------------------
+    def _use(self) -> None:
+        """Bring the weights into memory if the model takes turns in a Residency."""
+        if self._residency is not None:
+            self._residency.activate(self)
+
     def weights(self) -> dict[str, Tensor]:
         """Canonical (TransformerLens-named) views of the weights; writing into them edits the model."""
+        self._use()
         if self._layout == "hooked":
             return {k: self._storage[_hooked_name(self.spec, k)] for k in canonical_names(self.spec)}
         return canonical_views(self.spec, self._storage, self._layout)  # type: ignore[arg-type]
 
     def gradients(self) -> dict[str, Tensor]:
         """Canonical views of the current gradients (zeros where a weight got none)."""
+        self._use()
         if self._layout == "hooked":
             grads = {
                 k: (p.grad if p.is_leaf and p.grad is not None else torch.zeros_like(p.detach()))
@@ -355,6 +363,7 @@ class CapModel:
 
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters, for an optimizer."""
+        self._use()
         seen, out = set(), []
         for p in self.module.parameters():
             if p.requires_grad and id(p) not in seen:
@@ -383,6 +392,8 @@ class CapModel:
     def to(self, device: str | torch.device) -> CapModel:
         """Move to ``device`` in place; returns self."""
         if torch.device(device) != self.device:
+            if self._residency is not None:
+                raise ConfigError("a model that takes turns in a Residency cannot move; move it before adding it")
             self.module.to(device, print_details=False)  # both TL modules accept print_details
         return self
 

@@ -1,0 +1,210 @@
+"""Residency: models that take turns in memory, and diagnose(memory="low") on it.
+
+Real models on every backend of the installed TransformerLens, the shipped demo checkpoint (whose
+weights are read from a memory-mapped file), and the same diagnosis run both ways.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capwrap.errors import ConfigError
+from capwrap.models import build_model, load_model, save_model
+from capwrap.models.residency import Residency
+
+
+def _perturbed(model, seed: int = 0):
+    out = model.clone()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in out.weights().values():
+            w.add_(0.1 * torch.randn(w.shape, generator=gen))
+    return out
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.weights().items()}
+
+
+def _freed(model) -> bool:
+    return all(t.untyped_storage().nbytes() == 0 for t in model._storage.values())
+
+
+def test_members_take_turns_and_come_back_bit_for_bit(small_model, small_task):
+    base, tuned = small_model, _perturbed(small_model)
+    tokens = small_task.sample(8, seed=0).tokens
+    expected = {"base": (_snapshot(base), base(tokens)), "tuned": (_snapshot(tuned), tuned(tokens))}
+    with Residency() as residency:
+        residency.add(base)
+        residency.add(tuned)
+        assert _freed(base) and not _freed(tuned)
+        for _ in range(2):  # back and forth: the file is written once, read each time
+            for name, model in (("base", base), ("tuned", tuned)):
+                logits = model(tokens)  # running a released model brings it back
+                assert residency.is_resident(model)
+                other = tuned if model is base else base
+                assert _freed(other)
+                weights, want = expected[name]
+                assert torch.equal(logits, want)
+                assert all(torch.equal(model.weights()[k], v) for k, v in weights.items())
+    # closed: both back in memory, as given
+    assert base._residency is None and tuned._residency is None
+    assert torch.equal(base(tokens), expected["base"][1]) and torch.equal(tuned(tokens), expected["tuned"][1])
+
+
+def test_a_released_models_weights_are_read_one_at_a_time(small_model):
+    base, tuned = small_model, _perturbed(small_model)
+    want = _snapshot(tuned)
+    with Residency() as residency:
+        residency.add(tuned)
+        residency.add(base)  # tuned released
+        for name, value in want.items():  # canonical views: transposed, strided, per-head ...
+            got = residency.read_weight(tuned, name)
+            assert got.shape == value.shape and torch.equal(got, value), name
+        assert _freed(tuned)  # reading did not bring it back
+        assert residency.read_weight(base, "blocks.0.attn.W_Q") is not None
+
+
+def test_scratch_work_is_undone_and_changes_outside_it_are_kept(small_model, small_task):
+    base, tuned = small_model, _perturbed(small_model)
+    tokens = small_task.sample(4, seed=1).tokens
+    before = tuned(tokens)
+    with Residency() as residency:
+        residency.add(base)
+        residency.add(tuned)
+        with residency.scratch(tuned) as work:
+            assert work is tuned
+            with torch.no_grad():
+                work.weights()["blocks.0.mlp.W_out"].zero_()
+            assert not torch.equal(work(tokens), before)
+            with pytest.raises(ConfigError, match="lent by Residency.scratch"):
+                base(tokens)  # the lent model cannot be swapped out mid-work
+            residency.revert(tuned)
+            assert torch.equal(work(tokens), before)
+            with torch.no_grad():
+                work.weights()["blocks.1.mlp.W_out"].mul_(2)
+        assert torch.equal(tuned(tokens), before)  # undone on exit
+        # a change made outside scratch is the model's: written out when released, kept
+        with torch.no_grad():
+            tuned.weights()["blocks.0.attn.W_V"].mul_(-1)
+        changed = tuned(tokens)
+        base(tokens)
+        assert torch.equal(tuned(tokens), changed)
+
+
+def test_weights_read_from_a_memory_mapped_checkpoint_become_the_models_own(tmp_path, small_model, small_task):
+    """safetensors hands out weights on the checkpoint file's memory map, which cannot be freed:
+    they are moved into memory of the model's own when it joins."""
+    save_model(small_model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m", backend=small_model.backend)
+    tokens = small_task.sample(4, seed=2).tokens
+    want = loaded(tokens)
+    with Residency() as residency:
+        residency.add(loaded)
+        residency.add(small_model.clone())
+        assert _freed(loaded)
+        assert torch.equal(loaded(tokens), want)
+
+
+def test_bad_uses_are_named(small_model):
+    other = small_model.clone()
+    with Residency() as first, Residency() as second:
+        first.add(small_model)
+        with pytest.raises(ConfigError, match="another Residency"):
+            second.add(small_model)
+        with pytest.raises(ConfigError, match="not a member"):
+            first.read_weight(other, "embed.W_E")
+        with pytest.raises(ConfigError, match="cannot move"):
+            small_model.to("meta")
+        with pytest.raises(ConfigError, match="only a model lent"):
+            first.revert(small_model)
+
+
+def _same_numbers(a, b, path: str = "") -> list[str]:
+    """Paths where two JSON-like results differ (seconds aside)."""
+    if isinstance(a, dict):
+        return [d for k in a if k != "seconds" for d in _same_numbers(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, list):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _same_numbers(x, y, f"{path}[{i}]")]
+    if isinstance(a, float):
+        same = a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-5 * max(1.0, abs(a))
+        return [] if same else [f"{path}: {a} vs {b}"]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def test_diagnose_low_memory_gives_the_same_numbers():
+    """Every analyzer (the functional ones train, prune and graft the models themselves and undo it)
+    on the demo's base and a copy with one block moved: the same evidence, number for number, as with
+    both models in memory; and the models are back, unchanged."""
+    import capwrap
+    from capwrap.demo import DEMO_BASE, demo_tasks
+
+    base = capwrap.load_model(str(DEMO_BASE))
+    tuned = base.clone()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, w in tuned.weights().items():
+            if name.startswith("blocks.1."):
+                w.add_(0.05 * torch.randn(w.shape, generator=gen))
+    weights = {"base": _snapshot(base), "tuned": _snapshot(tuned)}
+    tasks = demo_tasks()
+
+    def analyzers():
+        return [
+            capwrap.Probing(n=128, steps=20),
+            capwrap.Pruning(ks=(0, 1, 2), score_size=64),
+            capwrap.Revival(max_steps=6, batch_size=16, check_size=64, control_steps=4, seeds=1, eval_every=2),
+            capwrap.WeightDiff(graft_fractions=(0.1,)),
+            capwrap.AttentionComparison(n=16),
+            capwrap.Patching(n=8),
+            capwrap.Generalization(),
+            capwrap.Subgraph(n=8, ig_steps=2),
+        ]
+
+    runs = {
+        memory: capwrap.diagnose(base, tuned, tasks["capability"], tasks["downstream_correlated"],
+                                 analyzers=analyzers(), eval_size=64, progress=False, memory=memory).to_dict()
+        for memory in ("normal", "low")
+    }  # fmt: skip
+    assert _same_numbers(runs["normal"], runs["low"]) == []
+    assert base._residency is None and tuned._residency is None
+    for name, model in (("base", base), ("tuned", tuned)):
+        assert all(torch.equal(model.weights()[k], v) for k, v in weights[name].items())
+    with pytest.raises(ConfigError, match="memory must be one of"):
+        capwrap.diagnose(base, tuned, tasks["capability"], tasks["downstream_correlated"], memory="tiny")
+
+
+def test_capwrap_diagnose_memory_low(tmp_path, capsys, monkeypatch, small_task):
+    """`capwrap diagnose --memory low` on two folders: the same evidence as without, written down."""
+    import json
+
+    import capwrap.diagnosis.checkpoints
+    from capwrap.analyzers import Pruning, Revival, WeightDiff
+    from capwrap.cli import main
+    from capwrap.models import ModelSpec
+
+    spec = ModelSpec(d_vocab=small_task.d_vocab, n_ctx=small_task.seq_len, n_layers=2, d_model=32, n_heads=4,
+                     architecture="llama", n_key_value_heads=2)  # fmt: skip
+    base = build_model(spec, seed=0)
+    save_model(base, tmp_path / "base")
+    save_model(_perturbed(base), tmp_path / "tuned")
+    monkeypatch.setattr(
+        capwrap.diagnosis.checkpoints,
+        "default_analyzers",
+        lambda quick: [Pruning(ks=(0, 1), score_size=16), WeightDiff(graft_fractions=(0.1,)),
+                       Revival(max_steps=2, batch_size=4, eval_every=1, check_size=16, control_steps=2, seeds=1)],
+    )  # fmt: skip
+    task = "length=12,window=6,occurrence=2"
+    summaries = {}
+    for memory in ("normal", "low"):
+        out = tmp_path / memory
+        code = main(["diagnose", str(tmp_path / "base"), str(tmp_path / "tuned"), "--capability",
+                     f"pcfg=count,operand=a,{task}", "--downstream", f"pcfg=count,operand=b,{task}",
+                     "--out", str(out), "--quick", "--quiet", "--memory", memory])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        summaries[memory] = json.loads((out / "summary.json").read_text())
+    assert summaries["low"]["memory"] == "low" and summaries["normal"]["memory"] == "normal"
+    assert _same_numbers(summaries["normal"]["evidence"], summaries["low"]["evidence"]) == []
