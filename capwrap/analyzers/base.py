@@ -52,7 +52,7 @@ from capwrap.errors import ConfigError
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
-from capwrap.tasks.base import Task, TaskBatch, answer_logits, check_task_fits
+from capwrap.tasks.base import Task, TaskBatch, check_task_fits, correctness
 
 if TYPE_CHECKING:
     from capwrap.diagnosis.rule import VerdictRule
@@ -175,22 +175,6 @@ def check_store_matches(pair: ModelPair, store: RunStore) -> None:
             f"the RunStore at {store.path} was recorded from another model ({recorded}); "
             "pass the store of the run that produced this tuned model"
         )
-
-
-@torch.no_grad()
-def correctness(model: CapModel, batch: TaskBatch, batch_size: int = 512) -> Bool[Tensor, " batch"]:
-    """Per sequence: whether ``model``'s arg-max prediction at the answer position is the answer
-    (:func:`capwrap.tasks.accuracy` is its mean)."""
-    was_training = model.module.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(batch), batch_size):
-            part = batch[start : start + batch_size].to(model.device)
-            out.append((answer_logits(model(part.tokens), part).argmax(-1) == part.answers).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
 
 
 @dataclass

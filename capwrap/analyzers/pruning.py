@@ -40,8 +40,8 @@ from torch import Tensor
 
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, correctness
 from capwrap.errors import ConfigError
-from capwrap.models import CapModel
-from capwrap.tasks.base import Task, accuracy, answer_loss
+from capwrap.models import CapModel, ParamSlice
+from capwrap.tasks.base import Task, TaskBatch, accuracy, answer_loss
 
 __all__ = ["Pruning", "unit_scores", "prune"]
 
@@ -113,27 +113,44 @@ def unit_scores(
         raise ConfigError(f"unknown granularity {granularity!r}; choose 'neuron', 'head' or 'weight'")
     batch = task.sample(n, seed=seed).to(model.device)
     if method == "grad_x_weight":
-        model.module.zero_grad(set_to_none=True)
-        answer_loss(model(batch.tokens), batch).backward()
+        _accumulate_gradients(model, batch)
         grads = model.gradients()
-        per_weight = {k: (grads[k] * w.detach()) for k, w in model.weights().items()}
-        model.module.zero_grad(set_to_none=True)
+        per_weight = ((k, grads[k] * w.detach()) for k, w in model.weights().items())  # one weight at a time
     elif method == "magnitude":
-        per_weight = {k: w.detach().abs() for k, w in model.weights().items()}
+        per_weight = ((k, w.detach().abs()) for k, w in model.weights().items())
     else:
-        per_weight = _wanda_weights(model, batch.tokens)
+        per_weight = iter(_wanda_weights(model, batch.tokens).items())
     if granularity == "weight":
         rows = []
-        for name, s in per_weight.items():
+        for name, s in per_weight:
             if name.startswith("blocks.") and name.endswith(_WEIGHT_PARAMS):
                 flat = s.flatten()
                 rows += [(f"{name}[{i}]", v) for i, v in enumerate(flat.tolist())]
         table = pd.DataFrame(rows, columns=["unit", "score"])
     else:
         comps = model.components.select(granularity)
-        scores = [sum(float(sl.of(per_weight).sum()) for sl in c.slices if sl.param in per_weight) for c in comps]
+        slices: dict[str, list[tuple[int, ParamSlice]]] = {}
+        for i, comp in enumerate(comps):
+            for sl in comp.slices:
+                slices.setdefault(sl.param, []).append((i, sl))
+        scores = [0.0] * len(comps)
+        for name, s in per_weight:
+            for i, sl in slices.get(name, ()):
+                scores[i] += float(sl.of({name: s}).sum())
         table = pd.DataFrame({"unit": [c.name for c in comps], "score": scores})
+    model.module.zero_grad(set_to_none=True)
     return table.sort_values("score", ascending=not _PRUNE_HIGHEST[method], ignore_index=True)
+
+
+def _accumulate_gradients(model: CapModel, batch: TaskBatch) -> None:
+    """The gradient of the answer loss over ``batch`` in the weights' ``.grad``, from passes of as
+    many sequences as :meth:`~capwrap.models.CapModel.rows_per_pass` allows (each weighted by its
+    share, so that the sum is the whole batch's mean-loss gradient)."""
+    model.module.zero_grad(set_to_none=True)
+    step = model.rows_per_pass(batch.tokens.shape[1], backward=True)
+    for start in range(0, len(batch), step):
+        part = batch[start : start + step]
+        (answer_loss(model(part.tokens), part) * (len(part) / len(batch))).backward()
 
 
 @torch.no_grad()

@@ -42,6 +42,12 @@ Backend = Literal["hooked", "bridge"]
 HookFn = Callable[[Tensor, Any], Tensor | None]
 
 
+#: Bytes one pass of a loop over many sequences may hold at once (see :meth:`CapModel.rows_per_pass`):
+#: 256 MiB — the logits of about 50 sequences of 41 tokens over a 32,000-token vocabulary, and no
+#: limit worth the name for the small vocabularies of procedural tasks.
+PASS_BUDGET = 256 * 2**20
+
+
 @functools.cache
 def tl_version() -> tuple[int, int]:
     """The installed TransformerLens version as ``(major, minor)``."""
@@ -226,6 +232,21 @@ class CapModel:
         self._check_tokens(tokens)
         return self.module(tokens.to(self.device))
 
+    def rows_per_pass(self, seq_len: int, backward: bool = False) -> int:
+        """How many sequences of ``seq_len`` tokens one pass may take so that what it holds at once
+        stays within :data:`PASS_BUDGET` bytes (at least one): what loops over many sequences chunk
+        them by, so that a large vocabulary or model does not multiply the memory a pass needs.
+
+        A forward pass holds its float32 logits; with ``backward``, every activation the backward
+        pass reads (an estimate per token and block: the residual stream and its norms, queries,
+        keys, values and head outputs, the MLP's hidden layer, the attention pattern) and the logits
+        three times (their softmax and gradient)."""
+        s = self.spec
+        per_token = s.d_vocab if not backward else 3 * s.d_vocab + s.n_layers * (
+            12 * s.d_model + 4 * s.d_mlp + 2 * s.n_heads * seq_len
+        )
+        return max(1, PASS_BUDGET // max(1, seq_len * per_token * 4))
+
     def _check_tokens(self, tokens: Tensor) -> None:
         check_token_ids(tokens, self.spec, "tokens")
         context = self.spec.n_ctx if self.backend == "bridge" else self.module.cfg.n_ctx
@@ -291,7 +312,7 @@ class CapModel:
 
             return save
 
-        step = batch_size or max(1, len(tokens))
+        step = min(batch_size or max(1, len(tokens)), self.rows_per_pass(tokens.shape[1]))
         for start in range(0, len(tokens), step):
             store: dict[str, Tensor] = {}
             with torch.inference_mode(), self.hooks([(n, saver(store, n)) for n in names]):

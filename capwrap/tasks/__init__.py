@@ -1,7 +1,16 @@
 """Tasks behind one `Task` protocol: procedural (PCFG), text (stories with a feature), and specs
 for the command line."""
 
-from capwrap.tasks.base import Task, TaskBatch, accuracy, answer_logits, answer_loss, check_task_fits, task_loss
+from capwrap.tasks.base import (
+    Task,
+    TaskBatch,
+    accuracy,
+    answer_logits,
+    answer_loss,
+    check_task_fits,
+    correctness,
+    task_loss,
+)
 from capwrap.tasks.pcfg import PRIORS, PCFGConfig, PCFGTask, PCFGVocab
 from capwrap.tasks.spec import task_from_spec
 from capwrap.tasks.text import Feature, TextTask, feature_frequency, filter_out, load_texts, randomize, relabel
@@ -25,5 +34,6 @@ __all__ = [
     "answer_logits",
     "answer_loss",
     "check_task_fits",
+    "correctness",
     "task_loss",
 ]

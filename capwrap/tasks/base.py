@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from capwrap.checks import check_batch_shapes
@@ -38,6 +38,7 @@ __all__ = [
     "sequence_logprob",
     "accuracy",
     "check_task_fits",
+    "correctness",
 ]
 
 
@@ -197,18 +198,26 @@ def sequence_logprob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatc
 
 
 @torch.no_grad()
+@torch.no_grad()
+def correctness(model: CapModel, batch: TaskBatch, batch_size: int = 512) -> Bool[Tensor, " batch"]:
+    """Per sequence: whether ``model``'s arg-max prediction at the answer position is the answer.
+    Runs ``batch_size`` sequences at a time, fewer when their logits would pass
+    :meth:`~capwrap.models.CapModel.rows_per_pass`'s budget (a large vocabulary)."""
+    was_training = model.module.training
+    model.eval()
+    out = []
+    step = min(batch_size, model.rows_per_pass(batch.tokens.shape[1]))
+    try:
+        for start in range(0, len(batch), step):
+            part = batch[start : start + step].to(model.device)
+            out.append((answer_logits(model(part.tokens), part).argmax(-1) == part.answers).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
 def accuracy(model: CapModel, batch: TaskBatch, batch_size: int = 512) -> float:
     """Share of sequences whose arg-max prediction at the answer position is the answer."""
     if len(batch) == 0:
         raise ConfigError("cannot measure accuracy on an empty batch")
-    was_training = model.module.training
-    model.eval()
-    correct = 0
-    try:
-        for start in range(0, len(batch), batch_size):
-            part = batch[start : start + batch_size].to(model.device)
-            pred = answer_logits(model(part.tokens), part).argmax(-1)
-            correct += int((pred == part.answers).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(batch)
+    return int(correctness(model, batch, batch_size).sum()) / len(batch)

@@ -198,3 +198,26 @@ def test_accuracy_counts_argmax_hits_at_the_answer_position(small_model, small_t
     assert accuracy(small_model, oracle) == 1.0
     with pytest.raises(ConfigError, match="empty"):
         accuracy(small_model, batch[0:0])
+
+
+def test_a_large_vocabulary_is_run_a_few_sequences_at_a_time(small_task, monkeypatch):
+    """Logits of many sequences over a large vocabulary do not fit one pass: the loops run as many
+    sequences as a pass's budget allows, for the same answers."""
+    import capwrap.models.model
+    from capwrap.models import ModelSpec, build_model
+    from capwrap.tasks import correctness
+
+    spec = ModelSpec(d_vocab=small_task.d_vocab + 3000, n_ctx=small_task.seq_len, n_layers=1, d_model=16, n_heads=2)
+    model = build_model(spec, seed=0)
+    batch = small_task.sample(30, seed=1)
+    whole = correctness(model, batch)
+    bytes_per_sequence = small_task.seq_len * spec.d_vocab * 4
+    monkeypatch.setattr(capwrap.models.model, "PASS_BUDGET", 4 * bytes_per_sequence)
+    assert model.rows_per_pass(small_task.seq_len) == 4
+    seen = []
+    original = model.module.forward
+    monkeypatch.setattr(model.module, "forward", lambda tokens, **kw: seen.append(len(tokens)) or original(tokens, **kw))
+    assert torch.equal(correctness(model, batch), whole)
+    assert max(seen) == 4 and sum(seen) == 30
+    captured = model.capture(batch.tokens, "blocks.0.hook_resid_post", batch_size=16)
+    assert captured["blocks.0.hook_resid_post"].shape[0] == 30 and max(seen[-8:]) == 4

@@ -23,6 +23,18 @@ def test_scores_order_and_granularities(small_model, small_task):
     assert not any(p.grad is not None for p in small_model.parameters())  # scoring leaves no gradients behind
 
 
+def test_gradient_scores_in_passes_that_fit_the_budget_equal_one_pass(small_model, small_task, monkeypatch):
+    """With a pass budget of a few sequences the loss gradient is summed over passes: same scores."""
+    import capwrap.models.model
+
+    whole = unit_scores(small_model, small_task, "grad_x_weight", "neuron", n=24).set_index("unit")["score"]
+    monkeypatch.setattr(capwrap.models.model, "PASS_BUDGET", 1)  # one sequence per pass
+    assert small_model.rows_per_pass(small_task.seq_len, backward=True) == 1
+    chunked = unit_scores(small_model, small_task, "grad_x_weight", "neuron", n=24).set_index("unit")["score"]
+    torch.testing.assert_close(torch.tensor(chunked[whole.index].to_numpy()), torch.tensor(whole.to_numpy()),
+                               rtol=1e-4, atol=1e-7)  # fmt: skip
+
+
 def test_grad_x_weight_is_the_first_order_loss_change(small_spec, small_task):
     """Zeroing the top-scored neuron lowers the capability loss about as much as its score says."""
     from capwrap.tasks import answer_loss

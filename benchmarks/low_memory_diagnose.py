@@ -1,0 +1,164 @@
+"""Benchmark: peak memory of ``capwrap diagnose --quick --memory low`` on a large pair.
+
+Writes two random Llama-shaped checkpoints (TinyLlama-1.1B's shape by default, bfloat16 on disk
+like the released model; the "tuned" one differs in two layers; as benchmarks/streaming_weight_diff.py
+does), then measures, each in a fresh process and with one torch thread:
+
+* **one model**: load the base and run one forward pass on a batch of the capability task — the
+  least any diagnosis needs, the yardstick of the target;
+* **the diagnosis**: ``diagnose_checkpoints(..., quick=True, memory="low")`` (what ``capwrap
+  diagnose --quick --memory low`` runs) with every analyzer of ``--quick`` at its batch sizes and
+  sample sizes; ``--steps N`` cuts the reverse fine-tuning, control training and probe-fitting
+  steps (which repeat the same passes and do not change the peak) so that a CPU run ends;
+* optionally (``--normal``) the same diagnosis with both models in memory.
+
+Reported per run: peak resident memory (``ru_maxrss``) and wall time, and for the diagnosis the peak
+reached inside each analyzer (a sampling thread), against the one-model yardstick.
+
+    python benchmarks/low_memory_diagnose.py [--layers 22] [--steps 2] [--normal] [--dir /tmp/big_pair]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+CAPABILITY, DOWNSTREAM = "pcfg=count,operand=a", "pcfg=count,operand=b,correlation=1"
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _Sampler:
+    """The process's resident memory every 50 ms; the peak since the last :meth:`mark`."""
+
+    def __init__(self) -> None:
+        import os
+
+        self._page, self.peak, self._stop = os.sysconf("SC_PAGE_SIZE"), 0, False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.05)
+
+    def mark(self) -> float:
+        peak, self.peak = max(self.peak, self.rss()), self.rss()
+        return peak / 2**30
+
+
+def one_model(root: Path) -> dict:
+    import capwrap
+    from capwrap.tasks.spec import task_from_spec
+
+    t0 = time.perf_counter()
+    model = capwrap.load_model(root / "base")
+    batch = task_from_spec(CAPABILITY, None).sample(64, seed=0)
+    with torch.inference_mode():
+        model(batch.tokens)
+    return {"peak_rss_gb": round(_peak_gb(), 2), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def diagnosis(root: Path, memory: str, steps: int | None) -> dict:
+    import capwrap.diagnosis.checkpoints as checkpoints
+    from capwrap.analyzers.base import Analyzer
+    from capwrap.diagnosis import default_analyzers, diagnose_checkpoints
+
+    sampler, peaks = _Sampler(), {}
+    original = Analyzer.__call__
+
+    def measured(self, *args, **kwargs):
+        sampler.mark()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            peaks[self.name] = round(sampler.mark(), 2)
+
+    Analyzer.__call__ = measured
+
+    def analyzers(quick: bool):
+        out = default_analyzers(quick=quick)
+        if steps is not None:
+            for a in out:
+                for attr in ("max_steps", "control_steps", "steps"):
+                    if hasattr(a, attr):
+                        setattr(a, attr, steps)
+        return out
+
+    checkpoints.default_analyzers = analyzers
+    t0 = time.perf_counter()
+    result = diagnose_checkpoints(root / "base", root / "tuned", CAPABILITY, DOWNSTREAM, quick=True, memory=memory,
+                                  progress=False)  # fmt: skip
+    return {
+        "peak_rss_gb": round(_peak_gb(), 2),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "analyzer_peak_rss_gb": peaks,
+        "analyzer_seconds": result.seconds,
+        "verdict": result.verdict,
+    }
+
+
+def _in_fresh_process(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="/tmp/capwrap_low_memory_pair")
+    parser.add_argument("--layers", type=int, default=22, help="TinyLlama has 22")
+    parser.add_argument("--steps", type=int, default=2, help="training/probe steps per analyzer (0: --quick's own)")
+    parser.add_argument("--normal", action="store_true", help="also run with both models in memory")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--run", choices=["one", "low", "normal"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    root = Path(args.dir)
+    steps = args.steps or None
+    if args.run:
+        result = one_model(root) if args.run == "one" else diagnosis(root, args.run, steps)
+        print(json.dumps(result))
+        return
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from streaming_weight_diff import tinyllama_spec, write_pair
+
+    spec = tinyllama_spec(args.layers)
+    if not (root / "tuned" / "model.safetensors").exists():
+        write_pair(spec, root)
+    common = ["--dir", str(root), "--steps", str(args.steps)]
+    report = {"parameters": spec.n_params, "float32_model_gb": round(spec.n_params * 4 / 2**30, 2),
+              "steps": steps or "quick", "torch_threads": 1}  # fmt: skip
+    report["one_model"] = _in_fresh_process([*common, "--run", "one"])
+    report["low"] = _in_fresh_process([*common, "--run", "low"])
+    report["low"]["over_one_model"] = round(report["low"]["peak_rss_gb"] / report["one_model"]["peak_rss_gb"], 2)
+    if args.normal:
+        report["normal"] = _in_fresh_process([*common, "--run", "normal"])
+        report["normal"]["over_one_model"] = round(
+            report["normal"]["peak_rss_gb"] / report["one_model"]["peak_rss_gb"], 2
+        )
+    print(json.dumps(report, indent=2))
+    if not args.keep:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
