@@ -117,7 +117,9 @@ class _Member:
         self.starts = starts
 
     def _tensors(self) -> list[Tensor]:
-        return list(self.model._storage.values())
+        """Everything a change of the weights goes through: the storage tensors and every parameter
+        object of the module (some backends train separate parameters that view the storage)."""
+        return [*self.model._storage.values(), *self.model.module.parameters()]
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in self._tensors())

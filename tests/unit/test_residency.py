@@ -100,6 +100,14 @@ def test_scratch_work_is_undone_and_changes_outside_it_are_kept(small_model, sma
         changed = tuned(tokens)
         base(tokens)
         assert torch.equal(tuned(tokens), changed)
+        # ... and so is an optimizer's step on the module's parameters
+        optimizer = torch.optim.SGD(tuned.parameters(), lr=0.1)
+        tuned(tokens).square().mean().backward()
+        optimizer.step()
+        stepped = tuned(tokens).detach()
+        assert not torch.equal(stepped, changed)
+        base(tokens)
+        assert torch.equal(tuned(tokens), stepped)
 
 
 def test_weights_read_from_a_memory_mapped_checkpoint_become_the_models_own(tmp_path, small_model, small_task):
