@@ -71,10 +71,11 @@ def measure(root: Path) -> dict:
 
 def largest_group(root: Path) -> int:
     """Parameters in the largest group streaming reads at once (embeddings, or one layer)."""
-    from capwrap.analyzers.streaming import _groups, checkpoint_spec
+    from capwrap.analyzers.streaming import checkpoint_spec
+    from capwrap.analyzers.weight_diff import layer_groups
 
     shapes = hf_shapes(checkpoint_spec(root / "base"))
-    return max(sum(shapes[n].numel() for n in group) for group in _groups(list(shapes)))
+    return max(sum(shapes[n].numel() for n in group) for group in layer_groups(list(shapes)))
 
 
 def main() -> None:

@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
@@ -127,10 +126,7 @@ class ModelPair:
     def revert(self, work: CapModel, model: CapModel) -> None:
         """Undo every change made to ``work``, lent by :meth:`scratch` for ``model``."""
         if self.residency is None:
-            with torch.no_grad():
-                source = model.weights()
-                for name, w in work.weights().items():
-                    w.copy_(source[name])
+            work.copy_weights_from(model)
         else:
             self.residency.revert(model)
 

@@ -154,7 +154,7 @@ class Revival(Analyzer):
         for config in configs:
             runs["control"].append(self._control_run(pair, control, capability, batch, threshold, config))
         if self.control is None and pair.residency is not None:
-            pair.residency.remove(control)
+            pair.residency.remove(control, restore=False)  # made here and discarded: not read back
         censored = 2.0 * self.max_steps
         steps = {w: [r[0] if math.isfinite(r[0]) else censored for r in rs] for w, rs in runs.items()}
         value = math.log2(max(float(np.median(steps["control"])), 1.0) / max(float(np.median(steps["tuned"])), 1.0))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,14 +36,13 @@ import pandas as pd
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capwrap.analyzers.weight_diff import _KINDS, GroupChange, accumulate_changes, change_summary
+from capwrap.analyzers.weight_diff import _KINDS, GroupChange, accumulate_changes, change_summary, layer_groups
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["stream_weight_diff", "stream_weight_change", "stream_changes", "StreamedWeightDiff", "checkpoint_spec"]
 
-_LAYER = re.compile(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.")
 
 
 def checkpoint_spec(folder: str | os.PathLike) -> ModelSpec:
@@ -90,19 +88,6 @@ def _stored_files(folder: Path) -> dict[str, Path]:
             return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{single} is corrupt or not a safetensors file ({err})") from None
-
-
-def _groups(names: Sequence[str]) -> list[list[str]]:
-    """Tensor names grouped by layer (in order), the rest (embeddings, final norm) first."""
-    by_layer: dict[int, list[str]] = {}
-    rest = []
-    for name in names:
-        m = _LAYER.search(name)
-        if m:
-            by_layer.setdefault(int(m.group(1)), []).append(name)
-        else:
-            rest.append(name)
-    return [rest] + [by_layer[k] for k in sorted(by_layer)]
 
 
 def _read_group(files: dict[str, tuple[Path, str]], names: list[str]) -> dict[str, Tensor]:
@@ -218,7 +203,7 @@ def stream_changes(
         raise CheckpointError(f"tensors missing from a checkpoint: {missing[:5]}")
 
     def groups() -> Iterator[GroupChange]:
-        for names in tqdm(_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
+        for names in tqdm(layer_groups(list(shapes)), desc="weight diff", disable=not progress, leave=False, unit="layer"):
             base_tensors = _read_group(files_b, names)
             yield canonical_views_of_some(spec, base_tensors), canonical_views_of_some(spec, change(names, base_tensors))
 

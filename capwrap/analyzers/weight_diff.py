@@ -33,6 +33,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -58,8 +59,8 @@ __all__ = [
     "copy_components",
     "effective_rank",
     "graft",
+    "layer_groups",
     "weight_change_table",
-    "weight_groups",
 ]
 
 _KINDS = ("head", "kv_head", "neuron", "attn", "mlp", "embed", "pos_embed", "unembed")
@@ -157,23 +158,29 @@ def accumulate_changes(
     return Changes(table.sort_values("change", ascending=False, ignore_index=True), ranks, total_sq, base_sq)
 
 
-def weight_groups(spec: ModelSpec) -> list[list[str]]:
-    """The canonical weight names in groups: the ones of no block (embeddings, final norm,
-    unembedding) first, then each block's."""
-    blocks: dict[int, list[str]] = {}
+#: A tensor of one layer, by name: checkpoint names (``transformer.h.3.``, ``model.layers.3.``) or
+#: canonical ones (``blocks.3.``).
+_LAYER = re.compile(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.")
+
+
+def layer_groups(names: Sequence[str]) -> list[list[str]]:
+    """Tensor names grouped by layer (in order), the rest (embeddings, final norm, unembedding)
+    first: the groups a weight diff reads one at a time."""
+    by_layer: dict[int, list[str]] = {}
     rest = []
-    for name in canonical_names(spec):
-        if name.startswith("blocks."):
-            blocks.setdefault(int(name.split(".")[1]), []).append(name)
+    for name in names:
+        m = _LAYER.search(name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append(name)
         else:
             rest.append(name)
-    return [rest] + [blocks[k] for k in sorted(blocks)]
+    return [rest] + [by_layer[k] for k in sorted(by_layer)]
 
 
 def _layer_changes(pair: ModelPair) -> Iterator[GroupChange]:
-    """The pair's weights and their change, a group (:func:`weight_groups`) at a time, read with
+    """The pair's weights and their change, a layer (:func:`layer_groups`) at a time, read with
     :meth:`ModelPair.weight` (so that with a residency only one model need be in memory)."""
-    for names in weight_groups(pair.spec):
+    for names in layer_groups(canonical_names(pair.spec)):
         wb = {n: pair.weight(pair.base, n).detach() for n in names}
         yield wb, {n: pair.weight(pair.tuned, n).detach().to(wb[n].device).float() - wb[n].float() for n in names}
 
@@ -210,12 +217,7 @@ def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapM
         into: a model of the same shape to overwrite (reused across grafts to avoid rebuilding
             one); default: a fresh copy of ``base``.
     """
-    out = into if into is not None else base.clone()
-    if into is not None:
-        with torch.no_grad():
-            w_base = base.weights()
-            for name, w in out.weights().items():
-                w.copy_(w_base[name])
+    out = into.copy_weights_from(base) if into is not None else base.clone()
     copy_components(out, tuned.weights().__getitem__, components)
     return out
 

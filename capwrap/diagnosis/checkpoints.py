@@ -11,7 +11,7 @@ from pathlib import Path
 from capwrap.analyzers import ModelPair
 from capwrap.diagnosis.result import Diagnosis, json_default
 from capwrap.diagnosis.rule import VerdictRule
-from capwrap.diagnosis.run import MEMORY_MODES, Memory, default_analyzers, diagnose
+from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
@@ -83,8 +83,7 @@ def diagnose_checkpoints(
     started = time.perf_counter()
     if out is not None:
         check_output_folder(out)
-    if memory not in MEMORY_MODES:
-        raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    check_memory(memory)  # before anything is loaded
     verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
     with contextlib.ExitStack() as stack:
         residency = None

@@ -50,7 +50,7 @@ from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
 from capwrap.tasks.base import Task
 
-__all__ = ["MEMORY_MODES", "Memory", "diagnose", "default_analyzers", "gates"]
+__all__ = ["MEMORY_MODES", "Memory", "check_memory", "diagnose", "default_analyzers", "gates"]
 
 #: How a diagnosis holds its models: both in memory, or taking turns (see :func:`diagnose`).
 Memory = Literal["normal", "low"]
@@ -147,8 +147,7 @@ def diagnose(
         ConfigError: the pair differs in shape, the tasks do not fit, the store is another model's,
             analyzers repeat a name, or the list is empty.
     """
-    if memory not in MEMORY_MODES:
-        raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    check_memory(memory)
     residency, own = None, False
     if memory == "low":
         residency = base._residency or tuned._residency
@@ -160,6 +159,12 @@ def diagnose(
     finally:
         if own:
             residency.close(restore=True)
+
+
+def check_memory(memory: str) -> None:
+    """Raise a clear error unless ``memory`` is one of :data:`MEMORY_MODES`."""
+    if memory not in MEMORY_MODES:
+        raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
 
 
 def _diagnose(

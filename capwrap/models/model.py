@@ -335,6 +335,14 @@ class CapModel:
             return {k: self._storage[_hooked_name(self.spec, k)] for k in canonical_names(self.spec)}
         return canonical_views(self.spec, self._storage, self._layout)  # type: ignore[arg-type]
 
+    @torch.no_grad()
+    def copy_weights_from(self, other: CapModel) -> CapModel:
+        """Overwrite every canonical weight with ``other``'s (a model of the same spec); returns self."""
+        source = other.weights()
+        for name, w in self.weights().items():
+            w.copy_(source[name])
+        return self
+
     def gradients(self) -> dict[str, Tensor]:
         """Canonical views of the current gradients (zeros where a weight got none)."""
         self._use()

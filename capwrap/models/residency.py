@@ -145,8 +145,7 @@ class _Member:
             return
         if not self.written or self.modified():
             self.write()
-        for p in self.model.module.parameters():
-            p.grad = None
+        self.model.module.zero_grad(set_to_none=True)
         if not all(storage.resizable() for storage in self.storages):
             self._collect()  # something shared a weight's memory (tensor.numpy()): the model gets its own again
         for storage in self.storages:
@@ -250,11 +249,12 @@ class Residency:
             self._active = model
         return self.activate(model)
 
-    def remove(self, model: CapModel) -> None:
-        """End ``model``'s membership: it is brought back into memory if released (beside the
-        resident member, if any) and its file is deleted."""
+    def remove(self, model: CapModel, restore: bool = True) -> None:
+        """End ``model``'s membership and delete its file. With ``restore`` a released model is
+        brought back into memory (beside the resident member, if any); without, a released model
+        stays empty (for a model that is discarded: a control)."""
         member = self._member(model)
-        if not member.resident:
+        if restore and not member.resident:
             member.restore()
         member.hook.remove()
         member.path.unlink(missing_ok=True)
@@ -313,8 +313,6 @@ class Residency:
             yield model
         finally:
             self._lent.discard(id(model))
-            for p in model.module.parameters():
-                p.grad = None
             model.module.zero_grad(set_to_none=True)
             member.restore()
             self._active = model
@@ -341,14 +339,7 @@ class Residency:
         is brought back into memory (all of them at once: their combined size), so the models are
         as they were given; without, released members stay empty (for models that are discarded)."""
         for member in list(self._members.values()):
-            if restore:
-                self.remove(member.model)
-            else:
-                member.hook.remove()
-                member.path.unlink(missing_ok=True)
-                member.model._residency = None
-        self._members.clear()
-        self._active = None
+            self.remove(member.model, restore)
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -62,6 +62,19 @@ def test_members_take_turns_and_come_back_bit_for_bit(small_model, small_task):
     assert torch.equal(base(tokens), expected["base"][1]) and torch.equal(tuned(tokens), expected["tuned"][1])
 
 
+def test_a_discarded_member_is_not_read_back(small_model):
+    base, control = small_model, _perturbed(small_model)
+    storages = _weight_storages(control)
+    with Residency() as residency:
+        residency.add(control)
+        residency.add(base)  # control released
+        residency.remove(control, restore=False)
+        assert control not in residency and control._residency is None
+        assert _freed(storages)  # no memory spent on a model about to be dropped
+        residency.add(_perturbed(base, seed=1))  # the others keep taking turns
+        assert not residency.is_resident(base)
+
+
 def test_a_released_models_weights_are_read_one_at_a_time(small_model):
     base, tuned = small_model, _perturbed(small_model)
     want, storages = _snapshot(tuned), _weight_storages(tuned)
