@@ -15,7 +15,7 @@ does), then measures, each in a fresh process and with one torch thread:
 Reported per run: peak resident memory (``ru_maxrss``) and wall time, and for the diagnosis the peak
 reached inside each analyzer (a sampling thread), against the one-model yardstick.
 
-    python benchmarks/low_memory_diagnose.py [--layers 22] [--steps 2] [--normal] [--dir /tmp/big_pair]
+    python benchmarks/low_memory_diagnose.py [--layers 22] [--steps 2] [--normal] [--only pruning ...] [--dir /tmp/big_pair]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def one_model(root: Path) -> dict:
     return {"peak_rss_gb": round(_peak_gb(), 2), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def diagnosis(root: Path, memory: str, steps: int | None) -> dict:
+def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None = None) -> dict:
     import capwrap.diagnosis.checkpoints as checkpoints
     from capwrap.analyzers.base import Analyzer
     from capwrap.diagnosis import default_analyzers, diagnose_checkpoints
@@ -93,7 +93,7 @@ def diagnosis(root: Path, memory: str, steps: int | None) -> dict:
     Analyzer.__call__ = measured
 
     def analyzers(quick: bool):
-        out = default_analyzers(quick=quick)
+        out = [a for a in default_analyzers(quick=quick) if not only or a.name in only]
         if steps is not None:
             for a in out:
                 for attr in ("max_steps", "control_steps", "steps"):
@@ -128,13 +128,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="training/probe steps per analyzer (0: --quick's own)")
     parser.add_argument("--normal", action="store_true", help="also run with both models in memory")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--only", nargs="+", metavar="ANALYZER", help="run only these analyzers (by name)")
     parser.add_argument("--run", choices=["one", "low", "normal"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(args.dir)
     steps = args.steps or None
     if args.run:
-        result = one_model(root) if args.run == "one" else diagnosis(root, args.run, steps)
+        result = one_model(root) if args.run == "one" else diagnosis(root, args.run, steps, args.only)
         print(json.dumps(result))
         return
 
@@ -144,7 +145,7 @@ def main() -> None:
     spec = tinyllama_spec(args.layers)
     if not (root / "tuned" / "model.safetensors").exists():
         write_pair(spec, root)
-    common = ["--dir", str(root), "--steps", str(args.steps)]
+    common = ["--dir", str(root), "--steps", str(args.steps)] + (["--only", *args.only] if args.only else [])
     report = {"parameters": spec.n_params, "float32_model_gb": round(spec.n_params * 4 / 2**30, 2),
               "steps": steps or "quick", "torch_threads": 1}  # fmt: skip
     report["one_model"] = _in_fresh_process([*common, "--run", "one"])

@@ -1,12 +1,14 @@
 """Benchmark: wall-time overhead of recording a Hugging Face ``Trainer`` run with ``RecorderCallback``.
 
 The demo's fine-tuning (the shipped base model as a ``GPT2LMHeadModel``; count b with C_Tr = 1;
-batch 96; AdamW, lr 3e-5, warmup + cosine) run by ``transformers.Trainer`` with and without a
+the demo's batch, 48; AdamW, lr 3e-5, warmup + cosine) run by ``transformers.Trainer`` with and without a
 ``RecorderCallback`` at the demo's recording settings: every ``blocks.*.hook_resid_post`` on a
 256-sequence probe batch every 10 steps, plus per-component weight-change and gradient norms.
 ``--lora`` trains a peft LoRA adapter (r 8 on c_attn and c_fc, lr 1e-3) instead of every weight.
 Runs alternate (off, on, off, on, ...) so drifts in machine load hit both alike; the median of each
-is reported, with the bare probe forward passes (the floor of any recorder) as a share of the run.
+is reported, with the bare probe forward passes (the floor of any recorder) as a share of the run:
+at these settings the probe's 256 sequences are 5.3 training batches, and a forward pass costs about
+a third of a training step per sequence, so recording activations costs ~1.6 steps every 10.
 
     python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--lora]
 """
@@ -62,18 +64,26 @@ def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data) ->
     return elapsed
 
 
-def probe_forward_seconds(lora: bool) -> float:
-    """One bare forward pass of the wrapped model over the probe batch, in chunks of 64 as the recorder runs it."""
+def probe_forward_seconds(lora: bool) -> tuple[float, float]:
+    """One pass over the probe batch in chunks of 64, as the recorder runs it: through the plain
+    Hugging Face model (the floor of any recorder), and capwrap's capture through the wrapped model's hooks."""
+    plain = make_model(lora)
     model = wrap_hf_model(make_model(lora))
     tokens = demo_tasks()["capability"].sample(256, seed=0).tokens
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
+    hooks = model.resolve_hooks("blocks.*.hook_resid_post")
+
+    def bare() -> None:
         with torch.inference_mode():
             for start in range(0, len(tokens), 64):
-                model(tokens[start : start + 64])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+                plain(tokens[start : start + 64])
+
+    times: dict[str, list[float]] = {"bare": [], "capture": []}
+    for _ in range(6):  # alternating; the first of each is a warm-up
+        for name, fn in (("bare", bare), ("capture", lambda: model.capture(tokens, hooks, batch_size=64))):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["bare"][1:]), statistics.median(times["capture"][1:])
 
 
 def main() -> None:
@@ -94,7 +104,8 @@ def main() -> None:
             for record in (False, True):
                 times[record].append(one_run(args.steps, record, args.lora, r, out, data))
         off, on = statistics.median(times[False]), statistics.median(times[True])
-        floor = probe_forward_seconds(args.lora) * (args.steps // 10)
+        bare, capture = probe_forward_seconds(args.lora)
+        records = args.steps // 10 + 1
         size = sum(f.stat().st_size for f in (out / "run0").rglob("*") if f.is_file())
         result = {
             "training": "LoRA r=8 (c_attn, c_fc)" if args.lora else "full fine-tuning",
@@ -104,7 +115,9 @@ def main() -> None:
             "seconds_without": round(off, 2),
             "seconds_with": round(on, 2),
             "overhead_percent": round(100 * (on - off) / off, 1),
-            "probe_forwards_percent": round(100 * floor / off, 1),
+            "probe_forwards_percent": round(100 * bare * records / off, 1),
+            "capture_percent": round(100 * capture * records / off, 1),
+            "seconds_per_step_without": round(off / args.steps, 3),
             "store_megabytes": round(size / 2**20, 1),
             "runs": {"without": [round(t, 2) for t in times[False]], "with": [round(t, 2) for t in times[True]]},
         }

@@ -70,3 +70,21 @@ def stories260k() -> Path:
     if not (path / "model.safetensors").exists():
         pytest.skip("the shared TinyStories checkpoint (../shared/data/tinystories/stories260K) is absent")
     return path
+
+
+@pytest.fixture
+def weight_gradient_unit_scores():
+    """The definition pruning's ``grad_x_weight`` implements: Σ gradient ⊙ weight of the answer loss
+    over each unit's weights, from the weights' own gradients; a function ``(model, batch, kind)``."""
+    from capwrap.tasks import answer_loss
+
+    def scores(model, batch, kind: str) -> dict[str, float]:
+        model.module.zero_grad(set_to_none=True)
+        answer_loss(model(batch.tokens), batch).backward()
+        grads, weights = model.gradients(), model.weights()
+        out = {c.name: float(sum((sl.of(grads) * sl.of(weights).detach()).sum() for sl in c.slices))
+               for c in model.components.select(kind)}  # fmt: skip
+        model.module.zero_grad(set_to_none=True)
+        return out
+
+    return scores

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -233,10 +233,9 @@ def activation_patching(
     target.resolve_hooks(hooks)  # a clear error if the backend lacks one
     device = target.device
     batch = batch.to(device)
-    with torch.inference_mode():
+    with torch.inference_mode():  # each model's logits only while its metric is read
         target_base = metric(answer_logits(target(batch.tokens), batch), batch).float()
-        source_logits = source(source_tokens.to(source.device)).to(device)
-        source_base = metric(answer_logits(source_logits, batch), batch).float()
+        source_base = metric(answer_logits(source(source_tokens.to(source.device)).to(device), batch), batch).float()
     if method == "exact" and engine == "resumed":
         values = _resumed(target, source, batch, source_tokens, index, metric, memory_mb, progress)
     else:
@@ -303,19 +302,23 @@ def _resumed(
     """
     # The source first: with a residency (diagnose(memory="low")) the models take turns in memory,
     # and the target's weights must stay in memory from here on.
-    src = _to_device(Functional(source).trace(source_tokens.to(source.device)), target.device)
+    # Neither trace keeps its logits (for a large vocabulary they outweigh the rest): the baseline
+    # unembeds the answer positions only.
+    src = Functional(source).trace(source_tokens.to(source.device), logits=False)
+    read = {"z" if site == "head" else site for site in set(index["site"])}  # what the patches take from the source
+    src = _to_device(replace(src, **{f.name: [] for f in fields(src) if f.name not in read | {"logits"}}), target.device)
     fn = Functional(target)
-    tgt = fn.trace(batch.tokens)
+    tgt = fn.trace(batch.tokens, logits=False)
     n_batch, seq_len = batch.tokens.shape
     n_layers = target.spec.n_layers
     answer_pos = batch.answer_pos.to(target.device)
     end = int(answer_pos.max()) + 1 if fn.causal else seq_len
-    baseline = metric(answer_logits(tgt.logits, batch), batch).float().cpu()
+    rows = torch.arange(n_batch, device=answer_pos.device)
+    baseline = metric(fn.unembed(tgt.resid_post[-1][rows, answer_pos]), batch).float().cpu()
     out = baseline.repeat(len(index), 1)
 
-    # Each patch as (entry layer, stage, first changed position, delta [batch, pos, d_model]).
-    plans: dict[tuple[int, str, int], list[tuple[int, Tensor]]] = {}
-    for i, (site, layer, pos, head) in enumerate(index[["site", "layer", "pos", "head"]].itertuples(index=False)):
+    def delta(site: str, layer: int, pos: int, head: int) -> Tensor:
+        """What the patch adds to the residual stream where it enters, ``[batch, pos, d_model]``."""
         if head >= 0:  # what the head's change adds to the residual stream
             diff = fn.head_delta(layer, head, tgt.z[layer], src.z[layer])
         else:
@@ -324,14 +327,20 @@ def _resumed(
             keep = torch.zeros(seq_len, 1, device=diff.device)
             keep[pos] = 1
             diff = diff * keep
-        changed = diff.abs().amax((0, 2)) > 0  # [pos]
+        return diff
+
+    # Each patch as (entry layer, stage, first changed position) -> its rows; the deltas are made
+    # again when their chunk runs, so that memory holds one chunk's, not every patch's.
+    plans: dict[tuple[int, str, int], list[tuple[int, tuple[str, int, int, int]]]] = {}
+    for i, patch in enumerate(index[["site", "layer", "pos", "head"]].itertuples(index=False)):
+        changed = delta(*patch).abs().amax((0, 2)) > 0  # [pos]
         if fn.causal:
             changed[end:] = False
         if not bool(changed.any()):
             continue  # the patch writes what is already there: the metric is the baseline
         p0 = int(changed.nonzero()[0]) if fn.causal else 0
-        entry_layer, stage = fn.entry(site, layer)
-        plans.setdefault((entry_layer, stage, p0), []).append((i, diff[:, p0:end]))
+        entry_layer, stage = fn.entry(patch[0], patch[1])
+        plans.setdefault((entry_layer, stage, p0), []).append((i, tuple(patch)))
 
     bar = tqdm(total=len(index), desc="patching", disable=not progress, leave=False, unit="patch")
     bar.update(len(index) - sum(len(v) for v in plans.values()))
@@ -348,7 +357,7 @@ def _resumed(
         for c in range(0, len(patches), chunk):
             part = patches[c : c + chunk]
             n = len(part)
-            resid = (start_resid.unsqueeze(0) + torch.stack([d for _, d in part])).flatten(0, 1)
+            resid = (start_resid.unsqueeze(0) + torch.stack([delta(*p)[:, p0:end] for _, p in part])).flatten(0, 1)
             if entry_layer < n_layers:
                 resid = fn.resume(resid, entry_layer, stage, p0, tgt)
             final = resid.view(n, n_batch, width, -1)[:, torch.arange(n_batch), rel]  # [n, batch, d_model]

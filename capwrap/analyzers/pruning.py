@@ -5,7 +5,9 @@ K: if the fine-tuned model only wraps the capability, removing a handful of unit
 restores it. Three scores, at three granularities:
 
 * ``grad_x_weight`` (the paper's): Σ gradient ⊙ weight of the capability loss over the unit's
-  weights — to first order, how much zeroing the unit *lowers* that loss; the highest are pruned;
+  weights — to first order, how much zeroing the unit *lowers* that loss; the highest are pruned.
+  For heads and neurons it is read off activations and their gradients
+  (:func:`unit_gradient_scores`: no weight gradient is held);
 * ``magnitude``: Σ |weight| — the classic baseline; the smallest are pruned;
 * ``wanda``: |weight| × ‖input activation‖ (Sun et al., 2023), summed over the unit; the smallest
   are pruned;
@@ -43,7 +45,7 @@ from capwrap.errors import ConfigError
 from capwrap.models import CapModel, ParamSlice
 from capwrap.tasks.base import Task, TaskBatch, accuracy, answer_loss
 
-__all__ = ["Pruning", "unit_scores", "prune"]
+__all__ = ["Pruning", "unit_scores", "unit_gradient_scores", "prune"]
 
 Method = Literal["grad_x_weight", "magnitude", "wanda"]
 Granularity = Literal["neuron", "head", "weight"]
@@ -112,6 +114,10 @@ def unit_scores(
     if granularity not in ("neuron", "head", "weight"):
         raise ConfigError(f"unknown granularity {granularity!r}; choose 'neuron', 'head' or 'weight'")
     batch = task.sample(n, seed=seed).to(model.device)
+    if method == "grad_x_weight" and granularity != "weight":
+        scores = unit_gradient_scores(model, batch, granularity)
+        table = pd.DataFrame({"unit": list(scores), "score": list(scores.values())})
+        return table.sort_values("score", ascending=False, ignore_index=True)
     if method == "grad_x_weight":
         _accumulate_gradients(model, batch)
         grads = model.gradients()
@@ -140,6 +146,70 @@ def unit_scores(
         table = pd.DataFrame({"unit": [c.name for c in comps], "score": scores})
     model.module.zero_grad(set_to_none=True)
     return table.sort_values("score", ascending=not _PRUNE_HIGHEST[method], ignore_index=True)
+
+
+#: Where a unit's Σ weight ⊙ gradient adds up in the forward pass. For a linear map ``y = x W + b``,
+#: Σ W ⊙ ∂L/∂W + b ⊙ ∂L/∂b over the map's output features ``j`` is Σ y_j ∂L/∂y_j over the batch
+#: and positions, and over its input features ``i`` (no bias) Σ x_i ∂L/∂x_i. A head owns the
+#: output features of W_Q/W_K/W_V (read at ``hook_q``/``hook_k``/``hook_v``, which include the
+#: biases) and the input features of W_O (``hook_z``); a neuron the output feature of W_in
+#: (``hook_pre``, or ``hook_pre_linear`` when the MLP is gated and ``hook_pre`` is the gate's) and
+#: of W_gate, and the input feature of W_out (``hook_post``).
+_UNIT_HOOKS: dict[str, str] = {
+    "attn.W_Q": "attn.hook_q", "attn.W_K": "attn.hook_k", "attn.W_V": "attn.hook_v", "attn.W_O": "attn.hook_z",
+    "mlp.W_in": "mlp.hook_pre", "mlp.W_out": "mlp.hook_post",
+}  # fmt: skip
+_GATED_UNIT_HOOKS: dict[str, str] = {"mlp.W_in": "mlp.hook_pre_linear", "mlp.W_gate": "mlp.hook_pre"}
+#: Each weight's bias is part of the hooked output it is added to.
+_BIAS_OF = {"attn.b_Q": "attn.W_Q", "attn.b_K": "attn.W_K", "attn.b_V": "attn.W_V", "mlp.b_in": "mlp.W_in"}
+
+
+def unit_gradient_scores(model: CapModel, batch: TaskBatch, granularity: Literal["neuron", "head"]) -> dict[str, float]:
+    """Σ gradient ⊙ weight of the answer loss over each head's or neuron's weights, read from the
+    activations and their gradients (``_UNIT_HOOKS``) instead of the weights' gradients: no weight
+    gradient is computed or held, so it needs the memory of the forward pass, not of a second model.
+
+    Passes of :meth:`~capwrap.models.CapModel.rows_per_pass` sequences, each weighted by its share, so
+    the result is the whole batch's mean-loss score; equal to the weight-gradient route to float
+    precision (checked on every architecture capwrap supports, on both backends).
+    """
+    comps = model.components.select(granularity)
+    table = _UNIT_HOOKS | (_GATED_UNIT_HOOKS if model.spec.features.gated else {})
+    per_comp: list[tuple[str, int, int, list[str]]] = []  # name, layer, index, hooks
+    for comp in comps:
+        params = {sl.param.split(".", 2)[2] for sl in comp.slices}
+        hooks = sorted({table[_BIAS_OF.get(p, p)] for p in params})
+        assert comp.layer is not None and comp.index is not None
+        per_comp.append((comp.name, comp.layer, comp.index, hooks))
+    names = sorted({f"blocks.{layer}.{h}" for _, layer, _, hooks in per_comp for h in hooks})
+    sums: dict[str, Tensor | None] = dict.fromkeys(names)
+    step = model.rows_per_pass(batch.tokens.shape[1], backward=True)
+    acts: dict[str, Tensor] = {}
+    shifts: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def hook(act: Tensor, hook=None) -> Tensor:
+            acts[name] = act.detach()
+            shifts[name] = torch.zeros_like(act, requires_grad=True)  # its gradient is the one at `act`
+            return act + shifts[name]
+
+        return hook
+
+    for start in range(0, len(batch), step):
+        part = batch[start : start + step]
+        with torch.enable_grad(), model.hooks([(n, keep(n)) for n in names]):
+            loss = answer_loss(model(part.tokens), part) * (len(part) / len(batch))
+        grads = torch.autograd.grad(loss, [shifts[n] for n in names], allow_unused=True)
+        for name, grad in zip(names, grads, strict=True):
+            if grad is None:
+                continue
+            product = (acts[name].float() * grad.float()).flatten(0, 1).sum(0)  # [unit] or [head, d_head]
+            product = product.sum(-1) if product.dim() == 2 else product
+            sums[name] = product if sums[name] is None else sums[name] + product
+    return {
+        name: sum(float(sums[f"blocks.{layer}.{h}"][index]) for h in hooks if sums[f"blocks.{layer}.{h}"] is not None)
+        for name, layer, index, hooks in per_comp
+    }
 
 
 def _accumulate_gradients(model: CapModel, batch: TaskBatch) -> None:

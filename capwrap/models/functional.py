@@ -295,8 +295,9 @@ class Functional:
 
     # ---- whole passes ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def trace(self, tokens: Int[Tensor, "batch pos"]) -> Trace:
-        """One full forward pass, keeping every intermediate."""
+    def trace(self, tokens: Int[Tensor, "batch pos"], logits: bool = True) -> Trace:
+        """One full forward pass, keeping every intermediate; ``logits=False`` leaves ``logits`` empty
+        (for a large vocabulary they outweigh the rest: unembed ``resid_post[-1]`` where needed)."""
         out = Trace([], [], [], [], [], [], [], [], torch.empty(0))
         resid = self.embed(tokens.to(self.w["embed.W_E"].device))
         for layer in range(self.spec.n_layers):
@@ -304,7 +305,8 @@ class Functional:
             mid, resid, attn, mlp, z, k, v = self.block(layer, resid)
             out.resid_mid.append(mid), out.resid_post.append(resid)
             out.attn_out.append(attn), out.mlp_out.append(mlp), out.z.append(z), out.k.append(k), out.v.append(v)
-        out.logits = self.unembed(resid)
+        if logits:
+            out.logits = self.unembed(resid)
         return out
 
     @torch.inference_mode()

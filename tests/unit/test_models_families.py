@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from capwrap.analyzers import activation_patching, patch_index, weight_change_table
+from capwrap.analyzers.pruning import unit_gradient_scores
 from capwrap.analyzers.streaming import stream_weight_change
 from capwrap.models import load_model, save_model
 from capwrap.models.families import FAMILIES
@@ -147,6 +148,20 @@ def test_takes_turns_in_a_residency_bit_for_bit(family, folders, backend):
             assert torch.equal(residency.read_weight(base, name), value), name
         assert torch.equal(base(tokens), want["base"]) and torch.equal(tuned(tokens), want["tuned"])
         assert torch.equal(base(tokens), want["base"])
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_pruning_scores_units_from_activations_as_gradient_times_weight(family, folders, backend,
+                                                                       weight_gradient_unit_scores):  # fmt: skip
+    """Pruning reads a head's or neuron's Σ gradient ⊙ weight off hook_q/k/v/z and the MLP hooks:
+    exact on every family's layout (query/key norms, grouped keys, fused and gated projections)."""
+    model = load_model(folders[family][0], backend=backend)
+    tokens = _tokens(4, n=4)
+    batch = TaskBatch(tokens, torch.tensor([SEQ - 1, SEQ - 3, 4, SEQ - 2]), _tokens(5, n=4)[:, 0], {})
+    for kind in ("head", "neuron"):
+        new, reference = unit_gradient_scores(model, batch, kind), weight_gradient_unit_scores(model, batch, kind)
+        torch.testing.assert_close(torch.tensor([new[k] for k in reference]), torch.tensor(list(reference.values())),
+                                   rtol=1e-4, atol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("family", NEW)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from capwrap.analyzers import ModelPair, Pruning, prune, unit_scores
+from capwrap.analyzers.pruning import unit_gradient_scores
 from capwrap.errors import ConfigError
 from capwrap.models import build_model
 from capwrap.tasks import accuracy
@@ -33,6 +34,26 @@ def test_gradient_scores_in_passes_that_fit_the_budget_equal_one_pass(small_mode
     chunked = unit_scores(small_model, small_task, "grad_x_weight", "neuron", n=24).set_index("unit")["score"]
     torch.testing.assert_close(torch.tensor(chunked[whole.index].to_numpy()), torch.tensor(whole.to_numpy()),
                                rtol=1e-4, atol=1e-7)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["head", "neuron"])
+def test_unit_scores_from_activations_equal_gradient_times_weight(small_model, small_task, kind,
+                                                                  weight_gradient_unit_scores):  # fmt: skip
+    """Heads and neurons are scored from activations and their gradients (no weight gradient is
+    held): the same numbers as Σ gradient ⊙ weight, on capwrap's models and on a compiled Tracr model."""
+    from capwrap.tasks.spec import task_from_spec
+    from capwrap.validation.bases import load_base
+
+    tracr = load_base("tracr-counter")
+    for model, task in ((small_model, small_task), (tracr, task_from_spec("tracr=counter,operand=a", model=tracr))):
+        batch = task.sample(16, seed=3)
+        new = unit_gradient_scores(model, batch, kind)
+        reference = weight_gradient_unit_scores(model, batch, kind)
+        scale = max(abs(v) for v in reference.values())
+        assert new.keys() == reference.keys() and scale > 0
+        torch.testing.assert_close(torch.tensor([new[k] for k in reference]), torch.tensor(list(reference.values())),
+                                   rtol=1e-4, atol=1e-5 * scale)  # fmt: skip
+        assert not any(p.grad is not None for p in model.parameters())
 
 
 def test_grad_x_weight_is_the_first_order_loss_change(small_spec, small_task):
