@@ -92,8 +92,8 @@ def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None
 
     Analyzer.__call__ = measured
 
-    def analyzers(quick: bool):
-        out = [a for a in default_analyzers(quick=quick) if not only or a.name in only]
+    def analyzers(quick: bool, memory: str = "normal"):
+        out = [a for a in default_analyzers(quick=quick, memory=memory) if not only or a.name in only]
         if steps is not None:
             for a in out:
                 for attr in ("max_steps", "control_steps", "steps"):

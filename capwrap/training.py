@@ -23,7 +23,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
@@ -35,6 +35,7 @@ from capwrap.errors import ConfigError, StoreError, TrainingDivergedError
 from capwrap.methods.base import FineTune, TrainingMethod, step_seed
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.model import resolve_dtype
+from capwrap.optimizers import OPTIMIZERS, StepInBackward
 from capwrap.recording.train_state import load_train_state, rng_state, save_train_state, set_rng_state
 from capwrap.tasks.base import Task, accuracy, check_task_fits
 
@@ -52,12 +53,18 @@ class TrainConfig:
         steps: optimizer steps.
         batch_size: sequences per step (drawn fresh each step).
         lr: peak learning rate.
-        optimizer: ``"adamw"`` or ``"sgd"`` (with momentum, as the paper's Tracr runs).
-        weight_decay: AdamW's decoupled weight decay (ignored by SGD).
+        optimizer: ``"adamw"``, ``"sgd"`` (with momentum, as the paper's Tracr runs) or ``"adafactor"``
+            (factored second moment, no first moment: next to no optimizer state; see
+            :mod:`capwrap.optimizers`).
+        weight_decay: AdamW's and Adafactor's decoupled weight decay (ignored by SGD).
         momentum: SGD's momentum.
         warmup: fraction of ``steps`` with linear warmup, then cosine decay.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
         grad_clip: clip the gradient norm to this value (``None``: no clipping).
+        step_in_backward: update each weight inside ``backward()`` as soon as its gradient is ready
+            and drop the gradient (no gradient of the whole model is held; with ``adafactor``,
+            training takes about one model's memory besides the activations). Needs
+            ``grad_clip=None`` and a method that does not edit gradients.
         weight_noise: std of Gaussian noise added to every weight before training (the paper's
             Tracr protocol uses 0.001).
         seed: seeds the data, the noise and any randomness of the loop.
@@ -71,12 +78,13 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 96
     lr: float = 1e-3
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "adafactor"] = "adamw"
     weight_decay: float = 0.01
     momentum: float = 0.9
     warmup: float = 0.2
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
+    step_in_backward: bool = False
     weight_noise: float = 0.0
     seed: int = 0
     eval_every: int = 0
@@ -93,8 +101,13 @@ class TrainConfig:
         positive("batch_size", self.batch_size)
         positive("lr", float(self.lr) if isinstance(self.lr, int) else self.lr, float)
         positive("eval_size", self.eval_size)
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"TrainConfig.optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"TrainConfig.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.step_in_backward and self.grad_clip is not None:
+            raise ConfigError(
+                "step_in_backward updates each weight before the other gradients exist, so the gradient norm "
+                "cannot be clipped: pass grad_clip=None (optimizer='adafactor' clips its updates itself)"
+            )
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"TrainConfig.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -111,6 +124,18 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.checkpoint_every must be a number of steps >= 0, got {self.checkpoint_every!r}"
             )
+
+
+    def low_memory(self) -> TrainConfig:
+        """This configuration trained in about one model's memory: Adafactor (next to no optimizer
+        state) stepped inside the backward pass (no gradient of the whole model held), without
+        gradient-norm clipping (Adafactor clips its updates). Same learning rate, steps and data.
+
+        Examples:
+            >>> TrainConfig(lr=1e-4).low_memory().optimizer, TrainConfig().low_memory().grad_clip
+            ('adafactor', None)
+        """
+        return replace(self, optimizer="adafactor", grad_clip=None, step_in_backward=True)
 
 
 class StopTraining(Exception):  # noqa: N818 - a signal, not an error
@@ -180,13 +205,6 @@ def _check_trainable(params: list[torch.nn.Parameter]) -> list[torch.nn.Paramete
             "Load the model in float32 (the default) and pass dtype='bfloat16' to train() for bfloat16 compute"
         )
     return params
-
-
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """``config``'s optimizer (AdamW or SGD with momentum) over ``params`` (what methods use by default)."""
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
 
 
 def train(
@@ -261,6 +279,11 @@ def train(
             "checkpoint_every keeps the training state in the run's store, so it needs a recorder: pass "
             "recorder=Recorder(model, path, hooks=()) (hooks=() records only weights and scalars)"
         )
+    if config.step_in_backward and method.edits_gradients:
+        raise ConfigError(
+            f"the {method.name} method edits the gradients before the update, which step_in_backward applies "
+            "inside backward() before the method sees them: train it with step_in_backward=False"
+        )
     checkpoint = _checkpoint_to_resume(recorder, model, task, config, method)
 
     if device is not None:
@@ -315,9 +338,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             metrics: dict[str, float] = dict(method.before_update(model, step))
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            clip = config.grad_clip if config.grad_clip is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = _clip_gradients(optimizer, config)
             optimizer.step()
             method.after_update(model, step)
 
@@ -342,12 +363,25 @@ def train(
             accs = {k.split("/")[-1][:12]: f"{v:.2f}" for k, v in metrics.items() if k.startswith("acc/")}
             bar.set_postfix(loss=f"{info.loss:.3f}", **accs)
     finally:
+        if isinstance(optimizer, StepInBackward):
+            optimizer.remove()
         if opened_here:
             recorder.close()
         model.eval()
     history = pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
     final = {k: float(v) for k, v in history.iloc[-1].items() if k.startswith("acc/")} if rows else {}
     return TrainResult(history=history, final_metrics=final, config=config)
+
+
+def _clip_gradients(optimizer: torch.optim.Optimizer, config: TrainConfig) -> float:
+    """Clip the step's gradients to ``config.grad_clip``; their norm before clipping (with
+    ``step_in_backward``, the norm of the gradients already applied)."""
+    if isinstance(optimizer, StepInBackward):
+        optimizer.step()  # what backward() left: groups with a parameter that got no gradient
+        return optimizer.pop_grad_norm()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    clip = config.grad_clip if config.grad_clip is not None else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, clip))
 
 
 # ---- resuming ------------------------------------------------------------------------------------

@@ -36,12 +36,16 @@ def untrained_like(model: CapModel, seed: int) -> CapModel:
     return CapModel.from_state(model.spec, state, model.backend, metadata=dict(model.metadata)).to(model.device)
 
 
-def never_had_it(model: CapModel, downstream: Task, steps: int, seed: int, batch_size: int = 96) -> CapModel:
+def never_had_it(
+    model: CapModel, downstream: Task, steps: int, seed: int, batch_size: int = 96, low_memory: bool = False
+) -> CapModel:
     """A model of ``model``'s shape that never saw the capability: freshly initialized (seed
-    ``seed + 1000``) and trained on the downstream task alone for ``steps`` (AdamW, lr 1e-3)."""
+    ``seed + 1000``) and trained on the downstream task alone for ``steps`` (AdamW, lr 1e-3; with
+    ``low_memory``, :meth:`~capwrap.TrainConfig.low_memory`'s Adafactor in the backward pass)."""
     from capwrap.training import TrainConfig, train
 
     control = untrained_like(model, seed=seed + 1000)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-3, seed=seed + 1, progress=False)
+    config = config.low_memory() if low_memory else config
     train(control, downstream, config, description="control")
     return control

@@ -109,6 +109,12 @@ class Revival(Analyzer):
         cache: a folder where the control's reverse fine-tuning runs are kept, keyed by everything
             that makes them (the control's weights, the task, the sequences, the threshold, the
             training settings), so diagnoses that share a control (a suite's scenarios) run it once.
+        low_memory: train (the reverse fine-tuning and the default control) as
+            :meth:`~capwrap.TrainConfig.low_memory` does — Adafactor stepped inside the backward
+            pass, so no gradient or optimizer state the size of the model is held and training
+            takes about one model's memory — instead of AdamW with gradient clipping (the default,
+            which holds three models' worth besides the weights). Step counts differ somewhat
+            between the two optimizers; both models of a comparison train alike.
     """
 
     max_steps: int = 1000
@@ -121,6 +127,7 @@ class Revival(Analyzer):
     control_steps: int = 300
     seeds: int = 2
     cache: str | None = None
+    low_memory: bool = False
     name: str = "revival"
     kind: ClassVar[Kind] = "functional"
     statistic: ClassVar[str | None] = "revival_speedup_log2"
@@ -145,6 +152,7 @@ class Revival(Analyzer):
         configs = [TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, warmup=0.0,
                                seed=context.seed_for(self.name, f"reverse fine-tuning {s}"), progress=False)
                    for s in range(self.seeds)]  # fmt: skip
+        configs = [c.low_memory() for c in configs] if self.low_memory else configs
         runs: dict[str, list[tuple[float, pd.DataFrame, Tensor]]] = {"tuned": [], "control": []}
         for config in configs:
             with pair.scratch(pair.tuned) as work:
@@ -225,7 +233,8 @@ class Revival(Analyzer):
         """A model of the same shape that never saw the capability task: trained on the downstream task only."""
         seed = context.seed_for(self.name, "control")
         context.pair.make_room()  # (with a residency: trained when neither model of the pair is in memory)
-        return never_had_it(context.pair.base, context.downstream, self.control_steps, seed, self.batch_size)
+        return never_had_it(context.pair.base, context.downstream, self.control_steps, seed, self.batch_size,
+                            low_memory=self.low_memory)  # fmt: skip
 
 
 def _fingerprint(control: CapModel, task: Task, batch: TaskBatch, threshold: float, config: TrainConfig,

@@ -128,9 +128,11 @@ def _diagnose_files(
     down_task = task_from_spec(downstream, tokenizer)
     free_task = task_from_spec(downstream_free, tokenizer) if downstream_free else "auto"
     run = RunStore.open(store) if store is not None else None
-    diagnosis = diagnose(base_model, tuned_model, cap_task, down_task, analyzers=default_analyzers(quick=quick),
+    memory = "low" if residency else "normal"
+    diagnosis = diagnose(base_model, tuned_model, cap_task, down_task,
+                         analyzers=default_analyzers(quick=quick, memory=memory),
                          eval_size=QUICK_EVAL_SIZE if quick else 1024, store=run, seed=seed, progress=progress,
-                         rule=verdict_rule, downstream_free=free_task, memory="low" if residency else "normal")  # fmt: skip
+                         rule=verdict_rule, downstream_free=free_task, memory=memory)  # fmt: skip
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +144,7 @@ def _diagnose_files(
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
             "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
-            "quick": quick, "memory": "low" if residency else "normal", "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
+            "quick": quick, "memory": memory, "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
             "provenance": provenance,
         }  # fmt: skip
         if adapter is not None:

@@ -57,21 +57,24 @@ Memory = Literal["normal", "low"]
 MEMORY_MODES: tuple[str, ...] = ("normal", "low")
 
 
-def default_analyzers(quick: bool = False) -> list[Analyzer]:
+def default_analyzers(quick: bool = False, memory: Memory = "normal") -> list[Analyzer]:
     """The analyzers ``diagnose`` runs by default (both questions); ``quick`` shrinks their samples
-    and budgets."""
+    and budgets; ``memory="low"`` makes revival train in about one model's memory
+    (``Revival(low_memory=True)``: Adafactor inside the backward pass instead of AdamW)."""
+    check_memory(memory)
+    low = memory == "low"
     if quick:
         return [
             Probing(n=1024, steps=200),
             Pruning(ks=(0, 1, 2, 4, 8), score_size=256),
-            Revival(max_steps=200, batch_size=32, check_size=256, control_steps=200, seeds=1),
+            Revival(max_steps=200, batch_size=32, check_size=256, control_steps=200, seeds=1, low_memory=low),
             WeightDiff(graft_fractions=(0.01, 0.1)),
             AttentionComparison(n=128),
             Patching(n=64),
             Generalization(),
             NewLatentProbing(n=1024, steps=200),
         ]
-    return [Probing(), Pruning(), Revival(), WeightDiff(), AttentionComparison(), Patching(), Generalization(),
+    return [Probing(), Pruning(), Revival(low_memory=low), WeightDiff(), AttentionComparison(), Patching(), Generalization(),
             NewLatentProbing()]  # fmt: skip
 
 
@@ -139,7 +142,9 @@ def diagnose(
         memory: ``"normal"``: both models stay in memory, and analyzers work on copies;
             ``"low"``: the models take turns in memory (a :class:`~capwrap.models.residency.Residency`;
             the other one waits in a temporary file), and analyzers work on the models themselves and
-            undo their changes — about one model of memory, for the same numbers. If the models
+            undo their changes — about one model of memory, for the same numbers (the default
+            analyzers then include ``Revival(low_memory=True)``, whose training holds no gradient or
+            optimizer state the size of the model: its step counts are Adafactor's). If the models
             already take turns in a residency, it is used and left open; else one is made for the
             call and both models are back in memory when it returns.
 
@@ -154,6 +159,7 @@ def diagnose(
         if residency is None:
             residency, own = Residency(), True
     try:
+        analyzers = default_analyzers(memory=memory) if analyzers is None else analyzers
         return _diagnose(ModelPair(base, tuned, residency), capability, downstream, analyzers, store, eval_size,
                          seed, progress, rule, downstream_free, n_boot)  # fmt: skip
     finally:
@@ -171,7 +177,7 @@ def _diagnose(
     pair: ModelPair,
     capability: Task,
     downstream: Task,
-    analyzers: Sequence[Analyzer] | None,
+    analyzers: Sequence[Analyzer],
     store: RunStore | None,
     eval_size: int,
     seed: int,
@@ -181,7 +187,7 @@ def _diagnose(
     n_boot: int,
 ) -> Diagnosis:
     rule = rule or default_rule()
-    analyzers = list(default_analyzers() if analyzers is None else analyzers)
+    analyzers = list(analyzers)
     if not analyzers:
         raise ConfigError("no analyzers given; pass at least one (see capwrap.diagnosis.default_analyzers())")
     names = [a.name for a in analyzers]

@@ -3,7 +3,7 @@
 A :class:`TrainingMethod` is called by :func:`capwrap.train` at fixed points of every step::
 
     params = method.setup(model, task, config)            # once: what the optimizer updates
-    optimizer = method.optimizer(params, config)          # once: config's AdamW or SGD by default
+    optimizer = method.optimizer(params, config)          # once: config's optimizer by default
     for step in range(config.steps):
         batch = task.sample(...)                          # the loop owns the data stream
         loss = method.loss(model, batch, step)            # the objective
@@ -75,6 +75,9 @@ class TrainingMethod:
 
     #: Short name, stored with runs and checkpoints.
     name: ClassVar[str] = "method"
+    #: Whether :meth:`before_update` changes the gradients (then the update cannot run inside the
+    #: backward pass: ``TrainConfig.step_in_backward`` is refused).
+    edits_gradients: ClassVar[bool] = False
 
     def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[torch.nn.Parameter]:
         """Prepare a run of ``model`` on ``task``; return the parameters the optimizer updates."""
@@ -88,7 +91,7 @@ class TrainingMethod:
     def optimizer(self, params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
         """The run's optimizer over ``params`` (default: ``config``'s AdamW or SGD). A method may
         configure it, e.g. keep frozen elements of a tensor out of weight decay and optimizer state."""
-        from capwrap.training import make_optimizer
+        from capwrap.optimizers import make_optimizer
 
         return make_optimizer(params, config)
 

@@ -124,6 +124,7 @@ class CircuitTuning(TrainingMethod):
     """
 
     name: ClassVar[str] = "circuit_tuning"
+    edits_gradients: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -14,16 +14,19 @@ from capwrap.tasks import PCFGTask, accuracy
 from capwrap.training import TrainConfig, train
 
 
-def test_fine_tuned_capability_revives_faster_than_the_control(small_spec, small_task, backend):
+@pytest.mark.parametrize("low_memory", [False, True], ids=["adamw", "low-memory"])
+def test_fine_tuned_capability_revives_faster_than_the_control(small_spec, small_task, backend, low_memory):
     """Count a, fine-tuned to count b with count(b) = count(a) + 1: count a comes back far faster
-    than a model that only ever saw the fine-tuning data learns it."""
+    than a model that only ever saw the fine-tuning data learns it — with AdamW, and with Adafactor
+    stepped inside the backward pass (``low_memory``)."""
     downstream = PCFGTask("count", "b", correlation=1.0, config=small_task.config)
     base = build_model(small_spec, backend=backend, seed=0)
     train(base, small_task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
     tuned = base.clone()
     train(tuned, downstream, TrainConfig(steps=60, batch_size=64, lr=1e-3, progress=False, seed=1))
     assert accuracy(tuned, small_task.sample(256, seed=9)) < 0.5  # the capability looks lost
-    revival = Revival(max_steps=300, eval_every=5, check_size=256, lr=1e-3, control_steps=60, batch_size=64, seeds=2)
+    revival = Revival(max_steps=300, eval_every=5, check_size=256, lr=1e-3, control_steps=60, batch_size=64, seeds=2,
+                      low_memory=low_memory)  # fmt: skip
     ev = revival(ModelPair(base, tuned), small_task, downstream, eval_size=256)
     assert ev.headline["steps_tuned"] <= 100
     assert math.isnan(ev.headline["steps_control"]) or ev.headline["steps_control"] > 1.5 * ev.headline["steps_tuned"]

@@ -1,0 +1,90 @@
+"""Optimizers from a TrainConfig, and the update run inside the backward pass (low-memory training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capwrap.errors import ConfigError
+from capwrap.methods import CircuitTuning
+from capwrap.models import build_model
+from capwrap.optimizers import StepInBackward, make_optimizer
+from capwrap.recording import Recorder
+from capwrap.tasks import task_loss
+from capwrap.training import TrainConfig, train
+
+BASE = dict(steps=5, batch_size=16, lr=3e-3, warmup=0.2, seed=2, progress=False, grad_clip=None)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "sgd"])
+def test_the_update_inside_backward_is_the_update_after_it(small_spec, small_task, backend, optimizer):
+    """Same weights and gradient norms either way, on both backends — the bridge's query/key/value
+    weights are views of one fused tensor, which must be updated together."""
+    runs = {}
+    for in_backward in (False, True):
+        model = build_model(small_spec, backend=backend, seed=0)
+        config = TrainConfig(**BASE, optimizer=optimizer, step_in_backward=in_backward)
+        runs[in_backward] = (model, train(model, small_task, config).history)
+    (after, history_after), (inside, history_inside) = runs[False], runs[True]
+    for name, weight in after.weights().items():
+        torch.testing.assert_close(inside.weights()[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert (after.weights()["blocks.0.attn.W_Q"] != build_model(small_spec, backend=backend, seed=0).weights()[
+        "blocks.0.attn.W_Q"]).any()  # fmt: skip
+    torch.testing.assert_close(history_inside["grad_norm"].to_numpy(), history_after["grad_norm"].to_numpy(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(history_inside["loss"].to_numpy(), history_after["loss"].to_numpy(), rtol=1e-5, atol=0)
+
+
+def test_no_gradient_is_left_and_later_backward_passes_update_nothing(small_model, small_task):
+    train(small_model, small_task, TrainConfig(**BASE).low_memory())
+    assert all(p.grad is None for p in small_model.parameters())
+    before = {k: v.clone() for k, v in small_model.weights().items()}
+    batch = small_task.sample(8, seed=0)
+    task_loss(small_model(batch.tokens), batch).backward()  # the hooks are gone: gradients only
+    assert any(p.grad is not None for p in small_model.parameters())
+    for name, weight in small_model.weights().items():
+        assert torch.equal(weight, before[name]), name
+
+
+def test_adafactor_keeps_far_less_state_than_adamw(small_model):
+    params = small_model.parameters()
+    sizes = {}
+    for name in ("adamw", "adafactor"):
+        optimizer = make_optimizer(params, TrainConfig(optimizer=name, grad_clip=None, step_in_backward=True))
+        for p in params:
+            p.grad = torch.ones_like(p)
+        for group in optimizer.inner:
+            group.step()
+        sizes[name] = sum(t.numel() for state in optimizer.state_dict()["per_group"] for s in state["state"].values()
+                          for t in s.values() if torch.is_tensor(t) and t.dim() > 0)  # fmt: skip
+        optimizer.remove()
+    n_params = sum(p.numel() for p in params)
+    assert sizes["adamw"] >= 2 * n_params * 0.99  # two moments per weight (over the trained views)
+    assert sizes["adafactor"] < 0.3 * n_params  # one row and one column vector per matrix
+
+
+def test_a_resumed_low_memory_run_ends_where_an_uninterrupted_one_does(small_spec, small_task, tmp_path):
+    config = TrainConfig(**{**BASE, "steps": 6, "checkpoint_every": 3}).low_memory()
+
+    def crash(info):
+        if info.step == 4:
+            raise KeyboardInterrupt
+
+    model = build_model(small_spec, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, small_task, config, recorder=Recorder(model, tmp_path / "run", hooks=()), callbacks=[crash])
+    resumed = build_model(small_spec, seed=5)
+    train(resumed, small_task, config, recorder=Recorder(resumed, tmp_path / "run", resume=True))
+    whole = build_model(small_spec, seed=0)
+    train(whole, small_task, config, recorder=Recorder(whole, tmp_path / "whole", hooks=()))
+    for name, weight in whole.weights().items():
+        assert torch.equal(resumed.weights()[name], weight), name
+
+
+def test_update_inside_backward_refuses_what_it_cannot_do(small_model, small_task):
+    with pytest.raises(ConfigError, match="grad_clip=None"):
+        TrainConfig(step_in_backward=True)
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        TrainConfig(optimizer="lion")
+    with pytest.raises(ConfigError, match="circuit_tuning method edits the gradients"):
+        train(small_model, small_task, TrainConfig(**BASE).low_memory(), method=CircuitTuning(top_n=3))
+    assert isinstance(make_optimizer(small_model.parameters(), TrainConfig(**BASE).low_memory()), StepInBackward)
