@@ -126,7 +126,7 @@ def _validate(args: argparse.Namespace) -> int:
     log = (lambda message: None) if args.quiet else print
     started = time.perf_counter()
     records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
-                        n_boot=args.n_boot, progress=not args.quiet, log=log)  # fmt: skip
+                        n_boot=args.n_boot, progress=not args.quiet, log=log, memory=args.memory)  # fmt: skip
     wall = time.perf_counter() - started
     if args.fit:
         command = "capwrap validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "capwrap validate"
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fit", default=None, metavar="RULE.json", help="fit the verdict rule on these scenarios and save it"
     )
     val.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates (default 200)")
+    val.add_argument("--memory", choices=["normal", "low"], default="normal",
+                     help="diagnose as --memory low does (models taking turns, revival in about one model's memory)")  # fmt: skip
     val.add_argument("--list", action="store_true", help="list the scenarios and exit")
     val.set_defaults(func=_validate)
 

@@ -40,7 +40,7 @@ from capwrap.analyzers import (
     WeightDiff,
 )
 from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
-from capwrap.diagnosis.run import diagnose, gates
+from capwrap.diagnosis.run import Memory, check_memory, diagnose, gates
 from capwrap.errors import CapwrapError, ConfigError
 from capwrap.files import copy_missing, write_json_atomic
 from capwrap.validation.bases import SUITE_ASSETS
@@ -55,16 +55,19 @@ EVAL_SIZE = 512
 
 
 def suite_analyzers(
-    control: Any = None, cache: str | os.PathLike | None = None, compiled: bool = False
+    control: Any = None, cache: str | os.PathLike | None = None, compiled: bool = False, memory: Memory = "normal"
 ) -> list[Analyzer]:
     """The analyzers the suite runs: :func:`~capwrap.diagnosis.default_analyzers`, with samples and
     budgets sized for the suite's small models (the revival control given, its runs cached).
     ``compiled``: a Tracr model, pruned by single weights as the paper does (its MLPs have a
-    handful of neurons)."""
+    handful of neurons). ``memory="low"``: revival trains as a low-memory diagnosis's does
+    (``Revival(low_memory=True)``)."""
+    check_memory(memory)
     return [
         Probing(n=1024, steps=200),
         Pruning(ks=(0, 1, 2, 5, 10, 25), score_size=256, granularity="weight" if compiled else "neuron"),
-        Revival(max_steps=200, check_size=256, control=control, seeds=2, cache=None if cache is None else str(cache)),
+        Revival(max_steps=200, check_size=256, control=control, seeds=2, cache=None if cache is None else str(cache),
+                low_memory=memory == "low"),
         WeightDiff(graft_fractions=(0.01, 0.1)),
         AttentionComparison(n=256),
         Patching(n=128),
@@ -79,8 +82,10 @@ def record_path(out: str | os.PathLike, scenario: Scenario) -> Path:
 
 
 def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rule: VerdictRule | None = None,
-                 n_boot: int = 200, threads: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """Make the scenario's tuned model and diagnose it; the record (see the module docstring)."""
+                 n_boot: int = 200, threads: int | None = None, memory: Memory = "normal") -> dict[str, Any]:  # fmt: skip
+    """Make the scenario's tuned model and diagnose it (with ``memory``, as :func:`~capwrap.diagnose`
+    takes it, and the analyzers a diagnosis of that memory mode runs); the record (see the module
+    docstring)."""
     import torch
 
     from capwrap.tasks.spec import task_from_spec
@@ -101,9 +106,9 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
     )  # shared by scenarios of one base and task
     # one diagnosis seed for the whole suite: scenarios sharing a base share evaluation sequences and
     # the revival control's runs (cached); the scenarios' own seeds vary their fine-tuning
-    analyzers = suite_analyzers(control, cache, compiled=not base.spec.has_hf_equivalent)
+    analyzers = suite_analyzers(control, cache, compiled=not base.spec.has_hf_equivalent, memory=memory)
     diagnosis = diagnose(base, tuned, capability, downstream, analyzers=analyzers,
-                         eval_size=EVAL_SIZE, seed=0, progress=False, rule=rule, n_boot=n_boot)  # fmt: skip
+                         eval_size=EVAL_SIZE, seed=0, progress=False, rule=rule, n_boot=n_boot, memory=memory)  # fmt: skip
     rule = rule or default_rule()
     record = {
         "scenario": scenario.to_dict(),
@@ -118,6 +123,7 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
             "analyzers": diagnosis.seconds,
         },  # fmt: skip
         "n_boot": n_boot,
+        "memory": memory,
     }
     record["truth"] = record_truth(record, rule)
     return record
@@ -136,13 +142,13 @@ def _evidence_record(e: Evidence) -> dict[str, Any]:
 
 
 def _run_to_file(
-    scenario: Scenario, out: str, cache: str | None, rule_dict: dict | None, n_boot: int, threads: int
+    scenario: Scenario, out: str, cache: str | None, rule_dict: dict | None, n_boot: int, memory: Memory, threads: int
 ) -> str:
     """A worker's job: run one scenario and write its record (or an error record)."""
     rule = VerdictRule.from_dict(rule_dict) if rule_dict is not None else None
     path = record_path(out, scenario)
     try:
-        record = run_scenario(scenario, cache, rule, n_boot, threads)
+        record = run_scenario(scenario, cache, rule, n_boot, threads, memory)
     except Exception as exc:  # noqa: BLE001 - reported per scenario, the suite goes on
         write_json_atomic(path.with_suffix(".error.json"), {"scenario": scenario.name, "error": repr(exc),
                                                             "traceback": traceback.format_exc()})  # fmt: skip
@@ -162,6 +168,7 @@ def run_suite(
     n_boot: int = 200,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    memory: Memory = "normal",
 ) -> list[dict[str, Any]]:
     """Run every scenario that has no record in ``out`` yet; return all their records.
 
@@ -175,6 +182,9 @@ def run_suite(
         n_boot: bootstrap replicates.
         progress: a progress bar over scenarios.
         log: called with a line of text per finished or failed scenario.
+        memory: each diagnosis's memory mode (``"low"``: the models take turns and revival trains
+            in about one model's memory, see :func:`~capwrap.diagnose`); ``out`` must not hold
+            records made in the other mode.
 
     Raises:
         CapwrapError: some scenarios failed (their records say why); the others are kept.
@@ -183,17 +193,25 @@ def run_suite(
 
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
+    check_memory(memory)
     out = Path(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else out / "cache"
     copy_missing(SUITE_ASSETS / "cache", cache)  # the shipped controls and their runs
-    todo = [s for s in scenarios if not record_path(out, s).exists()]
+    done = [s for s in scenarios if record_path(out, s).exists()]
+    other = sorted({m for s in done if (m := json.loads(record_path(out, s).read_text()).get("memory", "normal")) != memory})
+    if other:
+        raise ConfigError(
+            f"{out} holds records of diagnoses made with memory={other[0]!r}, not {memory!r}; give another --out "
+            "(a suite's records are all of one memory mode)"
+        )
+    todo = [s for s in scenarios if s not in done]
     if len(todo) < len(scenarios):
         log(
             f"{len(scenarios) - len(todo)} of {len(scenarios)} scenarios already have records in {out}; running {len(todo)}"
         )
     threads = max(1, (os.cpu_count() or 1) // workers)
-    args = (str(out), str(cache), None if rule is None else rule.to_dict(), n_boot)
+    args = (str(out), str(cache), None if rule is None else rule.to_dict(), n_boot, memory)
     failed: list[str] = []
     bar = tqdm(total=len(todo), desc="validate", disable=not progress)
     if todo and ray_address is not None:

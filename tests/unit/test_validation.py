@@ -149,6 +149,8 @@ def test_the_runner_resumes_from_existing_records(tmp_path, records):
     logged = []
     out = run_suite(chosen, tmp_path, workers=2, progress=False, log=logged.append)
     assert out == [records[0]] and "already have records" in logged[0]
+    with pytest.raises(ConfigError, match="memory='normal', not 'low'"):  # (a record without the field is normal)
+        run_suite(chosen, tmp_path, workers=1, progress=False, memory="low")
 
 
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
