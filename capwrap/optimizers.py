@@ -9,7 +9,7 @@ next to none.
 
 ``config.step_in_backward`` applies each weight's update as soon as its gradient is complete during
 ``backward()`` and frees that gradient at once (PyTorch's "fuse the optimizer step into the backward
-pass" recipe), so no gradient of the whole model is ever held. With Adafactor, training then needs
+pass" recipe), so no gradient of the whole model is held. With Adafactor, training then needs
 about one model's memory plus the activations: what a low-memory diagnosis trains with. The update is
 the same as a step after the backward pass, except that the gradient norm cannot be clipped (the
 other weights' gradients do not exist yet when a weight is updated): ``grad_clip`` must be ``None``
@@ -71,17 +71,17 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> tor
 
 class StepInBackward(torch.optim.Optimizer):
     """Optimizers stepped by hooks as soon as the gradients they need are accumulated; the gradients
-    are then dropped.
+    are then dropped. One update per backward pass: call :meth:`zero_grad` before it and
+    :meth:`step` after it, as :func:`~capwrap.train` does.
 
     Parameters that share storage (a backend's query, key and value weights viewing one fused
-    tensor) form one group with one optimizer, stepped when the group's last gradient is ready:
-    updating one view earlier would change values the backward pass still reads through the others
-    (a group one of whose parameters gets no gradient, such as a fused weight the backend only uses
-    through its views, keeps its gradients until :meth:`step`).
-    :meth:`step` applies what is left (groups some of whose parameters got no gradient this step);
-    :meth:`zero_grad` does nothing (gradients are dropped when applied). ``param_groups`` are the
-    inner optimizers' own, so setting a group's ``lr`` reaches them; the state dict holds each
-    inner optimizer's.
+    tensor) form one group with one optimizer, stepped when the last gradient the group expects is
+    ready: updating one view earlier would change values the backward pass still reads through the
+    others. A group expects all its parameters at first; a parameter that got no gradient in a
+    backward pass (a fused weight the backend only uses through its views) is not waited for
+    afterwards. :meth:`step` applies what a backward pass left (such groups, the first time).
+    ``param_groups`` are the inner optimizers' own, so setting a group's ``lr`` reaches them; the
+    state dict holds each inner optimizer's.
 
     Args:
         params: the parameters to train (each must require a gradient).
@@ -93,12 +93,14 @@ class StepInBackward(torch.optim.Optimizer):
         super().__init__(params, {})
         by_storage: dict[int, list[torch.nn.Parameter]] = {}
         for p in params:
-            by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+            by_storage.setdefault(p.untyped_storage().data_ptr() if p.numel() else id(p), []).append(p)
         self.groups = list(by_storage.values())
         self.inner = [rule(group) for group in self.groups]
         self.param_groups = [group for optimizer in self.inner for group in optimizer.param_groups]
-        self._ready = [0] * len(self.groups)
-        self._squared_norm = 0.0
+        self._expected = [{id(p) for p in group} for group in self.groups]
+        self._ready: list[set[int]] = [set() for _ in self.groups]
+        self._squared_norm: torch.Tensor | float = 0.0
+        self.zero_grad()
         self._handles: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(self._on_gradient(index))
             for index, group in enumerate(self.groups) for p in group
@@ -106,24 +108,24 @@ class StepInBackward(torch.optim.Optimizer):
 
     def _on_gradient(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            self._ready[index] += 1
-            if self._ready[index] == len(self.groups[index]):
+            self._ready[index].add(id(param))
+            if self._ready[index] >= self._expected[index]:
                 self._apply(index)
 
         return hook
 
     def _apply(self, index: int) -> None:
         for p in self.groups[index]:
-            if p.grad is not None:
-                self._squared_norm += float(p.grad.detach().float().pow(2).sum())
+            if p.grad is not None:  # summed on the device: no synchronization per group
+                self._squared_norm = self._squared_norm + p.grad.detach().float().pow(2).sum()
         self.inner[index].step()
         for p in self.groups[index]:
             p.grad = None
-        self._ready[index] = 0
+        self._ready[index] = set()
 
     def pop_grad_norm(self) -> float:
         """The L2 norm of the gradient applied since the last call (the step's gradient norm); resets it."""
-        norm, self._squared_norm = self._squared_norm**0.5, 0.0
+        norm, self._squared_norm = float(self._squared_norm) ** 0.5, 0.0
         return norm
 
     def remove(self) -> None:
@@ -133,13 +135,20 @@ class StepInBackward(torch.optim.Optimizer):
         self._handles = []
 
     def step(self, closure: Any = None) -> None:
-        """Apply the gradients of groups not all of whose parameters got one in the last backward pass."""
+        """Apply what the last backward pass left: groups some of whose parameters got no gradient
+        (from now on those are not waited for)."""
         for index, ready in enumerate(self._ready):
             if ready:
+                self._expected[index] = set(ready)
                 self._apply(index)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - gradients are dropped when applied
-        return None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop any gradient the parameters hold (gradients left from elsewhere would be added to the
+        next update)."""
+        for group in self.groups:
+            for p in group:
+                p.grad = None
+        self._ready = [set() for _ in self.groups]
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
         return {"per_group": [optimizer.state_dict() for optimizer in self.inner]}

@@ -23,7 +23,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
@@ -297,9 +297,6 @@ def train(
     optimizer = method.optimizer(_check_trainable(method.setup(model, task, config)), config)
     rows: list[dict[str, float]] = []
     start = 0
-    if checkpoint is not None:
-        start, rows = _restore(checkpoint, model, optimizer, method)
-    eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
 
     def save_checkpoint(done: int, finished: bool) -> None:
         recorder.flush()  # the store holds every step up to this one before the checkpoint says so
@@ -310,11 +307,14 @@ def train(
         }  # fmt: skip
         save_train_state(recorder.path, state)
 
-    model.train()
     opened_here = recorder is not None and not recorder.is_open
-    if opened_here:
-        recorder.open()
-    try:
+    try:  # from here on the optimizer may hold hooks on the model (step_in_backward): removed in finally
+        if checkpoint is not None:
+            start, rows = _restore(checkpoint, model, optimizer, method)
+        eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
+        model.train()
+        if opened_here:
+            recorder.open()
         if checkpoint is not None:
             recorder.rollback(start)
         elif config.checkpoint_every:
@@ -332,7 +332,8 @@ def train(
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"the loss became {loss.item()} at step {step + 1} of {config.steps} (lr {lr:.3g}); "
-                    "no update was applied. Lower the learning rate, or enable grad_clip",
+                    "no update was applied. Lower the learning rate"
+                    + (", or enable grad_clip" if config.grad_clip is None and not config.step_in_backward else ""),
                     step=step + 1,
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -365,7 +366,7 @@ def train(
     finally:
         if isinstance(optimizer, StepInBackward):
             optimizer.remove()
-        if opened_here:
+        if opened_here and recorder.is_open:
             recorder.close()
         model.eval()
     history = pd.DataFrame(rows).set_index("step") if rows else pd.DataFrame()
@@ -436,10 +437,11 @@ def _checkpoint_to_resume(
             f"{where} was trained on the {state['backend']!r} backend, the model given is {model.backend!r}; "
             f"the optimizer's state is per backend, so resume with backend={state['backend']!r}"
         )
+    defaults = {f.name: f.default for f in fields(TrainConfig)}  # a field newer than the checkpoint: its default
     changed = [
-        f"{k} ({state['config'].get(k)!r} vs {v!r})"
+        f"{k} ({state['config'].get(k, defaults[k])!r} vs {v!r})"
         for k, v in now["config"].items()
-        if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v
+        if k not in _RESUMABLE_CHANGES and state["config"].get(k, defaults[k]) != v
     ]
     if changed:
         raise ConfigError(

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, StoreError
 from capwrap.methods import CircuitTuning
 from capwrap.models import build_model
 from capwrap.optimizers import StepInBackward, make_optimizer
 from capwrap.recording import Recorder
+from capwrap.recording.train_state import load_train_state, save_train_state
 from capwrap.tasks import task_loss
 from capwrap.training import TrainConfig, train
 
@@ -45,6 +46,38 @@ def test_no_gradient_is_left_and_later_backward_passes_update_nothing(small_mode
         assert torch.equal(weight, before[name]), name
 
 
+def test_stale_gradients_are_not_applied_and_no_gradient_outlives_a_backward_pass(small_spec, small_task, backend):
+    config = TrainConfig(**BASE).low_memory()
+    clean, stale = build_model(small_spec, backend=backend, seed=0), build_model(small_spec, backend=backend, seed=0)
+    for p in stale.parameters():
+        p.grad = torch.ones_like(p)  # left over from the user's own backward pass
+    train(clean, small_task, config)
+    train(stale, small_task, config)
+    for name, weight in clean.weights().items():
+        assert torch.equal(stale.weights()[name], weight), name
+    # after the first step it is known which parameters get gradients (not a fused weight the
+    # backend only reads through views): every later update happens inside backward()
+    optimizer = make_optimizer(clean.parameters(), config)
+    batch = small_task.sample(8, seed=0)
+    for step in range(2):
+        optimizer.zero_grad()
+        task_loss(clean(batch.tokens), batch).backward()
+        held = [tuple(p.shape) for p in clean.parameters() if p.grad is not None]
+        assert step == 0 or not held, held
+        optimizer.step()
+    optimizer.remove()
+
+
+def test_hooks_are_removed_when_training_fails_before_its_first_step(small_model, small_task, tmp_path):
+    Recorder(small_model.clone(), tmp_path / "run", hooks=()).open().close()
+    with pytest.raises(StoreError):  # the store exists: the recorder refuses to open it
+        train(small_model, small_task, TrainConfig(**BASE).low_memory(), recorder=Recorder(small_model, tmp_path / "run", hooks=()))
+    before = {k: v.clone() for k, v in small_model.weights().items()}
+    batch = small_task.sample(8, seed=0)
+    task_loss(small_model(batch.tokens), batch).backward()
+    assert all(torch.equal(w, before[k]) for k, w in small_model.weights().items())
+
+
 def test_adafactor_keeps_far_less_state_than_adamw(small_model):
     params = small_model.parameters()
     sizes = {}
@@ -72,7 +105,14 @@ def test_a_resumed_low_memory_run_ends_where_an_uninterrupted_one_does(small_spe
     model = build_model(small_spec, seed=0)
     with pytest.raises(KeyboardInterrupt):
         train(model, small_task, config, recorder=Recorder(model, tmp_path / "run", hooks=()), callbacks=[crash])
+    state = load_train_state(tmp_path / "run")  # a checkpoint written before step_in_backward existed
+    state["config"].pop("step_in_backward")
+    save_train_state(tmp_path / "run", state)
     resumed = build_model(small_spec, seed=5)
+    with pytest.raises(ConfigError, match=r"step_in_backward \(False vs True\)"):  # the missing field: its default
+        train(resumed, small_task, config, recorder=Recorder(resumed, tmp_path / "run", resume=True))
+    state["config"]["step_in_backward"] = True
+    save_train_state(tmp_path / "run", state)
     train(resumed, small_task, config, recorder=Recorder(resumed, tmp_path / "run", resume=True))
     whole = build_model(small_spec, seed=0)
     train(whole, small_task, config, recorder=Recorder(whole, tmp_path / "whole", hooks=()))
