@@ -199,7 +199,7 @@ def run_suite(
     cache = Path(cache) if cache is not None else out / "cache"
     copy_missing(SUITE_ASSETS / "cache", cache)  # the shipped controls and their runs
     done = [s for s in scenarios if record_path(out, s).exists()]
-    other = sorted({m for s in done if (m := json.loads(record_path(out, s).read_text()).get("memory", "normal")) != memory})
+    other = sorted({r.get("memory", "normal") for r in load_records(out, done)} - {memory})
     if other:
         raise ConfigError(
             f"{out} holds records of diagnoses made with memory={other[0]!r}, not {memory!r}; give another --out "
