@@ -2,7 +2,7 @@
 
 Writes two random Llama-shaped checkpoints (TinyLlama-1.1B's shape by default, bfloat16 on disk
 like the released model; the "tuned" one differs in two layers; as benchmarks/streaming_weight_diff.py
-does), then measures, each in a fresh process and with one torch thread:
+does), then measures, each in a fresh process:
 
 * **one model**: load the base and run one forward pass on a batch of the capability task — the
   least any diagnosis needs, the yardstick of the target;
@@ -12,10 +12,15 @@ does), then measures, each in a fresh process and with one torch thread:
   steps (which repeat the same passes and do not change the peak) so that a CPU run ends;
 * optionally (``--normal``) the same diagnosis with both models in memory.
 
+``--threads`` sets the torch threads (default one); ``--eval-size`` (at least 128, the attention
+analyzer's sample) shrinks the shared evaluation set, whose passes are chunked, to save time at a
+large shape without changing the peak.
+
 Reported per run: peak resident memory (``ru_maxrss``) and wall time, and for the diagnosis the peak
 reached inside each analyzer (a sampling thread), against the one-model yardstick.
 
     python benchmarks/low_memory_diagnose.py [--layers 22] [--steps 2] [--normal] [--only pruning ...] [--dir /tmp/big_pair]
+                                             [--no-recompute] [--threads 1] [--eval-size 0]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -75,9 +81,18 @@ def one_model(root: Path) -> dict:
     return {"peak_rss_gb": round(_peak_gb(), 2), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None = None) -> dict:
+def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None = None, recompute: bool = True,
+              eval_size: int | None = None) -> dict:  # fmt: skip
     import capwrap.diagnosis.checkpoints as checkpoints
     from capwrap.analyzers.base import Analyzer
+    from capwrap.training import TrainConfig
+
+    if eval_size:  # a smaller shared evaluation set: its passes are chunked, so only the time changes
+        checkpoints.QUICK_EVAL_SIZE = eval_size
+
+    if not recompute:  # low-memory training as it was before blocks were recomputed (for comparison)
+        low_memory = TrainConfig.low_memory
+        TrainConfig.low_memory = lambda self: replace(low_memory(self), recompute_activations=False)
     from capwrap.diagnosis import default_analyzers, diagnose_checkpoints
 
     sampler, peaks = _Sampler(), {}
@@ -129,13 +144,18 @@ def main() -> None:
     parser.add_argument("--normal", action="store_true", help="also run with both models in memory")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--only", nargs="+", metavar="ANALYZER", help="run only these analyzers (by name)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (memory figures do not depend on it)")
+    parser.add_argument("--eval-size", type=int, default=0,
+                        help="sequences per task of the shared evaluation set (0: --quick's 256); fewer only save time")  # fmt: skip
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="train without recomputing blocks in the backward pass (as before it existed)")  # fmt: skip
     parser.add_argument("--run", choices=["one", "low", "normal"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     root = Path(args.dir)
     steps = args.steps or None
     if args.run:
-        result = one_model(root) if args.run == "one" else diagnosis(root, args.run, steps, args.only)
+        result = one_model(root) if args.run == "one" else diagnosis(root, args.run, steps, args.only, not args.no_recompute, args.eval_size)
         print(json.dumps(result))
         return
 
@@ -146,8 +166,10 @@ def main() -> None:
     if not (root / "tuned" / "model.safetensors").exists():
         write_pair(spec, root)
     common = ["--dir", str(root), "--steps", str(args.steps)] + (["--only", *args.only] if args.only else [])
+    common += (["--no-recompute"] if args.no_recompute else []) + ["--threads", str(args.threads)]
+    common += ["--eval-size", str(args.eval_size)] if args.eval_size else []
     report = {"parameters": spec.n_params, "float32_model_gb": round(spec.n_params * 4 / 2**30, 2),
-              "steps": steps or "quick", "torch_threads": 1}  # fmt: skip
+              "steps": steps or "quick", "torch_threads": args.threads, "eval_size": args.eval_size or "quick"}  # fmt: skip
     report["one_model"] = _in_fresh_process([*common, "--run", "one"])
     report["low"] = _in_fresh_process([*common, "--run", "low"])
     report["low"]["over_one_model"] = round(report["low"]["peak_rss_gb"] / report["one_model"]["peak_rss_gb"], 2)

@@ -65,6 +65,11 @@ class TrainConfig:
             and drop the gradient (no gradient of the whole model is held; with ``adafactor``,
             training takes about one model's memory besides the activations). Needs
             ``grad_clip=None`` and a method that does not edit gradients.
+        recompute_activations: keep only each block's input during the forward pass and run the
+            block again in the backward pass (activation checkpointing,
+            :mod:`capwrap.models.recompute`): a step holds one block's activations instead of
+            every block's, for about one more forward pass of compute; same gradients. Not for
+            methods that read activations through hooks (circuit-tuning).
         weight_noise: std of Gaussian noise added to every weight before training (the paper's
             Tracr protocol uses 0.001).
         seed: seeds the data, the noise and any randomness of the loop.
@@ -85,6 +90,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     step_in_backward: bool = False
+    recompute_activations: bool = False
     weight_noise: float = 0.0
     seed: int = 0
     eval_every: int = 0
@@ -129,13 +135,32 @@ class TrainConfig:
     def low_memory(self) -> TrainConfig:
         """This configuration trained in about one model's memory: Adafactor (next to no optimizer
         state) stepped inside the backward pass (no gradient of the whole model held), without
-        gradient-norm clipping (Adafactor clips its updates). Same learning rate, steps and data.
+        gradient-norm clipping (Adafactor clips its updates), the blocks recomputed in the backward
+        pass (one block's activations held at a time). Same learning rate, steps and data.
 
         Examples:
             >>> TrainConfig(lr=1e-4).low_memory().optimizer, TrainConfig().low_memory().grad_clip
             ('adafactor', None)
         """
-        return replace(self, optimizer="adafactor", grad_clip=None, step_in_backward=True)
+        return replace(self, optimizer="adafactor", grad_clip=None, step_in_backward=True, recompute_activations=True)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide what a run computes, as a key for kept runs (a cache's files):
+        without ``recompute_activations`` (the same gradients either way), and without the fields
+        added after runs were first kept while they hold the value every earlier run had
+        (:data:`FIELDS_ADDED_LATER`), so that keys made before a field existed stay valid.
+
+        Examples:
+            >>> "step_in_backward" in TrainConfig().identity(), TrainConfig().low_memory().identity()["step_in_backward"]
+            (False, True)
+        """
+        out = asdict(self)
+        del out["recompute_activations"]
+        return {k: v for k, v in out.items() if k not in FIELDS_ADDED_LATER or v != FIELDS_ADDED_LATER[k]}
+
+
+#: TrainConfig fields added after runs were first kept (caches), with the value every earlier run had.
+FIELDS_ADDED_LATER: dict[str, Any] = {"step_in_backward": False}
 
 
 class StopTraining(Exception):  # noqa: N818 - a signal, not an error
@@ -284,6 +309,11 @@ def train(
             f"the {method.name} method edits the gradients before the update, which step_in_backward applies "
             "inside backward() before the method sees them: train it with step_in_backward=False"
         )
+    if config.recompute_activations and method.reads_activations:
+        raise ConfigError(
+            f"the {method.name} method reads activations through hooks, which would fire again when a "
+            "block is recomputed in the backward pass: train it with recompute_activations=False"
+        )
     checkpoint = _checkpoint_to_resume(recorder, model, task, config, method)
 
     if device is not None:
@@ -308,7 +338,10 @@ def train(
         save_train_state(recorder.path, state)
 
     opened_here = recorder is not None and not recorder.is_open
+    recomputing = contextlib.ExitStack()
     try:  # from here on the optimizer may hold hooks on the model (step_in_backward): removed in finally
+        if config.recompute_activations:
+            recomputing.enter_context(method.recomputed(model))
         if checkpoint is not None:
             start, rows = _restore(checkpoint, model, optimizer, method)
         eval_batches = {name: t.sample(config.eval_size, seed=config.seed + 7919) for name, t in eval_tasks.items()}
@@ -364,6 +397,7 @@ def train(
             accs = {k.split("/")[-1][:12]: f"{v:.2f}" for k, v in metrics.items() if k.startswith("acc/")}
             bar.set_postfix(loss=f"{info.loss:.3f}", **accs)
     finally:
+        recomputing.close()
         if isinstance(optimizer, StepInBackward):
             optimizer.remove()
         if opened_here and recorder.is_open:
@@ -387,7 +421,7 @@ def _clip_gradients(optimizer: torch.optim.Optimizer, config: TrainConfig) -> fl
 
 # ---- resuming ------------------------------------------------------------------------------------
 #: TrainConfig fields that may change when a run resumes: they do not change what is computed.
-_RESUMABLE_CHANGES = ("progress", "checkpoint_every")
+_RESUMABLE_CHANGES = ("progress", "checkpoint_every", "recompute_activations")
 
 
 def _recorder_to_use(model: CapModel, recorder: Recorder | None, resume: str | os.PathLike | None) -> Recorder | None:

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind
 from capwrap.errors import ConfigError
@@ -60,17 +61,24 @@ class AttentionComparison(Analyzer):
         pair = context.pair
         batch = context.eval.batches["capability"][: self.n]
         pattern = "blocks.*.attn.hook_pattern"
-        base = pair.base.capture(batch.tokens.to(pair.base.device), pattern, batch_size=128)
-        tuned = pair.tuned.capture(batch.tokens.to(pair.tuned.device), pattern, batch_size=128)
+        base = pair.base.capture(batch.tokens.to(pair.base.device), pattern, batch_size=128,
+                                 reduce=lambda name, act, rows: act.float().cpu())  # fmt: skip
+        answer_pos = batch.answer_pos.cpu()
+
+        def distance(name: str, act: Tensor, rows: slice) -> Tensor:
+            """Per pass of the tuned model: each head's total variation from the base's pattern
+            ``[batch, head, query]`` (the tuned patterns are never held all at once)."""
+            return 0.5 * (base[name][rows] - act.float().cpu()).abs().sum(-1)
+
+        tvs = pair.tuned.capture(batch.tokens.to(pair.tuned.device), pattern, batch_size=128, reduce=distance)
+        base.clear()  # what is left is the distances
         rows_idx = torch.arange(len(batch))
         rows, per_sequence = [], []
-        for layer, name in enumerate(base):
-            pb, pt = base[name].float().cpu(), tuned[name].float().cpu()  # [batch, head, query, key]
-            tv = 0.5 * (pb - pt).abs().sum(-1)  # [batch, head, query]
-            answer = tv[rows_idx, :, batch.answer_pos]  # [batch, head]
+        for layer, tv in enumerate(tvs.values()):  # [batch, head, query]
+            answer = tv[rows_idx, :, answer_pos]  # [batch, head]
             per_sequence.append(answer)
             at_answer, overall = answer.mean(0), tv.mean((0, 2))
-            for head in range(pb.shape[1]):
+            for head in range(tv.shape[1]):
                 rows.append((f"L{layer}H{head}", layer, head, float(at_answer[head]), float(overall[head])))
         table = pd.DataFrame(rows, columns=["component", "layer", "head", "tv_answer", "tv_all"])
         table = table.sort_values("tv_answer", ascending=False, ignore_index=True)

@@ -155,12 +155,13 @@ def probe_features(
 ) -> tuple[list[str], Tensor]:
     """Activations ``[hook, n, d]`` of ``model`` on ``batch`` at one position per sequence
     (``"answer"``: each sequence's answer position; an int: that position)."""
-    acts = model.capture(batch.tokens.to(model.device), hooks, batch_size=256)
-    names = list(acts)
-    pos = _positions(batch, position)
-    rows = torch.arange(len(batch))
-    feats = [acts[n][rows, pos].flatten(1).float().cpu() for n in names]
-    return names, torch.stack(feats)
+    pos = _positions(batch, position).to(model.device)
+
+    def at_position(name: str, act: Tensor, rows: slice) -> Tensor:  # each pass keeps one position per sequence
+        return act[torch.arange(act.shape[0], device=act.device), pos[rows]].flatten(1).float().cpu()
+
+    acts = model.capture(batch.tokens.to(model.device), hooks, batch_size=256, reduce=at_position)
+    return list(acts), torch.stack(list(acts.values()))
 
 
 def _positions(batch: TaskBatch, position: str | int) -> Tensor:

@@ -63,12 +63,15 @@ def _input_norms(model: CapModel, tokens: Tensor) -> dict[str, Tensor]:
             "blocks.*.attn.hook_z",
         ]
     )
-    acts = model.capture(tokens, hooks, batch_size=128)
+
+    def squares(name: str, act: Tensor, rows: slice) -> Tensor:  # each pass keeps its sums of squares
+        return torch.linalg.vector_norm(act.float(), dim=(0, 1)).double().square().unsqueeze(0)
+
+    sums = model.capture(tokens, hooks, batch_size=128, reduce=squares)
     norms: dict[str, Tensor] = {}
-    for name, act in acts.items():
+    for name, per_pass in sums.items():
         layer = name.split(".")[1]
-        flat = act.float().flatten(0, 1)  # [batch*pos, ...]
-        norm = flat.norm(dim=0)
+        norm = per_pass.sum(0).sqrt().float()
         if name.endswith("ln1.hook_normalized"):
             norms[f"blocks.{layer}.attn.in"] = norm  # [d_model]
         elif name.endswith("ln2.hook_normalized"):

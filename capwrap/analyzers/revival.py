@@ -23,7 +23,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -111,8 +110,8 @@ class Revival(Analyzer):
             training settings), so diagnoses that share a control (a suite's scenarios) run it once.
         low_memory: train (the reverse fine-tuning and the default control) as
             :meth:`~capwrap.TrainConfig.low_memory` does — Adafactor stepped inside the backward
-            pass, so no gradient or optimizer state the size of the model is held and training
-            takes about one model's memory — instead of AdamW with gradient clipping (the default,
+            pass and the blocks recomputed in it, so no gradient, optimizer state or activations
+            the size of the model are held and training takes about one model's memory — instead of AdamW with gradient clipping (the default,
             which holds three models' worth besides the weights). Step counts differ somewhat
             between the two optimizers; both models of a comparison train alike.
     """
@@ -245,7 +244,7 @@ def _fingerprint(control: CapModel, task: Task, batch: TaskBatch, threshold: flo
         digest.update(name.encode())
         digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
     digest.update(batch.tokens.numpy().tobytes())
-    meta = [task.describe(), round(threshold, 9), dataclasses.asdict(config), eval_every]
+    meta = [task.describe(), round(threshold, 9), config.identity(), eval_every]
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 

@@ -31,6 +31,7 @@ Examples:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -78,6 +79,9 @@ class TrainingMethod:
     #: Whether :meth:`before_update` changes the gradients (then the update cannot run inside the
     #: backward pass: ``TrainConfig.step_in_backward`` is refused).
     edits_gradients: ClassVar[bool] = False
+    #: Whether :meth:`loss` reads activations through hooks (then blocks cannot be recomputed in the
+    #: backward pass, where the hooks would fire again: ``TrainConfig.recompute_activations`` is refused).
+    reads_activations: ClassVar[bool] = False
 
     def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[torch.nn.Parameter]:
         """Prepare a run of ``model`` on ``task``; return the parameters the optimizer updates."""
@@ -87,6 +91,14 @@ class TrainingMethod:
     def loss(self, model: CapModel, batch: TaskBatch, step: int) -> Float[Tensor, ""]:
         """The objective on ``batch`` at ``step`` (0-based): what ``backward()`` is called on."""
         return task_loss(model(batch.tokens), batch)
+
+    def recomputed(self, model: CapModel) -> AbstractContextManager[Any]:
+        """The context :func:`capwrap.train` runs in with ``TrainConfig.recompute_activations``:
+        what the method's :meth:`loss` runs recomputes its blocks in the backward pass (default:
+        ``model``'s blocks, :func:`capwrap.models.recompute.recomputed_blocks`)."""
+        from capwrap.models.recompute import recomputed_blocks
+
+        return recomputed_blocks(model)
 
     def optimizer(self, params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
         """The run's optimizer over ``params`` (default: ``config``'s AdamW or SGD). A method may

@@ -125,6 +125,7 @@ class CircuitTuning(TrainingMethod):
 
     name: ClassVar[str] = "circuit_tuning"
     edits_gradients: ClassVar[bool] = True
+    reads_activations: ClassVar[bool] = True
 
     def __init__(
         self,

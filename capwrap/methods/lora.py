@@ -28,7 +28,8 @@ Examples:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -116,6 +117,21 @@ class LoRA(TrainingMethod):
 
     def after_update(self, model: CapModel, step: int) -> None:
         self.write_merged(model)
+
+    @contextmanager
+    def recomputed(self, model: CapModel) -> Iterator[None]:
+        """The adapted Hugging Face model's own gradient checkpointing (its layers recomputed in the
+        backward pass, non-reentrant), on while training: the capwrap model's blocks do not run."""
+        hf = self._require_setup().get_base_model()
+        hf.config.use_cache = False
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        renamed = hasattr(hf, "activation_checkpointing_enable")
+        prefix = "activation" if renamed else "gradient"
+        getattr(hf, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+        try:
+            yield
+        finally:
+            getattr(hf, f"{prefix}_checkpointing_disable")()
 
     def state_dict(self) -> dict[str, Any]:
         """The adapter's factors and the base weights they apply to: a resumed run continues exactly,

@@ -290,7 +290,11 @@ class CapModel:
             yield self
 
     def capture(
-        self, tokens: Int[Tensor, "batch pos"], patterns: str | Iterable[str], batch_size: int | None = None
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        patterns: str | Iterable[str],
+        batch_size: int | None = None,
+        reduce: Callable[[str, Tensor, slice], Tensor] | None = None,
     ) -> dict[str, Float[Tensor, "batch pos ..."]]:
         """Activations at the hooks matching ``patterns``, detached, without gradient.
 
@@ -299,24 +303,39 @@ class CapModel:
             patterns: hook names or glob patterns (see :meth:`resolve_hooks`).
             batch_size: run the forward passes this many sequences at a time (bounds memory;
                 64 to 128 is also faster on CPU than one large batch). Default: all at once.
+            reduce: what to keep of each pass's activation, ``reduce(hook name, activation,
+                rows)`` with ``rows`` the slice of ``tokens`` the pass ran; the kept pieces are
+                concatenated along their first dimension. Without it, the whole activation. With
+                it, what is held is only what is kept: e.g. one position per sequence, or a sum
+                per pass, instead of every position of every block for every sequence.
+
+        Examples:
+            >>> from capwrap.models import ModelSpec, build_model
+            >>> model = build_model(ModelSpec(d_vocab=20, n_ctx=16, n_layers=2, d_model=32, n_heads=4), seed=0)
+            >>> tokens = torch.randint(0, 20, (5, 10))
+            >>> last = model.capture(tokens, "blocks.*.hook_resid_post", batch_size=2,
+            ...                      reduce=lambda name, act, rows: act[:, -1])
+            >>> last["blocks.1.hook_resid_post"].shape
+            torch.Size([5, 32])
         """
         names = self.resolve_hooks(patterns)
         if batch_size is not None and batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         chunks: list[dict[str, Tensor]] = []
 
-        def saver(store: dict[str, Tensor], name: str) -> HookFn:
+        def saver(store: dict[str, Tensor], name: str, rows: slice) -> HookFn:
             # The bridge reports aliased hooks under their target's name, so key by ours.
             def save(act: Tensor, hook: Any) -> None:
-                store[name] = act.detach()
+                store[name] = act.detach() if reduce is None else reduce(name, act.detach(), rows)
 
             return save
 
         step = min(batch_size or max(1, len(tokens)), self.rows_per_pass(tokens.shape[1]))
         for start in range(0, len(tokens), step):
             store: dict[str, Tensor] = {}
-            with torch.inference_mode(), self.hooks([(n, saver(store, n)) for n in names]):
-                self.forward(tokens[start : start + step])
+            rows = slice(start, min(start + step, len(tokens)))
+            with torch.inference_mode(), self.hooks([(n, saver(store, n, rows)) for n in names]):
+                self.forward(tokens[rows])
             chunks.append(store)
         if len(chunks) == 1:
             return {n: chunks[0][n] for n in names}

@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from capwrap.errors import ConfigError
+from capwrap.models.allocator import LARGE_MODEL_BYTES, return_freed_memory
 from capwrap.models.model import CapModel
 
 __all__ = ["Residency"]
@@ -237,6 +238,8 @@ class Residency:
         if other is not None and other is not self:
             raise ConfigError("this model already takes turns in another Residency; close that one first")
         if id(model) not in self._members:
+            if sum(p.numel() * p.element_size() for p in model.parameters()) >= LARGE_MODEL_BYTES:
+                return_freed_memory()  # released weights and each step's transients go back to the system
             if self._active is not None:
                 self._member(self._active).release()
                 self._active = None

@@ -279,6 +279,27 @@ def test_capture_in_chunks_equals_one_pass(small_model):
         small_model.capture(tokens, "hook_embed", batch_size=0)
 
 
+def test_capture_keeps_what_reduce_returns_for_each_pass(small_model):
+    """One position per sequence, or sums per pass: the rows a pass ran are the rows given to reduce."""
+    tokens = torch.randint(0, small_model.spec.d_vocab, (10, 6), generator=torch.Generator().manual_seed(1))
+    pos = torch.tensor([0, 5, 3, 2, 1, 4, 4, 0, 5, 2])
+    whole = small_model.capture(tokens, "blocks.*.hook_resid_post")
+    seen: list[tuple[int, int]] = []
+
+    def at_position(name, act, rows):
+        seen.append((rows.start, rows.stop))
+        return act[torch.arange(act.shape[0]), pos[rows]]
+
+    picked = small_model.capture(tokens, "blocks.*.hook_resid_post", batch_size=4, reduce=at_position)
+    sums = small_model.capture(tokens, "blocks.*.hook_resid_post", batch_size=4,
+                               reduce=lambda name, act, rows: act.sum((0, 1)).unsqueeze(0))  # fmt: skip
+    for name, act in whole.items():
+        torch.testing.assert_close(picked[name], act[torch.arange(10), pos], atol=1e-5, rtol=1e-5)
+        assert sums[name].shape == (3, small_model.spec.d_model)  # one row per pass
+        torch.testing.assert_close(sums[name].sum(0), act.sum((0, 1)), atol=1e-4, rtol=1e-5)
+    assert sorted(set(seen)) == [(0, 4), (4, 8), (8, 10)]
+
+
 def test_training_keeps_ties_and_agrees_across_backends(backend, tmp_path):
     """A tied checkpoint (like stories260K) trains and saves on every backend, with the same result;
     parameters a backend adds beyond the checkpoint (TL 3.9's bridge: an unembedding bias) stay frozen."""

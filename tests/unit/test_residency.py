@@ -237,3 +237,47 @@ def test_capwrap_diagnose_memory_low(tmp_path, capsys, monkeypatch, small_task):
         summaries[memory] = json.loads((out / "summary.json").read_text())
     assert summaries["low"]["memory"] == "low" and summaries["normal"]["memory"] == "normal"
     assert _same_numbers(summaries["normal"]["evidence"], summaries["low"]["evidence"]) == []
+
+
+def test_a_residency_of_a_large_model_makes_freed_tensors_go_back_to_the_system():
+    """Tensors of a few MiB (a block's activations, a layer's weights) are returned when freed, not
+    kept by the C library's heap. Run in a fresh process: the setting is process-wide."""
+    script = r"""
+import os, torch
+from capwrap.models import ModelSpec, build_model
+from capwrap.models.residency import Residency
+page = os.sysconf("SC_PAGE_SIZE")
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+def freed_but_resident():
+    big = torch.ones(16 * 2**20 // 4)  # by default, freeing a 16 MiB mapping raises glibc's limit to 16 MiB
+    del big
+    before, held, pins = resident(), [], []
+    for _ in range(100):  # 3 MiB tensors, each followed by a small one that outlives it
+        held.append(torch.ones(3 * 2**20 // 4))
+        pins.append(torch.ones(2**14))
+    during = resident()
+    del held
+    return (during - before) >> 20, (resident() - before) >> 20
+small = build_model(ModelSpec(d_vocab=50, n_ctx=8, n_layers=1, d_model=16, n_heads=2))
+large = build_model(ModelSpec(d_vocab=50, n_ctx=8, n_layers=1, d_model=2048, n_heads=16, d_mlp=16384))
+with Residency() as residency:
+    residency.add(small if os.environ["MEMBER"] == "small" else large)
+    print(*freed_but_resident())
+"""
+    import subprocess
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("resident memory is read from /proc")
+
+    def run(member: str) -> tuple[int, int]:
+        env = {**__import__("os").environ, "MEMBER": member}
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+        held, kept = map(int, out.stdout.split())
+        assert held >= 250
+        return held, kept
+
+    assert run("small")[1] >= 250  # glibc's default: the freed 300 MiB stay resident
+    assert run("large")[1] < 50

@@ -109,3 +109,15 @@ def test_recorder_of_another_model_is_refused(small_model, small_spec, small_tas
     rec = Recorder(other, tmp_path / "run", hooks=())
     with pytest.raises(ConfigError, match="another model"):
         train(small_model, small_task, TrainConfig(steps=1, progress=False), recorder=rec)
+
+
+def test_a_configs_identity_keeps_keys_made_before_later_fields():
+    """Kept runs (the shipped revival controls) are keyed by ``identity()``: the fields of a default
+    config are those every TrainConfig had when the first caches were made, and a field that does
+    not change the result (recomputation) never enters it."""
+    legacy = {"steps", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "warmup", "min_lr_ratio",
+              "grad_clip", "weight_noise", "seed", "eval_every", "eval_size", "progress", "checkpoint_every"}  # fmt: skip
+    assert set(TrainConfig().identity()) == legacy
+    assert TrainConfig(recompute_activations=True).identity() == TrainConfig().identity()
+    low = TrainConfig().low_memory().identity()
+    assert low["step_in_backward"] is True and low["optimizer"] == "adafactor" and "recompute_activations" not in low
