@@ -6,7 +6,7 @@ capability task (count ``a``):
 * **EAP = hook reference**: the largest difference between :func:`capwrap.circuits.attribute` and
   the textbook implementation over TransformerLens's split-input hooks
   (:func:`capwrap.circuits.split_input_eap`), for each ablation (goal: 1e-5);
-* **EAP / EAP-IG against exact edge patching** (:func:`capwrap.circuits.exact_scores`, every edge
+* **EAP / EAP-IG / EAP-IG on nodes against exact edge patching** (:func:`capwrap.circuits.exact_scores`, every edge
   ablated alone): Pearson correlation of the signed scores and of ``|score|``, and the overlap of the
   top-25 edges (goal for EAP-IG: >= 0.9);
 * **speed**: scoring every edge on a 96-sequence batch (one forward and one backward pass) against one
@@ -30,6 +30,7 @@ import torch
 
 import capwrap
 from capwrap.circuits import Circuit, attribute, exact_scores, faithfulness, split_input_eap
+from capwrap.circuits.attribution import METHODS
 from capwrap.demo import DEMO_BASE, demo_tasks
 from capwrap.tasks import task_loss
 
@@ -91,7 +92,7 @@ def main() -> None:
         exact = exact_scores(model, small, ablation=ablation, **kwargs)
         exact_s = time.perf_counter() - start
         row = {"exact_seconds": exact_s}
-        for method in ("eap", "eap-ig"):
+        for method in METHODS:
             scores = attribute(model, small, method=method, ablation=ablation, ig_steps=args.ig_steps, **kwargs)
             row[method] = {
                 "pearson": scores.correlation(exact),

@@ -14,13 +14,15 @@ does), then measures, each in a fresh process:
 
 ``--threads`` sets the torch threads (default one); ``--eval-size`` (at least 128, the attention
 analyzer's sample) shrinks the shared evaluation set, whose passes are chunked, to save time at a
-large shape without changing the peak.
+large shape without changing the peak; ``--samples N`` caps every analyzer's own sample (probes'
+``n``, pruning's ``score_size``, revival's ``check_size``, patching's ``n``) at ``N`` for the same
+reason: their passes are chunked and reduced pass by pass, so the peak does not grow with them.
 
 Reported per run: peak resident memory (``ru_maxrss``) and wall time, and for the diagnosis the peak
 reached inside each analyzer (a sampling thread), against the one-model yardstick.
 
     python benchmarks/low_memory_diagnose.py [--layers 22] [--steps 2] [--normal] [--only pruning ...] [--dir /tmp/big_pair]
-                                             [--no-recompute] [--threads 1] [--eval-size 0]
+                                             [--no-recompute] [--threads 1] [--eval-size 0] [--samples 0]
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def one_model(root: Path) -> dict:
 
 
 def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None = None, recompute: bool = True,
-              eval_size: int | None = None) -> dict:  # fmt: skip
+              eval_size: int | None = None, samples: int | None = None) -> dict:  # fmt: skip
     import capwrap.diagnosis.checkpoints as checkpoints
     from capwrap.analyzers.base import Analyzer
     from capwrap.training import TrainConfig
@@ -114,6 +116,11 @@ def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None
                 for attr in ("max_steps", "control_steps", "steps"):
                     if hasattr(a, attr):
                         setattr(a, attr, steps)
+        if samples:
+            for a in out:
+                for attr in ("n", "score_size", "check_size"):
+                    if hasattr(a, attr):
+                        setattr(a, attr, min(getattr(a, attr), samples))
         return out
 
     checkpoints.default_analyzers = analyzers
@@ -147,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (memory figures do not depend on it)")
     parser.add_argument("--eval-size", type=int, default=0,
                         help="sequences per task of the shared evaluation set (0: --quick's 256); fewer only save time")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=0,
+                        help="cap each analyzer's own sample at this many sequences (0: --quick's); fewer only save time")  # fmt: skip
     parser.add_argument("--no-recompute", action="store_true",
                         help="train without recomputing blocks in the backward pass (as before it existed)")  # fmt: skip
     parser.add_argument("--run", choices=["one", "low", "normal"], help=argparse.SUPPRESS)
@@ -155,7 +164,10 @@ def main() -> None:
     root = Path(args.dir)
     steps = args.steps or None
     if args.run:
-        result = one_model(root) if args.run == "one" else diagnosis(root, args.run, steps, args.only, not args.no_recompute, args.eval_size)
+        if args.run == "one":
+            result = one_model(root)
+        else:
+            result = diagnosis(root, args.run, steps, args.only, not args.no_recompute, args.eval_size, args.samples)
         print(json.dumps(result))
         return
 
@@ -168,8 +180,10 @@ def main() -> None:
     common = ["--dir", str(root), "--steps", str(args.steps)] + (["--only", *args.only] if args.only else [])
     common += (["--no-recompute"] if args.no_recompute else []) + ["--threads", str(args.threads)]
     common += ["--eval-size", str(args.eval_size)] if args.eval_size else []
+    common += ["--samples", str(args.samples)] if args.samples else []
     report = {"parameters": spec.n_params, "float32_model_gb": round(spec.n_params * 4 / 2**30, 2),
-              "steps": steps or "quick", "torch_threads": args.threads, "eval_size": args.eval_size or "quick"}  # fmt: skip
+              "steps": steps or "quick", "torch_threads": args.threads, "eval_size": args.eval_size or "quick",
+              "samples": args.samples or "quick"}  # fmt: skip
     report["one_model"] = _in_fresh_process([*common, "--run", "one"])
     report["low"] = _in_fresh_process([*common, "--run", "low"])
     report["low"]["over_one_model"] = round(report["low"]["peak_rss_gb"] / report["one_model"]["peak_rss_gb"], 2)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
 from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, negative_loss
+from capwrap.circuits.attribution import METHODS, Method
 from capwrap.errors import ConfigError
 from capwrap.models import ParamSlice
 from capwrap.models.layouts import canonical_names
@@ -62,8 +63,9 @@ class Subgraph(Analyzer):
 
     Args:
         top_share: size of every circuit, as a share of the model's edges (at least 5 edges).
-        method: edge attribution, ``eap-ig`` (default) or ``eap``.
-        ig_steps: integration steps of ``eap-ig``.
+        method: edge attribution, ``eap-ig`` (default), ``eap-ig-nodes`` or ``eap``
+            (:func:`~capwrap.circuits.attribute`).
+        ig_steps: integration steps of ``eap-ig`` and ``eap-ig-nodes``.
         ablation: ``mean_positional`` (default: each position's mean over the batch, which keeps what a
             fixed-format sequence says by position), ``mean`` or ``zero``.
         n: sequences of each task.
@@ -76,7 +78,7 @@ class Subgraph(Analyzer):
     """
 
     top_share: float = 0.05
-    method: Literal["eap", "eap-ig"] = "eap-ig"
+    method: Method = "eap-ig"
     ig_steps: int = 5
     ablation: Literal["mean", "mean_positional", "zero"] = "mean_positional"
     n: int = 256
@@ -92,6 +94,8 @@ class Subgraph(Analyzer):
             raise ConfigError(f"Subgraph.top_share must be in (0, 1], got {self.top_share}")
         if self.n <= 0:
             raise ConfigError(f"Subgraph.n must be positive, got {self.n}")
+        if self.method not in METHODS:
+            raise ConfigError(f"Subgraph.method must be one of {list(METHODS)}, got {self.method!r}")
         if not 0 <= self.rewired <= self.survive <= 1:
             raise ConfigError(f"Subgraph needs 0 <= rewired <= survive <= 1, got {self.rewired} and {self.survive}")
 

@@ -10,6 +10,14 @@ metric, averaged over the batch; to first order (attribution patching, *EAP*; Sy
 — every edge of the model from one forward and one backward pass. *EAP-IG* (Hanna et al. 2024)
 averages the gradient over ``ig_steps`` points on the straight path from the ablated input
 embeddings to the real ones, which follows the metric better where it is far from linear.
+*EAP-IG on nodes* (``eap-ig-nodes``) integrates along each upstream output's own path instead: the
+edges of a node take the gradients averaged while its output alone moves from the ablated ``ã`` to
+the real ``a`` (the paths of :func:`ig_paths`: the input, each layer's heads together, which one
+hook holds, and each MLP: ``2 * n_layers + 1`` paths of ``ig_steps`` passes). The scores of a path's
+edges then add up to the exact effect of ablating all of them, up to the integral's resolution
+(integrated gradients' completeness: every downstream input reads the output additively); EAP-IG's
+single input path guarantees that for the input's edges only. It differs from the EAP-IG library's
+"EAP-IG-activations", which averages every node's gradients over all the paths.
 Positive scores mean ablating the edge would raise the metric. Circuit-tuning ranks edges by
 ``|score|`` (the absolute value of the batch mean).
 
@@ -44,10 +52,12 @@ from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.tasks.base import TaskBatch
 
-__all__ = ["EdgeScores", "ScoreAccumulator", "attribute", "METHODS"]
+__all__ = ["EdgeScores", "ScoreAccumulator", "attribute", "ig_paths", "METHODS"]
 
-#: Attribution methods: plain attribution patching, and with integrated gradients.
-METHODS: tuple[str, ...] = ("eap", "eap-ig")
+#: Attribution methods: plain attribution patching, with integrated gradients along the input's
+#: path, and along each node's own path (see the module docstring).
+METHODS: tuple[str, ...] = ("eap", "eap-ig", "eap-ig-nodes")
+Method = Literal["eap", "eap-ig", "eap-ig-nodes"]
 
 
 @dataclass
@@ -58,7 +68,7 @@ class EdgeScores:
         graph: the graph (edge order).
         values: per-edge scores ``[n_edges]``: the estimated (or, from :func:`~capwrap.circuits.exact.exact_scores`,
             measured) change of the metric when the edge is ablated, averaged over the batch.
-        method: ``eap``, ``eap-ig``, ``exact``.
+        method: ``eap``, ``eap-ig``, ``eap-ig-nodes``, ``exact``.
         ablation: how edges were ablated.
         info: further settings (metric, sequences, IG steps).
     """
@@ -160,6 +170,10 @@ class ScoreAccumulator:
     def scores(self, weights: dict[str, Tensor], n_sequences: int | float = 1) -> Float[Tensor, " n_edges"]:
         """Per-edge scores (edge order), divided by ``n_sequences`` (the batch size when the backward
         pass was of the metric's sum; 1 when it was of a mean, such as a training loss)."""
+        return self.graph.from_matrix(self.matrix(weights, n_sequences)).float()
+
+    def matrix(self, weights: dict[str, Tensor], n_sequences: int | float = 1) -> Float[Tensor, "n_up n_down"]:
+        """:meth:`scores` as an ``[n_up, n_down]`` matrix (float64; pairs that are not edges included)."""
         ablated_grad = self.ablated_grad
         if self.ablation in ("mean", "mean_positional"):
             if self.grad_sum is None:
@@ -171,8 +185,7 @@ class ScoreAccumulator:
                 means = self.value_sum / self.count
             g = self.grad_sum.to(means.device)
             ablated_grad = torch.einsum("u...,d...->ud", means, g).cpu()
-        matrix = (ablated_grad - self.value_grad) / n_sequences
-        return self.graph.from_matrix(matrix).float()
+        return (ablated_grad - self.value_grad) / n_sequences
 
 
 def _chunks(batch: TaskBatch, batch_size: int | None) -> list[TaskBatch]:
@@ -181,11 +194,12 @@ def _chunks(batch: TaskBatch, batch_size: int | None) -> list[TaskBatch]:
 
 
 def _node_gradients(
-    model: CapModel, graph: Graph, batch: TaskBatch, metric: Metric, input_override: Tensor | None = None
+    model: CapModel, graph: Graph, batch: TaskBatch, metric: Metric, overrides: dict[str, Tensor] | None = None
 ) -> tuple[NodeValues, Tensor]:
     """One forward and one backward pass: the upstream values and the downstream input gradients of
-    ``metric(...).sum()``. The model's parameter gradients are left untouched."""
-    capture = NodeCapture(model, graph, grads=True, input_override=input_override)
+    ``metric(...).sum()``, with ``overrides`` replacing upstream outputs (see :class:`NodeCapture`).
+    The model's parameter gradients are left untouched."""
+    capture = NodeCapture(model, graph, grads=True, overrides=overrides)
     with torch.enable_grad(), model.hooks(capture.hooks()):
         logits = model(batch.tokens)
         total = metric(logits, batch).float().sum()
@@ -197,12 +211,54 @@ def _node_gradients(
     return capture.values(), capture.gradients(grads)
 
 
+def ig_paths(graph: Graph) -> list[tuple[str, list[int]]]:
+    """The paths of ``eap-ig-nodes``, the upstream outputs it moves one at a time: ``(hook name,
+    upstream node indices)`` for the input, each layer's heads (together: one hook holds them all)
+    and each MLP, in the order of the first node of each.
+
+    Example:
+        >>> from capwrap.circuits import Graph
+        >>> from capwrap.models import ModelSpec
+        >>> [hook for hook, _ in ig_paths(Graph.from_spec(ModelSpec(n_layers=1, n_heads=2, d_model=8, d_vocab=5, n_ctx=4)))]
+        ['blocks.0.hook_resid_pre', 'blocks.0.attn.hook_z', 'blocks.0.hook_mlp_out']
+    """
+    hooks = {"input": "blocks.0.hook_resid_pre", "head": "blocks.{}.attn.hook_z", "mlp": "blocks.{}.hook_mlp_out"}
+    rows: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.upstream):
+        rows.setdefault(hooks[node.kind].format(node.layer), []).append(i)
+    return list(rows.items())
+
+
+def _output(values: NodeValues, hook: str) -> Tensor:
+    """The upstream output held at ``hook`` (a name from :func:`ig_paths`)."""
+    if hook == "blocks.0.hook_resid_pre":
+        return values.input
+    layer = int(hook.split(".")[1])
+    return values.z[layer] if hook.endswith("hook_z") else values.mlp[layer]
+
+
+def _integrated(
+    model: CapModel, graph: Graph, chunk: TaskBatch, metric: Metric, start: Tensor, end: Tensor, hook: str, steps: int,
+    bar: Any,
+) -> Tensor:  # fmt: skip
+    """The downstream input gradients averaged over ``steps`` midpoints of the straight path from
+    ``start`` to ``end``, the output held at ``hook``."""
+    grads: Tensor | None = None
+    for k in range(steps):
+        alpha = (k + 0.5) / steps
+        _, g = _node_gradients(model, graph, chunk, metric, {hook: start + alpha * (end - start)})
+        grads = g / steps if grads is None else grads + g / steps
+        bar.update()
+    assert grads is not None
+    return grads
+
+
 def attribute(
     model: CapModel,
     batch: TaskBatch,
     *,
     metric: Metric = answer_logprob,
-    method: Literal["eap", "eap-ig"] = "eap",
+    method: Method = "eap",
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,
@@ -217,11 +273,14 @@ def attribute(
         batch: the sequences (answers and answer positions for the metric).
         metric: ``metric(logits, batch) -> [batch]`` (:mod:`capwrap.circuits.metrics`).
         method: ``eap``: one forward and one backward pass per chunk; ``eap-ig``: ``ig_steps`` of
-            each, the gradient averaged on the path from the ablated input to the real one.
+            each, the gradient averaged on the path from the ablated input to the real one;
+            ``eap-ig-nodes``: ``ig_steps`` per upstream path (``2 * n_layers + 1`` paths), each
+            node's edges scored on its own path (see the module docstring).
         ablation: ``mean`` (over the batch and positions), ``mean_positional``, ``zero``, ``corrupted``.
         corrupted: for ``corrupted``: token ids shaped like ``batch.tokens``.
         reference: for the means: take them over these sequences instead of ``batch``.
-        ig_steps: integration points of ``eap-ig`` (midpoints of ``ig_steps`` equal intervals).
+        ig_steps: integration points of ``eap-ig`` and ``eap-ig-nodes`` (midpoints of ``ig_steps``
+            equal intervals).
         batch_size: sequences per forward/backward pass (bounds memory); default all at once.
         progress: show a progress bar.
 
@@ -243,35 +302,40 @@ def attribute(
     model.eval()
     try:
         known: NodeValues | None = None
-        if ablation == "zero" or reference is not None or (method == "eap-ig" and ablation != "corrupted"):
+        if ablation == "zero" or reference is not None or (method != "eap" and ablation != "corrupted"):
             known = ablated_values(model, graph, ablation, batch, reference=reference)
-        acc = ScoreAccumulator(graph, ablation, known)
+        # one path for eap and eap-ig (the input's), one per upstream output for eap-ig-nodes
+        paths = ig_paths(graph) if method == "eap-ig-nodes" else [("blocks.0.hook_resid_pre", list(range(len(graph.upstream))))]
+        accs = [ScoreAccumulator(graph, ablation, known) for _ in paths]
         chunks = _chunks(batch, batch_size)
         corrupt_chunks = [None] * len(chunks) if corrupted is None else _chunks(
             TaskBatch(corrupted.to(model.device), batch.answer_pos, batch.answers), batch_size
         )  # fmt: skip
         steps = 1 if method == "eap" else ig_steps
-        bar = tqdm(total=len(chunks) * steps, desc=method, disable=not progress, leave=False)
+        bar = tqdm(total=len(chunks) * steps * len(paths), desc=method, disable=not progress, leave=False)
+        weights = model.weights()
         for chunk, corrupt in zip(chunks, corrupt_chunks, strict=True):
             corrupt_values = None if corrupt is None else capture_values(model, corrupt.tokens, graph)
             if method == "eap":
                 values, grads = _node_gradients(model, graph, chunk, metric)
                 bar.update()
-            else:
-                values = capture_values(model, chunk.tokens, graph)
-                start = (corrupt_values or known).input.expand_as(values.input)  # type: ignore[union-attr]
-                grads = None
-                for k in range(steps):
-                    alpha = (k + 0.5) / steps
-                    _, g = _node_gradients(model, graph, chunk, metric, start + alpha * (values.input - start))
-                    grads = g / steps if grads is None else grads + g / steps
-                    bar.update()
-            acc.add(values, grads, model.weights(), corrupt_values)
+                accs[0].add(values, grads, weights, corrupt_values)
+                continue
+            values = capture_values(model, chunk.tokens, graph)
+            ablated = corrupt_values or known
+            assert ablated is not None
+            for acc, (hook, _) in zip(accs, paths, strict=True):
+                end = _output(values, hook)
+                grads = _integrated(model, graph, chunk, metric, _output(ablated, hook).expand_as(end), end, hook, steps, bar)
+                acc.add(values, grads, weights, corrupt_values)
         bar.close()
-        scores = acc.scores(model.weights(), n_sequences=len(batch))
+        matrix = torch.zeros(len(graph.upstream), len(graph.downstream), dtype=torch.float64)
+        for acc, (_, rows) in zip(accs, paths, strict=True):
+            matrix[rows] = acc.matrix(weights, n_sequences=len(batch))[rows]
+        scores = graph.from_matrix(matrix).float()
     finally:
         model.train(was_training)
     info = {"metric": getattr(metric, "__name__", repr(metric)), "sequences": len(batch)}
-    if method == "eap-ig":
+    if method != "eap":
         info["ig_steps"] = ig_steps
     return EdgeScores(graph, scores, method, ablation, info)

@@ -109,13 +109,25 @@ class NodeCapture:
         model: the model.
         graph: its graph.
         grads: also add the zero shifts that read gradients (``False``: values only, cheaper).
-        input_override: what block 0 receives instead of the embeddings (integrated gradients
-            interpolate it); ``[batch, pos, d_model]``.
+        overrides: upstream outputs replaced in the pass (integrated gradients interpolate them), by
+            hook name: ``blocks.0.hook_resid_pre`` (the input, ``[batch, pos, d_model]``),
+            ``blocks.{l}.attn.hook_z`` (layer ``l``'s heads, ``[batch, pos, head, d_head]``),
+            ``blocks.{l}.hook_mlp_out`` (its MLP); broadcast to the pass's shape.
     """
 
-    def __init__(self, model: CapModel, graph: Graph, grads: bool = True, input_override: Tensor | None = None):
+    def __init__(
+        self, model: CapModel, graph: Graph, grads: bool = True, overrides: Mapping[str, Tensor] | None = None
+    ):
         self.model, self.graph, self.grads = model, graph, grads
-        self.input_override = input_override
+        self.overrides = dict(overrides or {})
+        allowed = {"blocks.0.hook_resid_pre"} | {
+            f"blocks.{layer}.{leaf}" for layer in range(model.spec.n_layers) for leaf in ("attn.hook_z", "hook_mlp_out")
+        }
+        if unknown := sorted(set(self.overrides) - allowed):
+            raise ConfigError(
+                f"cannot override {unknown}: only upstream outputs can be replaced "
+                "(blocks.0.hook_resid_pre, blocks.{l}.attn.hook_z, blocks.{l}.hook_mlp_out)"
+            )
         n = model.spec.n_layers
         self.resid_pre: list[Tensor | None] = [None] * n
         self.resid_mid: list[Tensor | None] = [None] * n
@@ -127,28 +139,24 @@ class NodeCapture:
         """``(hook name, function)`` pairs for :meth:`CapModel.hooks`."""
         out: list[tuple[str, Callable]] = []
         for layer in range(self.model.spec.n_layers):
-            out.append((f"blocks.{layer}.hook_resid_pre", self._keep_pre(layer)))
-            out.append((f"blocks.{layer}.attn.hook_z", self._keep(self.z, layer)))
-            out.append((f"blocks.{layer}.hook_mlp_out", self._keep(self.mlp, layer)))
+            for store, leaf in ((self.resid_pre, "hook_resid_pre"), (self.z, "attn.hook_z"), (self.mlp, "hook_mlp_out")):
+                name = f"blocks.{layer}.{leaf}"
+                out.append((name, self._keep(store, layer, name)))
             if self.grads:
-                out.append((f"blocks.{layer}.hook_resid_mid", self._keep(self.resid_mid, layer)))
+                name = f"blocks.{layer}.hook_resid_mid"
+                out.append((name, self._keep(self.resid_mid, layer, name)))
                 names = [f"blocks.{layer}.attn.hook_{w}" for w in "qkv"] + [f"blocks.{layer}.hook_resid_post"]
                 out += [(name, self._shift(name)) for name in names]
         return out
 
-    def _keep_pre(self, layer: int):
+    def _keep(self, store: list, layer: int, name: str):
+        override = self.overrides.get(name)
+
         def hook(act: Tensor, hook: Any = None) -> Tensor | None:
-            if layer == 0 and self.input_override is not None:
-                act = self.input_override.to(act.dtype)
-            self.resid_pre[layer] = act.detach()
-            return act if layer == 0 and self.input_override is not None else None
-
-        return hook
-
-    @staticmethod
-    def _keep(store: list, layer: int):
-        def hook(act: Tensor, hook: Any = None) -> None:
+            if override is not None:
+                act = override.to(act.device, act.dtype).expand_as(act)
             store[layer] = act.detach()
+            return act if override is not None else None
 
         return hook
 

@@ -73,3 +73,5 @@ def test_settings_are_checked():
         Subgraph(top_share=0)
     with pytest.raises(ConfigError, match="rewired <= survive"):
         Subgraph(survive=0.2, rewired=0.4)
+    with pytest.raises(ConfigError, match="eap-ig-nodes"):
+        Subgraph(method="ig")
