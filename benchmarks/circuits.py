@@ -8,13 +8,13 @@ capability task (count ``a``):
   (:func:`capwrap.circuits.split_input_eap`), for each ablation (goal: 1e-5);
 * **EAP / EAP-IG / EAP-IG on nodes against exact edge patching** (:func:`capwrap.circuits.exact_scores`, every edge
   ablated alone): Pearson correlation of the signed scores and of ``|score|``, and the overlap of the
-  top-25 edges (goal for EAP-IG: >= 0.9);
+  top-25 edges, for each metric in ``--metrics`` (goal for EAP-IG: >= 0.9);
 * **speed**: scoring every edge on a 96-sequence batch (one forward and one backward pass) against one
   training step (forward, backward, AdamW) on the same batch, and a circuit-tuning step (which
   scores from its own pass) against a fine-tuning step (goal: scoring <= 3x a step);
 * **faithfulness** of the EAP-IG circuits of count ``a``: metric recovered with the rest ablated.
 
-    python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5]
+    python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob] [--only speed]
 
 Prints one JSON object; the figures and the command are in RESULTS.md.
 """
@@ -29,7 +29,7 @@ import time
 import torch
 
 import capwrap
-from capwrap.circuits import Circuit, attribute, exact_scores, faithfulness, split_input_eap
+from capwrap.circuits import Circuit, attribute, exact_scores, faithfulness, metrics, split_input_eap
 from capwrap.circuits.attribution import METHODS
 from capwrap.demo import DEMO_BASE, demo_tasks
 from capwrap.tasks import task_loss
@@ -51,6 +51,9 @@ def _top_overlap(a, b, k: int = 25) -> float:
     return len(top_a & top_b) / k
 
 
+SECTIONS = ("reference", "exact", "speed", "faithfulness")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default=None, help="hooked or bridge (default: the installed TL's default)")
@@ -58,19 +61,36 @@ def main() -> None:
     parser.add_argument("--ig-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--metrics", nargs="+", default=["answer_logprob", "answer_logit", "answer_prob"],
+        choices=[name for name in metrics.__all__ if name.startswith("answer_")],
+        help="metrics edges are scored by in the comparison with exact patching (capwrap.circuits.metrics)",
+    )
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     model = capwrap.load_model(str(DEMO_BASE), backend=args.backend)
-    tasks = demo_tasks()
-    capability = tasks["capability"]
     out: dict = {
         "model": repr(model),
         "transformer_lens": ".".join(map(str, capwrap.models.tl_version())),
         "torch_threads": args.threads,
     }
+    sections = {
+        "reference": ("eap_vs_split_input_reference", _reference),
+        "exact": ("vs_exact_edge_patching", _versus_exact),
+        "speed": ("speed", _speed),
+        "faithfulness": ("faithfulness", _faithfulness),
+    }
+    for section in args.only:
+        key, run = sections[section]
+        out[key] = run(model, args)
+    print(json.dumps(out, indent=1))
 
-    # ---- EAP against the split-input hook reference --------------------------------------------------
+
+def _reference(model, args) -> dict:
+    """EAP against the split-input hook reference, for every ablation."""
+    capability = demo_tasks()["capability"]
     batch = capability.sample(96, seed=0)
     corrupted = capability.sample(96, seed=1).tokens
     reference = {}
@@ -80,29 +100,39 @@ def main() -> None:
         ref = split_input_eap(model, batch, ablation=ablation, **kwargs)
         diff = float((ours.values - ref.values).abs().max())
         reference[ablation] = {"max_abs_diff": diff, "max_abs_score": float(ref.values.abs().max())}
-    out["eap_vs_split_input_reference"] = reference
+    return reference
 
-    # ---- EAP and EAP-IG against exact edge patching ----------------------------------------------------
+
+def _versus_exact(model, args) -> dict:
+    """Every method against exact edge patching, for each metric and ablation."""
+    capability = demo_tasks()["capability"]
     small = capability.sample(args.exact_size, seed=2)
     small_corrupted = capability.sample(args.exact_size, seed=3).tokens
-    versus = {}
-    for ablation in ("mean_positional", "mean", "corrupted"):
-        kwargs = {"corrupted": small_corrupted} if ablation == "corrupted" else {}
-        start = time.perf_counter()
-        exact = exact_scores(model, small, ablation=ablation, **kwargs)
-        exact_s = time.perf_counter() - start
-        row = {"exact_seconds": exact_s}
-        for method in METHODS:
-            scores = attribute(model, small, method=method, ablation=ablation, ig_steps=args.ig_steps, **kwargs)
-            row[method] = {
-                "pearson": scores.correlation(exact),
-                "pearson_abs": scores.correlation(exact, absolute=True),
-                "top25_overlap": _top_overlap(scores, exact),
-            }
-        versus[ablation] = row
-    out["vs_exact_edge_patching"] = {"sequences": args.exact_size, "ig_steps": args.ig_steps, **versus}
+    versus: dict = {}
+    for metric_name in args.metrics:
+        metric = getattr(metrics, metric_name)
+        for ablation in ("mean_positional", "mean", "corrupted"):
+            kwargs = {"corrupted": small_corrupted} if ablation == "corrupted" else {}
+            start = time.perf_counter()
+            exact = exact_scores(model, small, metric=metric, ablation=ablation, **kwargs)
+            row = {"exact_seconds": time.perf_counter() - start}
+            for method in METHODS:
+                scores = attribute(
+                    model, small, metric=metric, method=method, ablation=ablation, ig_steps=args.ig_steps, **kwargs
+                )
+                row[method] = {
+                    "pearson": scores.correlation(exact),
+                    "pearson_abs": scores.correlation(exact, absolute=True),
+                    "top25_overlap": _top_overlap(scores, exact),
+                }
+            versus.setdefault(metric_name, {})[ablation] = row
+    return {"sequences": args.exact_size, "ig_steps": args.ig_steps, **versus}
 
-    # ---- speed -------------------------------------------------------------------------------------------
+
+def _speed(model, args) -> dict:
+    """Scoring every edge on 96 sequences against a training step; circuit-tuning against fine-tuning."""
+    tasks = demo_tasks()
+    batch = tasks["capability"].sample(96, seed=0)
     trainable = model.clone().train()
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-5)
 
@@ -119,7 +149,7 @@ def main() -> None:
     config = capwrap.TrainConfig(steps=args.repeats + 1, batch_size=96, lr=1e-5, warmup=0.0, progress=False)
     finetune_s = _run_seconds(model, tasks["downstream_correlated"], config, capwrap.FineTune())
     circuit_s = _run_seconds(model, tasks["downstream_correlated"], config, capwrap.CircuitTuning(top_n=50))
-    out["speed"] = {
+    return {
         "batch": 96,
         "train_step_s": step_s,
         "eap_all_edges_s": eap_s,
@@ -130,18 +160,20 @@ def main() -> None:
         "circuit_tuning_over_finetune": circuit_s / finetune_s,
     }
 
-    # ---- faithfulness of count a's circuits -------------------------------------------------------------
+
+def _faithfulness(model, args) -> dict:
+    """Metric recovered by count ``a``'s EAP-IG circuits with the rest ablated."""
+    small = demo_tasks()["capability"].sample(args.exact_size, seed=2)
     scores = attribute(model, small, method="eap-ig", ablation="mean_positional", ig_steps=args.ig_steps)
     curve = faithfulness(model, small, scores, ablation="mean_positional", ns=[0, 5, 10, 20, 40, 80, 160, 479])
     greedy = faithfulness(model, small, scores, ablation="mean_positional", ns=[5, 10, 20, 40, 80], select="greedy")
-    out["faithfulness"] = {
+    return {
         "model_metric": curve.model_metric,
         "empty_metric": curve.empty_metric,
         "top_edges": curve.table.to_dict("records"),
         "greedy": greedy.table.to_dict("records"),
         "top20_components": Circuit.from_scores(scores, 20).components,
     }
-    print(json.dumps(out, indent=1))
 
 
 def _run_seconds(model, task, config, method) -> float:

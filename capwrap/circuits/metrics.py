@@ -11,8 +11,17 @@ Examples:
     >>> logits = torch.zeros(2, 3, 4)
     >>> answer_logprob(logits, batch)        # uniform over 4 tokens: log(1/4)
     tensor([-1.3863, -1.3863])
+    >>> answer_prob(logits, batch)
+    tensor([0.2500, 0.2500])
+    >>> answer_logit(logits, batch)
+    tensor([0., 0.])
     >>> negative_loss(logits, batch)
     tensor([-1.3863, -1.3863])
+
+Which metric to score by matters where the model is saturated: on the demo model (the answer's
+log-probability about -0.001) EAP-IG follows exact edge patching more closely when scoring the
+answer's logit or probability than its log-probability (benchmarks/RESULTS.md, "Circuit-tuning and
+edge attribution").
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from torch import Tensor
 
 from capwrap.tasks.base import TaskBatch, answer_logits
 
-__all__ = ["Metric", "answer_logprob", "negative_loss"]
+__all__ = ["Metric", "answer_logit", "answer_logprob", "answer_prob", "negative_loss"]
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"], TaskBatch], Float[Tensor, " batch"]]
 
@@ -35,6 +44,18 @@ def answer_logprob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch)
     :func:`capwrap.analyzers.patching.answer_logprob` computes from the answer position's logits)."""
     logprobs = F.log_softmax(answer_logits(logits, batch).float(), -1)
     return logprobs.gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+
+
+def answer_prob(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Probability of each sequence's answer at its answer position."""
+    return answer_logprob(logits, batch).exp()
+
+
+def answer_logit(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Logit of each sequence's answer at its answer position (what
+    :func:`capwrap.analyzers.patching.answer_logit` computes from the answer position's logits): the
+    logit difference of circuit-discovery work, without a contrast answer."""
+    return answer_logits(logits, batch).float().gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
 
 
 def negative_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:

@@ -198,7 +198,8 @@ class NodeCapture:
         for i, node in enumerate(self.graph.downstream):
             if node.kind in ("q", "k", "v"):
                 by_layer.setdefault(node.layer, []).append(i)
-        pieces: list[Tensor | None] = [None] * len(self.graph.downstream)
+        last = grads[f"blocks.{spec.n_layers - 1}.hook_resid_post"]
+        out = last.new_empty((len(self.graph.downstream), *last.shape))
         for layer in range(spec.n_layers):
             rows = by_layer[layer]
             cotangents = []
@@ -207,24 +208,22 @@ class NodeCapture:
                 g = grads[f"blocks.{layer}.attn.hook_{node.kind}"][:, :, node.index]  # [batch, pos, d_head]
                 w = weights[f"blocks.{layer}.attn.W_{node.kind.upper()}"][node.index].detach()  # [d_model, d_head]
                 cotangents.append(g @ w.T.to(g.dtype))
-            stacked = torch.stack(cotangents, 2)  # [batch, pos, node, d_model]
             x = self.resid_pre[layer]
             assert x is not None
-            copies = x.unsqueeze(2).expand(-1, -1, len(rows), -1).clone().requires_grad_(True)
-            with torch.enable_grad():
-                normed = norm_module(self.model, layer, "ln1")(copies)
-                (pulled,) = torch.autograd.grad(normed, copies, stacked)
-            for j, i in enumerate(rows):
-                pieces[i] = pulled[:, :, j]
+            x = x.clone().requires_grad_(True)
+            with torch.enable_grad():  # one vector-Jacobian product of ln1 per node, batched over the nodes
+                normed = norm_module(self.model, layer, "ln1")(x)
+                (pulled,) = torch.autograd.grad(normed, x, torch.stack(cotangents), is_grads_batched=True)
+            out[rows] = pulled.to(out.dtype)
             mid = self.resid_mid[layer]
             assert mid is not None
             mid = mid.clone().requires_grad_(True)
             with torch.enable_grad():
-                out = functional.mlp(layer, mid)
-                (pulled,) = torch.autograd.grad(out, mid, grads[f"blocks.{layer}.hook_resid_post"].to(out.dtype))
-            pieces[self.graph.downstream_index(f"L{layer}.mlp")] = pulled
-        pieces[-1] = grads[f"blocks.{spec.n_layers - 1}.hook_resid_post"]
-        return torch.stack(pieces)  # type: ignore[arg-type]
+                mlp_out = functional.mlp(layer, mid)
+                (pulled,) = torch.autograd.grad(mlp_out, mid, grads[f"blocks.{layer}.hook_resid_post"].to(mlp_out.dtype))
+            out[self.graph.downstream_index(f"L{layer}.mlp")] = pulled.to(out.dtype)
+        out[-1] = last
+        return out
 
 
 @torch.no_grad()

@@ -145,3 +145,21 @@ def test_faithfulness_runs_from_nothing_to_the_whole_model(tiny, tiny_task):
     assert isinstance(curve.figure(), go.Figure) and curve.smallest(0.999) is not None and curve.smallest(2.0) is None
     single = circuit_metric(model, batch, [Circuit.from_scores(scores, 5)])
     assert float(single[0]) == pytest.approx(curve.table["metric"].iloc[1], abs=1e-6)
+
+
+def test_answer_metrics_read_the_answer_position_as_patching_does():
+    """The circuit metrics take every position's logits; at the answer position they equal patching's
+    metrics, and the probability is the exponent of the log-probability."""
+    from capwrap.analyzers import patching
+    from capwrap.circuits.metrics import answer_logit, answer_prob
+    from capwrap.tasks import TaskBatch
+    from capwrap.tasks.base import answer_logits
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=gen)
+    batch = TaskBatch(torch.zeros(3, 5, dtype=torch.long), answer_pos=torch.tensor([1, 4, 2]), answers=torch.tensor([4, 0, 6]))
+    at_answer = answer_logits(logits, batch)
+    torch.testing.assert_close(answer_logit(logits, batch), patching.answer_logit(at_answer, batch))
+    torch.testing.assert_close(answer_logprob(logits, batch), patching.answer_logprob(at_answer, batch))
+    torch.testing.assert_close(answer_prob(logits, batch), answer_logprob(logits, batch).exp())
+    assert float(answer_logit(logits, batch)[0]) == float(logits[0, 1, 4])
