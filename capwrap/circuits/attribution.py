@@ -47,7 +47,16 @@ from tqdm.auto import tqdm
 
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import Metric, answer_logprob
-from capwrap.circuits.nodes import Ablation, NodeCapture, NodeValues, ablated_values, capture_values, check_ablation
+from capwrap.circuits.nodes import (
+    UPSTREAM_HOOKS,
+    Ablation,
+    NodeCapture,
+    NodeValues,
+    ablated_values,
+    capture_values,
+    check_ablation,
+    upstream_hook,
+)
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.tasks.base import TaskBatch
@@ -222,19 +231,10 @@ def ig_paths(graph: Graph) -> list[tuple[str, list[int]]]:
         >>> [hook for hook, _ in ig_paths(Graph.from_spec(ModelSpec(n_layers=1, n_heads=2, d_model=8, d_vocab=5, n_ctx=4)))]
         ['blocks.0.hook_resid_pre', 'blocks.0.attn.hook_z', 'blocks.0.hook_mlp_out']
     """
-    hooks = {"input": "blocks.0.hook_resid_pre", "head": "blocks.{}.attn.hook_z", "mlp": "blocks.{}.hook_mlp_out"}
     rows: dict[str, list[int]] = {}
     for i, node in enumerate(graph.upstream):
-        rows.setdefault(hooks[node.kind].format(node.layer), []).append(i)
+        rows.setdefault(upstream_hook(node), []).append(i)
     return list(rows.items())
-
-
-def _output(values: NodeValues, hook: str) -> Tensor:
-    """The upstream output held at ``hook`` (a name from :func:`ig_paths`)."""
-    if hook == "blocks.0.hook_resid_pre":
-        return values.input
-    layer = int(hook.split(".")[1])
-    return values.z[layer] if hook.endswith("hook_z") else values.mlp[layer]
 
 
 def _integrated(
@@ -305,7 +305,7 @@ def attribute(
         if ablation == "zero" or reference is not None or (method != "eap" and ablation != "corrupted"):
             known = ablated_values(model, graph, ablation, batch, reference=reference)
         # one path for eap and eap-ig (the input's), one per upstream output for eap-ig-nodes
-        paths = ig_paths(graph) if method == "eap-ig-nodes" else [("blocks.0.hook_resid_pre", list(range(len(graph.upstream))))]
+        paths = ig_paths(graph) if method == "eap-ig-nodes" else [(UPSTREAM_HOOKS["input"], list(range(len(graph.upstream))))]
         accs = [ScoreAccumulator(graph, ablation, known) for _ in paths]
         chunks = _chunks(batch, batch_size)
         corrupt_chunks = [None] * len(chunks) if corrupted is None else _chunks(
@@ -325,8 +325,8 @@ def attribute(
             ablated = corrupt_values or known
             assert ablated is not None
             for acc, (hook, _) in zip(accs, paths, strict=True):
-                end = _output(values, hook)
-                grads = _integrated(model, graph, chunk, metric, _output(ablated, hook).expand_as(end), end, hook, steps, bar)
+                end = values.at(hook)
+                grads = _integrated(model, graph, chunk, metric, ablated.at(hook).expand_as(end), end, hook, steps, bar)
                 acc.add(values, grads, weights, corrupt_values)
         bar.close()
         matrix = torch.zeros(len(graph.upstream), len(graph.downstream), dtype=torch.float64)

@@ -44,13 +44,22 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from capwrap.circuits.graph import Graph
+from capwrap.circuits.graph import Graph, Node
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
 
-__all__ = ["NodeValues", "NodeCapture", "Ablation", "ABLATIONS", "ablated_values", "norm_module"]
+__all__ = [
+    "ABLATIONS",
+    "UPSTREAM_HOOKS",
+    "Ablation",
+    "NodeCapture",
+    "NodeValues",
+    "ablated_values",
+    "norm_module",
+    "upstream_hook",
+]
 
 Ablation = Literal["mean", "mean_positional", "zero", "corrupted"]
 #: What an ablated upstream node outputs instead of its own output: its ``mean`` over the batch and
@@ -71,6 +80,19 @@ def norm_module(model: CapModel, layer: int, which: str = "ln1") -> nn.Module:
     return module if module is not None else nn.Identity()
 
 
+#: The hook that holds each kind of upstream node's output (a layer's heads share ``hook_z``).
+UPSTREAM_HOOKS: dict[str, str] = {
+    "input": "blocks.0.hook_resid_pre",
+    "head": "blocks.{layer}.attn.hook_z",
+    "mlp": "blocks.{layer}.hook_mlp_out",
+}
+
+
+def upstream_hook(node: Node) -> str:
+    """The hook name that holds upstream ``node``'s output (what :class:`NodeCapture` can override)."""
+    return UPSTREAM_HOOKS[node.kind].format(layer=node.layer)
+
+
 @dataclass
 class NodeValues:
     """Upstream node outputs in compact form: the head outputs as ``z`` (``z[..., h, :] @ W_O[h]`` is head
@@ -89,6 +111,15 @@ class NodeValues:
     def map(self, fn: Callable[[Tensor], Tensor]) -> NodeValues:
         """``fn`` applied to every tensor."""
         return NodeValues(fn(self.input), [fn(t) for t in self.z], [fn(t) for t in self.mlp])
+
+    def at(self, hook: str) -> Tensor:
+        """The output held at ``hook`` (a name :func:`upstream_hook` gives): the input, a layer's ``z``
+        or its MLP's output."""
+        held = {UPSTREAM_HOOKS["input"]: self.input}
+        for layer, (z, mlp) in enumerate(zip(self.z, self.mlp, strict=True)):
+            held[UPSTREAM_HOOKS["head"].format(layer=layer)] = z
+            held[UPSTREAM_HOOKS["mlp"].format(layer=layer)] = mlp
+        return held[hook]
 
     def upstream(self, weights: Mapping[str, Tensor]) -> Float[Tensor, "n_up batch pos d_model"]:
         """Every upstream node's output, in graph order (``input``, then per layer its heads and its MLP)."""
@@ -120,13 +151,11 @@ class NodeCapture:
     ):
         self.model, self.graph, self.grads = model, graph, grads
         self.overrides = dict(overrides or {})
-        allowed = {"blocks.0.hook_resid_pre"} | {
-            f"blocks.{layer}.{leaf}" for layer in range(model.spec.n_layers) for leaf in ("attn.hook_z", "hook_mlp_out")
-        }
+        allowed = {upstream_hook(node) for node in graph.upstream}
         if unknown := sorted(set(self.overrides) - allowed):
             raise ConfigError(
                 f"cannot override {unknown}: only upstream outputs can be replaced "
-                "(blocks.0.hook_resid_pre, blocks.{l}.attn.hook_z, blocks.{l}.hook_mlp_out)"
+                f"({', '.join(UPSTREAM_HOOKS.values())} with layer < {model.spec.n_layers})"
             )
         n = model.spec.n_layers
         self.resid_pre: list[Tensor | None] = [None] * n

@@ -10,7 +10,7 @@ import torch
 from capwrap.circuits import Graph, attribute, exact_scores, split_input_eap
 from capwrap.circuits.attribution import ig_paths
 from capwrap.circuits.exact import ablated_metric
-from capwrap.circuits.nodes import NodeValues, ablated_values, capture_values
+from capwrap.circuits.nodes import NodeCapture, NodeValues, ablated_values, capture_values
 from capwrap.errors import ConfigError
 from capwrap.tasks import TaskBatch
 
@@ -163,3 +163,24 @@ def test_bad_arguments_are_named(tiny, tiny_task):
         attribute(model, batch, ablation="corrupted", corrupted=batch.tokens[:2])
     with pytest.raises(ConfigError, match="empty"):
         attribute(model, TaskBatch(batch.tokens[:0], batch.answer_pos[:0], batch.answers[:0]))
+
+
+def test_only_upstream_outputs_can_be_overridden_and_each_path_holds_its_own_nodes(tiny):
+    """``NodeCapture`` refuses hooks that hold no upstream output (or lie past the last layer), naming
+    the ones it takes; ``ig_paths`` splits the upstream nodes into the hooks ``NodeValues.at`` reads."""
+    model = tiny("gpt2", "bridge")
+    graph = Graph.from_spec(model.spec)
+    for bad in ("blocks.0.hook_resid_mid", f"blocks.{model.spec.n_layers}.attn.hook_z"):
+        with pytest.raises(ConfigError, match=r"cannot override .*blocks\.0\.hook_resid_pre"):
+            NodeCapture(model, graph, overrides={bad: torch.zeros(1)})
+    paths = ig_paths(graph)
+    assert sorted(i for _, rows in paths for i in rows) == list(range(len(graph.upstream)))
+    n = model.spec.n_layers
+    values = NodeValues(
+        torch.zeros(1), [torch.full((1,), float(k)) for k in range(n)], [torch.full((1,), -1.0 - k) for k in range(n)]
+    )
+    for hook, rows in paths:
+        kinds = {graph.upstream[i].kind for i in rows}
+        layer = graph.upstream[rows[0]].layer
+        expected = {"input": values.input, "head": values.z[layer], "mlp": values.mlp[layer]}[kinds.pop()]
+        assert not kinds and values.at(hook) is expected
