@@ -14,7 +14,7 @@ capability task (count ``a``):
   scores from its own pass) against a fine-tuning step (goal: scoring <= 3x a step);
 * **faithfulness** of the EAP-IG circuits of count ``a``: metric recovered with the rest ablated.
 
-    python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob] [--only speed]
+    python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob] [--only speed] [--device cuda]
 
 Prints one JSON object; the figures and the command are in RESULTS.md.
 """
@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+from timing import synchronize, timed
 
 import capwrap
 from capwrap.circuits import Circuit, attribute, exact_scores, faithfulness, metrics, split_input_eap
@@ -39,9 +40,7 @@ def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        times.append(timed(fn)[1])
     return statistics.median(times)
 
 
@@ -62,17 +61,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--metrics", nargs="+", default=["answer_logprob", "answer_logit", "answer_prob"],
+        "--metrics",
+        nargs="+",
+        default=["answer_logprob", "answer_logit", "answer_prob"],
         choices=[name for name in metrics.__all__ if name.startswith("answer_")],
         help="metrics edges are scored by in the comparison with exact patching (capwrap.circuits.metrics)",
     )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = capwrap.load_model(str(DEMO_BASE), backend=args.backend)
+    model = capwrap.load_model(str(DEMO_BASE), backend=args.backend, device=args.device)
     out: dict = {
         "model": repr(model),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "transformer_lens": ".".join(map(str, capwrap.models.tl_version())),
         "torch_threads": args.threads,
     }
@@ -91,8 +94,8 @@ def main() -> None:
 def _reference(model, args) -> dict:
     """EAP against the split-input hook reference, for every ablation."""
     capability = demo_tasks()["capability"]
-    batch = capability.sample(96, seed=0)
-    corrupted = capability.sample(96, seed=1).tokens
+    batch = capability.sample(96, seed=0).to(model.device)
+    corrupted = capability.sample(96, seed=1).tokens.to(model.device)
     reference = {}
     for ablation in ("mean", "mean_positional", "zero", "corrupted"):
         kwargs = {"corrupted": corrupted} if ablation == "corrupted" else {}
@@ -106,8 +109,8 @@ def _reference(model, args) -> dict:
 def _versus_exact(model, args) -> dict:
     """Every method against exact edge patching, for each metric and ablation."""
     capability = demo_tasks()["capability"]
-    small = capability.sample(args.exact_size, seed=2)
-    small_corrupted = capability.sample(args.exact_size, seed=3).tokens
+    small = capability.sample(args.exact_size, seed=2).to(model.device)
+    small_corrupted = capability.sample(args.exact_size, seed=3).tokens.to(model.device)
     versus: dict = {}
     for metric_name in args.metrics:
         metric = getattr(metrics, metric_name)
@@ -132,7 +135,7 @@ def _versus_exact(model, args) -> dict:
 def _speed(model, args) -> dict:
     """Scoring every edge on 96 sequences against a training step; circuit-tuning against fine-tuning."""
     tasks = demo_tasks()
-    batch = tasks["capability"].sample(96, seed=0)
+    batch = tasks["capability"].sample(96, seed=0).to(model.device)
     trainable = model.clone().train()
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-5)
 
@@ -163,7 +166,7 @@ def _speed(model, args) -> dict:
 
 def _faithfulness(model, args) -> dict:
     """Metric recovered by count ``a``'s EAP-IG circuits with the rest ablated."""
-    small = demo_tasks()["capability"].sample(args.exact_size, seed=2)
+    small = demo_tasks()["capability"].sample(args.exact_size, seed=2).to(model.device)
     scores = attribute(model, small, method="eap-ig", ablation="mean_positional", ig_steps=args.ig_steps)
     curve = faithfulness(model, small, scores, ablation="mean_positional", ns=[0, 5, 10, 20, 40, 80, 160, 479])
     greedy = faithfulness(model, small, scores, ablation="mean_positional", ns=[5, 10, 20, 40, 80], select="greedy")
@@ -182,6 +185,7 @@ def _run_seconds(model, task, config, method) -> float:
     last = [time.perf_counter()]
 
     def clock(info) -> None:
+        synchronize()
         now = time.perf_counter()
         times.append(now - last[0])
         last[0] = now

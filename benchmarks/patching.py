@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import transformer_lens.patching as tl_patching
+from timing import timed
 
 import capwrap
 from capwrap.analyzers.patching import activation_patching, answer_logprob, correlation
@@ -48,13 +48,8 @@ TL_FUNCTIONS = {
 def _timed(fn, repeats: int):
     best, out = float("inf"), None
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        out, seconds = timed(fn)
+        best = min(best, seconds)
     return best, out
 
 
@@ -88,6 +83,8 @@ def main() -> None:
     parser.add_argument("--backend", default=None)
     parser.add_argument("--family", default=None, help="a random model of this family, the demo base's shape")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (the RESULTS figures pin 1)")
+    parser.add_argument("--memory-mb", type=float, default=128.0,
+                        help="capwrap's memory budget per batched forward pass (activation_patching's memory_mb)")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +109,7 @@ def main() -> None:
 
     def run_capwrap(method="exact", engine="resumed"):
         return activation_patching(model, corrupt, source_tokens=clean.tokens, sites=SITES, positions="each",
-                                   method=method, engine=engine, progress=False)  # fmt: skip
+                                   method=method, engine=engine, progress=False, memory_mb=args.memory_mb)  # fmt: skip
 
     run_capwrap()  # warm-up
     t_tl, tl = _timed(run_tl, args.repeats)
@@ -129,6 +126,7 @@ def main() -> None:
         "transformer_lens": capwrap.models.model.tl_version(),
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "batch": args.batch,
+        "memory_mb": args.memory_mb,
         "patches": n,
         "within": {
             "seconds_transformer_lens": round(t_tl, 3),
@@ -150,7 +148,7 @@ def main() -> None:
 
         def across(method="exact", engine="resumed"):
             return activation_patching(tuned, batch, source=model, sites=SITES, positions="each", method=method,
-                                       engine=engine, progress=False)  # fmt: skip
+                                       engine=engine, progress=False, memory_mb=args.memory_mb)  # fmt: skip
 
         t_a, a = _timed(across, args.repeats)
         t_ah, ah = _timed(lambda: across(engine="hooks"), args.repeats)

@@ -10,7 +10,7 @@ is reported, with the bare probe forward passes (the floor of any recorder) as a
 at these settings the probe's 256 sequences are 5.3 training batches, and a forward pass costs about
 a third of a training step per sequence, so recording activations costs ~1.6 steps every 10.
 
-    python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--lora]
+    python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--lora] [--device cuda]
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
+from timing import timed
 
 from capwrap.demo import DEMO_BASE, FINETUNE_CONFIG, demo_tasks
 from capwrap.integrations import RecorderCallback, task_dataset
@@ -42,7 +42,7 @@ def make_model(lora: bool) -> torch.nn.Module:
     return model
 
 
-def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data) -> float:
+def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str) -> float:
     model = make_model(lora)
     callbacks = []
     if record:
@@ -52,24 +52,22 @@ def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data) ->
         str(out / f"trainer{seed}"), max_steps=steps, per_device_train_batch_size=FINETUNE_CONFIG.batch_size,
         learning_rate=1e-3 if lora else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
         lr_scheduler_type="cosine", weight_decay=FINETUNE_CONFIG.weight_decay, max_grad_norm=1.0, logging_steps=50,
-        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=seed, dataloader_num_workers=0,
+        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=device == "cpu", seed=seed, dataloader_num_workers=0,
     )  # fmt: skip
     trainer = transformers.Trainer(model, args, train_dataset=data, callbacks=callbacks)
-    t0 = time.perf_counter()
-    trainer.train()
-    elapsed = time.perf_counter() - t0
+    _, elapsed = timed(trainer.train)
     if record:
         store = RunStore.open(out / f"run{seed}")
         assert len(store.array_steps("blocks.0.hook_resid_post")) == steps // 10 + 1
     return elapsed
 
 
-def probe_forward_seconds(lora: bool) -> tuple[float, float]:
+def probe_forward_seconds(lora: bool, device: str) -> tuple[float, float]:
     """One pass over the probe batch in chunks of 64, as the recorder runs it: through the plain
     Hugging Face model (the floor of any recorder), and capwrap's capture through the wrapped model's hooks."""
-    plain = make_model(lora)
-    model = wrap_hf_model(make_model(lora))
-    tokens = demo_tasks()["capability"].sample(256, seed=0).tokens
+    plain = make_model(lora).to(device)
+    model = wrap_hf_model(make_model(lora).to(device))
+    tokens = demo_tasks()["capability"].sample(256, seed=0).tokens.to(device)
     hooks = model.resolve_hooks("blocks.*.hook_resid_post")
 
     def bare() -> None:
@@ -80,9 +78,7 @@ def probe_forward_seconds(lora: bool) -> tuple[float, float]:
     times: dict[str, list[float]] = {"bare": [], "capture": []}
     for _ in range(6):  # alternating; the first of each is a warm-up
         for name, fn in (("bare", bare), ("capture", lambda: model.capture(tokens, hooks, batch_size=64))):
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(fn)[1])
     return statistics.median(times["bare"][1:]), statistics.median(times["capture"][1:])
 
 
@@ -92,24 +88,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (Trainer's own placement)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     out = Path(tempfile.mkdtemp(prefix="capwrap-bench-"))
     try:
         data = task_dataset(demo_tasks()["downstream_correlated"], args.steps * FINETUNE_CONFIG.batch_size, seed=1)
-        one_run(10, True, args.lora, 999, out, data)  # warm-up (allocator, kernels, imports)
+        one_run(10, True, args.lora, 999, out, data, args.device)  # warm-up (allocator, kernels, imports)
         times: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.repeats):
             for record in (False, True):
-                times[record].append(one_run(args.steps, record, args.lora, r, out, data))
+                times[record].append(one_run(args.steps, record, args.lora, r, out, data, args.device))
         off, on = statistics.median(times[False]), statistics.median(times[True])
-        bare, capture = probe_forward_seconds(args.lora)
+        bare, capture = probe_forward_seconds(args.lora, args.device)
         records = args.steps // 10 + 1
         size = sum(f.stat().st_size for f in (out / "run0").rglob("*") if f.is_file())
         result = {
             "training": "LoRA r=8 (c_attn, c_fc)" if args.lora else "full fine-tuning",
             "threads": args.threads,
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
             "transformers": transformers.__version__,
             "steps": args.steps,
             "seconds_without": round(off, 2),

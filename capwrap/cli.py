@@ -35,6 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
         diagnose_pair=not args.no_diagnose,
         progress=not args.quiet,
         log=print,
+        device=args.device,
     )
     table = result.accuracy_table()
     print()
@@ -95,7 +96,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     diagnosis = diagnose_checkpoints(
         args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
         quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
-        memory=args.memory,
+        memory=args.memory, device=args.device,
     )  # fmt: skip
     acc = diagnosis.accuracy
     print(f"capability accuracy {acc['base']['capability']:.1%} (base) -> {acc['tuned']['capability']:.1%} (tuned); "
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the study; removed: the negative control (capability re-initialized before fine-tuning)",
     )
     _add_backend_option(demo)
+    _add_device_option(demo)
     demo.add_argument("--pretrain", action="store_true", help="pretrain the base model here (about 15 min)")
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300)")
     demo.add_argument("--eval-size", type=int, default=2048, help="sequences per test set (default 2048)")
@@ -198,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="low: the two models take turns in memory (about one model's worth; the other waits in a "
                            "temporary file), for the same numbers")  # fmt: skip
     _add_backend_option(diag)
+    _add_device_option(diag)
     diag.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
     diag.set_defaults(func=_diagnose)
 
@@ -246,6 +249,11 @@ def _add_backend_option(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=backends, default=None,
         help=f"TransformerLens backend: {' or '.join(backends)} with the installed TransformerLens (default {default_backend()})",
     )  # fmt: skip
+
+
+def _add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="where the models run: cpu (default), cuda, cuda:1 ...")  # fmt: skip
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:

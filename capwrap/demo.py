@@ -49,6 +49,7 @@ from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, copy_missing, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
+from capwrap.models.model import resolve_device
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import Recorder, RunStore
 from capwrap.report import Report, error_bars, proportion_interval
@@ -153,6 +154,7 @@ def run_demo(
     diagnose_pair: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    device: str | torch.device | None = None,
 ) -> DemoResult:
     """Run the demo study and write ``summary.json``, ``report.html``, the run store and the tuned model.
 
@@ -167,11 +169,13 @@ def run_demo(
         diagnose_pair: run :func:`~capwrap.diagnosis.diagnose` on (base, tuned) and report its verdict.
         progress: show progress bars.
         log: called with a line of text at each stage (the CLI prints them).
+        device: where the models train and are diagnosed (default CPU; ``"cuda"`` for a GPU).
     """
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown demo scenario {scenario!r}; choose from {list(SCENARIOS)}")
     if eval_size <= 0:
         raise ConfigError(f"eval_size must be positive, got {eval_size}")
+    device = None if device is None else resolve_device(device)
     out = check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -184,6 +188,8 @@ def run_demo(
     else:
         log(f"loading the shipped base model from {DEMO_BASE}")
         base = load_model(str(DEMO_BASE), backend=backend)
+    if device is not None:
+        base.to(device)
     finetune = dataclasses.replace(FINETUNE_CONFIG, seed=seed + 1, progress=progress, eval_every=50)
     if finetune_steps is not None:
         finetune = dataclasses.replace(finetune, steps=finetune_steps, eval_every=max(1, finetune_steps // 6))
@@ -219,6 +225,8 @@ def run_demo(
     control = None
     if diagnose_pair:
         control = load_demo_control(backend) if finetune.steps == CONTROL_STEPS else None
+        if control is not None:
+            control.to(base.device)
         log("diagnosing (probing, pruning, revival, weight diff, attention, patching, generalization, new latent) ...")
         cache = out / "revival_cache"
         if control is not None:  # the shipped control's runs (other seeds or settings miss, and are made here)
@@ -255,7 +263,7 @@ def run_demo(
         seeds={"seed": seed, "fine-tuning data": finetune.seed, "test sets": 10_000 + seed, "probe batch": 20_000 + seed},
         call=describe_call("capwrap.run_demo", out=str(out), seed=seed, scenario=scenario, backend=backend,
                            pretrain=pretrain, finetune_steps=finetune_steps, eval_size=eval_size,
-                           diagnose_pair=diagnose_pair),
+                           diagnose_pair=diagnose_pair, device=None if device is None else str(device)),
     )  # fmt: skip
     write_json_atomic(out / "summary.json", summary)
     _write_report(out / "report.html", summary, result.history, store, diagnosis, test_sets)

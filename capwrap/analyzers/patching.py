@@ -244,7 +244,7 @@ def activation_patching(
         if method == "exact":
             values = _exact_hooks(target, batch, source_acts, index, metric, memory_mb, progress)
         else:
-            values = _attribution(target, batch, source_acts, index, metric) + target_base
+            values = _attribution(target, batch, source_acts, index, metric) + target_base.cpu()
     table = index.copy()
     table["hook"] = [SITES[s].format(layer=layer) for s, layer in zip(index["site"], index["layer"], strict=True)]
     table["value"] = values.mean(1).cpu().numpy()

@@ -76,7 +76,8 @@ def fit_probes(
     """Train one logistic-regression probe per leading index of ``features``, all at once.
 
     Features are standardized per probe (with training statistics), then every probe is trained
-    with full-batch Adam on the same train split and scored on the held-out split.
+    with full-batch Adam on the same train split and scored on the held-out split. The fit runs on
+    ``features``' device (on a GPU every probe of one problem trains in the same batched products).
 
     Args:
         features: ``[probe, n, d]`` activations (probe = layer, or layer x step).
@@ -94,7 +95,7 @@ def fit_probes(
         raise ConfigError(
             f"features must be [probe, n, d] and labels [n]; got {tuple(features.shape)} and {tuple(labels.shape)}"
         )
-    classes, labels = torch.unique(labels, return_inverse=True)
+    classes, labels = torch.unique(labels.to(features.device), return_inverse=True)
     if len(classes) < 2:
         raise ConfigError(
             f"the probe label has a single class ({classes.tolist()}): there is nothing to predict; choose another label or more varied data"
@@ -103,7 +104,7 @@ def fit_probes(
     n_test = int(round(test_fraction * n))
     if not 0 < n_test < n:
         raise ConfigError(f"test_fraction={test_fraction} leaves an empty train or test split for {n} sequences")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(features.device)
     test, train = order[:n_test], order[n_test:]
     x = features.detach().float()
     mean = x[:, train].mean(1, keepdim=True)
@@ -133,8 +134,8 @@ def _adam_softmax_regression(
     n_probe, n, d = x.shape
     x_t = x.transpose(1, 2).contiguous()  # [probe, d, n] for the weight gradient
     onehot = torch.nn.functional.one_hot(y, n_classes).to(x.dtype)  # [n, c], shared by all probes
-    weight = torch.zeros(n_probe, d, n_classes)
-    bias = torch.zeros(n_probe, 1, n_classes)
+    weight = x.new_zeros(n_probe, d, n_classes)
+    bias = x.new_zeros(n_probe, 1, n_classes)
     params = (weight, bias)
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]

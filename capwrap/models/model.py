@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -78,6 +78,79 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, refused with the fix where it does not exist on this machine.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("gpu")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: unknown device 'gpu': use 'cpu', 'cuda' or 'cuda:N'
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {str(device)!r}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+                "use device 'cpu' (or install a CUDA build of torch on a machine with a GPU)"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")  # fmt: skip
+    return resolved
+
+
+@contextmanager
+@torch.no_grad()
+def keeping_views(tensors: Iterable[Tensor]) -> Iterator[None]:
+    """Keep tensors that share memory sharing it across a move inside the block.
+
+    ``nn.Module.to`` moves each parameter on its own, so parameters that were views of one
+    another (the TransformerBridge's query/key/value of GPT-2 are views of its fused ``c_attn``)
+    come out as independent copies: a change to one (training, a residency's restore, an
+    analyzer's edit) would no longer reach the other. Afterwards, every group of ``tensors`` that
+    shared a storage before shares one new storage again, each at its old offset, shape and stride.
+
+    Examples:
+        >>> import torch
+        >>> fused = torch.nn.Parameter(torch.arange(6.0))
+        >>> half = torch.nn.Parameter(fused.detach()[3:])  # a parameter that views another's memory
+        >>> module = torch.nn.ParameterList([fused, half])
+        >>> with keeping_views(module.parameters()):
+        ...     _ = module.double()  # any conversion nn.Module applies parameter by parameter
+        >>> with torch.no_grad():
+        ...     _ = fused.add_(1.0)
+        >>> half.tolist()
+        [4.0, 5.0, 6.0]
+    """
+    groups: dict[int, dict[int, tuple[Tensor, int, torch.Size, tuple[int, ...]]]] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            groups.setdefault(storage.data_ptr(), {})[id(t)] = (t, t.storage_offset(), t.shape, t.stride())
+    shared = []  # (members, elements in the storage, in the members' dtype)
+    for group in groups.values():
+        if len(group) > 1:
+            first = next(iter(group.values()))[0]
+            shared.append((list(group.values()), first.untyped_storage().nbytes() // first.element_size()))
+    yield
+    for members, elements in shared:
+        first = members[0][0]
+        if all(t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for t, *_ in members):
+            continue  # still one storage: the block moved nothing, or moved the storage as a whole
+        new = torch.UntypedStorage(elements * first.element_size(), device=first.device)
+        for t, offset, shape, stride in members:
+            torch.empty(0, dtype=t.dtype, device=t.device).set_(new, offset, shape, stride).copy_(t)
+        for t, offset, shape, stride in members:
+            t.set_(new, offset, shape, stride)
 
 
 def _check_backend(backend: str | None) -> Backend:
@@ -439,10 +512,12 @@ class CapModel:
 
     def to(self, device: str | torch.device) -> CapModel:
         """Move to ``device`` in place; returns self."""
-        if torch.device(device) != self.device:
+        if resolve_device(device) != self.device:
             if self._residency is not None:
                 raise ConfigError("a model that takes turns in a Residency cannot move; move it before adding it")
-            self.module.to(device, print_details=False)  # both TL modules accept print_details
+            tensors = [*self.module.parameters(), *self.module.buffers(), *self._storage.values()]
+            with keeping_views(tensors):
+                self.module.to(device, print_details=False)  # both TL modules accept print_details
         return self
 
     def train(self, mode: bool = True) -> CapModel:

@@ -5,36 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from small_analyzers import ANALYZERS
 
-from capwrap.analyzers import (
-    AttentionComparison,
-    Generalization,
-    ModelPair,
-    NewLatentProbing,
-    Patching,
-    Probing,
-    Pruning,
-    Revival,
-    Subgraph,
-    WeightDiff,
-)
+from capwrap.analyzers import ModelPair
 from capwrap.analyzers.checks import check_analyzer
 from capwrap.models import ModelSpec, build_model
 from capwrap.tasks import PCFGConfig, PCFGTask
 from capwrap.tasks.spec import task_from_spec
 from capwrap.training import TrainConfig, train
-
-ANALYZERS = {
-    "probing": lambda: Probing(n=200, steps=50),
-    "pruning": lambda: Pruning(ks=(0, 1, 3), score_size=64),
-    "revival": lambda: Revival(max_steps=10, eval_every=5, check_size=32, control_steps=5, batch_size=16, seeds=2),
-    "weight_diff": lambda: WeightDiff(graft_fractions=(0.1,)),
-    "attention": lambda: AttentionComparison(n=16),
-    "patching": lambda: Patching(n=8),
-    "generalization": lambda: Generalization(),
-    "new_latent": lambda: NewLatentProbing(n=200, steps=50),
-    "subgraph": lambda: Subgraph(n=32, method="eap", top_share=0.1),
-}
 
 
 @pytest.fixture(scope="module")

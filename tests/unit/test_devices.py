@@ -3,6 +3,8 @@ device_map / max_memory with disk offload (what a CPU machine can show of models
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -73,3 +75,33 @@ def test_device_map_with_disk_offload_runs_the_model(folder, tmp_path):
     )
     with pytest.raises(ConfigError, match="max_memory and offload_folder go with device_map"):
         load_model(folder, max_memory={"cpu": "1GB"})
+
+
+def test_moving_a_model_keeps_the_bridge_views_of_a_fused_projection(backend):
+    """nn.Module.to converts parameter by parameter, so the bridge's q/k/v of GPT-2 (views of the fused
+    c_attn) would come out as copies, and training or an edit of the weights would reach only one of
+    them (seen on a GPU: a model trained after .to("cuda") saved weights it had not computed with).
+    A dtype round trip converts the same way on a CPU machine."""
+    from capwrap.models.model import keeping_views
+
+    spec = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=2, d_model=32, n_heads=4)
+    tokens = TASK.sample(4, seed=0).tokens
+
+    def converted(keep: bool):
+        model = build_model(spec, backend=backend, seed=0)
+        tensors = [*model.module.parameters(), *model.module.buffers(), *model._storage.values()]
+        with keeping_views(tensors) if keep else contextlib.nullcontext():
+            model.module._apply(lambda t: t.double())
+            model.module._apply(lambda t: t.float())
+        before = model(tokens)
+        with torch.no_grad():
+            model.weights()["blocks.0.attn.W_Q"].mul_(0.0)
+        return before, model(tokens)
+
+    reference = build_model(spec, backend=backend, seed=0)(tokens)
+    before, after_edit = converted(keep=True)
+    torch.testing.assert_close(before, reference)
+    assert (after_edit - before).abs().max() > 1e-5  # the forward pass computes with the edited weight
+    if backend == "bridge":  # the failure this guards against: without it the edit misses the forward pass
+        _, unseen = converted(keep=False)
+        assert torch.equal(unseen, before)
