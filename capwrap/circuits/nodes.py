@@ -68,6 +68,13 @@ Ablation = Literal["mean", "mean_positional", "zero", "corrupted"]
 ABLATIONS: tuple[str, ...] = ("mean", "mean_positional", "zero", "corrupted")
 
 
+#: Whether a backend's ``blocks.{l}.hook_resid_mid`` sits before the skip connection and the MLP part
+#: (HookedTransformer: a shift there moves both, so its gradient is the skip's — ``hook_resid_post``'s
+#: — plus the MLP branch's) or on the MLP branch alone (the TransformerBridge: it is ``ln2``'s input).
+#: Either way the MLP input's gradient comes from the pass's own backward, with no MLP recomputed.
+RESID_MID_HOLDS_THE_SKIP: dict[str, bool] = {"hooked": True, "bridge": False}
+
+
 def norm_module(model: CapModel, layer: int, which: str = "ln1") -> nn.Module:
     """Block ``layer``'s norm module ``ln1`` (before attention) or ``ln2`` (before the MLP), as the model
     runs it (TransformerLens names it the same on both backends); identity where the model has none.
@@ -175,6 +182,8 @@ class NodeCapture:
                 name = f"blocks.{layer}.hook_resid_mid"
                 out.append((name, self._keep(self.resid_mid, layer, name)))
                 names = [f"blocks.{layer}.attn.hook_{w}" for w in "qkv"] + [f"blocks.{layer}.hook_resid_post"]
+                if not self.model.spec.features.parallel:  # the MLP reads resid_mid: its gradient comes from the pass
+                    names.append(f"blocks.{layer}.hook_resid_mid")
                 out += [(name, self._shift(name)) for name in names]
         return out
 
@@ -244,15 +253,25 @@ class NodeCapture:
                 normed = norm_module(self.model, layer, "ln1")(x)
                 (pulled,) = torch.autograd.grad(normed, x, torch.stack(cotangents), is_grads_batched=True)
             out[rows] = pulled.to(out.dtype)
-            mid = self.resid_mid[layer]
-            assert mid is not None
-            mid = mid.clone().requires_grad_(True)
-            with torch.enable_grad():
-                mlp_out = functional.mlp(layer, mid)
-                (pulled,) = torch.autograd.grad(mlp_out, mid, grads[f"blocks.{layer}.hook_resid_post"].to(mlp_out.dtype))
-            out[self.graph.downstream_index(f"L{layer}.mlp")] = pulled.to(out.dtype)
+            out[self.graph.downstream_index(f"L{layer}.mlp")] = self._mlp_input_gradient(layer, grads, functional).to(out.dtype)
         out[-1] = last
         return out
+
+    def _mlp_input_gradient(self, layer: int, grads: Mapping[str, Tensor], functional: Functional) -> Tensor:
+        """The gradient at layer ``layer``'s MLP input along the MLP branch alone: from the pass's own
+        backward where a shift sat at ``hook_resid_mid`` (sequential blocks), else one vector-Jacobian
+        product of the MLP recomputed from what it read."""
+        post = grads[f"blocks.{layer}.hook_resid_post"]
+        mid_grad = grads.get(f"blocks.{layer}.hook_resid_mid")
+        if mid_grad is not None:
+            return mid_grad - post if RESID_MID_HOLDS_THE_SKIP[self.model.backend] else mid_grad
+        mid = self.resid_mid[layer]
+        assert mid is not None
+        mid = mid.clone().requires_grad_(True)
+        with torch.enable_grad():
+            mlp_out = functional.mlp(layer, mid)
+            (pulled,) = torch.autograd.grad(mlp_out, mid, post.to(mlp_out.dtype))
+        return pulled
 
 
 @torch.no_grad()

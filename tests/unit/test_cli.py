@@ -117,6 +117,10 @@ def test_diagnose_command_bad_input(pair_on_disk, tmp_path, capsys):
     (pickled / "config.json").write_text((pair_on_disk / "tuned" / "config.json").read_text())
     torch.save({}, pickled / "pytorch_model.bin")
     assert "allow_pickle" in run(base, str(pickled), "--capability", cap, "--downstream", down).replace("-", "_")
+    assert "unknown device 'gpu'" in run(base, tuned, "--capability", cap, "--downstream", down, "--device", "gpu")
+    if not torch.cuda.is_available():  # a device the machine lacks is refused before anything loads
+        err = run(base, tuned, "--capability", cap, "--downstream", down, "--device", "cuda")
+        assert "no CUDA GPU" in err and "use device 'cpu'" in err
 
 
 def test_diagnose_refuses_pairs_with_different_tokenizers(stories260k, tmp_path):
