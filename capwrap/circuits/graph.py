@@ -125,7 +125,17 @@ class Graph:
     @classmethod
     @functools.lru_cache(maxsize=32)
     def from_spec(cls, spec: ModelSpec) -> Graph:
-        """The graph of every model with this spec (cached: do not mutate it)."""
+        """The graph of every model with this spec (cached: do not mutate it).
+
+        Raises:
+            ConfigError: the blocks run attention and the MLP in parallel (GPT-NeoX, GPT-J), which this
+                graph (attention, then the MLP) does not describe.
+        """
+        if spec.features.parallel:
+            raise ConfigError(
+                f"circuits need sequential blocks (attention, then the MLP); {spec.architecture} runs them in "
+                "parallel, which capwrap's edge attribution does not support yet"
+            )
         gqa = spec.n_key_value_heads != spec.n_heads
         upstream = [Node("input", "input", -1, -1, "input")]
         downstream: list[Node] = []

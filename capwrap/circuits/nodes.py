@@ -8,11 +8,11 @@ modules, so it works on both backends and every architecture without knowing eit
 * a downstream node's input gradient, from one backward pass: a query/key/value input's is the
   gradient at ``hook_q``/``hook_k``/``hook_v`` (the projections, before rotary) times ``W[h]``, pulled
   back through block ``l``'s ``ln1`` module at the stream it read (one vector-Jacobian product per
-  layer, all heads at once); an MLP input's is the gradient at ``hook_resid_post`` pulled back
-  through the MLP (with its norm) at the stream it read, ``hook_resid_mid``
-  (:class:`~capwrap.models.functional.Functional`'s ``mlp``); the logits' is the gradient at the last
-  ``hook_resid_post``. (Not the gradient *at* ``hook_resid_mid``: TransformerBridge places that hook
-  on the MLP's branch only, HookedTransformer before the skip connection branches off.)
+  layer, all heads at once); an MLP input's is the gradient at ``hook_resid_mid`` along the MLP's
+  branch: the TransformerBridge places that hook on the branch (``ln2``'s input), HookedTransformer
+  before the skip connection branches off, where the skip's share — the gradient at
+  ``hook_resid_post`` — is taken off (:data:`RESID_MID_HOLDS_THE_SKIP`); the logits' is the gradient
+  at the last ``hook_resid_post``.
 
 Gradients are read through zero *shifts* added at those hooks (``act + shift``; ``shift.grad`` is the
 gradient at ``act``), which works on both backends, also where a hook shows a reshaped view of the
@@ -47,7 +47,6 @@ from torch import Tensor, nn
 from capwrap.circuits.graph import Graph, Node
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
-from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
 
 __all__ = [
@@ -166,7 +165,6 @@ class NodeCapture:
             )
         n = model.spec.n_layers
         self.resid_pre: list[Tensor | None] = [None] * n
-        self.resid_mid: list[Tensor | None] = [None] * n
         self.z: list[Tensor | None] = [None] * n
         self.mlp: list[Tensor | None] = [None] * n
         self.shifts: dict[str, Tensor] = {}
@@ -179,11 +177,8 @@ class NodeCapture:
                 name = f"blocks.{layer}.{leaf}"
                 out.append((name, self._keep(store, layer, name)))
             if self.grads:
-                name = f"blocks.{layer}.hook_resid_mid"
-                out.append((name, self._keep(self.resid_mid, layer, name)))
-                names = [f"blocks.{layer}.attn.hook_{w}" for w in "qkv"] + [f"blocks.{layer}.hook_resid_post"]
-                if not self.model.spec.features.parallel:  # the MLP reads resid_mid: its gradient comes from the pass
-                    names.append(f"blocks.{layer}.hook_resid_mid")
+                names = [f"blocks.{layer}.attn.hook_{w}" for w in "qkv"]
+                names += [f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post"]
                 out += [(name, self._shift(name)) for name in names]
         return out
 
@@ -230,7 +225,6 @@ class NodeCapture:
                 "enabled inside model.hooks(capture.hooks()), then call backward() on the metric"
             )
         weights = self.model.weights()
-        functional = Functional(self.model)
         spec = self.model.spec
         by_layer: dict[int, list[int]] = {}
         for i, node in enumerate(self.graph.downstream):
@@ -253,25 +247,15 @@ class NodeCapture:
                 normed = norm_module(self.model, layer, "ln1")(x)
                 (pulled,) = torch.autograd.grad(normed, x, torch.stack(cotangents), is_grads_batched=True)
             out[rows] = pulled.to(out.dtype)
-            out[self.graph.downstream_index(f"L{layer}.mlp")] = self._mlp_input_gradient(layer, grads, functional).to(out.dtype)
+            out[self.graph.downstream_index(f"L{layer}.mlp")] = self._mlp_input_gradient(layer, grads).to(out.dtype)
         out[-1] = last
         return out
 
-    def _mlp_input_gradient(self, layer: int, grads: Mapping[str, Tensor], functional: Functional) -> Tensor:
-        """The gradient at layer ``layer``'s MLP input along the MLP branch alone: from the pass's own
-        backward where a shift sat at ``hook_resid_mid`` (sequential blocks), else one vector-Jacobian
-        product of the MLP recomputed from what it read."""
-        post = grads[f"blocks.{layer}.hook_resid_post"]
-        mid_grad = grads.get(f"blocks.{layer}.hook_resid_mid")
-        if mid_grad is not None:
-            return mid_grad - post if RESID_MID_HOLDS_THE_SKIP[self.model.backend] else mid_grad
-        mid = self.resid_mid[layer]
-        assert mid is not None
-        mid = mid.clone().requires_grad_(True)
-        with torch.enable_grad():
-            mlp_out = functional.mlp(layer, mid)
-            (pulled,) = torch.autograd.grad(mlp_out, mid, post.to(mlp_out.dtype))
-        return pulled
+    def _mlp_input_gradient(self, layer: int, grads: Mapping[str, Tensor]) -> Tensor:
+        """The gradient at layer ``layer``'s MLP input along the MLP's branch alone, from the pass's own
+        backward (:data:`RESID_MID_HOLDS_THE_SKIP`)."""
+        mid = grads[f"blocks.{layer}.hook_resid_mid"]
+        return mid - grads[f"blocks.{layer}.hook_resid_post"] if RESID_MID_HOLDS_THE_SKIP[self.model.backend] else mid
 
 
 @torch.no_grad()

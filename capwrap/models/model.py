@@ -81,7 +81,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``, refused with the fix where it does not exist on this machine.
+    """``device`` as a ``torch.device`` with its index (``"cuda"`` is the current CUDA device,
+    ``cuda:0`` ...), refused with the fix where it does not exist on this machine or is not a CPU or a
+    CUDA GPU.
 
     Examples:
         >>> resolve_device("cpu")
@@ -90,34 +92,48 @@ def resolve_device(device: str | torch.device) -> torch.device:
         Traceback (most recent call last):
         ...
         capwrap.errors.ConfigError: unknown device 'gpu': use 'cpu', 'cuda' or 'cuda:N'
+        >>> resolve_device("meta")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: device 'meta': capwrap runs on 'cpu' and CUDA GPUs ('cuda', 'cuda:N'), not on 'meta' devices
     """
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {str(device)!r}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
-                "use device 'cpu' (or install a CUDA build of torch on a machine with a GPU)"
-            )
-        count = torch.cuda.device_count()
-        if resolved.index is not None and resolved.index >= count:
-            raise ConfigError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s), "
-                              f"cuda:0 to cuda:{count - 1}")  # fmt: skip
-    return resolved
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type != "cuda":
+        raise ConfigError(f"device {str(device)!r}: capwrap runs on 'cpu' and CUDA GPUs ('cuda', 'cuda:N'), "
+                          f"not on {resolved.type!r} devices")  # fmt: skip
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {str(device)!r}: this machine has no CUDA GPU that torch {torch.__version__} can use; "
+            "use device 'cpu' (or install a CUDA build of torch on a machine with a GPU)"
+        )
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ConfigError(f"device {str(device)!r} does not exist: this machine has {count} CUDA device(s), "
+                          f"cuda:0 to cuda:{count - 1}")  # fmt: skip
+    return torch.device("cuda", torch.cuda.current_device() if resolved.index is None else resolved.index)
 
 
 @contextmanager
 @torch.no_grad()
-def keeping_views(tensors: Iterable[Tensor]) -> Iterator[None]:
-    """Keep tensors that share memory sharing it across a move inside the block.
+def keeping_views(tensors: Iterable[Tensor], device: str | torch.device | None = None) -> Iterator[None]:
+    """Keep tensors that share memory sharing it across a move between devices inside the block.
 
     ``nn.Module.to`` moves each parameter on its own, so parameters that were views of one
     another (the TransformerBridge's query/key/value of GPT-2 are views of its fused ``c_attn``)
-    come out as independent copies: a change to one (training, a residency's restore, an
-    analyzer's edit) would no longer reach the other. Afterwards, every group of ``tensors`` that
-    shared a storage before shares one new storage again, each at its old offset, shape and stride.
+    come out as independent copies, and tensors that view a parameter without being one (a tied
+    unembedding seen as ``W_E.T``) stay behind: a change to one (training, a residency's restore, an
+    analyzer's edit) would no longer reach the others. Afterwards, every group of ``tensors`` that
+    shared a storage before shares one new storage on ``device`` (default: where the group's first
+    tensor went), each tensor at its old offset, shape and stride.
+
+    Raises:
+        ConfigError: a tensor of a group came out of the block in another dtype (this keeps views
+            across moves, not conversions).
 
     Examples:
         >>> import torch
@@ -125,31 +141,32 @@ def keeping_views(tensors: Iterable[Tensor]) -> Iterator[None]:
         >>> half = torch.nn.Parameter(fused.detach()[3:])  # a parameter that views another's memory
         >>> module = torch.nn.ParameterList([fused, half])
         >>> with keeping_views(module.parameters()):
-        ...     _ = module.double()  # any conversion nn.Module applies parameter by parameter
+        ...     _ = module.double().float()  # converted parameter by parameter, as a move between devices
         >>> with torch.no_grad():
         ...     _ = fused.add_(1.0)
         >>> half.tolist()
         [4.0, 5.0, 6.0]
     """
-    groups: dict[int, dict[int, tuple[Tensor, int, torch.Size, tuple[int, ...]]]] = {}
+    groups: dict[int, dict[int, tuple[Tensor, int, torch.Size, tuple[int, ...], torch.dtype]]] = {}
     for t in tensors:
         storage = t.untyped_storage()
         if storage.nbytes():
-            groups.setdefault(storage.data_ptr(), {})[id(t)] = (t, t.storage_offset(), t.shape, t.stride())
-    shared = []  # (members, elements in the storage, in the members' dtype)
-    for group in groups.values():
-        if len(group) > 1:
-            first = next(iter(group.values()))[0]
-            shared.append((list(group.values()), first.untyped_storage().nbytes() // first.element_size()))
+            groups.setdefault(storage.data_ptr(), {})[id(t)] = (t, t.storage_offset(), t.shape, t.stride(), t.dtype)
+    shared = [(list(group.values()), next(iter(group.values()))[0].untyped_storage().nbytes())
+              for group in groups.values() if len(group) > 1]  # fmt: skip
     yield
-    for members, elements in shared:
-        first = members[0][0]
-        if all(t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for t, *_ in members):
+    for members, nbytes in shared:
+        target = torch.device(device) if device is not None else members[0][0].device
+        if any(t.dtype != dtype for t, *_, dtype in members):
+            raise ConfigError("keeping_views keeps shared memory shared across a move between devices; "
+                              "a tensor changed dtype inside the block")  # fmt: skip
+        ptrs = {t.untyped_storage().data_ptr() for t, *_ in members}
+        if len(ptrs) == 1 and all(t.device == target for t, *_ in members):
             continue  # still one storage: the block moved nothing, or moved the storage as a whole
-        new = torch.UntypedStorage(elements * first.element_size(), device=first.device)
-        for t, offset, shape, stride in members:
-            torch.empty(0, dtype=t.dtype, device=t.device).set_(new, offset, shape, stride).copy_(t)
-        for t, offset, shape, stride in members:
+        new = torch.UntypedStorage(nbytes, device=target)
+        for t, offset, shape, stride, dtype in members:
+            torch.empty(0, dtype=dtype, device=target).set_(new, offset, shape, stride).copy_(t)
+        for t, offset, shape, stride, _ in members:
             t.set_(new, offset, shape, stride)
 
 
@@ -512,12 +529,13 @@ class CapModel:
 
     def to(self, device: str | torch.device) -> CapModel:
         """Move to ``device`` in place; returns self."""
-        if resolve_device(device) != self.device:
+        target = torch.device(device) if self._residency is not None else resolve_device(device)
+        if target != self.device:
             if self._residency is not None:
                 raise ConfigError("a model that takes turns in a Residency cannot move; move it before adding it")
             tensors = [*self.module.parameters(), *self.module.buffers(), *self._storage.values()]
-            with keeping_views(tensors):
-                self.module.to(device, print_details=False)  # both TL modules accept print_details
+            with keeping_views(tensors, target):
+                self.module.to(target, print_details=False)  # both TL modules accept print_details
         return self
 
     def train(self, mode: bool = True) -> CapModel:

