@@ -18,10 +18,10 @@ import json
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
 from capwrap.demo import DEMO_BASE, FINETUNE_CONFIG, PCFG, demo_tasks
 from capwrap.models import load_model
@@ -38,13 +38,7 @@ def one_run(steps: int, record: bool, device: str, backend: str | None, seed: in
     if record:
         probe = demo_tasks()["capability"].sample(256, seed=0)
         recorder = Recorder(model, out / f"run{seed}", hooks="blocks.*.hook_resid_post", probe=probe, every=10)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    train(model, task, cfg, recorder=recorder)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+    _, elapsed = timed(lambda: train(model, task, cfg, recorder=recorder))
     if record:
         store = RunStore.open(out / f"run{seed}")
         assert len(store.array_steps("blocks.0.hook_resid_post")) == steps // 10 + 1
@@ -56,15 +50,9 @@ def probe_forward_seconds(device: str, backend: str | None) -> float:
     model = load_model(str(DEMO_BASE), backend=backend, device=device)
     tokens = demo_tasks()["capability"].sample(256, seed=0).tokens.to(device)
     times = []
-    for _ in range(6):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model(tokens)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    with torch.inference_mode():
+        for _ in range(6):
+            times.append(timed(lambda: model(tokens))[1])
     return statistics.median(times[1:])
 
 
