@@ -247,7 +247,7 @@ def _add_backend_option(parser: argparse.ArgumentParser) -> None:
     backends = available_backends()
     parser.add_argument(
         "--backend", choices=backends, default=None,
-        help=f"TransformerLens backend: {' or '.join(backends)} with the installed TransformerLens (default {default_backend()})",
+        help=f"TransformerLens backend: {' or '.join(backends)} with the installed TransformerLens (default {default_backend()}; the bridge for checkpoints only it runs)",
     )  # fmt: skip
 
 

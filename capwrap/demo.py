@@ -105,9 +105,13 @@ def demo_spec() -> ModelSpec:
 
 
 def pretrain_demo_base(
-    config: TrainConfig = PRETRAIN_CONFIG, backend: str | None = None, progress: bool = True
+    config: TrainConfig = PRETRAIN_CONFIG,
+    backend: str | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> CapModel:
-    """Pretrain the demo's base model from scratch (about 15 minutes on 2 CPU cores)."""
+    """Pretrain the demo's base model from scratch (about 15 minutes on 2 CPU cores), on ``device``
+    (default CPU; the initial weights are drawn on the CPU, so a seed gives the same start anywhere)."""
     tasks = demo_tasks()
     model = build_model(demo_spec(), backend=backend, seed=config.seed)
     evals = {k: tasks[k] for k in ("capability", "downstream_correlated")}
@@ -117,6 +121,7 @@ def pretrain_demo_base(
         dataclasses.replace(config, progress=progress),
         eval_tasks=evals,
         description="pretrain",
+        device=device,
     )
     model.metadata = {
         "task": tasks["pretraining"].describe(),
@@ -184,7 +189,7 @@ def run_demo(
 
     if pretrain:
         log("pretraining the base model (counting and indexing, low prior for b) ...")
-        base = pretrain_demo_base(backend=backend, progress=progress)
+        base = pretrain_demo_base(backend=backend, progress=progress, device=device)
     else:
         log(f"loading the shipped base model from {DEMO_BASE}")
         base = load_model(str(DEMO_BASE), backend=backend)

@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import os
+from collections import ChainMap
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,46 @@ def load_dispatched(
     storage = dict(hf.named_parameters())  # before bridging renames the modules
     offloaded = [name for name, tensor in storage.items() if tensor.device.type == "meta"]
     bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
+    _offload_what_the_bridge_added(hf)
     meta = {**(metadata or {}), "device_map": {k: str(v) for k, v in getattr(hf, "hf_device_map", {}).items()}}
     return DispatchedModel(spec, bridge, storage, tokenizer, meta, offloaded)
+
+
+def _offload_hooks(module: nn.Module) -> list[Any]:
+    """accelerate's hooks on ``module`` that load its weights from an offload map when it runs."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    pending, found = [getattr(module, "_hf_hook", None)], []
+    while pending:
+        hook = pending.pop()
+        if isinstance(hook, SequentialHook):
+            pending.extend(hook.hooks)
+        elif isinstance(hook, AlignDevicesHook) and hook.offload and hook.weights_map is not None:
+            found.append(hook)
+    return found
+
+
+def _offload_what_the_bridge_added(hf: nn.Module) -> None:
+    """Give accelerate's offload hooks the tensors the bridge added to an offloaded module.
+
+    TransformerLens 3.9's bridge gives a bias-free unembedding a zero ``bias`` parameter after
+    accelerate dispatched the model; on an offloaded ``lm_head`` it is created on the meta device,
+    and the hook, which loads every tensor of the module from its offload map before each forward
+    pass, fails with ``KeyError: 'lm_head.bias'``. Each such tensor goes into the map: its value
+    where it has one, zeros (what the bridge adds) where it is on the meta device.
+    """
+    for module in hf.modules():
+        for hook in _offload_hooks(module):
+            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            added = {
+                name: torch.zeros(t.shape, dtype=t.dtype) if t.device.type == "meta" else t.detach().cpu()
+                for name, t in tensors
+                if name not in hook.weights_map
+            }
+            if added:
+                hook.weights_map = ChainMap(added, hook.weights_map)
+                for name in added:
+                    hook.original_devices.setdefault(name, torch.device("meta"))
 
 
 class DispatchedModel(CapModel):

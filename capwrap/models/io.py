@@ -124,7 +124,8 @@ def load_model(
     Args:
         source: a folder, or a Hugging Face hub name (needs network access to the hub). A PEFT
             adapter folder alone loads merged into the base its ``adapter_config.json`` names.
-        backend: ``"hooked"`` or ``"bridge"``; default: :func:`~capwrap.models.default_backend`.
+        backend: ``"hooked"`` or ``"bridge"``; default: :func:`~capwrap.models.default_backend` (the
+            bridge where only it can run the checkpoint).
         device: where to put the model (default CPU).
         allow_pickle: also accept ``pytorch_model.bin`` (read with ``weights_only=True``).
         trust_remote_code: let ``transformers`` run the checkpoint's own Python code.

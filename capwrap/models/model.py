@@ -62,8 +62,12 @@ def available_backends() -> list[Backend]:
     return ["hooked", "bridge"] if tl_version()[0] < 4 else ["bridge"]
 
 
-def default_backend() -> Backend:
-    """``hooked`` on TransformerLens 3.x (its mature backend), ``bridge`` on 4.x."""
+def default_backend(spec: ModelSpec | None = None) -> Backend:
+    """``hooked`` on TransformerLens 3.x (its mature backend), ``bridge`` on 4.x; for a ``spec`` that
+    only the bridge can run (an architecture or detail capwrap's features do not describe, kept in
+    ``spec.hf_config``), the bridge on either line."""
+    if spec is not None and spec.hf_config:
+        return "bridge"
     return available_backends()[0]
 
 
@@ -170,8 +174,8 @@ def keeping_views(tensors: Iterable[Tensor], device: str | torch.device | None =
             t.set_(new, offset, shape, stride)
 
 
-def _check_backend(backend: str | None) -> Backend:
-    backend = backend or default_backend()
+def _check_backend(backend: str | None, spec: ModelSpec | None = None) -> Backend:
+    backend = backend or default_backend(spec)
     if backend not in ("hooked", "bridge"):
         raise ConfigError(f"unknown backend {backend!r}; choose 'hooked' or 'bridge'")
     if backend not in available_backends():
@@ -247,7 +251,7 @@ class CapModel:
     ) -> CapModel:
         """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend,
         with weights of ``dtype`` (default float32)."""
-        backend = _check_backend(backend)
+        backend = _check_backend(backend, spec)
         if backend == "hooked":
             return cls._hooked_from_state(spec, state, tokenizer, metadata, dtype)
         if spec.has_hf_equivalent:

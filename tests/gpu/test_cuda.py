@@ -115,6 +115,17 @@ def test_activation_patching_on_cuda_equals_the_cpu(method, engine, cpu_pair, cu
     torch.testing.assert_close(on_gpu.values, on_cpu.values, atol=1e-4, rtol=1e-4)
 
 
+def test_the_demo_base_pretrains_on_cuda():
+    from capwrap.demo import pretrain_demo_base
+
+    config = TrainConfig(steps=5, batch_size=16, lr=1e-3, seed=0, eval_every=5)
+    model = pretrain_demo_base(config, progress=False, device=DEVICE)
+    assert model.device.type == DEVICE
+    on_cpu = pretrain_demo_base(config, progress=False)
+    for name, value in on_cpu.metadata["final_metrics"].items():
+        assert _close(model.metadata["final_metrics"][name], value, 0.02), name
+
+
 def test_bfloat16_training_on_cuda_keeps_float32_weights_and_tracks_the_cpu_loss(cpu_pair):
     model = cpu_pair.base.clone()
     config = TrainConfig(steps=30, batch_size=64, lr=1e-3, seed=2, progress=False)

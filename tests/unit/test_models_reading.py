@@ -35,6 +35,7 @@ def opt_folder(tmp_path_factory):
     return path, hf
 
 
+@pytest.mark.backend  # a checkpoint only the bridge runs loads on the bridge by default on either TransformerLens line
 def test_an_architecture_only_the_bridge_knows_loads_and_runs_the_hook_analyses(opt_folder, tmp_path):
     folder, hf = opt_folder
     model = load_model(folder, backend="bridge")
@@ -71,6 +72,7 @@ def test_an_architecture_only_the_bridge_knows_loads_and_runs_the_hook_analyses(
                                rtol=1e-5, atol=1e-7)  # fmt: skip
 
 
+@pytest.mark.backend  # a checkpoint only the bridge runs loads on the bridge by default on either TransformerLens line
 def test_a_known_family_with_an_unmodeled_detail_loads_with_its_heads(tmp_path, capsys):
     config = transformers.LlamaConfig(intermediate_size=40, num_key_value_heads=2, **SIZES,
                                       rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})  # fmt: skip
