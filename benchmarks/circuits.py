@@ -14,7 +14,8 @@ capability task (count ``a``):
   scores from its own pass) against a fine-tuning step (goal: scoring <= 3x a step);
 * **faithfulness** of the EAP-IG circuits of count ``a``: metric recovered with the rest ablated.
 
-    python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob] [--only speed] [--device cuda]
+    python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob]
+        [--faithfulness-metric answer_logprob] [--only speed] [--device cuda]
 
 Prints one JSON object; the figures and the command are in RESULTS.md.
 """
@@ -57,15 +58,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default=None, help="hooked or bridge (default: the installed TL's default)")
     parser.add_argument("--exact-size", type=int, default=64, help="sequences for the comparison with exact patching")
-    parser.add_argument("--ig-steps", type=int, default=10)
+    parser.add_argument("--ig-steps", type=int, nargs="+", default=[10], help="EAP-IG's steps (several: one row each)")
+    parser.add_argument(
+        "--exact-seeds", type=int, nargs="+", default=[2],
+        help="seeds of the samples compared with exact patching (several: one result per sample)",
+    )  # fmt: skip
+    parser.add_argument("--ablations", nargs="+", default=["mean_positional", "mean", "corrupted"],
+                        choices=["mean_positional", "mean", "corrupted"], help="ablations compared with exact patching")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="attribution methods compared with exact patching")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--metrics",
         nargs="+",
-        default=["answer_logprob", "answer_logit", "answer_prob"],
+        default=["answer_logprob", "answer_logodds", "answer_logit", "answer_prob"],
         choices=[name for name in metrics.__all__ if name.startswith("answer_")],
         help="metrics edges are scored by in the comparison with exact patching (capwrap.circuits.metrics)",
+    )
+    parser.add_argument(
+        "--faithfulness-metric",
+        default="answer_logprob",
+        choices=[name for name in metrics.__all__ if name.startswith("answer_")],
+        help="the metric the faithfulness section scores edges and measures circuits by",
     )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -107,29 +122,34 @@ def _reference(model, args) -> dict:
 
 
 def _versus_exact(model, args) -> dict:
-    """Every method against exact edge patching, for each metric and ablation."""
+    """Every method against exact edge patching, for each metric and ablation (and each sample
+    seed and number of EAP-IG steps when several are given)."""
     capability = demo_tasks()["capability"]
-    small = capability.sample(args.exact_size, seed=2).to(model.device)
-    small_corrupted = capability.sample(args.exact_size, seed=3).tokens.to(model.device)
     versus: dict = {}
-    for metric_name in args.metrics:
-        metric = getattr(metrics, metric_name)
-        for ablation in ("mean_positional", "mean", "corrupted"):
-            kwargs = {"corrupted": small_corrupted} if ablation == "corrupted" else {}
-            start = time.perf_counter()
-            exact = exact_scores(model, small, metric=metric, ablation=ablation, **kwargs)
-            row = {"exact_seconds": time.perf_counter() - start}
-            for method in METHODS:
-                scores = attribute(
-                    model, small, metric=metric, method=method, ablation=ablation, ig_steps=args.ig_steps, **kwargs
-                )
-                row[method] = {
-                    "pearson": scores.correlation(exact),
-                    "pearson_abs": scores.correlation(exact, absolute=True),
-                    "top25_overlap": _top_overlap(scores, exact),
-                }
-            versus.setdefault(metric_name, {})[ablation] = row
-    return {"sequences": args.exact_size, "ig_steps": args.ig_steps, **versus}
+    for seed in args.exact_seeds:
+        small = capability.sample(args.exact_size, seed=seed).to(model.device)
+        small_corrupted = capability.sample(args.exact_size, seed=seed + 1).tokens.to(model.device)
+        for metric_name in args.metrics:
+            metric = getattr(metrics, metric_name)
+            for ablation in args.ablations:
+                kwargs = {"corrupted": small_corrupted} if ablation == "corrupted" else {}
+                start = time.perf_counter()
+                exact = exact_scores(model, small, metric=metric, ablation=ablation, **kwargs)
+                row = {"exact_seconds": time.perf_counter() - start}
+                for method in args.methods:
+                    for steps in [1] if method == "eap" else args.ig_steps:
+                        scores = attribute(
+                            model, small, metric=metric, method=method, ablation=ablation, ig_steps=steps, **kwargs
+                        )
+                        key = method if method == "eap" or len(args.ig_steps) == 1 else f"{method}-{steps}"
+                        row[key] = {
+                            "pearson": scores.correlation(exact),
+                            "pearson_abs": scores.correlation(exact, absolute=True),
+                            "top25_overlap": _top_overlap(scores, exact),
+                        }
+                sample = versus if len(args.exact_seeds) == 1 else versus.setdefault(f"seed{seed}", {})
+                sample.setdefault(metric_name, {})[ablation] = row
+    return {"sequences": args.exact_size, "ig_steps": args.ig_steps, "seeds": args.exact_seeds, **versus}
 
 
 def _speed(model, args) -> dict:
@@ -167,10 +187,12 @@ def _speed(model, args) -> dict:
 def _faithfulness(model, args) -> dict:
     """Metric recovered by count ``a``'s EAP-IG circuits with the rest ablated."""
     small = demo_tasks()["capability"].sample(args.exact_size, seed=2).to(model.device)
-    scores = attribute(model, small, method="eap-ig", ablation="mean_positional", ig_steps=args.ig_steps)
-    curve = faithfulness(model, small, scores, ablation="mean_positional", ns=[0, 5, 10, 20, 40, 80, 160, 479])
-    greedy = faithfulness(model, small, scores, ablation="mean_positional", ns=[5, 10, 20, 40, 80], select="greedy")
+    kwargs = {"metric": getattr(metrics, args.faithfulness_metric), "ablation": "mean_positional"}
+    scores = attribute(model, small, method="eap-ig", ig_steps=args.ig_steps[0], **kwargs)
+    curve = faithfulness(model, small, scores, ns=[0, 5, 10, 20, 40, 80, 160, 479], **kwargs)
+    greedy = faithfulness(model, small, scores, ns=[5, 10, 20, 40, 80], select="greedy", **kwargs)
     return {
+        "metric": args.faithfulness_metric,
         "model_metric": curve.model_metric,
         "empty_metric": curve.empty_metric,
         "top_edges": curve.table.to_dict("records"),

@@ -15,7 +15,7 @@ from capwrap.circuits.circuit import SELECTIONS, Circuit
 from capwrap.circuits.exact import ablated_metric, exact_scores, split_input_eap
 from capwrap.circuits.faithfulness import FaithfulnessCurve, circuit_metric, faithfulness
 from capwrap.circuits.graph import Graph, Node
-from capwrap.circuits.metrics import answer_logit, answer_logprob, answer_prob, negative_loss
+from capwrap.circuits.metrics import answer_logit, answer_logodds, answer_logprob, answer_prob, negative_loss
 from capwrap.circuits.nodes import ABLATIONS
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "Node",
     "ablated_metric",
     "answer_logit",
+    "answer_logodds",
     "answer_logprob",
     "answer_prob",
     "SELECTIONS",

@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import Metric, answer_logprob
+from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
 from capwrap.circuits.nodes import (
     UPSTREAM_HOOKS,
     Ablation,
@@ -257,7 +257,7 @@ def attribute(
     model: CapModel,
     batch: TaskBatch,
     *,
-    metric: Metric = answer_logprob,
+    metric: Metric = DEFAULT_METRIC,
     method: Method = "eap",
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
@@ -271,7 +271,8 @@ def attribute(
     Args:
         model: the model (left unchanged; its parameter gradients too).
         batch: the sequences (answers and answer positions for the metric).
-        metric: ``metric(logits, batch) -> [batch]`` (:mod:`capwrap.circuits.metrics`).
+        metric: ``metric(logits, batch) -> [batch]`` (:mod:`capwrap.circuits.metrics`; default the
+            answer's log-probability, :data:`~capwrap.circuits.metrics.DEFAULT_METRIC`).
         method: ``eap``: one forward and one backward pass per chunk; ``eap-ig``: ``ig_steps`` of
             each, the gradient averaged on the path from the ablated input to the real one;
             ``eap-ig-nodes``: ``ig_steps`` per upstream path (``2 * n_layers + 1`` paths), each

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import Metric, answer_logprob
+from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
 from capwrap.circuits.nodes import Ablation, NodeValues, ablated_values, norm_module
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
@@ -182,7 +182,7 @@ def ablated_metric(
     batch: TaskBatch,
     masks: Bool[Tensor, "slot n_edges"],
     ablated: NodeValues,
-    metric: Metric = answer_logprob,
+    metric: Metric = DEFAULT_METRIC,
     memory_mb: float = 256.0,
     progress: bool = False,
 ) -> Float[Tensor, "slot batch"]:
@@ -193,7 +193,8 @@ def ablated_metric(
         batch: the sequences.
         masks: which edges each slot ablates (edge order of the model's graph).
         ablated: the ablated outputs (:func:`~capwrap.circuits.nodes.ablated_values`), broadcastable to the batch.
-        metric: ``metric(logits, batch) -> [batch]``.
+        metric: ``metric(logits, batch) -> [batch]`` (default the answer's log-probability,
+            :data:`~capwrap.circuits.metrics.DEFAULT_METRIC`).
         memory_mb: memory budget of one forward pass; sets how many slots share one.
         progress: show a progress bar.
     """
@@ -235,7 +236,7 @@ def exact_scores(
     model: CapModel,
     batch: TaskBatch,
     *,
-    metric: Metric = answer_logprob,
+    metric: Metric = DEFAULT_METRIC,
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,
@@ -269,7 +270,7 @@ def split_input_eap(
     model: CapModel,
     batch: TaskBatch,
     *,
-    metric: Metric = answer_logprob,
+    metric: Metric = DEFAULT_METRIC,
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
 ) -> EdgeScores:

@@ -35,7 +35,7 @@ from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.circuit import Circuit, Selection
 from capwrap.circuits.exact import ablated_metric
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import Metric, answer_logprob
+from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
 from capwrap.circuits.nodes import Ablation, ablated_values
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
@@ -98,7 +98,7 @@ def circuit_metric(
     batch: TaskBatch,
     circuits: Sequence[Circuit],
     *,
-    metric: Metric = answer_logprob,
+    metric: Metric = DEFAULT_METRIC,
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,
@@ -121,7 +121,7 @@ def faithfulness(
     *,
     ns: Sequence[int] | None = None,
     select: Selection = "edges",
-    metric: Metric = answer_logprob,
+    metric: Metric = DEFAULT_METRIC,
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,

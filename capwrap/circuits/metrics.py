@@ -15,13 +15,18 @@ Examples:
     tensor([0.2500, 0.2500])
     >>> answer_logit(logits, batch)
     tensor([0., 0.])
+    >>> answer_logodds(logits, batch)        # log(1/4) - log(3/4) = -log 3
+    tensor([-1.0986, -1.0986])
     >>> negative_loss(logits, batch)
     tensor([-1.3863, -1.3863])
 
 Which metric to score by matters where the model is saturated: on the demo model (the answer's
 log-probability about -0.001) EAP-IG follows exact edge patching more closely when scoring the
-answer's logit or probability than its log-probability (benchmarks/RESULTS.md, "Circuit-tuning and
-edge attribution").
+answer's log-odds, logit or probability than its log-probability (benchmarks/RESULTS.md,
+"Circuit-tuning and edge attribution"). The log-odds is the logit difference of circuit-discovery
+work for tasks with many wrong answers: the answer's logit against the log-sum-exp of all the
+others, so it neither saturates where the model is sure (as the log-probability and probability do)
+nor moves when every logit shifts alike (as the raw logit does).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import Tensor
 
 from capwrap.tasks.base import TaskBatch, answer_logits
 
-__all__ = ["Metric", "answer_logit", "answer_logprob", "answer_prob", "negative_loss"]
+__all__ = ["DEFAULT_METRIC", "Metric", "answer_logit", "answer_logodds", "answer_logprob", "answer_prob", "negative_loss"]
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"], TaskBatch], Float[Tensor, " batch"]]
 
@@ -56,6 +61,23 @@ def answer_logit(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -
     :func:`capwrap.analyzers.patching.answer_logit` computes from the answer position's logits): the
     logit difference of circuit-discovery work, without a contrast answer."""
     return answer_logits(logits, batch).float().gather(-1, batch.answers.to(logits.device)[:, None])[:, 0]
+
+
+def answer_logodds(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
+    """Log-odds of each sequence's answer at its answer position, ``log p − log(1 − p)``: its logit
+    minus the log-sum-exp of every other token's (the logit difference against all wrong answers)."""
+    at_answer = answer_logits(logits, batch).float()
+    answers = batch.answers.to(logits.device)[:, None]
+    others = at_answer.scatter(-1, answers, float("-inf"))
+    return at_answer.gather(-1, answers)[:, 0] - others.logsumexp(-1)
+
+
+#: What edge attribution, exact edge patching and faithfulness score by unless told otherwise: the
+#: answer's log-probability (minus its loss), bounded above by 0, so "share of the metric recovered"
+#: reads as share of the behaviour. Gradient methods follow exact patching more closely scoring
+#: :func:`answer_logodds` where the model is sure, but the log-odds keeps growing with a margin the
+#: probability no longer shows, so faithfulness measured by it asks for much more.
+DEFAULT_METRIC: Metric = answer_logprob
 
 
 def negative_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:

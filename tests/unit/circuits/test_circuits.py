@@ -151,7 +151,7 @@ def test_answer_metrics_read_the_answer_position_as_patching_does():
     """The circuit metrics take every position's logits; at the answer position they equal patching's
     metrics, and the probability is the exponent of the log-probability."""
     from capwrap.analyzers import patching
-    from capwrap.circuits.metrics import answer_logit, answer_prob
+    from capwrap.circuits.metrics import answer_logit, answer_logodds, answer_prob
     from capwrap.tasks import TaskBatch
     from capwrap.tasks.base import answer_logits
 
@@ -163,3 +163,8 @@ def test_answer_metrics_read_the_answer_position_as_patching_does():
     torch.testing.assert_close(answer_logprob(logits, batch), patching.answer_logprob(at_answer, batch))
     torch.testing.assert_close(answer_prob(logits, batch), answer_logprob(logits, batch).exp())
     assert float(answer_logit(logits, batch)[0]) == float(logits[0, 1, 4])
+    p = answer_prob(logits, batch).double()
+    torch.testing.assert_close(answer_logodds(logits, batch).double(), (p / (1 - p)).log(), atol=1e-5, rtol=1e-5)
+    # the logit difference against every other answer: a shift of all logits leaves it unchanged
+    torch.testing.assert_close(answer_logodds(logits + 3.0, batch), answer_logodds(logits, batch))
+    assert not torch.allclose(answer_logit(logits + 3.0, batch), answer_logit(logits, batch))
