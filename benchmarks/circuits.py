@@ -15,7 +15,7 @@ capability task (count ``a``):
 * **faithfulness** of the EAP-IG circuits of count ``a``: metric recovered with the rest ablated.
 
     python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob]
-        [--faithfulness-metric answer_logprob] [--only speed] [--device cuda]
+        [--circuit-metric answer_logprob] [--faithfulness-metric answer_logprob] [--only speed] [--device cuda]
 
 Prints one JSON object; the figures and the command are in RESULTS.md.
 """
@@ -76,15 +76,15 @@ def main() -> None:
         choices=[name for name in metrics.__all__ if name.startswith("answer_")],
         help="metrics edges are scored by in the comparison with exact patching (capwrap.circuits.metrics)",
     )
-    parser.add_argument(
-        "--faithfulness-metric",
-        default="answer_logprob",
-        choices=[name for name in metrics.__all__ if name.startswith("answer_")],
-        help="the metric the faithfulness section scores edges and measures circuits by",
-    )
+    answer_metrics = [name for name in metrics.__all__ if name.startswith("answer_")]
+    parser.add_argument("--circuit-metric", default="answer_logprob", choices=answer_metrics,
+                        help="the metric the faithfulness section scores edges by (which circuits it picks)")  # fmt: skip
+    parser.add_argument("--faithfulness-metric", default="answer_logprob", choices=answer_metrics,
+                        help="the metric the faithfulness section measures the circuits by")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    args.ig_steps, args.exact_seeds = list(dict.fromkeys(args.ig_steps)), list(dict.fromkeys(args.exact_seeds))
     torch.set_num_threads(args.threads)
 
     model = capwrap.load_model(str(DEMO_BASE), backend=args.backend, device=args.device)
@@ -186,13 +186,18 @@ def _speed(model, args) -> dict:
 
 def _faithfulness(model, args) -> dict:
     """Metric recovered by count ``a``'s EAP-IG circuits with the rest ablated."""
-    small = demo_tasks()["capability"].sample(args.exact_size, seed=2).to(model.device)
+    seed, steps = args.exact_seeds[0], args.ig_steps[0]
+    small = demo_tasks()["capability"].sample(args.exact_size, seed=seed).to(model.device)
+    scores = attribute(model, small, method="eap-ig", ig_steps=steps, ablation="mean_positional",
+                       metric=getattr(metrics, args.circuit_metric))  # fmt: skip
     kwargs = {"metric": getattr(metrics, args.faithfulness_metric), "ablation": "mean_positional"}
-    scores = attribute(model, small, method="eap-ig", ig_steps=args.ig_steps[0], **kwargs)
     curve = faithfulness(model, small, scores, ns=[0, 5, 10, 20, 40, 80, 160, 479], **kwargs)
     greedy = faithfulness(model, small, scores, ns=[5, 10, 20, 40, 80], select="greedy", **kwargs)
     return {
-        "metric": args.faithfulness_metric,
+        "scored_by": args.circuit_metric,
+        "measured_by": args.faithfulness_metric,
+        "seed": seed,
+        "ig_steps": steps,
         "model_metric": curve.model_metric,
         "empty_metric": curve.empty_metric,
         "top_edges": curve.table.to_dict("records"),

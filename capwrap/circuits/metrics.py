@@ -65,7 +65,8 @@ def answer_logit(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -
 
 def answer_logodds(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) -> Float[Tensor, " batch"]:
     """Log-odds of each sequence's answer at its answer position, ``log p − log(1 − p)``: its logit
-    minus the log-sum-exp of every other token's (the logit difference against all wrong answers)."""
+    minus the log-sum-exp of every other token's (the logit difference against all wrong answers).
+    Finite where at least one other token has a finite logit (``+inf`` for a one-token vocabulary)."""
     at_answer = answer_logits(logits, batch).float()
     answers = batch.answers.to(logits.device)[:, None]
     others = at_answer.scatter(-1, answers, float("-inf"))
@@ -74,9 +75,9 @@ def answer_logodds(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch)
 
 #: What edge attribution, exact edge patching and faithfulness score by unless told otherwise: the
 #: answer's log-probability (minus its loss), bounded above by 0, so "share of the metric recovered"
-#: reads as share of the behaviour. Gradient methods follow exact patching more closely scoring
-#: :func:`answer_logodds` where the model is sure, but the log-odds keeps growing with a margin the
-#: probability no longer shows, so faithfulness measured by it asks for much more.
+#: reads as share of the behaviour. Gradient scores follow exact patching more closely scoring
+#: :func:`answer_logodds` where the model is sure, yet on the demo model the top-k circuits they pick
+#: are far less faithful (benchmarks/RESULTS.md, "Circuit-tuning and edge attribution").
 DEFAULT_METRIC: Metric = answer_logprob
 
 

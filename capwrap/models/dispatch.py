@@ -87,10 +87,11 @@ def load_dispatched(
 
 
 def _offload_hooks(module: nn.Module) -> list[Any]:
-    """accelerate's hooks on ``module`` that load its weights from an offload map when it runs."""
+    """accelerate's hooks attached to ``module`` itself (not found through a wrapper that forwards
+    attributes to it) that load its weights from an offload map when it runs."""
     from accelerate.hooks import AlignDevicesHook, SequentialHook
 
-    pending, found = [getattr(module, "_hf_hook", None)], []
+    pending, found = [vars(module).get("_hf_hook")], []
     while pending:
         hook = pending.pop()
         if isinstance(hook, SequentialHook):
@@ -106,21 +107,27 @@ def _offload_what_the_bridge_added(hf: nn.Module) -> None:
     TransformerLens 3.9's bridge gives a bias-free unembedding a zero ``bias`` parameter after
     accelerate dispatched the model; on an offloaded ``lm_head`` it is created on the meta device,
     and the hook, which loads every tensor of the module from its offload map before each forward
-    pass, fails with ``KeyError: 'lm_head.bias'``. Each such tensor goes into the map: its value
-    where it has one, zeros (what the bridge adds) where it is on the meta device.
+    pass, fails with ``KeyError: 'lm_head.bias'``. A tensor is added if the hook did not see it when
+    it was attached (its ``original_devices``; asking the offload map instead would read every
+    offloaded tensor from disk), and goes into the map: its value where it has one, zeros (what the
+    bridge adds) where it is on the meta device. (TransformerLens 4.x registers its bias itself.)
     """
+    from accelerate.utils import named_module_tensors
+
     for module in hf.modules():
         for hook in _offload_hooks(module):
-            tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            added = {
-                name: torch.zeros(t.shape, dtype=t.dtype) if t.device.type == "meta" else t.detach().cpu()
-                for name, t in tensors
-                if name not in hook.weights_map
-            }
+            # the tensors the hook loads before each forward pass
+            tensors = named_module_tensors(
+                module, include_buffers=hook.offload_buffers, recurse=hook.place_submodules, remove_non_persistent=True
+            )
+            added = {name: t for name, t in tensors if name not in hook.original_devices}
             if added:
-                hook.weights_map = ChainMap(added, hook.weights_map)
-                for name in added:
-                    hook.original_devices.setdefault(name, torch.device("meta"))
+                values = {
+                    name: torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t.detach().cpu()
+                    for name, t in added.items()
+                }
+                hook.weights_map = ChainMap(values, hook.weights_map)
+                hook.original_devices.update({name: t.device for name, t in added.items()})
 
 
 class DispatchedModel(CapModel):
