@@ -69,14 +69,14 @@ def main() -> None:
                         help="attribution methods compared with exact patching")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    answer_metrics = [name for name in metrics.__all__ if name.startswith("answer_")]
     parser.add_argument(
         "--metrics",
         nargs="+",
         default=["answer_logprob", "answer_logodds", "answer_logit", "answer_prob"],
-        choices=[name for name in metrics.__all__ if name.startswith("answer_")],
+        choices=answer_metrics,
         help="metrics edges are scored by in the comparison with exact patching (capwrap.circuits.metrics)",
     )
-    answer_metrics = [name for name in metrics.__all__ if name.startswith("answer_")]
     parser.add_argument("--circuit-metric", default="answer_logprob", choices=answer_metrics,
                         help="the metric the faithfulness section scores edges by (which circuits it picks)")  # fmt: skip
     parser.add_argument("--faithfulness-metric", default="answer_logprob", choices=answer_metrics,
