@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -149,6 +150,7 @@ def _versus_exact(model, args) -> dict:
                         }
                 sample = versus if len(args.exact_seeds) == 1 else versus.setdefault(f"seed{seed}", {})
                 sample.setdefault(metric_name, {})[ablation] = row
+                print(f"sample {seed}, {metric_name}, {ablation}: {json.dumps(row)}", file=sys.stderr, flush=True)
     return {"sequences": args.exact_size, "ig_steps": args.ig_steps, "seeds": args.exact_seeds, **versus}
 
 

@@ -22,7 +22,7 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 CAPWRAP_TEST_DEVICE=$DEVICE
 DEMO=/tmp/capwrap-gpu-demo
 LOG=$OUT/steps.log
-FIGURES='"(speedup|speedup_vs_autograd_loop|overhead_percent|probe_forwards_percent|eap_over_train_step|max_abs_difference|seconds_[a-z_]+)"|passed|failed|rror|verdict'
+FIGURES='"(steps_per_second|record_seconds|speedup|speedup_vs_autograd_loop|overhead_percent|probe_forwards_percent|eap_over_train_step|max_abs_difference|seconds_[a-z_]+)"|passed|failed|rror|verdict'
 
 step() {  # step NAME SECONDS COMMAND...: run it with the smaller of SECONDS and the time left
   local name=$1 limit=$2 left start rc
@@ -53,4 +53,5 @@ step trainer 70 python3 benchmarks/trainer_recording_overhead.py --device "$DEVI
 step circuits 45 python3 benchmarks/circuits.py --device "$DEVICE" --only reference speed --repeats 15
 step patching64 60 python3 benchmarks/patching.py --device "$DEVICE" --batch 64
 step patching_big 60 python3 benchmarks/patching.py --device "$DEVICE" --memory-mb 4096
+step store 30 python3 benchmarks/store_throughput.py
 echo "=== done, $(( DEADLINE - $(date +%s) ))s before the deadline"

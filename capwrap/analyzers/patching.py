@@ -261,24 +261,44 @@ def activation_patching(
     )
 
 
-def _write_patches(act: Tensor, src: Tensor, slots: Tensor, pos: Tensor, head: Tensor, n_batch: int) -> Tensor:
-    """Write ``src`` [batch, pos, ...] into the rows of ``act`` [slot*batch, pos, ...] of each patch."""
-    act = act.view(-1, n_batch, *act.shape[1:])  # [slot, batch, pos, ...]
-    per_pos, all_pos = pos >= 0, pos < 0
-    if head[0] < 0:  # residual / layer outputs: [slot, batch, pos, d]
-        if per_pos.any():
-            p = pos[per_pos]
-            act[slots[per_pos], :, p] = src[:, p].transpose(0, 1)
-        if all_pos.any():
-            act[slots[all_pos]] = src
-    else:  # heads: [slot, batch, pos, head, d_head]
-        if per_pos.any():
-            p, h = pos[per_pos], head[per_pos]
-            act[slots[per_pos], :, p, h] = src[:, p, h].transpose(0, 1)
-        if all_pos.any():
-            h = head[all_pos]
-            act[slots[all_pos], :, :, h] = src[:, :, h].permute(2, 0, 1, 3)
-    return act.view(-1, *act.shape[2:])
+@dataclass(frozen=True)
+class _Writes:
+    """Where one hook writes the source's activation into a batch of tiled patches: the patches
+    of single positions (their slots, positions and heads) and those of every position (their
+    slots and heads); heads are ``None`` at hooks without a head axis. Decided on the host, so that
+    writing them asks the device nothing."""
+
+    one: tuple[Tensor, Tensor, Tensor | None] | None
+    every: tuple[Tensor, Tensor | None] | None
+
+    @classmethod
+    def of(cls, slots: np.ndarray, pos: np.ndarray, head: np.ndarray, device: torch.device) -> _Writes:
+        def put(a: np.ndarray) -> Tensor:
+            return torch.as_tensor(a, device=device)
+
+        heads = bool(head[0] >= 0)  # a hook point holds either head patches or none
+        one, every = pos >= 0, pos < 0
+        return cls(
+            (put(slots[one]), put(pos[one]), put(head[one]) if heads else None) if one.any() else None,
+            (put(slots[every]), put(head[every]) if heads else None) if every.any() else None,
+        )
+
+    def write(self, act: Tensor, src: Tensor, n_batch: int) -> Tensor:
+        """Write ``src`` [batch, pos, ...] into the rows of ``act`` [slot*batch, pos, ...] of each patch."""
+        act = act.view(-1, n_batch, *act.shape[1:])  # [slot, batch, pos, ...]
+        if self.one is not None:
+            slots, p, h = self.one
+            if h is None:  # residual / layer outputs: [slot, batch, pos, d]
+                act[slots, :, p] = src[:, p].transpose(0, 1)
+            else:  # heads: [slot, batch, pos, head, d_head]
+                act[slots, :, p, h] = src[:, p, h].transpose(0, 1)
+        if self.every is not None:
+            slots, h = self.every
+            if h is None:
+                act[slots] = src
+            else:
+                act[slots, :, :, h] = src[:, :, h].permute(2, 0, 1, 3)
+        return act.view(-1, *act.shape[2:])
 
 
 @torch.inference_mode()
@@ -314,37 +334,41 @@ def _resumed(
     answer_pos = batch.answer_pos.to(target.device)
     end = int(answer_pos.max()) + 1 if fn.causal else seq_len
     rows = torch.arange(n_batch, device=answer_pos.device)
-    baseline = metric(fn.unembed(tgt.resid_post[-1][rows, answer_pos]), batch).float().cpu()
+    baseline = metric(fn.unembed(tgt.resid_post[-1][rows, answer_pos]), batch).float()
     out = baseline.repeat(len(index), 1)
 
-    def delta(site: str, layer: int, pos: int, head: int) -> Tensor:
-        """What the patch adds to the residual stream where it enters, ``[batch, pos, d_model]``."""
+    def delta(site: str, layer: int, head: int) -> Tensor:
+        """What replacing the target's activation by the source's adds to the residual stream where
+        it enters, at every position ``[batch, pos, d_model]`` (a patch takes its own positions)."""
         if head >= 0:  # what the head's change adds to the residual stream
-            diff = fn.head_delta(layer, head, tgt.z[layer], src.z[layer])
-        else:
-            diff = src.activation(site, layer) - tgt.activation(site, layer)
-        if pos >= 0:
-            keep = torch.zeros(seq_len, 1, device=diff.device)
-            keep[pos] = 1
-            diff = diff * keep
-        return diff
+            return fn.head_delta(layer, head, tgt.z[layer], src.z[layer])
+        return src.activation(site, layer) - tgt.activation(site, layer)
 
-    # Each patch as (entry layer, stage, first changed position) -> its rows; the deltas are made
-    # again when their chunk runs, so that memory holds one chunk's, not every patch's.
+    # Which positions each activation changes: one test per (site, layer, head) — not per patch —
+    # and one transfer to the host for all of them (on a GPU every transfer waits for the device).
+    patches: list[tuple[str, int, int, int]] = [
+        (site, int(layer), int(pos), int(head))
+        for site, layer, pos, head in index[["site", "layer", "pos", "head"]].itertuples(index=False, name=None)
+    ]
+    keys = sorted({(site, layer, head) for site, layer, _, head in patches})
+    moved = torch.stack([delta(*key).abs().amax((0, 2)) > 0 for key in keys]).cpu()  # [key, pos]
+    if fn.causal:
+        moved[:, end:] = False  # nothing after the last answer is read
+    row_of = {key: r for r, key in enumerate(keys)}
+    # Each patch as (entry layer, stage, first changed position) -> its rows. Patches that write
+    # what is already there are not run: their metric is the baseline.
     plans: dict[tuple[int, str, int], list[tuple[int, tuple[str, int, int, int]]]] = {}
-    for i, patch in enumerate(index[["site", "layer", "pos", "head"]].itertuples(index=False)):
-        changed = delta(*patch).abs().amax((0, 2)) > 0  # [pos]
-        if fn.causal:
-            changed[end:] = False
-        if not bool(changed.any()):
-            continue  # the patch writes what is already there: the metric is the baseline
-        p0 = int(changed.nonzero()[0]) if fn.causal else 0
-        entry_layer, stage = fn.entry(patch[0], patch[1])
-        plans.setdefault((entry_layer, stage, p0), []).append((i, tuple(patch)))
+    for i, (site, layer, pos, head) in enumerate(patches):
+        changed = moved[row_of[site, layer, head]]
+        if not bool(changed[pos] if pos >= 0 else changed.any()):
+            continue
+        p0 = (pos if pos >= 0 else int(changed.nonzero()[0])) if fn.causal else 0
+        entry_layer, stage = fn.entry(site, layer)
+        plans.setdefault((entry_layer, stage, p0), []).append((i, (site, layer, pos, head)))
 
     bar = tqdm(total=len(index), desc="patching", disable=not progress, leave=False, unit="patch")
     bar.update(len(index) - sum(len(v) for v in plans.values()))
-    for (entry_layer, stage, p0), patches in sorted(plans.items()):
+    for (entry_layer, stage, p0), planned in sorted(plans.items()):
         width = end - p0
         per_patch = n_batch * _bytes_per_position(target, end) * width
         chunk = max(1, int(memory_mb * 2**20 // per_patch))
@@ -354,20 +378,38 @@ def _resumed(
             start_resid = (tgt.resid_pre if stage == "attn" else tgt.resid_mid)[entry_layer][:, p0:end]
         rel = (answer_pos - p0).clamp(min=0)
         before = answer_pos < p0  # the patch lies after these sequences' answers: baseline
-        for c in range(0, len(patches), chunk):
-            part = patches[c : c + chunk]
+        for c in range(0, len(planned), chunk):
+            part = planned[c : c + chunk]
             n = len(part)
-            resid = (start_resid.unsqueeze(0) + torch.stack([delta(*p)[:, p0:end] for _, p in part])).flatten(0, 1)
+            resid = start_resid.unsqueeze(0).repeat(n, 1, 1, 1)  # [n, batch, width, d_model]
+            # the deltas are made here, once per activation of the chunk, so that memory holds
+            # one chunk's; a patch adds its activation's delta at its own positions
+            slots: dict[tuple[str, int, int], tuple[list[int], list[int], list[int]]] = {}
+            for j, (_, (site, layer, pos, head)) in enumerate(part):
+                at_one, positions, at_all = slots.setdefault((site, layer, head), ([], [], []))
+                if pos >= 0:
+                    at_one.append(j)
+                    positions.append(pos - p0)
+                else:
+                    at_all.append(j)
+            for key, (at_one, positions, at_all) in slots.items():
+                diff = delta(*key)[:, p0:end]
+                if at_one:
+                    p = torch.tensor(positions, device=resid.device)
+                    resid[torch.tensor(at_one, device=resid.device), :, p] += diff[:, p].transpose(0, 1)
+                if at_all:
+                    resid[at_all] += diff
+            resid = resid.flatten(0, 1)
             if entry_layer < n_layers:
                 resid = fn.resume(resid, entry_layer, stage, p0, tgt)
-            final = resid.view(n, n_batch, width, -1)[:, torch.arange(n_batch), rel]  # [n, batch, d_model]
+            final = resid.view(n, n_batch, width, -1)[:, rows, rel]  # [n, batch, d_model]
             logits = fn.unembed(final).flatten(0, 1)
-            values = metric(logits, _tile(batch, n)).float().view(n, n_batch).cpu()
-            values[:, before.cpu()] = baseline[before.cpu()]
+            values = metric(logits, _tile(batch, n)).float().view(n, n_batch)
+            values[:, before] = baseline[before]
             out[[i for i, _ in part]] = values
             bar.update(n)
     bar.close()
-    return out
+    return out.cpu()
 
 
 def _to_device(trace: Trace, device: torch.device) -> Trace:
@@ -390,9 +432,8 @@ def _exact_hooks(
     per_patch = n_batch * seq_len * _bytes_per_position(target, seq_len)
     chunk = max(1, int(memory_mb * 2**20 // per_patch))
     hooks = [SITES[s].format(layer=layer) for s, layer in zip(index["site"], index["layer"], strict=True)]
-    pos_all = torch.tensor(index["pos"].to_numpy(), device=target.device)
-    head_all = torch.tensor(index["head"].to_numpy(), device=target.device)
-    out = torch.empty(len(index), n_batch)
+    pos_all, head_all = index["pos"].to_numpy(), index["head"].to_numpy()
+    out = torch.empty(len(index), n_batch, device=target.device)
     bar = tqdm(total=len(index), desc="patching", disable=not progress, leave=False, unit="patch")
     tiled_cache: dict[int, tuple[Tensor, TaskBatch]] = {}
     for start in range(0, len(index), chunk):
@@ -406,23 +447,23 @@ def _exact_hooks(
             groups.setdefault(hooks[i], []).append(i)
         fwd = []
         for name, rows in groups.items():
-            rows_t = torch.tensor(rows, device=target.device)
-            is_head = head_all[rows_t] >= 0
-            for sel in (is_head, ~is_head):  # a hook point holds either head patches or not
+            rows_a = np.asarray(rows)
+            for sel in (head_all[rows_a] >= 0, head_all[rows_a] < 0):  # a hook point holds either head patches or not
                 if sel.any():
-                    r = rows_t[sel]
-                    fwd.append((name, _patch_hook(source_acts[name], r - start, pos_all[r], head_all[r], n_batch)))
+                    r = rows_a[sel]
+                    writes = _Writes.of(r - start, pos_all[r], head_all[r], target.device)
+                    fwd.append((name, _patch_hook(source_acts[name], writes, n_batch)))
         with torch.inference_mode(), target.hooks(fwd):
             logits = answer_logits(target(tokens), tiled)
-        out[start:stop] = metric(logits, tiled).float().view(n, n_batch).cpu()
+        out[start:stop] = metric(logits, tiled).float().view(n, n_batch)
         bar.update(n)
     bar.close()
-    return out
+    return out.cpu()
 
 
-def _patch_hook(src: Tensor, slots: Tensor, pos: Tensor, head: Tensor, n_batch: int):
+def _patch_hook(src: Tensor, writes: _Writes, n_batch: int):
     def hook(act: Tensor, hook=None) -> Tensor:
-        return _write_patches(act, src.to(act.dtype), slots, pos, head, n_batch)
+        return writes.write(act, src.to(act.dtype), n_batch)
 
     return hook
 

@@ -100,3 +100,22 @@ def test_functional_forward_of_a_compiled_program(counter, backend):
     tokens = counter.encode([list("abca"), list("dada")])
     trace = Functional(model).trace(tokens)  # bidirectional attention, no norm, ReLU
     torch.testing.assert_close(trace.logits, model(tokens), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_resumed_patching_of_a_bidirectional_model_equals_the_hooks_engine(counter, backend):
+    # tracr's attention sees later positions too: a patch changes every position, not just the
+    # ones from where it enters on, so the resumed engine must recompute them all
+    from capwrap.analyzers.patching import activation_patching
+
+    model = counter.to_model(backend)
+    task = TracrCounterTask(counter)
+    clean, corrupt = task.sample(8, seed=0), task.sample(8, seed=1)
+    # answers read early in the sequence, so that patches after them still change them
+    answer_pos = torch.ones_like(clean.answer_pos)
+    corrupt = type(corrupt)(corrupt.tokens, answer_pos, clean.answers, {})
+    kwargs = dict(source_tokens=clean.tokens, positions="both", progress=False)
+    fast = activation_patching(model, corrupt, engine="resumed", **kwargs)
+    hooks = activation_patching(model, corrupt, engine="hooks", **kwargs)
+    torch.testing.assert_close(fast.values, hooks.values, atol=1e-5, rtol=0)
+    assert float(fast.table["effect"].abs().max()) > 0.01  # the patches do something
