@@ -115,6 +115,20 @@ def test_activation_patching_on_cuda_equals_the_cpu(method, engine, cpu_pair, cu
     torch.testing.assert_close(on_gpu.values, on_cpu.values, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("engine", ["resumed", "hooks"])
+def test_activation_patching_on_cuda_takes_a_metric_that_answers_on_the_cpu(engine, cuda_pair):
+    from capwrap.analyzers.patching import activation_patching, answer_logprob
+
+    def on_the_cpu(logits, batch):
+        return answer_logprob(logits.cpu(), batch.to("cpu"))
+
+    batch = CAPABILITY.sample(8, seed=0)
+    kwargs = dict(sites=("resid_pre", "head"), positions="each", engine=engine, progress=False)
+    got = activation_patching(cuda_pair.tuned, batch, source=cuda_pair.base, metric=on_the_cpu, **kwargs)
+    expected = activation_patching(cuda_pair.tuned, batch, source=cuda_pair.base, **kwargs)
+    torch.testing.assert_close(got.values, expected.values, atol=1e-5, rtol=0)
+
+
 def test_the_demo_base_pretrains_on_cuda():
     from capwrap.demo import pretrain_demo_base
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
@@ -113,6 +114,21 @@ def test_patching_a_model_with_itself_changes_nothing(task, backend):
     batch = task.sample(5, seed=4)
     result = activation_patching(model, batch, source=model.clone(), positions="each", progress=False)
     assert float(result.table["effect"].abs().max()) < 1e-6
+
+
+def test_a_patch_index_of_small_integer_columns_and_repeated_rows(task, backend):
+    # a user's own index: int8 columns (torch reads uint8 index tensors as masks, int8 not at all)
+    # and the same patch twice; both engines give every row its own value
+    model = _sharp_model(task, backend)
+    clean, corrupt = _clean_corrupt(task)
+    index = patch_index(2, model.spec.n_heads, clean.tokens.shape[1], ("resid_pre", "head"), "both").iloc[::7]
+    index = pd.concat([index, index.iloc[:3]]).astype({"layer": "int8", "pos": "int8", "head": "int8"})
+    kwargs = dict(source_tokens=clean.tokens, index=index, progress=False)
+    fast = activation_patching(model, corrupt, engine="resumed", **kwargs)
+    hooks = activation_patching(model, corrupt, engine="hooks", **kwargs)
+    torch.testing.assert_close(fast.values, hooks.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.values[-3:], fast.values[:3], atol=0, rtol=0)
+    assert float(fast.table["effect"].abs().max()) > 0.01
 
 
 def test_chunking_to_a_tiny_memory_budget_gives_the_same_numbers(task, backend):
