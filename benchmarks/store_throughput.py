@@ -43,8 +43,8 @@ def syncs_skipped() -> Iterator[None]:
         store_module._sync = sync
 
 
-def stream(folder: Path, args: argparse.Namespace) -> dict:
-    """Append the recorder-shaped stream; the times per record and per plain step."""
+def recorder_arrays(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A record's activations (one per block) and per-component norm arrays, seeded."""
     rng = np.random.default_rng(0)
     dtype = np.float16 if args.dtype == "float16" else np.float32
     acts = {
@@ -53,6 +53,11 @@ def stream(folder: Path, args: argparse.Namespace) -> dict:
     }
     norms = {f"{what}.{kind}": rng.random(args.components).astype(np.float32)
              for what in ("weight_delta", "grad_norm") for kind in range(7)}  # fmt: skip
+    return acts, norms
+
+
+def stream(folder: Path, acts: dict[str, np.ndarray], norms: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
+    """Append the recorder-shaped stream; the times per record and per plain step."""
     arrays = {name: (a.shape, args.dtype) for name, a in acts.items()} | {
         name: (a.shape, "float32") for name, a in norms.items()
     }
@@ -94,12 +99,13 @@ def main() -> None:
         parser.error("--steps must be at least --every, and --every at least 1")
     root = Path(tempfile.mkdtemp(prefix="capwrap-store-", dir=args.dir))
     try:
-        durable = stream(root / "durable", args)
+        acts, norms = recorder_arrays(args)
+        durable = stream(root / "durable", acts, norms, args)
         with syncs_skipped():
-            unsynced = stream(root / "unsynced", args)
+            unsynced = stream(root / "unsynced", acts, norms, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    record_mb = args.blocks * args.probe * args.positions * args.d_model * (2 if args.dtype == "float16" else 4) / 1e6
+    record_mb = sum(a.nbytes for a in acts.values()) / 1e6
     print(json.dumps({
         "folder": str(Path(args.dir or tempfile.gettempdir()).resolve()),
         "steps": args.steps, "every": args.every, "dtype": args.dtype, "record_megabytes": round(record_mb, 1),

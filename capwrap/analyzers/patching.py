@@ -30,6 +30,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -284,9 +285,7 @@ class _Writes:
 
     @classmethod
     def of(cls, slots: np.ndarray, pos: np.ndarray, head: np.ndarray, device: torch.device) -> _Writes:
-        def put(a: np.ndarray) -> Tensor:
-            return _indices(a, device)
-
+        put = functools.partial(_indices, device=device)
         heads = bool(head[0] >= 0)  # a hook point holds either head patches or none
         one, every = pos >= 0, pos < 0
         return cls(
@@ -366,16 +365,16 @@ def _resumed(
     if fn.causal:
         moved[:, end:] = False  # nothing after the last answer is read
     row_of = {key: r for r, key in enumerate(keys)}
-    # Each patch as (entry layer, stage, first changed position) -> its rows. Patches that write
-    # what is already there are not run: their metric is the baseline.
-    plans: dict[tuple[int, str, int], list[tuple[int, tuple[str, int, int, int]]]] = {}
+    # Each patch as (entry layer, stage, first changed position) -> its (site, layer, head, pos,
+    # row). Patches that write what is already there are not run: their metric is the baseline.
+    plans: dict[tuple[int, str, int], list[tuple[str, int, int, int, int]]] = {}
     for i, (site, layer, pos, head) in enumerate(patches):
         changed = moved[row_of[site, layer, head]]
         if not bool(changed[pos] if pos >= 0 else changed.any()):
             continue
         p0 = (pos if pos >= 0 else int(changed.nonzero()[0])) if fn.causal else 0
         entry_layer, stage = fn.entry(site, layer)
-        plans.setdefault((entry_layer, stage, p0), []).append((i, (site, layer, pos, head)))
+        plans.setdefault((entry_layer, stage, p0), []).append((site, layer, head, pos, i))
 
     bar = tqdm(total=len(index), desc="patching", disable=not progress, leave=False, unit="patch")
     bar.update(len(index) - sum(len(v) for v in plans.values()))
@@ -385,7 +384,7 @@ def _resumed(
     for (entry_layer, stage, p0), planned in sorted(plans.items()):
         # each activation's patches side by side, so that each (activation, position) writes one
         # range of slots: no index tensors (a GPU waits for each one sent to it)
-        planned = sorted(planned, key=lambda item: (item[1][0], item[1][1], item[1][3], item[1][2]))
+        planned.sort()
         width = end - p0
         per_patch = n_batch * _bytes_per_position(target, end) * width
         chunk = max(1, int(memory_mb * 2**20 // per_patch))
@@ -402,9 +401,9 @@ def _resumed(
             # the deltas are made here, once per activation of the chunk, so that memory holds
             # one chunk's; a patch adds its activation's delta at its own positions
             slot = 0
-            for (site, layer, head), same_activation in groupby(part, key=lambda item: (item[1][0], item[1][1], item[1][3])):
-                diff = delta(site, layer, head)[:, p0:end]
-                for pos, same_position in groupby(same_activation, key=lambda item: item[1][2]):
+            for activation, same_activation in groupby(part, key=lambda patch: patch[:3]):
+                diff = delta(*activation)[:, p0:end]
+                for pos, same_position in groupby(same_activation, key=lambda patch: patch[3]):
                     k = len(list(same_position))
                     if pos < 0:
                         resid[slot : slot + k] += diff
@@ -420,7 +419,7 @@ def _resumed(
                 tiled[n] = _tile(batch, n)
             values = metric(logits, tiled[n]).float().to(target.device).view(n, n_batch)
             results.append(torch.where(before, baseline, values))
-            order.extend(i for i, _ in part)
+            order.extend(patch[4] for patch in part)
             bar.update(n)
     bar.close()
     if results:
