@@ -5,7 +5,8 @@ The sweep: the shipped demo base (4 layers, d_model 128, 0.8M parameters), the c
 clean → corrupted (two samples of the task; the corrupted run is scored on the clean answers),
 the residual stream, attention output, MLP output and every head's output at every position — the
 four ``get_act_patch_*`` calls a TransformerLens user makes (``resid_pre``, ``attn_out``,
-``mlp_out``, ``attn_head_out_by_pos``). Reports seconds, patches per second, the largest
+``mlp_out``, ``attn_head_out_by_pos``). capwrap runs each engine (at ``--memory-mb``) and its
+defaults for the device (``engine="auto"``, ``memory_mb=None``). Reports seconds, patches per second, the largest
 difference between the two (must be under 1e-5), and attribution patching's correlation with
 the exact effects. Then the across-model sweep (base patched into the demo's tuned model), capwrap's
 resumed engine against its own hook engine (TransformerLens has no across-model function).
@@ -32,7 +33,7 @@ import transformer_lens.patching as tl_patching
 from timing import timed
 
 import capwrap
-from capwrap.analyzers.patching import activation_patching, answer_logprob, correlation
+from capwrap.analyzers.patching import activation_patching, answer_logprob, correlation, engine_settings
 from capwrap.demo import DEMO_BASE, demo_tasks
 from capwrap.tasks.base import TaskBatch, answer_logits
 
@@ -84,7 +85,8 @@ def main() -> None:
     parser.add_argument("--family", default=None, help="a random model of this family, the demo base's shape")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (the RESULTS figures pin 1)")
     parser.add_argument("--memory-mb", type=float, default=128.0,
-                        help="capwrap's memory budget per batched forward pass (activation_patching's memory_mb)")  # fmt: skip
+                        help="capwrap's memory budget per batched forward pass for the runs of each engine "
+                             "(activation_patching's memory_mb); the run of the defaults takes the device's")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,11 +113,17 @@ def main() -> None:
         return activation_patching(model, corrupt, source_tokens=clean.tokens, sites=SITES, positions="each",
                                    method=method, engine=engine, progress=False, memory_mb=args.memory_mb)  # fmt: skip
 
+    def run_defaults():  # the engine and memory budget activation_patching picks on this device
+        return activation_patching(model, corrupt, source_tokens=clean.tokens, sites=SITES, positions="each",
+                                   progress=False)  # fmt: skip
+
+    settings = engine_settings(model)
     run_capwrap()  # warm-up
     t_tl, tl = _timed(run_tl, args.repeats)
     t_cw, cw = _timed(run_capwrap, args.repeats)
     t_hooks, hooks = _timed(lambda: run_capwrap(engine="hooks"), args.repeats)
     t_attr, attr = _timed(lambda: run_capwrap(method="attribution"), args.repeats)
+    t_default, default = _timed(run_defaults, args.repeats)
     n = len(cw.table)
     diff = max(float((cw.grid(site) - tl[site]).abs().max()) for site in SITES)
     report = {
@@ -127,6 +135,7 @@ def main() -> None:
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "batch": args.batch,
         "memory_mb": args.memory_mb,
+        "defaults": {"engine": settings.engine, "memory_mb": round(settings.memory_mb, 1)},
         "patches": n,
         "within": {
             "seconds_transformer_lens": round(t_tl, 3),
@@ -137,9 +146,12 @@ def main() -> None:
             "patches_per_second_capwrap": round(n / t_cw, 1),
             "speedup": round(t_tl / t_cw, 2),
             "speedup_hook_engine": round(t_tl / t_hooks, 2),
+            "seconds_capwrap_defaults": round(t_default, 3),
+            "speedup_defaults": round(t_tl / t_default, 2),
             "max_abs_difference": diff,
             "attribution_correlation": round(correlation(cw.table["effect"], attr.table["effect"]), 4),
             "hook_engine_max_abs_difference": float((cw.values - hooks.values).abs().max()),
+            "defaults_max_abs_difference": float((cw.values - default.values).abs().max()),
         },
     }
     if args.tuned:

@@ -6,7 +6,16 @@ from capwrap.analyzers.attention import AttentionComparison
 from capwrap.analyzers.base import Analyzer, Context, Direction, EvalSet, Evidence, Kind, ModelPair, Question
 from capwrap.analyzers.controls import untrained_like
 from capwrap.analyzers.generalization import Generalization
-from capwrap.analyzers.patching import SITES, Patching, PatchingResult, activation_patching, patch_index
+from capwrap.analyzers.patching import (
+    ENGINE_DEFAULTS,
+    SITES,
+    EngineSettings,
+    Patching,
+    PatchingResult,
+    activation_patching,
+    engine_settings,
+    patch_index,
+)
 from capwrap.analyzers.probing import NewLatentProbing, ProbeResult, Probing, fit_probes, probe_features
 from capwrap.analyzers.pruning import Pruning, prune, unit_scores
 from capwrap.analyzers.revival import Revival, steps_to_threshold
@@ -19,6 +28,8 @@ __all__ = [
     "AttentionComparison",
     "Context",
     "Direction",
+    "ENGINE_DEFAULTS",
+    "EngineSettings",
     "EvalSet",
     "Evidence",
     "Generalization",
@@ -38,6 +49,7 @@ __all__ = [
     "activation_patching",
     "adapter_weight_diff",
     "effective_rank",
+    "engine_settings",
     "fit_probes",
     "graft",
     "patch_index",

@@ -59,6 +59,9 @@ __all__ = [
     "answer_logprob",
     "answer_logit",
     "patch_index",
+    "EngineSettings",
+    "ENGINE_DEFAULTS",
+    "engine_settings",
 ]
 
 #: Patchable sites and their TransformerLens hook names.
@@ -152,6 +155,63 @@ class PatchingResult:
         return torch.tensor(part["value"].to_numpy(), dtype=torch.float32).reshape(shape)
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """How exact patches run: the engine and the memory budget of one batched forward pass. In
+    :data:`ENGINE_DEFAULTS`, ``free_share`` caps a GPU's default budget at that share of the memory
+    free when patching starts (memory PyTorch holds in its cache but does not use counts as free)."""
+
+    engine: Literal["resumed", "hooks"]
+    memory_mb: float
+    free_share: float = 1.0
+
+
+#: What ``engine="auto"`` and ``memory_mb=None`` pick on each device type, as measured on the demo
+#: sweep (``benchmarks/RESULTS.md``): on a CPU the resumed engine is 5x-8x faster than the hook
+#: engine and gains nothing from larger passes; on a CUDA GPU (an H200) the hook engine's whole batched
+#: passes are the faster ones (0.52 s against 0.73 s at 128 MB) and larger passes make them 5x faster
+#: again (0.106-0.109 s at 4096 MB, 108x-119x TransformerLens, in two leases). Other device types
+#: (not measured: MPS, XPU) get the CPU's settings.
+ENGINE_DEFAULTS: dict[str, EngineSettings] = {
+    "cpu": EngineSettings("resumed", 128.0),
+    "cuda": EngineSettings("hooks", 4096.0, free_share=0.25),
+}
+
+
+def engine_settings(
+    model: CapModel, engine: Literal["auto", "resumed", "hooks"] = "auto", memory_mb: float | None = None
+) -> EngineSettings:
+    """The engine and memory budget exact patching uses on ``model``'s device: given values win;
+    ``auto`` and ``None`` take :data:`ENGINE_DEFAULTS` for the device's type, and ``auto`` takes the
+    hook engine where capwrap's fast forward pass does not compute the model.
+
+    Examples:
+        >>> from capwrap.models import ModelSpec, build_model
+        >>> model = build_model(ModelSpec(d_vocab=8, n_ctx=4, n_layers=1, d_model=8, n_heads=2))
+        >>> engine_settings(model)  # on a CPU
+        EngineSettings(engine='resumed', memory_mb=128.0, free_share=1.0)
+        >>> engine_settings(model, "hooks", 512).memory_mb
+        512.0
+    """
+    if engine not in ("auto", "resumed", "hooks"):
+        raise ConfigError(f"engine must be 'auto', 'resumed' or 'hooks', got {engine!r}")
+    if memory_mb is not None and not memory_mb > 0:
+        raise ConfigError(f"memory_mb must be positive, got {memory_mb}")
+    device = model.device
+    defaults = ENGINE_DEFAULTS.get(device.type, ENGINE_DEFAULTS["cpu"])
+    chosen: Literal["resumed", "hooks"] = (
+        ("hooks" if Functional.unsupported(model.spec) else defaults.engine) if engine == "auto" else engine
+    )
+    if memory_mb is not None:
+        return EngineSettings(chosen, float(memory_mb))
+    budget = defaults.memory_mb
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's unused cache
+        budget = max(1.0, min(budget, defaults.free_share * free / 2**20))
+    return EngineSettings(chosen, float(budget))
+
+
 def _bytes_per_position(model: CapModel, context: int) -> int:
     """Peak bytes one sequence position of one forward pass holds (float32): residual copies, the MLP's
     hidden layer, attention scores over ``context`` keys, logits."""
@@ -192,8 +252,8 @@ def activation_patching(
     index: pd.DataFrame | None = None,
     metric: Metric = answer_logprob,
     method: Literal["exact", "attribution"] = "exact",
-    engine: Literal["resumed", "hooks"] = "resumed",
-    memory_mb: float = 128.0,
+    engine: Literal["auto", "resumed", "hooks"] = "auto",
+    memory_mb: float | None = None,
     progress: bool = True,
 ) -> PatchingResult:
     """Patch activations of ``source`` (on ``source_tokens``) into ``target`` (on ``batch``).
@@ -211,14 +271,16 @@ def activation_patching(
         index: the patches as a DataFrame (``site, layer, pos, head``), instead of ``sites``/``positions``.
         metric: ``f(answer-position logits, batch) -> [batch]``.
         method: ``exact`` (patched forward passes) or ``attribution`` (gradient approximation).
-        engine: how exact patches run: ``resumed`` (default) resumes the forward pass where the patch
-            enters, for the positions it can change, over the model's canonical weights
+        engine: how exact patches run: ``resumed`` resumes the forward pass where the patch enters,
+            for the positions it can change, over the model's canonical weights
             (:class:`~capwrap.models.functional.Functional`); ``hooks`` runs whole forward passes with
             TransformerLens hooks writing the patches — the definition; slower on a CPU, faster on a
-            GPU, where whole batched passes cost little (on an H200, with ``memory_mb=4096``: 108x
-            TransformerLens, against 13x resumed; ``benchmarks/RESULTS.md``).
-        memory_mb: memory budget of one batched forward pass; sets how many patches share one
-            (on a GPU, give it gigabytes).
+            GPU, where whole batched passes cost little. ``auto`` (default): the faster one on the
+            target's device (:data:`ENGINE_DEFAULTS`: ``resumed`` on a CPU, ``hooks`` on a CUDA GPU;
+            on an H200, 108x-119x TransformerLens against 13x-18x resumed, ``benchmarks/RESULTS.md``),
+            and ``hooks`` for a model the fast forward pass does not compute.
+        memory_mb: memory budget of one batched forward pass; sets how many patches share one.
+            Default: 128 MB on a CPU; on a CUDA GPU 4096 MB, or a quarter of the free memory if less.
         progress: show a progress bar.
 
     Raises:
@@ -229,10 +291,8 @@ def activation_patching(
     _check_inputs(target, source, batch, source_tokens)
     if method not in ("exact", "attribution"):
         raise ConfigError(f"method must be 'exact' or 'attribution', got {method!r}")
-    if engine not in ("resumed", "hooks"):
-        raise ConfigError(f"engine must be 'resumed' or 'hooks', got {engine!r}")
-    if memory_mb <= 0:
-        raise ConfigError(f"memory_mb must be positive, got {memory_mb}")
+    settings = engine_settings(target, engine, memory_mb)
+    engine, memory_mb = settings.engine, settings.memory_mb
     spec, seq_len = target.spec, batch.tokens.shape[1]
     if index is None:
         index = patch_index(spec.n_layers, spec.n_heads, seq_len, sites, positions)
@@ -532,7 +592,8 @@ class Patching(Analyzer):
         sites: the sites to patch (keys of :data:`SITES`), each at all positions.
         n: sequences (the first ``n`` of the diagnosis's capability evaluation set).
         method: ``exact`` or ``attribution``.
-        memory_mb: memory budget of one batched forward pass.
+        memory_mb: memory budget of one batched forward pass (default: the device's,
+            :func:`engine_settings`).
         min_gap: the statistic applies when the base's answer log-probability exceeds the tuned
             model's by at least this many nats.
     """
@@ -540,7 +601,7 @@ class Patching(Analyzer):
     sites: tuple[str, ...] = ("attn_out", "mlp_out", "head")
     n: int = 256
     method: Literal["exact", "attribution"] = "exact"
-    memory_mb: float = 128.0
+    memory_mb: float | None = None
     min_gap: float = 0.1
     name: str = "patching"
     kind: ClassVar[Kind] = "structural"
@@ -550,15 +611,17 @@ class Patching(Analyzer):
         patch_index(1, 1, 1, self.sites, "all")
         if self.n <= 0:
             raise ConfigError(f"Patching.n must be positive, got {self.n}")
+        if self.memory_mb is not None and not self.memory_mb > 0:
+            raise ConfigError(
+                f"Patching.memory_mb must be positive (or None for the device's default), got {self.memory_mb}"
+            )
 
     def analyze(self, context: Context) -> Evidence:
         pair = context.pair
         batch = context.eval.batches["capability"][: self.n]
-        # capwrap's fast engine where it computes the model; TransformerLens's hooks elsewhere
-        engine = "hooks" if Functional.unsupported(pair.spec) else "resumed"
         result = activation_patching(
             pair.tuned, batch, source=pair.base, sites=self.sites, positions="all", method=self.method,
-            engine=engine, memory_mb=self.memory_mb, progress=False,
+            memory_mb=self.memory_mb, progress=False,
         )  # fmt: skip
         n_layers = pair.spec.n_layers
         table = result.table.drop(columns=["pos"])

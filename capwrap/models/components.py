@@ -157,25 +157,27 @@ class ComponentMap:
 
     def sq_norms(self, tensors: Mapping[str, Tensor], kind: str, partial: bool = False) -> Tensor:
         """Squared L2 norm of each ``kind`` component's slices of ``tensors`` (canonical names),
-        in :meth:`select` order. Vectorized: one reduction per weight, then a scatter-add.
+        in :meth:`select` order. Vectorized: one reduction per weight, on the tensors' device, in at
+        least float32 (pairwise sums: accurate to ~1e-6), then one transfer to the host and a scatter-add.
 
         ``tensors`` is typically a weight difference (``tuned - base``) or the gradients. With
         ``partial``, weights absent from ``tensors`` are skipped (their share is 0): summing the
         results over groups of weights (e.g. one layer at a time) gives the whole norms.
         """
         comps = self.select(kind)
-        plan = self._plan(kind)
+        plan = [(key, where) for key, where in self._plan(kind).items() if not (partial and key[0] not in tensors)]
         out = torch.zeros(len(comps), dtype=torch.float64)
-        for (param, axis), (comp_ids, positions) in plan.items():
-            if partial and param not in tensors:
-                continue
-            sq = tensors[param].detach().square()  # float32 sums are pairwise: accurate to ~1e-6
-            if axis is None:
-                per = sq.sum().reshape(1)
-            else:
-                dims = [d for d in range(sq.ndim) if d != axis]
-                per = sq.sum(dim=dims) if dims else sq
-            out.index_add_(0, comp_ids, per.double().cpu()[positions])
+        if not plan:
+            return out
+        per_weight = []
+        for (param, axis), _ in plan:
+            t = tensors[param].detach()
+            sq = t.to(torch.promote_types(t.dtype, torch.float32)).square()
+            dims = [d for d in range(sq.ndim) if d != axis] if axis is not None else list(range(sq.ndim))
+            per_weight.append((sq.sum(dim=dims) if dims else sq).reshape(-1))
+        host = torch.cat([v.to(per_weight[0].device) for v in per_weight]).cpu().double()  # one device -> host copy
+        for (_, (comp_ids, positions)), per in zip(plan, host.split([len(t) for t in per_weight]), strict=True):
+            out.index_add_(0, comp_ids, per[positions])
         return out
 
     def _plan(self, kind: str) -> dict[tuple[str, int | None], tuple[Tensor, Tensor]]:

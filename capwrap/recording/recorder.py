@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +159,13 @@ class Recorder:
             self._writer = _OrderedWriter(self.store)
             self._check_resumable(self.store)
             self._start = self._load_start()
-            self._start_sq = sum(float(w.square().sum()) for w in self._start.values())
+            self._start_sq = _total_sq(self._start.values())
             self._step = self.store.last_step or 0
             return self
         self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
         self._writer = _OrderedWriter(self.store)
         self._start = {k: v.detach().clone() for k, v in self.model.weights().items()}
-        self._start_sq = sum(float(w.square().sum()) for w in self._start.values())
+        self._start_sq = _total_sq(self._start.values())
         self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
         if self.probe is not None:
             self._save_tensors(_PROBE_FILE, {
@@ -252,7 +252,7 @@ class Recorder:
         cmap = self.model.components
         for kind in self.component_kinds:
             arrays[f"weight_delta.{kind}"] = cmap.sq_norms(delta, kind).sqrt().float()
-        total_sq = sum(float(d.square().sum()) for d in delta.values())
+        total_sq = _total_sq(delta.values())
         start_sq = self._start_sq
         scalars["weight_delta"] = total_sq**0.5
         scalars["weight_delta_rel"] = (total_sq / start_sq) ** 0.5 if start_sq else 0.0
@@ -261,7 +261,7 @@ class Recorder:
             for kind in self.component_kinds:
                 arrays[f"grad_norm.{kind}"] = cmap.sq_norms(grads, kind).sqrt().float()
             if "grad_norm" not in scalars:
-                scalars["grad_norm"] = sum(float(g.square().sum()) for g in grads.values()) ** 0.5
+                scalars["grad_norm"] = _total_sq(grads.values()) ** 0.5
         self._writer.submit(self._step, scalars, arrays)
 
     def _has_grads(self) -> bool:
@@ -269,9 +269,7 @@ class Recorder:
 
     def _grad_total(self) -> float | None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        return _total_sq(grads) ** 0.5 if grads else None
 
     # ---- metadata --------------------------------------------------------------------------------
     def _array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -330,6 +328,16 @@ class Recorder:
             raise StoreError(f"{file} is missing, so weight changes cannot be measured; record to a new folder")
         views = canonical_views(self.model.spec, load_file(str(file)))
         return {k: v.clone() for k, v in views.items()}
+
+
+def _total_sq(tensors: Iterable[Tensor]) -> float:
+    """The squared L2 norm of all ``tensors`` together, read back from their device once (not once
+    per tensor, which on a GPU waits for the device every time): norms in at least float32, summed in
+    float64."""
+    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    if not norms:
+        return 0.0
+    return float(torch.stack([n.to(norms[0].device) for n in norms]).cpu().double().square().sum())
 
 
 def _as_probe(probe: Any, model: CapModel) -> TaskBatch | None:

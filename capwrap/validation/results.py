@@ -142,8 +142,10 @@ class ValidationResult:
 
     def analyzers(self) -> pd.DataFrame:
         """Per analyzer: how often its direction matches the truth where it points somewhere
-        (``accuracy``), how often it points somewhere (``coverage``), wrong directions, and the AUC of
-        its statistic separating wrapper from capability-change truths (oriented as its anchor)."""
+        (``accuracy``), how often it points somewhere (``coverage``), its wrong directions on wrapper
+        findings (``wrong_on_wrapper``: pointing to change where the truth is a wrapper; the suite asks
+        for none — right or neutral) and on capability-change findings (``wrong_on_change``), and the
+        AUC of its statistic separating wrapper from capability-change truths (oriented as its anchor)."""
         s = self.scored
         rows = []
         for col in [c for c in s.columns if c.startswith("signed:")]:
@@ -163,7 +165,8 @@ class ValidationResult:
                 "analyzer": name, "question": part["question"].iloc[0], "statistic": stat.iloc[0] if len(stat) else None,
                 "rows": len(part), "coverage": float(pointing.mean()),
                 "accuracy": float(right.sum() / pointing.sum()) if pointing.any() else math.nan,
-                "wrong": int((pointing & ~right).sum()),
+                "wrong_on_wrapper": int((pointing & ~right & (want > 0)).sum()),
+                "wrong_on_change": int((pointing & ~right & (want < 0)).sum()),
                 "auc": auc(flip * values[want > 0], flip * values[want < 0]),
             })  # fmt: skip
         return pd.DataFrame(rows)

@@ -115,6 +115,21 @@ def test_activation_patching_on_cuda_equals_the_cpu(method, engine, cpu_pair, cu
     torch.testing.assert_close(on_gpu.values, on_cpu.values, atol=1e-4, rtol=1e-4)
 
 
+def test_activation_patching_on_cuda_defaults_to_the_hook_engine_with_gigabytes(cpu_pair, cuda_pair):
+    from capwrap.analyzers.patching import activation_patching, engine_settings
+
+    settings = engine_settings(cuda_pair.tuned)
+    device = cuda_pair.tuned.device
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    assert settings.engine == "hooks" and 1.0 <= settings.memory_mb <= 4096.0
+    assert settings.memory_mb == pytest.approx(min(4096.0, max(1.0, free / 4 / 2**20)), rel=0.05)
+    batch = CAPABILITY.sample(8, seed=0)
+    kwargs = dict(sites=("resid_pre", "attn_out", "mlp_out", "head"), positions="each", progress=False)
+    on_gpu = activation_patching(cuda_pair.tuned, batch, source=cuda_pair.base, **kwargs)
+    on_cpu = activation_patching(cpu_pair.tuned, batch, source=cpu_pair.base, **kwargs)  # resumed, 128 MB
+    torch.testing.assert_close(on_gpu.values, on_cpu.values, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("engine", ["resumed", "hooks"])
 def test_activation_patching_on_cuda_takes_a_metric_that_answers_on_the_cpu(engine, cuda_pair):
     from capwrap.analyzers.patching import activation_patching, answer_logprob

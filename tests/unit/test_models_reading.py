@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from capwrap.analyzers import activation_patching, weight_change_table
+from capwrap.analyzers.patching import engine_settings
 from capwrap.analyzers.streaming import stream_weight_change
 from capwrap.cli import main
 from capwrap.errors import CheckpointError, ConfigError
@@ -58,9 +59,12 @@ def test_an_architecture_only_the_bridge_knows_loads_and_runs_the_hook_analyses(
         Functional(model)
     batch = TaskBatch(tokens, torch.full((3,), 9), tokens[:, 0], {})
     with pytest.raises(ConfigError, match="no feature description of 'opt'"):
-        activation_patching(model, batch, source=load_model(folder), sites=("attn_out",), progress=False)
+        activation_patching(
+            model, batch, source=load_model(folder), sites=("attn_out",), engine="resumed", progress=False
+        )
+    assert engine_settings(model).engine == "hooks"  # what the default engine picks for such a model
     result = activation_patching(model, batch, source=load_model(folder), sites=("attn_out", "mlp_out", "head"),
-                                 positions="all", engine="hooks", progress=False)  # fmt: skip
+                                 positions="all", progress=False)  # fmt: skip
     assert len(result.table) == 2 + 2 + 8
     # the weight diff, in memory and streamed from the folders
     save_model(model, tmp_path / "tuned")

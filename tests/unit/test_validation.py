@@ -121,6 +121,19 @@ def test_fit_rule_separates_a_separable_suite_and_records_its_provenance(records
     assert table.loc["probing", "auc"] == 1.0 and table.loc["probing", "accuracy"] == 1.0
 
 
+def test_the_analyzer_table_counts_wrong_directions_on_each_truth(records):
+    rule = fit_rule(records, start=VerdictRule())
+    wrapper, removed = records[0], records[4]
+    assert wrapper["scenario"]["kind"] == "wrapper" and removed["scenario"]["kind"] == "removed"
+    wrapper["evidence"][0] |= {"value": 0.0, "replicates": [0.0] * 20}  # probing reads a loss on a wrapper
+    table = ValidationResult.from_records(records, rule).analyzers().set_index("analyzer")
+    assert table.loc["probing", ["wrong_on_wrapper", "wrong_on_change"]].tolist() == [1, 0]
+    removed["evidence"][0] |= {"value": 1.0, "replicates": [1.0] * 20}  # and keeps it on a removed capability
+    table = ValidationResult.from_records(records, rule).analyzers().set_index("analyzer")
+    assert table.loc["probing", ["wrong_on_wrapper", "wrong_on_change"]].tolist() == [1, 1]
+    assert table.loc["generalization", ["wrong_on_wrapper", "wrong_on_change"]].tolist() == [0, 0]
+
+
 def test_cross_validation_leaves_each_scenario_out_of_its_own_fit(records):
     from capwrap.validation import cross_validate
 

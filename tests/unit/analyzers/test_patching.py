@@ -8,7 +8,7 @@ import torch
 import transformer_lens.patching as tl_patching
 
 from capwrap.analyzers import ModelPair, Patching, activation_patching, patch_index
-from capwrap.analyzers.patching import answer_logprob, correlation
+from capwrap.analyzers.patching import EngineSettings, answer_logprob, correlation, engine_settings
 from capwrap.errors import ConfigError
 from capwrap.models import ModelSpec, build_model
 from capwrap.models.functional import Functional
@@ -137,6 +137,20 @@ def test_chunking_to_a_tiny_memory_budget_gives_the_same_numbers(task, backend):
     big = activation_patching(model, corrupt, source_tokens=clean.tokens, progress=False)
     tiny = activation_patching(model, corrupt, source_tokens=clean.tokens, memory_mb=0.01, progress=False)
     torch.testing.assert_close(big.values, tiny.values, atol=1e-5, rtol=0)
+
+
+def test_the_device_picks_the_engine_and_its_budget_unless_the_caller_does(task, backend):
+    model = _sharp_model(task, backend)
+    assert engine_settings(model) == EngineSettings("resumed", 128.0)  # the CPU's (GPU: tests/gpu)
+    assert engine_settings(model, "hooks") == EngineSettings("hooks", 128.0)
+    assert engine_settings(model, memory_mb=16) == EngineSettings("resumed", 16.0)
+    clean, corrupt = _clean_corrupt(task, n=4)
+    with pytest.raises(ConfigError, match="engine must be 'auto', 'resumed' or 'hooks', got 'fast'"):
+        activation_patching(model, corrupt, source_tokens=clean.tokens, engine="fast", progress=False)
+    with pytest.raises(ConfigError, match="memory_mb must be positive, got 0"):
+        activation_patching(model, corrupt, source_tokens=clean.tokens, memory_mb=0, progress=False)
+    with pytest.raises(ConfigError, match="Patching.memory_mb must be positive"):
+        Patching(memory_mb=-1.0)
 
 
 def test_attribution_patching_tracks_exact_patching(task, backend):
