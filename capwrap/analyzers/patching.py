@@ -195,8 +195,7 @@ def engine_settings(
     """
     if engine not in ("auto", "resumed", "hooks"):
         raise ConfigError(f"engine must be 'auto', 'resumed' or 'hooks', got {engine!r}")
-    if memory_mb is not None and not memory_mb > 0:
-        raise ConfigError(f"memory_mb must be positive, got {memory_mb}")
+    _check_memory_mb(memory_mb)
     device = model.device
     defaults = ENGINE_DEFAULTS.get(device.type, ENGINE_DEFAULTS["cpu"])
     chosen: Literal["resumed", "hooks"] = (
@@ -210,6 +209,11 @@ def engine_settings(
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's unused cache
         budget = max(1.0, min(budget, defaults.free_share * free / 2**20))
     return EngineSettings(chosen, float(budget))
+
+
+def _check_memory_mb(memory_mb: float | None, name: str = "memory_mb") -> None:
+    if memory_mb is not None and not memory_mb > 0:
+        raise ConfigError(f"{name} must be positive, got {memory_mb} (or None: the device's default)")
 
 
 def _bytes_per_position(model: CapModel, context: int) -> int:
@@ -611,10 +615,7 @@ class Patching(Analyzer):
         patch_index(1, 1, 1, self.sites, "all")
         if self.n <= 0:
             raise ConfigError(f"Patching.n must be positive, got {self.n}")
-        if self.memory_mb is not None and not self.memory_mb > 0:
-            raise ConfigError(
-                f"Patching.memory_mb must be positive (or None for the device's default), got {self.memory_mb}"
-            )
+        _check_memory_mb(self.memory_mb, "Patching.memory_mb")
 
     def analyze(self, context: Context) -> Evidence:
         pair = context.pair

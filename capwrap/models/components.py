@@ -173,7 +173,7 @@ class ComponentMap:
         for (param, axis), _ in plan:
             t = tensors[param].detach()
             sq = t.to(torch.promote_types(t.dtype, torch.float32)).square()
-            dims = [d for d in range(sq.ndim) if d != axis] if axis is not None else list(range(sq.ndim))
+            dims = [d for d in range(sq.ndim) if d != axis]  # every dimension when axis is None
             per_weight.append((sq.sum(dim=dims) if dims else sq).reshape(-1))
         host = torch.cat([v.to(per_weight[0].device) for v in per_weight]).cpu().double()  # one device -> host copy
         for (_, (comp_ids, positions)), per in zip(plan, host.split([len(t) for t in per_weight]), strict=True):
