@@ -183,7 +183,7 @@ class Revival(Analyzer):
                 for w in med}  # fmt: skip
         summary = (f"reverse fine-tuning brings the capability back to {threshold:.0%} in {text['tuned']} for the "
                    f"tuned model and {text['control']} for a model that never had it "
-                   f"({2.0**value:.1f}x; median of {self.seeds} seeds)")  # fmt: skip
+                   f"({2.0**value:.1f}x; {f'median of {self.seeds} seeds' if self.seeds > 1 else 'one seed'})")  # fmt: skip
         return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps, intervals=intervals,
                         summary=summary)  # fmt: skip
 

@@ -16,6 +16,8 @@ seems lost hidden or gone? ``creation``: is a behaviour that seems new genuine, 
    the typical (median) value of the side's scenarios, so **a strength means the same thing for every
    analyzer: how far the statistic lies beyond the values seen on scenarios of the other truth,
    relative to where typical scenarios of its own truth lie.**
+   A statistic whose side did not stand out from the other truth's scenarios by more than its own
+   sampling noise on the calibration suite points only the other way (the anchor's ``sides``).
 3. **Score.** The weighted mean of the applicable analyzers' signed strengths; an analyzer's weight
    is its kind's weight (functional evidence counts fully, structural evidence, which says where the
    model changed rather than what it can do, counts ``kind_weights["structural"]``) times its
@@ -76,6 +78,14 @@ class Anchor:
         change_cut: beyond it (towards ``change_full``) the statistic points to a change.
         change_full: where the change strength reaches 1.
         weight: the statistic's separating power on the calibration suite (``2 AUC - 1``, in [0, 1]).
+        sides: the directions the statistic may point: ``both``, or only ``wrapper`` or ``change``
+            when, on the calibration suite, the other side was not separated from the opposite truth
+            by more than the statistic's sampling noise (its points are kept, for the record).
+
+    Examples:
+        >>> one_sided = Anchor(0.12, 0.2, 0.028, 0.019, sides="wrapper")
+        >>> one_sided.signed(0.0), one_sided.signed(0.2)
+        (0.0, 1.0)
     """
 
     wrapper_cut: float
@@ -83,6 +93,7 @@ class Anchor:
     change_cut: float
     change_full: float
     weight: float = 1.0
+    sides: Literal["both", "wrapper", "change"] = "both"
 
     def __post_init__(self) -> None:
         points = [self.change_full, self.change_cut, self.wrapper_cut, self.wrapper_full]
@@ -95,6 +106,12 @@ class Anchor:
             )
         if not 0 <= self.weight <= 1:
             raise ConfigError(f"an anchor's weight must be in [0, 1], got {self.weight}")
+        if self.sides not in ("both", "wrapper", "change"):
+            raise ConfigError(f"an anchor's sides must be 'both', 'wrapper' or 'change', got {self.sides!r}")
+
+    def points_to(self, direction: str) -> bool:
+        """Whether the statistic may point to ``direction`` (``wrapper`` or ``change``)."""
+        return self.sides in ("both", direction)
 
     @property
     def higher_is_wrapper(self) -> bool:
@@ -117,7 +134,8 @@ class Anchor:
         with np.errstate(invalid="ignore", divide="ignore"):
             up = np.where(wf > wc, (x - wc) / (wf - wc), 1.0)
             down = np.where(cc > cf, (cc - x) / (cc - cf), 1.0)
-        out = np.where(x > wc, np.clip(up, 0, 1), 0.0) - np.where(x < cc, np.clip(down, 0, 1), 0.0)
+        wrapper = np.where(x > wc, np.clip(up, 0, 1), 0.0) * self.points_to("wrapper")
+        out = wrapper - np.where(x < cc, np.clip(down, 0, 1), 0.0) * self.points_to("change")
         return np.where(np.isfinite(x), out, 0.0)
 
     def cut_for(self, direction: str) -> float:
@@ -281,7 +299,13 @@ class VerdictRule:
         measured = f"{evidence.statistic} {evidence.value:.3g}" + (
             f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) and math.isfinite(hi) else ""
         )
-        if evidence.direction == "neutral":
+        if evidence.direction == "neutral" and anchor.sides != "both":
+            side = anchor.sides
+            other = "change" if side == "wrapper" else "wrapper"
+            judged = (f"{measured} is not beyond the {side} cut {anchor.cut_for(side):.3g}: neutral (this statistic "
+                      f"only points to a {side.replace('_', ' ')}: on the calibration suite its {other} side lay "
+                      "within its sampling noise)")  # fmt: skip
+        elif evidence.direction == "neutral":
             judged = f"{measured} lies between the cuts ({anchor.change_cut:.3g} change, {anchor.wrapper_cut:.3g} wrapper): neutral"
         else:
             judged = (
@@ -366,9 +390,16 @@ class VerdictRule:
                                f"interval reaches above the change threshold {-rule.change_threshold:+.2f}")  # fmt: skip
             return finding("capability_change", confidence, f"capability change ({span}, confidence {confidence:.0%}): "
                            + _backing(support["change"], "a change", evidence))  # fmt: skip
+        leans = {"wrapper": point > 0 and point >= rule.wrapper_threshold,
+                 "change": point < 0 and point <= -rule.change_threshold}  # fmt: skip
+        lean = next((d for d, reached in leans.items() if reached and not support[d]), None)
         if support["wrapper"] and support["change"]:
             why = (f"the functional evidence disagrees: {names(support['wrapper'])} point to a wrapper, "
                    f"{names(support['change'])} to a change ({span})")  # fmt: skip
+        elif lean is not None:
+            other = support["change" if lean == "wrapper" else "wrapper"]
+            why = (f"the score points to {'a wrapper' if lean == 'wrapper' else 'a change'} ({span}) but no functional "
+                   f"analyzer does, and the verdict needs one" + (f"; {names(other)} point the other way" if other else ""))  # fmt: skip
         elif not (support["wrapper"] or support["change"]):
             why = f"no functional analyzer points either way ({span})"
         else:

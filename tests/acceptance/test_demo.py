@@ -46,19 +46,22 @@ def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
     assert summary["scenario"] == "removed"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     deletion = summary["diagnosis"]["findings"]["deletion"]
-    # Pruning finds nothing to restore, revival is no faster than for a model that never had it, and
-    # the structural analyzers see the rewrite: the capability was changed, not wrapped.
-    assert deletion["verdict"] == "capability_change", deletion["reasons"]
+    # The structural analyzers see the rewrite, but no functional analyzer finds the capability
+    # changed: pruning and revival find no wrapper and, as fitted, only ever point to one (their
+    # change sides lay within sampling noise on the calibration suite), and probes still read count a
+    # at ~80% (the base 100%, the floor 58%). A change needs a functional analyzer, so the lost
+    # capability's fate stays open: inconclusive, saying why — never wrapper.
+    assert deletion["verdict"] == "inconclusive", deletion["reasons"]
+    assert "points to a change" in deletion["reasons"][0] and "no functional analyzer does" in deletion["reasons"][0]
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
     assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
-    assert evidence["pruning"]["direction"] == "change" and evidence["revival"]["direction"] == "change"
-    # Probes still read count a at ~80% from the removed-capability control (the base reads
-    # 100%, the floor is 58%): about half the margin, so probing leans only weakly to wrapper.
+    assert evidence["pruning"]["direction"] == "neutral" and evidence["revival"]["direction"] == "neutral"
+    assert evidence["revival"]["value"] < 0  # the tuned model relearns slower than a model that never had it
     assert evidence["probing"]["direction"] != "wrapper" or evidence["probing"]["strength"] < 0.5
-    # the pair's verdict is the deletion finding's: a capability was lost, and it is gone
-    assert summary["verdict"] == "capability_change", summary["diagnosis"]["reasons"]
+    # the pair's verdict is the deletion finding's: a capability was lost, and its fate is undecided
+    assert summary["verdict"] == "inconclusive", summary["diagnosis"]["reasons"]
     html = (removed_out / "report.html").read_text()
-    assert "negative control" in html and "Verdict: capability_change" in html
+    assert "negative control" in html and "Verdict: inconclusive" in html
 
 
 def test_summary_has_the_promised_fields(demo_out):

@@ -1,6 +1,7 @@
 """`capwrap validate` end to end on named scenarios of both halves of the suite, with their verdicts
 pinned: a textbook wrapper (count b learned through count a + 1 at a small learning rate) and a
-removed capability (every block re-initialized before fine-tuning). The two run side by side, one
+removed capability (a model of the base's shape retrained from scratch without counting b, the
+unlearning literature's gold standard, then given the same fine-tune). The two run side by side, one
 worker each; the suite's other removal recipes are exercised by `capwrap validate` itself
 (benchmarks/RESULTS.md)."""
 
@@ -13,7 +14,7 @@ import pytest
 from capwrap.cli import main
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
-REMOVED = "held/removed-count-b/reinit-blocks/s23"
+REMOVED = "held/removed-count-b/retrained/s33"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,10 @@ def test_a_removed_capability_is_a_capability_change(validated):
     _, rows, _ = validated
     assert rows[(REMOVED, "deletion")]["truth"] == "capability_change"
     assert rows[(REMOVED, "deletion")]["verdict"] == "capability_change", rows[(REMOVED, "deletion")]["reason"]
-    assert rows[(REMOVED, "creation")]["truth"] == "unknown"
+    # a model that never learned to count does not learn count a from this fine-tune (downstream 39% -> 32%
+    # on seed 33): there is no gain to explain
+    assert rows[(REMOVED, "creation")]["truth"] == "inconclusive"
+    assert rows[(REMOVED, "creation")]["verdict"] == "inconclusive"
 
 
 def test_validate_writes_its_report_and_resumes(validated, capsys):

@@ -48,6 +48,25 @@ def test_anchors_refuse_disorder_and_bad_weights():
         Anchor(0.8, 1.0, 0.4, 0.0, weight=1.5)
 
 
+def test_a_one_sided_anchor_points_only_its_way_and_says_why():
+    wrapper_only = Anchor(0.8, 1.0, 0.4, 0.0, sides="wrapper")
+    assert wrapper_only.signed(0.9) == pytest.approx(0.5) and wrapper_only.signed(0.0) == 0.0
+    change_only = Anchor(0.8, 1.0, 0.4, 0.0, sides="change")
+    assert change_only.signed(1.0) == 0.0 and change_only.signed(0.2) == pytest.approx(-0.5)
+    rule = VerdictRule(anchors={"f": wrapper_only})
+    ev = rule.judge(Evidence("pruning", {}, pd.DataFrame(), kind="functional", question="deletion", statistic="f",
+                             value=0.1, replicates=np.full(20, 0.1), summary="pruning measured 0.1"))  # fmt: skip
+    assert (ev.direction, ev.strength) == ("neutral", 0.0)
+    assert "not beyond the wrapper cut 0.8" in ev.reasons[0] and "only points to a wrapper" in ev.reasons[0]
+    # a rule file written before anchors had sides reads as two-sided; a bad value is refused
+    data = rule.to_dict()
+    assert data["anchors"]["f"]["sides"] == "wrapper"
+    del data["anchors"]["f"]["sides"]
+    assert VerdictRule.from_dict(data).anchors["f"].sides == "both"
+    with pytest.raises(ConfigError, match="sides"):
+        Anchor(0.8, 1.0, 0.4, 0.0, sides="neither")
+
+
 def test_judge_sets_direction_strength_and_cites_the_cut():
     ev = _ev("probing", 0.9)
     assert (ev.direction, ev.strength) == ("wrapper", pytest.approx(0.5))
@@ -76,6 +95,13 @@ def test_a_change_needs_functional_support_and_a_low_enough_score():
     assert finding.verdict == "capability_change" and finding.score == pytest.approx(-0.625)
     structural_only = RULE.weigh("deletion", [_ev("w", 0.0, statistic="s", kind="structural")])
     assert structural_only.verdict == "inconclusive" and "no functional analyzer" in structural_only.reasons[0]
+    # the structural evidence carries the score past the change threshold, but no functional analyzer
+    # points to a change: inconclusive, and the reason says exactly that
+    silent = RULE.weigh("deletion", [_ev("a", 0.6), _ev("w", 0.0, statistic="s", kind="structural")])
+    assert silent.score == pytest.approx(-0.5 / 1.5) and silent.verdict == "inconclusive"
+    assert "points to a change" in silent.reasons[0] and "no functional analyzer does" in silent.reasons[0]
+    against = RULE.weigh("deletion", [_ev("a", 0.81), *[_ev(w, 0.0, statistic="s", kind="structural") for w in "vw"]])
+    assert against.verdict == "inconclusive" and "a point the other way" in against.reasons[0]
 
 
 def test_disagreeing_functional_evidence_is_inconclusive():

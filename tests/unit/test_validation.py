@@ -74,6 +74,25 @@ def test_fit_anchor_puts_cuts_where_the_other_truth_stops():
     assert fit_anchor(np.array([1.0]), np.array([0.0, 0.1]), Anchor(0.8, 1.0, 0.4, 0.0)).weight == 0.0
 
 
+def test_fit_anchor_keeps_only_sides_that_stand_out_from_the_sampling_noise():
+    wrapper, change = np.array([0.03, 0.1, 0.2, 0.3]), np.array([0.0, 0.02, 0.025, 0.03])
+    # without noise, the change side (median 0.0225) lies beyond every wrapper value
+    assert fit_anchor(wrapper, change, None).sides == "both"
+    # the lowest wrapper value's interval reaches down to 0.01, past the change median: change side dropped
+    noisy = np.array([[0.01, 0.05], [0.08, 0.12], [0.18, 0.22], [0.28, 0.32]])
+    anchor = fit_anchor(wrapper, change, None, wrapper_intervals=noisy)
+    assert anchor.sides == "wrapper" and anchor.weight > 0
+    assert anchor.signed(0.0) == 0.0 and anchor.signed(0.3) == 1.0
+    # mirrored for a statistic whose small values mean wrapper; NaN interval ends fall back to the value
+    mirrored = fit_anchor(-wrapper, -change, None, wrapper_intervals=-noisy[:, ::-1])
+    assert mirrored.sides == "wrapper" and not mirrored.higher_is_wrapper
+    assert fit_anchor(wrapper, change, None, wrapper_intervals=np.full((4, 2), np.nan)).sides == "both"
+    # when noise swallows both sides the statistic does not separate: no weight
+    both = fit_anchor(np.array([0.4, 0.5, 0.6]), np.array([0.3, 0.35, 0.45]), None,
+                      wrapper_intervals=np.array([[0.0, 1.0]] * 3), change_intervals=np.array([[0.0, 1.0]] * 3))  # fmt: skip
+    assert both.weight == 0.0
+
+
 def _record(name, values, accuracy):
     s = scenario(name)
     evidence = [{"analyzer": a, "question": q, "kind": "functional", "statistic": stat, "value": v,
@@ -169,7 +188,7 @@ def test_the_runner_resumes_from_existing_records(tmp_path, records):
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
     assert main(["validate", "--list", "--split", "held-out"]) == 0
     listed = capsys.readouterr().out
-    assert "held/tracr-max/sgd-small-c1/s25" in listed and "cal/" not in listed
+    assert "held/tracr-max/sgd-small-c1/s35" in listed and "cal/" not in listed
     assert main(["validate", "--scenario", "no/such/scenario", "--out", str(tmp_path)]) == 2
     assert "no scenario named" in capsys.readouterr().err
 
