@@ -221,11 +221,21 @@ def _raw_verdict(thresholds: QuestionRule, score: float, wrapper_support: bool, 
         wrapper_ok, change_ok = wrapper_support, change_support
     else:
         wrapper_ok, change_ok = not change_support, not wrapper_support
-    if score >= thresholds.wrapper_threshold and wrapper_ok and score > 0:
+    reached = _score_reaches(thresholds, score)
+    if reached == "wrapper" and wrapper_ok:
         return "wrapper"
-    if score <= -thresholds.change_threshold and change_ok and score < 0:
+    if reached == "change" and change_ok:
         return "capability_change"
     return "inconclusive"
+
+
+def _score_reaches(thresholds: QuestionRule, score: float) -> Literal["wrapper", "change"] | None:
+    """The side whose threshold ``score`` reaches, whatever the functional evidence says."""
+    if score >= thresholds.wrapper_threshold and score > 0:
+        return "wrapper"
+    if score <= -thresholds.change_threshold and score < 0:
+        return "change"
+    return None
 
 
 def _backing(functional: list[Evidence], what: str, evidence: Sequence[Evidence]) -> str:
@@ -303,7 +313,7 @@ class VerdictRule:
             side = anchor.sides
             other = "change" if side == "wrapper" else "wrapper"
             judged = (f"{measured} is not beyond the {side} cut {anchor.cut_for(side):.3g}: neutral (this statistic "
-                      f"only points to a {side.replace('_', ' ')}: on the calibration suite its {other} side lay "
+                      f"only points to a {side}: on the calibration suite its {other} side lay "
                       "within its sampling noise)")  # fmt: skip
         elif evidence.direction == "neutral":
             judged = f"{measured} lies between the cuts ({anchor.change_cut:.3g} change, {anchor.wrapper_cut:.3g} wrapper): neutral"
@@ -390,16 +400,15 @@ class VerdictRule:
                                f"interval reaches above the change threshold {-rule.change_threshold:+.2f}")  # fmt: skip
             return finding("capability_change", confidence, f"capability change ({span}, confidence {confidence:.0%}): "
                            + _backing(support["change"], "a change", evidence))  # fmt: skip
-        leans = {"wrapper": point > 0 and point >= rule.wrapper_threshold,
-                 "change": point < 0 and point <= -rule.change_threshold}  # fmt: skip
-        lean = next((d for d, reached in leans.items() if reached and not support[d]), None)
+        reached = _score_reaches(rule, point)
         if support["wrapper"] and support["change"]:
             why = (f"the functional evidence disagrees: {names(support['wrapper'])} point to a wrapper, "
                    f"{names(support['change'])} to a change ({span})")  # fmt: skip
-        elif lean is not None:
-            other = support["change" if lean == "wrapper" else "wrapper"]
-            why = (f"the score points to {'a wrapper' if lean == 'wrapper' else 'a change'} ({span}) but no functional "
-                   f"analyzer does, and the verdict needs one" + (f"; {names(other)} point the other way" if other else ""))  # fmt: skip
+        elif reached is not None and not support[reached]:
+            other = support["change" if reached == "wrapper" else "wrapper"]
+            why = f"the score points to {'a wrapper' if reached == 'wrapper' else 'a change'} ({span}) but " + (
+                "no functional analyzer does, and the verdict needs one" + (f"; {names(other)} point the other way" if other else "")
+                if rule.functional_support == "agree" else f"{names(other)} point the other way")  # fmt: skip
         elif not (support["wrapper"] or support["change"]):
             why = f"no functional analyzer points either way ({span})"
         else:
