@@ -64,7 +64,7 @@ def main() -> None:
     table = sensitivity(records, rule)
     table.to_csv(out / "sensitivity.csv", index=False)
     flips = table[table["flips"] > 0]
-    print(f"\nsensitivity: {len(table)} perturbations (each number x0.8 and x1.2), {len(flips)} flip a verdict")
+    print(f"\nsensitivity: {len(table)} perturbations (each number x0.8 and x1.2; a threshold at 0: +0.025), {len(flips)} flip a verdict")
     if len(flips):
         print(flips.to_string(index=False))
 

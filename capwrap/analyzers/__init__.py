@@ -3,7 +3,17 @@ returns :class:`Evidence` about one of diagnose's two questions."""
 
 from capwrap.analyzers.adapter_diff import AdapterWeightDiff, adapter_weight_diff
 from capwrap.analyzers.attention import AttentionComparison
-from capwrap.analyzers.base import Analyzer, Context, Direction, EvalSet, Evidence, Kind, ModelPair, Question
+from capwrap.analyzers.base import (
+    Analyzer,
+    Context,
+    Direction,
+    EvalSet,
+    Evidence,
+    Kind,
+    ModelPair,
+    Question,
+    analyzer_of,
+)
 from capwrap.analyzers.controls import untrained_like
 from capwrap.analyzers.generalization import Generalization
 from capwrap.analyzers.patching import (
@@ -48,6 +58,7 @@ __all__ = [
     "WeightDiff",
     "activation_patching",
     "adapter_weight_diff",
+    "analyzer_of",
     "effective_rank",
     "engine_settings",
     "fit_probes",

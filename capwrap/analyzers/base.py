@@ -415,6 +415,11 @@ class Analyzer(ABC):
     #: The name of the statistic the analyzer measures: the rule's anchors for it are keyed by this
     #: name (never by the analyzer's ``name``). ``None``: the analyzer sets its own direction and strength.
     statistic: ClassVar[str | None] = None
+    #: The directions the analyzer's test can establish. A *sufficient* test of a wrapper (pruning
+    #: that brings the capability back shows one; pruning that does not shows nothing) declares
+    #: ``("wrapper",)``: the fitted rule never lets its statistic point to a change, whatever the
+    #: calibration records happen to show (:func:`~capwrap.validation.fit_rule`).
+    shows: ClassVar[tuple[Direction, ...]] = ("wrapper", "change")
 
     @abstractmethod
     def analyze(self, context: Context) -> Evidence:
@@ -454,3 +459,20 @@ class Analyzer(ABC):
     def settings(self) -> dict[str, Any]:
         """The analyzer's settings (for reports)."""
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def analyzer_of(statistic: str) -> type[Analyzer] | None:
+    """The analyzer class (any subclass of :class:`Analyzer`, however deep) that measures
+    ``statistic``; ``None`` when no loaded class does.
+
+    Examples:
+        >>> import capwrap.analyzers
+        >>> analyzer_of("pruning_recovered_share").shows
+        ('wrapper',)
+    """
+    todo, seen = list(Analyzer.__subclasses__()), []
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo += cls.__subclasses__()
+    return next((cls for cls in seen if cls.statistic == statistic), None)

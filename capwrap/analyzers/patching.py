@@ -45,7 +45,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
+from capwrap.analyzers.base import Analyzer, Context, Direction, Evidence, Kind, ModelPair
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional, Trace
@@ -610,6 +610,9 @@ class Patching(Analyzer):
     name: str = "patching"
     kind: ClassVar[Kind] = "structural"
     statistic: ClassVar[str | None] = "patching_deep_restore"
+    #: One early component restoring the capability shows a localized change; no single component
+    #: restoring it shows nothing (a wrapper may be spread over several).
+    shows: ClassVar[tuple[Direction, ...]] = ("wrapper",)
 
     def __post_init__(self) -> None:
         patch_index(1, 1, 1, self.sites, "all")

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, correctness
+from capwrap.analyzers.base import Analyzer, Context, Direction, Evidence, Kind, correctness
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel, ParamSlice
 from capwrap.tasks.base import Task, TaskBatch, accuracy, answer_loss
@@ -271,6 +271,10 @@ class Pruning(Analyzer):
     name: str = "pruning"
     kind: ClassVar[Kind] = "functional"
     statistic: ClassVar[str | None] = "pruning_recovered_share"
+    #: The paper's test of a wrapper: pruning that brings the capability back shows one; pruning
+    #: that brings nothing back shows nothing (the wrapper may lie in more units, or in other
+    #: units, than the sweep tries).
+    shows: ClassVar[tuple[Direction, ...]] = ("wrapper",)
 
     def __post_init__(self) -> None:
         if not self.ks:

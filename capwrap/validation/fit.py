@@ -19,15 +19,24 @@ The procedure (:func:`fit_rule`), on the *calibration* records:
    of C's. A side that fails points nowhere (the anchor's ``sides``): a gap that sampling noise alone
    could close is not evidence. (Pruning's change side, fitted on a 0.009 gap inside intervals
    0.02–0.2 wide, pointed to change on three held-out wrappers before this step.)
+   **What the test can show.** A side the statistic's analyzer does not declare in its
+   :attr:`~capwrap.analyzers.Analyzer.shows` is switched off too: pruning and patching are
+   sufficient tests of a wrapper, and their failure to restore the capability shows nothing (the
+   noise step alone let pruning's change side back in on the seventh session's records).
 3. **Thresholds, per question.** With those anchors and weights, the wrapper and change score
    thresholds are chosen on a grid (0 to 0.6, step 0.025) to maximize the calibration accuracy of
    the whole rule (confidence fallback included), never allowing a ``wrapper`` verdict on a removed
    scenario or a ``capability_change`` verdict on a wrapper scenario; among equally accurate
-   choices, the thresholds farthest from every calibration score win. A functional analyzer must
-   point the verdict's way (``functional_support="agree"``; leave-one-scenario-out on the
-   calibration half preferred it to ``not_against``, see ``_SUPPORT_MODES``).
+   choices, each threshold goes as far as it can from both the calibration scores and a score of
+   0 (evidence that balances: it must stay ``inconclusive``), the nearer side first — in effect
+   halfway between 0 and the nearest calibration interval on its side (:func:`_margins`; a verdict
+   needs the whole interval beyond its threshold, so the interval's end nearest to 0 counts). A
+   functional analyzer must point the verdict's way (``functional_support="agree"``;
+   leave-one-scenario-out on the calibration half preferred it to ``not_against``, see
+   ``_SUPPORT_MODES``).
 
-:func:`sensitivity` perturbs each number of a rule by ±20% and counts the verdicts that flip.
+:func:`sensitivity` perturbs each number of a rule by ±20% (a score threshold at 0 by one grid step,
+since ±20% of 0 is 0) and counts the verdicts that flip.
 
 Examples:
     >>> import numpy as np
@@ -61,7 +70,7 @@ PROCEDURE = (
     "full points at each truth's median, weight 2*AUC-1; a side is kept only when its truth's median lies beyond "
     "the other truth's bootstrap intervals; thresholds: grid 0..0.6 step 0.025 maximizing calibration "
     "accuracy with no wrapper verdict on a removed scenario and no capability_change verdict on a wrapper scenario, "
-    "ties broken by the distance to the nearest calibration score"
+    "ties broken by each threshold's distance to the calibration intervals and to a score of 0, the nearer side first"
 )
 _GRID = np.round(np.arange(0.0, 0.6001, 0.025), 4)
 #: What the functional evidence must say, as the fit chooses it. Only ``agree``: on the calibration
@@ -124,6 +133,22 @@ def fit_anchor(
     return Anchor(flip * cut_w, flip * full_w, flip * cut_c, flip * full_c, weight=round(weight, 4), sides=sides)
 
 
+def _declared(statistic: str, anchor: Anchor) -> Anchor:
+    """``anchor`` with only the sides its analyzer's test can establish (:attr:`Analyzer.shows
+    <capwrap.analyzers.Analyzer.shows>`); no side left: weight 0."""
+    from capwrap.analyzers import analyzer_of
+
+    cls = analyzer_of(statistic)
+    shows = {"wrapper", "change"} if cls is None else set(cls.shows)
+    fitted = {"wrapper", "change"} if anchor.sides == "both" else {anchor.sides}
+    if anchor.weight == 0 or fitted <= shows:
+        return anchor
+    kept = fitted & shows
+    if not kept:
+        return dataclasses.replace(anchor, weight=0.0)
+    return dataclasses.replace(anchor, sides="both" if len(kept) == 2 else kept.pop())
+
+
 def _intervals(values: np.ndarray, intervals: np.ndarray | None) -> np.ndarray:
     """``[n, 2]`` intervals, each value's own point where none (or a non-finite end) is given."""
     point = np.stack([values, values], axis=1)
@@ -169,8 +194,9 @@ def fit_rule(records: Sequence[dict[str, Any]], start: VerdictRule | None = None
     anchors = dict(start.anchors)
     for statistic, sides in values.items():
         w, c = (np.array(sides[side], dtype=float).reshape(-1, 3) for side in ("wrapper", "change"))
-        anchors[statistic] = fit_anchor(
-            w[:, 0], c[:, 0], start.anchors.get(statistic), wrapper_intervals=w[:, 1:], change_intervals=c[:, 1:]
+        anchors[statistic] = _declared(
+            statistic,
+            fit_anchor(w[:, 0], c[:, 0], start.anchors.get(statistic), wrapper_intervals=w[:, 1:], change_intervals=c[:, 1:]),
         )
     rule = dataclasses.replace(start, anchors=anchors)
     for question in ("deletion", "creation"):
@@ -186,8 +212,17 @@ def fit_rule(records: Sequence[dict[str, Any]], start: VerdictRule | None = None
         "calibration_accuracy": round(result.accuracy, 4),
         "scenarios": sorted({r["scenario"]["name"] for r in records}),
         "findings_per_statistic": {k: {s: len(v) for s, v in d.items()} for k, d in values.items()},
+        "software": _software(records),
     }
     return dataclasses.replace(rule, provenance=provenance)
+
+
+def _software(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The distinct library versions the records were made with (records written before the seventh
+    session carry none)."""
+    keys = ("capwrap", "transformer_lens", "transformers", "torch", "python")
+    found = {tuple((k, str(r["environment"].get(k))) for k in keys) for r in records if "environment" in r}
+    return [dict(versions) for versions in sorted(found)]
 
 
 def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, question: str) -> VerdictRule:
@@ -201,26 +236,42 @@ def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, questi
             cases.append((scenario.kind, truth, findings_from_record(record, rule)[question]))
     if not cases:
         return rule
-    decided = np.array([f.score for _, t, f in cases if t in ("wrapper", "capability_change")])
+    # a verdict needs the score's whole interval beyond the threshold: each finding's interval end
+    # nearest to 0 (0 when the interval straddles it) is what a threshold must stay clear of
+    decided = np.array([max(f.interval[0], 0.0) if f.score > 0 else min(f.interval[1], 0.0)
+                        for _, t, f in cases if t in ("wrapper", "capability_change")])  # fmt: skip
     decided = decided if len(decided) else np.array([math.inf])
-    best: tuple[float, float, float, QuestionRule] | None = None
+    best: tuple[tuple[float, ...], QuestionRule] | None = None
     for mode, tw, tc in itertools.product(_SUPPORT_MODES, _GRID, _GRID):
         thresholds = QuestionRule(float(tw), float(tc), mode)
         verdicts = [decide(thresholds, f) for _, _, f in cases]
         right = np.mean([v == t for v, (_, t, _) in zip(verdicts, cases, strict=True)])
         bad = sum((k == "removed" and v == "wrapper") or (t == "wrapper" and v == "capability_change")
                   for v, (k, t, _) in zip(verdicts, cases, strict=True))  # fmt: skip
-        margin = float(min(np.min(np.abs(decided - tw)), np.min(np.abs(decided + tc))))
-        key = (float(right) - 10.0 * bad, float(mode == "agree"), margin)
-        if best is None or key > best[:3]:
-            best = (*key, thresholds)
+        key = (float(right) - 10.0 * bad, float(mode == "agree"), *_margins(decided, float(tw), float(tc)))
+        if best is None or key > best[0]:
+            best = (key, thresholds)
     assert best is not None
-    return dataclasses.replace(rule, **{question: best[3]})
+    return dataclasses.replace(rule, **{question: best[1]})
 
 
-def _perturbations(rule: VerdictRule) -> list[tuple[str, VerdictRule, VerdictRule]]:
-    """(name, rule with the number × 0.8, rule with the number × 1.2) for every number of the rule
-    that can change a verdict; an anchor point is kept within its neighbours so the anchor stays ordered."""
+def _margins(scores: np.ndarray, wrapper_threshold: float, change_threshold: float) -> tuple[float, float]:
+    """How far each threshold lies from what it must separate — the calibration findings' scores
+    (each interval's end nearest to 0), and a score of 0 (evidence that balances, which must stay
+    ``inconclusive``): (the smaller of the two sides' margins, their sum). Maximizing the first,
+    then the second, puts each threshold halfway between 0 and the nearest calibration interval on
+    its side; without the 0, the farthest thresholds from every score would be 0 and 0 — a dead
+    zone of width 0, where a score of +0.001 or -0.001 decides."""
+    wrapper = min(wrapper_threshold, float(np.min(np.abs(scores - wrapper_threshold))))
+    change = min(change_threshold, float(np.min(np.abs(scores + change_threshold))))
+    return min(wrapper, change), wrapper + change
+
+
+def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
+    """(number, how it was moved, the rule with it moved) for every number of the rule that can change
+    a verdict: each ×0.8 and ×1.2; an anchor point is kept within its neighbours so the anchor stays
+    ordered. A score threshold at 0 is moved by one step of the fit's grid instead (×1.2 of 0 is 0:
+    the perturbation would test nothing where a score closest to a flip lies)."""
     out = []
     for stat, anchor in rule.anchors.items():
         order = ["change_full", "change_cut", "wrapper_cut", "wrapper_full"]
@@ -228,7 +279,6 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, VerdictRule, VerdictRul
         for i, name in enumerate(order):
             if not anchor.points_to(name.split("_")[0]):
                 continue  # the points of a side the statistic does not point to change nothing
-            variants = []
             for factor in (0.8, 1.2):
                 value = points[i] * factor
                 lo_n = points[i - 1] if i > 0 else -math.inf
@@ -236,22 +286,19 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, VerdictRule, VerdictRul
                 if points[0] > points[-1]:  # a descending anchor
                     lo_n, hi_n = (points[i + 1] if i < 3 else -math.inf), (points[i - 1] if i > 0 else math.inf)
                 value = min(max(value, lo_n), hi_n)
-                variants.append(
-                    dataclasses.replace(
-                        rule, anchors={**rule.anchors, stat: dataclasses.replace(anchor, **{name: value})}
-                    )
-                )
-            out.append((f"{stat}.{name}", *variants))
+                variant = dataclasses.replace(anchor, **{name: value})
+                out.append((f"{stat}.{name}", f"x{factor:g}", dataclasses.replace(rule, anchors={**rule.anchors, stat: variant})))
     for question in ("deletion", "creation"):
         thresholds = rule.thresholds(question)
         for name in ("wrapper_threshold", "change_threshold"):
             value = getattr(thresholds, name)
-            variants = [dataclasses.replace(rule, **{question: dataclasses.replace(thresholds, **{name: min(1.0, value * f)})})
-                        for f in (0.8, 1.2)]  # fmt: skip
-            out.append((f"{question}.{name}", *variants))
+            moves = {f"x{f:g}": min(1.0, value * f) for f in (0.8, 1.2)} if value else {f"+{_GRID[1]:g}": float(_GRID[1])}
+            for how, moved in moves.items():
+                out.append((f"{question}.{name}", how,
+                            dataclasses.replace(rule, **{question: dataclasses.replace(thresholds, **{name: moved})})))  # fmt: skip
     for name in ("kept_fraction", "min_gain"):
         value = getattr(rule, name)
-        out.append((name, *[dataclasses.replace(rule, **{name: min(1.0, value * f)}) for f in (0.8, 1.2)]))
+        out += [(name, f"x{f:g}", dataclasses.replace(rule, **{name: min(1.0, value * f)})) for f in (0.8, 1.2)]
     return out
 
 
@@ -273,13 +320,18 @@ def cross_validate(records: Sequence[dict[str, Any]], start: VerdictRule | None 
 
 
 def sensitivity(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.DataFrame:
-    """For every number of ``rule``, ×0.8 and ×1.2: how many verdicts of ``records`` flip, and which."""
+    """For every number of ``rule``, ×0.8 and ×1.2 (a score threshold at 0: one grid step up), how many
+    verdicts of ``records`` flip, and which.
+
+    Returns:
+        One row per perturbation: ``number`` (e.g. ``deletion.change_threshold``), ``perturbation``
+        (``x0.8``, ``x1.2`` or ``+0.025``), ``flips`` and ``flipped`` (which verdicts, from -> to).
+    """
     base = ValidationResult.from_records(records, rule).rows.set_index(["name", "question"])["verdict"]
     rows = []
-    for name, low, high in _perturbations(rule):
-        for factor, variant in ((0.8, low), (1.2, high)):
-            verdicts = ValidationResult.from_records(records, variant).rows.set_index(["name", "question"])["verdict"]
-            flipped = verdicts[verdicts != base]
-            rows.append({"number": name, "factor": factor, "flips": len(flipped),
-                         "flipped": ", ".join(f"{n} ({q}): {base[(n, q)]} -> {v}" for (n, q), v in flipped.items())})  # fmt: skip
-    return pd.DataFrame(rows)
+    for name, how, variant in _perturbations(rule):
+        verdicts = ValidationResult.from_records(records, variant).rows.set_index(["name", "question"])["verdict"]
+        flipped = verdicts[verdicts != base]
+        rows.append({"number": name, "perturbation": how, "flips": len(flipped),
+                     "flipped": ", ".join(f"{n} ({q}): {base[(n, q)]} -> {v}" for (n, q), v in flipped.items())})  # fmt: skip
+    return pd.DataFrame(rows, columns=["number", "perturbation", "flips", "flipped"])

@@ -2,7 +2,7 @@
 
 Each scenario's result is a JSON *record* written atomically to ``OUT/scenarios/``: the scenario,
 the evaluation set's accuracies and gates, each analyzer's statistic with its bootstrap replicates,
-and the findings. A finished scenario is never rerun (delete its record to redo it). Records keep
+the findings, and the library versions that made them (:func:`~capwrap.provenance.environment`). A finished scenario is never rerun (delete its record to redo it). Records keep
 everything the verdict rule reads, so a rule can be refitted or perturbed without running a model
 (:func:`findings_from_record`).
 
@@ -43,6 +43,7 @@ from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
 from capwrap.diagnosis.run import Memory, check_memory, diagnose, gates
 from capwrap.errors import CapwrapError, ConfigError
 from capwrap.files import copy_missing, write_json_atomic
+from capwrap.provenance import environment
 from capwrap.validation.bases import SUITE_ASSETS
 from capwrap.validation.scenarios import Scenario, record_truth
 
@@ -124,6 +125,8 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
         },  # fmt: skip
         "n_boot": n_boot,
         "memory": memory,
+        # the libraries move the numbers: a fine-tune's last bits differ across transformers releases
+        "environment": environment(),
     }
     record["truth"] = record_truth(record, rule)
     return record

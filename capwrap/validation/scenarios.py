@@ -79,11 +79,13 @@ Truth = Literal["wrapper", "capability_change", "inconclusive", "unknown"]
 LEARNED = 0.5
 
 #: Added to the seeds 1-5 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
-#: unlearning, 5 Tracr). The held-out seeds were renewed twice, each time after a change to the
+#: unlearning, 5 Tracr). The held-out seeds were renewed three times, each time after a change to the
 #: rule's definitions or its fit that reading held-out results had suggested, so that the held-out
-#: figure stays a measurement: 11-15, then 21-25 (the truth definitions), now 31-35 (the fit's
-#: sampling-noise test, prompted by pruning's wrong directions on 21-25).
-SEED_OFFSET: dict[Split, int] = {"calibration": 0, "held-out": 30}
+#: figure stays a measurement: 11-15, then 21-25 (the truth definitions), then 31-35 (the fit's
+#: sampling-noise test, prompted by pruning's wrong directions on 21-25), now 41-45 (thresholds
+#: away from 0 and the analyzers' declared sides, prompted by a held-out score of -0.003 that
+#: decided a verdict on 31-35).
+SEED_OFFSET: dict[Split, int] = {"calibration": 0, "held-out": 40}
 
 #: The suite's base models (shipped in ``capwrap/assets/suite``; made by ``scripts/make_suite_bases.py``).
 BASES: dict[str, str] = {

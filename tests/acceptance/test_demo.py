@@ -47,8 +47,8 @@ def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     deletion = summary["diagnosis"]["findings"]["deletion"]
     # The structural analyzers see the rewrite, but no functional analyzer finds the capability
-    # changed: pruning and revival find no wrapper and, as fitted, only ever point to one (their
-    # change sides lay within sampling noise on the calibration suite), and probes still read count a
+    # changed: pruning and revival find no wrapper and only ever point to one (pruning's test can
+    # show nothing else; revival's change side lay within sampling noise on the calibration suite), and probes still read count a
     # at ~80% (the base 100%, the floor 58%). A change needs a functional analyzer, so the lost
     # capability's fate stays open: inconclusive, saying why — never wrapper.
     assert deletion["verdict"] == "inconclusive", deletion["reasons"]

@@ -40,7 +40,9 @@ def test_recomputed_blocks_give_the_same_gradients_and_keep_less(family, backend
         kept_recomputing, again = _saved_bytes_and_gradients(model, tokens)
     assert sum(g is not None for g in plain) > 0
     for a, b in zip(plain, again, strict=True):
-        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+        # the same arithmetic up to float32 rounding at the tensor's own scale: recomputing may sum
+        # in another order (GPT-Neo on the bridge with transformers 5.25: 1.5e-8 on gradients of 0.17)
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
     # what stays is each block's input, the embeddings and the unembedding's (the logits' share is
     # the same either way): well under half of what four blocks' activations take
     assert kept_recomputing < 0.5 * kept, (kept_recomputing, kept)

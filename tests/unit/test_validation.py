@@ -3,11 +3,14 @@ tests/acceptance/test_validation_suite.py runs named scenarios end to end)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from capwrap.cli import main
 from capwrap.diagnosis import Anchor, VerdictRule
+from capwrap.diagnosis.rule import Finding, decide
 from capwrap.errors import ConfigError
 from capwrap.files import write_json_atomic
 from capwrap.validation import (
@@ -153,6 +156,51 @@ def test_the_analyzer_table_counts_wrong_directions_on_each_truth(records):
     assert table.loc["generalization", ["wrong_on_wrapper", "wrong_on_change"]].tolist() == [0, 0]
 
 
+def test_the_fit_puts_each_threshold_halfway_between_zero_and_its_sides_nearest_interval(records):
+    """Every grid choice in the dead zone is equally accurate on these records; the fit keeps a score
+    of 0 (balanced evidence) inconclusive with as much room as the nearest calibration interval gets."""
+    # spread the replicates so that intervals differ from the points
+    for record in records:
+        for e in record["evidence"]:
+            e["replicates"] = list(e["value"] + np.linspace(-0.05, 0.05, 20))
+    rule = fit_rule(records, start=VerdictRule())
+    scores = ValidationResult.from_records(records, rule).rows.query("question == 'deletion' and truth != 'inconclusive'")
+    nearest_wrapper = scores.loc[scores["score"] > 0, "low"].min()
+    nearest_change = -scores.loc[scores["score"] < 0, "high"].max()
+    assert nearest_wrapper < scores.loc[scores["score"] > 0, "score"].min()
+    grid_step = 0.025
+    assert abs(rule.deletion.wrapper_threshold - nearest_wrapper / 2) <= grid_step / 2 + 1e-9
+    assert abs(rule.deletion.change_threshold - nearest_change / 2) <= grid_step / 2 + 1e-9
+    assert rule.deletion.wrapper_threshold > 0 and rule.deletion.change_threshold > 0
+    # so a balanced finding (a score within a grid step of 0) is inconclusive whatever its interval
+    balanced = Finding("deletion", "inconclusive", -0.003, (-0.004, -0.002), 1.0, [],
+                       support={"functional": True, "wrapper": False, "change": True})  # fmt: skip
+    assert decide(rule.deletion, balanced) == "inconclusive"
+
+
+def test_a_side_the_analyzer_cannot_show_is_never_fitted():
+    """Pruning is a sufficient test of a wrapper: however cleanly its values separate on the records,
+    its statistic never points to a change."""
+    from capwrap.analyzers import Pruning, Revival, analyzer_of
+
+    assert analyzer_of("pruning_recovered_share") is Pruning and Pruning.shows == ("wrapper",)
+    assert analyzer_of("revival_speedup_log2") is Revival and set(Revival.shows) == {"wrapper", "change"}
+    assert analyzer_of("no_such_statistic") is None
+    wrappers = [f"cal/count-b/adamw-{s}-c{c}/s1" for s in ("small", "medium") for c in ("1", "0.8")]
+    removed = [f"cal/removed-count-a/{w}/s3" for w in ("reinit-blocks", "reinit-blocks-small", "retrained", "retrained-small")]
+    records = [_record(n, [("pruning", "deletion", "pruning_recovered_share", 0.6 + 0.1 * i),
+                           ("revival", "deletion", "revival_speedup_log2", 3.0 + i)], LOST)
+               for i, n in enumerate(wrappers)]  # fmt: skip
+    records += [_record(n, [("pruning", "deletion", "pruning_recovered_share", 0.01 * i),
+                            ("revival", "deletion", "revival_speedup_log2", -0.5 * i)], LOST)
+                for i, n in enumerate(removed)]  # fmt: skip
+    assert fit_anchor(np.array([0.6, 0.7, 0.8, 0.9]), np.array([0.0, 0.01, 0.02, 0.03]), None).sides == "both"
+    rule = fit_rule(records, start=VerdictRule())
+    pruning, revival = rule.anchors["pruning_recovered_share"], rule.anchors["revival_speedup_log2"]
+    assert pruning.sides == "wrapper" and pruning.weight == 1.0 and pruning.signed(0.0) == 0.0
+    assert revival.sides == "both" and revival.signed(-1.0) < 0  # revival's slowness does show a change
+
+
 def test_cross_validation_leaves_each_scenario_out_of_its_own_fit(records):
     from capwrap.validation import cross_validate
 
@@ -169,9 +217,27 @@ def test_sensitivity_counts_flips_per_number(records):
     rule = fit_rule(records, start=VerdictRule())
     table = sensitivity(records, rule)
     assert {"probe_kept_share.wrapper_cut", "deletion.wrapper_threshold", "kept_fraction"} <= set(table["number"])
-    assert set(table["factor"]) == {0.8, 1.2} and (table["flips"] >= 0).all()
+    assert {"x0.8", "x1.2"} <= set(table["perturbation"]) and (table["flips"] >= 0).all()
     # moving the kept bar to 72% of the base still calls a 40% model a loss: no flip from that number
-    assert table[(table["number"] == "kept_fraction") & (table["factor"] == 0.8)]["flips"].iloc[0] == 0
+    assert table[(table["number"] == "kept_fraction") & (table["perturbation"] == "x0.8")]["flips"].iloc[0] == 0
+
+
+def test_sensitivity_moves_a_threshold_at_zero_by_one_grid_step(records):
+    """±20% of 0 is 0: a zero threshold is moved by one step of the fit's grid, which flips a wrapper
+    verdict whose score lies within that step of 0 (and only that one)."""
+    rule = fit_rule(records, start=VerdictRule())
+    rule = dataclasses.replace(rule, deletion=dataclasses.replace(rule.deletion, wrapper_threshold=0.0))
+    probe = rule.anchors["probe_kept_share"]
+    barely = probe.wrapper_cut + 0.01 * (probe.wrapper_full - probe.wrapper_cut)  # a deletion score of about +0.01
+    records = [*records, _record("cal/count-c/adamw-small-c1/s1", [("probing", "deletion", "probe_kept_share", barely)], LOST)]
+    rows = ValidationResult.from_records(records, rule).rows.set_index(["name", "question"])
+    assert rows.loc[("cal/count-c/adamw-small-c1/s1", "deletion"), "verdict"] == "wrapper"
+    assert 0 < rows.loc[("cal/count-c/adamw-small-c1/s1", "deletion"), "score"] < 0.025
+    table = sensitivity(records, rule).set_index(["number", "perturbation"])
+    assert ("deletion.wrapper_threshold", "x1.2") not in table.index
+    moved = table.loc[("deletion.wrapper_threshold", "+0.025")]
+    assert moved["flips"] == 1
+    assert moved["flipped"] == "cal/count-c/adamw-small-c1/s1 (deletion): wrapper -> inconclusive"
 
 
 def test_the_runner_resumes_from_existing_records(tmp_path, records):
@@ -188,7 +254,7 @@ def test_the_runner_resumes_from_existing_records(tmp_path, records):
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
     assert main(["validate", "--list", "--split", "held-out"]) == 0
     listed = capsys.readouterr().out
-    assert "held/tracr-max/sgd-small-c1/s35" in listed and "cal/" not in listed
+    assert "held/tracr-max/sgd-small-c1/s45" in listed and "cal/" not in listed
     assert main(["validate", "--scenario", "no/such/scenario", "--out", str(tmp_path)]) == 2
     assert "no scenario named" in capsys.readouterr().err
 
