@@ -261,7 +261,9 @@ def _margins(scores: np.ndarray, wrapper_threshold: float, change_threshold: flo
     ``inconclusive``): (the smaller of the two sides' margins, their sum). Maximizing the first,
     then the second, puts each threshold halfway between 0 and the nearest calibration interval on
     its side; without the 0, the farthest thresholds from every score would be 0 and 0 — a dead
-    zone of width 0, where a score of +0.001 or -0.001 decides."""
+    zone of width 0, where a score of +0.001 or -0.001 decides. A side without any calibration
+    score gets the grid's largest threshold: a verdict the calibration half never showed needs the
+    strongest evidence."""
     wrapper = min(wrapper_threshold, float(np.min(np.abs(scores - wrapper_threshold))))
     change = min(change_threshold, float(np.min(np.abs(scores + change_threshold))))
     return min(wrapper, change), wrapper + change
