@@ -421,6 +421,18 @@ class Analyzer(ABC):
     #: calibration records happen to show (:func:`~capwrap.validation.fit_rule`).
     shows: ClassVar[tuple[Direction, ...]] = ("wrapper", "change")
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the class's ``shows`` and register the statistic it measures (:func:`analyzer_of`)."""
+        super().__init_subclass__(**kwargs)
+        shows = cls.shows
+        if isinstance(shows, str) or not shows or not set(shows) <= {"wrapper", "change"}:
+            raise TypeError(
+                f"{cls.__name__}.shows must be a tuple naming 'wrapper', 'change' or both, "
+                f"e.g. ('wrapper',), got {shows!r}"
+            )
+        if cls.statistic is not None:
+            _register(cls)
+
     @abstractmethod
     def analyze(self, context: Context) -> Evidence:
         """Run the analysis and return its evidence."""
@@ -461,18 +473,38 @@ class Analyzer(ABC):
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
 
+#: statistic -> the analyzer class that measures it (filled as analyzer classes are defined).
+_MEASURED_BY: dict[str, type[Analyzer]] = {}
+
+
+def _register(cls: type[Analyzer]) -> None:
+    """Record that ``cls`` measures its statistic. One statistic, one meaning: a second, unrelated
+    class claiming it is refused (a subclass may inherit it when it declares the same ``shows``)."""
+    statistic = cls.statistic
+    assert statistic is not None
+    known = _MEASURED_BY.get(statistic)
+    if known is None or (known.__module__, known.__qualname__) == (cls.__module__, cls.__qualname__):
+        _MEASURED_BY[statistic] = cls  # new, or the same class defined again (a module reloaded)
+    elif not issubclass(cls, known):
+        raise TypeError(
+            f"{cls.__name__} measures {statistic!r}, which {known.__module__}.{known.__qualname__} already "
+            f"measures: give {cls.__name__} a statistic name of its own (the rule's anchors are keyed by it), "
+            f"or subclass {known.__name__}"
+        )
+    elif set(cls.shows) != set(known.shows):
+        raise TypeError(
+            f"{cls.__name__} inherits the statistic {statistic!r} of {known.__name__} but declares "
+            f"shows={cls.shows!r} instead of {known.shows!r}: one statistic has one set of directions"
+        )
+
+
 def analyzer_of(statistic: str) -> type[Analyzer] | None:
-    """The analyzer class (any subclass of :class:`Analyzer`, however deep) that measures
-    ``statistic``; ``None`` when no loaded class does.
+    """The analyzer class that measures ``statistic`` (the first class defined with it; subclasses
+    inherit it); ``None`` when no class defined so far does.
 
     Examples:
         >>> import capwrap.analyzers
         >>> analyzer_of("pruning_recovered_share").shows
         ('wrapper',)
     """
-    todo, seen = list(Analyzer.__subclasses__()), []
-    while todo:
-        cls = todo.pop()
-        seen.append(cls)
-        todo += cls.__subclasses__()
-    return next((cls for cls in seen if cls.statistic == statistic), None)
+    return _MEASURED_BY.get(statistic)

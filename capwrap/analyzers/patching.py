@@ -610,8 +610,9 @@ class Patching(Analyzer):
     name: str = "patching"
     kind: ClassVar[Kind] = "structural"
     statistic: ClassVar[str | None] = "patching_deep_restore"
-    #: One early component restoring the capability shows a localized change; no single component
-    #: restoring it shows nothing (a wrapper may be spread over several).
+    #: One early component whose base output brings the capability back through the tuned model's
+    #: own later layers shows that those layers still compute it (a wrapper); no single component
+    #: doing so shows nothing (the change fine-tuning made may be spread over several).
     shows: ClassVar[tuple[Direction, ...]] = ("wrapper",)
 
     def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
@@ -78,9 +78,11 @@ class Anchor:
         change_cut: beyond it (towards ``change_full``) the statistic points to a change.
         change_full: where the change strength reaches 1.
         weight: the statistic's separating power on the calibration suite (``2 AUC - 1``, in [0, 1]).
-        sides: the directions the statistic may point: ``both``, or only ``wrapper`` or ``change``
+        sides: the directions the statistic may point: ``both``; only ``wrapper`` or ``change``
             when, on the calibration suite, the other side was not separated from the opposite truth
-            by more than the statistic's sampling noise (its points are kept, for the record).
+            by more than the statistic's sampling noise, or the statistic's analyzer declares that
+            its test cannot show it (:attr:`Analyzer.shows <capwrap.analyzers.base.Analyzer.shows>`);
+            ``none`` when neither side is left (the points are kept, for the record).
 
     Examples:
         >>> one_sided = Anchor(0.12, 0.2, 0.028, 0.019, sides="wrapper")
@@ -93,7 +95,7 @@ class Anchor:
     change_cut: float
     change_full: float
     weight: float = 1.0
-    sides: Literal["both", "wrapper", "change"] = "both"
+    sides: Literal["both", "wrapper", "change", "none"] = "both"
 
     def __post_init__(self) -> None:
         points = [self.change_full, self.change_cut, self.wrapper_cut, self.wrapper_full]
@@ -106,12 +108,30 @@ class Anchor:
             )
         if not 0 <= self.weight <= 1:
             raise ConfigError(f"an anchor's weight must be in [0, 1], got {self.weight}")
-        if self.sides not in ("both", "wrapper", "change"):
-            raise ConfigError(f"an anchor's sides must be 'both', 'wrapper' or 'change', got {self.sides!r}")
+        if self.sides not in ("both", "wrapper", "change", "none"):
+            raise ConfigError(f"an anchor's sides must be 'both', 'wrapper', 'change' or 'none', got {self.sides!r}")
 
     def points_to(self, direction: str) -> bool:
         """Whether the statistic may point to ``direction`` (``wrapper`` or ``change``)."""
         return self.sides in ("both", direction)
+
+    @property
+    def directions(self) -> frozenset[str]:
+        """The directions the statistic may point (``sides`` as a set)."""
+        return frozenset(d for d in ("wrapper", "change") if self.points_to(d))
+
+    def restricted_to(self, directions: Iterable[str]) -> Anchor:
+        """This anchor pointing only in ``directions`` as well (e.g. an analyzer's ``shows``).
+
+        Examples:
+            >>> Anchor(0.8, 1.0, 0.4, 0.0).restricted_to(["wrapper"]).sides
+            'wrapper'
+            >>> Anchor(0.8, 1.0, 0.4, 0.0, sides="change").restricted_to(["wrapper"]).sides
+            'none'
+        """
+        kept = self.directions & set(directions)
+        sides = "both" if len(kept) == 2 else next(iter(kept)) if kept else "none"
+        return self if sides == self.sides else dataclasses.replace(self, sides=sides)
 
     @property
     def higher_is_wrapper(self) -> bool:
@@ -246,6 +266,15 @@ def _backing(functional: list[Evidence], what: str, evidence: Sequence[Evidence]
     return f"the functional evidence is silent and {', '.join(structural) or 'the structural evidence'} point to {what}"
 
 
+def _declared_directions(statistic: str) -> frozenset[str]:
+    """The directions the analyzer measuring ``statistic`` declares it can show (both when no
+    analyzer class measures it)."""
+    from capwrap.analyzers import analyzer_of  # the package: every built-in analyzer is registered
+
+    cls = analyzer_of(statistic)
+    return frozenset(("wrapper", "change") if cls is None else cls.shows)
+
+
 def _round(value: float) -> float | None:
     return round(float(value), 4) if math.isfinite(value) else None
 
@@ -302,6 +331,8 @@ class VerdictRule:
             evidence.direction, evidence.strength = "neutral", 0.0
             evidence.reasons = [f"{summary}; this rule has no anchor for {evidence.statistic!r} (refit it on a suite)"]
             return evidence
+        declared = _declared_directions(evidence.statistic)
+        anchor = anchor.restricted_to(declared)
         signed = anchor.signed(evidence.value)
         evidence.direction = "wrapper" if signed > 0 else "change" if signed < 0 else "neutral"
         evidence.strength = abs(signed)
@@ -310,11 +341,18 @@ class VerdictRule:
             f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) and math.isfinite(hi) else ""
         )
         if evidence.direction == "neutral" and anchor.sides != "both":
-            side = anchor.sides
-            other = "change" if side == "wrapper" else "wrapper"
-            judged = (f"{measured} is not beyond the {side} cut {anchor.cut_for(side):.3g}: neutral (this statistic "
-                      f"only points to a {side}: on the calibration suite its {other} side lay "
-                      "within its sampling noise)")  # fmt: skip
+            why_not = "; ".join(
+                f"its analyzer's test cannot show a {side} (it declares shows={tuple(sorted(declared))})"
+                if side not in declared else
+                f"on the calibration suite its {side} side lay within its sampling noise"
+                for side in ("wrapper", "change") if not anchor.points_to(side)
+            )  # fmt: skip
+            if anchor.sides == "none":
+                judged = f"{measured}: neutral (this statistic points nowhere: {why_not})"
+            else:
+                side = anchor.sides
+                judged = (f"{measured} is not beyond the {side} cut {anchor.cut_for(side):.3g}: neutral "
+                          f"(this statistic only points to a {side}: {why_not})")  # fmt: skip
         elif evidence.direction == "neutral":
             judged = f"{measured} lies between the cuts ({anchor.change_cut:.3g} change, {anchor.wrapper_cut:.3g} wrapper): neutral"
         else:
@@ -340,6 +378,7 @@ class VerdictRule:
         reps = evidence.replicates
         if anchor is None or len(reps) == 0:
             return np.full(n, point)
+        anchor = anchor.restricted_to(_declared_directions(evidence.statistic or ""))
         reps = np.resize(reps, n)  # analyzers with fewer replicates (seeds) repeat them
         signed = anchor.signed_array(reps)
         return np.where(np.isfinite(reps), signed, point)
@@ -451,7 +490,8 @@ class VerdictRule:
             ConfigError: the file is missing, not JSON, or not a rule.
         """
         try:
-            text = open(path, encoding="utf-8").read()  # noqa: SIM115 - read whole
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
         except OSError as err:
             raise ConfigError(f"cannot read the verdict rule {path}: {err.strerror}") from None
         try:

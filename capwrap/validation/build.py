@@ -23,6 +23,7 @@ from capwrap.analyzers.probing import fit_probes, probe_features
 from capwrap.errors import ConfigError
 from capwrap.methods import NPO, FineTune, GradientAscent, TrainingMethod
 from capwrap.models import CapModel, load_model, save_model
+from capwrap.provenance import environment
 from capwrap.tasks.base import Task
 from capwrap.tasks.spec import task_from_spec
 from capwrap.training import TrainConfig, train
@@ -88,7 +89,8 @@ def make_tuned(
         return tuned, dict(tuned.metadata.get("made", {}))
     recipe = scenario.recipe
     start = load_base(recipe.start_from, backend=base.backend) if recipe.start_from else base.clone()
-    made: dict = {"start": recipe.start_from or scenario.base}
+    # a cached tuned model may outlive the libraries that made it: say which did (and on what device)
+    made: dict = {"start": recipe.start_from or scenario.base, "environment": environment()}
     if recipe.reinit == "latent":
         layer = latent_layer(base, capability, seed=scenario.seed)
         made["reinitialized"] = reinitialize(start, "blocks", seed=scenario.seed, layers=list(range(layer + 1)))

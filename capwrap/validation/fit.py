@@ -51,6 +51,7 @@ import dataclasses
 import datetime
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from capwrap.analyzers.bootstrap import percentile_interval
-from capwrap.diagnosis.rule import Anchor, QuestionRule, VerdictRule, decide
+from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, VerdictRule, decide
 from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
 from capwrap.validation.scenarios import record_truth, scenario_of
@@ -120,7 +121,7 @@ def fit_anchor(
     w_reach = float(np.quantile(np.minimum(flip * w_int[:, 0], flip * w_int[:, 1]), tolerance))
     c_reach = float(np.quantile(np.maximum(flip * c_int[:, 0], flip * c_int[:, 1]), 1 - tolerance))
     keep_wrapper, keep_change = bool(np.median(w) > c_reach), bool(np.median(c) < w_reach)
-    sides = "both" if keep_wrapper == keep_change else "wrapper" if keep_wrapper else "change"
+    sides = "both" if keep_wrapper and keep_change else "wrapper" if keep_wrapper else "change"
     top_c, bottom_w = float(np.quantile(c, 1 - tolerance)), float(np.quantile(w, tolerance))
     if top_c < bottom_w:
         cut_w = cut_c = (top_c + bottom_w) / 2
@@ -129,24 +130,22 @@ def fit_anchor(
     # strength 1 at the side's median; where the median sits at the cut, at the side's extreme
     full_w = float(np.median(w)) if np.median(w) > cut_w else max(float(w.max()), cut_w)
     full_c = float(np.median(c)) if np.median(c) < cut_c else min(float(c.min()), cut_c)
-    weight = max(0.0, 2 * auc(w, c) - 1) if keep_wrapper or keep_change else 0.0  # no side beyond the noise
+    if not (keep_wrapper or keep_change):  # no side beyond the noise: the statistic points nowhere
+        sides, weight = "none", 0.0
+    else:
+        weight = max(0.0, 2 * auc(w, c) - 1)
     return Anchor(flip * cut_w, flip * full_w, flip * cut_c, flip * full_c, weight=round(weight, 4), sides=sides)
 
 
 def _declared(statistic: str, anchor: Anchor) -> Anchor:
-    """``anchor`` with only the sides its analyzer's test can establish (:attr:`Analyzer.shows
-    <capwrap.analyzers.Analyzer.shows>`); no side left: weight 0."""
+    """``anchor`` pointing only in the directions its analyzer's test can establish
+    (:attr:`Analyzer.shows <capwrap.analyzers.base.Analyzer.shows>`), whatever its weight; no side
+    left: sides ``none`` and weight 0."""
     from capwrap.analyzers import analyzer_of
 
     cls = analyzer_of(statistic)
-    shows = {"wrapper", "change"} if cls is None else set(cls.shows)
-    fitted = {"wrapper", "change"} if anchor.sides == "both" else {anchor.sides}
-    if anchor.weight == 0 or fitted <= shows:
-        return anchor
-    kept = fitted & shows
-    if not kept:
-        return dataclasses.replace(anchor, weight=0.0)
-    return dataclasses.replace(anchor, sides="both" if len(kept) == 2 else kept.pop())
+    narrowed = anchor.restricted_to(("wrapper", "change") if cls is None else cls.shows)
+    return dataclasses.replace(narrowed, weight=0.0) if narrowed.sides == "none" else narrowed
 
 
 def _intervals(values: np.ndarray, intervals: np.ndarray | None) -> np.ndarray:
@@ -236,11 +235,7 @@ def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, questi
             cases.append((scenario.kind, truth, findings_from_record(record, rule)[question]))
     if not cases:
         return rule
-    # a verdict needs the score's whole interval beyond the threshold: each finding's interval end
-    # nearest to 0 (0 when the interval straddles it) is what a threshold must stay clear of
-    decided = np.array([max(f.interval[0], 0.0) if f.score > 0 else min(f.interval[1], 0.0)
-                        for _, t, f in cases if t in ("wrapper", "capability_change")])  # fmt: skip
-    decided = decided if len(decided) else np.array([math.inf])
+    ends = np.array([_end_nearest_zero(f) for _, t, f in cases if t in ("wrapper", "capability_change")])
     best: tuple[tuple[float, ...], QuestionRule] | None = None
     for mode, tw, tc in itertools.product(_SUPPORT_MODES, _GRID, _GRID):
         thresholds = QuestionRule(float(tw), float(tc), mode)
@@ -248,24 +243,50 @@ def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, questi
         right = np.mean([v == t for v, (_, t, _) in zip(verdicts, cases, strict=True)])
         bad = sum((k == "removed" and v == "wrapper") or (t == "wrapper" and v == "capability_change")
                   for v, (k, t, _) in zip(verdicts, cases, strict=True))  # fmt: skip
-        key = (float(right) - 10.0 * bad, float(mode == "agree"), *_margins(decided, float(tw), float(tc)))
+        key = (float(right) - 10.0 * bad, float(mode == "agree"), *_margins(ends, float(tw), float(tc)))
         if best is None or key > best[0]:
             best = (key, thresholds)
     assert best is not None
-    return dataclasses.replace(rule, **{question: best[1]})
+    chosen = best[1]
+    for side, threshold, near in (("wrapper", chosen.wrapper_threshold, ends[ends > 0]),
+                                  ("change", chosen.change_threshold, -ends[ends < 0])):  # fmt: skip
+        if threshold == 0 and len(near) and near.min() < _GRID[1]:
+            warnings.warn(
+                f"the {question} {side} threshold is 0: a calibration finding's interval ends at "
+                f"{near.min():.3g}, within one grid step ({_GRID[1]:g}) of 0, so no margin around a score of 0 "
+                f"fits and the sign of a score near 0 decides; more or longer evaluation sets narrow the intervals",
+                stacklevel=3,
+            )
+    return dataclasses.replace(rule, **{question: chosen})
 
 
-def _margins(scores: np.ndarray, wrapper_threshold: float, change_threshold: float) -> tuple[float, float]:
-    """How far each threshold lies from what it must separate — the calibration findings' scores
-    (each interval's end nearest to 0), and a score of 0 (evidence that balances, which must stay
-    ``inconclusive``): (the smaller of the two sides' margins, their sum). Maximizing the first,
-    then the second, puts each threshold halfway between 0 and the nearest calibration interval on
-    its side; without the 0, the farthest thresholds from every score would be 0 and 0 — a dead
-    zone of width 0, where a score of +0.001 or -0.001 decides. A side without any calibration
-    score gets the grid's largest threshold: a verdict the calibration half never showed needs the
-    strongest evidence."""
-    wrapper = min(wrapper_threshold, float(np.min(np.abs(scores - wrapper_threshold))))
-    change = min(change_threshold, float(np.min(np.abs(scores + change_threshold))))
+def _end_nearest_zero(finding: Finding) -> float:
+    """What a threshold must stay clear of for ``finding``: a verdict needs the score's whole interval
+    beyond the threshold, so the interval's end nearest to 0 (the score itself when that is nearer,
+    or when the interval is unknown; 0 when the interval straddles 0)."""
+    lo, hi = finding.interval
+    if finding.score > 0:
+        return max(min(finding.score, lo) if math.isfinite(lo) else finding.score, 0.0)
+    return min(max(finding.score, hi) if math.isfinite(hi) else finding.score, 0.0)
+
+
+def _margins(ends: np.ndarray, wrapper_threshold: float, change_threshold: float) -> tuple[float, float]:
+    """How far each threshold lies from what it must separate — the calibration findings on its side
+    (:func:`_end_nearest_zero`: positive ends for the wrapper threshold, negative ones for the change
+    threshold), and a score of 0 (evidence that balances, which must stay ``inconclusive``): (the
+    smaller of the two sides' margins, their sum). Maximizing the first, then the second, puts each
+    threshold halfway between 0 and the nearest calibration interval on its side; without the 0, the
+    farthest thresholds from every score would be 0 and 0 — a dead zone of width 0, where a score
+    of +0.001 or -0.001 decides. A side without any calibration finding gets the grid's largest
+    threshold: a verdict the calibration half never showed needs the strongest evidence.
+
+    Examples:
+        >>> _margins(np.array([0.4, -0.2]), 0.2, 0.1)
+        (0.1, 0.30000000000000004)
+    """
+    wrapper_side, change_side = ends[ends > 0], -ends[ends < 0]
+    wrapper = min(wrapper_threshold, float(np.abs(wrapper_side - wrapper_threshold).min())) if len(wrapper_side) else wrapper_threshold
+    change = min(change_threshold, float(np.abs(change_side - change_threshold).min())) if len(change_side) else change_threshold
     return min(wrapper, change), wrapper + change
 
 
@@ -278,8 +299,9 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
     for stat, anchor in rule.anchors.items():
         order = ["change_full", "change_cut", "wrapper_cut", "wrapper_full"]
         points = [getattr(anchor, f) for f in order]
+        pointing = _declared(stat, anchor)
         for i, name in enumerate(order):
-            if not anchor.points_to(name.split("_")[0]):
+            if not pointing.points_to(name.split("_")[0]):
                 continue  # the points of a side the statistic does not point to change nothing
             for factor in (0.8, 1.2):
                 value = points[i] * factor

@@ -125,7 +125,8 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
         },  # fmt: skip
         "n_boot": n_boot,
         "memory": memory,
-        # the libraries move the numbers: a fine-tune's last bits differ across transformers releases
+        # the software moves the numbers: records made with other library versions gave anchors up to
+        # 0.05 apart (which library, or which change, is not settled); "made" says what made the model
         "environment": environment(),
     }
     record["truth"] = record_truth(record, rule)

@@ -56,6 +56,8 @@ def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
     assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
     assert evidence["pruning"]["direction"] == "neutral" and evidence["revival"]["direction"] == "neutral"
+    assert "its analyzer's test cannot show a change" in evidence["pruning"]["reasons"][0]
+    assert "its change side lay within its sampling noise" in evidence["revival"]["reasons"][0]
     assert evidence["revival"]["value"] < 0  # the tuned model relearns slower than a model that never had it
     assert evidence["probing"]["direction"] != "wrapper" or evidence["probing"]["strength"] < 0.5
     # the pair's verdict is the deletion finding's: a capability was lost, and its fate is undecided

@@ -49,6 +49,13 @@ def test_validate_writes_its_report_and_resumes(validated, capsys):
     out, _, data = validated
     assert data["targets"]["accuracy"] == 1.0 and data["targets"]["wrapper_on_removed"] == 0
     assert (out / "validation.html").read_text().count("Plotly.newPlot") >= 1
+    # each record says which software made its numbers, and which made its tuned model
+    from capwrap.validation import scenarios
+    from capwrap.validation.runner import record_path
+
+    record = json.loads(record_path(out, scenarios("all", [WRAPPER])[0]).read_text())
+    for env in (record["environment"], record["made"]["environment"]):
+        assert {"transformer_lens", "transformers", "torch", "device"} <= set(env)
     # a second run finds every record and reruns nothing
     argv = ["validate", "--split", "all", "--out", str(out), "--scenario", WRAPPER]
     assert main(argv) == 0

@@ -65,7 +65,7 @@ def test_the_contract_catches_a_broken_analyzer(pcfg_pair):
     class Careless(Analyzer):
         name: str = "careless"
         kind: ClassVar[str] = "functional"
-        statistic: ClassVar[str] = "probe_kept_share"
+        statistic: ClassVar[str] = "careless_noise"
 
         def analyze(self, context):  # a random value: not reproducible
             value = float(np.random.default_rng().random())

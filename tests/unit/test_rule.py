@@ -68,6 +68,28 @@ def test_a_one_sided_anchor_points_only_its_way_and_says_why():
         Anchor(0.8, 1.0, 0.4, 0.0, sides="neither")
 
 
+def test_judge_honours_the_directions_an_analyzer_declares():
+    """A hand-written rule may give pruning's statistic two sides; pruning's test cannot show a change
+    (``Pruning.shows``), so its low value stays neutral, counts for nothing in the score, and says why."""
+    both = Anchor(0.8, 1.0, 0.4, 0.0)
+    two_sided = VerdictRule(anchors={"pruning_recovered_share": both, "revival_speedup_log2": both},
+                            deletion=QuestionRule(0.1, 0.1))  # fmt: skip
+    ev = two_sided.judge(Evidence("pruning", {}, pd.DataFrame(), kind="functional", question="deletion",
+                                  statistic="pruning_recovered_share", value=0.0, replicates=np.full(20, 0.0),
+                                  summary="pruning measured 0"))  # fmt: skip
+    assert (ev.direction, ev.strength) == ("neutral", 0.0)
+    assert "only points to a wrapper: its analyzer's test cannot show a change" in ev.reasons[0]
+    finding = two_sided.weigh("deletion", [ev])
+    assert finding.verdict == "inconclusive" and finding.score == 0.0 and finding.interval == (0.0, 0.0)
+    # the same value of a statistic whose analyzer can show both directions points to a change
+    ev = two_sided.judge(dataclasses.replace(ev, statistic="revival_speedup_log2", analyzer="revival"))
+    assert (ev.direction, ev.strength) == ("change", 1.0)
+    nowhere = VerdictRule(anchors={"f": Anchor(0.8, 1.0, 0.4, 0.0, weight=0.0, sides="none")})
+    ev = nowhere.judge(Evidence("x", {}, pd.DataFrame(), kind="functional", question="deletion", statistic="f",
+                                value=0.0, replicates=np.full(20, 0.0), summary="x measured 0"))  # fmt: skip
+    assert ev.direction == "neutral" and "points nowhere" in ev.reasons[0] and "sampling noise" in ev.reasons[0]
+
+
 def test_judge_sets_direction_strength_and_cites_the_cut():
     ev = _ev("probing", 0.9)
     assert (ev.direction, ev.strength) == ("wrapper", pytest.approx(0.5))

@@ -164,7 +164,9 @@ def test_the_fit_puts_each_threshold_halfway_between_zero_and_its_sides_nearest_
         for e in record["evidence"]:
             e["replicates"] = list(e["value"] + np.linspace(-0.05, 0.05, 20))
     rule = fit_rule(records, start=VerdictRule())
-    scores = ValidationResult.from_records(records, rule).rows.query("question == 'deletion' and truth != 'inconclusive'")
+    scores = ValidationResult.from_records(records, rule).rows.query(
+        "question == 'deletion' and truth in ('wrapper', 'capability_change')"
+    )
     nearest_wrapper = scores.loc[scores["score"] > 0, "low"].min()
     nearest_change = -scores.loc[scores["score"] < 0, "high"].max()
     assert nearest_wrapper < scores.loc[scores["score"] > 0, "score"].min()
@@ -201,6 +203,69 @@ def test_a_side_the_analyzer_cannot_show_is_never_fitted():
     assert revival.sides == "both" and revival.signed(-1.0) < 0  # revival's slowness does show a change
 
 
+def test_one_statistic_is_measured_by_one_analyzer_with_valid_shows():
+    """The registry behind :func:`analyzer_of` does not depend on which classes were imported first:
+    a second, unrelated class claiming a statistic is refused when it is defined, and so is a bare
+    string for ``shows`` (``"wrapper"`` would read as the letters w, r, a, ...)."""
+    from capwrap.analyzers import Analyzer, Pruning, analyzer_of
+
+    with pytest.raises(TypeError, match="already measures"):
+        type("Copycat", (Analyzer,), {"statistic": "pruning_recovered_share", "analyze": lambda self, c: None})
+    with pytest.raises(TypeError, match="must be a tuple"):
+        type("Bare", (Analyzer,), {"statistic": "bare_statistic", "shows": "wrapper", "analyze": lambda self, c: None})
+    with pytest.raises(TypeError, match="one statistic has one set of directions"):
+        type("Louder", (Pruning,), {"shows": ("wrapper", "change")})
+
+    class QuieterPruning(Pruning):
+        """A subclass inherits the statistic and its directions."""
+
+    assert analyzer_of("pruning_recovered_share") is Pruning and QuieterPruning.statistic == Pruning.statistic
+
+
+def test_the_fit_narrows_every_anchor_to_its_analyzers_declared_sides():
+    """Whatever the anchor's weight: a weight-0 anchor fitted to point to a change is still switched
+    off for pruning (sides ``none``), and a statistic no analyzer measures keeps its sides."""
+    from capwrap.validation.fit import _declared
+
+    change_only = Anchor(0.8, 1.0, 0.4, 0.0, weight=0.0, sides="change")
+    assert _declared("pruning_recovered_share", change_only).sides == "none"
+    assert _declared("pruning_recovered_share", dataclasses.replace(change_only, weight=0.6)).weight == 0.0
+    assert _declared("pruning_recovered_share", Anchor(0.8, 1.0, 0.4, 0.0, weight=0.5)) == Anchor(
+        0.8, 1.0, 0.4, 0.0, weight=0.5, sides="wrapper"
+    )
+    assert _declared("revival_speedup_log2", change_only) == change_only
+    assert _declared("no_such_statistic", change_only) == change_only
+    # a statistic whose sides both lie within the other truth's noise points nowhere
+    noisy = np.array([[-1.0, 2.0]] * 4)
+    anchor = fit_anchor(np.array([0.6, 0.7, 0.8, 0.9]), np.array([0.3, 0.4, 0.5, 0.55]), None,
+                        wrapper_intervals=noisy, change_intervals=noisy)  # fmt: skip
+    assert anchor.sides == "none" and anchor.weight == 0.0 and anchor.signed(0.0) == anchor.signed(1.0) == 0.0
+
+
+def test_a_side_without_calibration_findings_gets_the_largest_threshold():
+    from capwrap.validation.fit import _margins
+
+    only_wrappers = np.array([0.3, 0.5])
+    # the change side has no finding: its margin is the threshold itself, so the grid's largest wins
+    assert _margins(only_wrappers, 0.15, 0.6) == (0.15, 0.75)
+    assert _margins(only_wrappers, 0.15, 0.6)[1] > _margins(only_wrappers, 0.15, 0.3)[1]
+    # a finding on the wrapper side never limits the change threshold, however close to it
+    assert _margins(np.array([0.3, 0.02]), 0.01, 0.3) == (0.01, 0.31)
+
+
+def test_a_calibration_interval_ending_next_to_zero_forces_a_zero_threshold_and_says_so(records):
+    """A wrapper finding whose interval ends within one grid step of 0 leaves no room for a dead zone:
+    the wrapper threshold must be 0 to call it, and the fit warns."""
+    probe = fit_rule(records, start=VerdictRule()).anchors["probe_kept_share"]
+    barely = probe.wrapper_cut + 0.01 * (probe.wrapper_full - probe.wrapper_cut)  # a strength of 0.01
+    for record in records[:4]:  # the wrappers: intervals reaching down to a score of about +0.01
+        e = record["evidence"][0]
+        e["replicates"] = [barely] * 4 + [e["value"]] * 16
+    with pytest.warns(UserWarning, match="deletion wrapper threshold is 0"):
+        rule = fit_rule(records, start=VerdictRule())
+    assert rule.deletion.wrapper_threshold == 0.0
+
+
 def test_cross_validation_leaves_each_scenario_out_of_its_own_fit(records):
     from capwrap.validation import cross_validate
 
@@ -216,8 +281,12 @@ def test_cross_validation_leaves_each_scenario_out_of_its_own_fit(records):
 def test_sensitivity_counts_flips_per_number(records):
     rule = fit_rule(records, start=VerdictRule())
     table = sensitivity(records, rule)
-    assert {"probe_kept_share.wrapper_cut", "deletion.wrapper_threshold", "kept_fraction"} <= set(table["number"])
-    assert {"x0.8", "x1.2"} <= set(table["perturbation"]) and (table["flips"] >= 0).all()
+    anchors = {f"{stat}.{point}" for stat in ("probe_kept_share", "gain_without_correlation")
+               for point in ("change_full", "change_cut", "wrapper_cut", "wrapper_full")}  # fmt: skip
+    thresholds = {f"{q}.{t}_threshold" for q in ("deletion", "creation") for t in ("wrapper", "change")}
+    numbers = anchors | thresholds | {"kept_fraction", "min_gain"}
+    assert set(zip(table["number"], table["perturbation"], strict=True)) == {(n, f) for n in numbers for f in ("x0.8", "x1.2")}
+    assert len(table) == 2 * len(numbers) and (table["flips"] >= 0).all()
     # moving the kept bar to 72% of the base still calls a 40% model a loss: no flip from that number
     assert table[(table["number"] == "kept_fraction") & (table["perturbation"] == "x0.8")]["flips"].iloc[0] == 0
 
