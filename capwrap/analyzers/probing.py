@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, Question
+from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair, Question
 from capwrap.analyzers.controls import untrained_like
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
@@ -175,6 +175,11 @@ def _positions(batch: TaskBatch, position: str | int) -> Tensor:
     raise ConfigError(f"position must be 'answer' or an int, got {position!r}")
 
 
+#: The input embeddings ``Probing(embeddings="base")`` takes from the base (token and, where the
+#: model has one, learned position embedding).
+_INPUT_EMBEDDINGS = frozenset({"embed.W_E", "pos_embed.W_pos"})
+
+
 @dataclass
 class _Probed:
     """What :meth:`Probing._probe_models` found: probes on every model's activations."""
@@ -213,6 +218,13 @@ class Probing(Analyzer):
         n: sequences sampled (train + test) for every model.
         steps: probe optimizer steps.
         min_margin: the base's probes must beat the floor by this much for the statistic to apply.
+        embeddings: ``"tuned"``: probe the tuned model as it is; ``"base"``: probe the tuned model's
+            layers fed through the base's input embeddings (token and position), so that a
+            fine-tune that only rewrote what some tokens mean — a change confined to the embedding
+            lookup — does not read as a lost latent; the floor's fresh model then reads the input
+            through the base's embeddings too. The default stays ``"tuned"``, the setting
+            the shipped verdict rule was fitted with (``"base"`` is measured in
+            ``benchmarks/probing_embeddings.py``).
     """
 
     label: str | None = None
@@ -222,9 +234,14 @@ class Probing(Analyzer):
     n: int = 2048
     steps: int = 300
     min_margin: float = 0.1
+    embeddings: Literal["tuned", "base"] = "tuned"
     name: str = "probing"
     kind: ClassVar[Kind] = "functional"
     statistic: ClassVar[str | None] = "probe_kept_share"
+
+    def __post_init__(self) -> None:
+        if self.embeddings not in ("tuned", "base"):
+            raise ConfigError(f"{type(self).__name__}.embeddings must be 'tuned' or 'base', got {self.embeddings!r}")
 
     def settings(self) -> dict:
         return {k: v for k, v in super().settings().items() if k != "task"}
@@ -287,7 +304,8 @@ class Probing(Analyzer):
                        f"{floor:.0%}: majority class {fit.majority_baseline:.0%}, untrained model "
                        f"{best.get('untrained', math.nan):.0%}), so probes cannot tell")  # fmt: skip
         else:
-            summary = (f"probes read {label} from the tuned model at {best['tuned']:.0%} against the base's "
+            through = " (through the base's embeddings)" if self.embeddings == "base" else ""
+            summary = (f"probes read {label} from the tuned model{through} at {best['tuned']:.0%} against the base's "
                        f"{best['base']:.0%} (floor {floor:.0%}): it keeps {kept:.0%} of the base's margin")  # fmt: skip
         return Evidence(self.name, headline, table, details=details, plot=_plot, value=kept, replicates=kept_reps,
                         intervals=intervals, summary=summary)  # fmt: skip
@@ -302,16 +320,34 @@ class Probing(Analyzer):
             raise ConfigError(f"the task {task.name!r} has no latent label {label!r}; it has {sorted(batch.labels)}")
         # A freshly initialized model of the same shape is the floor: what probes read from random
         # features of the input alone.
+        # With embeddings="base", the tuned model and the floor's fresh model both read the input
+        # through the base's embeddings: the floor is then what the base's embeddings alone give
+        # (trained token embeddings make counts linear in the features of random layers).
         feats = {}
         for which, model in pair.models().items():
-            names, feats[which] = probe_features(model, batch, self.hooks, self.position)
+            if which == "tuned" and self.embeddings == "base":
+                with pair.scratch(model) as work:
+                    self._use_base_embeddings(pair, work)
+                    names, feats[which] = probe_features(work, batch, self.hooks, self.position)
+            else:
+                names, feats[which] = probe_features(model, batch, self.hooks, self.position)
         pair.make_room()  # (with a residency: built when neither model of the pair is in memory)
         untrained = untrained_like(pair.base, seed=context.seed_for(self.name, "untrained model"))
+        if self.embeddings == "base":
+            self._use_base_embeddings(pair, untrained)
         names, feats["untrained"] = probe_features(untrained, batch, self.hooks, self.position)
         del untrained
         fit = fit_probes(torch.cat(list(feats.values())), batch.labels[label], steps=self.steps,
                          seed=context.seed_for(self.name, "split"))  # fmt: skip
         return fit, names, feats, len(batch)
+
+    @staticmethod
+    def _use_base_embeddings(pair: ModelPair, model: CapModel) -> None:
+        """Overwrite ``model``'s input embeddings with the base's (``model`` is a scratch copy)."""
+        weights = model.weights()
+        with torch.no_grad():
+            for key in _INPUT_EMBEDDINGS.intersection(weights):
+                weights[key].copy_(pair.weight(pair.base, key).to(weights[key]))
 
     def _best_replicates(
         self, context: Context, fit: ProbeResult, n_hooks: int, models: list[str]

@@ -52,6 +52,16 @@ def test_every_analyzer_keeps_the_contract(name, pair_kind, request):
     assert ev.analyzer == name
 
 
+@pytest.mark.parametrize("pair_kind", ["pcfg", "tracr"])
+def test_probing_through_the_base_embeddings_keeps_the_contract(pair_kind, request):
+    """Learned position embeddings (both pairs) are taken from the base as well as token embeddings."""
+    from capwrap.analyzers import Probing
+
+    pair, capability, downstream = request.getfixturevalue(f"{pair_kind}_pair")
+    ev = check_analyzer(Probing(n=200, steps=50, embeddings="base"), pair, capability, downstream, eval_size=64)
+    assert ev.statistic == "probe_kept_share" and ("through the base's embeddings" in ev.summary or not ev.applicable)
+
+
 def test_the_contract_catches_a_broken_analyzer(pcfg_pair):
     from dataclasses import dataclass
     from typing import ClassVar

@@ -184,6 +184,7 @@ def test_diagnose_low_memory_gives_the_same_numbers():
     def analyzers():
         return [
             capwrap.Probing(n=128, steps=20),
+            capwrap.Probing(n=128, steps=20, embeddings="base", name="probing_base_embeddings"),
             capwrap.Pruning(ks=(0, 1, 2), score_size=64),
             capwrap.Revival(max_steps=6, batch_size=16, check_size=64, control_steps=4, seeds=1, eval_every=2),
             capwrap.WeightDiff(graft_fractions=(0.1,)),

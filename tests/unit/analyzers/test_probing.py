@@ -89,3 +89,28 @@ def test_probing_statistic_is_the_kept_share_of_the_margin_over_the_floor(small_
     lo, hi = kept.intervals["value"]
     assert lo <= kept.value <= hi and len(kept.replicates) == 200
     assert kept.direction == "wrapper" and lost.direction == "change"
+
+
+def test_probing_through_the_base_embeddings_sees_past_a_rewritten_token_lookup(small_spec, small_task):
+    """A fine-tune that only rewrote what a token means (here: ``a`` embedded as ``b``) hides the
+    latent from probes of the tuned model as it is; read through the base's embeddings, the tuned
+    model's layers are the base's, so its probes read exactly what the base's do. The floor's fresh
+    model reads the input through the base's embeddings too (on this small task they alone give
+    nearly the whole count, so the statistic does not apply: probes cannot tell)."""
+    base = build_model(small_spec, seed=0)
+    train(base, small_task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
+    relabeled = base.clone()
+    with torch.no_grad():
+        w_e, vocab = relabeled.weights()["embed.W_E"], small_task.vocab
+        w_e[vocab["a"]] = w_e[vocab["b"]]
+    before = {k: v.clone() for k, v in relabeled.weights().items()}
+    settings = dict(label="count_a", n=600, steps=200)
+    hidden = Probing(**settings)(ModelPair(base, relabeled), small_task, small_task, eval_size=128)
+    seen = Probing(**settings, embeddings="base")(ModelPair(base, relabeled), small_task, small_task, eval_size=128)
+    assert hidden.headline["probe_best_tuned"] < hidden.headline["probe_best_base"] - 0.2 and hidden.value < 0.5
+    assert seen.headline["probe_best_tuned"] == seen.headline["probe_best_base"]
+    assert seen.headline["probe_best_untrained"] > hidden.headline["probe_best_untrained"]
+    assert seen.direction == "neutral" and "cannot tell" in seen.summary
+    assert all(torch.equal(before[k], v) for k, v in relabeled.weights().items())  # probed on a copy
+    with pytest.raises(ConfigError, match="embeddings must be 'tuned' or 'base'"):
+        Probing(embeddings="input")
