@@ -266,9 +266,9 @@ def _backing(functional: list[Evidence], what: str, evidence: Sequence[Evidence]
     return f"the functional evidence is silent and {', '.join(structural) or 'the structural evidence'} point to {what}"
 
 
-def _declared_directions(statistic: str) -> frozenset[str]:
+def declared_directions(statistic: str) -> frozenset[str]:
     """The directions the analyzer measuring ``statistic`` declares it can show (both when no
-    analyzer class measures it)."""
+    analyzer class measures it): what :meth:`VerdictRule.judge` and the fit restrict anchors to."""
     from capwrap.analyzers import analyzer_of  # the package: every built-in analyzer is registered
 
     cls = analyzer_of(statistic)
@@ -331,7 +331,7 @@ class VerdictRule:
             evidence.direction, evidence.strength = "neutral", 0.0
             evidence.reasons = [f"{summary}; this rule has no anchor for {evidence.statistic!r} (refit it on a suite)"]
             return evidence
-        declared = _declared_directions(evidence.statistic)
+        declared = declared_directions(evidence.statistic)
         anchor = anchor.restricted_to(declared)
         signed = anchor.signed(evidence.value)
         evidence.direction = "wrapper" if signed > 0 else "change" if signed < 0 else "neutral"
@@ -378,7 +378,7 @@ class VerdictRule:
         reps = evidence.replicates
         if anchor is None or len(reps) == 0:
             return np.full(n, point)
-        anchor = anchor.restricted_to(_declared_directions(evidence.statistic or ""))
+        anchor = anchor.restricted_to(declared_directions(evidence.statistic or ""))
         reps = np.resize(reps, n)  # analyzers with fewer replicates (seeds) repeat them
         signed = anchor.signed_array(reps)
         return np.where(np.isfinite(reps), signed, point)

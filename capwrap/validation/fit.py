@@ -59,7 +59,7 @@ import numpy as np
 import pandas as pd
 
 from capwrap.analyzers.bootstrap import percentile_interval
-from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, VerdictRule, decide
+from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, VerdictRule, decide, declared_directions
 from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
 from capwrap.validation.scenarios import record_truth, scenario_of
@@ -120,8 +120,7 @@ def fit_anchor(
     # in the flipped frame (wrapper = large values): how far each truth's intervals reach towards the other
     w_reach = float(np.quantile(np.minimum(flip * w_int[:, 0], flip * w_int[:, 1]), tolerance))
     c_reach = float(np.quantile(np.maximum(flip * c_int[:, 0], flip * c_int[:, 1]), 1 - tolerance))
-    keep_wrapper, keep_change = bool(np.median(w) > c_reach), bool(np.median(c) < w_reach)
-    sides = "both" if keep_wrapper and keep_change else "wrapper" if keep_wrapper else "change"
+    kept = [side for side, keep in (("wrapper", np.median(w) > c_reach), ("change", np.median(c) < w_reach)) if keep]
     top_c, bottom_w = float(np.quantile(c, 1 - tolerance)), float(np.quantile(w, tolerance))
     if top_c < bottom_w:
         cut_w = cut_c = (top_c + bottom_w) / 2
@@ -130,21 +129,15 @@ def fit_anchor(
     # strength 1 at the side's median; where the median sits at the cut, at the side's extreme
     full_w = float(np.median(w)) if np.median(w) > cut_w else max(float(w.max()), cut_w)
     full_c = float(np.median(c)) if np.median(c) < cut_c else min(float(c.min()), cut_c)
-    if not (keep_wrapper or keep_change):  # no side beyond the noise: the statistic points nowhere
-        sides, weight = "none", 0.0
-    else:
-        weight = max(0.0, 2 * auc(w, c) - 1)
-    return Anchor(flip * cut_w, flip * full_w, flip * cut_c, flip * full_c, weight=round(weight, 4), sides=sides)
+    weight = max(0.0, 2 * auc(w, c) - 1) if kept else 0.0  # no side beyond the noise: the statistic points nowhere
+    return Anchor(flip * cut_w, flip * full_w, flip * cut_c, flip * full_c, weight=round(weight, 4)).restricted_to(kept)
 
 
 def _declared(statistic: str, anchor: Anchor) -> Anchor:
     """``anchor`` pointing only in the directions its analyzer's test can establish
     (:attr:`Analyzer.shows <capwrap.analyzers.base.Analyzer.shows>`), whatever its weight; no side
     left: sides ``none`` and weight 0."""
-    from capwrap.analyzers import analyzer_of
-
-    cls = analyzer_of(statistic)
-    narrowed = anchor.restricted_to(("wrapper", "change") if cls is None else cls.shows)
+    narrowed = anchor.restricted_to(declared_directions(statistic))
     return dataclasses.replace(narrowed, weight=0.0) if narrowed.sides == "none" else narrowed
 
 
