@@ -406,20 +406,20 @@ class Analyzer(ABC):
     into a direction and a strength.
     """
 
-    #: Short name used in reports and in ``Diagnosis``.
     name: str = "analyzer"
-    #: What the evidence is about (:data:`Kind`); every analyzer declares it.
+    """Short name used in reports and in ``Diagnosis``."""
     kind: ClassVar[Kind]
-    #: Which of diagnose's two questions the analyzer answers.
+    """What the evidence is about (:data:`Kind`); every analyzer declares it."""
     question: ClassVar[Question] = "deletion"
-    #: The name of the statistic the analyzer measures: the rule's anchors for it are keyed by this
-    #: name (never by the analyzer's ``name``). ``None``: the analyzer sets its own direction and strength.
+    """Which of diagnose's two questions the analyzer answers."""
     statistic: ClassVar[str | None] = None
-    #: The directions the analyzer's test can establish. A *sufficient* test of a wrapper (pruning
-    #: that brings the capability back shows one; pruning that does not shows nothing) declares
-    #: ``("wrapper",)``: the fitted rule never lets its statistic point to a change, whatever the
-    #: calibration records happen to show (:func:`~capwrap.validation.fit_rule`).
+    """The name of the statistic the analyzer measures: the rule's anchors for it are keyed by this
+    name (never by the analyzer's ``name``). ``None``: the analyzer sets its own direction and strength."""
     shows: ClassVar[tuple[Direction, ...]] = ("wrapper", "change")
+    """The directions the analyzer's test can establish. A *sufficient* test of a wrapper (pruning
+    that brings the capability back shows one; pruning that does not shows nothing) declares
+    ``("wrapper",)``: the fitted rule never lets its statistic point to a change, whatever the
+    calibration records happen to show (:func:`~capwrap.validation.fit_rule`)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Check the class's ``shows`` and register the statistic it measures (:func:`analyzer_of`)."""
