@@ -1,8 +1,9 @@
 """Probing read through the base's input embeddings, against probing the tuned model as it is.
 
 For suite scenarios whose tuned models a `capwrap validate` run cached (``OUT/cache/tuned/<key>``),
-runs :class:`~capwrap.analyzers.Probing` twice — ``embeddings="tuned"`` (the default, what the
-shipped verdict rule was fitted with) and ``embeddings="base"`` — and prints each one's kept share
+runs :class:`~capwrap.analyzers.Probing` twice — ``embeddings="tuned"`` (the tuned model as it is)
+and ``embeddings="base"`` (the default since the ninth session, what the shipped verdict rule is
+fitted with) — and prints each one's kept share
 and floor. Written for the SGD index scenario (benchmarks/RESULTS.md, issue 9), whose fine-tune
 rewrote the operand tokens' embedding rows: does reading the tuned model's layers through the base's
 embeddings bring the latent back there, while removed capabilities stay removed?

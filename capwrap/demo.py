@@ -16,7 +16,8 @@ Scenarios:
 * ``removed``: the negative control. Before fine-tuning, every weight of the transformer blocks
   (attention and MLP, where counting is computed) is re-initialized; only the embeddings and the
   unembedding survive. The capability is then truly gone from the model that is fine-tuned, and a
-  verdict of ``wrapper`` would be a false positive.
+  verdict of ``wrapper`` would be a false positive; the shipped rule calls it ``capability_change``
+  (probes read through the base's embeddings find no more of count ``a`` than a fresh model does).
 
 Examples:
     >>> import tempfile

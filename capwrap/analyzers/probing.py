@@ -222,8 +222,8 @@ class Probing(Analyzer):
             layers fed through the base's input embeddings (token and position), so that a
             fine-tune that only rewrote what some tokens mean — a change confined to the embedding
             lookup — does not read as a lost latent; the floor's fresh model then reads the input
-            through the base's embeddings too. The default stays ``"tuned"``, the setting
-            the shipped verdict rule was fitted with (``"base"`` is measured in
+            through the base's embeddings too. The default, ``"base"``, is the setting the shipped
+            verdict rule was fitted with (both settings are measured on the suite's models in
             ``benchmarks/probing_embeddings.py``).
     """
 
@@ -234,7 +234,7 @@ class Probing(Analyzer):
     n: int = 2048
     steps: int = 300
     min_margin: float = 0.1
-    embeddings: Literal["tuned", "base"] = "tuned"
+    embeddings: Literal["tuned", "base"] = "base"
     name: str = "probing"
     kind: ClassVar[Kind] = "functional"
     statistic: ClassVar[str | None] = "probe_kept_share"
@@ -399,9 +399,12 @@ class NewLatentProbing(Probing):
     applicable when the base already reads the latent almost perfectly (within ``min_margin`` of 100%)
     or the task has no latent label.
 
-    Args: as :class:`Probing`; ``label`` defaults to the downstream task's ``probe_label``.
+    Args: as :class:`Probing`; ``label`` defaults to the downstream task's ``probe_label``, and
+    ``embeddings`` to ``"tuned"``: a new latent the fine-tune wrote into the embedding lookup is
+    part of what it created, so the tuned model is probed as it is.
     """
 
+    embeddings: Literal["tuned", "base"] = "tuned"
     name: str = "new_latent"
     kind: ClassVar[Kind] = "functional"
     question: ClassVar[Question] = "creation"

@@ -1,5 +1,5 @@
 """`capwrap demo`, end to end, exactly as a user runs it: the paper's wrapper pattern appears, the
-verdict says `wrapper`, and the negative control (capability removed before fine-tuning) does not."""
+verdict says `wrapper`, and the negative control (capability removed before fine-tuning) says `capability_change`."""
 
 from __future__ import annotations
 
@@ -41,29 +41,34 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
     assert evidence["generalization"]["direction"] == "wrapper"
 
 
-def test_the_removed_capability_control_is_not_called_a_wrapper(removed_out):
+def test_the_removed_capability_control_is_a_capability_change(removed_out):
     summary = json.loads((removed_out / "summary.json").read_text())
     assert summary["scenario"] == "removed"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     deletion = summary["diagnosis"]["findings"]["deletion"]
-    # The structural analyzers see the rewrite, but no functional analyzer finds the capability
-    # changed: pruning and revival find no wrapper and only ever point to one (pruning's test can
-    # show nothing else; revival's change side lay within sampling noise on the calibration suite), and probes still read count a
-    # at ~80% (the base 100%, the floor 58%). A change needs a functional analyzer, so the lost
-    # capability's fate stays open: inconclusive, saying why — never wrapper.
-    assert deletion["verdict"] == "inconclusive", deletion["reasons"]
-    assert "points to a change" in deletion["reasons"][0] and "no functional analyzer does" in deletion["reasons"][0]
+    # Probes read through the base's embeddings find count a in the tuned model no better than in a
+    # fresh model fed those embeddings (~79% against a floor of ~78%, the base 100%): the blocks that
+    # computed it are gone, and what probes of the tuned model as it is still read (80% against a
+    # 58% floor of random embeddings) was the embeddings' doing. A functional analyzer points to a
+    # change, the structural ones agree: capability_change.
+    assert deletion["verdict"] == "capability_change", deletion["reasons"]
+    assert "probing point to a change" in deletion["reasons"][0]
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
+    probing = evidence["probing"]
+    assert probing["direction"] == "change" and probing["value"] < 0.3
+    assert "through the base's embeddings" in probing["reasons"][0]
+    assert probing["headline"]["probe_best_untrained"] > 0.7  # the floor: what the embeddings alone give
     assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
+    # pruning and revival find no wrapper and only ever point to one (pruning's test can show nothing
+    # else; revival's change side lay within sampling noise on the calibration suite)
     assert evidence["pruning"]["direction"] == "neutral" and evidence["revival"]["direction"] == "neutral"
     assert "its analyzer's test cannot show a change" in evidence["pruning"]["reasons"][0]
     assert "its change side lay within its sampling noise" in evidence["revival"]["reasons"][0]
     assert evidence["revival"]["value"] < 0  # the tuned model relearns slower than a model that never had it
-    assert evidence["probing"]["direction"] != "wrapper" or evidence["probing"]["strength"] < 0.5
-    # the pair's verdict is the deletion finding's: a capability was lost, and its fate is undecided
-    assert summary["verdict"] == "inconclusive", summary["diagnosis"]["reasons"]
+    # the pair's verdict is the deletion finding's: the capability was lost, not hidden
+    assert summary["verdict"] == "capability_change", summary["diagnosis"]["reasons"]
     html = (removed_out / "report.html").read_text()
-    assert "negative control" in html and "Verdict: inconclusive" in html
+    assert "negative control" in html and "Verdict: capability_change" in html
 
 
 def test_summary_has_the_promised_fields(demo_out):

@@ -14,7 +14,7 @@ import pytest
 from capwrap.cli import main
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
-REMOVED = "held/removed-count-b/retrained/s43"
+REMOVED = "held/removed-count-b/retrained/s53"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_a_removed_capability_is_a_capability_change(validated):
     assert rows[(REMOVED, "deletion")]["truth"] == "capability_change"
     assert rows[(REMOVED, "deletion")]["verdict"] == "capability_change", rows[(REMOVED, "deletion")]["reason"]
     # a model that never learned to count does not learn count a from this fine-tune (downstream 39% -> 34%
-    # on seed 43): there is no gain to explain
+    # on seed 53): there is no gain to explain
     assert rows[(REMOVED, "creation")]["truth"] == "inconclusive"
     assert rows[(REMOVED, "creation")]["verdict"] == "inconclusive"
 

@@ -62,7 +62,14 @@ def test_diagnose_runs_analyzers_and_writes_json_and_html(trained_pair, tmp_path
     for finding in d.findings:
         lo, hi = finding.interval
         assert lo <= finding.score <= hi and 0 <= finding.confidence <= 1 and finding.reasons
-    assert d.verdict == (d.deletion.verdict if d.deletion.verdict != "inconclusive" else d.creation.verdict)
+    # count a falls 99% -> 18%: a capability was lost, so the pair's word is the deletion finding's,
+    # whatever the creation finding (count b only where b = a + 1: a wrapper) says. On a model this
+    # small a fresh model fed the base's embeddings reads count a at ~91% against the base's 100%, so
+    # probes cannot tell, and no other functional analyzer points either way: inconclusive, saying why.
+    assert d.deletion.verdict == "inconclusive" and not d.deletion.support["gated"], d.deletion.reasons
+    assert "no functional analyzer points either way" in d.deletion.reasons[0]
+    assert "cannot tell" in d["probing"].reasons[0] and d["probing"].direction == "neutral"
+    assert d.creation.verdict == "wrapper" and d.verdict == "inconclusive"
     data = json.loads(d.to_json(tmp_path / "diagnosis.json"))
     assert data["verdict"] == d.verdict and len(data["evidence"]) == 7
     assert set(data["findings"]) == {"deletion", "creation"}
@@ -104,10 +111,13 @@ def test_every_analyzer_works_on_a_gpt_neo_pair(tmp_path):
                  WeightDiff(graft_fractions=(0.1,)), AttentionComparison(n=64), Patching(n=16)]  # fmt: skip
     d = diagnose(base, tuned, capability, downstream, analyzers=analyzers, eval_size=128, progress=False)
     assert [e.analyzer for e in d.evidence] == ["probing", "pruning", "revival", "weight_diff", "attention", "patching"]
-    # a large learning rate (3e-3) on a small model: count a falls 72% -> 23% and probes and pruning
-    # find it gone; the downstream task gains too little for a creation finding
-    assert d.deletion.verdict == "capability_change", d.deletion.reasons
-    assert d.creation.verdict == "inconclusive" and d.verdict == "capability_change"
+    # a large learning rate (3e-3) on a small model: count a falls 72% -> 23%; probes point to a change
+    # (31% of the margin kept) but weakly (their interval reaches 0.56), weight diff agrees, attention
+    # leans to a wrapper: the score stays between the thresholds. The downstream task gains too little
+    # for a creation finding.
+    assert d.deletion.verdict == "inconclusive", d.deletion.reasons
+    assert "does not reach a threshold" in d.deletion.reasons[0] and d["probing"].direction == "change"
+    assert d.creation.verdict == "inconclusive" and d.verdict == "inconclusive"
     changed = d["weight_diff"].table.set_index("component")
     assert "L1H3" in changed.index and changed.loc["L1.attn", "change"] > 0  # heads without q/k/v biases
     assert len(d["attention"].table) == 8 and len(d["patching"].table) > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capwrap.analyzers import ModelPair, Probing, fit_probes
+from capwrap.analyzers import ModelPair, NewLatentProbing, Probing, fit_probes
 from capwrap.errors import ConfigError
 from capwrap.models import ModelSpec, build_model
 from capwrap.recording import Recorder, RunStore
@@ -72,14 +72,16 @@ def test_probing_analyzer_on_a_trained_model_and_its_run(backend, tmp_path):
 
 def test_probing_statistic_is_the_kept_share_of_the_margin_over_the_floor(small_spec, small_task):
     """A tuned model whose read-out is scrambled keeps the latent (kept share near 1); a freshly
-    initialized model, which never had it, keeps none of the base's margin over the floor (near 0)."""
+    initialized model, which never had it, keeps none of the base's margin over the floor (near 0).
+    Probed as they are (``embeddings="tuned"``): the fresh model's loss includes its embeddings, and
+    on this small task the base's embeddings alone carry nearly the whole count (next test)."""
     base = build_model(small_spec, seed=0)
     train(base, small_task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
     hidden = base.clone()
     with torch.no_grad():
         hidden.weights()["unembed.W_U"].copy_(hidden.weights()["unembed.W_U"][:, torch.randperm(small_spec.d_vocab)])
     destroyed = build_model(small_spec, seed=3)
-    probing = Probing(label="count_a", n=600, steps=200)
+    probing = Probing(label="count_a", n=600, steps=200, embeddings="tuned")
     kept = probing(ModelPair(base, hidden), small_task, small_task, eval_size=128)
     lost = probing(ModelPair(base, destroyed), small_task, small_task, eval_size=128)
     h = kept.headline
@@ -105,8 +107,10 @@ def test_probing_through_the_base_embeddings_sees_past_a_rewritten_token_lookup(
         w_e[vocab["a"]] = w_e[vocab["b"]]
     before = {k: v.clone() for k, v in relabeled.weights().items()}
     settings = dict(label="count_a", n=600, steps=200)
-    hidden = Probing(**settings)(ModelPair(base, relabeled), small_task, small_task, eval_size=128)
-    seen = Probing(**settings, embeddings="base")(ModelPair(base, relabeled), small_task, small_task, eval_size=128)
+    assert Probing().embeddings == "base"  # the default, what the shipped rule is fitted with
+    assert NewLatentProbing().embeddings == "tuned"  # what the fine-tune wrote into the lookup is new
+    hidden = Probing(**settings, embeddings="tuned")(ModelPair(base, relabeled), small_task, small_task, eval_size=128)
+    seen = Probing(**settings)(ModelPair(base, relabeled), small_task, small_task, eval_size=128)
     assert hidden.headline["probe_best_tuned"] < hidden.headline["probe_best_base"] - 0.2 and hidden.value < 0.5
     assert seen.headline["probe_best_tuned"] == seen.headline["probe_best_base"]
     assert seen.headline["probe_best_untrained"] > hidden.headline["probe_best_untrained"]
