@@ -364,13 +364,17 @@ class VerdictRule:
         return evidence
 
     def weight(self, evidence: Evidence) -> float:
-        """The evidence's weight in the score (0 when not applicable or without an anchor)."""
+        """The evidence's weight in the score: 0 when not applicable, without an anchor, or when its
+        anchor, restricted to the directions the analyzer declares, points nowhere (a statistic that
+        can never point anywhere must not dilute the score, whatever weight a hand-written rule gives it)."""
         if not evidence.applicable:
             return 0.0
         if evidence.statistic is None:
             return self.kind_weights[evidence.kind]
         anchor = self.anchors.get(evidence.statistic)
-        return 0.0 if anchor is None else self.kind_weights[evidence.kind] * anchor.weight
+        if anchor is None or anchor.restricted_to(declared_directions(evidence.statistic)).sides == "none":
+            return 0.0
+        return self.kind_weights[evidence.kind] * anchor.weight
 
     def _signed_replicates(self, evidence: Evidence, n: int) -> np.ndarray:
         point = evidence.signed_strength

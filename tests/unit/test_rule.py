@@ -90,6 +90,21 @@ def test_judge_honours_the_directions_an_analyzer_declares():
     assert ev.direction == "neutral" and "points nowhere" in ev.reasons[0] and "sampling noise" in ev.reasons[0]
 
 
+def test_a_statistic_that_can_point_nowhere_does_not_dilute_the_score():
+    """A hand-written rule gives pruning's statistic only a change side, with weight 1; pruning
+    declares it can show only a wrapper, so the anchor points nowhere: it weighs 0, and revival's
+    wrapper evidence alone decides the score (before, it was halved)."""
+    rule = VerdictRule(anchors={"pruning_recovered_share": Anchor(0.8, 1.0, 0.4, 0.0, sides="change"),
+                                "revival_speedup_log2": Anchor(0.8, 1.0, 0.4, 0.0)},
+                       deletion=QuestionRule(0.1, 0.1))  # fmt: skip
+    evidence = [rule.judge(Evidence(name, {}, pd.DataFrame(), kind="functional", question="deletion",
+                                    statistic=statistic, value=1.0, replicates=np.full(20, 1.0)))
+                for name, statistic in (("pruning", "pruning_recovered_share"), ("revival", "revival_speedup_log2"))]  # fmt: skip
+    assert [rule.weight(e) for e in evidence] == [0.0, 1.0]
+    finding = rule.weigh("deletion", evidence)
+    assert finding.score == pytest.approx(1.0) and finding.verdict == "wrapper"
+
+
 def test_judge_sets_direction_strength_and_cites_the_cut():
     ev = _ev("probing", 0.9)
     assert (ev.direction, ev.strength) == ("wrapper", pytest.approx(0.5))
