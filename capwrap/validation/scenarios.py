@@ -79,7 +79,7 @@ Truth = Literal["wrapper", "capability_change", "inconclusive", "unknown"]
 LEARNED = 0.5
 
 #: Added to the seeds 1-5 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
-#: unlearning, 5 Tracr). The held-out seeds were renewed three times, each time after a change to the
+#: unlearning, 5 Tracr). The held-out seeds were renewed five times, each time after a change to the
 #: rule's definitions or its fit that reading held-out results had suggested, so that the held-out
 #: figure stays a measurement: 11-15, then 21-25 (the truth definitions), then 31-35 (the fit's
 #: sampling-noise test, prompted by pruning's wrong directions on 21-25), then 41-45 (thresholds
