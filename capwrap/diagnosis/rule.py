@@ -323,16 +323,15 @@ class VerdictRule:
                 evidence.reasons = [evidence.summary]
             return evidence
         summary = evidence.summary or f"{evidence.statistic} = {evidence.value:.3g}"
-        anchor = self.anchors.get(evidence.statistic)
         if not evidence.applicable:
             evidence.direction, evidence.strength, evidence.reasons = "neutral", 0.0, [summary]
             return evidence
+        anchor = self._declared_anchor(evidence.statistic)
         if anchor is None:
             evidence.direction, evidence.strength = "neutral", 0.0
             evidence.reasons = [f"{summary}; this rule has no anchor for {evidence.statistic!r} (refit it on a suite)"]
             return evidence
         declared = declared_directions(evidence.statistic)
-        anchor = anchor.restricted_to(declared)
         signed = anchor.signed(evidence.value)
         evidence.direction = "wrapper" if signed > 0 else "change" if signed < 0 else "neutral"
         evidence.strength = abs(signed)
@@ -371,18 +370,23 @@ class VerdictRule:
             return 0.0
         if evidence.statistic is None:
             return self.kind_weights[evidence.kind]
-        anchor = self.anchors.get(evidence.statistic)
-        if anchor is None or anchor.restricted_to(declared_directions(evidence.statistic)).sides == "none":
+        anchor = self._declared_anchor(evidence.statistic)
+        if anchor is None or anchor.sides == "none":
             return 0.0
         return self.kind_weights[evidence.kind] * anchor.weight
 
+    def _declared_anchor(self, statistic: str | None) -> Anchor | None:
+        """The anchor of ``statistic``, restricted to the directions its analyzer declares it can
+        show (``None`` when the rule has none): the one anchor judging, weighing and the bootstrap use."""
+        anchor = self.anchors.get(statistic) if statistic is not None else None
+        return None if anchor is None else anchor.restricted_to(declared_directions(statistic))
+
     def _signed_replicates(self, evidence: Evidence, n: int) -> np.ndarray:
         point = evidence.signed_strength
-        anchor = self.anchors.get(evidence.statistic or "")
+        anchor = self._declared_anchor(evidence.statistic)
         reps = evidence.replicates
         if anchor is None or len(reps) == 0:
             return np.full(n, point)
-        anchor = anchor.restricted_to(declared_directions(evidence.statistic or ""))
         reps = np.resize(reps, n)  # analyzers with fewer replicates (seeds) repeat them
         signed = anchor.signed_array(reps)
         return np.where(np.isfinite(reps), signed, point)
