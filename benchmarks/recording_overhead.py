@@ -1,13 +1,13 @@
 """Benchmark: wall-time overhead of per-step recording during fine-tuning.
 
-The same fine-tuning run (the demo's: shipped base model, count b with C_Tr = 1, batch 96) with and
+The same fine-tuning run (the demo's: shipped base model, count b with C_Tr = 1, batch 48) with and
 without a Recorder that stores every ``blocks.*.hook_resid_post`` on a 256-sequence probe batch
 every 10 steps, plus per-component weight-change and gradient norms. ``probe_forwards_percent``
 is what the bare forward passes over the probe batch alone cost: the floor for any recorder that
 computes those activations. Runs alternate
 (off, on, off, on, ...) so drifts in machine load hit both alike; the median of each is reported.
 
-    python benchmarks/recording_overhead.py [--steps 200] [--repeats 3] [--device cpu|cuda] [--backend ...]
+    python benchmarks/recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--device cpu|cuda] [--backend ...]
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, choices=["hooked", "bridge"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned: under load two run slower than one)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix="capwrap-bench-"))
     try:
         one_run(10, True, args.device, args.backend, 999, out)  # warm-up (allocator, kernels)
@@ -77,6 +79,7 @@ def main() -> None:
             "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
             "backend": load_model(str(DEMO_BASE), backend=args.backend).backend,
             "steps": args.steps,
+            "threads": args.threads,
             "seconds_without": round(off, 2),
             "seconds_with": round(on, 2),
             "overhead_percent": round(100 * (on - off) / off, 1),

@@ -20,6 +20,7 @@ import json
 import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from capwrap.demo import DEMO_BASE, FINETUNE_CONFIG, demo_tasks
 from capwrap.integrations import RecorderCallback, task_dataset
 from capwrap.models import wrap_hf_model
 from capwrap.recording import RunStore
+from capwrap.recording.recorder import CAPTURE_ROWS
 
 
 def make_model(lora: bool) -> torch.nn.Module:
@@ -42,12 +44,38 @@ def make_model(lora: bool) -> torch.nn.Module:
     return model
 
 
-def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str) -> float:
+class TimedCallback(RecorderCallback):
+    """The callback, with the training thread's time in it split: set-up (wrapping the model,
+    creating the store, recording step 0), recorded steps, plain steps, and the end (waiting for
+    the writer). On a GPU this is what the recorder keeps the CPU busy with, launches included."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seconds = {"setup": 0.0, "records": 0.0, "steps": 0.0, "end": 0.0}
+
+    def on_train_begin(self, *args, **kwargs):
+        start = time.perf_counter()
+        super().on_train_begin(*args, **kwargs)
+        self.seconds["setup"] += time.perf_counter() - start
+
+    def on_optimizer_step(self, *args, **kwargs):
+        due = self.recorder is not None and (self.recorder.current_step + 1) % self.recorder.every == 0
+        start = time.perf_counter()
+        super().on_optimizer_step(*args, **kwargs)
+        self.seconds["records" if due else "steps"] += time.perf_counter() - start
+
+    def on_train_end(self, *args, **kwargs):
+        start = time.perf_counter()
+        super().on_train_end(*args, **kwargs)
+        self.seconds["end"] += time.perf_counter() - start
+
+
+def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str) -> tuple[float, dict]:
     model = make_model(lora)
     callbacks = []
     if record:
         probe = demo_tasks()["capability"].sample(256, seed=0)
-        callbacks.append(RecorderCallback(out / f"run{seed}", probe=probe, hooks="blocks.*.hook_resid_post", every=10))
+        callbacks.append(TimedCallback(out / f"run{seed}", probe=probe, hooks="blocks.*.hook_resid_post", every=10))
     args = transformers.TrainingArguments(
         str(out / f"trainer{seed}"), max_steps=steps, per_device_train_batch_size=FINETUNE_CONFIG.batch_size,
         learning_rate=1e-3 if lora else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
@@ -59,25 +87,26 @@ def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data, de
     if record:
         store = RunStore.open(out / f"run{seed}")
         assert len(store.array_steps("blocks.0.hook_resid_post")) == steps // 10 + 1
-    return elapsed
+    return elapsed, callbacks[0].seconds if record else {}
 
 
 def probe_forward_seconds(lora: bool, device: str) -> tuple[float, float]:
-    """One pass over the probe batch in chunks of 64, as the recorder runs it: through the plain
+    """One pass over the probe batch in the recorder's chunks (:data:`~capwrap.recording.recorder.CAPTURE_ROWS`): through the plain
     Hugging Face model (the floor of any recorder), and capwrap's capture through the wrapped model's hooks."""
     plain = make_model(lora).to(device)
     model = wrap_hf_model(make_model(lora).to(device))
     tokens = demo_tasks()["capability"].sample(256, seed=0).tokens.to(device)
     hooks = model.resolve_hooks("blocks.*.hook_resid_post")
+    rows = CAPTURE_ROWS.get(torch.device(device).type) or len(tokens)  # as the recorder runs it
 
     def bare() -> None:
         with torch.inference_mode():
-            for start in range(0, len(tokens), 64):
-                plain(tokens[start : start + 64])
+            for start in range(0, len(tokens), rows):
+                plain(tokens[start : start + rows])
 
     times: dict[str, list[float]] = {"bare": [], "capture": []}
     for _ in range(6):  # alternating; the first of each is a warm-up
-        for name, fn in (("bare", bare), ("capture", lambda: model.capture(tokens, hooks, batch_size=64))):
+        for name, fn in (("bare", bare), ("capture", lambda: model.capture(tokens, hooks, batch_size=rows))):
             times[name].append(timed(fn)[1])
     return statistics.median(times["bare"][1:]), statistics.median(times["capture"][1:])
 
@@ -97,9 +126,12 @@ def main() -> None:
         data = task_dataset(demo_tasks()["downstream_correlated"], args.steps * FINETUNE_CONFIG.batch_size, seed=1)
         one_run(10, True, args.lora, 999, out, data, args.device)  # warm-up (allocator, kernels, imports)
         times: dict[bool, list[float]] = {False: [], True: []}
+        parts: list[dict] = []
         for r in range(args.repeats):
             for record in (False, True):
-                times[record].append(one_run(args.steps, record, args.lora, r, out, data, args.device))
+                elapsed, seconds = one_run(args.steps, record, args.lora, r, out, data, args.device)
+                times[record].append(elapsed)
+                parts += [seconds] if record else []
         off, on = statistics.median(times[False]), statistics.median(times[True])
         bare, capture = probe_forward_seconds(args.lora, args.device)
         records = args.steps // 10 + 1
@@ -115,6 +147,9 @@ def main() -> None:
             "overhead_percent": round(100 * (on - off) / off, 1),
             "probe_forwards_percent": round(100 * bare * records / off, 1),
             "capture_percent": round(100 * capture * records / off, 1),
+            # the callback's own time in the training thread, medians over the recorded runs, as a
+            # share of the run without recording
+            "callback_percent": {k: round(100 * statistics.median(p[k] for p in parts) / off, 1) for k in parts[0]},
             "seconds_per_step_without": round(off / args.steps, 3),
             "store_megabytes": round(size / 2**20, 1),
             "runs": {"without": [round(t, 2) for t in times[False]], "with": [round(t, 2) for t in times[True]]},

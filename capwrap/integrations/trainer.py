@@ -134,14 +134,15 @@ class RecorderCallback(transformers.TrainerCallback):
             self._losses.append(loss.detach())
             self._shares = kwargs.get("num_items_in_batch") is not None
 
-    def _step_loss(self) -> float | None:
+    def _step_loss(self) -> Tensor | None:
         """The step's loss: the sum of the micro-batches' shares when the Trainer weighs them by
-        tokens (``num_items_in_batch``), else their mean; ``None`` if the model reported none."""
+        tokens (``num_items_in_batch``), else their mean; ``None`` if the model reported none. Left
+        on the model's device: the recorder's writer thread reads it back, not the training loop."""
         if not self._losses:
             return None
         losses = torch.stack([loss.float() for loss in self._losses])
         self._losses = []
-        return float(losses.sum() if self._shares else losses.mean())
+        return losses.sum() if self._shares else losses.mean()
 
     def _check_resumable(self, step: int) -> None:
         last = RunStore.open(self.path).last_step

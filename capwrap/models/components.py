@@ -16,19 +16,21 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from capwrap.errors import ConfigError, closest_matches
 from capwrap.models.layouts import canonical_names
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["ParamSlice", "Component", "ComponentMap", "ComponentKind"]
+__all__ = ["ParamSlice", "Component", "ComponentMap", "ComponentKind", "norm_dtype"]
 
 ComponentKind = Literal["embed", "pos_embed", "unembed", "norm", "attn", "head", "kv_head", "mlp", "neuron"]
 COMPONENT_KINDS: tuple[str, ...] = ComponentKind.__args__  # type: ignore[attr-defined]
@@ -157,28 +159,96 @@ class ComponentMap:
 
     def sq_norms(self, tensors: Mapping[str, Tensor], kind: str, partial: bool = False) -> Tensor:
         """Squared L2 norm of each ``kind`` component's slices of ``tensors`` (canonical names),
-        in :meth:`select` order. Vectorized: one reduction per weight, on the tensors' device, in at
-        least float32 (pairwise sums: accurate to ~1e-6), then one transfer to the host and a scatter-add.
+        in :meth:`select` order, on the host in float64 (:meth:`sq_norms_by_kind` for one kind, read back).
 
         ``tensors`` is typically a weight difference (``tuned - base``) or the gradients. With
         ``partial``, weights absent from ``tensors`` are skipped (their share is 0): summing the
         results over groups of weights (e.g. one layer at a time) gives the whole norms.
         """
-        comps = self.select(kind)
-        plan = [(key, where) for key, where in self._plan(kind).items() if not (partial and key[0] not in tensors)]
-        out = torch.zeros(len(comps), dtype=torch.float64)
-        if not plan:
-            return out
-        per_weight = []
-        for (param, axis), _ in plan:
-            t = tensors[param].detach()
-            sq = t.to(torch.promote_types(t.dtype, torch.float32)).square()
-            dims = [d for d in range(sq.ndim) if d != axis]  # every dimension when axis is None
-            per_weight.append((sq.sum(dim=dims) if dims else sq).reshape(-1))
-        host = torch.cat([v.to(per_weight[0].device) for v in per_weight]).cpu().double()  # one device -> host copy
-        for (_, (comp_ids, positions)), per in zip(plan, host.split([len(t) for t in per_weight]), strict=True):
-            out.index_add_(0, comp_ids, per[positions])
-        return out
+        return self.sq_norms_by_kind(tensors, (kind,), partial)[kind].cpu().double()
+
+    def sq_norms_by_kind(
+        self, tensors: Mapping[str, Tensor], kinds: Sequence[str], partial: bool = False
+    ) -> dict[str, Float[Tensor, " components"]]:
+        """Squared L2 norms of the components of each of ``kinds`` (as :meth:`sq_norms`), left on the
+        tensors' device and read back by nothing: what a training loop can call every few steps
+        without waiting for a GPU.
+
+        Vectorized: one reduction per weight and component axis, shared by every kind that needs it
+        (``attn`` and ``head`` reduce the same attention weights), in at least float32 (pairwise
+        sums), then one gather and scatter-add per kind — a few dozen operations for any model
+        size, where a loop over weights and kinds launched hundreds.
+
+        Examples:
+            >>> from capwrap.models import ModelSpec, build_model
+            >>> model = build_model(ModelSpec(d_vocab=10, n_ctx=8, n_layers=1, d_model=8, n_heads=2), seed=0)
+            >>> cmap = model.components
+            >>> ones = {name: torch.ones_like(w) for name, w in model.weights().items()}
+            >>> norms = cmap.sq_norms_by_kind(ones, ["head", "neuron"])
+            >>> norms["head"].tolist()  # W_Q, W_K, W_V [8, 4] and b_Q, b_K, b_V [4] and W_O [4, 8] of each head
+            [140.0, 140.0]
+        """
+        kinds = tuple(kinds)
+        plans = {
+            kind: [(key, where) for key, where in self._plan(kind).items() if not (partial and key[0] not in tensors)]
+            for kind in kinds
+        }
+        wanted: dict[tuple[str, int | None], None] = {}  # (weight, component axis) asked of the weights, in order
+        for plan in plans.values():
+            wanted.update(dict.fromkeys(key for key, _ in plan))
+        if not wanted:
+            return {kind: torch.zeros(len(self.select(kind)), dtype=torch.float64) for kind in kinds}
+        with torch.no_grad():
+            whole = [param for param, axis in wanted if axis is None]  # whole weights: one fused norm for all
+            sliced = [(param, axis) for param, axis in wanted if axis is not None]
+            pieces: list[Tensor] = []
+            if whole:
+                dtype = norm_dtype(tensors[p].dtype for p in whole)
+                norms = torch._foreach_norm([tensors[p] for p in whole], 2, dtype=dtype)
+                device = norms[0].device
+                pieces.append(torch.stack([n if n.device == device else n.to(device) for n in norms]).square())
+            squares: dict[str, Tensor] = {}
+            for param, axis in sliced:
+                if param not in squares:
+                    t = tensors[param]
+                    squares[param] = t.to(norm_dtype((t.dtype,))).square()
+                sq = squares[param]
+                dims = [d for d in range(sq.ndim) if d != axis]
+                pieces.append(sq.sum(dim=dims) if dims else sq)
+            device = pieces[0].device
+            flat = torch.cat([piece if piece.device == device else piece.to(device) for piece in pieces])
+            layout = (tuple(whole), tuple(sliced))
+            gathers = self._gathers(kinds, layout, [len(p) for p in pieces[bool(whole) :]], device)
+            return {
+                kind: torch.zeros(size, dtype=flat.dtype, device=device).index_add_(0, dst, flat[src])
+                for kind, (size, src, dst) in zip(kinds, gathers, strict=True)
+            }
+
+    def _gathers(
+        self, kinds: tuple[str, ...], layout: tuple[tuple[str, ...], tuple[tuple[str, int], ...]], lengths: list[int],
+        device: torch.device,
+    ) -> list[tuple[int, Tensor, Tensor]]:  # fmt: skip
+        """For each kind: its number of components, and which positions of the concatenated
+        reductions add into which component. ``layout``: the whole weights (one position each),
+        then the (weight, axis) reductions, whose sizes are ``lengths``. Cached per layout and device."""
+        cache = self.__dict__.setdefault("_gather_cache", {})
+        key = (kinds, layout, str(device))
+        if key not in cache:
+            whole, sliced = layout
+            offsets = {(param, None): i for i, param in enumerate(whole)}
+            n = len(whole)
+            for reduction, length in zip(sliced, lengths, strict=True):
+                offsets[reduction] = n
+                n += length
+            out = []
+            for kind in kinds:
+                plan = [(k, w) for k, w in self._plan(kind).items() if k in offsets]
+                none = [torch.zeros(0, dtype=torch.long)]
+                src = torch.cat([positions + offsets[k] for k, (_, positions) in plan] or none)
+                dst = torch.cat([ids for _, (ids, _) in plan] or none)
+                out.append((len(self.select(kind)), src.to(device), dst.to(device)))
+            cache[key] = out
+        return cache[key]
 
     def _plan(self, kind: str) -> dict[tuple[str, int | None], tuple[Tensor, Tensor]]:
         """For each (weight, component axis): which component gets which slice position."""
@@ -201,3 +271,18 @@ class ComponentMap:
     def counts(self) -> dict[str, int]:
         """How many components of each kind the model has."""
         return self.to_frame()["kind"].value_counts().reindex(COMPONENT_KINDS).dropna().astype(int).to_dict()
+
+
+def norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype norms of tensors of ``dtypes`` are summed in: their common dtype, at least float32.
+
+    Examples:
+        >>> norm_dtype([torch.bfloat16, torch.float16]), norm_dtype([torch.float64])
+        (torch.float32, torch.float64)
+    """
+    return _norm_dtype(frozenset(dtypes))
+
+
+@functools.cache
+def _norm_dtype(dtypes: frozenset[torch.dtype]) -> torch.dtype:
+    return functools.reduce(torch.promote_types, dtypes, torch.float32)

@@ -116,9 +116,9 @@ class LiveModel(CapModel):
         for weight in self._merged:
             weight.refresh()
 
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def _forward_checked(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
         self.refresh()
-        return super().forward(tokens)
+        return super()._forward_checked(tokens)
 
     def weights(self) -> dict[str, Tensor]:
         self.refresh()

@@ -322,9 +322,15 @@ class CapModel:
         return self.forward(tokens)
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
-        """Logits for a batch of token ids."""
+        """Logits for a batch of token ids (checked; on a GPU, check them on the host: on the device
+        the check waits for it)."""
         self._check_tokens(tokens)
-        return self.module(tokens.to(self.device))
+        return self._forward_checked(tokens)
+
+    def _forward_checked(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        # From the host the ids go without waiting for the device: a blocking copy would wait for
+        # every kernel queued before it (the copy from pageable memory is staged at once, so safe).
+        return self.module(tokens.to(self.device, non_blocking=True))
 
     def rows_per_pass(self, seq_len: int, backward: bool = False) -> int:
         """How many sequences of ``seq_len`` tokens one pass may take so that what it holds at once
@@ -424,12 +430,13 @@ class CapModel:
 
             return save
 
+        self._check_tokens(tokens)  # once, not once per pass
         step = min(batch_size or max(1, len(tokens)), self.rows_per_pass(tokens.shape[1]))
         for start in range(0, len(tokens), step):
             store: dict[str, Tensor] = {}
             rows = slice(start, min(start + step, len(tokens)))
             with torch.inference_mode(), self.hooks([(n, saver(store, n, rows)) for n in names]):
-                self.forward(tokens[rows])
+                self._forward_checked(tokens[rows])
             chunks.append(store)
         if len(chunks) == 1:
             return {n: chunks[0][n] for n in names}
@@ -473,7 +480,8 @@ class CapModel:
         """Gradients of the storage tensors: their own (a model trained outside the bridge, as a
         wrapped live model is), plus those of views the bridge trains some weights through (GPT-2's
         fused ``c_attn`` through separate q/k/v parameters), scattered back."""
-        grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in self._storage.items()}
+        grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in self._storage.items()}
+        copied: set[str] = set()  # a storage tensor's own gradient is copied only before views' are added to it
         held = {id(p) for p in self._storage.values()}
         by_storage = {p.untyped_storage().data_ptr(): k for k, p in self._storage.items()}
         for p in self.module.parameters():
@@ -482,6 +490,9 @@ class CapModel:
             owner = by_storage.get(p.untyped_storage().data_ptr())
             if owner is None:
                 continue
+            if owner not in copied:
+                grads[owner] = grads[owner].clone()
+                copied.add(owner)
             base = self._storage[owner]
             offset = p.storage_offset() - base.storage_offset()
             grads[owner].as_strided(p.shape, p.stride(), offset).add_(p.grad)

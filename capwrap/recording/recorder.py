@@ -42,21 +42,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from capwrap.checks import check_token_ids
 from capwrap.errors import ConfigError, StoreError
 from capwrap.files import write_bytes_atomic
 from capwrap.models import CapModel
+from capwrap.models.components import norm_dtype
 from capwrap.models.live import as_cap_model
 from capwrap.recording.store import RunStore
 from capwrap.tasks.base import TaskBatch
 
-__all__ = ["Recorder", "DEFAULT_COMPONENT_KINDS", "load_probe", "start_weights"]
+__all__ = ["Recorder", "CAPTURE_ROWS", "DEFAULT_COMPONENT_KINDS", "load_probe", "start_weights"]
 
 #: Component kinds whose weight-change and gradient norms are recorded by default.
 DEFAULT_COMPONENT_KINDS = ("embed", "pos_embed", "unembed", "attn", "head", "mlp", "neuron")
+#: Sequences per forward pass over the probe batch, by device type. On a CPU, passes of 64 run
+#: faster than one large one (they stay in cache); elsewhere the whole probe goes in one pass (as
+#: many sequences as :meth:`~capwrap.models.CapModel.rows_per_pass` allows), since a GPU running a
+#: small model is bound by kernel launches, which a pass of four times the rows does not multiply.
+CAPTURE_ROWS: dict[str, int | None] = {"cpu": 64}
 _PROBE_FILE = "probe.safetensors"
 _START_FILE = "start_weights.safetensors"
 
@@ -159,13 +165,13 @@ class Recorder:
             self._writer = _OrderedWriter(self.store)
             self._check_resumable(self.store)
             self._start = self._load_start()
-            self._start_sq = _total_sq(self._start.values())
+            self._start_sq = float(_total_sq(self._start.values()))
             self._step = self.store.last_step or 0
             return self
         self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
         self._writer = _OrderedWriter(self.store)
         self._start = {k: v.detach().clone() for k, v in self.model.weights().items()}
-        self._start_sq = _total_sq(self._start.values())
+        self._start_sq = float(_total_sq(self._start.values()))
         self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
         if self.probe is not None:
             self._save_tensors(_PROBE_FILE, {
@@ -219,57 +225,70 @@ class Recorder:
 
         Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``. Pass ``grad_norm``
         if your loop already computed it; otherwise the recorder computes it from the gradients.
+        ``loss`` and metrics may be numbers or one-element tensors: a tensor is read back by the
+        writer thread, so on a GPU the training loop does not wait for the device (nor does
+        anything else this method does, recorded step or not).
         ``arrays`` (e.g. a training method's per-step arrays) are stored with this step, due or not.
         Writing to disk happens in a background thread, in order; :meth:`close` waits for it.
         """
         if self.store is None:
             raise StoreError("the recorder is not open; use it as a context manager or call .open() first")
         self._step += 1
-        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars = {k: _scalar(k, v) for k, v in metrics.items()}
         if loss is not None:
-            scalars["loss"] = float(loss)
-        extra = {name: value.detach().float().cpu() for name, value in (arrays or {}).items()}
+            scalars["loss"] = _scalar("loss", loss)
+        extra, ready = _copy_to_host({name: value.detach().float() for name, value in (arrays or {}).items()})
         if self._step % self.every == 0:
-            self._record(scalars, extra)
+            self._record(scalars, extra, ready)
         else:
             if "grad_norm" not in scalars and (grads := self._grad_total()) is not None:
                 scalars["grad_norm"] = grads
-            self._writer.submit(self._step, scalars, extra or None)
+            self._writer.submit(self._step, scalars, extra or None, ready)
 
-    def _record(self, scalars: dict[str, float], extra: dict[str, Tensor] | None = None) -> None:
+    def _record(
+        self, scalars: dict[str, float | Tensor], extra: dict[str, Tensor] | None = None, ready: Sequence[Any] = ()
+    ) -> None:
+        """Record the due step. Nothing here waits for the device: the norms stay on it and the
+        activations are copied to the host asynchronously; the writer thread reads them back."""
         assert self.store is not None
         arrays: dict[str, Tensor] = dict(extra or {})
+        ready = list(ready)
         if self.hooks:
             was_training = self.model.module.training
             self.model.eval()
             try:
-                acts = self.model.capture(self.probe.tokens.to(self.model.device), self.hooks, batch_size=64)
+                rows = CAPTURE_ROWS.get(self.model.device.type)
+                acts = self.model.capture(self.probe.tokens, self.hooks, batch_size=rows)  # checked on the host
             finally:
                 self.model.train(was_training)
-            arrays |= {name: act.to(getattr(torch, self.dtype)).cpu() for name, act in acts.items()}
+            host, copying = _copy_to_host({name: act.to(getattr(torch, self.dtype)) for name, act in acts.items()})
+            arrays |= host
+            ready += copying
         weights = self.model.weights()
-        delta = {k: weights[k].detach() - self._start[k] for k in weights}
+        names = list(weights)
+        with torch.no_grad():
+            moved = torch._foreach_sub([weights[k] for k in names], [self._start[k] for k in names])
+        delta = dict(zip(names, moved, strict=True))
         cmap = self.model.components
-        for kind in self.component_kinds:
-            arrays[f"weight_delta.{kind}"] = cmap.sq_norms(delta, kind).sqrt().float()
+        for kind, sq in cmap.sq_norms_by_kind(delta, self.component_kinds).items():
+            arrays[f"weight_delta.{kind}"] = sq.sqrt().float()
         total_sq = _total_sq(delta.values())
-        start_sq = self._start_sq
-        scalars["weight_delta"] = total_sq**0.5
-        scalars["weight_delta_rel"] = (total_sq / start_sq) ** 0.5 if start_sq else 0.0
+        scalars["weight_delta"] = total_sq.sqrt()
+        scalars["weight_delta_rel"] = (total_sq / self._start_sq).sqrt() if self._start_sq else 0.0
         if self._has_grads():
             grads = self.model.gradients()
-            for kind in self.component_kinds:
-                arrays[f"grad_norm.{kind}"] = cmap.sq_norms(grads, kind).sqrt().float()
+            for kind, sq in cmap.sq_norms_by_kind(grads, self.component_kinds).items():
+                arrays[f"grad_norm.{kind}"] = sq.sqrt().float()
             if "grad_norm" not in scalars:
-                scalars["grad_norm"] = _total_sq(grads.values()) ** 0.5
-        self._writer.submit(self._step, scalars, arrays)
+                scalars["grad_norm"] = _total_sq(grads.values()).sqrt()
+        self._writer.submit(self._step, scalars, arrays, ready)
 
     def _has_grads(self) -> bool:
         return any(p.grad is not None for p in self.model.parameters())
 
-    def _grad_total(self) -> float | None:
+    def _grad_total(self) -> Tensor | None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return _total_sq(grads) ** 0.5 if grads else None
+        return _total_sq(grads).sqrt() if grads else None
 
     # ---- metadata --------------------------------------------------------------------------------
     def _array_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -330,14 +349,49 @@ class Recorder:
         return {k: v.clone() for k, v in views.items()}
 
 
-def _total_sq(tensors: Iterable[Tensor]) -> float:
-    """The squared L2 norm of all ``tensors`` together, read back from their device once (not once
-    per tensor, which on a GPU waits for the device every time): norms in at least float32, summed in
-    float64."""
-    norms = [torch.linalg.vector_norm(t.detach(), dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
-    if not norms:
-        return 0.0
-    return float(torch.stack([n.to(norms[0].device) for n in norms]).cpu().double().square().sum())
+def _total_sq(tensors: Iterable[Tensor]) -> Float[Tensor, ""]:
+    """The squared L2 norm of all ``tensors`` together, as a 0-dim tensor on the first one's device,
+    read back by nothing (on a GPU, a read waits for the device): one fused norm per tensor
+    (``torch._foreach_norm``, as ``torch.nn.utils.clip_grad_norm_`` takes them), in at least float32."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(())
+    dtype = norm_dtype(t.dtype for t in tensors)
+    with torch.no_grad():
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+        device = norms[0].device
+        return torch.stack([n if n.device == device else n.to(device) for n in norms]).square().sum()
+
+
+def _scalar(name: str, value: Any) -> float | Tensor:
+    """A scalar to store: a number, or a one-element tensor kept as it is now (a copy, on its device)
+    for the writer thread to read back."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ConfigError(
+                f"{name!r} is a tensor of shape {tuple(value.shape)}; pass one number (or a one-element tensor)"
+            )
+        return value.detach().reshape(()).clone()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name!r} is {value!r}, not a number; pass a float or a one-element tensor") from None
+
+
+def _copy_to_host(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[Any]]:
+    """Start copying ``tensors`` to host memory without waiting for the device. From a CUDA device
+    the copies go into pinned memory asynchronously, and one event per device marks when they are
+    done (the writer thread waits on them before reading); tensors on the host stay as they are."""
+    devices = {t.device for t in tensors.values() if t.device.type == "cuda"}
+    if not devices:
+        return {k: t if t.device.type == "cpu" else t.cpu() for k, t in tensors.items()}, []
+    host = {k: t.to("cpu", non_blocking=True) for k, t in tensors.items()}
+    events = []
+    for device in devices:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+    return host, events
 
 
 def _as_probe(probe: Any, model: CapModel) -> TaskBatch | None:
@@ -390,9 +444,16 @@ class _OrderedWriter:
         self._thread = threading.Thread(target=self._run, name="capwrap-recorder-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, step: int, scalars: dict[str, float], arrays: dict[str, Tensor] | None = None) -> None:
+    def submit(
+        self,
+        step: int,
+        scalars: dict[str, float | Tensor],
+        arrays: dict[str, Tensor] | None = None,
+        ready: Sequence[Any] = (),
+    ) -> None:
+        """Queue ``step``; ``ready``: events to wait on (``.synchronize()``) before reading its tensors."""
         self._raise_if_failed()
-        self._queue.put((step, scalars, arrays))
+        self._queue.put((step, scalars, arrays, ready))
 
     def flush(self) -> None:
         """Wait until every submitted append is done."""
@@ -408,7 +469,10 @@ class _OrderedWriter:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, drain without writing: nothing out of order
                 try:
-                    self._store.append(item[0], scalars=item[1], arrays=item[2])
+                    step, scalars, arrays, ready = item
+                    for event in ready:
+                        event.synchronize()
+                    self._store.append(step, scalars=scalars, arrays=arrays)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
                     self._error = exc
             self._queue.task_done()

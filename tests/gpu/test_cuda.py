@@ -185,6 +185,11 @@ def test_training_methods_and_recording_run_on_cuda(cpu_pair, tmp_path):
         fresh = model.capture(recorder.probe.tokens.to(DEVICE), ["blocks.1.hook_resid_post"])
         torch.testing.assert_close(torch.as_tensor(stored).float(), fresh["blocks.1.hook_resid_post"].float().cpu(),
                                    atol=1e-4, rtol=1e-4)  # fmt: skip
+        # the norms the writer thread read back from the device are the weights' own
+        delta = {k: (w.detach() - before[k]).cpu() for k, w in model.weights().items()}
+        expected = model.components.sq_norms(delta, "head").sqrt().float()
+        torch.testing.assert_close(torch.as_tensor(store.array("weight_delta.head")[-1]), expected, rtol=1e-4, atol=1e-6)
+        assert store.scalars()["grad_norm"].iloc[1:].notna().all()
 
 
 def test_trainer_run_on_cuda_records_with_the_callback(tmp_path):
