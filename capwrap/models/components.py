@@ -188,6 +188,8 @@ class ComponentMap:
             >>> norms["head"].tolist()  # W_Q, W_K, W_V [8, 4] and b_Q, b_K, b_V [4] and W_O [4, 8] of each head
             [140.0, 140.0]
         """
+        if isinstance(kinds, str):
+            raise ConfigError(f"kinds must be a sequence of component kinds, such as [{kinds!r}], not a string")
         kinds = tuple(kinds)
         plans = {
             kind: [(key, where) for key, where in self._plan(kind).items() if not (partial and key[0] not in tensors)]
@@ -232,7 +234,7 @@ class ComponentMap:
         reductions add into which component. ``layout``: the whole weights (one position each),
         then the (weight, axis) reductions, whose sizes are ``lengths``. Cached per layout and device."""
         cache = self.__dict__.setdefault("_gather_cache", {})
-        key = (kinds, layout, str(device))
+        key = (kinds, layout, tuple(lengths), str(device))
         if key not in cache:
             whole, sliced = layout
             offsets = {(param, None): i for i, param in enumerate(whole)}

@@ -328,9 +328,11 @@ class CapModel:
         return self._forward_checked(tokens)
 
     def _forward_checked(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
-        # From the host the ids go without waiting for the device: a blocking copy would wait for
-        # every kernel queued before it (the copy from pageable memory is staged at once, so safe).
-        return self.module(tokens.to(self.device, non_blocking=True))
+        # From pageable host memory the ids go without waiting for the device (a blocking copy waits
+        # for every kernel queued before it; a non-blocking one from pageable memory is staged at
+        # once, so the caller may reuse the tensor). Pinned memory would be read later, when the
+        # caller may have refilled it: that copy stays blocking.
+        return self.module(tokens.to(self.device, non_blocking=not tokens.is_pinned()))
 
     def rows_per_pass(self, seq_len: int, backward: bool = False) -> int:
         """How many sequences of ``seq_len`` tokens one pass may take so that what it holds at once
@@ -464,7 +466,8 @@ class CapModel:
         return self
 
     def gradients(self) -> dict[str, Tensor]:
-        """Canonical views of the current gradients (zeros where a weight got none)."""
+        """Canonical views of the current gradients (zeros where a weight got none): they change with
+        the next backward pass or ``zero_grad``, so clone what you keep."""
         self._use()
         if self._layout == "hooked":
             grads = {

@@ -63,6 +63,8 @@ DEFAULT_COMPONENT_KINDS = ("embed", "pos_embed", "unembed", "attn", "head", "mlp
 #: many sequences as :meth:`~capwrap.models.CapModel.rows_per_pass` allows), since a GPU running a
 #: small model is bound by kernel launches, which a pass of four times the rows does not multiply.
 CAPTURE_ROWS: dict[str, int | None] = {"cpu": 64}
+#: The dtype norms are summed in on devices without float64 (float64 elsewhere).
+_SUM_DTYPE = {"mps": torch.float32}
 _PROBE_FILE = "probe.safetensors"
 _START_FILE = "start_weights.safetensors"
 
@@ -129,6 +131,8 @@ class Recorder:
         if probe is None and self.hooks and resume:
             probe = recorded.get("probe")
         self.probe = _as_probe(probe, model)
+        # the ids the probe runs on, kept on the host: checked there, they never wait for a device
+        self._probe_tokens = None if self.probe is None else self.probe.tokens.cpu()
         if self.hooks and self.probe is None:
             raise ConfigError(
                 "recording activations needs a fixed probe batch: pass probe=task.sample(256, seed=0) "
@@ -237,33 +241,39 @@ class Recorder:
         scalars = {k: _scalar(k, v) for k, v in metrics.items()}
         if loss is not None:
             scalars["loss"] = _scalar("loss", loss)
-        extra, ready = _copy_to_host({name: value.detach().float() for name, value in (arrays or {}).items()})
+        extra = {name: value.detach().float() for name, value in (arrays or {}).items()}
         if self._step % self.every == 0:
-            self._record(scalars, extra, ready)
+            self._record(scalars, extra)
         else:
             if "grad_norm" not in scalars and (grads := self._grad_total()) is not None:
                 scalars["grad_norm"] = grads
-            self._writer.submit(self._step, scalars, extra or None, ready)
+            self._submit(scalars, extra)
 
-    def _record(
-        self, scalars: dict[str, float | Tensor], extra: dict[str, Tensor] | None = None, ready: Sequence[Any] = ()
-    ) -> None:
-        """Record the due step. Nothing here waits for the device: the norms stay on it and the
-        activations are copied to the host asynchronously; the writer thread reads them back."""
+    def _submit(self, scalars: dict[str, float | Tensor], arrays: dict[str, Tensor]) -> None:
+        """Hand the step to the writer thread. Every tensor goes to the host first, asynchronously
+        from a GPU (pinned memory, then an event the writer waits on), so the writer reads host
+        memory only: no wait for the device, on whatever stream the training runs."""
+        tensors = {("s", k): v for k, v in scalars.items() if isinstance(v, Tensor)}
+        tensors |= {("a", k): v for k, v in arrays.items()}
+        host, ready = _copy_to_host(tensors)
+        scalars = {k: host.get(("s", k), v) for k, v in scalars.items()}
+        arrays = {k: host[("a", k)] for k in arrays}
+        self._writer.submit(self._step, scalars, arrays or None, ready)
+
+    def _record(self, scalars: dict[str, float | Tensor], extra: dict[str, Tensor] | None = None) -> None:
+        """Record the due step. Nothing here waits for the device: activations and norms are
+        computed there and copied to the host asynchronously (:meth:`_submit`)."""
         assert self.store is not None
         arrays: dict[str, Tensor] = dict(extra or {})
-        ready = list(ready)
         if self.hooks:
             was_training = self.model.module.training
             self.model.eval()
             try:
                 rows = CAPTURE_ROWS.get(self.model.device.type)
-                acts = self.model.capture(self.probe.tokens, self.hooks, batch_size=rows)  # checked on the host
+                acts = self.model.capture(self._probe_tokens, self.hooks, batch_size=rows)
             finally:
                 self.model.train(was_training)
-            host, copying = _copy_to_host({name: act.to(getattr(torch, self.dtype)) for name, act in acts.items()})
-            arrays |= host
-            ready += copying
+            arrays |= {name: act.to(getattr(torch, self.dtype)) for name, act in acts.items()}
         weights = self.model.weights()
         names = list(weights)
         with torch.no_grad():
@@ -281,7 +291,7 @@ class Recorder:
                 arrays[f"grad_norm.{kind}"] = sq.sqrt().float()
             if "grad_norm" not in scalars:
                 scalars["grad_norm"] = _total_sq(grads.values()).sqrt()
-        self._writer.submit(self._step, scalars, arrays, ready)
+        self._submit(scalars, arrays)
 
     def _has_grads(self) -> bool:
         return any(p.grad is not None for p in self.model.parameters())
@@ -346,13 +356,15 @@ class Recorder:
         if not file.exists():
             raise StoreError(f"{file} is missing, so weight changes cannot be measured; record to a new folder")
         views = canonical_views(self.model.spec, load_file(str(file)))
-        return {k: v.clone() for k, v in views.items()}
+        current = self.model.weights()  # the start weights go where the model's are (a GPU, several devices)
+        return {k: v.to(current[k].device, copy=True) for k, v in views.items()}
 
 
 def _total_sq(tensors: Iterable[Tensor]) -> Float[Tensor, ""]:
     """The squared L2 norm of all ``tensors`` together, as a 0-dim tensor on the first one's device,
     read back by nothing (on a GPU, a read waits for the device): one fused norm per tensor
-    (``torch._foreach_norm``, as ``torch.nn.utils.clip_grad_norm_`` takes them), in at least float32."""
+    (``torch._foreach_norm``, as ``torch.nn.utils.clip_grad_norm_`` takes them), in at least float32,
+    then squared and summed in float64 (where the device has it: :data:`_SUM_DTYPE`)."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(())
@@ -360,16 +372,18 @@ def _total_sq(tensors: Iterable[Tensor]) -> Float[Tensor, ""]:
     with torch.no_grad():
         norms = torch._foreach_norm(tensors, 2, dtype=dtype)
         device = norms[0].device
-        return torch.stack([n if n.device == device else n.to(device) for n in norms]).square().sum()
+        total = torch.stack([n if n.device == device else n.to(device) for n in norms])
+        return total.to(_SUM_DTYPE.get(device.type, torch.float64)).square().sum()
 
 
 def _scalar(name: str, value: Any) -> float | Tensor:
     """A scalar to store: a number, or a one-element tensor kept as it is now (a copy, on its device)
     for the writer thread to read back."""
     if isinstance(value, Tensor):
-        if value.numel() != 1:
+        if value.numel() != 1 or value.is_complex():
             raise ConfigError(
-                f"{name!r} is a tensor of shape {tuple(value.shape)}; pass one number (or a one-element tensor)"
+                f"{name!r} is a {value.dtype} tensor of shape {tuple(value.shape)}; pass one real number "
+                "(or a one-element real tensor)"
             )
         return value.detach().reshape(()).clone()
     try:
@@ -378,7 +392,7 @@ def _scalar(name: str, value: Any) -> float | Tensor:
         raise ConfigError(f"{name!r} is {value!r}, not a number; pass a float or a one-element tensor") from None
 
 
-def _copy_to_host(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[Any]]:
+def _copy_to_host(tensors: dict[Any, Tensor]) -> tuple[dict[Any, Tensor], list[Any]]:
     """Start copying ``tensors`` to host memory without waiting for the device. From a CUDA device
     the copies go into pinned memory asynchronously, and one event per device marks when they are
     done (the writer thread waits on them before reading); tensors on the host stay as they are."""

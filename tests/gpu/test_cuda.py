@@ -192,6 +192,32 @@ def test_training_methods_and_recording_run_on_cuda(cpu_pair, tmp_path):
         assert store.scalars()["grad_norm"].iloc[1:].notna().all()
 
 
+def test_a_recording_resumes_on_cuda(cpu_pair, tmp_path):
+    from capwrap.models.layouts import canonical_views
+    from capwrap.recording import Recorder, RunStore, start_weights
+    from capwrap.tasks import answer_loss
+
+    model = cpu_pair.base.clone().to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def run(recorder: Recorder, steps: int) -> None:
+        with recorder:
+            for i in range(steps):
+                batch = DOWNSTREAM.sample(16, seed=i).to(DEVICE)
+                answer_loss(model(batch.tokens), batch).backward()
+                opt.step()
+                recorder.step()
+                opt.zero_grad()
+
+    run(Recorder(model, tmp_path / "run", probe=CAPABILITY.sample(16, seed=0), every=2), 4)
+    run(Recorder(model, tmp_path / "run", resume=True), 4)  # its start weights come from the file, on the CPU
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == list(range(9)) and store.array_steps("blocks.0.hook_resid_post") == [0, 2, 4, 6, 8]
+    first = canonical_views(model.spec, start_weights(store))
+    moved = sum(float((w.detach().cpu() - first[k]).double().square().sum()) for k, w in model.weights().items())
+    assert store.scalars()["weight_delta"].iloc[-1] == pytest.approx(moved**0.5, rel=1e-4)
+
+
 def test_trainer_run_on_cuda_records_with_the_callback(tmp_path):
     transformers = pytest.importorskip("transformers")
     from capwrap.demo import DEMO_BASE, demo_tasks

@@ -51,6 +51,21 @@ def test_vectorized_norms_equal_the_per_component_loop(small_model, kind):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-8)
 
 
+def test_norms_of_several_kinds_at_once_equal_one_kind_at_a_time(small_model):
+    w = small_model.weights()
+    kinds = ["neuron", "head", "attn", "mlp", "embed"]
+    together = small_model.components.sq_norms_by_kind(w, kinds)
+    assert list(together) == kinds
+    for kind in kinds:
+        torch.testing.assert_close(together[kind].double(), small_model.components.sq_norms(w, kind), rtol=1e-6, atol=0)
+    layer0 = {k: v for k, v in w.items() if k.startswith("blocks.0.")}  # partial: the rest counts 0
+    part = small_model.components.sq_norms_by_kind(layer0, ["head"], partial=True)["head"]
+    heads = small_model.components.select("head")
+    assert all((part[i] > 0) == (c.layer == 0) for i, c in enumerate(heads))
+    with pytest.raises(ConfigError, match="not a string"):
+        small_model.components.sq_norms_by_kind(w, "head")
+
+
 def test_unknown_names_and_kinds(cmap):
     with pytest.raises(ConfigError, match="L1H1"):
         cmap["L1H9x"]

@@ -218,3 +218,12 @@ def test_bad_recorder_arguments(small_model, small_task, tmp_path):
         Recorder(small_model, tmp_path / "r", probe=torch.zeros(8, dtype=torch.long))
     with pytest.raises(ConfigError, match="probe must be a TaskBatch"):
         Recorder(small_model, tmp_path / "r", probe=[[1, 2, 3]])
+    with Recorder(small_model, tmp_path / "ok", hooks=(), every=1) as rec:  # metrics: checked at the call
+        with pytest.raises(ConfigError, match="pass one real number"):
+            rec.step(loss=torch.ones(3))
+        with pytest.raises(ConfigError, match="pass one real number"):
+            rec.step(score=torch.tensor(1 + 2j))
+        with pytest.raises(ConfigError, match="'score' is 'high', not a number"):
+            rec.step(score="high")
+        rec.step(loss=torch.tensor(0.5))  # the store is intact: the bad calls recorded nothing
+    assert RunStore.open(tmp_path / "ok").scalars()["loss"].tolist()[-1] == 0.5
