@@ -5,12 +5,14 @@ the demo's batch, 48; AdamW, lr 3e-5, warmup + cosine) run by ``transformers.Tra
 ``RecorderCallback`` at the demo's recording settings: every ``blocks.*.hook_resid_post`` on a
 256-sequence probe batch every 10 steps, plus per-component weight-change and gradient norms.
 ``--lora`` trains a peft LoRA adapter (r 8 on c_attn and c_fc, lr 1e-3) instead of every weight.
+``--every`` and ``--probe-size`` change the recording settings (what a cheaper recording costs).
 Runs alternate (off, on, off, on, ...) so drifts in machine load hit both alike; the median of each
 is reported, with the bare probe forward passes (the floor of any recorder) as a share of the run:
 at these settings the probe's 256 sequences are 5.3 training batches, and a forward pass costs about
 a third of a training step per sequence, so recording activations costs ~1.6 steps every 10.
 
     python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--lora] [--device cuda]
+        [--every 10] [--probe-size 256]
 """
 
 from __future__ import annotations
@@ -70,12 +72,14 @@ class TimedCallback(RecorderCallback):
         self.seconds["end"] += time.perf_counter() - start
 
 
-def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str) -> tuple[float, dict]:
+def one_run(
+    steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str, every: int = 10, probe_size: int = 256
+) -> tuple[float, dict]:
     model = make_model(lora)
     callbacks = []
     if record:
-        probe = demo_tasks()["capability"].sample(256, seed=0)
-        callbacks.append(TimedCallback(out / f"run{seed}", probe=probe, hooks="blocks.*.hook_resid_post", every=10))
+        probe = demo_tasks()["capability"].sample(probe_size, seed=0)
+        callbacks.append(TimedCallback(out / f"run{seed}", probe=probe, hooks="blocks.*.hook_resid_post", every=every))
     args = transformers.TrainingArguments(
         str(out / f"trainer{seed}"), max_steps=steps, per_device_train_batch_size=FINETUNE_CONFIG.batch_size,
         learning_rate=1e-3 if lora else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
@@ -86,16 +90,16 @@ def one_run(steps: int, record: bool, lora: bool, seed: int, out: Path, data, de
     _, elapsed = timed(trainer.train)
     if record:
         store = RunStore.open(out / f"run{seed}")
-        assert len(store.array_steps("blocks.0.hook_resid_post")) == steps // 10 + 1
+        assert len(store.array_steps("blocks.0.hook_resid_post")) == steps // every + 1
     return elapsed, callbacks[0].seconds if record else {}
 
 
-def probe_forward_seconds(lora: bool, device: str) -> tuple[float, float]:
+def probe_forward_seconds(lora: bool, device: str, probe_size: int = 256) -> tuple[float, float]:
     """One pass over the probe batch in the recorder's chunks (:data:`~capwrap.recording.recorder.CAPTURE_ROWS`): through the plain
     Hugging Face model (the floor of any recorder), and capwrap's capture through the wrapped model's hooks."""
     plain = make_model(lora).to(device)
     model = wrap_hf_model(make_model(lora).to(device))
-    tokens = demo_tasks()["capability"].sample(256, seed=0).tokens.to(device)
+    tokens = demo_tasks()["capability"].sample(probe_size, seed=0).tokens.to(device)
     hooks = model.resolve_hooks("blocks.*.hook_resid_post")
     rows = CAPTURE_ROWS.get(torch.device(device).type) or len(tokens)  # as the recorder runs it
 
@@ -118,6 +122,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Trainer's own placement)")
+    parser.add_argument("--every", type=int, default=10, help="record every this many steps (the demo's: 10)")
+    parser.add_argument("--probe-size", type=int, default=256, help="probe sequences (the demo's: 256)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -129,12 +135,14 @@ def main() -> None:
         parts: list[dict] = []
         for r in range(args.repeats):
             for record in (False, True):
-                elapsed, seconds = one_run(args.steps, record, args.lora, r, out, data, args.device)
+                elapsed, seconds = one_run(
+                    args.steps, record, args.lora, r, out, data, args.device, args.every, args.probe_size
+                )
                 times[record].append(elapsed)
                 parts += [seconds] if record else []
         off, on = statistics.median(times[False]), statistics.median(times[True])
-        bare, capture = probe_forward_seconds(args.lora, args.device)
-        records = args.steps // 10 + 1
+        bare, capture = probe_forward_seconds(args.lora, args.device, args.probe_size)
+        records = args.steps // args.every + 1
         size = sum(f.stat().st_size for f in (out / "run0").rglob("*") if f.is_file())
         result = {
             "training": "LoRA r=8 (c_attn, c_fc)" if args.lora else "full fine-tuning",
@@ -142,6 +150,8 @@ def main() -> None:
             "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
             "transformers": transformers.__version__,
             "steps": args.steps,
+            "every": args.every,
+            "probe_size": args.probe_size,
             "seconds_without": round(off, 2),
             "seconds_with": round(on, 2),
             "overhead_percent": round(100 * (on - off) / off, 1),
