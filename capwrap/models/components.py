@@ -30,7 +30,7 @@ from capwrap.errors import ConfigError, closest_matches
 from capwrap.models.layouts import canonical_names
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["ParamSlice", "Component", "ComponentMap", "ComponentKind", "norm_dtype"]
+__all__ = ["ParamSlice", "Component", "ComponentMap", "ComponentKind", "norm_dtype", "tensor_norms"]
 
 ComponentKind = Literal["embed", "pos_embed", "unembed", "norm", "attn", "head", "kv_head", "mlp", "neuron"]
 COMPONENT_KINDS: tuple[str, ...] = ComponentKind.__args__  # type: ignore[attr-defined]
@@ -205,10 +205,7 @@ class ComponentMap:
             sliced = [(param, axis) for param, axis in wanted if axis is not None]
             pieces: list[Tensor] = []
             if whole:
-                dtype = norm_dtype(tensors[p].dtype for p in whole)
-                norms = torch._foreach_norm([tensors[p] for p in whole], 2, dtype=dtype)
-                device = norms[0].device
-                pieces.append(torch.stack([n if n.device == device else n.to(device) for n in norms]).square())
+                pieces.append(tensor_norms([tensors[p] for p in whole]).square())
             squares: dict[str, Tensor] = {}
             for param, axis in sliced:
                 if param not in squares:
@@ -283,6 +280,21 @@ def norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
         (torch.float32, torch.float64)
     """
     return _norm_dtype(frozenset(dtypes))
+
+
+def tensor_norms(tensors: Sequence[Tensor]) -> Float[Tensor, " n"]:
+    """The L2 norm of each of ``tensors``: one fused operation (``torch._foreach_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` takes them) in their :func:`norm_dtype`, stacked on the first
+    tensor's device, read back by nothing (on a GPU a read waits for the device).
+
+    Examples:
+        >>> tensor_norms([torch.full((2, 2), 1.0), torch.tensor([3.0, 4.0], dtype=torch.bfloat16)])
+        tensor([2., 5.])
+    """
+    with torch.no_grad():
+        norms = torch._foreach_norm(list(tensors), 2, dtype=norm_dtype(t.dtype for t in tensors))
+        device = norms[0].device
+        return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
 
 @functools.cache

@@ -484,7 +484,8 @@ class CapModel:
         wrapped live model is), plus those of views the bridge trains some weights through (GPT-2's
         fused ``c_attn`` through separate q/k/v parameters), scattered back."""
         grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in self._storage.items()}
-        copied: set[str] = set()  # a storage tensor's own gradient is copied only before views' are added to it
+        # a storage tensor's own gradient is copied before views' gradients are added to it (zeros are fresh)
+        copied = {k for k, p in self._storage.items() if p.grad is None}
         held = {id(p) for p in self._storage.values()}
         by_storage = {p.untyped_storage().data_ptr(): k for k, p in self._storage.items()}
         for p in self.module.parameters():

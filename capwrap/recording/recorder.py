@@ -49,7 +49,7 @@ from capwrap.checks import check_token_ids
 from capwrap.errors import ConfigError, StoreError
 from capwrap.files import write_bytes_atomic
 from capwrap.models import CapModel
-from capwrap.models.components import norm_dtype
+from capwrap.models.components import tensor_norms
 from capwrap.models.live import as_cap_model
 from capwrap.recording.store import RunStore
 from capwrap.tasks.base import TaskBatch
@@ -306,7 +306,7 @@ class Recorder:
         if self.hooks:
             shapes = {
                 n: tuple(a.shape)
-                for n, a in self.model.capture(self.probe.tokens[:1].to(self.model.device), self.hooks).items()
+                for n, a in self.model.capture(self._probe_tokens[:1], self.hooks).items()
             }
             n = len(self.probe)
             specs |= {name: ((n, *shape[1:]), self.dtype) for name, shape in shapes.items()}
@@ -362,18 +362,13 @@ class Recorder:
 
 def _total_sq(tensors: Iterable[Tensor]) -> Float[Tensor, ""]:
     """The squared L2 norm of all ``tensors`` together, as a 0-dim tensor on the first one's device,
-    read back by nothing (on a GPU, a read waits for the device): one fused norm per tensor
-    (``torch._foreach_norm``, as ``torch.nn.utils.clip_grad_norm_`` takes them), in at least float32,
-    then squared and summed in float64 (where the device has it: :data:`_SUM_DTYPE`)."""
+    read back by nothing: the tensors' norms (:func:`~capwrap.models.components.tensor_norms`), squared
+    and summed in float64 where the device has it (:data:`_SUM_DTYPE`)."""
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(())
-    dtype = norm_dtype(t.dtype for t in tensors)
-    with torch.no_grad():
-        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-        device = norms[0].device
-        total = torch.stack([n if n.device == device else n.to(device) for n in norms])
-        return total.to(_SUM_DTYPE.get(device.type, torch.float64)).square().sum()
+    norms = tensor_norms(tensors)
+    return norms.to(_SUM_DTYPE.get(norms.device.type, torch.float64)).square().sum()
 
 
 def _scalar(name: str, value: Any) -> float | Tensor:
