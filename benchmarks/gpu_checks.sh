@@ -50,6 +50,8 @@ step diagnose 100 python3 -m capwrap diagnose capwrap/assets/demo_base "$DEMO/tu
   --downstream pcfg=count,operand=b,correlation=1 --quick --device "$DEVICE" --quiet --out "$OUT/diagnose"
 step recording 70 python3 benchmarks/recording_overhead.py --device "$DEVICE" --steps 200 --repeats 3
 step trainer 70 python3 benchmarks/trainer_recording_overhead.py --device "$DEVICE" --steps 200 --repeats 3
+step trainer_background 70 python3 benchmarks/trainer_recording_overhead.py --device "$DEVICE" --steps 200 --repeats 3 \
+  --background
 step circuits 45 python3 benchmarks/circuits.py --device "$DEVICE" --only reference speed --repeats 15
 step patching64 60 python3 benchmarks/patching.py --device "$DEVICE" --batch 64
 step patching_big 60 python3 benchmarks/patching.py --device "$DEVICE" --memory-mb 4096

@@ -4,10 +4,12 @@ The same fine-tuning run (the demo's: shipped base model, count b with C_Tr = 1,
 without a Recorder that stores every ``blocks.*.hook_resid_post`` on a 256-sequence probe batch
 every 10 steps, plus per-component weight-change and gradient norms. ``probe_forwards_percent``
 is what the bare forward passes over the probe batch alone cost: the floor for any recorder that
-computes those activations. Runs alternate
+computes those activations. ``--background`` measures due steps in a background thread on a copy
+of the weights (``Recorder(background=True)``). Runs alternate
 (off, on, off, on, ...) so drifts in machine load hit both alike; the median of each is reported.
 
     python benchmarks/recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--device cpu|cuda] [--backend ...]
+        [--background]
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ from capwrap.tasks import PCFGTask
 from capwrap.training import train
 
 
-def one_run(steps: int, record: bool, device: str, backend: str | None, seed: int, out: Path) -> float:
+def one_run(
+    steps: int, record: bool, device: str, backend: str | None, seed: int, out: Path, background: bool = False
+) -> float:
     model = load_model(str(DEMO_BASE), backend=backend, device=device)
     task = PCFGTask("count", "b", correlation=1.0, config=PCFG)
     cfg = dataclasses.replace(FINETUNE_CONFIG, steps=steps, progress=False, seed=seed)
     recorder = None
     if record:
         probe = demo_tasks()["capability"].sample(256, seed=0)
-        recorder = Recorder(model, out / f"run{seed}", hooks="blocks.*.hook_resid_post", probe=probe, every=10)
+        recorder = Recorder(model, out / f"run{seed}", hooks="blocks.*.hook_resid_post", probe=probe, every=10,
+                            background=background)
     _, elapsed = timed(lambda: train(model, task, cfg, recorder=recorder))
     if record:
         store = RunStore.open(out / f"run{seed}")
@@ -63,6 +68,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default=None, choices=["hooked", "bridge"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (pinned: under load two run slower than one)")
+    parser.add_argument("--background", action="store_true", help="measure due steps in a background thread")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(tempfile.mkdtemp(prefix="capwrap-bench-"))
@@ -71,7 +77,7 @@ def main() -> None:
         times: dict[bool, list[float]] = {False: [], True: []}
         for r in range(args.repeats):
             for record in (False, True):
-                times[record].append(one_run(args.steps, record, args.device, args.backend, r, out))
+                times[record].append(one_run(args.steps, record, args.device, args.backend, r, out, args.background))
         off, on = statistics.median(times[False]), statistics.median(times[True])
         floor = probe_forward_seconds(args.device, args.backend) * (args.steps // 10)
         size = sum(f.stat().st_size for f in (out / "run0").rglob("*") if f.is_file())
@@ -80,6 +86,7 @@ def main() -> None:
             "backend": load_model(str(DEMO_BASE), backend=args.backend).backend,
             "steps": args.steps,
             "threads": args.threads,
+            "background": args.background,
             "seconds_without": round(off, 2),
             "seconds_with": round(on, 2),
             "overhead_percent": round(100 * (on - off) / off, 1),

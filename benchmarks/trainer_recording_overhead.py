@@ -6,13 +6,16 @@ the demo's batch, 48; AdamW, lr 3e-5, warmup + cosine) run by ``transformers.Tra
 256-sequence probe batch every 10 steps, plus per-component weight-change and gradient norms.
 ``--lora`` trains a peft LoRA adapter (r 8 on c_attn and c_fc, lr 1e-3) instead of every weight.
 ``--every`` and ``--probe-size`` change the recording settings (what a cheaper recording costs).
+``--background`` measures due steps in a background thread on a copy of the weights
+(``RecorderCallback(background=True)``): with ``--threads 1`` on a machine of two or more cores,
+that thread has a core of its own.
 Runs alternate (off, on, off, on, ...) so drifts in machine load hit both alike; the median of each
 is reported, with the bare probe forward passes (the floor of any recorder) as a share of the run:
 at these settings the probe's 256 sequences are 5.3 training batches, and a forward pass costs about
 a third of a training step per sequence, so recording activations costs ~1.6 steps every 10.
 
     python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--lora] [--device cuda]
-        [--every 10] [--probe-size 256]
+        [--every 10] [--probe-size 256] [--background]
 """
 
 from __future__ import annotations
@@ -73,13 +76,15 @@ class TimedCallback(RecorderCallback):
 
 
 def one_run(
-    steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str, every: int = 10, probe_size: int = 256
+    steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str, every: int = 10, probe_size: int = 256,
+    background: bool = False,
 ) -> tuple[float, dict]:
     model = make_model(lora)
     callbacks = []
     if record:
         probe = demo_tasks()["capability"].sample(probe_size, seed=0)
-        callbacks.append(TimedCallback(out / f"run{seed}", probe=probe, hooks="blocks.*.hook_resid_post", every=every))
+        callbacks.append(TimedCallback(out / f"run{seed}", probe=probe, hooks="blocks.*.hook_resid_post", every=every,
+                                       background=background))
     args = transformers.TrainingArguments(
         str(out / f"trainer{seed}"), max_steps=steps, per_device_train_batch_size=FINETUNE_CONFIG.batch_size,
         learning_rate=1e-3 if lora else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
@@ -124,6 +129,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Trainer's own placement)")
     parser.add_argument("--every", type=int, default=10, help="record every this many steps (the demo's: 10)")
     parser.add_argument("--probe-size", type=int, default=256, help="probe sequences (the demo's: 256)")
+    parser.add_argument("--background", action="store_true", help="measure due steps in a background thread")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -136,7 +142,8 @@ def main() -> None:
         for r in range(args.repeats):
             for record in (False, True):
                 elapsed, seconds = one_run(
-                    args.steps, record, args.lora, r, out, data, args.device, args.every, args.probe_size
+                    args.steps, record, args.lora, r, out, data, args.device, args.every, args.probe_size,
+                    args.background,
                 )
                 times[record].append(elapsed)
                 parts += [seconds] if record else []
@@ -152,6 +159,7 @@ def main() -> None:
             "steps": args.steps,
             "every": args.every,
             "probe_size": args.probe_size,
+            "background": args.background,
             "seconds_without": round(off, 2),
             "seconds_with": round(on, 2),
             "overhead_percent": round(100 * (on - off) / off, 1),

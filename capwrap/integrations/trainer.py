@@ -64,6 +64,9 @@ class RecorderCallback(transformers.TrainerCallback):
         dtype: ``"float32"`` or ``"float16"`` for stored activations.
         overwrite: replace an existing store.
         meta: extra JSON-serializable information to keep in the store.
+        background: measure each due step (activations, weight-change norms) in a background
+            thread on a copy of the weights, overlapping the next training steps; see
+            :class:`~capwrap.recording.Recorder`.
 
     Attributes:
         recorder: the :class:`~capwrap.recording.Recorder` while training runs (``None`` before,
@@ -80,6 +83,7 @@ class RecorderCallback(transformers.TrainerCallback):
         dtype: str = "float32",
         overwrite: bool = False,
         meta: dict[str, Any] | None = None,
+        background: bool = False,
     ):
         if not isinstance(every, int) or every <= 0:
             raise ConfigError(f"every must be a positive number of steps, got {every!r}")
@@ -90,7 +94,7 @@ class RecorderCallback(transformers.TrainerCallback):
             )
         self.path = Path(path)
         self.settings = dict(hooks=hooks, probe=probe, every=every, component_kinds=component_kinds, dtype=dtype,
-                             overwrite=overwrite, meta=meta)  # fmt: skip
+                             overwrite=overwrite, meta=meta, background=background)  # fmt: skip
         self.recorder: Recorder | None = None
         self._losses: list[Tensor] = []
         self._shares = False  # whether the model's losses are shares of the step's (Trainer's num_items_in_batch)

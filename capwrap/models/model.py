@@ -461,8 +461,8 @@ class CapModel:
     def copy_weights_from(self, other: CapModel) -> CapModel:
         """Overwrite every canonical weight with ``other``'s (a model of the same spec); returns self."""
         source = other.weights()
-        for name, w in self.weights().items():
-            w.copy_(source[name])
+        mine = self.weights()
+        torch._foreach_copy_(list(mine.values()), [source[name] for name in mine])  # one fused copy
         return self
 
     def gradients(self) -> dict[str, Tensor]:

@@ -37,7 +37,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,15 @@ class Recorder:
             store's; given, they must match it.
         overwrite: replace an existing store.
         meta: extra JSON-serializable information to keep in the store.
+        background: measure a due step in a background thread, on a copy of the weights made at
+            that step, while training goes on (default ``False``): the probe's forward passes and
+            the weight-change norms overlap the next steps instead of adding to them. It costs one
+            more copy of the weights, on the model's device, and pays off when the device has room
+            to spare (a GPU running a small model; a CPU with a core torch does not use, as with
+            ``torch.set_num_threads(1)`` on two or more cores); where training already keeps every
+            core busy, the two compete. The store is the same either way (equal activations and
+            norms; gradient norms are taken in the training thread, while the gradients are there).
+            Needs the model on one device.
     """
 
     def __init__(
@@ -105,6 +115,7 @@ class Recorder:
         resume: bool = False,
         overwrite: bool = False,
         meta: dict[str, Any] | None = None,
+        background: bool = False,
     ):
         if resume and overwrite:
             raise ConfigError("choose resume=True (continue the store) or overwrite=True (replace it), not both")
@@ -122,6 +133,8 @@ class Recorder:
             raise ConfigError(f"every must be a positive number of steps, got {every!r}")
         if dtype not in ("float32", "float16"):
             raise ConfigError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        if not isinstance(background, bool):
+            raise ConfigError(f"background must be True or False, got {background!r}")
         if isinstance(hooks, str) and not hooks.strip():
             raise ConfigError(
                 "hooks='' names no hook; pass hook names or patterns such as 'blocks.*.hook_resid_post', "
@@ -145,9 +158,11 @@ class Recorder:
         self.resume = resume
         self.overwrite = overwrite
         self.user_meta = dict(meta or {})
+        self.background = background
         self.store: RunStore | None = None
         self._step = 0
         self._start: dict[str, Tensor] = {}
+        self._shadow: _Shadow | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -164,16 +179,18 @@ class Recorder:
         """Create (or resume) the store and record step 0."""
         if self.store is not None:
             return self
+        shadow = _Shadow(self.model) if self.background else None  # refused before anything is written
         if self.resume:
             self.store = RunStore.resume(self.path)
-            self._writer = _OrderedWriter(self.store)
+            self._writer = self._open_writer()
             self._check_resumable(self.store)
             self._start = self._load_start()
             self._start_sq = float(_total_sq(self._start.values()))
             self._step = self.store.last_step or 0
+            self._shadow = shadow
             return self
         self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
-        self._writer = _OrderedWriter(self.store)
+        self._writer = self._open_writer()
         self._start = {k: v.detach().clone() for k, v in self.model.weights().items()}
         self._start_sq = float(_total_sq(self._start.values()))
         self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
@@ -183,8 +200,13 @@ class Recorder:
                 **{f"label.{k}": v for k, v in self.probe.labels.items()},
             })  # fmt: skip
         self._step = 0
+        self._shadow = shadow
         self._record(scalars={})
         return self
+
+    def _open_writer(self) -> _OrderedWriter:
+        # in the background, a due step's measuring holds up the writes of the steps after it
+        return _OrderedWriter(self.store, max_pending=4 + (self.every if self.background else 0))
 
     def flush(self) -> None:
         """Wait until every step submitted so far is committed to the store.
@@ -216,6 +238,7 @@ class Recorder:
             finally:
                 self.store.close()
                 self.store = None
+                self._shadow = None
 
     def __enter__(self) -> Recorder:
         return self.open()
@@ -249,49 +272,66 @@ class Recorder:
                 scalars["grad_norm"] = grads
             self._submit(scalars, extra)
 
-    def _submit(self, scalars: dict[str, float | Tensor], arrays: dict[str, Tensor]) -> None:
+    def _submit(
+        self, scalars: dict[str, float | Tensor], arrays: dict[str, Tensor], measure: _Measurement | None = None
+    ) -> None:
         """Hand the step to the writer thread. Every tensor goes to the host first, asynchronously
         from a GPU (pinned memory, then an event the writer waits on), so the writer reads host
-        memory only: no wait for the device, on whatever stream the training runs."""
-        tensors = {("s", k): v for k, v in scalars.items() if isinstance(v, Tensor)}
-        tensors |= {("a", k): v for k, v in arrays.items()}
-        host, ready = _copy_to_host(tensors)
-        scalars = {k: host.get(("s", k), v) for k, v in scalars.items()}
-        arrays = {k: host[("a", k)] for k in arrays}
-        self._writer.submit(self._step, scalars, arrays or None, ready)
+        memory only: no wait for the device, on whatever stream the training runs. ``measure``:
+        what the writer thread computes for the step before writing it (a background record)."""
+        host, ready = _host_copies(scalars, arrays)
+        try:
+            self._writer.submit(self._step, *host, ready, measure)
+        except BaseException:
+            if measure is not None:  # never queued: free the copy for the next due step
+                measure.release()
+            raise
 
     def _record(self, scalars: dict[str, float | Tensor], extra: dict[str, Tensor] | None = None) -> None:
         """Record the due step. Nothing here waits for the device: activations and norms are
-        computed there and copied to the host asynchronously (:meth:`_submit`)."""
+        computed there and copied to the host asynchronously (:meth:`_submit`). In the background
+        (:attr:`background`), the activations and weight-change norms are measured by the writer
+        thread on a copy of the weights; only the gradient norms are taken here."""
         assert self.store is not None
         arrays: dict[str, Tensor] = dict(extra or {})
+        if self._has_grads():  # now or never: the next zero_grad clears them
+            grads = self.model.gradients()
+            for kind, sq in self.model.components.sq_norms_by_kind(grads, self.component_kinds).items():
+                arrays[f"grad_norm.{kind}"] = sq.sqrt().float()
+            if "grad_norm" not in scalars:
+                scalars["grad_norm"] = _total_sq(grads.values()).sqrt()
+        if self._shadow is None:
+            measured_scalars, measured_arrays = self._measure(self.model)
+            self._submit(scalars | measured_scalars, arrays | measured_arrays)
+        else:
+            self._submit(scalars, arrays, self._shadow.take(self.model, self._measure))
+
+    def _measure(self, model: CapModel) -> tuple[dict[str, Tensor | float], dict[str, Tensor]]:
+        """The activations on the probe and the weight-change norms of ``model`` (the trained model,
+        or its copy in the background), left on its device."""
+        arrays: dict[str, Tensor] = {}
         if self.hooks:
-            was_training = self.model.module.training
-            self.model.eval()
+            was_training = model.module.training
+            model.eval()
             try:
-                rows = CAPTURE_ROWS.get(self.model.device.type)
-                acts = self.model.capture(self._probe_tokens, self.hooks, batch_size=rows)
+                rows = CAPTURE_ROWS.get(model.device.type)
+                acts = model.capture(self._probe_tokens, self.hooks, batch_size=rows)
             finally:
-                self.model.train(was_training)
+                model.train(was_training)
             arrays |= {name: act.to(getattr(torch, self.dtype)) for name, act in acts.items()}
-        weights = self.model.weights()
+        weights = model.weights()
         names = list(weights)
         with torch.no_grad():
             moved = torch._foreach_sub([weights[k] for k in names], [self._start[k] for k in names])
         delta = dict(zip(names, moved, strict=True))
-        cmap = self.model.components
-        for kind, sq in cmap.sq_norms_by_kind(delta, self.component_kinds).items():
+        for kind, sq in model.components.sq_norms_by_kind(delta, self.component_kinds).items():
             arrays[f"weight_delta.{kind}"] = sq.sqrt().float()
         total_sq = _total_sq(delta.values())
-        scalars["weight_delta"] = total_sq.sqrt()
-        scalars["weight_delta_rel"] = (total_sq / self._start_sq).sqrt() if self._start_sq else 0.0
-        if self._has_grads():
-            grads = self.model.gradients()
-            for kind, sq in cmap.sq_norms_by_kind(grads, self.component_kinds).items():
-                arrays[f"grad_norm.{kind}"] = sq.sqrt().float()
-            if "grad_norm" not in scalars:
-                scalars["grad_norm"] = _total_sq(grads.values()).sqrt()
-        self._submit(scalars, arrays)
+        scalars: dict[str, Tensor | float] = {
+            "weight_delta": total_sq.sqrt(),
+            "weight_delta_rel": (total_sq / self._start_sq).sqrt() if self._start_sq else 0.0,
+        }
+        return scalars, arrays
 
     def _has_grads(self) -> bool:
         return any(p.grad is not None for p in self.model.parameters())
@@ -387,6 +427,17 @@ def _scalar(name: str, value: Any) -> float | Tensor:
         raise ConfigError(f"{name!r} is {value!r}, not a number; pass a float or a one-element tensor") from None
 
 
+def _host_copies(
+    scalars: dict[str, float | Tensor], arrays: dict[str, Tensor]
+) -> tuple[tuple[dict[str, float | Tensor], dict[str, Tensor]], list[Any]]:
+    """``scalars`` and ``arrays`` with every tensor on its way to the host (:func:`_copy_to_host`),
+    and the events to wait on before reading them."""
+    tensors = {("s", k): v for k, v in scalars.items() if isinstance(v, Tensor)}
+    tensors |= {("a", k): v for k, v in arrays.items()}
+    host, ready = _copy_to_host(tensors)
+    return ({k: host.get(("s", k), v) for k, v in scalars.items()}, {k: host[("a", k)] for k in arrays}), ready
+
+
 def _copy_to_host(tensors: dict[Any, Tensor]) -> tuple[dict[Any, Tensor], list[Any]]:
     """Start copying ``tensors`` to host memory without waiting for the device. From a CUDA device
     the copies go into pinned memory asynchronously, and one event per device marks when they are
@@ -395,12 +446,7 @@ def _copy_to_host(tensors: dict[Any, Tensor]) -> tuple[dict[Any, Tensor], list[A
     if not devices:
         return {k: t if t.device.type == "cpu" else t.cpu() for k, t in tensors.items()}, []
     host = {k: t.to("cpu", non_blocking=True) for k, t in tensors.items()}
-    events = []
-    for device in devices:
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        events.append(event)
-    return host, events
+    return host, _device_events(devices)
 
 
 def _as_probe(probe: Any, model: CapModel) -> TaskBatch | None:
@@ -441,10 +487,88 @@ def _recorded_settings(path: Path) -> dict[str, Any]:
     return settings
 
 
+_Measured = tuple[dict[str, float | Tensor], dict[str, Tensor]]
+
+
+class _Shadow:
+    """The copy of the trained model a background record measures: made once, its weights
+    refreshed at every due step, used by one record at a time (the next due step waits for the
+    last one's measuring to end before it overwrites the weights)."""
+
+    def __init__(self, model: CapModel):
+        devices = {w.device for w in model.weights().values()}
+        if len(devices) > 1:
+            raise ConfigError(
+                f"background=True measures a copy of the weights, on the model's device, but this model is spread "
+                f"over {len(devices)} devices; record it with background=False"
+            )
+        self.model = model.clone().eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self._free = threading.Event()
+        self._free.set()
+        self._stream: Any = None  # the side stream a CUDA copy is measured on
+
+    def take(self, model: CapModel, measure: Callable[[CapModel], _Measured]) -> _Measurement:
+        """Wait until the copy is free, give it ``model``'s weights as they are now, and return the
+        measurement for the writer thread to run."""
+        self._free.wait()
+        self.model.copy_weights_from(model)
+        self._free.clear()
+        return _Measurement(self, measure, _device_events([self.model.device]))
+
+    def release(self) -> None:
+        self._free.set()
+
+    @contextmanager
+    def side_stream(self, after: Sequence[Any]) -> Iterator[None]:
+        """On a GPU, run the measuring on a stream of its own (after the copy's ``after`` events),
+        so it overlaps the training's kernels instead of queueing behind them."""
+        device = self.model.device
+        if device.type != "cuda":
+            yield
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        for event in after:
+            self._stream.wait_event(event)
+        with torch.cuda.stream(self._stream):
+            yield
+
+
+class _Measurement:
+    """One due step's measuring of the copy, run by the writer thread (:meth:`__call__`) and then
+    released, whether it ran or not (:meth:`release`)."""
+
+    def __init__(self, shadow: _Shadow, measure: Callable[[CapModel], _Measured], copied: Sequence[Any]):
+        self._shadow, self._measure, self._copied = shadow, measure, copied
+
+    def __call__(self) -> _Measured:
+        with self._shadow.side_stream(self._copied):
+            measured, ready = _host_copies(*self._measure(self._shadow.model))
+        for event in ready:
+            event.synchronize()
+        return measured
+
+    def release(self) -> None:
+        self._shadow.release()
+
+
+def _device_events(devices: Iterable[torch.device]) -> list[Any]:
+    """An event on each CUDA device's current stream: marks the work queued there so far."""
+    events = []
+    for device in {d for d in devices if d.type == "cuda"}:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        events.append(event)
+    return events
+
+
 class _OrderedWriter:
     """Appends to a :class:`RunStore` from one background thread, in submission order, so disk
-    writes and their fsyncs overlap the next training steps. At most ``max_pending`` appends wait;
-    an error is raised on the next :meth:`submit` or at :meth:`close`."""
+    writes and their fsyncs (and a background record's measuring) overlap the next training steps.
+    At most ``max_pending`` appends wait; an error is raised on the next :meth:`submit` or at
+    :meth:`close`."""
 
     def __init__(self, store: RunStore, max_pending: int = 4):
         self._store = store
@@ -459,10 +583,12 @@ class _OrderedWriter:
         scalars: dict[str, float | Tensor],
         arrays: dict[str, Tensor] | None = None,
         ready: Sequence[Any] = (),
+        measure: _Measurement | None = None,
     ) -> None:
-        """Queue ``step``; ``ready``: events to wait on (``.synchronize()``) before reading its tensors."""
+        """Queue ``step``; ``ready``: events to wait on (``.synchronize()``) before reading its tensors;
+        ``measure``: run first, its scalars and arrays written with the step's."""
         self._raise_if_failed()
-        self._queue.put((step, scalars, arrays, ready))
+        self._queue.put((step, scalars, arrays, ready, measure))
 
     def flush(self) -> None:
         """Wait until every submitted append is done."""
@@ -476,15 +602,21 @@ class _OrderedWriter:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is None:  # after a failure, drain without writing: nothing out of order
-                try:
-                    step, scalars, arrays, ready = item
+            step, scalars, arrays, ready, measure = item
+            try:
+                if self._error is None:  # after a failure, drain without writing: nothing out of order
                     for event in ready:
                         event.synchronize()
+                    if measure is not None:
+                        more_scalars, more_arrays = measure()
+                        scalars, arrays = scalars | more_scalars, (arrays or {}) | more_arrays
                     self._store.append(step, scalars=scalars, arrays=arrays)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
-                    self._error = exc
-            self._queue.task_done()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+                self._error = exc
+            finally:
+                if measure is not None:
+                    measure.release()
+                self._queue.task_done()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

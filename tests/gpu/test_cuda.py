@@ -218,6 +218,29 @@ def test_a_recording_resumes_on_cuda(cpu_pair, tmp_path):
     assert store.scalars()["weight_delta"].iloc[-1] == pytest.approx(moved**0.5, rel=1e-4)
 
 
+def test_a_background_recording_on_cuda_equals_the_inline_one(cpu_pair, tmp_path):
+    """background=True: the copy is measured on a side stream in the writer thread while the
+    training's kernels go on; what it stores is what the inline recorder stores."""
+    from capwrap.recording import Recorder, RunStore
+
+    config = TrainConfig(steps=12, batch_size=32, lr=1e-3, seed=3, progress=False)
+    stores = {}
+    for background in (False, True):
+        model = cpu_pair.base.clone().to(DEVICE)
+        recorder = Recorder(model, tmp_path / f"run{background}", probe=CAPABILITY.sample(64, seed=0), every=3,
+                            background=background)  # fmt: skip
+        train(model, DOWNSTREAM, config, recorder=recorder)
+        stores[background] = RunStore.open(tmp_path / f"run{background}")
+    inline, background = stores[False], stores[True]
+    assert background.steps == inline.steps == list(range(13))
+    for name in inline.array_names:
+        assert background.array_steps(name) == inline.array_steps(name), name
+        torch.testing.assert_close(torch.as_tensor(background.array(name)), torch.as_tensor(inline.array(name)),
+                                   rtol=1e-5, atol=1e-6, msg=name)  # fmt: skip
+    for column in ("weight_delta", "grad_norm", "loss"):
+        assert background.scalars()[column].tolist() == pytest.approx(inline.scalars()[column].tolist(), rel=1e-5)
+
+
 def test_trainer_run_on_cuda_records_with_the_callback(tmp_path):
     transformers = pytest.importorskip("transformers")
     from capwrap.demo import DEMO_BASE, demo_tasks
@@ -250,6 +273,11 @@ def test_device_map_splits_a_model_between_gpu_and_cpu_and_analyzers_run_on_it(c
     split = load_model(folder, device_map=halves)
     assert set(split.metadata["device_map"].values()) == {"0", "cpu"}, split.metadata["device_map"]
     assert split.device == torch.device("cuda:0")
+    from capwrap.recording import Recorder
+
+    with pytest.raises(ConfigError):  # a background recorder's copy needs the model on one device
+        Recorder(split, tmp_path / "background", hooks=(), background=True).open()
+    assert not (tmp_path / "background").exists()
     tokens = CAPABILITY.sample(16, seed=0).tokens
     torch.testing.assert_close(split(tokens.to(split.device)).float().cpu(), whole(tokens), atol=1e-4, rtol=1e-4)
     pair = ModelPair(cpu_pair.base.clone().to(split.device), split)

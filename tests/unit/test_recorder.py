@@ -108,6 +108,84 @@ def test_a_record_launches_a_few_operations_per_weight_not_per_weight_and_kind(s
     assert ops.count <= 7 * n_weights, (ops.count, n_weights)
 
 
+def _recorded_run(model, task, path, background: bool) -> RunStore:
+    rec = Recorder(model, path, probe=task.sample(24, seed=9), every=3, background=background)
+    train(model, task, TrainConfig(steps=7, batch_size=8, lr=1e-2, progress=False, seed=0), recorder=rec)
+    return RunStore.open(path)
+
+
+def test_a_background_record_stores_exactly_what_an_inline_one_does(small_model, small_task, tmp_path):
+    """The copy measured in the background has the weights of the step it was taken at, so the
+    store is the same to the bit, although training ran on while the copy was measured."""
+    inline = _recorded_run(small_model.clone(), small_task, tmp_path / "inline", background=False)
+    background = _recorded_run(small_model.clone(), small_task, tmp_path / "background", background=True)
+    assert background.steps == inline.steps == list(range(8))
+    assert background.scalars().equals(inline.scalars())
+    assert sorted(background.array_names) == sorted(inline.array_names)
+    for name in inline.array_names:
+        assert background.array_steps(name) == inline.array_steps(name), name
+        assert torch.equal(background.array(name), inline.array(name)), name
+    assert background.array("weight_delta.head")[-1].sum() > 0  # the weights did move
+
+
+def test_a_background_record_leaves_the_probe_to_another_thread(small_model, small_task, tmp_path):
+    """In the training thread a background record only copies the weights and takes the gradients'
+    norms: the probe's forward passes run in the writer thread, and nothing is read back from the
+    device in the training thread."""
+    import threading
+
+    batch = small_task.sample(8, seed=1)
+    ran_in: dict[bool, set[str]] = {}
+    for background in (False, True):
+        model = small_model.clone()
+        with Recorder(model, tmp_path / f"run{background}", probe=small_task.sample(16, seed=0), every=1,
+                      background=background) as rec:  # fmt: skip
+            answer_loss(model(batch.tokens), batch).backward()
+            rec.flush()
+            threads: set[str] = set()
+            hook = torch.nn.modules.module.register_module_forward_hook(
+                lambda module, args, output, seen=threads: seen.add(threading.current_thread().name)
+            )
+            try:
+                with _HostReads() as reads:
+                    rec.step(loss=None)
+                rec.flush()
+            finally:
+                hook.remove()
+            assert reads.count == 0
+        ran_in[background] = threads
+    assert ran_in == {False: {threading.current_thread().name}, True: {"capwrap-recorder-writer"}}
+
+
+def test_a_failed_background_write_is_raised_and_nothing_waits_forever(small_model, small_task, tmp_path):
+    import shutil
+    import threading
+
+    rec = Recorder(small_model, tmp_path / "run", probe=small_task.sample(8, seed=0), every=1, background=True)
+    rec.open()
+    rec.flush()  # step 0 is written
+    shutil.rmtree(tmp_path / "run" / "arrays")  # the next append cannot write its arrays
+    raised: list[BaseException] = []
+
+    def steps() -> None:
+        for _ in range(4):  # each step after the failure raises, and none waits for the copy forever
+            try:
+                rec.step(loss=1.0)
+            except StoreError as exc:
+                raised.append(exc)
+        try:
+            rec.close()
+        except StoreError as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=steps, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "a failed background record left the training thread waiting"
+    assert len(raised) >= 3 and all("writing the run store failed" in str(exc) for exc in raised)
+    assert RunStore.open(tmp_path / "run").steps == [0]  # nothing written after the failure
+
+
 class _Operations(TorchDispatchMode):
     """Counts the operations that reach a kernel (tensor metadata calls excluded)."""
 
@@ -218,6 +296,8 @@ def test_bad_recorder_arguments(small_model, small_task, tmp_path):
         Recorder(small_model, tmp_path / "r", probe=torch.zeros(8, dtype=torch.long))
     with pytest.raises(ConfigError, match="probe must be a TaskBatch"):
         Recorder(small_model, tmp_path / "r", probe=[[1, 2, 3]])
+    with pytest.raises(ConfigError, match="background must be True or False"):
+        Recorder(small_model, tmp_path / "r", probe=probe, background="yes")
     with Recorder(small_model, tmp_path / "ok", hooks=(), every=1) as rec:  # metrics: checked at the call
         with pytest.raises(ConfigError, match="pass one real number"):
             rec.step(loss=torch.ones(3))

@@ -84,6 +84,31 @@ def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_p
     assert recorded.min() > 0 and float(store.array("weight_delta.mlp")[-1].abs().max()) == 0.0  # only c_attn moved
 
 
+def test_a_background_recording_of_a_lora_trainer_run_equals_the_inline_one(gpt2_folder, tmp_path):
+    """background=True measures a copy of the merged weights taken at each due step: the same store,
+    though training went on while the copy was measured."""
+    import peft
+
+    stores = {}
+    for background in (False, True):
+        base = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+        torch.manual_seed(0)  # peft draws the adapter's A from the global generator: the same for both runs
+        model = peft.get_peft_model(
+            base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+        )
+        callback = RecorderCallback(tmp_path / f"run{background}", probe=PROBE, hooks="blocks.*.hook_resid_post",
+                                    every=2, background=background)  # fmt: skip
+        args = _arguments(tmp_path / f"trainer{background}", learning_rate=1e-2)
+        transformers.Trainer(model, args, train_dataset=task_dataset(TASK, 48, seed=0), callbacks=[callback]).train()
+        stores[background] = RunStore.open(tmp_path / f"run{background}")
+    inline, background = stores[False], stores[True]
+    assert background.scalars().equals(inline.scalars()) and _layout(background) == _layout(inline)
+    for name in inline.array_names:  # the weights' norms to the bit; activations to float32's rounding (the copy is
+        # a plain GPT-2 with the merged weights, whose products run through other kernels than the adapter's)
+        torch.testing.assert_close(background.array(name), inline.array(name), rtol=1e-6, atol=1e-7, msg=name)
+    assert background.array("weight_delta.head")[-1].min() > 0  # the adapter moved every head
+
+
 def test_an_sft_trainer_run_records(gpt2_folder, tmp_path):
     trl = pytest.importorskip("trl")
     import datasets
