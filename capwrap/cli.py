@@ -96,7 +96,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     diagnosis = diagnose_checkpoints(
         args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
         quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
-        memory=args.memory, device=args.device,
+        memory=args.memory, device=args.device, dtype=args.dtype,
     )  # fmt: skip
     acc = diagnosis.accuracy
     print(f"capability accuracy {acc['base']['capability']:.1%} (base) -> {acc['tuned']['capability']:.1%} (tuned); "
@@ -138,7 +138,8 @@ def _validate(args: argparse.Namespace) -> int:
     result = ValidationResult.from_records(records, rule, split=args.split, wall_seconds=round(wall, 1),
                                            workers=where, command="capwrap " + " ".join(sys.argv[1:]))  # fmt: skip
     print(result.summary_text())
-    print(f"{len(records)} scenarios in {wall / 60:.1f} min with {where}")
+    print(f"{len(records)} scenarios in {wall / 60:.1f} min with {where} (their records hold "
+          f"{result.meta['scenario_seconds'] / 60:.1f} min of building and diagnosing, summed over workers)")
     json_path, html_path = result.write(args.out)
     print(f"wrote {json_path} and {html_path}")
     return 0
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "temporary file), for the same numbers")  # fmt: skip
     _add_backend_option(diag)
     _add_device_option(diag)
+    diag.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="precision the two models are loaded in (default float32; bfloat16 halves their memory, "
+                           "the analyzers still probe and sum in float32)")  # fmt: skip
     diag.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
     diag.set_defaults(func=_diagnose)
 

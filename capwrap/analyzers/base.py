@@ -51,7 +51,7 @@ from capwrap.errors import ConfigError
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
-from capwrap.tasks.base import Task, TaskBatch, check_task_fits, correctness
+from capwrap.tasks.base import Task, TaskBatch, check_task, check_task_fits, correctness
 
 if TYPE_CHECKING:
     from capwrap.diagnosis.rule import VerdictRule
@@ -252,7 +252,8 @@ class Context:
         """Check the inputs and measure the evaluation set (``downstream_free="auto"``: the
         downstream task's own :meth:`~capwrap.tasks.Task.correlation_free` variant)."""
         if downstream_free == "auto":
-            downstream_free = _correlation_free(downstream)
+            check_task(downstream)
+            downstream_free = downstream.correlation_free()
         tasks = {"capability": capability, "downstream": downstream}
         if downstream_free is not None:
             tasks["downstream_free"] = downstream_free
@@ -285,11 +286,6 @@ class Context:
     def interval(self, replicates: np.ndarray) -> tuple[float, float]:
         """The :attr:`level` percentile interval of ``replicates``."""
         return percentile_interval(replicates, self.level)
-
-
-def _correlation_free(task: Task) -> Task | None:
-    method = getattr(task, "correlation_free", None)
-    return method() if callable(method) else None
 
 
 @dataclass

@@ -77,6 +77,12 @@ def steps_to_threshold(
     return first, pd.DataFrame({"step": steps, "accuracy": acc.tolist()}), correct
 
 
+def _trainable(model: CapModel) -> CapModel:
+    """``model`` itself, or a float32 copy of a model held in lower precision (bfloat16): training
+    refuses low-precision weights, whose small updates would be lost."""
+    return model if model.dtype in (torch.float32, torch.float64) else model.clone(dtype=torch.float32)
+
+
 def first_reaching(curves: Tensor, steps: Tensor, thresholds: Tensor, censored: float) -> Tensor:
     """For each row of ``curves`` (``[replicate, check]`` accuracies at ``steps``), the first step whose
     accuracy reaches that row's threshold, or ``censored`` if none."""
@@ -155,6 +161,7 @@ class Revival(Analyzer):
         runs: dict[str, list[tuple[float, pd.DataFrame, Tensor]]] = {"tuned": [], "control": []}
         for config in configs:
             with pair.scratch(pair.tuned) as work:
+                work = _trainable(work)
                 runs["tuned"].append(steps_to_threshold(work, capability, batch, threshold, config, self.eval_every))
         control = self.control if self.control is not None else self._make_control(context)
         pair.adopt(control)  # (with a residency: it takes turns with the pair)
@@ -193,7 +200,7 @@ class Revival(Analyzer):
 
         def run() -> tuple[float, pd.DataFrame, Tensor]:
             with pair.scratch(control) as work:
-                return steps_to_threshold(work, capability, batch, threshold, config, self.eval_every)
+                return steps_to_threshold(_trainable(work), capability, batch, threshold, config, self.eval_every)
 
         if self.cache is None:
             return run()

@@ -11,8 +11,8 @@ edge changes what one downstream node sees of one upstream node and nothing else
   grouped-query attention the keys and values belong to the key/value head: ``L{l}KV{g}.k``), each
   MLP's input ``L{l}.mlp``, and the ``logits`` (the final residual stream, before the last norm).
 
-In the sequential blocks of every architecture capwrap supports (pre-norm: each block reads the
-stream before attention, then again before the MLP), layer ``l``'s heads read what the input and
+In sequential pre-norm blocks (each block reads the stream before attention, then again before the
+MLP, and adds each output to it as it is), layer ``l``'s heads read what the input and
 every earlier layer wrote; its MLP reads that plus its own layer's heads. Each node owns the
 parameter slices it applies to the stream (:meth:`Graph.node_params`): a head's output ``W_O[h]``, its
 query/key/value ``W_Q[h]``/``W_K[h]``/``W_V[h]`` with their biases, an MLP's output ``W_out``/``b_out``
@@ -47,7 +47,7 @@ from capwrap.models.components import ParamSlice
 from capwrap.models.layouts import canonical_names
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["Node", "Graph", "NodeKind", "UPSTREAM_KINDS", "DOWNSTREAM_KINDS"]
+__all__ = ["Node", "Graph", "NodeKind", "UPSTREAM_KINDS", "DOWNSTREAM_KINDS", "UNSUPPORTED_FEATURES"]
 
 NodeKind = Literal["input", "head", "mlp", "q", "k", "v", "mlp_in", "logits"]
 UPSTREAM_KINDS: tuple[str, ...] = ("input", "head", "mlp")
@@ -59,6 +59,15 @@ DOWNSTREAM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp_in", "logits")
 #: ``n_layers``). A writer at ``w`` reaches every reader at ``r >= w``. This table is the one place
 #: that knows the block layout: a parallel-block architecture reads ``mlp_in`` at 0, writes ``head`` at 2.
 _STREAM_OFFSET: dict[str, int] = {"input": 2, "head": 1, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 1, "logits": 0}
+
+#: Block features (:class:`~capwrap.models.features.BlockFeatures` flags) whose models the graph does
+#: not describe, and why: the graph's upstream outputs must add up to the residual stream.
+UNSUPPORTED_FEATURES: dict[str, str] = {
+    "parallel": "runs attention and the MLP in parallel (GPT-NeoX, GPT-J), where the graph has attention, "
+    "then the MLP (circuits need sequential blocks)",
+    "post_norm": "normalizes each attention and MLP output before it joins the stream (Gemma-2/3, OLMo-2), so "
+    "a head's output is not its share of the stream and the upstream outputs do not add up to it",
+}
 
 #: The canonical weights a node's parameters live in: (leaf name, sliced by the node's head?).
 #: Weights an architecture lacks (biases, the gate) are skipped.
@@ -128,13 +137,13 @@ class Graph:
         """The graph of every model with this spec (cached: do not mutate it).
 
         Raises:
-            ConfigError: the blocks run attention and the MLP in parallel (GPT-NeoX, GPT-J), which this
-                graph (attention, then the MLP) does not describe.
+            ConfigError: the model's blocks have a feature the graph does not describe
+                (:data:`UNSUPPORTED_FEATURES`).
         """
-        if spec.features.parallel:
+        if unsupported := [why for feature, why in UNSUPPORTED_FEATURES.items() if getattr(spec.features, feature)]:
             raise ConfigError(
-                f"circuits need sequential blocks (attention, then the MLP); {spec.architecture} runs them in "
-                "parallel, which capwrap's edge attribution does not support yet"
+                f"capwrap's edge attribution does not support {spec.architecture} yet: it "
+                + "; and it ".join(unsupported)
             )
         gqa = spec.n_key_value_heads != spec.n_heads
         upstream = [Node("input", "input", -1, -1, "input")]

@@ -17,7 +17,7 @@ from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagn
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
-from capwrap.models.model import resolve_device
+from capwrap.models.model import resolve_device, resolve_dtype
 from capwrap.models.residency import Residency
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import RunStore
@@ -59,6 +59,7 @@ def diagnose_checkpoints(
     downstream_free: str | None = None,
     memory: Memory = "normal",
     device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Diagnosis:
     """:func:`diagnose` for two checkpoints (folders or hub names) and task specs
     (:func:`~capwrap.tasks.spec.task_from_spec`); writes ``summary.json`` and ``report.html`` to ``out``.
@@ -73,6 +74,9 @@ def diagnose_checkpoints(
     needs about one model of memory.
 
     ``device``: where the models are loaded and every analyzer runs (default CPU; ``"cuda"`` for a GPU).
+
+    ``dtype``: the precision both models are loaded in (``"bfloat16"`` halves their memory; default
+    float32); the analyzers' probes, metrics and sums run in float32 whatever it is.
 
     This is what ``capwrap diagnose BASE TUNED --capability SPEC --downstream SPEC --out DIR`` runs.
     ``downstream_free``: a spec of the downstream task without its spurious correlation (default:
@@ -91,6 +95,7 @@ def diagnose_checkpoints(
         check_output_folder(out)
     check_memory(memory)  # before anything is loaded
     device = None if device is None else resolve_device(device)
+    dtype = resolve_dtype(dtype)  # a bad name fails before anything is loaded
     verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
     with contextlib.ExitStack() as stack:
         residency = None
@@ -98,7 +103,7 @@ def diagnose_checkpoints(
             residency = Residency()
             stack.callback(residency.close, restore=False)
         return _diagnose_files(base, tuned, capability, downstream, out, backend, quick, store, seed, allow_pickle,
-                               progress, verdict_rule, downstream_free, residency, started, device)  # fmt: skip
+                               progress, verdict_rule, downstream_free, residency, started, device, dtype)  # fmt: skip
 
 
 def _diagnose_files(
@@ -118,18 +123,19 @@ def _diagnose_files(
     residency: Residency | None,
     started: float,
     device: str | torch.device | None,
+    dtype: torch.dtype | None,
 ) -> Diagnosis:
     from capwrap.models import load_model
     from capwrap.models.adapters import is_adapter_folder
     from capwrap.tasks.spec import task_from_spec
 
-    base_model = load_model(base, backend=backend, allow_pickle=allow_pickle, device=device)
+    base_model = load_model(base, backend=backend, allow_pickle=allow_pickle, device=device, dtype=dtype)
     if residency is not None:  # the base waits in a file while the tuned model loads
         residency.add(base_model)
         residency.release_all()
     adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in
     tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter,
-                             device=device)  # fmt: skip
+                             device=device, dtype=dtype)  # fmt: skip
     ModelPair(base_model, tuned_model, residency)
     check_same_tokenizer(base_model, tuned_model)
     tokenizer = base_model.tokenizer or tuned_model.tokenizer

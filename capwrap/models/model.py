@@ -566,12 +566,15 @@ class CapModel:
         """Evaluation mode; returns self."""
         return self.train(False)
 
-    def clone(self, backend: str | None = None) -> CapModel:
-        """An independent copy, optionally on another backend."""
-        if backend is None or backend == self.backend:
+    def clone(self, backend: str | None = None, dtype: str | torch.dtype | None = None) -> CapModel:
+        """An independent copy, optionally on another backend or in another precision (``dtype``:
+        e.g. a float32 copy of a bfloat16 model, to train it without losing small updates)."""
+        dtype = resolve_dtype(dtype)
+        if (backend is None or backend == self.backend) and (dtype is None or dtype == self.dtype):
             return copy.deepcopy(self)
         return CapModel.from_state(
-            self.spec, self.checkpoint_state(), backend, self.tokenizer, copy.deepcopy(self.metadata), self.dtype
+            self.spec, self.checkpoint_state(), backend or self.backend, self.tokenizer, copy.deepcopy(self.metadata),
+            dtype or self.dtype,
         ).to(self.device)
 
     def __deepcopy__(self, memo: dict) -> CapModel:

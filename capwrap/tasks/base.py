@@ -37,8 +37,10 @@ __all__ = [
     "task_loss",
     "sequence_logprob",
     "accuracy",
+    "check_task",
     "check_task_fits",
     "correctness",
+    "TASK_MEMBERS",
 ]
 
 
@@ -149,8 +151,33 @@ class TaskBase:
         return None
 
 
+#: What a :class:`Task` offers (what analyzers and ``diagnose`` read), checked by :func:`check_task`.
+TASK_MEMBERS: tuple[str, ...] = (
+    "name", "d_vocab", "seq_len", "probe_label", "capability_floor", "probe_task", "correlation_free", "sample",
+    "describe",
+)  # fmt: skip
+
+
+def check_task(task: object) -> None:
+    """Raise a clear error naming what ``task`` lacks of the :class:`Task` protocol.
+
+    Example:
+        >>> check_task(object())
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: object is not a capwrap Task: it lacks name, d_vocab, seq_len, probe_label, capability_floor, probe_task, correlation_free, sample, describe; subclass capwrap.tasks.TaskBase, which supplies probe_label, capability_floor, probe_task and correlation_free
+    """
+    if missing := [m for m in TASK_MEMBERS if not hasattr(task, m)]:
+        raise ConfigError(
+            f"{type(task).__name__} is not a capwrap Task: it lacks {', '.join(missing)}; subclass "
+            "capwrap.tasks.TaskBase, which supplies probe_label, capability_floor, probe_task and correlation_free"
+        )
+
+
 def check_task_fits(model: CapModel, task: Task) -> None:
-    """Raise a clear error if ``model`` cannot embed ``task``'s tokens or sequences."""
+    """Raise a clear error if ``task`` is not a :class:`Task` or ``model`` cannot embed its tokens or
+    sequences."""
+    check_task(task)
     if task.d_vocab > model.spec.d_vocab:
         raise ConfigError(
             f"task {task.name!r} uses {task.d_vocab} token ids but the model embeds only "

@@ -285,7 +285,7 @@ def _margins(ends: np.ndarray, wrapper_threshold: float, change_threshold: float
 
 def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
     """(number, how it was moved, the rule with it moved) for every number of the rule that can change
-    a verdict: each ×0.8 and ×1.2; an anchor point is kept within its neighbours so the anchor stays
+    a verdict — thresholds, anchor points, gates and weights: each ×0.8 and ×1.2; an anchor point is kept within its neighbours so the anchor stays
     ordered. A score threshold at 0 is moved by one step of the fit's grid instead (×1.2 of 0 is 0:
     the perturbation would test nothing where a score closest to a flip lies)."""
     out = []
@@ -316,6 +316,16 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
     for name in ("kept_fraction", "min_gain"):
         value = getattr(rule, name)
         out += [(name, f"x{f:g}", dataclasses.replace(rule, **{name: min(1.0, value * f)})) for f in (0.8, 1.2)]
+    # the weights: each kind's (the structural/functional balance is set, not fitted) and each anchor's
+    # (at most 1: a weight of 1 is moved down only; the score is a weighted mean, so that is every other x1.25)
+    for kind, value in rule.kind_weights.items():
+        out += [(f"kind_weights.{kind}", f"x{f:g}", dataclasses.replace(rule, kind_weights={**rule.kind_weights, kind: value * f}))
+                for f in (0.8, 1.2)]  # fmt: skip
+    for stat, anchor in rule.anchors.items():
+        for f in (0.8, 1.2):
+            if 0 < anchor.weight * f <= 1:
+                variant = dataclasses.replace(anchor, weight=anchor.weight * f)
+                out.append((f"{stat}.weight", f"x{f:g}", dataclasses.replace(rule, anchors={**rule.anchors, stat: variant})))
     return out
 
 

@@ -1,6 +1,10 @@
 """How well the verdict does on the suite: one row per scenario and question, the confusion table,
 each analyzer's accuracy and AUC against the truth, JSON and a self-contained HTML report.
 
+The suite's accuracies and AUCs carry intervals too: the scenarios are the sample, so they are
+resampled whole (both questions of a scenario together), with the bootstrap every analyzer's interval
+uses (:mod:`capwrap.analyzers.bootstrap`; ``LEVEL`` coverage, a fixed seed).
+
 Examples:
     >>> auc([0.9, 0.8, 0.7], [0.1, 0.2])  # every wrapper value above every change value
     1.0
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from capwrap.analyzers.bootstrap import LEVEL, percentile_interval, resample
 from capwrap.diagnosis.rule import VerdictRule
 from capwrap.files import write_text_atomic
 from capwrap.report import Report
@@ -28,6 +33,8 @@ from capwrap.validation.scenarios import record_truth, scenario_of
 __all__ = ["ValidationResult", "auc", "score_records"]
 
 VERDICTS = ("wrapper", "capability_change", "inconclusive")
+#: Resamples of the suite's scenarios behind each interval of a :class:`ValidationResult`, and their seed.
+N_BOOT, BOOT_SEED = 1000, 0
 
 
 def auc(wrapper: Sequence[float], change: Sequence[float]) -> float:
@@ -66,7 +73,8 @@ def score_records(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.Da
 def relearning(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Per scenario: the capability's accuracy before and after, and the steps reverse fine-tuning
     took to bring it back to 90% of the base's, for the tuned model and for a model that never had
-    it (the metric the unlearning literature reports)."""
+    it (the metric the unlearning literature reports); ``">200"`` where 200 steps did not bring it
+    back."""
     rows = []
     for record in records:
         revival = next((e for e in record["evidence"] if e["statistic"] == "revival_speedup_log2"), None)
@@ -75,10 +83,18 @@ def relearning(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "name": record["scenario"]["name"], "kind": scenario_of(record).kind,
             "capability_base": record["accuracy"]["base"]["capability"],
             "capability_tuned": record["accuracy"]["tuned"]["capability"],
-            "relearn_steps_tuned": head.get("steps_tuned"), "relearn_steps_control": head.get("steps_control"),
+            "relearn_steps_tuned": _steps(head, "steps_tuned"), "relearn_steps_control": _steps(head, "steps_control"),
             "budget": head.get("budget"),
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _steps(headline: dict[str, Any], key: str) -> int | str | None:
+    """Revival's steps to the threshold, ``">budget"`` when the budget ran out first, ``None`` without revival."""
+    if not headline:
+        return None
+    steps = headline.get(key)
+    return int(steps) if steps is not None else f">{headline['budget']:g}"
 
 
 @dataclass
@@ -92,7 +108,10 @@ class ValidationResult:
 
     @classmethod
     def from_records(cls, records: Sequence[dict[str, Any]], rule: VerdictRule, **meta: Any) -> ValidationResult:
-        """Score ``records`` under ``rule``."""
+        """Score ``records`` under ``rule``; ``meta`` gains ``scenario_seconds``, the time the records'
+        scenarios took to build and diagnose (summed over workers, whenever they ran)."""
+        seconds = sum(r.get("seconds", {}).get(k, 0.0) for r in records for k in ("build", "diagnose"))
+        meta = {"scenario_seconds": round(seconds, 1), **meta}
         return cls(score_records(records, rule), rule, meta, relearning(records))
 
     def unknown(self) -> pd.DataFrame:
@@ -118,6 +137,36 @@ class ValidationResult:
         scored = self.scored
         return float((scored["verdict"] == scored["truth"]).mean()) if len(scored) else math.nan
 
+    def interval(self, rows: pd.DataFrame, statistic: Callable[[np.ndarray], float]) -> tuple[float, float]:
+        """The ``LEVEL`` bootstrap interval of ``statistic(positions)`` — a figure computed on the rows at
+        those positions of ``rows`` — with the scenarios resampled whole (``N_BOOT`` resamples, seed
+        ``BOOT_SEED``): how much the figure owes to which scenarios the suite happens to hold.
+
+        Example:
+            >>> rows = pd.DataFrame({"name": list("abcdefghij"), "verdict": ["wrapper"] * 10,
+            ...                      "truth": ["wrapper"] * 9 + ["inconclusive"]})
+            >>> right = (rows["verdict"] == rows["truth"]).to_numpy()
+            >>> lo, hi = ValidationResult(rows, VerdictRule()).interval(rows, lambda at: right[at].mean())
+            >>> 0.6 < lo < 0.9 < hi <= 1.0
+            True
+        """
+        if not len(rows):
+            return (math.nan, math.nan)
+        codes, names = pd.factorize(rows["name"], sort=True)  # the records' order does not matter
+        members = [np.flatnonzero(codes == i) for i in range(len(names))]
+        replicates = []
+        with np.errstate(all="ignore"):
+            for pick in resample(len(names), N_BOOT, BOOT_SEED).numpy():
+                replicates.append(float(statistic(np.concatenate([members[i] for i in pick]))))
+        return percentile_interval(np.asarray(replicates), LEVEL)
+
+    @property
+    def accuracy_interval(self) -> tuple[float, float]:
+        """:attr:`accuracy`'s interval over the suite's scenarios (:meth:`interval`)."""
+        scored = self.scored
+        right = (scored["verdict"] == scored["truth"]).to_numpy()
+        return self.interval(scored, lambda at: right[at].mean())
+
     def confusion(self) -> pd.DataFrame:
         """Truth (rows) by verdict (columns), counts of scored rows."""
         scored = self.scored
@@ -134,6 +183,7 @@ class ValidationResult:
         kept = s[s["kind"] == "kept"]
         return {
             "accuracy": self.accuracy,
+            "accuracy_interval": list(self.accuracy_interval),
             "scored": len(s),
             "wrapper_on_removed": int((removed["verdict"] == "wrapper").sum()),
             "change_on_wrapper": int((wrappers["verdict"] == "capability_change").sum()),
@@ -145,7 +195,9 @@ class ValidationResult:
         (``accuracy``), how often it points somewhere (``coverage``), its wrong directions on wrapper
         findings (``wrong_on_wrapper``: pointing to change where the truth is a wrapper; the suite asks
         for none — right or neutral) and on capability-change findings (``wrong_on_change``), and the
-        AUC of its statistic separating wrapper from capability-change truths (oriented as its anchor)."""
+        AUC of its statistic separating wrapper from capability-change truths (oriented as its anchor),
+        each rate with its interval over the suite's scenarios (``accuracy_low``/``_high``,
+        ``auc_low``/``_high``: :meth:`interval`)."""
         s = self.scored
         rows = []
         for col in [c for c in s.columns if c.startswith("signed:")]:
@@ -161,21 +213,33 @@ class ValidationResult:
             stat = part[f"statistic:{name}"].dropna()
             anchor = self.rule.anchors.get(stat.iloc[0]) if len(stat) else None
             flip = 1.0 if anchor is None or anchor.higher_is_wrapper else -1.0
+
+            def accuracy_at(at: np.ndarray, right: np.ndarray = right, pointing: np.ndarray = pointing) -> float:
+                return right[at].sum() / pointing[at].sum()
+
+            def auc_at(at: np.ndarray, oriented: np.ndarray = flip * values, want: np.ndarray = want) -> float:
+                return auc(oriented[at][want[at] > 0], oriented[at][want[at] < 0])
+
+            acc_low, acc_high = self.interval(part, accuracy_at)
+            auc_low, auc_high = self.interval(part, auc_at)
             rows.append({
                 "analyzer": name, "question": part["question"].iloc[0], "statistic": stat.iloc[0] if len(stat) else None,
                 "rows": len(part), "coverage": float(pointing.mean()),
                 "accuracy": float(right.sum() / pointing.sum()) if pointing.any() else math.nan,
+                "accuracy_low": acc_low, "accuracy_high": acc_high,
                 "wrong_on_wrapper": int((pointing & ~right & (want > 0)).sum()),
                 "wrong_on_change": int((pointing & ~right & (want < 0)).sum()),
-                "auc": auc(flip * values[want > 0], flip * values[want < 0]),
+                "auc": auc(flip * values[want > 0], flip * values[want < 0]), "auc_low": auc_low, "auc_high": auc_high,
             })  # fmt: skip
         return pd.DataFrame(rows)
 
     def summary_text(self) -> str:
         """The terminal's view: confusion table, targets, analyzers."""
         t = self.targets()
+        lo, hi = t["accuracy_interval"]
         lines = [
-            f"accuracy {t['accuracy']:.1%} on {t['scored']} scored findings; wrapper verdicts on removed scenarios: "
+            f"accuracy {t['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] on {t['scored']} scored findings "
+            f"({LEVEL:.0%} interval over scenarios); wrapper verdicts on removed scenarios: "
             f"{t['wrapper_on_removed']}; capability-change verdicts on wrapper scenarios: {t['change_on_wrapper']}; "
             f"kept scenarios all inconclusive: {t['kept_inconclusive']}",
             "",
@@ -234,14 +298,19 @@ class ValidationResult:
 
         t = self.targets()
         report = Report("capwrap validate: the verdict against known truths")
-        report.add_text(None, f"Accuracy {t['accuracy']:.1%} on {t['scored']} scored findings", css_class="verdict")
+        lo, hi = t["accuracy_interval"]
+        report.add_text(None, f"Accuracy {t['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] on {t['scored']} scored findings",
+                        css_class="verdict")  # fmt: skip
         report.add_text("Targets", f"Wrapper verdicts on removed scenarios: {t['wrapper_on_removed']}. Capability-change "
                         f"verdicts on wrapper scenarios: {t['change_on_wrapper']}. Kept scenarios all inconclusive: "
                         f"{t['kept_inconclusive']}.")  # fmt: skip
         report.add_text("Confusion", "Truth (rows) against verdict (columns), per scenario and question.")
         report.add_table(self.confusion().reset_index())
+        report.add_text("Accuracy", f"Share of scored findings whose verdict equals the truth; the brackets give its "
+                        f"{LEVEL:.0%} bootstrap interval over the suite's scenarios (resampled whole).")  # fmt: skip
         report.add_text("Analyzers", "How often each analyzer points the right way where it points at all, how often it "
-                        "does, and how well its statistic separates wrapper from capability-change truths (AUC).")  # fmt: skip
+                        "does, and how well its statistic separates wrapper from capability-change truths (AUC), with "
+                        f"{LEVEL:.0%} intervals over the suite's scenarios.")  # fmt: skip
         report.add_table(self.analyzers())
         fig = go.Figure()
         for truth, part in self.rows.groupby("truth"):
@@ -265,6 +334,8 @@ class ValidationResult:
 
 
 def _clean(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
     if isinstance(value, (np.floating, float)):
         return round(float(value), 4) if math.isfinite(float(value)) else None
     if isinstance(value, np.integer):

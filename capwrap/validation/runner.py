@@ -148,18 +148,36 @@ def _evidence_record(e: Evidence) -> dict[str, Any]:
 def _run_to_file(
     scenario: Scenario, out: str, cache: str | None, rule_dict: dict | None, n_boot: int, memory: Memory, threads: int
 ) -> str:
-    """A worker's job: run one scenario and write its record (or an error record)."""
-    rule = VerdictRule.from_dict(rule_dict) if rule_dict is not None else None
-    path = record_path(out, scenario)
+    """A local worker's job: run one scenario and write its record (or an error record) to ``out``."""
     try:
-        record = run_scenario(scenario, cache, rule, n_boot, threads, memory)
+        record = _run_record(scenario, cache, rule_dict, n_boot, memory, threads)
     except Exception as exc:  # noqa: BLE001 - reported per scenario, the suite goes on
-        write_json_atomic(path.with_suffix(".error.json"), {"scenario": scenario.name, "error": repr(exc),
-                                                            "traceback": traceback.format_exc()})  # fmt: skip
+        _write_error(out, scenario, repr(exc), traceback.format_exc())
         raise
+    _write_record(out, scenario, record)
+    return scenario.name
+
+
+def _run_record(
+    scenario: Scenario, cache: str | None, rule_dict: dict | None, n_boot: int, memory: Memory, threads: int
+) -> dict[str, Any]:
+    """A Ray worker's job: run one scenario and return its record, which the driver writes (so the
+    results folder needs to exist on the driver's machine only)."""
+    rule = VerdictRule.from_dict(rule_dict) if rule_dict is not None else None
+    if cache is not None:  # on another node of a cluster, the cache starts with the runs capwrap ships too
+        copy_missing(SUITE_ASSETS / "cache", cache)
+    return run_scenario(scenario, cache, rule, n_boot, threads, memory)
+
+
+def _write_record(out: str | os.PathLike, scenario: Scenario, record: dict[str, Any]) -> None:
+    path = record_path(out, scenario)
     write_json_atomic(path, record)
     path.with_suffix(".error.json").unlink(missing_ok=True)
-    return scenario.name
+
+
+def _write_error(out: str | os.PathLike, scenario: Scenario, error: str, trace: str) -> None:
+    write_json_atomic(record_path(out, scenario).with_suffix(".error.json"),
+                      {"scenario": scenario.name, "error": error, "traceback": trace})  # fmt: skip
 
 
 def run_suite(
@@ -180,7 +198,9 @@ def run_suite(
         scenarios: what to run (see :func:`~capwrap.validation.scenarios.scenarios`).
         out: the results folder (records go to ``out/scenarios``).
         workers: local worker processes (each with ``cores // workers`` torch threads).
-        ray_address: run on a Ray cluster instead (``"local"`` starts one on this machine).
+        ray_address: run on a Ray cluster instead (``"local"`` starts one on this machine): one task
+            of one CPU per scenario; records come back to this process and are written to ``out``
+            here, so the nodes need no shared file system (each keeps its own ``cache``, at the same path).
         cache: where tuned models and revival controls are kept between runs (default ``out/cache``).
         rule: the verdict rule the records' findings use (default: the fitted rule).
         n_boot: bootstrap replicates.
@@ -249,18 +269,30 @@ def _one(run: Callable[[], Any], name: str, bar: Any, log: Callable[[str], None]
 
 
 def _run_on_ray(todo: list[Scenario], args: tuple, address: str, bar: Any, log: Callable[[str], None]) -> list[str]:
+    """Each scenario a Ray task of one CPU; the records come back to this process, which writes them
+    (the cluster's nodes need no shared file system; each keeps its own model cache)."""
     try:
         import ray
     except ImportError:
         raise ConfigError("running on Ray needs the ray extra: pip install 'capwrap[ray]'") from None
+    out, cache, rule_dict, n_boot, memory = args
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(_run_to_file)
-    pending = {remote.remote(s, *args, 1): s.name for s in todo}
+    remote = ray.remote(num_cpus=1)(_run_record)
+    pending = {remote.remote(s, cache, rule_dict, n_boot, memory, 1): s for s in todo}
     failed = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
-        failed += _one(lambda ref=done[0]: ray.get(ref), name, bar, log)
+        scenario = pending.pop(done[0])
+
+        def finish(ref: Any = done[0], scenario: Scenario = scenario) -> None:
+            try:
+                record = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - reported per scenario, the suite goes on
+                _write_error(out, scenario, repr(exc), str(exc))
+                raise
+            _write_record(out, scenario, record)
+
+        failed += _one(finish, scenario.name, bar, log)
     return failed
 
 

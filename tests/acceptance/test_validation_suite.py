@@ -1,9 +1,11 @@
 """`capwrap validate` end to end on named scenarios of both halves of the suite, with their verdicts
-pinned: a textbook wrapper (count b learned through count a + 1 at a small learning rate) and a
-removed capability (a model of the base's shape retrained from scratch without counting b, the
-unlearning literature's gold standard, then given the same fine-tune). The two run side by side, one
-worker each; the suite's other removal recipes are exercised by `capwrap validate` itself
-(benchmarks/RESULTS.md)."""
+pinned: a textbook wrapper (count b learned through count a + 1 at a small learning rate); removed
+capabilities built two ways (a model of the base's shape retrained from scratch without counting b,
+the unlearning literature's gold standard, and a base whose every block was re-initialized, each then
+given the same fine-tune); the paper's own setting, compiled Tracr programs (a Counter wrapper and a
+Max-identifier whose blocks were re-initialized); and a no-op fine-tune, which must stay
+`inconclusive`. They run two at a time; the rest of the suite is measured by `capwrap validate`
+itself (benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,18 @@ from capwrap.cli import main
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
 REMOVED = "held/removed-count-b/retrained/s53"
+REINITIALIZED = "cal/removed-count-a/reinit-blocks/s3"
+TRACR_WRAPPER = "cal/tracr-counter/sgd-small-c1/s5"
+TRACR_REMOVED = "held/tracr-max/reinit-blocks/s55"
+KEPT = "held/kept/tiny/s54"
+PINNED = (WRAPPER, REMOVED, REINITIALIZED, TRACR_WRAPPER, TRACR_REMOVED, KEPT)
 
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory):
     out = tmp_path_factory.mktemp("validate")
     argv = ["validate", "--split", "all", "--out", str(out), "--workers", "2", "--quiet"]
-    for name in (WRAPPER, REMOVED):
+    for name in PINNED:
         argv += ["--scenario", name]
     assert main(argv) == 0
     data = json.loads((out / "validation.json").read_text())
@@ -45,9 +52,33 @@ def test_a_removed_capability_is_a_capability_change(validated):
     assert rows[(REMOVED, "creation")]["verdict"] == "inconclusive"
 
 
+@pytest.mark.parametrize("name", [REINITIALIZED, TRACR_REMOVED])
+def test_a_capability_whose_blocks_were_reinitialized_is_a_capability_change(validated, name):
+    _, rows, _ = validated
+    row = rows[(name, "deletion")]
+    assert row["truth"] == "capability_change"
+    assert row["verdict"] == "capability_change", row["reason"]
+    assert row["high"] < 0  # the whole interval on the change side, not just the point
+
+
+def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
+    """The paper's own setting: a compiled Counter, fine-tuned with SGD at a small rate."""
+    _, rows, _ = validated
+    for question in ("deletion", "creation"):
+        assert rows[(TRACR_WRAPPER, question)]["truth"] == "wrapper"
+        assert rows[(TRACR_WRAPPER, question)]["verdict"] == "wrapper", rows[(TRACR_WRAPPER, question)]["reason"]
+
+
+def test_a_fine_tune_that_changes_nothing_is_inconclusive(validated):
+    _, rows, _ = validated
+    for question in ("deletion", "creation"):
+        assert rows[(KEPT, question)]["truth"] == rows[(KEPT, question)]["verdict"] == "inconclusive"
+
+
 def test_validate_writes_its_report_and_resumes(validated, capsys):
     out, _, data = validated
     assert data["targets"]["accuracy"] == 1.0 and data["targets"]["wrapper_on_removed"] == 0
+    assert data["targets"]["accuracy_interval"] == [1.0, 1.0] and data["scenario_seconds"] > 0
     assert (out / "validation.html").read_text().count("Plotly.newPlot") >= 1
     # each record says which software made its numbers, and which made its tuned model
     from capwrap.validation import scenarios

@@ -187,6 +187,21 @@ def test_task_must_fit_the_model(small_model):
         check_task_fits(small_model, big)
 
 
+def test_a_task_missing_protocol_members_is_named_before_any_analyzer_runs(small_model, small_task):
+    """A duck-typed task without TaskBase's members fails with the missing names, not an AttributeError
+    deep in an analyzer."""
+    from capwrap.analyzers.base import Context, ModelPair
+
+    class Bare:  # what a user might write: the sampling half of a task only
+        name, d_vocab, seq_len = small_task.name, small_task.d_vocab, small_task.seq_len
+        sample, describe = small_task.sample, small_task.describe
+
+    with pytest.raises(ConfigError, match="lacks probe_label, capability_floor, probe_task, correlation_free; subclass"):
+        Context.build(ModelPair(small_model, small_model), small_task, Bare())
+    with pytest.raises(ConfigError, match="not a capwrap Task"):
+        check_task_fits(small_model, Bare())
+
+
 def test_accuracy_counts_argmax_hits_at_the_answer_position(small_model, small_task):
     batch = small_task.sample(40, seed=0)
     with torch.no_grad():

@@ -4,6 +4,7 @@ tests/acceptance/test_validation_suite.py runs named scenarios end to end)."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -141,6 +142,31 @@ def test_fit_rule_separates_a_separable_suite_and_records_its_provenance(records
     assert {"name", "question", "truth", "verdict", "score"} <= set(data["scenarios"][0])
     table = result.analyzers().set_index("analyzer")
     assert table.loc["probing", "auc"] == 1.0 and table.loc["probing", "accuracy"] == 1.0
+
+
+def test_the_suites_figures_carry_intervals_over_whole_scenarios(records):
+    """Both questions of a scenario are resampled together; a miss widens the accuracy's interval
+    below the point, and the same records give the same interval in any order."""
+    rule = fit_rule(records, start=VerdictRule())
+    perfect = ValidationResult.from_records(records, rule)
+    assert perfect.accuracy_interval == (1.0, 1.0)
+    pairs = perfect.scored[perfect.scored["name"].duplicated(keep=False)].reset_index(drop=True)  # both questions
+    partner = [pairs.index[(pairs["name"] == n) & (pairs.index != i)][0] for i, n in enumerate(pairs["name"])]
+
+    def split_pairs(at):  # 1 when some scenario's two rows were drawn a different number of times
+        counts = np.bincount(at, minlength=len(pairs))
+        return float((counts != counts[partner]).any())
+
+    assert perfect.interval(pairs, split_pairs) == (0.0, 0.0)
+    records[0]["evidence"][0] |= {"value": 0.0, "replicates": [0.0] * 20}  # one wrapper now reads as a loss
+    missed = ValidationResult.from_records(records, rule)
+    lo, hi = missed.targets()["accuracy_interval"]
+    assert lo < missed.accuracy < 1.0 and hi == 1.0
+    assert missed.accuracy_interval == ValidationResult.from_records(records[::-1], rule).accuracy_interval
+    probing = missed.analyzers().set_index("analyzer").loc["probing"]
+    assert probing["accuracy_low"] < probing["accuracy"] <= probing["accuracy_high"] == 1.0
+    assert probing["auc_low"] < probing["auc"] <= probing["auc_high"]
+    assert "accuracy_interval" in missed.to_dict()["targets"]
 
 
 def test_the_analyzer_table_counts_wrong_directions_on_each_truth(records):
@@ -284,9 +310,12 @@ def test_sensitivity_counts_flips_per_number(records):
     anchors = {f"{stat}.{point}" for stat in ("probe_kept_share", "gain_without_correlation")
                for point in ("change_full", "change_cut", "wrapper_cut", "wrapper_full")}  # fmt: skip
     thresholds = {f"{q}.{t}_threshold" for q in ("deletion", "creation") for t in ("wrapper", "change")}
-    numbers = anchors | thresholds | {"kept_fraction", "min_gain"}
-    assert set(zip(table["number"], table["perturbation"], strict=True)) == {(n, f) for n in numbers for f in ("x0.8", "x1.2")}
-    assert len(table) == 2 * len(numbers) and (table["flips"] >= 0).all()
+    numbers = anchors | thresholds | {"kept_fraction", "min_gain", "kind_weights.functional", "kind_weights.structural"}
+    moved = {(n, f) for n in numbers for f in ("x0.8", "x1.2")}
+    moved |= {("probe_kept_share.weight", "x0.8"), ("gain_without_correlation.weight", "x0.8")}  # weights of 1: down only
+    assert rule.anchors["probe_kept_share"].weight == rule.anchors["gain_without_correlation"].weight == 1.0
+    assert set(zip(table["number"], table["perturbation"], strict=True)) == moved
+    assert len(table) == len(moved) and (table["flips"] >= 0).all()
     # moving the kept bar to 72% of the base still calls a 40% model a loss: no flip from that number
     assert table[(table["number"] == "kept_fraction") & (table["perturbation"] == "x0.8")]["flips"].iloc[0] == 0
 
@@ -318,6 +347,14 @@ def test_the_runner_resumes_from_existing_records(tmp_path, records):
     assert out == [records[0]] and "already have records" in logged[0]
     with pytest.raises(ConfigError, match="memory='normal', not 'low'"):  # (a record without the field is normal)
         run_suite(chosen, tmp_path, workers=1, progress=False, memory="low")
+
+
+def test_ray_without_its_extra_says_how_to_install_it_and_records_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where the extra is not installed
+    chosen = scenarios("calibration", ["cal/count-b/adamw-small-c1/s1"])
+    with pytest.raises(ConfigError, match=r"pip install 'capwrap\[ray\]'"):
+        run_suite(chosen, tmp_path, ray_address="local", progress=False)
+    assert not list((tmp_path / "scenarios").iterdir())
 
 
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):

@@ -19,6 +19,30 @@ def _answer_logit(logits, batch):
     return logits[torch.arange(len(batch)), batch.answer_pos, batch.answers]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "tracr", "mistral", "qwen2", "qwen3", "phi3"])
+def test_the_upstream_outputs_add_up_to_the_stream_the_logits_read(arch, backend, tiny, tiny_task):
+    """The graph's premise (what makes an edge's ablation a change of one summand): input, heads
+    (``z @ W_O[h]``), attention output biases and MLPs add up to the last residual stream — on every
+    family the graph accepts (post-norm and parallel blocks are refused: test_circuit_graph.py)."""
+    from capwrap.models import ModelSpec, build_model
+
+    if arch in ("gpt2", "llama", "gpt_neo", "tracr"):
+        model = tiny(arch, backend)
+    else:
+        spec = ModelSpec(d_vocab=tiny_task.d_vocab, n_ctx=tiny_task.seq_len, n_layers=2, d_model=16, n_heads=4,
+                         n_key_value_heads=2, architecture=arch)  # fmt: skip
+        model = build_model(spec, backend=backend, seed=0)
+    graph = Graph.from_spec(model.spec)
+    capture, seen = NodeCapture(model, graph, grads=False), {}
+    last = f"blocks.{model.spec.n_layers - 1}.hook_resid_post"
+    with torch.no_grad(), model.hooks([*capture.hooks(), (last, lambda act, hook=None: seen.update(stream=act))]):
+        model(tiny_task.sample(4, seed=0).tokens)
+    weights = model.weights()
+    biases = [weights[f"blocks.{i}.attn.b_O"] for i in range(model.spec.n_layers) if f"blocks.{i}.attn.b_O" in weights]
+    total = capture.values().upstream(weights).sum(0) + sum(biases, torch.zeros(()))
+    torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "tracr"])
 def test_eap_equals_the_split_input_reference(arch, backend, tiny, tiny_task):
     model = tiny(arch, backend)
