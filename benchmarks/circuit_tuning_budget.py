@@ -7,9 +7,12 @@ with rank 8 on every attention and MLP matrix would train (9.1% of the parameter
 ``--lora``, LoRA itself (peft, rank 8, alpha 16, every linear layer), each at the learning rates
 and training seeds given. Reports downstream accuracy (C_Te = 1), capability retention (count
 ``a``) on 2,048-sequence test sets, and the share of parameters trained per step and at any step
-(LoRA: its adapter's parameters, as a share of the model's).
+(LoRA: its adapter's parameters, as a share of the model's). With ``--revival``, also how many
+steps of reverse fine-tuning on count ``a`` (AdamW, lr 1e-4, batch 32, as `Revival`'s defaults)
+bring each tuned model back to 90% of the base's accuracy on count ``a``, checked after every step
+(`Revival` checks every 10, too coarse to rank these runs).
 
-    python benchmarks/circuit_tuning_budget.py [--lrs 1e-4 3e-4 1e-3] [--seeds 1 2 3] [--lora] [--steps 300] [--threads 1]
+    python benchmarks/circuit_tuning_budget.py [--lrs 1e-4 3e-4 1e-3] [--seeds 1 2 3] [--lora] [--revival] [--steps 300] [--threads 1]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import torch
 
 import capwrap
+from capwrap.analyzers.revival import steps_to_threshold
 from capwrap.circuits import Graph
 from capwrap.demo import DEMO_BASE, demo_tasks
 from capwrap.methods import LoRA
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="training seeds (batches, initial state)")
     parser.add_argument("--lora", action="store_true", help="also fine-tune with LoRA r=8 on every linear layer")
     parser.add_argument("--skip-full", action="store_true", help="leave out full fine-tuning")
+    parser.add_argument("--revival", action="store_true", help="also count reverse fine-tuning steps back to count a")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,6 +71,12 @@ def main() -> None:
                        if "method/trainable_ratio" in history else trained,
                        "trained_at_any_step": float(history["method/trained_ever_ratio"].iloc[-1])
                        if "method/trained_ever_ratio" in history else trained}  # fmt: skip
+                if args.revival:
+                    check = tests["count a"][:512]
+                    threshold = 0.9 * out["base"]["count a"]
+                    back = capwrap.TrainConfig(steps=100, batch_size=32, lr=1e-4, warmup=0.0, seed=seed, progress=False)
+                    first, _, _ = steps_to_threshold(model, tasks["capability"], check, threshold, back, eval_every=1)
+                    row["revival_steps"] = first  # NaN: not back within 100 steps
                 out["runs"].append(row)
                 print(json.dumps(row), flush=True)
     print(json.dumps(out, indent=1))

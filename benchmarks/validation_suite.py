@@ -5,7 +5,8 @@
    project's 2-core machine.
 2. Prints the accuracy, the confusion table and each analyzer's accuracy and AUC (as
    ``capwrap validate`` does) and writes OUT/validation.json and OUT/validation.html.
-3. Sensitivity: every number of the shipped rule ×0.8 and ×1.2; how many verdicts flip (target: none).
+3. Sensitivity: every number of the shipped rule — thresholds, anchor points, gates, weights — ×0.8 and
+   ×1.2; how many verdicts flip (target: none).
    Written to OUT/sensitivity.csv.
 4. With ``--ray``: the same scenarios on a local Ray cluster into OUT/ray (the tuned models and
    revival controls come from the first run's cache, so this checks the Ray path, not the training
@@ -64,7 +65,8 @@ def main() -> None:
     table = sensitivity(records, rule)
     table.to_csv(out / "sensitivity.csv", index=False)
     flips = table[table["flips"] > 0]
-    print(f"\nsensitivity: {len(table)} perturbations (each number x0.8 and x1.2; a threshold at 0: +0.025), {len(flips)} flip a verdict")
+    print(f"\nsensitivity: {len(table)} perturbations (each threshold, anchor point, gate and weight x0.8 and x1.2; "
+          f"a threshold at 0: +0.025; an anchor weight of 1: x0.8 only), {len(flips)} flip a verdict")  # fmt: skip
     if len(flips):
         print(flips.to_string(index=False))
 

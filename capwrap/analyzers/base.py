@@ -251,8 +251,9 @@ class Context:
     ) -> Context:
         """Check the inputs and measure the evaluation set (``downstream_free="auto"``: the
         downstream task's own :meth:`~capwrap.tasks.Task.correlation_free` variant)."""
+        for task in (capability, downstream):
+            check_task(task)  # analyzers read the whole protocol
         if downstream_free == "auto":
-            check_task(downstream)
             downstream_free = downstream.correlation_free()
         tasks = {"capability": capability, "downstream": downstream}
         if downstream_free is not None:

@@ -27,6 +27,8 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -77,10 +79,19 @@ def steps_to_threshold(
     return first, pd.DataFrame({"step": steps, "accuracy": acc.tolist()}), correct
 
 
-def _trainable(model: CapModel) -> CapModel:
-    """``model`` itself, or a float32 copy of a model held in lower precision (bfloat16): training
-    refuses low-precision weights, whose small updates would be lost."""
-    return model if model.dtype in (torch.float32, torch.float64) else model.clone(dtype=torch.float32)
+@contextmanager
+def _trainable_scratch(pair: ModelPair, model: CapModel) -> Iterator[CapModel]:
+    """A copy of ``model`` to train (:meth:`ModelPair.scratch`); for a model held in lower precision
+    (bfloat16), a float32 copy — training refuses low-precision weights, whose small updates would be
+    lost — made straight from it (with a residency, from the resident model, left unchanged)."""
+    if model.dtype in (torch.float32, torch.float64):
+        with pair.scratch(model) as work:
+            yield work
+    elif pair.residency is None:
+        yield model.clone(dtype=torch.float32)
+    else:
+        with pair.scratch(model) as resident:
+            yield resident.clone(dtype=torch.float32)
 
 
 def first_reaching(curves: Tensor, steps: Tensor, thresholds: Tensor, censored: float) -> Tensor:
@@ -160,8 +171,7 @@ class Revival(Analyzer):
         configs = [c.low_memory() for c in configs] if self.low_memory else configs
         runs: dict[str, list[tuple[float, pd.DataFrame, Tensor]]] = {"tuned": [], "control": []}
         for config in configs:
-            with pair.scratch(pair.tuned) as work:
-                work = _trainable(work)
+            with _trainable_scratch(pair, pair.tuned) as work:
                 runs["tuned"].append(steps_to_threshold(work, capability, batch, threshold, config, self.eval_every))
         control = self.control if self.control is not None else self._make_control(context)
         pair.adopt(control)  # (with a residency: it takes turns with the pair)
@@ -199,8 +209,8 @@ class Revival(Analyzer):
         """The control's run, from :attr:`cache` when it was made before."""
 
         def run() -> tuple[float, pd.DataFrame, Tensor]:
-            with pair.scratch(control) as work:
-                return steps_to_threshold(_trainable(work), capability, batch, threshold, config, self.eval_every)
+            with _trainable_scratch(pair, control) as work:
+                return steps_to_threshold(work, capability, batch, threshold, config, self.eval_every)
 
         if self.cache is None:
             return run()

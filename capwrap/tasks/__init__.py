@@ -3,6 +3,7 @@ for the command line."""
 
 from capwrap.tasks.base import (
     Task,
+    TaskBase,
     TaskBatch,
     accuracy,
     answer_logits,
@@ -30,6 +31,7 @@ __all__ = [
     "PCFGTask",
     "PCFGVocab",
     "Task",
+    "TaskBase",
     "TaskBatch",
     "accuracy",
     "answer_logits",

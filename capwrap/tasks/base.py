@@ -41,6 +41,8 @@ __all__ = [
     "check_task_fits",
     "correctness",
     "TASK_MEMBERS",
+    "SAMPLING_MEMBERS",
+    "ANALYZER_MEMBERS",
 ]
 
 
@@ -151,33 +153,40 @@ class TaskBase:
         return None
 
 
-#: What a :class:`Task` offers (what analyzers and ``diagnose`` read), checked by :func:`check_task`.
-TASK_MEMBERS: tuple[str, ...] = (
-    "name", "d_vocab", "seq_len", "probe_label", "capability_floor", "probe_task", "correlation_free", "sample",
-    "describe",
-)  # fmt: skip
+#: What training and sampling read of a task (:func:`check_task_fits` checks these).
+SAMPLING_MEMBERS: tuple[str, ...] = ("name", "d_vocab", "seq_len", "sample", "describe")
+#: What analyzers and ``diagnose`` read besides (:class:`TaskBase` supplies defaults for all four).
+ANALYZER_MEMBERS: tuple[str, ...] = ("probe_label", "capability_floor", "probe_task", "correlation_free")
+#: The whole :class:`Task` protocol, checked by :func:`check_task`.
+TASK_MEMBERS: tuple[str, ...] = SAMPLING_MEMBERS + ANALYZER_MEMBERS
 
 
-def check_task(task: object) -> None:
-    """Raise a clear error naming what ``task`` lacks of the :class:`Task` protocol.
+def check_task(task: object, members: tuple[str, ...] = TASK_MEMBERS) -> None:
+    """Raise a clear error naming what ``task`` lacks of the :class:`Task` protocol (of ``members``:
+    training needs only :data:`SAMPLING_MEMBERS`, analyzers all of :data:`TASK_MEMBERS`).
 
     Example:
-        >>> check_task(object())
+        >>> class Sampler:  # enough to train on, not enough to diagnose with
+        ...     name, d_vocab, seq_len = "copy", 10, 8
+        ...     def sample(self, n, seed): ...
+        ...     def describe(self): ...
+        >>> check_task(Sampler(), SAMPLING_MEMBERS)
+        >>> check_task(Sampler())
         Traceback (most recent call last):
         ...
-        capwrap.errors.ConfigError: object is not a capwrap Task: it lacks name, d_vocab, seq_len, probe_label, capability_floor, probe_task, correlation_free, sample, describe; subclass capwrap.tasks.TaskBase, which supplies probe_label, capability_floor, probe_task and correlation_free
+        capwrap.errors.ConfigError: Sampler is not a capwrap Task: it lacks probe_label, capability_floor, probe_task, correlation_free; subclass capwrap.tasks.TaskBase, which supplies those four
     """
-    if missing := [m for m in TASK_MEMBERS if not hasattr(task, m)]:
-        raise ConfigError(
-            f"{type(task).__name__} is not a capwrap Task: it lacks {', '.join(missing)}; subclass "
-            "capwrap.tasks.TaskBase, which supplies probe_label, capability_floor, probe_task and correlation_free"
-        )
+    if missing := [m for m in members if not hasattr(task, m)]:
+        supplied = [m for m in missing if m in ANALYZER_MEMBERS]
+        hint = (f"subclass capwrap.tasks.TaskBase, which supplies {'those four' if len(supplied) == 4 else ', '.join(supplied)}"
+                if supplied else "see the Task protocol in capwrap.tasks")  # fmt: skip
+        raise ConfigError(f"{type(task).__name__} is not a capwrap Task: it lacks {', '.join(missing)}; {hint}")
 
 
 def check_task_fits(model: CapModel, task: Task) -> None:
-    """Raise a clear error if ``task`` is not a :class:`Task` or ``model`` cannot embed its tokens or
-    sequences."""
-    check_task(task)
+    """Raise a clear error if ``task`` cannot be sampled (:data:`SAMPLING_MEMBERS`) or ``model`` cannot
+    embed its tokens or sequences."""
+    check_task(task, SAMPLING_MEMBERS)
     if task.d_vocab > model.spec.d_vocab:
         raise ConfigError(
             f"task {task.name!r} uses {task.d_vocab} token ids but the model embeds only "

@@ -316,11 +316,12 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
     for name in ("kept_fraction", "min_gain"):
         value = getattr(rule, name)
         out += [(name, f"x{f:g}", dataclasses.replace(rule, **{name: min(1.0, value * f)})) for f in (0.8, 1.2)]
-    # the weights: each kind's (the structural/functional balance is set, not fitted) and each anchor's
-    # (at most 1: a weight of 1 is moved down only; the score is a weighted mean, so that is every other x1.25)
-    for kind, value in rule.kind_weights.items():
-        out += [(f"kind_weights.{kind}", f"x{f:g}", dataclasses.replace(rule, kind_weights={**rule.kind_weights, kind: value * f}))
-                for f in (0.8, 1.2)]  # fmt: skip
+    # the weights: the structural kind's against the functional one's (the score is a weighted mean, so
+    # only their ratio matters; the balance is set, not fitted) and each anchor's (at most 1: a weight of
+    # 1 is moved down only, which is every other anchor's x1.25)
+    structural = rule.kind_weights["structural"]
+    out += [("kind_weights.structural", f"x{f:g}", dataclasses.replace(rule, kind_weights={**rule.kind_weights,
+             "structural": structural * f})) for f in (0.8, 1.2)]  # fmt: skip
     for stat, anchor in rule.anchors.items():
         for f in (0.8, 1.2):
             if 0 < anchor.weight * f <= 1:

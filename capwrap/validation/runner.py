@@ -159,12 +159,14 @@ def _run_to_file(
 
 
 def _run_record(
-    scenario: Scenario, cache: str | None, rule_dict: dict | None, n_boot: int, memory: Memory, threads: int
-) -> dict[str, Any]:
-    """A Ray worker's job: run one scenario and return its record, which the driver writes (so the
-    results folder needs to exist on the driver's machine only)."""
+    scenario: Scenario, cache: str | None, rule_dict: dict | None, n_boot: int, memory: Memory, threads: int,
+    seed_cache: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Run one scenario and return its record. A Ray task returns it to the driver, which writes it
+    (so the results folder needs to exist on the driver's machine only); ``seed_cache``: first copy
+    the runs capwrap ships into ``cache`` (on another node of a cluster, the driver's copy is not there)."""
     rule = VerdictRule.from_dict(rule_dict) if rule_dict is not None else None
-    if cache is not None:  # on another node of a cluster, the cache starts with the runs capwrap ships too
+    if seed_cache and cache is not None:
         copy_missing(SUITE_ASSETS / "cache", cache)
     return run_scenario(scenario, cache, rule, n_boot, threads, memory)
 
@@ -200,7 +202,8 @@ def run_suite(
         workers: local worker processes (each with ``cores // workers`` torch threads).
         ray_address: run on a Ray cluster instead (``"local"`` starts one on this machine): one task
             of one CPU per scenario; records come back to this process and are written to ``out``
-            here, so the nodes need no shared file system (each keeps its own ``cache``, at the same path).
+            here, so the nodes need no shared file system (each keeps its own ``cache``, at the same
+            absolute path, and does not retrain what it holds).
         cache: where tuned models and revival controls are kept between runs (default ``out/cache``).
         rule: the verdict rule the records' findings use (default: the fitted rule).
         n_boot: bootstrap replicates.
@@ -220,7 +223,7 @@ def run_suite(
     check_memory(memory)
     out = Path(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)
-    cache = Path(cache) if cache is not None else out / "cache"
+    cache = (Path(cache) if cache is not None else out / "cache").resolve()  # absolute: Ray nodes get the path
     copy_missing(SUITE_ASSETS / "cache", cache)  # the shipped controls and their runs
     done = [s for s in scenarios if record_path(out, s).exists()]
     other = sorted({r.get("memory", "normal") for r in load_records(out, done)} - {memory})
@@ -278,7 +281,7 @@ def _run_on_ray(todo: list[Scenario], args: tuple, address: str, bar: Any, log: 
     out, cache, rule_dict, n_boot, memory = args
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(_run_record)
-    pending = {remote.remote(s, cache, rule_dict, n_boot, memory, 1): s for s in todo}
+    pending = {remote.remote(s, cache, rule_dict, n_boot, memory, 1, True): s for s in todo}
     failed = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -3,8 +3,8 @@ pinned: a textbook wrapper (count b learned through count a + 1 at a small learn
 capabilities built two ways (a model of the base's shape retrained from scratch without counting b,
 the unlearning literature's gold standard, and a base whose every block was re-initialized, each then
 given the same fine-tune); the paper's own setting, compiled Tracr programs (a Counter wrapper and a
-Max-identifier whose blocks were re-initialized); and a no-op fine-tune, which must stay
-`inconclusive`. They run two at a time; the rest of the suite is measured by `capwrap validate`
+Max-identifier whose blocks were re-initialized); and a fine-tune too small to change anything
+(20 steps at lr 1e-6), which must stay `inconclusive`. They run two at a time; the rest of the suite is measured by `capwrap validate`
 itself (benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
         assert rows[(TRACR_WRAPPER, question)]["verdict"] == "wrapper", rows[(TRACR_WRAPPER, question)]["reason"]
 
 
-def test_a_fine_tune_that_changes_nothing_is_inconclusive(validated):
+def test_a_fine_tune_too_small_to_change_anything_is_inconclusive(validated):
     _, rows, _ = validated
     for question in ("deletion", "creation"):
         assert rows[(KEPT, question)]["truth"] == rows[(KEPT, question)]["verdict"] == "inconclusive"

@@ -198,8 +198,38 @@ def test_a_task_missing_protocol_members_is_named_before_any_analyzer_runs(small
 
     with pytest.raises(ConfigError, match="lacks probe_label, capability_floor, probe_task, correlation_free; subclass"):
         Context.build(ModelPair(small_model, small_model), small_task, Bare())
-    with pytest.raises(ConfigError, match="not a capwrap Task"):
-        check_task_fits(small_model, Bare())
+    with pytest.raises(ConfigError, match="Bare is not a capwrap Task: it lacks probe_label"):
+        Context.build(ModelPair(small_model, small_model), Bare(), small_task)
+    check_task_fits(small_model, Bare())  # training reads only what it samples with
+    with pytest.raises(ConfigError, match="it lacks sample; see the Task protocol"):
+        check_task_fits(small_model, type("NoSample", (), {"name": "x", "d_vocab": 4, "seq_len": 4, "describe": dict})())
+
+
+def test_a_task_that_only_samples_trains(small_model, small_task):
+    """Training needs no analyzer member: a duck-typed task with the five sampling members trains."""
+    from capwrap.training import TrainConfig, train
+
+    class Sampler:
+        name, d_vocab, seq_len = small_task.name, small_task.d_vocab, small_task.seq_len
+        sample, describe = small_task.sample, small_task.describe
+
+    before = small_model.weights()["blocks.0.mlp.W_in"].clone()
+    train(small_model, Sampler(), TrainConfig(steps=2, batch_size=8, lr=1e-2, progress=False))
+    assert not torch.equal(before, small_model.weights()["blocks.0.mlp.W_in"])
+
+
+def test_the_member_lists_are_the_task_protocol():
+    """TASK_MEMBERS names exactly the protocol's members: with all of them an object is a Task, and
+    without any one of them it is not."""
+    from capwrap.tasks import Task
+    from capwrap.tasks.base import TASK_MEMBERS
+
+    def having(names):
+        return type("T", (), {n: (lambda self: None) for n in names})()
+
+    assert isinstance(having(TASK_MEMBERS), Task)
+    for left_out in TASK_MEMBERS:
+        assert not isinstance(having([n for n in TASK_MEMBERS if n != left_out]), Task), left_out
 
 
 def test_accuracy_counts_argmax_hits_at_the_answer_position(small_model, small_task):

@@ -4,7 +4,9 @@ tests/acceptance/test_validation_suite.py runs named scenarios end to end)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +14,14 @@ import pytest
 from capwrap.cli import main
 from capwrap.diagnosis import Anchor, VerdictRule
 from capwrap.diagnosis.rule import Finding, decide
-from capwrap.errors import ConfigError
+from capwrap.errors import CapwrapError, ConfigError
 from capwrap.files import write_json_atomic
 from capwrap.validation import (
     SUITE,
     ValidationResult,
     fit_anchor,
     fit_rule,
+    load_records,
     run_suite,
     scenario,
     scenarios,
@@ -310,7 +313,7 @@ def test_sensitivity_counts_flips_per_number(records):
     anchors = {f"{stat}.{point}" for stat in ("probe_kept_share", "gain_without_correlation")
                for point in ("change_full", "change_cut", "wrapper_cut", "wrapper_full")}  # fmt: skip
     thresholds = {f"{q}.{t}_threshold" for q in ("deletion", "creation") for t in ("wrapper", "change")}
-    numbers = anchors | thresholds | {"kept_fraction", "min_gain", "kind_weights.functional", "kind_weights.structural"}
+    numbers = anchors | thresholds | {"kept_fraction", "min_gain", "kind_weights.structural"}  # (only their ratio counts)
     moved = {(n, f) for n in numbers for f in ("x0.8", "x1.2")}
     moved |= {("probe_kept_share.weight", "x0.8"), ("gain_without_correlation.weight", "x0.8")}  # weights of 1: down only
     assert rule.anchors["probe_kept_share"].weight == rule.anchors["gain_without_correlation"].weight == 1.0
@@ -355,6 +358,60 @@ def test_ray_without_its_extra_says_how_to_install_it_and_records_nothing(tmp_pa
     with pytest.raises(ConfigError, match=r"pip install 'capwrap\[ray\]'"):
         run_suite(chosen, tmp_path, ray_address="local", progress=False)
     assert not list((tmp_path / "scenarios").iterdir())
+
+
+def test_on_ray_the_driver_writes_each_record_and_each_failure(tmp_path, monkeypatch, records):
+    """Ray tasks return their records and the driver writes them (the nodes share no file system with
+    it); a task that fails leaves an error record and the others are kept. Ray's API as the runner
+    uses it (init, remote, wait, get), run in this process, with the scenario's work stubbed."""
+    import types
+
+    import capwrap.validation.runner as runner
+
+    calls = []
+
+    class Ref:
+        def __init__(self, fn, args):
+            self.fn, self.args = fn, args
+
+    def remote(**options):
+        return lambda fn: types.SimpleNamespace(remote=lambda *args: Ref(fn, args))
+
+    def get(ref):
+        return ref.fn(*ref.args)
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw), remote=remote, get=get,
+                                 wait=lambda refs, num_returns: (refs[:1], refs[1:]))  # fmt: skip
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    good, bad = "cal/count-b/adamw-small-c1/s1", "cal/count-b/adamw-small-c0.8/s1"
+
+    def run_scenario(scenario, cache, rule, n_boot, threads, memory):
+        assert Path(cache).is_absolute() and (Path(cache) / "controls").exists()  # seeded on the node
+        if scenario.name == bad:
+            raise RuntimeError("out of memory on the node")
+        return records[0]
+
+    monkeypatch.setattr(runner, "run_scenario", run_scenario)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CapwrapError, match="1 scenarios failed"):
+        run_suite(scenarios("calibration", [good, bad]), "out", ray_address="local", progress=False)
+    assert calls == [{"address": None, "ignore_reinit_error": True, "log_to_driver": False}]
+    written = load_records(tmp_path / "out")
+    assert written == [records[0]]
+    error = json.loads(record_path(tmp_path / "out", scenarios("calibration", [bad])[0]).with_suffix(".error.json").read_text())
+    assert "out of memory on the node" in error["error"]
+
+
+def test_relearning_says_when_the_budget_ran_out(records):
+    from capwrap.validation.results import relearning
+
+    revival = {"analyzer": "revival", "question": "deletion", "kind": "functional", "statistic": "revival_speedup_log2",
+               "value": 1.0, "replicates": [1.0], "summary": "", "direction": "wrapper", "strength": 0.5,
+               "headline": {"steps_tuned": 45.0, "steps_control": None, "budget": 200.0}}  # fmt: skip
+    record = {**records[0], "evidence": [*records[0]["evidence"], revival]}
+    row = relearning([record, records[1]]).iloc[0]
+    assert (row["relearn_steps_tuned"], row["relearn_steps_control"]) == (45, ">200")
+    assert relearning([records[1]]).iloc[0]["relearn_steps_tuned"] is None  # no revival: nothing to say
 
 
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
