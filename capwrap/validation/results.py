@@ -217,22 +217,23 @@ class ValidationResult:
             anchor = self.rule.anchors.get(stat.iloc[0]) if len(stat) else None
             flip = 1.0 if anchor is None or anchor.higher_is_wrapper else -1.0
 
+            # each figure on the rows at some positions: all of them for the point, resamples for the interval
             def accuracy_at(at: np.ndarray, right: np.ndarray = right, pointing: np.ndarray = pointing) -> float:
-                return right[at].sum() / pointing[at].sum()
+                return float(right[at].sum() / pointing[at].sum()) if pointing[at].any() else math.nan
 
             def auc_at(at: np.ndarray, oriented: np.ndarray = flip * values, want: np.ndarray = want) -> float:
                 return auc(oriented[at][want[at] > 0], oriented[at][want[at] < 0])
 
+            every = np.arange(len(part))
             acc_low, acc_high = self.interval(part, accuracy_at)
             auc_low, auc_high = self.interval(part, auc_at)
             rows.append({
                 "analyzer": name, "question": part["question"].iloc[0], "statistic": stat.iloc[0] if len(stat) else None,
                 "rows": len(part), "coverage": float(pointing.mean()),
-                "accuracy": float(right.sum() / pointing.sum()) if pointing.any() else math.nan,
-                "accuracy_low": acc_low, "accuracy_high": acc_high,
+                "accuracy": accuracy_at(every), "accuracy_low": acc_low, "accuracy_high": acc_high,
                 "wrong_on_wrapper": int((pointing & ~right & (want > 0)).sum()),
                 "wrong_on_change": int((pointing & ~right & (want < 0)).sum()),
-                "auc": auc(flip * values[want > 0], flip * values[want < 0]), "auc_low": auc_low, "auc_high": auc_high,
+                "auc": auc_at(every), "auc_low": auc_low, "auc_high": auc_high,
             })  # fmt: skip
         return pd.DataFrame(rows)
 
