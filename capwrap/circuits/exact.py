@@ -9,7 +9,8 @@ where ``x_d`` is what it reads in that very pass, ``a_u`` is upstream node ``u``
 pass (so an ablation upstream propagates, as in a circuit whose complement is ablated) and ``ã_u``
 its ablated output. Query/key/value inputs are replaced at ``hook_q``/``hook_k``/``hook_v`` by the
 projection of the corrected stream (through block ``l``'s own ``ln1`` module), an MLP's input by
-recomputing the MLP's output from the corrected stream (:class:`~capwrap.models.functional.Functional`'s
+recomputing the MLP's output from the corrected stream (the block's middle, or in a parallel block
+its input) (:class:`~capwrap.models.functional.Functional`'s
 ``mlp``), the logits' by correcting the final stream. Many ablation sets ("slots") share one forward
 pass: the batch is repeated once per slot.
 
@@ -74,6 +75,8 @@ class _AblationHooks:
         n = model.spec.n_layers
         self.x_pre: list[Tensor | None] = [None] * n
         self.x_mid: list[Tensor | None] = [None] * n
+        #: The stream each layer's MLP reads: the middle of the block, or its input in a parallel block.
+        self.mlp_reads = self.x_pre if graph.layout == "parallel" else self.x_mid
         self.z: list[Tensor | None] = [None] * n
         self.mlp: list[Tensor | None] = [None] * n
         self.head_rows = [
@@ -91,7 +94,8 @@ class _AblationHooks:
             out.append((f"blocks.{layer}.hook_resid_pre", self._keep(self.x_pre, layer)))
             out += [(f"blocks.{layer}.attn.hook_{w}", self._patch_projection(layer, w)) for w in "qkv"]
             out.append((f"blocks.{layer}.attn.hook_z", self._keep(self.z, layer)))
-            out.append((f"blocks.{layer}.hook_resid_mid", self._keep(self.x_mid, layer)))
+            if self.graph.layout == "sequential":  # a parallel block's MLP reads hook_resid_pre
+                out.append((f"blocks.{layer}.hook_resid_mid", self._keep(self.x_mid, layer)))
             out.append((f"blocks.{layer}.hook_mlp_out", self._patch_mlp(layer)))
         out.append((f"blocks.{last}.hook_resid_post", self._patch_logits))
         return out
@@ -156,9 +160,9 @@ class _AblationHooks:
             slots, _ = self._pairs([row])
             out = self._slots(act)
             if len(slots):
-                x_mid = self.x_mid[layer]
-                assert x_mid is not None, "hook_resid_mid runs before the MLP"
-                stream = x_mid[slots] - self._correction(slots, torch.full_like(slots, row))
+                read = self.mlp_reads[layer]
+                assert read is not None, "the stream the MLP reads is kept before the MLP runs"
+                stream = read[slots] - self._correction(slots, torch.full_like(slots, row))
                 out = out.clone()
                 out[slots] = self.functional.mlp(layer, stream).to(out.dtype)
             self.mlp[layer] = out

@@ -13,7 +13,9 @@ edge changes what one downstream node sees of one upstream node and nothing else
 
 In sequential pre-norm blocks (each block reads the stream before attention, then again before the
 MLP, and adds each output to it as it is), layer ``l``'s heads read what the input and
-every earlier layer wrote; its MLP reads that plus its own layer's heads. Each node owns the
+every earlier layer wrote; its MLP reads that plus its own layer's heads. In parallel blocks
+(GPT-NeoX / Pythia, GPT-J) the MLP reads the block's input, as the heads do, so no edge joins a
+layer's heads to its own MLP (:data:`STREAM_OFFSETS`). Each node owns the
 parameter slices it applies to the stream (:meth:`Graph.node_params`): a head's output ``W_O[h]``, its
 query/key/value ``W_Q[h]``/``W_K[h]``/``W_V[h]`` with their biases, an MLP's output ``W_out``/``b_out``
 and input ``W_in``/``W_gate``/``b_in``. The embeddings, the norms and the unembedding belong to no node.
@@ -27,6 +29,9 @@ Examples:
     ['input->L0H0.q', 'input->L0H0.k', 'input->L0H0.v']
     >>> graph.has_edge("L0H1", "L0.mlp"), graph.has_edge("L1H0", "L1H1.q")
     (True, False)
+    >>> pythia = Graph.from_spec(ModelSpec(d_vocab=10, n_ctx=8, n_layers=2, d_model=8, n_heads=2, architecture="gpt_neox"))
+    >>> pythia.layout, pythia.has_edge("L0H1", "L0.mlp"), pythia.has_edge("L0H1", "L1.mlp"), pythia.n_edges
+    ('parallel', False, True, 42)
     >>> [p.param for p in graph.node_params(graph.downstream_node("L1H1.q"))]
     ['blocks.1.attn.W_Q', 'blocks.1.attn.b_Q']
 """
@@ -47,27 +52,46 @@ from capwrap.models.components import ParamSlice
 from capwrap.models.layouts import canonical_names
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["Node", "Graph", "NodeKind", "UPSTREAM_KINDS", "DOWNSTREAM_KINDS", "UNSUPPORTED_FEATURES"]
+__all__ = [
+    "DOWNSTREAM_KINDS",
+    "STREAM_OFFSETS",
+    "UNSUPPORTED_FEATURES",
+    "UPSTREAM_KINDS",
+    "Graph",
+    "Node",
+    "NodeKind",
+    "block_layout",
+]
 
 NodeKind = Literal["input", "head", "mlp", "q", "k", "v", "mlp_in", "logits"]
 UPSTREAM_KINDS: tuple[str, ...] = ("input", "head", "mlp")
 DOWNSTREAM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp_in", "logits")
 
-#: Where in the residual stream each kind of node writes (upstream) or reads (downstream): at
-#: ``2 * layer + offset``, where the stream before block ``l``'s attention is ``2 * l``, before its MLP
-#: ``2 * l + 1`` and after the last block ``2 * n_layers`` (``input`` has layer -1, ``logits`` layer
-#: ``n_layers``). A writer at ``w`` reaches every reader at ``r >= w``. This table is the one place
-#: that knows the block layout: a parallel-block architecture reads ``mlp_in`` at 0, writes ``head`` at 2.
-_STREAM_OFFSET: dict[str, int] = {"input": 2, "head": 1, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 1, "logits": 0}
+#: Where in the residual stream each kind of node writes (upstream) or reads (downstream), by block
+#: layout: at ``2 * layer + offset``, where the stream before block ``l``'s attention is ``2 * l``,
+#: before its MLP ``2 * l + 1`` and after the last block ``2 * n_layers`` (``input`` has layer -1,
+#: ``logits`` layer ``n_layers``). A writer at ``w`` reaches every reader at ``r >= w``. In a
+#: ``sequential`` block the MLP reads what the block's heads wrote; in a ``parallel`` one (GPT-NeoX,
+#: GPT-J: ``BlockFeatures.parallel``) attention and the MLP both read the block's input, and the
+#: heads' outputs join the stream with the MLP's. This table is the one place that knows the layouts.
+STREAM_OFFSETS: dict[str, dict[str, int]] = {
+    "sequential": {"input": 2, "head": 1, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 1, "logits": 0},
+    "parallel": {"input": 2, "head": 2, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 0, "logits": 0},
+}
 
 #: Block features (:class:`~capwrap.models.features.BlockFeatures` flags) whose models the graph does
 #: not describe, and why: the graph's upstream outputs must add up to the residual stream.
 UNSUPPORTED_FEATURES: dict[str, str] = {
-    "parallel": "runs attention and the MLP in parallel (GPT-NeoX, GPT-J), where the graph has attention, "
-    "then the MLP (circuits need sequential blocks)",
     "post_norm": "normalizes each attention and MLP output before it joins the stream (Gemma-2/3, OLMo-2), so "
     "a head's output is not its share of the stream and the upstream outputs do not add up to it",
 }
+
+
+def block_layout(spec: ModelSpec) -> str:
+    """``parallel`` or ``sequential``: how a block of ``spec`` runs attention and the MLP (a key of
+    :data:`STREAM_OFFSETS`)."""
+    return "parallel" if spec.features.parallel else "sequential"
+
 
 #: The canonical weights a node's parameters live in: (leaf name, sliced by the node's head?).
 #: Weights an architecture lacks (biases, the gate) are skipped.
@@ -102,10 +126,10 @@ class Node:
     index: int
     component: str
 
-    @property
-    def stream_position(self) -> int:
-        """Where in the residual stream the node writes (upstream) or reads (downstream)."""
-        return 2 * self.layer + _STREAM_OFFSET[self.kind]
+    def stream_position(self, layout: str = "sequential") -> int:
+        """Where in the residual stream the node writes (upstream) or reads (downstream), in blocks of
+        ``layout`` (:data:`STREAM_OFFSETS`)."""
+        return 2 * self.layer + STREAM_OFFSETS[layout][self.kind]
 
 
 class Graph:
@@ -124,8 +148,10 @@ class Graph:
         self.components: list[str] = list(dict.fromkeys(n.component for n in _model_order(upstream, downstream)))
         self._up_index = {n.name: i for i, n in enumerate(upstream)}
         self._down_index = {n.name: i for i, n in enumerate(downstream)}
-        up_pos = torch.tensor([n.stream_position for n in upstream])
-        down_pos = torch.tensor([n.stream_position for n in downstream])
+        #: ``sequential`` or ``parallel`` (:func:`block_layout`).
+        self.layout = block_layout(spec)
+        up_pos = torch.tensor([n.stream_position(self.layout) for n in upstream])
+        down_pos = torch.tensor([n.stream_position(self.layout) for n in downstream])
         self.adjacency: Bool[Tensor, "n_up n_down"] = up_pos[:, None] <= down_pos[None, :]
         up, down = self.adjacency.nonzero(as_tuple=True)
         #: For each edge (in edge order, row-major over ``adjacency``): its upstream and downstream index.

@@ -11,8 +11,10 @@ modules, so it works on both backends and every architecture without knowing eit
   layer, all heads at once); an MLP input's is the gradient at ``hook_resid_mid`` along the MLP's
   branch: the TransformerBridge places that hook on the branch (``ln2``'s input), HookedTransformer
   before the skip connection branches off, where the skip's share — the gradient at
-  ``hook_resid_post`` — is taken off (:data:`RESID_MID_HOLDS_THE_SKIP`); the logits' is the gradient
-  at the last ``hook_resid_post``.
+  ``hook_resid_post`` — is taken off (:data:`RESID_MID_HOLDS_THE_SKIP`); in a parallel block, whose
+  MLP reads the block's input beside attention, it is pulled back through the MLP from the gradient
+  at ``hook_resid_post`` (one vector-Jacobian product per layer); the logits' is the gradient at the
+  last ``hook_resid_post``.
 
 Gradients are read through zero *shifts* added at those hooks (``act + shift``; ``shift.grad`` is the
 gradient at ``act``), which works on both backends, also where a hook shows a reshaped view of the
@@ -47,6 +49,7 @@ from torch import Tensor, nn
 from capwrap.circuits.graph import Graph, Node
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
+from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
 
 __all__ = [
@@ -168,6 +171,7 @@ class NodeCapture:
         self.z: list[Tensor | None] = [None] * n
         self.mlp: list[Tensor | None] = [None] * n
         self.shifts: dict[str, Tensor] = {}
+        self.functional: Functional | None = None
 
     def hooks(self) -> list[tuple[str, Callable[[Tensor, Any], Tensor | None]]]:
         """``(hook name, function)`` pairs for :meth:`CapModel.hooks`."""
@@ -178,7 +182,9 @@ class NodeCapture:
                 out.append((name, self._keep(store, layer, name)))
             if self.grads:
                 names = [f"blocks.{layer}.attn.hook_{w}" for w in "qkv"]
-                names += [f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_resid_post"]
+                if self.graph.layout == "sequential":  # a parallel block's MLP input is the block's input
+                    names.append(f"blocks.{layer}.hook_resid_mid")
+                names.append(f"blocks.{layer}.hook_resid_post")
                 out += [(name, self._shift(name)) for name in names]
         return out
 
@@ -252,10 +258,26 @@ class NodeCapture:
         return out
 
     def _mlp_input_gradient(self, layer: int, grads: Mapping[str, Tensor]) -> Tensor:
-        """The gradient at layer ``layer``'s MLP input along the MLP's branch alone, from the pass's own
-        backward (:data:`RESID_MID_HOLDS_THE_SKIP`)."""
+        """The gradient at layer ``layer``'s MLP input along the MLP's branch alone: in sequential
+        blocks from the pass's own backward (:data:`RESID_MID_HOLDS_THE_SKIP`); in parallel blocks,
+        whose MLP reads the block's input beside attention, one vector-Jacobian product of the MLP
+        (with its norm) at that input, the cotangent being the gradient at the block's output, which
+        the MLP's output joins as it is."""
+        post = grads[f"blocks.{layer}.hook_resid_post"]
+        if self.graph.layout == "parallel":
+            x = self.resid_pre[layer]
+            assert x is not None
+            x = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (pulled,) = torch.autograd.grad(self._functional().mlp(layer, x), x, post.to(x.dtype))
+            return pulled
         mid = grads[f"blocks.{layer}.hook_resid_mid"]
-        return mid - grads[f"blocks.{layer}.hook_resid_post"] if RESID_MID_HOLDS_THE_SKIP[self.model.backend] else mid
+        return mid - post if RESID_MID_HOLDS_THE_SKIP[self.model.backend] else mid
+
+    def _functional(self) -> Functional:
+        if self.functional is None:
+            self.functional = Functional(self.model)
+        return self.functional
 
 
 @torch.no_grad()

@@ -70,6 +70,7 @@ BASE_RECIPES: dict[str, PretrainRecipe | None] = {
     "pcfg-a-retrained": PretrainRecipe(("index",), (0.999, 0.001, 0.0)),
     "pcfg-b-retrained": PretrainRecipe(("index",), (0.001, 0.999, 0.0)),
     "tracr-counter": None,
+    "tracr-counter-b": None,
     "tracr-max": None,
 }
 
@@ -118,13 +119,13 @@ def make_base(name: str, backend: str | None = None, progress: bool = True, step
 
 
 def _compile(name: str, backend: str | None) -> CapModel:
-    from capwrap.tasks.tracr import compile_counter, compile_max_identifier
+    from capwrap.tasks import tracr
 
-    program = (
-        compile_counter("a", letters="abcdefghi", max_seq_len=10)
-        if name == "tracr-counter"
-        else compile_max_identifier(5, max_seq_len=10)
-    )
-    model = program.to_model(backend)
+    programs = {
+        "tracr-counter": lambda: tracr.compile_counter("a", letters="abcdefghi", max_seq_len=10),
+        "tracr-counter-b": lambda: tracr.compile_counter("b", letters="abcdefghi", max_seq_len=10),
+        "tracr-max": lambda: tracr.compile_max_identifier(5, max_seq_len=10),
+    }
+    model = programs[name]().to_model(backend)
     model.metadata |= {"suite_base": name, "made_by": "capwrap.validation.bases.make_base"}
     return model

@@ -31,7 +31,10 @@ finding is about fine-tunes that succeed, and a recipe alone does not make a wra
 The suite splits into a ``calibration`` half (the rule is fitted on it) and a ``held-out`` half that
 differs in seeds *and* in task families and operands: calibration uses counting on the ``pcfg-a``
 base (counts and indexes ``a``) and the Tracr Counter; held-out uses the index family on ``pcfg-a``,
-counting on the ``pcfg-b`` base (counts and indexes ``b``) and the Tracr Max-identifier.
+counting on the ``pcfg-b`` base (counts and indexes ``b``) and the Tracr Max-identifier, and two
+families added after its seeds had been renewed five times and run once, as they were first written:
+indexing on ``pcfg-b`` (``a`` through ``b``) and the Tracr Counter compiled to count ``b`` (``c``
+through ``b - 1``).
 
 Examples:
     >>> len(SUITE) >= 40
@@ -78,8 +81,9 @@ Truth = Literal["wrapper", "capability_change", "inconclusive", "unknown"]
 #: held-out run; a ``wrapper`` scenario below it is not scored (see :meth:`Scenario.truth`).
 LEARNED = 0.5
 
-#: Added to the seeds 1-5 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
-#: unlearning, 5 Tracr). The held-out seeds were renewed five times, each time after a change to the
+#: Added to the seeds 1-7 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
+#: unlearning, 5 Tracr; 6-7 the held-out families added on 2026-12-05, which no rule or definition
+#: was changed after). The held-out seeds were renewed five times, each time after a change to the
 #: rule's definitions or its fit that reading held-out results had suggested, so that the held-out
 #: figure stays a measurement: 11-15, then 21-25 (the truth definitions), then 31-35 (the fit's
 #: sampling-noise test, prompted by pruning's wrong directions on 21-25), then 41-45 (thresholds
@@ -95,6 +99,7 @@ BASES: dict[str, str] = {
     "pcfg-a-retrained": "pcfg-a's shape and data without counting: the gold standard of 'count a' removed",
     "pcfg-b-retrained": "pcfg-b's shape and data without counting: the gold standard of 'count b' removed",
     "tracr-counter": "Tracr Counter compiled to count a (letters a-i, 10 positions)",
+    "tracr-counter-b": "Tracr Counter compiled to count b (letters a-i, 10 positions)",
     "tracr-max": "Tracr Max-identifier compiled to name the 5th-largest letter (26 letters, 10 positions)",
 }
 
@@ -217,15 +222,23 @@ class Scenario:
 
 
 def _pcfg_family(
-    split: Split, base: str, family: str, target: str, source: str, offset: int, only: tuple[str, ...] | None = None
+    split: Split,
+    base: str,
+    family: str,
+    target: str,
+    source: str,
+    offset: int,
+    only: tuple[str, ...] | None = None,
+    first_seed: int = 1,
 ) -> list[Scenario]:
-    """Wrapper, genuine and unknown scenarios of one PCFG task family on one base (``only``: these tags)."""
+    """Wrapper, genuine and unknown scenarios of one PCFG task family on one base (``only``: these tags;
+    ``first_seed``: the first of its two seeds, added to the split's offset)."""
     planted = f"source={source},offset={offset}" if (source, offset) != ("a", 1) else ""
     spec = lambda c: ",".join(filter(None, [f"pcfg={family},operand={target},correlation={c:g}", planted]))  # noqa: E731
     capability = f"pcfg={family},operand={source}"
     down = spec(1.0)
     prefix = f"{'cal' if split == 'calibration' else 'held'}/{family}-{target}"
-    seeds = (SEED_OFFSET[split] + 1, SEED_OFFSET[split] + 2)
+    seeds = (SEED_OFFSET[split] + first_seed, SEED_OFFSET[split] + first_seed + 1)
     out = []
 
     def add(tag: str, kind: Kind, recipe: Recipe, seed: int, note: str = "") -> None:
@@ -331,27 +344,52 @@ def _kept_and_unlearning(split: Split, base: str, source: str) -> list[Scenario]
     ]
 
 
+@dataclass(frozen=True)
+class _TracrSetting:
+    """One Tracr family of a split: its base, program, capability, fine-tuning task (C_Tr as ``{c}``)
+    and the seed added to the split's offset."""
+
+    base: str
+    program: str
+    capability: str
+    spec: str
+    seed: int
+
+
+_TRACR: dict[Split, tuple[_TracrSetting, ...]] = {
+    "calibration": (
+        _TracrSetting("tracr-counter", "tracr-counter", "tracr=counter,operand=a",
+                      "tracr=counter,operand=b,correlation={c}", 5),
+    ),
+    "held-out": (
+        _TracrSetting("tracr-max", "tracr-max", "tracr=max_identifier,rank=5",
+                      "tracr=max_identifier,rank=4,correlation={c},source_rank=5,shift=1", 5),
+        _TracrSetting("tracr-counter-b", "tracr-counter", "tracr=counter,operand=b",
+                      "tracr=counter,operand=c,correlation={c},source=b,offset=-1", 6),
+    ),
+}  # fmt: skip
+
+
 def _tracr(split: Split) -> list[Scenario]:
     """The paper's Tracr settings: SGD with momentum, weight noise N(0, 0.001), two learning rates."""
-    if split == "calibration":
-        base, family = "tracr-counter", "tracr-counter"
-        capability, spec = "tracr=counter,operand=a", "tracr=counter,operand=b,correlation={c}"
-    else:
-        base, family = "tracr-max", "tracr-max"
-        capability = "tracr=max_identifier,rank=5"
-        spec = "tracr=max_identifier,rank=4,correlation={c},source_rank=5,shift=1"
-    prefix = f"{'cal' if split == 'calibration' else 'held'}/{family}"
-    seed = SEED_OFFSET[split] + 5
-    down = spec.format(c=1)
+    out = []
     lrs = LEARNING_RATES["sgd"]
-    recipe = lambda c, size, **kw: Recipe(spec.format(c=c), lrs[size], optimizer="sgd", weight_noise=1e-3, **kw)  # noqa: E731
-    return [
-        Scenario(f"{prefix}/sgd-small-c1/s{seed}", split, family, base, capability, down, recipe(1, "small"), "wrapper", seed),
-        Scenario(f"{prefix}/sgd-medium-c1/s{seed}", split, family, base, capability, down, recipe(1, "medium"), "wrapper", seed),
-        Scenario(f"{prefix}/sgd-medium-c0.8/s{seed}", split, family, base, capability, down, recipe(0.8, "medium"), "wrapper", seed),
-        Scenario(f"{prefix}/reinit-blocks/s{seed}", split, family, base, capability, down,
-                 recipe(1, "medium", reinit="blocks"), "removed", seed),  # fmt: skip
-    ]  # fmt: skip
+    for t in _TRACR[split]:
+        prefix = f"{'cal' if split == 'calibration' else 'held'}/{t.base}"
+        seed = SEED_OFFSET[split] + t.seed
+        down = t.spec.format(c=1)
+
+        def make(tag: str, c: float, size: str, kind: Kind, reinit: Literal["", "blocks"] = "") -> Scenario:
+            recipe = Recipe(t.spec.format(c=c), lrs[size], optimizer="sgd", weight_noise=1e-3, reinit=reinit)  # noqa: B023
+            return Scenario(f"{prefix}/{tag}/s{seed}", split, t.program, t.base, t.capability, down, recipe, kind, seed)  # noqa: B023
+
+        out += [
+            make("sgd-small-c1", 1, "small", "wrapper"),
+            make("sgd-medium-c1", 1, "medium", "wrapper"),
+            make("sgd-medium-c0.8", 0.8, "medium", "wrapper"),
+            make("reinit-blocks", 1, "medium", "removed", reinit="blocks"),
+        ]
+    return out
 
 
 def _build_suite() -> tuple[Scenario, ...]:
@@ -384,6 +422,9 @@ def _build_suite() -> tuple[Scenario, ...]:
         *_pcfg_family("held-out", "pcfg-b", "count", "c", "b", -1, only=("adamw-small-c1", "adamw-small-c0.8")),
         *_removed("held-out", "pcfg-b", "count", "a", "b"),
         *_kept_and_unlearning("held-out", "pcfg-b", "b"),
+        # held-out, added after the five seed renewals and run once (seeds 56-57): indexing on pcfg-b
+        # (a through b), the Tracr Counter compiled to count b (c through b - 1)
+        *_pcfg_family("held-out", "pcfg-b", "index", "a", "b", 1, first_seed=6),
         *_tracr("held-out"),
     ]
     names = [s.name for s in suite]

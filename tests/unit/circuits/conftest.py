@@ -9,7 +9,7 @@ from capwrap.models import CapModel, ModelSpec, build_model
 from capwrap.models.layouts import checkpoint_shapes
 from capwrap.tasks import PCFGConfig, PCFGTask
 
-ARCHITECTURES = ("gpt2", "gpt_neo", "llama", "tracr")
+ARCHITECTURES = ("gpt2", "gpt_neo", "gpt_neox", "llama", "tracr")
 
 
 @pytest.fixture
@@ -27,6 +27,8 @@ def _spec(arch: str, task: PCFGTask) -> ModelSpec:
         return ModelSpec(**common, n_heads=4, n_key_value_heads=2, architecture="llama")
     if arch == "tracr":
         return ModelSpec(**common, n_heads=2, architecture="tracr")
+    if arch == "gpt_neox":  # parallel attention and MLP, partial rotary
+        return ModelSpec(**common, n_heads=2, architecture="gpt_neox")
     return ModelSpec(**common, n_heads=2)
 
 

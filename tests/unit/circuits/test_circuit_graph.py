@@ -66,13 +66,23 @@ def test_node_params_are_per_head_slices():
     assert graph.node_params(graph.upstream_node("input")) == [] and graph.node_params(graph.downstream[-1]) == []
 
 
-def test_parallel_blocks_are_refused_with_the_reason():
-    from capwrap.errors import ConfigError
+def test_parallel_blocks_have_no_edge_from_a_layers_heads_to_its_own_mlp():
+    """GPT-NeoX / Pythia: attention and the MLP both read the block's input, so the MLP of layer l reads
+    what layers < l wrote and nothing of its own heads; every other edge is the sequential graph's."""
     from capwrap.models import ModelSpec
 
-    spec = ModelSpec(d_vocab=20, n_ctx=8, n_layers=2, d_model=16, n_heads=2, architecture="gpt_neox")
-    with pytest.raises(ConfigError, match="support gpt_neox yet: it runs attention and the MLP in parallel"):
-        Graph.from_spec(spec)
+    shape = dict(d_vocab=20, n_ctx=8, n_layers=3, d_model=16, n_heads=2)
+    parallel = Graph.from_spec(ModelSpec(**shape, architecture="gpt_neox"))
+    sequential = Graph.from_spec(ModelSpec(**shape))
+    assert (parallel.layout, sequential.layout) == ("parallel", "sequential")
+    assert parallel.edge_names[: sequential.edge_names.index("L0H0->L0.mlp")] == sequential.edge_names[
+        : sequential.edge_names.index("L0H0->L0.mlp")
+    ]
+    missing = set(sequential.edge_names) - set(parallel.edge_names)
+    assert missing == {f"L{layer}H{head}->L{layer}.mlp" for layer in range(3) for head in range(2)}
+    assert set(parallel.edge_names) <= set(sequential.edge_names)
+    assert parallel.has_edge("L0H1", "L1.mlp") and parallel.has_edge("L1.mlp", "L2H0.q")
+    assert not parallel.has_edge("L1.mlp", "L1H0.q") and not parallel.has_edge("L2H0", "L2.mlp")
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "olmo2"])

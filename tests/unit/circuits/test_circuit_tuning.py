@@ -29,6 +29,9 @@ def _grads_through(model, masks) -> dict[str, torch.Tensor]:
     ("gpt2", "L0H0->logits", {"blocks.0.attn.W_O": (0,)}),
     ("llama", "input->L0KV1.k", {"blocks.0.attn.W_K": (1,)}),
     ("llama", "L0.mlp->L1.mlp", {"blocks.0.mlp.W_out": (), "blocks.1.mlp.W_in": (), "blocks.1.mlp.W_gate": ()}),
+    ("gpt_neox", "input->L1H1.q", {"blocks.1.attn.W_Q": (1,), "blocks.1.attn.b_Q": (1,)}),  # a fused, per-head qkv
+    ("gpt_neox", "L0.mlp->L1.mlp",
+     {"blocks.0.mlp.W_out": (), "blocks.0.mlp.b_out": (), "blocks.1.mlp.W_in": (), "blocks.1.mlp.b_in": ()}),
 ])  # fmt: skip
 def test_parameter_masks_cover_exactly_the_nodes_slices(arch, edge, expected, backend, tiny):
     model = tiny(arch, backend)
@@ -48,8 +51,9 @@ def _weights(model: CapModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.weights().items()}
 
 
-def test_only_the_kept_slices_move_even_with_weight_decay(backend, tiny, tiny_task):
-    model = tiny("gpt2", backend)
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_only_the_kept_slices_move_even_with_weight_decay(arch, backend, tiny, tiny_task):
+    model = tiny(arch, backend)
     method = CircuitTuning(top_n=6)
     graph = Graph.from_spec(model.spec)
     snapshots = [(_weights(model), None)]

@@ -19,14 +19,14 @@ def _answer_logit(logits, batch):
     return logits[torch.arange(len(batch)), batch.answer_pos, batch.answers]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "tracr", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr", "mistral", "qwen2", "qwen3", "phi3"])
 def test_the_upstream_outputs_add_up_to_the_stream_the_logits_read(arch, backend, tiny, tiny_task):
     """The graph's premise (what makes an edge's ablation a change of one summand): input, heads
     (``z @ W_O[h]``), attention output biases and MLPs add up to the last residual stream — on every
-    family the graph accepts (post-norm and parallel blocks are refused: test_circuit_graph.py)."""
+    family the graph accepts (post-norm blocks are refused: test_circuit_graph.py)."""
     from capwrap.models import ModelSpec, build_model
 
-    if arch in ("gpt2", "llama", "gpt_neo", "tracr"):
+    if arch in ("gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"):
         model = tiny(arch, backend)
     else:
         spec = ModelSpec(d_vocab=tiny_task.d_vocab, n_ctx=tiny_task.seq_len, n_layers=2, d_model=16, n_heads=4,
@@ -43,7 +43,7 @@ def test_the_upstream_outputs_add_up_to_the_stream_the_logits_read(arch, backend
     torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "tracr"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"])
 def test_eap_equals_the_split_input_reference(arch, backend, tiny, tiny_task):
     model = tiny(arch, backend)
     batch = tiny_task.sample(6, seed=0)
@@ -59,7 +59,7 @@ def test_eap_equals_the_split_input_reference(arch, backend, tiny, tiny_task):
         assert torch.allclose(scores.values, reference.values, atol=1e-5 * max(1.0, scale), rtol=0), ablation
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "tracr"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"])
 def test_eap_is_the_derivative_of_exact_edge_ablation(arch, backend, tiny, tiny_task):
     """Ablating each edge by a small step ε towards its mean changes the metric by ε · EAP score (to
     float32 rounding of the metric, and ReLU kinks in tracr)."""
@@ -133,7 +133,7 @@ def _group_completeness(model, batch, method: str, ig_steps: int):
     return scores, summed, values[1:] - values[0]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "tracr"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "tracr"])
 def test_eap_ig_nodes_is_complete_over_each_path(arch, backend, tiny, tiny_task):
     """Integrated gradients along each upstream output's own path: the edges of each path's nodes add
     up to ablating them all (the input; a layer's heads, which move together; an MLP), to the
