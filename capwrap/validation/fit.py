@@ -34,6 +34,12 @@ The procedure (:func:`fit_rule`), on the *calibration* records:
    functional analyzer must point the verdict's way (``functional_support="agree"``;
    leave-one-scenario-out on the calibration half preferred it to ``not_against``, see
    ``_SUPPORT_MODES``).
+4. **Kind weights.** Steps 2–3 are run for each structural weight of :data:`KIND_WEIGHT_GRID` (the
+   functional kind's weight stays 1: the score is a weighted mean, so only the ratio counts). The
+   weight whose rule is right most often on the calibration findings wins; among equally accurate
+   weights, the one whose fit predicts left-out scenarios best (leave-one-scenario-out, as
+   :func:`cross_validate`, with the weight held); among those, the one nearest the starting rule's.
+   Every candidate's two accuracies are kept in the rule's provenance (``kind_weight_fit``).
 
 :func:`sensitivity` perturbs each number of a rule by ±20% (a score threshold at 0 by one grid step,
 since ±20% of 0 is 0) and counts the verdicts that flip.
@@ -64,14 +70,16 @@ from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
 from capwrap.validation.scenarios import record_truth, scenario_of
 
-__all__ = ["cross_validate", "fit_anchor", "fit_rule", "sensitivity", "PROCEDURE"]
+__all__ = ["KIND_WEIGHT_GRID", "PROCEDURE", "cross_validate", "fit_anchor", "fit_rule", "sensitivity"]
 
 PROCEDURE = (
     "anchors: cuts at the most extreme value seen with the other truth (halfway when the truths do not overlap), "
     "full points at each truth's median, weight 2*AUC-1; a side is kept only when its truth's median lies beyond "
     "the other truth's bootstrap intervals; thresholds: grid 0..0.6 step 0.025 maximizing calibration "
     "accuracy with no wrapper verdict on a removed scenario and no capability_change verdict on a wrapper scenario, "
-    "ties broken by each threshold's distance to the calibration intervals and to a score of 0, the nearer side first"
+    "ties broken by each threshold's distance to the calibration intervals and to a score of 0, the nearer side first; "
+    "structural kind weight from a grid by calibration accuracy, then leave-one-scenario-out accuracy, then "
+    "nearness to the starting weight"
 )
 _GRID = np.round(np.arange(0.0, 0.6001, 0.025), 4)
 #: What the functional evidence must say, as the fit chooses it. Only ``agree``: on the calibration
@@ -79,6 +87,8 @@ _GRID = np.round(np.arange(0.0, 0.6001, 0.025), 4)
 #: the left-out scenario right 92.7% of the time, one that keeps ``agree`` 95.1% (records of
 #: 2026-12-02; see benchmarks/RESULTS.md).
 _SUPPORT_MODES: tuple[str, ...] = ("agree",)
+#: The structural kind's weights the fit chooses among (step 4; the functional kind's is 1).
+KIND_WEIGHT_GRID: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 
 
 def fit_anchor(
@@ -170,18 +180,52 @@ def _values(records: Sequence[dict[str, Any]], rule: VerdictRule) -> dict[str, d
     return out
 
 
-def fit_rule(records: Sequence[dict[str, Any]], start: VerdictRule | None = None, command: str = "") -> VerdictRule:
+def fit_rule(
+    records: Sequence[dict[str, Any]],
+    start: VerdictRule | None = None,
+    command: str = "",
+    kind_weights: Sequence[float] | None = KIND_WEIGHT_GRID,
+) -> VerdictRule:
     """Fit anchors, weights and thresholds on ``records`` (see the module docstring).
 
     Args:
         records: calibration records (:func:`~capwrap.validation.runner.load_records`).
-        start: the rule whose question definitions (gates, kind weights, level) are kept, and whose
-            anchors stand in for statistics without enough findings (default: the shipped rule).
+        start: the rule whose question definitions (gates, level) are kept, and whose anchors stand
+            in for statistics without enough findings (default: the shipped rule).
         command: the command that produced the fit (kept in the rule's provenance).
+        kind_weights: the structural kind's weights to choose among (step 4); ``None`` or empty:
+            keep ``start``'s.
     """
     from capwrap.diagnosis.rule import default_rule
 
     start = start or default_rule()
+    if not kind_weights:
+        rule = _fit_with_weights(records, start)
+        return dataclasses.replace(rule, provenance=_provenance(records, rule, command, None))
+    candidates = []
+    for weight in kind_weights:
+        if weight <= 0:
+            raise ValueError(f"kind weights must be positive, got {weight}")
+        weighted = dataclasses.replace(start, kind_weights={**start.kind_weights, "structural": float(weight)})
+        rule = _fit_with_weights(records, weighted)
+        candidates.append({"structural": float(weight), "calibration_accuracy": _accuracy(records, rule),
+                           "loo_accuracy": None, "start": weighted, "rule": rule})  # fmt: skip
+    best = max(c["calibration_accuracy"] for c in candidates)
+    tied = [c for c in candidates if c["calibration_accuracy"] >= best - 1e-12]
+    if len(tied) > 1 and len(records) > 1:
+        for c in tied:
+            rows = cross_validate(records, c["start"], kind_weights=None)
+            c["loo_accuracy"] = float((rows["truth"] == rows["verdict"]).mean()) if len(rows) else math.nan
+        best_loo = max(-1.0 if math.isnan(c["loo_accuracy"]) else c["loo_accuracy"] for c in tied)
+        tied = [c for c in tied if c["loo_accuracy"] is not None and c["loo_accuracy"] >= best_loo - 1e-12] or tied
+    chosen = min(tied, key=lambda c: abs(c["structural"] - start.kind_weights["structural"]))["rule"]
+    table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items() if k not in ("start", "rule")}
+             for c in candidates]  # fmt: skip
+    return dataclasses.replace(chosen, provenance=_provenance(records, chosen, command, table))
+
+
+def _fit_with_weights(records: Sequence[dict[str, Any]], start: VerdictRule) -> VerdictRule:
+    """Steps 2 and 3 (anchors, then thresholds) with ``start``'s kind weights."""
     values = _values(records, start)
     anchors = dict(start.anchors)
     for statistic, sides in values.items():
@@ -193,8 +237,20 @@ def fit_rule(records: Sequence[dict[str, Any]], start: VerdictRule | None = None
     rule = dataclasses.replace(start, anchors=anchors)
     for question in ("deletion", "creation"):
         rule = _fit_thresholds(records, rule, question)
+    return rule
+
+
+def _accuracy(records: Sequence[dict[str, Any]], rule: VerdictRule) -> float:
     result = ValidationResult.from_records(records, rule)
-    provenance = {
+    return float(result.accuracy) if len(result.scored) else math.nan
+
+
+def _provenance(
+    records: Sequence[dict[str, Any]], rule: VerdictRule, command: str, kind_weight_fit: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    result = ValidationResult.from_records(records, rule)
+    values = _values(records, rule)
+    return {
         "fitted": True,
         "command": command,
         "date": datetime.date.today().isoformat(),
@@ -202,11 +258,11 @@ def fit_rule(records: Sequence[dict[str, Any]], start: VerdictRule | None = None
         "records": len(records),
         "scored_findings": int(len(result.scored)),
         "calibration_accuracy": round(result.accuracy, 4),
+        "kind_weight_fit": kind_weight_fit,
         "scenarios": sorted({r["scenario"]["name"] for r in records}),
         "findings_per_statistic": {k: {s: len(v) for s, v in d.items()} for k, d in values.items()},
         "software": _software(records),
     }
-    return dataclasses.replace(rule, provenance=provenance)
 
 
 def _software(records: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
@@ -330,10 +386,21 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
     return out
 
 
-def cross_validate(records: Sequence[dict[str, Any]], start: VerdictRule | None = None) -> pd.DataFrame:
-    """Leave-one-scenario-out cross-validation of the whole fit: for each scenario, fit the rule on
-    the other records and score the left-out one's findings. How often the fitted procedure is right
-    on a scenario it did not see — on the calibration half, an estimate of the held-out accuracy.
+def cross_validate(
+    records: Sequence[dict[str, Any]],
+    start: VerdictRule | None = None,
+    kind_weights: Sequence[float] | None = None,
+) -> pd.DataFrame:
+    """Leave-one-scenario-out cross-validation of the fit: for each scenario, fit the rule on the
+    other records and score the left-out one's findings. How often the fitted procedure is right on
+    a scenario it did not see — on the calibration half, an estimate of the held-out accuracy.
+
+    Args:
+        records: calibration records.
+        start: the starting rule of every fold's fit.
+        kind_weights: the structural weights each fold's fit chooses among; default ``None``: each
+            fold keeps ``start``'s (choosing it needs a leave-one-out of its own inside each fold,
+            which costs as many fits again per candidate).
 
     Returns:
         One row per scored finding of the left-out scenarios: ``name``, ``question``, ``truth``,
@@ -341,7 +408,7 @@ def cross_validate(records: Sequence[dict[str, Any]], start: VerdictRule | None 
     """
     rows = []
     for i, record in enumerate(records):
-        rule = fit_rule([r for j, r in enumerate(records) if j != i], start)
+        rule = fit_rule([r for j, r in enumerate(records) if j != i], start, kind_weights=kind_weights)
         scored = ValidationResult.from_records([record], rule).scored
         rows += scored[["name", "question", "truth", "verdict"]].to_dict(orient="records")
     return pd.DataFrame(rows, columns=["name", "question", "truth", "verdict"])

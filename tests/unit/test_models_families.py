@@ -366,3 +366,4 @@ def test_capwrap_diagnose_on_each_family(family, tmp_path, capsys, monkeypatch):
     assert {e["analyzer"] for e in summary["evidence"]} >= {a.name for a in analyzers}
     weight_diff = next(e for e in summary["evidence"] if e["analyzer"] == "weight_diff")
     assert weight_diff["headline"]["total_change"] > 0
+

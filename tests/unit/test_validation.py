@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from capwrap.cli import main
@@ -27,6 +28,7 @@ from capwrap.validation import (
     scenarios,
     sensitivity,
 )
+from capwrap.validation.fit import KIND_WEIGHT_GRID
 from capwrap.validation.runner import record_path
 
 
@@ -305,6 +307,28 @@ def test_cross_validation_leaves_each_scenario_out_of_its_own_fit(records):
     assert rows.set_index(["name", "question"]).loc[("cal/removed-count-a/reinit-blocks/s3", "deletion"), "verdict"] == (
         "capability_change"
     )
+
+
+def test_the_fit_chooses_the_structural_weight_that_predicts_left_out_scenarios(records):
+    """Structural evidence that one wrapper contradicts: every weight fits the calibration findings, but
+    with that wrapper left out its weight change reads as a change, and the more the structural kind
+    weighs, the further it drags the wrapper's score from the wrapper threshold. The fit picks by
+    left-out accuracy (from a start of 1.0) and keeps every candidate's accuracies."""
+    wrappers = records[:4]
+    for record, value in zip(wrappers + records[4:8], [0.1, 0.1, 0.1, 0.95] + [0.9] * 4, strict=True):
+        record["evidence"].append({"analyzer": "weight_diff", "question": "deletion", "kind": "structural",
+                                   "statistic": "relative_weight_change", "value": value, "replicates": [value] * 20,
+                                   "summary": "", "direction": "neutral", "strength": 0.0, "headline": {}})  # fmt: skip
+    start = VerdictRule(kind_weights={"functional": 1.0, "structural": 1.0})
+    rule = fit_rule(records, start=start)
+    table = pd.DataFrame(rule.provenance["kind_weight_fit"]).set_index("structural")
+    assert list(table.index) == list(KIND_WEIGHT_GRID) and (table["calibration_accuracy"] == 1.0).all()
+    assert table.loc[1.0, "loo_accuracy"] < table["loo_accuracy"].max()
+    assert rule.kind_weights["structural"] == table["loo_accuracy"].idxmax() < 1.0
+    assert ValidationResult.from_records(records, rule).accuracy == 1.0
+    assert fit_rule(records, start=start, kind_weights=None).kind_weights["structural"] == 1.0  # held
+    # without structural evidence every weight ties: the starting one stays
+    assert fit_rule(records[8:], start=start).kind_weights["structural"] == 1.0
 
 
 def test_sensitivity_counts_flips_per_number(records):

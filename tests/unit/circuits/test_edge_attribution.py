@@ -59,12 +59,9 @@ def test_eap_equals_the_split_input_reference(arch, backend, tiny, tiny_task):
         assert torch.allclose(scores.values, reference.values, atol=1e-5 * max(1.0, scale), rtol=0), ablation
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"])
-def test_eap_is_the_derivative_of_exact_edge_ablation(arch, backend, tiny, tiny_task):
-    """Ablating each edge by a small step ε towards its mean changes the metric by ε · EAP score (to
-    float32 rounding of the metric, and ReLU kinks in tracr)."""
-    model = tiny(arch, backend)
-    batch = tiny_task.sample(6, seed=0)
+def _finite_difference_and_eap(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per edge: the metric's change when the edge is ablated by a small step ε towards its mean,
+    divided by ε (exact ablation), and the EAP score."""
     graph = Graph.from_spec(model.spec)
     clean, mean = capture_values(model, batch.tokens, graph), ablated_values(model, graph, "mean", batch)
     eps = 1e-2
@@ -76,10 +73,46 @@ def test_eap_is_the_derivative_of_exact_edge_ablation(arch, backend, tiny, tiny_
     masks = torch.zeros(graph.n_edges + 1, graph.n_edges, dtype=torch.bool)
     masks[torch.arange(1, graph.n_edges + 1), torch.arange(graph.n_edges)] = True
     values = ablated_metric(model, batch, masks, near).double().mean(1)
-    finite_difference = (values[1:] - values[0]) / eps
-    eap = attribute(model, batch, ablation="mean").values.double()
+    return (values[1:] - values[0]) / eps, attribute(model, batch, ablation="mean").values.double()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"])
+def test_eap_is_the_derivative_of_exact_edge_ablation(arch, backend, tiny, tiny_task):
+    """Ablating each edge by a small step ε towards its mean changes the metric by ε · EAP score (to
+    float32 rounding of the metric, and ReLU kinks in tracr)."""
+    finite_difference, eap = _finite_difference_and_eap(tiny(arch, backend), tiny_task.sample(6, seed=0))
     assert torch.corrcoef(torch.stack([finite_difference, eap]))[0, 1] > 0.999
     assert (finite_difference - eap).abs().max() < 0.05 * eap.abs().max()
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_pythia_checkpoints_of_either_block_layout(parallel, tmp_path, backend, tiny_task):
+    """A GPT-NeoX checkpoint says in its config whether attention and the MLP run in parallel (Pythia)
+    or one after the other (``use_parallel_residual=False``); the graph follows the checkpoint
+    transformers wrote: its upstream outputs add up to the stream, and EAP is the derivative of
+    exact edge ablation."""
+    import transformers
+
+    from capwrap.models import load_model
+
+    config = transformers.GPTNeoXConfig(vocab_size=tiny_task.d_vocab, hidden_size=32, intermediate_size=40,
+                                        num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+                                        max_position_embeddings=tiny_task.seq_len, use_parallel_residual=parallel)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "neox")
+    model = load_model(tmp_path / "neox", backend=backend)
+    graph = Graph.from_spec(model.spec)
+    assert graph.layout == ("parallel" if parallel else "sequential")
+    assert graph.has_edge("L0H0", "L0.mlp") != parallel
+    batch = tiny_task.sample(6, seed=0)
+    capture, seen = NodeCapture(model, graph, grads=False), {}
+    with torch.no_grad(), model.hooks([*capture.hooks(), ("blocks.1.hook_resid_post", lambda act, hook=None: seen.update(stream=act))]):
+        model(batch.tokens)
+    weights = model.weights()
+    total = capture.values().upstream(weights).sum(0) + weights["blocks.0.attn.b_O"] + weights["blocks.1.attn.b_O"]
+    torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+    finite_difference, eap = _finite_difference_and_eap(model, batch)
+    assert torch.corrcoef(torch.stack([finite_difference, eap]))[0, 1] > 0.999
 
 
 def test_a_hand_computable_graph(tiny, tiny_task):
