@@ -193,14 +193,14 @@ def fit_rule(
         start: the rule whose question definitions (gates, level) are kept, and whose anchors stand
             in for statistics without enough findings (default: the shipped rule).
         command: the command that produced the fit (kept in the rule's provenance).
-        kind_weights: the structural kind's weights to choose among (step 4); ``None`` or empty:
-            keep ``start``'s.
+        kind_weights: the structural kind's weights to choose among (step 4); ``None`` or empty,
+            or records without structural evidence: keep ``start``'s.
     """
     from capwrap.diagnosis.rule import default_rule
 
     start = start or default_rule()
-    if not kind_weights:
-        rule = _fit_with_weights(records, start)
+    if not kind_weights or not any(e.get("kind") == "structural" for r in records for e in r["evidence"]):
+        rule = _fit_with_weights(records, start)  # no structural evidence: its weight cannot matter
         return dataclasses.replace(rule, provenance=_provenance(records, rule, command, None))
     candidates = []
     for weight in kind_weights:

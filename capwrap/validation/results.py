@@ -57,7 +57,8 @@ def score_records(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.Da
         findings = findings_from_record(record, rule)
         for question, finding in findings.items():
             row = {
-                "name": scenario.name, "split": scenario.split, "family": scenario.family, "kind": scenario.kind,
+                "name": scenario.name, "split": scenario.split, "family": scenario.family, "base": scenario.base,
+                "kind": scenario.kind,
                 "question": question, "truth": truth[question], "verdict": finding.verdict,
                 "score": finding.score, "low": finding.interval[0], "high": finding.interval[1],
                 "confidence": finding.confidence, "reason": finding.reasons[0],
@@ -193,6 +194,36 @@ class ValidationResult:
             "kept_inconclusive": bool((kept["verdict"] == "inconclusive").all()),
         }
 
+    def families(self) -> pd.DataFrame:
+        """Per task family and base (the groups a held-out half differs from its calibration half in):
+        scenarios, scored findings, how many are right, the accuracy with its interval over the
+        group's scenarios (:meth:`interval`), and the verdicts in the wrong direction (``wrapper`` on
+        a ``capability_change`` truth or the reverse) — whether the verdict generalizes beyond the
+        families it was fitted on, group by group.
+
+        Example:
+            >>> rows = pd.DataFrame({"name": ["a", "a", "b"], "family": ["pcfg-count"] * 3, "base": ["pcfg-a"] * 3,
+            ...                      "truth": ["wrapper", "wrapper", "capability_change"],
+            ...                      "verdict": ["wrapper", "inconclusive", "wrapper"]})
+            >>> ValidationResult(rows, VerdictRule()).families()[["family", "findings", "right", "wrong_direction"]]
+                   family  findings  right  wrong_direction
+            0  pcfg-count         3      1                1
+        """
+        s = self.scored
+        out = []
+        for (family, base), part in s.groupby(["family", "base"], sort=True) if len(s) else []:
+            right = (part["verdict"] == part["truth"]).to_numpy()
+            wrong = ((part["verdict"] == "wrapper") & (part["truth"] == "capability_change")) | (
+                (part["verdict"] == "capability_change") & (part["truth"] == "wrapper")
+            )
+            low, high = self.interval(part, lambda at, right=right: right[at].mean())
+            out.append({"family": family, "base": base, "scenarios": part["name"].nunique(), "findings": len(part),
+                        "right": int(right.sum()), "accuracy": float(right.mean()), "accuracy_low": low,
+                        "accuracy_high": high, "wrong_direction": int(wrong.sum())})  # fmt: skip
+        columns = ["family", "base", "scenarios", "findings", "right", "accuracy", "accuracy_low", "accuracy_high",
+                   "wrong_direction"]  # fmt: skip
+        return pd.DataFrame(out, columns=columns)
+
     def analyzers(self) -> pd.DataFrame:
         """Per analyzer: how often its direction matches the truth where it points somewhere
         (``accuracy``), how often it points somewhere (``coverage``), its wrong directions on wrapper
@@ -250,6 +281,8 @@ class ValidationResult:
             "truth \\ verdict",
             self.confusion().to_string(),
             "",
+            self.families().to_string(index=False, float_format=lambda v: f"{v:.2f}"),
+            "",
             self.analyzers().to_string(index=False, float_format=lambda v: f"{v:.2f}"),
         ]
         unknown = self.unknown()
@@ -267,6 +300,7 @@ class ValidationResult:
             "name",
             "split",
             "family",
+            "base",
             "kind",
             "question",
             "truth",
@@ -282,6 +316,7 @@ class ValidationResult:
             "scenarios": scenarios,
             "targets": {k: _clean(v) for k, v in self.targets().items()},
             "confusion": {t: {v: int(n) for v, n in row.items()} for t, row in self.confusion().iterrows()},
+            "families": [{k: _clean(v) for k, v in r.items()} for r in self.families().to_dict(orient="records")],
             "analyzers": [{k: _clean(v) for k, v in r.items()} for r in self.analyzers().to_dict(orient="records")],
             "unknown": [{k: _clean(v) for k, v in r.items()} for r in self.unknown().to_dict(orient="records")],
             "rule": self.rule.provenance,
@@ -312,6 +347,10 @@ class ValidationResult:
         report.add_table(self.confusion().reset_index())
         report.add_text("Accuracy", f"Share of scored findings whose verdict equals the truth; the brackets give its "
                         f"{LEVEL:.0%} bootstrap interval over the suite's scenarios (resampled whole).")  # fmt: skip
+        report.add_text("Families", "Per task family and base: scored findings, how many the verdict gets right, "
+                        f"the accuracy with its {LEVEL:.0%} interval over the group's scenarios, and verdicts in the "
+                        "wrong direction.")  # fmt: skip
+        report.add_table(self.families())
         report.add_text("Analyzers", "How often each analyzer points the right way where it points at all, how often it "
                         "does, and how well its statistic separates wrapper from capability-change truths (AUC), with "
                         f"{LEVEL:.0%} intervals over the suite's scenarios.")  # fmt: skip

@@ -149,6 +149,19 @@ def test_fit_rule_separates_a_separable_suite_and_records_its_provenance(records
     assert table.loc["probing", "auc"] == 1.0 and table.loc["probing", "accuracy"] == 1.0
 
 
+def test_the_accuracy_per_family_and_base_counts_wrong_directions(records):
+    rule = fit_rule(records, start=VerdictRule())
+    records[0]["evidence"][0]["value"] = 0.1  # a wrapper whose probes read like a removed capability's
+    records[0]["evidence"][0]["replicates"] = [0.1] * 20
+    result = ValidationResult.from_records(records, rule)
+    families = result.families()
+    assert families[["family", "base"]].values.tolist() == [["pcfg-count", "pcfg-a"]]  # the fixture's one group
+    row = families.iloc[0]
+    assert (row["scenarios"], row["findings"], row["right"]) == (11, len(result.scored), len(result.scored) - 1)
+    assert row["wrong_direction"] == 1 and row["accuracy_low"] < row["accuracy"] < 1.0
+    assert result.to_dict()["families"][0]["wrong_direction"] == 1 and "wrong_direction" in result.summary_text()
+
+
 def test_the_suites_figures_carry_intervals_over_whole_scenarios(records):
     """Both questions of a scenario are resampled together; a miss widens the accuracy's interval
     below the point, and the same records give the same interval in any order."""
