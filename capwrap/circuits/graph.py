@@ -14,7 +14,7 @@ edge changes what one downstream node sees of one upstream node and nothing else
 In sequential pre-norm blocks (each block reads the stream before attention, then again before the
 MLP, and adds each output to it as it is), layer ``l``'s heads read what the input and
 every earlier layer wrote; its MLP reads that plus its own layer's heads. In parallel blocks
-(GPT-NeoX / Pythia, GPT-J) the MLP reads the block's input, as the heads do, so no edge joins a
+(GPT-NeoX / Pythia) the MLP reads the block's input, as the heads do, so no edge joins a
 layer's heads to its own MLP (:data:`STREAM_OFFSETS`). Each node owns the
 parameter slices it applies to the stream (:meth:`Graph.node_params`): a head's output ``W_O[h]``, its
 query/key/value ``W_Q[h]``/``W_K[h]``/``W_V[h]`` with their biases, an MLP's output ``W_out``/``b_out``
@@ -71,8 +71,8 @@ DOWNSTREAM_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp_in", "logits")
 #: layout: at ``2 * layer + offset``, where the stream before block ``l``'s attention is ``2 * l``,
 #: before its MLP ``2 * l + 1`` and after the last block ``2 * n_layers`` (``input`` has layer -1,
 #: ``logits`` layer ``n_layers``). A writer at ``w`` reaches every reader at ``r >= w``. In a
-#: ``sequential`` block the MLP reads what the block's heads wrote; in a ``parallel`` one (GPT-NeoX,
-#: GPT-J: ``BlockFeatures.parallel``) attention and the MLP both read the block's input, and the
+#: ``sequential`` block the MLP reads what the block's heads wrote; in a ``parallel`` one (GPT-NeoX /
+#: Pythia: ``BlockFeatures.parallel``) attention and the MLP both read the block's input, and the
 #: heads' outputs join the stream with the MLP's. This table is the one place that knows the layouts.
 STREAM_OFFSETS: dict[str, dict[str, int]] = {
     "sequential": {"input": 2, "head": 1, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 1, "logits": 0},
@@ -126,7 +126,7 @@ class Node:
     index: int
     component: str
 
-    def stream_position(self, layout: str = "sequential") -> int:
+    def stream_position(self, layout: str) -> int:
         """Where in the residual stream the node writes (upstream) or reads (downstream), in blocks of
         ``layout`` (:data:`STREAM_OFFSETS`)."""
         return 2 * self.layer + STREAM_OFFSETS[layout][self.kind]

@@ -12,8 +12,8 @@ modules, so it works on both backends and every architecture without knowing eit
   branch: the TransformerBridge places that hook on the branch (``ln2``'s input), HookedTransformer
   before the skip connection branches off, where the skip's share — the gradient at
   ``hook_resid_post`` — is taken off (:data:`RESID_MID_HOLDS_THE_SKIP`); in a parallel block, whose
-  MLP reads the block's input beside attention, it is pulled back through the MLP from the gradient
-  at ``hook_resid_post`` (one vector-Jacobian product per layer); the logits' is the gradient at the
+  MLP reads the block's input beside attention, it is pulled back through the block's ``ln2`` and MLP
+  modules from the gradient at ``hook_resid_post`` (one vector-Jacobian product per layer); the logits' is the gradient at the
   last ``hook_resid_post``.
 
 Gradients are read through zero *shifts* added at those hooks (``act + shift``; ``shift.grad`` is the
@@ -49,7 +49,6 @@ from torch import Tensor, nn
 from capwrap.circuits.graph import Graph, Node
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
-from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
 
 __all__ = [
@@ -171,7 +170,6 @@ class NodeCapture:
         self.z: list[Tensor | None] = [None] * n
         self.mlp: list[Tensor | None] = [None] * n
         self.shifts: dict[str, Tensor] = {}
-        self.functional: Functional | None = None
 
     def hooks(self) -> list[tuple[str, Callable[[Tensor, Any], Tensor | None]]]:
         """``(hook name, function)`` pairs for :meth:`CapModel.hooks`."""
@@ -260,24 +258,21 @@ class NodeCapture:
     def _mlp_input_gradient(self, layer: int, grads: Mapping[str, Tensor]) -> Tensor:
         """The gradient at layer ``layer``'s MLP input along the MLP's branch alone: in sequential
         blocks from the pass's own backward (:data:`RESID_MID_HOLDS_THE_SKIP`); in parallel blocks,
-        whose MLP reads the block's input beside attention, one vector-Jacobian product of the MLP
-        (with its norm) at that input, the cotangent being the gradient at the block's output, which
+        whose MLP reads the block's input beside attention, one vector-Jacobian product of the block's
+        own ``ln2`` and MLP modules at that input, the cotangent being the gradient at the block's output, which
         the MLP's output joins as it is."""
         post = grads[f"blocks.{layer}.hook_resid_post"]
         if self.graph.layout == "parallel":
             x = self.resid_pre[layer]
             assert x is not None
             x = x.clone().requires_grad_(True)
-            with torch.enable_grad():
-                (pulled,) = torch.autograd.grad(self._functional().mlp(layer, x), x, post.to(x.dtype))
+            with torch.enable_grad():  # the block's own modules, as the pass ran them (and as ln1 is read)
+                out = self.model.module.blocks[layer].mlp(norm_module(self.model, layer, "ln2")(x))
+                (pulled,) = torch.autograd.grad(out, x, post.to(out.dtype))
             return pulled
         mid = grads[f"blocks.{layer}.hook_resid_mid"]
         return mid - post if RESID_MID_HOLDS_THE_SKIP[self.model.backend] else mid
 
-    def _functional(self) -> Functional:
-        if self.functional is None:
-            self.functional = Functional(self.model)
-        return self.functional
 
 
 @torch.no_grad()

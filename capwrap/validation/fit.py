@@ -34,11 +34,12 @@ The procedure (:func:`fit_rule`), on the *calibration* records:
    functional analyzer must point the verdict's way (``functional_support="agree"``;
    leave-one-scenario-out on the calibration half preferred it to ``not_against``, see
    ``_SUPPORT_MODES``).
-4. **Kind weights.** Steps 2–3 are run for each structural weight of :data:`KIND_WEIGHT_GRID` (the
-   functional kind's weight stays 1: the score is a weighted mean, so only the ratio counts). The
-   weight whose rule is right most often on the calibration findings wins; among equally accurate
-   weights, the one whose fit predicts left-out scenarios best (leave-one-scenario-out, as
-   :func:`cross_validate`, with the weight held); among those, the one nearest the starting rule's.
+4. **Kind weights.** Steps 2–3 are run for each structural weight of :data:`KIND_WEIGHT_GRID` and the
+   starting rule's (the functional kind's weight stays the starting rule's, 1 in the shipped rule:
+   the score is a weighted mean, so only the ratio counts). The weight whose rule is right most often
+   on the calibration findings wins; among equally accurate weights, the one whose fit predicts
+   left-out scenarios best (leave-one-scenario-out, as :func:`cross_validate`, with the weight held);
+   among those, the one nearest the starting rule's (the lower of two equally near).
    Every candidate's two accuracies are kept in the rule's provenance (``kind_weight_fit``).
 
 :func:`sensitivity` perturbs each number of a rule by ±20% (a score threshold at 0 by one grid step,
@@ -193,24 +194,28 @@ def fit_rule(
         start: the rule whose question definitions (gates, level) are kept, and whose anchors stand
             in for statistics without enough findings (default: the shipped rule).
         command: the command that produced the fit (kept in the rule's provenance).
-        kind_weights: the structural kind's weights to choose among (step 4); ``None`` or empty,
-            or records without structural evidence: keep ``start``'s.
+        kind_weights: the structural kind's weights to choose among besides ``start``'s (step 4);
+            ``None`` or empty, or records without structural evidence or without scored findings:
+            keep ``start``'s.
     """
     from capwrap.diagnosis.rule import default_rule
 
     start = start or default_rule()
+    if any(w <= 0 for w in kind_weights or ()):
+        raise ValueError(f"kind weights must be positive, got {list(kind_weights or ())}")
     if not kind_weights or not any(e.get("kind") == "structural" for r in records for e in r["evidence"]):
         rule = _fit_with_weights(records, start)  # no structural evidence: its weight cannot matter
         return dataclasses.replace(rule, provenance=_provenance(records, rule, command, None))
     candidates = []
-    for weight in kind_weights:
-        if weight <= 0:
-            raise ValueError(f"kind weights must be positive, got {weight}")
+    for weight in sorted({*kind_weights, start.kind_weights["structural"]}):
         weighted = dataclasses.replace(start, kind_weights={**start.kind_weights, "structural": float(weight)})
         rule = _fit_with_weights(records, weighted)
         candidates.append({"structural": float(weight), "calibration_accuracy": _accuracy(records, rule),
                            "loo_accuracy": None, "start": weighted, "rule": rule})  # fmt: skip
     best = max(c["calibration_accuracy"] for c in candidates)
+    if math.isnan(best):  # nothing scored: no weight can be told from another
+        rule = _fit_with_weights(records, start)
+        return dataclasses.replace(rule, provenance=_provenance(records, rule, command, None))
     tied = [c for c in candidates if c["calibration_accuracy"] >= best - 1e-12]
     if len(tied) > 1 and len(records) > 1:
         for c in tied:
@@ -219,7 +224,7 @@ def fit_rule(
         best_loo = max(-1.0 if math.isnan(c["loo_accuracy"]) else c["loo_accuracy"] for c in tied)
         tied = [c for c in tied if c["loo_accuracy"] is not None and c["loo_accuracy"] >= best_loo - 1e-12] or tied
     chosen = min(tied, key=lambda c: abs(c["structural"] - start.kind_weights["structural"]))["rule"]
-    table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items() if k not in ("start", "rule")}
+    table = [{k: (_round(v) if isinstance(v, float) else v) for k, v in c.items() if k not in ("start", "rule")}
              for c in candidates]  # fmt: skip
     return dataclasses.replace(chosen, provenance=_provenance(records, chosen, command, table))
 
@@ -238,6 +243,11 @@ def _fit_with_weights(records: Sequence[dict[str, Any]], start: VerdictRule) -> 
     for question in ("deletion", "creation"):
         rule = _fit_thresholds(records, rule, question)
     return rule
+
+
+def _round(value: float) -> float | None:
+    """``value`` to 4 places for the rule's JSON (``None`` for NaN, which JSON lacks)."""
+    return round(value, 4) if math.isfinite(value) else None
 
 
 def _accuracy(records: Sequence[dict[str, Any]], rule: VerdictRule) -> float:

@@ -342,6 +342,17 @@ def test_the_fit_chooses_the_structural_weight_that_predicts_left_out_scenarios(
     assert fit_rule(records, start=start, kind_weights=None).kind_weights["structural"] == 1.0  # held
     # without structural evidence every weight ties: the starting one stays
     assert fit_rule(records[8:], start=start).kind_weights["structural"] == 1.0
+    # structural evidence that agrees everywhere: every weight ties, and a start off the grid stays
+    wrappers[3]["evidence"][-1]["value"] = 0.1
+    wrappers[3]["evidence"][-1]["replicates"] = [0.1] * 20
+    off_grid = VerdictRule(kind_weights={"functional": 1.0, "structural": 0.6})
+    tied = fit_rule(records, start=off_grid)
+    assert tied.kind_weights["structural"] == 0.6
+    assert [c["structural"] for c in tied.provenance["kind_weight_fit"]] == sorted({*KIND_WEIGHT_GRID, 0.6})
+    # nothing scored (a large-rate fine-tune's truth is unknown): no weight can be told apart, and no crash
+    unknown = _record("cal/count-b/adamw-large-c1/s1", [("probing", "deletion", "probe_kept_share", 0.5)], LOST)
+    unknown["evidence"].append({**wrappers[0]["evidence"][-1]})
+    assert fit_rule([unknown], start=off_grid).kind_weights["structural"] == 0.6
 
 
 def test_sensitivity_counts_flips_per_number(records):
