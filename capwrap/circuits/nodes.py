@@ -13,8 +13,8 @@ modules, so it works on both backends and every architecture without knowing eit
   before the skip connection branches off, where the skip's share — the gradient at
   ``hook_resid_post`` — is taken off (:data:`RESID_MID_HOLDS_THE_SKIP`); in a parallel block, whose
   MLP reads the block's input beside attention, it is pulled back through the block's ``ln2`` and MLP
-  modules from the gradient at ``hook_resid_post`` (one vector-Jacobian product per layer); the logits' is the gradient at the
-  last ``hook_resid_post``.
+  modules from the gradient at ``hook_resid_post`` (one vector-Jacobian product per layer); the
+  logits' is the gradient at the last ``hook_resid_post``.
 
 Gradients are read through zero *shifts* added at those hooks (``act + shift``; ``shift.grad`` is the
 gradient at ``act``), which works on both backends, also where a hook shows a reshaped view of the
@@ -259,8 +259,8 @@ class NodeCapture:
         """The gradient at layer ``layer``'s MLP input along the MLP's branch alone: in sequential
         blocks from the pass's own backward (:data:`RESID_MID_HOLDS_THE_SKIP`); in parallel blocks,
         whose MLP reads the block's input beside attention, one vector-Jacobian product of the block's
-        own ``ln2`` and MLP modules at that input, the cotangent being the gradient at the block's output, which
-        the MLP's output joins as it is."""
+        own ``ln2`` and MLP modules at that input, the cotangent being the gradient at the block's
+        output, which the MLP's output joins as it is (call it after the pass, outside its hooks)."""
         post = grads[f"blocks.{layer}.hook_resid_post"]
         if self.graph.layout == "parallel":
             x = self.resid_pre[layer]
@@ -272,7 +272,6 @@ class NodeCapture:
             return pulled
         mid = grads[f"blocks.{layer}.hook_resid_mid"]
         return mid - post if RESID_MID_HOLDS_THE_SKIP[self.model.backend] else mid
-
 
 
 @torch.no_grad()

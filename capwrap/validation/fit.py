@@ -88,7 +88,7 @@ _GRID = np.round(np.arange(0.0, 0.6001, 0.025), 4)
 #: the left-out scenario right 92.7% of the time, one that keeps ``agree`` 95.1% (records of
 #: 2026-12-02; see benchmarks/RESULTS.md).
 _SUPPORT_MODES: tuple[str, ...] = ("agree",)
-#: The structural kind's weights the fit chooses among (step 4; the functional kind's is 1).
+#: The structural kind's weights the fit chooses among, besides the starting rule's (step 4).
 KIND_WEIGHT_GRID: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -212,18 +212,22 @@ def fit_rule(
         rule = _fit_with_weights(records, weighted)
         candidates.append({"structural": float(weight), "calibration_accuracy": _accuracy(records, rule),
                            "loo_accuracy": None, "start": weighted, "rule": rule})  # fmt: skip
+
+    def nearest_start(candidate: dict[str, Any]) -> float:
+        return abs(candidate["structural"] - start.kind_weights["structural"])
+
     best = max(c["calibration_accuracy"] for c in candidates)
-    if math.isnan(best):  # nothing scored: no weight can be told from another
-        rule = _fit_with_weights(records, start)
-        return dataclasses.replace(rule, provenance=_provenance(records, rule, command, None))
+    if math.isnan(best):  # nothing scored: no weight can be told from another, the start's stays
+        chosen = min(candidates, key=nearest_start)["rule"]
+        return dataclasses.replace(chosen, provenance=_provenance(records, chosen, command, None))
     tied = [c for c in candidates if c["calibration_accuracy"] >= best - 1e-12]
     if len(tied) > 1 and len(records) > 1:
         for c in tied:
             rows = cross_validate(records, c["start"], kind_weights=None)
             c["loo_accuracy"] = float((rows["truth"] == rows["verdict"]).mean()) if len(rows) else math.nan
         best_loo = max(-1.0 if math.isnan(c["loo_accuracy"]) else c["loo_accuracy"] for c in tied)
-        tied = [c for c in tied if c["loo_accuracy"] is not None and c["loo_accuracy"] >= best_loo - 1e-12] or tied
-    chosen = min(tied, key=lambda c: abs(c["structural"] - start.kind_weights["structural"]))["rule"]
+        tied = [c for c in tied if c["loo_accuracy"] >= best_loo - 1e-12] or tied  # (NaN: never best)
+    chosen = min(tied, key=nearest_start)["rule"]
     table = [{k: (_round(v) if isinstance(v, float) else v) for k, v in c.items() if k not in ("start", "rule")}
              for c in candidates]  # fmt: skip
     return dataclasses.replace(chosen, provenance=_provenance(records, chosen, command, table))
@@ -351,8 +355,8 @@ def _margins(ends: np.ndarray, wrapper_threshold: float, change_threshold: float
 
 def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
     """(number, how it was moved, the rule with it moved) for every number of the rule that can change
-    a verdict — thresholds, anchor points, gates and weights: each ×0.8 and ×1.2; an anchor point is kept within its neighbours so the anchor stays
-    ordered. A score threshold at 0 is moved by one step of the fit's grid instead (×1.2 of 0 is 0:
+    a verdict — thresholds, anchor points, gates and weights: each ×0.8 and ×1.2; an anchor point is
+    kept within its neighbours so the anchor stays ordered. A score threshold at 0 is moved by one step of the fit's grid instead (×1.2 of 0 is 0:
     the perturbation would test nothing where a score closest to a flip lies)."""
     out = []
     for stat, anchor in rule.anchors.items():
@@ -383,7 +387,7 @@ def _perturbations(rule: VerdictRule) -> list[tuple[str, str, VerdictRule]]:
         value = getattr(rule, name)
         out += [(name, f"x{f:g}", dataclasses.replace(rule, **{name: min(1.0, value * f)})) for f in (0.8, 1.2)]
     # the weights: the structural kind's against the functional one's (the score is a weighted mean, so
-    # only their ratio matters; the balance is set, not fitted) and each anchor's (at most 1: a weight of
+    # only their ratio matters; step 4 of the fit chose it) and each anchor's (at most 1: a weight of
     # 1 is moved down only, which is every other anchor's x1.25)
     structural = rule.kind_weights["structural"]
     out += [("kind_weights.structural", f"x{f:g}", dataclasses.replace(rule, kind_weights={**rule.kind_weights,

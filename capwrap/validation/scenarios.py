@@ -370,25 +370,26 @@ _TRACR: dict[Split, tuple[_TracrSetting, ...]] = {
 }  # fmt: skip
 
 
+#: The scenarios of each Tracr setting: (tag, C_Tr, learning rate, kind, re-initialized components).
+_TRACR_RECIPES: tuple[tuple[str, float, str, Kind, Literal["", "blocks"]], ...] = (
+    ("sgd-small-c1", 1, "small", "wrapper", ""),
+    ("sgd-medium-c1", 1, "medium", "wrapper", ""),
+    ("sgd-medium-c0.8", 0.8, "medium", "wrapper", ""),
+    ("reinit-blocks", 1, "medium", "removed", "blocks"),
+)
+
+
 def _tracr(split: Split) -> list[Scenario]:
     """The paper's Tracr settings: SGD with momentum, weight noise N(0, 0.001), two learning rates."""
-    out = []
     lrs = LEARNING_RATES["sgd"]
+    out = []
     for t in _TRACR[split]:
         prefix = f"{'cal' if split == 'calibration' else 'held'}/{t.base}"
         seed = SEED_OFFSET[split] + t.seed
-        down = t.spec.format(c=1)
-
-        def make(tag: str, c: float, size: str, kind: Kind, reinit: Literal["", "blocks"] = "") -> Scenario:
-            recipe = Recipe(t.spec.format(c=c), lrs[size], optimizer="sgd", weight_noise=1e-3, reinit=reinit)  # noqa: B023
-            return Scenario(f"{prefix}/{tag}/s{seed}", split, t.program, t.base, t.capability, down, recipe, kind, seed)  # noqa: B023
-
-        out += [
-            make("sgd-small-c1", 1, "small", "wrapper"),
-            make("sgd-medium-c1", 1, "medium", "wrapper"),
-            make("sgd-medium-c0.8", 0.8, "medium", "wrapper"),
-            make("reinit-blocks", 1, "medium", "removed", reinit="blocks"),
-        ]
+        for tag, c, size, kind, reinit in _TRACR_RECIPES:
+            recipe = Recipe(t.spec.format(c=c), lrs[size], optimizer="sgd", weight_noise=1e-3, reinit=reinit)
+            down = t.spec.format(c=1)
+            out.append(Scenario(f"{prefix}/{tag}/s{seed}", split, t.program, t.base, t.capability, down, recipe, kind, seed))
     return out
 
 

@@ -34,6 +34,16 @@ def test_saved_programs_keep_their_vocabularies_and_still_compute(counter, max_i
         program.evaluate(list("abc"))
 
 
+def test_the_held_out_counter_base_counts_b_and_its_fine_tuning_task_needs_a_wrapper():
+    """The Tracr base of the held-out half's counter family: compiled to count b, right on count b,
+    and never right on its fine-tuning task (count c = count b - 1 in every sequence), which it must learn."""
+    model = load_base("tracr-counter-b")
+    assert accuracy(model, task_from_spec("tracr=counter,operand=b", model=model).sample(256, seed=0)) == 1.0
+    assert accuracy(model, task_from_spec("tracr=counter,operand=a", model=model).sample(256, seed=0)) < 0.5
+    down = task_from_spec("tracr=counter,operand=c,correlation=1,source=b,offset=-1", model=model)
+    assert accuracy(model, down.sample(256, seed=0)) == 0.0
+
+
 @pytest.mark.parametrize("source, offset", [("a", 1), ("c", -1), ("d", 2)])
 def test_counter_correlation_with_any_source_and_offset(counter, source, offset):
     task = TracrCounterTask(CompiledProgram.from_model(counter), "b", correlation=1.0, source=source, offset=offset)
