@@ -14,8 +14,14 @@ capability task (count ``a``):
   scores from its own pass) against a fine-tuning step (goal: scoring <= 3x a step);
 * **faithfulness** of the EAP-IG circuits of count ``a``: metric recovered with the rest ablated.
 
+``--architecture gemma2`` (any family ``ModelSpec`` builds) runs the same on a model of the demo's
+shape in that family, pretrained as the demo base is but for ``--pretrain-steps`` steps and kept in
+``--cache`` (so a second run reuses it): for blocks the demo does not have, such as Gemma-2's and
+OLMo-2's post-norms (the split-input reference refuses those: skip ``reference``).
+
     python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob]
         [--circuit-metric answer_logprob] [--faithfulness-metric answer_logprob] [--only speed] [--device cuda]
+        [--architecture gemma2 --pretrain-steps 1500 --cache /tmp/capwrap-circuits]
 
 Prints one JSON object; the figures and the command are in RESULTS.md.
 """
@@ -23,10 +29,12 @@ Prints one JSON object; the figures and the command are in RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from timing import synchronize, timed
@@ -34,7 +42,7 @@ from timing import synchronize, timed
 import capwrap
 from capwrap.circuits import Circuit, attribute, exact_scores, faithfulness, metrics, split_input_eap
 from capwrap.circuits.attribution import METHODS
-from capwrap.demo import DEMO_BASE, demo_tasks
+from capwrap.demo import DEMO_BASE, PRETRAIN_CONFIG, demo_spec, demo_tasks, pretrain_demo_base
 from capwrap.tasks import task_loss
 
 
@@ -84,13 +92,18 @@ def main() -> None:
                         help="the metric the faithfulness section measures the circuits by")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--architecture", default=None,
+                        help="a family (gemma2, olmo2, ...): a model of the demo's shape pretrained in it (default: the demo base)")  # fmt: skip
+    parser.add_argument("--pretrain-steps", type=int, default=1500, help="pretraining steps for --architecture")
+    parser.add_argument("--cache", default="/tmp/capwrap-circuits", help="where --architecture's model is kept")
     args = parser.parse_args()
     args.ig_steps, args.exact_seeds = list(dict.fromkeys(args.ig_steps)), list(dict.fromkeys(args.exact_seeds))
     torch.set_num_threads(args.threads)
 
-    model = capwrap.load_model(str(DEMO_BASE), backend=args.backend, device=args.device)
+    model = _model(args)
     out: dict = {
         "model": repr(model),
+        "capability_accuracy": capwrap.tasks.accuracy(model, demo_tasks()["capability"].sample(1024, seed=123)),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "transformer_lens": ".".join(map(str, capwrap.models.tl_version())),
         "torch_threads": args.threads,
@@ -105,6 +118,23 @@ def main() -> None:
         key, run = sections[section]
         out[key] = run(model, args)
     print(json.dumps(out, indent=1))
+
+
+def _model(args) -> capwrap.CapModel:
+    """The demo base, or a model of its shape in ``--architecture`` pretrained as it was (cached)."""
+    if args.architecture is None:
+        return capwrap.load_model(str(DEMO_BASE), backend=args.backend, device=args.device)
+    folder = Path(args.cache) / f"{args.architecture}-{args.pretrain_steps}"
+    if not folder.exists():
+        demo = demo_spec()
+        spec = capwrap.ModelSpec(d_vocab=demo.d_vocab, n_ctx=demo.n_ctx, n_layers=demo.n_layers, d_model=demo.d_model,
+                                 n_heads=demo.n_heads, architecture=args.architecture)  # fmt: skip
+        config = dataclasses.replace(PRETRAIN_CONFIG, steps=args.pretrain_steps)
+        started = time.perf_counter()
+        model = pretrain_demo_base(config, backend=args.backend, progress=False, spec=spec)
+        model.metadata["wall_seconds"] = round(time.perf_counter() - started, 1)
+        capwrap.save_model(model, str(folder))
+    return capwrap.load_model(str(folder), backend=args.backend, device=args.device)
 
 
 def _reference(model, args) -> dict:

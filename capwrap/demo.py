@@ -110,11 +110,14 @@ def pretrain_demo_base(
     backend: str | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    spec: ModelSpec | None = None,
 ) -> CapModel:
     """Pretrain the demo's base model from scratch (about 15 minutes on 2 CPU cores), on ``device``
-    (default CPU; the initial weights are drawn on the CPU, so a seed gives the same start anywhere)."""
+    (default CPU; the initial weights are drawn on the CPU, so a seed gives the same start anywhere);
+    ``spec``: another model than :func:`demo_spec`'s on the same tasks (its vocabulary and context
+    must fit them)."""
     tasks = demo_tasks()
-    model = build_model(demo_spec(), backend=backend, seed=config.seed)
+    model = build_model(spec or demo_spec(), backend=backend, seed=config.seed)
     evals = {k: tasks[k] for k in ("capability", "downstream_correlated")}
     result = train(
         model,

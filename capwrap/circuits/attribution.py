@@ -50,6 +50,7 @@ from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
 from capwrap.circuits.nodes import (
     UPSTREAM_HOOKS,
     Ablation,
+    HeadWrites,
     NodeCapture,
     NodeValues,
     ablated_values,
@@ -155,18 +156,18 @@ class ScoreAccumulator:
         self,
         values: NodeValues,
         grads: Float[Tensor, "n_down batch pos d_model"],
-        weights: dict[str, Tensor],
+        writes: HeadWrites,
         ablated: NodeValues | None = None,
     ) -> None:
-        """Add one chunk: its (clean) upstream values, its downstream input gradients, and for
-        ``corrupted`` its ablated values."""
-        up = values.upstream(weights)  # [n_up, batch, pos, d_model]
+        """Add one chunk: its (clean) upstream values, its downstream input gradients, the model's
+        :class:`~capwrap.circuits.nodes.HeadWrites`, and for ``corrupted`` its ablated values."""
+        up = values.upstream(writes)  # [n_up, batch, pos, d_model]
         grads = grads.to(up.dtype)
         self.value_grad += (up.flatten(1) @ grads.flatten(1).T).double().cpu()
         if self.ablation == "corrupted":
             if ablated is None:
                 raise ConfigError("corrupted ablation needs each chunk's corrupted values")
-            corrupt = ablated.upstream(weights).expand_as(up)
+            corrupt = ablated.upstream(writes).expand_as(up)
             self.ablated_grad += (corrupt.flatten(1) @ grads.flatten(1).T).double().cpu()
         elif self.ablation in ("mean", "mean_positional"):
             g = grads.sum(self._mean_dims).double()
@@ -176,19 +177,19 @@ class ScoreAccumulator:
                 self.value_sum = a if self.value_sum is None else self.value_sum + a
                 self.count += up.shape[1] * (up.shape[2] if self.ablation == "mean" else 1)
 
-    def scores(self, weights: dict[str, Tensor], n_sequences: int | float = 1) -> Float[Tensor, " n_edges"]:
+    def scores(self, writes: HeadWrites, n_sequences: int | float = 1) -> Float[Tensor, " n_edges"]:
         """Per-edge scores (edge order), divided by ``n_sequences`` (the batch size when the backward
         pass was of the metric's sum; 1 when it was of a mean, such as a training loss)."""
-        return self.graph.from_matrix(self.matrix(weights, n_sequences)).float()
+        return self.graph.from_matrix(self.matrix(writes, n_sequences)).float()
 
-    def matrix(self, weights: dict[str, Tensor], n_sequences: int | float = 1) -> Float[Tensor, "n_up n_down"]:
+    def matrix(self, writes: HeadWrites, n_sequences: int | float = 1) -> Float[Tensor, "n_up n_down"]:
         """:meth:`scores` as an ``[n_up, n_down]`` matrix (float64; pairs that are not edges included)."""
         ablated_grad = self.ablated_grad
         if self.ablation in ("mean", "mean_positional"):
             if self.grad_sum is None:
                 raise ConfigError("no chunk was added")
             if self.ablated is not None:
-                means = self.ablated.upstream(weights).double()  # [n_up, 1, 1|pos, d]
+                means = self.ablated.upstream(writes).double()  # [n_up, 1, 1|pos, d]
                 means = means.flatten(1, 2) if self.ablation == "mean_positional" else means.flatten(1, 3)
             else:
                 means = self.value_sum / self.count
@@ -314,13 +315,13 @@ def attribute(
         )  # fmt: skip
         steps = 1 if method == "eap" else ig_steps
         bar = tqdm(total=len(chunks) * steps * len(paths), desc=method, disable=not progress, leave=False)
-        weights = model.weights()
+        writes = HeadWrites(model)
         for chunk, corrupt in zip(chunks, corrupt_chunks, strict=True):
             corrupt_values = None if corrupt is None else capture_values(model, corrupt.tokens, graph)
             if method == "eap":
                 values, grads = _node_gradients(model, graph, chunk, metric)
                 bar.update()
-                accs[0].add(values, grads, weights, corrupt_values)
+                accs[0].add(values, grads, writes, corrupt_values)
                 continue
             values = capture_values(model, chunk.tokens, graph)
             ablated = corrupt_values or known
@@ -328,11 +329,11 @@ def attribute(
             for acc, (hook, _) in zip(accs, paths, strict=True):
                 end = values.at(hook)
                 grads = _integrated(model, graph, chunk, metric, ablated.at(hook).expand_as(end), end, hook, steps, bar)
-                acc.add(values, grads, weights, corrupt_values)
+                acc.add(values, grads, writes, corrupt_values)
         bar.close()
         matrix = torch.zeros(len(graph.upstream), len(graph.downstream), dtype=torch.float64)
         for acc, (_, rows) in zip(accs, paths, strict=True):
-            matrix[rows] = acc.matrix(weights, n_sequences=len(batch))[rows]
+            matrix[rows] = acc.matrix(writes, n_sequences=len(batch))[rows]
         scores = graph.from_matrix(matrix).float()
     finally:
         model.train(was_training)

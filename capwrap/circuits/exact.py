@@ -7,7 +7,8 @@ curves. In a pass with a set of ablated edges, every downstream node ``d`` reads
 
 where ``x_d`` is what it reads in that very pass, ``a_u`` is upstream node ``u``'s output in that
 pass (so an ablation upstream propagates, as in a circuit whose complement is ablated) and ``ã_u``
-its ablated output. Query/key/value inputs are replaced at ``hook_q``/``hook_k``/``hook_v`` by the
+its ablated output (a head's behind a post-norm: its share at the pass's own norm scale,
+:class:`~capwrap.circuits.nodes.HeadWrites`). Query/key/value inputs are replaced at ``hook_q``/``hook_k``/``hook_v`` by the
 projection of the corrected stream (through block ``l``'s own ``ln1`` module), an MLP's input by
 recomputing the MLP's output from the corrected stream (the block's middle, or in a parallel block
 its input) (:class:`~capwrap.models.functional.Functional`'s
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
-from capwrap.circuits.nodes import Ablation, NodeValues, ablated_values, norm_module
+from capwrap.circuits.nodes import Ablation, HeadWrites, NodeValues, ablated_values, norm_module
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional
@@ -72,6 +73,7 @@ class _AblationHooks:
         self.dense = dense.to(model.device)  # [slot, n_up, n_down]
         self.weights = {k: v.detach() for k, v in model.weights().items()}
         self.functional = Functional(model)
+        self.writes = HeadWrites(model)
         n = model.spec.n_layers
         self.x_pre: list[Tensor | None] = [None] * n
         self.x_mid: list[Tensor | None] = [None] * n
@@ -93,16 +95,16 @@ class _AblationHooks:
         for layer in range(self.model.spec.n_layers):
             out.append((f"blocks.{layer}.hook_resid_pre", self._keep(self.x_pre, layer)))
             out += [(f"blocks.{layer}.attn.hook_{w}", self._patch_projection(layer, w)) for w in "qkv"]
-            out.append((f"blocks.{layer}.attn.hook_z", self._keep(self.z, layer)))
+            out.append((f"blocks.{layer}.attn.hook_z", self._keep(self.z, layer, self.writes.stream_z)))
             if self.graph.layout == "sequential":  # a parallel block's MLP reads hook_resid_pre
                 out.append((f"blocks.{layer}.hook_resid_mid", self._keep(self.x_mid, layer)))
             out.append((f"blocks.{layer}.hook_mlp_out", self._patch_mlp(layer)))
         out.append((f"blocks.{last}.hook_resid_post", self._patch_logits))
         return out
 
-    def _keep(self, store: list, layer: int):
+    def _keep(self, store: list, layer: int, convert: Any = None):
         def hook(act: Tensor, hook: Any = None) -> None:
-            store[layer] = self._slots(act)
+            store[layer] = self._slots(act if convert is None else convert(layer, act))
 
         return hook
 
@@ -122,7 +124,7 @@ class _AblationHooks:
             heads, z = mask[:, self.head_rows[layer]], self.z[layer]
             if z is not None and bool(heads.any()):
                 dz = (z[slots] - self.ablated.z[layer]) * heads[:, None, None, :, None]
-                out = out + torch.einsum("nbphk,hkd->nbpd", dz, self.weights[f"blocks.{layer}.attn.W_O"])
+                out = out + torch.einsum("nbphk,hkd->nbpd", dz, self.writes.w_o[layer])
             m, mlp = mask[:, self.mlp_rows[layer]], self.mlp[layer]
             if mlp is not None and bool(m.any()):
                 out = out + m[:, None, None, None] * (mlp[slots] - self.ablated.mlp[layer])
@@ -289,11 +291,17 @@ def split_input_eap(
     the bridge for models with joint or position-embedding attention (gpt2, llama).
 
     Raises:
-        ConfigError: the backend offers no split inputs for this architecture.
+        ConfigError: the backend offers no split inputs for this architecture, or its blocks have
+            post-norms (``hook_result`` holds a head's output before the norm, not its share of the stream).
     """
     graph = Graph.from_spec(model.spec)
     module = model.module
     spec = model.spec
+    if spec.features.post_norm:
+        raise ConfigError(
+            f"the split-input reference does not describe {spec.architecture} models: their heads' results "
+            "(hook_result) are taken before the post-norm, not as they join the stream"
+        )
     batch = batch.to(model.device)
     try:
         for flag in _SPLIT_FLAGS:

@@ -15,7 +15,10 @@ In sequential pre-norm blocks (each block reads the stream before attention, the
 MLP, and adds each output to it as it is), layer ``l``'s heads read what the input and
 every earlier layer wrote; its MLP reads that plus its own layer's heads. In parallel blocks
 (GPT-NeoX / Pythia) the MLP reads the block's input, as the heads do, so no edge joins a
-layer's heads to its own MLP (:data:`STREAM_OFFSETS`). Each node owns the
+layer's heads to its own MLP (:data:`STREAM_OFFSETS`). Behind post-norms (Gemma-2/3, OLMo-2), which
+normalize the attention's and the MLP's outputs before they join the stream, the edges are the same:
+a head writes its share of the normalized attention output, the norm's scale frozen at the pass's
+own (:class:`~capwrap.circuits.nodes.HeadWrites`). Each node owns the
 parameter slices it applies to the stream (:meth:`Graph.node_params`): a head's output ``W_O[h]``, its
 query/key/value ``W_Q[h]``/``W_K[h]``/``W_V[h]`` with their biases, an MLP's output ``W_out``/``b_out``
 and input ``W_in``/``W_gate``/``b_in``. The embeddings, the norms and the unembedding belong to no node.
@@ -55,7 +58,6 @@ from capwrap.models.spec import ModelSpec
 __all__ = [
     "DOWNSTREAM_KINDS",
     "STREAM_OFFSETS",
-    "UNSUPPORTED_FEATURES",
     "UPSTREAM_KINDS",
     "Graph",
     "Node",
@@ -78,14 +80,6 @@ STREAM_OFFSETS: dict[str, dict[str, int]] = {
     "sequential": {"input": 2, "head": 1, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 1, "logits": 0},
     "parallel": {"input": 2, "head": 2, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 0, "logits": 0},
 }
-
-#: Block features (:class:`~capwrap.models.features.BlockFeatures` flags) whose models the graph does
-#: not describe, and why: the graph's upstream outputs must add up to the residual stream.
-UNSUPPORTED_FEATURES: dict[str, str] = {
-    "post_norm": "normalizes each attention and MLP output before it joins the stream (Gemma-2/3, OLMo-2), so "
-    "a head's output is not its share of the stream and the upstream outputs do not add up to it",
-}
-
 
 def block_layout(spec: ModelSpec) -> str:
     """``parallel`` or ``sequential``: how a block of ``spec`` runs attention and the MLP (a key of
@@ -160,17 +154,7 @@ class Graph:
     @classmethod
     @functools.lru_cache(maxsize=32)
     def from_spec(cls, spec: ModelSpec) -> Graph:
-        """The graph of every model with this spec (cached: do not mutate it).
-
-        Raises:
-            ConfigError: the model's blocks have a feature the graph does not describe
-                (:data:`UNSUPPORTED_FEATURES`).
-        """
-        if unsupported := [why for feature, why in UNSUPPORTED_FEATURES.items() if getattr(spec.features, feature)]:
-            raise ConfigError(
-                f"capwrap's edge attribution does not support {spec.architecture} yet: it "
-                + "; and it ".join(unsupported)
-            )
+        """The graph of every model with this spec (cached: do not mutate it)."""
         gqa = spec.n_key_value_heads != spec.n_heads
         upstream = [Node("input", "input", -1, -1, "input")]
         downstream: list[Node] = []

@@ -4,7 +4,10 @@ Everything here uses the model's own TransformerLens hooks, its canonical weight
 modules, so it works on both backends and every architecture without knowing either:
 
 * an upstream node's output: ``blocks.0.hook_resid_pre`` (the input), ``blocks.{l}.attn.hook_z`` times
-  ``W_O[h]`` (head ``h``), ``blocks.{l}.hook_mlp_out`` (the MLP);
+  ``W_O[h]`` (head ``h``), ``blocks.{l}.hook_mlp_out`` (the MLP); behind a post-norm (Gemma-2/3,
+  OLMo-2), which normalizes the attention's and the MLP's outputs before they join the stream, a
+  head's output is its share of the normalized attention output, the norm's scale frozen at the
+  pass's own value (:class:`HeadWrites`), and ``hook_mlp_out`` holds the MLP's normalized output;
 * a downstream node's input gradient, from one backward pass: a query/key/value input's is the
   gradient at ``hook_q``/``hook_k``/``hook_v`` (the projections, before rotary) times ``W[h]``, pulled
   back through block ``l``'s ``ln1`` module at the stream it read (one vector-Jacobian product per
@@ -30,7 +33,7 @@ Examples:
     >>> with model.hooks(capture.hooks()):
     ...     logits = model(torch.randint(0, 20, (3, 8)))
     >>> logits[:, -1, 0].sum().backward()
-    >>> capture.values().upstream(model.weights()).shape  # [n_up, batch, pos, d_model]
+    >>> capture.values().upstream(capture.writes).shape  # [n_up, batch, pos, d_model]
     torch.Size([7, 3, 8, 16])
     >>> capture.gradients().shape                          # [n_down, batch, pos, d_model]
     torch.Size([15, 3, 8, 16])
@@ -49,12 +52,14 @@ from torch import Tensor, nn
 from capwrap.circuits.graph import Graph, Node
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
+from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
 
 __all__ = [
     "ABLATIONS",
     "UPSTREAM_HOOKS",
     "Ablation",
+    "HeadWrites",
     "NodeCapture",
     "NodeValues",
     "ablated_values",
@@ -81,8 +86,12 @@ def norm_module(model: CapModel, layer: int, which: str = "ln1") -> nn.Module:
     runs it (TransformerLens names it the same on both backends); identity where the model has none.
 
     It is applied to tensors with extra leading dimensions (one copy of the stream per head), which
-    every TransformerLens norm supports: norms act on the last dimension.
+    every TransformerLens norm supports: norms act on the last dimension. A block without norms
+    before its sub-layers (OLMo-2's post-norm-only blocks, whose HookedTransformer calls the norms
+    after them ``ln1``/``ln2``) gets the identity.
     """
+    if not model.spec.features.pre_norm:
+        return nn.Identity()
     block = model.module.blocks[layer]
     module = getattr(block, which, None)
     return module if module is not None else nn.Identity()
@@ -101,14 +110,69 @@ def upstream_hook(node: Node) -> str:
     return UPSTREAM_HOOKS[node.kind].format(layer=node.layer)
 
 
+class HeadWrites:
+    """How each layer's heads write into the residual stream: head ``h`` adds ``z[..., h, :] @ W[h]``.
+
+    In a block without a post-norm ``W`` is ``W_O`` and ``z`` the attention's own (``hook_z``). Behind
+    a post-norm (Gemma-2/3, OLMo-2) the attention's output ``Σ_h z_h W_O[h] + b_O`` is normalized
+    before it joins the stream. With the norm's scale frozen at the pass's own value
+    (:meth:`~capwrap.models.functional.Functional.norm_scale`) the norm is linear, so each head's
+    share of what joins the stream is ``norm_linear(z_h W_O[h]) * scale``: :meth:`stream_z` scales
+    ``z`` and ``W`` is ``norm_linear(W_O)``. The shares add up to the normalized output, but for the
+    norm's share of ``b_O`` (and a LayerNorm's bias), which — like ``b_O`` in any block — belongs to
+    no node. Means and interpolations of scaled ``z`` are those of the shares, so ablations and
+    integrated gradients work on them unchanged.
+
+    Args:
+        model: the model (its weights are read once: build a new one after a training step).
+
+    Example:
+        >>> import torch
+        >>> from capwrap.models import ModelSpec, build_model
+        >>> model = build_model(ModelSpec(d_vocab=20, n_ctx=8, n_layers=1, d_model=16, n_heads=2, architecture="gemma2"))
+        >>> writes, z = HeadWrites(model), torch.randn(3, 8, 2, 8)
+        >>> writes.post_norm, writes.outputs(0, writes.stream_z(0, z)).shape  # [head, batch, pos, d_model]
+        (True, torch.Size([2, 3, 8, 16]))
+    """
+
+    def __init__(self, model: CapModel):
+        self.post_norm = bool(model.spec.features.post_norm)
+        self._functional = Functional(model) if self.post_norm else None
+        weights = model.weights()
+        #: Per layer, ``[head, d_head, d_model]``: what a head's (scaled) ``z`` is multiplied by.
+        self.w_o: list[Tensor] = []
+        for layer in range(model.spec.n_layers):
+            w = weights[f"blocks.{layer}.attn.W_O"].detach()
+            if self._functional is not None:
+                w = self._functional.norm_linear(w, f"blocks.{layer}.ln1_post").to(w.dtype)
+            self.w_o.append(w)
+
+    def stream_z(self, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
+        """The attention's ``z`` (at ``hook_z``) as its heads join the stream: times the post-norm's
+        scale of this very ``z``; unchanged without a post-norm."""
+        if self._functional is None:
+            return z
+        scale = self._functional.norm_scale(self._functional.attn_sum(layer, z))  # [batch, pos, 1]
+        return z * scale[..., None].to(z.dtype)
+
+    def outputs(self, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "head batch pos d_model"]:
+        """Each head's output in the stream, from :meth:`stream_z`'s ``z``."""
+        return torch.einsum("bphk,hkd->hbpd", z, self.w_o[layer].to(z.dtype))
+
+    def total(self, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
+        """The heads' outputs added up, from :meth:`stream_z`'s ``z``."""
+        return torch.einsum("bphk,hkd->bpd", z, self.w_o[layer].to(z.dtype))
+
+
 @dataclass
 class NodeValues:
-    """Upstream node outputs in compact form: the head outputs as ``z`` (``z[..., h, :] @ W_O[h]`` is head
-    ``h``'s output). Leading dimensions may be 1 (broadcast): a mean is ``[1, 1, ...]``.
+    """Upstream node outputs in compact form: the head outputs as ``z`` (:meth:`HeadWrites.outputs`
+    turns ``z[..., h, :]`` into head ``h``'s output). Leading dimensions may be 1 (broadcast): a mean
+    is ``[1, 1, ...]``.
 
     Attributes:
         input: ``[batch, pos, d_model]`` — what enters block 0.
-        z: per layer, ``[batch, pos, head, d_head]``.
+        z: per layer, ``[batch, pos, head, d_head]``, as the heads join the stream (:meth:`HeadWrites.stream_z`).
         mlp: per layer, ``[batch, pos, d_model]``.
     """
 
@@ -129,12 +193,12 @@ class NodeValues:
             held[UPSTREAM_HOOKS["mlp"].format(layer=layer)] = mlp
         return held[hook]
 
-    def upstream(self, weights: Mapping[str, Tensor]) -> Float[Tensor, "n_up batch pos d_model"]:
-        """Every upstream node's output, in graph order (``input``, then per layer its heads and its MLP)."""
+    def upstream(self, writes: HeadWrites) -> Float[Tensor, "n_up batch pos d_model"]:
+        """Every upstream node's output, in graph order (``input``, then per layer its heads and its
+        MLP), the heads' by ``writes`` (the model's :class:`HeadWrites`)."""
         parts = [self.input.unsqueeze(0)]
         for layer, (z, mlp) in enumerate(zip(self.z, self.mlp, strict=True)):
-            w_o = weights[f"blocks.{layer}.attn.W_O"].detach().to(z.dtype)
-            parts.append(torch.einsum("bphk,hkd->hbpd", z, w_o))
+            parts.append(writes.outputs(layer, z))
             parts.append(mlp.unsqueeze(0))
         shape = torch.broadcast_shapes(*(p.shape[1:] for p in parts))
         return torch.cat([p.expand(p.shape[0], *shape) for p in parts])
@@ -150,8 +214,14 @@ class NodeCapture:
         grads: also add the zero shifts that read gradients (``False``: values only, cheaper).
         overrides: upstream outputs replaced in the pass (integrated gradients interpolate them), by
             hook name: ``blocks.0.hook_resid_pre`` (the input, ``[batch, pos, d_model]``),
-            ``blocks.{l}.attn.hook_z`` (layer ``l``'s heads, ``[batch, pos, head, d_head]``),
-            ``blocks.{l}.hook_mlp_out`` (its MLP); broadcast to the pass's shape.
+            ``blocks.{l}.attn.hook_z`` (layer ``l``'s heads, ``[batch, pos, head, d_head]``, as
+            :attr:`NodeValues.z` holds them; behind a post-norm they replace the heads' shares where
+            the normalized output joins the stream, ``hook_attn_out``), ``blocks.{l}.hook_mlp_out``
+            (its MLP); broadcast to the pass's shape.
+
+    Attributes:
+        writes: how the model's heads write into the stream (:class:`HeadWrites`), for
+            :meth:`NodeValues.upstream`.
     """
 
     def __init__(
@@ -170,14 +240,19 @@ class NodeCapture:
         self.z: list[Tensor | None] = [None] * n
         self.mlp: list[Tensor | None] = [None] * n
         self.shifts: dict[str, Tensor] = {}
+        self.writes = HeadWrites(model)
 
     def hooks(self) -> list[tuple[str, Callable[[Tensor, Any], Tensor | None]]]:
         """``(hook name, function)`` pairs for :meth:`CapModel.hooks`."""
         out: list[tuple[str, Callable]] = []
         for layer in range(self.model.spec.n_layers):
-            for store, leaf in ((self.resid_pre, "hook_resid_pre"), (self.z, "attn.hook_z"), (self.mlp, "hook_mlp_out")):
-                name = f"blocks.{layer}.{leaf}"
+            heads = f"blocks.{layer}.attn.hook_z"
+            for store, name in ((self.resid_pre, f"blocks.{layer}.hook_resid_pre"), (self.z, heads)):
                 out.append((name, self._keep(store, layer, name)))
+            if self.writes.post_norm and heads in self.overrides:
+                out.append((f"blocks.{layer}.hook_attn_out", self._replace_heads_behind_norm(layer)))
+            mlp = f"blocks.{layer}.hook_mlp_out"
+            out.append((mlp, self._keep(self.mlp, layer, mlp)))
             if self.grads:
                 names = [f"blocks.{layer}.attn.hook_{w}" for w in "qkv"]
                 if self.graph.layout == "sequential":  # a parallel block's MLP input is the block's input
@@ -187,13 +262,32 @@ class NodeCapture:
         return out
 
     def _keep(self, store: list, layer: int, name: str):
-        override = self.overrides.get(name)
+        """Keep hook ``name``'s activation in ``store`` (a ``z`` as its heads join the stream),
+        replaced first by its override — but heads behind a post-norm, replaced where the attention's
+        output joins the stream (:meth:`_replace_heads_behind_norm`)."""
+        heads = store is self.z
+        override = None if heads and self.writes.post_norm else self.overrides.get(name)
 
         def hook(act: Tensor, hook: Any = None) -> Tensor | None:
             if override is not None:
                 act = override.to(act.device, act.dtype).expand_as(act)
-            store[layer] = act.detach()
+            store[layer] = self.writes.stream_z(layer, act.detach()) if heads else act.detach()
             return act if override is not None else None
+
+        return hook
+
+    def _replace_heads_behind_norm(self, layer: int):
+        """Behind a post-norm: the attention's normalized output with its heads' shares replaced by
+        the override's (the norm's share of the biases, which belongs to no head, kept as a constant)."""
+        override = self.overrides[f"blocks.{layer}.attn.hook_z"]
+
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            current = self.z[layer]
+            assert current is not None, "hook_z runs before hook_attn_out"
+            new = override.to(act.device, current.dtype).expand_as(current)
+            self.z[layer] = new
+            rest = (act - self.writes.total(layer, current).to(act.dtype)).detach()
+            return rest + self.writes.total(layer, new).to(act.dtype)
 
         return hook
 

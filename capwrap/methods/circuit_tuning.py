@@ -250,10 +250,9 @@ class CircuitTuning(TrainingMethod):
     def before_update(self, model: CapModel, step: int) -> dict[str, float]:
         assert self.graph is not None, "setup() runs before before_update()"
         if self._capture is not None:
-            weights = model.weights()
             acc = ScoreAccumulator(self.graph, self.ablation)
-            acc.add(self._capture.values(), self._capture.gradients(), weights)
-            self._pending = acc.scores(weights, n_sequences=1)  # the loss is already a batch mean
+            acc.add(self._capture.values(), self._capture.gradients(), self._capture.writes)
+            self._pending = acc.scores(self._capture.writes, n_sequences=1)  # the loss is already a batch mean
             self._capture = None
         self._recorded = {}
         if self._pending is not None:

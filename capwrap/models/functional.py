@@ -20,8 +20,9 @@ Its :meth:`~Functional.trace` agrees with the model's own hooks to float roundin
 TransformerLens lines, for every family).
 
 Pieces, for analyses that build on them (activation patching; edge attribution): :meth:`embed`,
-:meth:`norm`, :meth:`attention` (from a residual stream, optionally over cached earlier keys and
-values), :meth:`keys_values`, :meth:`mlp`, :meth:`unembed`, :meth:`trace` (a full pass keeping every
+:meth:`norm` (and its parts at a frozen scale, :meth:`norm_scale` and :meth:`norm_linear`),
+:meth:`attention` (from a residual stream, optionally over cached earlier keys and values),
+:meth:`attn_sum` (the heads' outputs added up, before a post-norm), :meth:`keys_values`, :meth:`mlp`, :meth:`unembed`, :meth:`trace` (a full pass keeping every
 intermediate, a :class:`Trace`), :meth:`resume` (continue a pass from mid-model), :meth:`entry`
 (where a change of an activation enters the residual stream) and :meth:`head_delta` (what one
 head's change adds to it).
@@ -118,16 +119,40 @@ class Functional:
     # ---- pieces ------------------------------------------------------------------------------------
     def norm(self, x: Float[Tensor, "... d"], name: str) -> Float[Tensor, "... d"]:
         """The normalization ``name`` (``blocks.0.ln1``, ``ln_final``, ``blocks.0.attn.q_norm`` ...)
-        of ``x`` over its last dimension, as the features say (identity without normalization)."""
+        of ``x`` over its last dimension, as the features say (identity without normalization):
+        ``norm_linear(x * norm_scale(x))`` plus a LayerNorm's bias."""
         f = self.features
         if f.norm == "none":
             return x
         if f.norm == "rms":
-            normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
-            return (normed * (f.norm_offset + self.w[f"{name}.w"].float())).to(x.dtype)
+            return self.norm_linear(x.float() * self.norm_scale(x), name).to(x.dtype)
         x = x - x.mean(-1, keepdim=True)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
-        return x * self.w[f"{name}.w"] + self.w[f"{name}.b"]
+        return self.norm_linear(x * self.norm_scale(x).to(x.dtype), name) + self.w[f"{name}.b"]
+
+    def norm_scale(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
+        """What the normalization multiplies ``x`` by (float32): ``1 / sqrt(mean(x²) + eps)``, of the
+        centered ``x`` for a LayerNorm (1 without normalization).
+
+        Frozen at one stream's value it makes the norm linear, which splits a normalized sum into
+        its summands' shares: ``norm(Σ xᵢ) = Σ norm_linear(xᵢ * norm_scale(Σ xᵢ))`` (+ a LayerNorm's
+        bias) — how each head's output joins the stream behind a post-norm."""
+        f = self.features
+        x = x.float()
+        if f.norm == "none":
+            return torch.ones_like(x[..., :1])
+        if f.norm == "layer":
+            x = x - x.mean(-1, keepdim=True)
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
+
+    def norm_linear(self, y: Float[Tensor, "... d"], name: str) -> Float[Tensor, "... d"]:
+        """The normalization ``name`` at a fixed scale, a linear map of the last dimension:
+        ``y * (offset + w)`` (RMSNorm, float32) or ``(y - mean(y)) * w`` (LayerNorm, no bias)."""
+        f = self.features
+        if f.norm == "none":
+            return y
+        if f.norm == "rms":
+            return y.float() * (f.norm_offset + self.w[f"{name}.w"].float())
+        return (y - y.mean(-1, keepdim=True)) * self.w[f"{name}.w"]
 
     def _bias(self, name: str) -> Tensor | float:
         return self.w.get(name, 0.0)
@@ -219,9 +244,14 @@ class Functional:
 
     def attn_output(self, layer: int, z: Float[Tensor, "rows pos head d_head"]) -> Float[Tensor, "rows pos d_model"]:
         """What attention adds to the residual stream given its heads' outputs ``z``."""
-        a = f"blocks.{layer}.attn"
-        out = torch.einsum("bqhk,hkd->bqd", z, self.w[f"{a}.W_O"]) + self._bias(f"{a}.b_O")
+        out = self.attn_sum(layer, z)
         return self.norm(out, f"blocks.{layer}.ln1_post") if self.features.post_norm else out
+
+    def attn_sum(self, layer: int, z: Float[Tensor, "rows pos head d_head"]) -> Float[Tensor, "rows pos d_model"]:
+        """The heads' outputs and the output bias added up: ``Σ_h z[h] @ W_O[h] + b_O`` (what a
+        post-norm normalizes; otherwise the attention's output itself)."""
+        a = f"blocks.{layer}.attn"
+        return torch.einsum("bqhk,hkd->bqd", z, self.w[f"{a}.W_O"]) + self._bias(f"{a}.b_O")
 
     def head_delta(
         self,
@@ -237,8 +267,7 @@ class Functional:
         delta = (z_new[:, :, head] - z[:, :, head]) @ w_o
         if not self.features.post_norm:
             return delta
-        a = f"blocks.{layer}.attn"
-        raw = torch.einsum("bqhk,hkd->bqd", z, self.w[f"{a}.W_O"]) + self._bias(f"{a}.b_O")
+        raw = self.attn_sum(layer, z)
         ln = f"blocks.{layer}.ln1_post"
         return self.norm(raw + delta, ln) - self.norm(raw, ln)
 

@@ -291,10 +291,11 @@ def test_capwrap_info_on_each_family(family, folders, capsys):
 
 
 def _every_analyzer_on_a_tiny_budget() -> list:
-    """All six analyzers with samples and budgets that fit a unit test on a 2-layer model."""
-    from capwrap.analyzers import AttentionComparison, Patching, Probing, Pruning, Revival, WeightDiff
+    """Every analyzer with samples and budgets that fit a unit test on a 2-layer model."""
+    from capwrap.analyzers import AttentionComparison, Patching, Probing, Pruning, Revival, Subgraph, WeightDiff
 
     return [
+        Subgraph(n=16, method="eap", top_share=0.1),
         Probing(n=64, steps=10),
         Pruning(ks=(0, 1), score_size=16),
         Revival(max_steps=2, batch_size=4, eval_every=1, check_size=16, control_steps=2, seeds=1),

@@ -9,8 +9,6 @@ from capwrap.models import CapModel, ModelSpec, build_model
 from capwrap.models.layouts import checkpoint_shapes
 from capwrap.tasks import PCFGConfig, PCFGTask
 
-ARCHITECTURES = ("gpt2", "gpt_neo", "gpt_neox", "llama", "tracr")
-
 
 @pytest.fixture
 def tiny_task() -> PCFGTask:
@@ -23,8 +21,8 @@ def _spec(arch: str, task: PCFGTask) -> ModelSpec:
         return ModelSpec(
             **common, n_heads=2, architecture="gpt_neo", attention_layers=("global", "local"), window_size=4
         )
-    if arch == "llama":
-        return ModelSpec(**common, n_heads=4, n_key_value_heads=2, architecture="llama")
+    if arch in ("llama", "gemma2", "olmo2"):  # grouped-query attention; Gemma-2 and OLMo-2 with post-norms
+        return ModelSpec(**common, n_heads=4, n_key_value_heads=2, architecture=arch)
     if arch == "tracr":
         return ModelSpec(**common, n_heads=2, architecture="tracr")
     if arch == "gpt_neox":  # parallel attention and MLP, partial rotary

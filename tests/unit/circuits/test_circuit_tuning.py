@@ -51,7 +51,7 @@ def _weights(model: CapModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.weights().items()}
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "gemma2"])  # gemma2: post-norm weights belong to no node
 def test_only_the_kept_slices_move_even_with_weight_decay(arch, backend, tiny, tiny_task):
     model = tiny(arch, backend)
     method = CircuitTuning(top_n=6)

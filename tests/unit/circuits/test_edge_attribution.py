@@ -14,19 +14,22 @@ from capwrap.circuits.nodes import NodeCapture, NodeValues, ablated_values, capt
 from capwrap.errors import ConfigError
 from capwrap.tasks import TaskBatch
 
+#: What the ``tiny`` fixture builds (conftest.py).
+ARCHITECTURES = ("gpt2", "gpt_neo", "gpt_neox", "llama", "gemma2", "olmo2", "tracr")
+
 
 def _answer_logit(logits, batch):
     return logits[torch.arange(len(batch)), batch.answer_pos, batch.answers]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "mistral", "qwen2", "qwen3", "phi3", "gemma3"])
 def test_the_upstream_outputs_add_up_to_the_stream_the_logits_read(arch, backend, tiny, tiny_task):
     """The graph's premise (what makes an edge's ablation a change of one summand): input, heads
-    (``z @ W_O[h]``), attention output biases and MLPs add up to the last residual stream — on every
-    family the graph accepts (post-norm blocks are refused: test_circuit_graph.py)."""
+    (``z @ W_O[h]``, behind a post-norm their shares of its output), attention output biases and
+    MLPs add up to the last residual stream — on every family."""
     from capwrap.models import ModelSpec, build_model
 
-    if arch in ("gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"):
+    if arch in ARCHITECTURES:
         model = tiny(arch, backend)
     else:
         spec = ModelSpec(d_vocab=tiny_task.d_vocab, n_ctx=tiny_task.seq_len, n_layers=2, d_model=16, n_heads=4,
@@ -39,8 +42,31 @@ def test_the_upstream_outputs_add_up_to_the_stream_the_logits_read(arch, backend
         model(tiny_task.sample(4, seed=0).tokens)
     weights = model.weights()
     biases = [weights[f"blocks.{i}.attn.b_O"] for i in range(model.spec.n_layers) if f"blocks.{i}.attn.b_O" in weights]
-    total = capture.values().upstream(weights).sum(0) + sum(biases, torch.zeros(()))
+    total = capture.values().upstream(capture.writes).sum(0) + sum(biases, torch.zeros(()))
     torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "olmo2"])
+def test_behind_a_post_norm_each_head_writes_its_share_of_the_normalized_output(arch, backend, tiny, tiny_task):
+    """An RMS post-norm multiplies its input by one scale per position and by its weight per
+    dimension, so head ``h``'s share of the normalized output is that output times ``o_h / raw``
+    elementwise (``o_h = z_h @ W_O[h]``, ``raw = Σ_h o_h``): checked as
+    ``share_h · raw = attn_out · o_h``, from the model's own ``hook_attn_out`` and no norm arithmetic."""
+    model = tiny(arch, backend)
+    graph = Graph.from_spec(model.spec)
+    capture, seen = NodeCapture(model, graph, grads=False), {}
+    with torch.no_grad(), model.hooks([*capture.hooks(), ("blocks.1.hook_attn_out", lambda act, hook=None: seen.update(out=act)),
+                                       ("blocks.1.attn.hook_z", lambda act, hook=None: seen.update(z=act))]):  # fmt: skip
+        model(tiny_task.sample(4, seed=0).tokens)
+    o = torch.einsum("bphk,hkd->hbpd", seen["z"], model.weights()["blocks.1.attn.W_O"].detach())
+    shares = capture.writes.outputs(1, capture.values().z[1])  # [head, batch, pos, d_model]
+    torch.testing.assert_close(shares * o.sum(0), seen["out"] * o, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(shares, o, atol=1e-3)  # the norm matters: a share is not the head's raw output
+
+
+def test_the_split_input_reference_refuses_post_norm_blocks(tiny, tiny_task):
+    with pytest.raises(ConfigError, match="taken before the post-norm"):
+        split_input_eap(tiny("gemma2", "bridge"), tiny_task.sample(4, seed=0))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"])
@@ -76,10 +102,11 @@ def _finite_difference_and_eap(model, batch) -> tuple[torch.Tensor, torch.Tensor
     return (values[1:] - values[0]) / eps, attribute(model, batch, ablation="mean").values.double()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neo", "gpt_neox", "tracr"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_eap_is_the_derivative_of_exact_edge_ablation(arch, backend, tiny, tiny_task):
     """Ablating each edge by a small step ε towards its mean changes the metric by ε · EAP score (to
-    float32 rounding of the metric, and ReLU kinks in tracr)."""
+    float32 rounding of the metric, and ReLU kinks in tracr); post-norm blocks (Gemma-2, OLMo-2, whose
+    queries and keys are normalized too) included."""
     finite_difference, eap = _finite_difference_and_eap(tiny(arch, backend), tiny_task.sample(6, seed=0))
     assert torch.corrcoef(torch.stack([finite_difference, eap]))[0, 1] > 0.999
     assert (finite_difference - eap).abs().max() < 0.05 * eap.abs().max()
@@ -109,7 +136,7 @@ def test_pythia_checkpoints_of_either_block_layout(parallel, tmp_path, backend, 
     with torch.no_grad(), model.hooks([*capture.hooks(), ("blocks.1.hook_resid_post", lambda act, hook=None: seen.update(stream=act))]):
         model(batch.tokens)
     weights = model.weights()
-    total = capture.values().upstream(weights).sum(0) + weights["blocks.0.attn.b_O"] + weights["blocks.1.attn.b_O"]
+    total = capture.values().upstream(capture.writes).sum(0) + weights["blocks.0.attn.b_O"] + weights["blocks.1.attn.b_O"]
     torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
     finite_difference, eap = _finite_difference_and_eap(model, batch)
     assert torch.corrcoef(torch.stack([finite_difference, eap]))[0, 1] > 0.999
@@ -166,7 +193,7 @@ def _group_completeness(model, batch, method: str, ig_steps: int):
     return scores, summed, values[1:] - values[0]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "tracr"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma2", "tracr"])
 def test_eap_ig_nodes_is_complete_over_each_path(arch, backend, tiny, tiny_task):
     """Integrated gradients along each upstream output's own path: the edges of each path's nodes add
     up to ablating them all (the input; a layer's heads, which move together; an MLP), to the
