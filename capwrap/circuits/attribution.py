@@ -56,6 +56,7 @@ from capwrap.circuits.nodes import (
     ablated_values,
     capture_values,
     check_ablation,
+    check_readable,
     upstream_hook,
 )
 from capwrap.errors import ConfigError
@@ -299,6 +300,7 @@ def attribute(
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     check_ablation(ablation, batch, corrupted)
     graph = Graph.from_spec(model.spec)
+    check_readable(model, graph)
     batch = batch.to(model.device)
     was_training = model.module.training
     model.eval()

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
-from capwrap.circuits.nodes import Ablation, HeadWrites, NodeValues, ablated_values, norm_module
+from capwrap.circuits.nodes import Ablation, HeadWrites, NodeValues, ablated_values, check_readable, norm_module
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional
@@ -66,6 +66,13 @@ class _AblationHooks:
     """The hooks of one ablated forward pass over ``slots`` copies of a batch."""
 
     def __init__(self, model: CapModel, graph: Graph, masks: Tensor, ablated: NodeValues, n_batch: int):
+        check_readable(model, graph)
+        if problems := Functional.unsupported(model.spec):
+            raise ConfigError(
+                f"exact edge ablation recomputes MLPs with capwrap's functional forward pass, which does not compute "
+                f"this {model.spec.architecture} model: {'; '.join(problems)}. attribute() (EAP, EAP-IG) scores its "
+                "edges without it"
+            )
         self.model, self.graph, self.ablated, self.n_batch = model, graph, ablated, n_batch
         self.slots = masks.shape[0]
         dense = torch.zeros(self.slots, len(graph.upstream), len(graph.downstream), dtype=torch.bool)

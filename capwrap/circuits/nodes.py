@@ -63,6 +63,7 @@ __all__ = [
     "NodeCapture",
     "NodeValues",
     "ablated_values",
+    "check_readable",
     "norm_module",
     "upstream_hook",
 ]
@@ -108,6 +109,45 @@ UPSTREAM_HOOKS: dict[str, str] = {
 def upstream_hook(node: Node) -> str:
     """The hook name that holds upstream ``node``'s output (what :class:`NodeCapture` can override)."""
     return UPSTREAM_HOOKS[node.kind].format(layer=node.layer)
+
+
+def check_readable(model: CapModel, graph: Graph) -> None:
+    """Raise a clear error when ``model`` lacks a hook or a weight its graph is read through.
+
+    Every family capwrap describes has them all (tested on both backends). A model of no known family
+    (loaded through the generic path) may not: capwrap cannot tell how its blocks join the stream,
+    and its bridge may show them otherwise — GPT-J's and Phi-1/2's blocks run attention and the MLP
+    in parallel and have no ``hook_resid_mid``, and CodeGen's and Falcon's attention weights are
+    not read per head.
+
+    Raises:
+        ConfigError: names what is missing and why.
+    """
+    n = model.spec.n_layers
+    hooks = ["blocks.0.hook_resid_pre", f"blocks.{n - 1}.hook_resid_post"]
+    hooks += [f"blocks.{layer}.{leaf}" for layer in range(n) for leaf in ("attn.hook_z", "hook_mlp_out")]
+    hooks += [f"blocks.{layer}.attn.hook_{w}" for layer in range(n) for w in "qkv"]
+    if graph.layout == "sequential":
+        hooks += [f"blocks.{layer}.hook_resid_mid" for layer in range(n)]
+    if model.spec.features.post_norm:
+        hooks += [f"blocks.{layer}.hook_attn_out" for layer in range(n)]
+    weights = [f"blocks.{layer}.attn.W_{w}" for layer in range(n) for w in "OQKV"]
+    present_hooks, present_weights = set(model.hook_names), set(model.weights())
+    missing = [h for h in hooks if h not in present_hooks] + [w for w in weights if w not in present_weights]
+    if not missing:
+        return
+    why = (
+        f"capwrap has no description of {model.spec.architecture} blocks, so it reads them as the sequential "
+        "pre-norm blocks of GPT-2 and Llama, and this model does not show them that way"
+        if model.spec.family is None
+        else "its TransformerLens model does not show them"
+    )
+    raise ConfigError(
+        f"capwrap's edge attribution cannot read this {model.spec.architecture} model: it needs "
+        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} ({len(missing)} missing), and {why}. "
+        "Edge attribution, circuits and circuit-tuning work on the families `capwrap info` names "
+        "(GPT-2, GPT-Neo, GPT-NeoX/Pythia, Llama, Mistral, Qwen2/3, Phi-3, Gemma-2/3, OLMo-2) and Tracr models"
+    )
 
 
 class HeadWrites:
@@ -227,6 +267,7 @@ class NodeCapture:
     def __init__(
         self, model: CapModel, graph: Graph, grads: bool = True, overrides: Mapping[str, Tensor] | None = None
     ):
+        check_readable(model, graph)
         self.model, self.graph, self.grads = model, graph, grads
         self.overrides = dict(overrides or {})
         allowed = {upstream_hook(node) for node in graph.upstream}

@@ -51,7 +51,7 @@ from capwrap.circuits.attribution import EdgeScores, ScoreAccumulator, attribute
 from capwrap.circuits.circuit import SELECTIONS, Circuit, Selection
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import Metric
-from capwrap.circuits.nodes import NodeCapture
+from capwrap.circuits.nodes import NodeCapture, check_readable
 from capwrap.errors import ConfigError
 from capwrap.methods.base import TrainingMethod
 from capwrap.tasks.base import Task, TaskBatch, task_loss
@@ -193,6 +193,7 @@ class CircuitTuning(TrainingMethod):
         params = super().setup(model, task, config)
         self.model = model
         self.graph = Graph.from_spec(model.spec)
+        check_readable(model, self.graph)
         weights = model.weights()
         self._cost = [
             [sum(piece.of(weights).numel() for piece in self.graph.node_params(node)) for node in side]

@@ -268,3 +268,52 @@ def test_only_upstream_outputs_can_be_overridden_and_each_path_holds_its_own_nod
         layer = graph.upstream[rows[0]].layer
         expected = {"input": values.input, "head": values.z[layer], "mlp": values.mlp[layer]}[kinds.pop()]
         assert not kinds and values.at(hook) is expected
+
+
+def test_models_of_no_known_family_are_read_only_where_they_show_the_graph(tmp_path, tiny_task):
+    """A model loaded through the generic path has no description of its blocks: OPT's sequential
+    pre-norm blocks show every hook and weight the graph reads (its outputs add up to the stream, and
+    EAP scores them; exact ablation, which recomputes MLPs from a description, says it cannot);
+    GPT-J's parallel blocks have no ``hook_resid_mid``, and every entry point refuses them with the
+    reason instead of failing at a missing hook or giving wrong scores."""
+    import transformers
+
+    from capwrap.methods import CircuitTuning
+    from capwrap.models import load_model
+    from capwrap.training import TrainConfig, train
+
+    configs = {
+        "opt": transformers.OPTConfig(vocab_size=tiny_task.d_vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                                      num_attention_heads=4, max_position_embeddings=tiny_task.seq_len + 2,
+                                      word_embed_proj_dim=32),
+        "gptj": transformers.GPTJConfig(vocab_size=tiny_task.d_vocab, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                        n_positions=tiny_task.seq_len),
+    }  # fmt: skip
+    models = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        models[name] = load_model(tmp_path / name)
+    assert models["opt"].spec.family is None and models["gptj"].spec.family is None
+    batch = tiny_task.sample(6, seed=0)
+    opt = models["opt"]
+    graph = Graph.from_spec(opt.spec)
+    capture, seen = NodeCapture(opt, graph, grads=False), {}
+    with torch.no_grad(), opt.hooks([*capture.hooks(), ("blocks.1.hook_resid_post", lambda act, hook=None: seen.update(stream=act))]):
+        opt(batch.tokens)
+    weights = opt.weights()
+    total = capture.values().upstream(capture.writes).sum(0) + weights["blocks.0.attn.b_O"] + weights["blocks.1.attn.b_O"]
+    torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+    assert attribute(opt, batch).values.abs().max() > 0
+    with pytest.raises(ConfigError, match="functional forward pass, which does not compute this opt model.*attribute"):
+        exact_scores(opt, batch, edges=[0])
+
+    gptj = models["gptj"]
+    message = "cannot read this gptj model: it needs blocks.0.hook_resid_mid.*no description of gptj blocks"
+    for run in (
+        lambda: attribute(gptj, batch),
+        lambda: exact_scores(gptj, batch, edges=[0]),
+        lambda: train(gptj, tiny_task, TrainConfig(steps=1, batch_size=4, progress=False), method=CircuitTuning(top_n=4)),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            run()
