@@ -131,7 +131,7 @@ class _AblationHooks:
             heads, z = mask[:, self.head_rows[layer]], self.z[layer]
             if z is not None and bool(heads.any()):
                 dz = (z[slots] - self.ablated.z[layer]) * heads[:, None, None, :, None]
-                out = out + torch.einsum("nbphk,hkd->nbpd", dz, self.writes.w_o[layer])
+                out = out + self.writes.total(layer, dz)
             m, mlp = mask[:, self.mlp_rows[layer]], self.mlp[layer]
             if mlp is not None and bool(m.any()):
                 out = out + m[:, None, None, None] * (mlp[slots] - self.ablated.mlp[layer])

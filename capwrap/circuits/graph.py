@@ -81,6 +81,7 @@ STREAM_OFFSETS: dict[str, dict[str, int]] = {
     "parallel": {"input": 2, "head": 2, "mlp": 2, "q": 0, "k": 0, "v": 0, "mlp_in": 0, "logits": 0},
 }
 
+
 def block_layout(spec: ModelSpec) -> str:
     """``parallel`` or ``sequential``: how a block of ``spec`` runs attention and the MLP (a key of
     :data:`STREAM_OFFSETS`)."""

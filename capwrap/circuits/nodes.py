@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from capwrap.circuits.graph import Graph, Node
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
+from capwrap.models.families import FAMILIES
 from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
 
@@ -88,8 +89,8 @@ def norm_module(model: CapModel, layer: int, which: str = "ln1") -> nn.Module:
 
     It is applied to tensors with extra leading dimensions (one copy of the stream per head), which
     every TransformerLens norm supports: norms act on the last dimension. A block without norms
-    before its sub-layers (OLMo-2's post-norm-only blocks, whose HookedTransformer calls the norms
-    after them ``ln1``/``ln2``) gets the identity.
+    before its sub-layers (OLMo-2's post-norm-only blocks, whose HookedTransformer and TL 3.9 bridge
+    call the norms after them ``ln1``/``ln2``) gets the identity.
     """
     if not model.spec.features.pre_norm:
         return nn.Identity()
@@ -124,9 +125,8 @@ def check_readable(model: CapModel, graph: Graph) -> None:
         ConfigError: names what is missing and why.
     """
     n = model.spec.n_layers
-    hooks = ["blocks.0.hook_resid_pre", f"blocks.{n - 1}.hook_resid_post"]
-    hooks += [f"blocks.{layer}.{leaf}" for layer in range(n) for leaf in ("attn.hook_z", "hook_mlp_out")]
-    hooks += [f"blocks.{layer}.attn.hook_{w}" for layer in range(n) for w in "qkv"]
+    leaves = ["hook_resid_pre", "attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "hook_mlp_out"]
+    hooks = [f"blocks.{layer}.{leaf}" for layer in range(n) for leaf in [*leaves, "hook_resid_post"]]
     if graph.layout == "sequential":
         hooks += [f"blocks.{layer}.hook_resid_mid" for layer in range(n)]
     if model.spec.features.post_norm:
@@ -145,8 +145,7 @@ def check_readable(model: CapModel, graph: Graph) -> None:
     raise ConfigError(
         f"capwrap's edge attribution cannot read this {model.spec.architecture} model: it needs "
         f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} ({len(missing)} missing), and {why}. "
-        "Edge attribution, circuits and circuit-tuning work on the families `capwrap info` names "
-        "(GPT-2, GPT-Neo, GPT-NeoX/Pythia, Llama, Mistral, Qwen2/3, Phi-3, Gemma-2/3, OLMo-2) and Tracr models"
+        f"Edge attribution, circuits and circuit-tuning work on these families: {', '.join(f.title for f in FAMILIES.values())}"
     )
 
 
@@ -157,14 +156,14 @@ class HeadWrites:
     a post-norm (Gemma-2/3, OLMo-2) the attention's output ``Σ_h z_h W_O[h] + b_O`` is normalized
     before it joins the stream. With the norm's scale frozen at the pass's own value
     (:meth:`~capwrap.models.functional.Functional.norm_scale`) the norm is linear, so each head's
-    share of what joins the stream is ``norm_linear(z_h W_O[h]) * scale``: :meth:`stream_z` scales
-    ``z`` and ``W`` is ``norm_linear(W_O)``. The shares add up to the normalized output, but for the
-    norm's share of ``b_O`` (and a LayerNorm's bias), which — like ``b_O`` in any block — belongs to
-    no node. Means and interpolations of scaled ``z`` are those of the shares, so ablations and
-    integrated gradients work on them unchanged.
+    share of what joins the stream is ``norm_linear(z_h W_O[h] * scale)``: :meth:`stream_z` scales
+    ``z``, and :meth:`outputs` / :meth:`total` apply ``W_O`` and the norm's linear part. The shares
+    add up to the normalized output, but for the norm's share of ``b_O`` (and a LayerNorm's bias),
+    which — like ``b_O`` in any block — belongs to no node. Means and interpolations of scaled ``z``
+    are those of the shares, so ablations and integrated gradients work on them unchanged.
 
     Args:
-        model: the model (its weights are read once: build a new one after a training step).
+        model: the model (its weights are read as they are when a method is called).
 
     Example:
         >>> import torch
@@ -177,15 +176,10 @@ class HeadWrites:
 
     def __init__(self, model: CapModel):
         self.post_norm = bool(model.spec.features.post_norm)
-        self._functional = Functional(model) if self.post_norm else None
+        # only the norms and the heads' sum are used, which a checkpoint's extras (rope scaling ...) do not touch
+        self._functional = Functional(model, check=False) if self.post_norm else None
         weights = model.weights()
-        #: Per layer, ``[head, d_head, d_model]``: what a head's (scaled) ``z`` is multiplied by.
-        self.w_o: list[Tensor] = []
-        for layer in range(model.spec.n_layers):
-            w = weights[f"blocks.{layer}.attn.W_O"].detach()
-            if self._functional is not None:
-                w = self._functional.norm_linear(w, f"blocks.{layer}.ln1_post").to(w.dtype)
-            self.w_o.append(w)
+        self._w_o = [weights[f"blocks.{layer}.attn.W_O"].detach() for layer in range(model.spec.n_layers)]
 
     def stream_z(self, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos head d_head"]:
         """The attention's ``z`` (at ``hook_z``) as its heads join the stream: times the post-norm's
@@ -197,11 +191,17 @@ class HeadWrites:
 
     def outputs(self, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "head batch pos d_model"]:
         """Each head's output in the stream, from :meth:`stream_z`'s ``z``."""
-        return torch.einsum("bphk,hkd->hbpd", z, self.w_o[layer].to(z.dtype))
+        return self._into_stream(layer, torch.einsum("bphk,hkd->hbpd", z, self._w_o[layer].to(z.dtype)))
 
-    def total(self, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d_model"]:
-        """The heads' outputs added up, from :meth:`stream_z`'s ``z``."""
-        return torch.einsum("bphk,hkd->bpd", z, self.w_o[layer].to(z.dtype))
+    def total(self, layer: int, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... d_model"]:
+        """The heads' outputs added up, from :meth:`stream_z`'s ``z`` (any leading dimensions)."""
+        return self._into_stream(layer, torch.einsum("...hk,hkd->...d", z, self._w_o[layer].to(z.dtype)))
+
+    def _into_stream(self, layer: int, y: Tensor) -> Tensor:
+        """``y`` (sums of ``z @ W_O``) through the post-norm's linear part, if any."""
+        if self._functional is None:
+            return y
+        return self._functional.norm_linear(y, f"blocks.{layer}.ln1_post").to(y.dtype)
 
 
 @dataclass
@@ -236,6 +236,11 @@ class NodeValues:
     def upstream(self, writes: HeadWrites) -> Float[Tensor, "n_up batch pos d_model"]:
         """Every upstream node's output, in graph order (``input``, then per layer its heads and its
         MLP), the heads' by ``writes`` (the model's :class:`HeadWrites`)."""
+        if not isinstance(writes, HeadWrites):
+            raise ConfigError(
+                f"NodeValues.upstream takes the model's HeadWrites (HeadWrites(model), or NodeCapture.writes), "
+                f"not a {type(writes).__name__}: behind a post-norm a head's output is not z @ W_O"
+            )
         parts = [self.input.unsqueeze(0)]
         for layer, (z, mlp) in enumerate(zip(self.z, self.mlp, strict=True)):
             parts.append(writes.outputs(layer, z))
@@ -324,7 +329,8 @@ class NodeCapture:
 
         def hook(act: Tensor, hook: Any = None) -> Tensor:
             current = self.z[layer]
-            assert current is not None, "hook_z runs before hook_attn_out"
+            if current is None:
+                raise RuntimeError(f"blocks.{layer}.attn.hook_z did not run before blocks.{layer}.hook_attn_out")
             new = override.to(act.device, current.dtype).expand_as(current)
             self.z[layer] = new
             rest = (act - self.writes.total(layer, current).to(act.dtype)).detach()

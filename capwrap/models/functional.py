@@ -89,14 +89,20 @@ class Trace:
 class Functional:
     """A resumable forward pass over a model's canonical weights (see the module docstring).
 
+    Args:
+        model: the model.
+        check: refuse a model whose checkpoint says more than its features describe (as a forward
+            pass must); ``False`` for callers that use only the norms and :meth:`attn_sum`, which
+            such extras (rope scaling, ...) do not touch.
+
     Raises:
         ConfigError: the model's checkpoint says more than its features describe; the message
             says what, and that ``engine="hooks"`` runs it through TransformerLens instead.
     """
 
-    def __init__(self, model: CapModel):
+    def __init__(self, model: CapModel, check: bool = True):
         self.spec = model.spec
-        problems = Functional.unsupported(self.spec)
+        problems = Functional.unsupported(self.spec) if check else []
         if problems:
             raise ConfigError(
                 f"capwrap's fast forward pass does not compute this {self.spec.architecture} model: "

@@ -75,12 +75,12 @@ def test_parallel_blocks_have_no_edge_from_a_layers_heads_to_its_own_mlp():
     parallel = Graph.from_spec(ModelSpec(**shape, architecture="gpt_neox"))
     sequential = Graph.from_spec(ModelSpec(**shape))
     assert (parallel.layout, sequential.layout) == ("parallel", "sequential")
-    assert parallel.edge_names[: sequential.edge_names.index("L0H0->L0.mlp")] == sequential.edge_names[
-        : sequential.edge_names.index("L0H0->L0.mlp")
-    ]
+    assert (
+        parallel.edge_names[: sequential.edge_names.index("L0H0->L0.mlp")]
+        == sequential.edge_names[: sequential.edge_names.index("L0H0->L0.mlp")]
+    )
     missing = set(sequential.edge_names) - set(parallel.edge_names)
     assert missing == {f"L{layer}H{head}->L{layer}.mlp" for layer in range(3) for head in range(2)}
     assert set(parallel.edge_names) <= set(sequential.edge_names)
     assert parallel.has_edge("L0H1", "L1.mlp") and parallel.has_edge("L1.mlp", "L2H0.q")
     assert not parallel.has_edge("L1.mlp", "L1H0.q") and not parallel.has_edge("L2H0", "L2.mlp")
-

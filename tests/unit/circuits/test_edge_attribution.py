@@ -22,6 +22,21 @@ def _answer_logit(logits, batch):
     return logits[torch.arange(len(batch)), batch.answer_pos, batch.answers]
 
 
+def _assert_upstream_adds_up(model, tokens) -> NodeCapture:
+    """The graph's upstream outputs (and the attention output biases, which belong to no node) add up
+    to the last residual stream; returns the capture."""
+    capture, seen = NodeCapture(model, Graph.from_spec(model.spec), grads=False), {}
+    last = f"blocks.{model.spec.n_layers - 1}.hook_resid_post"
+    with torch.no_grad(), model.hooks([*capture.hooks(), (last, lambda act, hook=None: seen.update(stream=act))]):
+        model(tokens)
+    weights = model.weights()
+    biases = [weights[f"blocks.{i}.attn.b_O"] for i in range(model.spec.n_layers) if f"blocks.{i}.attn.b_O" in weights]
+    assert not (biases and model.spec.features.post_norm)  # behind a post-norm the bias's share is not b_O
+    total = capture.values().upstream(capture.writes).sum(0) + sum(biases, torch.zeros(()))
+    torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+    return capture
+
+
 @pytest.mark.parametrize("arch", [*ARCHITECTURES, "mistral", "qwen2", "qwen3", "phi3", "gemma3"])
 def test_the_upstream_outputs_add_up_to_the_stream_the_logits_read(arch, backend, tiny, tiny_task):
     """The graph's premise (what makes an edge's ablation a change of one summand): input, heads
@@ -35,15 +50,7 @@ def test_the_upstream_outputs_add_up_to_the_stream_the_logits_read(arch, backend
         spec = ModelSpec(d_vocab=tiny_task.d_vocab, n_ctx=tiny_task.seq_len, n_layers=2, d_model=16, n_heads=4,
                          n_key_value_heads=2, architecture=arch)  # fmt: skip
         model = build_model(spec, backend=backend, seed=0)
-    graph = Graph.from_spec(model.spec)
-    capture, seen = NodeCapture(model, graph, grads=False), {}
-    last = f"blocks.{model.spec.n_layers - 1}.hook_resid_post"
-    with torch.no_grad(), model.hooks([*capture.hooks(), (last, lambda act, hook=None: seen.update(stream=act))]):
-        model(tiny_task.sample(4, seed=0).tokens)
-    weights = model.weights()
-    biases = [weights[f"blocks.{i}.attn.b_O"] for i in range(model.spec.n_layers) if f"blocks.{i}.attn.b_O" in weights]
-    total = capture.values().upstream(capture.writes).sum(0) + sum(biases, torch.zeros(()))
-    torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+    _assert_upstream_adds_up(model, tiny_task.sample(4, seed=0).tokens)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "olmo2"])
@@ -62,6 +69,31 @@ def test_behind_a_post_norm_each_head_writes_its_share_of_the_normalized_output(
     shares = capture.writes.outputs(1, capture.values().z[1])  # [head, batch, pos, d_model]
     torch.testing.assert_close(shares * o.sum(0), seen["out"] * o, atol=1e-6, rtol=1e-4)
     assert not torch.allclose(shares, o, atol=1e-3)  # the norm matters: a share is not the head's raw output
+
+
+def test_a_post_norm_checkpoint_with_what_the_functional_pass_does_not_compute(tmp_path, tiny_task):
+    """A Gemma-2 checkpoint with linear rope scaling (as Gemma-3's larger configs have): the shares
+    need only the norms, so edge attribution reads it; exact ablation, which recomputes MLPs with
+    the functional pass, says what it lacks."""
+    import transformers
+
+    from capwrap.models import load_model
+
+    config = transformers.Gemma2Config(vocab_size=tiny_task.d_vocab, hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       max_position_embeddings=tiny_task.seq_len,
+                                       rope_scaling={"rope_type": "linear", "factor": 8.0})  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
+    model = load_model(tmp_path / "gemma2")
+    assert model.spec.unsupported and model.spec.features.post_norm
+    capture = _assert_upstream_adds_up(model, tiny_task.sample(4, seed=0).tokens)
+    batch = tiny_task.sample(6, seed=0)
+    assert attribute(model, batch, method="eap-ig", ig_steps=2).values.abs().max() > 0
+    with pytest.raises(ConfigError, match="functional forward pass, which does not compute this gemma2 model: rope"):
+        exact_scores(model, batch, edges=[0])
+    with pytest.raises(ConfigError, match="takes the model's HeadWrites"):
+        capture.values().upstream(model.weights())
 
 
 def test_the_split_input_reference_refuses_post_norm_blocks(tiny, tiny_task):
@@ -132,12 +164,8 @@ def test_pythia_checkpoints_of_either_block_layout(parallel, tmp_path, backend, 
     assert graph.layout == ("parallel" if parallel else "sequential")
     assert graph.has_edge("L0H0", "L0.mlp") != parallel
     batch = tiny_task.sample(6, seed=0)
-    capture, seen = NodeCapture(model, graph, grads=False), {}
-    with torch.no_grad(), model.hooks([*capture.hooks(), ("blocks.1.hook_resid_post", lambda act, hook=None: seen.update(stream=act))]):
-        model(batch.tokens)
-    weights = model.weights()
-    total = capture.values().upstream(capture.writes).sum(0) + weights["blocks.0.attn.b_O"] + weights["blocks.1.attn.b_O"]
-    torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+    assert "blocks.0.attn.b_O" in model.weights()  # the biases are counted
+    _assert_upstream_adds_up(model, batch.tokens)
     finite_difference, eap = _finite_difference_and_eap(model, batch)
     assert torch.corrcoef(torch.stack([finite_difference, eap]))[0, 1] > 0.999
 
@@ -193,7 +221,7 @@ def _group_completeness(model, batch, method: str, ig_steps: int):
     return scores, summed, values[1:] - values[0]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma2", "tracr"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma2", "olmo2", "tracr"])
 def test_eap_ig_nodes_is_complete_over_each_path(arch, backend, tiny, tiny_task):
     """Integrated gradients along each upstream output's own path: the edges of each path's nodes add
     up to ablating them all (the input; a layer's heads, which move together; an MLP), to the
@@ -297,13 +325,7 @@ def test_models_of_no_known_family_are_read_only_where_they_show_the_graph(tmp_p
     assert models["opt"].spec.family is None and models["gptj"].spec.family is None
     batch = tiny_task.sample(6, seed=0)
     opt = models["opt"]
-    graph = Graph.from_spec(opt.spec)
-    capture, seen = NodeCapture(opt, graph, grads=False), {}
-    with torch.no_grad(), opt.hooks([*capture.hooks(), ("blocks.1.hook_resid_post", lambda act, hook=None: seen.update(stream=act))]):
-        opt(batch.tokens)
-    weights = opt.weights()
-    total = capture.values().upstream(capture.writes).sum(0) + weights["blocks.0.attn.b_O"] + weights["blocks.1.attn.b_O"]
-    torch.testing.assert_close(total, seen["stream"], atol=1e-5, rtol=1e-5)
+    _assert_upstream_adds_up(opt, batch.tokens)
     assert attribute(opt, batch).values.abs().max() > 0
     with pytest.raises(ConfigError, match="functional forward pass, which does not compute this opt model.*attribute"):
         exact_scores(opt, batch, edges=[0])
