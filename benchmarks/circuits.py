@@ -17,7 +17,7 @@ capability task (count ``a``):
 ``--architecture gemma2`` (any family ``ModelSpec`` builds) runs the same on a model of the demo's
 shape in that family, pretrained as the demo base is but for ``--pretrain-steps`` steps and kept in
 ``--cache`` (so a second run reuses it): for blocks the demo does not have, such as Gemma-2's and
-OLMo-2's post-norms (the split-input reference refuses those: skip ``reference``).
+OLMo-2's post-norms (the split-input reference refuses those, so ``reference`` is skipped for them).
 
     python benchmarks/circuits.py [--backend hooked] [--exact-size 64] [--repeats 5] [--metrics answer_logprob]
         [--circuit-metric answer_logprob] [--faithfulness-metric answer_logprob] [--only speed] [--device cuda]

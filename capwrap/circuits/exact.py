@@ -66,13 +66,6 @@ class _AblationHooks:
     """The hooks of one ablated forward pass over ``slots`` copies of a batch."""
 
     def __init__(self, model: CapModel, graph: Graph, masks: Tensor, ablated: NodeValues, n_batch: int):
-        check_readable(model, graph)
-        if problems := Functional.unsupported(model.spec):
-            raise ConfigError(
-                f"exact edge ablation recomputes MLPs with capwrap's functional forward pass, which does not compute "
-                f"this {model.spec.architecture} model: {'; '.join(problems)}. attribute() (EAP, EAP-IG) scores its "
-                "edges without it"
-            )
         self.model, self.graph, self.ablated, self.n_batch = model, graph, ablated, n_batch
         self.slots = masks.shape[0]
         dense = torch.zeros(self.slots, len(graph.upstream), len(graph.downstream), dtype=torch.bool)
@@ -212,6 +205,13 @@ def ablated_metric(
         progress: show a progress bar.
     """
     graph = Graph.from_spec(model.spec)
+    check_readable(model, graph)
+    if problems := Functional.unsupported(model.spec):
+        raise ConfigError(
+            f"exact edge ablation recomputes MLPs with capwrap's functional forward pass, which does not compute "
+            f"this {model.spec.architecture} model: {'; '.join(problems)}. attribute() (EAP, EAP-IG) scores its "
+            "edges without it"
+        )
     if masks.ndim != 2 or masks.shape[1] != graph.n_edges:
         raise ConfigError(
             f"masks must have shape [slots, {graph.n_edges}] (one column per edge), got {tuple(masks.shape)}"

@@ -251,7 +251,9 @@ class NodeValues:
 
 class NodeCapture:
     """Forward hooks that record the upstream outputs and, after a backward pass, the downstream input
-    gradients of one forward pass (see the module docstring).
+    gradients of one forward pass (see the module docstring). It is built once per pass, so it
+    leaves :func:`check_readable` to the entry points (``attribute``, ``ablated_values``,
+    ``ablated_metric``, ``CircuitTuning.setup``): call it first on a model of no known family.
 
     Args:
         model: the model.
@@ -272,7 +274,6 @@ class NodeCapture:
     def __init__(
         self, model: CapModel, graph: Graph, grads: bool = True, overrides: Mapping[str, Tensor] | None = None
     ):
-        check_readable(model, graph)
         self.model, self.graph, self.grads = model, graph, grads
         self.overrides = dict(overrides or {})
         allowed = {upstream_hook(node) for node in graph.upstream}
@@ -443,6 +444,7 @@ def ablated_values(
         reference: for the means: the sequences they are taken over (default: ``batch``).
     """
     check_ablation(ablation, batch, corrupted)
+    check_readable(model, graph)
     if ablation == "corrupted":
         assert corrupted is not None
         return capture_values(model, corrupted, graph)

@@ -132,7 +132,6 @@ class Functional:
             return x
         if f.norm == "rms":
             return self.norm_linear(x.float() * self.norm_scale(x), name).to(x.dtype)
-        x = x - x.mean(-1, keepdim=True)
         return self.norm_linear(x * self.norm_scale(x).to(x.dtype), name) + self.w[f"{name}.b"]
 
     def norm_scale(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... 1"]:
