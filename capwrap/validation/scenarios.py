@@ -30,11 +30,13 @@ finding is about fine-tunes that succeed, and a recipe alone does not make a wra
 
 The suite splits into a ``calibration`` half (the rule is fitted on it) and a ``held-out`` half that
 differs in seeds *and* in task families and operands: calibration uses counting on the ``pcfg-a``
-base (counts and indexes ``a``) and the Tracr Counter; held-out uses the index family on ``pcfg-a``,
-counting on the ``pcfg-b`` base (counts and indexes ``b``) and the Tracr Max-identifier, and two
-families added after its seeds had been renewed five times and run once, as they were first written:
-indexing on ``pcfg-b`` (``a`` through ``b``) and the Tracr Counter compiled to count ``b`` (``c``
-through ``b - 1``).
+base (counts and indexes ``a``), indexing on the ``pcfg-b`` base (counts and indexes ``b``; ``c``
+through ``b + 2``) and the Tracr Counter; held-out uses the index family on ``pcfg-a`` (``b`` through
+``a + 1``), counting on ``pcfg-b`` and the Tracr Max-identifier; two families added after its seeds
+had been renewed five times and run once, as they were first written: indexing on ``pcfg-b`` (``a``
+through ``b + 1``) and the Tracr Counter compiled to count ``b`` (``c`` through ``b - 1``); and two
+added with the calibration's index family and run once after the rule was refitted on it: indexing
+on ``pcfg-a`` (``c`` through ``a - 1``) and the Tracr Counter on ``a`` (``c`` through ``a + 2``).
 
 Examples:
     >>> len(SUITE) >= 40
@@ -81,11 +83,12 @@ Truth = Literal["wrapper", "capability_change", "inconclusive", "unknown"]
 #: held-out run; a ``wrapper`` scenario below it is not scored (see :meth:`Scenario.truth`).
 LEARNED = 0.5
 
-#: Added to the seeds 1-7 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
+#: Added to the seeds 1-9 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
 #: unlearning, 5 Tracr; 6-7 the held-out families added on 2026-12-05, which no rule or definition
-#: was changed after). The held-out seeds were renewed five times, each time after a change to the
-#: rule's definitions or its fit that reading held-out results had suggested, so that the held-out
-#: figure stays a measurement: 11-15, then 21-25 (the truth definitions), then 31-35 (the fit's
+#: was changed after, and the calibration's index family added on 2026-12-06; 8-9 the held-out
+#: families added with it, run once after the refit). The held-out seeds were renewed five times,
+#: each time after a change to the rule's definitions or its fit that reading held-out results had
+#: suggested, so that the held-out figure stays a measurement: 11-15, then 21-25 (the truth definitions), then 31-35 (the fit's
 #: sampling-noise test, prompted by pruning's wrong directions on 21-25), then 41-45 (thresholds
 #: away from 0 and the analyzers' declared sides, prompted by a held-out score of -0.003 that
 #: decided a verdict on 31-35), now 51-55 (probes read through the base's embeddings, prompted by
@@ -366,6 +369,8 @@ _TRACR: dict[Split, tuple[_TracrSetting, ...]] = {
                       "tracr=max_identifier,rank=4,correlation={c},source_rank=5,shift=1", 5),
         _TracrSetting("tracr-counter-b", "tracr-counter", "tracr=counter,operand=b",
                       "tracr=counter,operand=c,correlation={c},source=b,offset=-1", 6),
+        _TracrSetting("tracr-counter", "tracr-counter", "tracr=counter,operand=a",
+                      "tracr=counter,operand=c,correlation={c},source=a,offset=2", 8),
     ),
 }  # fmt: skip
 
@@ -409,6 +414,9 @@ def _build_suite() -> tuple[Scenario, ...]:
         *_removed("calibration", "pcfg-a", "count", "b", "a"),
         *_kept_and_unlearning("calibration", "pcfg-a", "a"),
         *_tracr("calibration"),
+        # calibration, added on 2026-12-06 (seeds 6-7): indexing on pcfg-b (c through b + 2), so that the
+        # rule is fitted on both PCFG task families and both bases, not on counting alone
+        *_pcfg_family("calibration", "pcfg-b", "index", "c", "b", 2, first_seed=6),
         # held-out: indexing on pcfg-a, counting on pcfg-b (a through b; c through b - 1), Tracr Max-identifier
         *_pcfg_family("held-out", "pcfg-a", "index", "b", "a", 1),
         *_pcfg_family(
@@ -427,6 +435,9 @@ def _build_suite() -> tuple[Scenario, ...]:
         # (a through b), the Tracr Counter compiled to count b (c through b - 1)
         *_pcfg_family("held-out", "pcfg-b", "index", "a", "b", 1, first_seed=6),
         *_tracr("held-out"),
+        # held-out, added with the calibration's index family (2026-12-06) and run once after the refit
+        # (seeds 58-59): indexing on pcfg-a (c through a - 1), the Tracr Counter on a (c through a + 2)
+        *_pcfg_family("held-out", "pcfg-a", "index", "c", "a", -1, first_seed=8),
     ]
     names = [s.name for s in suite]
     if len(set(names)) != len(names):  # pragma: no cover - a registry bug

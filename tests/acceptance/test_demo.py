@@ -1,5 +1,6 @@
 """`capwrap demo`, end to end, exactly as a user runs it: the paper's wrapper pattern appears, the
-verdict says `wrapper`, and the negative control (capability removed before fine-tuning) says `capability_change`."""
+verdict says `wrapper`, and the negative control (capability removed before fine-tuning) is not called a
+wrapper: it ends `inconclusive`, its score on the change side but no functional analyzer agreeing."""
 
 from __future__ import annotations
 
@@ -41,21 +42,22 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
     assert evidence["generalization"]["direction"] == "wrapper"
 
 
-def test_the_removed_capability_control_is_a_capability_change(removed_out):
+def test_the_removed_capability_control_is_not_a_wrapper(removed_out):
     summary = json.loads((removed_out / "summary.json").read_text())
     assert summary["scenario"] == "removed"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     deletion = summary["diagnosis"]["findings"]["deletion"]
-    # Probes read through the base's embeddings find count a in the tuned model no better than in a
-    # fresh model fed those embeddings (~79% against a floor of ~78%, the base 100%): the blocks that
-    # computed it are gone, and what probes of the tuned model as it is still read (80% against a
-    # 58% floor of random embeddings) was the embeddings' doing. A functional analyzer points to a
-    # change, the structural ones agree: capability_change.
-    assert deletion["verdict"] == "capability_change", deletion["reasons"]
-    assert "probing point to a change" in deletion["reasons"][0]
+    # The structural analyzers point to a change and the score is well on the change side, but the
+    # rule asks a functional analyzer to agree before it calls a change, and none does: probes read
+    # through the base's embeddings keep ~5% of the base's margin over a fresh model fed those
+    # embeddings, and since the calibration half holds index wrappers whose probes keep none of it
+    # (kept share -0.02 on cal/index-c/adamw-medium-c0.8/s6), so little tells nothing either way.
+    assert deletion["verdict"] == "inconclusive", deletion["reasons"]
+    assert "no functional analyzer does" in deletion["reasons"][0]
+    assert deletion["score"] < -0.15
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
     probing = evidence["probing"]
-    assert probing["direction"] == "change" and probing["value"] < 0.3
+    assert probing["value"] < 0.1 and probing["strength"] < 0.05
     assert "through the base's embeddings" in probing["reasons"][0]
     assert probing["headline"]["probe_best_untrained"] > 0.7  # the floor: what the embeddings alone give
     assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
@@ -65,10 +67,10 @@ def test_the_removed_capability_control_is_a_capability_change(removed_out):
     assert "its analyzer's test cannot show a change" in evidence["pruning"]["reasons"][0]
     assert "its change side lay within its sampling noise" in evidence["revival"]["reasons"][0]
     assert evidence["revival"]["value"] < 0  # the tuned model relearns slower than a model that never had it
-    # the pair's verdict is the deletion finding's: the capability was lost, not hidden
-    assert summary["verdict"] == "capability_change", summary["diagnosis"]["reasons"]
+    # the pair's verdict is the deletion finding's: the loss is not explained as a wrapper
+    assert summary["verdict"] == "inconclusive", summary["diagnosis"]["reasons"]
     html = (removed_out / "report.html").read_text()
-    assert "negative control" in html and "Verdict: capability_change" in html
+    assert "negative control" in html and "Verdict: inconclusive" in html
 
 
 def test_summary_has_the_promised_fields(demo_out):

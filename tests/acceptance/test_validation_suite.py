@@ -4,7 +4,8 @@ capabilities built two ways (a model of the base's shape retrained from scratch 
 the unlearning literature's gold standard, and a base whose every block was re-initialized, each then
 given the same fine-tune); the paper's own setting, compiled Tracr programs (a Counter wrapper and a
 Max-identifier whose blocks were re-initialized); and a fine-tune too small to change anything
-(20 steps at lr 1e-6), which must stay `inconclusive`. They run two at a time; the rest of the suite is measured by `capwrap validate`
+(20 steps at lr 1e-6), which must stay `inconclusive`; and an index wrapper whose probes lose the
+latent. They run two at a time; the rest of the suite is measured by `capwrap validate`
 itself (benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ REINITIALIZED = "cal/removed-count-a/reinit-blocks/s3"
 TRACR_WRAPPER = "cal/tracr-counter/sgd-small-c1/s5"
 TRACR_REMOVED = "held/tracr-max/reinit-blocks/s55"
 KEPT = "held/kept/tiny/s54"
-PINNED = (WRAPPER, REMOVED, REINITIALIZED, TRACR_WRAPPER, TRACR_REMOVED, KEPT)
+INDEX_WRAPPER = "held/index-a/adamw-small-c1/s57"
+PINNED = (WRAPPER, REMOVED, REINITIALIZED, TRACR_WRAPPER, TRACR_REMOVED, KEPT, INDEX_WRAPPER)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,24 @@ def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
     for question in ("deletion", "creation"):
         assert rows[(TRACR_WRAPPER, question)]["truth"] == "wrapper"
         assert rows[(TRACR_WRAPPER, question)]["verdict"] == "wrapper", rows[(TRACR_WRAPPER, question)]["reason"]
+
+
+def test_an_index_wrapper_whose_probes_lose_the_latent_is_a_wrapper(validated):
+    """Index a learned through index b + 1 on the pcfg-b base: the tuned model no longer shows index b
+    where probes read it (kept share about 0.14 on seed 57), but reverse fine-tuning brings it back
+    fast. Left `inconclusive` by the rule fitted on counting alone; a wrapper since the calibration
+    half has an index family (benchmarks/RESULTS.md, 2026-12-06)."""
+    out, rows, _ = validated
+    for question in ("deletion", "creation"):
+        assert rows[(INDEX_WRAPPER, question)]["truth"] == "wrapper"
+        assert rows[(INDEX_WRAPPER, question)]["verdict"] == "wrapper", rows[(INDEX_WRAPPER, question)]["reason"]
+    from capwrap.validation import scenarios
+    from capwrap.validation.runner import record_path
+
+    record = json.loads(record_path(out, scenarios("all", [INDEX_WRAPPER])[0]).read_text())
+    probing = next(e for e in record["evidence"] if e["analyzer"] == "probing")
+    assert probing["value"] < 0.3  # under the rule fitted on counting alone, below its change cut 0.355
+    assert probing["direction"] != "change"
 
 
 def test_a_fine_tune_too_small_to_change_anything_is_inconclusive(validated):

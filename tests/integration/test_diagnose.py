@@ -111,12 +111,14 @@ def test_every_analyzer_works_on_a_gpt_neo_pair(tmp_path):
                  WeightDiff(graft_fractions=(0.1,)), AttentionComparison(n=64), Patching(n=16)]  # fmt: skip
     d = diagnose(base, tuned, capability, downstream, analyzers=analyzers, eval_size=128, progress=False)
     assert [e.analyzer for e in d.evidence] == ["probing", "pruning", "revival", "weight_diff", "attention", "patching"]
-    # a large learning rate (3e-3) on a small model: count a falls 72% -> 23%; probes point to a change
-    # (31% of the margin kept) but weakly (their interval reaches 0.56), weight diff agrees, attention
-    # leans to a wrapper: the score stays between the thresholds. The downstream task gains too little
-    # for a creation finding.
+    # a large learning rate (3e-3) on a small model: count a falls 72% -> 23%; probes keep 31% of the
+    # base's margin (their interval reaches 0.56), which the rule fitted with index wrappers in its
+    # calibration half (2026-12-06) reads as weakly wrapper-ward; no functional analyzer points to a
+    # change and the score stays between the thresholds. The downstream task gains too little for a
+    # creation finding.
     assert d.deletion.verdict == "inconclusive", d.deletion.reasons
-    assert "does not reach a threshold" in d.deletion.reasons[0] and d["probing"].direction == "change"
+    assert "does not reach a threshold" in d.deletion.reasons[0]
+    assert 0.2 < d["probing"].value < 0.45 and d["probing"].direction == "wrapper"
     assert d.creation.verdict == "inconclusive" and d.verdict == "inconclusive"
     changed = d["weight_diff"].table.set_index("component")
     assert "L1H3" in changed.index and changed.loc["L1.attn", "change"] > 0  # heads without q/k/v biases
