@@ -14,26 +14,21 @@ embeddings bring the latent back there, while removed capabilities stay removed?
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from suite_models import scenario_models, scenario_parser
 
 from capwrap.analyzers import ModelPair, Probing
-from capwrap.models import load_model
-from capwrap.tasks.spec import task_from_spec
 from capwrap.validation import scenarios
-from capwrap.validation.bases import load_base
 
 
 def compare(name: str, cache: Path, eval_size: int) -> list[dict]:
     """One row per setting of ``embeddings`` for the scenario ``name``."""
     (s,) = scenarios("all", [name])
-    base, tuned = load_base(s.base), load_model(cache / "tuned" / s.key())
-    capability = task_from_spec(s.capability, model=base)
-    downstream = task_from_spec(s.downstream, model=base)
+    base, tuned, capability, downstream = scenario_models(s, cache)
     rows = []
     for embeddings in ("tuned", "base"):
         probing = Probing(n=1024, steps=200, embeddings=embeddings)  # the suite's settings (runner.suite_analyzers)
@@ -46,11 +41,8 @@ def compare(name: str, cache: Path, eval_size: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("scenarios", nargs="+", help="suite scenario names or glob patterns (PCFG and Tracr)")
-    parser.add_argument("--cache", type=Path, required=True, help="the validate run's cache folder")
+    parser = scenario_parser(__doc__.split("\n")[0])
     parser.add_argument("--eval-size", type=int, default=512, help="as the suite's (runner.EVAL_SIZE)")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [s.name for s in scenarios("all", args.scenarios) if s.kind in ("wrapper", "removed")]

@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from suite_models import scenario_models
 
 from capwrap.analyzers import ModelPair, Subgraph
 from capwrap.diagnosis import default_rule
-from capwrap.models import load_model
-from capwrap.tasks.spec import task_from_spec
 from capwrap.validation import auc, load_records, scenarios
-from capwrap.validation.bases import load_base
 from capwrap.validation.scenarios import record_truth, scenario_of
 
 
@@ -51,10 +49,7 @@ def main() -> None:
         folder = cache / "tuned" / s.key()
         if truth not in ("wrapper", "capability_change") or not (folder / "model.safetensors").exists():
             continue
-        base = load_base(s.base)
-        tuned = load_model(folder, backend=base.backend)
-        capability = task_from_spec(s.capability, model=base)
-        downstream = task_from_spec(s.downstream, model=base)
+        base, tuned, capability, downstream = scenario_models(s, cache)
         t = time.perf_counter()
         ev = Subgraph()(ModelPair(base, tuned), capability, downstream, eval_size=512, seed=0)
         h = ev.headline
