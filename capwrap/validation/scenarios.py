@@ -84,8 +84,8 @@ Truth = Literal["wrapper", "capability_change", "inconclusive", "unknown"]
 LEARNED = 0.5
 
 #: Added to the seeds 1-9 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
-#: unlearning, 5 Tracr; 6-7 the held-out families added on 2026-12-05, which no rule or definition
-#: was changed after, and the calibration's index family added on 2026-12-06; 8-9 the held-out
+#: unlearning, 5 Tracr; 6-7 the held-out families added on 2026-12-05 and run once before the refit
+#: of 2026-12-06, and the calibration's index family added on 2026-12-06; 8-9 the held-out
 #: families added with it, run once after the refit). The held-out seeds were renewed five times,
 #: each time after a change to the rule's definitions or its fit that reading held-out results had
 #: suggested, so that the held-out figure stays a measurement: 11-15, then 21-25 (the truth definitions), then 31-35 (the fit's

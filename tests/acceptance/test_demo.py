@@ -47,17 +47,18 @@ def test_the_removed_capability_control_is_not_a_wrapper(removed_out):
     assert summary["scenario"] == "removed"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     deletion = summary["diagnosis"]["findings"]["deletion"]
-    # The structural analyzers point to a change and the score is well on the change side, but the
-    # rule asks a functional analyzer to agree before it calls a change, and none does: probes read
-    # through the base's embeddings keep ~5% of the base's margin over a fresh model fed those
-    # embeddings, and since the calibration half holds index wrappers whose probes keep none of it
-    # (kept share -0.02 on cal/index-c/adamw-medium-c0.8/s6), so little tells nothing either way.
+    # Weight diff and attention point to a change and carry the score well to the change side, but
+    # the rule asks a functional analyzer to agree before it calls a change, and none does. Probes
+    # read through the base's embeddings keep ~5% of the base's margin over a fresh model fed those
+    # embeddings; the calibration half holds index wrappers whose probes keep none of it (kept share
+    # -0.02 on cal/index-c/adamw-medium-c0.8/s6), so the refitted rule reads 5% as (very weakly)
+    # wrapper-ward, not as a change.
     assert deletion["verdict"] == "inconclusive", deletion["reasons"]
     assert "no functional analyzer does" in deletion["reasons"][0]
     assert deletion["score"] < -0.15
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
     probing = evidence["probing"]
-    assert probing["value"] < 0.1 and probing["strength"] < 0.05
+    assert probing["value"] < 0.1 and probing["direction"] != "change" and probing["strength"] < 0.05
     assert "through the base's embeddings" in probing["reasons"][0]
     assert probing["headline"]["probe_best_untrained"] > 0.7  # the floor: what the embeddings alone give
     assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"

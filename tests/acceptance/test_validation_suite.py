@@ -71,11 +71,12 @@ def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
         assert rows[(TRACR_WRAPPER, question)]["verdict"] == "wrapper", rows[(TRACR_WRAPPER, question)]["reason"]
 
 
-def test_an_index_wrapper_whose_probes_lose_the_latent_is_a_wrapper(validated):
-    """Index a learned through index b + 1 on the pcfg-b base: the tuned model no longer shows index b
-    where probes read it (kept share about 0.14 on seed 57), but reverse fine-tuning brings it back
-    fast. Left `inconclusive` by the rule fitted on counting alone; a wrapper since the calibration
-    half has an index family (benchmarks/RESULTS.md, 2026-12-06)."""
+def test_an_index_wrapper_whose_probes_lose_most_of_the_latent_is_a_wrapper(validated):
+    """Index a learned through index b + 1 on the pcfg-b base: probes find little of index b where they
+    read it (kept share about 0.14 on seed 57, below the 0.355 change cut of the rule fitted on
+    counting alone), but reverse fine-tuning brings it back fast. Left `inconclusive` by that rule; a
+    wrapper since the calibration half has an index family, whose wrappers keep -0.02 to 0.95
+    (benchmarks/RESULTS.md, 2026-12-06)."""
     out, rows, _ = validated
     for question in ("deletion", "creation"):
         assert rows[(INDEX_WRAPPER, question)]["truth"] == "wrapper"
@@ -85,7 +86,7 @@ def test_an_index_wrapper_whose_probes_lose_the_latent_is_a_wrapper(validated):
 
     record = json.loads(record_path(out, scenarios("all", [INDEX_WRAPPER])[0]).read_text())
     probing = next(e for e in record["evidence"] if e["analyzer"] == "probing")
-    assert probing["value"] < 0.3  # under the rule fitted on counting alone, below its change cut 0.355
+    assert probing["value"] < 0.355  # the old rule's change cut: probing pointed to change there
     assert probing["direction"] != "change"
 
 

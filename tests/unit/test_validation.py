@@ -44,7 +44,8 @@ def test_the_suite_is_big_enough_and_splits_by_seed_and_family():
         assert {s.recipe.optimizer for s in split if s.kind == "wrapper"} == {"adamw", "sgd"}
         assert {s.recipe.reinit for s in split if s.kind == "removed"} >= {"blocks"}
     assert any(s.family == "tracr-counter" for s in cal) and any(s.family == "tracr-max" for s in held)
-    # the rule is fitted on both PCFG task families, and the held-out half has wrappers of both too
+    # the rule is fitted on wrapper scenarios of both PCFG task families and of a Tracr program, and the
+    # held-out half has such scenarios too
     for split in (cal, held):
         assert {s.family for s in split if s.kind == "wrapper"} >= {"pcfg-count", "pcfg-index", "tracr-counter"}
     assert any(s.recipe.method == "npo" for s in SUITE) and any(s.recipe.method == "gradient_ascent" for s in SUITE)
