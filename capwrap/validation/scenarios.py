@@ -85,14 +85,14 @@ LEARNED = 0.5
 
 #: Added to the seeds 1-9 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
 #: unlearning, 5 Tracr; 6-7 the held-out families added on 2026-12-05 and run once before the refit
-#: of 2026-12-06, and the calibration's index family added on 2026-12-06; 8-9 the held-out
-#: families added with it, run once after the refit). The held-out seeds were renewed five times,
-#: each time after a change to the rule's definitions or its fit that reading held-out results had
-#: suggested, so that the held-out figure stays a measurement: 11-15, then 21-25 (the truth definitions), then 31-35 (the fit's
-#: sampling-noise test, prompted by pruning's wrong directions on 21-25), then 41-45 (thresholds
-#: away from 0 and the analyzers' declared sides, prompted by a held-out score of -0.003 that
-#: decided a verdict on 31-35), now 51-55 (probes read through the base's embeddings, prompted by
-#: the SGD index wrapper that probing called a change on 41-45).
+#: of 2026-12-06, and the calibration's index family added on 2026-12-06; 8-9 the held-out families
+#: added with it, run once after the refit). The held-out seeds were renewed five times, each time
+#: after a change to the rule's definitions or its fit that reading held-out results had suggested,
+#: so that the held-out figure stays a measurement: 11-15, then 21-25 (the truth definitions), then
+#: 31-35 (the fit's sampling-noise test, prompted by pruning's wrong directions on 21-25), then
+#: 41-45 (thresholds away from 0 and the analyzers' declared sides, prompted by a held-out score of
+#: -0.003 that decided a verdict on 31-35), now 51-55 (probes read through the base's embeddings,
+#: prompted by the SGD index wrapper that probing called a change on 41-45).
 SEED_OFFSET: dict[Split, int] = {"calibration": 0, "held-out": 50}
 
 #: The suite's base models (shipped in ``capwrap/assets/suite``; made by ``scripts/make_suite_bases.py``).

@@ -15,6 +15,8 @@ import json
 import pytest
 
 from capwrap.cli import main
+from capwrap.validation import scenario
+from capwrap.validation.runner import record_path
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
 REMOVED = "held/removed-count-b/retrained/s53"
@@ -35,6 +37,11 @@ def validated(tmp_path_factory):
     assert main(argv) == 0
     data = json.loads((out / "validation.json").read_text())
     return out, {(row["name"], row["question"]): row for row in data["scenarios"]}, data
+
+
+def _record(out, name: str) -> dict:
+    """The validation record ``capwrap validate`` wrote for the scenario ``name`` into ``out``."""
+    return json.loads(record_path(out, scenario(name)).read_text())
 
 
 def test_the_textbook_wrapper_is_a_wrapper_on_both_questions(validated):
@@ -81,10 +88,7 @@ def test_an_index_wrapper_whose_probes_lose_most_of_the_latent_is_a_wrapper(vali
     for question in ("deletion", "creation"):
         assert rows[(INDEX_WRAPPER, question)]["truth"] == "wrapper"
         assert rows[(INDEX_WRAPPER, question)]["verdict"] == "wrapper", rows[(INDEX_WRAPPER, question)]["reason"]
-    from capwrap.validation import scenarios
-    from capwrap.validation.runner import record_path
-
-    record = json.loads(record_path(out, scenarios("all", [INDEX_WRAPPER])[0]).read_text())
+    record = _record(out, INDEX_WRAPPER)
     probing = next(e for e in record["evidence"] if e["analyzer"] == "probing")
     assert probing["value"] < 0.355  # the old rule's change cut: probing pointed to change there
     assert probing["direction"] != "change"
@@ -102,10 +106,7 @@ def test_validate_writes_its_report_and_resumes(validated, capsys):
     assert data["targets"]["accuracy_interval"] == [1.0, 1.0] and data["scenario_seconds"] > 0
     assert (out / "validation.html").read_text().count("Plotly.newPlot") >= 1
     # each record says which software made its numbers, and which made its tuned model
-    from capwrap.validation import scenarios
-    from capwrap.validation.runner import record_path
-
-    record = json.loads(record_path(out, scenarios("all", [WRAPPER])[0]).read_text())
+    record = _record(out, WRAPPER)
     for env in (record["environment"], record["made"]["environment"]):
         assert {"transformer_lens", "transformers", "torch", "device"} <= set(env)
     # a second run finds every record and reruns nothing
