@@ -1,16 +1,14 @@
-"""Revival at a larger budget: do the suite's never-had-it controls relearn at all?
+"""Revival at another budget: which suite scenarios relearn, and how fast, against the never-had-it control?
 
-At the suite's budget (200 reverse fine-tuning steps, ``runner.suite_analyzers``) no never-had-it
-control reaches the revival threshold on any scored scenario, so a removed capability's revival
-statistic is 0 (both runs censored) and the fit cannot give revival a change side: the verdict's
-change side rests on probing alone (benchmarks/RESULTS.md, 2026-12-06). This script reruns
-:class:`~capwrap.analyzers.Revival` on suite scenarios whose tuned models a ``capwrap validate`` run
-cached, at the suite's settings but a larger budget, and prints the steps of the tuned model and of
-the control and the statistic, so that one can see whether a budget exists at which removed
-capabilities relearn no faster than the control while wrappers stay fast.
+Reruns :class:`~capwrap.analyzers.Revival` on suite scenarios whose tuned models a ``capwrap
+validate`` run cached, at the suite's settings (``runner.suite_analyzers``: 200 reverse fine-tuning
+steps) or another budget, and prints the steps of the tuned model and of the control and the
+statistic. Reverse fine-tuning runs at a constant rate, so a larger budget only lets slower runs
+finish (until 2026-12-06 the rate fell along a cosine over the budget, and at 200 steps no
+never-had-it control relearned: benchmarks/RESULTS.md).
 
-    python benchmarks/revival_budget.py --cache /tmp/suite/cache --max-steps 1000 --threads 2 \\
-        'held/removed-count-b/retrained/s53' 'held/tracr-counter/reinit-blocks/s58'
+    python benchmarks/revival_budget.py --cache /tmp/suite/cache --max-steps 200 --threads 2 \\
+        'held/removed-count-b/retrained/s63' 'held/tracr-counter/reinit-blocks/s68'
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ def revive(name: str, cache: Path, max_steps: int) -> dict:
 
 def main() -> None:
     parser = scenario_parser(__doc__.split("\n")[0])
-    parser.add_argument("--max-steps", type=int, default=1000, help="reverse fine-tuning budget (suite: 200)")
+    parser.add_argument("--max-steps", type=int, default=200, help="reverse fine-tuning budget (default: the suite's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [s.name for s in scenarios("all", args.scenarios)]

@@ -114,7 +114,9 @@ class Revival(Analyzer):
 
     Args:
         max_steps: budget of reverse fine-tuning steps.
-        lr: reverse fine-tuning learning rate (the paper uses a smaller one than pretraining).
+        lr: reverse fine-tuning learning rate (the paper uses a smaller one than pretraining), held
+            constant (no warmup, no decay), so the steps a run takes to reach the threshold do not
+            depend on ``max_steps``, which only bounds them.
         batch_size: sequences per step.
         eval_every: check the accuracy every this many steps.
         check_size: the first this many sequences of the evaluation set are the checks' sequences.
@@ -165,7 +167,10 @@ class Revival(Analyzer):
         batch = context.eval.batches["capability"][: self.check_size]
         base_correct = context.eval.correct["base"]["capability"][: self.check_size].float()
         threshold = self.threshold_fraction * float(base_correct.mean())
-        configs = [TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, warmup=0.0,
+        # a constant rate (the paper's recovery runs use one): the step at which a run reaches the
+        # threshold is then the model's, not the budget's (a cosine over ``max_steps`` slows every
+        # run of a smaller budget, and at the suite's 200 steps no never-had-it control relearned)
+        configs = [TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr, warmup=0.0, min_lr_ratio=1.0,
                                seed=context.seed_for(self.name, f"reverse fine-tuning {s}"), progress=False)
                    for s in range(self.seeds)]  # fmt: skip
         configs = [c.low_memory() for c in configs] if self.low_memory else configs

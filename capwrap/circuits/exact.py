@@ -50,7 +50,7 @@ from capwrap.models import CapModel
 from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
 
-__all__ = ["ablated_metric", "exact_scores", "split_input_eap"]
+__all__ = ["ablated_metric", "check_exact_supported", "exact_scores", "split_input_eap"]
 
 
 def _slot_bytes(model: CapModel, batch: int, pos: int) -> int:
@@ -183,6 +183,17 @@ class _AblationHooks:
 
 
 @torch.inference_mode()
+def check_exact_supported(model: CapModel) -> None:
+    """Refuse, with the way out, a model whose MLPs capwrap's functional forward pass does not compute
+    (exact edge ablation recomputes them with it)."""
+    if problems := Functional.unsupported(model.spec):
+        raise ConfigError(
+            f"exact edge ablation recomputes MLPs with capwrap's functional forward pass, which does not compute "
+            f"this {model.spec.architecture} model: {'; '.join(problems)}. attribute() (EAP, EAP-IG) scores its "
+            "edges without it"
+        )
+
+
 def ablated_metric(
     model: CapModel,
     batch: TaskBatch,
@@ -206,12 +217,7 @@ def ablated_metric(
     """
     graph = Graph.from_spec(model.spec)
     check_readable(model, graph)
-    if problems := Functional.unsupported(model.spec):
-        raise ConfigError(
-            f"exact edge ablation recomputes MLPs with capwrap's functional forward pass, which does not compute "
-            f"this {model.spec.architecture} model: {'; '.join(problems)}. attribute() (EAP, EAP-IG) scores its "
-            "edges without it"
-        )
+    check_exact_supported(model)
     if masks.ndim != 2 or masks.shape[1] != graph.n_edges:
         raise ConfigError(
             f"masks must have shape [slots, {graph.n_edges}] (one column per edge), got {tuple(masks.shape)}"
@@ -263,6 +269,8 @@ def exact_scores(
     edge positions (the others get NaN). One forward pass per edge (many share a batched pass).
     """
     graph = Graph.from_spec(model.spec)
+    check_readable(model, graph)
+    check_exact_supported(model)  # before the ablated values are computed for nothing
     ablated = ablated_values(model, graph, ablation, batch, corrupted, reference)
     chosen = torch.arange(graph.n_edges) if edges is None else torch.as_tensor(edges, dtype=torch.long).flatten()
     if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= graph.n_edges):

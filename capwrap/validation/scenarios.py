@@ -91,9 +91,11 @@ LEARNED = 0.5
 #: so that the held-out figure stays a measurement: 11-15, then 21-25 (the truth definitions), then
 #: 31-35 (the fit's sampling-noise test, prompted by pruning's wrong directions on 21-25), then
 #: 41-45 (thresholds away from 0 and the analyzers' declared sides, prompted by a held-out score of
-#: -0.003 that decided a verdict on 31-35), now 51-55 (probes read through the base's embeddings,
-#: prompted by the SGD index wrapper that probing called a change on 41-45).
-SEED_OFFSET: dict[Split, int] = {"calibration": 0, "held-out": 50}
+#: -0.003 that decided a verdict on 31-35), then 51-55 (probes read through the base's embeddings,
+#: prompted by the SGD index wrapper that probing called a change on 41-45; 56-59 the families added
+#: on 2026-12-05 and -06), now 61-69 (revival at a constant learning rate, prompted by reverse
+#: fine-tuning runs on held-out scenarios at a larger budget, benchmarks/revival_budget.py).
+SEED_OFFSET: dict[Split, int] = {"calibration": 0, "held-out": 60}
 
 #: The suite's base models (shipped in ``capwrap/assets/suite``; made by ``scripts/make_suite_bases.py``).
 BASES: dict[str, str] = {
@@ -431,12 +433,12 @@ def _build_suite() -> tuple[Scenario, ...]:
         *_pcfg_family("held-out", "pcfg-b", "count", "c", "b", -1, only=("adamw-small-c1", "adamw-small-c0.8")),
         *_removed("held-out", "pcfg-b", "count", "a", "b"),
         *_kept_and_unlearning("held-out", "pcfg-b", "b"),
-        # held-out, added after the five seed renewals and run once (seeds 56-57): indexing on pcfg-b
+        # held-out, added after the five seed renewals and run once (seeds 56-57, now 66-67): indexing on pcfg-b
         # (a through b), the Tracr Counter compiled to count b (c through b - 1)
         *_pcfg_family("held-out", "pcfg-b", "index", "a", "b", 1, first_seed=6),
         *_tracr("held-out"),
         # held-out, added with the calibration's index family (2026-12-06) and run once after the refit
-        # (seeds 58-59): indexing on pcfg-a (c through a - 1), the Tracr Counter on a (c through a + 2)
+        # (seeds 58-59, now 68-69): indexing on pcfg-a (c through a - 1), the Tracr Counter on a (c through a + 2)
         *_pcfg_family("held-out", "pcfg-a", "index", "c", "a", -1, first_seed=8),
     ]
     names = [s.name for s in suite]

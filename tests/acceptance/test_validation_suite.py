@@ -3,7 +3,8 @@ pinned: a textbook wrapper (count b learned through count a + 1 at a small learn
 capabilities built two ways (a model of the base's shape retrained from scratch without counting b,
 the unlearning literature's gold standard, and a base whose every block was re-initialized, each then
 given the same fine-tune); the paper's own setting, compiled Tracr programs (a Counter wrapper and a
-Max-identifier whose blocks were re-initialized); and a fine-tune too small to change anything
+Max-identifier whose blocks were re-initialized, never a wrapper but left `inconclusive`: the rule's
+known gap); and a fine-tune too small to change anything
 (20 steps at lr 1e-6), which must stay `inconclusive`; and an index wrapper whose probes lose the
 latent. They run two at a time; the rest of the suite is measured by `capwrap validate`
 itself (benchmarks/RESULTS.md)."""
@@ -19,12 +20,12 @@ from capwrap.validation import scenario
 from capwrap.validation.runner import record_path
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
-REMOVED = "held/removed-count-b/retrained/s53"
+REMOVED = "held/removed-count-b/retrained/s63"
 REINITIALIZED = "cal/removed-count-a/reinit-blocks/s3"
 TRACR_WRAPPER = "cal/tracr-counter/sgd-small-c1/s5"
-TRACR_REMOVED = "held/tracr-max/reinit-blocks/s55"
-KEPT = "held/kept/tiny/s54"
-INDEX_WRAPPER = "held/index-a/adamw-small-c1/s57"
+TRACR_REMOVED = "held/tracr-max/reinit-blocks/s65"
+KEPT = "held/kept/tiny/s64"
+INDEX_WRAPPER = "held/index-a/adamw-small-c1/s67"
 PINNED = (WRAPPER, REMOVED, REINITIALIZED, TRACR_WRAPPER, TRACR_REMOVED, KEPT, INDEX_WRAPPER)
 
 
@@ -55,19 +56,36 @@ def test_a_removed_capability_is_a_capability_change(validated):
     _, rows, _ = validated
     assert rows[(REMOVED, "deletion")]["truth"] == "capability_change"
     assert rows[(REMOVED, "deletion")]["verdict"] == "capability_change", rows[(REMOVED, "deletion")]["reason"]
-    # a model that never learned to count does not learn count a from this fine-tune (downstream 39% -> 34%
-    # on seed 53): there is no gain to explain
+    # a model that never learned to count does not learn count a from this fine-tune (downstream 39% -> 37%
+    # on seed 63): there is no gain to explain
     assert rows[(REMOVED, "creation")]["truth"] == "inconclusive"
     assert rows[(REMOVED, "creation")]["verdict"] == "inconclusive"
 
 
-@pytest.mark.parametrize("name", [REINITIALIZED, TRACR_REMOVED])
-def test_a_capability_whose_blocks_were_reinitialized_is_a_capability_change(validated, name):
+def test_a_capability_whose_blocks_were_reinitialized_is_a_capability_change(validated):
     _, rows, _ = validated
-    row = rows[(name, "deletion")]
+    row = rows[(REINITIALIZED, "deletion")]
     assert row["truth"] == "capability_change"
     assert row["verdict"] == "capability_change", row["reason"]
     assert row["high"] < 0  # the whole interval on the change side, not just the point
+
+
+def test_a_reinitialized_tracr_program_is_never_a_wrapper_but_its_change_is_not_shown(validated):
+    """The rule's known gap: a compiled Max-identifier whose blocks were re-initialized, then fine-tuned.
+    Weight diff and attention carry the score to the change side, but no functional analyzer can show
+    the change here: the tuned model and the never-had-it control both stay below the revival
+    threshold for the whole budget (statistic 0), and probes keep about none of the base's margin
+    (-0.01 on seed 65), above the change cut of -0.02 that the calibration half's index wrappers set.
+    The rule asks a functional analyzer to agree before it calls a change, so the finding is
+    `inconclusive` (on seed 55, where probing read -0.03, it was a `capability_change`)."""
+    out, rows, _ = validated
+    row = rows[(TRACR_REMOVED, "deletion")]
+    assert row["truth"] == "capability_change"
+    assert row["verdict"] == "inconclusive", row["reason"]
+    assert "no functional analyzer does" in row["reason"]
+    assert row["high"] < 0  # yet the whole interval of the score lies on the change side
+    revival = next(e for e in _record(out, TRACR_REMOVED)["evidence"] if e["analyzer"] == "revival")
+    assert revival["value"] == 0.0 and revival["direction"] == "neutral"  # neither model relearned
 
 
 def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
@@ -80,7 +98,7 @@ def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
 
 def test_an_index_wrapper_whose_probes_lose_most_of_the_latent_is_a_wrapper(validated):
     """Index a learned through index b + 1 on the pcfg-b base: probes find little of index b where they
-    read it (kept share about 0.14 on seed 57, below the 0.355 change cut of the rule fitted on
+    read it (kept share about 0.14 on seed 67, below the 0.355 change cut of the rule fitted on
     counting alone), but reverse fine-tuning brings it back fast. Left `inconclusive` by that rule; a
     wrapper since the calibration half has an index family, whose wrappers keep -0.02 to 0.95
     (benchmarks/RESULTS.md, 2026-12-06)."""
@@ -101,9 +119,12 @@ def test_a_fine_tune_too_small_to_change_anything_is_inconclusive(validated):
 
 
 def test_validate_writes_its_report_and_resumes(validated, capsys):
-    out, _, data = validated
-    assert data["targets"]["accuracy"] == 1.0 and data["targets"]["wrapper_on_removed"] == 0
-    assert data["targets"]["accuracy_interval"] == [1.0, 1.0] and data["scenario_seconds"] > 0
+    out, rows, data = validated
+    # every pinned finding is right but the re-initialized Tracr program's (inconclusive, above)
+    scored = [key for key, row in rows.items() if row["truth"] != "unknown"]
+    assert (TRACR_REMOVED, "deletion") in scored
+    assert data["targets"]["accuracy"] == pytest.approx((len(scored) - 1) / len(scored), abs=1e-4)  # (rounded)
+    assert data["targets"]["wrapper_on_removed"] == 0 and data["scenario_seconds"] > 0
     assert (out / "validation.html").read_text().count("Plotly.newPlot") >= 1
     # each record says which software made its numbers, and which made its tuned model
     record = _record(out, WRAPPER)

@@ -469,7 +469,7 @@ def test_relearning_says_when_the_budget_ran_out(records):
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
     assert main(["validate", "--list", "--split", "held-out"]) == 0
     listed = capsys.readouterr().out
-    assert "held/tracr-max/sgd-small-c1/s55" in listed and "cal/" not in listed
+    assert "held/tracr-max/sgd-small-c1/s65" in listed and "cal/" not in listed
     assert main(["validate", "--scenario", "no/such/scenario", "--out", str(tmp_path)]) == 2
     assert "no scenario named" in capsys.readouterr().err
 

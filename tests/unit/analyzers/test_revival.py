@@ -44,6 +44,25 @@ def test_a_model_already_at_the_threshold_needs_zero_steps(small_model, small_ta
     assert ev.headline["steps_tuned"] == 0.0 and ev.value == 0.0  # both at the threshold from the start
 
 
+def test_the_budget_only_bounds_the_run(small_spec, small_task, backend):
+    """Reverse fine-tuning runs at a constant rate: a run given twice the budget takes the very same
+    steps over the first budget (under a cosine over ``max_steps`` the smaller budget's rate falls
+    faster, and every run of it is slower), so the steps to the threshold are the model's, not the
+    budget's."""
+    base = build_model(small_spec, backend=backend, seed=0)
+    train(base, small_task, TrainConfig(steps=100, batch_size=64, lr=3e-3, progress=False))
+    fresh = build_model(small_spec, backend=backend, seed=1)
+    curves = {}
+    for budget in (20, 40):
+        ev = Revival(max_steps=budget, eval_every=5, check_size=64, lr=3e-3, control=fresh.clone(),
+                     threshold_fraction=1.0, seeds=1)(ModelPair(base, fresh), small_task, small_task,
+                                                       eval_size=64)  # fmt: skip
+        curves[budget] = ev.table[ev.table["model"] == "tuned"].set_index("step")["accuracy"]
+    assert list(curves[20].index) == [0, 5, 10, 15, 20]  # never reached the threshold: the whole budget
+    assert curves[40].loc[curves[20].index].tolist() == curves[20].tolist()
+    assert curves[20].iloc[-1] != curves[20].iloc[0]  # and the run did move
+
+
 def test_bad_input(small_model, small_task):
     with pytest.raises(ConfigError, match="max_steps must be positive"):
         Revival(max_steps=0)
