@@ -182,7 +182,6 @@ class _AblationHooks:
         return out.view(act.shape)
 
 
-@torch.inference_mode()
 def check_exact_supported(model: CapModel) -> None:
     """Refuse, with the way out, a model whose MLPs capwrap's functional forward pass does not compute
     (exact edge ablation recomputes them with it)."""
@@ -194,6 +193,7 @@ def check_exact_supported(model: CapModel) -> None:
         )
 
 
+@torch.inference_mode()
 def ablated_metric(
     model: CapModel,
     batch: TaskBatch,

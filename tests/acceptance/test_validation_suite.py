@@ -45,6 +45,11 @@ def _record(out, name: str) -> dict:
     return json.loads(record_path(out, scenario(name)).read_text())
 
 
+def _evidence(out, name: str, analyzer: str) -> dict:
+    """One analyzer's evidence in that record."""
+    return next(e for e in _record(out, name)["evidence"] if e["analyzer"] == analyzer)
+
+
 def test_the_textbook_wrapper_is_a_wrapper_on_both_questions(validated):
     _, rows, _ = validated
     assert rows[(WRAPPER, "deletion")]["truth"] == "wrapper"
@@ -84,7 +89,7 @@ def test_a_reinitialized_tracr_program_is_never_a_wrapper_but_its_change_is_not_
     assert row["verdict"] == "inconclusive", row["reason"]
     assert "no functional analyzer does" in row["reason"]
     assert row["high"] < 0  # yet the whole interval of the score lies on the change side
-    revival = next(e for e in _record(out, TRACR_REMOVED)["evidence"] if e["analyzer"] == "revival")
+    revival = _evidence(out, TRACR_REMOVED, "revival")
     assert revival["value"] == 0.0 and revival["direction"] == "neutral"  # neither model relearned
 
 
@@ -106,8 +111,7 @@ def test_an_index_wrapper_whose_probes_lose_most_of_the_latent_is_a_wrapper(vali
     for question in ("deletion", "creation"):
         assert rows[(INDEX_WRAPPER, question)]["truth"] == "wrapper"
         assert rows[(INDEX_WRAPPER, question)]["verdict"] == "wrapper", rows[(INDEX_WRAPPER, question)]["reason"]
-    record = _record(out, INDEX_WRAPPER)
-    probing = next(e for e in record["evidence"] if e["analyzer"] == "probing")
+    probing = _evidence(out, INDEX_WRAPPER, "probing")
     assert probing["value"] < 0.355  # the old rule's change cut: probing pointed to change there
     assert probing["direction"] != "change"
 
