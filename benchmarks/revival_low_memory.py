@@ -1,7 +1,8 @@
 """Benchmark: does low-memory revival (Adafactor stepped inside the backward pass) tell what AdamW tells?
 
 On the demo's two pairs — the demo fine-tune (a wrapper: count ``b`` learned as count ``a`` + 1) and
-the negative control (every block re-initialized, then the same fine-tune: the capability removed) —
+every block re-initialized, then the same fine-tune (the demo's negative control until 2026-12-06;
+it is fine-tuned where the correlation never holds since) —
 runs ``Revival`` with AdamW (its default) and with ``low_memory=True``, the default control built
 each time, and prints per pair and mode the median steps of the tuned model and the never-had-it
 control to reach 90% of the base's count-``a`` accuracy, the log2 speed-up and its 90% interval.

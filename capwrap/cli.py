@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario",
         default="default",
         choices=["default", "removed"],
-        help="default: the study; removed: the negative control (capability re-initialized before fine-tuning)",
+        help="default: the study; removed: the negative control (every block re-initialized, then fine-tuned at C_Tr = 0)",
     )
     _add_backend_option(demo)
     _add_device_option(demo)

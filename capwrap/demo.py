@@ -15,9 +15,9 @@ Scenarios:
 * ``default``: the study above; the verdict is expected to be ``wrapper``.
 * ``removed``: the negative control. Before fine-tuning, every weight of the transformer blocks
   (attention and MLP, where counting is computed) is re-initialized; only the embeddings and the
-  unembedding survive. The capability is then truly gone from the model that is fine-tuned, and a
-  verdict of ``wrapper`` would be a false positive; the shipped rule calls it ``capability_change``
-  (probes read through the base's embeddings find no more of count ``a`` than a fresh model does).
+  unembedding survive — and it is fine-tuned where the correlation never holds (C_Tr = 0), so its
+  data cannot teach count ``a`` back. The capability is then truly gone from the tuned model, and a
+  verdict of ``wrapper`` would be a false positive.
 
 Examples:
     >>> import tempfile
@@ -86,7 +86,11 @@ DIAGNOSIS_EVAL_SIZE = 512
 PCFG = PCFGConfig(length=32, window=16, occurrence=3)
 PRETRAIN_CONFIG = TrainConfig(steps=3000, batch_size=96, lr=1e-3, warmup=0.2, min_lr_ratio=0.1, seed=0, eval_every=500)
 FINETUNE_CONFIG = TrainConfig(steps=300, batch_size=48, lr=3e-5, warmup=0.2, seed=1)
-SCENARIOS = ("default", "removed")
+#: C_Tr of each scenario's fine-tuning data. The negative control is fine-tuned where the correlation
+#: never holds, so nothing in its data teaches count ``a`` back (built as the validation suite's removed
+#: scenarios are; with C_Tr = 1 its labels would be a function of count ``a``).
+FINETUNE_CORRELATION: dict[str, float] = {"default": 1.0, "removed": 0.0}
+SCENARIOS = tuple(FINETUNE_CORRELATION)
 
 
 def demo_tasks() -> dict[str, PCFGTask]:
@@ -209,8 +213,9 @@ def run_demo(
     if scenario == "removed":
         log("negative control: re-initializing every transformer block before fine-tuning (the capability is gone)")
         remove_capability(tuned, seed=seed)
+    c_tr = FINETUNE_CORRELATION[scenario]
     log(
-        f"fine-tuning to count b (C_Tr = 1, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ..."
+        f"fine-tuning to count b (C_Tr = {c_tr:g}, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ..."
     )
     probe = tasks["capability"].sample(256, seed=20_000 + seed)
     store_path = out / "run"
@@ -218,7 +223,7 @@ def run_demo(
         tuned, store_path, hooks="blocks.*.hook_resid_post", probe=probe, every=10, overwrite=True,
         meta={"scenario": scenario, "task": tasks["downstream_correlated"].describe()},
     )  # fmt: skip
-    ft_task = PCFGTask("count", "b", correlation=1.0, config=PCFG, name="fine-tuning: count b, C_Tr=1")
+    ft_task = PCFGTask("count", "b", correlation=c_tr, config=PCFG, name=f"fine-tuning: count b, C_Tr={c_tr:g}")
     t0 = time.perf_counter()
     result = train(tuned, ft_task, finetune, recorder=recorder, eval_tasks=test_sets, description="fine-tune")
     ft_seconds = time.perf_counter() - t0

@@ -258,12 +258,17 @@ def _score_reaches(thresholds: QuestionRule, score: float) -> Literal["wrapper",
     return None
 
 
+def _they_point(analyzers: Sequence[str]) -> str:
+    """``probing points`` / ``probing, pruning point``: the analyzers as the subject of "point"."""
+    return f"{', '.join(analyzers)} point{'s' if len(analyzers) == 1 else ''}"
+
+
 def _backing(functional: list[Evidence], what: str, evidence: Sequence[Evidence]) -> str:
     """Which analyzers the verdict rests on, in words."""
     if functional:
-        return f"{', '.join(e.analyzer for e in functional)} point to {what}"
+        return f"{_they_point([e.analyzer for e in functional])} to {what}"
     structural = [e.analyzer for e in evidence if e.kind == "structural" and e.direction != "neutral"]
-    return f"the functional evidence is silent and {', '.join(structural) or 'the structural evidence'} point to {what}"
+    return f"the functional evidence is silent and {_they_point(structural or ['the structural evidence'])} to {what}"
 
 
 def declared_directions(statistic: str) -> frozenset[str]:
@@ -431,7 +436,7 @@ class VerdictRule:
         verdict = _raw_verdict(rule, point, flags["wrapper"], flags["change"])
         raw = [_raw_verdict(rule, s, flags["wrapper"], flags["change"]) for s in score_reps]
         confidence = float(np.mean([v == verdict for v in raw]))
-        names = lambda es: ", ".join(e.analyzer for e in es)  # noqa: E731
+        names = lambda es: _they_point([e.analyzer for e in es])  # noqa: E731
         span = f"score {point:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
         if verdict == "wrapper":
             if interval[0] < rule.wrapper_threshold:
@@ -449,13 +454,13 @@ class VerdictRule:
                            + _backing(support["change"], "a change", evidence))  # fmt: skip
         reached = _score_reaches(rule, point)
         if support["wrapper"] and support["change"]:
-            why = (f"the functional evidence disagrees: {names(support['wrapper'])} point to a wrapper, "
+            why = (f"the functional evidence disagrees: {names(support['wrapper'])} to a wrapper, "
                    f"{names(support['change'])} to a change ({span})")  # fmt: skip
         elif reached is not None and not support[reached]:
             other = support["change" if reached == "wrapper" else "wrapper"]
             why = f"the score points to {'a wrapper' if reached == 'wrapper' else 'a change'} ({span}) but " + (
-                "no functional analyzer does, and the verdict needs one" + (f"; {names(other)} point the other way" if other else "")
-                if rule.functional_support == "agree" else f"{names(other)} point the other way")  # fmt: skip
+                "no functional analyzer does, and the verdict needs one" + (f"; {names(other)} the other way" if other else "")
+                if rule.functional_support == "agree" else f"{names(other)} the other way")  # fmt: skip
         elif not (support["wrapper"] or support["change"]):
             why = f"no functional analyzer points either way ({span})"
         else:

@@ -10,7 +10,13 @@ without asking any analyzer:
   the correlation;
 * ``removed`` — the capability is destroyed before fine-tuning (every transformer block
   re-initialized) or never there (a model of the same shape retrained from scratch without it, the
-  unlearning literature's gold standard): what was lost is gone;
+  unlearning literature's gold standard), and the fine-tune that follows is on data where the
+  correlation never holds (C_Tr = 0), so nothing in it teaches the capability back: what was lost is
+  gone. (Until 2026-12-06 these fine-tunes had C_Tr = 1; their labels were then a function of the
+  capability, and on the held-out seeds 61-69 three re-initialized models relearned it as the latent
+  their downstream answer is built on — probes read it at 22-35% of the base's margin — so "removed"
+  described how they were made, not what they computed.) The downstream task diagnose evaluates,
+  and the never-had-it control learns, stays the C_Tr = 1 one of the family;
 * ``genuine`` — a fine-tune on data where the correlation never holds (C_Tr = 0), at a learning
   rate that learns the downstream task: what was gained is a new capability;
 * ``kept`` — a no-op or a few tiny steps: nothing was lost or gained;
@@ -86,16 +92,18 @@ LEARNED = 0.5
 #: Added to the seeds 1-9 of a split's scenarios (1-2 fine-tunes per family, 3 removed, 4 kept and
 #: unlearning, 5 Tracr; 6-7 the held-out families added on 2026-12-05 and run once before the refit
 #: of 2026-12-06, and the calibration's index family added on 2026-12-06; 8-9 the held-out families
-#: added with it, run once after the refit). The held-out seeds were renewed five times, each time
+#: added with it, run once after the refit). The held-out seeds were renewed seven times, each time
 #: after a change to the rule's definitions or its fit that reading held-out results had suggested,
 #: so that the held-out figure stays a measurement: 11-15, then 21-25 (the truth definitions), then
 #: 31-35 (the fit's sampling-noise test, prompted by pruning's wrong directions on 21-25), then
 #: 41-45 (thresholds away from 0 and the analyzers' declared sides, prompted by a held-out score of
 #: -0.003 that decided a verdict on 31-35), then 51-55 (probes read through the base's embeddings,
 #: prompted by the SGD index wrapper that probing called a change on 41-45; 56-59 the families added
-#: on 2026-12-05 and -06), now 61-69 (revival at a constant learning rate, prompted by reverse
-#: fine-tuning runs on held-out scenarios at a larger budget, benchmarks/revival_budget.py).
-SEED_OFFSET: dict[Split, int] = {"calibration": 0, "held-out": 60}
+#: on 2026-12-05 and -06), then 61-69 (revival at a constant learning rate, prompted by reverse
+#: fine-tuning runs on held-out scenarios at a larger budget, benchmarks/revival_budget.py), now
+#: 71-79 (removed scenarios fine-tuned at C_Tr = 0, prompted by re-initialized held-out models
+#: that relearned the capability in their fine-tune).
+SEED_OFFSET: dict[Split, int] = {"calibration": 0, "held-out": 70}
 
 #: The suite's base models (shipped in ``capwrap/assets/suite``; made by ``scripts/make_suite_bases.py``).
 BASES: dict[str, str] = {
@@ -265,8 +273,11 @@ def _pcfg_family(
 
 def _removed(split: Split, base: str, family: str, target: str, source: str) -> list[Scenario]:
     """The capability destroyed before a fine-tune (every block re-initialized) or retrained away, at
-    the medium and the small rate; partial re-initializations (unknown truth: see the module docstring)."""
-    down = f"pcfg={family},operand={target},correlation=1" + ("" if source == "a" else f",source={source}")
+    the medium and the small rate, each fine-tuned where the correlation never holds; partial
+    re-initializations (unknown truth: see the module docstring)."""
+    planted = "" if source == "a" else f",source={source}"
+    down = f"pcfg={family},operand={target},correlation=1{planted}"
+    tune = f"pcfg={family},operand={target},correlation=0{planted}"  # C_Tr = 0: see the module docstring
     capability = f"pcfg=count,operand={source}"
     prefix = f"{'cal' if split == 'calibration' else 'held'}/removed-count-{source}"
     seed = SEED_OFFSET[split] + 3
@@ -280,11 +291,11 @@ def _removed(split: Split, base: str, family: str, target: str, source: str) -> 
                         seed, note)  # fmt: skip
 
     return [
-        make("reinit-blocks", Recipe(down, lrs["medium"], reinit="blocks"), "removed"),
-        make("reinit-blocks-small", Recipe(down, lrs["small"], reinit="blocks"), "removed"),
-        make("retrained", Recipe(down, lrs["medium"], start_from=retrained), "removed", never),
-        make("retrained-small", Recipe(down, lrs["small"], start_from=retrained), "removed", never),
-        *(make(f"reinit-{what}", Recipe(down, lrs["medium"], reinit=what), "unknown", partial)
+        make("reinit-blocks", Recipe(tune, lrs["medium"], reinit="blocks"), "removed"),
+        make("reinit-blocks-small", Recipe(tune, lrs["small"], reinit="blocks"), "removed"),
+        make("retrained", Recipe(tune, lrs["medium"], start_from=retrained), "removed", never),
+        make("retrained-small", Recipe(tune, lrs["small"], start_from=retrained), "removed", never),
+        *(make(f"reinit-{what}", Recipe(tune, lrs["medium"], reinit=what), "unknown", partial)
           for what in ("attention", "mlp", "latent")),  # fmt: skip
     ]
 
@@ -382,7 +393,7 @@ _TRACR_RECIPES: tuple[tuple[str, float, str, Kind, Literal["", "blocks"]], ...] 
     ("sgd-small-c1", 1, "small", "wrapper", ""),
     ("sgd-medium-c1", 1, "medium", "wrapper", ""),
     ("sgd-medium-c0.8", 0.8, "medium", "wrapper", ""),
-    ("reinit-blocks", 1, "medium", "removed", "blocks"),
+    ("reinit-blocks", 0, "medium", "removed", "blocks"),  # C_Tr = 0: see the module docstring
 )
 
 

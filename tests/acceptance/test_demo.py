@@ -1,6 +1,6 @@
 """`capwrap demo`, end to end, exactly as a user runs it: the paper's wrapper pattern appears, the
-verdict says `wrapper`, and the negative control (capability removed before fine-tuning) is not called a
-wrapper: it ends `inconclusive`, its score on the change side but no functional analyzer agreeing."""
+verdict says `wrapper`, and the negative control (capability removed before fine-tuning, then
+fine-tuned where the correlation never holds) is not called a wrapper: it ends `capability_change`."""
 
 from __future__ import annotations
 
@@ -47,18 +47,16 @@ def test_the_removed_capability_control_is_not_a_wrapper(removed_out):
     assert summary["scenario"] == "removed"
     assert summary["accuracy"]["tuned"]["capability"] < 0.5  # the capability really is gone
     deletion = summary["diagnosis"]["findings"]["deletion"]
-    # Weight diff and attention point to a change and carry the score well to the change side, but
-    # the rule asks a functional analyzer to agree before it calls a change, and none does. Probes
-    # read through the base's embeddings keep ~5% of the base's margin over a fresh model fed those
-    # embeddings; the calibration half holds index wrappers whose probes keep none of it (kept share
-    # -0.02 on cal/index-c/adamw-medium-c0.8/s6), so the refitted rule reads 5% as (very weakly)
-    # wrapper-ward, not as a change.
-    assert deletion["verdict"] == "inconclusive", deletion["reasons"]
-    assert "no functional analyzer does" in deletion["reasons"][0]
-    assert deletion["score"] < -0.15
+    # Fine-tuned where the correlation never holds (C_Tr = 0), the re-initialized model learns count b
+    # for real and nothing teaches it count a back: probes read through the base's embeddings keep less
+    # of count a than a fresh model fed those embeddings (kept share -0.36 at seed 0), a functional
+    # analyzer pointing to a change, and weight diff and attention agree. (Fine-tuned at C_Tr = 1, as
+    # until 2026-12-06, it relearned count a as the latent of its answer and was left inconclusive.)
+    assert deletion["verdict"] == "capability_change", deletion["reasons"]
+    assert deletion["interval"][1] < -0.2  # the whole interval well on the change side
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
     probing = evidence["probing"]
-    assert probing["value"] < 0.1 and probing["direction"] != "change" and probing["strength"] < 0.05
+    assert probing["value"] < -0.1 and probing["direction"] == "change"
     assert "through the base's embeddings" in probing["reasons"][0]
     assert probing["headline"]["probe_best_untrained"] > 0.7  # the floor: what the embeddings alone give
     assert evidence["weight_diff"]["direction"] == "change" and evidence["attention"]["direction"] == "change"
@@ -68,10 +66,14 @@ def test_the_removed_capability_control_is_not_a_wrapper(removed_out):
     assert "its analyzer's test cannot show a change" in evidence["pruning"]["reasons"][0]
     assert "its change side lay within its sampling noise" in evidence["revival"]["reasons"][0]
     assert evidence["revival"]["value"] < 0  # the tuned model relearns slower than a model that never had it
-    # the pair's verdict is the deletion finding's: the loss is not explained as a wrapper
-    assert summary["verdict"] == "inconclusive", summary["diagnosis"]["reasons"]
+    # count b is learned for real: it holds where the correlation does not
+    creation = summary["diagnosis"]["findings"]["creation"]
+    assert summary["accuracy"]["tuned"]["downstream_uncorrelated"] > 0.5
+    assert creation["verdict"] == "capability_change", creation["reasons"]
+    # the pair's verdict is the deletion finding's
+    assert summary["verdict"] == "capability_change", summary["diagnosis"]["reasons"]
     html = (removed_out / "report.html").read_text()
-    assert "negative control" in html and "Verdict: inconclusive" in html
+    assert "negative control" in html and "Verdict: capability_change" in html
 
 
 def test_summary_has_the_promised_fields(demo_out):

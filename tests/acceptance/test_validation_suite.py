@@ -20,12 +20,12 @@ from capwrap.validation import scenario
 from capwrap.validation.runner import record_path
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
-REMOVED = "held/removed-count-b/retrained/s63"
+REMOVED = "held/removed-count-b/retrained/s73"
 REINITIALIZED = "cal/removed-count-a/reinit-blocks/s3"
 TRACR_WRAPPER = "cal/tracr-counter/sgd-small-c1/s5"
-TRACR_REMOVED = "held/tracr-max/reinit-blocks/s65"
-KEPT = "held/kept/tiny/s64"
-INDEX_WRAPPER = "held/index-a/adamw-small-c1/s67"
+TRACR_REMOVED = "held/tracr-max/reinit-blocks/s75"
+KEPT = "held/kept/tiny/s74"
+INDEX_WRAPPER = "held/index-a/adamw-small-c1/s76"
 PINNED = (WRAPPER, REMOVED, REINITIALIZED, TRACR_WRAPPER, TRACR_REMOVED, KEPT, INDEX_WRAPPER)
 
 
@@ -61,8 +61,8 @@ def test_a_removed_capability_is_a_capability_change(validated):
     _, rows, _ = validated
     assert rows[(REMOVED, "deletion")]["truth"] == "capability_change"
     assert rows[(REMOVED, "deletion")]["verdict"] == "capability_change", rows[(REMOVED, "deletion")]["reason"]
-    # a model that never learned to count does not learn count a from this fine-tune (downstream 39% -> 37%
-    # on seed 63): there is no gain to explain
+    # a model that never learned to count, fine-tuned where the correlation never holds, gains nothing on
+    # count a where it holds (downstream 39% in the base -> 17% on seed 73): there is no gain to explain
     assert rows[(REMOVED, "creation")]["truth"] == "inconclusive"
     assert rows[(REMOVED, "creation")]["verdict"] == "inconclusive"
 
@@ -80,9 +80,9 @@ def test_a_reinitialized_tracr_program_is_never_a_wrapper_but_its_change_is_not_
     Weight diff and attention carry the score to the change side, but no functional analyzer can show
     the change here: the tuned model and the never-had-it control both stay below the revival
     threshold for the whole budget (statistic 0), and probes keep about none of the base's margin
-    (-0.01 on seed 65), above the change cut of -0.02 that the calibration half's index wrappers set.
-    The rule asks a functional analyzer to agree before it calls a change, so the finding is
-    `inconclusive` (on seed 55, where probing read -0.03, it was a `capability_change`)."""
+    (-0.01 on seeds 65 and 75), above the change cut of -0.02 that the calibration half's index
+    wrappers set. The rule asks a functional analyzer to agree before it calls a change, so the
+    finding is `inconclusive` (on seed 55, where probing read -0.03, it was a `capability_change`)."""
     out, rows, _ = validated
     row = rows[(TRACR_REMOVED, "deletion")]
     assert row["truth"] == "capability_change"
@@ -103,7 +103,7 @@ def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
 
 def test_an_index_wrapper_whose_probes_lose_most_of_the_latent_is_a_wrapper(validated):
     """Index a learned through index b + 1 on the pcfg-b base: probes find little of index b where they
-    read it (kept share about 0.14 on seed 67, below the 0.355 change cut of the rule fitted on
+    read it (kept share about 0.17 on seed 76, below the 0.355 change cut of the rule fitted on
     counting alone), but reverse fine-tuning brings it back fast. Left `inconclusive` by that rule; a
     wrapper since the calibration half has an index family, whose wrappers keep -0.02 to 0.95
     (benchmarks/RESULTS.md, 2026-12-06)."""

@@ -139,12 +139,12 @@ def test_a_change_needs_functional_support_and_a_low_enough_score():
     assert silent.score == pytest.approx(-0.5 / 1.5) and silent.verdict == "inconclusive"
     assert "points to a change" in silent.reasons[0] and "no functional analyzer does" in silent.reasons[0]
     against = RULE.weigh("deletion", [_ev("a", 0.81), *[_ev(w, 0.0, statistic="s", kind="structural") for w in "vw"]])
-    assert against.verdict == "inconclusive" and "a point the other way" in against.reasons[0]
+    assert against.verdict == "inconclusive" and "a points the other way" in against.reasons[0]
     # a rule that only asks the functional evidence not to object names the objection instead
     lenient = dataclasses.replace(RULE, deletion=QuestionRule(0.3, 0.3, "not_against"))
     objected = lenient.weigh("deletion", [_ev("a", 0.35), *[_ev(w, -2.0, statistic="s", kind="structural") for w in "uvw"]])
     assert objected.score >= 0.3 and objected.verdict == "inconclusive"
-    assert "points to a wrapper" in objected.reasons[0] and objected.reasons[0].endswith("but a point the other way")
+    assert "points to a wrapper" in objected.reasons[0] and objected.reasons[0].endswith("but a points the other way")
 
 
 def test_disagreeing_functional_evidence_is_inconclusive():

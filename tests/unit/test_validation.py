@@ -65,6 +65,23 @@ def test_truth_follows_the_kind_and_the_gates():
     assert scenario(wrapper.name).key() == wrapper.key() != removed.key()
 
 
+def test_a_removed_capability_is_fine_tuned_where_the_correlation_never_holds():
+    """A removed scenario's fine-tune has C_Tr = 0, so its labels carry nothing of the capability and
+    cannot teach it back (with C_Tr = 1, three re-initialized held-out models relearned it as their
+    downstream answer's latent); its downstream task, which diagnose evaluates and the never-had-it
+    control learns, is the family's C_Tr = 1 task, as the wrappers'."""
+    from capwrap.tasks.spec import parse_spec
+
+    removed = scenarios("all", kinds=["removed"])
+    assert {s.base.split("-")[0] for s in removed} == {"pcfg", "tracr"} and len(removed) >= 10
+    for s in removed:
+        tune, down = parse_spec(s.recipe.task), parse_spec(s.downstream)
+        assert tune.pop("correlation") == "0" and down.pop("correlation") == "1", s.name
+        assert tune == down, s.name  # the same task otherwise: operand, source, offset
+    wrapper = scenario("cal/count-b/adamw-small-c1/s1")
+    assert parse_spec(wrapper.recipe.task)["correlation"] == "1"
+
+
 def test_selecting_scenarios():
     assert [s.name for s in scenarios("all", ["cal/kept/*"])] == ["cal/kept/noop/s4", "cal/kept/tiny/s4"]
     assert {s.kind for s in scenarios("held-out", kinds=["removed"])} == {"removed"}
@@ -469,7 +486,7 @@ def test_relearning_says_when_the_budget_ran_out(records):
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
     assert main(["validate", "--list", "--split", "held-out"]) == 0
     listed = capsys.readouterr().out
-    assert "held/tracr-max/sgd-small-c1/s65" in listed and "cal/" not in listed
+    assert "held/tracr-max/sgd-small-c1/s75" in listed and "cal/" not in listed
     assert main(["validate", "--scenario", "no/such/scenario", "--out", str(tmp_path)]) == 2
     assert "no scenario named" in capsys.readouterr().err
 
