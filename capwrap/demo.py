@@ -217,13 +217,13 @@ def run_demo(
     log(
         f"fine-tuning to count b (C_Tr = {c_tr:g}, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ..."
     )
+    ft_task = PCFGTask("count", "b", correlation=c_tr, config=PCFG, name=f"fine-tuning: count b, C_Tr={c_tr:g}")
     probe = tasks["capability"].sample(256, seed=20_000 + seed)
     store_path = out / "run"
     recorder = Recorder(
         tuned, store_path, hooks="blocks.*.hook_resid_post", probe=probe, every=10, overwrite=True,
-        meta={"scenario": scenario, "task": tasks["downstream_correlated"].describe()},
+        meta={"scenario": scenario, "task": ft_task.describe()},
     )  # fmt: skip
-    ft_task = PCFGTask("count", "b", correlation=c_tr, config=PCFG, name=f"fine-tuning: count b, C_Tr={c_tr:g}")
     t0 = time.perf_counter()
     result = train(tuned, ft_task, finetune, recorder=recorder, eval_tasks=test_sets, description="fine-tune")
     ft_seconds = time.perf_counter() - t0

@@ -444,12 +444,12 @@ def _build_suite() -> tuple[Scenario, ...]:
         *_pcfg_family("held-out", "pcfg-b", "count", "c", "b", -1, only=("adamw-small-c1", "adamw-small-c0.8")),
         *_removed("held-out", "pcfg-b", "count", "a", "b"),
         *_kept_and_unlearning("held-out", "pcfg-b", "b"),
-        # held-out, added after the five seed renewals and run once (seeds 56-57, now 66-67): indexing on pcfg-b
+        # held-out, added after the five seed renewals and run once (seeds 56-57, now 76-77): indexing on pcfg-b
         # (a through b), the Tracr Counter compiled to count b (c through b - 1)
         *_pcfg_family("held-out", "pcfg-b", "index", "a", "b", 1, first_seed=6),
         *_tracr("held-out"),
         # held-out, added with the calibration's index family (2026-12-06) and run once after the refit
-        # (seeds 58-59, now 68-69): indexing on pcfg-a (c through a - 1), the Tracr Counter on a (c through a + 2)
+        # (seeds 58-59, now 78-79): indexing on pcfg-a (c through a - 1), the Tracr Counter on a (c through a + 2)
         *_pcfg_family("held-out", "pcfg-a", "index", "c", "a", -1, first_seed=8),
     ]
     names = [s.name for s in suite]

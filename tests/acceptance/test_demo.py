@@ -51,7 +51,7 @@ def test_the_removed_capability_control_is_not_a_wrapper(removed_out):
     # for real and nothing teaches it count a back: probes read through the base's embeddings keep less
     # of count a than a fresh model fed those embeddings (kept share -0.36 at seed 0), a functional
     # analyzer pointing to a change, and weight diff and attention agree. (Fine-tuned at C_Tr = 1, as
-    # until 2026-12-06, it relearned count a as the latent of its answer and was left inconclusive.)
+    # until 2026-12-06, probes kept 5% of the margin, very weakly wrapper-ward: it was inconclusive.)
     assert deletion["verdict"] == "capability_change", deletion["reasons"]
     assert deletion["interval"][1] < -0.2  # the whole interval well on the change side
     evidence = {e["analyzer"]: e for e in summary["diagnosis"]["evidence"]}
