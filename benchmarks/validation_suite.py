@@ -9,14 +9,15 @@
    ×1.2; how many verdicts flip (target: none).
    Written to OUT/sensitivity.csv.
 4. With ``--ray``: the same scenarios on a local Ray cluster into OUT/ray (the tuned models and
-   revival controls come from the first run's cache, so this checks the Ray path, not the training
-   again); the verdicts must be the same.
+   revival controls come from the first run's cache — OUT/cache, or ``--cache`` where
+   ``capwrap validate --cache`` put them — so this checks the Ray path, not the training again);
+   the verdicts must be the same.
 
 5. With ``--cross-validate CAL_OUT``: leave-one-scenario-out cross-validation of the rule's fit on
    the calibration records in CAL_OUT (a ``capwrap validate --split calibration`` folder), instead of
    steps 1-4.
 
-    python benchmarks/validation_suite.py --out /tmp/validation_heldout [--split held-out] [--workers 2] [--ray]
+    python benchmarks/validation_suite.py --out /tmp/validation_heldout [--split held-out] [--workers 2] [--ray] [--cache DIR]
     python benchmarks/validation_suite.py --cross-validate /tmp/validation_calibration
 """
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--split", default="held-out", choices=["calibration", "held-out", "all"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ray", action="store_true", help="also run on a local Ray cluster and compare verdicts")
+    parser.add_argument("--cache", help="the tuned models' cache (default OUT/cache; give the one capwrap validate --cache used)")
     args = parser.parse_args()
     if args.cross_validate:
         records = [r for r in load_records(Path(args.cross_validate)) if r["scenario"]["split"] == "calibration"]
@@ -55,7 +57,8 @@ def main() -> None:
     rule = default_rule()
 
     started = time.perf_counter()
-    records = run_suite(chosen, out, workers=args.workers, progress=False, log=lambda m: print(m, flush=True))
+    cache = Path(args.cache) if args.cache else out / "cache"
+    records = run_suite(chosen, out, workers=args.workers, cache=cache, progress=False, log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - started
     result = ValidationResult.from_records(records, rule, split=args.split, wall_seconds=round(wall, 1))
     print(result.summary_text())
@@ -72,7 +75,7 @@ def main() -> None:
 
     if args.ray:
         started = time.perf_counter()
-        ray_records = run_suite(chosen, out / "ray", ray_address="local", cache=out / "cache", progress=False)
+        ray_records = run_suite(chosen, out / "ray", ray_address="local", cache=cache, progress=False)
         ray_wall = time.perf_counter() - started
         ray_rows = ValidationResult.from_records(ray_records, rule).rows.set_index(["name", "question"])["verdict"]
         local_rows = result.rows.set_index(["name", "question"])["verdict"]
