@@ -276,8 +276,8 @@ def _removed(split: Split, base: str, family: str, target: str, source: str) -> 
     the medium and the small rate, each fine-tuned where the correlation never holds; partial
     re-initializations (unknown truth: see the module docstring)."""
     planted = "" if source == "a" else f",source={source}"
-    down = f"pcfg={family},operand={target},correlation=1{planted}"
-    tune = f"pcfg={family},operand={target},correlation=0{planted}"  # C_Tr = 0: see the module docstring
+    spec = lambda c: f"pcfg={family},operand={target},correlation={c}{planted}"  # noqa: E731
+    down, tune = spec(1), spec(0)  # fine-tuned at C_Tr = 0: see the module docstring
     capability = f"pcfg=count,operand={source}"
     prefix = f"{'cal' if split == 'calibration' else 'held'}/removed-count-{source}"
     seed = SEED_OFFSET[split] + 3
