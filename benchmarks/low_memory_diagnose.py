@@ -10,7 +10,12 @@ does), then measures, each in a fresh process:
   diagnose --quick --memory low`` runs) with every analyzer of ``--quick`` at its batch sizes and
   sample sizes; ``--steps N`` cuts the reverse fine-tuning, control training and probe-fitting
   steps (which repeat the same passes and do not change the peak) so that a CPU run ends;
-* optionally (``--normal``) the same diagnosis with both models in memory.
+* optionally (``--normal``) the same diagnosis with both models in memory;
+* optionally (``--dispatch SIZE``) the same diagnosis with each model loaded by accelerate with
+  ``device_map="auto", max_memory={"cpu": SIZE}`` (what ``capwrap diagnose --device-map auto
+  --max-memory cpu=SIZE`` runs): what does not fit in ``SIZE`` goes to an offload folder on disk.
+  The run reports whether every analyzer's statistic equals the low-memory run's (reverse
+  fine-tuning does not run on offloaded weights: ``--only`` without ``revival`` to compare).
 
 ``--threads`` sets the torch threads (default one); ``--eval-size`` (at least 128, the attention
 analyzer's sample) shrinks the shared evaluation set, whose passes are chunked, to save time at a
@@ -23,6 +28,7 @@ reached inside each analyzer (a sampling thread), against the one-model yardstic
 
     python benchmarks/low_memory_diagnose.py [--layers 22] [--steps 2] [--normal] [--only pruning ...] [--dir /tmp/big_pair]
                                              [--no-recompute] [--threads 1] [--eval-size 0] [--samples 0]
+                                             [--dispatch 300MB]
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ def one_model(root: Path) -> dict:
 
 
 def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None = None, recompute: bool = True,
-              eval_size: int | None = None, samples: int | None = None) -> dict:  # fmt: skip
+              eval_size: int | None = None, samples: int | None = None, dispatch: str | None = None) -> dict:  # fmt: skip
     import capwrap.diagnosis.checkpoints as checkpoints
     from capwrap.analyzers.base import Analyzer
     from capwrap.training import TrainConfig
@@ -124,14 +130,19 @@ def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None
         return out
 
     checkpoints.default_analyzers = analyzers
+    placement = {}
+    if dispatch:  # accelerate's device map: what does not fit in `dispatch` of CPU memory goes to disk
+        placement = {"device_map": "auto", "max_memory": {"cpu": dispatch}, "offload_folder": root / "offload"}
     t0 = time.perf_counter()
     result = diagnose_checkpoints(root / "base", root / "tuned", CAPABILITY, DOWNSTREAM, quick=True, memory=memory,
-                                  progress=False)  # fmt: skip
+                                  progress=False, **placement)  # fmt: skip
+    shutil.rmtree(root / "offload", ignore_errors=True)
     return {
         "peak_rss_gb": round(_peak_gb(), 2),
         "seconds": round(time.perf_counter() - t0, 1),
         "analyzer_peak_rss_gb": peaks,
         "analyzer_seconds": result.seconds,
+        "values": {e.analyzer: e.value for e in result.evidence},
         "verdict": result.verdict,
     }
 
@@ -158,7 +169,9 @@ def main() -> None:
                         help="cap each analyzer's own sample at this many sequences (0: --quick's); fewer only save time")  # fmt: skip
     parser.add_argument("--no-recompute", action="store_true",
                         help="train without recomputing blocks in the backward pass (as before it existed)")  # fmt: skip
-    parser.add_argument("--run", choices=["one", "low", "normal"], help=argparse.SUPPRESS)
+    parser.add_argument("--dispatch", default=None, metavar="SIZE",
+                        help="also run with device_map='auto', max_memory={'cpu': SIZE} (the rest on disk)")  # fmt: skip
+    parser.add_argument("--run", choices=["one", "low", "normal", "dispatched"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.dir)
@@ -167,7 +180,9 @@ def main() -> None:
         if args.run == "one":
             result = one_model(root)
         else:
-            result = diagnosis(root, args.run, steps, args.only, not args.no_recompute, args.eval_size, args.samples)
+            memory = "low" if args.run == "dispatched" else args.run
+            result = diagnosis(root, memory, steps, args.only, not args.no_recompute, args.eval_size, args.samples,
+                               args.dispatch if args.run == "dispatched" else None)  # fmt: skip
         print(json.dumps(result))
         return
 
@@ -192,6 +207,15 @@ def main() -> None:
         report["normal"]["over_one_model"] = round(
             report["normal"]["peak_rss_gb"] / report["one_model"]["peak_rss_gb"], 2
         )
+    if args.dispatch:
+        report["dispatched"] = _in_fresh_process([*common, "--dispatch", args.dispatch, "--run", "dispatched"])
+        run = report["dispatched"]
+        run["over_one_model"] = round(run["peak_rss_gb"] / report["one_model"]["peak_rss_gb"], 2)
+        low = report["low"]["values"]
+        run["same_values_as_low"] = {
+            name: value == low[name] or (value != value and low[name] != low[name])  # NaN: not applicable in both
+            for name, value in run["values"].items()
+        }
     print(json.dumps(report, indent=2))
     if not args.keep:
         shutil.rmtree(root)

@@ -15,7 +15,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from capwrap.errors import CapwrapError
+from capwrap.errors import CapwrapError, ConfigError
 from capwrap.tasks.spec import spec_help
 
 __all__ = ["main"]
@@ -96,7 +96,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     diagnosis = diagnose_checkpoints(
         args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
         quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
-        memory=args.memory, device=args.device, dtype=args.dtype,
+        memory=args.memory, device=args.device, dtype=args.dtype, device_map=args.device_map,
+        max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
     )  # fmt: skip
     acc = diagnosis.accuracy
     print(f"capability accuracy {acc['base']['capability']:.1%} (base) -> {acc['tuned']['capability']:.1%} (tuned); "
@@ -206,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="precision the two models are loaded in (default float32; bfloat16 halves their memory, "
                            "the analyzers still probe and sum in float32)")  # fmt: skip
     diag.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model.bin (weights_only)")
+    diag.add_argument("--device-map", default=None, metavar="MAP",
+                      help="spread each model over the GPUs, the CPU and disk with accelerate (auto, balanced, "
+                           "sequential); the models then take turns as with --memory low")  # fmt: skip
+    diag.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                      help="with --device-map, what each device may hold, e.g. 0=20GiB,cpu=60GiB")  # fmt: skip
+    diag.add_argument("--offload-folder", default=None, metavar="DIR",
+                      help="with --device-map, where what does not fit goes (default: a temporary folder)")  # fmt: skip
     diag.set_defaults(func=_diagnose)
 
     val = sub.add_parser(
@@ -253,6 +261,30 @@ def _add_backend_option(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=backends, default=None,
         help=f"TransformerLens backend: {' or '.join(backends)} with the installed TransformerLens (default {default_backend()}; the bridge for checkpoints only it runs)",
     )  # fmt: skip
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``--max-memory``'s ``DEVICE=SIZE,...`` as accelerate's ``max_memory`` (GPU indices as integers).
+
+    Examples:
+        >>> parse_max_memory("0=20GiB, cpu=60GiB")
+        {0: '20GiB', 'cpu': '60GiB'}
+        >>> parse_max_memory("cpu")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: --max-memory takes DEVICE=SIZE pairs separated by commas (e.g. 0=20GiB,cpu=60GiB), got 'cpu'
+    """
+    if text is None:
+        return None
+    out: dict[int | str, str] = {}
+    for part in text.split(","):
+        device, sep, size = (x.strip() for x in part.partition("="))
+        if not (sep and device and size):
+            raise ConfigError(
+                f"--max-memory takes DEVICE=SIZE pairs separated by commas (e.g. 0=20GiB,cpu=60GiB), got {text!r}"
+            )
+        out[int(device) if device.isdigit() else device] = size
+    return out
 
 
 def _add_device_option(parser: argparse.ArgumentParser) -> None:

@@ -117,6 +117,11 @@ class ModelPair:
         """A model to change freely (prune, graft into, train) that is ``model`` before the
         changes: a copy, or with a residency ``model`` itself, read back from its file afterwards."""
         if self.residency is None:
+            if not model.copyable:
+                raise ConfigError(
+                    f"{type(model).__name__} is not copied (accelerate spread it over devices), so changes to it need "
+                    "a pair that takes turns in memory: ModelPair(base, tuned, Residency()), as diagnose() makes one"
+                )
             yield model.clone()
             return
         self.adopt(model)

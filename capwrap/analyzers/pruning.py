@@ -92,15 +92,16 @@ def _wanda_weights(model: CapModel, tokens: Tensor) -> dict[str, Tensor]:
         if not name.startswith("blocks.") or not name.endswith(_WEIGHT_PARAMS):
             continue
         layer = name.split(".")[1]
-        a = weight.detach().abs()
         if name.endswith(("W_Q", "W_K", "W_V")):  # [head, d_model, d_head], input d_model
-            out[name] = a * norms[f"blocks.{layer}.attn.in"][None, :, None]
+            site, shape = "attn.in", (None, slice(None), None)
         elif name.endswith("W_O"):  # [head, d_head, d_model], input z
-            out[name] = a * norms[f"blocks.{layer}.attn.z"][:, :, None]
+            site, shape = "attn.z", (slice(None), slice(None), None)
         elif name.endswith(("W_in", "W_gate")):  # [d_model, d_mlp]
-            out[name] = a * norms[f"blocks.{layer}.mlp.in"][:, None]
+            site, shape = "mlp.in", (slice(None), None)
         else:  # W_out [d_mlp, d_model]
-            out[name] = a * norms[f"blocks.{layer}.mlp.post"][:, None]
+            site, shape = "mlp.post", (slice(None), None)
+        a = weight.detach().abs()  # (accelerate may keep an offloaded weight off the activations' device)
+        out[name] = a * norms[f"blocks.{layer}.{site}"].to(a.device)[shape]
     return out
 
 

@@ -164,6 +164,9 @@ class Revival(Analyzer):
         pair, capability = context.pair, context.capability
         if self.control is not None:
             ModelPair(pair.base, self.control)  # same shape, or a clear error
+        if pair.tuned.cannot_train:
+            return Evidence(self.name, {}, pd.DataFrame(columns=["step", "accuracy", "model", "seed"]),
+                            summary=f"reverse fine-tuning not run: {pair.tuned.cannot_train}")  # fmt: skip
         batch = context.eval.batches["capability"][: self.check_size]
         base_correct = context.eval.correct["base"]["capability"][: self.check_size].float()
         threshold = self.threshold_fraction * float(base_correct.mean())

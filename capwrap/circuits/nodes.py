@@ -191,11 +191,11 @@ class HeadWrites:
 
     def outputs(self, layer: int, z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "head batch pos d_model"]:
         """Each head's output in the stream, from :meth:`stream_z`'s ``z``."""
-        return self._into_stream(layer, torch.einsum("bphk,hkd->hbpd", z, self._w_o[layer].to(z.dtype)))
+        return self._into_stream(layer, torch.einsum("bphk,hkd->hbpd", z, self._w_o[layer].to(z)))
 
     def total(self, layer: int, z: Float[Tensor, "... head d_head"]) -> Float[Tensor, "... d_model"]:
         """The heads' outputs added up, from :meth:`stream_z`'s ``z`` (any leading dimensions)."""
-        return self._into_stream(layer, torch.einsum("...hk,hkd->...d", z, self._w_o[layer].to(z.dtype)))
+        return self._into_stream(layer, torch.einsum("...hk,hkd->...d", z, self._w_o[layer].to(z)))
 
     def _into_stream(self, layer: int, y: Tensor) -> Tensor:
         """``y`` (sums of ``z @ W_O``) through the post-norm's linear part, if any."""
@@ -385,7 +385,7 @@ class NodeCapture:
                 node = self.graph.downstream[i]
                 g = grads[f"blocks.{layer}.attn.hook_{node.kind}"][:, :, node.index]  # [batch, pos, d_head]
                 w = weights[f"blocks.{layer}.attn.W_{node.kind.upper()}"][node.index].detach()  # [d_model, d_head]
-                cotangents.append(g @ w.T.to(g.dtype))
+                cotangents.append(g @ w.T.to(g))  # (a weight accelerate offloaded sits on the CPU)
             x = self.resid_pre[layer]
             assert x is not None
             x = x.clone().requires_grad_(True)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,6 +63,9 @@ def diagnose_checkpoints(
     memory: Memory = "normal",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> Diagnosis:
     """:func:`diagnose` for two checkpoints (folders or hub names) and task specs
     (:func:`~capwrap.tasks.spec.task_from_spec`); writes ``summary.json`` and ``report.html`` to ``out``.
@@ -78,6 +84,12 @@ def diagnose_checkpoints(
     ``dtype``: the precision both models are loaded in (``"bfloat16"`` halves their memory; default
     float32); the analyzers' probes, metrics and sums run in float32 whatever it is.
 
+    ``device_map`` (with ``max_memory``, ``offload_folder``): load each model with accelerate across
+    the GPUs, the CPU and disk (:mod:`capwrap.models.dispatch`), for a pair larger than one device.
+    The models then take turns as with ``memory="low"``; what does not fit in ``max_memory`` goes to
+    ``offload_folder`` (``base/`` and ``tuned/`` in it; default: a temporary folder, removed at the
+    end). Reverse fine-tuning does not run on a model with offloaded weights, and says so.
+
     This is what ``capwrap diagnose BASE TUNED --capability SPEC --downstream SPEC --out DIR`` runs.
     ``downstream_free``: a spec of the downstream task without its spurious correlation (default:
     the downstream task's own correlation-free variant, when it has one). ``rule``: a verdict rule
@@ -87,7 +99,8 @@ def diagnose_checkpoints(
         CheckpointError: a checkpoint is missing, corrupt, pickle-only (without ``allow_pickle``) or
             on an unreachable hub.
         ConfigError: the pair differs in architecture, shape or tokenizer; a spec is invalid; a text
-            dataset has no example of the feature; the rule file is not a rule.
+            dataset has no example of the feature; the rule file is not a rule; ``device`` and
+            ``device_map`` are both given, or ``max_memory``/``offload_folder`` without ``device_map``.
     """
 
     started = time.perf_counter()
@@ -96,14 +109,26 @@ def diagnose_checkpoints(
     check_memory(memory)  # before anything is loaded
     device = None if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype)  # a bad name fails before anything is loaded
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
+    if device_map is not None and device is not None:
+        raise ConfigError("give device or device_map, not both: with device_map accelerate places the models' parts")
     verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
     with contextlib.ExitStack() as stack:
+        dispatch: dict[str, Any] | None = None
+        if device_map is not None:
+            memory = "low"  # a dispatched model is not copied: the pair takes turns
+            if offload_folder is None:
+                offload_folder = tempfile.mkdtemp(prefix="capwrap-offload-")
+                stack.callback(shutil.rmtree, offload_folder, ignore_errors=True)
+            dispatch = {"device_map": device_map, "max_memory": max_memory, "offload_folder": Path(offload_folder)}
         residency = None
         if memory == "low":  # models discarded at the end: no need to bring them back
             residency = Residency()
             stack.callback(residency.close, restore=False)
         return _diagnose_files(base, tuned, capability, downstream, out, backend, quick, store, seed, allow_pickle,
-                               progress, verdict_rule, downstream_free, residency, started, device, dtype)  # fmt: skip
+                               progress, verdict_rule, downstream_free, residency, started, device, dtype,
+                               dispatch)  # fmt: skip
 
 
 def _diagnose_files(
@@ -124,18 +149,25 @@ def _diagnose_files(
     started: float,
     device: str | torch.device | None,
     dtype: torch.dtype | None,
+    dispatch: dict[str, Any] | None,
 ) -> Diagnosis:
     from capwrap.models import load_model
     from capwrap.models.adapters import is_adapter_folder
     from capwrap.tasks.spec import task_from_spec
 
-    base_model = load_model(base, backend=backend, allow_pickle=allow_pickle, device=device, dtype=dtype)
+    def placement(which: str) -> dict[str, Any]:
+        """load_model's arguments that say where the model goes (each model offloads to a folder of its own)."""
+        if dispatch is None:
+            return {"device": device}
+        return {**dispatch, "offload_folder": dispatch["offload_folder"] / which}
+
+    base_model = load_model(base, backend=backend, allow_pickle=allow_pickle, dtype=dtype, **placement("base"))
     if residency is not None:  # the base waits in a file while the tuned model loads
         residency.add(base_model)
         residency.release_all()
     adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in
     tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter,
-                             device=device, dtype=dtype)  # fmt: skip
+                             dtype=dtype, **placement("tuned"))  # fmt: skip
     ModelPair(base_model, tuned_model, residency)
     check_same_tokenizer(base_model, tuned_model)
     tokenizer = base_model.tokenizer or tuned_model.tokenizer
@@ -159,7 +191,10 @@ def _diagnose_files(
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
             "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
-            "quick": quick, "memory": memory, "seed": seed, **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
+            "quick": quick, "memory": memory, "seed": seed,
+            "device_map": {which: m.metadata.get("device_map") for which, m in (("base", base_model), ("tuned", tuned_model))}
+            if dispatch is not None else None,
+            **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),
             "provenance": provenance,
         }  # fmt: skip
         if adapter is not None:

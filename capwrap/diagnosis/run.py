@@ -147,12 +147,17 @@ def diagnose(
             optimizer state the size of the model: its step counts are Adafactor's). If the models
             already take turns in a residency, it is used and left open; else one is made for the
             call and both models are back in memory when it returns.
+            A pair with a model accelerate dispatched (``load_model(..., device_map=...)``) is
+            diagnosed this way whatever ``memory`` says: such a model is not copied
+            (:attr:`~capwrap.models.CapModel.copyable`).
 
     Raises:
         ConfigError: the pair differs in shape, the tasks do not fit, the store is another model's,
             analyzers repeat a name, or the list is empty.
     """
     check_memory(memory)
+    if not (base.copyable and tuned.copyable):
+        memory = "low"  # analyzers cannot work on copies: the models take turns and are edited in place
     residency, own = None, False
     if memory == "low":
         residency = base._residency or tuned._residency

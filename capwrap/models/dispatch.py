@@ -5,9 +5,17 @@
 the GPUs, then the CPU, then offloads the rest to disk, and moves activations (and offloaded
 weights) where they are needed during the forward pass. capwrap wraps the dispatched model in a
 TransformerBridge, so forward passes, hooks and :meth:`~capwrap.models.CapModel.capture` work as
-on any model. Weights that accelerate offloaded are not in memory: reading them
-(:meth:`~capwrap.models.CapModel.weights`, saving, cloning, training) is refused with a message
-that says so, while weights placed on devices read as usual.
+on any model.
+
+Weights accelerate offloaded sit outside the model (on the ``meta`` device in it): its hooks load
+each offloaded module's tensors from an *offload map* (CPU tensors, or files on disk) before the
+module runs. The first call of :meth:`~DispatchedModel.weights` reads the offloaded tensors into
+CPU memory, once, and puts them in front of the maps: from then on the model computes with exactly
+those tensors, so reading and editing the weights (pruning, grafting, a residency's turns) works as
+on any model, with the offloaded part in CPU memory instead of on disk. Training is refused: the
+offloaded modules' parameters exist only while each one runs, so an optimizer has nothing to hold.
+A dispatched model is not copied (:attr:`~DispatchedModel.copyable`): :func:`capwrap.diagnose`
+lets a pair with one take turns in memory (``memory="low"``) instead.
 
 Examples:
     >>> import tempfile, torch
@@ -21,6 +29,10 @@ Examples:
     >>> tokens = torch.randint(0, 32, (2, 8))
     >>> torch.allclose(model(tokens), load_model(folder)(tokens), atol=1e-5)
     True
+    >>> with torch.no_grad():
+    ...     _ = model.weights()["blocks.0.mlp.W_out"].zero_()  # an offloaded weight, edited in place
+    >>> torch.allclose(model(tokens), load_model(folder)(tokens), atol=1e-5)
+    False
 """
 
 from __future__ import annotations
@@ -28,13 +40,13 @@ from __future__ import annotations
 import os
 from collections import ChainMap
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from capwrap.errors import CheckpointError, ConfigError
-from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
+from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge, _split_copies, tl_version
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["DispatchedModel", "load_dispatched"]
@@ -80,10 +92,25 @@ def load_dispatched(
     hf.eval()
     storage = dict(hf.named_parameters())  # before bridging renames the modules
     offloaded = [name for name, tensor in storage.items() if tensor.device.type == "meta"]
-    bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
+    sources = _offload_sources(hf, offloaded)
+    try:
+        bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
+    except NotImplementedError as exc:  # TransformerLens 3.9 cannot split an offloaded fused q/k/v
+        raise ConfigError(
+            f"TransformerLens {'.'.join(map(str, tl_version()))} cannot wrap this model as accelerate placed it: {exc} "
+            "Install transformer-lens>=4 (which splits it as it loads), or give max_memory room for the attention "
+            "layers on a device"
+        ) from None
     _offload_what_the_bridge_added(hf)
+    layout, split = "checkpoint", _split_copies(spec, bridge, storage)
+    if split:  # the bridge split an offloaded fused q/k/v into resident copies, and computes with them
+        fused = f".{spec.family.tensors.qkv}."  # type: ignore[union-attr]
+        storage = {k: v for k, v in storage.items() if fused not in k} | split
+        offloaded = [name for name in offloaded if name in storage]
+        sources = {name: source for name, source in sources.items() if name in storage}
+        layout = "split"
     meta = {**(metadata or {}), "device_map": {k: str(v) for k, v in getattr(hf, "hf_device_map", {}).items()}}
-    return DispatchedModel(spec, bridge, storage, tokenizer, meta, offloaded)
+    return DispatchedModel(spec, bridge, storage, layout, tokenizer, meta, offloaded, sources)
 
 
 def _offload_hooks(module: nn.Module) -> list[Any]:
@@ -99,6 +126,27 @@ def _offload_hooks(module: nn.Module) -> list[Any]:
         elif isinstance(hook, AlignDevicesHook) and hook.offload and hook.weights_map is not None:
             found.append(hook)
     return found
+
+
+def _offload_sources(hf: nn.Module, offloaded: list[str]) -> dict[str, tuple[Any, str]]:
+    """For each offloaded parameter (named as in ``hf.named_parameters()``), the accelerate hook
+    that loads it and its key in that hook's offload map."""
+    from accelerate.utils import named_module_tensors
+
+    wanted, sources = set(offloaded), {}
+    for module_name, module in hf.named_modules():
+        for hook in _offload_hooks(module):
+            for key, _ in named_module_tensors(module, include_buffers=False, recurse=hook.place_submodules):
+                name = f"{module_name}.{key}" if module_name else key
+                if name in wanted:
+                    sources.setdefault(name, (hook, key))
+    missing = wanted - sources.keys()
+    if missing:
+        raise CheckpointError(
+            f"accelerate offloaded {sorted(missing)[0]} (and {len(missing) - 1} more) without a hook that loads it; "
+            "load the model with another device_map"
+        )
+    return sources
 
 
 def _offload_what_the_bridge_added(hf: nn.Module) -> None:
@@ -138,17 +186,22 @@ class DispatchedModel(CapModel):
             ``meta`` device in it); empty when everything sits on devices.
     """
 
+    copyable: ClassVar[bool] = False
+
     def __init__(
         self,
         spec: ModelSpec,
         module: nn.Module,
         storage: dict[str, Tensor],
+        layout: str,
         tokenizer: Any,
         metadata: dict[str, Any],
         offloaded: list[str],
+        sources: dict[str, tuple[Any, str]] | None = None,
     ):
-        super().__init__(spec, "bridge", module, storage, "checkpoint", tokenizer, metadata)
+        super().__init__(spec, "bridge", module, storage, layout, tokenizer, metadata)
         self.offloaded = offloaded
+        self._sources = dict(sources or {})  # offloaded name -> (accelerate hook, key in its map); emptied once read
 
     @property
     def device(self) -> torch.device:
@@ -159,24 +212,50 @@ class DispatchedModel(CapModel):
             return torch.device("cpu")
         return torch.device(f"cuda:{placed[0]}" if placed[0].isdigit() else placed[0])
 
-    def _require_in_memory(self, what: str) -> None:
-        if self.offloaded:
-            raise ConfigError(
-                f"{what} needs every weight in memory, but accelerate offloaded {len(self.offloaded)} tensors "
-                f"({self.offloaded[0]} ...) to CPU or disk; load without device_map (or with a max_memory that "
-                "holds the model), or use the streamed weight diff (capwrap.analyzers.streaming) on the folders"
-            )
+    @property
+    def cannot_train(self) -> str | None:
+        if not self.offloaded:
+            return None
+        return (
+            f"accelerate offloaded {len(self.offloaded)} of this model's tensors ({self.offloaded[0]} ...) to CPU or "
+            "disk, where an optimizer cannot hold them (they become parameters only while their module runs); "
+            "load it with a max_memory that places every weight on a device, or without device_map"
+        )
+
+    @torch.inference_mode(False)  # ordinary tensors, even when first asked for inside inference mode
+    @torch.no_grad()
+    def _read_offloaded(self) -> None:
+        """Read every offloaded tensor into CPU memory once, in the model's dtype, and put it in
+        front of its hook's offload map, so that the model computes with the very tensors
+        :meth:`weights` returns (module docstring)."""
+        if not self._sources:
+            return
+        overlays: dict[int, tuple[Any, dict[str, Tensor]]] = {}
+        for name, (hook, key) in self._sources.items():
+            dtype = self._storage[name].dtype
+            value = hook.weights_map[key].detach()
+            shared = value.untyped_storage().nbytes() != value.numel() * value.element_size()
+            if value.device.type != "cpu" or value.dtype != dtype or shared or not value.untyped_storage().resizable():
+                value = value.to("cpu", dtype, copy=True)  # memory of its own: a residency can free and refill it
+            overlays.setdefault(id(hook), (hook, {}))[1][key] = value
+            self._storage[name] = value
+        for hook, overlay in overlays.values():
+            hook.weights_map = ChainMap(overlay, hook.weights_map)
+        self._sources = {}
 
     def weights(self) -> dict[str, Tensor]:
-        self._require_in_memory("reading the weights")
+        self._use()
+        self._read_offloaded()
         return super().weights()
 
     def gradients(self) -> dict[str, Tensor]:
-        self._require_in_memory("reading the gradients")
+        if self.cannot_train:
+            raise ConfigError(f"this model has no gradients to read: {self.cannot_train}")
         return super().gradients()
 
     def parameters(self) -> list[nn.Parameter]:
-        self._require_in_memory("training")
+        if self.cannot_train:
+            raise ConfigError(f"this model cannot be trained: {self.cannot_train}")
         return super().parameters()
 
     def to(self, device: str | torch.device) -> CapModel:

@@ -47,6 +47,8 @@ class TensorNames:
         qkv: a fused query/key/value projection, ``[q | k | v]`` along its outputs (GPT-2, Phi-3), or
             per head ``[head, (q, k, v), d_head]`` with ``qkv_per_head`` (GPT-NeoX).
         gate_up: a fused ``[gate | up]`` MLP input projection (Phi-3).
+        qkv_conv1d: how separate ``q``/``k``/``v`` projections are stored where it differs from
+            ``conv1d`` (the bridge's split copies of GPT-2's fused ``Conv1D`` are ``nn.Linear``).
     """
 
     embed: str
@@ -73,6 +75,7 @@ class TensorNames:
     gate_up: str | None = None
     down: str = "down_proj"
     conv1d: bool = False
+    qkv_conv1d: bool | None = None
 
 
 #: transformers' activation names -> BlockFeatures.act.

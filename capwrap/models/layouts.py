@@ -64,12 +64,12 @@ __all__ = [
 #: Where tensors live: ``checkpoint`` (the spec's file layout: Hugging Face names, or canonical
 #: names for tracr), ``native`` (TransformerLens's native model, the bridge's tracr host) or
 #: ``split`` (the checkpoint layout, but with a fused query/key/value projection the bridge computes
-#: with separate copies of — GPT-NeoX's per-head ``query_key_value`` — replaced by those copies,
-#: ``{attn}.q``/``.k``/``.v``).
+#: with separate copies of — GPT-NeoX's per-head ``query_key_value``, or any fused projection
+#: accelerate offloaded — replaced by those copies, ``{attn}.q``/``.k``/``.v``, ``nn.Linear`` each).
 Layout = Literal["checkpoint", "native", "split"]
 
 #: What the TransformerBridge calls the query/key/value projections it splits a fused one into.
-BRIDGE_SPLIT = {"q": "q", "k": "k", "v": "v", "qkv": None, "qkv_per_head": False}
+BRIDGE_SPLIT = {"q": "q", "k": "k", "v": "v", "qkv": None, "qkv_per_head": False, "qkv_conv1d": False}
 
 
 class _Projections:
@@ -109,7 +109,7 @@ def _attention(spec: ModelSpec, names: TensorNames, t: Mapping[str, Tensor], p: 
     f = spec.features
     assert f is not None
     h, kv, dh = spec.n_heads, spec.n_key_value_heads, spec.d_head
-    proj = _Projections(names.conv1d)
+    proj = proj_qkv = _Projections(names.conv1d)
     a = f"{p}{names.attn}."
     out: dict[str, Tensor] = {}
     heads = {"Q": h, "K": kv, "V": kv}
@@ -124,13 +124,15 @@ def _attention(spec: ModelSpec, names: TensorNames, t: Mapping[str, Tensor], p: 
         if names.qkv is None:
             weights = {n: t[f"{a}{getattr(names, n.lower())}.weight"] for n in "QKV"}
             biases = {n: t.get(f"{a}{getattr(names, n.lower())}.bias") for n in "QKV"}
+            if names.qkv_conv1d is not None:
+                proj_qkv = _Projections(names.qkv_conv1d)
         else:  # [q | k | v] along the outputs (GPT-2, Phi-3)
             w, b = t[f"{a}{names.qkv}.weight"], t.get(f"{a}{names.qkv}.bias")
             sizes = (h * dh, kv * dh, kv * dh)
             weights = dict(zip("QKV", _split(w, proj.outputs(w), sizes), strict=True))
             biases = dict(zip("QKV", _split(b, 0, sizes) if b is not None else (None,) * 3, strict=True))
         for n in "QKV":
-            out[f"{c}attn.W_{n}"] = proj.into_heads(weights[n], heads[n], dh)
+            out[f"{c}attn.W_{n}"] = proj_qkv.into_heads(weights[n], heads[n], dh)
             if f.qkv_bias:
                 out[f"{c}attn.b_{n}"] = biases[n].unflatten(0, (heads[n], dh))  # type: ignore[union-attr]
     out[f"{c}attn.W_O"] = proj.from_heads(t[f"{a}{names.o}.weight"], h, dh)

@@ -24,7 +24,7 @@ import fnmatch
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -210,6 +210,10 @@ class CapModel:
         tokenizer: the Hugging Face tokenizer, when the checkpoint has one.
         metadata: free-form information saved with the checkpoint (task, training run ...).
     """
+
+    copyable: ClassVar[bool] = True
+    """Whether analyzers may work on a copy (:meth:`clone`) of the model; a model accelerate spread
+    over devices is not copied (the copy would need all of it in one place)."""
 
     def __init__(
         self,
@@ -518,6 +522,11 @@ class CapModel:
                 view.copy_(weights[name])
         return out
 
+    @property
+    def cannot_train(self) -> str | None:
+        """Why the model cannot be trained (a sentence), or ``None`` when it can."""
+        return None
+
     def parameters(self) -> list[nn.Parameter]:
         """The trainable parameters, for an optimizer."""
         self._use()
@@ -639,8 +648,10 @@ def _adapt_hooked(module: nn.Module, spec: ModelSpec) -> None:
 
 def _split_copies(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]) -> dict[str, Tensor]:
     """The bridge's own query/key/value parameters where it split a fused projection into copies
-    (TransformerLens does for GPT-NeoX's per-head ``query_key_value``, which no view can split),
-    by name (``gpt_neox.layers.0.attention.q.weight``); empty where it split into views or not at all."""
+    (TransformerLens does for GPT-NeoX's per-head ``query_key_value``, which no view can split, and
+    for any fused projection accelerate offloaded), by name (``gpt_neox.layers.0.attention.q.weight``):
+    every layer's, the views among them too, as soon as one layer's are copies; empty where it split
+    into views or not at all."""
     family = spec.family
     if family is None or family.tensors.qkv is None:
         return {}
@@ -652,12 +663,13 @@ def _split_copies(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]
         for part in "qkv"
         for kind in ("weight", "bias")
     }
-    copies = {}
+    parts = {}
     for name, param in bridge.named_parameters():
         plain = name.replace("._original_component", "")
-        if plain in wanted and param.untyped_storage().data_ptr() not in held:
-            copies[plain] = param
-    return copies
+        if plain in wanted:
+            parts[plain] = param
+    copied = any(p.untyped_storage().data_ptr() not in held for p in parts.values())
+    return parts if copied else {}
 
 
 def _hf_model(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Module:

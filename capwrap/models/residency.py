@@ -119,8 +119,9 @@ class _Member:
 
     def _tensors(self) -> list[Tensor]:
         """Everything a change of the weights goes through: the storage tensors and every parameter
-        object of the module (some backends train separate parameters that view the storage)."""
-        return [*self.model._storage.values(), *self.model.module.parameters()]
+        object of the module (some backends train separate parameters that view the storage; the
+        ``meta`` placeholders of weights accelerate offloaded hold nothing)."""
+        return [*self.model._storage.values(), *(p for p in self.model.module.parameters() if not p.is_meta)]
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in self._tensors())
@@ -238,7 +239,7 @@ class Residency:
         if other is not None and other is not self:
             raise ConfigError("this model already takes turns in another Residency; close that one first")
         if id(model) not in self._members:
-            if sum(p.numel() * p.element_size() for p in model.parameters()) >= LARGE_MODEL_BYTES:
+            if model.spec.n_params * model.dtype.itemsize >= LARGE_MODEL_BYTES:
                 return_freed_memory()  # released weights and each step's transients go back to the system
             if self._active is not None:
                 self._member(self._active).release()

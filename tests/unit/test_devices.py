@@ -4,12 +4,13 @@ device_map / max_memory with disk offload (what a CPU machine can show of models
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
 
 from capwrap.errors import ConfigError
-from capwrap.models import ModelSpec, build_model, load_model, save_model
+from capwrap.models import ModelSpec, build_model, load_model, save_model, tl_version
 from capwrap.tasks import PCFGConfig, PCFGTask
 from capwrap.training import TrainConfig, train
 
@@ -68,10 +69,18 @@ def test_device_map_with_disk_offload_runs_the_model(folder, tmp_path):
     torch.testing.assert_close(
         acts["blocks.3.hook_resid_post"], whole.capture(tokens, "blocks.3.hook_resid_post")["blocks.3.hook_resid_post"]
     )
-    with pytest.raises(ConfigError, match="needs every weight in memory, but accelerate offloaded"):
-        model.weights()
-    with pytest.raises(ConfigError, match="needs every weight in memory"):
+    # the offloaded weights read from the offload folder, once; edits to them reach the forward pass
+    weights, reference = model.weights(), whole.weights()
+    assert all(torch.equal(w, reference[k]) for k, w in weights.items())
+    with torch.no_grad():
+        weights["blocks.3.mlp.W_out"][5] += 1.0  # neuron 5 of an offloaded block
+        reference["blocks.3.mlp.W_out"][5] += 1.0
+    torch.testing.assert_close(model(tokens), whole(tokens), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(tokens), load_model(folder, backend="bridge")(tokens), atol=1e-3)
+    with pytest.raises(ConfigError, match="cannot be trained: accelerate offloaded .* to CPU or disk"):
         train(model, TASK, CONFIG)
+    with pytest.raises(ConfigError, match="no gradients to read"):
+        model.gradients()
 
     placed = load_model(folder, device_map="cpu")  # everything fits: weights read as usual
     assert not placed.offloaded and torch.equal(
@@ -79,6 +88,30 @@ def test_device_map_with_disk_offload_runs_the_model(folder, tmp_path):
     )
     with pytest.raises(ConfigError, match="max_memory and offload_folder go with device_map"):
         load_model(folder, max_memory={"cpu": "1GB"})
+
+
+@pytest.mark.backend  # what each TransformerLens line's bridge does with an offloaded fused q/k/v
+def test_an_offloaded_fused_projection_is_read_as_the_bridge_computes_it(tmp_path):
+    """GPT-2's c_attn offloaded to disk: TransformerLens 4 splits it into resident q/k/v copies as it
+    loads and computes with those, so they are the model's weights (edits reach the forward pass);
+    TransformerLens 3.9 cannot split it, and the load says what to do."""
+    spec = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=3, d_model=32, n_heads=4)
+    folder = save_model(build_model(spec, seed=0), tmp_path / "gpt2")
+    load = functools.partial(load_model, folder, device_map="auto", max_memory={"cpu": "60KB"},
+                             offload_folder=tmp_path / "offload")  # fmt: skip
+    if tl_version() < (4, 0):
+        with pytest.raises(ConfigError, match="cannot wrap this model as accelerate placed it.*transformer-lens>=4"):
+            load()
+        return
+    model, whole = load(), load_model(folder, backend="bridge")
+    assert any(".attn.c_proj." in name for name in model.offloaded)
+    weights, reference = model.weights(), whole.weights()
+    assert all(torch.equal(w, reference[k]) for k, w in weights.items())
+    tokens = TASK.sample(8, seed=0).tokens
+    with torch.no_grad():
+        for w in (weights, reference):
+            w["blocks.2.attn.W_Q"][1] *= 3.0  # head 1 of an offloaded block's queries
+    torch.testing.assert_close(model(tokens), whole(tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_moving_a_model_keeps_the_bridge_views_of_a_fused_projection(backend):

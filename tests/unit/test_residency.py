@@ -164,39 +164,52 @@ def _same_numbers(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def test_diagnose_low_memory_gives_the_same_numbers():
-    """Every analyzer (the functional ones train, prune and graft the models themselves and undo it)
-    on the demo's base and a copy with one block moved: the same evidence, number for number, as with
-    both models in memory; and the models are back, unchanged."""
-    import capwrap
-    from capwrap.demo import DEMO_BASE, demo_tasks
+def _demo_pair(backend: str | None = None):
+    """The demo's base and a copy of it with block 1's weights moved (seeded)."""
+    from capwrap.demo import DEMO_BASE
 
-    base = capwrap.load_model(str(DEMO_BASE))
+    base = load_model(str(DEMO_BASE), backend=backend)
     tuned = base.clone()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, w in tuned.weights().items():
             if name.startswith("blocks.1."):
                 w.add_(0.05 * torch.randn(w.shape, generator=gen))
+    return base, tuned
+
+
+def _demo_pair_analyzers() -> list:
+    """Every analyzer, small enough for the demo pair in seconds (the functional ones train, prune
+    and graft the models themselves)."""
+    import capwrap
+
+    return [
+        capwrap.Probing(n=128, steps=20),
+        capwrap.Probing(n=128, steps=20, embeddings="base", name="probing_base_embeddings"),
+        capwrap.Pruning(ks=(0, 1, 2), score_size=64),
+        capwrap.Revival(max_steps=6, batch_size=16, check_size=64, control_steps=4, seeds=1, eval_every=2),
+        capwrap.WeightDiff(graft_fractions=(0.1,)),
+        capwrap.AttentionComparison(n=16),
+        capwrap.Patching(n=8),
+        capwrap.Generalization(),
+        capwrap.Subgraph(n=8, ig_steps=2),
+    ]
+
+
+def test_diagnose_low_memory_gives_the_same_numbers():
+    """Every analyzer (the functional ones train, prune and graft the models themselves and undo it)
+    on the demo's base and a copy with one block moved: the same evidence, number for number, as with
+    both models in memory; and the models are back, unchanged."""
+    import capwrap
+    from capwrap.demo import demo_tasks
+
+    base, tuned = _demo_pair()
     weights = {"base": _snapshot(base), "tuned": _snapshot(tuned)}
     tasks = demo_tasks()
 
-    def analyzers():
-        return [
-            capwrap.Probing(n=128, steps=20),
-            capwrap.Probing(n=128, steps=20, embeddings="base", name="probing_base_embeddings"),
-            capwrap.Pruning(ks=(0, 1, 2), score_size=64),
-            capwrap.Revival(max_steps=6, batch_size=16, check_size=64, control_steps=4, seeds=1, eval_every=2),
-            capwrap.WeightDiff(graft_fractions=(0.1,)),
-            capwrap.AttentionComparison(n=16),
-            capwrap.Patching(n=8),
-            capwrap.Generalization(),
-            capwrap.Subgraph(n=8, ig_steps=2),
-        ]
-
     runs = {
         memory: capwrap.diagnose(base, tuned, tasks["capability"], tasks["downstream_correlated"],
-                                 analyzers=analyzers(), eval_size=64, progress=False, memory=memory).to_dict()
+                                 analyzers=_demo_pair_analyzers(), eval_size=64, progress=False, memory=memory).to_dict()
         for memory in ("normal", "low")
     }  # fmt: skip
     assert _same_numbers(runs["normal"], runs["low"]) == []
@@ -207,13 +220,56 @@ def test_diagnose_low_memory_gives_the_same_numbers():
         capwrap.diagnose(base, tuned, tasks["capability"], tasks["downstream_correlated"], memory="tiny")
 
 
-def test_capwrap_diagnose_memory_low(tmp_path, capsys, monkeypatch, small_task):
-    """`capwrap diagnose --memory low` on two folders: the same evidence as without, written down."""
-    import json
+def test_a_pair_accelerate_offloaded_to_disk_is_diagnosed_with_the_same_numbers(tmp_path):
+    """The demo's base and a copy with one block moved, saved, then loaded with accelerate's device_map
+    so that all but the embeddings lie on disk: every analyzer, those that edit weights included
+    (pruning, grafting, the probes' base embeddings, patching, subgraph), gives the numbers it gives
+    on the pair loaded whole; reverse fine-tuning, which would train offloaded weights, says why it
+    did not run; and neither model's weights moved."""
+    import capwrap
+    from capwrap.demo import DEMO_BASE, demo_tasks
 
+    base, tuned = _demo_pair(backend="bridge")
+    save_model(tuned, tmp_path / "tuned")
+    tasks = demo_tasks()
+
+    def dispatched(folder, name):
+        return capwrap.load_model(str(folder), device_map="auto", max_memory={"cpu": "1MB"},
+                                  offload_folder=tmp_path / f"offload-{name}")  # fmt: skip
+
+    pair = {"base": dispatched(DEMO_BASE, "base"), "tuned": dispatched(tmp_path / "tuned", "tuned")}
+    for model in pair.values():
+        assert model.metadata["device_map"]["transformer.wte"] == "cpu" and len(model.offloaded) > 20
+    runs = {
+        "whole": capwrap.diagnose(base, tuned, tasks["capability"], tasks["downstream_correlated"],
+                                  analyzers=_demo_pair_analyzers(), eval_size=64, progress=False, memory="low"),
+        "offloaded": capwrap.diagnose(pair["base"], pair["tuned"], tasks["capability"],
+                                      tasks["downstream_correlated"], analyzers=_demo_pair_analyzers(), eval_size=64,
+                                      progress=False),  # the default memory: a dispatched pair takes turns anyway
+    }  # fmt: skip
+    revival = runs["offloaded"]["revival"]
+    assert not revival.applicable and revival.summary.startswith("reverse fine-tuning not run: accelerate offloaded")
+    assert runs["whole"]["revival"].applicable
+    numbers = {k: [e.to_dict() for e in d.evidence if e.analyzer != "revival"] for k, d in runs.items()}
+    assert [e["analyzer"] for e in numbers["offloaded"]] == ["probing", "probing_base_embeddings", "pruning",
+                                                             "weight_diff", "attention", "patching", "subgraph",
+                                                             "generalization"]  # fmt: skip
+    assert _same_numbers(numbers["whole"], numbers["offloaded"]) == []
+    assert runs["offloaded"].accuracy == runs["whole"].accuracy
+    for name, model in pair.items():
+        assert model._residency is None
+        reference = base if name == "base" else tuned
+        assert all(torch.equal(w, reference.weights()[k]) for k, w in model.weights().items())
+    with pytest.raises(ConfigError, match="cannot be trained: accelerate offloaded"):
+        capwrap.train(pair["tuned"], tasks["capability"], capwrap.TrainConfig(steps=1, progress=False))
+
+
+@pytest.fixture
+def cli_pair(tmp_path, monkeypatch, small_task) -> list[str]:
+    """Two small Llama folders a perturbation apart, three small analyzers as `--quick`'s, and the
+    `capwrap diagnose` arguments that name them (add --out and the option under test)."""
     import capwrap.diagnosis.checkpoints
     from capwrap.analyzers import Pruning, Revival, WeightDiff
-    from capwrap.cli import main
     from capwrap.models import ModelSpec
 
     spec = ModelSpec(d_vocab=small_task.d_vocab, n_ctx=small_task.seq_len, n_layers=2, d_model=32, n_heads=4,
@@ -228,16 +284,59 @@ def test_capwrap_diagnose_memory_low(tmp_path, capsys, monkeypatch, small_task):
                        Revival(max_steps=2, batch_size=4, eval_every=1, check_size=16, control_steps=2, seeds=1)],
     )  # fmt: skip
     task = "length=12,window=6,occurrence=2"
+    return [str(tmp_path / "base"), str(tmp_path / "tuned"), "--capability", f"pcfg=count,operand=a,{task}",
+            "--downstream", f"pcfg=count,operand=b,{task}", "--quick", "--quiet", "--backend", "bridge"]  # fmt: skip
+
+
+def _summaries(tmp_path, capsys, args: list[str], runs: dict[str, list[str]]) -> dict[str, dict]:
+    """`capwrap diagnose ARGS --out tmp_path/NAME OPTIONS` for each run; their summary.json."""
+    import json
+
+    from capwrap.cli import main
+
     summaries = {}
-    for memory in ("normal", "low"):
-        out = tmp_path / memory
-        code = main(["diagnose", str(tmp_path / "base"), str(tmp_path / "tuned"), "--capability",
-                     f"pcfg=count,operand=a,{task}", "--downstream", f"pcfg=count,operand=b,{task}",
-                     "--out", str(out), "--quick", "--quiet", "--memory", memory])  # fmt: skip
+    for name, options in runs.items():
+        code = main(["diagnose", *args, "--out", str(tmp_path / name), *options])
         assert code == 0, capsys.readouterr().err
-        summaries[memory] = json.loads((out / "summary.json").read_text())
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    return summaries
+
+
+def test_capwrap_diagnose_memory_low(tmp_path, capsys, cli_pair):
+    """`capwrap diagnose --memory low` on two folders: the same evidence as without, written down."""
+    summaries = _summaries(tmp_path, capsys, cli_pair, {m: ["--memory", m] for m in ("normal", "low")})
     assert summaries["low"]["memory"] == "low" and summaries["normal"]["memory"] == "normal"
     assert _same_numbers(summaries["normal"]["evidence"], summaries["low"]["evidence"]) == []
+
+
+def test_capwrap_diagnose_device_map(tmp_path, capsys, cli_pair):
+    """`capwrap diagnose --device-map auto --max-memory cpu=...`: each model spread by accelerate with
+    most of it on disk, in an offload folder of its own; the same evidence as loaded whole, except
+    reverse fine-tuning, which does not run on offloaded weights and says so. Bad options are named."""
+    from capwrap.cli import main
+
+    args = cli_pair
+    placements = {"whole": [], "dispatched": ["--device-map", "auto", "--max-memory", "cpu=40KB",
+                                              "--offload-folder", str(tmp_path / "offload")]}  # fmt: skip
+    summaries = _summaries(tmp_path, capsys, args, placements)
+    dispatched = summaries["dispatched"]
+    assert dispatched["memory"] == "low" and summaries["whole"]["device_map"] is None
+    assert "disk" in dispatched["device_map"]["tuned"].values()
+    assert sorted(p.name for p in (tmp_path / "offload").iterdir()) == ["base", "tuned"]
+    evidence = {name: {e["analyzer"]: e for e in s["evidence"]} for name, s in summaries.items()}
+    assert evidence["dispatched"]["revival"]["value"] is None
+    assert "reverse fine-tuning not run: accelerate offloaded" in evidence["dispatched"]["revival"]["summary"]
+    for analyzer in ("pruning", "weight_diff"):
+        assert _same_numbers(evidence["whole"][analyzer], evidence["dispatched"][analyzer]) == []
+    for bad, message in (
+        (["--device-map", "auto", "--device", "cpu"], "give device or device_map, not both"),
+        (["--max-memory", "cpu=1GB"], "max_memory and offload_folder go with device_map"),
+        (["--device-map", "auto", "--max-memory", "cpu"], "--max-memory takes DEVICE=SIZE pairs"),
+    ):
+        capsys.readouterr()
+        assert main(["diagnose", *args, *bad]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_a_residency_of_a_large_model_makes_freed_tensors_go_back_to_the_system():
