@@ -14,8 +14,9 @@ does), then measures, each in a fresh process:
 * optionally (``--dispatch SIZE``) the same diagnosis with each model loaded by accelerate with
   ``device_map="auto", max_memory={"cpu": SIZE}`` (what ``capwrap diagnose --device-map auto
   --max-memory cpu=SIZE`` runs): what does not fit in ``SIZE`` goes to an offload folder on disk.
-  The run reports whether every analyzer's statistic equals the low-memory run's (reverse
-  fine-tuning does not run on offloaded weights: ``--only`` without ``revival`` to compare).
+  The run reports whether every analyzer's statistic and headline numbers equal the low-memory
+  run's (reverse fine-tuning does not run on offloaded weights: ``--only`` without ``revival`` to
+  compare).
 
 ``--threads`` sets the torch threads (default one); ``--eval-size`` (at least 128, the attention
 analyzer's sample) shrinks the shared evaluation set, whose passes are chunked, to save time at a
@@ -143,6 +144,7 @@ def diagnosis(root: Path, memory: str, steps: int | None, only: list[str] | None
         "analyzer_peak_rss_gb": peaks,
         "analyzer_seconds": result.seconds,
         "values": {e.analyzer: e.value for e in result.evidence},
+        "headlines": {e.analyzer: e.headline for e in result.evidence},
         "verdict": result.verdict,
     }
 
@@ -211,11 +213,17 @@ def main() -> None:
         report["dispatched"] = _in_fresh_process([*common, "--dispatch", args.dispatch, "--run", "dispatched"])
         run = report["dispatched"]
         run["over_one_model"] = round(run["peak_rss_gb"] / report["one_model"]["peak_rss_gb"], 2)
-        low = report["low"]["values"]
-        run["same_values_as_low"] = {
-            name: value == low[name] or (value != value and low[name] != low[name])  # NaN: not applicable in both
-            for name, value in run["values"].items()
+        low = report["low"]
+
+        def same(a: float, b: float) -> bool:  # NaN: not applicable in both
+            return a == b or (a != a and b != b)
+
+        run["same_values_as_low"] = {name: same(v, low["values"][name]) for name, v in run["values"].items()}
+        run["same_headline_numbers_as_low"] = {
+            name: f"{sum(same(x, low['headlines'][name][k]) for k, x in numbers.items())} of {len(numbers)}"
+            for name, numbers in run.pop("headlines").items()
         }
+        low.pop("headlines")
     print(json.dumps(report, indent=2))
     if not args.keep:
         shutil.rmtree(root)
