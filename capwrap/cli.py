@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="spread each model over the GPUs, the CPU and disk with accelerate (auto, balanced, "
                            "sequential); the models then take turns as with --memory low")  # fmt: skip
     diag.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
-                      help="with --device-map, what each device may hold, e.g. 0=20GiB,cpu=60GiB")  # fmt: skip
+                      help="with --device-map, what each device may hold, e.g. 0=20GiB,cpu=60GiB (the CPU needs room "
+                           "for one model's offloaded part when the analyzers read its weights)")  # fmt: skip
     diag.add_argument("--offload-folder", default=None, metavar="DIR",
                       help="with --device-map, where what does not fit goes (default: a temporary folder)")  # fmt: skip
     diag.set_defaults(func=_diagnose)
@@ -267,8 +268,8 @@ def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
     """``--max-memory``'s ``DEVICE=SIZE,...`` as accelerate's ``max_memory`` (GPU indices as integers).
 
     Examples:
-        >>> parse_max_memory("0=20GiB, cpu=60GiB")
-        {0: '20GiB', 'cpu': '60GiB'}
+        >>> parse_max_memory("0=20GiB, cuda:1=20GiB, cpu=60GiB")
+        {0: '20GiB', 1: '20GiB', 'cpu': '60GiB'}
         >>> parse_max_memory("cpu")
         Traceback (most recent call last):
         ...
@@ -283,7 +284,8 @@ def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
             raise ConfigError(
                 f"--max-memory takes DEVICE=SIZE pairs separated by commas (e.g. 0=20GiB,cpu=60GiB), got {text!r}"
             )
-        out[int(device) if device.isdigit() else device] = size
+        index = device.removeprefix("cuda:")  # accelerate names a GPU by its index alone
+        out[int(index) if index.isdigit() else device] = size
     return out
 
 

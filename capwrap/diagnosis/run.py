@@ -149,7 +149,9 @@ def diagnose(
             call and both models are back in memory when it returns.
             A pair with a model accelerate dispatched (``load_model(..., device_map=...)``) is
             diagnosed this way whatever ``memory`` says: such a model is not copied
-            (:attr:`~capwrap.models.CapModel.copyable`).
+            (:attr:`~capwrap.models.CapModel.copyable`). Its offloaded weights are read into CPU
+            memory when an analyzer first needs them and stay there when the call returns (both
+            models given back as they were, in memory); :func:`diagnose_checkpoints` discards them.
 
     Raises:
         ConfigError: the pair differs in shape, the tasks do not fit, the store is another model's,

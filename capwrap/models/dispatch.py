@@ -12,7 +12,9 @@ each offloaded module's tensors from an *offload map* (CPU tensors, or files on 
 module runs. The first call of :meth:`~DispatchedModel.weights` reads the offloaded tensors into
 CPU memory, once, and puts them in front of the maps: from then on the model computes with exactly
 those tensors, so reading and editing the weights (pruning, grafting, a residency's turns) works as
-on any model, with the offloaded part in CPU memory instead of on disk. Training is refused: the
+on any model, with the offloaded part in CPU memory instead of on disk from then on: the CPU must
+have room for it (a residency then writes it to its own file while the model waits its turn, as
+for any model). Analyzers that only read activations never read the weights. Training is refused: the
 offloaded modules' parameters exist only while each one runs, so an optimizer has nothing to hold.
 A dispatched model is not copied (:attr:`~DispatchedModel.copyable`): :func:`capwrap.diagnose`
 lets a pair with one take turns in memory (``memory="low"``) instead.
@@ -46,7 +48,14 @@ import torch
 from torch import Tensor, nn
 
 from capwrap.errors import CheckpointError, ConfigError
-from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge, _split_copies, tl_version
+from capwrap.models.model import (
+    CapModel,
+    _bridge_architecture,
+    _build_bridge,
+    _split_copies,
+    split_fused_names,
+    tl_version,
+)
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["DispatchedModel", "load_dispatched"]
@@ -92,20 +101,23 @@ def load_dispatched(
     hf.eval()
     storage = dict(hf.named_parameters())  # before bridging renames the modules
     offloaded = [name for name, tensor in storage.items() if tensor.device.type == "meta"]
-    sources = _offload_sources(hf, offloaded)
+    sources = _offload_sources(hf, spec, storage, offloaded)
     try:
         bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
-    except NotImplementedError as exc:  # TransformerLens 3.9 cannot split an offloaded fused q/k/v
+    except NotImplementedError as exc:
+        if tl_version() >= (4, 0):
+            raise
+        # TransformerLens 3.9 cannot split a fused projection accelerate offloaded
         raise ConfigError(
             f"TransformerLens {'.'.join(map(str, tl_version()))} cannot wrap this model as accelerate placed it: {exc} "
-            "Install transformer-lens>=4 (which splits it as it loads), or give max_memory room for the attention "
-            "layers on a device"
+            "Install transformer-lens>=4 (which splits it as it loads), or load it with a device_map that places "
+            "every module on a device (no 'cpu' or 'disk' entries beside a GPU)"
         ) from None
     _offload_what_the_bridge_added(hf)
     layout, split = "checkpoint", _split_copies(spec, bridge, storage)
-    if split:  # the bridge split an offloaded fused q/k/v into resident copies, and computes with them
-        fused = f".{spec.family.tensors.qkv}."  # type: ignore[union-attr]
-        storage = {k: v for k, v in storage.items() if fused not in k} | split
+    if split:  # the bridge split an offloaded fused projection into resident copies, and computes with them
+        fused = split_fused_names(spec, split)
+        storage = {k: v for k, v in storage.items() if k not in fused} | split
         offloaded = [name for name in offloaded if name in storage]
         sources = {name: source for name, source in sources.items() if name in storage}
         layout = "split"
@@ -128,23 +140,38 @@ def _offload_hooks(module: nn.Module) -> list[Any]:
     return found
 
 
-def _offload_sources(hf: nn.Module, offloaded: list[str]) -> dict[str, tuple[Any, str]]:
-    """For each offloaded parameter (named as in ``hf.named_parameters()``), the accelerate hook
-    that loads it and its key in that hook's offload map."""
+def _offload_sources(
+    hf: nn.Module, spec: ModelSpec, storage: dict[str, Tensor], offloaded: list[str]
+) -> dict[str, list[tuple[Any, str]]]:
+    """For each parameter of ``storage`` (named as in ``hf.named_parameters()``) that an accelerate
+    hook loads from an offload map, every such hook and its key in that hook's map: a tied weight
+    (the unembedding of a model that ties it to the embedding) is loaded by its own module's hook
+    too, under the other name, so each of them must see the one tensor :meth:`DispatchedModel.weights`
+    returns."""
     from accelerate.utils import named_module_tensors
 
-    wanted, sources = set(offloaded), {}
+    aliases = {}  # a name that holds the same weight -> its name in storage
+    by_object = {id(t): name for name, t in storage.items()}
+    for name, param in hf.named_parameters(remove_duplicate=False):
+        if id(param) in by_object and name != by_object[id(param)]:
+            aliases[name] = by_object[id(param)]
+    names = spec.family.tensors if spec.family is not None else None
+    if spec.tie_embeddings and names is not None:  # however accelerate kept the tie
+        aliases[f"{names.unembed}.weight"] = f"{names.embed}.weight"
+    sources: dict[str, list[tuple[Any, str]]] = {}
     for module_name, module in hf.named_modules():
         for hook in _offload_hooks(module):
             for key, _ in named_module_tensors(module, include_buffers=False, recurse=hook.place_submodules):
                 name = f"{module_name}.{key}" if module_name else key
-                if name in wanted:
-                    sources.setdefault(name, (hook, key))
-    missing = wanted - sources.keys()
+                name = aliases.get(name, name)
+                if name in storage:
+                    sources.setdefault(name, []).append((hook, key))
+    missing = sorted(set(offloaded) - sources.keys())
     if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(
-            f"accelerate offloaded {sorted(missing)[0]} (and {len(missing) - 1} more) without a hook that loads it; "
-            "load the model with another device_map"
+            f"accelerate offloaded {missing[0]}{more} without a hook that loads it, so capwrap cannot read it; "
+            "load the model with a device_map that places every module on a device"
         )
     return sources
 
@@ -197,11 +224,11 @@ class DispatchedModel(CapModel):
         tokenizer: Any,
         metadata: dict[str, Any],
         offloaded: list[str],
-        sources: dict[str, tuple[Any, str]] | None = None,
+        sources: dict[str, list[tuple[Any, str]]] | None = None,
     ):
         super().__init__(spec, "bridge", module, storage, layout, tokenizer, metadata)
         self.offloaded = offloaded
-        self._sources = dict(sources or {})  # offloaded name -> (accelerate hook, key in its map); emptied once read
+        self._sources = dict(sources or {})  # name -> [(accelerate hook, key in its map)]; emptied once read
 
     @property
     def device(self) -> torch.device:
@@ -231,14 +258,17 @@ class DispatchedModel(CapModel):
         if not self._sources:
             return
         overlays: dict[int, tuple[Any, dict[str, Tensor]]] = {}
-        for name, (hook, key) in self._sources.items():
-            dtype = self._storage[name].dtype
-            value = hook.weights_map[key].detach()
-            shared = value.untyped_storage().nbytes() != value.numel() * value.element_size()
-            if value.device.type != "cpu" or value.dtype != dtype or shared or not value.untyped_storage().resizable():
-                value = value.to("cpu", dtype, copy=True)  # memory of its own: a residency can free and refill it
-            overlays.setdefault(id(hook), (hook, {}))[1][key] = value
-            self._storage[name] = value
+        for name, hooks in self._sources.items():
+            value = self._storage[name]
+            if value.is_meta:  # offloaded: read it from the first map that holds it
+                hook, key = hooks[0]
+                dtype, value = value.dtype, hook.weights_map[key].detach()
+                shared = value.untyped_storage().nbytes() != value.numel() * value.element_size()
+                if value.device.type != "cpu" or value.dtype != dtype or shared or not value.untyped_storage().resizable():
+                    value = value.to("cpu", dtype, copy=True)  # memory of its own: a residency can free and refill it
+                self._storage[name] = value
+            for hook, key in hooks:  # (a tied weight: the other module's hook reads this one too)
+                overlays.setdefault(id(hook), (hook, {}))[1][key] = value.detach()
         for hook, overlay in overlays.values():
             hook.weights_map = ChainMap(overlay, hook.weights_map)
         self._sources = {}

@@ -51,7 +51,8 @@ from capwrap.models.families import FAMILIES, TensorNames
 from capwrap.models.spec import ModelSpec
 
 __all__ = [
-    "BRIDGE_SPLIT",
+    "BRIDGE_SPLITS",
+    "SplitProjection",
     "canonical_names",
     "canonical_shapes",
     "canonical_views",
@@ -65,11 +66,39 @@ __all__ = [
 #: names for tracr), ``native`` (TransformerLens's native model, the bridge's tracr host) or
 #: ``split`` (the checkpoint layout, but with a fused query/key/value projection the bridge computes
 #: with separate copies of — GPT-NeoX's per-head ``query_key_value``, or any fused projection
-#: accelerate offloaded — replaced by those copies, ``{attn}.q``/``.k``/``.v``, ``nn.Linear`` each).
+#: accelerate offloaded — replaced by those copies: :data:`BRIDGE_SPLITS`).
 Layout = Literal["checkpoint", "native", "split"]
 
-#: What the TransformerBridge calls the query/key/value projections it splits a fused one into.
-BRIDGE_SPLIT = {"q": "q", "k": "k", "v": "v", "qkv": None, "qkv_per_head": False, "qkv_conv1d": False}
+@dataclasses.dataclass(frozen=True)
+class SplitProjection:
+    """A fused projection the TransformerBridge may split into copies of its parts.
+
+    Args:
+        fused: the :class:`~capwrap.models.families.TensorNames` field naming the fused module.
+        parent: the field naming the module it sits in (``attn`` or ``mlp``).
+        parts: what the bridge names the copies (modules beside the fused one, ``nn.Linear`` each).
+        reads: how a family's table reads the copies instead (TensorNames fields to replace).
+    """
+
+    fused: str
+    parent: str
+    parts: tuple[str, ...]
+    reads: dict[str, object]
+
+    def names(self, spec: ModelSpec, modules: tuple[str, ...], layer: int) -> list[str]:
+        """The weight and bias tensor names of ``modules`` (in the parent module) of one layer."""
+        t = spec.family.tensors  # type: ignore[union-attr]
+        prefix = f"{t.layers}.{layer}.{getattr(t, self.parent)}."
+        return [f"{prefix}{m}.{kind}" for m in modules for kind in ("weight", "bias")]
+
+
+#: The fused projections the TransformerBridge splits into copies (GPT-NeoX's per-head
+#: query/key/value always; any fused projection accelerate offloaded), and how the copies are read.
+BRIDGE_SPLITS = (
+    SplitProjection("qkv", "attn", ("q", "k", "v"),
+                    {"q": "q", "k": "k", "v": "v", "qkv": None, "qkv_per_head": False, "qkv_conv1d": False}),
+    SplitProjection("gate_up", "mlp", ("gate", "in"), {"gate": "gate", "up": "in", "gate_up": None}),
+)  # fmt: skip
 
 
 class _Projections:
@@ -233,8 +262,12 @@ def canonical_views(spec: ModelSpec, storage: Mapping[str, Tensor], layout: Layo
     """
     if layout == "native":
         return _views(spec, FAMILIES["tracr"].tensors, storage)
-    if layout == "split":
-        return _views(spec, dataclasses.replace(spec.family.tensors, **BRIDGE_SPLIT), storage)  # type: ignore[union-attr]
+    if layout == "split":  # the tables' names, with the fused projections that were split read from their copies
+        names = spec.family.tensors  # type: ignore[union-attr]
+        for split in BRIDGE_SPLITS:
+            if getattr(names, split.fused) is not None and split.names(spec, split.parts[:1], 0)[0] in storage:
+                names = dataclasses.replace(names, **split.reads)
+        return _views(spec, names, storage)
     missing = sorted(set(checkpoint_shapes(spec)) - set(storage))
     if missing:
         raise ConfigError(f"tensors missing for a {spec.architecture} model of this shape: {missing[:5]}")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from capwrap.checks import check_token_ids
 from capwrap.errors import ConfigError, HookNameError, closest_matches
 from capwrap.models.components import ComponentMap
-from capwrap.models.layouts import canonical_names, canonical_views, checkpoint_shapes
+from capwrap.models.layouts import BRIDGE_SPLITS, canonical_names, canonical_views, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["CapModel", "Backend", "available_backends", "default_backend", "build_model", "tl_version"]
@@ -269,9 +269,9 @@ class CapModel:
         storage = dict(hf.named_parameters())  # before bridging renames the modules
         bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
         split = _split_copies(spec, bridge, storage)
-        if split:  # the bridge computes with copies of a fused q/k/v: they are the weights now
-            fused = f".{spec.family.tensors.qkv}."  # type: ignore[union-attr]
-            storage = {k: v for k, v in storage.items() if fused not in k} | split
+        if split:  # the bridge computes with copies of a fused projection: they are the weights now
+            fused = split_fused_names(spec, split)
+            storage = {k: v for k, v in storage.items() if k not in fused} | split
             return cls(spec, "bridge", bridge, storage, "split", tokenizer, metadata)
         return cls(spec, "bridge", bridge, storage, "checkpoint", tokenizer, metadata)
 
@@ -647,29 +647,34 @@ def _adapt_hooked(module: nn.Module, spec: ModelSpec) -> None:
 
 
 def _split_copies(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The bridge's own query/key/value parameters where it split a fused projection into copies
-    (TransformerLens does for GPT-NeoX's per-head ``query_key_value``, which no view can split, and
-    for any fused projection accelerate offloaded), by name (``gpt_neox.layers.0.attention.q.weight``):
-    every layer's, the views among them too, as soon as one layer's are copies; empty where it split
-    into views or not at all."""
-    family = spec.family
-    if family is None or family.tensors.qkv is None:
+    """The bridge's own parameters where it split a fused projection into copies
+    (:data:`~capwrap.models.layouts.BRIDGE_SPLITS`: TransformerLens does for GPT-NeoX's per-head
+    ``query_key_value``, which no view can split, and for any fused projection accelerate
+    offloaded), by name (``gpt_neox.layers.0.attention.q.weight``): every layer's parts, the views
+    among them too, as soon as one layer's are copies; empty where it split into views or not at all."""
+    if spec.family is None:
         return {}
     held = {t.untyped_storage().data_ptr() for t in storage.values()}
-    names = family.tensors
-    wanted = {
-        f"{names.layers}.{layer}.{names.attn}.{part}.{kind}"
-        for layer in range(spec.n_layers)
-        for part in "qkv"
-        for kind in ("weight", "bias")
-    }
-    parts = {}
-    for name, param in bridge.named_parameters():
-        plain = name.replace("._original_component", "")
-        if plain in wanted:
-            parts[plain] = param
-    copied = any(p.untyped_storage().data_ptr() not in held for p in parts.values())
-    return parts if copied else {}
+    params = {name.replace("._original_component", ""): p for name, p in bridge.named_parameters()}
+    out: dict[str, Tensor] = {}
+    for split in BRIDGE_SPLITS:
+        if getattr(spec.family.tensors, split.fused) is None:
+            continue
+        wanted = [n for layer in range(spec.n_layers) for n in split.names(spec, split.parts, layer)]
+        parts = {n: params[n] for n in wanted if n in params}
+        if any(p.untyped_storage().data_ptr() not in held for p in parts.values()):
+            out |= parts
+    return out
+
+
+def split_fused_names(spec: ModelSpec, split: dict[str, Tensor]) -> set[str]:
+    """The checkpoint tensors whose split copies ``split`` holds (:func:`_split_copies`)."""
+    out: set[str] = set()
+    for projection in BRIDGE_SPLITS:
+        fused = getattr(spec.family.tensors, projection.fused)  # type: ignore[union-attr]
+        if fused is not None and projection.names(spec, projection.parts[:1], 0)[0] in split:
+            out |= {n for layer in range(spec.n_layers) for n in projection.names(spec, (fused,), layer)}
+    return out
 
 
 def _hf_model(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Module:

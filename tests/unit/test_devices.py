@@ -90,28 +90,38 @@ def test_device_map_with_disk_offload_runs_the_model(folder, tmp_path):
         load_model(folder, max_memory={"cpu": "1GB"})
 
 
-@pytest.mark.backend  # what each TransformerLens line's bridge does with an offloaded fused q/k/v
-def test_an_offloaded_fused_projection_is_read_as_the_bridge_computes_it(tmp_path):
-    """GPT-2's c_attn offloaded to disk: TransformerLens 4 splits it into resident q/k/v copies as it
-    loads and computes with those, so they are the model's weights (edits reach the forward pass);
-    TransformerLens 3.9 cannot split it, and the load says what to do."""
-    spec = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=3, d_model=32, n_heads=4)
-    folder = save_model(build_model(spec, seed=0), tmp_path / "gpt2")
-    load = functools.partial(load_model, folder, device_map="auto", max_memory={"cpu": "60KB"},
+@pytest.mark.backend  # what each TransformerLens line's bridge does with an offloaded fused projection
+@pytest.mark.parametrize(
+    ("architecture", "fused"),
+    [("gpt2", True), ("phi3", True), ("llama", False)],  # fused q/k/v (Conv1D); q/k/v and gate/up; tied embeddings
+)
+def test_every_weight_of_a_model_on_disk_is_read_and_edited_as_it_computes(tmp_path, architecture, fused):
+    """Every tensor on disk: weights() equals the checkpoint's, and an edit of every weight reaches the
+    forward pass — through the copies TransformerLens 4 computes with where it split a fused projection
+    (GPT-2's Conv1D c_attn, Phi-3's qkv_proj and gate_up_proj), and through both modules of a tied
+    embedding. TransformerLens 3.9 cannot split an offloaded fused projection, and the load says so."""
+    spec = ModelSpec(d_vocab=64, n_ctx=16, n_layers=2, d_model=32, n_heads=2, architecture=architecture,
+                     tie_embeddings=architecture == "llama")  # fmt: skip
+    folder = save_model(build_model(spec, seed=0), tmp_path / architecture)
+    load = functools.partial(load_model, folder, device_map="auto", max_memory={"cpu": "1KB"},
                              offload_folder=tmp_path / "offload")  # fmt: skip
-    if tl_version() < (4, 0):
+    if fused and tl_version() < (4, 0):
         with pytest.raises(ConfigError, match="cannot wrap this model as accelerate placed it.*transformer-lens>=4"):
             load()
         return
     model, whole = load(), load_model(folder, backend="bridge")
-    assert any(".attn.c_proj." in name for name in model.offloaded)
+    assert model.metadata["device_map"] == {"": "disk"}
     weights, reference = model.weights(), whole.weights()
     assert all(torch.equal(w, reference[k]) for k, w in weights.items())
-    tokens = TASK.sample(8, seed=0).tokens
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for w in (weights, reference):
-            w["blocks.2.attn.W_Q"][1] *= 3.0  # head 1 of an offloaded block's queries
+        for name, w in weights.items():
+            change = 0.05 * torch.randn(w.shape, generator=generator)
+            w.add_(change)
+            reference[name].add_(change)
+    tokens = torch.randint(0, 64, (4, 12), generator=generator)
     torch.testing.assert_close(model(tokens), whole(tokens), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(tokens), load_model(folder, backend="bridge")(tokens), atol=1e-2)
 
 
 def test_moving_a_model_keeps_the_bridge_views_of_a_fused_projection(backend):

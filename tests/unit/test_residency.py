@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from capwrap.errors import ConfigError
-from capwrap.models import build_model, load_model, save_model
+from capwrap.models import build_model, load_model, save_model, tl_version
 from capwrap.models.residency import Residency
 
 
@@ -220,6 +220,8 @@ def test_diagnose_low_memory_gives_the_same_numbers():
         capwrap.diagnose(base, tuned, tasks["capability"], tasks["downstream_correlated"], memory="tiny")
 
 
+@pytest.mark.skipif(tl_version() < (4, 0), reason="TransformerLens 3.9 cannot split GPT-2's offloaded c_attn "
+                    "(test_devices.py checks that the load says so)")  # fmt: skip
 def test_a_pair_accelerate_offloaded_to_disk_is_diagnosed_with_the_same_numbers(tmp_path):
     """The demo's base and a copy with one block moved, saved, then loaded with accelerate's device_map
     so that all but the embeddings lie on disk: every analyzer, those that edit weights included
