@@ -10,12 +10,13 @@ on any model.
 Weights accelerate offloaded sit outside the model (on the ``meta`` device in it): its hooks load
 each offloaded module's tensors from an *offload map* (CPU tensors, or files on disk) before the
 module runs. The first call of :meth:`~DispatchedModel.weights` reads the offloaded tensors into
-CPU memory, once, and puts them in front of the maps: from then on the model computes with exactly
+CPU memory, once, and puts them in front of the maps (in front of every map that loads one, under
+any of its names: a tied embedding is one tensor). From then on the model computes with exactly
 those tensors, so reading and editing the weights (pruning, grafting, a residency's turns) works as
-on any model, with the offloaded part in CPU memory instead of on disk from then on: the CPU must
-have room for it (a residency then writes it to its own file while the model waits its turn, as
-for any model). Analyzers that only read activations never read the weights. Training is refused: the
-offloaded modules' parameters exist only while each one runs, so an optimizer has nothing to hold.
+on any model. The CPU must have room for the offloaded part then (a residency writes it to a file
+of its own while the model waits its turn, as for any model); analyzers that only read activations
+never ask for it. Training is refused: the offloaded modules' parameters exist only while each one
+runs, so an optimizer has nothing to hold.
 A dispatched model is not copied (:attr:`~DispatchedModel.copyable`): :func:`capwrap.diagnose`
 lets a pair with one take turns in memory (``memory="low"``) instead.
 
