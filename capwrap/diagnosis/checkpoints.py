@@ -20,6 +20,7 @@ from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagn
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, write_text_atomic
 from capwrap.models import CapModel
+from capwrap.models.io import check_placement
 from capwrap.models.model import resolve_device, resolve_dtype
 from capwrap.models.residency import Residency
 from capwrap.provenance import describe_call, run_provenance
@@ -109,10 +110,7 @@ def diagnose_checkpoints(
     check_memory(memory)  # before anything is loaded
     device = None if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype)  # a bad name fails before anything is loaded
-    if device_map is None and (max_memory is not None or offload_folder is not None):
-        raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
-    if device_map is not None and device is not None:
-        raise ConfigError("give device or device_map, not both: with device_map accelerate places the models' parts")
+    check_placement(device, device_map, max_memory, offload_folder)  # before anything is loaded
     verdict_rule = VerdictRule.load(rule) if isinstance(rule, (str, os.PathLike)) else rule
     with contextlib.ExitStack() as stack:
         dispatch: dict[str, Any] | None = None

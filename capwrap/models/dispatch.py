@@ -49,14 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from capwrap.errors import CheckpointError, ConfigError
-from capwrap.models.model import (
-    CapModel,
-    _bridge_architecture,
-    _build_bridge,
-    _split_copies,
-    split_fused_names,
-    tl_version,
-)
+from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge, bridge_storage, tl_version
 from capwrap.models.spec import ModelSpec
 
 __all__ = ["DispatchedModel", "load_dispatched"]
@@ -115,13 +108,10 @@ def load_dispatched(
             "every module on a device (no 'cpu' or 'disk' entries beside a GPU)"
         ) from None
     _offload_what_the_bridge_added(hf)
-    layout, split = "checkpoint", _split_copies(spec, bridge, storage)
-    if split:  # the bridge split an offloaded fused projection into resident copies, and computes with them
-        fused = split_fused_names(spec, split)
-        storage = {k: v for k, v in storage.items() if k not in fused} | split
-        offloaded = [name for name in offloaded if name in storage]
-        sources = {name: source for name, source in sources.items() if name in storage}
-        layout = "split"
+    # the bridge may have split an offloaded fused projection into resident copies, and computes with them
+    storage, layout = bridge_storage(spec, bridge, storage)
+    offloaded = [name for name in offloaded if name in storage]
+    sources = {name: source for name, source in sources.items() if name in storage}
     meta = {**(metadata or {}), "device_map": {k: str(v) for k, v in getattr(hf, "hf_device_map", {}).items()}}
     return DispatchedModel(spec, bridge, storage, layout, tokenizer, meta, offloaded, sources)
 

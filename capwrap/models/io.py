@@ -159,6 +159,7 @@ def load_model(
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata.setdefault("source", str(source))
     dtype = resolve_dtype(dtype)
+    check_placement(device, device_map, max_memory, offload_folder)
     if device_map is not None:
         if adapter is not None or (backend or "bridge") != "bridge":
             raise ConfigError(
@@ -168,14 +169,22 @@ def load_model(
         return load_dispatched(
             folder, spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle
         )
-    if max_memory is not None or offload_folder is not None:
-        raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
     state = normalize_state(spec, _read_weights(folder, allow_pickle))
     check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
     if adapter is not None:
         metadata["adapter"] = merge_adapter(adapter, spec, state, allow_pickle)
     model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
     return model.to(device) if device is not None else model
+
+
+def check_placement(
+    device: Any, device_map: Any, max_memory: Any = None, offload_folder: str | os.PathLike | None = None
+) -> None:
+    """Raise a clear error for placement options that do not go together (:func:`load_model`'s)."""
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
+    if device_map is not None and device is not None:
+        raise ConfigError("give device or device_map, not both: with device_map accelerate places the models' parts")
 
 
 def read_spec(folder: Path, capwrap_doc: dict[str, Any] | None, trust_remote_code: bool = False) -> ModelSpec:

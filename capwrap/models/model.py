@@ -268,12 +268,8 @@ class CapModel:
         hf.to(dtype=dtype or torch.float32)  # before bridging: the bridge reads some weights through views
         storage = dict(hf.named_parameters())  # before bridging renames the modules
         bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
-        split = _split_copies(spec, bridge, storage)
-        if split:  # the bridge computes with copies of a fused projection: they are the weights now
-            fused = split_fused_names(spec, split)
-            storage = {k: v for k, v in storage.items() if k not in fused} | split
-            return cls(spec, "bridge", bridge, storage, "split", tokenizer, metadata)
-        return cls(spec, "bridge", bridge, storage, "checkpoint", tokenizer, metadata)
+        storage, layout = bridge_storage(spec, bridge, storage)
+        return cls(spec, "bridge", bridge, storage, layout, tokenizer, metadata)
 
     @classmethod
     def _bridge_from_native_state(cls, spec, state, metadata, dtype=None) -> CapModel:
@@ -667,14 +663,19 @@ def _split_copies(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]
     return out
 
 
-def split_fused_names(spec: ModelSpec, split: dict[str, Tensor]) -> set[str]:
-    """The checkpoint tensors whose split copies ``split`` holds (:func:`_split_copies`)."""
-    out: set[str] = set()
+def bridge_storage(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """The tensors the bridge computes with, and their layout: ``storage`` (checkpoint names) as it
+    is, or, where the bridge split a fused projection into copies (:func:`_split_copies`), with
+    those copies in place of the fused tensors (layout ``"split"``)."""
+    split = _split_copies(spec, bridge, storage)
+    if not split:
+        return storage, "checkpoint"
+    fused: set[str] = set()
     for projection in BRIDGE_SPLITS:
-        fused = getattr(spec.family.tensors, projection.fused)  # type: ignore[union-attr]
-        if fused is not None and projection.names(spec, projection.parts[:1], 0)[0] in split:
-            out |= {n for layer in range(spec.n_layers) for n in projection.names(spec, (fused,), layer)}
-    return out
+        name = getattr(spec.family.tensors, projection.fused)  # type: ignore[union-attr]
+        if name is not None and projection.names(spec, projection.parts[:1], 0)[0] in split:
+            fused |= {n for layer in range(spec.n_layers) for n in projection.names(spec, (name,), layer)}
+    return {k: v for k, v in storage.items() if k not in fused} | split, "split"
 
 
 def _hf_model(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Module:
