@@ -88,6 +88,8 @@ def test_device_map_with_disk_offload_runs_the_model(folder, tmp_path):
     )
     with pytest.raises(ConfigError, match="max_memory and offload_folder go with device_map"):
         load_model(folder, max_memory={"cpu": "1GB"})
+    with pytest.raises(ConfigError, match="give device or device_map, not both"):
+        load_model(folder, device="cpu", device_map="auto")
 
 
 @pytest.mark.backend  # what each TransformerLens line's bridge does with an offloaded fused projection
