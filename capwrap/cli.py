@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from capwrap.errors import CapwrapError, ConfigError
+from capwrap.errors import CapwrapError, CapwrapWarning, ConfigError
 from capwrap.tasks.spec import spec_help
 
 __all__ = ["main"]
@@ -120,15 +124,20 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"{len(chosen)} scenarios")
         return 0
     if not chosen:
-        print("no scenario matches; list them with capwrap validate --list")
-        return 2
+        raise ConfigError("no scenario matches; list them with capwrap validate --list --split all")
     import time
 
     rule = VerdictRule.load(args.rule) if args.rule else default_rule()
+    summary = Path(args.out) / "validation.json"
+    if summary.is_file() and (held := _read_json_key(summary, "split")) not in (None, args.split):
+        raise ConfigError(
+            f"{args.out} holds the result of the {held} split, which --split {args.split} would replace; give another --out"
+        )
     log = (lambda message: None) if args.quiet else print
     started = time.perf_counter()
     records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
-                        n_boot=args.n_boot, progress=not args.quiet, log=log, memory=args.memory)  # fmt: skip
+                        n_boot=args.n_boot, progress=not args.quiet, log=log, memory=args.memory,
+                        threads=args.threads or 1)  # fmt: skip
     wall = time.perf_counter() - started
     if args.fit:
         command = "capwrap validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "capwrap validate"
@@ -144,6 +153,15 @@ def _validate(args: argparse.Namespace) -> int:
     json_path, html_path = result.write(args.out)
     print(f"wrote {json_path} and {html_path}")
     return 0
+
+
+def _read_json_key(path: Path, key: str) -> Any:
+    """``key`` of the JSON object in ``path``; None when the file cannot be read as one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--seed", type=int, default=0)
     diag.add_argument("--memory", choices=["normal", "low"], default="normal",
                       help="low: the two models take turns in memory (about one model's worth; the other waits in a "
-                           "temporary file), for the same numbers")  # fmt: skip
+                           "temporary file), for the same numbers except revival's, which trains with Adafactor "
+                           "instead of AdamW (its step counts differ)")  # fmt: skip
     _add_backend_option(diag)
     _add_device_option(diag)
     diag.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -238,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--memory", choices=["normal", "low"], default="normal",
                      help="diagnose as --memory low does (models taking turns, revival in about one model's memory)")  # fmt: skip
     val.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    val.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                     help="torch CPU threads of each scenario (default 1, whatever --workers or Ray: the records "
+                          "depend on it)")  # fmt: skip
     val.set_defaults(func=_validate)
 
     for command in sub.choices.values():  # every command, including ones added above later
@@ -375,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with (
             _progress_bars(enabled=not args.quiet),
+            _plain_warnings(),
             _torch_threads(args.threads or default_threads()),
             invoked_as(shlex.join(["capwrap", *argv])),
         ):
@@ -384,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("capwrap: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output stopped early (capwrap validate --list | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
     except EXPECTED_ERRORS as exc:
         if args.debug:
             raise
@@ -406,6 +432,25 @@ def describe_error(exc: BaseException) -> str:
     else:
         text = str(exc) or "no message"
     return f"{' '.join(text.split())} ({type(exc).__name__}; run with --debug for the traceback)"
+
+
+@contextlib.contextmanager
+def _plain_warnings():
+    """capwrap's own warnings (:class:`~capwrap.errors.CapwrapWarning`) as one line each,
+    ``capwrap: warning: ...``, without the source line Python shows; others as Python shows them."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CapwrapWarning):
+            print(f"capwrap: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 @contextlib.contextmanager

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 __all__ = [
     "CapwrapError",
+    "CapwrapWarning",
     "ConfigError",
     "HookNameError",
     "CheckpointError",
@@ -26,11 +27,19 @@ __all__ = [
     "TrainingDivergedError",
     "check_known_fields",
     "closest_matches",
+    "lookup",
 ]
+
+V = TypeVar("V")
 
 
 class CapwrapError(Exception):
     """Base class of every error capwrap raises on purpose."""
+
+
+class CapwrapWarning(UserWarning):
+    """Something capwrap did as asked but that is likely not what was meant (an adapter merged into
+    another base than the one it names); the command line prints it as ``capwrap: warning: ...``."""
 
 
 class ConfigError(CapwrapError, ValueError):
@@ -60,6 +69,25 @@ class TrainingDivergedError(CapwrapError, RuntimeError):
 def closest_matches(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The ``n`` entries of ``choices`` that look most like ``name`` (for "did you mean")."""
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+
+
+def lookup(mapping: Mapping[str, V], name: str, missing: str, otherwise: str) -> V:
+    """``mapping[name]``; a missing ``name`` raises a :class:`ConfigError` that says ``missing`` and
+    then the closest names ("did you mean"), or ``otherwise`` when none is close.
+
+    Examples:
+        >>> lookup({"L0H1": 1}, "L0H1", "no head", "")
+        1
+        >>> lookup({"L0H1": 1, "L1H0": 2}, "L0H2", "no head 'L0H2'", "heads look like 'L0H1'")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: no head 'L0H2'; did you mean ['L0H1', 'L1H0']?
+    """
+    try:
+        return mapping[name]
+    except KeyError:
+        hint = closest_matches(name, mapping)
+        raise ConfigError(missing + (f"; did you mean {hint}?" if hint else f"; {otherwise}")) from None
 
 
 def check_known_fields(cls: type, data: dict[str, Any]) -> None:

@@ -209,7 +209,7 @@ def _column_text(column: pd.Series, name: str, float_format: str) -> list[str]:
     values = column.astype(float).to_numpy()
     finite = values[np.isfinite(values)]
     whole = len(finite) > 0 and bool(np.all(finite == np.round(finite)))
-    integer = whole and (
+    integer = pd.api.types.is_integer_dtype(column) or whole and (
         name.split("_")[-1] in INTEGER_COLUMNS or name in INTEGER_COLUMNS or bool(np.any(np.abs(finite) > 1))
     )
     return [_number(v, float_format, integer) for v in values]

@@ -45,6 +45,9 @@ ARCHITECTURES: dict[str, str] = {name: f.hf_class or "TransformerLensNative" for
 HOOKED_MAX_CONTEXT = 4096
 #: Spec fields that only some families' configs can express (see ``Family.configurable``).
 _ATTENTION_BIAS = ("qkv_bias", "o_bias")
+#: Fields added to the spec after its dict first keyed caches, left out of :meth:`ModelSpec.identity`
+#: when they hold what the other fields imply (``features``: the architecture's block features).
+IMPLIED_FIELDS: tuple[str, ...] = ("features",)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,25 @@ class ModelSpec:
             del data["hf_config"]
         return data
 
+    def identity(self) -> dict[str, Any]:
+        """The spec as a dict for cache keys: :meth:`to_dict` without the fields that hold only what
+        the rest implies (:data:`IMPLIED_FIELDS`), so that keys made before such a field existed
+        still find what they cached (the suite's shipped controls).
+
+        Examples:
+            >>> spec = ModelSpec(d_vocab=9, n_ctx=8, n_layers=2)
+            >>> "features" in spec.to_dict(), "features" in spec.identity()
+            (True, False)
+            >>> ModelSpec.from_dict(spec.identity()) == spec
+            True
+        """
+        data = self.to_dict()
+        for name in IMPLIED_FIELDS:
+            rest = {k: v for k, v in data.items() if k != name}
+            if ModelSpec.from_dict(rest) == self:
+                data = rest
+        return data
+
     def differences(self, other: ModelSpec) -> str:
         """The fields in which ``other`` differs, as ``"n_layers (2 vs 4), d_model (...)"``; empty if none.
 
@@ -268,6 +290,22 @@ class ModelSpec:
             elif a.get(f) != b.get(f):
                 out.append(f"{f} ({a.get(f)} vs {b.get(f)})")
         return ", ".join(out)
+
+    def mismatch(self, recorded: dict[str, Any] | None) -> str:
+        """How a spec saved as a dict (a run store's, a checkpoint's) differs from this model's, as
+        :meth:`differences` says it (this model's value first); empty when it describes this model.
+
+        Examples:
+            >>> spec = ModelSpec(d_vocab=9, n_ctx=8, n_layers=2)
+            >>> spec.mismatch(ModelSpec(d_vocab=9, n_ctx=8, n_layers=4).to_dict()), spec.mismatch(spec.to_dict())
+            ('n_layers (2 vs 4)', '')
+        """
+        if self.same_as(recorded):
+            return ""
+        try:
+            return self.differences(ModelSpec.from_dict(recorded)) or "its spec"  # type: ignore[arg-type]
+        except (ConfigError, TypeError, AttributeError):
+            return "its spec, which cannot be read" if recorded is not None else "its spec, which was not recorded"
 
     def same_as(self, recorded: dict[str, Any] | None) -> bool:
         """Whether a spec saved as a dict (a run store's, a checkpoint's) describes this model.

@@ -22,7 +22,7 @@ from capwrap.analyzers.controls import never_had_it, untrained_like
 from capwrap.analyzers.probing import fit_probes, probe_features
 from capwrap.errors import ConfigError
 from capwrap.methods import NPO, FineTune, GradientAscent, TrainingMethod
-from capwrap.models import CapModel, load_model, save_model
+from capwrap.models import CapModel, ModelSpec, load_model, save_model
 from capwrap.provenance import environment
 from capwrap.tasks.base import Task
 from capwrap.tasks.spec import task_from_spec
@@ -109,12 +109,16 @@ def make_tuned(
     return start, made
 
 
+def control_key(spec: ModelSpec, downstream: Task, steps: int, seed: int) -> str:
+    """The folder name of a never-had-it control in a cache's ``controls``: a hash of what makes it."""
+    made_of = [spec.identity(), downstream.describe(), steps, seed]
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def make_control(base: CapModel, downstream: Task, steps: int, seed: int, cache: Path | None = None) -> CapModel:
     """A model of the base's shape that never had the capability: freshly initialized and trained on
     the downstream task alone for ``steps`` (Revival's control), from ``cache`` when made before."""
-    key = hashlib.sha256(json.dumps([base.spec.to_dict(), downstream.describe(), steps, seed], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]  # fmt: skip
-    folder = None if cache is None else Path(cache) / "controls" / key
+    folder = None if cache is None else Path(cache) / "controls" / control_key(base.spec, downstream, steps, seed)
     if folder is not None and (folder / "model.safetensors").exists():
         return load_model(folder, backend=base.backend)
     control = never_had_it(base, downstream, steps, seed)

@@ -58,6 +58,7 @@ import dataclasses
 import datetime
 import itertools
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +68,7 @@ import pandas as pd
 
 from capwrap.analyzers.bootstrap import percentile_interval
 from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, VerdictRule, decide, declared_directions
+from capwrap.errors import ConfigError
 from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
 from capwrap.validation.scenarios import record_truth, scenario_of
@@ -195,12 +197,16 @@ def fit_rule(
             in for statistics without enough findings (default: the shipped rule).
         command: the command that produced the fit (kept in the rule's provenance).
         kind_weights: the structural kind's weights to choose among besides ``start``'s (step 4);
-            ``None`` or empty, or records without structural evidence or without scored findings:
-            keep ``start``'s.
+            ``None`` or empty, or records without structural evidence: keep ``start``'s.
+
+    Raises:
+        ConfigError: ``records`` are not records, hold held-out scenarios, or have no finding whose
+            truth is ``wrapper`` or none whose truth is ``capability_change``.
     """
     from capwrap.diagnosis.rule import default_rule
 
     start = start or default_rule()
+    _check_fittable(records, start)
     if any(w <= 0 for w in kind_weights or ()):
         raise ValueError(f"kind weights must be positive, got {list(kind_weights or ())}")
     if not kind_weights or not any(e.get("kind") == "structural" for r in records for e in r["evidence"]):
@@ -231,6 +237,30 @@ def fit_rule(
     table = [{k: (_round(v) if isinstance(v, float) else v) for k, v in c.items() if k not in ("start", "rule")}
              for c in candidates]  # fmt: skip
     return dataclasses.replace(chosen, provenance=_provenance(records, chosen, command, table))
+
+
+def _check_fittable(records: Any, start: VerdictRule) -> None:
+    """Raise a clear error for records a rule should not be fitted on: not records, held-out ones
+    (fitting on them would make the held-out half calibration data), or none whose truth is
+    ``wrapper`` and none whose truth is ``capability_change`` (nothing to place a cut between)."""
+    if isinstance(records, (str, bytes, os.PathLike)) or not all(isinstance(r, dict) for r in records):
+        raise ConfigError(
+            "records must be a list of validation records: load them with "
+            "capwrap.validation.load_records(OUT, capwrap.validation.scenarios('calibration'))"
+        )
+    held = sorted(r["scenario"]["name"] for r in records if r.get("scenario", {}).get("split") == "held-out")
+    if held:
+        raise ConfigError(
+            f"{len(held)} of the records are of held-out scenarios ({', '.join(held[:2])}{', ...' if len(held) > 2 else ''}): "
+            "a rule fitted on them would turn the held-out half into calibration data, and its held-out accuracy "
+            "would measure nothing. Fit on the calibration half (capwrap validate --split calibration --fit RULE)"
+        )
+    truths = {t for r in records for t in record_truth(r, start).values()}
+    if missing := [t for t in ("wrapper", "capability_change") if t not in truths]:
+        raise ConfigError(
+            f"nothing to fit: no finding of the {len(records)} records has the truth {' or '.join(missing)}, so no cut "
+            "can be placed between the truths; fit on records with both (the calibration half: --split calibration)"
+        )
 
 
 def _fit_with_weights(records: Sequence[dict[str, Any]], start: VerdictRule) -> VerdictRule:

@@ -281,9 +281,9 @@ class ValidationResult:
             "truth \\ verdict",
             self.confusion().to_string(),
             "",
-            self.families().to_string(index=False, float_format=lambda v: f"{v:.2f}"),
+            _table_text(self.families(), "no scored findings, so no accuracy per family"),
             "",
-            self.analyzers().to_string(index=False, float_format=lambda v: f"{v:.2f}"),
+            _table_text(self.analyzers(), "no scored findings, so no analyzer is compared with the truth"),
         ]
         unknown = self.unknown()
         if len(unknown):
@@ -350,11 +350,11 @@ class ValidationResult:
         report.add_text("Families", "Per task family and base: scored findings, how many the verdict gets right, "
                         f"the accuracy with its {LEVEL:.0%} interval over the group's scenarios, and verdicts in the "
                         "wrong direction.")  # fmt: skip
-        report.add_table(self.families())
+        _add_table(report, self.families())
         report.add_text("Analyzers", "How often each analyzer points the right way where it points at all, how often it "
                         "does, and how well its statistic separates wrapper from capability-change truths (AUC), with "
                         f"{LEVEL:.0%} intervals over the suite's scenarios.")  # fmt: skip
-        report.add_table(self.analyzers())
+        _add_table(report, self.analyzers())
         fig = go.Figure()
         for truth, part in self.rows.groupby("truth"):
             fig.add_trace(go.Box(x=part["question"], y=part["score"], name=truth, boxpoints="all", text=part["name"]))
@@ -374,6 +374,19 @@ class ValidationResult:
             "Rule", json.dumps(self.rule.provenance, indent=1) if self.rule.provenance else "(no provenance)"
         )
         return report
+
+
+def _add_table(report: Report, frame: pd.DataFrame) -> None:
+    """``frame`` as a table of ``report``, or a note when it has no rows."""
+    if len(frame):
+        report.add_table(frame)
+    else:
+        report.add_text(None, "(no scored findings)")
+
+
+def _table_text(frame: pd.DataFrame, empty: str) -> str:
+    """``frame`` for the terminal, or ``empty`` when it has no rows."""
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.2f}") if len(frame) else f"({empty})"
 
 
 def _clean(value: Any) -> Any:

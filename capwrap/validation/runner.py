@@ -193,13 +193,14 @@ def run_suite(
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
     memory: Memory = "normal",
+    threads: int = 1,
 ) -> list[dict[str, Any]]:
     """Run every scenario that has no record in ``out`` yet; return all their records.
 
     Args:
         scenarios: what to run (see :func:`~capwrap.validation.scenarios.scenarios`).
         out: the results folder (records go to ``out/scenarios``).
-        workers: local worker processes (each with ``cores // workers`` torch threads).
+        workers: local worker processes.
         ray_address: run on a Ray cluster instead (``"local"`` starts one on this machine): one task
             of one CPU per scenario; records come back to this process and are written to ``out``
             here, so the nodes need no shared file system (each keeps its own ``cache``, at the same
@@ -212,21 +213,35 @@ def run_suite(
         memory: each diagnosis's memory mode (``"low"``: the models take turns and revival trains
             in about one model's memory, see :func:`~capwrap.diagnose`); ``out`` must not hold
             records made in the other mode.
+        threads: torch threads per scenario, locally and on Ray (default 1). Training and
+            reductions on the CPU give other bits with another number of threads, so the records
+            are the same whatever ``workers`` or the cluster only at a fixed number.
 
     Raises:
         CapwrapError: some scenarios failed (their records say why); the others are kept.
+        ConfigError: bad arguments; ``out`` holds a record made from another definition of a
+            scenario (the suite changed since), or records of the other memory mode.
     """
     from tqdm.auto import tqdm
 
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if isinstance(scenarios, Scenario) or not all(isinstance(s, Scenario) for s in scenarios):
+        raise ConfigError("scenarios must be a list of Scenario, e.g. capwrap.validation.scenarios('held-out')")
+    for name, value in (("workers", workers), ("threads", threads), ("n_boot", n_boot)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
     check_memory(memory)
     out = Path(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)
     cache = (Path(cache) if cache is not None else out / "cache").resolve()  # absolute: Ray nodes get the path
     copy_missing(SUITE_ASSETS / "cache", cache)  # the shipped controls and their runs
     done = [s for s in scenarios if record_path(out, s).exists()]
-    other = sorted({r.get("memory", "normal") for r in load_records(out, done)} - {memory})
+    kept = load_records(out, done)
+    if stale := [s.name for s, r in zip(done, kept, strict=True) if not _same_definition(s, r.get("scenario"))]:
+        raise ConfigError(
+            f"{out} holds records of {len(stale)} scenarios made from another definition of them ({stale[:3]}): the suite "
+            "changed since they were made. Give another --out, or delete those records to run them again"
+        )
+    other = sorted({r.get("memory", "normal") for r in kept} - {memory})
     if other:
         raise ConfigError(
             f"{out} holds records of diagnoses made with memory={other[0]!r}, not {memory!r}; give another --out "
@@ -237,12 +252,11 @@ def run_suite(
         log(
             f"{len(scenarios) - len(todo)} of {len(scenarios)} scenarios already have records in {out}; running {len(todo)}"
         )
-    threads = max(1, (os.cpu_count() or 1) // workers)
     args = (str(out), str(cache), None if rule is None else rule.to_dict(), n_boot, memory)
     failed: list[str] = []
     bar = tqdm(total=len(todo), desc="validate", disable=not progress)
     if todo and ray_address is not None:
-        failed = _run_on_ray(todo, args, ray_address, bar, log)
+        failed = _run_on_ray(todo, args, ray_address, bar, log, threads)
     elif todo and workers == 1:
         for s in todo:
             failed += _one(lambda s=s: _run_to_file(s, *args, threads), s.name, bar, log)
@@ -271,7 +285,18 @@ def _one(run: Callable[[], Any], name: str, bar: Any, log: Callable[[str], None]
     return []
 
 
-def _run_on_ray(todo: list[Scenario], args: tuple, address: str, bar: Any, log: Callable[[str], None]) -> list[str]:
+def _same_definition(scenario: Scenario, recorded: Any) -> bool:
+    """Whether a record's scenario is ``scenario`` as the suite defines it now (fields a record made
+    before they existed lacks take their defaults)."""
+    try:
+        return Scenario.from_dict(recorded) == scenario
+    except (TypeError, KeyError):
+        return False
+
+
+def _run_on_ray(
+    todo: list[Scenario], args: tuple, address: str, bar: Any, log: Callable[[str], None], threads: int
+) -> list[str]:
     """Each scenario a Ray task of one CPU; the records come back to this process, which writes them
     (the cluster's nodes need no shared file system; each keeps its own model cache)."""
     try:
@@ -280,8 +305,8 @@ def _run_on_ray(todo: list[Scenario], args: tuple, address: str, bar: Any, log: 
         raise ConfigError("running on Ray needs the ray extra: pip install 'capwrap[ray]'") from None
     out, cache, rule_dict, n_boot, memory = args
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(_run_record)
-    pending = {remote.remote(s, cache, rule_dict, n_boot, memory, 1, True): s for s in todo}
+    remote = ray.remote(num_cpus=threads)(_run_record)
+    pending = {remote.remote(s, cache, rule_dict, n_boot, memory, threads, True): s for s in todo}
     failed = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -124,6 +124,17 @@ LEARNING_RATES: dict[str, dict[str, float]] = {
 }
 
 
+def _check_spec(what: str, spec: Any) -> None:
+    """Raise a clear error for a task spec that cannot make a task (PCFG specs are made here in full;
+    the others, which need their model, only parsed)."""
+    from capwrap.tasks.spec import parse_spec, task_from_spec
+
+    if not isinstance(spec, str):
+        raise ConfigError(f"the {what} task must be a spec string such as 'pcfg=count,operand=a', got {spec!r}")
+    if "pcfg" in parse_spec(spec):
+        task_from_spec(spec)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a scenario's tuned model is made from its base.
@@ -155,6 +166,19 @@ class Recipe:
     start_from: str | None = None
 
     def __post_init__(self) -> None:
+        _check_spec("task", self.task)
+        if self.retain is not None:
+            _check_spec("retain", self.retain)
+        if self.optimizer not in LEARNING_RATES:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose {' or '.join(LEARNING_RATES)}")
+        for name, value, low in (("lr", self.lr, 0.0), ("weight_noise", self.weight_noise, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+                raise ConfigError(f"Recipe.{name} must be a number >= {low}, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"Recipe.lr must be positive, got {self.lr!r}")
+        for name, value, low in (("steps", self.steps, 0), ("batch_size", self.batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"Recipe.{name} must be a whole number >= {low}, got {value!r}")
         if self.reinit not in ("", "blocks", "attention", "mlp", "latent"):
             raise ConfigError(f"unknown reinit {self.reinit!r}; choose blocks, attention, mlp or latent")
         if self.method not in ("finetune", "gradient_ascent", "npo"):
@@ -191,6 +215,10 @@ class Scenario:
             )
         if self.kind not in ("wrapper", "removed", "genuine", "kept", "unknown"):
             raise ConfigError(f"unknown scenario kind {self.kind!r}")
+        if self.split not in ("calibration", "held-out"):
+            raise ConfigError(f"unknown split {self.split!r} of scenario {self.name!r}; choose calibration or held-out")
+        _check_spec("capability", self.capability)
+        _check_spec("downstream", self.downstream)
 
     def truth(
         self, gates: dict[str, str | None], accuracy: dict[str, dict[str, float]] | None = None
@@ -477,7 +505,7 @@ def scenario(name: str) -> Scenario:
     raise ConfigError(
         f"no scenario named {name!r}"
         + (f"; closest: {hint}" if hint else "")
-        + "; list them with capwrap validate --list"
+        + "; list them with capwrap validate --list --split all"
     )
 
 
@@ -517,8 +545,13 @@ def scenarios(
         for pattern in names:
             hits = [s for s in chosen if fnmatch.fnmatchcase(s.name, pattern)]
             if not hits:
+                elsewhere = sorted({s.split for s in SUITE if fnmatch.fnmatchcase(s.name, pattern)})
+                if elsewhere:
+                    raise ConfigError(
+                        f"scenario {pattern!r} is in the {' and '.join(elsewhere)} split, not the {split} one: pass "
+                        f"--split {elsewhere[0] if len(elsewhere) == 1 else 'all'} (or --split all)"
+                    )
                 scenario(pattern)  # raises with the closest names
-                raise ConfigError(f"scenario {pattern!r} is not in the {split} split")
             picked += [s for s in hits if s not in picked]
         chosen = picked
     if kinds:

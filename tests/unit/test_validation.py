@@ -82,6 +82,25 @@ def test_a_removed_capability_is_fine_tuned_where_the_correlation_never_holds():
     assert parse_spec(wrapper.recipe.task)["correlation"] == "1"
 
 
+def test_every_scenarios_never_had_it_control_ships_with_its_runs():
+    """The shipped cache holds the control of every scenario, under the key the runner computes (a
+    spec field added later must not change it: the controls were retrained on every run while the
+    key included ``features``), and nothing else."""
+    from capwrap.tasks.spec import task_from_spec
+    from capwrap.validation.bases import SUITE_ASSETS, load_base
+    from capwrap.validation.build import control_key
+    from capwrap.validation.runner import CONTROL_STEPS
+
+    bases: dict = {}
+    needed = set()
+    for s in scenarios("all"):
+        base = bases.setdefault(s.base, load_base(s.base))
+        needed.add(control_key(base.spec, task_from_spec(s.downstream, model=base), CONTROL_STEPS, 0))
+    shipped = SUITE_ASSETS / "cache" / "controls"
+    assert {folder.name for folder in shipped.iterdir()} == needed
+    assert all((shipped / key / "model.safetensors").is_file() for key in needed)
+
+
 def test_selecting_scenarios():
     assert [s.name for s in scenarios("all", ["cal/kept/*"])] == ["cal/kept/noop/s4", "cal/kept/tiny/s4"]
     assert {s.kind for s in scenarios("held-out", kinds=["removed"])} == {"removed"}
@@ -362,7 +381,8 @@ def test_the_fit_chooses_the_structural_weight_that_predicts_left_out_scenarios(
     assert ValidationResult.from_records(records, rule).accuracy == 1.0
     assert fit_rule(records, start=start, kind_weights=None).kind_weights["structural"] == 1.0  # held
     # without structural evidence every weight ties: the starting one stays
-    assert fit_rule(records[8:], start=start).kind_weights["structural"] == 1.0
+    functional = [{**r, "evidence": [e for e in r["evidence"] if e["kind"] != "structural"]} for r in records]
+    assert fit_rule(functional, start=start).kind_weights["structural"] == 1.0
     # structural evidence that agrees everywhere: every weight ties, and a start off the grid stays
     wrappers[3]["evidence"][-1]["value"] = 0.1
     wrappers[3]["evidence"][-1]["replicates"] = [0.1] * 20
@@ -370,10 +390,11 @@ def test_the_fit_chooses_the_structural_weight_that_predicts_left_out_scenarios(
     tied = fit_rule(records, start=off_grid)
     assert tied.kind_weights["structural"] == 0.6
     assert [c["structural"] for c in tied.provenance["kind_weight_fit"]] == sorted({*KIND_WEIGHT_GRID, 0.6})
-    # nothing scored (a large-rate fine-tune's truth is unknown): no weight can be told apart, and no crash
+    # nothing scored (a large-rate fine-tune's truth is unknown): nothing to fit, and it says so
     unknown = _record("cal/count-b/adamw-large-c1/s1", [("probing", "deletion", "probe_kept_share", 0.5)], LOST)
     unknown["evidence"].append({**wrappers[0]["evidence"][-1]})
-    assert fit_rule([unknown], start=off_grid).kind_weights["structural"] == 0.6
+    with pytest.raises(ConfigError, match="nothing to fit"):
+        fit_rule([unknown], start=off_grid)
 
 
 def test_sensitivity_counts_flips_per_number(records):
@@ -507,3 +528,54 @@ def test_truth_is_by_construction_and_needs_a_fine_tune_that_learned():
     old = _record("cal/removed-count-a/reinit-mlp/s3", [], LOST)
     old["scenario"]["kind"] = "removed"  # as the first suite recorded it
     assert record_truth(old, VerdictRule()) == {"deletion": "unknown", "creation": "unknown"}
+
+
+def test_a_record_of_another_definition_of_its_scenario_is_refused_not_reused(tmp_path, records):
+    """A record made before the suite changed a scenario (its recipe, its kind) would be scored as the
+    new definition; the runner names it instead of reusing it."""
+    chosen = scenarios("calibration", ["cal/count-b/adamw-small-c1/s1"])
+    stale = {**records[0], "scenario": {**records[0]["scenario"], "kind": "removed"}}
+    record_path(tmp_path, chosen[0]).parent.mkdir(parents=True)
+    write_json_atomic(record_path(tmp_path, chosen[0]), stale)
+    with pytest.raises(ConfigError, match=r"made from another definition of them \(\['cal/count-b/adamw-small-c1/s1'\]\)"):
+        run_suite(chosen, tmp_path, workers=1, progress=False)
+    with pytest.raises(ConfigError, match="scenarios must be a list of Scenario"):
+        run_suite(chosen[0], tmp_path)
+    with pytest.raises(ConfigError, match="n_boot must be a positive whole number, got 0"):
+        run_suite(chosen, tmp_path, n_boot=0)  # before any scenario is built
+
+
+def test_a_rule_is_fitted_only_on_calibration_records_with_both_truths(records):
+    held = [{**r, "scenario": {**r["scenario"], "split": "held-out"}} for r in records]
+    with pytest.raises(ConfigError, match="held-out scenarios .*Fit on the calibration half"):
+        fit_rule(held)
+    kept_only = [r for r in records if r["scenario"]["kind"] == "kept"]
+    with pytest.raises(ConfigError, match="nothing to fit: no finding of the 1 records has the truth wrapper or "
+                                          "capability_change"):  # fmt: skip
+        fit_rule(kept_only)
+    with pytest.raises(ConfigError, match="load_records"):
+        fit_rule("out/validation")
+
+
+def test_scenarios_are_checked_when_made_and_named_with_their_split():
+    from capwrap.validation.scenarios import Recipe, Scenario
+
+    with pytest.raises(ConfigError, match="unknown PCFG family 'cnt'"):
+        Recipe("pcfg=cnt", 1e-3)
+    with pytest.raises(ConfigError, match="Recipe.lr must be a number >= 0.0, got '3e-5'"):
+        Recipe("pcfg=count,operand=a", "3e-5")
+    with pytest.raises(ConfigError, match="unknown optimizer 'adam'"):
+        Recipe("pcfg=count,operand=a", 1e-3, optimizer="adam")
+    good = scenario("cal/count-b/adamw-small-c1/s1")
+    with pytest.raises(ConfigError, match="unknown split 'heldout'"):
+        Scenario(**{**dataclasses.asdict(good), "recipe": good.recipe, "split": "heldout"})
+    with pytest.raises(ConfigError, match=r"is in the calibration split, not the held-out one: pass --split calibration"):
+        scenarios("held-out", ["cal/kept/*"])
+
+
+def test_validate_keeps_each_splits_result_and_says_when_nothing_matches(capsys, tmp_path):
+    write_json_atomic(tmp_path / "validation.json", {"split": "held-out", "scenarios": []})
+    assert main(["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--out", str(tmp_path)]) == 2
+    assert "holds the result of the held-out split" in capsys.readouterr().err
+    assert main(["validate", "--kind", "removed", "--scenario", "held/kept/noop/s74", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("capwrap: error: no scenario matches")
