@@ -35,6 +35,7 @@ from capwrap.demo import DemoResult, run_demo  # noqa: E402
 from capwrap.diagnosis import Diagnosis, Finding, VerdictRule, default_analyzers, diagnose  # noqa: E402
 from capwrap.errors import (  # noqa: E402
     CapwrapError,
+    CapwrapWarning,
     CheckpointError,
     ConfigError,
     HookNameError,
@@ -102,6 +103,7 @@ __all__ = [
     "load_texts",
     "CapModel",
     "CapwrapError",
+    "CapwrapWarning",
     "CheckpointError",
     "ComponentMap",
     "ConfigError",
@@ -130,3 +132,12 @@ __all__ = [
     "train",
     "wrap_hf_model",
 ]
+
+
+def __getattr__(name: str):
+    """``capwrap.integrations`` (the Hugging Face ``Trainer`` callback) is imported on first use."""
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module("capwrap.integrations")
+    raise AttributeError(f"module 'capwrap' has no attribute {name!r}")

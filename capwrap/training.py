@@ -289,6 +289,14 @@ def train(
         StoreError: resuming a store that has no training checkpoint.
     """
     config = config or TrainConfig()
+    if not isinstance(config, TrainConfig):
+        hint = f"TrainConfig(**{config!r})" if isinstance(config, dict) else "TrainConfig(steps=..., lr=...)"
+        raise ConfigError(f"config must be a capwrap.TrainConfig, got {type(config).__name__}: pass {hint}")
+    if not isinstance(model, CapModel):
+        raise ConfigError(
+            f"model must be a loaded capwrap model, got {type(model).__name__}: load it with capwrap.load_model(...) "
+            "or wrap a live Hugging Face model with capwrap.models.live.wrap_hf_model(...)"
+        )
     method = method if method is not None else FineTune()
     if not isinstance(method, TrainingMethod):
         raise ConfigError(f"method must be a capwrap.methods.TrainingMethod, got {type(method).__name__}")

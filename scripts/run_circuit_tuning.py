@@ -11,24 +11,12 @@ its figures.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from run_paper_pcfg import execute_notebook
+from run_paper_pcfg import main
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "tutorials" / "05_circuit_tuning.ipynb"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="circuit_tuning_full.ipynb", help="where to write the executed notebook")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--small", action="store_true", help="the small (CI) configuration instead")
-    parser.add_argument("--timeout", type=int, default=6 * 3600, help="seconds per cell")
-    args = parser.parse_args()
-    out = execute_notebook(NOTEBOOK, Path(args.out), full=not args.small, device=args.device, timeout=args.timeout)
-    print(f"wrote {out}")
-
-
 if __name__ == "__main__":
-    main()
+    main(NOTEBOOK, "circuit_tuning_full.ipynb", __doc__)

@@ -36,14 +36,15 @@ def execute_notebook(notebook: Path, out: Path, *, full: bool, device: str | Non
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="paper_pcfg_full.ipynb", help="where to write the executed notebook")
+def main(notebook: Path = NOTEBOOK, default_out: str = "paper_pcfg_full.ipynb", doc: str = __doc__) -> None:
+    """The command line of a script that runs one tutorial in its full configuration."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=default_out, help="where to write the executed notebook")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--small", action="store_true", help="the small (CI) configuration instead")
     parser.add_argument("--timeout", type=int, default=6 * 3600, help="seconds per cell")
     args = parser.parse_args()
-    out = execute_notebook(NOTEBOOK, Path(args.out), full=not args.small, device=args.device, timeout=args.timeout)
+    out = execute_notebook(notebook, Path(args.out), full=not args.small, device=args.device, timeout=args.timeout)
     print(f"wrote {out}")
 
 

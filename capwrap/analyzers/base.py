@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -81,6 +82,26 @@ Question = Literal["deletion", "creation"]
 EVAL_SETS = ("capability", "downstream", "downstream_free")
 
 
+def check_models(base: object, tuned: object) -> None:
+    """Raise a clear error unless ``base`` and ``tuned`` are loaded models (:class:`CapModel`): a path
+    or a name is not loaded for the caller, and the error says how to load it.
+
+    Examples:
+        >>> check_models("models/base", "models/adapter")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: base is a str ('models/base'), not a loaded model: ...
+    """
+    for which, model in (("base", base), ("tuned", tuned)):
+        if not isinstance(model, CapModel):
+            shown = f" ({model!r})" if isinstance(model, (str, os.PathLike)) else ""
+            raise ConfigError(
+                f"{which} is a {type(model).__name__}{shown}, not a loaded model: load it with "
+                "capwrap.load_model(PATH_OR_NAME) (a LoRA adapter: load_model(BASE, adapter=ADAPTER_DIR)), or diagnose "
+                "two checkpoint folders as they are with capwrap.diagnosis.diagnose_checkpoints(BASE, TUNED, capability, downstream)"
+            )
+
+
 @dataclass
 class ModelPair:
     """A base model and a fine-tuned version of it, of the same architecture and shape.
@@ -101,6 +122,7 @@ class ModelPair:
     residency: Residency | None = None
 
     def __post_init__(self) -> None:
+        check_models(self.base, self.tuned)
         detail = self.base.spec.differences(self.tuned.spec)
         if detail:
             raise ConfigError(
@@ -170,11 +192,10 @@ class ModelPair:
 
 def check_store_matches(pair: ModelPair, store: RunStore) -> None:
     """Raise if ``store`` was recorded from a model of another shape than ``pair``'s."""
-    recorded = store.meta.get("spec")
-    if not pair.spec.same_as(recorded):
+    if detail := pair.spec.mismatch(store.meta.get("spec")):
         raise ConfigError(
-            f"the RunStore at {store.path} was recorded from another model ({recorded}); "
-            "pass the store of the run that produced this tuned model"
+            f"the RunStore at {store.path} was recorded from another model: it differs in {detail} (this pair's "
+            "value first); pass the store of the run that produced this tuned model"
         )
 
 

@@ -50,7 +50,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from capwrap.errors import ConfigError, closest_matches
+from capwrap.errors import ConfigError, lookup
 from capwrap.models.components import ParamSlice
 from capwrap.models.layouts import canonical_names
 from capwrap.models.spec import ModelSpec
@@ -196,14 +196,8 @@ class Graph:
 
     def edge_index(self, name: str) -> int:
         """The position of edge ``upstream->downstream`` in edge order."""
-        try:
-            return self._edge_index[name]
-        except KeyError:
-            hint = closest_matches(name, self._edge_index)
-            raise ConfigError(
-                f"no edge {name!r} in this graph"
-                + (f"; did you mean {hint}?" if hint else "; edges look like 'L0H1->L2H0.q' or 'L1.mlp->logits'")
-            ) from None
+        return lookup(self._edge_index, name, f"no edge {name!r} in this graph",
+                      "edges look like 'L0H1->L2H0.q' or 'L1.mlp->logits'")  # fmt: skip
 
     def upstream_node(self, name: str) -> Node:
         """The upstream node called ``name``."""
@@ -223,14 +217,7 @@ class Graph:
 
     @staticmethod
     def _lookup(index: dict[str, int], name: str, side: str) -> int:
-        try:
-            return index[name]
-        except KeyError:
-            hint = closest_matches(name, index)
-            raise ConfigError(
-                f"no {side} node {name!r}"
-                + (f"; did you mean {hint}?" if hint else f"; {side} nodes: {list(index)[:6]} ...")
-            ) from None
+        return lookup(index, name, f"no {side} node {name!r}", f"{side} nodes: {list(index)[:6]} ...")
 
     def has_edge(self, upstream: str, downstream: str) -> bool:
         """Whether ``upstream`` writes into what ``downstream`` reads."""

@@ -150,8 +150,17 @@ def _diagnose_files(
     dispatch: dict[str, Any] | None,
 ) -> Diagnosis:
     from capwrap.models import load_model
-    from capwrap.models.adapters import is_adapter_folder
+    from capwrap.models.adapters import is_adapter_folder, named_base
     from capwrap.tasks.spec import task_from_spec
+
+    if is_adapter_folder(base):
+        trained_on = named_base(base)
+        raise ConfigError(
+            f"BASE {base} is a LoRA adapter, not a base model: the base of a diagnosis is the model before "
+            f"fine-tuning, and an adapter goes second, as TUNED (`capwrap diagnose {trained_on or 'BASE'} {base} ...`; "
+            "were the two swapped?). To compare two fine-tunes, merge the first adapter into its base "
+            "(save_model(load_model(BASE, adapter=ADAPTER), FOLDER)) and pass that folder as BASE"
+        )
 
     def placement(which: str) -> dict[str, Any]:
         """load_model's arguments that say where the model goes (each model offloads to a folder of its own)."""

@@ -42,6 +42,7 @@ from capwrap.analyzers import (
     Revival,
     WeightDiff,
 )
+from capwrap.analyzers.base import check_models
 from capwrap.diagnosis.result import Diagnosis
 from capwrap.diagnosis.rule import VerdictRule, default_rule
 from capwrap.errors import ConfigError
@@ -142,7 +143,7 @@ def diagnose(
         memory: ``"normal"``: both models stay in memory, and analyzers work on copies;
             ``"low"``: the models take turns in memory (a :class:`~capwrap.models.residency.Residency`;
             the other one waits in a temporary file), and analyzers work on the models themselves and
-            undo their changes — about one model of memory, for the same numbers (the default
+            undo their changes — about one model of memory, for the same numbers but revival's (the default
             analyzers then include ``Revival(low_memory=True)``, whose training holds no gradient or
             optimizer state the size of the model: its step counts are Adafactor's). If the models
             already take turns in a residency, it is used and left open; else one is made for the
@@ -158,6 +159,7 @@ def diagnose(
             analyzers repeat a name, or the list is empty.
     """
     check_memory(memory)
+    check_models(base, tuned)
     if not (base.copyable and tuned.copyable):
         memory = "low"  # analyzers cannot work on copies: the models take turns and are edited in place
     residency, own = None, False

@@ -7,7 +7,8 @@ peft LoRA adapter. When training starts it wraps the live model with
 opens a :class:`~capwrap.recording.Recorder`; after every optimizer step — with the weights just
 updated and the gradients still there — it records the step: the training loss (the mean over the
 step's micro-batches, from the model's own output), the learning rate the step used, the gradient
-norm, and every ``every`` steps the hooks' activations on the probe batch and the per-component
+norm (of the parameters the Trainer trains — a LoRA run's adapter factors — before clipping, as the
+Trainer logs it), and every ``every`` steps the hooks' activations on the probe batch and the per-component
 weight-change and gradient norms. The store has the layout :func:`capwrap.train` writes, so every
 analyzer reads it. Evaluation metrics stay in the Trainer's own log (``trainer.state.log_history``).
 
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from capwrap.errors import ConfigError, StoreError
 from capwrap.models.live import wrap_hf_model
-from capwrap.recording.recorder import DEFAULT_COMPONENT_KINDS, Recorder
+from capwrap.recording.recorder import DEFAULT_COMPONENT_KINDS, Recorder, _total_sq
 from capwrap.recording.store import RunStore
 from capwrap.tasks.base import TaskBatch
 
@@ -99,6 +100,11 @@ class RecorderCallback(transformers.TrainerCallback):
         self._losses: list[Tensor] = []
         self._shares = False  # whether the model's losses are shares of the step's (Trainer's num_items_in_batch)
         self._hook: Any = None
+        self._grad_hooks: list[Any] = []
+        self._trainable: list[torch.nn.Parameter] = []
+        self._grad_norm: Tensor | None = None  # the step's gradient norm before clipping, on the device
+        self._measuring = False  # a measurement is queued for the end of the running backward pass
+        self._scaler: Any = None  # fp16's gradient scaler, whose scale the measured gradients carry
 
     # ---- Trainer events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
@@ -114,13 +120,20 @@ class RecorderCallback(transformers.TrainerCallback):
         self.recorder = Recorder(live, self.path, resume=resume, **self.settings)
         self.recorder.open()
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._gradient_accumulated) for p in self._trainable]
+        scaler = getattr(kwargs.get("optimizer"), "scaler", None)
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.recorder is None:
             return
-        scalars: dict[str, float] = {}
+        scalars: dict[str, float | Tensor] = {}
         if optimizer is not None:
             scalars["lr"] = float(optimizer.param_groups[0]["lr"])
+        if self._grad_norm is not None:
+            scalars["grad_norm"] = self._grad_norm
+            self._grad_norm = None
         loss = self._step_loss()
         self.recorder.step(loss=loss, **scalars)
 
@@ -128,6 +141,9 @@ class RecorderCallback(transformers.TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks, self._trainable = [], []
         if self.recorder is not None:
             self.recorder.close()
 
@@ -137,6 +153,25 @@ class RecorderCallback(transformers.TrainerCallback):
         if module.training and isinstance(loss, Tensor):
             self._losses.append(loss.detach())
             self._shares = kwargs.get("num_items_in_batch") is not None
+
+    def _gradient_accumulated(self, param: torch.nn.Parameter) -> None:
+        """A trained parameter's gradient was accumulated: measure the gradient norm once the running
+        backward pass ends. The Trainer clips the gradients after the step's last backward pass, so
+        the last measurement of a step is the norm before clipping, which the Trainer keeps to itself
+        (it logs it only every ``logging_steps``)."""
+        if not self._measuring:
+            self._measuring = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._measure_gradients)
+
+    def _measure_gradients(self) -> None:
+        """The norm of the trained parameters' gradients, left on the device (read back by the
+        recorder's writer thread); with fp16's gradient scaler, unscaled (a read of the scale)."""
+        self._measuring = False
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        if not grads:
+            return
+        norm = _total_sq(grads).sqrt()
+        self._grad_norm = norm / self._scaler.get_scale() if self._scaler is not None else norm
 
     def _step_loss(self) -> Tensor | None:
         """The step's loss: the sum of the micro-batches' shares when the Trainer weighs them by

@@ -204,6 +204,15 @@ class CircuitTuning(TrainingMethod):
         else:
             share = isinstance(self.max_params, float)
             self.budget = round(self.max_params * model.spec.n_params) if share else int(self.max_params)
+            edge_costs = [self._cost[0][u] + self._cost[1][d]
+                          for u, d in zip(self.graph.edge_up.tolist(), self.graph.edge_down.tolist(), strict=True)]  # fmt: skip
+            cheapest = min((c for c in edge_costs if c > 0), default=0)
+            if self.budget < cheapest:
+                raise ConfigError(
+                    f"CircuitTuning.max_params={self.max_params!r} allows {self.budget} parameters, fewer than the "
+                    f"cheapest edge that trains anything needs ({cheapest}): nothing would be trained. Give at least "
+                    f"{cheapest} (or a share of at least {cheapest / model.spec.n_params:.2g})"
+                )
         self.edges = self.scores = self.ever = self.scored_step = self._previous = None
         self._masks, self._ever_params = {}, 0
         return params

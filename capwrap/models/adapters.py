@@ -7,8 +7,8 @@ pair of factors ``A`` ``[r, in]`` and ``B`` ``[out, r]``, whose weight change is
 ranks and alphas from ``rank_pattern`` / ``alpha_pattern``), plus whole tensors the adapter
 replaces (``modules_to_save``, trained biases). :func:`read_adapter` reads it (safetensors only,
 unless ``allow_pickle``), :meth:`LoraAdapter.deltas` gives ``ΔW`` in the checkpoint's tensor
-names one module at a time, and :meth:`LoraAdapter.merge_into` adds them to a state dict: what
-``load_model(BASE, adapter=DIR)`` does, equal to peft's ``merge_and_unload``.
+names one module at a time, and :meth:`LoraAdapter.merge_into` adds them to a model's weights:
+what ``load_model(BASE, adapter=DIR)`` does, equal to peft's ``merge_and_unload``.
 
 Examples:
     >>> import json, tempfile, torch
@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from capwrap.errors import CheckpointError, ConfigError, closest_matches
+from capwrap.errors import CapwrapWarning, CheckpointError, ConfigError, closest_matches
+from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
+from capwrap.models.model import CapModel
 from capwrap.models.spec import ModelSpec
+from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -56,8 +60,9 @@ __all__ = [
     "LoraModule",
     "adapter_base",
     "adapter_hint",
+    "check_adapter_base",
     "is_adapter_folder",
-    "merge_adapter",
+    "named_base",
     "read_adapter",
 ]
 
@@ -217,21 +222,45 @@ class LoraAdapter:
         """The names of the weights the adapter's LoRA factors change."""
         return [m.weight_name for m in self.modules.values()]
 
-    def merge_into(self, spec: ModelSpec, state: dict[str, Tensor]) -> None:
-        """Add every ``ΔW`` to ``state`` (checkpoint names, as :func:`~capwrap.models.io.load_model`
-        reads them) and put in the replaced tensors, in place; each weight keeps its dtype.
+    def merge_into(self, model: CapModel) -> None:
+        """Add every ``ΔW`` to ``model``'s weights and put in the tensors the adapter replaces, in
+        place, through :meth:`~capwrap.models.CapModel.weights` — the tensors the model computes
+        with, on any backend and any placement (a model accelerate dispatched included) — each
+        weight keeping its dtype and device.
 
         Raises:
             CheckpointError: the adapter changes a tensor the base does not have, or one of
-                another shape (it was made for another model).
+                another shape (it was made for another model), or one capwrap does not map onto
+                its weights.
         """
-        self.check_fits(spec, {name: tensor.shape for name, tensor in state.items()})
+        spec = model.spec
+        self.check_fits(spec, checkpoint_shapes(spec))
+        weights = model.weights()
+        added: set[tuple[int, int, int]] = set()
         with torch.no_grad():
-            for name, tensor in self.replaced.items():  # base layers the adapter saved come first
-                state[name] = tensor.to(state[name].dtype)
-            for name, delta in self.deltas(spec).items():
-                target = state[name]
-                state[name] = (target.float() + delta).to(target.dtype)
+            for name, value in _canonical_parts(spec, self.replaced, self.path).items():  # replaced tensors first
+                weights[name].copy_(value)
+            for name, delta in _canonical_parts(spec, self.deltas(spec), self.path).items():
+                region = (delta.untyped_storage().data_ptr(), delta.storage_offset(), delta.numel())
+                if region in added:  # a tied embedding: one tensor under two names, changed once
+                    continue
+                added.add(region)
+                target = weights[name]
+                target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
+
+
+def _canonical_parts(spec: ModelSpec, tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """The canonical weights that checkpoint ``tensors`` make up (views); every tensor must make up
+    at least one."""
+    views = canonical_views_of_some(spec, tensors)
+    covered = {view.untyped_storage().data_ptr() for view in views.values()}
+    if unmapped := [name for name, t in tensors.items() if t.untyped_storage().data_ptr() not in covered]:
+        raise CheckpointError(
+            f"the adapter at {path} changes {unmapped[:3]}, which capwrap does not map onto the model's weights; "
+            "merge it with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) "
+            "and load the merged folder"
+        )
+    return views
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
@@ -281,14 +310,15 @@ def adapter_hint(folder: str | os.PathLike) -> str:
     )
 
 
-def merge_adapter(
-    adapter: str | os.PathLike, spec: ModelSpec, state: dict[str, Tensor], allow_pickle: bool = False
-) -> dict[str, Any]:
-    """Read the adapter folder ``adapter`` and merge it into ``state`` (see
-    :meth:`LoraAdapter.merge_into`); returns its description (:meth:`LoraAdapter.describe`)."""
-    lora = read_adapter(adapter, allow_pickle)
-    lora.merge_into(spec, state)
-    return lora.describe()
+def named_base(folder: str | os.PathLike) -> str | None:
+    """The base model an adapter folder's ``adapter_config.json`` names (``base_model_name_or_path``:
+    a folder or hub name, as peft recorded it), or None when it names none."""
+    folder = Path(folder)
+    try:
+        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} cannot be read ({exc}); the adapter is corrupt") from exc
+    return str(base) if base else None
 
 
 def adapter_base(folder: str | os.PathLike) -> str:
@@ -298,17 +328,51 @@ def adapter_base(folder: str | os.PathLike) -> str:
         CheckpointError: the config names no base, or names a local folder that does not exist
             here; the message says how to pass the base instead.
     """
-    folder = Path(folder)
-    try:
-        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG} cannot be read ({exc}); the adapter is corrupt") from exc
+    base = named_base(folder)
     if not base:
         raise CheckpointError(f"{adapter_hint(folder)}. Its {ADAPTER_CONFIG} does not name its base")
-    local = str(base).startswith((".", "/", "~")) or str(base).count("/") > 1
+    local = base.startswith((".", "/", "~")) or base.count("/") > 1
     if local and not Path(base).expanduser().is_dir():
         raise CheckpointError(f"{adapter_hint(folder)}. The base its {ADAPTER_CONFIG} names, {base}, is not here")
-    return str(base)
+    return base
+
+
+def check_adapter_base(adapter: str | os.PathLike, source: str | os.PathLike) -> None:
+    """Warn (:class:`~capwrap.errors.CapwrapWarning`) when ``adapter`` is merged into ``source``
+    although its ``adapter_config.json`` names another base: an adapter fits every model of the same
+    shape, so only its config can tell that it was trained on another one. Said only when the two
+    surely differ — two folders that exist here, or two hub names; a folder against a hub name
+    (the same model downloaded, perhaps) is not judged.
+
+    Examples:
+        >>> import json, tempfile, warnings
+        >>> adapter = Path(tempfile.mkdtemp())
+        >>> _ = (adapter / ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": "gpt2"}))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     check_adapter_base(adapter, "gpt2"), check_adapter_base(adapter, "distilgpt2")
+        (None, None)
+        >>> [str(w.message).split(";")[0] for w in caught]  # doctest: +ELLIPSIS
+        ["the adapter ... was trained on 'gpt2' (its adapter_config.json says so) but is merged into 'distilgpt2'"]
+    """
+    named = named_base(adapter)
+    if not named:
+        return
+    given, wanted = Path(source).expanduser(), Path(named).expanduser()
+    if given.is_dir() and wanted.is_dir():
+        differ = given.resolve() != wanted.resolve()
+    elif not given.exists() and not wanted.exists():
+        differ = str(source).rstrip("/") != named.rstrip("/")
+    else:
+        return
+    if differ:
+        warnings.warn(
+            f"the adapter {adapter} was trained on {named!r} (its {ADAPTER_CONFIG} says so) but is merged into "
+            f"{str(source)!r}; an adapter fits any model of its base's shape, so the result may be meaningless. "
+            "Pass the base it was trained on, or ignore this if the two are the same model",
+            CapwrapWarning,
+            stacklevel=3,
+        )
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -329,28 +393,13 @@ def _check_supported(folder: Path, config: dict[str, Any]) -> None:
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     single = folder / "adapter_model.safetensors"
     if single.exists():
-        try:
-            return load_file(str(single))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{single} is corrupt or truncated ({exc}); re-save the adapter") from exc
+        return read_safetensors(single, fix="re-save the adapter")
     pickle = folder / "adapter_model.bin"
     if pickle.exists():
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{folder} holds the adapter only as a pickle file (adapter_model.bin). Pickle files can run "
-                "arbitrary code when loaded, so capwrap refuses them by default. If you trust the source, pass "
-                "allow_pickle=True (--allow-pickle; capwrap then loads with torch.load(weights_only=True)), or "
-                "re-save it with save_pretrained(..., safe_serialization=True)"
-            )
-        try:
-            return torch.load(str(pickle), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
-            raise CheckpointError(f"{pickle} could not be read safely: {exc}") from exc
+        return read_pickle_tensors(pickle, allow_pickle, holds="the adapter",
+                                   fix="re-save it with save_pretrained(..., safe_serialization=True)")  # fmt: skip
     raise CheckpointError(f"{folder} has {ADAPTER_CONFIG} but no weights: expected adapter_model.safetensors")
 
 

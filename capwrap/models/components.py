@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from capwrap.errors import ConfigError, closest_matches
+from capwrap.errors import ConfigError, lookup
 from capwrap.models.layouts import canonical_names
 from capwrap.models.spec import ModelSpec
 
@@ -135,14 +135,7 @@ class ComponentMap:
         return len(self._components)
 
     def __getitem__(self, name: str) -> Component:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            hint = closest_matches(name, self._by_name)
-            raise ConfigError(
-                f"no component named {name!r}"
-                + (f"; did you mean {hint}?" if hint else "; names look like 'L0H1', 'L2N17', 'L1.mlp'")
-            ) from None
+        return lookup(self._by_name, name, f"no component named {name!r}", "names look like 'L0H1', 'L2N17', 'L1.mlp'")
 
     def select(self, kind: str, layer: int | None = None) -> list[Component]:
         """The components of one ``kind`` (optionally of one layer), in model order."""

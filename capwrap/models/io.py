@@ -36,11 +36,19 @@ import torch
 from capwrap.checks import check_finite_weights
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
-from capwrap.models.adapters import adapter_base, adapter_hint, is_adapter_folder, merge_adapter
+from capwrap.models.adapters import (
+    ADAPTER_CONFIG,
+    adapter_base,
+    adapter_hint,
+    check_adapter_base,
+    is_adapter_folder,
+    read_adapter,
+)
 from capwrap.models.dispatch import load_dispatched
 from capwrap.models.layouts import checkpoint_shapes
 from capwrap.models.model import CapModel, resolve_dtype
 from capwrap.models.spec import ModelSpec
+from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
 
 __all__ = ["save_model", "load_model", "normalize_state", "stored_keys", "CAPWRAP_FILE"]
 
@@ -150,9 +158,22 @@ def load_model(
             in pickle format (without ``allow_pickle``), or the hub cannot be reached.
         ConfigError: the architecture is not one capwrap maps onto TransformerLens components.
     """
+    named_by: str | os.PathLike | None = None  # the adapter folder whose config names ``source``
     if adapter is None and is_adapter_folder(source):
-        adapter, source = source, adapter_base(source)
-    folder = _resolve_source(source, revision, allow_pickle)
+        named_by = adapter = source
+        source = adapter_base(source)
+    elif adapter is not None:
+        check_adapter_base(adapter, source)
+    try:
+        folder = _resolve_source(source, revision, allow_pickle)
+    except CheckpointError as exc:
+        if named_by is None:
+            raise
+        raise CheckpointError(
+            f"the base {str(source)!r} that {Path(named_by) / ADAPTER_CONFIG} names (base_model_name_or_path) "
+            f"cannot be loaded: {exc}. Pass the base yourself: load_model(BASE, adapter={str(named_by)!r}), or "
+            f"`capwrap diagnose BASE {named_by} ...`"
+        ) from exc
     capwrap_doc = _read_capwrap_file(folder)
     spec = read_spec(folder, capwrap_doc, trust_remote_code)
     tokenizer = _read_tokenizer(folder)
@@ -160,20 +181,23 @@ def load_model(
     metadata.setdefault("source", str(source))
     dtype = resolve_dtype(dtype)
     check_placement(device, device_map, max_memory, offload_folder)
+    lora = None
+    if adapter is not None:  # read and checked before the base loads
+        lora = read_adapter(adapter, allow_pickle)
+        lora.check_fits(spec, checkpoint_shapes(spec))
     if device_map is not None:
-        if adapter is not None or (backend or "bridge") != "bridge":
-            raise ConfigError(
-                "device_map loads through transformers and the TransformerBridge: use backend='bridge', and merge "
-                "an adapter first (load_model(BASE, adapter=...) then save_model) to dispatch it"
-            )
-        return load_dispatched(
+        if (backend or "bridge") != "bridge":
+            raise ConfigError("device_map loads through transformers and the TransformerBridge: use backend='bridge'")
+        model: CapModel = load_dispatched(
             folder, spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle
         )
-    state = normalize_state(spec, _read_weights(folder, allow_pickle))
-    check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
-    if adapter is not None:
-        metadata["adapter"] = merge_adapter(adapter, spec, state, allow_pickle)
-    model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
+    else:
+        state = normalize_state(spec, _read_weights(folder, allow_pickle))
+        check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
+        model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
+    if lora is not None:  # into the weights the model computes with, wherever accelerate put them
+        lora.merge_into(model)
+        model.metadata["adapter"] = lora.describe()
     return model.to(device) if device is not None else model
 
 
@@ -303,9 +327,6 @@ def _strict_config_errors() -> tuple[type[Exception], ...]:
 
 
 def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     files: list[Path] = []
@@ -319,24 +340,11 @@ def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         for f in files:
             if not f.exists():
                 raise CheckpointError(f"shard {f.name} listed in {index.name} is missing from {folder}")
-            try:
-                state.update(load_file(str(f)))
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(f"{f} is corrupt or truncated ({exc}); re-download or re-save it") from exc
+            state.update(read_safetensors(f, fix="re-download or re-save it"))
         return state
     pickle = folder / "pytorch_model.bin"
     if pickle.exists():
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{folder} holds weights only as a pickle file (pytorch_model.bin). Pickle files can run "
-                "arbitrary code when loaded, so capwrap refuses them by default. If you trust the source, "
-                "pass allow_pickle=True (capwrap then loads with torch.load(weights_only=True)), or convert "
-                "it to model.safetensors"
-            )
-        try:
-            return torch.load(str(pickle), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
-            raise CheckpointError(f"{pickle} could not be read safely: {exc}") from exc
+        return read_pickle_tensors(pickle, allow_pickle, holds="weights", fix="convert it to model.safetensors")
     raise CheckpointError(f"{folder} has no weights: expected model.safetensors (or a sharded index)")
 
 

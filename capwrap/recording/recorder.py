@@ -298,8 +298,8 @@ class Recorder:
             grads = self.model.gradients()
             for kind, sq in self.model.components.sq_norms_by_kind(grads, self.component_kinds).items():
                 arrays[f"grad_norm.{kind}"] = sq.sqrt().float()
-            if "grad_norm" not in scalars:
-                scalars["grad_norm"] = _total_sq(grads.values()).sqrt()
+            if "grad_norm" not in scalars and (total := self._grad_total()) is not None:
+                scalars["grad_norm"] = total  # over the parameters, as on other steps: a tied embedding once
         if self._shadow is None:
             measured_scalars, measured_arrays = self._measure(self.model)
             self._submit(scalars | measured_scalars, arrays | measured_arrays)
@@ -371,10 +371,10 @@ class Recorder:
 
     def _check_resumable(self, store: RunStore) -> None:
         meta = store.meta
-        if not self.model.spec.same_as(meta.get("spec")):
+        if detail := self.model.spec.mismatch(meta.get("spec")):
             raise StoreError(
-                f"the store at {self.path} was recorded from a model of another shape "
-                f"({meta.get('spec')}); resume it with the same model, or record to a new folder"
+                f"the store at {self.path} was recorded from a model of another shape: it differs in {detail} (this "
+                "model's value first); resume it with the same model, or record to a new folder"
             )
         if meta.get("hooks") != self.hooks or meta.get("every") != self.every:
             raise StoreError(

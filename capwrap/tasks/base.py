@@ -174,13 +174,20 @@ def check_task(task: object, members: tuple[str, ...] = TASK_MEMBERS) -> None:
         >>> check_task(Sampler())
         Traceback (most recent call last):
         ...
-        capwrap.errors.ConfigError: Sampler is not a capwrap Task: it lacks probe_label, capability_floor, probe_task, correlation_free; subclass capwrap.tasks.TaskBase, which supplies those four
+        capwrap.errors.ConfigError: Sampler is not a capwrap Task: it lacks probe_label, capability_floor, probe_task, correlation_free; subclass capwrap.tasks.TaskBase, which supplies them
     """
+    if isinstance(task, str):
+        raise ConfigError(
+            f"{task!r} is a task spec, not a task: make the task with capwrap.tasks.task_from_spec({task!r}, model=MODEL) "
+            "(the command line takes the spec itself)"
+        )
     if missing := [m for m in members if not hasattr(task, m)]:
         supplied = [m for m in missing if m in ANALYZER_MEMBERS]
-        hint = (f"subclass capwrap.tasks.TaskBase, which supplies {'those four' if len(supplied) == 4 else ', '.join(supplied)}"
-                if supplied else "see the Task protocol in capwrap.tasks")  # fmt: skip
-        raise ConfigError(f"{type(task).__name__} is not a capwrap Task: it lacks {', '.join(missing)}; {hint}")
+        own = [m for m in missing if m not in ANALYZER_MEMBERS]
+        hints = ([f"subclass capwrap.tasks.TaskBase, which supplies {'them' if not own else ', '.join(supplied)}"]
+                 if supplied else []) + (["see the Task protocol in capwrap.tasks for the rest" if supplied
+                                          else "see the Task protocol in capwrap.tasks"] if own else [])  # fmt: skip
+        raise ConfigError(f"{type(task).__name__} is not a capwrap Task: it lacks {', '.join(missing)}; {'; '.join(hints)}")
 
 
 def check_task_fits(model: CapModel, task: Task) -> None:

@@ -171,6 +171,12 @@ CASES = [
     ),  # fmt: skip
     Case("train-bad-lr", ConfigError, "lr must be a positive", lambda e: TrainConfig(lr=0)),
     Case(
+        "train-config-a-dict",
+        ConfigError,
+        r"config must be a capwrap.TrainConfig, got dict: pass TrainConfig\(\*\*\{'steps': 1\}\)",
+        lambda e: train(e.model, TASK, {"steps": 1}),
+    ),  # fmt: skip
+    Case(
         "train-method-not-a-method",
         ConfigError,
         "TrainingMethod",
@@ -284,6 +290,18 @@ CASES = [
             TASK,
             TASK,
         ),
+    ),  # fmt: skip
+    Case(
+        "diagnose-paths-not-models",
+        ConfigError,
+        r"base is a str \('base/'\), not a loaded model: load it with capwrap.load_model",
+        lambda e: diagnose("base/", "adapter/", TASK, TASK),
+    ),  # fmt: skip
+    Case(
+        "diagnose-task-spec-string",
+        ConfigError,
+        r"'pcfg=count,operand=a' is a task spec, not a task: make the task with capwrap.tasks.task_from_spec",
+        lambda e: diagnose(e.model, e.model, "pcfg=count,operand=a", TASK),
     ),  # fmt: skip
     Case(
         "diagnose-no-analyzers",

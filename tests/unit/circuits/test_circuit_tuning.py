@@ -171,6 +171,10 @@ def test_a_parameter_budget_is_respected(tiny, tiny_task):
     assert (result.history["method/trainable_params"] <= 600).all()
     assert (result.history["method/trainable_params"] > 0).all() and (result.history["method/edges"] <= 30).all()
     assert result.history["method/budget_ratio"].iloc[0] == pytest.approx(600 / model.spec.n_params)
+    with pytest.raises(ConfigError, match=r"allows 10 parameters, fewer than the cheapest edge that trains anything"):
+        # (an edge from the embeddings to the logits costs nothing and trains nothing)
+        train(model, tiny_task, TrainConfig(steps=1, batch_size=8, progress=False),
+              method=CircuitTuning(top_n=30, max_params=10))  # fmt: skip
     with pytest.raises(ConfigError, match="select='edges'"):
         CircuitTuning(top_n=3, max_params=0.1, select="nodes")
     with pytest.raises(ConfigError, match="max_params"):

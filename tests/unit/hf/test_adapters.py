@@ -172,3 +172,79 @@ def test_capwrap_diagnose_base_and_adapter_folder(tmp_path, make_adapter, capsys
     assert weight_diff["headline"]["total_change"] == pytest.approx(
         summary["adapter"]["weight_diff"]["total_change"], rel=1e-4
     )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_an_adapter_merges_into_a_model_accelerate_put_on_disk(arch, gpt2_folder, llama_folder, make_adapter, peft_merged,
+                                                               tmp_path):  # fmt: skip
+    """Every weight of the base on disk (only the embedding fits max_memory): the merged model
+    computes as peft's merge; with GPT-2's fused q/k/v the bridge computes with split copies."""
+    from capwrap.models.model import tl_version
+
+    if arch == "gpt2" and tl_version() < (4, 0):
+        pytest.skip("TransformerLens 3.9 cannot wrap an offloaded fused q/k/v projection")
+    folder = {"gpt2": gpt2_folder, "llama": llama_folder}[arch]
+    targets = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "up_proj", "embed_tokens"]}[arch]
+    adapter = make_adapter(folder, target_modules=targets)
+    model = load_model(folder, adapter=adapter, device_map="auto", max_memory={"cpu": "1KB"},
+                       offload_folder=tmp_path / "offload")  # fmt: skip
+    assert set(model.metadata["device_map"].values()) == {"disk"}
+    assert model.metadata["adapter"]["modules"] == len(read_adapter(adapter).modules)
+    reference = peft_merged(folder, adapter)
+    tokens = torch.randint(0, model.spec.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens).logits, rtol=1e-4, atol=1e-4)
+    whole = load_model(folder, adapter=adapter)
+    for name, weight in whole.weights().items():
+        torch.testing.assert_close(model.weights()[name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_an_adapter_merged_into_another_base_than_it_names_is_said(gpt2_folder, make_adapter, tmp_path):
+    from capwrap.errors import CapwrapWarning
+
+    adapter = make_adapter(gpt2_folder, target_modules=["c_attn"])
+    other = tmp_path / "other"
+    shutil.copytree(gpt2_folder, other)  # the same shape: the adapter fits it, and only its config can tell
+    with pytest.warns(CapwrapWarning, match=r"was trained on .*gpt2' \(its adapter_config.json says so\) but is merged"):
+        load_model(other, adapter=adapter)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapwrapWarning)
+        load_model(gpt2_folder, adapter=adapter)  # the base it names: nothing to say
+
+    relative = tmp_path / "relative"
+    shutil.copytree(adapter, relative)
+    config = json.loads((relative / "adapter_config.json").read_text())
+    (relative / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "models/base"}))
+    with pytest.raises(CheckpointError, match=r"the base 'models/base' that .*adapter_config.json names "
+                                              r"\(base_model_name_or_path\) cannot be loaded: .*load_model\(BASE, adapter="):  # fmt: skip
+        load_model(relative)
+
+
+def test_capwrap_diagnose_refuses_an_adapter_as_base_and_warns_of_another_base_in_one_line(
+    tmp_path, make_adapter, capsys, monkeypatch
+):
+    import capwrap.diagnosis.checkpoints
+    from capwrap.analyzers import WeightDiff
+    from capwrap.cli import main
+    from capwrap.models import ModelSpec, build_model, save_model
+    from capwrap.tasks import PCFGConfig, PCFGTask
+
+    config = "length=8,window=4,occurrence=2"
+    task = PCFGTask(config=PCFGConfig(length=8, window=4, occurrence=2))
+    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2)
+    save_model(build_model(spec, seed=0), tmp_path / "base")
+    save_model(build_model(spec, seed=1), tmp_path / "other")
+    adapter = make_adapter(tmp_path / "base", target_modules=["c_attn"])
+    specs = ["--capability", f"pcfg=count,operand=a,{config}", "--downstream", f"pcfg=count,operand=b,{config}"]
+
+    assert main(["diagnose", str(adapter), str(tmp_path / "base"), *specs, "--quiet"]) == 2  # swapped
+    err = capsys.readouterr().err
+    assert f"BASE {adapter} is a LoRA adapter" in err and f"capwrap diagnose {tmp_path / 'base'} {adapter}" in err
+    assert "Traceback" not in err
+
+    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory: [WeightDiff((0.1,))])
+    assert main(["diagnose", str(tmp_path / "other"), str(adapter), *specs, "--quick", "--quiet"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"capwrap: warning: the adapter {adapter} was trained on ")

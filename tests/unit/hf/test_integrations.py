@@ -48,6 +48,9 @@ def test_a_trainer_run_records_the_store_capwrap_train_writes(gpt2_folder, tmp_p
     scalars = store.scalars().loc[1:]
     assert scalars["loss"].tolist() == pytest.approx([e["loss"] for e in logged], rel=1e-4)  # mean of 2 micro-batches
     assert scalars["lr"].tolist() == pytest.approx([e["learning_rate"] for e in logged])
+    # the norm before clipping, as the Trainer logs it (not the clipped one: it clips to 1.0)
+    assert scalars["grad_norm"].tolist() == pytest.approx([e["grad_norm"] for e in logged], rel=1e-4)
+    assert scalars["grad_norm"].max() > args.max_grad_norm
     assert (store.array("grad_norm.neuron")[-1] > 0).any()
     heads = weight_change_table(load_model(gpt2_folder), callback.recorder.model, kinds=("head",))
     recorded_heads = store.array("weight_delta.head")[-1].double()
@@ -70,9 +73,12 @@ def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_p
     )
     callback = RecorderCallback(tmp_path / "run", probe=PROBE.tokens, hooks=(), every=3)
     args = _arguments(tmp_path / "trainer", learning_rate=1e-2)
-    transformers.Trainer(model, args, train_dataset=task_dataset(TASK, 48, seed=0), callbacks=[callback]).train()
+    trainer = transformers.Trainer(model, args, train_dataset=task_dataset(TASK, 48, seed=0), callbacks=[callback])
+    trainer.train()
     store = RunStore.open(tmp_path / "run")
     assert store.array_steps("weight_delta.head") == [0, 3, 6]
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert store.scalars()["grad_norm"].loc[1:].tolist() == pytest.approx(logged, rel=1e-4)  # the adapter's
 
     model.save_pretrained(tmp_path / "adapter")
     merged = load_model(gpt2_folder, adapter=tmp_path / "adapter")

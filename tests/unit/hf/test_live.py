@@ -18,6 +18,7 @@ def test_recorder_takes_a_live_gpt2_and_leaves_its_training_alone(gpt2_folder, t
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (live, twin)]
     gen = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 64, (8, 12), generator=gen)
+    grad_norms = []  # over the parameters: the tied embedding and unembedding once
     with Recorder(live, tmp_path / "run", hooks="blocks.*.hook_resid_post", probe=probe, every=2) as recorder:
         for _ in range(4):
             tokens = torch.randint(0, 64, (4, 12), generator=gen)
@@ -25,6 +26,7 @@ def test_recorder_takes_a_live_gpt2_and_leaves_its_training_alone(gpt2_folder, t
                 loss = model(tokens, labels=tokens).loss
                 loss.backward()
                 optimizer.step()
+            grad_norms.append(float(torch.stack([p.grad.norm() for p in live.parameters()]).norm()))
             recorder.step(loss=loss.item())
             for optimizer in optimizers:
                 optimizer.zero_grad()
@@ -33,6 +35,8 @@ def test_recorder_takes_a_live_gpt2_and_leaves_its_training_alone(gpt2_folder, t
 
     store = RunStore.open(tmp_path / "run")
     assert store.array_steps("weight_delta.head") == [0, 2, 4]
+    assert live.get_input_embeddings().weight is live.get_output_embeddings().weight
+    assert store.scalars()["grad_norm"].loc[1:].tolist() == pytest.approx(grad_norms, rel=1e-5)  # recorded steps too
     start, now = load_model(gpt2_folder), recorder.model
     heads = weight_change_table(start, now, kinds=("head",)).set_index("component")["change"]
     recorded = store.array("weight_delta.head")[-1].double()
