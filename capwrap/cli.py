@@ -128,11 +128,7 @@ def _validate(args: argparse.Namespace) -> int:
     import time
 
     rule = VerdictRule.load(args.rule) if args.rule else default_rule()
-    summary = Path(args.out) / "validation.json"
-    if summary.is_file() and (held := _read_json_key(summary, "split")) not in (None, args.split):
-        raise ConfigError(
-            f"{args.out} holds the result of the {held} split, which --split {args.split} would replace; give another --out"
-        )
+
     log = (lambda message: None) if args.quiet else print
     started = time.perf_counter()
     records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
@@ -150,9 +146,23 @@ def _validate(args: argparse.Namespace) -> int:
     print(result.summary_text())
     print(f"{len(records)} scenarios in {wall / 60:.1f} min with {where} (their records hold "
           f"{result.meta['scenario_seconds'] / 60:.1f} min of building and diagnosing, summed over workers)")
+    _keep_other_split(Path(args.out), args.split)
     json_path, html_path = result.write(args.out)
     print(f"wrote {json_path} and {html_path}")
     return 0
+
+
+def _keep_other_split(out: Path, split: str) -> None:
+    """One results folder may hold both halves' records: the result of the other split that
+    ``out/validation.json`` holds is kept as ``validation.SPLIT.json`` (and ``.html``) before this
+    split's replaces it."""
+    held = _read_json_key(out / "validation.json", "split")
+    if held in (None, split):
+        return
+    for name in ("validation.json", "validation.html"):
+        if (out / name).is_file():
+            (out / name).replace(out / name.replace(".", f".{held}.", 1))
+    print(f"kept the {held} split's result as validation.{held}.json and .html in {out}")
 
 
 def _read_json_key(path: Path, key: str) -> Any:
@@ -409,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # the reader of the output stopped early (capwrap validate --list | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-        return 0
+        return 141  # as a process killed by SIGPIPE: quiet, but not a success
     except EXPECTED_ERRORS as exc:
         if args.debug:
             raise

@@ -119,6 +119,8 @@ class RecorderCallback(transformers.TrainerCallback):
             self._check_resumable(state.global_step)
         self.recorder = Recorder(live, self.path, resume=resume, **self.settings)
         self.recorder.open()
+        self._remove_hooks()  # a Trainer that trains again after a failed attempt (auto_find_batch_size)
+        self._losses, self._grad_norm, self._measuring = [], None, False
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._grad_hooks = [p.register_post_accumulate_grad_hook(self._gradient_accumulated) for p in self._trainable]
@@ -138,12 +140,7 @@ class RecorderCallback(transformers.TrainerCallback):
         self.recorder.step(loss=loss, **scalars)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        for handle in self._grad_hooks:
-            handle.remove()
-        self._grad_hooks, self._trainable = [], []
+        self._remove_hooks()
         if self.recorder is not None:
             self.recorder.close()
 
@@ -154,6 +151,14 @@ class RecorderCallback(transformers.TrainerCallback):
             self._losses.append(loss.detach())
             self._shares = kwargs.get("num_items_in_batch") is not None
 
+    def _remove_hooks(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks, self._trainable = [], []
+
     def _gradient_accumulated(self, param: torch.nn.Parameter) -> None:
         """A trained parameter's gradient was accumulated: measure the gradient norm once the running
         backward pass ends. The Trainer clips the gradients after the step's last backward pass, so
@@ -161,17 +166,28 @@ class RecorderCallback(transformers.TrainerCallback):
         (it logs it only every ``logging_steps``)."""
         if not self._measuring:
             self._measuring = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._measure_gradients)
+            torch.autograd.Variable._execution_engine.queue_callback(self._measure_last)
+
+    def _measure_last(self) -> None:
+        """Queue the measurement behind the end-of-backward work others queued after this one was
+        (DDP averages the gradients across processes there): callbacks queued while the engine runs
+        its callbacks run after them."""
+        torch.autograd.Variable._execution_engine.queue_callback(self._measure_gradients)
 
     def _measure_gradients(self) -> None:
         """The norm of the trained parameters' gradients, left on the device (read back by the
-        recorder's writer thread); with fp16's gradient scaler, unscaled (a read of the scale)."""
+        recorder's writer thread); with fp16's gradient scaler, unscaled. Under DeepSpeed ZeRO or
+        FSDP a process holds only shards of the gradients (or none): the Trainer's own logged
+        ``grad_norm`` is the one to read there."""
         self._measuring = False
         grads = [p.grad for p in self._trainable if p.grad is not None]
         if not grads:
             return
         norm = _total_sq(grads).sqrt()
-        self._grad_norm = norm / self._scaler.get_scale() if self._scaler is not None else norm
+        if self._scaler is not None:  # the scale as a tensor where the scaler offers one: no wait for the device
+            scale = getattr(self._scaler, "_get_scale_async", self._scaler.get_scale)()
+            norm = norm / scale
+        self._grad_norm = norm
 
     def _step_loss(self) -> Tensor | None:
         """The step's loss: the sum of the micro-batches' shares when the Trainer weighs them by

@@ -341,8 +341,9 @@ def check_adapter_base(adapter: str | os.PathLike, source: str | os.PathLike) ->
     """Warn (:class:`~capwrap.errors.CapwrapWarning`) when ``adapter`` is merged into ``source``
     although its ``adapter_config.json`` names another base: an adapter fits every model of the same
     shape, so only its config can tell that it was trained on another one. Said only when the two
-    surely differ — two folders that exist here, or two hub names; a folder against a hub name
-    (the same model downloaded, perhaps) is not judged.
+    surely differ — two folders that exist here, or two hub names of different models (the owner
+    is not compared: hub aliases such as ``gpt2`` and ``openai-community/gpt2`` are one model); a
+    folder against a hub name (the same model downloaded, perhaps) is not judged.
 
     Examples:
         >>> import json, tempfile, warnings
@@ -361,8 +362,8 @@ def check_adapter_base(adapter: str | os.PathLike, source: str | os.PathLike) ->
     given, wanted = Path(source).expanduser(), Path(named).expanduser()
     if given.is_dir() and wanted.is_dir():
         differ = given.resolve() != wanted.resolve()
-    elif not given.exists() and not wanted.exists():
-        differ = str(source).rstrip("/") != named.rstrip("/")
+    elif not given.exists() and not wanted.exists():  # hub names: "gpt2" is "openai-community/gpt2"
+        differ = str(source).rstrip("/").split("/")[-1].lower() != named.rstrip("/").split("/")[-1].lower()
     else:
         return
     if differ:

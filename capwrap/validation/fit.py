@@ -239,6 +239,12 @@ def fit_rule(
     return dataclasses.replace(chosen, provenance=_provenance(records, chosen, command, table))
 
 
+def _default_rule() -> VerdictRule:
+    from capwrap.diagnosis.rule import default_rule
+
+    return default_rule()
+
+
 def _check_fittable(records: Any, start: VerdictRule) -> None:
     """Raise a clear error for records a rule should not be fitted on: not records, held-out ones
     (fitting on them would make the held-out half calibration data), or none whose truth is
@@ -449,7 +455,22 @@ def cross_validate(
     Returns:
         One row per scored finding of the left-out scenarios: ``name``, ``question``, ``truth``,
         ``verdict`` (``(rows.truth == rows.verdict).mean()`` is the cross-validated accuracy).
+
+    Raises:
+        ConfigError: some truth (``wrapper``, ``capability_change``) is held by one scenario only,
+            so the fold that leaves it out has nothing to fit (or the records cannot be fitted at all).
     """
+    start = start or _default_rule()
+    _check_fittable(records, start)
+    holders: dict[str, set[str]] = {"wrapper": set(), "capability_change": set()}
+    for r in records:
+        for truth in record_truth(r, start).values():
+            holders.get(truth, set()).add(r["scenario"]["name"])
+    if lone := [t for t, names in holders.items() if len(names) < 2]:
+        raise ConfigError(
+            f"leave-one-scenario-out needs at least two scenarios with each truth; {' and '.join(lone)} has one: "
+            "cross-validate on a suite with more (the calibration half)"
+        )
     rows = []
     for i, record in enumerate(records):
         rule = fit_rule([r for j, r in enumerate(records) if j != i], start, kind_weights=kind_weights)

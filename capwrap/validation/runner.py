@@ -89,12 +89,21 @@ def run_scenario(scenario: Scenario, cache: str | os.PathLike | None = None, rul
     docstring)."""
     import torch
 
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _diagnose_scenario(scenario, cache, rule, n_boot, memory)
+    finally:
+        torch.set_num_threads(before)  # (run in the caller's process with one worker)
+
+
+def _diagnose_scenario(scenario: Scenario, cache: str | os.PathLike | None, rule: VerdictRule | None, n_boot: int,
+                       memory: Memory) -> dict[str, Any]:  # fmt: skip
     from capwrap.tasks.spec import task_from_spec
     from capwrap.validation.bases import load_base
     from capwrap.validation.build import make_control, make_tuned
 
-    if threads:
-        torch.set_num_threads(threads)
     started = time.perf_counter()
     cache = Path(cache) if cache is not None else None
     base = load_base(scenario.base)
@@ -290,7 +299,7 @@ def _same_definition(scenario: Scenario, recorded: Any) -> bool:
     before they existed lacks take their defaults)."""
     try:
         return Scenario.from_dict(recorded) == scenario
-    except (TypeError, KeyError):
+    except (TypeError, KeyError, ValueError):  # (ConfigError: a field the suite no longer accepts)
         return False
 
 
@@ -305,6 +314,12 @@ def _run_on_ray(
         raise ConfigError("running on Ray needs the ray extra: pip install 'capwrap[ray]'") from None
     out, cache, rule_dict, n_boot, memory = args
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+    largest = max((node.get("Resources", {}).get("CPU", 0) for node in getattr(ray, "nodes", list)()), default=None)
+    if largest is not None and threads > largest:
+        raise ConfigError(
+            f"each scenario asks for {threads} CPUs (--threads) but the cluster's largest node has {largest:g}: its "
+            "tasks could never start; pass --threads at most that"
+        )
     remote = ray.remote(num_cpus=threads)(_run_record)
     pending = {remote.remote(s, cache, rule_dict, n_boot, memory, threads, True): s for s in todo}
     failed = []

@@ -573,9 +573,14 @@ def test_scenarios_are_checked_when_made_and_named_with_their_split():
         scenarios("held-out", ["cal/kept/*"])
 
 
-def test_validate_keeps_each_splits_result_and_says_when_nothing_matches(capsys, tmp_path):
+def test_validate_keeps_each_splits_result_and_says_when_nothing_matches(capsys, tmp_path, monkeypatch, records):
+    import capwrap.validation
+
+    monkeypatch.setattr(capwrap.validation, "run_suite", lambda *args, **kwargs: records)  # (records made above)
     write_json_atomic(tmp_path / "validation.json", {"split": "held-out", "scenarios": []})
-    assert main(["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--out", str(tmp_path)]) == 2
-    assert "holds the result of the held-out split" in capsys.readouterr().err
+    assert main(["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--out", str(tmp_path), "--quiet"]) == 0
+    assert json.loads((tmp_path / "validation.held-out.json").read_text())["split"] == "held-out"
+    assert json.loads((tmp_path / "validation.json").read_text())["split"] == "calibration"
+    assert "kept the held-out split's result as validation.held-out.json" in capsys.readouterr().out
     assert main(["validate", "--kind", "removed", "--scenario", "held/kept/noop/s74", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("capwrap: error: no scenario matches")

@@ -152,3 +152,21 @@ def test_recording_a_resumed_trainer_needs_the_store_to_match(gpt2_folder, tmp_p
                                    callbacks=[RecorderCallback(tmp_path / "run", hooks=())])  # fmt: skip
     with pytest.raises(Exception, match="resumes at step 2 but the store .* ends at step 4; record the resumed run"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-2"))
+
+
+def test_a_callback_that_trains_again_after_a_failed_attempt_leaves_no_hooks_behind(gpt2_folder, tmp_path):
+    """A Trainer that retries (auto_find_batch_size after running out of memory) calls on_train_begin
+    again without on_train_end: the hooks of the failed attempt go, and a measurement that the failed
+    backward pass never ran does not stop the next ones."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+    callback = RecorderCallback(tmp_path / "run", hooks=(), overwrite=True)
+    trainer = transformers.Trainer(model, _arguments(tmp_path / "trainer", max_steps=2),
+                                   train_dataset=task_dataset(TASK, 48, seed=0), callbacks=[callback])  # fmt: skip
+    state = transformers.TrainerState()
+    callback.on_train_begin(trainer.args, state, None, model=model)
+    callback._measuring = True  # as a backward pass that raised after its first gradient leaves it
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    trainer.train()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks - 1  # the attempt's and this run's: gone
+    logged = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    assert RunStore.open(tmp_path / "run").scalars()["grad_norm"].loc[1:].tolist() == pytest.approx(logged, rel=1e-4)
