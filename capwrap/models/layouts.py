@@ -91,6 +91,12 @@ class SplitProjection:
         prefix = f"{t.layers}.{layer}.{getattr(t, self.parent)}."
         return [f"{prefix}{m}.{kind}" for m in modules for kind in ("weight", "bias")]
 
+    def was_split(self, spec: ModelSpec, tensors: Mapping[str, Tensor]) -> bool:
+        """Whether ``tensors`` (a model's, by name) hold this projection's copies: the spec's family
+        fuses it, and the first layer's first part is there."""
+        fuses = getattr(spec.family.tensors, self.fused) is not None  # type: ignore[union-attr]
+        return fuses and self.names(spec, self.parts[:1], 0)[0] in tensors
+
 
 #: The fused projections the TransformerBridge splits into copies (GPT-NeoX's per-head
 #: query/key/value always; any fused projection accelerate offloaded), and how the copies are read.
@@ -265,7 +271,7 @@ def canonical_views(spec: ModelSpec, storage: Mapping[str, Tensor], layout: Layo
     if layout == "split":  # the tables' names, with the fused projections that were split read from their copies
         names = spec.family.tensors  # type: ignore[union-attr]
         for split in BRIDGE_SPLITS:
-            if getattr(names, split.fused) is not None and split.names(spec, split.parts[:1], 0)[0] in storage:
+            if split.was_split(spec, storage):
                 names = dataclasses.replace(names, **split.reads)
         return _views(spec, names, storage)
     missing = sorted(set(checkpoint_shapes(spec)) - set(storage))

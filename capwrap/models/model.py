@@ -672,8 +672,8 @@ def bridge_storage(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor
         return storage, "checkpoint"
     fused: set[str] = set()
     for projection in BRIDGE_SPLITS:
-        name = getattr(spec.family.tensors, projection.fused)  # type: ignore[union-attr]
-        if name is not None and projection.names(spec, projection.parts[:1], 0)[0] in split:
+        if projection.was_split(spec, split):
+            name = getattr(spec.family.tensors, projection.fused)  # type: ignore[union-attr]
             fused |= {n for layer in range(spec.n_layers) for n in projection.names(spec, (name,), layer)}
     return {k: v for k, v in storage.items() if k not in fused} | split, "split"
 

@@ -300,12 +300,13 @@ class ModelSpec:
             >>> spec.mismatch(ModelSpec(d_vocab=9, n_ctx=8, n_layers=4).to_dict()), spec.mismatch(spec.to_dict())
             ('n_layers (2 vs 4)', '')
         """
-        if self.same_as(recorded):
-            return ""
+        if recorded is None:
+            return "its spec, which was not recorded"
         try:
-            return self.differences(ModelSpec.from_dict(recorded)) or "its spec"  # type: ignore[arg-type]
+            other = ModelSpec.from_dict(recorded)
         except (ConfigError, TypeError, AttributeError):
-            return "its spec, which cannot be read" if recorded is not None else "its spec, which was not recorded"
+            return "its spec, which cannot be read"
+        return "" if other == self else self.differences(other) or "its spec"
 
     def same_as(self, recorded: dict[str, Any] | None) -> bool:
         """Whether a spec saved as a dict (a run store's, a checkpoint's) describes this model.

@@ -184,9 +184,11 @@ def check_task(task: object, members: tuple[str, ...] = TASK_MEMBERS) -> None:
     if missing := [m for m in members if not hasattr(task, m)]:
         supplied = [m for m in missing if m in ANALYZER_MEMBERS]
         own = [m for m in missing if m not in ANALYZER_MEMBERS]
-        hints = ([f"subclass capwrap.tasks.TaskBase, which supplies {'them' if not own else ', '.join(supplied)}"]
-                 if supplied else []) + (["see the Task protocol in capwrap.tasks for the rest" if supplied
-                                          else "see the Task protocol in capwrap.tasks"] if own else [])  # fmt: skip
+        hints = []
+        if supplied:
+            hints.append(f"subclass capwrap.tasks.TaskBase, which supplies {', '.join(supplied) if own else 'them'}")
+        if own:
+            hints.append("see the Task protocol in capwrap.tasks" + (" for the rest" if supplied else ""))
         raise ConfigError(f"{type(task).__name__} is not a capwrap Task: it lacks {', '.join(missing)}; {'; '.join(hints)}")
 
 

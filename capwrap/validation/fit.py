@@ -67,7 +67,7 @@ import numpy as np
 import pandas as pd
 
 from capwrap.analyzers.bootstrap import percentile_interval
-from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, VerdictRule, decide, declared_directions
+from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, VerdictRule, decide, declared_directions, default_rule
 from capwrap.errors import ConfigError
 from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
@@ -203,8 +203,6 @@ def fit_rule(
         ConfigError: ``records`` are not records, hold held-out scenarios, or have no finding whose
             truth is ``wrapper`` or none whose truth is ``capability_change``.
     """
-    from capwrap.diagnosis.rule import default_rule
-
     start = start or default_rule()
     _check_fittable(records, start)
     if any(w <= 0 for w in kind_weights or ()):
@@ -239,16 +237,11 @@ def fit_rule(
     return dataclasses.replace(chosen, provenance=_provenance(records, chosen, command, table))
 
 
-def _default_rule() -> VerdictRule:
-    from capwrap.diagnosis.rule import default_rule
-
-    return default_rule()
-
-
-def _check_fittable(records: Any, start: VerdictRule) -> None:
+def _check_fittable(records: Any, start: VerdictRule, per_truth: int = 1) -> None:
     """Raise a clear error for records a rule should not be fitted on: not records, held-out ones
-    (fitting on them would make the held-out half calibration data), or none whose truth is
-    ``wrapper`` and none whose truth is ``capability_change`` (nothing to place a cut between)."""
+    (fitting on them would make the held-out half calibration data), or fewer than ``per_truth``
+    scenarios whose truth is ``wrapper`` or ``capability_change`` (none: nothing to place a cut
+    between; leave-one-scenario-out needs two, so that every fold keeps one)."""
     if isinstance(records, (str, bytes, os.PathLike)) or not all(isinstance(r, dict) for r in records):
         raise ConfigError(
             "records must be a list of validation records: load them with "
@@ -261,11 +254,19 @@ def _check_fittable(records: Any, start: VerdictRule) -> None:
             "a rule fitted on them would turn the held-out half into calibration data, and its held-out accuracy "
             "would measure nothing. Fit on the calibration half (capwrap validate --split calibration --fit RULE)"
         )
-    truths = {t for r in records for t in record_truth(r, start).values()}
-    if missing := [t for t in ("wrapper", "capability_change") if t not in truths]:
+    holders: dict[str, set[str]] = {"wrapper": set(), "capability_change": set()}
+    for r in records:
+        for truth in record_truth(r, start).values():
+            holders.get(truth, set()).add(r["scenario"]["name"])
+    if missing := [t for t, names in holders.items() if not names]:
         raise ConfigError(
             f"nothing to fit: no finding of the {len(records)} records has the truth {' or '.join(missing)}, so no cut "
             "can be placed between the truths; fit on records with both (the calibration half: --split calibration)"
+        )
+    if lone := [t for t, names in holders.items() if len(names) < per_truth]:
+        raise ConfigError(
+            f"leave-one-scenario-out needs at least {per_truth} scenarios with each truth; {' and '.join(lone)} has "
+            "fewer: cross-validate on a suite with more (the calibration half)"
         )
 
 
@@ -460,17 +461,8 @@ def cross_validate(
         ConfigError: some truth (``wrapper``, ``capability_change``) is held by one scenario only,
             so the fold that leaves it out has nothing to fit (or the records cannot be fitted at all).
     """
-    start = start or _default_rule()
-    _check_fittable(records, start)
-    holders: dict[str, set[str]] = {"wrapper": set(), "capability_change": set()}
-    for r in records:
-        for truth in record_truth(r, start).values():
-            holders.get(truth, set()).add(r["scenario"]["name"])
-    if lone := [t for t, names in holders.items() if len(names) < 2]:
-        raise ConfigError(
-            f"leave-one-scenario-out needs at least two scenarios with each truth; {' and '.join(lone)} has one: "
-            "cross-validate on a suite with more (the calibration half)"
-        )
+    start = start or default_rule()
+    _check_fittable(records, start, per_truth=2)
     rows = []
     for i, record in enumerate(records):
         rule = fit_rule([r for j, r in enumerate(records) if j != i], start, kind_weights=kind_weights)

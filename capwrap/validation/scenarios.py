@@ -545,11 +545,11 @@ def scenarios(
         for pattern in names:
             hits = [s for s in chosen if fnmatch.fnmatchcase(s.name, pattern)]
             if not hits:
-                elsewhere = sorted({s.split for s in SUITE if fnmatch.fnmatchcase(s.name, pattern)})
-                if elsewhere:
+                elsewhere = next((s.split for s in SUITE if fnmatch.fnmatchcase(s.name, pattern)), None)
+                if elsewhere:  # (only a split other than ``split`` can hold it: ``all`` holds every scenario)
                     raise ConfigError(
-                        f"scenario {pattern!r} is in the {' and '.join(elsewhere)} split, not the {split} one: pass "
-                        f"--split {elsewhere[0] if len(elsewhere) == 1 else 'all'} (or --split all)"
+                        f"scenario {pattern!r} is in the {elsewhere} split, not the {split} one: pass "
+                        f"--split {elsewhere} (or --split all)"
                     )
                 scenario(pattern)  # raises with the closest names
             picked += [s for s in hits if s not in picked]
