@@ -471,7 +471,8 @@ def test_on_ray_the_driver_writes_each_record_and_each_failure(tmp_path, monkeyp
         return ref.fn(*ref.args)
 
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw), remote=remote, get=get,
-                                 wait=lambda refs, num_returns: (refs[:1], refs[1:]))  # fmt: skip
+                                 wait=lambda refs, num_returns: (refs[:1], refs[1:]),
+                                 nodes=lambda: [{"Resources": {"CPU": 2.0}}])  # fmt: skip
     monkeypatch.setitem(sys.modules, "ray", fake)
     good, bad = "cal/count-b/adamw-small-c1/s1", "cal/count-b/adamw-small-c0.8/s1"
 
@@ -490,6 +491,8 @@ def test_on_ray_the_driver_writes_each_record_and_each_failure(tmp_path, monkeyp
     assert written == [records[0]]
     error = json.loads(record_path(tmp_path / "out", scenarios("calibration", [bad])[0]).with_suffix(".error.json").read_text())
     assert "out of memory on the node" in error["error"]
+    with pytest.raises(ConfigError, match="asks for 4 CPUs .* largest node has 2: its tasks could never start"):
+        run_suite(scenarios("calibration", [good]), "out2", ray_address="local", progress=False, threads=4)
 
 
 def test_relearning_says_when_the_budget_ran_out(records):
@@ -584,3 +587,37 @@ def test_validate_keeps_each_splits_result_and_says_when_nothing_matches(capsys,
     assert "kept the held-out split's result as validation.held-out.json" in capsys.readouterr().out
     assert main(["validate", "--kind", "removed", "--scenario", "held/kept/noop/s74", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("capwrap: error: no scenario matches")
+
+
+def test_cross_validation_needs_two_scenarios_of_each_truth(records):
+    from capwrap.validation import cross_validate
+
+    one_wrapper = [r for i, r in enumerate(records) if i == 0 or r["scenario"]["kind"] != "wrapper"]
+    with pytest.raises(ConfigError, match="leave-one-scenario-out needs at least 2 scenarios with each truth; wrapper"):
+        cross_validate(one_wrapper, start=VerdictRule())
+
+
+def test_a_suite_without_scored_findings_says_so_instead_of_printing_empty_tables(records):
+    kept = [r for r in records if r["scenario"]["kind"] == "kept"]
+    result = ValidationResult.from_records(kept, VerdictRule())
+    text = result.summary_text()
+    assert "Empty DataFrame" not in text
+    assert "(no scored findings, so no analyzer is compared with the truth)" in text
+    assert "(no scored findings)" in result.report().to_html()
+
+
+def test_the_html_table_shows_integer_columns_as_integers():
+    from capwrap.report import Report
+
+    report = Report("counts")
+    report.add_table(pd.DataFrame({"family": ["pcfg-count"], "scenarios": [1], "wrong_direction": [0]}))
+    html = report.to_html()
+    assert "<td>1</td>" in html and "<td>0</td>" in html and "<td>1.000</td>" not in html
+
+
+def test_validate_list_into_a_closed_pipe_exits_quietly():
+    import subprocess
+
+    done = subprocess.run(f"{sys.executable} -m capwrap validate --list --split all | head -1", shell=True,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert done.stdout.startswith("cal/") and done.stderr == ""
