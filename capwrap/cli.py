@@ -96,13 +96,24 @@ def _info(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     from capwrap.diagnosis import diagnose_checkpoints
+    from capwrap.diagnosis.checkpoints import EVIDENCE_FOLDER
 
-    diagnosis = diagnose_checkpoints(
-        args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
-        quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
-        memory=args.memory, device=args.device, dtype=args.dtype, device_map=args.device_map,
-        max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
-    )  # fmt: skip
+    try:
+        diagnosis = diagnose_checkpoints(
+            args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
+            quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
+            memory=args.memory, device=args.device, dtype=args.dtype, device_map=args.device_map,
+            max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        kept = Path(args.out) / EVIDENCE_FOLDER if args.out else None
+        if kept is not None and any(kept.glob("*.evidence")):
+            print(f"capwrap: the finished analyzers' evidence is kept in {kept}; run the same command again to "
+                  "resume", file=sys.stderr)  # fmt: skip
+        raise
+    if diagnosis.resumed:
+        print(f"resumed: read back the evidence of {', '.join(diagnosis.resumed)} from {Path(args.out) / EVIDENCE_FOLDER} "
+              "(an earlier run of this command)")  # fmt: skip
     acc = diagnosis.accuracy
     print(f"capability accuracy {acc['base']['capability']:.1%} (base) -> {acc['tuned']['capability']:.1%} (tuned); "
           f"downstream {acc['base']['downstream']:.1%} -> {acc['tuned']['downstream']:.1%}")  # fmt: skip
@@ -222,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diag.add_argument("--downstream", required=True,
                       help="task spec of the fine-tuning task, e.g. pcfg=count,operand=b,correlation=1 or text=stories.txt,without=word:Lily")  # fmt: skip
-    diag.add_argument("--out", default=None, help="folder for summary.json and report.html")
+    diag.add_argument("--out", default=None,
+                      help="folder for summary.json and report.html; it also keeps each finished analyzer's evidence "
+                           "(OUT/evidence), so that the same command run again after an interruption resumes")  # fmt: skip
     diag.add_argument("--store", default=None, help="the fine-tuning run's RunStore folder, if recorded")
     diag.add_argument("--quick", action="store_true", help="smaller samples and budgets (minutes instead of more)")
     diag.add_argument("--seed", type=int, default=0)

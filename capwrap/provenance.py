@@ -104,7 +104,8 @@ def weights_sha256(model: CapModel) -> str:
         for name, weight in sorted(model.weights().items()):
             digest.update(name.encode())
             digest.update(str(weight.dtype).encode())
-            digest.update(weight.detach().to("cpu").contiguous().flatten().view(torch.uint8).numpy().tobytes())
+            # a copy: a NumPy view of the weight itself would pin its memory (a Residency could not free it)
+            digest.update(weight.detach().to("cpu", copy=True).contiguous().flatten().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

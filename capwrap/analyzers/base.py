@@ -489,6 +489,9 @@ class Analyzer(ABC):
         for key, number in evidence.headline.items():  # computed exactly (from weights, or a count)
             if key not in evidence.intervals and isinstance(number, (int, float)):
                 evidence.intervals[key] = (float(number), float(number))
+        for key, number in [("value", evidence.value), *evidence.headline.items()]:
+            if key in evidence.intervals and isinstance(number, float) and math.isnan(number):
+                evidence.intervals[key] = (math.nan, math.nan)  # a number that does not apply has no interval
         return (rule or default_rule()).judge(evidence)
 
     def settings(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from typing import get_args
@@ -28,6 +29,33 @@ __all__ = ["check_analyzer"]
 
 def _fingerprint(pair: ModelPair) -> list[float]:
     return [float(w.detach().double().sum()) for m in (pair.base, pair.tuned) for w in m.weights().values()]
+
+
+def _check_file_round_trip(ev: Evidence) -> None:
+    """``ev`` written to an evidence file reads back equal: every field (NaN equal to NaN), the table
+    with its dtypes, the replicates bit for bit and the same figure function."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from capwrap.analyzers.evidence_file import read_evidence, to_json_value, write_evidence
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{ev.analyzer}.evidence"
+        write_evidence(ev, path)
+        back, _ = read_evidence(path)
+    for field in dataclasses.fields(Evidence):
+        a, b = getattr(ev, field.name), getattr(back, field.name)
+        if field.name == "table":
+            same = a.equals(b) and a.dtypes.equals(b.dtypes)
+        elif field.name == "replicates":
+            same = np.array_equal(a, b, equal_nan=True)
+        elif field.name == "plot":  # a module-level function (a lambda or closure cannot be named in a file)
+            same = a is b
+        else:  # JSON values; NaN written and read as NaN
+            same = json.dumps(a, default=to_json_value) == json.dumps(b, default=to_json_value)
+        assert same, f"{ev.analyzer}'s evidence does not survive a file: its {field.name} reads back different"
 
 
 def check_analyzer(
@@ -44,8 +72,9 @@ def check_analyzer(
     checked when the class is defined, :meth:`Analyzer.__init_subclass__`); the evidence carries
     the three and the analyzer's name; its value is a number (NaN only
     with a ``summary`` saying why) with bootstrap replicates and an interval around it; the direction is the shipped rule's judgement of
-    the value; it serializes to JSON and draws a figure; the same seed gives the same value; and the
-    pair's weights are left as they were.
+    the value; it serializes to JSON and draws a figure; written to an evidence file it reads back
+    equal, figure included (what lets an interrupted diagnosis resume); the same seed gives the same
+    value; and the pair's weights are left as they were.
 
     Raises:
         AssertionError: naming the broken property.
@@ -83,6 +112,7 @@ def check_analyzer(
         )
     json.dumps(ev.to_dict(), allow_nan=False, default=str)
     assert ev.figure() is not None
+    _check_file_round_trip(ev)
     again = analyzer(pair, capability, downstream, store, eval_size=eval_size, seed=0)
     same = (math.isnan(ev.value) and math.isnan(again.value)) or ev.value == again.value
     assert same, f"{analyzer.name} is not reproducible: {ev.value} then {again.value} with the same seed"

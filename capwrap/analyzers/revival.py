@@ -170,6 +170,14 @@ class Revival(Analyzer):
         batch = context.eval.batches["capability"][: self.check_size]
         base_correct = context.eval.correct["base"]["capability"][: self.check_size].float()
         threshold = self.threshold_fraction * float(base_correct.mean())
+        tuned_now = float(context.eval.correct["tuned"]["capability"][: self.check_size].float().mean())
+        if tuned_now >= threshold:  # reverse fine-tuning would stop before its first step
+            headline = {"threshold": threshold, "capability_accuracy_tuned": tuned_now, "steps_tuned": 0.0,
+                        "budget": float(self.max_steps)}  # fmt: skip
+            return Evidence(self.name, headline, pd.DataFrame(columns=["step", "accuracy", "model", "seed"]),
+                            summary=f"the tuned model already answers {tuned_now:.0%} of the check sequences, at or "
+                                    f"above the threshold ({threshold:.0%}: {self.threshold_fraction:.0%} of the base's "
+                                    f"{float(base_correct.mean()):.0%}): there is nothing to revive")  # fmt: skip
         # a constant rate (the paper's recovery runs use one): the step at which a run reaches the
         # threshold is then the model's, not the budget's (a cosine over ``max_steps`` slows every
         # run of a smaller budget, and at the suite's 200 steps no never-had-it control relearned)

@@ -1,6 +1,7 @@
 """`diagnose()` and what it needs, one job per module: the verdict rule (:mod:`~capwrap.diagnosis.rule`),
 running the analyzers (:mod:`~capwrap.diagnosis.run`), the result and its report
-(:mod:`~capwrap.diagnosis.result`), and checkpoints plus task specs, as the CLI gives them
+(:mod:`~capwrap.diagnosis.result`), the finished evidence an interrupted diagnosis resumes from
+(:mod:`~capwrap.diagnosis.evidence_folder`), and checkpoints plus task specs, as the CLI gives them
 (:mod:`~capwrap.diagnosis.checkpoints`)."""
 
 from capwrap.diagnosis.checkpoints import check_same_tokenizer, diagnose_checkpoints

@@ -32,6 +32,9 @@ __all__ = ["check_same_tokenizer", "diagnose_checkpoints"]
 #: Sequences per test set of the shared evaluation set with ``quick`` (the full diagnosis uses 1,024).
 QUICK_EVAL_SIZE = 256
 
+#: The folder in ``out`` that keeps each finished analyzer's evidence (``diagnose(..., evidence_dir=)``).
+EVIDENCE_FOLDER = "evidence"
+
 
 def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
     """Raise if the two models carry tokenizers with different vocabularies."""
@@ -75,6 +78,10 @@ def diagnose_checkpoints(
     and ``summary.json`` adds the adapter's own weight diff (``adapter``).
 
     ``quick``: smaller samples and budgets, and an evaluation set of :data:`QUICK_EVAL_SIZE` sequences per task.
+
+    ``out`` also keeps each finished analyzer's evidence (in ``out/evidence``): a call interrupted
+    (a crash, a kill, a lost machine) and made again with the same ``out``, models and settings
+    resumes, running only the analyzers that had not finished (see :func:`diagnose`'s ``evidence_dir``).
 
     ``memory="low"``: the two models take turns in memory from the start (the base is written to a
     temporary file and freed before the tuned model is loaded; see :func:`diagnose`), so the pair
@@ -186,19 +193,22 @@ def _diagnose_files(
     diagnosis = diagnose(base_model, tuned_model, cap_task, down_task,
                          analyzers=default_analyzers(quick=quick, memory=memory),
                          eval_size=QUICK_EVAL_SIZE if quick else 1024, store=run, seed=seed, progress=progress,
-                         rule=verdict_rule, downstream_free=free_task, memory=memory)  # fmt: skip
+                         rule=verdict_rule, downstream_free=free_task, memory=memory,
+                         evidence_dir=None if out is None else Path(out) / EVIDENCE_FOLDER)  # fmt: skip
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         provenance = run_provenance(
             models={"base": base_model, "tuned": tuned_model}, seeds={"seed": seed}, started=started,
             call=describe_call("capwrap.diagnosis.diagnose_checkpoints", base=str(base), tuned=str(tuned),
-                               capability=capability, downstream=downstream, quick=quick, seed=seed),
+                               capability=capability, downstream=downstream, quick=quick, seed=seed, memory=memory,
+                               dtype=None if dtype is None else str(dtype).removeprefix("torch.")),
         )  # fmt: skip
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
             "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
             "quick": quick, "memory": memory, "seed": seed,
+            "dtype": str(dtype or torch.float32).removeprefix("torch."),
             "device_map": {which: m.metadata.get("device_map") for which, m in (("base", base_model), ("tuned", tuned_model))}
             if dispatch is not None else None,
             **diagnosis.to_dict(), "wall_seconds": round(time.perf_counter() - started, 2),

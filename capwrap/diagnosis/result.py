@@ -37,6 +37,8 @@ class Diagnosis:
         seconds: per analyzer.
         rule: the provenance of the verdict rule that weighed the evidence.
         weights: per analyzer, its weight in its finding's score.
+        resumed: the analyzers whose evidence was read back from an earlier, interrupted call
+            (``diagnose(..., evidence_dir=...)``); their ``seconds`` are that call's.
     """
 
     deletion: Finding
@@ -47,6 +49,7 @@ class Diagnosis:
     seconds: dict[str, float] = field(default_factory=dict)
     rule: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)
 
     @property
     def findings(self) -> list[Finding]:
@@ -126,6 +129,7 @@ class Diagnosis:
             "tasks": self.tasks,
             "evidence": [ev.to_dict(max_rows=20) for ev in self.evidence],
             "seconds": self.seconds,
+            "resumed": self.resumed,
             "rule": self.rule,
         }
 
@@ -142,6 +146,10 @@ class Diagnosis:
         and ``provenance`` (:func:`capwrap.provenance.run_provenance`; software and date when omitted)."""
         report = Report(title, provenance=dict(provenance or {}))
         self.add_verdict(report)
+        if self.resumed:
+            report.add_text("Resumed", f"The evidence of {', '.join(self.resumed)} was read back from an earlier run of "
+                                       "this diagnosis that was interrupted (same models, tasks and settings); their "
+                                       "seconds are that run's.")  # fmt: skip
         report.add_text("Accuracy", "Base and tuned model on each test set of the one evaluation set (90% intervals).")
         report.add_table(self.accuracy_table(), float_format="{:.1%}")
         self.add_evidence(report)

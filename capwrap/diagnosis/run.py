@@ -23,10 +23,12 @@ Examples:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from tqdm.auto import tqdm
 
 from capwrap.analyzers import (
@@ -43,6 +45,7 @@ from capwrap.analyzers import (
     WeightDiff,
 )
 from capwrap.analyzers.base import check_models
+from capwrap.diagnosis.evidence_folder import EvidenceFolder
 from capwrap.diagnosis.result import Diagnosis
 from capwrap.diagnosis.rule import VerdictRule, default_rule
 from capwrap.errors import ConfigError
@@ -123,6 +126,7 @@ def diagnose(
     downstream_free: Task | None | Literal["auto"] = "auto",
     n_boot: int = 200,
     memory: Memory = "normal",
+    evidence_dir: str | os.PathLike | None = None,
 ) -> Diagnosis:
     """Run ``analyzers`` (default: :func:`default_analyzers`) on the pair and weigh their evidence.
 
@@ -153,10 +157,15 @@ def diagnose(
             (:attr:`~capwrap.models.CapModel.copyable`). Its offloaded weights are read into CPU
             memory when an analyzer first needs them and stay there when the call returns (both
             models given back as they were, in memory); :func:`diagnose_checkpoints` discards them.
+        evidence_dir: a folder that keeps each finished analyzer's evidence, so that an interrupted
+            diagnosis resumes: a later call with the same folder, pair and settings reads back what
+            is there and runs only the other analyzers, for the numbers an uninterrupted run gives
+            (:mod:`~capwrap.diagnosis.evidence_folder`; :attr:`Diagnosis.resumed` names them).
 
     Raises:
         ConfigError: the pair differs in shape, the tasks do not fit, the store is another model's,
-            analyzers repeat a name, or the list is empty.
+            analyzers repeat a name, the list is empty, or ``evidence_dir`` holds the evidence of
+            another pair or other settings.
     """
     check_memory(memory)
     check_models(base, tuned)
@@ -170,7 +179,7 @@ def diagnose(
     try:
         analyzers = default_analyzers(memory=memory) if analyzers is None else analyzers
         return _diagnose(ModelPair(base, tuned, residency), capability, downstream, analyzers, store, eval_size,
-                         seed, progress, rule, downstream_free, n_boot)  # fmt: skip
+                         seed, progress, rule, downstream_free, n_boot, evidence_dir)  # fmt: skip
     finally:
         if own:
             residency.close(restore=True)
@@ -194,6 +203,7 @@ def _diagnose(
     rule: VerdictRule | None,
     downstream_free: Task | None | Literal["auto"],
     n_boot: int,
+    evidence_dir: str | os.PathLike | None = None,
 ) -> Diagnosis:
     rule = rule or default_rule()
     analyzers = list(analyzers)
@@ -204,13 +214,22 @@ def _diagnose(
         raise ConfigError(f"analyzer names repeat ({names}); give each analyzer a distinct name=")
     context = Context.build(pair, capability, downstream, store, downstream_free, eval_size=eval_size, seed=seed,
                             n_boot=n_boot, level=rule.level)  # fmt: skip
-    evidence, seconds = [], {}
+    kept = None if evidence_dir is None else EvidenceFolder.open(evidence_dir, _identity(context, rule))
+    evidence, seconds, resumed = [], {}, []
     bar = tqdm(analyzers, desc="diagnose", disable=not progress, leave=False)
     for analyzer in bar:
         bar.set_postfix_str(analyzer.name)
+        earlier = None if kept is None else kept.read(analyzer)
+        if earlier is not None:  # measured by an earlier call on this pair with these settings
+            evidence.append(earlier[0])
+            seconds[analyzer.name] = earlier[1]
+            resumed.append(analyzer.name)
+            continue
         t0 = time.perf_counter()
         evidence.append(analyzer(pair, capability, downstream, store, context=context, rule=rule))
         seconds[analyzer.name] = round(time.perf_counter() - t0, 2)
+        if kept is not None:
+            kept.write(analyzer, evidence[-1], seconds[analyzer.name])
     accuracy = context.eval.table()
     reasons = gates(rule, accuracy, capability.capability_floor)
     findings = {q: rule.weigh(q, evidence, reasons[q], n_boot=n_boot) for q in ("deletion", "creation")}
@@ -219,4 +238,39 @@ def _diagnose(
     if context.downstream_free is not None:
         tasks["downstream_free"] = context.downstream_free.describe()
     return Diagnosis(findings["deletion"], findings["creation"], accuracy, intervals, tasks, seconds,
-                     rule=dict(rule.provenance), weights={e.analyzer: rule.weight(e) for e in evidence})  # fmt: skip
+                     rule=dict(rule.provenance), weights={e.analyzer: rule.weight(e) for e in evidence},
+                     resumed=resumed)  # fmt: skip
+
+
+def _identity(context: Context, rule: VerdictRule) -> dict:
+    """What a diagnosis's evidence belongs to (:class:`~capwrap.diagnosis.evidence_folder.EvidenceFolder`):
+    both models' weights, the tasks (and the evaluation set's sequences and answers themselves, whatever
+    a task's description leaves out), the bootstrap, the rule and capwrap's version.
+    (The tuned model's weights first: with the models taking turns, the evaluation set left it in memory.)"""
+    import capwrap
+    from capwrap.provenance import weights_sha256
+
+    free = context.downstream_free
+    return {
+        "capwrap": capwrap.__version__,
+        **{f"{which}_weights_sha256": weights_sha256(m) for which, m in reversed(context.pair.models().items())},
+        "tasks": {"capability": context.capability.describe(), "downstream": context.downstream.describe(),
+                  "downstream_free": None if free is None else free.describe()},
+        "eval_size": len(context.eval.batches["capability"]), "eval_set_sha256": _batches_sha256(context),
+        "seed": context.seed, "n_boot": context.n_boot,
+        "store": None if context.store is None else str(context.store.path),
+        "rule": rule.to_dict(),
+    }  # fmt: skip
+
+
+def _batches_sha256(context: Context) -> str:
+    """SHA-256 of the evaluation set: every test set's tokens, answer positions, answers and labels."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for which, batch in sorted(context.eval.batches.items()):
+        tensors = [batch.tokens, batch.answer_pos, batch.answers, *(batch.labels[k] for k in sorted(batch.labels))]
+        digest.update(which.encode())
+        for tensor in tensors:
+            digest.update(tensor.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()

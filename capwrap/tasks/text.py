@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -295,10 +296,15 @@ class TextTask(TaskBase):
         return self._seq_len
 
     def describe(self) -> dict[str, Any]:
+        """Name, feature, sizes and ``texts_sha256``, a digest of the texts themselves (after any
+        filter or relabeling): two tasks from other files or other transforms describe differently."""
+        digest = hashlib.sha256()
+        for text in self.texts:
+            digest.update(text.encode("utf-8") + b"\x00")
         return {
             "kind": "text", "name": self.name, "feature": None if self.feature is None else self.feature.name,
             "texts": len(self.texts), "seq_len": self._seq_len,
-            "sites": len(self._sites) if self.feature is not None else None,
+            "sites": len(self._sites) if self.feature is not None else None, "texts_sha256": digest.hexdigest(),
         }  # fmt: skip
 
     def sample(self, n: int, seed: int) -> TaskBatch:

@@ -91,8 +91,9 @@ def relearning(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _steps(headline: dict[str, Any], key: str) -> int | str | None:
-    """Revival's steps to the threshold, ``">budget"`` when the budget ran out first, ``None`` without revival."""
-    if not headline:
+    """Revival's steps to the threshold, ``">budget"`` when the budget ran out first, ``None`` without
+    revival or without that run (a tuned model already at the threshold trains no control)."""
+    if key not in headline:
         return None
     steps = headline.get(key)
     return int(steps) if steps is not None else f">{headline['budget']:g}"

@@ -62,7 +62,8 @@ def test_probing_through_the_base_embeddings_keeps_the_contract(pair_kind, reque
     assert ev.statistic == "probe_kept_share" and ("through the base's embeddings" in ev.summary or not ev.applicable)
 
 
-def test_the_contract_catches_a_broken_analyzer(pcfg_pair):
+def _flawed_analyzer(measures: str, value, plot=None):
+    """An analyzer (a real subclass) whose evidence is ``value()`` with the figure ``plot``."""
     from dataclasses import dataclass
     from typing import ClassVar
 
@@ -72,15 +73,31 @@ def test_the_contract_catches_a_broken_analyzer(pcfg_pair):
     from capwrap.analyzers import Analyzer, Evidence
 
     @dataclass
-    class Careless(Analyzer):
-        name: str = "careless"
+    class Flawed(Analyzer):
+        name: str = "flawed"
         kind: ClassVar[str] = "functional"
-        statistic: ClassVar[str] = "careless_noise"
+        statistic: ClassVar[str] = measures
 
-        def analyze(self, context):  # a random value: not reproducible
-            value = float(np.random.default_rng().random())
-            return Evidence(self.name, {}, pd.DataFrame(), value=value, replicates=np.full(10, value), summary="noise")
+        def analyze(self, context):
+            v = value()
+            return Evidence(self.name, {"x": v}, pd.DataFrame({"x": [v]}), value=v, replicates=np.full(10, v),
+                            summary="a number", plot=plot)  # fmt: skip
 
+    return Flawed()
+
+
+def test_the_contract_catches_a_broken_analyzer(pcfg_pair):
+    import numpy as np
+
+    careless = _flawed_analyzer("careless_noise", lambda: float(np.random.default_rng().random()))  # not reproducible
     pair, capability, downstream = pcfg_pair
     with pytest.raises(AssertionError, match="not reproducible"):
-        check_analyzer(Careless(), pair, capability, downstream, eval_size=16)
+        check_analyzer(careless, pair, capability, downstream, eval_size=16)
+
+
+def test_the_contract_catches_evidence_that_does_not_survive_a_file(pcfg_pair):
+    """A figure made by a lambda cannot be named in an evidence file: a resumed diagnosis would lose it."""
+    unnamed = _flawed_analyzer("unnamed_constant", lambda: 0.5, plot=lambda ev: "a figure")
+    pair, capability, downstream = pcfg_pair
+    with pytest.raises(AssertionError, match="does not survive a file: its plot"):
+        check_analyzer(unnamed, pair, capability, downstream, eval_size=16)

@@ -95,6 +95,98 @@ def test_diagnose_bad_input(trained_pair):
         diagnose(base, tuned, wide, downstream, progress=False)
 
 
+def _resumable_analyzers():
+    return [Probing(n=200, steps=50), Pruning(ks=(0, 1, 3), score_size=64),
+            Revival(max_steps=20, eval_every=10, check_size=64, control_steps=10, seeds=1),
+            WeightDiff(graft_fractions=(0.1,)), Patching(n=16), Generalization()]  # fmt: skip
+
+
+def _same_diagnosis(a, b) -> None:
+    import numpy as np
+
+    drop = ("seconds", "resumed")
+    assert json.dumps({k: v for k, v in a.to_dict().items() if k not in drop}) == json.dumps(
+        {k: v for k, v in b.to_dict().items() if k not in drop}
+    )
+    for x, y in zip(a.evidence, b.evidence, strict=True):
+        assert x.table.equals(y.table) and np.array_equal(x.replicates, y.replicates, equal_nan=True), x.analyzer
+        assert json.dumps(x.details) == json.dumps(y.details) and x.plot is y.plot, x.analyzer
+
+
+def test_an_interrupted_diagnosis_resumes_with_the_numbers_of_one_that_was_not(trained_pair, tmp_path, monkeypatch):
+    base, tuned, capability, downstream = trained_pair
+    straight = diagnose(base, tuned, capability, downstream, analyzers=_resumable_analyzers(), eval_size=128,
+                        progress=False)  # fmt: skip
+    assert straight.resumed == [] and json.loads(straight.to_json())["resumed"] == []
+    folder = tmp_path / "evidence"
+
+    def interrupted(self, context):  # the machine goes away in the middle of the diagnosis
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WeightDiff, "analyze", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            diagnose(base, tuned, capability, downstream, analyzers=_resumable_analyzers(), eval_size=128,
+                     progress=False, evidence_dir=folder)  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "diagnosis.json", "probing.evidence", "pruning.evidence", "revival.evidence"]  # fmt: skip
+
+    ran = []
+    for cls in (Probing, Pruning, Revival, WeightDiff, Patching, Generalization):
+        monkeypatch.setattr(cls, "analyze", lambda self, context, run=cls.analyze: ran.append(self.name) or run(self, context))
+    resumed = diagnose(base, tuned, capability, downstream, analyzers=_resumable_analyzers(), eval_size=128,
+                       progress=False, evidence_dir=folder)  # fmt: skip
+    assert ran == ["weight_diff", "patching", "generalization"]  # what had finished is read back, not run again
+    assert resumed.resumed == ["probing", "pruning", "revival"]
+    assert resumed.seconds["revival"] == pytest.approx(straight.seconds["revival"], rel=10) and resumed.seconds["revival"] > 0
+    _same_diagnosis(straight, resumed)
+    assert resumed["revival"].figure() is not None
+
+    ran.clear()  # everything finished: a third call runs no analyzer
+    again = diagnose(base, tuned, capability, downstream, analyzers=_resumable_analyzers(), eval_size=128,
+                     progress=False, evidence_dir=folder)  # fmt: skip
+    assert ran == [] and len(again.resumed) == 6
+    _same_diagnosis(straight, again)
+
+
+def test_an_evidence_folder_refuses_another_diagnosis(trained_pair, tmp_path):
+    base, tuned, capability, downstream = trained_pair
+    folder = tmp_path / "evidence"
+    diagnose(base, tuned, capability, downstream, analyzers=[Generalization(), AttentionComparison(n=16)],
+             eval_size=64, progress=False, evidence_dir=folder)  # fmt: skip
+
+    def call(**changes):
+        args = dict(analyzers=[Generalization(), AttentionComparison(n=16)], eval_size=64, progress=False,
+                    evidence_dir=folder) | changes  # fmt: skip
+        return diagnose(changes.pop("base", base), changes.pop("tuned", tuned), capability, downstream,
+                        **{k: v for k, v in args.items() if k not in ("base", "tuned")})  # fmt: skip
+
+    with pytest.raises(ConfigError, match=r"another diagnosis: seed differs \(0 there, 1 here\)"):
+        call(seed=1)
+    with pytest.raises(ConfigError, match=r"tuned_weights_sha256 differs"):
+        call(tuned=base)  # another pair
+    with pytest.raises(ConfigError, match=r"eval_size differs \(64 there, 32 here\)"):
+        call(eval_size=32)
+    with pytest.raises(ConfigError, match=r"attention.evidence holds the evidence of 'attention' measured with other "
+                                          r"settings: settings.n differs \(16 there, 8 here\); delete that file"):
+        call(analyzers=[Generalization(), AttentionComparison(n=8)])
+    assert call().resumed == ["generalization", "attention"]  # in the order they run
+    assert call(analyzers=[Generalization(), AttentionComparison(n=16), Patching(n=8)]).resumed == [
+        "generalization", "attention"]  # a new analyzer runs; the others are read back  # fmt: skip
+    moved = tmp_path / "moved"  # an evidence file of another diagnosis (seed 1), copied into this folder
+    diagnose(base, tuned, capability, downstream, analyzers=[Patching(n=8)], eval_size=64, progress=False, seed=1,
+             evidence_dir=moved)  # fmt: skip
+    (folder / "patching.evidence").write_bytes((moved / "patching.evidence").read_bytes())
+    with pytest.raises(ConfigError, match="patching.evidence holds evidence of another diagnosis than"):
+        call(analyzers=[Patching(n=8)])
+    (folder / "patching.evidence").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="patching.evidence is not an evidence file"):
+        call(analyzers=[Patching(n=8)])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        call(evidence_dir=tmp_path / "file")
+
+
 def test_every_analyzer_works_on_a_gpt_neo_pair(tmp_path):
     """The TinyStories architecture (local attention layers, unscaled scores) through all six analyzers."""
     capability = PCFGTask("count", "a", config=PCFGConfig(length=10, window=5, occurrence=2))
@@ -123,3 +215,23 @@ def test_every_analyzer_works_on_a_gpt_neo_pair(tmp_path):
     changed = d["weight_diff"].table.set_index("component")
     assert "L1H3" in changed.index and changed.loc["L1.attn", "change"] > 0  # heads without q/k/v biases
     assert len(d["attention"].table) == 8 and len(d["patching"].table) > 0
+
+
+def test_an_evidence_folder_tells_text_tasks_apart_by_their_texts(stories260k, tmp_path):
+    """Two text tasks from other files or transforms once described alike (name, feature, counts): the
+    second diagnosis read the first one's evidence back as its own. The texts' digest tells them apart."""
+    from capwrap.models import load_model
+    from capwrap.tasks import task_from_spec
+
+    model = load_model(stories260k)
+    text = stories260k.parent / "text" / "train_head.txt"
+    capability = task_from_spec(f"text={text},feature=word:Lily,limit=200", model.tokenizer)
+    relabeled = task_from_spec(f"text={text},feature=word:Lily,limit=200,relabel=word:Tom->Max", model.tokenizer)
+    assert capability.describe()["name"] == relabeled.describe()["name"]
+    assert capability.describe()["texts_sha256"] != relabeled.describe()["texts_sha256"]
+    folder = tmp_path / "evidence"
+    diagnose(model, model, capability, capability, analyzers=[Generalization()], eval_size=16, progress=False,
+             evidence_dir=folder)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"tasks.capability.texts_sha256 differs .*eval_set_sha256 differs"):
+        diagnose(model, model, relabeled, capability, analyzers=[Generalization()], eval_size=16, progress=False,
+                 evidence_dir=folder)  # fmt: skip

@@ -83,6 +83,15 @@ class Env:
             (folder / "model.safetensors").write_bytes(weights)
         return folder
 
+    def diagnose_into_another_pairs_evidence(self):
+        """A diagnosis of one pair keeps its evidence; a second pair diagnosed into the same folder."""
+        from capwrap.analyzers import Generalization
+
+        folder = self.root / "evidence-of-one-pair"
+        for tuned in (self.model, build_model(SPEC, seed=1)):
+            diagnose(self.model, tuned, TASK, TASK, analyzers=[Generalization()], eval_size=16, progress=False,
+                     evidence_dir=folder)  # fmt: skip
+
     def model_with_nan_row(self):
         """A NaN in the embedding of a token the task never uses."""
         model = build_model(ModelSpec(d_vocab=SPEC.d_vocab + 4, n_ctx=SPEC.n_ctx, n_layers=1, d_model=16, n_heads=2))
@@ -308,6 +317,12 @@ CASES = [
         ConfigError,
         "no analyzers",
         lambda e: diagnose(e.model, e.model, TASK, TASK, analyzers=[]),
+    ),
+    Case(
+        "diagnose-evidence-of-another-pair",
+        ConfigError,
+        "holds the evidence of another diagnosis: tuned_weights_sha256 differs .*; delete the folder",
+        lambda e: e.diagnose_into_another_pairs_evidence(),
     ),
     # the demo
     Case(

@@ -89,6 +89,45 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
     }
     assert summary["capability_spec"].startswith("pcfg=count") and summary["spec"]["n_layers"] == 2
     assert "Plotly.newPlot" in (out / "report.html").read_text()
+    assert summary["resumed"] == [] and len(list((out / "evidence").glob("*.evidence"))) == 8
+
+    # the same command again reads every analyzer's evidence back: the same verdict and numbers
+    assert main(["diagnose", str(pair_on_disk / "base"), str(pair_on_disk / "tuned"),
+                 "--capability", f"pcfg=count,operand=a,{CONFIG}", "--downstream", f"pcfg=count,operand=b,{CONFIG}",
+                 "--out", str(out), "--quick", "--quiet"]) == 0  # fmt: skip
+    assert f"resumed: read back the evidence of probing, pruning, revival, weight_diff, attention, patching, " \
+           f"generalization, new_latent from {out / 'evidence'}" in capsys.readouterr().out  # fmt: skip
+    again = json.loads((out / "summary.json").read_text())
+    assert len(again["resumed"]) == 8 and again["evidence"] == summary["evidence"] and again["seconds"] == summary["seconds"]
+    assert summary["dtype"] == "float32" and "memory='normal'" in summary["provenance"]["call"]
+    assert "was read back from an earlier run of this diagnosis" in (out / "report.html").read_text()
+    # another seed into the same folder is refused, not mixed in
+    assert main(["diagnose", str(pair_on_disk / "base"), str(pair_on_disk / "tuned"), "--seed", "1",
+                 "--capability", f"pcfg=count,operand=a,{CONFIG}", "--downstream", f"pcfg=count,operand=b,{CONFIG}",
+                 "--out", str(out), "--quick", "--quiet"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "holds the evidence of another diagnosis: seed differs (0 there, 1 here)" in err and "another --out" in err
+    assert "Traceback" not in err
+
+
+def test_diagnose_command_interrupted_keeps_the_finished_evidence(pair_on_disk, tmp_path, capsys, monkeypatch):
+    from capwrap.analyzers import AttentionComparison
+
+    out = tmp_path / "diag"
+    command = ["diagnose", str(pair_on_disk / "base"), str(pair_on_disk / "tuned"), "--capability",
+               f"pcfg=count,operand=a,{CONFIG}", "--downstream", f"pcfg=count,operand=b,{CONFIG}", "--out", str(out),
+               "--quick", "--quiet"]  # fmt: skip
+
+    def interrupted(self, context):  # Ctrl-C during the attention comparison
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AttentionComparison, "analyze", interrupted)
+        assert main(command) == 130
+    err = capsys.readouterr().err
+    assert f"evidence is kept in {out / 'evidence'}; run the same command again to resume" in err
+    kept = sorted(p.stem for p in (out / "evidence").glob("*.evidence"))
+    assert kept == ["probing", "pruning", "revival", "weight_diff"] and not (out / "summary.json").exists()
 
 
 def test_diagnose_command_bad_input(pair_on_disk, tmp_path, capsys):

@@ -193,6 +193,7 @@ def test_capwrap_diagnose_in_bfloat16_measures_what_float32_does(folder, tmp_pat
         argv = ["diagnose", str(base_folder), str(tuned_folder), *specs, "--quick", "--quiet", "--out", str(out)]
         assert main([*argv, "--dtype", dtype]) == 0
         summary = json.loads((out / "summary.json").read_text())
+        assert summary["dtype"] == dtype and f"dtype='{dtype}'" in summary["provenance"]["call"]
         values[dtype] = {e["analyzer"]: e["value"] for e in summary["evidence"]}
     assert "verdict:" in capsys.readouterr().out
     assert set(values["bfloat16"]) == set(values["float32"]) and len(values["float32"]) >= 6

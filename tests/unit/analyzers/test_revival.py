@@ -37,11 +37,18 @@ def test_fine_tuned_capability_revives_faster_than_the_control(small_spec, small
     assert set(ev.table["seed"]) == {0, 1} and ev.figure().data
 
 
-def test_a_model_already_at_the_threshold_needs_zero_steps(small_model, small_task):
+def test_a_model_already_at_the_threshold_has_nothing_to_revive(small_model, small_task, monkeypatch):
+    """Reverse fine-tuning would stop before its first step: no speed-up to measure (it read as 2^6 before,
+    a strong wrapper, from a count of 0 steps clamped to 1), and neither model trains."""
+    import capwrap.analyzers.revival as revival
+
+    monkeypatch.setattr(revival, "steps_to_threshold", lambda *a, **k: pytest.fail("nothing should train"))
     ev = Revival(max_steps=5, eval_every=5, check_size=64, control_steps=1, threshold_fraction=0.01, seeds=1)(
         ModelPair(small_model, small_model.clone()), small_task, small_task, eval_size=64
     )
-    assert ev.headline["steps_tuned"] == 0.0 and ev.value == 0.0  # both at the threshold from the start
+    assert math.isnan(ev.value) and not ev.applicable and ev.direction == "neutral"
+    assert ev.headline["steps_tuned"] == 0.0 and "there is nothing to revive" in ev.summary
+    assert all(math.isnan(x) for x in ev.intervals["value"])  # a number that does not apply has no interval
 
 
 def test_the_budget_only_bounds_the_run(small_spec, small_task, backend):
