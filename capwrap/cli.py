@@ -47,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     if result.diagnosis is not None:
         _print_findings(result.diagnosis)
-    print(f"verdict: {result.summary['verdict']}")
+        print(f"verdict: {result.summary['verdict']}")
     print(f"done in {result.summary['wall_seconds']:.0f} s; outputs in {result.out}/")
     return 0
 

@@ -36,7 +36,7 @@ import pandas as pd
 
 from capwrap.files import write_text_atomic
 
-__all__ = ["Report", "error_bars", "proportion_interval", "human_label", "INTEGER_COLUMNS"]
+__all__ = ["Report", "error_bars", "proportion_interval", "human_label", "signed_percent", "INTEGER_COLUMNS"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.5; }
@@ -60,6 +60,17 @@ pre { background: #f7f7f7; padding: .8em; overflow-x: auto; white-space: pre-wra
 #: Column names whose whole-numbered values are counts or indices (shown as integers even when
 #: every value is 0 or 1, and however pandas stored them: a NaN makes an int column float).
 INTEGER_COLUMNS = ("layer", "head", "step", "k", "n", "neuron", "position", "seed", "rank", "index", "steps")
+
+
+def signed_percent(share: float) -> str:
+    """A change as a signed whole percentage, without the "-0%" a tiny loss rounds to.
+
+    Examples:
+        >>> signed_percent(0.126), signed_percent(-0.002), signed_percent(-0.02)
+        ('+13%', '+0%', '-2%')
+    """
+    text = f"{share:+.0%}"
+    return "+0%" if text == "-0%" else text
 
 
 def human_label(key: Any) -> str:

@@ -102,6 +102,22 @@ def check_models(base: object, tuned: object) -> None:
             )
 
 
+def _pair_hint(base: ModelSpec, tuned: ModelSpec) -> str:
+    """What a pair that differs should do: the common fine-tunes that change a shape named, with their way back."""
+    a, b = base.to_dict(), tuned.to_dict()
+    differing = {f for f in dict.fromkeys([*a, *b]) if a.get(f) != b.get(f)}
+    if differing <= {"d_vocab", "d_vocab_out"}:
+        return (f"the fine-tune resized the vocabulary ({base.d_vocab} -> {tuned.d_vocab} tokens: tokens added, e.g. a "
+                "pad or chat token, or the embedding padded). capwrap compares models of one shape: cut the tuned "
+                f"model's embedding back to the base's rows (transformers: model.resize_token_embeddings({base.d_vocab}), "
+                "then save_pretrained) if the tasks do not use the added tokens")  # fmt: skip
+    if differing == {"tie_embeddings"}:
+        return ("the fine-tune untied (or tied) the embedding and unembedding. capwrap compares models of one shape: "
+                "save the tuned model with the base's tie_word_embeddings setting, if its two matrices are still equal, "
+                "or compare it with an untied copy of the base")  # fmt: skip
+    return "a pair must share architecture and shape (was one of them fine-tuned from the other?)"
+
+
 @dataclass
 class ModelPair:
     """A base model and a fine-tuned version of it, of the same architecture and shape.
@@ -125,10 +141,7 @@ class ModelPair:
         check_models(self.base, self.tuned)
         detail = self.base.spec.differences(self.tuned.spec)
         if detail:
-            raise ConfigError(
-                f"the base and tuned models differ in {detail}; a pair must share architecture and shape "
-                "(was one of them fine-tuned from the other?)"
-            )
+            raise ConfigError(f"the base and tuned models differ in {detail}; " + _pair_hint(self.base.spec, self.tuned.spec))
         if self.residency is not None:
             for model in (self.base, self.tuned):
                 if model not in self.residency:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, Question
+from capwrap.report import signed_percent
 
 __all__ = ["Generalization"]
 
@@ -61,7 +62,7 @@ class Generalization(Analyzer):
         )
         headline = {"gain_downstream": gain}
         if "downstream_free" not in ev.batches:
-            summary = (f"the tuned model gained {gain:+.0%} on {context.downstream.name!r}, which has no "
+            summary = (f"the tuned model gained {signed_percent(gain)} on {context.downstream.name!r}, which has no "
                        "correlation-free variant to test it on")  # fmt: skip
             return Evidence(self.name, headline, table, summary=summary)
         free_gain = acc["tuned", "downstream_free"] - acc["base", "downstream_free"]
@@ -77,15 +78,15 @@ class Generalization(Analyzer):
             "gain_downstream_free": context.interval(reps_free),
         }
         if gain < self.min_gain:
-            summary = f"the tuned model gained only {gain:+.0%} on {context.downstream.name!r}: nothing new to test"
+            summary = f"the tuned model gained only {signed_percent(gain)} on {context.downstream.name!r}: nothing new to test"
             return Evidence(self.name, headline, table, intervals=intervals, summary=summary)
         value = free_gain / gain
         with np.errstate(invalid="ignore", divide="ignore"):
             reps = np.where(reps_gain > 0, reps_free / reps_gain, np.nan)
         headline["gain_without_correlation"] = value
         intervals["gain_without_correlation"] = context.interval(reps)
-        summary = (f"the tuned model gained {gain:+.0%} where the spurious correlation holds "
-                   f"({acc['base', 'downstream']:.0%} → {acc['tuned', 'downstream']:.0%}) and {free_gain:+.0%} where it "
+        summary = (f"the tuned model gained {signed_percent(gain)} where the spurious correlation holds "
+                   f"({acc['base', 'downstream']:.0%} → {acc['tuned', 'downstream']:.0%}) and {signed_percent(free_gain)} where it "
                    f"does not ({acc['base', 'downstream_free']:.0%} → {acc['tuned', 'downstream_free']:.0%}): "
                    f"{value:.0%} of the gain survives without it")  # fmt: skip
         return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps, intervals=intervals,

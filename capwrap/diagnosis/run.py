@@ -52,6 +52,7 @@ from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
+from capwrap.report import signed_percent
 from capwrap.tasks.base import Task
 
 __all__ = ["MEMORY_MODES", "Memory", "check_memory", "diagnose", "default_analyzers", "gates"]
@@ -107,7 +108,7 @@ def gates(rule: VerdictRule, accuracy: dict[str, dict[str, float]], floor: float
                            f"{rule.kept_fraction:.0%} of the base): there is no loss to explain")  # fmt: skip
     gain = accuracy["tuned"]["downstream"] - accuracy["base"]["downstream"]
     if gain < rule.min_gain:
-        out["creation"] = (f"the tuned model gained {gain:+.0%} on the downstream task (less than {rule.min_gain:.0%}): "
+        out["creation"] = (f"the tuned model gained {signed_percent(gain)} on the downstream task (less than {rule.min_gain:.0%}): "
                            "there is no new behaviour to explain")  # fmt: skip
     return out
 

@@ -209,6 +209,25 @@ def check_placement(
         raise ConfigError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
     if device_map is not None and device is not None:
         raise ConfigError("give device or device_map, not both: with device_map accelerate places the models' parts")
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise ConfigError(
+            f"max_memory must be a dict of device to size, e.g. {{0: '20GiB', 'cpu': '60GiB'}}, got {max_memory!r} "
+            "(the form '0=20GiB,cpu=60GiB' is capwrap diagnose's --max-memory)"
+        )
+    places = list((max_memory or {}).keys()) + (list(device_map.values()) if isinstance(device_map, dict) else [device_map])
+    gpus = [p for p in places if p is not None and _is_gpu(p)]
+    if gpus and not torch.cuda.is_available():
+        raise ConfigError(
+            f"the placement names a GPU ({gpus[0]!r}) but this machine has no CUDA GPU (or torch was built without "
+            "CUDA); place the models on 'cpu' and 'disk' (e.g. --max-memory cpu=8GiB), or run on a GPU machine"
+        )
+
+
+def _is_gpu(place: Any) -> bool:
+    """Whether an accelerate placement (a device index, ``"cuda:1"``, ``"cpu"``, ``"disk"``, ``"auto"``) is a GPU."""
+    if isinstance(place, int) or (isinstance(place, str) and place.isdigit()):
+        return True
+    return isinstance(place, (str, torch.device)) and str(place).split(":")[0] in ("cuda", "xpu", "mps", "npu")
 
 
 def read_spec(folder: Path, capwrap_doc: dict[str, Any] | None, trust_remote_code: bool = False) -> ModelSpec:
@@ -244,7 +263,8 @@ def _resolve_source(source: str | os.PathLike, revision: str | None, allow_pickl
             raise CheckpointError(f"{path} is a file; pass the checkpoint's folder (with config.json) instead")
         return path
     text = str(source)
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1  # hub names are "owner/name"
+    # hub names are "owner/name"; "runs/tuned" is a folder when "runs" is one here
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or path.parent.name and path.parent.is_dir()
     if looks_local:
         raise CheckpointError(f"checkpoint folder {text} does not exist; check the path")
     return _download_from_hub(text, revision, allow_pickle)
@@ -272,8 +292,8 @@ def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = Fal
     except (LocalEntryNotFoundError, OSError) as exc:
         raise CheckpointError(
             f"cannot reach the Hugging Face hub to download {name!r} (offline?). On a machine with "
-            f"access run `huggingface-cli download {name} --local-dir DIR`, copy DIR here, and pass "
-            "its path instead of the hub name"
+            f"access run `hf download {name} --local-dir DIR` (huggingface_hub's command line), copy DIR here, "
+            "and pass its path instead of the hub name; no local folder of that name exists either"
         ) from exc
 
 
@@ -434,7 +454,19 @@ def _read_tokenizer(folder: Path) -> Any:
 
     try:
         return transformers.AutoTokenizer.from_pretrained(str(folder))
-    except Exception:  # noqa: BLE001 - a broken tokenizer should not block weight analyses
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer should not block weight analyses
+        import warnings
+
+        from capwrap.errors import CapwrapWarning
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"the tokenizer files in {folder} cannot be read ({type(exc).__name__}: {first[:200]}); the model loads "
+            "without a tokenizer, which weight analyses do not need but text tasks do. Copy the base model's "
+            "tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder to fix it",
+            CapwrapWarning,
+            stacklevel=2,
+        )
         return None
 
 

@@ -108,7 +108,10 @@ def _text(keys: dict[str, str], tokenizer: Any) -> Task:
 
     _check_keys(keys, _TEXT_KEYS)
     if tokenizer is None:
-        raise ConfigError("a text task needs the model's tokenizer, and this model has none")
+        raise ConfigError(
+            "a text task needs the model's tokenizer, and this model has none: its folder holds no readable "
+            "tokenizer files; copy the base model's (tokenizer.json, tokenizer_config.json, ...) into it"
+        )
     limit = _number(keys, "limit", int) if "limit" in keys else None
     ds = load_texts(keys["text"], split=keys.get("split", "train"), field=keys.get("field", "text"), limit=limit)
     if "without" in keys:

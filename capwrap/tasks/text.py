@@ -142,6 +142,11 @@ def load_texts(
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         kinds = {_file_kind(p) for p in files} - {None}
+        if path.is_file() and not kinds:
+            raise ConfigError(
+                f"{source} is not a kind of file capwrap reads texts from (by its name's ending, "
+                f"{path.suffix or 'none'!r}); give a .txt, .json/.jsonl, .csv or .parquet file (rename a plain-text file to .txt)"
+            )
         if len(kinds) != 1:
             raise ConfigError(
                 f"{source} holds {'no' if not kinds else 'mixed'} text files ({sorted(k for k in kinds if k)}); "
@@ -166,6 +171,16 @@ def load_texts(
             ) from None
     if field not in ds.column_names:
         raise ConfigError(f"the dataset has no column {field!r}; its columns are {ds.column_names} (pass field=)")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of texts, got {limit}")
+    feature_type = ds.features[field]
+    if getattr(feature_type, "dtype", None) not in ("string", "large_string"):
+        listed = not hasattr(feature_type, "dtype")  # a list or a record per row: chat messages, most often
+        shape = "lists or records (chat messages?)" if listed else f"{feature_type.dtype} values"
+        raise ConfigError(
+            f"the column {field!r} of {source} holds {shape}, not text; capwrap reads plain text: choose a text column "
+            f"with field= (its columns: {ds.column_names})" + (", or write the conversations out as text first" if listed else "")
+        )
     if field != "text":
         ds = (
             ds.rename_column(field, "text")

@@ -62,6 +62,10 @@ class Env:
               recorder=Recorder(model, self.checkpointed, hooks=()))  # fmt: skip
         self.csv = root / "texts.csv"
         self.csv.write_text("story\nOnce upon a time.\n")
+        self.ids = root / "ids.jsonl"
+        self.ids.write_text('{"id": 1, "story": "Once upon a time."}\n')
+        self.markdown = root / "stories.md"
+        self.markdown.write_text("# Once upon a time\n")
 
     def _nan_weights(self) -> bytes:
         from safetensors.torch import save
@@ -92,6 +96,13 @@ class Env:
             diagnose(self.model, tuned, TASK, TASK, analyzers=[Generalization()], eval_size=16, progress=False,
                      evidence_dir=folder)  # fmt: skip
 
+    def load_relative(self, name: str):
+        """``load_model(name)`` from the cases' folder, as a user types a path relative to where they are."""
+        import contextlib
+
+        with contextlib.chdir(self.root):
+            return load_model(name)
+
     def model_with_nan_row(self):
         """A NaN in the embedding of a token the task never uses."""
         model = build_model(ModelSpec(d_vocab=SPEC.d_vocab + 4, n_ctx=SPEC.n_ctx, n_layers=1, d_model=16, n_heads=2))
@@ -119,7 +130,19 @@ def _unavailable_backend() -> str:
 CASES = [
     # models and checkpoints
     Case("load-missing-folder", CheckpointError, "does not exist", lambda e: load_model(e.root / "nowhere")),
+    Case(
+        "load-missing-relative-folder",
+        CheckpointError,
+        "checkpoint folder ckpt/nowhere does not exist",
+        lambda e: e.load_relative("ckpt/nowhere"),
+    ),
     Case("load-file-not-folder", CheckpointError, "is a file", lambda e: load_model(e.file)),
+    Case(
+        "load-max-memory-a-string",
+        ConfigError,
+        "max_memory must be a dict of device to size",
+        lambda e: load_model(e.ckpt, device_map="auto", max_memory="cpu=1GB"),
+    ),
     Case("load-no-config", CheckpointError, "no config.json", lambda e: load_model(e.no_config)),
     Case("load-config-not-json", OSError, "config", lambda e: load_model(e.bad_config)),
     Case("load-truncated-weights", CheckpointError, "corrupt", lambda e: load_model(e.truncated)),
@@ -171,6 +194,14 @@ CASES = [
     Case("feature-bad-regex", ConfigError, "regular expression", lambda e: Feature.parse("regex:(")),
     Case("texts-missing-file", ConfigError, "no such file", lambda e: load_texts(e.root / "nope.txt")),
     Case("texts-missing-column", ConfigError, "no column 'text'", lambda e: load_texts(e.csv)),
+    Case(
+        "texts-column-not-text",
+        ConfigError,
+        r"the column 'id' of .*ids.jsonl holds int64 values, not text",
+        lambda e: load_texts(e.ids, field="id"),
+    ),
+    Case("texts-unknown-file-kind", ConfigError, "not a kind of file capwrap reads", lambda e: load_texts(e.markdown)),
+    Case("texts-negative-limit", ConfigError, "limit must be a positive", lambda e: load_texts(e.ids, field="story", limit=-5)),
     # training
     Case(
         "train-nan-weight",
@@ -300,6 +331,13 @@ CASES = [
             TASK,
         ),
     ),  # fmt: skip
+    Case(
+        "pair-of-a-resized-vocabulary",
+        ConfigError,
+        r"the fine-tune resized the vocabulary \(.* -> .* tokens.*resize_token_embeddings",
+        lambda e: diagnose(e.model, build_model(ModelSpec(d_vocab=SPEC.d_vocab + 1, n_ctx=SPEC.n_ctx, n_layers=1,
+                                                          d_model=16, n_heads=2)), TASK, TASK),  # fmt: skip
+    ),
     Case(
         "diagnose-paths-not-models",
         ConfigError,

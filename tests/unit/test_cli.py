@@ -252,3 +252,11 @@ def test_threads_option_sets_torch_threads_for_the_command_only(pair_on_disk, ca
     with pytest.raises(SystemExit):
         main(["info", str(pair_on_disk / "base"), "--threads", "0"])
     assert "positive whole number" in capsys.readouterr().err
+
+
+def test_demo_without_diagnosis_prints_no_verdict(tmp_path, capsys):
+    """`capwrap demo --no-diagnose` printed `verdict: None`."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-size", "16", "--no-diagnose", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict" not in out and "done in" in out
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["verdict"] is None

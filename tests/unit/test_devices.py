@@ -58,6 +58,22 @@ def test_load_model_in_bfloat16(backend, folder):
     assert all(torch.equal(w.float(), model.weights()[k].float()) for k, w in wide.weights().items())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_a_placement_on_a_gpu_is_refused_where_there_is_none(folder, capsys):
+    """accelerate failed deep inside (a RuntimeError or AssertionError traceback from the CLI)."""
+    from capwrap.cli import main
+
+    for placement in ({"device_map": "auto", "max_memory": {0: "1GiB", "cpu": "1GiB"}}, {"device_map": "cuda:0"},
+                      {"device_map": {"": 0}}):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"the placement names a GPU .* but this machine has no CUDA GPU"):
+            load_model(folder, **placement)
+    spec = "pcfg=count,operand=a,length=8,window=4,occurrence=2"
+    for options in (["--device-map", "auto", "--max-memory", "0=1GiB"], ["--device-map", "cuda:0"]):
+        assert main(["diagnose", str(folder), str(folder), "--capability", spec, "--downstream", spec, *options]) == 2
+        err = capsys.readouterr().err
+        assert "this machine has no CUDA GPU" in err and "Traceback" not in err
+
+
 @pytest.mark.backend  # each TransformerLens line's bridge adds the unembedding's bias differently
 def test_device_map_with_disk_offload_runs_the_model(folder, tmp_path):
     model = load_model(folder, device_map="auto", max_memory={"cpu": "40KB"}, offload_folder=tmp_path / "offload")

@@ -136,3 +136,17 @@ def test_a_config_with_impossible_sizes_names_the_file_and_the_field(tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_head": 5}))
     with pytest.raises(ConfigError, match=r"config\.json: d_model=32 is not divisible by n_heads=5"):
         load_model(folder)
+
+
+def test_a_broken_tokenizer_is_named_not_silently_dropped(tmp_path, capsys):
+    """A corrupt tokenizer.json loaded as "tokenizer: none": a text task then said the model had none."""
+    from capwrap.errors import CapwrapWarning
+    from capwrap.models import ModelSpec, build_model
+
+    folder = save_model(build_model(ModelSpec(d_vocab=20, n_ctx=16, n_layers=1, d_model=16, n_heads=2)), tmp_path / "m")
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.warns(CapwrapWarning, match=r"the tokenizer files in .*m cannot be read \(.*\); .*Copy the base model's"):
+        model = load_model(folder)
+    assert model.tokenizer is None  # the weights still load: weight analyses need no tokenizer
+    assert main(["info", str(folder)]) == 0
+    assert "capwrap: warning: the tokenizer files in" in capsys.readouterr().err
