@@ -390,7 +390,8 @@ def train(
                 model.train()
             info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
             if recorder is not None:
-                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, arrays=method.arrays(step), **metrics)
+                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, arrays=method.arrays(step),
+                              final=done == config.steps, **metrics)  # fmt: skip
             stop = False
             for callback in callbacks:
                 try:

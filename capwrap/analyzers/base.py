@@ -263,6 +263,7 @@ class Context:
         seed: the diagnosis's seed; every analyzer derives its own from it (:meth:`seed_for`).
         n_boot: bootstrap resamples per interval.
         level: coverage of the intervals.
+        progress: whether analyzers show progress bars of their long work (reverse fine-tuning).
     """
 
     pair: ModelPair
@@ -274,6 +275,7 @@ class Context:
     seed: int = 0
     n_boot: int = 200
     level: float = LEVEL
+    progress: bool = False
 
     @classmethod
     def build(
@@ -287,6 +289,7 @@ class Context:
         seed: int = 0,
         n_boot: int = 200,
         level: float = LEVEL,
+        progress: bool = False,
     ) -> Context:
         """Check the inputs and measure the evaluation set (``downstream_free="auto"``: the
         downstream task's own :meth:`~capwrap.tasks.Task.correlation_free` variant)."""
@@ -303,7 +306,7 @@ class Context:
         if n_boot < 1 or not 0 < level < 1:
             raise ConfigError(f"n_boot must be positive and level in (0, 1), got {n_boot} and {level}")
         evalset = EvalSet.measure(pair, tasks, eval_size, seed)
-        return cls(pair, capability, downstream, downstream_free, store, evalset, seed, n_boot, level)
+        return cls(pair, capability, downstream, downstream_free, store, evalset, seed, n_boot, level, progress)
 
     def seed_for(self, analyzer: str, purpose: str) -> int:
         """The seed of one random choice of one analyzer (stable across runs and Python versions)."""

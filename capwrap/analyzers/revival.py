@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair, correctness
 from capwrap.analyzers.controls import never_had_it
@@ -51,10 +52,12 @@ __all__ = ["Revival", "steps_to_threshold", "first_reaching"]
 
 
 def steps_to_threshold(
-    model: CapModel, task: Task, batch: TaskBatch, threshold: float, config: TrainConfig, eval_every: int
-) -> tuple[float, pd.DataFrame, Bool[Tensor, "check n"]]:
+    model: CapModel, task: Task, batch: TaskBatch, threshold: float, config: TrainConfig, eval_every: int,
+    progress: str | None = None,
+) -> tuple[float, pd.DataFrame, Bool[Tensor, "check n"]]:  # fmt: skip
     """Train ``model`` on ``task`` until its accuracy on ``batch`` reaches ``threshold`` (checked every
-    ``eval_every`` steps and at step 0).
+    ``eval_every`` steps and at step 0). ``progress``: the label of a progress bar over the steps
+    (none when ``None``; kept apart from ``config``, which keys kept runs).
 
     Returns:
         The first step that reached it (NaN if none within ``config.steps``), the curve
@@ -71,7 +74,8 @@ def steps_to_threshold(
                 if float(checks[-1].float().mean()) >= threshold:
                     raise StopTraining
 
-        train(model, task, config, callbacks=[check], description="revive")
+        with tqdm(total=config.steps, desc=progress, disable=progress is None, leave=False) as bar:
+            train(model, task, config, callbacks=[lambda info: bar.update(), check], description="revive")
     correct = torch.stack(checks)
     acc = correct.float().mean(1)
     reached = (acc >= threshold).nonzero()
@@ -188,11 +192,15 @@ class Revival(Analyzer):
         runs: dict[str, list[tuple[float, pd.DataFrame, Tensor]]] = {"tuned": [], "control": []}
         for config in configs:
             with _trainable_scratch(pair, pair.tuned) as work:
-                runs["tuned"].append(steps_to_threshold(work, capability, batch, threshold, config, self.eval_every))
+                label = f"revival: reverse fine-tuning the tuned model (seed {len(runs['tuned'])})"
+                runs["tuned"].append(steps_to_threshold(work, capability, batch, threshold, config, self.eval_every,
+                                                        label if context.progress else None))  # fmt: skip
         control = self.control if self.control is not None else self._make_control(context)
         pair.adopt(control)  # (with a residency: it takes turns with the pair)
         for config in configs:
-            runs["control"].append(self._control_run(pair, control, capability, batch, threshold, config))
+            label = f"revival: reverse fine-tuning the never-had-it control (seed {len(runs['control'])})"
+            runs["control"].append(self._control_run(pair, control, capability, batch, threshold, config,
+                                                     label if context.progress else None))  # fmt: skip
         if self.control is None and pair.residency is not None:
             pair.residency.remove(control, restore=False)  # made here and discarded: not read back
         censored = 2.0 * self.max_steps
@@ -221,12 +229,12 @@ class Revival(Analyzer):
                         summary=summary)  # fmt: skip
 
     def _control_run(self, pair: ModelPair, control: CapModel, capability: Task, batch: TaskBatch, threshold: float,
-                     config: TrainConfig) -> tuple[float, pd.DataFrame, Tensor]:  # fmt: skip
+                     config: TrainConfig, progress: str | None = None) -> tuple[float, pd.DataFrame, Tensor]:  # fmt: skip
         """The control's run, from :attr:`cache` when it was made before."""
 
         def run() -> tuple[float, pd.DataFrame, Tensor]:
             with _trainable_scratch(pair, control) as work:
-                return steps_to_threshold(work, capability, batch, threshold, config, self.eval_every)
+                return steps_to_threshold(work, capability, batch, threshold, config, self.eval_every, progress)
 
         if self.cache is None:
             return run()

@@ -214,7 +214,7 @@ def _diagnose(
     if len(set(names)) != len(names):
         raise ConfigError(f"analyzer names repeat ({names}); give each analyzer a distinct name=")
     context = Context.build(pair, capability, downstream, store, downstream_free, eval_size=eval_size, seed=seed,
-                            n_boot=n_boot, level=rule.level)  # fmt: skip
+                            n_boot=n_boot, level=rule.level, progress=progress)  # fmt: skip
     kept = None if evidence_dir is None else EvidenceFolder.open(evidence_dir, _identity(context, rule))
     evidence, seconds, resumed = [], {}, []
     bar = tqdm(analyzers, desc="diagnose", disable=not progress, leave=False)

@@ -137,7 +137,8 @@ class RecorderCallback(transformers.TrainerCallback):
             scalars["grad_norm"] = self._grad_norm
             self._grad_norm = None
         loss = self._step_loss()
-        self.recorder.step(loss=loss, **scalars)
+        # the Trainer counts this step after the callback: it is the last when the count reaches max_steps
+        self.recorder.step(loss=loss, final=state.global_step + 1 >= state.max_steps > 0, **scalars)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hooks()

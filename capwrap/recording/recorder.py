@@ -81,8 +81,8 @@ class Recorder:
         hooks: hook names or glob patterns (default ``"blocks.*.hook_resid_post"``); ``()`` for none.
         probe: the fixed batch activations are recorded on (a :class:`TaskBatch`, whose labels are
             kept for probes, or integer token ids ``[batch, pos]``). Needed when ``hooks`` is not empty.
-        every: record activations and component norms every this many steps (and at step 0;
-            default 10). Gradient norms are those of the gradients the optimizer applied (after
+        every: record activations and component norms every this many steps (and at step 0, and
+            at the last step of a run that ``train`` or the Trainer callback drives; default 10). Gradient norms are those of the gradients the optimizer applied (after
             clipping).
         component_kinds: component kinds whose weight-change and gradient norms are recorded
             (default :data:`DEFAULT_COMPONENT_KINDS`).
@@ -123,6 +123,8 @@ class Recorder:
         self.model = model
         self.path = Path(path)
         recorded = _recorded_settings(self.path) if resume else {}
+        if resume and (detail := model.spec.mismatch(recorded["spec"])):  # before its hooks are looked up in this model
+            raise StoreError(_another_shape(self.path, detail))
         hooks = recorded.get("hooks", "blocks.*.hook_resid_post") if hooks is None else hooks
         every = recorded.get("every", 10) if every is None else every
         component_kinds = (
@@ -247,8 +249,15 @@ class Recorder:
         self.close()
 
     # ---- recording -------------------------------------------------------------------------------
-    def step(self, loss: float | None = None, *, arrays: Mapping[str, Tensor] | None = None, **metrics: float) -> None:
+    def step(
+        self, loss: float | None = None, *, arrays: Mapping[str, Tensor] | None = None, final: bool = False,
+        **metrics: float,
+    ) -> None:  # fmt: skip
         """Mark one optimizer step done; record scalars now and arrays when due.
+
+        ``final``: the run's last step, recorded in full (activations and norms) whether due or not,
+        so that a recording ends with the model the run ends with (``train`` and the Trainer
+        callback pass it).
 
         Call after ``optimizer.step()`` and before ``optimizer.zero_grad()``. Pass ``grad_norm``
         if your loop already computed it; otherwise the recorder computes it from the gradients.
@@ -265,7 +274,7 @@ class Recorder:
         if loss is not None:
             scalars["loss"] = _scalar("loss", loss)
         extra = {name: value.detach().float() for name, value in (arrays or {}).items()}
-        if self._step % self.every == 0:
+        if self._step % self.every == 0 or final:
             self._record(scalars, extra)
         else:
             if "grad_norm" not in scalars and (grads := self._grad_total()) is not None:
@@ -372,10 +381,7 @@ class Recorder:
     def _check_resumable(self, store: RunStore) -> None:
         meta = store.meta
         if detail := self.model.spec.mismatch(meta.get("spec")):
-            raise StoreError(
-                f"the store at {self.path} was recorded from a model of another shape: it differs in {detail} (this "
-                "model's value first); resume it with the same model, or record to a new folder"
-            )
+            raise StoreError(_another_shape(self.path, detail))
         if meta.get("hooks") != self.hooks or meta.get("every") != self.every:
             raise StoreError(
                 f"the store at {self.path} records hooks {meta.get('hooks')} every {meta.get('every')} steps; "
@@ -468,6 +474,11 @@ def _as_probe(probe: Any, model: CapModel) -> TaskBatch | None:
     return TaskBatch(probe, zeros, zeros.clone())
 
 
+def _another_shape(path: Path, detail: str) -> str:
+    return (f"the store at {path} was recorded from a model of another shape: it differs in {detail} (this model's "
+            "value first); resume it with the same model, or record to a new folder")  # fmt: skip
+
+
 def _recorded_settings(path: Path) -> dict[str, Any]:
     """What a store written by a :class:`Recorder` was recording: the defaults of a resumed one."""
     store = RunStore.open(path)
@@ -481,6 +492,7 @@ def _recorded_settings(path: Path) -> dict[str, Any]:
     dtype = meta.get("dtype") or (store.array_spec(hooks[0])[1] if hooks else "float32")
     settings = {
         "hooks": hooks, "every": meta.get("every"), "component_kinds": list(meta.get("components", {})), "dtype": dtype,
+        "spec": meta.get("spec"),
     }  # fmt: skip
     if hooks:
         settings["probe"] = load_probe(store)

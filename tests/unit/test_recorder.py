@@ -24,13 +24,15 @@ def test_records_what_the_model_computed(small_model, small_task, tmp_path):
 
     store = RunStore.open(tmp_path / "run")
     assert store.steps == list(range(8))
-    assert store.array_steps("blocks.1.hook_resid_post") == [0, 3, 6]
+    assert store.array_steps("blocks.1.hook_resid_post") == [0, 3, 6, 7]  # every 3, and the last step
     acts = store.array("blocks.1.hook_resid_post")
-    assert acts.shape == (3, 24, small_task.seq_len, 32)
+    assert acts.shape == (4, 24, small_task.seq_len, 32)
     torch.testing.assert_close(acts[0], before["blocks.1.hook_resid_post"])
     assert not torch.allclose(acts[2], acts[0])
+    after = small_model.capture(probe.tokens, "blocks.*.hook_resid_post")["blocks.1.hook_resid_post"]
+    torch.testing.assert_close(acts[-1], after)  # the recording ends with the model the run ends with
 
-    # weight change per head at step 0 is zero; the last record matches the real change at step 6
+    # weight change per head at step 0 is zero; the last record is the change the run made
     heads = store.array("weight_delta.head")
     assert heads[0].abs().sum() == 0 and heads[-1].sum() > 0
     assert store.meta["components"]["head"][:2] == ["L0H0", "L0H1"]
@@ -273,6 +275,12 @@ def test_resume_with_another_model_shape_is_refused(small_model, small_task, tmp
     )
     with pytest.raises(StoreError, match="another shape"):
         Recorder(other, tmp_path / "run", hooks=(), resume=True).open()
+    # a store that records hooks the other model lacks (blocks.1): the shape is named, not the hook
+    probe = small_task.sample(4, seed=0)
+    with Recorder(small_model, tmp_path / "hooked", hooks="blocks.*.hook_resid_post", probe=probe):
+        pass
+    with pytest.raises(StoreError, match=r"another shape: it differs in n_layers \(1 vs 2\)"):
+        Recorder(other, tmp_path / "hooked", resume=True)
 
 
 def test_bad_recorder_arguments(small_model, small_task, tmp_path):

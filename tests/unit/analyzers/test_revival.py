@@ -89,3 +89,19 @@ def test_first_reaching_reads_curves_and_censors():
     steps = torch.tensor([0, 10, 20, 30])
     first = first_reaching(curves, steps, torch.tensor([0.9, 0.9, 0.9]), censored=600.0)
     assert first.tolist() == [20.0, 600.0, 0.0]
+
+
+def test_a_diagnosis_with_progress_shows_each_reverse_fine_tuning_run(small_spec, small_task, capsys):
+    """Revival trains for most of a diagnosis's time; it ran without a sign of life."""
+    from capwrap.diagnosis import diagnose
+
+    base = build_model(small_spec, seed=0)
+    train(base, small_task, TrainConfig(steps=60, batch_size=64, lr=3e-3, progress=False))
+    tuned = build_model(small_spec, seed=1)  # lost the capability: there is something to revive
+    revival = Revival(max_steps=4, eval_every=2, check_size=32, control_steps=2, batch_size=8, seeds=1)
+    diagnose(base, tuned, small_task, small_task, analyzers=[revival], eval_size=32, progress=True)
+    err = capsys.readouterr().err
+    assert "revival: reverse fine-tuning the tuned model (seed 0)" in err
+    assert "revival: reverse fine-tuning the never-had-it control (seed 0)" in err
+    diagnose(base, tuned, small_task, small_task, analyzers=[revival], eval_size=32, progress=False)
+    assert "revival" not in capsys.readouterr().err
