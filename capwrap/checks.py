@@ -54,9 +54,14 @@ def check_token_ids(tokens: object, spec: ModelSpec, what: str = "tokens") -> No
             "use shorter sequences or a model with a longer context"
         )
     if tokens.numel() and (int(tokens.max()) >= spec.d_vocab or int(tokens.min()) < 0):
+        why = (
+            "token ids are never negative (padding marked -100 belongs in the targets, not the tokens)"
+            if int(tokens.min()) < 0
+            else "the task's vocabulary is larger than the model's"
+        )
         raise ConfigError(
             f"{what} has token ids in [{int(tokens.min())}, {int(tokens.max())}] but the model embeds "
-            f"only [0, {spec.d_vocab - 1}]; the task's vocabulary is larger than the model's"
+            f"only [0, {spec.d_vocab - 1}]; {why}"
         )
 
 

@@ -221,7 +221,7 @@ def _diagnose_files(
         write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, default=json_default))
         diagnosis.to_html(
             folder / "report.html",
-            title=f"capwrap diagnosis: {Path(str(tuned)).name} vs {Path(str(base)).name}",
+            title=f"capwrap diagnosis: {tuned} vs {base}",
             provenance=provenance,
         )
     return diagnosis

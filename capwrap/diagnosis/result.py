@@ -146,6 +146,11 @@ class Diagnosis:
         and ``provenance`` (:func:`capwrap.provenance.run_provenance`; software and date when omitted)."""
         report = Report(title, provenance=dict(provenance or {}))
         self.add_verdict(report)
+        if self.tasks:
+            roles = {"capability": "the capability (deletion question)", "downstream": "the fine-tuning task as tested",
+                     "downstream_free": "the fine-tuning task without its spurious correlation"}  # fmt: skip
+            report.add_list("Tasks", [f"{roles.get(role, role)}: {task.get('name', task.get('kind', '?'))}"
+                                      for role, task in self.tasks.items()])  # fmt: skip
         if self.resumed:
             report.add_text("Resumed", f"The evidence of {', '.join(self.resumed)} was read back from an earlier run of "
                                        "this diagnosis that was interrupted (same models, tasks and settings); their "

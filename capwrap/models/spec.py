@@ -191,7 +191,8 @@ class ModelSpec:
             if not family.supports(name):
                 raise ConfigError(
                     f"{family.title} models have {name}={defaults[name]!r}, not {value!r}; "
-                    f"families whose {name} can differ: {which(name) or 'none'}"
+                    + (f"families whose {name} can differ: {which(name)}" if which(name)
+                       else f"every family fixes {name}: choose the architecture whose value it is")
                 )
 
     # ---- derived ---------------------------------------------------------------------------

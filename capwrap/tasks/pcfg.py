@@ -218,8 +218,10 @@ class PCFGTask(TaskBase):
                 f"got family={self.families}, operand={self.operand!r}"
             )
         if self.source not in TERMINALS or self.source == self.operand:
+            others = [t for t in TERMINALS if t != self.operand]
             raise ConfigError(
-                f"source must be one of {list(TERMINALS)} other than the operand {self.operand!r}, got {self.source!r}"
+                f"a planted correlation ties operand {self.operand!r} to another operand, the source (source=, "
+                f"default 'a'), which must be one of {others}, got {self.source!r}; e.g. source={others[0]!r}"
             )
         if not isinstance(self.offset, int) or isinstance(self.offset, bool):
             raise ConfigError(f"offset must be an integer, got {self.offset!r}")
@@ -302,6 +304,8 @@ class PCFGTask(TaskBase):
         """``n`` sequences; the same ``seed`` always gives the same batch."""
         if n <= 0:
             raise ConfigError(f"number of samples must be positive, got {n}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
         cfg, v = self.config, self.vocab
         rng = np.random.default_rng(seed)
         text = generate_strings(n, cfg.length, rng)

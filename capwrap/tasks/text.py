@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from capwrap.errors import CheckpointError, ConfigError
+from capwrap.errors import CapwrapWarning, CheckpointError, ConfigError, closest_matches
 from capwrap.tasks.base import TaskBase, TaskBatch
 
 if TYPE_CHECKING:
@@ -93,6 +94,13 @@ class Feature:
         if spec == "dialogue":
             return cls("dialogue")
         if not sep:
+            if closest_matches(spec.lower(), ["dialogue"]):  # "dialog", "Dialogue": meant the kind?
+                warnings.warn(
+                    f"the feature {spec!r} is read as the word {spec!r}; for quoted speech write 'dialogue' "
+                    f"(write 'word:{spec}' to mean the word)",
+                    CapwrapWarning,
+                    stacklevel=2,
+                )
             return cls("word", spec)
         return cls(kind, value)  # type: ignore[arg-type]
 

@@ -166,6 +166,7 @@ CASES = [
     ),
     Case("forward-too-long", ConfigError, "n_ctx", lambda e: e.model(torch.zeros(1, SPEC.n_ctx + 1, dtype=torch.long))),
     Case("forward-out-of-vocab", ConfigError, "embeds only", lambda e: e.model(torch.full((1, 3), SPEC.d_vocab))),
+    Case("forward-negative-token", ConfigError, "token ids are never negative", lambda e: e.model(torch.full((1, 3), -1))),
     Case(
         "hooks-unknown",
         HookNameError,
@@ -188,6 +189,7 @@ CASES = [
         ),
     ),  # fmt: skip
     Case("pcfg-bad-operand", ConfigError, "operand", lambda e: PCFGTask("count", "q", config=PCFG)),
+    Case("pcfg-negative-seed", ConfigError, "seed must be a non-negative integer", lambda e: TASK.sample(2, seed=-1)),
     Case("spec-not-key-value", ConfigError, "not key=value", lambda e: task_from_spec("count a")),
     Case("spec-unknown-key", ConfigError, "unknown keys \\['colour'\\]", lambda e: task_from_spec(f"{CAP},colour=red")),
     Case("feature-bad-kind", ConfigError, "unknown feature kind", lambda e: Feature.parse("colour:red")),

@@ -88,7 +88,9 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
         "new_latent",
     }
     assert summary["capability_spec"].startswith("pcfg=count") and summary["spec"]["n_layers"] == 2
-    assert "Plotly.newPlot" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "Plotly.newPlot" in html and "the capability (deletion question): count a" in html.replace("&#x27;", "'")
+    assert f"capwrap diagnosis: {pair_on_disk / 'tuned'} vs {pair_on_disk / 'base'}" in html  # whole paths
     assert summary["resumed"] == [] and len(list((out / "evidence").glob("*.evidence"))) == 8
 
     # the same command again reads every analyzer's evidence back: the same verdict and numbers

@@ -161,7 +161,7 @@ def test_batch_slicing_keeps_labels():
         ({"prior": "extreme"}, "unknown prior"),
         ({"prior": (0.5, 0.6, 0.1)}, "summing to 1"),
         ({"operand": "b", "correlation": 1.5}, r"correlation must be in \[0, 1\]"),
-        ({"operand": "a", "correlation": 0.5}, "other than the operand"),
+        ({"operand": "a", "correlation": 0.5}, r"ties operand 'a' to another operand, the source .* got 'a'; e.g. source='b'"),
         ({"family": ("count", "index"), "operand": "b", "correlation": 0.5}, "one family and one operand"),
         ({"family": "index", "operand": "b", "correlation": 1.0, "offset": 0}, "offset other than 0"),
         ({"family": "count", "operand": "b", "correlation": 1.0, "offset": 99}, "cannot hold"),

@@ -46,6 +46,15 @@ def test_features_match_whole_words_regexes_and_dialogue():
         Feature.parse("regex:(unclosed")
     with pytest.raises(ConfigError, match="unknown feature kind"):
         Feature.parse("colour:red")
+    from capwrap.errors import CapwrapWarning
+
+    with pytest.warns(CapwrapWarning, match="'dialog' is read as the word 'dialog'; for quoted speech write 'dialogue'"):
+        assert Feature.parse("dialog") == Feature("word", "dialog")  # a typo of the kind, most likely
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Feature.parse("word:dialog") == Feature("word", "dialog")  # said so: no warning
 
 
 def test_load_texts_reads_paragraphs_documents_and_tables(stories, tmp_path):
