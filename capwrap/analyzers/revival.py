@@ -15,10 +15,12 @@ Examples:
     >>> task = PCFGTask(config=PCFGConfig(length=8, window=4))
     >>> spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=16, n_heads=2)
     >>> model = build_model(spec, seed=0)
-    >>> ev = Revival(max_steps=4, eval_every=2, check_size=32, control_steps=2, seeds=1)(
-    ...     ModelPair(model, model.clone()), task, task, eval_size=32)
+    >>> revival = Revival(max_steps=4, eval_every=2, check_size=32, control_steps=2, seeds=1)
+    >>> ev = revival(ModelPair(model, build_model(spec, seed=1)), task, task, eval_size=32)
     >>> sorted(set(ev.table["model"]))
     ['control', 'tuned']
+    >>> revival(ModelPair(model, model.clone()), task, task, eval_size=32).summary.endswith("nothing to revive")
+    True
 """
 
 from __future__ import annotations

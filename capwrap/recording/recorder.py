@@ -187,14 +187,14 @@ class Recorder:
             self._writer = self._open_writer()
             self._check_resumable(self.store)
             self._start = self._load_start()
-            self._start_sq = float(_total_sq(self._start.values()))
+            self._start_sq = _start_sq(self._start)
             self._step = self.store.last_step or 0
             self._shadow = shadow
             return self
         self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
         self._writer = self._open_writer()
         self._start = {k: v.detach().clone() for k, v in self.model.weights().items()}
-        self._start_sq = float(_total_sq(self._start.values()))
+        self._start_sq = _start_sq(self._start)
         self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
         if self.probe is not None:
             self._save_tensors(_PROBE_FILE, {
@@ -404,6 +404,13 @@ class Recorder:
         views = canonical_views(self.model.spec, load_file(str(file)))
         current = self.model.weights()  # the start weights go where the model's are (a GPU, several devices)
         return {k: v.to(current[k].device, copy=True) for k, v in views.items()}
+
+
+def _start_sq(start: dict[str, Tensor]) -> float:
+    """The squared norm of the starting weights, the same to the last bit whether they are the
+    model's own (a new run) or read back from the store (a resumed one, whose tensors may be laid
+    out otherwise): contiguous tensors, in name order."""
+    return float(_total_sq(start[name].contiguous() for name in sorted(start)))
 
 
 def _total_sq(tensors: Iterable[Tensor]) -> Float[Tensor, ""]:

@@ -169,7 +169,7 @@ def test_resume_refuses_what_would_not_continue_the_run(tmp_path):
             resume=tmp_path / "run",
         )
     other_spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=32, n_heads=2)
-    with pytest.raises(ConfigError, match=r"another spec \(d_model \(16 vs 32\)"):
+    with pytest.raises(StoreError, match=r"another shape: it differs in d_model \(32 vs 16\)"):  # the recorder says it first
         train(fresh(other_spec), task, config, resume=tmp_path / "run")
     with pytest.raises(ConfigError, match="another task"):
         train(fresh(), PCFGTask("count", "b", config=task.config), config, resume=tmp_path / "run")
