@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from capwrap.errors import ConfigError
@@ -48,6 +49,8 @@ def parse_spec(spec: str) -> dict[str, str]:
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"task spec {spec!r}: {part!r} is not key=value (e.g. pcfg=count,operand=a)")
+        if key.strip() in out:
+            raise ConfigError(f"task spec {spec!r} gives {key.strip()!r} twice; give each key once")
         out[key.strip()] = value.strip()
     if not out:
         raise ConfigError("empty task spec; e.g. pcfg=count,operand=a or text=stories.txt,feature=word:Lily")
@@ -113,6 +116,11 @@ def _text(keys: dict[str, str], tokenizer: Any) -> Task:
             "tokenizer files; copy the base model's (tokenizer.json, tokenizer_config.json, ...) into it"
         )
     limit = _number(keys, "limit", int) if "limit" in keys else None
+    if "split" in keys and Path(keys["text"]).expanduser().exists():
+        raise ConfigError(
+            f"split={keys['split']} picks a split of a hub dataset, but {keys['text']} is a local file or folder, "
+            "read whole; leave split out, or point text= at the split's own file"
+        )
     ds = load_texts(keys["text"], split=keys.get("split", "train"), field=keys.get("field", "text"), limit=limit)
     if "without" in keys:
         ds = filter_out(ds, keys["without"])

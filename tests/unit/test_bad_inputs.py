@@ -192,6 +192,13 @@ CASES = [
     Case("pcfg-negative-seed", ConfigError, "seed must be a non-negative integer", lambda e: TASK.sample(2, seed=-1)),
     Case("spec-not-key-value", ConfigError, "not key=value", lambda e: task_from_spec("count a")),
     Case("spec-unknown-key", ConfigError, "unknown keys \\['colour'\\]", lambda e: task_from_spec(f"{CAP},colour=red")),
+    Case("spec-repeated-key", ConfigError, "gives 'operand' twice", lambda e: task_from_spec(f"{CAP},operand=b")),
+    Case(
+        "spec-split-of-a-local-file",
+        ConfigError,
+        "picks a split of a hub dataset, but .* is a local file",
+        lambda e: task_from_spec(f"text={e.ids},field=story,split=validation", tokenizer=object()),
+    ),
     Case("feature-bad-kind", ConfigError, "unknown feature kind", lambda e: Feature.parse("colour:red")),
     Case("feature-bad-regex", ConfigError, "regular expression", lambda e: Feature.parse("regex:(")),
     Case("texts-missing-file", ConfigError, "no such file", lambda e: load_texts(e.root / "nope.txt")),
