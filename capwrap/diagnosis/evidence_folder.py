@@ -13,9 +13,17 @@ bootstrap, the verdict rule and capwrap's version; each evidence file adds its a
 and settings. A call that differs in any of them is refused, naming what differs, rather than
 mixing two diagnoses' evidence.
 
+A folder that holds no evidence yet (a run stopped before its first analyzer finished) is taken
+over by the next diagnosis, whatever it is.
+
 Examples:
-    >>> import tempfile
+    >>> import tempfile, pandas as pd
+    >>> from capwrap.analyzers import Evidence, Generalization
     >>> folder = EvidenceFolder.open(tempfile.mkdtemp(), {"seed": 0})
+    >>> folder.write(Generalization(), Evidence("generalization", {}, pd.DataFrame()), seconds=1.5)
+    >>> evidence, seconds = folder.read(Generalization())
+    >>> evidence.analyzer, seconds
+    ('generalization', 1.5)
     >>> EvidenceFolder.open(folder.path, {"seed": 1})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -86,17 +94,18 @@ class EvidenceFolder:
             raise ConfigError(f"the evidence folder {path} is a file; choose a folder (it is created if missing)")
         identity = json.loads(json.dumps(identity))  # as it reads back (tuples become lists)
         record = path / IDENTITY_FILE
+        held = None
         if record.is_file():
             try:
                 held = json.loads(record.read_text())
             except (OSError, ValueError):
-                held = None
-            if held != identity:
+                held = "unreadable"
+        if held != identity:
+            if held is not None and any(path.glob(f"*{SUFFIX}")):  # evidence to keep: never mixed with another's
                 raise ConfigError(
                     f"{path} holds the evidence of another diagnosis: {_differences(held, identity)}; delete the "
                     "folder to start afresh, or choose another one (capwrap diagnose: another --out)"
                 )
-        else:
             path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(record, identity)
         return cls(path, identity)

@@ -235,3 +235,23 @@ def test_an_evidence_folder_tells_text_tasks_apart_by_their_texts(stories260k, t
     with pytest.raises(ConfigError, match=r"tasks.capability.texts_sha256 differs .*eval_set_sha256 differs"):
         diagnose(model, model, relabeled, capability, analyzers=[Generalization()], eval_size=16, progress=False,
                  evidence_dir=folder)  # fmt: skip
+
+
+def test_an_evidence_folder_without_evidence_is_taken_over(trained_pair, tmp_path, monkeypatch):
+    """A run stopped before its first analyzer finished leaves only the record of what it was: the
+    next diagnosis, of another seed, takes the folder over instead of being refused."""
+    base, tuned, capability, downstream = trained_pair
+    folder = tmp_path / "evidence"
+
+    def interrupted(self, context):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Generalization, "analyze", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            diagnose(base, tuned, capability, downstream, analyzers=[Generalization()], eval_size=32, progress=False,
+                     evidence_dir=folder)  # fmt: skip
+    assert [p.name for p in folder.iterdir()] == ["diagnosis.json"]
+    d = diagnose(base, tuned, capability, downstream, analyzers=[Generalization()], eval_size=32, seed=1,
+                 progress=False, evidence_dir=folder)  # fmt: skip
+    assert d.resumed == [] and json.loads((folder / "diagnosis.json").read_text())["seed"] == 1
