@@ -25,11 +25,13 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from capwrap.models import CapModel
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "run_provenance",
     "command_line",
     "invoked_as",
+    "tensors_sha256",
     "weights_sha256",
     "describe_call",
 ]
@@ -94,19 +97,24 @@ def invoked_as(command: str) -> Iterator[None]:
         _COMMAND.reset(token)
 
 
-def weights_sha256(model: CapModel) -> str:
-    """SHA-256 over the model's canonical weights (TransformerLens names, in name order, raw bytes):
-    the same weights give the same digest on either backend."""
+def tensors_sha256(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 over named tensors, in the order given: each name, dtype and raw bytes (read from a
+    copy: a NumPy view of a model's weight would pin its memory, and a Residency could not free it)."""
     import torch
 
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, weight in sorted(model.weights().items()):
+        for name, tensor in tensors:
             digest.update(name.encode())
-            digest.update(str(weight.dtype).encode())
-            # a copy: a NumPy view of the weight itself would pin its memory (a Residency could not free it)
-            digest.update(weight.detach().to("cpu", copy=True).contiguous().flatten().view(torch.uint8).numpy())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().to("cpu", copy=True).contiguous().flatten().view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def weights_sha256(model: CapModel) -> str:
+    """SHA-256 over the model's canonical weights (TransformerLens names, in name order, raw bytes):
+    the same weights give the same digest on either backend."""
+    return tensors_sha256(sorted(model.weights().items()))
 
 
 def model_provenance(model: CapModel) -> dict[str, Any]:

@@ -104,8 +104,7 @@ def check_models(base: object, tuned: object) -> None:
 
 def _pair_hint(base: ModelSpec, tuned: ModelSpec) -> str:
     """What a pair that differs should do: the common fine-tunes that change a shape named, with their way back."""
-    a, b = base.to_dict(), tuned.to_dict()
-    differing = {f for f in dict.fromkeys([*a, *b]) if a.get(f) != b.get(f)}
+    differing = set(base.differing(tuned))
     if differing <= {"d_vocab", "d_vocab_out"}:
         return (f"the fine-tune resized the vocabulary ({base.d_vocab} -> {tuned.d_vocab} tokens: tokens added, e.g. a "
                 "pad or chat token, or the embedding padded). capwrap compares models of one shape: cut the tuned "

@@ -80,18 +80,16 @@ def read_evidence(path: str | os.PathLike) -> tuple[Evidence, dict[str, Any]]:
     Raises:
         ConfigError: the file is missing, not an evidence file, or of another layout version.
     """
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+    from safetensors import SafetensorError, safe_open
 
     from capwrap.analyzers.base import Evidence
 
     try:
-        with open(path, "rb") as file:
-            data = file.read()
-        meta_text = _metadata(data).get("capwrap_evidence")
-        tensors = load(data)
+        with safe_open(str(path), framework="numpy") as file:
+            meta_text = (file.metadata() or {}).get("capwrap_evidence")
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 - not a dict
     except OSError as err:
-        raise ConfigError(f"cannot read the evidence file {path}: {err.strerror}") from None
+        raise ConfigError(f"cannot read the evidence file {path}: {err.strerror or err}") from None
     except (SafetensorError, ValueError) as err:
         raise ConfigError(f"{path} is not an evidence file ({err}); delete it to measure the evidence again") from None
     if meta_text is None:
@@ -105,14 +103,6 @@ def read_evidence(path: str | os.PathLike) -> tuple[Evidence, dict[str, Any]]:
     table = pd.read_parquet(io.BytesIO(tensors["table"].tobytes()))
     evidence = Evidence(table=table, replicates=tensors["replicates"], plot=_find_plot(meta["plot"]), **fields)
     return evidence, meta["extra"]
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's header (the numpy loader drops it)."""
-    size = int.from_bytes(data[:8], "little")
-    if not 0 < size <= len(data) - 8:
-        raise ValueError("no safetensors header")
-    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
 def to_json_value(value: Any) -> Any:

@@ -28,7 +28,6 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from capwrap.analyzers import (
@@ -266,12 +265,11 @@ def _identity(context: Context, rule: VerdictRule) -> dict:
 
 def _batches_sha256(context: Context) -> str:
     """SHA-256 of the evaluation set: every test set's tokens, answer positions, answers and labels."""
-    import hashlib
+    from capwrap.provenance import tensors_sha256
 
-    digest = hashlib.sha256()
-    for which, batch in sorted(context.eval.batches.items()):
-        tensors = [batch.tokens, batch.answer_pos, batch.answers, *(batch.labels[k] for k in sorted(batch.labels))]
-        digest.update(which.encode())
-        for tensor in tensors:
-            digest.update(tensor.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256(
+        (f"{which}.{part}", tensor)
+        for which, batch in sorted(context.eval.batches.items())
+        for part, tensor in [("tokens", batch.tokens), ("answer_pos", batch.answer_pos), ("answers", batch.answers),
+                             *((f"labels.{k}", batch.labels[k]) for k in sorted(batch.labels))]
+    )  # fmt: skip

@@ -282,15 +282,24 @@ class ModelSpec:
         """
         a, b = self.to_dict(), other.to_dict()
         out = []
-        for f in dict.fromkeys([*a, *b]):
+        for f in self.differing(other):
             if f == "features":
                 out += [f"features.{d}" for d in self.features.differences(other.features)]  # type: ignore[union-attr]
             elif f == "hf_config":
-                if a.get(f) != b.get(f):
-                    out.append("hf_config (the checkpoints' Hugging Face configs differ)")
-            elif a.get(f) != b.get(f):
+                out.append("hf_config (the checkpoints' Hugging Face configs differ)")
+            else:
                 out.append(f"{f} ({a.get(f)} vs {b.get(f)})")
         return ", ".join(out)
+
+    def differing(self, other: ModelSpec) -> list[str]:
+        """The names of the fields in which ``other`` differs (what :meth:`differences` describes).
+
+        Examples:
+            >>> ModelSpec(d_vocab=9, n_ctx=8).differing(ModelSpec(d_vocab=10, n_ctx=8))
+            ['d_vocab', 'd_vocab_out']
+        """
+        a, b = self.to_dict(), other.to_dict()
+        return [f for f in dict.fromkeys([*a, *b]) if a.get(f) != b.get(f)]
 
     def mismatch(self, recorded: dict[str, Any] | None) -> str:
         """How a spec saved as a dict (a run store's, a checkpoint's) differs from this model's, as
