@@ -27,6 +27,7 @@ __all__ = [
     "TrainingDivergedError",
     "check_known_fields",
     "closest_matches",
+    "whole_number",
     "lookup",
 ]
 
@@ -88,6 +89,30 @@ def lookup(mapping: Mapping[str, V], name: str, missing: str, otherwise: str) ->
     except KeyError:
         hint = closest_matches(name, mapping)
         raise ConfigError(missing + (f"; did you mean {hint}?" if hint else f"; {otherwise}")) from None
+
+
+def whole_number(value: Any, what: str, minimum: int = 0) -> int:
+    """``value`` as an ``int`` (NumPy and torch integers included; ``bool`` and floats refused), at
+    least ``minimum``, or a :class:`ConfigError` that names ``what`` it should be.
+
+    Examples:
+        >>> import numpy as np
+        >>> whole_number(np.int64(5), "n")
+        5
+        >>> whole_number(2.5, "top_n", minimum=1)
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: top_n must be a whole number >= 1, got 2.5
+    """
+    import operator
+
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise ConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    return number
 
 
 def check_known_fields(cls: type, data: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capwrap.analyzers.base import Analyzer, Context, Direction, Evidence, Kind, ModelPair
+from capwrap.circuits.metrics import metric_values
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional, Trace
@@ -481,7 +482,7 @@ def _resumed(
             logits = fn.unembed(final).flatten(0, 1)
             if n not in tiled:
                 tiled[n] = _tile(batch, n)
-            values = metric(logits, tiled[n]).float().to(target.device).view(n, n_batch)
+            values = metric_values(metric, logits, tiled[n]).to(target.device).view(n, n_batch)
             results.append(torch.where(before, baseline, values))
             order.extend(patch[4] for patch in part)
             bar.update(n)
@@ -534,7 +535,7 @@ def _exact_hooks(
                     fwd.append((name, _patch_hook(source_acts[name], writes, n_batch)))
         with torch.inference_mode(), target.hooks(fwd):
             logits = answer_logits(target(tokens), tiled)
-        out[start:stop] = metric(logits, tiled).float().view(n, n_batch)
+        out[start:stop] = metric_values(metric, logits, tiled).view(n, n_batch)
         bar.update(n)
     bar.close()
     return out.cpu()
@@ -565,7 +566,7 @@ def _attribution(
     names = list(source_acts)
     with torch.enable_grad(), target.hooks([(n, keep(n)) for n in names]):
         logits = answer_logits(target(batch.tokens), batch)
-        metric(logits, batch).float().sum().backward()  # sequences are independent: per-sequence gradients
+        metric_values(metric, logits, batch, differentiable=True).sum().backward()  # sequences are independent
     out = torch.empty(len(index), len(batch))
     for i, (site, layer, pos, head) in enumerate(index[["site", "layer", "pos", "head"]].itertuples(index=False)):
         name = SITES[site].format(layer=layer)

@@ -46,7 +46,7 @@ from torch import Tensor
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
 from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, negative_loss
 from capwrap.circuits.attribution import METHODS, Method
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, whole_number
 from capwrap.models import ParamSlice
 from capwrap.models.layouts import canonical_names
 from capwrap.recording import RunStore
@@ -92,10 +92,13 @@ class Subgraph(Analyzer):
     def __post_init__(self) -> None:
         if not 0 < self.top_share <= 1:
             raise ConfigError(f"Subgraph.top_share must be in (0, 1], got {self.top_share}")
-        if self.n <= 0:
-            raise ConfigError(f"Subgraph.n must be positive, got {self.n}")
+        self.n = whole_number(self.n, "Subgraph.n (sequences of each task)", minimum=2)  # a mean needs two
+        self.ig_steps = whole_number(self.ig_steps, "Subgraph.ig_steps", minimum=1)
         if self.method not in METHODS:
             raise ConfigError(f"Subgraph.method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.ablation not in ("mean", "mean_positional", "zero"):
+            raise ConfigError(f"Subgraph.ablation must be 'mean', 'mean_positional' or 'zero', got {self.ablation!r} "
+                              "(a corrupted ablation needs corrupted sequences the tasks do not give)")  # fmt: skip
         if not 0 <= self.rewired <= self.survive <= 1:
             raise ConfigError(f"Subgraph needs 0 <= rewired <= survive <= 1, got {self.rewired} and {self.survive}")
 

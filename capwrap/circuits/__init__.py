@@ -15,7 +15,14 @@ from capwrap.circuits.circuit import SELECTIONS, Circuit
 from capwrap.circuits.exact import ablated_metric, exact_scores, split_input_eap
 from capwrap.circuits.faithfulness import FaithfulnessCurve, circuit_metric, faithfulness
 from capwrap.circuits.graph import Graph, Node
-from capwrap.circuits.metrics import answer_logit, answer_logodds, answer_logprob, answer_prob, negative_loss
+from capwrap.circuits.metrics import (
+    answer_logit,
+    answer_logodds,
+    answer_logprob,
+    answer_prob,
+    metric_values,
+    negative_loss,
+)
 from capwrap.circuits.nodes import ABLATIONS
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "circuit_metric",
     "exact_scores",
     "faithfulness",
+    "metric_values",
     "negative_loss",
     "split_input_eap",
 ]

@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
+from capwrap.circuits.metrics import DEFAULT_METRIC, Metric, metric_values
 from capwrap.circuits.nodes import (
     UPSTREAM_HOOKS,
     Ablation,
@@ -108,11 +108,16 @@ class EdgeScores:
         return self.graph.to_matrix(self.values)
 
     def correlation(self, other: EdgeScores, absolute: bool = False) -> float:
-        """Pearson correlation with another scoring of the same graph (of ``|score|`` with ``absolute``)."""
+        """Pearson correlation with another scoring of the same graph (of ``|score|`` with ``absolute``),
+        over the edges both score (an edge NaN in either, as :func:`~capwrap.circuits.exact_scores`
+        leaves the edges it was not asked for, is left out)."""
         if other.graph.spec != self.graph.spec:
             raise ConfigError("the two scorings belong to models of different shapes")
         a, b = (self.values.abs(), other.values.abs()) if absolute else (self.values, other.values)
-        stacked = torch.stack([a, b]).double()
+        both = a.isfinite() & b.isfinite()
+        if int(both.sum()) < 2:
+            raise ConfigError(f"the two scorings share {int(both.sum())} scored edges; a correlation needs at least 2")
+        stacked = torch.stack([a[both], b[both]]).double()
         return float(torch.corrcoef(stacked)[0, 1])
 
     def node_scores(self) -> pd.Series:
@@ -213,7 +218,7 @@ def _node_gradients(
     capture = NodeCapture(model, graph, grads=True, overrides=overrides)
     with torch.enable_grad(), model.hooks(capture.hooks()):
         logits = model(batch.tokens)
-        total = metric(logits, batch).float().sum()
+        total = metric_values(metric, logits, batch, differentiable=True).sum()
     names = list(capture.shifts)
     grads = torch.autograd.grad(total, [capture.shifts[n] for n in names], allow_unused=True)
     grads = {
@@ -294,11 +299,11 @@ def attribute(
         raise ConfigError(f"unknown attribution method {method!r}; choose one of {list(METHODS)}")
     if ig_steps < 1:
         raise ConfigError(f"ig_steps must be at least 1, got {ig_steps}")
+    check_ablation(ablation, batch, corrupted, reference)
     if len(batch) == 0:
         raise ConfigError("the batch is empty; sample at least one sequence")
     if batch_size is not None and batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    check_ablation(ablation, batch, corrupted)
     graph = Graph.from_spec(model.spec)
     check_readable(model, graph)
     batch = batch.to(model.device)

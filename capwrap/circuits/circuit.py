@@ -43,7 +43,7 @@ from torch import Tensor
 
 from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.graph import Graph
-from capwrap.errors import CheckpointError, ConfigError
+from capwrap.errors import CheckpointError, ConfigError, whole_number
 from capwrap.files import write_json_atomic
 from capwrap.models import ModelSpec
 
@@ -87,10 +87,7 @@ class Circuit:
         ``|score|`` (see the module docstring)."""
         if select not in SELECTIONS:
             raise ConfigError(f"unknown selection {select!r}; choose one of {list(SELECTIONS)}")
-        if not isinstance(n, int) or n < 0:
-            raise ConfigError(
-                f"n must be a non-negative number of {'components' if select == 'nodes' else 'edges'}, got {n!r}"
-            )
+        n = whole_number(n, f"n (a number of {'components' if select == 'nodes' else 'edges'})")
         weight = torch.nan_to_num(scores.values.abs(), nan=-1.0)
         mask = {"edges": _top_edges, "nodes": _top_nodes, "greedy": _greedy}[select](scores.graph, weight, n)
         info = {"method": scores.method, "ablation": scores.ablation, "select": select, "n": n, **scores.info}
@@ -99,6 +96,8 @@ class Circuit:
     @classmethod
     def from_edges(cls, graph: Graph, edges: list[str], scores: Tensor | None = None, **info: Any) -> Circuit:
         """The circuit of the named edges (``"L0H1->L1.mlp"``); scores default to NaN."""
+        if isinstance(edges, str):
+            raise ConfigError(f"edges must be a list of edge names, got the string {edges!r}: write [{edges!r}]")
         mask = torch.zeros(graph.n_edges, dtype=torch.bool)
         mask[[graph.edge_index(e) for e in edges]] = True
         scores = torch.full((graph.n_edges,), math.nan) if scores is None else scores
@@ -171,6 +170,8 @@ class Circuit:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the circuit as JSON (atomically): the model spec, the kept edges, every edge's score, the info."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give the circuit's file path, e.g. {path / 'circuit.json'}")
         path.parent.mkdir(parents=True, exist_ok=True)
         doc = {
             "format": _FORMAT,
@@ -200,6 +201,10 @@ class Circuit:
             raise CheckpointError(
                 f"{path} is not a capwrap circuit (no format {_FORMAT!r}); write one with Circuit.save"
             )
+        missing = [k for k in ("spec", "edges", "scores") if k not in doc]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a whole circuit file; write it again "
+                                  "with Circuit.save")  # fmt: skip
         graph = Graph.from_spec(ModelSpec.from_dict(doc["spec"]))
         scores = torch.tensor([math.nan if s is None else s for s in doc["scores"]], dtype=torch.float32)
         if len(scores) != graph.n_edges:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
+from capwrap.circuits.metrics import DEFAULT_METRIC, Metric, metric_values
 from capwrap.circuits.nodes import Ablation, HeadWrites, NodeValues, ablated_values, check_readable, norm_module
 from capwrap.errors import ConfigError
 from capwrap.models import CapModel
@@ -243,7 +243,7 @@ def ablated_metric(
             hooks = _AblationHooks(model, graph, part, ablated, n_batch)
             with model.hooks(hooks.hooks()):
                 logits = model(tiled.tokens)
-            out[start : start + n] = metric(logits, tiled).float().view(n, n_batch).cpu()
+            out[start : start + n] = metric_values(metric, logits, tiled).view(n, n_batch).cpu()
             bar.update(n)
     finally:
         bar.close()
@@ -369,7 +369,7 @@ def split_input_eap(
             with torch.set_grad_enabled(with_grad), model.hooks(hooks):
                 logits = model(tokens)
             if with_grad:
-                total = metric(logits, batch).float().sum()
+                total = metric_values(metric, logits, batch, differentiable=True).sum()
                 names = list(shifts)
                 grads = torch.autograd.grad(total, [shifts[n] for n in names])
                 return {**dict(acts), **{f"grad:{n}": g for n, g in zip(names, grads, strict=True)}}

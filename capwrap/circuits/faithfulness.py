@@ -23,9 +23,10 @@ Examples:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -37,7 +38,7 @@ from capwrap.circuits.exact import ablated_metric
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
 from capwrap.circuits.nodes import Ablation, ablated_values
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, whole_number
 from capwrap.models import CapModel
 from capwrap.tasks.base import TaskBatch
 
@@ -105,6 +106,8 @@ def circuit_metric(
     memory_mb: float = 256.0,
 ) -> Tensor:
     """The batch-mean metric of each circuit with every edge outside it ablated, ``[len(circuits)]``."""
+    if not circuits:
+        raise ConfigError("no circuits to measure: give at least one Circuit")
     graph = Graph.from_spec(model.spec)
     for c in circuits:
         if c.graph.spec != model.spec:
@@ -122,7 +125,7 @@ def faithfulness(
     ns: Sequence[int] | None = None,
     select: Selection = "edges",
     metric: Metric = DEFAULT_METRIC,
-    ablation: Ablation = "mean",
+    ablation: Ablation | None = None,
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,
     memory_mb: float = 256.0,
@@ -136,18 +139,28 @@ def faithfulness(
         ns: circuit sizes: edges (``select="edges"``/``"greedy"``) or components (``"nodes"``).
         select: how circuits are chosen (:meth:`Circuit.from_scores`).
         metric: as in :func:`~capwrap.circuits.attribute`.
-        ablation: as in :func:`~capwrap.circuits.attribute`; use the ablation the scores were computed with.
+        ablation: as in :func:`~capwrap.circuits.attribute`; default: the one the scores were computed
+            with (another one is measured, with a warning: circuits chosen under one ablation are
+            judged under another).
         corrupted: as in :func:`~capwrap.circuits.attribute`.
         reference: as in :func:`~capwrap.circuits.attribute`.
         memory_mb: memory budget of one batched forward pass.
     """
     if scores.graph.spec != model.spec:
         raise ConfigError("the scores belong to a model of another shape")
+    if ablation is None:
+        ablation = cast(Ablation, scores.ablation)
+    elif ablation != scores.ablation:
+        warnings.warn(f"the scores were computed with ablation={scores.ablation!r} and the circuits are measured "
+                      f"with ablation={ablation!r}; leave ablation unset to measure them as they were scored",
+                      stacklevel=2)  # fmt: skip
     graph = scores.graph
-    limit = len(graph.components) - 2 if select == "nodes" else graph.n_edges
-    sizes = default_sizes(limit) if ns is None else [int(n) for n in ns]
-    if any(n < 0 for n in sizes):
-        raise ConfigError(f"circuit sizes must not be negative, got {sizes}")
+    scored = int(scores.values.isfinite().sum())
+    limit = len(graph.components) - 2 if select == "nodes" else scored
+    sizes = default_sizes(limit) if ns is None else [whole_number(n, "a circuit size") for n in ns]
+    if select != "nodes" and any(n > scored for n in sizes):
+        raise ConfigError(f"circuit sizes {[n for n in sizes if n > scored]} exceed the {scored} edges the scores "
+                          f"measure (the others are NaN, as exact_scores(edges=...) leaves them): choose at most {scored}")  # fmt: skip
     circuits = [Circuit.from_scores(scores, n, select) for n in sizes]
     full = Circuit(graph, torch.ones(graph.n_edges, dtype=torch.bool), scores.values)
     empty = Circuit(graph, torch.zeros(graph.n_edges, dtype=torch.bool), scores.values)

@@ -258,6 +258,10 @@ class Graph:
     # ---- components and parameters -----------------------------------------------------------------
     def node_params(self, node: Node) -> list[ParamSlice]:
         """The slices of canonical weights that ``node`` applies (empty for ``input`` and ``logits``)."""
+        if not isinstance(node, Node):
+            raise ConfigError(f"node_params takes a Node, not {node!r}: a name can be either side ('L0.mlp' is the "
+                              "MLP's output upstream and its input downstream), so look it up with "
+                              "graph.upstream_node(name) or graph.downstream_node(name)")  # fmt: skip
         present = _present_weights(self.spec)
         out = []
         for leaf, per_head in _NODE_PARAMS[node.kind]:

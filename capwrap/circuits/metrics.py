@@ -37,9 +37,19 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from capwrap.errors import ConfigError
 from capwrap.tasks.base import TaskBatch, answer_logits
 
-__all__ = ["DEFAULT_METRIC", "Metric", "answer_logit", "answer_logodds", "answer_logprob", "answer_prob", "negative_loss"]
+__all__ = [
+    "DEFAULT_METRIC",
+    "Metric",
+    "answer_logit",
+    "answer_logodds",
+    "answer_logprob",
+    "answer_prob",
+    "metric_values",
+    "negative_loss",
+]
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"], TaskBatch], Float[Tensor, " batch"]]
 
@@ -90,3 +100,39 @@ def negative_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) 
     per_token = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp_min(0), reduction="none")
     valid = (targets != -100).float()
     return -(per_token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+
+def metric_values(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch,
+                  differentiable: bool = False) -> Float[Tensor, " batch"]:  # fmt: skip
+    """``metric(logits, batch)`` as float, checked: one value per sequence (not their mean, not one per
+    position), and, where gradients are taken, differentiable. A metric that breaks the contract is
+    named with what it returned and how to fix it, rather than scaling or failing deep in torch.
+
+    Examples:
+        >>> import torch
+        >>> from capwrap.tasks import TaskBatch
+        >>> batch = TaskBatch(torch.zeros(2, 3, dtype=torch.long), torch.tensor([2, 1]), torch.tensor([0, 1]))
+        >>> metric_values(answer_logit, torch.zeros(2, 3, 4), batch)
+        tensor([0., 0.])
+        >>> metric_values(lambda logits, batch: answer_logit(logits, batch).mean(), torch.zeros(2, 3, 4), batch)
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: the metric <lambda> must return one value per sequence, a tensor of shape [2]; it returned shape []: return per-sequence values, not their mean or sum
+    """
+    name = getattr(metric, "__name__", type(metric).__name__)
+    values = metric(logits, batch)
+    n = len(batch.tokens)
+    if not isinstance(values, Tensor):
+        raise ConfigError(f"the metric {name} must return a torch tensor of shape [{n}] (one value per sequence), "
+                          f"not {type(values).__name__}; compute it with torch operations on the logits")  # fmt: skip
+    if values.shape != (n,):
+        hint = ("return per-sequence values, not their mean or sum" if values.dim() == 0
+                else "reduce over positions inside the metric (one value per sequence)" if values.dim() >= 2 and values.shape[0] == n
+                else "return one value per sequence of the batch")  # fmt: skip
+        raise ConfigError(f"the metric {name} must return one value per sequence, a tensor of shape [{n}]; "
+                          f"it returned shape {list(values.shape)}: {hint}")  # fmt: skip
+    if differentiable and logits.requires_grad and not values.requires_grad:
+        raise ConfigError(f"the metric {name} is not differentiable in the logits (an argmax or a comparison?), "
+                          "and gradient attribution needs a gradient: score by a smooth metric such as "
+                          "answer_logprob or answer_logodds, or patch exactly (exact_scores; method='exact' in patching)")  # fmt: skip
+    return values.float()

@@ -443,22 +443,45 @@ def ablated_values(
         corrupted: for ``corrupted``: token ids of the same shape as ``batch.tokens``.
         reference: for the means: the sequences they are taken over (default: ``batch``).
     """
-    check_ablation(ablation, batch, corrupted)
+    check_ablation(ablation, batch, corrupted, reference)
     check_readable(model, graph)
     if ablation == "corrupted":
         assert corrupted is not None
         return capture_values(model, corrupted, graph)
-    values = capture_values(model, (reference or batch).tokens, graph)
+    values = capture_values(model, (batch if reference is None else reference).tokens, graph)
     if ablation == "zero":
         return values.map(lambda t: torch.zeros_like(t[:1, :1]))
     dims = (0, 1) if ablation == "mean" else (0,)
     return values.map(lambda t: t.mean(dims, keepdim=True))
 
 
-def check_ablation(ablation: str, batch: TaskBatch, corrupted: Tensor | None) -> None:
-    """Raise a clear error for an unknown ablation or corrupted tokens that do not fit ``batch``."""
+def check_ablation(ablation: str, batch: TaskBatch, corrupted: Tensor | None, reference: TaskBatch | None = None) -> None:
+    """Raise a clear error for an unknown ablation, corrupted tokens that do not fit ``batch``, or
+    reference sequences the means cannot be taken over (empty, of another length, or a single
+    sequence for ``mean_positional``, whose mean is that sequence itself: nothing would be ablated)."""
+    for name, given in (("batch", batch), ("reference", reference)):
+        if given is not None and not isinstance(given, TaskBatch):
+            raise ConfigError(f"{name} must be a TaskBatch (task.sample(n), with the answers metrics read), "
+                              f"not a {type(given).__name__}")  # fmt: skip
     if ablation not in ABLATIONS:
         raise ConfigError(f"unknown ablation {ablation!r}; choose one of {list(ABLATIONS)}")
+    if reference is not None and ablation not in ("mean", "mean_positional"):
+        raise ConfigError(f"reference= gives the sequences a mean ablation averages over; ablation={ablation!r} "
+                          "uses none: leave reference out")  # fmt: skip
+    if ablation in ("mean", "mean_positional"):
+        over = batch if reference is None else reference
+        if len(over.tokens) == 0:
+            raise ConfigError(f"the {'batch' if reference is None else 'reference batch'} is empty: the means "
+                              "need sequences to average over")  # fmt: skip
+        if ablation == "mean_positional":
+            if over.tokens.shape[1] != batch.tokens.shape[1]:
+                raise ConfigError(f"ablation='mean_positional' takes each position's mean, so the reference's "
+                                  f"sequences must be as long as the batch's ({over.tokens.shape[1]} vs "
+                                  f"{batch.tokens.shape[1]} tokens); use ablation='mean' or a reference of that length")  # fmt: skip
+            if len(over.tokens) < 2:
+                raise ConfigError("ablation='mean_positional' over a single sequence ablates each position to its own "
+                                  "value, so nothing changes and every score is numerical noise: score at least 2 "
+                                  "sequences (or give reference= more of them)")  # fmt: skip
     if ablation == "corrupted":
         if corrupted is None:
             raise ConfigError("ablation='corrupted' needs corrupted=<token ids of the same shape as the batch>")

@@ -52,7 +52,7 @@ from capwrap.circuits.circuit import SELECTIONS, Circuit, Selection
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import Metric
 from capwrap.circuits.nodes import NodeCapture, check_readable
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, whole_number
 from capwrap.methods.base import TrainingMethod
 from capwrap.tasks.base import Task, TaskBatch, task_loss
 
@@ -67,39 +67,54 @@ SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 _ABLATIONS = ("mean", "mean_positional", "zero")
 
 
-def _storage_geometry(model: CapModel) -> dict[str, tuple[torch.nn.Parameter, torch.Size, tuple[int, ...], int]]:
-    """For each canonical weight that views a trainable parameter: (parameter, size, stride, offset in it)."""
-    by_storage = {p.untyped_storage().data_ptr(): p for p in model.parameters()}
-    out = {}
-    for name, view in model.weights().items():
-        param = by_storage.get(view.untyped_storage().data_ptr())
-        if param is not None:
-            out[name] = (param, view.size(), view.stride(), view.storage_offset() - param.storage_offset())
-    return out
+def _storage_masks(model: CapModel, graph: Graph, edges: Bool[Tensor, " n_edges"]) -> dict[int, Tensor]:
+    """Which elements of each trainable storage lie on ``edges``: one flat boolean mask per storage (by
+    its address), written through the canonical views. Per storage, not per parameter: several
+    parameters may view one storage (TransformerLens 4's GPT-2 bridge trains separate query, key and
+    value weights that view its fused ``qkv`` weight, which itself gets no gradient)."""
+    trainable = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    views = model.weights()
+    nodes = [graph.upstream[u] for u in graph.edge_up[edges].unique().tolist()]
+    nodes += [graph.downstream[d] for d in graph.edge_down[edges].unique().tolist()]
+    masks: dict[int, Tensor] = {}
+    for node in nodes:
+        for piece in graph.node_params(node):
+            view = views[piece.param]
+            key = view.untyped_storage().data_ptr()
+            if key not in trainable:
+                continue  # a weight the backend keeps frozen
+            if key not in masks:
+                n = view.untyped_storage().nbytes() // view.element_size()
+                masks[key] = torch.zeros(n, dtype=torch.bool, device=view.device)
+            canonical = masks[key].as_strided(view.size(), view.stride(), view.storage_offset())
+            canonical[piece.index] = True  # a view: writes into the storage's mask
+    return masks
+
+
+def trainable_elements(model: CapModel, graph: Graph, edges: Bool[Tensor, " n_edges"]) -> int:
+    """How many parameter elements training on ``edges`` updates (each stored element once, however
+    many parameters view it)."""
+    return sum(int(mask.sum()) for mask in _storage_masks(model, graph, edges).values())
 
 
 def parameter_masks(model: CapModel, graph: Graph, edges: Bool[Tensor, " n_edges"]) -> dict[torch.nn.Parameter, Tensor]:
     """Which elements of each trainable parameter lie on ``edges``: the parameter slices of every node
     (:meth:`~capwrap.circuits.Graph.node_params`) an edge touches, mapped from canonical views onto the
-    backend's own tensors (a fused query/key/value weight gets the kept heads' columns).
+    backend's own tensors (a fused query/key/value weight gets the kept heads' columns; separate
+    query, key and value parameters that view one fused storage each get their part).
 
     Returns:
         parameter -> boolean mask of its shape (parameters with nothing kept are absent).
     """
-    geometry = _storage_geometry(model)
-    nodes = [graph.upstream[u] for u in graph.edge_up[edges].unique().tolist()]
-    nodes += [graph.downstream[d] for d in graph.edge_down[edges].unique().tolist()]
-    masks: dict[torch.nn.Parameter, Tensor] = {}
-    for node in nodes:
-        for piece in graph.node_params(node):
-            if piece.param not in geometry:
-                continue  # a weight the backend keeps frozen
-            param, size, stride, offset = geometry[piece.param]
-            if param not in masks:
-                masks[param] = torch.zeros_like(param, dtype=torch.bool)
-            canonical = masks[param].as_strided(size, stride, masks[param].storage_offset() + offset)
-            canonical[piece.index] = True  # a view: writes into the parameter-shaped mask
-    return masks
+    storage = _storage_masks(model, graph, edges)
+    out: dict[torch.nn.Parameter, Tensor] = {}
+    for param in model.parameters():
+        flat = storage.get(param.untyped_storage().data_ptr())
+        if flat is not None:
+            mask = flat.as_strided(param.size(), param.stride(), param.storage_offset()).clone()
+            if bool(mask.any()):
+                out[param] = mask
+    return out
 
 
 class CircuitTuning(TrainingMethod):
@@ -116,7 +131,10 @@ class CircuitTuning(TrainingMethod):
         ablation: how edges are ablated when scored: ``mean`` (over the batch and positions, as the
             paper's code), ``mean_positional`` or ``zero``.
         metric: score edges by this metric (``(logits, batch) -> [batch]``) in a separate pass; default
-            ``None``: by the training loss, from the training step's own pass.
+            ``None``: by the training loss, from the training step's own pass. Scores follow
+            :func:`~capwrap.circuits.attribute`'s convention either way: the estimated change of the
+            metric (by default of minus the loss, :func:`~capwrap.circuits.negative_loss`) when the
+            edge is ablated.
         max_params: a budget of trainable parameters (an ``int``, or a ``float`` in (0, 1]: a share of
             the model's): edges are taken in ``|score|`` order while the parameters of the nodes they
             touch fit it (an edge that would exceed it is skipped), up to ``N`` edges. Only with
@@ -139,13 +157,14 @@ class CircuitTuning(TrainingMethod):
         metric: Metric | None = None,
         max_params: int | float | None = None,
     ):
-        for label, value in (("top_n", top_n), ("top_n_start", top_n if top_n_start is None else top_n_start)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"CircuitTuning.{label} must be a positive number of edges, got {value!r}")
+        top_n = whole_number(top_n, "CircuitTuning.top_n (edges kept)", minimum=1)
+        top_n_start = top_n if top_n_start is None else whole_number(top_n_start, "CircuitTuning.top_n_start", minimum=1)
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
-        if not isinstance(every, int) or every < 1:
-            raise ConfigError(f"CircuitTuning.every must be a positive number of steps, got {every!r}")
+        if top_n_start != top_n and schedule == "constant":
+            raise ConfigError(f"CircuitTuning.top_n_start={top_n_start} differs from top_n={top_n}, but the schedule "
+                              "is 'constant' (N stays at top_n): give schedule='linear' or 'cosine' for N to move")  # fmt: skip
+        every = whole_number(every, "CircuitTuning.every (steps)", minimum=1)
         if select not in SELECTIONS:
             raise ConfigError(f"unknown selection {select!r}; choose one of {list(SELECTIONS)}")
         if ablation not in _ABLATIONS:
@@ -172,7 +191,7 @@ class CircuitTuning(TrainingMethod):
         self._capture: NodeCapture | None = None
         self._pending: Tensor | None = None
         self._masks: dict[torch.nn.Parameter, Tensor] = {}
-        self._ever_params = 0
+        self._trainable = self._ever_params = 0
         self._previous: Tensor | None = None
         self._recorded: dict[str, Tensor] = {}
 
@@ -191,6 +210,10 @@ class CircuitTuning(TrainingMethod):
     # ---- the method interface ------------------------------------------------------------------------
     def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[torch.nn.Parameter]:
         params = super().setup(model, task, config)
+        if self.ablation == "mean_positional" and config.batch_size < 2:
+            raise ConfigError("CircuitTuning(ablation='mean_positional') scores each training batch against its own "
+                              "positions' means, and a batch of one sequence is its own mean (every score would be "
+                              "noise): train with batch_size >= 2, or ablation='mean'")  # fmt: skip
         self.model = model
         self.graph = Graph.from_spec(model.spec)
         check_readable(model, self.graph)
@@ -214,7 +237,7 @@ class CircuitTuning(TrainingMethod):
                     f"{cheapest} (or a share of at least {cheapest / model.spec.n_params:.2g})"
                 )
         self.edges = self.scores = self.ever = self.scored_step = self._previous = None
-        self._masks, self._ever_params = {}, 0
+        self._masks, self._trainable, self._ever_params = {}, 0, 0
         return params
 
     def optimizer(self, params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -262,7 +285,9 @@ class CircuitTuning(TrainingMethod):
         if self._capture is not None:
             acc = ScoreAccumulator(self.graph, self.ablation)
             acc.add(self._capture.values(), self._capture.gradients(), self._capture.writes)
-            self._pending = acc.scores(self._capture.writes, n_sequences=1)  # the loss is already a batch mean
+            # the loss is already a batch mean; its change, negated: the change of minus the loss, as
+            # attribute(..., metric=negative_loss) scores it, so the sign does not depend on metric=
+            self._pending = -acc.scores(self._capture.writes, n_sequences=1)
             self._capture = None
         self._recorded = {}
         if self._pending is not None:
@@ -286,7 +311,8 @@ class CircuitTuning(TrainingMethod):
         self.edges, self.scores, self.scored_step = edges, scores.detach().float().cpu(), step
         self.ever = self.edges.clone() if self.ever is None else self.ever | self.edges
         self._masks = parameter_masks(self.model, self.graph, self.edges)
-        self._ever_params = sum(int(m.sum()) for m in parameter_masks(self.model, self.graph, self.ever).values())
+        self._trainable = trainable_elements(self.model, self.graph, self.edges)
+        self._ever_params = trainable_elements(self.model, self.graph, self.ever)
         self._recorded = {"circuit_tuning.edges": self.edges.float(), "circuit_tuning.scores": self.scores}
 
     def _mask_gradients(self) -> None:
@@ -300,7 +326,7 @@ class CircuitTuning(TrainingMethod):
     def _metrics(self, step: int) -> dict[str, float]:
         assert self.edges is not None and self.graph is not None
         total = self.model.spec.n_params
-        trainable = sum(int(m.sum()) for m in self._masks.values())
+        trainable = self._trainable
         circuit = Circuit(
             self.graph, self.edges, self.scores if self.scores is not None else torch.zeros(len(self.edges))
         )
@@ -353,7 +379,8 @@ class CircuitTuning(TrainingMethod):
         self.ever = edges.clone() if state.get("ever") is None else state["ever"].bool().cpu()
         self._previous = None if state.get("previous") is None else state["previous"].bool().cpu()
         self._masks = parameter_masks(self.model, self.graph, self.edges)
-        self._ever_params = sum(int(m.sum()) for m in parameter_masks(self.model, self.graph, self.ever).values())
+        self._trainable = trainable_elements(self.model, self.graph, self.edges)
+        self._ever_params = trainable_elements(self.model, self.graph, self.ever)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -103,12 +103,36 @@ class Env:
         with contextlib.chdir(self.root):
             return load_model(name)
 
+    def circuit(self):
+        from capwrap.circuits import Circuit, Graph
+
+        return Circuit.from_edges(Graph.from_spec(SPEC), ["L0H0->logits"])
+
+    def faithfulness_past_partial_scores(self):
+        """Exact scores of two edges only (the rest NaN), asked for a circuit of five."""
+        from capwrap.circuits import exact_scores, faithfulness
+
+        batch = TASK.sample(4, seed=0)
+        return faithfulness(self.model, batch, exact_scores(self.model, batch, edges=[0, 1]), ns=[5])
+
     def model_with_nan_row(self):
         """A NaN in the embedding of a token the task never uses."""
         model = build_model(ModelSpec(d_vocab=SPEC.d_vocab + 4, n_ctx=SPEC.n_ctx, n_layers=1, d_model=16, n_heads=2))
         with torch.no_grad():
             model.weights()["embed.W_E"][-1, 0] = float("nan")
         return model
+
+
+def _logprob(logits, batch):
+    from capwrap.circuits import answer_logprob
+
+    return answer_logprob(logits, batch)
+
+
+def _attribute(env: Env, n: int = 4, **kwargs):
+    from capwrap.circuits import attribute
+
+    return attribute(env.model, TASK.sample(n, seed=0), **kwargs)
 
 
 @dataclass
@@ -371,6 +395,33 @@ CASES = [
         "holds the evidence of another diagnosis: tuned_weights_sha256 differs .*; delete the folder",
         lambda e: e.diagnose_into_another_pairs_evidence(),
     ),
+    # circuits
+    Case("circuits-metric-a-mean", ConfigError, r"one value per sequence.*returned shape \[\]: return per-sequence",
+         lambda e: _attribute(e, metric=lambda logits, batch: _logprob(logits, batch).mean())),
+    Case("circuits-metric-per-position", ConfigError, "reduce over positions inside the metric",
+         lambda e: _attribute(e, metric=lambda logits, batch: logits[..., 0])),
+    Case("circuits-metric-not-differentiable", ConfigError, "not differentiable in the logits",
+         lambda e: _attribute(e, metric=lambda logits, batch: (logits[:, -1].argmax(-1) == batch.answers).float())),
+    Case("circuits-positional-mean-of-one", ConfigError, "over a single sequence",
+         lambda e: _attribute(e, n=1, ablation="mean_positional")),
+    Case("circuits-reference-without-a-mean", ConfigError, "uses none: leave reference out",
+         lambda e: _attribute(e, ablation="zero", reference=TASK.sample(4, seed=1))),
+    Case("circuits-reference-of-another-length", ConfigError, "as long as the batch",
+         lambda e: _attribute(e, ablation="mean_positional", reference=TaskBatch(
+             torch.zeros(4, 3, dtype=torch.long), torch.full((4,), 2), torch.zeros(4, dtype=torch.long)))),
+    Case("circuits-tokens-not-a-batch", ConfigError, "must be a TaskBatch",
+         lambda e: __import__("capwrap.circuits").circuits.attribute(e.model, TASK.sample(4, seed=0).tokens)),
+    Case("circuits-start-without-a-schedule", ConfigError, "schedule is 'constant'",
+         lambda e: __import__("capwrap").CircuitTuning(top_n=10, top_n_start=40)),
+    Case("circuits-size-past-the-scored-edges", ConfigError, "exceed the 2 edges the scores measure",
+         lambda e: e.faithfulness_past_partial_scores()),
+    Case("circuits-save-into-a-folder", ConfigError, "is a folder; give the circuit's file path",
+         lambda e: e.circuit().save(e.root)),
+    Case("circuits-node-by-name", ConfigError, "takes a Node",
+         lambda e: __import__("capwrap.circuits").circuits.Graph.from_spec(SPEC).node_params("L0H1")),
+    Case("circuits-edges-a-string", ConfigError, "a list of edge names",
+         lambda e: __import__("capwrap.circuits").circuits.Circuit.from_edges(
+             __import__("capwrap.circuits").circuits.Graph.from_spec(SPEC), "L0H1->logits")),
     # the demo
     Case(
         "demo-unknown-scenario",

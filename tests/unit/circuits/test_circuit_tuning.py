@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from capwrap import CircuitTuning, Recorder, RunStore, TrainConfig, train
-from capwrap.circuits import Graph
-from capwrap.circuits.metrics import answer_logprob
+from capwrap.circuits import Graph, attribute
+from capwrap.circuits.metrics import answer_logprob, negative_loss
 from capwrap.errors import ConfigError
 from capwrap.methods.circuit_tuning import parameter_masks
 from capwrap.models import CapModel
@@ -16,9 +16,13 @@ from capwrap.training import StepInfo
 
 
 def _grads_through(model, masks) -> dict[str, torch.Tensor]:
-    """Canonical gradients when every masked element's gradient is 1 and all others 0."""
+    """Canonical gradients when every masked element's gradient is 1 and all others 0 (given once
+    per storage: the canonical gradient sums those of parameters that view one storage)."""
+    seen = set()
     for p in model.parameters():
-        p.grad = masks[p].float() if p in masks else torch.zeros_like(p)
+        key = p.untyped_storage().data_ptr()
+        p.grad = masks[p].float() if p in masks and key not in seen else torch.zeros_like(p)
+        seen.add(key)
     grads = {k: v.clone() for k, v in model.gradients().items()}
     model.module.zero_grad(set_to_none=True)
     return grads
@@ -71,6 +75,24 @@ def test_only_the_kept_slices_move_even_with_weight_decay(arch, backend, tiny, t
             assert not bool((changed & (allowed[name] == 0)).any()), f"{name} moved outside the subgraph"
             moved_inside |= bool(changed.any())
         assert moved_inside
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_with_every_edge_kept_every_nodes_weight_trains_and_is_counted_once(arch, backend, tiny, tiny_task):
+    """TransformerLens 4's GPT-2 bridge trains separate query, key and value weights that view its
+    fused ``qkv`` weight (which gets no gradient): each of them must get its part of the mask, or
+    attention's inputs never train. The logged trainable count is what can move, each element once."""
+    model = tiny(arch, backend)
+    graph = Graph.from_spec(model.spec)
+    before = _weights(model)
+    config = TrainConfig(steps=1, batch_size=8, lr=1e-2, warmup=0.0, progress=False)
+    result = train(model, tiny_task, config, method=CircuitTuning(top_n=graph.n_edges))
+    owned = {piece.param for node in (*graph.upstream, *graph.downstream) for piece in graph.node_params(node)}
+    for name in sorted(owned):
+        if name in before:
+            assert bool((before[name] != model.weights()[name]).any()), f"{name} did not train"
+    can_move = sum(before[name].numel() for name in owned if name in before)
+    assert result.history["method/trainable_params"].iloc[-1] == can_move
 
 
 def test_frozen_parameters_hold_no_optimizer_state(tiny, tiny_task):
@@ -151,6 +173,19 @@ def test_state_dict_resumes_a_run_exactly(tiny, tiny_task):
         other = CircuitTuning(top_n=6, every=3)
         other.setup(resumed, tiny_task, config)
         other.load_state_dict(state)
+
+
+def test_scores_follow_attributes_convention_with_or_without_a_metric(tiny, tiny_task):
+    """The training step's own scores (the loss's change, from the shared pass) equal what
+    ``attribute`` gives scoring minus the loss: same sign as scoring by ``metric=negative_loss``."""
+    config = TrainConfig(steps=1, batch_size=16, lr=1e-2, progress=False)
+    shared, separate = CircuitTuning(top_n=5), CircuitTuning(top_n=5, metric=negative_loss)
+    for method in (shared, separate):
+        model = tiny("gpt2", "bridge")
+        _manual_run(model, method, config, tiny_task, range(1))
+    expected = attribute(tiny("gpt2", "bridge"), tiny_task.sample(16, seed=100), metric=negative_loss).values
+    assert torch.allclose(shared.scores, expected, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(separate.scores, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_a_custom_metric_and_bad_settings(tiny, tiny_task):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
 
-from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, circuit_metric, faithfulness
+from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, circuit_metric, exact_scores, faithfulness
 from capwrap.circuits.exact import ablated_metric
 from capwrap.circuits.metrics import answer_logprob
 from capwrap.circuits.nodes import ablated_values
@@ -145,6 +146,34 @@ def test_faithfulness_runs_from_nothing_to_the_whole_model(tiny, tiny_task):
     assert isinstance(curve.figure(), go.Figure) and curve.smallest(0.999) is not None and curve.smallest(2.0) is None
     single = circuit_metric(model, batch, [Circuit.from_scores(scores, 5)])
     assert float(single[0]) == pytest.approx(curve.table["metric"].iloc[1], abs=1e-6)
+
+
+def test_faithfulness_measures_circuits_under_the_scores_own_ablation(tiny, tiny_task):
+    """Circuits chosen by positional-mean scores are measured under that ablation unless told
+    otherwise (measuring them under the batch mean is another experiment, and warns)."""
+    model = tiny("gpt2", "bridge")
+    batch = tiny_task.sample(8, seed=0)
+    scores = attribute(model, batch, ablation="mean_positional")
+    default = faithfulness(model, batch, scores, ns=[5])
+    same = faithfulness(model, batch, scores, ns=[5], ablation="mean_positional")
+    assert default.table.equals(same.table)
+    with pytest.warns(UserWarning, match="computed with ablation='mean_positional'"):
+        other = faithfulness(model, batch, scores, ns=[5], ablation="mean")
+    assert other.empty_metric != pytest.approx(default.empty_metric)
+
+
+def test_partial_exact_scores_correlate_over_the_edges_they_measure_and_counts_take_numpy_integers(tiny, tiny_task):
+    model = tiny("gpt2", "bridge")
+    batch = tiny_task.sample(8, seed=0)
+    scores = attribute(model, batch, ablation="mean")
+    top = scores.values.abs().argsort(descending=True)[:12].tolist()
+    exact = exact_scores(model, batch, ablation="mean", edges=top)
+    assert int(exact.values.isfinite().sum()) == 12
+    both = torch.stack([scores.values[top], exact.values[top]]).double()
+    assert scores.correlation(exact) == pytest.approx(float(torch.corrcoef(both)[0, 1]))  # not NaN
+    assert Circuit.from_scores(scores, np.int64(5)).n_edges == 5
+    with pytest.raises(ConfigError, match="whole number"):
+        Circuit.from_scores(scores, True)
 
 
 def test_answer_metrics_read_the_answer_position_as_patching_does():
