@@ -151,7 +151,8 @@ def _validate(args: argparse.Namespace) -> int:
         rule = fit_rule(records, start=rule, command=command)
         rule.save(args.fit)
         print(f"fitted the verdict rule on {len(records)} scenarios; wrote {args.fit}")
-    where = f"Ray at {args.ray}" if args.ray else f"{args.workers} local workers"
+    plural = "" if args.workers == 1 else "s"
+    where = f"Ray at {args.ray}" if args.ray else f"{args.workers} local worker{plural}"
     result = ValidationResult.from_records(records, rule, split=args.split, wall_seconds=round(wall, 1),
                                            workers=where, command="capwrap " + " ".join(sys.argv[1:]))  # fmt: skip
     print(result.summary_text())
@@ -419,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with (
+            _terminate_as_interrupt(),
             _progress_bars(enabled=not args.quiet),
             _plain_warnings(),
             _torch_threads(args.threads or default_threads()),
@@ -474,6 +476,27 @@ def _plain_warnings():
         yield
     finally:
         warnings.showwarning = shown
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a scheduler preempting the job) stops a command as Ctrl-C does: finished work
+    is kept, worker processes are stopped, and it says so (exit code 130), rather than dying mid-write."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager

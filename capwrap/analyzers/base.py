@@ -66,6 +66,7 @@ __all__ = [
     "Kind",
     "ModelPair",
     "Question",
+    "check_same_tokenizer",
     "check_store_matches",
     "correctness",
 ]
@@ -99,6 +100,28 @@ def check_models(base: object, tuned: object) -> None:
                 f"{which} is a {type(model).__name__}{shown}, not a loaded model: load it with "
                 "capwrap.load_model(PATH_OR_NAME) (a LoRA adapter: load_model(BASE, adapter=ADAPTER_DIR)), or diagnose "
                 "two checkpoint folders as they are with capwrap.diagnosis.diagnose_checkpoints(BASE, TUNED, capability, downstream)"
+            )
+
+
+def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
+    """Raise if the two models read tokens differently: tokenizers with different vocabularies, or
+    compiled Tracr models with different input tokens or output values (the same shape, and even
+    the same weights, can mean other letters)."""
+    a, b = base.tokenizer, tuned.tokenizer
+    if a is not None and b is not None:
+        va, vb = a.get_vocab(), b.get_vocab()
+        if va != vb:
+            differ = len(set(va.items()) ^ set(vb.items()))
+            raise ConfigError(
+                f"the base and tuned models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} entries "
+                "differ); a pair must share its tokenizer (was one of them fine-tuned from the other?)"
+            )
+    for key, what in (("input_tokens", "input tokens"), ("output_values", "output values")):
+        ta, tb = base.metadata.get(key), tuned.metadata.get(key)
+        if ta is not None and tb is not None and list(ta) != list(tb):
+            raise ConfigError(
+                f"the base and tuned Tracr models have different {what} ({list(ta)} vs {list(tb)}): a token id means "
+                "another thing in each, so they are not a pair (were they compiled from one program with one vocabulary?)"
             )
 
 

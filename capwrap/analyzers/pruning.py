@@ -292,7 +292,9 @@ class Pruning(Analyzer):
         too_big = [k for k in self.ks if k > len(scores)]
         if too_big:
             raise ConfigError(
-                f"K={max(too_big)} is larger than the {len(scores)} {self.granularity} units of the model; use smaller ks"
+                f"K={max(too_big)} is larger than the {len(scores)} {self.granularity} units of the model; use smaller "
+                "ks, or finer units (granularity='weight', as for a compiled Tracr model, whose MLPs have a handful "
+                "of neurons)"
             )
         cap, down = context.eval.batches["capability"], context.eval.batches["downstream"]
         base_correct = context.eval.correct["base"]["capability"].float()

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from capwrap.analyzers import ModelPair
+from capwrap.analyzers.base import check_same_tokenizer
 from capwrap.diagnosis.result import Diagnosis, json_default
 from capwrap.diagnosis.rule import VerdictRule
 from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, write_text_atomic
-from capwrap.models import CapModel
 from capwrap.models.io import check_placement
 from capwrap.models.model import resolve_device, resolve_dtype
 from capwrap.models.residency import Residency
@@ -34,20 +34,6 @@ QUICK_EVAL_SIZE = 256
 
 #: The folder in ``out`` that keeps each finished analyzer's evidence (``diagnose(..., evidence_dir=)``).
 EVIDENCE_FOLDER = "evidence"
-
-
-def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
-    """Raise if the two models carry tokenizers with different vocabularies."""
-    a, b = base.tokenizer, tuned.tokenizer
-    if a is None or b is None:
-        return
-    va, vb = a.get_vocab(), b.get_vocab()
-    if va != vb:
-        differ = len(set(va.items()) ^ set(vb.items()))
-        raise ConfigError(
-            f"the base and tuned models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} entries differ); "
-            "a pair must share its tokenizer (was one of them fine-tuned from the other?)"
-        )
 
 
 def diagnose_checkpoints(
@@ -185,13 +171,13 @@ def _diagnose_files(
     ModelPair(base_model, tuned_model, residency)
     check_same_tokenizer(base_model, tuned_model)
     tokenizer = base_model.tokenizer or tuned_model.tokenizer
-    cap_task = task_from_spec(capability, tokenizer)
-    down_task = task_from_spec(downstream, tokenizer)
-    free_task = task_from_spec(downstream_free, tokenizer) if downstream_free else "auto"
+    cap_task = task_from_spec(capability, tokenizer, model=base_model)  # a Tracr task reads the base's vocabularies
+    down_task = task_from_spec(downstream, tokenizer, model=base_model)
+    free_task = task_from_spec(downstream_free, tokenizer, model=base_model) if downstream_free else "auto"
     run = RunStore.open(store) if store is not None else None
     memory = "low" if residency else "normal"
     diagnosis = diagnose(base_model, tuned_model, cap_task, down_task,
-                         analyzers=default_analyzers(quick=quick, memory=memory),
+                         analyzers=default_analyzers(quick=quick, memory=memory, compiled=not base_model.spec.has_hf_equivalent),
                          eval_size=QUICK_EVAL_SIZE if quick else 1024, store=run, seed=seed, progress=progress,
                          rule=verdict_rule, downstream_free=free_task, memory=memory,
                          evidence_dir=None if out is None else Path(out) / EVIDENCE_FOLDER)  # fmt: skip

@@ -43,7 +43,7 @@ from capwrap.analyzers import (
     Revival,
     WeightDiff,
 )
-from capwrap.analyzers.base import check_models
+from capwrap.analyzers.base import check_models, check_same_tokenizer
 from capwrap.diagnosis.evidence_folder import EvidenceFolder
 from capwrap.diagnosis.result import Diagnosis
 from capwrap.diagnosis.rule import VerdictRule, default_rule
@@ -61,16 +61,19 @@ Memory = Literal["normal", "low"]
 MEMORY_MODES: tuple[str, ...] = ("normal", "low")
 
 
-def default_analyzers(quick: bool = False, memory: Memory = "normal") -> list[Analyzer]:
+def default_analyzers(quick: bool = False, memory: Memory = "normal", compiled: bool = False) -> list[Analyzer]:
     """The analyzers ``diagnose`` runs by default (both questions); ``quick`` shrinks their samples
     and budgets; ``memory="low"`` makes revival train in about one model's memory
-    (``Revival(low_memory=True)``: Adafactor inside the backward pass instead of AdamW)."""
+    (``Revival(low_memory=True)``: Adafactor inside the backward pass instead of AdamW);
+    ``compiled``: a compiled Tracr model (``not spec.has_hf_equivalent``, which ``diagnose`` passes),
+    pruned by single weights as the paper does: its MLPs have a handful of neurons."""
     check_memory(memory)
     low = memory == "low"
+    granularity = "weight" if compiled else "neuron"
     if quick:
         return [
             Probing(n=1024, steps=200),
-            Pruning(ks=(0, 1, 2, 4, 8), score_size=256),
+            Pruning(ks=(0, 1, 2, 4, 8), score_size=256, granularity=granularity),
             Revival(max_steps=200, batch_size=32, check_size=256, control_steps=200, seeds=1, low_memory=low),
             WeightDiff(graft_fractions=(0.01, 0.1)),
             AttentionComparison(n=128),
@@ -78,8 +81,8 @@ def default_analyzers(quick: bool = False, memory: Memory = "normal") -> list[An
             Generalization(),
             NewLatentProbing(n=1024, steps=200),
         ]
-    return [Probing(), Pruning(), Revival(low_memory=low), WeightDiff(), AttentionComparison(), Patching(), Generalization(),
-            NewLatentProbing()]  # fmt: skip
+    return [Probing(), Pruning(granularity=granularity), Revival(low_memory=low), WeightDiff(), AttentionComparison(),
+            Patching(), Generalization(), NewLatentProbing()]  # fmt: skip
 
 
 def gates(rule: VerdictRule, accuracy: dict[str, dict[str, float]], floor: float) -> dict[str, str | None]:
@@ -169,6 +172,7 @@ def diagnose(
     """
     check_memory(memory)
     check_models(base, tuned)
+    check_same_tokenizer(base, tuned)
     if not (base.copyable and tuned.copyable):
         memory = "low"  # analyzers cannot work on copies: the models take turns and are edited in place
     residency, own = None, False
@@ -177,7 +181,8 @@ def diagnose(
         if residency is None:
             residency, own = Residency(), True
     try:
-        analyzers = default_analyzers(memory=memory) if analyzers is None else analyzers
+        if analyzers is None:
+            analyzers = default_analyzers(memory=memory, compiled=not base.spec.has_hf_equivalent)
         return _diagnose(ModelPair(base, tuned, residency), capability, downstream, analyzers, store, eval_size,
                          seed, progress, rule, downstream_free, n_boot, evidence_dir)  # fmt: skip
     finally:

@@ -206,7 +206,7 @@ class _TracrTask(TaskBase):
 
     def __init__(self, program: CompiledProgram, length: int | None, name: str):
         self.program = program
-        self.length = length or program.max_seq_len
+        self.length = program.max_seq_len if length is None else length
         if not 1 <= self.length <= program.max_seq_len:
             raise ConfigError(
                 f"length must be in [1, {program.max_seq_len}] (the compiled max_seq_len), got {self.length}"
@@ -271,8 +271,12 @@ class TracrCounterTask(_TracrTask):
                 f"operand {operand!r} and source {source!r} must be among the program's letters {self.letters}"
             )
         if correlation is not None:
-            if not 0.0 <= correlation <= 1.0 or operand == source:
-                raise ConfigError("correlation must be in [0, 1] and needs an operand other than its source")
+            if not 0.0 <= correlation <= 1.0:
+                raise ConfigError(f"correlation must be in [0, 1], got {correlation}")
+            if operand == source:
+                raise ConfigError(f"a correlation plants {operand!r}'s count as {source!r}'s {offset:+d}, so the operand "
+                                  f"must differ from its source ({source!r}; the operand defaults to 'a'): give "
+                                  "operand=b, or another source=")  # fmt: skip
             if abs(offset) >= self.length:
                 raise ConfigError(f"offset {offset} cannot hold in strings of {self.length} letters")
         self.operand, self.correlation, self.source, self.offset = operand, correlation, source, offset

@@ -13,14 +13,16 @@ not schedule anything itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ from capwrap.analyzers import (
 from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
 from capwrap.diagnosis.run import Memory, check_memory, diagnose, gates
 from capwrap.errors import CapwrapError, ConfigError
-from capwrap.files import copy_missing, write_json_atomic
+from capwrap.files import check_output_folder, copy_missing, write_json_atomic
 from capwrap.provenance import environment
 from capwrap.validation.bases import SUITE_ASSETS
 from capwrap.validation.scenarios import Scenario, record_truth
@@ -154,6 +156,46 @@ def _evidence_record(e: Evidence) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while processes start (they inherit it: Python then installs no Ctrl-C handler of
+    its own, so a worker stopped while still importing prints no traceback)."""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _stop_workers(grace: float = 5.0) -> None:
+    """Stop this process's workers: SIGINT (each stops as :func:`_stop_quietly` says), then, after
+    ``grace`` seconds, SIGTERM to any still starting up."""
+    children = active_children()
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGINT)
+    end = time.monotonic() + grace
+    for child in children:
+        child.join(timeout=max(0.0, end - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.terminate()
+
+
+def _stop_quietly() -> None:
+    """A local worker stops on Ctrl-C (SIGINT) without a traceback, whether at work or waiting for
+    one: ``SystemExit`` ends a waiting worker silently, and a scenario it was running writes nothing."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
 def _run_to_file(
     scenario: Scenario, out: str, cache: str | None, rule_dict: dict | None, n_boot: int, memory: Memory, threads: int
 ) -> str:
@@ -229,7 +271,8 @@ def run_suite(
     Raises:
         CapwrapError: some scenarios failed (their records say why); the others are kept.
         ConfigError: bad arguments; ``out`` holds a record made from another definition of a
-            scenario (the suite changed since), or records of the other memory mode.
+            scenario (the suite changed since), or records made with another memory mode, another
+            ``n_boot`` or another number of ``threads``.
     """
     from tqdm.auto import tqdm
 
@@ -239,7 +282,7 @@ def run_suite(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
     check_memory(memory)
-    out = Path(out)
+    out = check_output_folder(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)
     cache = (Path(cache) if cache is not None else out / "cache").resolve()  # absolute: Ray nodes get the path
     copy_missing(SUITE_ASSETS / "cache", cache)  # the shipped controls and their runs
@@ -250,12 +293,19 @@ def run_suite(
             f"{out} holds records of {len(stale)} scenarios made from another definition of them ({stale[:3]}): the suite "
             "changed since they were made. Give another --out, or delete those records to run them again"
         )
-    other = sorted({r.get("memory", "normal") for r in kept} - {memory})
-    if other:
-        raise ConfigError(
-            f"{out} holds records of diagnoses made with memory={other[0]!r}, not {memory!r}; give another --out "
-            "(a suite's records are all of one memory mode)"
-        )
+    # a suite's records are all made alike: what changes their numbers must match the records kept
+    made_with = {"memory": (memory, "normal", "memory", "a suite's records are all of one memory mode"),
+                 "n_boot": (n_boot, 200, "n_boot", "their findings' intervals come from that many replicates"),
+                 "threads": (threads, 1, "threads", "other threads give other bits, and the records are the same only "
+                             "at one number")}  # fmt: skip
+    for key, (value, default, option, why) in made_with.items():
+        found = {(r.get("environment", {}).get("torch_threads", default) if key == "threads" else r.get(key, default))
+                 for r in kept} - {value}  # fmt: skip
+        if found:
+            raise ConfigError(
+                f"{out} holds records of diagnoses made with {option}={sorted(found, key=str)[0]!r}, not {value!r}; "
+                f"give that {option} to go on with them, or another --out ({why})"
+            )
     todo = [s for s in scenarios if s not in done]
     if len(todo) < len(scenarios):
         log(
@@ -270,10 +320,18 @@ def run_suite(
         for s in todo:
             failed += _one(lambda s=s: _run_to_file(s, *args, threads), s.name, bar, log)
     elif todo:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_to_file, s, *args, threads): s.name for s in todo}
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_stop_quietly)
+        try:
+            with _sigint_ignored():  # the workers start with Ctrl-C ignored, until _stop_quietly takes it
+                futures = {pool.submit(_run_to_file, s, *args, threads): s.name for s in todo}
             for future in as_completed(futures):
                 failed += _one(future.result, futures[future], bar, log)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI makes it one): stop the workers too
+            pool.shutdown(wait=False, cancel_futures=True)  # no new work; each worker exits after its current one
+            _stop_workers()  # which Ctrl-C ends (a signal to this process alone would leave them running on)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     if failed:
         raise CapwrapError(

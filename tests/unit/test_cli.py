@@ -164,6 +164,35 @@ def test_diagnose_command_bad_input(pair_on_disk, tmp_path, capsys):
         assert "no CUDA GPU" in err and "use device 'cpu'" in err
 
 
+def test_diagnose_command_on_a_tracr_pair(tmp_path, capsys):
+    """The paper's own setting from the command line: a Tracr task spec reads its vocabularies from
+    BASE (it said the task needed a compiled model), and the compiled model's handful of neurons are
+    pruned by single weights (neuron pruning's K would exceed them)."""
+    from capwrap.validation.bases import load_base
+
+    base = load_base("tracr-counter")
+    tuned = base.clone()
+    downstream = "tracr=counter,operand=b,correlation=1"
+    train(tuned, task_from_spec(downstream, model=base),
+          TrainConfig(steps=30, batch_size=32, lr=1e-2, optimizer="sgd", progress=False))  # fmt: skip
+    save_model(base, tmp_path / "base")
+    save_model(tuned, tmp_path / "tuned")
+    argv = ["diagnose", str(tmp_path / "base"), str(tmp_path / "tuned"), "--capability", "tracr=counter,operand=a",
+            "--downstream", downstream, "--quick", "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["tasks"]["capability"]["kind"] == "tracr_counter"
+    assert summary["accuracy"]["base"]["capability"] == 1.0 and summary["accuracy"]["tuned"]["capability"] < 0.5
+    pruning = {e["analyzer"]: e for e in summary["evidence"]}["pruning"]
+    assert "weights by" in pruning["summary"]  # single weights, not neurons
+    # fine-tuned 30 SGD steps away from count a, which a few weights bring partly back: a wrapper
+    assert summary["findings"]["deletion"]["verdict"] == "wrapper", summary["findings"]["deletion"]["reasons"]
+    pcfg = [*argv[:4], "pcfg=count,operand=a", *argv[5:]]
+    pcfg[5:7] = ["--downstream", "pcfg=count,operand=b"]
+    assert main(pcfg) == 2  # a PCFG task on a compiled model: one clear line
+    assert "capwrap: error:" in capsys.readouterr().err
+
+
 def test_diagnose_refuses_pairs_with_different_tokenizers(stories260k, tmp_path):
     from transformers import AutoTokenizer
 

@@ -80,6 +80,10 @@ def test_tracr_specs(counter, max_identifier):
         task_from_spec("tracr=counter,operand=b")
     with pytest.raises(ConfigError, match="unknown keys"):
         task_from_spec("tracr=counter,rank=3", model=counter)
+    with pytest.raises(ConfigError, match=r"length must be in \[1, "):  # 0 is not "the full length" (it was)
+        task_from_spec("tracr=counter,length=0", model=counter)
+    with pytest.raises(ConfigError, match="the operand defaults to 'a'\\): give operand=b"):  # 1 is a valid correlation
+        task_from_spec("tracr=counter,correlation=1", model=counter)
 
 
 def test_the_help_texts_tracr_examples_parse(counter, max_identifier):
@@ -89,3 +93,18 @@ def test_the_help_texts_tracr_examples_parse(counter, max_identifier):
     for example in SPEC_EXAMPLES["tracr"]:
         program = example.split(",")[0].split("=")[1]
         assert task_from_spec(example, model=models[program]).seq_len > 0
+
+
+def test_tracr_models_that_read_other_letters_are_not_a_pair(counter):
+    """Compiled with another alphabet, a model has the same shape (even the same weights) while its
+    token ids mean other letters: diagnosing the two as a pair is refused (it ran without a word)."""
+    from capwrap.analyzers import Generalization
+    from capwrap.diagnosis import diagnose
+
+    other = counter.clone()
+    other.metadata["input_tokens"] = [("z" if t == "i" else t) for t in counter.metadata["input_tokens"]]
+    program = CompiledProgram.from_model(counter)
+    tasks = (TracrCounterTask(program, "a"), TracrCounterTask(program, "b", 1.0))
+    with pytest.raises(ConfigError, match="different input tokens"):
+        diagnose(counter, other, *tasks, analyzers=[Generalization()], eval_size=16, progress=False)
+    assert diagnose(counter, counter.clone(), *tasks, analyzers=[Generalization()], eval_size=16, progress=False)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -436,10 +438,15 @@ def test_the_runner_resumes_from_existing_records(tmp_path, records):
     record_path(tmp_path, chosen[0]).parent.mkdir(parents=True)
     write_json_atomic(record_path(tmp_path, chosen[0]), records[0])
     logged = []
-    out = run_suite(chosen, tmp_path, workers=2, progress=False, log=logged.append)
+    out = run_suite(chosen, tmp_path, workers=2, progress=False, log=logged.append, n_boot=20)
     assert out == [records[0]] and "already have records" in logged[0]
     with pytest.raises(ConfigError, match="memory='normal', not 'low'"):  # (a record without the field is normal)
-        run_suite(chosen, tmp_path, workers=1, progress=False, memory="low")
+        run_suite(chosen, tmp_path, workers=1, progress=False, memory="low", n_boot=20)
+    # nor are records made with other bootstrap or thread settings taken as this run's (they were, silently)
+    with pytest.raises(ConfigError, match="n_boot=20, not 200; give that n_boot to go on"):
+        run_suite(chosen, tmp_path, workers=1, progress=False)
+    with pytest.raises(ConfigError, match="threads=1, not 2"):  # (a record without the field: 1, the default)
+        run_suite(chosen, tmp_path, workers=1, progress=False, n_boot=20, threads=2)
 
 
 def test_ray_without_its_extra_says_how_to_install_it_and_records_nothing(tmp_path, monkeypatch):
@@ -621,3 +628,56 @@ def test_validate_list_into_a_closed_pipe_exits_quietly():
     done = subprocess.run(f"{sys.executable} -m capwrap validate --list --split all | head -1", shell=True,
                           capture_output=True, text=True, check=True)  # fmt: skip
     assert done.stdout.startswith("cal/") and done.stderr == ""
+
+
+def test_a_terminated_suite_stops_its_workers_too(tmp_path):
+    """``kill PID`` (SIGTERM to the main process alone, as a scheduler sends it) stops ``capwrap
+    validate`` as Ctrl-C does: it says so, exits 130, and its worker processes do not run on (they
+    did, orphaned, writing records minutes later)."""
+    import signal
+    import subprocess
+
+    if not Path("/proc/self/task").exists():
+        pytest.skip("reads the worker processes from /proc (Linux)")
+
+    command = [sys.executable, "-m", "capwrap", "validate", "--split", "calibration", "--quiet", "--workers", "2",
+               "--scenario", "cal/count-c/adamw-small-c1/s1", "--scenario", "cal/count-c/adamw-small-c0.8/s1",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(workers := _children(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers) >= 2, "the workers never started"
+    time.sleep(3)  # at work on their scenarios
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "capwrap: interrupted" in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+    assert not list((tmp_path / "out" / "scenarios").glob("*.json"))  # nothing half-written either
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes (spawned by multiprocessing) among ``pid``'s children, read from /proc."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    if not path.exists():
+        return []
+    out = []
+    for child in path.read_text().split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(int(child))
+        except OSError:  # gone meanwhile
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
