@@ -436,6 +436,9 @@ class NewLatentProbing(Probing):
         else:
             summary = (f"probes read {label} {where} from the tuned model at {best['tuned']:.0%} against the base's "
                        f"{best['base']:.0%} (untrained {best['untrained']:.0%}): {gain:.0%} of the base's error removed")  # fmt: skip
+            if best["untrained"] >= max(best["base"], best["tuned"]):
+                summary += (f"; but an untrained model's probes read it as well ({best['untrained']:.0%}): they read "
+                            "the input's tokens, not a learned latent, so the gain says little either way")  # fmt: skip
         return Evidence(self.name, headline, table, plot=_plot, value=gain, replicates=gain_reps, intervals=intervals,
                         summary=summary)  # fmt: skip
 

@@ -40,6 +40,11 @@ def test_the_default_scenario_is_diagnosed_a_wrapper(demo_out):
     assert findings["deletion"]["verdict"] == "wrapper"  # count a is hidden, not gone
     assert findings["creation"]["verdict"] == "wrapper"  # count b holds only where b = a + 1
     assert evidence["generalization"]["direction"] == "wrapper"
+    # an untrained model's probes read count b better than either trained one's (seed 0: 50% against
+    # 34% and 37%): the new-latent statistic is read with that caveat, which its summary states
+    latent = evidence["new_latent"]["headline"]
+    assert latent["probe_best_untrained"] > max(latent["probe_best_base"], latent["probe_best_tuned"])
+    assert "an untrained model's probes read it as well" in evidence["new_latent"]["summary"]
 
 
 def test_the_removed_capability_control_is_not_a_wrapper(removed_out):
