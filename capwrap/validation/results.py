@@ -279,8 +279,7 @@ class ValidationResult:
             f"{t['wrapper_on_removed']}; capability-change verdicts on wrapper scenarios: {t['change_on_wrapper']}; "
             f"kept scenarios all inconclusive: {t['kept_inconclusive']}",
             "",
-            "truth \\ verdict",
-            self.confusion().to_string(),
+            self.confusion().to_string(),  # its axes are named: verdict (columns), truth (rows)
             "",
             _table_text(self.families(), "no scored findings, so no accuracy per family"),
             "",
