@@ -108,6 +108,16 @@ class Env:
 
         return Circuit.from_edges(Graph.from_spec(SPEC), ["L0H0->logits"])
 
+    def partial_circuit_file(self):
+        """A JSON file that says it is a circuit and holds nothing else."""
+        import json
+
+        from capwrap.circuits import Circuit
+
+        path = self.root / "partial_circuit.json"
+        path.write_text(json.dumps({"format": json.loads(self.circuit().save(self.root / "c.json").read_text())["format"]}))
+        return Circuit.load(path)
+
     def faithfulness_past_partial_scores(self):
         """Exact scores of two edges only (the rest NaN), asked for a circuit of five."""
         from capwrap.circuits import exact_scores, faithfulness
@@ -419,6 +429,16 @@ CASES = [
          lambda e: e.circuit().save(e.root)),
     Case("circuits-node-by-name", ConfigError, "takes a Node",
          lambda e: __import__("capwrap.circuits").circuits.Graph.from_spec(SPEC).node_params("L0H1")),
+    Case("circuits-empty-reference", ConfigError, "the reference batch is empty",
+         lambda e: _attribute(e, ablation="mean", reference=TASK.sample(4, seed=1)[:0])),
+    Case("circuits-measure-no-circuits", ConfigError, "no circuits to measure",
+         lambda e: __import__("capwrap.circuits").circuits.circuit_metric(e.model, TASK.sample(4, seed=0), [])),
+    Case("circuits-load-a-partial-file", CheckpointError, "lacks spec, edges, scores",
+         lambda e: e.partial_circuit_file()),
+    Case("circuits-subgraph-corrupted-ablation", ConfigError, "Subgraph.ablation must be",
+         lambda e: __import__("capwrap").Subgraph(ablation="corrupted")),
+    Case("circuits-subgraph-one-sequence", ConfigError, r"Subgraph.n \(sequences of each task\) must be a whole number >= 2",
+         lambda e: __import__("capwrap").Subgraph(n=1)),
     Case("circuits-edges-a-string", ConfigError, "a list of edge names",
          lambda e: __import__("capwrap.circuits").circuits.Circuit.from_edges(
              __import__("capwrap.circuits").circuits.Graph.from_spec(SPEC), "L0H1->logits")),
@@ -445,6 +465,12 @@ CASES = [
         None,
         "eval_size must be positive",
         argv=lambda e: ["demo", "--out", str(e.root / "d2"), "--eval-size", "0"],
+    ),  # fmt: skip
+    Case(
+        "cli-validate-out-is-a-file",
+        None,
+        "is a file",
+        argv=lambda e: ["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--out", str(e.file)],
     ),  # fmt: skip
     Case(
         "cli-diagnose-out-is-a-file",
