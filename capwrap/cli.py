@@ -485,7 +485,9 @@ def _terminate_as_interrupt():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_IGN, None  # ignored on purpose, or handled outside Python: left as it is
+    ):
         yield
         return
 

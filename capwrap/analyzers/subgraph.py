@@ -46,6 +46,7 @@ from torch import Tensor
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
 from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, negative_loss
 from capwrap.circuits.attribution import METHODS, Method
+from capwrap.circuits.nodes import SELF_ABLATIONS
 from capwrap.errors import ConfigError, whole_number
 from capwrap.models import ParamSlice
 from capwrap.models.layouts import canonical_names
@@ -92,13 +93,14 @@ class Subgraph(Analyzer):
     def __post_init__(self) -> None:
         if not 0 < self.top_share <= 1:
             raise ConfigError(f"Subgraph.top_share must be in (0, 1], got {self.top_share}")
-        self.n = whole_number(self.n, "Subgraph.n (sequences of each task)", minimum=2)  # a mean needs two
+        if self.ablation not in SELF_ABLATIONS:
+            raise ConfigError(f"Subgraph.ablation must be one of {list(SELF_ABLATIONS)}, got {self.ablation!r} "
+                              "(a corrupted ablation needs corrupted sequences the tasks do not give)")  # fmt: skip
+        at_least = 2 if self.ablation == "mean_positional" else 1  # one sequence is its own positional mean
+        self.n = whole_number(self.n, "Subgraph.n (sequences of each task)", minimum=at_least)
         self.ig_steps = whole_number(self.ig_steps, "Subgraph.ig_steps", minimum=1)
         if self.method not in METHODS:
             raise ConfigError(f"Subgraph.method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.ablation not in ("mean", "mean_positional", "zero"):
-            raise ConfigError(f"Subgraph.ablation must be 'mean', 'mean_positional' or 'zero', got {self.ablation!r} "
-                              "(a corrupted ablation needs corrupted sequences the tasks do not give)")  # fmt: skip
         if not 0 <= self.rewired <= self.survive <= 1:
             raise ConfigError(f"Subgraph needs 0 <= rewired <= survive <= 1, got {self.rewired} and {self.survive}")
 

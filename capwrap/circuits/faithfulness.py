@@ -38,7 +38,7 @@ from capwrap.circuits.exact import ablated_metric
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
 from capwrap.circuits.nodes import Ablation, ablated_values
-from capwrap.errors import ConfigError, whole_number
+from capwrap.errors import CapwrapWarning, ConfigError, whole_number
 from capwrap.models import CapModel
 from capwrap.tasks.base import TaskBatch
 
@@ -153,7 +153,7 @@ def faithfulness(
     elif ablation != scores.ablation:
         warnings.warn(f"the scores were computed with ablation={scores.ablation!r} and the circuits are measured "
                       f"with ablation={ablation!r}; leave ablation unset to measure them as they were scored",
-                      stacklevel=2)  # fmt: skip
+                      CapwrapWarning, stacklevel=2)  # fmt: skip
     graph = scores.graph
     scored = int(scores.values.isfinite().sum())
     limit = len(graph.components) - 2 if select == "nodes" else scored

@@ -63,6 +63,7 @@ __all__ = [
     "HeadWrites",
     "NodeCapture",
     "NodeValues",
+    "SELF_ABLATIONS",
     "ablated_values",
     "check_readable",
     "norm_module",
@@ -74,6 +75,9 @@ Ablation = Literal["mean", "mean_positional", "zero", "corrupted"]
 #: positions (circuit-tuning's and EAP-IG's "mean"), its ``mean_positional`` (over the batch, at each
 #: position), ``zero``, or its output on ``corrupted`` inputs (the same positions of other sequences).
 ABLATIONS: tuple[str, ...] = ("mean", "mean_positional", "zero", "corrupted")
+#: The ablations that need nothing but the scored sequences (``corrupted`` needs corrupted ones): what
+#: whatever scores a task's own batches (circuit-tuning, the Subgraph analyzer) can use.
+SELF_ABLATIONS: tuple[str, ...] = ("mean", "mean_positional", "zero")
 
 
 #: Whether a backend's ``blocks.{l}.hook_resid_mid`` sits before the skip connection and the MLP part
@@ -455,7 +459,9 @@ def ablated_values(
     return values.map(lambda t: t.mean(dims, keepdim=True))
 
 
-def check_ablation(ablation: str, batch: TaskBatch, corrupted: Tensor | None, reference: TaskBatch | None = None) -> None:
+def check_ablation(
+    ablation: str, batch: TaskBatch, corrupted: Tensor | None, reference: TaskBatch | None = None
+) -> None:
     """Raise a clear error for an unknown ablation, corrupted tokens that do not fit ``batch``, or
     reference sequences the means cannot be taken over (empty, of another length, or a single
     sequence for ``mean_positional``, whose mean is that sequence itself: nothing would be ablated)."""

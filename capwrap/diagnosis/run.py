@@ -166,7 +166,8 @@ def diagnose(
             (:mod:`~capwrap.diagnosis.evidence_folder`; :attr:`Diagnosis.resumed` names them).
 
     Raises:
-        ConfigError: the pair differs in shape, the tasks do not fit, the store is another model's,
+        ConfigError: the pair differs in shape or reads tokens differently (tokenizers, or a Tracr
+            program's letters), the tasks do not fit, the store is another model's,
             analyzers repeat a name, the list is empty, or ``evidence_dir`` holds the evidence of
             another pair or other settings.
     """

@@ -51,7 +51,7 @@ from capwrap.circuits.attribution import EdgeScores, ScoreAccumulator, attribute
 from capwrap.circuits.circuit import SELECTIONS, Circuit, Selection
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import Metric
-from capwrap.circuits.nodes import NodeCapture, check_readable
+from capwrap.circuits.nodes import SELF_ABLATIONS, NodeCapture, check_readable
 from capwrap.errors import ConfigError, whole_number
 from capwrap.methods.base import TrainingMethod
 from capwrap.tasks.base import Task, TaskBatch, task_loss
@@ -60,11 +60,10 @@ if TYPE_CHECKING:
     from capwrap.models import CapModel
     from capwrap.training import TrainConfig
 
-__all__ = ["CircuitTuning", "SCHEDULES", "parameter_masks"]
+__all__ = ["CircuitTuning", "SCHEDULES", "parameter_masks", "trainable_elements"]
 
 Schedule = Literal["constant", "linear", "cosine"]
 SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
-_ABLATIONS = ("mean", "mean_positional", "zero")
 
 
 def _storage_masks(model: CapModel, graph: Graph, edges: Bool[Tensor, " n_edges"]) -> dict[int, Tensor]:
@@ -106,7 +105,11 @@ def parameter_masks(model: CapModel, graph: Graph, edges: Bool[Tensor, " n_edges
     Returns:
         parameter -> boolean mask of its shape (parameters with nothing kept are absent).
     """
-    storage = _storage_masks(model, graph, edges)
+    return _parameter_views(model, _storage_masks(model, graph, edges))
+
+
+def _parameter_views(model: CapModel, storage: dict[int, Tensor]) -> dict[torch.nn.Parameter, Tensor]:
+    """Each trainable parameter's part of the storage masks (those with nothing kept left out)."""
     out: dict[torch.nn.Parameter, Tensor] = {}
     for param in model.parameters():
         flat = storage.get(param.untyped_storage().data_ptr())
@@ -133,8 +136,9 @@ class CircuitTuning(TrainingMethod):
         metric: score edges by this metric (``(logits, batch) -> [batch]``) in a separate pass; default
             ``None``: by the training loss, from the training step's own pass. Scores follow
             :func:`~capwrap.circuits.attribute`'s convention either way: the estimated change of the
-            metric (by default of minus the loss, :func:`~capwrap.circuits.negative_loss`) when the
-            edge is ablated.
+            metric when the edge is ablated; by default of minus the training loss (for answer
+            tasks what :func:`~capwrap.circuits.negative_loss` scores; for text the loss averages
+            over all the batch's tokens, ``negative_loss`` over each sequence's tokens first).
         max_params: a budget of trainable parameters (an ``int``, or a ``float`` in (0, 1]: a share of
             the model's): edges are taken in ``|score|`` order while the parameters of the nodes they
             touch fit it (an edge that would exceed it is skipped), up to ``N`` edges. Only with
@@ -158,7 +162,9 @@ class CircuitTuning(TrainingMethod):
         max_params: int | float | None = None,
     ):
         top_n = whole_number(top_n, "CircuitTuning.top_n (edges kept)", minimum=1)
-        top_n_start = top_n if top_n_start is None else whole_number(top_n_start, "CircuitTuning.top_n_start", minimum=1)
+        top_n_start = (
+            top_n if top_n_start is None else whole_number(top_n_start, "CircuitTuning.top_n_start", minimum=1)
+        )
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
         if top_n_start != top_n and schedule == "constant":
@@ -167,9 +173,9 @@ class CircuitTuning(TrainingMethod):
         every = whole_number(every, "CircuitTuning.every (steps)", minimum=1)
         if select not in SELECTIONS:
             raise ConfigError(f"unknown selection {select!r}; choose one of {list(SELECTIONS)}")
-        if ablation not in _ABLATIONS:
+        if ablation not in SELF_ABLATIONS:
             raise ConfigError(
-                f"CircuitTuning scores edges with ablation {list(_ABLATIONS)}, got {ablation!r} "
+                f"CircuitTuning scores edges with ablation {list(SELF_ABLATIONS)}, got {ablation!r} "
                 "(a corrupted ablation needs corrupted sequences the training task does not have)"
             )
         if max_params is not None:
@@ -285,8 +291,8 @@ class CircuitTuning(TrainingMethod):
         if self._capture is not None:
             acc = ScoreAccumulator(self.graph, self.ablation)
             acc.add(self._capture.values(), self._capture.gradients(), self._capture.writes)
-            # the loss is already a batch mean; its change, negated: the change of minus the loss, as
-            # attribute(..., metric=negative_loss) scores it, so the sign does not depend on metric=
+            # the loss is already a batch mean; its change, negated: the change of minus the loss (for
+            # answer tasks what attribute(..., metric=negative_loss) scores), so the sign is metric='s
             self._pending = -acc.scores(self._capture.writes, n_sequences=1)
             self._capture = None
         self._recorded = {}
@@ -310,10 +316,16 @@ class CircuitTuning(TrainingMethod):
         self._previous = self.edges
         self.edges, self.scores, self.scored_step = edges, scores.detach().float().cpu(), step
         self.ever = self.edges.clone() if self.ever is None else self.ever | self.edges
-        self._masks = parameter_masks(self.model, self.graph, self.edges)
-        self._trainable = trainable_elements(self.model, self.graph, self.edges)
-        self._ever_params = trainable_elements(self.model, self.graph, self.ever)
+        self._set_masks()
         self._recorded = {"circuit_tuning.edges": self.edges.float(), "circuit_tuning.scores": self.scores}
+
+    def _set_masks(self) -> None:
+        """The current subgraph's parameter masks and trainable count, and the count of the union so far."""
+        assert self.graph is not None and self.edges is not None and self.ever is not None
+        storage = _storage_masks(self.model, self.graph, self.edges)
+        self._masks = _parameter_views(self.model, storage)
+        self._trainable = sum(int(mask.sum()) for mask in storage.values())
+        self._ever_params = trainable_elements(self.model, self.graph, self.ever)
 
     def _mask_gradients(self) -> None:
         for param in self.model.parameters():
@@ -378,9 +390,7 @@ class CircuitTuning(TrainingMethod):
         self.scores = None if state.get("scores") is None else state["scores"].float().cpu()
         self.ever = edges.clone() if state.get("ever") is None else state["ever"].bool().cpu()
         self._previous = None if state.get("previous") is None else state["previous"].bool().cpu()
-        self._masks = parameter_masks(self.model, self.graph, self.edges)
-        self._trainable = trainable_elements(self.model, self.graph, self.edges)
-        self._ever_params = trainable_elements(self.model, self.graph, self.ever)
+        self._set_masks()
 
     def describe(self) -> dict[str, Any]:
         return {

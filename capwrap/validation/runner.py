@@ -43,7 +43,7 @@ from capwrap.analyzers import (
 )
 from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
 from capwrap.diagnosis.run import Memory, check_memory, diagnose, gates
-from capwrap.errors import CapwrapError, ConfigError
+from capwrap.errors import CapwrapError, ConfigError, whole_number
 from capwrap.files import check_output_folder, copy_missing, write_json_atomic
 from capwrap.provenance import environment
 from capwrap.validation.bases import SUITE_ASSETS
@@ -168,22 +168,26 @@ def _sigint_ignored():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        if before is not None:  # (None: a handler set outside Python, which cannot be put back from here)
+            signal.signal(signal.SIGINT, before)
 
 
-def _stop_workers(grace: float = 5.0) -> None:
-    """Stop this process's workers: SIGINT (each stops as :func:`_stop_quietly` says), then, after
-    ``grace`` seconds, SIGTERM to any still starting up."""
-    children = active_children()
-    for child in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGINT)
-    end = time.monotonic() + grace
-    for child in children:
-        child.join(timeout=max(0.0, end - time.monotonic()))
-    for child in children:
-        if child.is_alive():
-            child.terminate()
+def _stop_workers(workers: list[Any], settle: float = 2.0, grace: float = 5.0) -> None:
+    """Stop a pool's ``workers`` once no new work reaches them: those a terminal's Ctrl-C already
+    reached exit within ``settle`` seconds; the others (a SIGTERM to this process alone) get SIGINT
+    and stop as :func:`_stop_quietly` says; any still starting up after ``grace`` more get SIGTERM."""
+    for deadline, action in ((settle, None), (grace, signal.SIGINT)):
+        alive = [w for w in workers if w.is_alive()]
+        if action is not None:
+            for worker in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, action)
+        end = time.monotonic() + deadline
+        for worker in alive:
+            worker.join(timeout=max(0.0, end - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
 
 
 def _stop_quietly() -> None:
@@ -278,9 +282,8 @@ def run_suite(
 
     if isinstance(scenarios, Scenario) or not all(isinstance(s, Scenario) for s in scenarios):
         raise ConfigError("scenarios must be a list of Scenario, e.g. capwrap.validation.scenarios('held-out')")
-    for name, value in (("workers", workers), ("threads", threads), ("n_boot", n_boot)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
+    workers, threads, n_boot = (whole_number(v, name, minimum=1) for name, v in
+                                (("workers", workers), ("threads", threads), ("n_boot", n_boot)))  # fmt: skip
     check_memory(memory)
     out = check_output_folder(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)
@@ -321,14 +324,16 @@ def run_suite(
             failed += _one(lambda s=s: _run_to_file(s, *args, threads), s.name, bar, log)
     elif todo:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_stop_quietly)
+        others = set(active_children())  # processes of the caller's own, left alone
         try:
             with _sigint_ignored():  # the workers start with Ctrl-C ignored, until _stop_quietly takes it
                 futures = {pool.submit(_run_to_file, s, *args, threads): s.name for s in todo}
+            started = [child for child in active_children() if child not in others]
             for future in as_completed(futures):
                 failed += _one(future.result, futures[future], bar, log)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI makes it one): stop the workers too
             pool.shutdown(wait=False, cancel_futures=True)  # no new work; each worker exits after its current one
-            _stop_workers()  # which Ctrl-C ends (a signal to this process alone would leave them running on)
+            _stop_workers(started)  # which Ctrl-C ends (a signal to this process alone would leave them running on)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

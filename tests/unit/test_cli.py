@@ -187,10 +187,11 @@ def test_diagnose_command_on_a_tracr_pair(tmp_path, capsys):
     assert "weights by" in pruning["summary"]  # single weights, not neurons
     # fine-tuned 30 SGD steps away from count a, which a few weights bring partly back: a wrapper
     assert summary["findings"]["deletion"]["verdict"] == "wrapper", summary["findings"]["deletion"]["reasons"]
-    pcfg = [*argv[:4], "pcfg=count,operand=a", *argv[5:]]
-    pcfg[5:7] = ["--downstream", "pcfg=count,operand=b"]
+    pcfg = [*argv[:4], "pcfg=count,operand=a", "--downstream", "pcfg=count,operand=b", "--quick",
+            "--out", str(tmp_path / "pcfg"), "--quiet"]  # fmt: skip
+    capsys.readouterr()
     assert main(pcfg) == 2  # a PCFG task on a compiled model: one clear line
-    assert "capwrap: error:" in capsys.readouterr().err
+    assert "capwrap: error: task 'count a' uses 45 token ids but the model embeds only 11" in capsys.readouterr().err
 
 
 def test_diagnose_refuses_pairs_with_different_tokenizers(stories260k, tmp_path):

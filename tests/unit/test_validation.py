@@ -551,7 +551,7 @@ def test_a_record_of_another_definition_of_its_scenario_is_refused_not_reused(tm
         run_suite(chosen, tmp_path, workers=1, progress=False)
     with pytest.raises(ConfigError, match="scenarios must be a list of Scenario"):
         run_suite(chosen[0], tmp_path)
-    with pytest.raises(ConfigError, match="n_boot must be a positive whole number, got 0"):
+    with pytest.raises(ConfigError, match="n_boot must be a whole number >= 1, got 0"):
         run_suite(chosen, tmp_path, n_boot=0)  # before any scenario is built
 
 
@@ -632,32 +632,48 @@ def test_validate_list_into_a_closed_pipe_exits_quietly():
 
 def test_a_terminated_suite_stops_its_workers_too(tmp_path):
     """``kill PID`` (SIGTERM to the main process alone, as a scheduler sends it) stops ``capwrap
-    validate`` as Ctrl-C does: it says so, exits 130, and its worker processes do not run on (they
-    did, orphaned, writing records minutes later)."""
+    validate`` as Ctrl-C does: it says so, exits 130, and its worker processes, at work on their
+    scenarios, do not run on (they did, orphaned, writing records minutes later)."""
     import signal
     import subprocess
 
-    if not Path("/proc/self/task").exists():
-        pytest.skip("reads the worker processes from /proc (Linux)")
-
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("reads the worker processes from /proc/PID/task/PID/children (Linux)")
     command = [sys.executable, "-m", "capwrap", "validate", "--split", "calibration", "--quiet", "--workers", "2",
                "--scenario", "cal/count-c/adamw-small-c1/s1", "--scenario", "cal/count-c/adamw-small-c0.8/s1",
                "--out", str(tmp_path / "out")]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    deadline = time.monotonic() + 120
-    while len(workers := _children(process.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(workers) >= 2, "the workers never started"
-    time.sleep(3)  # at work on their scenarios
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 180
+        workers: list[int] = []
+        # at work: past their imports (a few CPU seconds), into training their scenario
+        while not (len(workers) == 2 and all(_cpu_seconds(w) > 10 for w in workers)) and time.monotonic() < deadline:
+            workers = _children(process.pid)
+            time.sleep(0.2)
+        assert len(workers) == 2 and all(_cpu_seconds(w) > 10 for w in workers), "the workers never got to work"
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 130 and "capwrap: interrupted" in err and "Traceback" not in err, err
+    assert "leaked" not in err  # the workers exit cleanly, not killed holding their locks
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in workers)
     assert not list((tmp_path / "out" / "scenarios").glob("*.json"))  # nothing half-written either
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used, from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:

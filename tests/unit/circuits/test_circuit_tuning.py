@@ -16,20 +16,20 @@ from capwrap.training import StepInfo
 
 
 def _grads_through(model, masks) -> dict[str, torch.Tensor]:
-    """Canonical gradients when every masked element's gradient is 1 and all others 0 (given once
-    per storage: the canonical gradient sums those of parameters that view one storage)."""
-    seen = set()
+    """Canonical indicators of the masked elements: every parameter's mask as its gradient, read
+    back as canonical gradients, nonzero where any mask holds (parameters that view one storage,
+    as GPT-2's q/k/v and fused qkv on the bridge, add their gradients up)."""
     for p in model.parameters():
-        key = p.untyped_storage().data_ptr()
-        p.grad = masks[p].float() if p in masks and key not in seen else torch.zeros_like(p)
-        seen.add(key)
-    grads = {k: v.clone() for k, v in model.gradients().items()}
+        p.grad = masks[p].float() if p in masks else torch.zeros_like(p)
+    grads = {k: (v != 0).float() for k, v in model.gradients().items()}
     model.module.zero_grad(set_to_none=True)
     return grads
 
 
 @pytest.mark.parametrize(("arch", "edge", "expected"), [
     ("gpt2", "input->L1H1.q", {"blocks.1.attn.W_Q": (1,), "blocks.1.attn.b_Q": (1,)}),
+    ("gpt2", "input->L1H1.k", {"blocks.1.attn.W_K": (1,), "blocks.1.attn.b_K": (1,)}),  # q/k/v views of qkv
+    ("gpt2", "input->L0H0.v", {"blocks.0.attn.W_V": (0,), "blocks.0.attn.b_V": (0,)}),
     ("gpt2", "L0H0->logits", {"blocks.0.attn.W_O": (0,)}),
     ("llama", "input->L0KV1.k", {"blocks.0.attn.W_K": (1,)}),
     ("llama", "L0.mlp->L1.mlp", {"blocks.0.mlp.W_out": (), "blocks.1.mlp.W_in": (), "blocks.1.mlp.W_gate": ()}),
