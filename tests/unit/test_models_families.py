@@ -355,7 +355,7 @@ def test_capwrap_diagnose_on_each_family(family, tmp_path, capsys, monkeypatch):
         tuned.weights()["blocks.1.mlp.W_out"][:5] += 0.3
     save_model(tuned, tmp_path / "tuned")
     analyzers = _every_analyzer_on_a_tiny_budget()
-    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory: analyzers)
+    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory, compiled: analyzers)
     spec = "length=8,window=4,occurrence=2"
     code = main(["diagnose", str(tmp_path / "base"), str(tmp_path / "tuned"), "--capability",
                  f"pcfg=count,operand=a,{spec}", "--downstream", f"pcfg=count,operand=b,{spec}",

@@ -282,7 +282,7 @@ def cli_pair(tmp_path, monkeypatch, small_task) -> list[str]:
     monkeypatch.setattr(
         capwrap.diagnosis.checkpoints,
         "default_analyzers",
-        lambda quick, memory: [Pruning(ks=(0, 1), score_size=16), WeightDiff(graft_fractions=(0.1,)),
+        lambda quick, memory, compiled: [Pruning(ks=(0, 1), score_size=16), WeightDiff(graft_fractions=(0.1,)),
                        Revival(max_steps=2, batch_size=4, eval_every=1, check_size=16, control_steps=2, seeds=1)],
     )  # fmt: skip
     task = "length=12,window=6,occurrence=2"

@@ -159,7 +159,7 @@ def test_capwrap_diagnose_base_and_adapter_folder(tmp_path, make_adapter, capsys
     assert f"merged adapter: LoRA r=4 on c_attn, c_fc (4 modules) from {adapter}" in capsys.readouterr().out
 
     # The whole pipeline with one cheap analyzer (tutorial 06 runs the full quick diagnosis on an adapter).
-    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory: [WeightDiff((0.1,))])
+    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory, compiled: [WeightDiff((0.1,))])
     out = tmp_path / "diag"
     code = main(["diagnose", str(tmp_path / "base"), str(adapter), "--capability", f"pcfg=count,operand=a,{config}",
                  "--downstream", f"pcfg=count,operand=b,{config}", "--out", str(out), "--quick", "--quiet"])  # fmt: skip
@@ -244,7 +244,7 @@ def test_capwrap_diagnose_refuses_an_adapter_as_base_and_warns_of_another_base_i
     assert f"BASE {adapter} is a LoRA adapter" in err and f"capwrap diagnose {tmp_path / 'base'} {adapter}" in err
     assert "Traceback" not in err
 
-    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory: [WeightDiff((0.1,))])
+    monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory, compiled: [WeightDiff((0.1,))])
     assert main(["diagnose", str(tmp_path / "other"), str(adapter), *specs, "--quick", "--quiet"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warned) == 1 and warned[0].startswith(f"capwrap: warning: the adapter {adapter} was trained on ")
