@@ -297,13 +297,15 @@ def run_suite(
             "changed since they were made. Give another --out, or delete those records to run them again"
         )
     # a suite's records are all made alike: what changes their numbers must match the records kept
-    made_with = {"memory": (memory, "normal", "memory", "a suite's records are all of one memory mode"),
-                 "n_boot": (n_boot, 200, "n_boot", "their findings' intervals come from that many replicates"),
-                 "threads": (threads, 1, "threads", "other threads give other bits, and the records are the same only "
-                             "at one number")}  # fmt: skip
-    for key, (value, default, option, why) in made_with.items():
-        found = {(r.get("environment", {}).get("torch_threads", default) if key == "threads" else r.get(key, default))
-                 for r in kept} - {value}  # fmt: skip
+    # (option: this run's value, how a record says it, why it matters; records older than a field: its default)
+    made_with = {
+        "memory": (memory, lambda r: r.get("memory", "normal"), "a suite's records are all of one memory mode"),
+        "n_boot": (n_boot, lambda r: r.get("n_boot", 200), "their findings' intervals come from that many replicates"),
+        "threads": (threads, lambda r: r.get("environment", {}).get("torch_threads", 1),
+                    "other threads give other bits, and the records are the same only at one number"),
+    }  # fmt: skip
+    for option, (value, recorded, why) in made_with.items():
+        found = {recorded(r) for r in kept} - {value}
         if found:
             raise ConfigError(
                 f"{out} holds records of diagnoses made with {option}={sorted(found, key=str)[0]!r}, not {value!r}; "
@@ -328,12 +330,13 @@ def run_suite(
         try:
             with _sigint_ignored():  # the workers start with Ctrl-C ignored, until _stop_quietly takes it
                 futures = {pool.submit(_run_to_file, s, *args, threads): s.name for s in todo}
-            started = [child for child in active_children() if child not in others]
             for future in as_completed(futures):
                 failed += _one(future.result, futures[future], bar, log)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI makes it one): stop the workers too
             pool.shutdown(wait=False, cancel_futures=True)  # no new work; each worker exits after its current one
-            _stop_workers(started)  # which Ctrl-C ends (a signal to this process alone would leave them running on)
+            # which Ctrl-C ends (a signal to this process alone would leave them running on); the pool's
+            # workers are the children it added, found here so an interrupt while submitting finds them too
+            _stop_workers([child for child in active_children() if child not in others])
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
