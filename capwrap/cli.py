@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,6 +161,8 @@ def _validate(args: argparse.Namespace) -> int:
           f"{result.meta['scenario_seconds'] / 60:.1f} min of building and diagnosing, summed over workers)")
     _keep_other_split(Path(args.out), args.split)
     json_path, html_path = result.write(args.out)
+    for name in (f"validation.{args.split}.json", f"validation.{args.split}.html"):  # an older result of this
+        (Path(args.out) / name).unlink(missing_ok=True)  # split, kept when the other was run: superseded now
     print(f"wrote {json_path} and {html_path}")
     return 0
 
@@ -413,7 +416,8 @@ EXPECTED_ERRORS = (CapwrapError, OSError, ValueError, MemoryError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0, or 2 on an error, 130 when interrupted)."""
+    """Run the command line; returns the exit code (0, or 2 on an error, 130 when interrupted by Ctrl-C,
+    143 when terminated by SIGTERM)."""
     from capwrap.provenance import invoked_as
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -427,11 +431,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             invoked_as(shlex.join(["capwrap", *argv])),
         ):
             return args.func(args)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("capwrap: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Terminated):
+            if args.debug:
+                raise  # Python shows the traceback and exits as Ctrl-C ended it (130)
+            print("capwrap: interrupted", file=sys.stderr)
+            return 130
+        if args.debug:  # an uncaught subclass would exit 1, a failure to a scheduler
+            traceback.print_exc()
+        print("capwrap: terminated (SIGTERM)", file=sys.stderr)
+        return 143  # as the shell reports a process SIGTERM ended: 128 + 15
     except BrokenPipeError:  # the reader of the output stopped early (capwrap validate --list | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # as a process killed by SIGPIPE: quiet, but not a success
@@ -478,10 +487,15 @@ def _plain_warnings():
         warnings.showwarning = shown
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so it stops as Ctrl-C stops it; the exit code (143) still
+    tells a scheduler that the job was terminated, not interrupted at a terminal."""
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (``kill``, a scheduler preempting the job) stops a command as Ctrl-C does: finished work
-    is kept, worker processes are stopped, and it says so (exit code 130), rather than dying mid-write."""
+    is kept, worker processes are stopped, and it says so (exit code 143), rather than dying mid-write."""
     import signal
     import threading
 
@@ -492,7 +506,7 @@ def _terminate_as_interrupt():
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     before = signal.signal(signal.SIGTERM, interrupt)
     try:

@@ -275,8 +275,10 @@ def train(
     from there: on CPU its final weights equal, bit for bit, those of a run that was never
     interrupted. ``model`` only has to be of the checkpoint's spec and backend (a fresh
     ``build_model`` does); ``task``, ``method`` and ``config`` must be the run's (only
-    ``progress`` and ``checkpoint_every`` may change). A run that finished (or that a callback
-    stopped) is not trained further.
+    ``progress``, ``checkpoint_every`` and ``recompute_activations`` may change). A run that
+    finished (or that a callback stopped) is not trained further.
+
+    The model is left in eval mode without gradients: the last step's are freed when the run ends.
 
     Raises:
         ConfigError: ``dtype`` is float16 (it needs loss scaling: use bfloat16) or bfloat16 on a
@@ -409,6 +411,10 @@ def train(
         recomputing.close()
         if isinstance(optimizer, StepInBackward):
             optimizer.remove()
+        # the last step's gradients (the model's, and a method's own parameters', e.g. LoRA's factors): a
+        # model's size of memory that no one reads after the run
+        optimizer.zero_grad(set_to_none=True)
+        model.module.zero_grad(set_to_none=True)
         if opened_here and recorder.is_open:
             recorder.close()
         model.eval()
@@ -489,7 +495,7 @@ def _checkpoint_to_resume(
     if changed:
         raise ConfigError(
             f"{where} is of a run with another TrainConfig: {', '.join(changed)} (checkpoint vs given); resume "
-            f"with the run's config (only {' and '.join(_RESUMABLE_CHANGES)} may change) or start a new run"
+            f"with the run's config (only {', '.join(_RESUMABLE_CHANGES[:-1])} and {_RESUMABLE_CHANGES[-1]} may change) or start a new run"
         )
     for what in ("task", "method"):
         if state[what] != now[what]:

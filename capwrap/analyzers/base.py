@@ -107,6 +107,7 @@ def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
     """Raise if the two models read tokens differently: tokenizers with different vocabularies, or
     compiled Tracr models with different input tokens or output values (the same shape, and even
     the same weights, can mean other letters)."""
+    _check_same_tracr_vocabularies(base, tuned)
     a, b = base.tokenizer, tuned.tokenizer
     if a is not None and b is not None:
         va, vb = a.get_vocab(), b.get_vocab()
@@ -116,6 +117,10 @@ def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
                 f"the base and tuned models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} entries "
                 "differ); a pair must share its tokenizer (was one of them fine-tuned from the other?)"
             )
+
+
+def _check_same_tracr_vocabularies(base: CapModel, tuned: CapModel) -> None:
+    """Raise if two compiled Tracr models have different input tokens or output values."""
     for key, what in (("input_tokens", "input tokens"), ("output_values", "output values")):
         ta, tb = base.metadata.get(key), tuned.metadata.get(key)
         if ta is not None and tb is not None and list(ta) != list(tb):
@@ -132,7 +137,7 @@ def _pair_hint(base: ModelSpec, tuned: ModelSpec) -> str:
         return (f"the fine-tune resized the vocabulary ({base.d_vocab} -> {tuned.d_vocab} tokens: tokens added, e.g. a "
                 "pad or chat token, or the embedding padded). capwrap compares models of one shape: cut the tuned "
                 f"model's embedding back to the base's rows (transformers: model.resize_token_embeddings({base.d_vocab}), "
-                "then save_pretrained) if the tasks do not use the added tokens")  # fmt: skip
+                "then save_pretrained, with the base's tokenizer files) if the tasks do not use the added tokens")  # fmt: skip
     if differing == {"tie_embeddings"}:
         return ("the fine-tune untied (or tied) the embedding and unembedding. capwrap compares models of one shape: "
                 "save the tuned model with the base's tie_word_embeddings setting, if its two matrices are still equal, "
@@ -142,7 +147,8 @@ def _pair_hint(base: ModelSpec, tuned: ModelSpec) -> str:
 
 @dataclass
 class ModelPair:
-    """A base model and a fine-tuned version of it, of the same architecture and shape.
+    """A base model and a fine-tuned version of it, of the same architecture and shape, reading tokens
+    the same way (:func:`check_same_tokenizer`).
 
     With a :class:`~capwrap.models.residency.Residency` (``diagnose(..., memory="low")``) the two
     models take turns in memory: analyzers use them one after the other, do a copy's work on the
@@ -161,9 +167,11 @@ class ModelPair:
 
     def __post_init__(self) -> None:
         check_models(self.base, self.tuned)
+        _check_same_tracr_vocabularies(self.base, self.tuned)  # other letters say more than the shapes they give
         detail = self.base.spec.differences(self.tuned.spec)
         if detail:
             raise ConfigError(f"the base and tuned models differ in {detail}; " + _pair_hint(self.base.spec, self.tuned.spec))
+        check_same_tokenizer(self.base, self.tuned)
         if self.residency is not None:
             for model in (self.base, self.tuned):
                 if model not in self.residency:

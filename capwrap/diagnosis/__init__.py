@@ -4,7 +4,8 @@ running the analyzers (:mod:`~capwrap.diagnosis.run`), the result and its report
 (:mod:`~capwrap.diagnosis.evidence_folder`), and checkpoints plus task specs, as the CLI gives them
 (:mod:`~capwrap.diagnosis.checkpoints`)."""
 
-from capwrap.diagnosis.checkpoints import check_same_tokenizer, diagnose_checkpoints
+from capwrap.analyzers.base import check_same_tokenizer
+from capwrap.diagnosis.checkpoints import diagnose_checkpoints
 from capwrap.diagnosis.result import Diagnosis
 from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, Verdict, VerdictRule, default_rule
 from capwrap.diagnosis.run import default_analyzers, diagnose, gates

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from capwrap.analyzers import ModelPair
-from capwrap.analyzers.base import check_same_tokenizer
 from capwrap.diagnosis.result import Diagnosis, json_default
 from capwrap.diagnosis.rule import VerdictRule
 from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagnose
@@ -26,7 +25,7 @@ from capwrap.models.residency import Residency
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import RunStore
 
-__all__ = ["check_same_tokenizer", "diagnose_checkpoints"]
+__all__ = ["diagnose_checkpoints"]
 
 
 #: Sequences per test set of the shared evaluation set with ``quick`` (the full diagnosis uses 1,024).
@@ -168,8 +167,7 @@ def _diagnose_files(
     adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in
     tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter,
                              dtype=dtype, **placement("tuned"))  # fmt: skip
-    ModelPair(base_model, tuned_model, residency)
-    check_same_tokenizer(base_model, tuned_model)
+    ModelPair(base_model, tuned_model, residency)  # one architecture, shape and tokenizer, before the tasks are built
     tokenizer = base_model.tokenizer or tuned_model.tokenizer
     cap_task = task_from_spec(capability, tokenizer, model=base_model)  # a Tracr task reads the base's vocabularies
     down_task = task_from_spec(downstream, tokenizer, model=base_model)

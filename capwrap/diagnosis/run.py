@@ -43,7 +43,7 @@ from capwrap.analyzers import (
     Revival,
     WeightDiff,
 )
-from capwrap.analyzers.base import check_models, check_same_tokenizer
+from capwrap.analyzers.base import check_models
 from capwrap.diagnosis.evidence_folder import EvidenceFolder
 from capwrap.diagnosis.result import Diagnosis
 from capwrap.diagnosis.rule import VerdictRule, default_rule
@@ -173,7 +173,6 @@ def diagnose(
     """
     check_memory(memory)
     check_models(base, tuned)
-    check_same_tokenizer(base, tuned)
     if not (base.copyable and tuned.copyable):
         memory = "low"  # analyzers cannot work on copies: the models take turns and are edited in place
     residency, own = None, False

@@ -302,7 +302,7 @@ def _unknown_message(config: Any, reading: ConfigReading) -> str:
             if f.hf_class and f.features.norm == "rms"
         )
         _, name, diffs = ranked[0]
-        detail = "the same block features as far as its config shows" if not diffs else "differs in " + "; ".join(diffs)
+        detail = "has the same block features as far as its config shows" if not diffs else "differs in " + "; ".join(diffs)
         message += (
             f". It reads as a Llama-like decoder (RMSNorm, rotary positions); the closest capwrap family is "
             f"{name!r}, which {detail}. capwrap cannot know its tensor names and block details from the config "

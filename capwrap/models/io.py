@@ -487,8 +487,10 @@ def describe_model(model: CapModel) -> dict[str, Any]:
     not_fast = Functional.unsupported(spec)
     return {
         "spec": spec.to_dict(),
-        "family": family.title if family else f"{spec.architecture} (no capwrap family: TransformerLens's adapter)",
-        "blocks": spec.features.describe(),  # type: ignore[union-attr]
+        "family": family.title if family else "no capwrap family: TransformerLens's adapter",
+        # capwrap describes a family's blocks; others compute what the bridge's adapter runs, unknown to capwrap
+        "blocks": spec.features.describe() if family else f"as TransformerLens's {spec.architecture} adapter computes "  # type: ignore[union-attr]
+        "them (capwrap has no description of this family's blocks)",
         "patching_engine": "hooks" if not_fast else "resumed",
         "not_in_fast_engine": not_fast,
         "backend": model.backend,

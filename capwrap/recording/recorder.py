@@ -203,7 +203,7 @@ class Recorder:
             })  # fmt: skip
         self._step = 0
         self._shadow = shadow
-        self._record(scalars={})
+        self._record(scalars={}, with_grads=False)  # gradients left on the model now are no step of this run's
         return self
 
     def _open_writer(self) -> _OrderedWriter:
@@ -296,14 +296,17 @@ class Recorder:
                 measure.release()
             raise
 
-    def _record(self, scalars: dict[str, float | Tensor], extra: dict[str, Tensor] | None = None) -> None:
+    def _record(
+        self, scalars: dict[str, float | Tensor], extra: dict[str, Tensor] | None = None, with_grads: bool = True
+    ) -> None:
         """Record the due step. Nothing here waits for the device: activations and norms are
         computed there and copied to the host asynchronously (:meth:`_submit`). In the background
         (:attr:`background`), the activations and weight-change norms are measured by the writer
-        thread on a copy of the weights; only the gradient norms are taken here."""
+        thread on a copy of the weights; only the gradient norms are taken here. ``with_grads``:
+        record the gradients the model holds (not at step 0: any there are an earlier run's)."""
         assert self.store is not None
         arrays: dict[str, Tensor] = dict(extra or {})
-        if self._has_grads():  # now or never: the next zero_grad clears them
+        if with_grads and self._has_grads():  # now or never: the next zero_grad clears them
             grads = self.model.gradients()
             for kind, sq in self.model.components.sq_norms_by_kind(grads, self.component_kinds).items():
                 arrays[f"grad_norm.{kind}"] = sq.sqrt().float()

@@ -197,9 +197,15 @@ def check_task_fits(model: CapModel, task: Task) -> None:
     embed its tokens or sequences."""
     check_task(task, SAMPLING_MEMBERS)
     if task.d_vocab > model.spec.d_vocab:
+        fix = (  # a compiled model reads the vocabulary it was compiled with, and no other
+            "a compiled Tracr model reads only its program's vocabulary: give Tracr tasks (command line: "
+            "tracr=counter,operand=b or tracr=max_identifier,rank=4; Python: "
+            "TracrCounterTask(CompiledProgram.from_model(model), ...) from capwrap.tasks.tracr)"
+            if not model.spec.has_hf_equivalent
+            else f"give a task whose tokens fit, or build the model with d_vocab >= {task.d_vocab}"
+        )
         raise ConfigError(
-            f"task {task.name!r} uses {task.d_vocab} token ids but the model embeds only "
-            f"{model.spec.d_vocab}; build the model with d_vocab >= {task.d_vocab}"
+            f"task {task.name!r} uses {task.d_vocab} token ids but the model embeds only {model.spec.d_vocab}; {fix}"
         )
     if task.seq_len > model.spec.n_ctx:
         raise ConfigError(

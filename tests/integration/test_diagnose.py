@@ -91,7 +91,8 @@ def test_diagnose_bad_input(trained_pair):
     with pytest.raises(ConfigError, match="n_layers"):
         diagnose(base, small, capability, downstream, progress=False)
     wide = PCFGTask("count", "a", config=PCFGConfig(length=40, window=5, occurrence=2))
-    with pytest.raises(ConfigError, match="embeds only"):  # tokens the model cannot embed
+    with pytest.raises(ConfigError, match=r"embeds only \d+; give a task whose tokens fit, or build the model with "
+                                          "d_vocab >= "):  # tokens the model cannot embed  # fmt: skip
         diagnose(base, tuned, wide, downstream, progress=False)
 
 

@@ -112,7 +112,13 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
     assert "Traceback" not in err
 
 
-def test_diagnose_command_interrupted_keeps_the_finished_evidence(pair_on_disk, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sigterm --debug"])
+def test_diagnose_command_interrupted_keeps_the_finished_evidence(pair_on_disk, tmp_path, capsys, monkeypatch, stop):
+    """Ctrl-C, or ``kill`` (SIGTERM, as a scheduler preempting the job sends it), stops a diagnosis with
+    the finished analyzers' evidence kept; the exit code tells the two apart (130, 143: SIGTERM exited
+    130 until 2026-12-07, read by schedulers as a Ctrl-C)."""
+    import signal
+
     from capwrap.analyzers import AttentionComparison
 
     out = tmp_path / "diag"
@@ -120,13 +126,24 @@ def test_diagnose_command_interrupted_keeps_the_finished_evidence(pair_on_disk, 
                f"pcfg=count,operand=a,{CONFIG}", "--downstream", f"pcfg=count,operand=b,{CONFIG}", "--out", str(out),
                "--quick", "--quiet"]  # fmt: skip
 
-    def interrupted(self, context):  # Ctrl-C during the attention comparison
+    if stop.endswith("--debug"):
+        command.append("--debug")
+
+    def interrupted(self, context):  # stopped during the attention comparison
+        if stop.startswith("sigterm"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, at once
         raise KeyboardInterrupt
 
+    handler = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as patch:
         patch.setattr(AttentionComparison, "analyze", interrupted)
-        assert main(command) == 130
+        assert main(command) == (143 if stop.startswith("sigterm") else 130)
     err = capsys.readouterr().err
+    assert ("capwrap: terminated (SIGTERM)" if stop.startswith("sigterm") else "capwrap: interrupted") in err
+    # --debug shows where it stopped, and still exits 143 (an uncaught KeyboardInterrupt subclass exits 1)
+    assert ("Traceback" in err) == stop.endswith("--debug")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command's own handler is gone after it
     assert f"evidence is kept in {out / 'evidence'}; run the same command again to resume" in err
     kept = sorted(p.stem for p in (out / "evidence").glob("*.evidence"))
     assert kept == ["probing", "pruning", "revival", "weight_diff"] and not (out / "summary.json").exists()
@@ -191,12 +208,17 @@ def test_diagnose_command_on_a_tracr_pair(tmp_path, capsys):
             "--out", str(tmp_path / "pcfg"), "--quiet"]  # fmt: skip
     capsys.readouterr()
     assert main(pcfg) == 2  # a PCFG task on a compiled model: one clear line
-    assert "capwrap: error: task 'count a' uses 45 token ids but the model embeds only 11" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "capwrap: error: task 'count a' uses 45 token ids but the model embeds only 11" in err
+    # the fix a checkpoint's user can take (until 2026-12-07: "build the model with d_vocab >= 45")
+    assert "reads only its program's vocabulary: give Tracr tasks (command line: tracr=counter,operand=b" in err
+    assert "d_vocab" not in err
 
 
 def test_diagnose_refuses_pairs_with_different_tokenizers(stories260k, tmp_path):
     from transformers import AutoTokenizer
 
+    from capwrap.analyzers import ModelPair
     from capwrap.diagnosis import check_same_tokenizer
     from capwrap.errors import ConfigError
     from capwrap.models import load_model
@@ -208,6 +230,8 @@ def test_diagnose_refuses_pairs_with_different_tokenizers(stories260k, tmp_path)
     other.tokenizer = tok
     with pytest.raises(ConfigError, match="different tokenizers"):
         check_same_tokenizer(base, other)
+    with pytest.raises(ConfigError, match="different tokenizers"):  # every pair an analyzer or diagnose() is given
+        ModelPair(base, other)
     check_same_tokenizer(base, load_model(stories260k))  # the same tokenizer passes
 
 

@@ -290,6 +290,22 @@ def test_capwrap_info_on_each_family(family, folders, capsys):
     assert info["patching_engine"] == "resumed" and info["components"]["head"] == 8
 
 
+def test_capwrap_info_on_a_model_without_a_family_claims_no_blocks(tmp_path, capsys):
+    """An architecture the bridge runs without a capwrap family (OPT): ``capwrap info`` says capwrap
+    does not describe its blocks. Until 2026-12-07 it printed the default features' "LayerNorm,
+    learned positions, ReLU, no biases" for OPT, which has biases, and named the family twice."""
+    from capwrap.cli import main
+
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)  # fmt: skip
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    assert main(["info", str(tmp_path / "opt")]) == 0
+    out = capsys.readouterr().out
+    assert ": opt (no capwrap family: TransformerLens's adapter), " in out
+    assert "blocks: as TransformerLens's opt adapter computes them (capwrap has no description" in out
+    assert "no biases" not in out and "hooks engine only" in out
+
+
 def _every_analyzer_on_a_tiny_budget() -> list:
     """Every analyzer with samples and budgets that fit a unit test on a 2-layer model."""
     from capwrap.analyzers import AttentionComparison, Patching, Probing, Pruning, Revival, Subgraph, WeightDiff

@@ -106,6 +106,10 @@ def test_unknown_llama_like_model_type_names_the_closest_family(tmp_path):
     assert str(tmp_path / "helium" / "config.json") in message and "'helium'" in message
     assert "qwen2 (Qwen2 / Qwen2.5)" in message  # the families it could have been
     assert "closest capwrap family is 'qwen2'" in message  # attention biases, like Qwen2
+    _save(transformers.HeliumConfig(intermediate_size=40, num_key_value_heads=4, **SIZES), tmp_path / "plain")
+    with pytest.raises(ConfigError, match="the closest capwrap family is 'llama', which has the same block features as "
+                                          "far as its config shows"):  # fmt: skip
+        load_model(tmp_path / "plain")
 
 
 @pytest.mark.parametrize(

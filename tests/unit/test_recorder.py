@@ -315,3 +315,20 @@ def test_bad_recorder_arguments(small_model, small_task, tmp_path):
             rec.step(score="high")
         rec.step(loss=torch.tensor(0.5))  # the store is intact: the bad calls recorded nothing
     assert RunStore.open(tmp_path / "ok").scalars()["loss"].tolist()[-1] == 0.5
+
+
+def test_gradients_left_on_the_model_are_no_step_of_the_run(small_model, small_task, tmp_path):
+    """``train`` leaves no gradients behind, and a recorder opened on a model that holds some (a pass
+    of the user's own before it) does not record them as step 0's: gradient arrays start at the first
+    due step. Until 2026-12-07 a second recorded run on a trained model stored the first run's last
+    gradients at step 0, one record more than the guide says."""
+    config = TrainConfig(steps=3, batch_size=8, progress=False)
+    train(small_model, small_task, config)
+    assert all(p.grad is None for p in small_model.module.parameters())  # no model-sized buffer left behind
+    batch = small_task.sample(8, seed=0)
+    answer_loss(small_model(batch.tokens), batch).backward()  # gradients of someone else's pass
+    recorder = Recorder(small_model, tmp_path / "run", hooks=(), every=2)
+    train(small_model, small_task, TrainConfig(steps=4, batch_size=8, progress=False), recorder=recorder)
+    store = RunStore.open(tmp_path / "run")
+    assert store.array_steps("weight_delta.head") == [0, 2, 4]
+    assert store.array_steps("grad_norm.head") == [2, 4]

@@ -95,10 +95,10 @@ def test_the_help_texts_tracr_examples_parse(counter, max_identifier):
         assert task_from_spec(example, model=models[program]).seq_len > 0
 
 
-def test_tracr_models_that_read_other_letters_are_not_a_pair(counter):
+def test_tracr_models_that_read_other_letters_are_not_a_pair(counter, max_identifier):
     """Compiled with another alphabet, a model has the same shape (even the same weights) while its
     token ids mean other letters: diagnosing the two as a pair is refused (it ran without a word)."""
-    from capwrap.analyzers import Generalization
+    from capwrap.analyzers import Generalization, ModelPair
     from capwrap.diagnosis import diagnose
 
     other = counter.clone()
@@ -107,4 +107,10 @@ def test_tracr_models_that_read_other_letters_are_not_a_pair(counter):
     tasks = (TracrCounterTask(program, "a"), TracrCounterTask(program, "b", 1.0))
     with pytest.raises(ConfigError, match="different input tokens"):
         diagnose(counter, other, *tasks, analyzers=[Generalization()], eval_size=16, progress=False)
+    with pytest.raises(ConfigError, match="different input tokens"):  # any pair an analyzer is given
+        ModelPair(counter, other)
+    # other letters, and so another shape: the letters are the reason given, not the shapes they make
+    with pytest.raises(ConfigError, match="different input tokens") as refused:
+        ModelPair(counter, max_identifier)
+    assert "d_vocab" not in str(refused.value)
     assert diagnose(counter, counter.clone(), *tasks, analyzers=[Generalization()], eval_size=16, progress=False)

@@ -588,9 +588,15 @@ def test_validate_keeps_each_splits_result_and_says_when_nothing_matches(capsys,
 
     monkeypatch.setattr(capwrap.validation, "run_suite", lambda *args, **kwargs: records)  # (records made above)
     write_json_atomic(tmp_path / "validation.json", {"split": "held-out", "scenarios": []})
+    # calibration, then held-out (which kept the calibration result aside), now calibration again
+    write_json_atomic(tmp_path / "validation.calibration.json", {"split": "calibration", "stale": True})
+    (tmp_path / "validation.calibration.html").write_text("stale")
     assert main(["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--out", str(tmp_path), "--quiet"]) == 0
     assert json.loads((tmp_path / "validation.held-out.json").read_text())["split"] == "held-out"
     assert json.loads((tmp_path / "validation.json").read_text())["split"] == "calibration"
+    # the older calibration result beside the fresh one is gone (it was left, stale, until 2026-12-07)
+    assert sorted(p.name for p in tmp_path.glob("validation*")) == [
+        "validation.held-out.json", "validation.html", "validation.json"]
     assert "kept the held-out split's result as validation.held-out.json" in capsys.readouterr().out
     assert main(["validate", "--kind", "removed", "--scenario", "held/kept/noop/s74", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("capwrap: error: no scenario matches")
@@ -632,7 +638,8 @@ def test_validate_list_into_a_closed_pipe_exits_quietly():
 
 def test_a_terminated_suite_stops_its_workers_too(tmp_path):
     """``kill PID`` (SIGTERM to the main process alone, as a scheduler sends it) stops ``capwrap
-    validate`` as Ctrl-C does: it says so, exits 130, and its worker processes, at work on their
+    validate`` as Ctrl-C does: it says so, exits 143 (as a process SIGTERM ended; 130 until 2026-12-07, which
+    a scheduler read as a Ctrl-C), and its worker processes, at work on their
     scenarios, do not run on (they did, orphaned, writing records minutes later)."""
     import signal
     import subprocess
@@ -658,7 +665,7 @@ def test_a_terminated_suite_stops_its_workers_too(tmp_path):
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 130 and "capwrap: interrupted" in err and "Traceback" not in err, err
+    assert process.returncode == 143 and "capwrap: terminated (SIGTERM)" in err and "Traceback" not in err, err
     assert "leaked" not in err  # the workers exit cleanly, not killed holding their locks
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:

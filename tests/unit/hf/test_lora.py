@@ -34,6 +34,8 @@ def test_lora_trains_the_merged_model_the_recorder_and_peft_see(backend, tmp_pat
     )
     result = train(model, TASK, CONFIG, method=lora, recorder=recorder)
     assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[0]
+    # the adapter's factors live outside the model: their last gradients are freed too (kept until 2026-12-07)
+    assert all(p.grad is None for p in lora._trainable().values())
 
     base = load_model(tmp_path / "base", backend=backend)
     table = weight_change_table(base, model, kinds=("head", "neuron", "attn", "mlp")).set_index("component")
