@@ -83,9 +83,10 @@ Question = Literal["deletion", "creation"]
 EVAL_SETS = ("capability", "downstream", "downstream_free")
 
 
-def check_models(base: object, tuned: object) -> None:
+def check_models(base: object, tuned: object, roles: tuple[str, str] = ("base", "tuned")) -> None:
     """Raise a clear error unless ``base`` and ``tuned`` are loaded models (:class:`CapModel`): a path
-    or a name is not loaded for the caller, and the error says how to load it.
+    or a name is not loaded for the caller, and the error says how to load it. ``roles``: what the
+    two models are, as the error names them.
 
     Examples:
         >>> check_models("models/base", "models/adapter")
@@ -93,7 +94,7 @@ def check_models(base: object, tuned: object) -> None:
         ...
         capwrap.errors.ConfigError: base is a str ('models/base'), not a loaded model: ...
     """
-    for which, model in (("base", base), ("tuned", tuned)):
+    for which, model in zip(roles, (base, tuned), strict=True):
         if not isinstance(model, CapModel):
             shown = f" ({model!r})" if isinstance(model, (str, os.PathLike)) else ""
             raise ConfigError(
@@ -103,45 +104,46 @@ def check_models(base: object, tuned: object) -> None:
             )
 
 
-def check_same_tokenizer(base: CapModel, tuned: CapModel) -> None:
+def check_same_tokenizer(base: CapModel, tuned: CapModel, roles: tuple[str, str] = ("base", "tuned")) -> None:
     """Raise if the two models read tokens differently: tokenizers with different vocabularies, or
     compiled Tracr models with different input tokens or output values (the same shape, and even
-    the same weights, can mean other letters)."""
-    _check_same_tracr_vocabularies(base, tuned)
+    the same weights, can mean other letters). ``roles``: what the two models are, as the error
+    names them."""
+    _check_same_tracr_vocabularies(base, tuned, roles)
     a, b = base.tokenizer, tuned.tokenizer
     if a is not None and b is not None:
         va, vb = a.get_vocab(), b.get_vocab()
         if va != vb:
             differ = len(set(va.items()) ^ set(vb.items()))
             raise ConfigError(
-                f"the base and tuned models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} entries "
+                f"the {roles[0]} and {roles[1]} models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} entries "
                 "differ); a pair must share its tokenizer (was one of them fine-tuned from the other?)"
             )
 
 
-def _check_same_tracr_vocabularies(base: CapModel, tuned: CapModel) -> None:
+def _check_same_tracr_vocabularies(base: CapModel, tuned: CapModel, roles: tuple[str, str]) -> None:
     """Raise if two compiled Tracr models have different input tokens or output values."""
     for key, what in (("input_tokens", "input tokens"), ("output_values", "output values")):
         ta, tb = base.metadata.get(key), tuned.metadata.get(key)
         if ta is not None and tb is not None and list(ta) != list(tb):
             raise ConfigError(
-                f"the base and tuned Tracr models have different {what} ({list(ta)} vs {list(tb)}): a token id means "
+                f"the {roles[0]} and {roles[1]} Tracr models have different {what} ({list(ta)} vs {list(tb)}): a token id means "
                 "another thing in each, so they are not a pair (were they compiled from one program with one vocabulary?)"
             )
 
 
-def _pair_hint(base: ModelSpec, tuned: ModelSpec) -> str:
+def _pair_hint(base: ModelSpec, tuned: ModelSpec, roles: tuple[str, str]) -> str:
     """What a pair that differs should do: the common fine-tunes that change a shape named, with their way back."""
     differing = set(base.differing(tuned))
     if differing <= {"d_vocab", "d_vocab_out"}:
         return (f"the fine-tune resized the vocabulary ({base.d_vocab} -> {tuned.d_vocab} tokens: tokens added, e.g. a "
-                "pad or chat token, or the embedding padded). capwrap compares models of one shape: cut the tuned "
-                f"model's embedding back to the base's rows (transformers: model.resize_token_embeddings({base.d_vocab}), "
-                "then save_pretrained, with the base's tokenizer files) if the tasks do not use the added tokens")  # fmt: skip
+                f"pad or chat token, or the embedding padded). capwrap compares models of one shape: cut the {roles[1]} "
+                f"model's embedding back to the {roles[0]}'s rows (transformers: model.resize_token_embeddings({base.d_vocab}), "
+                f"then save_pretrained, with the {roles[0]}'s tokenizer files) if the tasks do not use the added tokens")  # fmt: skip
     if differing == {"tie_embeddings"}:
         return ("the fine-tune untied (or tied) the embedding and unembedding. capwrap compares models of one shape: "
-                "save the tuned model with the base's tie_word_embeddings setting, if its two matrices are still equal, "
-                "or compare it with an untied copy of the base")  # fmt: skip
+                f"save the {roles[1]} model with the {roles[0]}'s tie_word_embeddings setting, if its two matrices are "
+                f"still equal, or compare it with an untied copy of the {roles[0]}")  # fmt: skip
     return "a pair must share architecture and shape (was one of them fine-tuned from the other?)"
 
 
@@ -159,19 +161,26 @@ class ModelPair:
         base: the model before fine-tuning.
         tuned: the fine-tuned model.
         residency: the residency both models are members of, or ``None`` (both in memory).
+        roles: what the two models are, as errors name them (a pair checked for another use, e.g.
+            ``("base", "control")`` or ``("source", "target")``).
     """
 
     base: CapModel
     tuned: CapModel
     residency: Residency | None = None
+    roles: tuple[str, str] = ("base", "tuned")
 
     def __post_init__(self) -> None:
-        check_models(self.base, self.tuned)
-        _check_same_tracr_vocabularies(self.base, self.tuned)  # other letters say more than the shapes they give
+        roles = self.roles
+        check_models(self.base, self.tuned, roles)
+        _check_same_tracr_vocabularies(self.base, self.tuned, roles)  # other letters say more than the shapes they give
         detail = self.base.spec.differences(self.tuned.spec)
         if detail:
-            raise ConfigError(f"the base and tuned models differ in {detail}; " + _pair_hint(self.base.spec, self.tuned.spec))
-        check_same_tokenizer(self.base, self.tuned)
+            raise ConfigError(
+                f"the {roles[0]} and {roles[1]} models differ in {detail}; "
+                + _pair_hint(self.base.spec, self.tuned.spec, roles)
+            )
+        check_same_tokenizer(self.base, self.tuned, roles)
         if self.residency is not None:
             for model in (self.base, self.tuned):
                 if model not in self.residency:

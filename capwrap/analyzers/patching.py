@@ -236,7 +236,7 @@ def _indices(values: Sequence[int] | np.ndarray, device: torch.device) -> Tensor
 
 
 def _check_inputs(target: CapModel, source: CapModel, batch: TaskBatch, source_tokens: Tensor) -> None:
-    ModelPair(source, target)  # same architecture and shape, or a clear error
+    ModelPair(source, target, roles=("source", "target"))  # same architecture and shape, or a clear error
     if source_tokens.shape != batch.tokens.shape:
         raise ConfigError(
             f"source tokens {tuple(source_tokens.shape)} and target tokens {tuple(batch.tokens.shape)} must have the "

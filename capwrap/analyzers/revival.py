@@ -169,7 +169,7 @@ class Revival(Analyzer):
     def analyze(self, context: Context) -> Evidence:
         pair, capability = context.pair, context.capability
         if self.control is not None:
-            ModelPair(pair.base, self.control)  # same shape, or a clear error
+            ModelPair(pair.base, self.control, roles=("base", "control"))  # same shape, or a clear error
         if pair.tuned.cannot_train:
             return Evidence(self.name, {}, pd.DataFrame(columns=["step", "accuracy", "model", "seed"]),
                             summary=f"reverse fine-tuning not run: {pair.tuned.cannot_train}")  # fmt: skip

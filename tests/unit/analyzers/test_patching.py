@@ -201,7 +201,7 @@ def test_patching_bad_input(task, backend):
     with pytest.raises(ConfigError, match="same shape"):
         activation_patching(model, batch, source_tokens=batch.tokens[:, :-1], progress=False)
     other = build_model(ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=1, d_model=32, n_heads=4))
-    with pytest.raises(ConfigError, match="n_layers"):
+    with pytest.raises(ConfigError, match="the source and target models differ in n_layers"):
         activation_patching(model, batch, source=other, progress=False)
     with pytest.raises(ConfigError, match="method"):
         activation_patching(model, batch, method="guess", progress=False)

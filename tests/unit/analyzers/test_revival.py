@@ -78,7 +78,7 @@ def test_bad_input(small_model, small_task):
     other = build_model(
         ModelSpec(d_vocab=small_model.spec.d_vocab, n_ctx=small_model.spec.n_ctx, n_layers=1, d_model=32, n_heads=4)
     )
-    with pytest.raises(ConfigError, match="differ in n_layers"):
+    with pytest.raises(ConfigError, match="the base and control models differ in n_layers"):  # named as what they are
         Revival(max_steps=2, control=other)(ModelPair(small_model, small_model.clone()), small_task, small_task)
 
 
