@@ -298,11 +298,15 @@ class TextTask(TaskBase):
                     "choose a feature the texts contain, or give more texts"
                 )
         self._without = [d for d, doc in enumerate(self._docs) if not doc.feature_starts]
+        self._d_vocab = 1 + max(self._pad(), *(max(doc.ids) for doc in self._docs))  # the ids include the BOS
 
     # -- Task protocol --
     @property
     def d_vocab(self) -> int:
-        return len(self.tokenizer)
+        """One more than the largest token id the task's sequences hold (the texts' tokens, the BOS and
+        the padding): what a model must embed. Tokens the tokenizer has and the texts never use (a chat
+        or pad token added to it without resizing the model) do not count."""
+        return self._d_vocab
 
     @property
     def probe_label(self) -> str | None:

@@ -103,7 +103,7 @@ def test_deletion_protocols(stories):
 def test_capability_task_asks_for_the_feature_where_stories_mention_it(stories, model260k):
     task = TextTask(stories, model260k.tokenizer, seq_len=64, feature="word:Lily")
     batch = task.sample(32, seed=0)
-    assert batch.tokens.shape == (32, 64) and task.d_vocab == model260k.spec.d_vocab
+    assert batch.tokens.shape == (32, 64) and int(batch.tokens.max()) < task.d_vocab <= model260k.spec.d_vocab
     lily = model260k.tokenizer(" Lily", add_special_tokens=False)["input_ids"][0]
     assert set(batch.answers.tolist()) == {lily}
     rows = torch.arange(32)
@@ -119,6 +119,30 @@ def test_capability_task_asks_for_the_feature_where_stories_mention_it(stories, 
     assert logits[rows, batch.answer_pos].argmax(-1).eq(lily).float().mean() > 0.05  # the model does write Lily
     probe = task.probe_task().sample(40, seed=1)
     assert probe.labels["feature_next"].sum() == 20
+
+
+def test_tokens_the_texts_never_use_need_no_embedding(stories, model260k):
+    """A tokenizer given a token the model was not resized for (a chat or pad token, common in
+    fine-tunes): the task's sequences never hold it, so the model runs them. Until 2026-12-07 a text
+    task's d_vocab was len(tokenizer), and such a pair was refused ("uses 513 token ids but the model
+    embeds only 512"). Padding with that token does need it embedded, and is refused."""
+    import copy
+
+    from capwrap.tasks import accuracy
+    from capwrap.tasks.base import check_task_fits
+
+    tokenizer = copy.deepcopy(model260k.tokenizer)
+    tokenizer.add_tokens(["<|chat|>"])
+    assert len(tokenizer) == model260k.spec.d_vocab + 1
+    task = TextTask(stories, tokenizer, seq_len=64, feature="word:Lily")
+    check_task_fits(model260k, task)
+    batch = task.sample(16, seed=0)
+    assert int(batch.tokens.max()) < task.d_vocab <= model260k.spec.d_vocab
+    assert accuracy(model260k, batch) == accuracy(model260k, TextTask(stories, model260k.tokenizer, seq_len=64,
+                                                                      feature="word:Lily").sample(16, seed=0))  # fmt: skip
+    tokenizer.pad_token = "<|chat|>"
+    with pytest.raises(ConfigError, match="uses 513 token ids but the model embeds only 512"):
+        check_task_fits(model260k, TextTask(stories, tokenizer, seq_len=64, feature="word:Lily"))
 
 
 def test_text_task_bad_input(stories, model260k):

@@ -75,3 +75,26 @@ def test_settings_are_checked():
         Subgraph(survive=0.2, rewired=0.4)
     with pytest.raises(ConfigError, match="eap-ig-nodes"):
         Subgraph(method="ig")
+    with pytest.raises(ConfigError, match="'exact'"):  # the choices named include exact patching
+        Subgraph(method="patching")
+
+
+def test_exact_scores_find_a_compiled_models_circuit_gradients_miss():
+    """On a compiled Tracr Counter gradients see one of the three edges that matter (the others score
+    about 1e-7: saturated softmax and ReLUs), so an ``eap-ig`` circuit's weighted overlap rests on
+    that edge alone; ``method="exact"`` ablates each edge and weighs all three."""
+    from capwrap.tasks import task_from_spec
+    from capwrap.validation.bases import load_base
+
+    counter = load_base("tracr-counter")
+    task = task_from_spec("tracr=counter", model=counter)
+    downstream = task_from_spec("tracr=counter,operand=b,correlation=1", model=counter)
+    pair = ModelPair(counter, counter.clone())
+    essential = {"L0H0->L0.mlp", "L0.mlp->logits", "input->L0H0.k"}
+    found = {}
+    for method in ("eap-ig", "exact"):
+        evidence = Subgraph(method=method, n=32)(pair, task, downstream, eval_size=16)
+        table = evidence.table.set_index("edge")
+        found[method] = {e for e in essential if abs(table["capability_base"].get(e, 0.0)) > 1e-3}
+        assert evidence.headline["capability_overlap"] == pytest.approx(1.0)  # the same model: the circuit survives
+    assert found == {"eap-ig": {"L0.mlp->logits"}, "exact": essential}
