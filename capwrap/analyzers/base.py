@@ -110,6 +110,11 @@ def check_same_tokenizer(base: CapModel, tuned: CapModel, roles: tuple[str, str]
     the same weights, can mean other letters). ``roles``: what the two models are, as the error
     names them."""
     _check_same_tracr_vocabularies(base, tuned, roles)
+    _check_same_hf_tokenizer(base, tuned, roles)
+
+
+def _check_same_hf_tokenizer(base: CapModel, tuned: CapModel, roles: tuple[str, str]) -> None:
+    """Raise if both models have a Hugging Face tokenizer and their vocabularies differ."""
     a, b = base.tokenizer, tuned.tokenizer
     if a is not None and b is not None:
         va, vb = a.get_vocab(), b.get_vocab()
@@ -180,7 +185,7 @@ class ModelPair:
                 f"the {roles[0]} and {roles[1]} models differ in {detail}; "
                 + _pair_hint(self.base.spec, self.tuned.spec, roles)
             )
-        check_same_tokenizer(self.base, self.tuned, roles)
+        _check_same_hf_tokenizer(self.base, self.tuned, roles)  # with the Tracr check above: check_same_tokenizer
         if self.residency is not None:
             for model in (self.base, self.tuned):
                 if model not in self.residency:

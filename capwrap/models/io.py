@@ -485,12 +485,16 @@ def describe_model(model: CapModel) -> dict[str, Any]:
     spec = model.spec
     family = spec.family
     not_fast = Functional.unsupported(spec)
+    # capwrap describes a family's blocks; others compute what the bridge's adapter runs, unknown to capwrap
+    blocks = (
+        spec.features.describe()  # type: ignore[union-attr]
+        if family
+        else f"as TransformerLens's {spec.architecture} adapter computes them (capwrap has no description of this family's blocks)"
+    )
     return {
         "spec": spec.to_dict(),
         "family": family.title if family else "no capwrap family: TransformerLens's adapter",
-        # capwrap describes a family's blocks; others compute what the bridge's adapter runs, unknown to capwrap
-        "blocks": spec.features.describe() if family else f"as TransformerLens's {spec.architecture} adapter computes "  # type: ignore[union-attr]
-        "them (capwrap has no description of this family's blocks)",
+        "blocks": blocks,
         "patching_engine": "hooks" if not_fast else "resumed",
         "not_in_fast_engine": not_fast,
         "backend": model.backend,
