@@ -11,6 +11,7 @@ capability-change truths (AUC; a wrapper should keep more overlap and less enric
 
     python benchmarks/subgraph_on_suite.py --out /tmp/suite/held-out-51 --threads 1
     python benchmarks/subgraph_on_suite.py --out /tmp/suite/cal-base --cache /tmp/suite/cache
+    python benchmarks/subgraph_on_suite.py --out /tmp/suite/held-out-51 --method eap-ig   # before 2026-12-07's default
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="a `capwrap validate` results folder (its records)")
     parser.add_argument("--cache", type=Path, help="its cache folder (default OUT/cache)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default="auto", help="Subgraph's method (default auto: exact on compiled Tracr "
+                                                         "models, eap-ig on the others)")  # fmt: skip
     parser.add_argument("only", nargs="*", help="scenario names or glob patterns (default: every record)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,9 +54,10 @@ def main() -> None:
             continue
         base, tuned, capability, downstream = scenario_models(s, cache)
         t = time.perf_counter()
-        ev = Subgraph()(ModelPair(base, tuned), capability, downstream, eval_size=512, seed=0)
+        ev = Subgraph(method=args.method)(ModelPair(base, tuned), capability, downstream, eval_size=512, seed=0)
         h = ev.headline
-        rows.append({"scenario": s.name, "truth": truth, "direction": ev.direction, "strength": round(ev.strength, 3),
+        rows.append({"scenario": s.name, "truth": truth, "method": ev.details["method"], "direction": ev.direction,
+                     "strength": round(ev.strength, 3),
                      "overlap": h["capability_overlap"], "jaccard": h["capability_jaccard"],
                      "enrichment": h["weight_change_enrichment"], "finetune_inside": h["finetune_inside"],
                      "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip

@@ -137,6 +137,15 @@ def _validate(args: argparse.Namespace) -> int:
         return 0
     if not chosen:
         raise ConfigError("no scenario matches; list them with capwrap validate --list --split all")
+    if args.fit:  # decided before the suite runs, not after
+        held_out = [s.name for s in chosen if s.split != "calibration"]
+        if held_out:
+            raise ConfigError(
+                f"--fit fits the verdict rule on calibration scenarios only, and {len(held_out)} of these are held out "
+                f"({held_out[0]} ...); run --split calibration with --fit"
+            )
+        if Path(args.fit).is_dir():
+            raise ConfigError(f"--fit {args.fit} is a folder; name the rule file to write (e.g. rule.json)")
     import time
 
     rule = VerdictRule.load(args.rule) if args.rule else default_rule()
@@ -198,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune a small PCFG counting model with recording, and report")
     demo.add_argument("--out", default="capwrap_demo", help="output folder (default: capwrap_demo)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of fine-tuning data and test sets (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of fine-tuning data and test sets (default 0)")
     demo.add_argument(
         "--scenario",
         default="default",
@@ -242,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(OUT/evidence), so that the same command run again after an interruption resumes")  # fmt: skip
     diag.add_argument("--store", default=None, help="the fine-tuning run's RunStore folder, if recorded")
     diag.add_argument("--quick", action="store_true", help="smaller samples and budgets (minutes instead of more)")
-    diag.add_argument("--seed", type=int, default=0)
+    diag.add_argument("--seed", type=_seed, default=0, help="seed of the evaluation set and the analyzers (default 0)")
     diag.add_argument("--memory", choices=["normal", "low"], default="normal",
                       help="low: the two models take turns in memory (about one model's worth; the other waits in a "
                            "temporary file), for the same numbers except revival's, which trains with Adafactor "
@@ -357,6 +366,18 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
             help="torch CPU threads (default: the cores other processes leave idle, sampled when the "
                  "command starts, at least 1; OMP_NUM_THREADS, if set, instead)",
         )  # fmt: skip
+
+
+def _seed(text: str) -> int:
+    """A seed: a whole number from 0 to 2**31 - 1 (seeds derived from it by offsets stay in every
+    generator's range)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {2**31 - 1}, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

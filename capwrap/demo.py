@@ -29,7 +29,9 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, copy_missing, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
+from capwrap.models.io import CAPWRAP_FILE
 from capwrap.models.model import resolve_device
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import Recorder, RunStore
@@ -172,7 +175,9 @@ def run_demo(
     """Run the demo study and write ``summary.json``, ``report.html``, the run store and the tuned model.
 
     Args:
-        out: output folder (created; existing demo outputs in it are replaced).
+        out: output folder (created). An earlier demo's outputs in it are removed as the demo starts (a
+            demo stopped on the way leaves only its partial run store); a ``tuned/`` or ``run/`` there
+            that no demo wrote is refused before anything runs.
         seed: seeds fine-tuning data, recording probe and evaluation sets.
         scenario: ``"default"`` or ``"removed"`` (the negative control; see the module docstring).
         backend: ``"hooked"`` or ``"bridge"`` (default: the installed TransformerLens's).
@@ -190,6 +195,7 @@ def run_demo(
         raise ConfigError(f"eval_size must be positive, got {eval_size}")
     device = None if device is None else resolve_device(device)
     out = check_output_folder(out)
+    _clear_earlier_demo(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tasks = demo_tasks()
@@ -283,6 +289,46 @@ def run_demo(
     _write_report(out / "report.html", summary, result.history, store, diagnosis, test_sets)
     log(f"wrote {out / 'summary.json'} and {out / 'report.html'}")
     return DemoResult(summary, base, tuned, store, out, diagnosis)
+
+
+#: What a demo writes into its folder, beside its run store (``run/``) and revival cache.
+DEMO_OUTPUTS = ("summary.json", "report.html", "tuned")
+
+
+def _clear_earlier_demo(out: Path) -> None:
+    """Remove an earlier demo's outputs from ``out`` before anything runs, so that a demo stopped on
+    the way never leaves them beside its own partial run; refuse (before removing anything) where
+    one of those names holds something a demo did not write."""
+    tuned, run = out / "tuned", out / "run"
+    if tuned.exists() and not _is_demo_model(tuned):
+        raise ConfigError(
+            f"{tuned} exists and is not a tuned model an earlier demo wrote, which the demo would replace; "
+            "choose another --out, or move it"
+        )
+    if run.is_dir() and any(run.iterdir()) and not (run / "meta.json").exists():
+        raise ConfigError(
+            f"{run} exists and is not a run store an earlier demo wrote, which the demo would replace; choose another "
+            "--out, or move it"
+        )
+    for name in DEMO_OUTPUTS:
+        path = out / name
+        if path.is_dir() and name != "tuned":
+            raise ConfigError(f"{path} is a folder where the demo writes a file; choose another --out, or move it")
+    for name in DEMO_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _is_demo_model(folder: Path) -> bool:
+    """Whether ``folder`` is a model :func:`run_demo` saved (its ``capwrap.json`` keeps the fine-tuning)."""
+    try:
+        meta = json.loads((folder / CAPWRAP_FILE).read_text()).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and "train_config" in meta and "task" in meta
 
 
 def demo_analyzers(

@@ -32,8 +32,14 @@ __all__ = [
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (its folder is created if missing)."""
+    """Write ``data`` to ``path`` atomically (its folder is created if missing).
+
+    Raises:
+        ConfigError: ``path`` is a folder (the rename would fail naming the temporary file).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder where a file is to be written; move it, or write elsewhere")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -84,6 +90,8 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def check_output_folder(path: str | os.PathLike) -> Path:
     """``path`` as a folder outputs can go into: it may exist (as a folder) or not; a file there is
     refused before any work starts, with a :class:`~capwrap.errors.ConfigError`."""
+    if not str(path).strip():  # Path("") is the current folder: an empty --out wrote outputs there, unsaid
+        raise ConfigError("the output folder is empty (''); name a folder (it is created if missing), '.' for this one")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"the output folder {path} is a file; choose a folder (it is created if missing)")

@@ -248,7 +248,13 @@ class ModelPair:
 
 
 def check_store_matches(pair: ModelPair, store: RunStore) -> None:
-    """Raise if ``store`` was recorded from a model of another shape than ``pair``'s."""
+    """Raise if ``store`` was recorded from a model of another shape than ``pair``'s, or holds no step."""
+    if not store.steps:
+        raise ConfigError(
+            f"the RunStore at {store.path} holds no recorded step (its steps.jsonl is empty or ends inside its first "
+            "line: the recording stopped before its first step was written); pass the store of a run that recorded "
+            "steps, or none"
+        )
     if detail := pair.spec.mismatch(store.meta.get("spec")):
         raise ConfigError(
             f"the RunStore at {store.path} was recorded from another model: it differs in {detail} (this pair's "

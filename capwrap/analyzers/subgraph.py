@@ -48,7 +48,7 @@ from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, exact_scores
 from capwrap.circuits.attribution import METHODS, Method
 from capwrap.circuits.nodes import SELF_ABLATIONS
 from capwrap.errors import ConfigError, whole_number
-from capwrap.models import ParamSlice
+from capwrap.models import ModelSpec, ParamSlice
 from capwrap.models.layouts import canonical_names
 from capwrap.recording import RunStore
 
@@ -64,12 +64,14 @@ class Subgraph(Analyzer):
 
     Args:
         top_share: size of every circuit, as a share of the model's edges (at least 5 edges).
-        method: edge attribution, ``eap-ig`` (default), ``eap-ig-nodes`` or ``eap``
-            (:func:`~capwrap.circuits.attribute`); or ``exact``: each edge ablated in its own pass
-            (:func:`~capwrap.circuits.exact_scores`), for compiled Tracr models, whose saturated
-            softmaxes and ReLUs hide their essential edges from gradients, and other small models
-            (one forward pass per edge and sequence chunk: 479 edges of the demo model take about a
-            minute per 64 sequences on a CPU).
+        method: how edges are scored: ``auto`` (default): ``exact`` on compiled Tracr models
+            (:attr:`ModelSpec.compiled <capwrap.models.ModelSpec.compiled>`), whose saturated softmaxes
+            and ReLUs hide their essential edges from gradients (on the shipped Counter, EAP-IG sees one
+            of its three), ``eap-ig`` on every other model; edge attribution, ``eap-ig``, ``eap-ig-nodes``
+            or ``eap`` (:func:`~capwrap.circuits.attribute`); or ``exact``: each edge ablated in its own
+            pass (:func:`~capwrap.circuits.exact_scores`), for small models (one forward pass per edge
+            and sequence chunk: 479 edges of the demo model take about a minute per 64 sequences on a
+            CPU). The evidence's ``details["method"]`` says which one scored.
         ig_steps: integration steps of ``eap-ig`` and ``eap-ig-nodes``.
         ablation: ``mean_positional`` (default: each position's mean over the batch, which keeps what a
             fixed-format sequence says by position), ``mean`` or ``zero``.
@@ -83,7 +85,7 @@ class Subgraph(Analyzer):
     """
 
     top_share: float = 0.05
-    method: Method | Literal["exact"] = "eap-ig"
+    method: Method | Literal["exact", "auto"] = "auto"
     ig_steps: int = 5
     ablation: Literal["mean", "mean_positional", "zero"] = "mean_positional"
     n: int = 256
@@ -103,16 +105,23 @@ class Subgraph(Analyzer):
         at_least = 2 if self.ablation == "mean_positional" else 1  # one sequence is its own positional mean
         self.n = whole_number(self.n, "Subgraph.n (sequences of each task)", minimum=at_least)
         self.ig_steps = whole_number(self.ig_steps, "Subgraph.ig_steps", minimum=1)
-        if self.method not in (*METHODS, "exact"):
-            raise ConfigError(f"Subgraph.method must be one of {[*METHODS, 'exact']}, got {self.method!r}")
+        if self.method not in (*METHODS, "exact", "auto"):
+            raise ConfigError(f"Subgraph.method must be one of {['auto', *METHODS, 'exact']}, got {self.method!r}")
         if not 0 <= self.rewired <= self.survive <= 1:
             raise ConfigError(f"Subgraph needs 0 <= rewired <= survive <= 1, got {self.rewired} and {self.survive}")
 
     # ---- the analysis --------------------------------------------------------------------------------
+    def scoring(self, spec: ModelSpec) -> Method | Literal["exact"]:
+        """The method that scores edges of models of ``spec``: ``method``, with ``auto`` resolved."""
+        if self.method == "auto":
+            return "exact" if spec.compiled else "eap-ig"
+        return self.method
+
     def _scores(self, model, batch) -> EdgeScores:
-        if self.method == "exact":
+        method = self.scoring(model.spec)
+        if method == "exact":
             return exact_scores(model, batch, metric=negative_loss, ablation=self.ablation)
-        return attribute(model, batch, metric=negative_loss, method=self.method, ablation=self.ablation,
+        return attribute(model, batch, metric=negative_loss, method=method, ablation=self.ablation,
                          ig_steps=self.ig_steps, batch_size=64)  # fmt: skip
 
     def analyze(self, context: Context) -> Evidence:
@@ -160,7 +169,8 @@ class Subgraph(Analyzer):
             graph, cap_base, cap_tuned, down_tuned, base_circuit, tuned_circuit, finetune, finetune_weight
         )
         direction, strength, reasons = self._judge(headline, change["total"], source)
-        details = {"finetune_source": source, "per_step": _per_step_overlap(recorded, base_circuit)}
+        details = {"finetune_source": source, "method": self.scoring(pair.spec),
+                   "per_step": _per_step_overlap(recorded, base_circuit)}
         summary = (
             f"capability circuit overlap (weighted) {headline['capability_overlap']:.2f} between base and tuned; "
             f"weight-change enrichment on it {headline['weight_change_enrichment']:.2f}"

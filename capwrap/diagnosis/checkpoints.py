@@ -143,8 +143,11 @@ def _diagnose_files(
 ) -> Diagnosis:
     from capwrap.models import load_model
     from capwrap.models.adapters import is_adapter_folder, named_base
-    from capwrap.tasks.spec import task_from_spec
+    from capwrap.tasks.spec import check_spec, task_from_spec
 
+    for spec in (capability, downstream, downstream_free):  # their form, before any model loads
+        if spec:
+            check_spec(spec)
     if is_adapter_folder(base):
         trained_on = named_base(base)
         raise ConfigError(
@@ -175,7 +178,7 @@ def _diagnose_files(
     run = RunStore.open(store) if store is not None else None
     memory = "low" if residency else "normal"
     diagnosis = diagnose(base_model, tuned_model, cap_task, down_task,
-                         analyzers=default_analyzers(quick=quick, memory=memory, compiled=not base_model.spec.has_hf_equivalent),
+                         analyzers=default_analyzers(quick=quick, memory=memory, compiled=base_model.spec.compiled),
                          eval_size=QUICK_EVAL_SIZE if quick else 1024, store=run, seed=seed, progress=progress,
                          rule=verdict_rule, downstream_free=free_task, memory=memory,
                          evidence_dir=None if out is None else Path(out) / EVIDENCE_FOLDER)  # fmt: skip

@@ -65,7 +65,7 @@ def default_analyzers(quick: bool = False, memory: Memory = "normal", compiled: 
     """The analyzers ``diagnose`` runs by default (both questions); ``quick`` shrinks their samples
     and budgets; ``memory="low"`` makes revival train in about one model's memory
     (``Revival(low_memory=True)``: Adafactor inside the backward pass instead of AdamW);
-    ``compiled``: a compiled Tracr model (``not spec.has_hf_equivalent``, which ``diagnose`` passes),
+    ``compiled``: a compiled Tracr model (``spec.compiled``, which ``diagnose`` passes),
     pruned by single weights as the paper does: its MLPs have a handful of neurons."""
     check_memory(memory)
     low = memory == "low"
@@ -182,7 +182,7 @@ def diagnose(
             residency, own = Residency(), True
     try:
         if analyzers is None:
-            analyzers = default_analyzers(memory=memory, compiled=not base.spec.has_hf_equivalent)
+            analyzers = default_analyzers(memory=memory, compiled=base.spec.compiled)
         return _diagnose(ModelPair(base, tuned, residency), capability, downstream, analyzers, store, eval_size,
                          seed, progress, rule, downstream_free, n_boot, evidence_dir)  # fmt: skip
     finally:

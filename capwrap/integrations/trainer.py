@@ -6,7 +6,9 @@ peft LoRA adapter. When training starts it wraps the live model with
 :func:`~capwrap.models.live.wrap_hf_model` (no weight copy; a LoRA model is seen merged) and
 opens a :class:`~capwrap.recording.Recorder`; after every optimizer step — with the weights just
 updated and the gradients still there — it records the step: the training loss (the mean over the
-step's micro-batches, from the model's own output), the learning rate the step used, the gradient
+step's micro-batches, from the model's own output; a Trainer that computes the loss itself, with
+``label_smoothing_factor`` or ``compute_loss_func``, passes the model no labels, and the callback
+warns that it records none), the learning rate the step used, the gradient
 norm (of the parameters the Trainer trains — a LoRA run's adapter factors — before clipping, as the
 Trainer logs it), and every ``every`` steps the hooks' activations on the probe batch and the per-component
 weight-change and gradient norms. The store has the layout :func:`capwrap.train` writes, so every
@@ -33,6 +35,7 @@ Examples:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ import transformers
 from jaxtyping import Int
 from torch import Tensor
 
-from capwrap.errors import ConfigError, StoreError
+from capwrap.errors import CapwrapWarning, ConfigError, StoreError
 from capwrap.models.live import wrap_hf_model
 from capwrap.recording.recorder import DEFAULT_COMPONENT_KINDS, Recorder, _total_sq
 from capwrap.recording.store import RunStore
@@ -57,6 +60,10 @@ class RecorderCallback(transformers.TrainerCallback):
     Args:
         path: the store's folder (created when training starts; it must not exist unless
             ``overwrite``, or unless the Trainer resumes from a checkpoint at the store's last step).
+            A Trainer resumed from a checkpoint into a new folder numbers the store's steps on from
+            the checkpoint's (its weight changes are measured from the checkpoint's weights:
+            ``meta["first_step"]``). A Trainer that trains again after a failed attempt
+            (``auto_find_batch_size``) goes on in the same store, from the step it starts at.
         probe: the fixed batch activations are recorded on: a :class:`~capwrap.tasks.TaskBatch`
             (its labels are kept for probes) or token ids ``[batch, pos]``.
         hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``); ``()`` for none.
@@ -105,30 +112,40 @@ class RecorderCallback(transformers.TrainerCallback):
         self._grad_norm: Tensor | None = None  # the step's gradient norm before clipping, on the device
         self._measuring = False  # a measurement is queued for the end of the running backward pass
         self._scaler: Any = None  # fp16's gradient scaler, whose scale the measured gradients carry
+        self._model: torch.nn.Module | None = None  # the live model the recorder watches
+        self._last_event: tuple[str, int] | None = None  # (event, global step) last handled
+        self._warned_no_loss = False
 
     # ---- Trainer events -------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if not state.is_world_process_zero:
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or self._repeated("train_begin", state):
             return
         if model is None:  # pragma: no cover - every Trainer passes its model
             raise ConfigError("the Trainer passed no model to RecorderCallback")
-        tokenizer = processing_class if hasattr(processing_class, "get_vocab") else None
-        live = wrap_hf_model(model, tokenizer=tokenizer)
-        resume = state.global_step > 0 and (self.path / "meta.json").exists() and not self.settings["overwrite"]
-        if resume:
-            self._check_resumable(state.global_step)
-        self.recorder = Recorder(live, self.path, resume=resume, **self.settings)
-        self.recorder.open()
-        self._remove_hooks()  # a Trainer that trains again after a failed attempt (auto_find_batch_size)
-        self._losses, self._grad_norm, self._measuring = [], None, False
+        if self.recorder is not None and self.recorder.is_open and self._model is model:
+            # the Trainer trains again after a failed attempt (auto_find_batch_size halves the batch): the
+            # store goes on from the step it starts at, without what the failed attempt recorded after it
+            self.recorder.rollback(state.global_step)
+        else:
+            if self.recorder is not None:  # another model (a Trainer with model_init): a store of its own
+                self.recorder.close()
+            self._open(model, state.global_step)
+        self._remove_hooks()
+        self._losses, self._grad_norm, self._measuring, self._warned_no_loss = [], None, False, False
         self._hook = model.register_forward_hook(self._keep_loss, with_kwargs=True)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._grad_hooks = [p.register_post_accumulate_grad_hook(self._gradient_accumulated) for p in self._trainable]
         scaler = getattr(kwargs.get("optimizer"), "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._repeated("epoch_begin", state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._repeated("step_begin", state)
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.recorder is None:
+        if self.recorder is None or not self.recorder.is_open or self._repeated("optimizer_step", state):
             return
         scalars: dict[str, float | Tensor] = {}
         if optimizer is not None:
@@ -137,6 +154,15 @@ class RecorderCallback(transformers.TrainerCallback):
             scalars["grad_norm"] = self._grad_norm
             self._grad_norm = None
         loss = self._step_loss()
+        if loss is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(
+                "the model returned no loss, so the store records none: the Trainer computes the loss itself "
+                "(label_smoothing_factor, compute_loss_func or a compute_loss of its own) and passes the model no "
+                "labels. Its logged loss (every logging_steps) is in trainer.state.log_history",
+                CapwrapWarning,
+                stacklevel=2,
+            )
         # the Trainer counts this step after the callback: it is the last when the count reaches max_steps
         self.recorder.step(loss=loss, final=state.global_step + 1 >= state.max_steps > 0, **scalars)
 
@@ -146,6 +172,28 @@ class RecorderCallback(transformers.TrainerCallback):
             self.recorder.close()
 
     # ---- helpers ---------------------------------------------------------------------------------
+    def _open(self, model: torch.nn.Module, step: int) -> None:
+        """Wrap the live model and open the store: a new one (numbered on from ``step`` when the
+        Trainer resumed from a checkpoint), or the one at :attr:`path` when it ends at ``step``."""
+        live = wrap_hf_model(model)  # no tokenizer: the probe is token ids, and a Trainer's may be half-made
+        resume = step > 0 and (self.path / "meta.json").exists() and not self.settings["overwrite"]
+        if resume:
+            self._check_resumable(step)
+            self.recorder = Recorder(live, self.path, resume=True, **self.settings)
+        else:
+            self.recorder = Recorder(live, self.path, first_step=step, **self.settings)
+        self.recorder.open()
+        self._model = model
+
+    def _repeated(self, event: str, state: Any) -> bool:
+        """Whether this event at this step is the one this callback just handled: a callback given
+        to the Trainer twice (which transformers only warns of) sees every event twice in a row."""
+        key = (event, state.global_step)
+        if self._last_event == key:
+            return True
+        self._last_event = key
+        return False
+
     def _keep_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         loss = getattr(output, "loss", None)
         if module.training and isinstance(loss, Tensor):

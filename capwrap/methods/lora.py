@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from capwrap.errors import ConfigError
 from capwrap.methods.base import TrainingMethod
+from capwrap.models.adapters import tied_change
 from capwrap.models.layouts import canonical_views_of_some
 from capwrap.tasks.base import Task, TaskBatch, task_loss
 
@@ -106,6 +107,15 @@ class LoRA(TrainingMethod):
                 f"LoRA target {self.target!r} does not fit this {model.spec.architecture} model ({exc}); "
                 f"its layers are {names}"
             ) from exc
+        adapted = [f"{name}.weight" for name in self._layers()]
+        if tied := tied_change(model.spec, adapted):
+            kept = sorted({n.rsplit(".", 2)[-2] for n in adapted} - {tied[0].rsplit(".", 2)[-2]}) or None
+            self._peft = None
+            raise ConfigError(
+                f"LoRA target {self.target!r} adapts {tied[0]}, which this model ties to its {tied[1]}: peft trains "
+                "that side only and leaves the other on the base's weights, so the trained model would no longer tie "
+                f"them, which a model of this shape cannot hold; leave it out of target (e.g. target={kept})"
+            )
         self._peft.to(model.device)
         self._model, self._source = model, model.metadata.get("source")
         return [p for p in self._peft.parameters() if p.requires_grad]

@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from capwrap.checks import check_finite_weights
 from capwrap.errors import CapwrapWarning, CheckpointError, ConfigError, closest_matches
 from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
 from capwrap.models.model import CapModel
@@ -179,13 +180,17 @@ class LoraAdapter:
         names and shapes, checkpoint layout) with the same shape.
 
         Raises:
-            CheckpointError: the adapter was made for another model, or changes ``lm_head`` of a
-                base that ties it to the embedding.
+            CheckpointError: the adapter was made for another model, or changes the input
+                embedding or the output layer of a base that ties them.
         """
-        if spec.tie_embeddings and any(n.startswith("lm_head.") for n in [*self.replaced, *self.changed_weights]):
+        if tied := tied_change(spec, [*self.replaced, *self.changed_weights]):
             raise CheckpointError(
-                f"the adapter at {self.path} changes lm_head, which this base ties to its input embedding, so the "
-                "two cannot differ in the merged model; merge it with peft (merge_and_unload) to decide how"
+                f"the adapter at {self.path} changes {tied[0]}, which this base ties to its {tied[1]}: peft trains that "
+                "side only and leaves the other on the base's weights, so the model it trained no longer ties them, "
+                "and a merge into the one tied tensor (as peft's merge_and_unload does with LoRA factors) computes "
+                "another model. Untie a copy of the base (tie_word_embeddings=False, its output layer a copy of the "
+                "embedding), merge the adapter into that copy with peft, and diagnose the two: see "
+                "docs/guide/lora-and-trainer.md, 'Adapters on tied embeddings'"
             )
         transposed = _input_first_modules(spec)
         changed = {name: tuple(t.shape) for name, t in self.replaced.items()}
@@ -249,6 +254,23 @@ class LoraAdapter:
                 target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
 
 
+def tied_change(spec: ModelSpec, changed: Iterable[str]) -> tuple[str, str] | None:
+    """For a base that ties its input embedding to its output layer, the first of ``changed``
+    (checkpoint names) that is one of the two, and the other one, described; ``None`` when nothing
+    tied is changed. (A family-less base: only ``lm_head`` is known.)"""
+    if not spec.tie_embeddings:
+        return None
+    names = spec.family.tensors if spec.family is not None else None
+    embed = f"{names.embed}.weight" if names is not None else "the input embedding"
+    unembed = f"{names.unembed}.weight" if names is not None else "lm_head.weight"
+    for name in changed:
+        if name == embed:
+            return name, f"output layer ({unembed})"
+        if name == unembed or name.startswith("lm_head."):
+            return name, f"input embedding ({embed})"
+    return None
+
+
 def _canonical_parts(spec: ModelSpec, tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
     """The canonical weights that checkpoint ``tensors`` make up (views); every tensor must make up
     at least one."""
@@ -281,12 +303,10 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAda
         raise CheckpointError(f"adapter folder {folder} does not exist; check the path")
     if not config_file.is_file():
         raise CheckpointError(f"{folder} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc}); the adapter is corrupt") from exc
+    config = _adapter_config(folder)
     _check_supported(folder, config)
     tensors = _read_tensors(folder, allow_pickle)
+    check_finite_weights(tensors, f"the adapter {folder}", CheckpointError)
     modules, replaced = _parse(folder, config, tensors)
     return LoraAdapter(folder, config, modules, replaced)
 
@@ -295,8 +315,8 @@ def adapter_hint(folder: str | os.PathLike) -> str:
     """What to say when an adapter folder is passed where a full checkpoint was expected."""
     folder = Path(folder)
     try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError):
+        config = _adapter_config(folder)
+    except CheckpointError:  # the hint is that it is an adapter; what is wrong with it is said on loading
         config = {}
     base = config.get("base_model_name_or_path")
     kind = config.get("peft_type", "PEFT")
@@ -313,12 +333,22 @@ def adapter_hint(folder: str | os.PathLike) -> str:
 def named_base(folder: str | os.PathLike) -> str | None:
     """The base model an adapter folder's ``adapter_config.json`` names (``base_model_name_or_path``:
     a folder or hub name, as peft recorded it), or None when it names none."""
-    folder = Path(folder)
-    try:
-        base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / ADAPTER_CONFIG} cannot be read ({exc}); the adapter is corrupt") from exc
+    base = _adapter_config(Path(folder)).get("base_model_name_or_path")
     return str(base) if base else None
+
+
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of an adapter folder, read and checked to be a JSON object."""
+    file = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} cannot be read as JSON ({exc}); the adapter is corrupt") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{file} holds a JSON {type(config).__name__}, not the object of settings peft writes; the adapter is corrupt"
+        )
+    return config
 
 
 def adapter_base(folder: str | os.PathLike) -> str:
@@ -379,6 +409,11 @@ def check_adapter_base(adapter: str | os.PathLike, source: str | os.PathLike) ->
 # ---- reading -------------------------------------------------------------------------------------
 def _check_supported(folder: Path, config: dict[str, Any]) -> None:
     kind = config.get("peft_type")
+    if kind is None:
+        raise CheckpointError(
+            f"{folder / ADAPTER_CONFIG} names no peft_type, which every adapter peft saves names; the adapter is corrupt "
+            "(or not written by peft)"
+        )
     if kind != "LORA":
         raise CheckpointError(
             f"{folder} is a {kind} adapter; capwrap reads LoRA adapters. Merge it into its base with peft "

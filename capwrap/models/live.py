@@ -46,7 +46,8 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
 
     Args:
         model: an ``AutoModelForCausalLM`` of a supported architecture, a peft ``PeftModel`` of
-            one with a LoRA adapter (seen merged), or either inside ``DistributedDataParallel``.
+            one with a LoRA adapter (seen merged), or either inside ``DistributedDataParallel`` or
+            inside a module of your own that holds one of them (a Trainer's wrapper).
         tokenizer: its tokenizer, if any (kept as ``.tokenizer``).
         metadata: free-form information kept as ``.metadata``.
 
@@ -159,11 +160,41 @@ class _MergedWeight:
         self.tensor.copy_(merged)
 
 
+def _is_peft_model(module: nn.Module) -> bool:
+    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
+
+
+def _inside_a_wrapper(model: nn.Module) -> nn.Module:
+    """``model`` if it is a Hugging Face or peft model; else the one such model a module of the
+    user's own holds (a Trainer given a wrapper around the model it trains)."""
+    import transformers
+
+    def is_hf(module: nn.Module) -> bool:
+        return isinstance(module, transformers.PreTrainedModel) or _is_peft_model(module)
+
+    if is_hf(model):
+        return model
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if is_hf(module) and not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, module))
+    if len(found) == 1:
+        return found[0][1]
+    if found:
+        raise ConfigError(
+            f"{type(model).__name__} holds {len(found)} Hugging Face models ({', '.join(n for n, _ in found)}); "
+            "capwrap follows one: pass the one that is trained"
+        )
+    return model  # no Hugging Face model inside: the caller says what it takes
+
+
 def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
-    """The Hugging Face model inside ``model`` (DDP, peft) and its LoRA layers (if a peft model)."""
+    """The Hugging Face model inside ``model`` (DDP, a module of the user's own, peft) and its LoRA
+    layers (if a peft model)."""
     while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         model = model.module
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+    model = _inside_a_wrapper(model)
+    if _is_peft_model(model):
         kinds = {str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in model.peft_config.values()}
         if kinds != {"LORA"}:
             raise ConfigError(f"capwrap follows LoRA adapters; this peft model has {sorted(kinds)}")

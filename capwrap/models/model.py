@@ -692,11 +692,25 @@ def _hf_model(spec: ModelSpec, state: dict[str, Tensor] | None = None) -> nn.Mod
     model_class = transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report: what does not fit is said below
     try:
         hf, info = model_class.from_pretrained(
             None, config=config, state_dict=state, attn_implementation="eager", output_loading_info=True, **dtype
         )
+    except RuntimeError as exc:  # transformers 5 raises on tensors of other shapes, its report logged apart
+        if "mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        with torch.device("meta"):  # shapes only
+            expected = dict(model_class(config).state_dict())
+        other = [f"{k} {list(v.shape)} (the config gives {list(expected[k].shape)})"
+                 for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]  # fmt: skip
+        raise ConfigError(
+            f"the weights do not fit the {spec.architecture} model its config.json describes: tensors of another "
+            f"shape{' ' + ', '.join(other[:3]) if other else ''}; was config.json edited, or saved with other weights?"
+        ) from exc
     finally:
+        transformers.utils.logging.set_verbosity(verbosity)
         if bars:
             transformers.utils.logging.enable_progress_bar()
     missing = [m for m in info["missing_keys"] if not (spec.tie_embeddings and m == "lm_head.weight")]
@@ -750,7 +764,7 @@ def build_model(spec: ModelSpec, backend: str | None = None, seed: int = 0) -> C
 
     The same ``seed`` gives the same weights on every backend.
     """
-    if not spec.has_hf_equivalent:
+    if spec.compiled:
         raise ConfigError(f"{spec.architecture} models are compiled, not built: see capwrap.tasks.tracr")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -218,6 +218,13 @@ class ModelSpec:
         return family is None or family.hf_class is not None
 
     @property
+    def compiled(self) -> bool:
+        """Whether models of this architecture are compiled programs (tracr), not trained networks: their
+        weights are set by a compiler, their MLPs have a handful of neurons, and their softmaxes and
+        ReLUs saturate, so gradients at the model's own activations miss edges that matter."""
+        return not self.has_hf_equivalent
+
+    @property
     def hf_class(self) -> str:
         """The Hugging Face (and TransformerBridge adapter) class name."""
         if self.hf_config:

@@ -21,6 +21,7 @@ Examples:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -56,4 +57,11 @@ def read_pickle_tensors(path: Path, allow_pickle: bool, holds: str, fix: str) ->
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds here
-        raise CheckpointError(f"{path} could not be read safely: {exc}") from exc
+        # torch's message advises weights_only=False, which runs the pickle's code: only what it met is kept
+        met = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please use|\n\n|$)", str(exc), re.S)
+        reason = " ".join(met.group(1).split()) if met else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"{path} could not be read safely (torch.load with weights_only=True: {reason[:200]}). It is corrupt, or "
+            "holds more than tensors; capwrap never loads pickles with weights_only=False. Convert it to safetensors "
+            "where its source is trusted (or re-save it there with save_pretrained)"
+        ) from exc

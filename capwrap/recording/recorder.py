@@ -89,9 +89,14 @@ class Recorder:
         dtype: ``"float32"`` (default) or ``"float16"`` (halves the disk use) for activations.
         resume: continue an existing store (the step count goes on from its last step).
             ``hooks``, ``probe``, ``every``, ``component_kinds`` and ``dtype`` then default to the
-            store's; given, they must match it.
+            store's; given, they must match it (a :class:`~capwrap.errors.StoreError` says which
+            differs).
         overwrite: replace an existing store.
         meta: extra JSON-serializable information to keep in the store.
+        first_step: the optimizer step the run is at when a new store starts (default 0): a run
+            resumed from a checkpoint into a new store numbers its steps on from the run's count,
+            and its weight changes are measured from the weights at that step (the store's
+            ``meta["first_step"]`` says so).
         background: measure a due step in a background thread, on a copy of the weights made at
             that step, while training goes on (default ``False``): the probe's forward passes and
             the weight-change norms overlap the next steps instead of adding to them. It costs one
@@ -116,15 +121,21 @@ class Recorder:
         overwrite: bool = False,
         meta: dict[str, Any] | None = None,
         background: bool = False,
+        first_step: int = 0,
     ):
         if resume and overwrite:
             raise ConfigError("choose resume=True (continue the store) or overwrite=True (replace it), not both")
+        if not isinstance(first_step, int) or isinstance(first_step, bool) or first_step < 0:
+            raise ConfigError(f"first_step must be a step count (an integer >= 0), got {first_step!r}")
+        if resume and first_step:
+            raise ConfigError("a resumed store goes on from its own last step; first_step is for a new store")
         model = as_cap_model(model)  # a live Hugging Face model is wrapped, sharing its weights
         self.model = model
         self.path = Path(path)
         recorded = _recorded_settings(self.path) if resume else {}
         if resume and (detail := model.spec.mismatch(recorded["spec"])):  # before its hooks are looked up in this model
             raise StoreError(_another_shape(self.path, detail))
+        given = {"probe": probe, "component_kinds": component_kinds, "dtype": dtype}
         hooks = recorded.get("hooks", "blocks.*.hook_resid_post") if hooks is None else hooks
         every = recorded.get("every", 10) if every is None else every
         component_kinds = (
@@ -155,15 +166,19 @@ class Recorder:
             )
         present = set(model.components.counts())
         self.component_kinds = [k for k in component_kinds if k in present]
+        if resume:
+            _check_same_settings(self.path, recorded, given, self.probe, self.component_kinds, dtype)
         self.every = every
         self.dtype = dtype
         self.resume = resume
         self.overwrite = overwrite
         self.user_meta = dict(meta or {})
         self.background = background
+        self.first_step = first_step
         self.store: RunStore | None = None
-        self._step = 0
+        self._step = first_step
         self._start: dict[str, Tensor] = {}
+        self._once: list[str] = []  # the weights whose change sums to weight_delta (a tied embedding once)
         self._shadow: _Shadow | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -187,21 +202,24 @@ class Recorder:
             self._writer = self._open_writer()
             self._check_resumable(self.store)
             self._start = self._load_start()
-            self._start_sq = _start_sq(self._start)
+            self._once = _counted_once(self.model.weights())
+            self._start_sq = _start_sq(self._start, self._once)
             self._step = self.store.last_step or 0
             self._shadow = shadow
             return self
         self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
         self._writer = self._open_writer()
-        self._start = {k: v.detach().clone() for k, v in self.model.weights().items()}
-        self._start_sq = _start_sq(self._start)
+        weights = self.model.weights()
+        self._start = {k: v.detach().clone() for k, v in weights.items()}
+        self._once = _counted_once(weights)
+        self._start_sq = _start_sq(self._start, self._once)
         self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
         if self.probe is not None:
             self._save_tensors(_PROBE_FILE, {
                 "tokens": self.probe.tokens, "answer_pos": self.probe.answer_pos, "answers": self.probe.answers,
                 **{f"label.{k}": v for k, v in self.probe.labels.items()},
             })  # fmt: skip
-        self._step = 0
+        self._step = self.first_step
         self._shadow = shadow
         self._record(scalars={}, with_grads=False)  # gradients left on the model now are no step of this run's
         return self
@@ -338,7 +356,7 @@ class Recorder:
         delta = dict(zip(names, moved, strict=True))
         for kind, sq in model.components.sq_norms_by_kind(delta, self.component_kinds).items():
             arrays[f"weight_delta.{kind}"] = sq.sqrt().float()
-        total_sq = _total_sq(delta.values())
+        total_sq = _total_sq(delta[k] for k in self._once)  # over the parameters: a tied embedding once
         scalars: dict[str, Tensor | float] = {
             "weight_delta": total_sq.sqrt(),
             "weight_delta_rel": (total_sq / self._start_sq).sqrt() if self._start_sq else 0.0,
@@ -377,6 +395,7 @@ class Recorder:
             "every": self.every,
             "dtype": self.dtype,
             "probe_size": None if self.probe is None else len(self.probe),
+            "first_step": self.first_step,
             "components": {k: [c.name for c in self.model.components.select(k)] for k in self.component_kinds},
             **self.user_meta,
         }
@@ -409,11 +428,24 @@ class Recorder:
         return {k: v.to(current[k].device, copy=True) for k, v in views.items()}
 
 
-def _start_sq(start: dict[str, Tensor]) -> float:
-    """The squared norm of the starting weights, the same to the last bit whether they are the
-    model's own (a new run) or read back from the store (a resumed one, whose tensors may be laid
+def _counted_once(weights: Mapping[str, Tensor]) -> list[str]:
+    """The names of ``weights`` that sum to the norm of the model's parameters: each tensor once, a
+    tied embedding's second name (the unembedding, a view of the same memory) left out."""
+    seen: set[tuple[int, int, int]] = set()
+    names = []
+    for name, tensor in weights.items():
+        region = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if region not in seen:
+            seen.add(region)
+            names.append(name)
+    return names
+
+
+def _start_sq(start: dict[str, Tensor], names: Iterable[str]) -> float:
+    """The squared norm of the starting weights ``names``, the same to the last bit whether they are
+    the model's own (a new run) or read back from the store (a resumed one, whose tensors may be laid
     out otherwise): contiguous tensors, in name order."""
-    return float(_total_sq(start[name].contiguous() for name in sorted(start)))
+    return float(_total_sq(start[name].contiguous() for name in sorted(names)))
 
 
 def _total_sq(tensors: Iterable[Tensor]) -> Float[Tensor, ""]:
@@ -487,6 +519,31 @@ def _as_probe(probe: Any, model: CapModel) -> TaskBatch | None:
 def _another_shape(path: Path, detail: str) -> str:
     return (f"the store at {path} was recorded from a model of another shape: it differs in {detail} (this model's "
             "value first); resume it with the same model, or record to a new folder")  # fmt: skip
+
+
+def _check_same_settings(
+    path: Path, recorded: dict[str, Any], given: dict[str, Any], probe: TaskBatch | None, kinds: list[str], dtype: str
+) -> None:
+    """Raise if a setting given to a resumed recorder differs from the one its store was recorded with."""
+    differs = []
+    if given["probe"] is not None and "probe" in recorded and probe is not None:
+        stored = recorded["probe"]
+        same = probe.tokens.shape == stored.tokens.shape and torch.equal(probe.tokens.cpu(), stored.tokens)
+        if same and isinstance(given["probe"], TaskBatch):  # its answers and labels are kept for probes too
+            same = (torch.equal(probe.answer_pos.cpu(), stored.answer_pos)
+                    and torch.equal(probe.answers.cpu(), stored.answers) and probe.labels.keys() == stored.labels.keys()
+                    and all(torch.equal(probe.labels[k].cpu(), stored.labels[k]) for k in stored.labels))  # fmt: skip
+        if not same:
+            differs.append("the probe batch (the store's is in probe.safetensors; leave probe out to use it)")
+    if given["dtype"] is not None and dtype != recorded["dtype"]:
+        differs.append(f"dtype ({dtype!r} given, the store's {recorded['dtype']!r})")
+    if given["component_kinds"] is not None and set(kinds) != set(recorded["component_kinds"]):
+        differs.append(f"component_kinds ({kinds} given, the store's {recorded['component_kinds']})")
+    if differs:
+        raise StoreError(
+            f"the store at {path} was recorded with other settings: {'; '.join(differs)}. Resume with the store's "
+            "settings (leave them out: a resumed recorder takes them from the store), or record to a new folder"
+        )
 
 
 def _recorded_settings(path: Path) -> dict[str, Any]:

@@ -224,6 +224,8 @@ class RunStore:
                     f.truncate(self._committed_bytes(name))
 
     def _load_meta(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"No run store at {self.path}: it is a file; a run store is a folder (meta.json, steps.jsonl, ...).")
         if not self.path.is_dir():
             raise StoreError(f"No run store at {self.path}: the directory does not exist; check the path.")
         meta_file = self.path / "meta.json"

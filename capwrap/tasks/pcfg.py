@@ -191,7 +191,7 @@ class PCFGTask(TaskBase):
             probs = PRIORS.get(prior) if isinstance(prior, str) else tuple(prior)
             if probs is None:
                 raise ConfigError(f"unknown prior {prior!r}; choose from {sorted(PRIORS)} or give 3 probabilities")
-            if len(probs) != 3 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+            if len(probs) != 3 or not all(0 <= p <= 1 for p in probs) or abs(sum(probs) - 1) > 1e-6:  # NaN fails too
                 raise ConfigError(
                     f"prior must be 3 non-negative probabilities over (a, b, c) summing to 1, got {probs}"
                 )

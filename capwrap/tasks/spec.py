@@ -30,9 +30,9 @@ from typing import Any
 
 from capwrap.errors import ConfigError
 from capwrap.tasks.base import Task
-from capwrap.tasks.pcfg import PCFGConfig, PCFGTask
+from capwrap.tasks.pcfg import PRIORS, PCFGConfig, PCFGTask
 
-__all__ = ["parse_spec", "task_from_spec", "spec_help", "SPEC_EXAMPLES"]
+__all__ = ["check_spec", "parse_spec", "task_from_spec", "spec_help", "SPEC_EXAMPLES"]
 
 _PCFG_KEYS = {"pcfg", "operand", "prior", "correlation", "source", "offset", "length", "window", "occurrence", "name"}
 _TEXT_KEYS = {"text", "feature", "without", "relabel", "field", "split", "limit", "seq_len", "name"}
@@ -65,19 +65,40 @@ def task_from_spec(spec: str, tokenizer: Any = None, model: Any = None) -> Task:
         ConfigError: an unknown key or kind, a bad value, a text task without a tokenizer, a Tracr
             task without a compiled model.
     """
-    keys = parse_spec(spec)
+    keys = check_spec(spec)
     try:
         if "pcfg" in keys:
             return _pcfg(keys)
         if "text" in keys:
             return _text(keys, tokenizer)
-        if "tracr" in keys:
-            return _tracr(keys, model)
+        return _tracr(keys, model)
     except ConfigError as err:
         raise ConfigError(f"task spec {spec!r}: {err}") from None
-    raise ConfigError(
-        f"task spec {spec!r} names no task kind; start it with pcfg=FAMILY, text=PATH_OR_HUB_NAME or tracr=PROGRAM"
-    )
+
+
+def check_spec(spec: str) -> dict[str, str]:
+    """A spec's keys, checked as far as they can be without building the task (no model, no data):
+    the key=value form, a task kind, the kind's keys. ``capwrap diagnose`` checks its specs so before
+    it loads any model.
+
+    Raises:
+        ConfigError: what :func:`task_from_spec` would say of the spec's form.
+    """
+    keys = parse_spec(spec)
+    kind = next((k for k in ("pcfg", "text", "tracr") if k in keys), None)
+    if kind is None:
+        raise ConfigError(
+            f"task spec {spec!r} names no task kind; start it with pcfg=FAMILY, text=PATH_OR_HUB_NAME or tracr=PROGRAM"
+        )
+    if not keys[kind]:
+        raise ConfigError(f"task spec {spec!r}: {kind}= is empty; e.g. {SPEC_EXAMPLES[kind][0]}")
+    # a Tracr program's keys: once it is known (an unknown one is named when the task is built)
+    allowed = {"pcfg": _PCFG_KEYS, "text": _TEXT_KEYS}.get(kind) or _TRACR_KEYS.get(keys["tracr"], set(keys))
+    try:
+        _check_keys(keys, allowed)
+    except ConfigError as err:
+        raise ConfigError(f"task spec {spec!r}: {err}") from None
+    return keys
 
 
 def _check_keys(keys: dict[str, str], allowed: set[str]) -> None:
@@ -98,9 +119,21 @@ def _pcfg(keys: dict[str, str]) -> PCFGTask:
     config = PCFGConfig(**{k: _number(keys, k, int) for k in ("length", "window", "occurrence") if k in keys})
     correlation = _number(keys, "correlation", float) if "correlation" in keys else None
     prior: Any = keys.get("prior")
-    if prior and "/" in prior:
-        prior = tuple(float(p) for p in prior.split("/"))
-    operand = None if prior else keys.get("operand", "a")
+    if "prior" in keys and "operand" in keys:
+        raise ConfigError("give operand= (every sequence asks about one operand) or prior= (operands drawn from a "
+                          "prior), not both")  # fmt: skip
+    if prior is not None and "/" in prior:
+        try:
+            prior = tuple(float(p) for p in prior.split("/"))
+        except ValueError:
+            raise ConfigError(f"prior={keys['prior']!r} is not 3 probabilities over a/b/c, e.g. prior=0.999/0.001/0") from None
+    elif prior is not None and prior not in PRIORS:
+        raise ConfigError(f"unknown prior {prior!r}; choose from {sorted(PRIORS)} or give 3 probabilities over a/b/c, "
+                          "e.g. prior=0.999/0.001/0")  # fmt: skip
+    if correlation is None and ({"source", "offset"} & keys.keys()):
+        raise ConfigError("source= and offset= shape the correlation a task plants; give correlation= too (e.g. "
+                          "correlation=1), or leave them out")  # fmt: skip
+    operand = None if prior is not None else keys.get("operand", "a")
     planted = {"source": keys.get("source", "a"), "offset": _number(keys, "offset", int) if "offset" in keys else 1}
     return PCFGTask(keys["pcfg"], operand, prior=prior, correlation=correlation, config=config, name=keys.get("name"),
                     **planted)  # fmt: skip

@@ -165,7 +165,14 @@ def load_texts(
         if kind == "text":
             ds = datasets.Dataset.from_dict({"text": [t for f in data_files for t in _split_text_file(Path(f))]})
         else:
-            ds = datasets.load_dataset(kind, data_files=data_files, split="train")
+            try:
+                ds = datasets.load_dataset(kind, data_files=data_files, split="train")
+            except datasets.exceptions.DatasetGenerationError as err:
+                cause = err.__cause__ or err
+                raise ConfigError(
+                    f"cannot read {source} as {kind.upper()} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}); "
+                    f"is it a well-formed .{'json or .jsonl' if kind == 'json' else kind} file?"
+                ) from err
     else:
         if path.suffix or str(source).startswith((".", "/", "~")):
             raise ConfigError(f"no such file or folder: {source}")
@@ -209,7 +216,12 @@ def _file_kind(path: Path) -> str | None:
 
 
 def _split_text_file(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.start} cannot be read: {err.reason}); save it as UTF-8"
+        ) from None
     parts = text.split(_EOT) if _EOT in text else re.split(r"\n\s*\n", text)
     return [p.strip() for p in parts if p.strip()]
 

@@ -118,7 +118,7 @@ def _diagnose_scenario(scenario: Scenario, cache: str | os.PathLike | None, rule
     )  # shared by scenarios of one base and task
     # one diagnosis seed for the whole suite: scenarios sharing a base share evaluation sequences and
     # the revival control's runs (cached); the scenarios' own seeds vary their fine-tuning
-    analyzers = suite_analyzers(control, cache, compiled=not base.spec.has_hf_equivalent, memory=memory)
+    analyzers = suite_analyzers(control, cache, compiled=base.spec.compiled, memory=memory)
     diagnosis = diagnose(base, tuned, capability, downstream, analyzers=analyzers,
                          eval_size=EVAL_SIZE, seed=0, progress=False, rule=rule, n_boot=n_boot, memory=memory)  # fmt: skip
     rule = rule or default_rule()
@@ -288,6 +288,8 @@ def run_suite(
     out = check_output_folder(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)
     cache = (Path(cache) if cache is not None else out / "cache").resolve()  # absolute: Ray nodes get the path
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"the cache {cache} is a file; name a folder (it is created if missing)")
     copy_missing(SUITE_ASSETS / "cache", cache)  # the shipped controls and their runs
     done = [s for s in scenarios if record_path(out, s).exists()]
     kept = load_records(out, done)
@@ -409,8 +411,22 @@ def load_records(out: str | os.PathLike, scenarios: Sequence[Scenario] | None = 
     """The records in ``out`` (of ``scenarios`` only, in their order, when given)."""
     folder = Path(out) / "scenarios"
     if scenarios is None:
-        return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if not p.name.endswith(".error.json")]
-    return [json.loads(record_path(out, s).read_text()) for s in scenarios if record_path(out, s).exists()]
+        paths = [p for p in sorted(folder.glob("*.json")) if not p.name.endswith(".error.json")]
+    else:
+        paths = [record_path(out, s) for s in scenarios if record_path(out, s).exists()]
+    return [_read_record(p) for p in paths]
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"the scenario record {path} is corrupt ({exc}); delete it, and the next run measures that scenario again"
+        ) from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"the scenario record {path} holds no record; delete it, and the next run measures it again")
+    return record
 
 
 def findings_from_record(record: dict[str, Any], rule: VerdictRule) -> dict[str, Finding]:

@@ -96,6 +96,45 @@ class Env:
             diagnose(self.model, tuned, TASK, TASK, analyzers=[Generalization()], eval_size=16, progress=False,
                      evidence_dir=folder)  # fmt: skip
 
+    def folder_with_a_tuned_model_of_ones_own(self) -> Path:
+        """A folder whose ``tuned/`` holds a model and notes a demo did not write (the demo deleted
+        them until 2026-12-07)."""
+        folder = self.root / "mine"
+        if not folder.exists():
+            save_model(self.model, folder / "tuned")
+            (folder / "tuned" / "notes.txt").write_text("mine")
+        return folder
+
+    def adapter(self, config: str) -> Path:
+        """An adapter folder whose ``adapter_config.json`` holds ``config``."""
+        folder = self.root / f"adapter-{abs(hash(config))}"
+        folder.mkdir(exist_ok=True)
+        (folder / "adapter_config.json").write_text(config)
+        return folder
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.root / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def config_of_other_width(self) -> Path:
+        """A checkpoint whose config.json was edited to another width than its weights' (a traceback
+        from transformers 5 until 2026-12-07)."""
+        import json
+
+        config = json.loads((self.ckpt / "config.json").read_text())
+        return self._broken("other_width", config=json.dumps({**config, "n_embd": 2 * config["n_embd"]}))
+
+    def store_without_a_step(self) -> Path:
+        """A run store whose first step line was cut (the recording stopped before it was written)."""
+        folder = self.root / "stepless_run"
+        if not folder.exists():
+            import shutil
+
+            shutil.copytree(self.plain_store, folder)
+            (folder / "steps.jsonl").write_text('{"step": 0, "scal')
+        return folder
+
     def load_relative(self, name: str):
         """``load_model(name)`` from the cases' folder, as a user types a path relative to where they are."""
         import contextlib
@@ -356,6 +395,7 @@ CASES = [
         lambda e: Recorder(e.model, e.root / "nowhere", resume=True),
     ),  # fmt: skip
     Case("store-not-a-store", StoreError, "not a run store", lambda e: RunStore.open(e.root)),
+    Case("store-a-file", StoreError, "it is a file; a run store is a folder", lambda e: RunStore.open(e.file)),
     Case(
         "store-unknown-array",
         ConfigError,
@@ -450,6 +490,27 @@ CASES = [
         lambda e: __import__("capwrap").run_demo(e.root / "d", scenario="nope"),
     ),  # fmt: skip
     Case("demo-out-is-a-file", ConfigError, "is a file", lambda e: __import__("capwrap").run_demo(e.file)),
+    Case("demo-tuned-of-ones-own", ConfigError, "tuned exists and is not a tuned model an earlier demo wrote",
+         lambda e: __import__("capwrap").run_demo(e.folder_with_a_tuned_model_of_ones_own())),
+    # adapters, task specs, stores
+    Case("adapter-config-a-list", CheckpointError, "holds a JSON list, not the object of settings peft writes",
+         lambda e: load_model(e.adapter('["a", "list"]'))),
+    Case("adapter-no-peft-type", CheckpointError, "names no peft_type",
+         lambda e: __import__("capwrap.models.adapters").models.adapters.read_adapter(e.adapter('{"r": 4}'))),
+    Case("spec-operand-and-prior", ConfigError, r"give operand= .* or prior= .*, not both",
+         lambda e: task_from_spec("pcfg=count,operand=b,prior=low")),
+    Case("spec-offset-without-correlation", ConfigError, "give correlation= too",
+         lambda e: task_from_spec("pcfg=count,operand=b,source=c,offset=5")),
+    Case("spec-prior-not-numbers", ConfigError, "is not 3 probabilities over a/b/c",
+         lambda e: task_from_spec("pcfg=count,prior=x/y/z")),
+    Case("spec-prior-nan", ConfigError, "3 non-negative probabilities",
+         lambda e: task_from_spec("pcfg=count,prior=nan/0/1")),
+    Case("spec-empty-text", ConfigError, "text= is empty", lambda e: task_from_spec("text=,feature=word:Lily")),
+    Case("texts-malformed-json", ConfigError, "cannot read .* as JSON .*well-formed",
+         lambda e: load_texts(e.write("broken.json", "{not json"))),
+    Case("texts-not-utf8", ConfigError, "is not UTF-8 text", lambda e: load_texts(e.write("latin.txt", b"caf\xe9 au lait"))),
+    Case("load-config-of-other-shape", ConfigError, "the weights do not fit the gpt2 model its config.json describes",
+         lambda e: load_model(e.config_of_other_width())),
     # the command line: one line, exit code 2
     Case("cli-info-missing-folder", None, "does not exist", argv=lambda e: ["info", str(e.root / "nowhere")]),
     Case("cli-info-config-not-json", None, "config", argv=lambda e: ["info", str(e.bad_config)]),
@@ -460,6 +521,26 @@ CASES = [
         argv=lambda e: ["info", str(e.nan_ckpt)],
     ),  # fmt: skip
     Case("cli-demo-out-is-a-file", None, "is a file", argv=lambda e: ["demo", "--out", str(e.file), "--quiet"]),
+    Case("cli-demo-out-empty", None, r"the output folder is empty \(''\)", argv=lambda e: ["demo", "--out", "", "--quiet"]),
+    Case("cli-demo-seed-negative", SystemExit, "--seed: expected a whole number from 0",
+         argv=lambda e: ["demo", "--out", str(e.root / "d3"), "--seed", "-1"]),
+    Case("cli-diagnose-out-empty", None, r"the output folder is empty \(''\)",
+         argv=lambda e: ["diagnose", str(e.ckpt), str(e.ckpt), "--capability", CAP, "--downstream", DOWN, "--out", ""]),
+    Case("cli-diagnose-seed-too-large", SystemExit, "--seed: expected a whole number from 0",
+         argv=lambda e: ["diagnose", str(e.ckpt), str(e.ckpt), "--capability", CAP, "--downstream", DOWN,
+                         "--seed", "99999999999999999999"]),
+    Case("cli-diagnose-store-without-a-step", None, "holds no recorded step",
+         argv=lambda e: ["diagnose", str(e.ckpt), str(e.ckpt), "--capability", CAP, "--downstream", DOWN,
+                         "--store", str(e.store_without_a_step())]),
+    Case("cli-diagnose-spec-before-loading", None, "not key=value",
+         argv=lambda e: ["diagnose", str(e.root / "nowhere"), str(e.root / "nowhere"), "--capability", "count a",
+                         "--downstream", DOWN]),
+    Case("cli-validate-cache-a-file", None, "the cache .* is a file",
+         argv=lambda e: ["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--cache", str(e.file),
+                         "--out", str(e.root / "v2")]),
+    Case("cli-validate-fit-held-out", None, "--fit fits the verdict rule on calibration scenarios only",
+         argv=lambda e: ["validate", "--scenario", "held/kept/noop/*", "--fit", str(e.root / "rule.json"),
+                         "--out", str(e.root / "v")]),
     Case(
         "cli-demo-eval-size-zero",
         None,

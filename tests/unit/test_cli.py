@@ -316,3 +316,21 @@ def test_demo_without_diagnosis_prints_no_verdict(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verdict" not in out and "done in" in out
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["verdict"] is None
+
+
+def test_a_demo_stopped_on_the_way_leaves_no_earlier_demos_outputs_beside_its_run(tmp_path, capsys):
+    """A demo run again into one folder, stopped while it fine-tunes, left the earlier demo's summary,
+    report and tuned model beside its own partial run (until 2026-12-07): they go as it starts."""
+    from capwrap import run_demo
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2", "--eval-size", "16", "--no-diagnose", "--quiet"]) == 0
+    assert {"summary.json", "report.html", "tuned", "run"} <= {p.name for p in out.iterdir()}
+
+    def stop_at_fine_tuning(line: str) -> None:
+        if line.startswith("fine-tuning"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out, finetune_steps=2, eval_size=16, diagnose_pair=False, progress=False, log=stop_at_fine_tuning)
+    assert not {"summary.json", "report.html", "tuned"} & {p.name for p in out.iterdir()}

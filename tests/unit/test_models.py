@@ -147,6 +147,12 @@ def test_pickle_checkpoints_need_opt_in(small_model, tmp_path):
     tokens = torch.randint(0, small_model.spec.d_vocab, (2, 5))
     loaded = load_model(tmp_path / "ckpt", allow_pickle=True)
     torch.testing.assert_close(loaded(tokens), small_model(tokens), atol=1e-5, rtol=1e-5)
+    # a pickle that runs code is refused even so, with what it held, never with torch's advice to load it
+    # with weights_only=False (which the message passed on until 2026-12-07)
+    torch.save({**state, "hook": print}, tmp_path / "ckpt" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="Unsupported global: GLOBAL print") as err:
+        load_model(tmp_path / "ckpt", allow_pickle=True)
+    assert "likely succeed" not in str(err.value) and "never loads pickles with weights_only=False" in str(err.value)
 
 
 def test_spec_validation_names_the_field():

@@ -200,17 +200,23 @@ class _Operations(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_records_a_float64_model_in_float64(small_model, small_task, tmp_path):
-    model = load_model(save_model(small_model, tmp_path / "m"), dtype="float64")
+def _record_one_sgd_step(model, task, path, lr: float) -> dict[str, torch.Tensor]:
+    """Record one plain gradient step of ``model`` into a store at ``path``; the weights before it."""
     start = {k: v.detach().clone() for k, v in model.weights().items()}
-    with Recorder(model, tmp_path / "run", hooks=(), every=1) as rec:
-        batch = small_task.sample(8, seed=1)
+    with Recorder(model, path, hooks=(), every=1) as rec:
+        batch = task.sample(8, seed=1)
         answer_loss(model(batch.tokens), batch).backward()
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
-                    p.sub_(1e-2 * p.grad)
+                    p.sub_(lr * p.grad)
         rec.step(loss=None)
+    return start
+
+
+def test_records_a_float64_model_in_float64(small_model, small_task, tmp_path):
+    model = load_model(save_model(small_model, tmp_path / "m"), dtype="float64")
+    start = _record_one_sgd_step(model, small_task, tmp_path / "run", lr=1e-2)
     delta = sum(float((w.detach() - start[k]).square().sum()) for k, w in model.weights().items()) ** 0.5
     assert delta > 0
     recorded = RunStore.open(tmp_path / "run").scalars()["weight_delta"].iloc[-1]
@@ -332,3 +338,50 @@ def test_gradients_left_on_the_model_are_no_step_of_the_run(small_model, small_t
     store = RunStore.open(tmp_path / "run")
     assert store.array_steps("weight_delta.head") == [0, 2, 4]
     assert store.array_steps("grad_norm.head") == [2, 4]
+
+
+def test_a_tied_embedding_counts_once_in_the_weight_change(small_spec, small_task, backend, tmp_path):
+    """``weight_delta`` is over the parameters, as ``grad_norm`` is: a tied embedding, which the
+    model's weights show twice (W_E and W_U, one memory), counts once (twice until 2026-12-07)."""
+    import dataclasses
+
+    model = build_model(dataclasses.replace(small_spec, tie_embeddings=True), backend=backend, seed=0)
+    start = _record_one_sgd_step(model, small_task, tmp_path / "run", lr=1e-1)
+    change = {k: float((w.detach() - start[k]).double().square().sum()) for k, w in model.weights().items()}
+    assert change["embed.W_E"] > 0 and change["unembed.W_U"] == pytest.approx(change["embed.W_E"])
+    scalars = RunStore.open(tmp_path / "run").scalars()
+    once = sum(v for k, v in change.items() if k != "unembed.W_U") ** 0.5
+    assert scalars["weight_delta"].iloc[-1] == pytest.approx(once, rel=1e-6)
+    assert scalars["weight_delta"].iloc[-1] != pytest.approx(sum(change.values()) ** 0.5, rel=1e-3)
+    start_norm = sum(float(v.double().square().sum()) for k, v in start.items() if k != "unembed.W_U") ** 0.5
+    assert scalars["weight_delta_rel"].iloc[-1] == pytest.approx(once / start_norm, rel=1e-6)
+
+
+def test_a_resumed_recorder_refuses_settings_other_than_its_stores(small_model, small_task, tmp_path):
+    """Given to a resumed recorder, the probe, dtype and component kinds must be the store's: another
+    probe's activations would be filed under the store's probe.safetensors (silently, until 2026-12-07)."""
+    probe = small_task.sample(6, seed=2)
+    with Recorder(small_model, tmp_path / "run", hooks="blocks.0.hook_resid_post", probe=probe, every=2):
+        pass
+    other = small_task.sample(6, seed=3)
+    for given, named in [({"probe": other}, "the probe batch"), ({"probe": other.tokens}, "the probe batch"),
+                         ({"dtype": "float16"}, "dtype .'float16' given, the store's 'float32'"),
+                         ({"component_kinds": ("head",)}, r"component_kinds \(\['head'\] given")]:  # fmt: skip
+        with pytest.raises(StoreError, match=f"recorded with other settings: {named}"):
+            Recorder(small_model, tmp_path / "run", resume=True, **given)
+    # the same settings given, or the tokens alone of the same probe, resume
+    Recorder(small_model, tmp_path / "run", resume=True, probe=probe, dtype="float32").open().close()
+    Recorder(small_model, tmp_path / "run", resume=True, probe=probe.tokens).open().close()
+
+
+def test_a_new_store_of_a_resumed_run_numbers_on_from_its_first_step(small_model, small_task, tmp_path):
+    with Recorder(small_model, tmp_path / "run", probe=small_task.sample(4, seed=0), every=2, first_step=4) as rec:
+        for _ in range(3):
+            rec.step(loss=1.0)
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == [4, 5, 6, 7] and store.array_steps("blocks.0.hook_resid_post") == [4, 6]
+    assert store.meta["first_step"] == 4
+    with pytest.raises(ConfigError, match="first_step is for a new store"):
+        Recorder(small_model, tmp_path / "run", resume=True, first_step=2)
+    with pytest.raises(ConfigError, match="first_step must be a step count"):
+        Recorder(small_model, tmp_path / "other", hooks=(), first_step=-1)

@@ -92,9 +92,23 @@ def test_exact_scores_find_a_compiled_models_circuit_gradients_miss():
     pair = ModelPair(counter, counter.clone())
     essential = {"L0H0->L0.mlp", "L0.mlp->logits", "input->L0H0.k"}
     found = {}
-    for method in ("eap-ig", "exact"):
+    scored_by = {}
+    for method in ("eap-ig", "exact", "auto"):
         evidence = Subgraph(method=method, n=32)(pair, task, downstream, eval_size=16)
         table = evidence.table.set_index("edge")
         found[method] = {e for e in essential if abs(table["capability_base"].get(e, 0.0)) > 1e-3}
+        scored_by[method] = evidence.details["method"]
         assert evidence.headline["capability_overlap"] == pytest.approx(1.0)  # the same model: the circuit survives
-    assert found == {"eap-ig": {"L0.mlp->logits"}, "exact": essential}
+    # the default (auto) scores a compiled model exactly
+    assert found == {"eap-ig": {"L0.mlp->logits"}, "exact": essential, "auto": essential}
+    assert scored_by == {"eap-ig": "eap-ig", "exact": "exact", "auto": "exact"}
+
+
+def test_auto_scores_a_trained_model_by_edge_attribution():
+    """``auto`` keeps exact ablation (a pass per edge) for compiled models: a trained one is scored by EAP-IG."""
+    from capwrap.models import ModelSpec
+
+    analyzer = Subgraph()
+    assert analyzer.method == "auto"
+    assert analyzer.scoring(ModelSpec(d_vocab=8, n_ctx=8, n_layers=1, d_model=8, n_heads=2)) == "eap-ig"
+    assert Subgraph(method="eap").scoring(ModelSpec(d_vocab=8, n_ctx=8, n_layers=1, d_model=8, n_heads=2)) == "eap"

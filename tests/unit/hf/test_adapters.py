@@ -95,11 +95,56 @@ def test_bad_adapters_get_clear_errors(gpt2_folder, llama_folder, make_adapter, 
     with pytest.raises(CheckpointError, match="is a IA3 adapter; capwrap reads LoRA adapters"):
         read_adapter(dora)
 
+    from safetensors.torch import load_file, save_file
+
+    diverged = tmp_path / "diverged"  # a NaN in a factor: refused on reading (a LinAlgError in diagnose until 2026-12-07)
+    shutil.copytree(adapter, diverged)
+    factors = load_file(str(diverged / "adapter_model.safetensors"))
+    name = sorted(factors)[0]
+    factors[name][0, 0] = float("nan")
+    save_file(factors, str(diverged / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"the adapter {diverged} holds non-finite values in {name}"):
+        read_adapter(diverged)
+
     corrupt = tmp_path / "corrupt"
     shutil.copytree(adapter, corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_adapter(corrupt)
+
+
+@pytest.mark.parametrize("where", ["lora", "modules_to_save"])
+def test_an_adapter_on_a_tied_embedding_is_refused_and_the_untied_copy_diagnoses_it(
+    where, gpt2_folder, make_adapter, tmp_path
+):
+    """peft trains a tied GPT-2's input embedding alone (LoRA factors on wte, or a trained copy of it),
+    leaving lm_head on the base's weights: merged into the one tied tensor, the model would differ from
+    the trained one by whole logits (until 2026-12-07). The error's recipe, an untied copy of the base
+    with the adapter merged by peft, gives the trained model."""
+    import peft
+    import transformers
+
+    options = {"lora": {"target_modules": ["c_attn", "wte"]},
+               "modules_to_save": {"target_modules": ["c_attn"], "modules_to_save": ["wte"]}}[where]  # fmt: skip
+    adapter = make_adapter(gpt2_folder, **options)
+    with pytest.raises(CheckpointError, match=r"changes transformer.wte.weight, which this base ties to its output "
+                                              r"layer \(lm_head.weight\).*Untie a copy of the base"):  # fmt: skip
+        load_model(gpt2_folder, adapter=adapter)
+
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    trained = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder), adapter)
+    with torch.no_grad():
+        expected = trained.eval()(tokens).logits
+    untied = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)  # the recipe of the guide
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.transformer.wte.weight.detach().clone())
+    untied.save_pretrained(tmp_path / "untied")
+    merged = peft.PeftModel.from_pretrained(untied, adapter).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    base, tuned = load_model(tmp_path / "untied"), load_model(tmp_path / "merged")
+    assert not base.spec.tie_embeddings and base.spec == tuned.spec
+    torch.testing.assert_close(tuned(tokens), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base(tokens), expected, atol=1e-2)  # the adapter does change the model
 
 
 def test_adapter_where_a_checkpoint_is_expected_says_how_to_use_it(gpt2_folder, make_adapter):

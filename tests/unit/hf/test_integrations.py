@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 import transformers
 
 from capwrap.analyzers import weight_change_table
+from capwrap.errors import CapwrapWarning
 from capwrap.integrations import RecorderCallback, task_dataset
 from capwrap.models import load_model
 from capwrap.recording import Recorder, RunStore
@@ -154,19 +156,114 @@ def test_recording_a_resumed_trainer_needs_the_store_to_match(gpt2_folder, tmp_p
         resumed.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-2"))
 
 
-def test_a_callback_that_trains_again_after_a_failed_attempt_leaves_no_hooks_behind(gpt2_folder, tmp_path):
-    """A Trainer that retries (auto_find_batch_size after running out of memory) calls on_train_begin
-    again without on_train_end: the hooks of the failed attempt go, and a measurement that the failed
-    backward pass never ran does not stop the next ones."""
+class _OutOfMemoryOnce(transformers.TrainerCallback):
+    """Runs out of memory at the first step, once, as the CPU allocator says it (the message accelerate's
+    find_executable_batch_size retries on), after a backward pass would have queued a measurement."""
+
+    def __init__(self, recorder_callback: RecorderCallback):
+        self.recorder_callback, self.fired = recorder_callback, False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.fired:
+            self.fired = True
+            self.recorder_callback._measuring = True  # as a backward pass that raised after its first gradient
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+
+def test_a_trainer_that_trains_again_after_running_out_of_memory_goes_on_in_its_store(gpt2_folder, tmp_path):
+    """auto_find_batch_size retries with half the batch, calling on_train_begin again without
+    on_train_end: the store goes on (refused as 'already exists' until 2026-12-07), the failed
+    attempt's hooks go, and its unfinished measurement does not stop the next ones."""
     model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
-    callback = RecorderCallback(tmp_path / "run", hooks=(), overwrite=True)
-    trainer = transformers.Trainer(model, _arguments(tmp_path / "trainer", max_steps=2),
-                                   train_dataset=task_dataset(TASK, 48, seed=0), callbacks=[callback])  # fmt: skip
-    state = transformers.TrainerState()
-    callback.on_train_begin(trainer.args, state, None, model=model)
-    callback._measuring = True  # as a backward pass that raised after its first gradient leaves it
+    callback = RecorderCallback(tmp_path / "run", probe=PROBE, hooks=(), every=2)
     hooks = sum(len(m._forward_hooks) for m in model.modules())
+    args = _arguments(tmp_path / "trainer", max_steps=3, auto_find_batch_size=True, per_device_train_batch_size=16)
+    trainer = transformers.Trainer(model, args, train_dataset=task_dataset(TASK, 96, seed=0),
+                                   callbacks=[callback, _OutOfMemoryOnce(callback)])  # fmt: skip
     trainer.train()
-    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks - 1  # the attempt's and this run's: gone
-    logged = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
-    assert RunStore.open(tmp_path / "run").scalars()["grad_norm"].loc[1:].tolist() == pytest.approx(logged, rel=1e-4)
+    assert trainer._train_batch_size < 16  # it did run out of memory once, and retried with a smaller batch
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    store = RunStore.open(tmp_path / "run")
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert store.steps == [0, 1, 2, 3]
+    assert store.scalars()["grad_norm"].loc[1:].tolist() == pytest.approx([e["grad_norm"] for e in logged], rel=1e-4)
+
+
+def test_a_callback_given_twice_records_each_step_once(gpt2_folder, tmp_path):
+    """transformers only warns of a callback given twice and calls it twice per event: the store is
+    the one a single callback writes (refused as 'already exists' until 2026-12-07)."""
+    data = task_dataset(TASK, 48, seed=0)
+    stores = {}
+    for copies in (1, 2):
+        callback = RecorderCallback(tmp_path / f"run{copies}", probe=PROBE, hooks="blocks.0.hook_resid_post", every=2)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+        transformers.Trainer(model, _arguments(tmp_path / "trainer", max_steps=4), train_dataset=data,
+                             callbacks=[callback] * copies).train()  # fmt: skip
+        stores[copies] = RunStore.open(tmp_path / f"run{copies}")
+    assert stores[2].steps == stores[1].steps == [0, 1, 2, 3, 4]
+    pd.testing.assert_frame_equal(stores[2].scalars(), stores[1].scalars())
+    assert torch.equal(stores[2].array("blocks.0.hook_resid_post"), stores[1].array("blocks.0.hook_resid_post"))
+
+
+def test_a_trainer_resumed_into_a_new_store_numbers_its_steps_on(gpt2_folder, tmp_path):
+    """Resumed from checkpoint-2 into a new folder, the store's steps are the run's (2, 3, 4; they were
+    0, 1, 2 until 2026-12-07), measured from the checkpoint's weights, as its metadata says."""
+    data = task_dataset(TASK, 48, seed=0)
+    args = _arguments(tmp_path / "trainer", max_steps=4, save_strategy="steps", save_steps=2)
+    first = transformers.Trainer(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder), args,
+                                 train_dataset=data)  # fmt: skip
+    first.train()
+    callback = RecorderCallback(tmp_path / "resumed", probe=PROBE, hooks=(), every=2)
+    resumed = transformers.Trainer(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder),
+                                   _arguments(tmp_path / "trainer", max_steps=4), train_dataset=data,
+                                   callbacks=[callback])  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-2"))
+    store = RunStore.open(tmp_path / "resumed")
+    assert store.steps == [2, 3, 4] and store.meta["first_step"] == 2
+    assert store.array_steps("weight_delta.head") == [2, 4]
+    logged = {e["step"]: e["loss"] for e in resumed.state.log_history if "loss" in e}
+    assert store.scalars()["loss"].loc[3:].tolist() == pytest.approx([logged[3], logged[4]], rel=1e-4)
+    assert store.scalars()["weight_delta"].loc[2] == 0  # the checkpoint's weights are the start
+
+
+def test_a_trainer_that_computes_the_loss_itself_is_warned_of(gpt2_folder, tmp_path):
+    """With label smoothing the Trainer keeps the labels from the model, which returns no loss: the
+    callback says it records none (the store silently lacked it until 2026-12-07)."""
+    callback = RecorderCallback(tmp_path / "run", hooks=())
+    trainer = transformers.Trainer(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder),
+                                   _arguments(tmp_path / "trainer", max_steps=2, label_smoothing_factor=0.1),
+                                   train_dataset=task_dataset(TASK, 32, seed=0), callbacks=[callback])  # fmt: skip
+    with pytest.warns(CapwrapWarning, match="the model returned no loss, so the store records none") as caught:
+        trainer.train()
+    assert sum("returned no loss" in str(w.message) for w in caught) == 1  # once per run
+    assert "loss" not in RunStore.open(tmp_path / "run").scalars().columns
+
+
+def test_a_model_in_a_wrapper_of_ones_own_and_a_tokenizer_made_in_memory_record(gpt2_folder, tmp_path):
+    """A Trainer given a module of the user's own that holds the model (an AttributeError until
+    2026-12-07), with a tokenizer built in memory, which has no name_or_path (a KeyError inside
+    TransformerLens until 2026-12-07: the callback no longer hands it the tokenizer, which it does not need)."""
+    import tokenizers
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            return self.inner(input_ids=input_ids, labels=labels, **kwargs)
+
+    words = ["<pad>", "<eos>", "<bos>"] + [f"w{i}" for i in range(61)]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                                     bos_token="<bos>")  # fmt: skip
+    inner = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+    callback = RecorderCallback(tmp_path / "run", probe=PROBE, hooks="blocks.0.hook_resid_post", every=2)
+    trainer = transformers.Trainer(Wrapper(inner), _arguments(tmp_path / "trainer", max_steps=2),
+                                   train_dataset=task_dataset(TASK, 32, seed=0), processing_class=tokenizer,
+                                   callbacks=[callback])  # fmt: skip
+    trainer.train()
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == [0, 1, 2] and store.scalars()["loss"].notna().sum() == 2
+    heads = weight_change_table(load_model(gpt2_folder), callback.recorder.model, kinds=("head",))
+    assert float(heads["change"].sum()) > 0  # the wrapped model's own weights are the ones recorded

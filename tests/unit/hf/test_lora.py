@@ -18,8 +18,8 @@ TASK = PCFGTask("count", "b", correlation=1.0, config=PCFGConfig(length=8, windo
 CONFIG = TrainConfig(steps=8, batch_size=16, lr=1e-2, warmup=0.0, progress=False)
 
 
-def _base(architecture: str, backend: str | None, tmp_path):
-    extra = {"n_key_value_heads": 2} if architecture == "llama" else {}
+def _base(architecture: str, backend: str | None, tmp_path, **extra):
+    extra |= {"n_key_value_heads": 2} if architecture == "llama" else {}
     spec = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=2, d_model=16, n_heads=4,
                      architecture=architecture, **extra)  # fmt: skip
     save_model(build_model(spec, seed=0), tmp_path / "base")
@@ -86,6 +86,11 @@ def test_lora_bad_settings(tmp_path):
     model = _base("gpt2", None, tmp_path)
     with pytest.raises(ConfigError, match=r"does not fit this gpt2 model .* its layers are \[.*'c_attn'"):
         train(model, TASK, CONFIG, method=LoRA(target=["q_proj"]))
+    # the input embedding of a tied model: peft trains it alone (the output layer keeps the base's
+    # weights), so the merged tied model would be another model than the trained one (until 2026-12-07)
+    with pytest.raises(ConfigError, match=r"adapts transformer.wte.weight, which this model ties to its output layer "
+                                          r"\(lm_head.weight\).*target=\['c_attn'\]"):  # fmt: skip
+        train(_base("gpt2", None, tmp_path / "tied", tie_embeddings=True), TASK, CONFIG, method=LoRA(target=["c_attn", "wte"]))
     assert LoRA(r=4, target="all-linear").describe() == {
         "method": "lora", "r": 4, "alpha": 16.0, "target": "all-linear", "dropout": 0.0, "rslora": False,
     }  # fmt: skip
