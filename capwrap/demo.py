@@ -175,9 +175,10 @@ def run_demo(
     """Run the demo study and write ``summary.json``, ``report.html``, the run store and the tuned model.
 
     Args:
-        out: output folder (created). An earlier demo's outputs in it are removed as the demo starts (a
-            demo stopped on the way leaves only its partial run store); a ``tuned/`` or ``run/`` there
-            that no demo wrote is refused before anything runs.
+        out: output folder (created). An earlier demo's outputs in it (which it marks,
+            :data:`DEMO_MARK`) are removed as fine-tuning starts, so a demo stopped on the way leaves
+            only its partial run store; a ``tuned/``, ``run/``, ``summary.json`` or ``report.html``
+            there that no demo wrote is refused before anything runs.
         seed: seeds fine-tuning data, recording probe and evaluation sets.
         scenario: ``"default"`` or ``"removed"`` (the negative control; see the module docstring).
         backend: ``"hooked"`` or ``"bridge"`` (default: the installed TransformerLens's).
@@ -195,7 +196,7 @@ def run_demo(
         raise ConfigError(f"eval_size must be positive, got {eval_size}")
     device = None if device is None else resolve_device(device)
     out = check_output_folder(out)
-    _clear_earlier_demo(out)
+    _check_earlier_demo(out)  # before anything runs; removed once the arguments have all been checked
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tasks = demo_tasks()
@@ -219,6 +220,7 @@ def run_demo(
     if scenario == "removed":
         log("negative control: re-initializing every transformer block before fine-tuning (the capability is gone)")
         remove_capability(tuned, seed=seed)
+    _clear_earlier_demo(out)  # so that a demo stopped from here on leaves no earlier outputs beside its run
     c_tr = FINETUNE_CORRELATION[scenario]
     log(
         f"fine-tuning to count b (C_Tr = {c_tr:g}, lr {finetune.lr:.0e}, {finetune.steps} steps), recording every 10 steps ..."
@@ -228,7 +230,7 @@ def run_demo(
     store_path = out / "run"
     recorder = Recorder(
         tuned, store_path, hooks="blocks.*.hook_resid_post", probe=probe, every=10, overwrite=True,
-        meta={"scenario": scenario, "task": ft_task.describe()},
+        meta={"scenario": scenario, "task": ft_task.describe(), MADE_BY: DEMO_MARK},
     )  # fmt: skip
     t0 = time.perf_counter()
     result = train(tuned, ft_task, finetune, recorder=recorder, eval_tasks=test_sets, description="fine-tune")
@@ -238,7 +240,7 @@ def run_demo(
         tuned,
         out / "tuned",
         overwrite=True,
-        metadata={"task": ft_task.describe(), "train_config": dataclasses.asdict(finetune)},
+        metadata={"task": ft_task.describe(), "train_config": dataclasses.asdict(finetune), MADE_BY: DEMO_MARK},
     )
     store = RunStore.open(store_path)
     diagnosis = None
@@ -260,6 +262,7 @@ def run_demo(
         log(f"verdict: {diagnosis.verdict} (score {diagnosis.score:+.2f})")
 
     summary: dict[str, Any] = {
+        MADE_BY: DEMO_MARK,
         "scenario": scenario,
         "seed": seed,
         "verdict": diagnosis.verdict if diagnosis else None,
@@ -293,27 +296,34 @@ def run_demo(
 
 #: What a demo writes into its folder, beside its run store (``run/``) and revival cache.
 DEMO_OUTPUTS = ("summary.json", "report.html", "tuned")
+#: The metadata key, and its value, by which the demo marks what it writes (its tuned model, run store
+#: and summary): what a later demo may remove from the folder.
+MADE_BY, DEMO_MARK = "made_by", "capwrap.run_demo"
+
+
+def _check_earlier_demo(out: Path) -> None:
+    """Refuse ``out`` if a ``tuned/``, ``run/``, ``summary.json`` or ``report.html`` there is not an
+    earlier demo's (:data:`DEMO_MARK`): the demo replaces them."""
+    tuned, run, summary, report = (out / n for n in ("tuned", "run", "summary.json", "report.html"))
+    foreign = [
+        path for path, mine in (
+            (tuned, lambda: _marked(_json_field(tuned / CAPWRAP_FILE, "metadata"))),
+            (run, lambda: run.is_dir() and (not any(run.iterdir()) or _marked(_json_field(run / "meta.json", "user")))),
+            (summary, lambda: _marked(_read_json(summary))),
+            (report, lambda: _marked(_read_json(summary))),
+        ) if path.exists() and (path.is_symlink() or not mine())
+    ]  # fmt: skip
+    if foreign:
+        raise ConfigError(
+            f"{foreign[0]} is not an output of an earlier `capwrap demo` (which marks what it writes since "
+            "2026-12-07), and the demo would replace it; choose another --out, or move it"
+        )
 
 
 def _clear_earlier_demo(out: Path) -> None:
-    """Remove an earlier demo's outputs from ``out`` before anything runs, so that a demo stopped on
-    the way never leaves them beside its own partial run; refuse (before removing anything) where
-    one of those names holds something a demo did not write."""
-    tuned, run = out / "tuned", out / "run"
-    if tuned.exists() and not _is_demo_model(tuned):
-        raise ConfigError(
-            f"{tuned} exists and is not a tuned model an earlier demo wrote, which the demo would replace; "
-            "choose another --out, or move it"
-        )
-    if run.is_dir() and any(run.iterdir()) and not (run / "meta.json").exists():
-        raise ConfigError(
-            f"{run} exists and is not a run store an earlier demo wrote, which the demo would replace; choose another "
-            "--out, or move it"
-        )
-    for name in DEMO_OUTPUTS:
-        path = out / name
-        if path.is_dir() and name != "tuned":
-            raise ConfigError(f"{path} is a folder where the demo writes a file; choose another --out, or move it")
+    """Remove an earlier demo's outputs from ``out`` (:func:`_check_earlier_demo` first), so that a demo
+    stopped on the way never leaves them beside its own partial run."""
+    _check_earlier_demo(out)
     for name in DEMO_OUTPUTS:
         path = out / name
         if path.is_dir():
@@ -322,13 +332,20 @@ def _clear_earlier_demo(out: Path) -> None:
             path.unlink()
 
 
-def _is_demo_model(folder: Path) -> bool:
-    """Whether ``folder`` is a model :func:`run_demo` saved (its ``capwrap.json`` keeps the fine-tuning)."""
+def _read_json(path: Path) -> Any:
     try:
-        meta = json.loads((folder / CAPWRAP_FILE).read_text()).get("metadata", {})
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(meta, dict) and "train_config" in meta and "task" in meta
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _json_field(path: Path, key: str) -> Any:
+    doc = _read_json(path)
+    return doc.get(key) if isinstance(doc, dict) else None
+
+
+def _marked(meta: Any) -> bool:
+    return isinstance(meta, dict) and meta.get(MADE_BY) == DEMO_MARK
 
 
 def demo_analyzers(

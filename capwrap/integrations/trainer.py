@@ -63,7 +63,9 @@ class RecorderCallback(transformers.TrainerCallback):
             A Trainer resumed from a checkpoint into a new folder numbers the store's steps on from
             the checkpoint's (its weight changes are measured from the checkpoint's weights:
             ``meta["first_step"]``). A Trainer that trains again after a failed attempt
-            (``auto_find_batch_size``) goes on in the same store, from the step it starts at.
+            (``auto_find_batch_size``) goes on in the same store, from the step it starts at (the
+            failed attempt's weight updates, which transformers keeps, are warned of and noted in
+            ``meta["retries"]``).
         probe: the fixed batch activations are recorded on: a :class:`~capwrap.tasks.TaskBatch`
             (its labels are kept for probes) or token ids ``[batch, pos]``.
         hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``); ``()`` for none.
@@ -114,6 +116,7 @@ class RecorderCallback(transformers.TrainerCallback):
         self._scaler: Any = None  # fp16's gradient scaler, whose scale the measured gradients carry
         self._model: torch.nn.Module | None = None  # the live model the recorder watches
         self._last_event: tuple[str, int] | None = None  # (event, global step) last handled
+        self._last_state: Any = None  # the TrainerState it came with
         self._warned_no_loss = False
 
     # ---- Trainer events -------------------------------------------------------------------------
@@ -123,9 +126,9 @@ class RecorderCallback(transformers.TrainerCallback):
         if model is None:  # pragma: no cover - every Trainer passes its model
             raise ConfigError("the Trainer passed no model to RecorderCallback")
         if self.recorder is not None and self.recorder.is_open and self._model is model:
-            # the Trainer trains again after a failed attempt (auto_find_batch_size halves the batch): the
+            # the Trainer trains again after a failed attempt (auto_find_batch_size lowers the batch): the
             # store goes on from the step it starts at, without what the failed attempt recorded after it
-            self.recorder.rollback(state.global_step)
+            self._retried(state.global_step)
         else:
             if self.recorder is not None:  # another model (a Trainer with model_init): a store of its own
                 self.recorder.close()
@@ -185,13 +188,32 @@ class RecorderCallback(transformers.TrainerCallback):
         self.recorder.open()
         self._model = model
 
+    def _retried(self, step: int) -> None:
+        """Go back to ``step`` after a failed attempt. transformers keeps the weight updates of the
+        attempt's optimizer steps (it restores no weights), so those are said: a warning, and the
+        store's ``meta["retries"]``."""
+        assert self.recorder is not None and self.recorder.store is not None
+        ran = self.recorder.current_step - step
+        self.recorder.rollback(step)
+        if ran > 0:
+            retries = [*self.recorder.store.meta.get("retries", []), {"at_step": step, "steps_kept_in_the_weights": ran}]
+            self.recorder.store.update_meta(retries=retries)
+            warnings.warn(
+                f"the Trainer trains again from step {step} after a failed attempt that ran {ran} optimizer steps; "
+                "transformers keeps their weight changes, so this store's weight changes and activations from here on "
+                "include them (its meta['retries'] says so)",
+                CapwrapWarning,
+                stacklevel=3,
+            )
+
     def _repeated(self, event: str, state: Any) -> bool:
-        """Whether this event at this step is the one this callback just handled: a callback given
-        to the Trainer twice (which transformers only warns of) sees every event twice in a row."""
+        """Whether this event is the one this callback just handled: a callback given to the Trainer
+        twice (which transformers only warns of) sees every event twice in a row, with the same
+        ``TrainerState`` (a new ``train()``, or a retry after a failed attempt, makes a new one)."""
         key = (event, state.global_step)
-        if self._last_event == key:
+        if self._last_event == key and self._last_state is state:
             return True
-        self._last_event = key
+        self._last_event, self._last_state = key, state
         return False
 
     def _keep_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

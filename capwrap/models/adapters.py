@@ -183,17 +183,19 @@ class LoraAdapter:
             CheckpointError: the adapter was made for another model, or changes the input
                 embedding or the output layer of a base that ties them.
         """
-        if tied := tied_change(spec, [*self.replaced, *self.changed_weights]):
+        if (tied := tied_change(spec, [*self.replaced, *self.changed_weights])) and not self._kept_tied(spec):
             raise CheckpointError(
-                f"the adapter at {self.path} changes {tied[0]}, which this base ties to its {tied[1]}: peft trains that "
-                "side only and leaves the other on the base's weights, so the model it trained no longer ties them, "
+                f"the adapter at {self.path} changes {tied[0]}, which this base ties to its {tied[1]}, and not the "
+                "other the same way: peft trained that side only (the other kept the base's weights; "
+                "ensure_weight_tying=True ties modules_to_save where peft finds the tie), so the model it trained no "
+                "longer ties them, "
                 "and a merge into the one tied tensor (as peft's merge_and_unload does with LoRA factors) computes "
                 "another model. Untie a copy of the base (tie_word_embeddings=False, its output layer a copy of the "
                 "embedding), merge the adapter into that copy with peft, and diagnose the two: see "
                 "docs/guide/lora-and-trainer.md, 'Adapters on tied embeddings'"
             )
         transposed = _input_first_modules(spec)
-        changed = {name: tuple(t.shape) for name, t in self.replaced.items()}
+        changed = {name: tuple(t.shape) for name, t in self.replacing(spec).items()}
         changed |= {m.weight_name: m.delta_shape(m.name in transposed) for m in self.modules.values()}
         for name, shape in changed.items():
             if name not in shapes:
@@ -209,6 +211,26 @@ class LoraAdapter:
                     f"{name} has shape {list(shapes[name])}; it was made for another model "
                     f"(its config names {self.base_name!r} as base)"
                 )
+
+    def replacing(self, spec: ModelSpec) -> dict[str, Tensor]:
+        """The tensors the adapter replaces in a base of ``spec``: :attr:`replaced`, less the output
+        layer of a tied base the adapter kept tied (it is the embedding, replaced already)."""
+        if not self._kept_tied(spec):
+            return self.replaced
+        unembed = f"{spec.family.tensors.unembed}.weight"  # type: ignore[union-attr]
+        return {name: t for name, t in self.replaced.items() if name != unembed}
+
+    def _kept_tied(self, spec: ModelSpec) -> bool:
+        """Whether the adapter replaces a tied base's embedding and output layer both, with equal
+        values, and adapts neither with factors: peft's ``ensure_weight_tying=True`` with
+        ``modules_to_save`` saves it so, and merging into the one tied tensor is then exact."""
+        names = spec.family.tensors if spec.family is not None else None
+        if names is None or not spec.tie_embeddings:
+            return False
+        embed, unembed = f"{names.embed}.weight", f"{names.unembed}.weight"
+        both = embed in self.replaced and unembed in self.replaced
+        return (both and embed not in self.changed_weights and unembed not in self.changed_weights
+                and torch.equal(self.replaced[embed], self.replaced[unembed]))  # fmt: skip
 
     def deltas(self, spec: ModelSpec, names: Iterable[str] | None = None) -> dict[str, Tensor]:
         """``ΔW`` (float32) for each weight the adapter changes, by the spec's checkpoint names;
@@ -243,7 +265,7 @@ class LoraAdapter:
         weights = model.weights()
         added: set[tuple[int, int, int]] = set()
         with torch.no_grad():
-            for name, value in _canonical_parts(spec, self.replaced, self.path).items():  # replaced tensors first
+            for name, value in _canonical_parts(spec, self.replacing(spec), self.path).items():  # replaced tensors first
                 weights[name].copy_(value)
             for name, delta in _canonical_parts(spec, self.deltas(spec), self.path).items():
                 region = (delta.untyped_storage().data_ptr(), delta.storage_offset(), delta.numel())
@@ -261,13 +283,13 @@ def tied_change(spec: ModelSpec, changed: Iterable[str]) -> tuple[str, str] | No
     if not spec.tie_embeddings:
         return None
     names = spec.family.tensors if spec.family is not None else None
-    embed = f"{names.embed}.weight" if names is not None else "the input embedding"
+    embed = f" ({names.embed}.weight)" if names is not None else ""
     unembed = f"{names.unembed}.weight" if names is not None else "lm_head.weight"
     for name in changed:
-        if name == embed:
+        if names is not None and name == f"{names.embed}.weight":
             return name, f"output layer ({unembed})"
         if name == unembed or name.startswith("lm_head."):
-            return name, f"input embedding ({embed})"
+            return name, f"input embedding{embed}"
     return None
 
 

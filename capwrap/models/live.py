@@ -178,12 +178,16 @@ def _inside_a_wrapper(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if is_hf(module) and not any(name.startswith(f"{outer}.") for outer, _ in found):
             found.append((name, module))
+    trained = [(n, m) for n, m in found if any(p.requires_grad for p in m.parameters())]
+    if len(found) > 1 and len(trained) == 1:  # a student beside a frozen teacher, a policy beside its reference
+        found = trained
     if len(found) == 1:
         return found[0][1]
     if found:
         raise ConfigError(
             f"{type(model).__name__} holds {len(found)} Hugging Face models ({', '.join(n for n, _ in found)}); "
-            "capwrap follows one: pass the one that is trained"
+            "capwrap follows one, the one that trains, and more than one has trainable parameters: wrap the model to "
+            "follow with capwrap.wrap_hf_model(model) (or record it with a Recorder of your own)"
         )
     return model  # no Hugging Face model inside: the caller says what it takes
 

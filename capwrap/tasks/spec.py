@@ -96,6 +96,8 @@ def check_spec(spec: str) -> dict[str, str]:
     allowed = {"pcfg": _PCFG_KEYS, "text": _TEXT_KEYS}.get(kind) or _TRACR_KEYS.get(keys["tracr"], set(keys))
     try:
         _check_keys(keys, allowed)
+        if kind == "pcfg":  # a PCFG task needs no model or data: every value is checked by building it
+            _pcfg(keys)
     except ConfigError as err:
         raise ConfigError(f"task spec {spec!r}: {err}") from None
     return keys

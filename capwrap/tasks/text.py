@@ -170,7 +170,8 @@ def load_texts(
             except datasets.exceptions.DatasetGenerationError as err:
                 cause = err.__cause__ or err
                 raise ConfigError(
-                    f"cannot read {source} as {kind.upper()} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}); "
+                    f"cannot read {source} as {kind.upper()} ({type(cause).__name__}: "
+                    f"{(str(cause).splitlines() or ['no message'])[0][:200]}); "
                     f"is it a well-formed .{'json or .jsonl' if kind == 'json' else kind} file?"
                 ) from err
     else:

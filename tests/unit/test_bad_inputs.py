@@ -97,12 +97,21 @@ class Env:
                      evidence_dir=folder)  # fmt: skip
 
     def folder_with_a_tuned_model_of_ones_own(self) -> Path:
-        """A folder whose ``tuned/`` holds a model and notes a demo did not write (the demo deleted
-        them until 2026-12-07)."""
+        """A folder whose ``tuned/`` holds a fine-tuned model and notes a demo did not write (the demo
+        deleted them until 2026-12-07)."""
         folder = self.root / "mine"
         if not folder.exists():
-            save_model(self.model, folder / "tuned")
+            save_model(self.model, folder / "tuned", metadata={"task": "count b", "train_config": {"steps": 300}})
             (folder / "tuned" / "notes.txt").write_text("mine")
+        return folder
+
+    def diagnosis_folder(self) -> Path:
+        """A folder holding what `capwrap diagnose --out` writes (the demo deleted its summary and
+        report until 2026-12-07)."""
+        folder = self.root / "a_diagnosis"
+        folder.mkdir(exist_ok=True)
+        (folder / "summary.json").write_text('{"verdict": "wrapper"}')
+        (folder / "report.html").write_text("<html></html>")
         return folder
 
     def adapter(self, config: str) -> Path:
@@ -490,8 +499,10 @@ CASES = [
         lambda e: __import__("capwrap").run_demo(e.root / "d", scenario="nope"),
     ),  # fmt: skip
     Case("demo-out-is-a-file", ConfigError, "is a file", lambda e: __import__("capwrap").run_demo(e.file)),
-    Case("demo-tuned-of-ones-own", ConfigError, "tuned exists and is not a tuned model an earlier demo wrote",
+    Case("demo-tuned-of-ones-own", ConfigError, "tuned is not an output of an earlier `capwrap demo`",
          lambda e: __import__("capwrap").run_demo(e.folder_with_a_tuned_model_of_ones_own())),
+    Case("demo-into-a-diagnosis", ConfigError, "summary.json is not an output of an earlier `capwrap demo`",
+         lambda e: __import__("capwrap").run_demo(e.diagnosis_folder())),
     # adapters, task specs, stores
     Case("adapter-config-a-list", CheckpointError, "holds a JSON list, not the object of settings peft writes",
          lambda e: load_model(e.adapter('["a", "list"]'))),
@@ -535,6 +546,9 @@ CASES = [
     Case("cli-diagnose-spec-before-loading", None, "not key=value",
          argv=lambda e: ["diagnose", str(e.root / "nowhere"), str(e.root / "nowhere"), "--capability", "count a",
                          "--downstream", DOWN]),
+    Case("cli-diagnose-pcfg-spec-before-loading", None, "not both",
+         argv=lambda e: ["diagnose", str(e.root / "nowhere"), str(e.root / "nowhere"), "--capability",
+                         "pcfg=count,operand=b,prior=low", "--downstream", DOWN]),
     Case("cli-validate-cache-a-file", None, "the cache .* is a file",
          argv=lambda e: ["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--cache", str(e.file),
                          "--out", str(e.root / "v2")]),

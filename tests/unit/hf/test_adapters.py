@@ -147,6 +147,27 @@ def test_an_adapter_on_a_tied_embedding_is_refused_and_the_untied_copy_diagnoses
     assert not torch.allclose(base(tokens), expected, atol=1e-2)  # the adapter does change the model
 
 
+def test_an_adapter_peft_kept_tied_merges(make_adapter, tmp_path):
+    """With ensure_weight_tying=True peft trains a tied Llama's embedding and output layer as one
+    (modules_to_save) and saves both, equal: merged into the one tied tensor, that is the trained model."""
+    import peft
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    adapter = make_adapter(tmp_path / "tied", target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                           ensure_weight_tying=True)  # fmt: skip
+    trained = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tied"), adapter)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained.eval()(tokens).logits
+    torch.testing.assert_close(load_model(tmp_path / "tied", adapter=adapter)(tokens), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_adapter_where_a_checkpoint_is_expected_says_how_to_use_it(gpt2_folder, make_adapter):
     from capwrap.analyzers.streaming import checkpoint_spec
 

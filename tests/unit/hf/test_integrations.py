@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pandas as pd
 import pytest
 import torch
 import transformers
 
 from capwrap.analyzers import weight_change_table
-from capwrap.errors import CapwrapWarning
+from capwrap.errors import CapwrapWarning, StoreError
 from capwrap.integrations import RecorderCallback, task_dataset
 from capwrap.models import load_model
 from capwrap.recording import Recorder, RunStore
@@ -160,33 +162,59 @@ class _OutOfMemoryOnce(transformers.TrainerCallback):
     """Runs out of memory at the first step, once, as the CPU allocator says it (the message accelerate's
     find_executable_batch_size retries on), after a backward pass would have queued a measurement."""
 
-    def __init__(self, recorder_callback: RecorderCallback):
-        self.recorder_callback, self.fired = recorder_callback, False
+    def __init__(self, recorder_callback: RecorderCallback, at_step: int = 0):
+        self.recorder_callback, self.at_step, self.fired = recorder_callback, at_step, False
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if not self.fired:
+        if not self.fired and state.global_step == self.at_step:
             self.fired = True
             self.recorder_callback._measuring = True  # as a backward pass that raised after its first gradient
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
 
 
-def test_a_trainer_that_trains_again_after_running_out_of_memory_goes_on_in_its_store(gpt2_folder, tmp_path):
-    """auto_find_batch_size retries with half the batch, calling on_train_begin again without
+@pytest.mark.parametrize("fail_at", [0, 2])
+def test_a_trainer_that_trains_again_after_running_out_of_memory_goes_on_in_its_store(fail_at, gpt2_folder, tmp_path):
+    """auto_find_batch_size retries with a smaller batch, calling on_train_begin again without
     on_train_end: the store goes on (refused as 'already exists' until 2026-12-07), the failed
-    attempt's hooks go, and its unfinished measurement does not stop the next ones."""
+    attempt's hooks go, and its unfinished measurement does not stop the next ones. The steps an
+    attempt ran stay in the weights (transformers restores none): said, and kept in the metadata."""
     model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
     callback = RecorderCallback(tmp_path / "run", probe=PROBE, hooks=(), every=2)
     hooks = sum(len(m._forward_hooks) for m in model.modules())
     args = _arguments(tmp_path / "trainer", max_steps=3, auto_find_batch_size=True, per_device_train_batch_size=16)
     trainer = transformers.Trainer(model, args, train_dataset=task_dataset(TASK, 96, seed=0),
-                                   callbacks=[callback, _OutOfMemoryOnce(callback)])  # fmt: skip
-    trainer.train()
+                                   callbacks=[callback, _OutOfMemoryOnce(callback, fail_at)])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "after a failed attempt that ran" in str(w.message)]
     assert trainer._train_batch_size < 16  # it did run out of memory once, and retried with a smaller batch
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
     store = RunStore.open(tmp_path / "run")
+    if fail_at:
+        assert len(said) == 1 and store.meta["retries"] == [{"at_step": 0, "steps_kept_in_the_weights": fail_at}]
+    else:
+        assert not said and "retries" not in store.meta
     logged = [e for e in trainer.state.log_history if "loss" in e]
     assert store.steps == [0, 1, 2, 3]
     assert store.scalars()["grad_norm"].loc[1:].tolist() == pytest.approx([e["grad_norm"] for e in logged], rel=1e-4)
+
+
+def test_a_trainer_that_trains_again_after_a_refused_start_records(gpt2_folder, tmp_path):
+    """A start the callback refused (its folder existed) left the next train() unrecorded, unsaid:
+    the refused start had been taken for the same event seen twice."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("in the way")
+    callback = RecorderCallback(tmp_path / "run", hooks=())
+    trainer = transformers.Trainer(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder),
+                                   _arguments(tmp_path / "trainer", max_steps=2),
+                                   train_dataset=task_dataset(TASK, 32, seed=0), callbacks=[callback])  # fmt: skip
+    with pytest.raises(StoreError, match="already exists"):
+        trainer.train()
+    (tmp_path / "run" / "notes.txt").unlink()
+    (tmp_path / "run").rmdir()
+    trainer.train()
+    assert RunStore.open(tmp_path / "run").steps == [0, 1, 2]
 
 
 def test_a_callback_given_twice_records_each_step_once(gpt2_folder, tmp_path):

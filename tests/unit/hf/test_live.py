@@ -83,3 +83,22 @@ def test_what_cannot_be_recorded_says_what_can(tmp_path):
     opt = transformers.OPTForCausalLM(transformers.OPTConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
                                                              ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))  # fmt: skip
     assert wrap_hf_model(opt).spec.architecture == "opt"  # the bridge runs OPT: the generic path
+
+
+def test_a_module_of_ones_own_is_searched_for_the_model_that_trains(gpt2_folder):
+    """A wrapper (a Trainer's model) holding a student and a frozen teacher: the student is followed;
+    two that train are refused, named."""
+
+    class Pair(torch.nn.Module):
+        def __init__(self, student, teacher):
+            super().__init__()
+            self.student, self.teacher = student, teacher
+
+    student = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder).requires_grad_(False)
+    live = wrap_hf_model(Pair(student, teacher))
+    with torch.no_grad():
+        student.transformer.h[0].attn.c_attn.weight.add_(1.0)
+    assert torch.equal(live.weights()["blocks.0.attn.W_Q"], load_model(gpt2_folder).weights()["blocks.0.attn.W_Q"] + 1)
+    with pytest.raises(ConfigError, match=r"holds 2 Hugging Face models \(student, teacher\).*wrap_hf_model"):
+        wrap_hf_model(Pair(student, teacher.requires_grad_(True)))
