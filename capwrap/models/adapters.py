@@ -50,7 +50,7 @@ from torch import Tensor
 
 from capwrap.checks import check_finite_weights
 from capwrap.errors import CapwrapWarning, CheckpointError, ConfigError, closest_matches
-from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
+from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes, one_name_per_tensor
 from capwrap.models.model import CapModel
 from capwrap.models.spec import ModelSpec
 from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
@@ -263,16 +263,12 @@ class LoraAdapter:
         spec = model.spec
         self.check_fits(spec, checkpoint_shapes(spec))
         weights = model.weights()
-        added: set[tuple[int, int, int]] = set()
         with torch.no_grad():
             for name, value in _canonical_parts(spec, self.replacing(spec), self.path).items():  # replaced tensors first
                 weights[name].copy_(value)
-            for name, delta in _canonical_parts(spec, self.deltas(spec), self.path).items():
-                region = (delta.untyped_storage().data_ptr(), delta.storage_offset(), delta.numel())
-                if region in added:  # a tied embedding: one tensor under two names, changed once
-                    continue
-                added.add(region)
-                target = weights[name]
+            deltas = _canonical_parts(spec, self.deltas(spec), self.path)
+            for name in one_name_per_tensor(deltas):  # a tied embedding: one tensor under two names, changed once
+                delta, target = deltas[name], weights[name]
                 target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
 
 

@@ -51,6 +51,7 @@ from capwrap.models.families import FAMILIES, TensorNames
 from capwrap.models.spec import ModelSpec
 
 __all__ = [
+    "one_name_per_tensor",
     "BRIDGE_SPLITS",
     "SplitProjection",
     "canonical_names",
@@ -341,3 +342,16 @@ def hf_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config())
     return {name: p.shape for name, p in model.named_parameters()}
+
+
+def one_name_per_tensor(tensors: Mapping[str, Tensor]) -> list[str]:
+    """The names of ``tensors``, in order, less any whose memory an earlier name's tensor already is
+    (the same storage, offset and size): a tied embedding's unembedding, a view of the embedding."""
+    seen: set[tuple[int, int, int]] = set()
+    names = []
+    for name, tensor in tensors.items():
+        region = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
+        if region not in seen:
+            seen.add(region)
+            names.append(name)
+    return names

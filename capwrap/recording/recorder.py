@@ -51,6 +51,7 @@ from capwrap.errors import ConfigError, StoreError
 from capwrap.files import write_bytes_atomic
 from capwrap.models import CapModel
 from capwrap.models.components import tensor_norms
+from capwrap.models.layouts import one_name_per_tensor
 from capwrap.models.live import as_cap_model
 from capwrap.recording.store import RunStore
 from capwrap.tasks.base import TaskBatch
@@ -202,7 +203,7 @@ class Recorder:
             self._writer = self._open_writer()
             self._check_resumable(self.store)
             self._start = self._load_start()
-            self._once = _counted_once(self.model.weights())
+            self._once = one_name_per_tensor(self.model.weights())
             self._start_sq = _start_sq(self._start, self._once)
             self._step = self.store.last_step or 0
             self._shadow = shadow
@@ -211,7 +212,7 @@ class Recorder:
         self._writer = self._open_writer()
         weights = self.model.weights()
         self._start = {k: v.detach().clone() for k, v in weights.items()}
-        self._once = _counted_once(weights)
+        self._once = one_name_per_tensor(weights)
         self._start_sq = _start_sq(self._start, self._once)
         self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
         if self.probe is not None:
@@ -426,19 +427,6 @@ class Recorder:
         views = canonical_views(self.model.spec, load_file(str(file)))
         current = self.model.weights()  # the start weights go where the model's are (a GPU, several devices)
         return {k: v.to(current[k].device, copy=True) for k, v in views.items()}
-
-
-def _counted_once(weights: Mapping[str, Tensor]) -> list[str]:
-    """The names of ``weights`` that sum to the norm of the model's parameters: each tensor once, a
-    tied embedding's second name (the unembedding, a view of the same memory) left out."""
-    seen: set[tuple[int, int, int]] = set()
-    names = []
-    for name, tensor in weights.items():
-        region = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if region not in seen:
-            seen.add(region)
-            names.append(name)
-    return names
 
 
 def _start_sq(start: dict[str, Tensor], names: Iterable[str]) -> float:
