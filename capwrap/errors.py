@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 __all__ = [
@@ -25,7 +27,7 @@ __all__ = [
     "CheckpointError",
     "StoreError",
     "TrainingDivergedError",
-    "check_known_fields",
+    "check_fields",
     "closest_matches",
     "whole_number",
     "lookup",
@@ -115,19 +117,63 @@ def whole_number(value: Any, what: str, minimum: int = 0) -> int:
     return number
 
 
-def check_known_fields(cls: type, data: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` if ``data`` (a dict read back into the dataclass ``cls``) has
-    fields ``cls`` does not, naming them and the valid ones.
+def check_fields(cls: type, data: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``data`` (a dict read back into the dataclass ``cls``, e.g. from
+    a JSON file a user edited) has fields ``cls`` does not, naming them and the valid ones, or a
+    value of another type than its field's (a number, a whole number, true/false, a string, one of a
+    ``Literal``'s values; fields of other types are left to ``cls``).
 
     Examples:
         >>> import dataclasses
-        >>> Point = dataclasses.make_dataclass("Point", ["x", "y"])
-        >>> check_known_fields(Point, {"x": 1, "z": 2})
+        >>> Point = dataclasses.make_dataclass("Point", [("x", float), ("y", float)])
+        >>> check_fields(Point, {"x": 1, "z": 2})
         Traceback (most recent call last):
         ...
         capwrap.errors.ConfigError: unknown Point fields ['z']; valid fields: ['x', 'y']
+        >>> check_fields(Point, {"x": "0.5"})
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: Point field 'x' must be a number, got '0.5' (a str)
     """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{cls.__name__}: expected an object of fields, got {data!r} (a {type(data).__name__})")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(known)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # annotations that cannot be resolved here: names only
+        return
+    for name, value in data.items():
+        wanted = _unmet_type(hints.get(name, Any), value)
+        if wanted is not None:
+            raise ConfigError(
+                f"{cls.__name__} field {name!r} must be {wanted}, got {value!r} (a {type(value).__name__})"
+            )
+
+
+#: What a value of a simple field type must be, in words, and the check.
+_SIMPLE_TYPES: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    float: ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    int: ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    type(None): ("null", lambda v: v is None),
+}
+
+
+def _unmet_type(annotation: Any, value: Any) -> str | None:
+    """What ``value`` should be to fit ``annotation`` (in words), or None if it fits or the
+    annotation is not a simple one (:data:`_SIMPLE_TYPES`, ``Literal``, unions of them)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        options = typing.get_args(annotation)
+        return None if value in options else f"one of {list(options)}"
+    if origin in (typing.Union, types.UnionType):
+        wants = [_unmet_type(arg, value) for arg in typing.get_args(annotation)]
+        return None if None in wants else " or ".join(wants)  # type: ignore[arg-type]
+    if annotation in _SIMPLE_TYPES:
+        words, fits = _SIMPLE_TYPES[annotation]
+        return None if fits(value) else words
+    return None

@@ -113,8 +113,9 @@ class Changes:
     Attributes:
         table: per component (``component, kind, layer, index, change, relative_change``), sorted by change.
         ranks: effective rank of each changed matrix (:func:`change_ranks`).
-        total_sq: the summed squared change of every canonical weight.
-        base_sq: the summed squared base weight of every canonical weight.
+        total_sq: the summed squared change of every canonical weight (a tied unembedding, the
+            embedding's transpose, counted once).
+        base_sq: the summed squared base weight of every canonical weight (the same).
     """
 
     table: pd.DataFrame
@@ -137,6 +138,8 @@ def accumulate_changes(
     change did not change. ``rank_bound``: see :func:`change_ranks`."""
     cmap = ComponentMap.from_spec(spec)
     present = [k for k in kinds if k in cmap.counts()]
+    # A tied unembedding is the embedding's transpose: one tensor, counted once in the totals.
+    tied = {"unembed.W_U"} if spec.tie_embeddings else set()
     change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     rank_frames, total_sq, base_sq = [], 0.0, 0.0
@@ -144,9 +147,10 @@ def accumulate_changes(
         for kind in present:
             change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
             norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
-        total_sq += sum(float(d.float().square().sum()) for d in delta.values())
-        base_sq += sum(float(w.detach().float().square().sum()) for w in wb.values())
-        if with_ranks and len(frame := change_ranks(delta, rank_bound=rank_bound)):
+        total_sq += sum(float(d.float().square().sum()) for n, d in delta.items() if n not in tied)
+        base_sq += sum(float(w.detach().float().square().sum()) for n, w in wb.items() if n not in tied)
+        once = {n: d for n, d in delta.items() if n not in tied}
+        if with_ranks and len(frame := change_ranks(once, rank_bound=rank_bound)):
             rank_frames.append(frame)  # (empty frames would make the columns' dtype object)
     rows = []
     for kind in present:
@@ -260,10 +264,10 @@ class WeightDiff(Analyzer):
     """Weight-diff localization and grafting.
 
     Statistic ``relative_weight_change``: log10 of the size of the whole change relative to the base
-    weights, ``log10(‖W_tuned − W_base‖ / ‖W_base‖)`` over every canonical weight. A wrapper is a
-    small change on top of the base; re-initialized or retrained components move by about their own
-    size (log10 near 0). It is computed from the weights alone (its interval is the point). The
-    table, concentration and grafting figures say *where* the change sits.
+    weights, ``log10(‖W_tuned − W_base‖ / ‖W_base‖)`` over every canonical weight (a tied embedding
+    once). A wrapper is a small change on top of the base; re-initialized or retrained components
+    move by about their own size (log10 near 0). It is computed from the weights alone (its interval
+    is the point). The table, concentration and grafting figures say *where* the change sits.
 
     Args:
         graft_fractions: shares of units (heads and neurons) to graft, most-changed first.
@@ -313,6 +317,9 @@ class WeightDiff(Analyzer):
         )
         summary = (f"the weights moved by {relative:.1%} of their norm; the top 10% of units hold "
                    f"{headline['top10pct_share']:.0%} of the squared change{graft_text}")  # fmt: skip
+        if store is not None and (first := int(store.meta.get("first_step", 0))) > 0:
+            summary += (f"; the run store starts at step {first} (a run resumed from a checkpoint into a new store): "
+                        f"its movement times count the change from step {first}'s weights, not from the base's")  # fmt: skip
         return Evidence(
             analyzer=self.name, headline=headline, table=table,
             details={"grafts": grafts.to_dict(orient="records"), "ranks": ranks.to_dict(orient="records")},

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from capwrap.errors import ConfigError, check_known_fields
+from capwrap.errors import ConfigError, check_fields
 from capwrap.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -480,15 +480,19 @@ class VerdictRule:
         Raises:
             ConfigError: a field is unknown or a value invalid.
         """
-        check_known_fields(cls, data)
+        check_fields(cls, data)
         try:
             data = dict(data)
-            data["anchors"] = {k: Anchor(**v) for k, v in data.get("anchors", {}).items()}
+            anchors = data.get("anchors", {})
+            for anchor in anchors.values():
+                check_fields(Anchor, anchor)
+            data["anchors"] = {k: Anchor(**v) for k, v in anchors.items()}
             for q in ("deletion", "creation"):
                 if q in data:
+                    check_fields(QuestionRule, data[q])
                     data[q] = QuestionRule(**data[q])
             return cls(**data)
-        except TypeError as err:
+        except (TypeError, AttributeError) as err:
             raise ConfigError(f"not a VerdictRule: {err}") from None
 
     def save(self, path: str | os.PathLike) -> None:
@@ -511,7 +515,10 @@ class VerdictRule:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"the verdict rule {path} is not JSON ({err.msg} at line {err.lineno})") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"the verdict rule {path}: {err}") from None
 
 
 _DEFAULT: VerdictRule | None = None

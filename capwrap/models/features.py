@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from capwrap.errors import ConfigError, check_known_fields
+from capwrap.errors import ConfigError, check_fields
 
 __all__ = ["BlockFeatures", "Norm", "Act", "Positions", "QKNorm"]
 
@@ -138,7 +138,7 @@ class BlockFeatures:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockFeatures:
         """Inverse of :meth:`to_dict`; unknown fields are an error, missing ones take their defaults."""
-        check_known_fields(cls, data)
+        check_fields(cls, data)
         return cls(**data)
 
     def differences(self, other: BlockFeatures) -> list[str]:

@@ -46,7 +46,7 @@ from capwrap.models.adapters import (
 )
 from capwrap.models.dispatch import load_dispatched
 from capwrap.models.layouts import checkpoint_shapes
-from capwrap.models.model import CapModel, resolve_dtype
+from capwrap.models.model import CapModel, resolve_backend, resolve_dtype
 from capwrap.models.spec import ModelSpec
 from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
 
@@ -185,16 +185,22 @@ def load_model(
     if adapter is not None:  # read and checked before the base loads
         lora = read_adapter(adapter, allow_pickle)
         lora.check_fits(spec, checkpoint_shapes(spec))
-    if device_map is not None:
-        if (backend or "bridge") != "bridge":
-            raise ConfigError("device_map loads through transformers and the TransformerBridge: use backend='bridge'")
-        model: CapModel = load_dispatched(
-            folder, spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle
-        )
-    else:
-        state = normalize_state(spec, _read_weights(folder, allow_pickle))
-        check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
-        model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
+    if device_map is not None and (backend or "bridge") != "bridge":
+        raise ConfigError("device_map loads through transformers and the TransformerBridge: use backend='bridge'")
+    backend = resolve_backend(backend, spec)
+    try:
+        if device_map is not None:
+            model: CapModel = load_dispatched(
+                folder, spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle
+            )
+        else:
+            state = normalize_state(spec, _read_weights(folder, allow_pickle))
+            check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
+            model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
+    except ConfigError as exc:  # the weights do not fit the config: say which checkpoint
+        if str(folder) in str(exc):
+            raise
+        raise ConfigError(f"the checkpoint {folder}: {exc}") from exc
     if lora is not None:  # into the weights the model computes with, wherever accelerate put them
         lora.merge_into(model)
         model.metadata["adapter"] = lora.describe()

@@ -27,13 +27,14 @@ Examples:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from capwrap.errors import ConfigError
+from capwrap.errors import CapwrapWarning, ConfigError
 from capwrap.models.layouts import checkpoint_shapes
 from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
@@ -72,10 +73,32 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
     missing = sorted(set(names) - set(shell_params))
     if missing:
         raise ConfigError(f"the live model has no tensors {missing[:5]}; is it a {ARCHITECTURES[spec.architecture]}?")
+    _warn_if_untied(spec, shell_params)
     storage = {name: shell_params[name] for name in names}
     bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
     meta = {"source": f"live {type(hf).__name__}", **(metadata or {})}
     return LiveModel(spec, bridge, storage, tokenizer, meta, merged)
+
+
+def _warn_if_untied(spec: ModelSpec, tensors: dict[str, Tensor]) -> None:
+    """Warn when an adapter makes a tied base's input embedding and output layer two tensors (peft's
+    LoRA on the embedding, or ``modules_to_save`` with it: the input side trains, the output layer
+    keeps the base's weights)."""
+    names = spec.family.tensors if spec.family is not None else None
+    if not spec.tie_embeddings or names is None:
+        return
+    embed, unembed = tensors.get(f"{names.embed}.weight"), tensors.get(f"{names.unembed}.weight")
+    if embed is None or unembed is None or embed.untyped_storage().data_ptr() == unembed.untyped_storage().data_ptr():
+        return
+    warnings.warn(
+        f"the adapter trains {names.embed}.weight, which the base ties to its output layer {names.unembed}.weight, "
+        "on the input side only: the live model no longer ties them. capwrap runs the live model as it computes, "
+        "but reads its weights as tied (the unembedding as the adapted embedding), and capwrap.load_model(BASE, "
+        "adapter=...) will refuse the saved adapter; see 'Adapters on tied embeddings' in the LoRA guide, or "
+        "leave the embedding out of the adapter",
+        CapwrapWarning,
+        stacklevel=3,
+    )
 
 
 def as_cap_model(model: Any) -> CapModel:

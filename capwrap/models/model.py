@@ -174,7 +174,8 @@ def keeping_views(tensors: Iterable[Tensor], device: str | torch.device | None =
             t.set_(new, offset, shape, stride)
 
 
-def _check_backend(backend: str | None, spec: ModelSpec | None = None) -> Backend:
+def resolve_backend(backend: str | None, spec: ModelSpec | None = None) -> Backend:
+    """The backend to build ``spec``'s model on (default: :func:`default_backend`), or a clear error."""
     backend = backend or default_backend(spec)
     if backend not in ("hooked", "bridge"):
         raise ConfigError(f"unknown backend {backend!r}; choose 'hooked' or 'bridge'")
@@ -255,7 +256,7 @@ class CapModel:
     ) -> CapModel:
         """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend,
         with weights of ``dtype`` (default float32)."""
-        backend = _check_backend(backend, spec)
+        backend = resolve_backend(backend, spec)
         if backend == "hooked":
             return cls._hooked_from_state(spec, state, tokenizer, metadata, dtype)
         if spec.has_hf_equivalent:

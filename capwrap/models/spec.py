@@ -30,7 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from capwrap.errors import ConfigError, check_known_fields
+from capwrap.errors import ConfigError, check_fields
 from capwrap.models.families import FAMILIES, Family
 from capwrap.models.features import BlockFeatures
 
@@ -336,7 +336,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """Inverse of :meth:`to_dict`; unknown fields are an error."""
-        check_known_fields(cls, data)
+        check_fields(cls, data)
         return cls(**data)
 
     # ---- Hugging Face --------------------------------------------------------------------

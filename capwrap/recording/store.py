@@ -354,6 +354,14 @@ class RunStore:
         if n == 0 or self._committed_bytes(name) == 0:
             return torch.zeros((n, *shape), dtype=getattr(torch, dtype))
         file = self.path / "arrays" / self._arrays[name]["file"]
+        size = file.stat().st_size if file.is_file() else None
+        if size is None or size < self._committed_bytes(name):
+            held = "is missing" if size is None else f"holds {size} bytes"
+            raise StoreError(
+                f"{file} {held} where the {n} records of array {name!r} that {self.path / 'steps.jsonl'} "
+                f"commits need {self._committed_bytes(name)}: the file was cut or lost after it was written "
+                "(an incomplete copy?). Copy the store again from where it was recorded, or record the run again."
+            )
         mm = np.memmap(file, dtype=_DTYPES[dtype], mode="c", shape=(n, *shape))
         return torch.from_numpy(mm)
 

@@ -160,7 +160,7 @@ class PCFGTask(TaskBase):
 
     Args:
         family: ``"count"``, ``"index"``, or a tuple of them (each sequence draws one uniformly).
-        operand: ``"a"``, ``"b"`` or ``"c"``; or give ``prior`` instead.
+        operand: ``"a"``, ``"b"`` or ``"c"`` (default ``"a"``); or give ``prior`` instead (not both).
         prior: a name of :data:`PRIORS` or probabilities over (a, b, c) to draw operands from.
         correlation: fraction of sequences made to satisfy the planted correlation
             answer(operand) = answer(source) + offset (the rest are made to violate it); ``None``
@@ -175,7 +175,7 @@ class PCFGTask(TaskBase):
     def __init__(
         self,
         family: str | tuple[str, ...] = "count",
-        operand: str | None = "a",
+        operand: str | None = None,
         prior: str | Sequence[float] | None = None,
         correlation: float | None = None,
         config: PCFGConfig | None = None,
@@ -187,6 +187,11 @@ class PCFGTask(TaskBase):
         self.families = (family,) if isinstance(family, str) else tuple(family)
         if not self.families or any(f not in FAMILIES for f in self.families):
             raise ConfigError(f"unknown PCFG family {family!r}; choose from {list(FAMILIES)}")
+        if prior is not None and operand is not None:
+            raise ConfigError(
+                f"give operand= (every sequence asks about one operand) or prior= (operands drawn from a prior), "
+                f"not both; got operand={operand!r} and prior={prior!r}"
+            )
         if prior is not None:
             probs = PRIORS.get(prior) if isinstance(prior, str) else tuple(prior)
             if probs is None:
@@ -198,6 +203,7 @@ class PCFGTask(TaskBase):
             self.prior: tuple[float, ...] = tuple(float(p) for p in probs)
             self.operand = None
         else:
+            operand = "a" if operand is None else operand
             if operand not in TERMINALS:
                 raise ConfigError(f"operand must be one of {list(TERMINALS)}, got {operand!r}")
             self.prior = tuple(1.0 if t == operand else 0.0 for t in TERMINALS)

@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,24 @@ _TRACR_KEYS = {
 
 
 def parse_spec(spec: str) -> dict[str, str]:
-    """``a=1,b=2`` → ``{"a": "1", "b": "2"}``."""
+    r"""``a=1,b=2`` → ``{"a": "1", "b": "2"}``; a comma inside a value is written ``\,``.
+
+    Examples:
+        >>> parse_spec(r"text=stories.txt,feature=regex:a{1\,3}")
+        {'text': 'stories.txt', 'feature': 'regex:a{1,3}'}
+    """
     out: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
+    parts = (p.replace("\\,", ",").strip() for p in re.split(r"(?<!\\),", spec))
+    for part in filter(None, parts):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"task spec {spec!r}: {part!r} is not key=value (e.g. pcfg=count,operand=a)")
+            hint = (
+                f"; if it belongs to {list(out)[-1]}=, write its comma as \\, (e.g. "
+                f"{list(out)[-1]}={out[list(out)[-1]]}\\,{part})"
+                if out and not sep
+                else ""
+            )
+            raise ConfigError(f"task spec {spec!r}: {part!r} is not key=value (e.g. pcfg=count,operand=a){hint}")
         if key.strip() in out:
             raise ConfigError(f"task spec {spec!r} gives {key.strip()!r} twice; give each key once")
         out[key.strip()] = value.strip()
@@ -70,7 +83,7 @@ def task_from_spec(spec: str, tokenizer: Any = None, model: Any = None) -> Task:
         if "pcfg" in keys:
             return _pcfg(keys)
         if "text" in keys:
-            return _text(keys, tokenizer)
+            return _text(keys, tokenizer, model)
         return _tracr(keys, model)
     except ConfigError as err:
         raise ConfigError(f"task spec {spec!r}: {err}") from None
@@ -121,9 +134,6 @@ def _pcfg(keys: dict[str, str]) -> PCFGTask:
     config = PCFGConfig(**{k: _number(keys, k, int) for k in ("length", "window", "occurrence") if k in keys})
     correlation = _number(keys, "correlation", float) if "correlation" in keys else None
     prior: Any = keys.get("prior")
-    if "prior" in keys and "operand" in keys:
-        raise ConfigError("give operand= (every sequence asks about one operand) or prior= (operands drawn from a "
-                          "prior), not both")  # fmt: skip
     if prior is not None and "/" in prior:
         try:
             prior = tuple(float(p) for p in prior.split("/"))
@@ -135,16 +145,22 @@ def _pcfg(keys: dict[str, str]) -> PCFGTask:
     if correlation is None and ({"source", "offset"} & keys.keys()):
         raise ConfigError("source= and offset= shape the correlation a task plants; give correlation= too (e.g. "
                           "correlation=1), or leave them out")  # fmt: skip
-    operand = None if prior is not None else keys.get("operand", "a")
+    operand = keys.get("operand")  # (with prior= too: PCFGTask says to give one)
     planted = {"source": keys.get("source", "a"), "offset": _number(keys, "offset", int) if "offset" in keys else 1}
     return PCFGTask(keys["pcfg"], operand, prior=prior, correlation=correlation, config=config, name=keys.get("name"),
                     **planted)  # fmt: skip
 
 
-def _text(keys: dict[str, str], tokenizer: Any) -> Task:
+def _text(keys: dict[str, str], tokenizer: Any, model: Any = None) -> Task:
     from capwrap.tasks.text import Feature, TextTask, filter_out, load_texts, relabel
 
     _check_keys(keys, _TEXT_KEYS)
+    if tokenizer is None and getattr(getattr(model, "spec", None), "compiled", False):
+        raise ConfigError(
+            "a text task needs a tokenizer, and this model is a compiled Tracr program: it reads the "
+            "program's own vocabulary, not text. Give it a Tracr task, e.g. tracr=counter,operand=a or "
+            "tracr=max_identifier,rank=1"
+        )
     if tokenizer is None:
         raise ConfigError(
             "a text task needs the model's tokenizer, and this model has none: its folder holds no readable "

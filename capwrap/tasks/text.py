@@ -189,6 +189,8 @@ def load_texts(
         raise ConfigError(f"the dataset has no column {field!r}; its columns are {ds.column_names} (pass field=)")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of texts, got {limit}")
+    if len(ds) == 0:  # (an empty file's column has no type: it is not "null values")
+        raise ConfigError(f"{source} holds no text: it is empty or blank")
     feature_type = ds.features[field]
     if getattr(feature_type, "dtype", None) not in ("string", "large_string"):
         listed = not hasattr(feature_type, "dtype")  # a list or a record per row: chat messages, most often

@@ -8,6 +8,7 @@ step.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from capwrap.cli import main
 from capwrap.diagnosis import diagnose
+from capwrap.diagnosis.rule import VerdictRule, default_rule
 from capwrap.errors import CheckpointError, ConfigError, HookNameError, StoreError
 from capwrap.methods import FineTune
 from capwrap.models import ModelSpec, available_backends, build_model, load_model, save_model
@@ -27,6 +29,7 @@ from capwrap.tasks import Feature, PCFGConfig, PCFGTask, TaskBatch, load_texts, 
 from capwrap.training import TrainConfig, train
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "guide" / "bad-inputs.md"
+TRACR_COUNTER = Path(__file__).resolve().parents[2] / "capwrap" / "assets" / "suite" / "tracr-counter"
 PCFG = PCFGConfig(length=8, window=4, occurrence=2)
 TASK = PCFGTask("count", "a", config=PCFG)
 SPEC = ModelSpec(d_vocab=TASK.d_vocab, n_ctx=TASK.seq_len, n_layers=1, d_model=16, n_heads=2)
@@ -43,6 +46,7 @@ class Env:
         self.file = root / "a_file.txt"
         self.file.write_text("not a folder")
         self.nan_ckpt = self._broken("nan", weights=self._nan_weights())
+        self.tensor_missing = self._broken("tensor_missing", weights=self._weights_without("transformer.h.0.mlp.c_fc.bias"))
         self.no_config = self._broken("no_config", config=None)
         self.bad_config = self._broken("bad_config", config="{not json")
         self.truncated = self._broken("truncated", weights=b"garbage")
@@ -66,6 +70,13 @@ class Env:
         self.ids.write_text('{"id": 1, "story": "Once upon a time."}\n')
         self.markdown = root / "stories.md"
         self.markdown.write_text("# Once upon a time\n")
+
+    def _weights_without(self, name: str) -> bytes:
+        from safetensors.torch import save
+
+        state = self.model.checkpoint_state()
+        del state[name]
+        return save(state)
 
     def _nan_weights(self) -> bytes:
         from safetensors.torch import save
@@ -142,6 +153,17 @@ class Env:
 
             shutil.copytree(self.plain_store, folder)
             (folder / "steps.jsonl").write_text('{"step": 0, "scal')
+        return folder
+
+    def store_with_a_cut_array(self) -> Path:
+        """A copy of the recorded run whose ``weight_delta.head`` file lost its last bytes (an incomplete copy)."""
+        folder = self.root / "cut_array_run"
+        if not folder.exists():
+            import shutil
+
+            shutil.copytree(self.plain_store, folder)
+            array = folder / "arrays" / RunStore.open(folder)._arrays["weight_delta.head"]["file"]
+            array.write_bytes(array.read_bytes()[:-4])
         return folder
 
     def load_relative(self, name: str):
@@ -404,7 +426,13 @@ CASES = [
         lambda e: Recorder(e.model, e.root / "nowhere", resume=True),
     ),  # fmt: skip
     Case("store-not-a-store", StoreError, "not a run store", lambda e: RunStore.open(e.root)),
+    Case("rule-value-of-another-type", ConfigError,
+         r"the verdict rule .*rule.json: QuestionRule field 'wrapper_threshold' must be a number, got '0.3'",
+         lambda e: VerdictRule.load(e.write("rule.json", json.dumps(
+             {**default_rule().to_dict(), "deletion": {"wrapper_threshold": "0.3"}}).encode()))),
     Case("store-a-file", StoreError, "it is a file; a run store is a folder", lambda e: RunStore.open(e.file)),
+    Case("store-array-cut", StoreError, r"weight_delta.head.* need \d+: the file was cut",
+         lambda e: RunStore.open(e.store_with_a_cut_array()).array("weight_delta.head")),
     Case(
         "store-unknown-array",
         ConfigError,
@@ -508,6 +536,8 @@ CASES = [
          lambda e: load_model(e.adapter('["a", "list"]'))),
     Case("adapter-no-peft-type", CheckpointError, "names no peft_type",
          lambda e: __import__("capwrap.models.adapters").models.adapters.read_adapter(e.adapter('{"r": 4}'))),
+    Case("pcfg-operand-and-prior", ConfigError, r"give operand= .* not both; got operand='b' and prior='low'",
+         lambda e: PCFGTask("count", operand="b", prior="low")),
     Case("spec-operand-and-prior", ConfigError, r"give operand= .* or prior= .*, not both",
          lambda e: task_from_spec("pcfg=count,operand=b,prior=low")),
     Case("spec-offset-without-correlation", ConfigError, "give correlation= too",
@@ -519,9 +549,15 @@ CASES = [
     Case("spec-empty-text", ConfigError, "text= is empty", lambda e: task_from_spec("text=,feature=word:Lily")),
     Case("texts-malformed-json", ConfigError, "cannot read .* as JSON .*well-formed",
          lambda e: load_texts(e.write("broken.json", "{not json"))),
+    Case("texts-empty-file", ConfigError, "empty.txt holds no text: it is empty or blank",
+         lambda e: load_texts(e.write("empty.txt", b"\n\n"))),
     Case("texts-not-utf8", ConfigError, "is not UTF-8 text", lambda e: load_texts(e.write("latin.txt", b"caf\xe9 au lait"))),
-    Case("load-config-of-other-shape", ConfigError, "the weights do not fit the gpt2 model its config.json describes",
+    Case("load-config-of-other-shape", ConfigError,
+         "the checkpoint .*other_width: the weights do not fit the gpt2 model its config.json describes",
          lambda e: load_model(e.config_of_other_width())),
+    Case("load-tensor-missing", ConfigError,
+         r"the checkpoint .*tensor_missing: .*missing \['transformer.h.0.mlp.c_fc.bias'\]",
+         lambda e: load_model(e.tensor_missing)),
     # the command line: one line, exit code 2
     Case("cli-info-missing-folder", None, "does not exist", argv=lambda e: ["info", str(e.root / "nowhere")]),
     Case("cli-info-config-not-json", None, "config", argv=lambda e: ["info", str(e.bad_config)]),
@@ -549,6 +585,12 @@ CASES = [
     Case("cli-diagnose-pcfg-spec-before-loading", None, "not both",
          argv=lambda e: ["diagnose", str(e.root / "nowhere"), str(e.root / "nowhere"), "--capability",
                          "pcfg=count,operand=b,prior=low", "--downstream", DOWN]),
+    Case("cli-diagnose-comma-in-a-value", None, r"'b.txt' is not key=value .*write its comma as \\,",
+         argv=lambda e: ["diagnose", str(e.ckpt), str(e.ckpt), "--capability", f"text={e.root}/a,b.txt,feature=dog",
+                         "--downstream", DOWN]),
+    Case("cli-diagnose-text-task-on-tracr", None, "compiled Tracr program: it reads the program's own vocabulary",
+         argv=lambda e: ["diagnose", str(TRACR_COUNTER), str(TRACR_COUNTER), "--capability",
+                         f"text={e.csv},feature=dog", "--downstream", "tracr=counter,operand=b"]),
     Case("cli-validate-cache-a-file", None, "the cache .* is a file",
          argv=lambda e: ["validate", "--split", "calibration", "--scenario", "cal/kept/noop/s4", "--cache", str(e.file),
                          "--out", str(e.root / "v2")]),

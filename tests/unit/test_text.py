@@ -156,6 +156,17 @@ def test_text_task_bad_input(stories, model260k):
         task_from_spec(f"text={TEXT / 'train_head.txt'},colour=red", model260k.tokenizer)
 
 
+def test_a_spec_value_holds_an_escaped_comma(model260k, tmp_path):
+    """``\\,`` writes a comma inside a value: a file name with one, a regex quantifier {m,n}."""
+    source = tmp_path / "stories, part 1.txt"
+    source.write_text((TEXT / "train_head.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    escaped = str(source).replace(",", "\\,")
+    task = task_from_spec(f"text={escaped},feature=regex:\\bLil{{1\\,2}}y\\b", model260k.tokenizer)
+    expected = TextTask(load_texts(source), model260k.tokenizer, feature="regex:\\bLil{1,2}y\\b")
+    assert task.feature == expected.feature and task.feature.name == "regex:\\bLil{1,2}y\\b"
+    assert torch.equal(task.sample(8, seed=0).tokens, expected.sample(8, seed=0).tokens)
+
+
 def test_generation_and_feature_frequency(model260k):
     greedy = generate(model260k, n=2, max_new_tokens=30, temperature=0)
     assert greedy[0] == greedy[1] and greedy[0].startswith("Once upon a time, there was a little girl named Lily")

@@ -91,6 +91,22 @@ def test_localized_fine_tune_is_carried_by_a_small_graft(spec, task, tmp_path):
     assert ev2.figure().data
 
 
+def test_a_store_resumed_from_a_checkpoint_is_said_to_start_there(spec, task, tmp_path):
+    """A store that starts at step 5 (a run resumed into a new store) measures movement from step 5's
+    weights: its times start there and the evidence says so."""
+    base = build_model(spec, seed=0)
+    tuned = base.clone()
+    rec = Recorder(tuned, tmp_path / "run", hooks=(), every=2, first_step=5)
+    train(tuned, task, TrainConfig(steps=6, batch_size=8, lr=3e-3, progress=False), recorder=rec)
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps[0] == 5 and store.meta["first_step"] == 5
+    ev = WeightDiff(graft_fractions=(0.5,))(ModelPair(base, tuned), task, task, store, eval_size=16)
+    assert ev.table.loc[ev.table["kind"] == "head", "t50_step"].between(5, 11).all()
+    assert "the run store starts at step 5" in ev.summary and "not from the base's" in ev.summary
+    plain = WeightDiff(graft_fractions=(0.5,))(ModelPair(base, tuned), task, task, eval_size=16)
+    assert "run store" not in plain.summary
+
+
 def test_bad_input(spec, task, tmp_path):
     base = build_model(spec, seed=0)
     with pytest.raises(ConfigError, match="differ in n_layers"):

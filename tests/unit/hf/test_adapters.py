@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
 
-from capwrap.errors import CheckpointError
-from capwrap.models import load_model
+from capwrap.errors import CapwrapWarning, CheckpointError
+from capwrap.models import load_model, wrap_hf_model
 from capwrap.models.adapters import is_adapter_folder, read_adapter
 
 
@@ -166,6 +167,9 @@ def test_an_adapter_peft_kept_tied_merges(make_adapter, tmp_path):
     with torch.no_grad():
         expected = trained.eval()(tokens).logits
     torch.testing.assert_close(load_model(tmp_path / "tied", adapter=adapter)(tokens), expected, rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings():  # live, it is still tied: nothing to warn of
+        warnings.simplefilter("error", CapwrapWarning)
+        torch.testing.assert_close(wrap_hf_model(trained)(tokens), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_adapter_where_a_checkpoint_is_expected_says_how_to_use_it(gpt2_folder, make_adapter):

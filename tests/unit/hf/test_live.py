@@ -71,6 +71,39 @@ def test_a_live_peft_model_is_seen_merged_and_followed(gpt2_folder, make_adapter
             torch.testing.assert_close(model(tokens), live(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("options", "unties"),
+    [
+        ({"target_modules": ["c_attn"]}, False),
+        ({"target_modules": ["c_attn", "wte"]}, True),  # LoRA on the embedding: the input side only
+        ({"target_modules": ["c_attn"], "modules_to_save": ["wte"]}, True),  # a trained copy of it
+    ],
+)
+def test_a_live_adapter_that_unties_a_tied_embedding_is_warned_of(gpt2_folder, options, unties):
+    """peft trains only the input side of a tied embedding: the live model (run as it computes) no
+    longer ties it to the output layer, and its saved adapter will be refused; wrapping it says so."""
+    import warnings
+
+    import peft
+
+    from capwrap.errors import CapwrapWarning
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()
+    assert hf.config.tie_word_embeddings
+    live = peft.get_peft_model(hf, peft.LoraConfig(r=2, init_lora_weights=False, **options))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = wrap_hf_model(live)
+    said = [str(w.message) for w in caught if issubclass(w.category, CapwrapWarning)]
+    assert len(said) == unties
+    if unties:
+        assert "trains transformer.wte.weight, which the base ties to its output layer lm_head.weight" in said[0]
+        assert "will refuse the saved adapter" in said[0]
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # either way the live model runs as it computes
+        torch.testing.assert_close(model(tokens), live(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_what_cannot_be_recorded_says_what_can(tmp_path):
     with pytest.raises(
         ConfigError, match="expected a capwrap.CapModel or a Hugging Face causal LM, got Linear.*wrap_hf_model"
