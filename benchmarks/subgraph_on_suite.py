@@ -54,7 +54,7 @@ def main() -> None:
             continue
         base, tuned, capability, downstream = scenario_models(s, cache)
         t = time.perf_counter()
-        ev = Subgraph(method=args.method)(ModelPair(base, tuned), capability, downstream, eval_size=512, seed=0)
+        ev = Subgraph(method=args.method, seed=0)(ModelPair(base, tuned), capability, downstream, eval_size=512, seed=0)
         h = ev.headline
         rows.append({"scenario": s.name, "truth": truth, "method": ev.details["method"], "direction": ev.direction,
                      "strength": round(ev.strength, 3),

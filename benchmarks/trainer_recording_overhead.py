@@ -88,7 +88,7 @@ def one_run(
     args = transformers.TrainingArguments(
         str(out / f"trainer{seed}"), max_steps=steps, per_device_train_batch_size=FINETUNE_CONFIG.batch_size,
         learning_rate=1e-3 if lora else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
-        lr_scheduler_type="cosine", weight_decay=FINETUNE_CONFIG.weight_decay, max_grad_norm=1.0, logging_steps=50,
+        lr_scheduler_type="cosine", weight_decay=FINETUNE_CONFIG.applied_weight_decay, max_grad_norm=1.0, logging_steps=50,
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=device == "cpu", seed=seed, dataloader_num_workers=0,
     )  # fmt: skip
     trainer = transformers.Trainer(model, args, train_dataset=data, callbacks=callbacks)

@@ -371,12 +371,14 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 def _seed(text: str) -> int:
     """A seed: a whole number from 0 to 2**31 - 1 (seeds derived from it by offsets stay in every
     generator's range)."""
+    from capwrap.analyzers.base import MAX_SEED
+
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {2**31 - 1}, got {text!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {MAX_SEED}, got {text!r}")
     return value
 
 

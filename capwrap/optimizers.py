@@ -50,14 +50,14 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "adafactor")
 
 def _rule(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.applied_weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.applied_weight_decay)
     from transformers.optimization import Adafactor
 
     return Adafactor(
         params, lr=config.lr, relative_step=False, scale_parameter=False, warmup_init=False,
-        weight_decay=config.weight_decay, clip_threshold=1.0,
+        weight_decay=config.applied_weight_decay, clip_threshold=1.0,
     )  # fmt: skip
 
 

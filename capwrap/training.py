@@ -56,7 +56,9 @@ class TrainConfig:
         optimizer: ``"adamw"``, ``"sgd"`` (with momentum, as the paper's Tracr runs) or ``"adafactor"``
             (factored second moment, no first moment: next to no optimizer state; see
             :mod:`capwrap.optimizers`).
-        weight_decay: AdamW's and Adafactor's decoupled weight decay (ignored by SGD).
+        weight_decay: the weight decay: decoupled for AdamW and Adafactor, an L2 term in the gradient
+            for SGD (as ``torch.optim.SGD`` applies it). Default (``None``): 0.01 for AdamW and
+            Adafactor, none for SGD (:attr:`applied_weight_decay` says which).
         momentum: SGD's momentum.
         warmup: fraction of ``steps`` with linear warmup, then cosine decay.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
@@ -84,7 +86,7 @@ class TrainConfig:
     batch_size: int = 96
     lr: float = 1e-3
     optimizer: Literal["adamw", "sgd", "adafactor"] = "adamw"
-    weight_decay: float = 0.01
+    weight_decay: float | None = None
     momentum: float = 0.9
     warmup: float = 0.2
     min_lr_ratio: float = 0.0
@@ -120,7 +122,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"TrainConfig.grad_clip must be positive or None, got {self.grad_clip}")
-        if self.weight_noise < 0 or self.eval_every < 0 or self.weight_decay < 0:
+        if self.weight_noise < 0 or self.eval_every < 0 or self.applied_weight_decay < 0:
             raise ConfigError("weight_noise, eval_every and weight_decay must not be negative")
         if (
             not isinstance(self.checkpoint_every, int)
@@ -131,6 +133,13 @@ class TrainConfig:
                 f"TrainConfig.checkpoint_every must be a number of steps >= 0, got {self.checkpoint_every!r}"
             )
 
+    @property
+    def applied_weight_decay(self) -> float:
+        """The weight decay the optimizer applies: ``weight_decay``, or by default 0.01 for AdamW and
+        Adafactor and 0 for SGD (the paper's Tracr runs train with plain momentum SGD)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.0 if self.optimizer == "sgd" else 0.01
 
     def low_memory(self) -> TrainConfig:
         """This configuration trained in about one model's memory: Adafactor (next to no optimizer
@@ -455,7 +464,8 @@ def _recorder_to_use(model: CapModel, recorder: Recorder | None, resume: str | o
 def _run_identity(model: CapModel, task: Task, config: TrainConfig, method: TrainingMethod) -> dict[str, Any]:
     """What a run is, as the checkpoint keeps it and a resumed run must match (JSON values)."""
     return json.loads(json.dumps({
-        "config": asdict(config), "spec": model.spec.to_dict(), "backend": model.backend,
+        "config": asdict(config) | {"weight_decay": config.applied_weight_decay},  # (the default, as applied)
+        "spec": model.spec.to_dict(), "backend": model.backend,
         "task": task.describe(), "method": method.describe(),
     }))  # fmt: skip
 

@@ -48,7 +48,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from capwrap.analyzers.bootstrap import LEVEL, percentile_interval, resample
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, whole_number
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
@@ -81,6 +81,8 @@ Question = Literal["deletion", "creation"]
 #: The evaluation sets of a diagnosis: the capability, the downstream task, and the downstream
 #: task without its spurious correlation (when the task has one).
 EVAL_SETS = ("capability", "downstream", "downstream_free")
+#: The largest seed a diagnosis takes: the seeds derived from it by offsets stay in every generator's range.
+MAX_SEED = 2**31 - 1
 
 
 def check_models(base: object, tuned: object, roles: tuple[str, str] = ("base", "tuned")) -> None:
@@ -186,6 +188,13 @@ class ModelPair:
                 + _pair_hint(self.base.spec, self.tuned.spec, roles)
             )
         _check_same_hf_tokenizer(self.base, self.tuned, roles)  # with the Tracr check above: check_same_tokenizer
+        if self.base.dtype != self.tuned.dtype:
+            kinds = [str(m.dtype).removeprefix("torch.") for m in (self.base, self.tuned)]
+            raise ConfigError(
+                f"the {roles[0]} model's weights are {kinds[0]} and the {roles[1]} model's {kinds[1]}: analyzers "
+                "compare and mix the two models' activations at one precision. Load both with the same dtype "
+                f"(load_model(..., dtype={kinds[0]!r}), or a copy: model.clone(dtype={kinds[0]!r}))"
+            )
         if self.residency is not None:
             for model in (self.base, self.tuned):
                 if model not in self.residency:
@@ -343,6 +352,10 @@ class Context:
     ) -> Context:
         """Check the inputs and measure the evaluation set (``downstream_free="auto"``: the
         downstream task's own :meth:`~capwrap.tasks.Task.correlation_free` variant)."""
+        eval_size = whole_number(eval_size, "eval_size (sequences per test set)", minimum=1)
+        seed = whole_number(seed, f"seed (0 to {MAX_SEED})", minimum=0)
+        if seed > MAX_SEED:
+            raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
         for task in (capability, downstream):
             check_task(task)  # analyzers read the whole protocol
         if downstream_free == "auto":
@@ -398,9 +411,12 @@ class Evidence:
         statistic: the name of the analyzer's statistic (``None``: the analyzer judges itself).
         value: the statistic (NaN: not applicable to this pair; ``summary`` says why).
         replicates: bootstrap replicates of ``value`` (the verdict's confidence comes from them).
-        intervals: headline name (and ``value``) -> its confidence interval (the bootstrap's for
-            numbers measured on sampled sequences; the number itself, twice, for numbers computed
-            exactly: from the weights, or counts such as ``units`` and ``budget``).
+        intervals: headline name (and ``value``) -> its confidence interval: the bootstrap's where the
+            analyzer resamples the number (``value`` always; most numbers measured on sampled
+            sequences); the number itself, twice, otherwise — numbers computed exactly (from the
+            weights; counts such as ``units`` and ``budget``) and the few measured numbers an analyzer
+            does not resample (a graft's accuracy, a majority baseline, a revival's median steps), so
+            a zero-width interval does not by itself mean exact.
         summary: what was measured, in one sentence that cites the numbers.
     """
 
@@ -535,18 +551,25 @@ class Analyzer(ABC):
         *,
         context: Context | None = None,
         rule: VerdictRule | None = None,
-        eval_size: int = 1024,
-        seed: int = 0,
+        eval_size: int | None = None,
+        seed: int | None = None,
     ) -> Evidence:
         """Analyze ``pair`` and judge the evidence with ``rule`` (default: the fitted rule).
 
         Called directly, the analyzer measures its own evaluation set of ``eval_size`` sequences
-        per task (seed ``seed``); :func:`capwrap.diagnose` passes the diagnosis's ``context``.
+        per task (default 1024, seed ``seed``, default 0); :func:`capwrap.diagnose` passes the
+        diagnosis's ``context``, which holds the pair, the tasks, the store and the evaluation set.
+
+        Raises:
+            ConfigError: a ``context`` given with another pair, tasks or store than its own, or with
+                ``eval_size``/``seed`` (the context's evaluation set is already drawn).
         """
         from capwrap.diagnosis.rule import default_rule
 
         if context is None:
-            context = Context.build(pair, capability, downstream, store, eval_size=eval_size, seed=seed)
+            context = Context.build(pair, capability, downstream, store, eval_size=eval_size or 1024, seed=seed or 0)
+        else:
+            _check_context_matches(context, pair, capability, downstream, store, eval_size, seed)
         evidence = self.analyze(context)
         evidence.kind, evidence.question = type(self).kind, type(self).question
         evidence.statistic = type(self).statistic
@@ -561,8 +584,51 @@ class Analyzer(ABC):
         return (rule or default_rule()).judge(evidence)
 
     def settings(self) -> dict[str, Any]:
-        """The analyzer's settings (for reports)."""
-        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        """The analyzer's settings, for reports and for telling one call's evidence from another's
+        (:func:`~capwrap.diagnosis.evidence_folder.analyzer_identity`): its fields, a model among them
+        as where it came from and its weights' SHA-256, a task as its description."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        return {f.name: _setting(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _setting(value: Any) -> Any:
+    """One setting as data: a model by its source and weights (not copied, as ``dataclasses.asdict``
+    would copy it), a task by its description, a dataclass as a dict."""
+    if isinstance(value, CapModel):
+        from capwrap.provenance import weights_sha256
+
+        return {"model": str(value.metadata.get("source") or "built in memory"), "weights_sha256": weights_sha256(value)}
+    if isinstance(value, Task):
+        return value.describe()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _check_context_matches(
+    context: Context,
+    pair: ModelPair,
+    capability: Task,
+    downstream: Task,
+    store: RunStore | None,
+    eval_size: int | None,
+    seed: int | None,
+) -> None:
+    """Raise if an analyzer call gives a context together with anything the context would override."""
+    given = {"pair": (pair, context.pair), "capability": (capability, context.capability),
+             "downstream": (downstream, context.downstream)}  # fmt: skip
+    if store is not None:
+        given["store"] = (store, context.store)
+    differ = [name for name, (mine, its) in given.items() if mine is not its]
+    differ += [name for name, value in (("eval_size", eval_size), ("seed", seed)) if value is not None]
+    if differ:
+        raise ConfigError(
+            f"the context given to the analyzer holds its own {', '.join(differ)}, and the call gives "
+            f"{'another' if len(differ) == 1 else 'others'}: the analyzer would read the context's. Call "
+            "analyzer(context.pair, context.capability, context.downstream, context=context), or leave the "
+            "context out to measure these"
+        )
 
 
 #: statistic -> the analyzer class that measures it (filled as analyzer classes are defined).

@@ -588,10 +588,13 @@ class Patching(Analyzer):
     component means the tuned model's own later layers still compute it; restoring it from the last
     layer only replaces the read-out. Statistic ``patching_deep_restore``: the largest, over
     components, of the share of the capability's log-probability gap its base output restores times
-    the share of layers after it. Near 1: one early component's base output brings the capability back
+    the share of layers after it (a share capped at 1: a patch can overshoot the base's
+    log-probability). Near 1: one early component's base output brings the capability back
     through the tuned model's own later layers (a wrapper); near 0: no single component does. Not
     applicable when the tuned model's answer log-probability is within ``min_gap`` nats of the
-    base's. The interval resamples the sequences.
+    base's (or above it), nor with ``method="attribution"``, whose linear estimates of the patches
+    are on another scale than the exact patches the verdict rule's anchor was fitted on (the table
+    and headline numbers are kept). The interval resamples the sequences.
 
     Args:
         sites: the sites to patch (keys of :data:`SITES`), each at all positions.
@@ -634,16 +637,17 @@ class Patching(Analyzer):
         table.insert(0, "component", [_component(r.site, r.layer, r.head) for r in table.itertuples()])
         after = ((n_layers - 1 - table["layer"]) / max(1, n_layers - 1)).to_numpy()
         table["after_share"] = after
-        table["wrapper_evidence"] = table["restored"].clip(lower=0) * table["after_share"]
+        table["wrapper_evidence"] = table["restored"].clip(lower=0, upper=1) * table["after_share"]
         gap = float(result.source_baseline.mean() - result.target_baseline.mean())
         applicable = gap >= self.min_gap
-        value = float(table["wrapper_evidence"].max()) if applicable else math.nan
+        scored = applicable and self.method == "exact"
+        value = float(table["wrapper_evidence"].max()) if scored else math.nan
         # bootstrap over sequences: per replicate, each patch's restored share times its after share
         idx = context.resample(len(batch), self.name)
         patched = result.values.float()[:, idx].mean(-1)  # [patch, n_boot]
         target, source = result.target_baseline.float()[idx].mean(-1), result.source_baseline.float()[idx].mean(-1)
         restored = (patched - target) / (source - target)
-        reps = (restored.clamp_min(0) * torch.tensor(after, dtype=torch.float32)[:, None]).max(0).values.numpy()
+        reps = (restored.clamp(0, 1) * torch.tensor(after, dtype=torch.float32)[:, None]).max(0).values.numpy()
         order = table.sort_values("restored", ascending=False, ignore_index=True)
         headline = {
             "logprob_base": float(result.source_baseline.mean()),
@@ -653,14 +657,20 @@ class Patching(Analyzer):
             "patches": float(len(table)),
         }
         nats = f"({headline['logprob_tuned']:.2f} → {headline['logprob_base']:.2f} nats)"
-        if not applicable:
-            summary = f"the tuned model's answer log-probability is within {max(gap, 0):.2f} nats of the base's; nothing to restore"
+        if gap < 0:
+            summary = (f"the tuned model's answer log-probability is above the base's {nats}: it lost nothing "
+                       "to restore")  # fmt: skip
+        elif not applicable:
+            summary = f"the tuned model's answer log-probability is within {gap:.2f} nats of the base's; nothing to restore"
         else:
             best = table.loc[table["wrapper_evidence"].idxmax()]
             top = order.iloc[0]
-            summary = (f"giving {best.component} its base output back restores {best.restored:.0%} of the capability's "
-                       f"log-probability gap {nats} with {best.after_share:.0%} of the layers after it "
-                       f"(largest restoration: {top.component}, {top.restored:.0%})")  # fmt: skip
+            summary = (f"giving {best.component} its base output back restores {_share(best.restored)} of the "
+                       f"capability's log-probability gap {nats} with {best.after_share:.0%} of the layers after it "
+                       f"(largest restoration: {top.component}, {_share(top.restored)})")  # fmt: skip
+            if not scored:
+                summary += ("; estimated by attribution (linear), which the verdict does not weigh: its anchor was "
+                            "fitted on exact patches")  # fmt: skip
         return Evidence(self.name, headline, order, plot=_plot, value=value, replicates=reps,
                         intervals={"patching_deep_restore": context.interval(reps),
                                    "logprob_base": context.interval(source.numpy()),
@@ -671,6 +681,11 @@ class Patching(Analyzer):
 
 def _component(site: str, layer: int, head: int) -> str:
     return f"L{layer}H{head}" if site == "head" else f"L{layer}.{site}"
+
+
+def _share(restored: float) -> str:
+    """A restored share in words: a patch can overshoot the whole gap."""
+    return f"{restored:.0%}" if restored <= 1 else f"all ({restored:.0%}: it overshoots the base)"
 
 
 def _plot(evidence: Evidence):

@@ -158,7 +158,15 @@ def probe_features(
     (``"answer"``: each sequence's answer position; an int: that position)."""
     pos = _positions(batch, position).to(model.device)
 
+    n_pos = batch.tokens.shape[1]
+
     def at_position(name: str, act: Tensor, rows: slice) -> Tensor:  # each pass keeps one position per sequence
+        if act.ndim < 3 or act.shape[1] != n_pos or name.endswith(("hook_pattern", "hook_attn_scores")):
+            raise ConfigError(
+                f"probes read one position's activation per sequence, [batch, pos, ...]; {name} is "
+                f"{list(act.shape)}{' (attention: [batch, head, query, key])' if 'attn' in name else ''}. Probe "
+                "a residual stream or a layer's output, e.g. hooks='blocks.*.hook_resid_post'"
+            )
         return act[torch.arange(act.shape[0], device=act.device), pos[rows]].flatten(1).float().cpu()
 
     acts = model.capture(batch.tokens.to(model.device), hooks, batch_size=256, reduce=at_position)
@@ -242,9 +250,6 @@ class Probing(Analyzer):
     def __post_init__(self) -> None:
         if self.embeddings not in ("tuned", "base"):
             raise ConfigError(f"{type(self).__name__}.embeddings must be 'tuned' or 'base', got {self.embeddings!r}")
-
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if k != "task"}
 
     def _resolve(self, context: Context) -> tuple[str | None, Task]:
         capability = context.capability
@@ -462,5 +467,6 @@ def _plot(evidence: Evidence):
         fig.add_hline(y=evidence.headline["majority_baseline"], line_dash="dot", annotation_text="majority class")
     fig.update_layout(height=360, xaxis_title="hook point (layer)",
                       yaxis=dict(title="probe accuracy (held out)", tickformat=".0%", range=[0, 1.02]),
-                      title=f"probing: {evidence.direction} ({evidence.strength:.2f})", legend_title_text="model")  # fmt: skip
+                      title=f"{evidence.analyzer.replace('_', ' ')}: {evidence.direction} ({evidence.strength:.2f})",
+                      legend_title_text="model")  # fmt: skip
     return fig

@@ -163,9 +163,6 @@ class Revival(Analyzer):
         if not 0 < self.threshold_fraction <= 1:
             raise ConfigError(f"threshold_fraction must be in (0, 1], got {self.threshold_fraction}")
 
-    def settings(self) -> dict:
-        return {k: v for k, v in super().settings().items() if k != "control"}
-
     def analyze(self, context: Context) -> Evidence:
         pair, capability = context.pair, context.capability
         if self.control is not None:
@@ -258,15 +255,22 @@ class Revival(Analyzer):
         return first, curve, correct
 
     def _replicates(self, context: Context, runs: dict, base_correct: Tensor, censored: float) -> np.ndarray:
-        """Bootstrap replicates: replicate b uses seed ``b % seeds`` and a resample of the check sequences."""
+        """Bootstrap replicates: replicate b uses seed ``b % seeds`` and a resample of the check sequences.
+
+        A run stops at the first check that reaches the threshold, so a resample in which that check
+        falls short has no later check: it reaches the threshold after the run's last check, counted
+        as the next check's step (not as never within the budget, ``censored``)."""
         idx = context.resample(len(base_correct), self.name)  # [n_boot, n]
         thresholds = self.threshold_fraction * base_correct[idx].mean(1)
         firsts = {}
         for which, rs in runs.items():
             per_seed = []
-            for _, curve, correct in rs:
+            for first, curve, correct in rs:
                 curves = correct.float()[:, idx].mean(-1).T  # [n_boot, check]
-                per_seed.append(first_reaching(curves, torch.tensor(curve["step"].to_numpy()), thresholds, censored))
+                last = int(curve["step"].iloc[-1])
+                stopped = math.isfinite(first) and last < self.max_steps  # stopped at the threshold, budget left
+                after = min(float(last + self.eval_every), censored) if stopped else censored
+                per_seed.append(first_reaching(curves, torch.tensor(curve["step"].to_numpy()), thresholds, after))
             seed_of = torch.arange(len(idx)) % len(rs)
             firsts[which] = torch.stack(per_seed)[seed_of, torch.arange(len(idx))]
         return torch.log2(firsts["control"].clamp_min(1.0) / firsts["tuned"].clamp_min(1.0)).numpy()

@@ -76,7 +76,10 @@ class Subgraph(Analyzer):
         ablation: ``mean_positional`` (default: each position's mean over the batch, which keeps what a
             fixed-format sequence says by position), ``mean`` or ``zero``.
         n: sequences of each task.
-        seed: seed of the sequences.
+        seed: seed of the sequences; ``None`` (default): derived from the diagnosis's seed
+            (:meth:`Context.seed_for <capwrap.analyzers.Context.seed_for>`), as every analyzer's random
+            choices are. (Until 2026-12-07 it was 0 whatever the diagnosis's seed; ``seed=0`` gives the
+            sequences the published figures were measured on.)
         survive: weighted overlap of the base and tuned capability circuits at or above which the
             circuit counts as having survived fine-tuning.
         rewired: weighted overlap at or below which the circuit counts as rewired.
@@ -89,7 +92,7 @@ class Subgraph(Analyzer):
     ig_steps: int = 5
     ablation: Literal["mean", "mean_positional", "zero"] = "mean_positional"
     n: int = 256
-    seed: int = 0
+    seed: int | None = None
     survive: float = 0.5
     rewired: float = 0.25
     enriched: float = 1.5
@@ -128,8 +131,9 @@ class Subgraph(Analyzer):
         pair, capability, downstream, store = context.pair, context.capability, context.downstream, context.store
         graph = Graph.from_spec(pair.spec)
         size = max(5, round(self.top_share * graph.n_edges))
-        cap_batch = capability.sample(self.n, seed=self.seed)
-        down_batch = downstream.sample(self.n, seed=self.seed + 1)
+        seed = self.seed if self.seed is not None else context.seed_for(self.name, "sequences")
+        cap_batch = capability.sample(self.n, seed=seed)
+        down_batch = downstream.sample(self.n, seed=seed + 1)
         cap_base, cap_tuned = self._scores(pair.base, cap_batch), self._scores(pair.tuned, cap_batch)
         base_circuit = Circuit.from_scores(cap_base, size)
         tuned_circuit = Circuit.from_scores(cap_tuned, size)

@@ -36,6 +36,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from typing import ClassVar
 
 import numpy as np
@@ -279,7 +280,12 @@ class WeightDiff(Analyzer):
     statistic: ClassVar[str | None] = "relative_weight_change"
 
     def __post_init__(self) -> None:
-        if not self.graft_fractions or any(not 0 < f <= 1 for f in self.graft_fractions):
+        if isinstance(self.graft_fractions, str) or not isinstance(self.graft_fractions, Iterable):
+            raise ConfigError(f"graft_fractions is a list of shares in (0, 1], e.g. (0.01, 0.1), got {self.graft_fractions!r}")
+        self.graft_fractions = tuple(self.graft_fractions)
+        if not self.graft_fractions or any(
+            isinstance(f, bool) or not isinstance(f, Real) or not 0 < f <= 1 for f in self.graft_fractions
+        ):
             raise ConfigError(
                 f"graft_fractions must be a non-empty list of shares in (0, 1], got {self.graft_fractions}"
             )
@@ -317,6 +323,8 @@ class WeightDiff(Analyzer):
         )
         summary = (f"the weights moved by {relative:.1%} of their norm; the top 10% of units hold "
                    f"{headline['top10pct_share']:.0%} of the squared change{graft_text}")  # fmt: skip
+        if total_sq == 0:
+            summary = "the weights did not change: the tuned model's are the base's"
         if store is not None and (first := int(store.meta.get("first_step", 0))) > 0:
             summary += (f"; the run store starts at step {first} (a run resumed from a checkpoint into a new store): "
                         f"its movement times count the change from step {first}'s weights, not from the base's")  # fmt: skip

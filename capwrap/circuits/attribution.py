@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import DEFAULT_METRIC, Metric, metric_values
+from capwrap.circuits.metrics import DEFAULT_METRIC, Metric, metric_values, resolve_metric
 from capwrap.circuits.nodes import (
     UPSTREAM_HOOKS,
     Ablation,
@@ -59,7 +59,7 @@ from capwrap.circuits.nodes import (
     check_readable,
     upstream_hook,
 )
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, whole_number
 from capwrap.models import CapModel
 from capwrap.tasks.base import TaskBatch
 
@@ -264,7 +264,7 @@ def attribute(
     model: CapModel,
     batch: TaskBatch,
     *,
-    metric: Metric = DEFAULT_METRIC,
+    metric: Metric | str = DEFAULT_METRIC,
     method: Method = "eap",
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
@@ -278,8 +278,9 @@ def attribute(
     Args:
         model: the model (left unchanged; its parameter gradients too).
         batch: the sequences (answers and answer positions for the metric).
-        metric: ``metric(logits, batch) -> [batch]`` (:mod:`capwrap.circuits.metrics`; default the
-            answer's log-probability, :data:`~capwrap.circuits.metrics.DEFAULT_METRIC`).
+        metric: ``metric(logits, batch) -> [batch]``, or the name of one of capwrap's
+            (:mod:`capwrap.circuits.metrics`; default the answer's log-probability,
+            :data:`~capwrap.circuits.metrics.DEFAULT_METRIC`).
         method: ``eap``: one forward and one backward pass per chunk; ``eap-ig``: ``ig_steps`` of
             each, the gradient averaged on the path from the ablated input to the real one;
             ``eap-ig-nodes``: ``ig_steps`` per upstream path (``2 * n_layers + 1`` paths), each
@@ -297,13 +298,13 @@ def attribute(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown attribution method {method!r}; choose one of {list(METHODS)}")
-    if ig_steps < 1:
-        raise ConfigError(f"ig_steps must be at least 1, got {ig_steps}")
+    metric = resolve_metric(metric)
+    ig_steps = whole_number(ig_steps, "ig_steps (integration points)", minimum=1)
     check_ablation(ablation, batch, corrupted, reference)
     if len(batch) == 0:
         raise ConfigError("the batch is empty; sample at least one sequence")
-    if batch_size is not None and batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if batch_size is not None:
+        batch_size = whole_number(batch_size, "batch_size (sequences per pass)", minimum=1)
     graph = Graph.from_spec(model.spec)
     check_readable(model, graph)
     batch = batch.to(model.device)

@@ -88,6 +88,10 @@ class Circuit:
         if select not in SELECTIONS:
             raise ConfigError(f"unknown selection {select!r}; choose one of {list(SELECTIONS)}")
         n = whole_number(n, f"n (a number of {'components' if select == 'nodes' else 'edges'})")
+        scored = int(scores.values.isfinite().sum())
+        if select != "nodes" and scored < scores.graph.n_edges and n > scored:  # (a size past every edge: all of them)
+            raise ConfigError(f"a circuit of {n} edges exceeds the {scored} edges the scores measure (the others are "
+                              f"NaN, as exact_scores(edges=...) leaves them): choose at most {scored}")  # fmt: skip
         weight = torch.nan_to_num(scores.values.abs(), nan=-1.0)
         mask = {"edges": _top_edges, "nodes": _top_nodes, "greedy": _greedy}[select](scores.graph, weight, n)
         info = {"method": scores.method, "ablation": scores.ablation, "select": select, "n": n, **scores.info}

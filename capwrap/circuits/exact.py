@@ -34,6 +34,7 @@ Examples:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,9 +44,9 @@ from tqdm.auto import tqdm
 
 from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import DEFAULT_METRIC, Metric, metric_values
+from capwrap.circuits.metrics import DEFAULT_METRIC, Metric, metric_values, resolve_metric
 from capwrap.circuits.nodes import Ablation, HeadWrites, NodeValues, ablated_values, check_readable, norm_module
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, whole_number
 from capwrap.models import CapModel
 from capwrap.models.functional import Functional
 from capwrap.tasks.base import TaskBatch
@@ -255,24 +256,25 @@ def exact_scores(
     model: CapModel,
     batch: TaskBatch,
     *,
-    metric: Metric = DEFAULT_METRIC,
+    metric: Metric | str = DEFAULT_METRIC,
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,
-    edges: list[int] | Tensor | None = None,
+    edges: Sequence[int | str] | Tensor | None = None,
     memory_mb: float = 256.0,
     progress: bool = False,
 ) -> EdgeScores:
     """Each edge's score measured exactly: the batch-mean metric with that one edge ablated, minus without.
 
     Arguments as :func:`~capwrap.circuits.attribution.attribute`; ``edges`` limits the work to those
-    edge positions (the others get NaN). One forward pass per edge (many share a batched pass).
+    edges, by position or name (``"L0H1->L1.mlp"``; the others get NaN). One forward pass per edge (many share a batched pass).
     """
     graph = Graph.from_spec(model.spec)
+    metric = resolve_metric(metric)
     check_readable(model, graph)
     check_exact_supported(model)  # before the ablated values are computed for nothing
+    chosen = torch.arange(graph.n_edges) if edges is None else _edge_positions(graph, edges)
     ablated = ablated_values(model, graph, ablation, batch, corrupted, reference)
-    chosen = torch.arange(graph.n_edges) if edges is None else torch.as_tensor(edges, dtype=torch.long).flatten()
     if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= graph.n_edges):
         raise ConfigError(f"edge positions must lie in [0, {graph.n_edges - 1}]")
     masks = torch.zeros(len(chosen) + 1, graph.n_edges, dtype=torch.bool)
@@ -287,18 +289,29 @@ def exact_scores(
 _SPLIT_FLAGS = ("set_use_split_qkv_input", "set_use_attn_result", "set_use_hook_mlp_in")
 
 
+def _edge_positions(graph: Graph, edges: Sequence[int | str] | Tensor) -> Tensor:
+    """Edge positions from positions or names (``"L0H1->L1.mlp"``), checked against the graph."""
+    if isinstance(edges, str):
+        raise ConfigError(f"edges must be a list of edge positions or names, got the string {edges!r}: write [{edges!r}]")
+    items = edges.flatten().tolist() if isinstance(edges, Tensor) else list(edges)
+    positions = [graph.edge_index(e) if isinstance(e, str) else whole_number(e, "an edge position") for e in items]
+    if bad := [p for p in positions if p >= graph.n_edges]:
+        raise ConfigError(f"edge positions {bad[:5]} are outside the graph's {graph.n_edges} edges")
+    return torch.tensor(positions, dtype=torch.long)
+
+
 def split_input_eap(
     model: CapModel,
     batch: TaskBatch,
     *,
-    metric: Metric = DEFAULT_METRIC,
+    metric: Metric | str = DEFAULT_METRIC,
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
 ) -> EdgeScores:
     """Attribution patching (EAP) the textbook way, over TransformerLens's split-input hooks.
 
     Turns on the module's split query/key/value inputs, per-head results and MLP-input hooks (and
-    off again), reads every head's output at ``hook_result``, every downstream input's gradient at
+    back to how they were), reads every head's output at ``hook_result``, every downstream input's gradient at
     ``hook_{q,k,v}_input`` / ``hook_mlp_in`` (the bridge: ``ln2.hook_in``) / the final stream, and
     sums ``(ã_u − a_u) · g_d``. It
     exists to check :func:`~capwrap.circuits.attribution.attribute` against (which needs none of
@@ -317,14 +330,16 @@ def split_input_eap(
             f"the split-input reference does not describe {spec.architecture} models: their heads' results "
             "(hook_result) are taken before the post-norm, not as they join the stream"
         )
+    metric = resolve_metric(metric)
     batch = batch.to(model.device)
+    before = {flag: bool(getattr(module.cfg, flag.removeprefix("set_"), False)) for flag in _SPLIT_FLAGS}
     try:
         for flag in _SPLIT_FLAGS:
             getattr(module, flag)(True)
     except (NotImplementedError, AttributeError) as exc:
         for flag in _SPLIT_FLAGS:
             try:
-                getattr(module, flag)(False)
+                getattr(module, flag)(before[flag])
             except (NotImplementedError, AttributeError):
                 pass
         raise ConfigError(
@@ -407,8 +422,8 @@ def split_input_eap(
         g = torch.stack(grads)
         matrix = ((base - up).flatten(1).double() @ g.flatten(1).double().T) / len(batch)
     finally:
-        for flag in _SPLIT_FLAGS:
-            getattr(module, flag)(False)
+        for flag in _SPLIT_FLAGS:  # as the caller had them
+            getattr(module, flag)(before[flag])
         model.train(was_training)
     return EdgeScores(
         graph, graph.from_matrix(matrix).float(), "eap-split-reference", ablation, {"sequences": len(batch)}

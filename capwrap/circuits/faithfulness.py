@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -36,7 +36,7 @@ from capwrap.circuits.attribution import EdgeScores
 from capwrap.circuits.circuit import Circuit, Selection
 from capwrap.circuits.exact import ablated_metric
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import DEFAULT_METRIC, Metric
+from capwrap.circuits.metrics import DEFAULT_METRIC, METRICS, Metric, resolve_metric
 from capwrap.circuits.nodes import Ablation, ablated_values
 from capwrap.errors import CapwrapWarning, ConfigError, whole_number
 from capwrap.models import CapModel
@@ -99,7 +99,7 @@ def circuit_metric(
     batch: TaskBatch,
     circuits: Sequence[Circuit],
     *,
-    metric: Metric = DEFAULT_METRIC,
+    metric: Metric | str = DEFAULT_METRIC,
     ablation: Ablation = "mean",
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,
@@ -108,6 +108,7 @@ def circuit_metric(
     """The batch-mean metric of each circuit with every edge outside it ablated, ``[len(circuits)]``."""
     if not circuits:
         raise ConfigError("no circuits to measure: give at least one Circuit")
+    metric = resolve_metric(metric)
     graph = Graph.from_spec(model.spec)
     for c in circuits:
         if c.graph.spec != model.spec:
@@ -124,7 +125,7 @@ def faithfulness(
     *,
     ns: Sequence[int] | None = None,
     select: Selection = "edges",
-    metric: Metric = DEFAULT_METRIC,
+    metric: Metric | str | None = None,
     ablation: Ablation | None = None,
     corrupted: Tensor | None = None,
     reference: TaskBatch | None = None,
@@ -138,7 +139,10 @@ def faithfulness(
         scores: edge scores (from :func:`~capwrap.circuits.attribute` or :func:`~capwrap.circuits.exact_scores`).
         ns: circuit sizes: edges (``select="edges"``/``"greedy"``) or components (``"nodes"``).
         select: how circuits are chosen (:meth:`Circuit.from_scores`).
-        metric: as in :func:`~capwrap.circuits.attribute`.
+        metric: as in :func:`~capwrap.circuits.attribute`; default: the one the scores were computed
+            with (``scores.info["metric"]``, when it is one of :data:`~capwrap.circuits.metrics.METRICS`;
+            else :data:`~capwrap.circuits.metrics.DEFAULT_METRIC`). Another one is measured, with a
+            warning, as for ``ablation``.
         ablation: as in :func:`~capwrap.circuits.attribute`; default: the one the scores were computed
             with (another one is measured, with a warning: circuits chosen under one ablation are
             judged under another).
@@ -146,8 +150,23 @@ def faithfulness(
         reference: as in :func:`~capwrap.circuits.attribute`.
         memory_mb: memory budget of one batched forward pass.
     """
+    if not isinstance(scores, EdgeScores):
+        raise ConfigError(
+            f"faithfulness takes edge scores (attribute(...) or exact_scores(...)) and chooses its circuits from them, "
+            f"got a {type(scores).__name__}; to measure circuits you already have, use circuit_metric(model, batch, [circuit])"
+        )
     if scores.graph.spec != model.spec:
         raise ConfigError("the scores belong to a model of another shape")
+    scored_by = scores.info.get("metric")
+    if metric is None:
+        metric = METRICS.get(scored_by, DEFAULT_METRIC)
+    metric = resolve_metric(metric)
+    if scored_by in METRICS and getattr(metric, "__name__", None) != scored_by:
+        warnings.warn(f"the scores were computed with metric {scored_by!r} and the circuits are measured with "
+                      f"{getattr(metric, '__name__', metric)!r}; leave metric unset to measure them as they were scored",
+                      CapwrapWarning, stacklevel=2)  # fmt: skip
+    if ns is not None and (isinstance(ns, str) or not isinstance(ns, Iterable)):
+        raise ConfigError(f"ns is a list of circuit sizes, e.g. ns=[5, 10, 20], got {ns!r}")
     if ablation is None:
         ablation = cast(Ablation, scores.ablation)
     elif ablation != scores.ablation:
@@ -158,9 +177,6 @@ def faithfulness(
     scored = int(scores.values.isfinite().sum())
     limit = len(graph.components) - 2 if select == "nodes" else scored
     sizes = default_sizes(limit) if ns is None else [whole_number(n, "a circuit size") for n in ns]
-    if select != "nodes" and any(n > scored for n in sizes):
-        raise ConfigError(f"circuit sizes {[n for n in sizes if n > scored]} exceed the {scored} edges the scores "
-                          f"measure (the others are NaN, as exact_scores(edges=...) leaves them): choose at most {scored}")  # fmt: skip
     circuits = [Circuit.from_scores(scores, n, select) for n in sizes]
     full = Circuit(graph, torch.ones(graph.n_edges, dtype=torch.bool), scores.values)
     empty = Circuit(graph, torch.zeros(graph.n_edges, dtype=torch.bool), scores.values)

@@ -49,6 +49,7 @@ __all__ = [
     "answer_prob",
     "metric_values",
     "negative_loss",
+    "resolve_metric",
 ]
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"], TaskBatch], Float[Tensor, " batch"]]
@@ -102,6 +103,29 @@ def negative_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch) 
     return -(per_token * valid).sum(1) / valid.sum(1).clamp_min(1.0)
 
 
+def resolve_metric(metric: Metric | str) -> Metric:
+    """``metric`` itself (a function ``metric(logits, batch) -> [batch]``), or capwrap's metric of that
+    name (``"answer_logodds"``, as :class:`~capwrap.circuits.EdgeScores` record it in ``info["metric"]``).
+
+    Examples:
+        >>> resolve_metric("answer_logodds") is answer_logodds
+        True
+        >>> resolve_metric("logodds")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: unknown metric 'logodds'; choose one of ['answer_logit', 'answer_logodds', 'answer_logprob', 'answer_prob', 'negative_loss'] (capwrap.circuits.metrics) or pass a function metric(logits, batch) -> [batch]
+    """
+    if isinstance(metric, str):
+        if metric in METRICS:
+            return METRICS[metric]
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)} (capwrap.circuits.metrics) or "
+                          "pass a function metric(logits, batch) -> [batch]")  # fmt: skip
+    if not callable(metric):
+        raise ConfigError(f"metric must be a function metric(logits, batch) -> [batch] or the name of one of "
+                          f"{sorted(METRICS)}, got {metric!r}")  # fmt: skip
+    return metric
+
+
 def metric_values(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"], batch: TaskBatch,
                   differentiable: bool = False) -> Float[Tensor, " batch"]:  # fmt: skip
     """``metric(logits, batch)`` as float, checked: one value per sequence (not their mean, not one per
@@ -136,3 +160,7 @@ def metric_values(metric: Metric, logits: Float[Tensor, "batch pos d_vocab"], ba
                           "and gradient attribution needs a gradient: score by a smooth metric such as "
                           "answer_logprob or answer_logodds, or patch exactly (exact_scores; method='exact' in patching)")  # fmt: skip
     return values.float()
+
+
+#: capwrap's metrics by name (the names scores record in ``info["metric"]``; :func:`resolve_metric`).
+METRICS: dict[str, Metric] = {m.__name__: m for m in (answer_logprob, answer_prob, answer_logit, answer_logodds, negative_loss)}

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -211,7 +211,7 @@ def _diagnose(
     evidence_dir: str | os.PathLike | None = None,
 ) -> Diagnosis:
     rule = rule or default_rule()
-    analyzers = list(analyzers)
+    analyzers = _checked_analyzers(analyzers)
     if not analyzers:
         raise ConfigError("no analyzers given; pass at least one (see capwrap.diagnosis.default_analyzers())")
     names = [a.name for a in analyzers]
@@ -231,7 +231,7 @@ def _diagnose(
             resumed.append(analyzer.name)
             continue
         t0 = time.perf_counter()
-        evidence.append(analyzer(pair, capability, downstream, store, context=context, rule=rule))
+        evidence.append(analyzer(context.pair, context.capability, context.downstream, context=context, rule=rule))
         seconds[analyzer.name] = round(time.perf_counter() - t0, 2)
         if kept is not None:
             kept.write(analyzer, evidence[-1], seconds[analyzer.name])
@@ -245,6 +245,21 @@ def _diagnose(
     return Diagnosis(findings["deletion"], findings["creation"], accuracy, intervals, tasks, seconds,
                      rule=dict(rule.provenance), weights={e.analyzer: rule.weight(e) for e in evidence},
                      resumed=resumed)  # fmt: skip
+
+
+def _checked_analyzers(analyzers: Any) -> list[Analyzer]:
+    """``analyzers`` as a list of analyzer instances, or a clear error for what people pass instead
+    (one analyzer, names, classes)."""
+    example = "e.g. analyzers=[capwrap.WeightDiff(), capwrap.Patching(n=64)], or default_analyzers()"
+    if isinstance(analyzers, Analyzer | str) or not isinstance(analyzers, Iterable):
+        raise ConfigError(f"analyzers takes a list of analyzers, got {analyzers!r}; {example}")
+    analyzers = list(analyzers)
+    for a in analyzers:
+        if isinstance(a, type) and issubclass(a, Analyzer):
+            raise ConfigError(f"analyzers takes analyzer instances, got the class {a.__name__}; pass {a.__name__}() ({example})")
+        if not isinstance(a, Analyzer):
+            raise ConfigError(f"analyzers takes analyzer instances, got {a!r} ({type(a).__name__}); {example}")
+    return analyzers
 
 
 def _identity(context: Context, rule: VerdictRule) -> dict:

@@ -41,6 +41,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -50,7 +51,7 @@ from torch import Tensor
 from capwrap.circuits.attribution import EdgeScores, ScoreAccumulator, attribute
 from capwrap.circuits.circuit import SELECTIONS, Circuit, Selection
 from capwrap.circuits.graph import Graph
-from capwrap.circuits.metrics import Metric
+from capwrap.circuits.metrics import Metric, resolve_metric
 from capwrap.circuits.nodes import SELF_ABLATIONS, NodeCapture, check_readable
 from capwrap.errors import ConfigError, whole_number
 from capwrap.methods.base import TrainingMethod
@@ -128,7 +129,10 @@ class CircuitTuning(TrainingMethod):
         top_n_start: ``N`` at the first step (default: ``top_n``, a constant ``N``).
         schedule: how ``N`` goes from ``top_n_start`` to ``top_n`` over the run: ``constant``,
             ``linear`` or ``cosine``.
-        every: score edges and choose the subgraph every this many steps (1: every step, as the paper).
+        every: score edges and choose the subgraph every this many steps (1: every step, as the paper);
+            with a schedule the last step chooses too, so that the run ends at ``top_n`` edges (the
+            logged ``method/top_n`` is the schedule's ``N`` at each step, ``method/edges`` the
+            subgraph's, chosen on the scoring steps).
         select: ``edges`` (top edges), ``nodes`` (top components, every edge between them) or
             ``greedy`` (connected to the logits), as :meth:`capwrap.circuits.Circuit.from_scores`.
         ablation: how edges are ablated when scored: ``mean`` (over the batch and positions, as the
@@ -158,7 +162,7 @@ class CircuitTuning(TrainingMethod):
         every: int = 1,
         select: Selection = "edges",
         ablation: Literal["mean", "mean_positional", "zero"] = "mean",
-        metric: Metric | None = None,
+        metric: Metric | str | None = None,
         max_params: int | float | None = None,
     ):
         top_n = whole_number(top_n, "CircuitTuning.top_n (edges kept)", minimum=1)
@@ -179,8 +183,14 @@ class CircuitTuning(TrainingMethod):
                 "(a corrupted ablation needs corrupted sequences the training task does not have)"
             )
         if max_params is not None:
-            share = isinstance(max_params, float)
-            if isinstance(max_params, bool) or not (0 < max_params <= 1 if share else max_params >= 1):
+            share = isinstance(max_params, numbers.Real) and not isinstance(max_params, numbers.Integral)
+            if isinstance(max_params, numbers.Integral) and not isinstance(max_params, bool):
+                max_params = int(max_params)  # (NumPy's integers too)
+            elif share:
+                max_params = float(max_params)  # (NumPy's floats too)
+            if isinstance(max_params, bool) or not isinstance(max_params, int | float) or not (
+                0 < max_params <= 1 if share else max_params >= 1
+            ):
                 raise ConfigError(
                     f"CircuitTuning.max_params must be a parameter count (int >= 1) or a share in (0, 1], got {max_params!r}"
                 )
@@ -188,6 +198,7 @@ class CircuitTuning(TrainingMethod):
                 raise ConfigError(f"a parameter budget (max_params) works with select='edges', not {select!r}")
         self.max_params = max_params
         self.top_n, self.top_n_start, self.schedule = top_n, top_n if top_n_start is None else top_n_start, schedule
+        metric = None if metric is None else resolve_metric(metric)
         self.every, self.select, self.ablation, self.metric = every, select, ablation, metric
         self.graph: Graph | None = None
         self.edges: Tensor | None = None  # the current subgraph, [n_edges]
@@ -198,6 +209,7 @@ class CircuitTuning(TrainingMethod):
         self._pending: Tensor | None = None
         self._masks: dict[torch.nn.Parameter, Tensor] = {}
         self._trainable = self._ever_params = 0
+        self._steps = 0  # the run's length (setup)
         self._previous: Tensor | None = None
         self._recorded: dict[str, Tensor] = {}
 
@@ -211,7 +223,10 @@ class CircuitTuning(TrainingMethod):
         return max(1, round(self.top_n_start + (self.top_n - self.top_n_start) * shape))
 
     def _scores_due(self, step: int) -> bool:
-        return self.edges is None or step % self.every == 0
+        """Whether ``step`` scores the edges and chooses the subgraph again: the first step, every
+        ``every`` steps, and with a schedule the run's last step (so that the run ends at ``top_n``)."""
+        last = self.schedule != "constant" and step == self._steps - 1
+        return self.edges is None or step % self.every == 0 or last
 
     # ---- the method interface ------------------------------------------------------------------------
     def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -221,6 +236,7 @@ class CircuitTuning(TrainingMethod):
                               "positions' means, and a batch of one sequence is its own mean (every score would be "
                               "noise): train with batch_size >= 2, or ablation='mean'")  # fmt: skip
         self.model = model
+        self._steps = config.steps
         self.graph = Graph.from_spec(model.spec)
         check_readable(model, self.graph)
         weights = model.weights()

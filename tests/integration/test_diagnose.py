@@ -188,6 +188,32 @@ def test_an_evidence_folder_refuses_another_diagnosis(trained_pair, tmp_path):
         call(evidence_dir=tmp_path / "file")
 
 
+def test_an_evidence_folder_tells_a_revival_control_and_a_probing_task_apart(trained_pair, tmp_path):
+    """Settings that are a model or a task count too: another never-had-it control (its weights) or
+    another probing task (its description) is refused, not read back (until 2026-12-07 both were
+    left out of the analyzer's identity, and the old evidence came back)."""
+    base, tuned, capability, downstream = trained_pair
+    folder = tmp_path / "evidence"
+    control = build_model(base.spec, seed=5)
+    revival = dict(max_steps=4, eval_every=2, check_size=32, control_steps=2, seeds=1, batch_size=8)
+    probing = dict(n=64, steps=5, label="operand")
+
+    def call(*analyzers):
+        return diagnose(base, tuned, capability, downstream, analyzers=list(analyzers), eval_size=32,
+                        progress=False, evidence_dir=folder)  # fmt: skip
+
+    mixed = PCFGTask(("count", "index"), prior=(0.5, 0.3, 0.2), config=capability.config)
+    call(Revival(control=control, **revival), Probing(task=mixed, **probing))
+    assert call(Revival(control=control.clone(), **revival), Probing(task=mixed, **probing)).resumed == [
+        "revival", "probing"]  # the same weights, the same task: read back  # fmt: skip
+    with pytest.raises(ConfigError, match=r"revival.evidence holds the evidence of 'revival' measured with other "
+                                          r"settings: settings.control.weights_sha256 differs"):
+        call(Revival(control=build_model(base.spec, seed=6), **revival))
+    other = PCFGTask(("count", "index"), prior=(0.2, 0.3, 0.5), config=capability.config)
+    with pytest.raises(ConfigError, match=r"probing.evidence holds .* settings.task.prior differs"):
+        call(Probing(task=other, **probing))
+
+
 def test_every_analyzer_works_on_a_gpt_neo_pair(tmp_path):
     """The TinyStories architecture (local attention layers, unscaled scores) through all six analyzers."""
     capability = PCFGTask("count", "a", config=PCFGConfig(length=10, window=5, occurrence=2))

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from capwrap.analyzers import Context, ModelPair, WeightDiff
 from capwrap.cli import main
 from capwrap.diagnosis import diagnose
 from capwrap.diagnosis.rule import VerdictRule, default_rule
@@ -187,6 +188,12 @@ class Env:
         path = self.root / "partial_circuit.json"
         path.write_text(json.dumps({"format": json.loads(self.circuit().save(self.root / "c.json").read_text())["format"]}))
         return Circuit.load(path)
+
+    def partial_scores(self):
+        """Exact scores of two edges only (the rest NaN)."""
+        from capwrap.circuits import exact_scores
+
+        return exact_scores(self.model, TASK.sample(4, seed=0), edges=[0, 1])
 
     def faithfulness_past_partial_scores(self):
         """Exact scores of two edges only (the rest NaN), asked for a circuit of five."""
@@ -451,6 +458,22 @@ CASES = [
             TASK,
         ),
     ),  # fmt: skip
+    Case("pair-of-two-precisions", ConfigError,
+         r"the base model's weights are float32 and the tuned model's bfloat16.*clone\(dtype='float32'\)",
+         lambda e: diagnose(e.model, e.model.clone(dtype="bfloat16"), TASK, TASK)),
+    Case("diagnose-analyzer-names", ConfigError, r"analyzers takes analyzer instances, got 'weight_diff'",
+         lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, analyzers=["weight_diff"])),
+    Case("diagnose-analyzer-class", ConfigError, r"got the class WeightDiff; pass WeightDiff\(\)",
+         lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, analyzers=[WeightDiff])),
+    Case("diagnose-one-analyzer", ConfigError, r"analyzers takes a list of analyzers, got WeightDiff",
+         lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, analyzers=WeightDiff())),
+    Case("diagnose-negative-seed", ConfigError, r"seed \(0 to 2147483647\) must be a whole number >= 0, got -1",
+         lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, seed=-1)),
+    Case("diagnose-fractional-eval-size", ConfigError, r"eval_size .* must be a whole number >= 1, got 10.0",
+         lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, eval_size=10.0)),
+    Case("analyzer-context-and-another-pair", ConfigError, r"the context given to the analyzer holds its own pair",
+         lambda e: WeightDiff()(ModelPair(e.model, e.model.clone()), TASK, TASK,
+                                context=Context.build(ModelPair(e.model, e.model.clone()), TASK, TASK, eval_size=8))),
     Case(
         "pair-of-a-resized-vocabulary",
         ConfigError,
@@ -500,8 +523,23 @@ CASES = [
          lambda e: __import__("capwrap.circuits").circuits.attribute(e.model, TASK.sample(4, seed=0).tokens)),
     Case("circuits-start-without-a-schedule", ConfigError, "schedule is 'constant'",
          lambda e: __import__("capwrap").CircuitTuning(top_n=10, top_n_start=40)),
-    Case("circuits-size-past-the-scored-edges", ConfigError, "exceed the 2 edges the scores measure",
+    Case("circuits-size-past-the-scored-edges", ConfigError, "exceeds the 2 edges the scores measure",
          lambda e: e.faithfulness_past_partial_scores()),
+    Case("circuits-circuit-past-the-scored-edges", ConfigError, "a circuit of 5 edges exceeds the 2 edges the scores",
+         lambda e: __import__("capwrap.circuits").circuits.Circuit.from_scores(e.partial_scores(), 5)),
+    Case("circuits-faithfulness-of-a-circuit", ConfigError, "takes edge scores .* got a Circuit; .* use circuit_metric",
+         lambda e: __import__("capwrap.circuits").circuits.faithfulness(e.model, TASK.sample(4, seed=0), e.circuit())),
+    Case("circuits-edges-by-a-misspelled-name", ConfigError, "no edge 'L0H0->logit' in this graph",
+         lambda e: __import__("capwrap.circuits").circuits.exact_scores(e.model, TASK.sample(4, seed=0),
+                                                                        edges=["L0H0->logit"])),
+    Case("circuits-metric-by-an-unknown-name", ConfigError, "unknown metric 'logodds'",
+         lambda e: __import__("capwrap.circuits").circuits.attribute(e.model, TASK.sample(4, seed=0), metric="logodds")),
+    Case("circuits-fractional-ig-steps", ConfigError, r"ig_steps \(integration points\) must be a whole number >= 1, got 2.5",
+         lambda e: __import__("capwrap.circuits").circuits.attribute(e.model, TASK.sample(4, seed=0), method="eap-ig",
+                                                                     ig_steps=2.5)),
+    Case("circuits-sizes-not-a-list", ConfigError, r"ns is a list of circuit sizes, e.g. ns=\[5, 10, 20\], got 5",
+         lambda e: __import__("capwrap.circuits").circuits.faithfulness(e.model, TASK.sample(4, seed=0), e.partial_scores(),
+                                                                        ns=5)),
     Case("circuits-save-into-a-folder", ConfigError, "is a folder; give the circuit's file path",
          lambda e: e.circuit().save(e.root)),
     Case("circuits-node-by-name", ConfigError, "takes a Node",

@@ -128,3 +128,20 @@ def test_update_inside_backward_refuses_what_it_cannot_do(small_model, small_tas
     with pytest.raises(ConfigError, match="circuit_tuning method edits the gradients"):
         train(small_model, small_task, TrainConfig(**BASE).low_memory(), method=CircuitTuning(top_n=3))
     assert isinstance(make_optimizer(small_model.parameters(), TrainConfig(**BASE).low_memory()), StepInBackward)
+
+
+def test_weight_decay_is_applied_by_every_optimizer_and_defaults_by_optimizer():
+    """An explicit weight decay reaches every rule (SGD as an L2 term, as the circuit-tuning protocol's
+    "SGD, momentum 0.9, weight decay 1e-4" needs); left out, AdamW and Adafactor decay by 0.01 and
+    SGD not at all (the paper's Tracr runs; until 2026-12-07 SGD dropped any weight decay, unsaid)."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    for optimizer, default in (("adamw", 0.01), ("adafactor", 0.01), ("sgd", 0.0)):
+        assert TrainConfig(optimizer=optimizer).applied_weight_decay == default
+        made = make_optimizer(params, TrainConfig(optimizer=optimizer, weight_decay=1e-4))
+        assert made.param_groups[0]["weight_decay"] == 1e-4, optimizer
+    sgd = make_optimizer(params, TrainConfig(optimizer="sgd", momentum=0.9, weight_decay=1e-4, lr=0.1))
+    params[0].grad = torch.zeros(3)
+    sgd.step()  # no gradient: only the decay moves the weights, by lr * wd * w
+    torch.testing.assert_close(params[0].detach(), torch.full((3,), 1 - 0.1 * 1e-4))
+    with pytest.raises(ConfigError, match="weight_decay must not be negative"):
+        TrainConfig(weight_decay=-1.0)

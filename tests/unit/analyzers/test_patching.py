@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -181,6 +183,21 @@ def test_patching_analyzer_finds_a_planted_early_head_change(task, backend):
     assert ev.value > 0.99  # restored from layer 0, with all of layer 1 after it
     assert ev.direction == "wrapper"  # layer 1 of the tuned model still does the rest
     assert ev.figure().data
+
+
+def test_patching_statistic_is_a_share_and_only_exact_patches_are_weighed(task, backend):
+    """The statistic caps each patch's restored share at 1 (a patch can overshoot the base); the
+    summary says so; attribution's linear estimates are reported but not weighed (their scale is
+    not the exact patches' the rule's anchor was fitted on); swapped models are said to have lost nothing."""
+    pair = _pair_differing_in_one_head(task, backend, layer=0)
+    exact = Patching(n=32)(pair, task, task, eval_size=32)
+    assert 0 < exact.value <= 1 and (exact.replicates <= 1).all()
+    estimated = Patching(n=32, method="attribution")(pair, task, task, eval_size=32)
+    assert math.isnan(estimated.value) and not estimated.applicable and estimated.direction == "neutral"
+    assert estimated.headline["best_restored"] == estimated.table["restored"].max()
+    assert "estimated by attribution (linear), which the verdict does not weigh" in estimated.summary
+    swapped = Patching(n=32)(ModelPair(pair.tuned, pair.base), task, task, eval_size=32)
+    assert "answer log-probability is above the base's" in swapped.summary and math.isnan(swapped.value)
 
 
 def test_patching_analyzer_does_not_read_a_last_layer_change_as_a_wrapper(task, backend):

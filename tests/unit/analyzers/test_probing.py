@@ -118,3 +118,12 @@ def test_probing_through_the_base_embeddings_sees_past_a_rewritten_token_lookup(
     assert all(torch.equal(before[k], v) for k, v in relabeled.weights().items())  # probed on a copy
     with pytest.raises(ConfigError, match="embeddings must be 'tuned' or 'base'"):
         Probing(embeddings="input")
+
+
+def test_a_hook_without_positions_is_refused_and_figures_name_their_analyzer(small_model, small_task):
+    pair = ModelPair(small_model, small_model.clone())
+    with pytest.raises(ConfigError, match=r"probes read one position's activation per sequence.*hook_pattern is "
+                                          r"\[.*\] \(attention: \[batch, head, query, key\]\)"):
+        Probing(n=64, steps=5, hooks="blocks.0.attn.hook_pattern")(pair, small_task, small_task, eval_size=16)
+    evidence = NewLatentProbing(n=64, steps=5)(pair, small_task, small_task, eval_size=16)
+    assert evidence.figure().layout.title.text.startswith("new latent: ")

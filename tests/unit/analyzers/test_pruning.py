@@ -93,8 +93,14 @@ def test_pruning_a_planted_wrapper_revives_the_capability(small_spec, small_task
 
 def test_bad_input(small_model, small_task):
     pair = ModelPair(small_model, small_model.clone())
-    with pytest.raises(ConfigError, match="ks is empty"):
-        Pruning(ks=())
+    for ks in ((), (0,)):  # nothing pruned: the recovered share would read nan%
+        with pytest.raises(ConfigError, match="ks needs a K above 0"):
+            Pruning(ks=ks)
+    with pytest.raises(ConfigError, match=r"every K in ks \(units to prune\) must be a whole number >= 0, got 1.0"):
+        Pruning(ks=(0, 1.0))
+    with pytest.raises(ConfigError, match="ks is a list of unit counts"):
+        Pruning(ks=5)
+    assert Pruning(ks=[0, 2]).ks == (0, 2)
     with pytest.raises(ConfigError, match="larger than the 8 head units"):
         Pruning(granularity="head", ks=(0, 9), score_size=8)(pair, small_task, small_task, eval_size=8)
     with pytest.raises(ConfigError, match="unknown pruning method"):

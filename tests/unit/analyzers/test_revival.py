@@ -91,6 +91,30 @@ def test_first_reaching_reads_curves_and_censors():
     assert first.tolist() == [20.0, 600.0, 0.0]
 
 
+def test_a_run_that_stopped_at_the_threshold_is_not_read_as_never_reaching_it(small_model, small_task):
+    """The tuned run stops at step 10 with 91% (threshold 90%): in a bootstrap resample where that
+    check falls short it reaches the threshold at the next check (step 20), not never (until
+    2026-12-07 such replicates, ~28% of them, read as no speed-up at all)."""
+    import pandas as pd
+
+    from capwrap.analyzers import Context
+
+    context = Context.build(ModelPair(small_model, small_model.clone()), small_task, small_task, eval_size=16)
+    n = 256
+    base_correct = torch.ones(n)
+    stopped = torch.zeros(2, n, dtype=torch.bool)
+    stopped[1, :233] = True  # 91% at step 10
+    never = torch.zeros(11, n, dtype=torch.bool)
+    runs = {"tuned": [(10.0, pd.DataFrame({"step": [0, 10]}), stopped)],
+            "control": [(math.nan, pd.DataFrame({"step": list(range(0, 101, 10))}), never)]}  # fmt: skip
+    revival = Revival(max_steps=100, eval_every=10, seeds=1)
+    reps = revival._replicates(context, runs, base_correct, censored=200.0)
+    at_10, at_20 = (abs(reps - math.log2(200 / s)) < 1e-5 for s in (10, 20))
+    assert (at_10 | at_20).all() and at_20.any()  # some resamples fall short at step 10, and reach it at 20
+    at_the_end = {"tuned": [(100.0, pd.DataFrame({"step": [0, 100]}), stopped)], "control": runs["control"]}
+    assert (revival._replicates(context, at_the_end, base_correct, censored=200.0) == 0).any()  # no budget left
+
+
 def test_a_diagnosis_with_progress_shows_each_reverse_fine_tuning_run(small_spec, small_task, capsys):
     """Revival trains for most of a diagnosis's time; it ran without a sign of life."""
     from capwrap.diagnosis import diagnose

@@ -115,6 +115,12 @@ def test_bad_input(spec, task, tmp_path):
         )
     with pytest.raises(ConfigError, match="graft_fractions"):
         WeightDiff(graft_fractions=())
+    with pytest.raises(ConfigError, match=r"graft_fractions is a list of shares in \(0, 1\], e.g. .*, got 0.1"):
+        WeightDiff(graft_fractions=0.1)
+    with pytest.raises(ConfigError, match="graft_fractions must be"):
+        WeightDiff(graft_fractions=("0.1",))
+    unchanged = WeightDiff(graft_fractions=(0.5,))(ModelPair(base, base.clone()), task, task, eval_size=8)
+    assert unchanged.summary == "the weights did not change: the tuned model's are the base's"
     big = PCFGTask(config=PCFGConfig(length=40, window=8))
     with pytest.raises(ConfigError, match="d_vocab >="):
         WeightDiff()(ModelPair(base, base.clone()), big, task)

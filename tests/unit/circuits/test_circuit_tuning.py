@@ -8,7 +8,7 @@ import torch
 
 from capwrap import CircuitTuning, Recorder, RunStore, TrainConfig, train
 from capwrap.circuits import Graph, attribute
-from capwrap.circuits.metrics import answer_logprob, negative_loss
+from capwrap.circuits.metrics import answer_logodds, answer_logprob, negative_loss
 from capwrap.errors import ConfigError
 from capwrap.methods.circuit_tuning import parameter_masks
 from capwrap.models import CapModel
@@ -214,3 +214,23 @@ def test_a_parameter_budget_is_respected(tiny, tiny_task):
         CircuitTuning(top_n=3, max_params=0.1, select="nodes")
     with pytest.raises(ConfigError, match="max_params"):
         CircuitTuning(top_n=3, max_params=1.5)
+
+
+def test_a_schedule_ends_at_top_n_whatever_every_is(tiny, tiny_task):
+    """With every=2 the steps that score are 0, 2, 4 ... and, under a schedule, the last one: the run
+    ends with top_n edges (it ended with 7 of 6 before)."""
+    model = tiny("gpt2", "bridge")
+    method = CircuitTuning(top_n=6, top_n_start=20, schedule="cosine", every=2)
+    history = train(model, tiny_task, TrainConfig(steps=8, batch_size=8, progress=False), method=method).history
+    assert history["method/edges"].iloc[-1] == 6 == method.top_n_at(7, 8)
+    assert history["method/edges"].iloc[5] == history["method/edges"].iloc[4]  # step 5 keeps step 4's subgraph
+
+
+def test_metrics_by_name_and_numpy_budgets(tiny, tiny_task):
+    import numpy as np
+
+    assert CircuitTuning(top_n=3, metric="answer_logodds").metric is answer_logodds
+    with pytest.raises(ConfigError, match="unknown metric 'logodds'; choose one of"):
+        CircuitTuning(top_n=3, metric="logodds")
+    assert CircuitTuning(top_n=3, max_params=np.float32(0.25)).max_params == pytest.approx(0.25)
+    assert CircuitTuning(top_n=3, max_params=np.int64(600)).max_params == 600

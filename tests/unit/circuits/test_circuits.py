@@ -11,7 +11,7 @@ import torch
 
 from capwrap.circuits import Circuit, EdgeScores, Graph, attribute, circuit_metric, exact_scores, faithfulness
 from capwrap.circuits.exact import ablated_metric
-from capwrap.circuits.metrics import answer_logprob
+from capwrap.circuits.metrics import answer_logodds, answer_logprob
 from capwrap.circuits.nodes import ablated_values
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models import ModelSpec
@@ -160,6 +160,22 @@ def test_faithfulness_measures_circuits_under_the_scores_own_ablation(tiny, tiny
     with pytest.warns(UserWarning, match="computed with ablation='mean_positional'"):
         other = faithfulness(model, batch, scores, ns=[5], ablation="mean")
     assert other.empty_metric != pytest.approx(default.empty_metric)
+
+
+def test_faithfulness_measures_circuits_by_the_scores_own_metric(tiny, tiny_task):
+    """Scores of answer_logodds are measured by answer_logodds unless told otherwise (they were
+    measured by the default, answer_logprob, unsaid); another metric warns, as another ablation does."""
+    model = tiny("gpt2", "bridge")
+    batch = tiny_task.sample(8, seed=0)
+    scores = attribute(model, batch, metric="answer_logodds")
+    assert scores.info["metric"] == "answer_logodds"
+    default = faithfulness(model, batch, scores, ns=[5])
+    with torch.no_grad():
+        assert default.model_metric == pytest.approx(float(answer_logodds(model(batch.tokens), batch).mean()), abs=1e-5)
+    with pytest.warns(UserWarning, match="computed with metric 'answer_logodds' and the circuits are measured with "
+                                         "'answer_logprob'"):
+        other = faithfulness(model, batch, scores, ns=[5], metric=answer_logprob)
+    assert other.model_metric != pytest.approx(default.model_metric)
 
 
 def test_partial_exact_scores_correlate_over_the_edges_they_measure_and_counts_take_numpy_integers(tiny, tiny_task):

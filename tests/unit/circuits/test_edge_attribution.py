@@ -96,6 +96,14 @@ def test_a_post_norm_checkpoint_with_what_the_functional_pass_does_not_compute(t
         capture.values().upstream(model.weights())
 
 
+def test_the_split_input_reference_leaves_the_models_hook_settings_as_they_were(tiny, tiny_task):
+    model = tiny("gpt2", "bridge")
+    model.module.set_use_attn_result(True)
+    split_input_eap(model, tiny_task.sample(4, seed=0))
+    cfg = model.module.cfg
+    assert cfg.use_attn_result and not cfg.use_split_qkv_input and not cfg.use_hook_mlp_in
+
+
 def test_the_split_input_reference_refuses_post_norm_blocks(tiny, tiny_task):
     with pytest.raises(ConfigError, match="taken before the post-norm"):
         split_input_eap(tiny("gemma2", "bridge"), tiny_task.sample(4, seed=0))

@@ -112,3 +112,18 @@ def test_auto_scores_a_trained_model_by_edge_attribution():
     assert analyzer.method == "auto"
     assert analyzer.scoring(ModelSpec(d_vocab=8, n_ctx=8, n_layers=1, d_model=8, n_heads=2)) == "eap-ig"
     assert Subgraph(method="eap").scoring(ModelSpec(d_vocab=8, n_ctx=8, n_layers=1, d_model=8, n_heads=2)) == "eap"
+
+
+def test_the_sequences_follow_the_diagnosis_seed(tiny, tasks):
+    """Every random choice derives from the diagnosis's seed (``seed=None``); a seed given is kept."""
+    capability, downstream = tasks
+    base = tiny("gpt2", "bridge", seed=0)
+    pair = ModelPair(base, base.clone())
+
+    def scores(diagnosis_seed: int, **settings) -> list[float]:
+        analyzer = Subgraph(n=16, method="eap", **settings)
+        evidence = analyzer(pair, capability, downstream, eval_size=8, seed=diagnosis_seed)
+        return evidence.table.sort_values("edge")["capability_base"].tolist()
+
+    assert scores(0) == scores(0) != scores(1)
+    assert scores(0, seed=3) == scores(1, seed=3)
