@@ -104,7 +104,7 @@ def _diagnose(args: argparse.Namespace) -> int:
             args.base, args.tuned, args.capability, args.downstream, out=args.out, backend=args.backend,
             quick=args.quick, store=args.store, seed=args.seed, allow_pickle=args.allow_pickle, progress=not args.quiet,
             memory=args.memory, device=args.device, dtype=args.dtype, device_map=args.device_map,
-            max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
+            max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder, rule=args.rule,
         )  # fmt: skip
     except KeyboardInterrupt:
         kept = Path(args.out) / EVIDENCE_FOLDER if args.out else None
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(OUT/evidence), so that the same command run again after an interruption resumes")  # fmt: skip
     diag.add_argument("--store", default=None, help="the fine-tuning run's RunStore folder, if recorded")
     diag.add_argument("--quick", action="store_true", help="smaller samples and budgets (minutes instead of more)")
+    diag.add_argument("--rule", default=None, metavar="RULE.json",
+                      help="a verdict rule file to weigh the evidence with (default: the fitted rule)")  # fmt: skip
     diag.add_argument("--seed", type=_seed, default=0, help="seed of the evaluation set and the analyzers (default 0)")
     diag.add_argument("--memory", choices=["normal", "low"], default="normal",
                       help="low: the two models take turns in memory (about one model's worth; the other waits in a "

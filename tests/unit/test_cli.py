@@ -110,6 +110,16 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
     err = capsys.readouterr().err
     assert "holds the evidence of another diagnosis: seed differs (0 there, 1 here)" in err and "another --out" in err
     assert "Traceback" not in err
+    # --rule weighs with another rule: that is another diagnosis too (a rule file read, not ignored)
+    from capwrap.diagnosis.rule import default_rule
+
+    rule = default_rule().to_dict()
+    rule["deletion"]["wrapper_threshold"] = 0.3
+    (tmp_path / "rule.json").write_text(json.dumps(rule))
+    assert main(["diagnose", str(pair_on_disk / "base"), str(pair_on_disk / "tuned"), "--rule", str(tmp_path / "rule.json"),
+                 "--capability", f"pcfg=count,operand=a,{CONFIG}", "--downstream", f"pcfg=count,operand=b,{CONFIG}",
+                 "--out", str(out), "--quick", "--quiet"]) == 2  # fmt: skip
+    assert "rule.deletion.wrapper_threshold differs (0.225 there, 0.3 here)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sigterm --debug"])
