@@ -136,7 +136,7 @@ def pretrain_demo_base(
     )
     model.metadata = {
         "task": tasks["pretraining"].describe(),
-        "train_config": dataclasses.asdict(config),
+        "train_config": config.to_dict(),
         "final_metrics": result.final_metrics,
         "made_by": "capwrap.demo.pretrain_demo_base",
     }
@@ -240,7 +240,7 @@ def run_demo(
         tuned,
         out / "tuned",
         overwrite=True,
-        metadata={"task": ft_task.describe(), "train_config": dataclasses.asdict(finetune), MADE_BY: DEMO_MARK},
+        metadata={"task": ft_task.describe(), "train_config": finetune.to_dict(), MADE_BY: DEMO_MARK},
     )
     store = RunStore.open(store_path)
     diagnosis = None
@@ -271,7 +271,7 @@ def run_demo(
         "test_sets": {k: t.describe() for k, t in test_sets.items()},
         "eval_size": eval_size,
         "base_model": {"source": base.metadata.get("source", "pretrained here"), "spec": base.spec.to_dict(), "backend": base.backend},
-        "finetune": {**dataclasses.asdict(finetune), "task": ft_task.describe(), "wall_seconds": round(ft_seconds, 2)},
+        "finetune": {**finetune.to_dict(), "task": ft_task.describe(), "wall_seconds": round(ft_seconds, 2)},
         "recording": {"store": str(store_path.name), "steps_recorded": len(store.array_steps(store.array_names[0])), "hooks": recorder.hooks, "every": 10},
         "weight_change": _weight_change(store),
         "revival_control": (None if diagnosis is None

@@ -153,6 +153,16 @@ class TrainConfig:
         """
         return replace(self, optimizer="adafactor", grad_clip=None, step_in_backward=True, recompute_activations=True)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serializable dict, ``weight_decay`` as applied (:attr:`applied_weight_decay`):
+        what a record of the run (metadata, summaries, checkpoints) keeps.
+
+        Examples:
+            >>> TrainConfig(optimizer="sgd").to_dict()["weight_decay"], TrainConfig().to_dict()["weight_decay"]
+            (0.0, 0.01)
+        """
+        return asdict(self) | {"weight_decay": self.applied_weight_decay}
+
     def identity(self) -> dict[str, Any]:
         """The fields that decide what a run computes, as a key for kept runs (a cache's files):
         without ``recompute_activations`` (the same gradients either way), and without the fields
@@ -163,7 +173,7 @@ class TrainConfig:
             >>> "step_in_backward" in TrainConfig().identity(), TrainConfig().low_memory().identity()["step_in_backward"]
             (False, True)
         """
-        out = asdict(self)
+        out = self.to_dict()  # (the weight decay as applied: AdamW's default keys as 0.01, as before it could be None)
         del out["recompute_activations"]
         return {k: v for k, v in out.items() if k not in FIELDS_ADDED_LATER or v != FIELDS_ADDED_LATER[k]}
 
@@ -197,7 +207,7 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Config, final metrics and step count as a JSON-serializable dict."""
-        return {"config": asdict(self.config), "final_metrics": self.final_metrics, "steps": len(self.history)}
+        return {"config": self.config.to_dict(), "final_metrics": self.final_metrics, "steps": len(self.history)}
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -464,8 +474,8 @@ def _recorder_to_use(model: CapModel, recorder: Recorder | None, resume: str | o
 def _run_identity(model: CapModel, task: Task, config: TrainConfig, method: TrainingMethod) -> dict[str, Any]:
     """What a run is, as the checkpoint keeps it and a resumed run must match (JSON values)."""
     return json.loads(json.dumps({
-        "config": asdict(config) | {"weight_decay": config.applied_weight_decay},  # (the default, as applied)
-        "spec": model.spec.to_dict(), "backend": model.backend,
+        "config": config.to_dict(), "spec": model.spec.to_dict(), "backend": model.backend,
+        "weight_decay_reaches_sgd": True,  # (checkpoints without it: SGD ignored its weight_decay)
         "task": task.describe(), "method": method.describe(),
     }))  # fmt: skip
 
@@ -497,10 +507,14 @@ def _checkpoint_to_resume(
             f"the optimizer's state is per backend, so resume with backend={state['backend']!r}"
         )
     defaults = {f.name: f.default for f in fields(TrainConfig)}  # a field newer than the checkpoint: its default
+    defaults["weight_decay"] = 0.01  # (its default until it could be None)
+    kept = dict(state["config"])
+    if kept.get("optimizer") == "sgd" and not state.get("weight_decay_reaches_sgd"):
+        kept["weight_decay"] = 0.0  # a checkpoint from before 2026-12-07: SGD ignored the weight_decay it recorded
     changed = [
-        f"{k} ({state['config'].get(k, defaults[k])!r} vs {v!r})"
+        f"{k} ({kept.get(k, defaults[k])!r} vs {v!r})"
         for k, v in now["config"].items()
-        if k not in _RESUMABLE_CHANGES and state["config"].get(k, defaults[k]) != v
+        if k not in _RESUMABLE_CHANGES and kept.get(k, defaults[k]) != v
     ]
     if changed:
         raise ConfigError(

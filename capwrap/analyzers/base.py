@@ -188,13 +188,6 @@ class ModelPair:
                 + _pair_hint(self.base.spec, self.tuned.spec, roles)
             )
         _check_same_hf_tokenizer(self.base, self.tuned, roles)  # with the Tracr check above: check_same_tokenizer
-        if self.base.dtype != self.tuned.dtype:
-            kinds = [str(m.dtype).removeprefix("torch.") for m in (self.base, self.tuned)]
-            raise ConfigError(
-                f"the {roles[0]} model's weights are {kinds[0]} and the {roles[1]} model's {kinds[1]}: analyzers "
-                "compare and mix the two models' activations at one precision. Load both with the same dtype "
-                f"(load_model(..., dtype={kinds[0]!r}), or a copy: model.clone(dtype={kinds[0]!r}))"
-            )
         if self.residency is not None:
             for model in (self.base, self.tuned):
                 if model not in self.residency:
@@ -356,6 +349,7 @@ class Context:
         seed = whole_number(seed, f"seed (0 to {MAX_SEED})", minimum=0)
         if seed > MAX_SEED:
             raise ConfigError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+        _check_same_dtype(pair)
         for task in (capability, downstream):
             check_task(task)  # analyzers read the whole protocol
         if downstream_free == "auto":
@@ -562,12 +556,13 @@ class Analyzer(ABC):
 
         Raises:
             ConfigError: a ``context`` given with another pair, tasks or store than its own, or with
-                ``eval_size``/``seed`` (the context's evaluation set is already drawn).
+                another ``eval_size``/``seed`` than its evaluation set was drawn with.
         """
         from capwrap.diagnosis.rule import default_rule
 
         if context is None:
-            context = Context.build(pair, capability, downstream, store, eval_size=eval_size or 1024, seed=seed or 0)
+            context = Context.build(pair, capability, downstream, store, eval_size=1024 if eval_size is None else eval_size,
+                                    seed=0 if seed is None else seed)  # fmt: skip
         else:
             _check_context_matches(context, pair, capability, downstream, store, eval_size, seed)
         evidence = self.analyze(context)
@@ -586,24 +581,37 @@ class Analyzer(ABC):
     def settings(self) -> dict[str, Any]:
         """The analyzer's settings, for reports and for telling one call's evidence from another's
         (:func:`~capwrap.diagnosis.evidence_folder.analyzer_identity`): its fields, a model among them
-        as where it came from and its weights' SHA-256, a task as its description."""
+        as its weights' SHA-256, a task as its description."""
         if not dataclasses.is_dataclass(self):
             return {}
         return {f.name: _setting(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _setting(value: Any) -> Any:
-    """One setting as data: a model by its source and weights (not copied, as ``dataclasses.asdict``
+    """One setting as data: a model by its weights' digest (not copied, as ``dataclasses.asdict``
     would copy it), a task by its description, a dataclass as a dict."""
     if isinstance(value, CapModel):
         from capwrap.provenance import weights_sha256
 
-        return {"model": str(value.metadata.get("source") or "built in memory"), "weights_sha256": weights_sha256(value)}
+        return {"weights_sha256": weights_sha256(value)}  # (not its path: the same weights, however loaded)
     if isinstance(value, Task):
         return value.describe()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value
+
+
+def _check_same_dtype(pair: ModelPair) -> None:
+    """Raise unless the pair's two models hold weights of one dtype: analyzers mix their activations
+    (patching runs one model's outputs through the other). (A pair that is only compared, as
+    :func:`~capwrap.analyzers.weight_change_table` does, may mix them.)"""
+    if pair.base.dtype != pair.tuned.dtype:
+        kinds = [str(m.dtype).removeprefix("torch.") for m in (pair.base, pair.tuned)]
+        raise ConfigError(
+            f"the base model's weights are {kinds[0]} and the tuned model's {kinds[1]}: analyzers compare and mix "
+            "the two models' activations at one precision. Load both with the same dtype "
+            f"(load_model(..., dtype={kinds[0]!r}), or a copy: model.clone(dtype={kinds[0]!r}))"
+        )
 
 
 def _check_context_matches(
@@ -621,7 +629,8 @@ def _check_context_matches(
     if store is not None:
         given["store"] = (store, context.store)
     differ = [name for name, (mine, its) in given.items() if mine is not its]
-    differ += [name for name, value in (("eval_size", eval_size), ("seed", seed)) if value is not None]
+    measured = {"eval_size": len(context.eval.batches["capability"]), "seed": context.seed}
+    differ += [name for name, value in (("eval_size", eval_size), ("seed", seed)) if value not in (None, measured[name])]
     if differ:
         raise ConfigError(
             f"the context given to the analyzer holds its own {', '.join(differ)}, and the call gives "

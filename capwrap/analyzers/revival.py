@@ -258,8 +258,9 @@ class Revival(Analyzer):
         """Bootstrap replicates: replicate b uses seed ``b % seeds`` and a resample of the check sequences.
 
         A run stops at the first check that reaches the threshold, so a resample in which that check
-        falls short has no later check: it reaches the threshold after the run's last check, counted
-        as the next check's step (not as never within the budget, ``censored``)."""
+        falls short has no later check: it is counted at the next check's step, the earliest it could
+        reach the threshold (a lower bound; not ``censored``, never within the budget, which a run
+        that stopped at the threshold with budget left does not show)."""
         idx = context.resample(len(base_correct), self.name)  # [n_boot, n]
         thresholds = self.threshold_fraction * base_correct[idx].mean(1)
         firsts = {}
@@ -269,7 +270,7 @@ class Revival(Analyzer):
                 curves = correct.float()[:, idx].mean(-1).T  # [n_boot, check]
                 last = int(curve["step"].iloc[-1])
                 stopped = math.isfinite(first) and last < self.max_steps  # stopped at the threshold, budget left
-                after = min(float(last + self.eval_every), censored) if stopped else censored
+                after = float(min(last + self.eval_every, self.max_steps)) if stopped else censored
                 per_seed.append(first_reaching(curves, torch.tensor(curve["step"].to_numpy()), thresholds, after))
             seed_of = torch.arange(len(idx)) % len(rs)
             firsts[which] = torch.stack(per_seed)[seed_of, torch.arange(len(idx))]

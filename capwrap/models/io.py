@@ -200,7 +200,7 @@ def load_model(
     except ConfigError as exc:  # the weights do not fit the config: say which checkpoint
         if str(folder) in str(exc):
             raise
-        raise ConfigError(f"the checkpoint {folder}: {exc}") from exc
+        raise type(exc)(f"the checkpoint {folder}: {exc}") from exc
     if lora is not None:  # into the weights the model computes with, wherever accelerate put them
         lora.merge_into(model)
         model.metadata["adapter"] = lora.describe()

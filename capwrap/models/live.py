@@ -91,11 +91,11 @@ def _warn_if_untied(spec: ModelSpec, tensors: dict[str, Tensor]) -> None:
     if embed is None or unembed is None or embed.untyped_storage().data_ptr() == unembed.untyped_storage().data_ptr():
         return
     warnings.warn(
-        f"the adapter trains {names.embed}.weight, which the base ties to its output layer {names.unembed}.weight, "
-        "on the input side only: the live model no longer ties them. capwrap runs the live model as it computes, "
-        "but reads its weights as tied (the unembedding as the adapted embedding), and capwrap.load_model(BASE, "
-        "adapter=...) will refuse the saved adapter; see 'Adapters on tied embeddings' in the LoRA guide, or "
-        "leave the embedding out of the adapter",
+        f"the adapter trains one side of the tied pair {names.embed}.weight / {names.unembed}.weight (the base's "
+        "input embedding and output layer, one tensor): the live model no longer ties them. capwrap runs the live "
+        "model as it computes, but reads its weights as tied (the unembedding as the transposed embedding), and "
+        "capwrap.load_model(BASE, adapter=...) will refuse the saved adapter; see 'Adapters on tied embeddings' in "
+        "the LoRA guide, or leave the embedding and the output layer out of the adapter",
         CapwrapWarning,
         stacklevel=3,
     )

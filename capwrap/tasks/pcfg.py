@@ -274,9 +274,9 @@ class PCFGTask(TaskBase):
 
     def with_correlation(self, correlation: float | None) -> PCFGTask:
         """The same task with another fraction of correlated sequences (e.g. C_Te = 1 or 0)."""
-        task = PCFGTask(self.families, self.operand, correlation=correlation, config=self.config,
-                        source=self.source, offset=self.offset)  # fmt: skip
-        return task
+        asks = {"operand": self.operand} if self.operand is not None else {"prior": self.prior}  # (one or the other)
+        return PCFGTask(self.families, **asks, correlation=correlation, config=self.config, source=self.source,
+                        offset=self.offset)  # fmt: skip
 
     @property
     def d_vocab(self) -> int:

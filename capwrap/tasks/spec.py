@@ -233,6 +233,8 @@ def spec_help() -> str:
         family = kind.split("=")[0]
         lines.append(f"  {kind}: keys {', '.join(sorted(allowed, key=lambda k: (k != family, k)))}")
         lines += [f"    e.g. {example}" for example in SPEC_EXAMPLES[family] if example.startswith(kind)]
+    lines.append("  a comma inside a value is written \\, (text=a\\,b.txt); a value that ends in a backslash takes a "
+                 "space before the next comma")
     lines.append("features (feature=, without=, relabel=FEATURE->NEW):")
     lines += [f"  {example:<18} {meaning}" for example, meaning in FEATURE_KINDS.values()]
     return "\n".join(lines)

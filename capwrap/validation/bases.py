@@ -111,7 +111,7 @@ def make_base(name: str, backend: str | None = None, progress: bool = True, step
     train(model, task, config, description=f"pretrain {name}")
     probes = {f"{f}_{o}": PCFGTask(f, o, config=SUITE_PCFG) for f in ("count", "index") for o in "abc"}
     model.metadata = {
-        "suite_base": name, "task": task.describe(), "train_config": dataclasses.asdict(config),
+        "suite_base": name, "task": task.describe(), "train_config": config.to_dict(),
         "accuracy": {k: round(accuracy(model, t.sample(2048, seed=123)), 4) for k, t in probes.items()},
         "made_by": "capwrap.validation.bases.make_base",
     }  # fmt: skip

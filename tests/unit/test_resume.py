@@ -198,3 +198,30 @@ def test_resume_refuses_what_would_not_continue_the_run(tmp_path):
         train(fresh(), task, config, resume=tmp_path / "run")
     with pytest.raises(StoreError, match="does not exist"):
         train(fresh(), task, config, resume=tmp_path / "nowhere")
+
+
+def test_an_sgd_checkpoint_from_before_sgd_took_weight_decay_resumes(tmp_path):
+    """Until 2026-12-07 SGD ignored ``weight_decay`` and checkpoints recorded the field's default,
+    0.01: such a run resumes as the run it was (no decay), and an explicit decay is another run."""
+    from capwrap.recording.train_state import save_train_state
+
+    task = _task()
+    config = TrainConfig(**{**CONFIG, "steps": 4, "checkpoint_every": 2, "optimizer": "sgd"})
+    stopped = build_model(_spec(task), seed=0)
+
+    def stop_at_2(info):
+        if info.step == 2:
+            raise StopTraining
+
+    train(stopped, task, config, recorder=Recorder(stopped, tmp_path / "run", hooks=()), callbacks=[stop_at_2])
+    state = load_train_state(tmp_path / "run")
+    assert state["config"]["weight_decay"] == 0.0 and state["weight_decay_reaches_sgd"]
+    old = {k: v for k, v in state.items() if k != "weight_decay_reaches_sgd"}
+    old["config"] = {**state["config"], "weight_decay": 0.01}  # what a checkpoint of the old code recorded
+    save_train_state(tmp_path / "run", old)
+    train(build_model(_spec(task), seed=0), task, config, resume=tmp_path / "run")  # resumes: no decay either way
+    save_train_state(tmp_path / "run", old)
+    with pytest.raises(ConfigError, match=r"weight_decay \(0.0 vs 0.01\)"):
+        train(build_model(_spec(task), seed=0), task, TrainConfig(**{**CONFIG, "steps": 4, "checkpoint_every": 2,
+                                                                     "optimizer": "sgd", "weight_decay": 0.01}),
+              resume=tmp_path / "run")  # fmt: skip

@@ -89,6 +89,9 @@ def test_same_seed_same_batch_and_other_seed_differs():
 
 
 def test_prior_controls_operands():
+    assert PCFGTask(prior="low").with_correlation(None).prior == PCFGTask(prior="low").prior  # (not operand a)
+    with pytest.raises(ConfigError, match="a planted correlation needs one family and one operand"):
+        PCFGTask(prior="low").with_correlation(1.0)
     ops = PCFGTask(prior="low").sample(4000, seed=0).labels["operand"]
     assert (ops == 0).float().mean() > 0.99 and (ops == 2).sum() == 0
     ops = PCFGTask(prior=(0.2, 0.3, 0.5)).sample(4000, seed=0).labels["operand"]

@@ -118,6 +118,10 @@ def test_a_configs_identity_keeps_keys_made_before_later_fields():
     legacy = {"steps", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "warmup", "min_lr_ratio",
               "grad_clip", "weight_noise", "seed", "eval_every", "eval_size", "progress", "checkpoint_every"}  # fmt: skip
     assert set(TrainConfig().identity()) == legacy
+    assert TrainConfig().identity() == {  # the values too: the shipped controls' keys hash them
+        "steps": 1000, "batch_size": 96, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.01, "momentum": 0.9,
+        "warmup": 0.2, "min_lr_ratio": 0.0, "grad_clip": 1.0, "weight_noise": 0.0, "seed": 0, "eval_every": 0,
+        "eval_size": 512, "progress": True, "checkpoint_every": 0}  # fmt: skip
     assert TrainConfig(recompute_activations=True).identity() == TrainConfig().identity()
     low = TrainConfig().low_memory().identity()
     assert low["step_in_backward"] is True and low["optimizer"] == "adafactor" and "recompute_activations" not in low

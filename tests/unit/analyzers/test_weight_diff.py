@@ -121,6 +121,17 @@ def test_bad_input(spec, task, tmp_path):
         WeightDiff(graft_fractions=("0.1",))
     unchanged = WeightDiff(graft_fractions=(0.5,))(ModelPair(base, base.clone()), task, task, eval_size=8)
     assert unchanged.summary == "the weights did not change: the tuned model's are the base's"
+    # comparing weights needs no one precision (mixing activations does: Context refuses such a pair)
+    assert weight_change_table(base, base.clone(dtype="bfloat16"))["change"].max() < 0.05
+    with pytest.raises(ConfigError, match="the base model's weights are float32 and the tuned model's bfloat16"):
+        Context.build(ModelPair(base, base.clone(dtype="bfloat16")), task, task, eval_size=8)
+    context = Context.build(ModelPair(base, base.clone()), task, task, eval_size=8, seed=3)
+    same = WeightDiff(graft_fractions=(0.5,))(context.pair, task, task, context=context, eval_size=8, seed=3)
+    assert same.summary == unchanged.summary  # what the context holds may be repeated
+    with pytest.raises(ConfigError, match="holds its own eval_size"):
+        WeightDiff(graft_fractions=(0.5,))(context.pair, task, task, context=context, eval_size=16)
+    with pytest.raises(ConfigError, match=r"eval_size .* must be a whole number >= 1, got 0"):
+        WeightDiff(graft_fractions=(0.5,))(ModelPair(base, base.clone()), task, task, eval_size=0)
     big = PCFGTask(config=PCFGConfig(length=40, window=8))
     with pytest.raises(ConfigError, match="d_vocab >="):
         WeightDiff()(ModelPair(base, base.clone()), big, task)
