@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "StoreError",
     "TrainingDivergedError",
+    "as_list",
     "check_fields",
     "closest_matches",
     "whole_number",
@@ -115,6 +116,23 @@ def whole_number(value: Any, what: str, minimum: int = 0) -> int:
     if number is None or number < minimum:
         raise ConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def as_list(value: Any, what: str, hint: str = "") -> list[Any]:
+    """``value``'s items as a list, or a :class:`ConfigError` ``"{what}, got {value!r}{hint}"`` where one
+    value (a number, a string, an object) stands where a list of them is wanted.
+
+    Examples:
+        >>> as_list((0, 5), "ks is a list of unit counts")
+        [0, 5]
+        >>> as_list(5, "ks is a list of unit counts")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: ks is a list of unit counts, got 5
+    """
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(f"{what}, got {value!r}{hint}")
+    return list(value)
 
 
 def check_fields(cls: type, data: dict[str, Any]) -> None:

@@ -507,7 +507,6 @@ def _checkpoint_to_resume(
             f"the optimizer's state is per backend, so resume with backend={state['backend']!r}"
         )
     defaults = {f.name: f.default for f in fields(TrainConfig)}  # a field newer than the checkpoint: its default
-    defaults["weight_decay"] = 0.01  # (its default until it could be None)
     kept = dict(state["config"])
     if kept.get("optimizer") == "sgd" and not state.get("weight_decay_reaches_sgd"):
         kept["weight_decay"] = 0.0  # a checkpoint from before 2026-12-07: SGD ignored the weight_decay it recorded

@@ -31,7 +31,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from capwrap.analyzers.base import Analyzer, Context, Direction, Evidence, Kind, correctness
-from capwrap.errors import ConfigError, whole_number
+from capwrap.errors import ConfigError, as_list, whole_number
 from capwrap.models import CapModel, ParamSlice
 from capwrap.tasks.base import Task, TaskBatch, accuracy, answer_loss
 
@@ -278,9 +278,8 @@ class Pruning(Analyzer):
     shows: ClassVar[tuple[Direction, ...]] = ("wrapper",)
 
     def __post_init__(self) -> None:
-        if isinstance(self.ks, str) or not isinstance(self.ks, Iterable):
-            raise ConfigError(f"ks is a list of unit counts to prune, e.g. ks=(0, 5, 10), got {self.ks!r}")
-        self.ks = tuple(whole_number(k, "every K in ks (units to prune)") for k in self.ks)
+        ks = as_list(self.ks, "ks is a list of unit counts to prune, e.g. ks=(0, 5, 10)")
+        self.ks = tuple(whole_number(k, "every K in ks (units to prune)") for k in ks)
         if not any(k > 0 for k in self.ks):
             raise ConfigError(f"ks needs a K above 0 to prune any unit, e.g. ks=(0, 5, 10), got {self.ks}")
         if not 0 < self.revive_fraction <= 1:

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from capwrap.analyzers.base import Analyzer, Context, Evidence, Kind, ModelPair
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, as_list
 from capwrap.models import CapModel, ComponentMap, ModelSpec
 from capwrap.models.layouts import canonical_names
 from capwrap.recording import RunStore
@@ -280,9 +280,7 @@ class WeightDiff(Analyzer):
     statistic: ClassVar[str | None] = "relative_weight_change"
 
     def __post_init__(self) -> None:
-        if isinstance(self.graft_fractions, str) or not isinstance(self.graft_fractions, Iterable):
-            raise ConfigError(f"graft_fractions is a list of shares in (0, 1], e.g. (0.01, 0.1), got {self.graft_fractions!r}")
-        self.graft_fractions = tuple(self.graft_fractions)
+        self.graft_fractions = tuple(as_list(self.graft_fractions, "graft_fractions is a list of shares in (0, 1], e.g. (0.01, 0.1)"))
         if not self.graft_fractions or any(
             isinstance(f, bool) or not isinstance(f, Real) or not 0 < f <= 1 for f in self.graft_fractions
         ):
@@ -321,10 +319,11 @@ class WeightDiff(Analyzer):
             if len(small)
             else ""
         )
-        summary = (f"the weights moved by {relative:.1%} of their norm; the top 10% of units hold "
-                   f"{headline['top10pct_share']:.0%} of the squared change{graft_text}")  # fmt: skip
         if total_sq == 0:
             summary = "the weights did not change: the tuned model's are the base's"
+        else:
+            summary = (f"the weights moved by {relative:.1%} of their norm; the top 10% of units hold "
+                       f"{headline['top10pct_share']:.0%} of the squared change{graft_text}")  # fmt: skip
         if store is not None and (first := int(store.meta.get("first_step", 0))) > 0:
             summary += (f"; the run store starts at step {first} (a run resumed from a checkpoint into a new store): "
                         f"its movement times count the change from step {first}'s weights, not from the base's")  # fmt: skip

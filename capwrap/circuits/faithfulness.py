@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -38,7 +38,7 @@ from capwrap.circuits.exact import ablated_metric
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import DEFAULT_METRIC, METRICS, Metric, resolve_metric
 from capwrap.circuits.nodes import Ablation, ablated_values
-from capwrap.errors import CapwrapWarning, ConfigError, whole_number
+from capwrap.errors import CapwrapWarning, ConfigError, as_list, whole_number
 from capwrap.models import CapModel
 from capwrap.tasks.base import TaskBatch
 
@@ -165,8 +165,8 @@ def faithfulness(
         warnings.warn(f"the scores were computed with metric {scored_by!r} and the circuits are measured with "
                       f"{getattr(metric, '__name__', metric)!r}; leave metric unset to measure them as they were scored",
                       CapwrapWarning, stacklevel=2)  # fmt: skip
-    if ns is not None and (isinstance(ns, str) or not isinstance(ns, Iterable)):
-        raise ConfigError(f"ns is a list of circuit sizes, e.g. ns=[5, 10, 20], got {ns!r}")
+    if ns is not None:
+        ns = as_list(ns, "ns is a list of circuit sizes, e.g. ns=[5, 10, 20]")
     if ablation is None:
         ablation = cast(Ablation, scores.ablation)
     elif ablation != scores.ablation:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
@@ -47,7 +47,7 @@ from capwrap.analyzers.base import check_models
 from capwrap.diagnosis.evidence_folder import EvidenceFolder
 from capwrap.diagnosis.result import Diagnosis
 from capwrap.diagnosis.rule import VerdictRule, default_rule
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, as_list
 from capwrap.models import CapModel
 from capwrap.models.residency import Residency
 from capwrap.recording import RunStore
@@ -251,9 +251,7 @@ def _checked_analyzers(analyzers: Any) -> list[Analyzer]:
     """``analyzers`` as a list of analyzer instances, or a clear error for what people pass instead
     (one analyzer, names, classes)."""
     example = "e.g. analyzers=[capwrap.WeightDiff(), capwrap.Patching(n=64)], or default_analyzers()"
-    if isinstance(analyzers, Analyzer | str) or not isinstance(analyzers, Iterable):
-        raise ConfigError(f"analyzers takes a list of analyzers, got {analyzers!r}; {example}")
-    analyzers = list(analyzers)
+    analyzers = as_list(analyzers, "analyzers takes a list of analyzers", f"; {example}")
     for a in analyzers:
         if isinstance(a, type) and issubclass(a, Analyzer):
             raise ConfigError(f"analyzers takes analyzer instances, got the class {a.__name__}; pass {a.__name__}() ({example})")

@@ -183,14 +183,10 @@ class CircuitTuning(TrainingMethod):
                 "(a corrupted ablation needs corrupted sequences the training task does not have)"
             )
         if max_params is not None:
-            share = isinstance(max_params, numbers.Real) and not isinstance(max_params, numbers.Integral)
-            if isinstance(max_params, numbers.Integral) and not isinstance(max_params, bool):
-                max_params = int(max_params)  # (NumPy's integers too)
-            elif share:
-                max_params = float(max_params)  # (NumPy's floats too)
-            if isinstance(max_params, bool) or not isinstance(max_params, int | float) or not (
-                0 < max_params <= 1 if share else max_params >= 1
-            ):
+            share = not isinstance(max_params, numbers.Integral)  # a count is an integer (NumPy's too)
+            number = isinstance(max_params, numbers.Real) and not isinstance(max_params, bool)
+            max_params = (float(max_params) if share else int(max_params)) if number else max_params
+            if not number or not (0 < max_params <= 1 if share else max_params >= 1):
                 raise ConfigError(
                     f"CircuitTuning.max_params must be a parameter count (int >= 1) or a share in (0, 1], got {max_params!r}"
                 )

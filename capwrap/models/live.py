@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from capwrap.errors import CapwrapWarning, ConfigError
-from capwrap.models.layouts import checkpoint_shapes
+from capwrap.models.layouts import checkpoint_shapes, one_name_per_tensor
 from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
 
@@ -88,8 +88,8 @@ def _warn_if_untied(spec: ModelSpec, tensors: dict[str, Tensor]) -> None:
     if not spec.tie_embeddings or names is None:
         return
     embed, unembed = tensors.get(f"{names.embed}.weight"), tensors.get(f"{names.unembed}.weight")
-    if embed is None or unembed is None or embed.untyped_storage().data_ptr() == unembed.untyped_storage().data_ptr():
-        return
+    if embed is None or unembed is None or len(one_name_per_tensor({"embed": embed, "unembed": unembed})) == 1:
+        return  # (still one tensor)
     warnings.warn(
         f"the adapter trains one side of the tied pair {names.embed}.weight / {names.unembed}.weight (the base's "
         "input embedding and output layer, one tensor): the live model no longer ties them. capwrap runs the live "

@@ -55,12 +55,8 @@ def parse_spec(spec: str) -> dict[str, str]:
     for part in filter(None, parts):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            hint = (
-                f"; if it belongs to {list(out)[-1]}=, write its comma as \\, (e.g. "
-                f"{list(out)[-1]}={out[list(out)[-1]]}\\,{part})"
-                if out and not sep
-                else ""
-            )
+            last = next(reversed(out), None)  # the key before: the comma may have been inside its value
+            hint = f"; if it belongs to {last}=, write its comma as \\, (e.g. {last}={out[last]}\\,{part})" if last and not sep else ""
             raise ConfigError(f"task spec {spec!r}: {part!r} is not key=value (e.g. pcfg=count,operand=a){hint}")
         if key.strip() in out:
             raise ConfigError(f"task spec {spec!r} gives {key.strip()!r} twice; give each key once")
