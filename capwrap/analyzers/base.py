@@ -47,7 +47,7 @@ import pandas as pd
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from capwrap.analyzers.bootstrap import LEVEL, percentile_interval, resample
+from capwrap.analyzers.bootstrap import LEVEL, check_n_boot, percentile_interval, resample
 from capwrap.errors import ConfigError, whole_number
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.residency import Residency
@@ -360,8 +360,7 @@ class Context:
         pair.check_tasks(*tasks.values())
         if store is not None:
             check_store_matches(pair, store)
-        if n_boot < 1 or not 0 < level < 1:
-            raise ConfigError(f"n_boot must be positive and level in (0, 1), got {n_boot} and {level}")
+        n_boot = check_n_boot(n_boot, level)
         evalset = EvalSet.measure(pair, tasks, eval_size, seed)
         return cls(pair, capability, downstream, downstream_free, store, evalset, seed, n_boot, level, progress)
 
@@ -410,7 +409,9 @@ class Evidence:
             sequences); the number itself, twice, otherwise — numbers computed exactly (from the
             weights; counts such as ``units`` and ``budget``) and the few measured numbers an analyzer
             does not resample (a graft's accuracy, a majority baseline, a revival's median steps), so
-            a zero-width interval does not by itself mean exact.
+            a zero-width interval does not by itself mean exact. What an analyzer draws once (a
+            probe's training data, split and floor model; pruning's scoring sequences) is not varied
+            across replicates either: the intervals cover the test sequences' sampling.
         summary: what was measured, in one sentence that cites the numbers.
     """
 

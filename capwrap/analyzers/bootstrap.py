@@ -17,13 +17,14 @@ Examples:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["resample", "percentile_interval", "LEVEL"]
+__all__ = ["resample", "percentile_interval", "check_n_boot", "min_replicates", "LEVEL"]
 
 #: The default coverage of every interval capwrap reports.
 LEVEL = 0.9
@@ -45,3 +46,39 @@ def percentile_interval(replicates: np.ndarray, level: float = LEVEL) -> tuple[f
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(values, [tail, 100 - tail])
     return (float(lo), float(hi))
+
+
+def min_replicates(level: float = LEVEL) -> int:
+    """The fewest bootstrap replicates that place both ends of a central ``level`` interval: one
+    replicate in each tail of ``(1 - level) / 2`` (20 for a 90% interval).
+
+    Example:
+        >>> min_replicates(0.9), min_replicates(0.95)
+        (20, 40)
+    """
+    return math.ceil(round(2 / (1 - level), 9))
+
+
+def check_n_boot(n_boot: Any, level: float = LEVEL) -> int:
+    """``n_boot`` as an ``int``, or a :class:`~capwrap.errors.ConfigError` when it is not a whole number
+    or too few to place a ``level`` interval's ends (:func:`min_replicates`): with fewer, the
+    "interval" is a replicate or two, which need not even contain the point.
+
+    Example:
+        >>> check_n_boot(5)
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: n_boot=5 bootstrap replicates cannot place the ends of a 90% interval (each end cuts off 5% of the replicates): give n_boot >= 20 (the default is 200)
+    """
+    from capwrap.errors import ConfigError, whole_number
+
+    if not 0 < level < 1:
+        raise ConfigError(f"level must lie in (0, 1), got {level!r}")
+    n_boot = whole_number(n_boot, "n_boot (bootstrap replicates)", minimum=1)
+    if n_boot < (least := min_replicates(level)):
+        tail = (1 - level) / 2
+        raise ConfigError(
+            f"n_boot={n_boot} bootstrap replicates cannot place the ends of a {level:.0%} interval (each end cuts off "
+            f"{tail:.0%} of the replicates): give n_boot >= {least} (the default is 200)"
+        )
+    return n_boot

@@ -28,7 +28,8 @@ seems lost hidden or gone? ``creation``: is a behaviour that seems new genuine, 
 5. **Confidence.** The score is recomputed on every bootstrap replicate of the analyzers'
    statistics; when its ``level`` interval straddles the threshold that decided the verdict, the
    finding falls back to ``inconclusive`` and says so. The confidence is the share of replicates
-   that reach the same verdict.
+   that reach the verdict reported — after a fall-back, the share that reach ``inconclusive`` (the
+   reason gives the share that reach the verdict turned down).
 
 The fitted rule ships as ``capwrap/assets/verdict_rule.json`` (:func:`default_rule`); how it is fitted
 is in :mod:`capwrap.validation.fit`, which a user can rerun on a suite of their own.
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from capwrap.analyzers.bootstrap import check_n_boot
 from capwrap.errors import ConfigError, check_fields
 from capwrap.files import write_text_atomic
 
@@ -197,7 +199,8 @@ class Finding:
         verdict: ``wrapper``, ``capability_change`` or ``inconclusive``.
         score: the weighted mean signed strength, in [-1, 1] (+ = wrapper).
         interval: the score's bootstrap interval.
-        confidence: share of bootstrap replicates that reach the same verdict.
+        confidence: share of bootstrap replicates that reach :attr:`verdict` (1 for a gated question or
+            one no functional analyzer measured: nothing is resampled).
         reasons: why, in sentences that cite numbers (the verdict's first).
         evidence: the evidence about this question.
     """
@@ -402,6 +405,7 @@ class VerdictRule:
     ) -> Finding:
         """The finding of ``question`` from its evidence. ``gate``: a reason there is nothing to explain
         (the finding is then ``inconclusive``, with that reason first)."""
+        n_boot = check_n_boot(n_boot, self.level)
         evidence = [e for e in evidence if e.question == question]
         detail = [f"{e.analyzer}: {r}" for e in evidence for r in e.reasons]
         weights = np.array([self.weight(e) for e in evidence])
@@ -438,18 +442,22 @@ class VerdictRule:
         confidence = float(np.mean([v == verdict for v in raw]))
         names = lambda es: _they_point([e.analyzer for e in es])  # noqa: E731
         span = f"score {point:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]"
+        # a verdict the interval turns down: the confidence is that of the inconclusive finding reported
+        undecided = float(np.mean([v == "inconclusive" for v in raw]))
         if verdict == "wrapper":
             if interval[0] < rule.wrapper_threshold:
-                return finding("inconclusive", confidence,
-                               f"inconclusive: the evidence leans towards a wrapper ({span}) but its {self.level:.0%} "
-                               f"interval reaches below the wrapper threshold {rule.wrapper_threshold:+.2f}")  # fmt: skip
+                return finding("inconclusive", undecided,
+                               f"inconclusive: the evidence leans towards a wrapper ({span}; {confidence:.0%} of the "
+                               f"replicates reach it) but its {self.level:.0%} interval reaches below the wrapper "
+                               f"threshold {rule.wrapper_threshold:+.2f}")  # fmt: skip
             return finding("wrapper", confidence, f"wrapper ({span}, confidence {confidence:.0%}): "
                            + _backing(support["wrapper"], "a wrapper", evidence))  # fmt: skip
         if verdict == "capability_change":
             if interval[1] > -rule.change_threshold:
-                return finding("inconclusive", confidence,
-                               f"inconclusive: the evidence leans towards a change ({span}) but its {self.level:.0%} "
-                               f"interval reaches above the change threshold {-rule.change_threshold:+.2f}")  # fmt: skip
+                return finding("inconclusive", undecided,
+                               f"inconclusive: the evidence leans towards a change ({span}; {confidence:.0%} of the "
+                               f"replicates reach it) but its {self.level:.0%} interval reaches above the change "
+                               f"threshold {-rule.change_threshold:+.2f}")  # fmt: skip
             return finding("capability_change", confidence, f"capability change ({span}, confidence {confidence:.0%}): "
                            + _backing(support["change"], "a change", evidence))  # fmt: skip
         reached = _score_reaches(rule, point)

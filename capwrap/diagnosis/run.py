@@ -263,7 +263,8 @@ def _checked_analyzers(analyzers: Any) -> list[Analyzer]:
 def _identity(context: Context, rule: VerdictRule) -> dict:
     """What a diagnosis's evidence belongs to (:class:`~capwrap.diagnosis.evidence_folder.EvidenceFolder`):
     both models' weights, the tasks (and the evaluation set's sequences and answers themselves, whatever
-    a task's description leaves out), the bootstrap, the rule and capwrap's version.
+    a task's description leaves out), the bootstrap, the rule's numbers (a refit that gives the same
+    numbers is the same rule) and capwrap's version.
     (The tuned model's weights first: with the models taking turns, the evaluation set left it in memory.)"""
     import capwrap
     from capwrap.provenance import weights_sha256
@@ -277,7 +278,7 @@ def _identity(context: Context, rule: VerdictRule) -> dict:
         "eval_size": len(context.eval.batches["capability"]), "eval_set_sha256": _batches_sha256(context),
         "seed": context.seed, "n_boot": context.n_boot,
         "store": None if context.store is None else str(context.store.path),
-        "rule": rule.to_dict(),
+        "rule": {k: v for k, v in rule.to_dict().items() if k != "provenance"},  # its numbers, not where they came from
     }  # fmt: skip
 
 

@@ -71,7 +71,7 @@ from capwrap.diagnosis.rule import Anchor, Finding, QuestionRule, VerdictRule, d
 from capwrap.errors import ConfigError
 from capwrap.validation.results import ValidationResult, auc
 from capwrap.validation.runner import findings_from_record
-from capwrap.validation.scenarios import record_truth, scenario_of
+from capwrap.validation.scenarios import is_scored, record_truth, scenario_of
 
 __all__ = ["KIND_WEIGHT_GRID", "PROCEDURE", "cross_validate", "fit_anchor", "fit_rule", "sensitivity"]
 
@@ -331,8 +331,9 @@ def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, questi
     for record in records:
         scenario = scenario_of(record)
         truth = record_truth(record, rule)[question]
-        if truth != "unknown":
-            cases.append((scenario.kind, truth, findings_from_record(record, rule)[question]))
+        finding = findings_from_record(record, rule)[question]
+        if is_scored(scenario.kind, truth, bool(finding.support.get("gated"))):
+            cases.append((scenario.kind, truth, finding))
     if not cases:
         return rule
     ends = np.array([_end_nearest_zero(f) for _, t, f in cases if t in ("wrapper", "capability_change")])

@@ -28,7 +28,7 @@ from capwrap.diagnosis.rule import VerdictRule
 from capwrap.files import write_text_atomic
 from capwrap.report import Report
 from capwrap.validation.runner import findings_from_record
-from capwrap.validation.scenarios import record_truth, scenario_of
+from capwrap.validation.scenarios import is_scored, record_truth, scenario_of
 
 __all__ = ["ValidationResult", "auc", "score_records"]
 
@@ -48,8 +48,8 @@ def auc(wrapper: Sequence[float], change: Sequence[float]) -> float:
 
 
 def score_records(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.DataFrame:
-    """One row per scenario and question under ``rule``: truth, verdict, score, interval, confidence,
-    and each analyzer's statistic and signed strength."""
+    """One row per scenario and question under ``rule``: truth, whether a gate decided the finding
+    (``gated``), verdict, score, interval, confidence, and each analyzer's statistic and signed strength."""
     rows = []
     for record in records:
         scenario = scenario_of(record)
@@ -58,7 +58,7 @@ def score_records(records: Sequence[dict[str, Any]], rule: VerdictRule) -> pd.Da
         for question, finding in findings.items():
             row = {
                 "name": scenario.name, "split": scenario.split, "family": scenario.family, "base": scenario.base,
-                "kind": scenario.kind,
+                "kind": scenario.kind, "gated": bool(finding.support.get("gated")),
                 "question": question, "truth": truth[question], "verdict": finding.verdict,
                 "score": finding.score, "low": finding.interval[0], "high": finding.interval[1],
                 "confidence": finding.confidence, "reason": finding.reasons[0],
@@ -130,8 +130,24 @@ class ValidationResult:
 
     @property
     def scored(self) -> pd.DataFrame:
-        """The rows whose truth is known."""
-        return self.rows[self.rows["truth"] != "unknown"] if len(self.rows) else self.rows
+        """The rows whose truth is known and not decided by the diagnosis's own gates
+        (:func:`~capwrap.validation.scenarios.is_scored`)."""
+        return self.rows[self._mask(scored=True)] if len(self.rows) else self.rows
+
+    @property
+    def gated(self) -> pd.DataFrame:
+        """The rows left out of :attr:`scored` because a gate decided both their truth and their
+        verdict (nothing to explain: ``inconclusive`` on both sides, right by construction)."""
+        return self.rows[self._mask(scored=False) & (self.rows["truth"] != "unknown")] if len(self.rows) else self.rows
+
+    def _mask(self, scored: bool) -> pd.Series:
+        """Which rows :func:`~capwrap.validation.scenarios.is_scored` counts (rows built by hand,
+        without ``kind`` and ``gated``: those of known truth)."""
+        rows = self.rows
+        if not {"kind", "gated"} <= set(rows.columns):
+            return (rows["truth"] != "unknown") == scored
+        mask = [is_scored(k, t, g) for k, t, g in zip(rows["kind"], rows["truth"], rows["gated"], strict=True)]
+        return pd.Series(mask, index=rows.index, dtype=bool) == scored
 
     @property
     def accuracy(self) -> float:
@@ -190,6 +206,7 @@ class ValidationResult:
             "accuracy": self.accuracy,
             "accuracy_interval": list(self.accuracy_interval),
             "scored": len(s),
+            "gated": len(self.gated),
             "wrapper_on_removed": int((removed["verdict"] == "wrapper").sum()),
             "change_on_wrapper": int((wrappers["verdict"] == "capability_change").sum()),
             "kept_inconclusive": bool((kept["verdict"] == "inconclusive").all()),
@@ -275,7 +292,7 @@ class ValidationResult:
         lo, hi = t["accuracy_interval"]
         lines = [
             f"accuracy {t['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] on {t['scored']} scored findings "
-            f"({LEVEL:.0%} interval over scenarios); wrapper verdicts on removed scenarios: "
+            f"({LEVEL:.0%} interval over scenarios; {_gated_text(t['gated'])}); wrapper verdicts on removed scenarios: "
             f"{t['wrapper_on_removed']}; capability-change verdicts on wrapper scenarios: {t['change_on_wrapper']}; "
             f"kept scenarios all inconclusive: {t['kept_inconclusive']}",
             "",
@@ -302,6 +319,7 @@ class ValidationResult:
             "family",
             "base",
             "kind",
+            "gated",
             "question",
             "truth",
             "verdict",
@@ -346,7 +364,8 @@ class ValidationResult:
         report.add_text("Confusion", "Truth (rows) against verdict (columns), per scenario and question.")
         report.add_table(self.confusion().reset_index())
         report.add_text("Accuracy", f"Share of scored findings whose verdict equals the truth; the brackets give its "
-                        f"{LEVEL:.0%} bootstrap interval over the suite's scenarios (resampled whole).")  # fmt: skip
+                        f"{LEVEL:.0%} bootstrap interval over the suite's scenarios (resampled whole). Not scored: "
+                        f"{_gated_text(t['gated'])}.")  # fmt: skip
         report.add_text("Families", "Per task family and base: scored findings, how many the verdict gets right, "
                         f"the accuracy with its {LEVEL:.0%} interval over the group's scenarios, and verdicts in the "
                         "wrong direction.")  # fmt: skip
@@ -374,6 +393,12 @@ class ValidationResult:
             "Rule", json.dumps(self.rule.provenance, indent=1) if self.rule.provenance else "(no provenance)"
         )
         return report
+
+
+def _gated_text(n: int) -> str:
+    """What the accuracy leaves out besides unknown truths."""
+    return (f"{n} gated finding{'s' if n != 1 else ''} not scored: nothing to explain, so truth and verdict are "
+            "both inconclusive by construction")  # fmt: skip
 
 
 def _add_table(report: Report, frame: pd.DataFrame) -> None:

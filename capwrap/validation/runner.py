@@ -41,6 +41,7 @@ from capwrap.analyzers import (
     Revival,
     WeightDiff,
 )
+from capwrap.analyzers.bootstrap import LEVEL, check_n_boot
 from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
 from capwrap.diagnosis.run import Memory, check_memory, diagnose, gates
 from capwrap.errors import CapwrapError, ConfigError, whole_number
@@ -282,8 +283,8 @@ def run_suite(
 
     if isinstance(scenarios, Scenario) or not all(isinstance(s, Scenario) for s in scenarios):
         raise ConfigError("scenarios must be a list of Scenario, e.g. capwrap.validation.scenarios('held-out')")
-    workers, threads, n_boot = (whole_number(v, name, minimum=1) for name, v in
-                                (("workers", workers), ("threads", threads), ("n_boot", n_boot)))  # fmt: skip
+    workers, threads = (whole_number(v, name, minimum=1) for name, v in (("workers", workers), ("threads", threads)))
+    n_boot = check_n_boot(n_boot, rule.level if rule is not None else LEVEL)
     check_memory(memory)
     out = check_output_folder(out)
     (out / "scenarios").mkdir(parents=True, exist_ok=True)

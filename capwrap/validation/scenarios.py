@@ -29,8 +29,8 @@ without asking any analyzer:
 
 The truth of each of diagnose's two questions follows from the kind and from what happened to the
 accuracies (:meth:`Scenario.truth`): a question with nothing to explain (the capability was kept; no
-new behaviour was learned) has the truth ``inconclusive``, as :func:`~capwrap.diagnosis.gates` decides;
-and a ``wrapper`` scenario whose fine-tune did not learn its task (the tuned model right on fewer than
+new behaviour was learned) has the truth ``inconclusive``, as :func:`~capwrap.diagnosis.gates` decides
+(a question of unknown truth stays unknown); and a ``wrapper`` scenario whose fine-tune did not learn its task (the tuned model right on fewer than
 :data:`LEARNED` of the downstream test set where the correlation holds) is ``unknown``: the paper's
 finding is about fine-tunes that succeed, and a recipe alone does not make a wrapper.
 
@@ -73,6 +73,7 @@ __all__ = [
     "SUITE",
     "Scenario",
     "Truth",
+    "is_scored",
     "record_truth",
     "scenario",
     "scenario_of",
@@ -245,7 +246,9 @@ class Scenario:
             "genuine": {"deletion": "unknown", "creation": "capability_change"},
             "kept": {"deletion": "inconclusive", "creation": "inconclusive"},
         }
-        return {q: ("inconclusive" if gates.get(q) else t) for q, t in by_kind[self.kind].items()}
+        # a gate makes a known truth inconclusive (nothing to explain); a question the kind leaves
+        # unknown (a removed scenario's creation) stays unknown: it is not scored, gated or not
+        return {q: ("inconclusive" if gates.get(q) and t != "unknown" else t) for q, t in by_kind[self.kind].items()}
 
     def key(self) -> str:
         """A short hash of everything that makes the tuned model (for caching it)."""
@@ -516,6 +519,22 @@ def scenario_of(record: dict[str, Any]) -> Scenario:
     recorded = Scenario.from_dict(record["scenario"])
     current = next((s for s in SUITE if s.name == recorded.name), None)
     return current if current is not None and current.key() == recorded.key() else recorded
+
+
+def is_scored(kind: str, truth: str, gated: bool) -> bool:
+    """Whether a finding counts towards the suite's accuracy (and the fit): its truth is known, and
+    not decided by the diagnosis's own gates. A gated question of a ``wrapper``, ``removed`` or
+    ``genuine`` scenario has the truth ``inconclusive`` *because* the gate fired, and the verdict is
+    ``inconclusive`` for the same reason — right by construction, so it measures nothing. A ``kept``
+    scenario's truth is fixed by its kind, so there the gates themselves are tested, and it counts.
+
+    Examples:
+        >>> is_scored("wrapper", "wrapper", gated=False), is_scored("wrapper", "inconclusive", gated=True)
+        (True, False)
+        >>> is_scored("kept", "inconclusive", gated=True), is_scored("removed", "unknown", gated=False)
+        (True, False)
+    """
+    return truth != "unknown" and not (gated and kind != "kept")
 
 
 def record_truth(record: dict[str, Any], rule: Any) -> dict[str, Truth]:

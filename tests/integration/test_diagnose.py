@@ -3,6 +3,7 @@ table, JSON and HTML, and bad input. (The rule itself: test_rule.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from capwrap.analyzers import (
     Revival,
     WeightDiff,
 )
-from capwrap.diagnosis import diagnose
+from capwrap.diagnosis import default_rule, diagnose
 from capwrap.errors import ConfigError
 from capwrap.models import ModelSpec, build_model
 from capwrap.tasks import PCFGConfig, PCFGTask
@@ -172,6 +173,8 @@ def test_an_evidence_folder_refuses_another_diagnosis(trained_pair, tmp_path):
                                           r"settings: settings.n differs \(16 there, 8 here\); delete that file"):
         call(analyzers=[Generalization(), AttentionComparison(n=8)])
     assert call().resumed == ["generalization", "attention"]  # in the order they run
+    refit = dataclasses.replace(default_rule(), provenance={"command": "a refit that gave the same numbers"})
+    assert call(rule=refit).resumed == ["generalization", "attention"]  # the rule's numbers count, not its provenance
     assert call(analyzers=[Generalization(), AttentionComparison(n=16), Patching(n=8)]).resumed == [
         "generalization", "attention"]  # a new analyzer runs; the others are read back  # fmt: skip
     moved = tmp_path / "moved"  # an evidence file of another diagnosis (seed 1), copied into this folder

@@ -471,6 +471,8 @@ CASES = [
          lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, seed=-1)),
     Case("diagnose-fractional-eval-size", ConfigError, r"eval_size .* must be a whole number >= 1, got 10.0",
          lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, eval_size=10.0)),
+    Case("diagnose-too-few-replicates", ConfigError, r"n_boot=5 bootstrap replicates cannot place the ends of a 90% "
+         r"interval .*give n_boot >= 20", lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, n_boot=5)),
     Case("analyzer-context-and-another-pair", ConfigError, r"the context given to the analyzer holds its own pair",
          lambda e: WeightDiff()(ModelPair(e.model, e.model.clone()), TASK, TASK,
                                 context=Context.build(ModelPair(e.model, e.model.clone()), TASK, TASK, eval_size=8))),

@@ -551,8 +551,10 @@ def test_a_record_of_another_definition_of_its_scenario_is_refused_not_reused(tm
         run_suite(chosen, tmp_path, workers=1, progress=False)
     with pytest.raises(ConfigError, match="scenarios must be a list of Scenario"):
         run_suite(chosen[0], tmp_path)
-    with pytest.raises(ConfigError, match="n_boot must be a whole number >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"n_boot \(bootstrap replicates\) must be a whole number >= 1, got 0"):
         run_suite(chosen, tmp_path, n_boot=0)  # before any scenario is built
+    with pytest.raises(ConfigError, match="n_boot=5 bootstrap replicates cannot place the ends of a 90% interval"):
+        run_suite(chosen, tmp_path, n_boot=5)
 
 
 def test_a_rule_is_fitted_only_on_calibration_records_with_both_truths(records):
