@@ -62,7 +62,8 @@ class AdapterWeightDiff(StreamedWeightDiff):
         headline: ``total_change``, ``top1pct_share``, ``top10pct_share``,
             ``median_effective_rank_ratio`` (as :func:`~capwrap.analyzers.streaming.stream_weight_diff`).
         modules: one row per adapted module (``module, kind, rank, scaling, change, share``) and
-            per tensor the adapter replaces whole (``kind`` ``"replaced"``).
+            per tensor the adapter replaces whole with other values (``kind`` ``"replaced"``; a copy
+            equal to the base's is named in ``adapter["unchanged_copies"]`` instead).
         adapter: the adapter's description (:meth:`~capwrap.models.adapters.LoraAdapter.describe`).
     """
 
@@ -111,14 +112,15 @@ def adapter_weight_diff(
         raise CheckpointError(f"the adapter at {lora.path} changes nothing in {base}")
     kind_sq = (table["change"] ** 2).groupby(table["kind"]).transform("sum")
     table["share"] = (table["change"] ** 2 / kind_sq).where(kind_sq > 0)
-    return AdapterWeightDiff(
-        table, ranks, change_summary(table, ranks, total_sq), _module_table(lora, replaced_change), lora.describe()
-    )
+    unchanged = [name for name, change in replaced_change.items() if change == 0]  # a copy of the base's tensor
+    return AdapterWeightDiff(table, ranks, change_summary(table, ranks, total_sq), _module_table(lora, replaced_change),
+                             lora.describe(unchanged))  # fmt: skip
 
 
 def _module_table(lora: LoraAdapter, replaced_change: dict[str, float]) -> pd.DataFrame:
+    """One row per adapted module and per replaced tensor that differs from the base's."""
     rows = [(m.name, m.kind, m.rank, m.scaling, math.sqrt(m.sq_norm())) for m in lora.modules.values()]
-    rows += [(name, "replaced", None, None, change) for name, change in replaced_change.items()]
+    rows += [(name, "replaced", None, None, change) for name, change in replaced_change.items() if change > 0]
     table = pd.DataFrame(rows, columns=["module", "kind", "rank", "scaling", "change"])
     total = float((table["change"] ** 2).sum())
     table["share"] = table["change"] ** 2 / total if total > 0 else math.nan
@@ -126,12 +128,21 @@ def _module_table(lora: LoraAdapter, replaced_change: dict[str, float]) -> pd.Da
 
 
 def adapter_summary(base: str | os.PathLike, adapter: str | os.PathLike, allow_pickle: bool = False) -> dict:
-    """The adapter's description and, when ``base`` is a local folder, its weight diff's headline
-    and five largest modules, as JSON-serializable data (``summary.json``'s ``adapter`` entry)."""
+    """The adapter's description and, when ``base`` is a local folder of safetensors files, its
+    weight diff's headline and five largest modules, as JSON-serializable data (``summary.json``'s
+    ``adapter`` entry; a base of pickle files, which the streamed diff does not read, gets
+    ``weight_diff_skipped`` instead: the diagnosis's own weight diff measures the merged change)."""
     lora = read_adapter(adapter, allow_pickle)
-    out: dict = {"adapter": lora.describe(), "applied_to": str(base)}
-    if Path(base).is_dir():
+    out: dict = {"adapter": lora.describe(), "applied_to": str(base)}  # (the diff's own description, below, knows the base)
+    folder = Path(base)
+    if folder.is_dir() and not any((folder / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        out["weight_diff_skipped"] = (
+            "the base folder holds pickle files only, which the streamed adapter diff does not read; the diagnosis's "
+            "weight_diff evidence measures the merged change"
+        )
+    elif folder.is_dir():
         diff = adapter_weight_diff(base, adapter, allow_pickle)
+        out["adapter"] = diff.adapter
         out["weight_diff"] = diff.headline
         out["largest_modules"] = diff.modules.head(5).to_dict(orient="records")
         heads = diff.table[diff.table["kind"].isin(("head", "neuron"))].head(5)

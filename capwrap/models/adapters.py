@@ -65,6 +65,7 @@ __all__ = [
     "is_adapter_folder",
     "named_base",
     "read_adapter",
+    "unsupported_lora_options",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -75,13 +76,40 @@ _FACTORS = {
     ".lora_embedding_A": ("embedding", "a"),
     ".lora_embedding_B": ("embedding", "b"),
 }
-#: Adapter options whose weight change is not ``scaling · B·A``; peft can merge them.
+#: LoRA options whose weight change is not ``scaling · B·A`` (peft can merge them).
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA (use_dora=True)",
     "use_qalora": "QALoRA (use_qalora=True)",
     "trainable_token_indices": "trainable token indices",
     "layer_replication": "layer replication",
+    "lora_bias": "a bias on lora_B (lora_bias=True)",
+    "use_bdlora": "block-diagonal factors (use_bdlora)",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
 }
+#: LoRA options under which no weight change stands for the adapter (peft does not merge them either).
+_UNMERGEABLE_OPTIONS = {
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens), which acts only on the tokens after its invocation "
+    "sequence",
+}
+#: ``init_lora_weights`` values under which peft changes the base weights as well as the factors
+#: (PiSSA, OLoRA, CorDA, LoRA-GA: ``W - scaling·B₀A₀``; LoftQ: a quantized ``W``), so that the
+#: trained factors apply to another base than the one named (``pissa_niter_16`` and the like included).
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+def unsupported_lora_options(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What in a LoRA ``config`` (``adapter_config.json``, or a live ``LoraConfig.to_dict()``) capwrap
+    does not read as ``scaling · B·A``: the options peft can merge, and those it cannot.
+
+    Example:
+        >>> unsupported_lora_options({"use_dora": True, "alora_invocation_tokens": [5, 6]})[0]
+        ['DoRA (use_dora=True)']
+    """
+    mergeable = [what for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key)]
+    return mergeable, [what for key, what in _UNMERGEABLE_OPTIONS.items() if config.get(key)]
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
@@ -158,8 +186,12 @@ class LoraAdapter:
         """The base model the adapter was trained on, as ``adapter_config.json`` names it."""
         return self.config.get("base_model_name_or_path") or None
 
-    def describe(self) -> dict[str, Any]:
-        """Rank, alpha, targets, counts: what ``summary.json`` and ``capwrap info`` show."""
+    def describe(self, unchanged: Iterable[str] = ()) -> dict[str, Any]:
+        """Rank, alpha, targets, counts: what ``summary.json`` and ``capwrap info`` show.
+        ``unchanged``: replaced tensors found equal to the base's (peft saves an adapted embedding's
+        own weights beside its factors), listed apart and not counted as the adapter's parameters."""
+        unchanged = set(unchanged) & set(self.replaced)
+        replaced = {name: t for name, t in self.replaced.items() if name not in unchanged}
         ranks = sorted({m.rank for m in self.modules.values()})
         return {
             "path": str(self.path),
@@ -170,9 +202,10 @@ class LoraAdapter:
             "rslora": bool(self.config.get("use_rslora")),
             "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in self.modules.values()}),
             "modules": len(self.modules),
-            "replaced_tensors": sorted(self.replaced),
+            "replaced_tensors": sorted(replaced),
+            **({"unchanged_copies": sorted(unchanged)} if unchanged else {}),
             "parameters": sum(m.a.numel() + m.b.numel() for m in self.modules.values())
-            + sum(t.numel() for t in self.replaced.values()),
+            + sum(t.numel() for t in replaced.values()),
         }
 
     def check_fits(self, spec: ModelSpec, shapes: Mapping[str, Sequence[int]]) -> None:
@@ -437,12 +470,27 @@ def _check_supported(folder: Path, config: dict[str, Any]) -> None:
             f"{folder} is a {kind} adapter; capwrap reads LoRA adapters. Merge it into its base with peft "
             "(PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and load the result"
         )
-    used = [what for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key)]
+    used, unmergeable = unsupported_lora_options(config)
+    if unmergeable:
+        raise CheckpointError(
+            f"{folder} is a LoRA adapter with {', '.join(unmergeable)}: no one weight change stands for it, so "
+            "capwrap cannot compare it with its base (peft does not merge it either)"
+        )
     if used:
         raise CheckpointError(
             f"{folder} is a LoRA adapter with {', '.join(used)}, whose weight change is not scaling·B·A; "
             "merge it with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) "
             "and load the merged folder"
+        )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise CheckpointError(
+            f"{folder} is a LoRA adapter initialized with init_lora_weights={init!r}, which changes the base weights "
+            "too: peft applies its factors to the base minus the initial factors (LoftQ: to a quantized base), not to "
+            "the base named, so merging them into it gives another model. Save it converted to plain LoRA "
+            "(save_pretrained(out, path_initial_model_for_weight_conversion=INITIAL_ADAPTER), as peft documents for "
+            "PiSSA, OLoRA and CorDA) or merge it with peft (PeftModel.from_pretrained(base, folder)"
+            ".merge_and_unload().save_pretrained(out)) and load the merged folder"
         )
 
 

@@ -35,6 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from capwrap.errors import CapwrapWarning, ConfigError
+from capwrap.models.adapters import unsupported_lora_options
 from capwrap.models.layouts import checkpoint_shapes, one_name_per_tensor
 from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
@@ -77,7 +78,7 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
     storage = {name: shell_params[name] for name in names}
     bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
     meta = {"source": f"live {type(hf).__name__}", **(metadata or {})}
-    return LiveModel(spec, bridge, storage, tokenizer, meta, merged)
+    return LiveModel(spec, bridge, storage, tokenizer, meta, merged, _SplitCopies(spec, bridge, storage))
 
 
 def _warn_if_untied(spec: ModelSpec, tensors: dict[str, Tensor]) -> None:
@@ -131,14 +132,19 @@ class LiveModel(CapModel):
         tokenizer: Any,
         metadata: dict[str, Any],
         merged: list[_MergedWeight],
+        split: _SplitCopies | None = None,
     ):
         super().__init__(spec, "bridge", module, storage, "checkpoint", tokenizer, metadata)
         self._merged = merged
+        self._split = split
 
     def refresh(self) -> None:
-        """Recompute the merged LoRA weights from the adapter as it is now."""
+        """Recompute the merged LoRA weights from the adapter as it is now, and the bridge's copies
+        of a fused projection it split (GPT-NeoX's query/key/value) from the live fused weight."""
         for weight in self._merged:
             weight.refresh()
+        if self._split is not None:
+            self._split.refresh()
 
     def _forward_checked(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
         self.refresh()
@@ -183,6 +189,33 @@ class _MergedWeight:
         self.tensor.copy_(merged)
 
 
+class _SplitCopies:
+    """The bridge's own copies of a fused projection it split (GPT-NeoX's per-head
+    ``query_key_value``, which no view can split: :func:`~capwrap.models.model.bridge_storage`),
+    kept equal to the live fused weight: each copied canonical tensor (``W_Q``, ``b_K``, ...) is
+    written from the fused tensor's view of it before every use. Empty where the bridge computes
+    with views of the live tensors (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``)."""
+
+    def __init__(self, spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]):
+        from capwrap.models.layouts import canonical_views
+        from capwrap.models.model import bridge_storage
+
+        split, layout = bridge_storage(spec, bridge, storage)
+        self.pairs: list[tuple[Tensor, Tensor]] = []
+        if layout != "split":
+            return
+        copies = {t.untyped_storage().data_ptr() for t in split.values()} - {
+            t.untyped_storage().data_ptr() for t in storage.values()}  # fmt: skip
+        live, computed = canonical_views(spec, storage), canonical_views(spec, split, "split")
+        self.pairs = [(computed[name], live[name]) for name in computed
+                      if computed[name].untyped_storage().data_ptr() in copies]  # fmt: skip
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for copy_, live in self.pairs:
+            copy_.copy_(live)
+
+
 def _is_peft_model(module: nn.Module) -> bool:
     return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
 
@@ -225,9 +258,17 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
         kinds = {str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in model.peft_config.values()}
         if kinds != {"LORA"}:
             raise ConfigError(f"capwrap follows LoRA adapters; this peft model has {sorted(kinds)}")
+        for name, config in model.peft_config.items():
+            # (a base-changing initialization, PiSSA and the like, is followed: the live base is the changed one)
+            mergeable, unmergeable = unsupported_lora_options(config.to_dict())
+            if mergeable or unmergeable:
+                raise ConfigError(
+                    f"capwrap follows plain LoRA adapters (scaling·B·A); the adapter {name!r} uses "
+                    f"{', '.join(unmergeable + mergeable)}, which the merged weights capwrap computes would leave out"
+                )
         model = model.get_base_model()
     layers = [m for m in model.modules() if _is_lora_layer(m)]
-    for layer in layers:
+    for layer in layers:  # LoRA layers injected without a PeftModel around them (peft's inject_adapter_in_model)
         if any(getattr(layer, "use_dora", {}).values()):
             raise ConfigError("capwrap follows plain LoRA adapters; this one uses DoRA (use_dora=True)")
     return model, layers

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from capwrap.errors import CapwrapWarning, CheckpointError
+from capwrap.errors import CapwrapWarning, CheckpointError, ConfigError
 from capwrap.models import load_model, wrap_hf_model
 from capwrap.models.adapters import is_adapter_folder, read_adapter
 
@@ -243,6 +243,23 @@ def test_capwrap_diagnose_base_and_adapter_folder(tmp_path, make_adapter, capsys
         summary["adapter"]["weight_diff"]["total_change"], rel=1e-4
     )
 
+    # a base of pickle files (--allow-pickle): the streamed adapter diff cannot read it, and the
+    # diagnosis still ends with its summary (it used to fail after every analyzer had run)
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "base-bin"
+    shutil.copytree(tmp_path / "base", pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    code = main(["diagnose", str(pickled), str(adapter), "--capability", f"pcfg=count,operand=a,{config}",
+                 "--downstream", f"pcfg=count,operand=b,{config}", "--out", str(tmp_path / "diag-bin"), "--quick",
+                 "--quiet", "--allow-pickle"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "diag-bin" / "summary.json").read_text())
+    assert "pickle files only" in summary["adapter"]["weight_diff_skipped"] and "weight_diff" not in summary["adapter"]
+    from_pickles = next(e for e in summary["evidence"] if e["analyzer"] == "weight_diff")
+    assert from_pickles["headline"]["total_change"] == pytest.approx(weight_diff["headline"]["total_change"], rel=1e-6)
+
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_an_adapter_merges_into_a_model_accelerate_put_on_disk(arch, gpt2_folder, llama_folder, make_adapter, peft_merged,
@@ -318,3 +335,67 @@ def test_capwrap_diagnose_refuses_an_adapter_as_base_and_warns_of_another_base_i
     assert main(["diagnose", str(tmp_path / "other"), str(adapter), *specs, "--quick", "--quiet"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warned) == 1 and warned[0].startswith(f"capwrap: warning: the adapter {adapter} was trained on ")
+
+
+def test_an_adapter_that_changed_its_base_is_refused_until_converted(llama_folder, make_adapter, peft_merged, tmp_path):
+    # PiSSA (and OLoRA, CorDA, LoRA-GA, LoftQ) train their factors on the base minus the initial
+    # factors: merged into the base named they gave logits 1.95 away from peft's (3.00 for OLoRA)
+    import peft
+    import transformers
+
+    adapter = make_adapter(llama_folder, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    with pytest.raises(CheckpointError, match=r"init_lora_weights='pissa', which changes the base weights too.*"
+                                              r"path_initial_model_for_weight_conversion"):
+        load_model(llama_folder, adapter=adapter)
+    # converted as peft documents, it is a plain LoRA adapter of twice the rank, on the base named
+    initial = tmp_path / "initial"
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(llama_folder),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights="pissa"))  # fmt: skip
+    model.peft_config["default"].init_lora_weights = True  # peft's own recipe: save the initial factors first
+    model.save_pretrained(initial)
+    model.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    converted = tmp_path / "converted"
+    model.save_pretrained(converted, path_initial_model_for_weight_conversion=initial)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model.eval()(tokens).logits
+    torch.testing.assert_close(load_model(llama_folder, adapter=converted)(tokens), trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options, refusal", [
+    (dict(lora_bias=True), "a bias on lora_B"),
+    (dict(alora_invocation_tokens=[5, 6]), "aLoRA"),
+])  # fmt: skip
+def test_lora_variants_capwrap_cannot_read_as_factors_are_refused_saved_or_live(llama_folder, make_adapter, options,
+                                                                                  refusal):  # fmt: skip
+    # they loaded (aLoRA: 3.67 logits off; peft itself does not merge it) or were followed live as plain LoRA
+    import peft
+    import transformers
+
+    adapter = make_adapter(llama_folder, target_modules=["q_proj", "v_proj"], **options)
+    with pytest.raises(CheckpointError, match=refusal):
+        load_model(llama_folder, adapter=adapter)
+    live = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(llama_folder), adapter)
+    with pytest.raises(ConfigError, match=f"capwrap follows plain LoRA adapters.*{refusal}"):
+        wrap_hf_model(live)
+
+
+def test_an_unchanged_copy_peft_saves_beside_embedding_factors_is_not_counted_as_a_change(llama_folder, make_adapter):
+    # LoRA on an untied embedding: peft saves the embedding's own (base) weights with the factors; they
+    # were listed as a replaced tensor, counted as the adapter's parameters and given a module row
+    from capwrap.analyzers import adapter_weight_diff
+
+    adapter = make_adapter(llama_folder, target_modules=["embed_tokens", "q_proj"])
+    lora = read_adapter(adapter)
+    assert "model.embed_tokens.weight" in lora.replaced  # what peft saved
+    diff = adapter_weight_diff(llama_folder, adapter)
+    factors = sum(m.a.numel() + m.b.numel() for m in lora.modules.values())
+    assert diff.adapter["unchanged_copies"] == ["model.embed_tokens.weight"]
+    assert diff.adapter["replaced_tensors"] == [] and diff.adapter["parameters"] == factors
+    assert "replaced" not in set(diff.modules["kind"]) and diff.modules["share"].sum() == pytest.approx(1.0)
+    assert lora.describe()["parameters"] == factors + 64 * 32  # without the base to compare with, the copy counts
