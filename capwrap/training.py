@@ -73,7 +73,8 @@ class TrainConfig:
             every block's, for about one more forward pass of compute; same gradients. Not for
             methods that read activations through hooks (circuit-tuning).
         weight_noise: std of Gaussian noise added to every weight before training (the paper's
-            Tracr protocol uses 0.001).
+            Tracr protocol's N(0, 0.001), read as a standard deviation; read as a variance it would be
+            0.032, which leaves the compiled programs at 0–20% on their own task).
         seed: seeds the data, the noise and any randomness of the loop.
         eval_every: evaluate ``eval_tasks`` every this many steps (0: only at the end).
         eval_size: sequences per evaluation.

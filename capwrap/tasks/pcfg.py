@@ -47,7 +47,7 @@ import torch
 from capwrap.errors import ConfigError
 from capwrap.tasks.base import TaskBase, TaskBatch
 
-__all__ = ["PCFGConfig", "PCFGVocab", "PCFGTask", "GRAMMAR", "PRIORS", "generate_strings"]
+__all__ = ["PCFGConfig", "PCFGVocab", "PCFGTask", "GRAMMAR", "MIN_STRING_LENGTH", "PRIORS", "generate_strings"]
 
 #: The paper's grammar: each non-terminal has two expansions, chosen with probability 0.5.
 GRAMMAR: dict[str, tuple[str, str]] = {
@@ -58,6 +58,9 @@ GRAMMAR: dict[str, tuple[str, str]] = {
     "d": ("c a", "a b c"), "e": ("c b", "c a b"), "f": ("c b a", "b a"),
 }  # fmt: skip
 TERMINALS = ("a", "b", "c")
+#: The fewest terminals a string of :data:`GRAMMAR` has (the most: 432); a string is subsampled to
+#: ``PCFGConfig.length``, so that is the longest length every string reaches.
+MIN_STRING_LENGTH = 138
 #: Operand priors of the paper's pretraining, over (a, b, c).
 PRIORS: dict[str, tuple[float, float, float]] = {
     "low": (0.999, 0.001, 0.0),
@@ -84,14 +87,18 @@ class PCFGConfig:
     occurrence: int = 3
 
     def __post_init__(self) -> None:
-        if not (1 <= self.length <= 64):
+        if not (1 <= self.length <= MIN_STRING_LENGTH):
             raise ConfigError(
-                f"PCFGConfig.length must be in [1, 64] (grammar strings have at least 64 terminals), got {self.length}"
+                f"PCFGConfig.length must be in [1, {MIN_STRING_LENGTH}] (grammar strings have at least "
+                f"{MIN_STRING_LENGTH} terminals, and a string is subsampled to the length), got {self.length}"
             )
         if not (1 <= self.window <= self.length):
             raise ConfigError(f"PCFGConfig.window must be in [1, length={self.length}], got {self.window}")
-        if self.occurrence < 1:
-            raise ConfigError(f"PCFGConfig.occurrence must be >= 1, got {self.occurrence}")
+        if not (1 <= self.occurrence <= self.length):
+            raise ConfigError(
+                f"PCFGConfig.occurrence must be in [1, length={self.length}] (the text holds at most {self.length} "
+                f"occurrences), got {self.occurrence}"
+            )
 
 
 class PCFGVocab:
@@ -136,7 +143,8 @@ _SYMBOLS, _TABLE = _expansion_table()
 def generate_strings(n: int, length: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` grammar strings subsampled to ``length`` terminals, as ``[n, length]`` ints (0=a,1=b,2=c).
 
-    Every derivation has depth 6, so strings have 64 to 729 terminals before subsampling.
+    Every derivation has depth 6; strings have :data:`MIN_STRING_LENGTH` (138) to 432 terminals
+    before subsampling.
     """
     symbols = np.full(n, _SYMBOLS["s"], dtype=np.int64)
     owner = np.arange(n)
@@ -367,8 +375,12 @@ class PCFGTask(TaskBase):
                                     self.config.occurrence, rng):  # fmt: skip
                         break
                     text[i] = generate_strings(1, self.config.length, rng)[0]
-                else:  # pragma: no cover - every length >= occurrence + |offset| + 1 plants within a few draws
-                    raise ConfigError(f"could not plant {self.relation} in 64 draws; use a smaller offset")
+                else:
+                    raise ConfigError(
+                        f"could not plant {self.relation} in 64 draws: a string must hold the {self.source}'s "
+                        f"occurrence {self.config.occurrence} (and room for the offset {self.offset:+d}), and with "
+                        f"length={self.config.length} few do; use a smaller occurrence or a longer length"
+                    )
 
 
 def _plant_count(

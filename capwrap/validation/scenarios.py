@@ -429,7 +429,8 @@ _TRACR_RECIPES: tuple[tuple[str, float, str, Kind, Literal["", "blocks"]], ...] 
 
 
 def _tracr(split: Split) -> list[Scenario]:
-    """The paper's Tracr settings: SGD with momentum, weight noise N(0, 0.001), two learning rates."""
+    """The paper's Tracr settings: SGD with momentum, weight noise N(0, 0.001) (a standard
+    deviation of 0.001: ``TrainConfig.weight_noise``), two learning rates."""
     lrs = LEARNING_RATES["sgd"]
     out = []
     for t in _TRACR[split]:

@@ -178,8 +178,16 @@ def test_bad_task_arguments(kwargs, match):
 def test_bad_config_and_sizes():
     with pytest.raises(ConfigError, match="window"):
         PCFGConfig(length=10, window=11)
-    with pytest.raises(ConfigError, match="length"):
-        PCFGConfig(length=500)
+    with pytest.raises(ConfigError, match=r"length must be in \[1, 138\] \(grammar strings have at least 138"):
+        PCFGConfig(length=139)
+    # every string of the grammar reaches 138 terminals (the cap was 64, on the belief that 64 was the fewest)
+    long = PCFGTask(config=PCFGConfig(length=138, window=40, occurrence=6)).sample(64, seed=0)
+    assert long.tokens.shape == (64, 138 + 9)
+    with pytest.raises(ConfigError, match=r"occurrence must be in \[1, length=8\]"):
+        PCFGConfig(length=8, window=4, occurrence=9)  # was accepted, then sampling raised KeyError: '9'
+    with pytest.raises(ConfigError, match="a string must hold the a's occurrence 16 .* use a smaller occurrence or a "
+                                          "longer length"):  # fmt: skip
+        PCFGTask("index", "b", correlation=1.0, config=PCFGConfig(32, 16, 16)).sample(64, seed=0)
     with pytest.raises(ConfigError, match="positive"):
         PCFGTask().sample(0, seed=0)
 

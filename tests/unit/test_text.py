@@ -121,6 +121,22 @@ def test_capability_task_asks_for_the_feature_where_stories_mention_it(stories, 
     assert probe.labels["feature_next"].sum() == 20
 
 
+def test_the_probe_contrast_does_not_give_its_label_away_by_a_mention_in_view(stories, model260k):
+    # the negatives were all taken after a text's first mention: 93% of them had a quote in view
+    # against 21% of the feature sites, so "has a quote appeared yet?" read the label at ~86%
+    task = TextTask(stories, model260k.tokenizer, seq_len=64, feature="dialogue")
+    batch = task.probe_task().sample(10**6, seed=0)
+    label = batch.labels["feature_next"].bool()
+    quotes = torch.tensor(sorted(set(batch.answers[label].tolist())))  # the tokens a mention starts with
+    positions = torch.arange(batch.tokens.shape[1])
+    context = positions[None, :] <= batch.answer_pos[:, None]
+    in_view = (torch.isin(batch.tokens, quotes) & context).any(1)
+    shares = [float(in_view[label].float().mean()), float(in_view[~label].float().mean())]
+    assert int(label.sum()) == len(label) - int(label.sum()) == 428  # every site once, as many others
+    # (a quote token in view reads a little more than a mention in view: a window may keep a closing quote only)
+    assert 0.1 < shares[0] < 0.4 and abs(shares[0] - shares[1]) < 0.06, shares
+
+
 def test_tokens_the_texts_never_use_need_no_embedding(stories, model260k):
     """A tokenizer given a token the model was not resized for (a chat or pad token, common in
     fine-tunes): the task's sequences never hold it, so the model runs them. Until 2026-12-07 a text
