@@ -152,9 +152,18 @@ def _validate(args: argparse.Namespace) -> int:
 
     log = (lambda message: None) if args.quiet else print
     started = time.perf_counter()
-    records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
-                        n_boot=args.n_boot, progress=not args.quiet, log=log, memory=args.memory,
-                        threads=args.threads or 1)  # fmt: skip
+    try:
+        records = run_suite(chosen, args.out, workers=args.workers, ray_address=args.ray, cache=args.cache, rule=rule,
+                            n_boot=args.n_boot, progress=not args.quiet, log=log, memory=args.memory,
+                            threads=args.threads or 1)  # fmt: skip
+    except KeyboardInterrupt:
+        from capwrap.validation.runner import record_path
+
+        kept = sum(record_path(args.out, s).exists() for s in chosen)
+        if kept:
+            print(f"capwrap: the records of {kept} finished scenario{'s' if kept != 1 else ''} are kept in "
+                  f"{Path(args.out) / 'scenarios'}; run the same command again to go on", file=sys.stderr)  # fmt: skip
+        raise
     wall = time.perf_counter() - started
     if args.fit:
         command = "capwrap validate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "capwrap validate"

@@ -275,6 +275,8 @@ def run_demo(
         "recording": {"store": str(store_path.name), "steps_recorded": len(store.array_steps(store.array_names[0])), "hooks": recorder.hooks, "every": 10},
         "weight_change": _weight_change(store),
         "revival_control": (None if diagnosis is None
+                            else "none: revival had nothing to revive, so no control was trained"
+                            if "steps_control" not in diagnosis["revival"].headline
                             else f"shipped: {DEMO_CONTROL.name} (make_demo_control: a fresh model trained {CONTROL_STEPS} steps on count b)"
                             if control is not None else f"made here: a fresh model trained {finetune.steps} steps on count b"),
         "diagnosis": diagnosis.to_dict() if diagnosis else None,

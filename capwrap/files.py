@@ -95,6 +95,9 @@ def check_output_folder(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"the output folder {path} is a file; choose a folder (it is created if missing)")
+    above = next((p for p in path.absolute().parents if p.exists()), None)
+    if not path.exists() and above is not None and not above.is_dir():
+        raise ConfigError(f"the output folder {path} cannot be created: {above} is a file; choose another folder")
     return path
 
 

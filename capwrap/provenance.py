@@ -120,9 +120,16 @@ def weights_sha256(model: CapModel) -> str:
 def model_provenance(model: CapModel) -> dict[str, Any]:
     """Where ``model`` came from (its folder or hub name, and hub revision when known), its spec,
     backend and :func:`weights_sha256`."""
+    from capwrap.models.model import COPY_OF
+
     meta = model.metadata
+    source = str(meta.get("source") or "built in memory")
+    if meta.get(COPY_OF) is not None:
+        source = f"a copy made in memory of {meta[COPY_OF]} (its weights' digest says whether it changed since)"
+    adapter = meta.get("adapter", {})
     return {
-        "source": str(meta.get("source") or "built in memory"),
+        "source": source,
+        **({"adapter": str(adapter["path"])} if isinstance(adapter, dict) and adapter.get("path") else {}),
         "revision": meta.get("revision"),
         "architecture": model.spec.architecture,
         "backend": model.backend,

@@ -462,7 +462,8 @@ class Evidence:
         return self.plot(self)
 
     def to_dict(self, max_rows: int = 50) -> dict[str, Any]:
-        """JSON-serializable summary (the table truncated to ``max_rows`` rows)."""
+        """JSON-serializable summary (the table truncated to ``max_rows`` rows; ``table_rows`` says how
+        many it has)."""
         return {
             "analyzer": self.analyzer,
             "question": self.question,
@@ -479,6 +480,7 @@ class Evidence:
             "table": [
                 {k: _jsonable(v) for k, v in row.items()} for row in self.table.head(max_rows).to_dict(orient="records")
             ],
+            "table_rows": len(self.table),
         }
 
 

@@ -262,7 +262,11 @@ class Probing(Analyzer):
             return Evidence(
                 self.name, {}, pd.DataFrame(), summary=f"the task {task.name!r} has no latent label to probe"
             )
-        fit, names, models, labels_used = self._fit(context, task, label)
+        fitted = self._fit(context, task, label)
+        if fitted is None:
+            return Evidence(self.name, {}, pd.DataFrame(), summary=(
+                f"{label} takes one value on every sequence of {task.name!r}: nothing for a probe to tell apart"))
+        fit, names, models, labels_used = fitted
         acc = dict(zip(models, fit.test_accuracy.split(len(names)), strict=True))
         table = pd.DataFrame(
             [(which, name, float(a)) for which in models for name, a in zip(names, acc[which], strict=True)],
@@ -315,14 +319,19 @@ class Probing(Analyzer):
         return Evidence(self.name, headline, table, details=details, plot=_plot, value=kept, replicates=kept_reps,
                         intervals=intervals, summary=summary)  # fmt: skip
 
-    def _fit(self, context: Context, task: Task, label: str) -> tuple[ProbeResult, list[str], dict[str, Tensor], int]:
+    def _fit(
+        self, context: Context, task: Task, label: str
+    ) -> tuple[ProbeResult, list[str], dict[str, Tensor], int] | None:
         """Probes for ``label`` on ``task``'s sequences, from base, tuned and an untrained model, in one
-        solve; returns the fit, the hooks, each model's features (in the fit's order) and the sample size."""
+        solve; returns the fit, the hooks, each model's features (in the fit's order) and the sample size
+        (``None`` when the label takes one value on every sequence)."""
         pair = context.pair
         pair.check_tasks(task)
         batch = task.sample(self.n, seed=context.seed_for(self.name, "probe data"))
         if label not in batch.labels:
             raise ConfigError(f"the task {task.name!r} has no latent label {label!r}; it has {sorted(batch.labels)}")
+        if batch.labels[label].unique().numel() < 2:
+            return None
         # A freshly initialized model of the same shape is the floor: what probes read from random
         # features of the input alone.
         # With embeddings="base", the tuned model and the floor's fresh model both read the input
@@ -404,7 +413,8 @@ class NewLatentProbing(Probing):
     applicable when the base already reads the latent almost perfectly (within ``min_margin`` of 100%)
     or the task has no latent label.
 
-    Args: as :class:`Probing`; ``label`` defaults to the downstream task's ``probe_label``, and
+    Args: as :class:`Probing`; ``label`` defaults to the downstream task's ``probe_label``, ``task``
+    to the correlation-free downstream task's ``probe_task()`` (a text task's contrast task), and
     ``embeddings`` to ``"tuned"``: a new latent the fine-tune wrote into the embedding lookup is
     part of what it created, so the tuned model is probed as it is.
     """
@@ -416,7 +426,8 @@ class NewLatentProbing(Probing):
     statistic: ClassVar[str | None] = "new_latent_gain"
 
     def _resolve(self, context: Context) -> tuple[str | None, Task]:
-        task = self.task or context.downstream_free or context.downstream
+        # (the sequences its latent is probed on: a text task's contrast task, a PCFG task itself)
+        task = self.task or (context.downstream_free or context.downstream).probe_task()
         return self.label or context.downstream.probe_label, task
 
     def analyze(self, context: Context) -> Evidence:

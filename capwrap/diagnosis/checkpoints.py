@@ -97,6 +97,7 @@ def diagnose_checkpoints(
     """
 
     started = time.perf_counter()
+    call = _call(locals())
     if out is not None:
         check_output_folder(out)
     check_memory(memory)  # before anything is loaded
@@ -118,7 +119,58 @@ def diagnose_checkpoints(
             stack.callback(residency.close, restore=False)
         return _diagnose_files(base, tuned, capability, downstream, out, backend, quick, store, seed, allow_pickle,
                                progress, verdict_rule, downstream_free, residency, started, device, dtype,
-                               dispatch)  # fmt: skip
+                               dispatch, call)  # fmt: skip
+
+
+class _Given:
+    """A value shown in a recorded call by a description (a rule object has no short repr)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _call(arguments: dict[str, Any]) -> str:
+    """The Python call that reproduces this diagnosis: :func:`diagnose_checkpoints` with the four
+    arguments it needs and every other one given a value other than its default (``progress``, which
+    changes no number, left out)."""
+    import inspect
+
+    shown = {}
+    for name, parameter in inspect.signature(diagnose_checkpoints).parameters.items():
+        value = arguments[name]
+        if name == "progress" or (parameter.default is not inspect.Parameter.empty and value == parameter.default):
+            continue
+        if isinstance(value, os.PathLike):
+            value = str(value)
+        elif isinstance(value, torch.dtype | torch.device):
+            value = str(value).removeprefix("torch.")
+        elif isinstance(value, VerdictRule):
+            value = _Given("a VerdictRule given in Python")
+        shown[name] = value
+    return describe_call("capwrap.diagnosis.diagnose_checkpoints", **shown)
+
+
+def _check_out_folder(out: str | os.PathLike) -> None:
+    """Refuse ``out`` before any model loads if it cannot hold a diagnosis, or if its ``summary.json``
+    is not an earlier ``capwrap diagnose``'s (a demo's, another tool's): the diagnosis would replace
+    it and ``report.html``. (An earlier diagnosis's folder is read back, or refused as another
+    diagnosis, by its evidence folder.)"""
+    folder = check_output_folder(out)
+    summary = folder / "summary.json"
+    if not summary.exists():
+        return
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and {"base", "tuned", "capability_spec", "downstream_spec"} <= set(data)):
+        raise ConfigError(
+            f"{summary} is not an earlier `capwrap diagnose`'s summary, and the diagnosis would replace it and "
+            f"{folder / 'report.html'}; choose another --out, or move them"
+        )
 
 
 def _diagnose_files(
@@ -140,6 +192,7 @@ def _diagnose_files(
     device: str | torch.device | None,
     dtype: torch.dtype | None,
     dispatch: dict[str, Any] | None,
+    call: str,
 ) -> Diagnosis:
     from capwrap.models import load_model
     from capwrap.models.adapters import is_adapter_folder, named_base
@@ -148,6 +201,8 @@ def _diagnose_files(
     for spec in (capability, downstream, downstream_free):  # their form, before any model loads
         if spec:
             check_spec(spec)
+    if out is not None:
+        _check_out_folder(out)
     if is_adapter_folder(base):
         trained_on = named_base(base)
         raise ConfigError(
@@ -186,15 +241,12 @@ def _diagnose_files(
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         provenance = run_provenance(
-            models={"base": base_model, "tuned": tuned_model}, seeds={"seed": seed}, started=started,
-            call=describe_call("capwrap.diagnosis.diagnose_checkpoints", base=str(base), tuned=str(tuned),
-                               capability=capability, downstream=downstream, quick=quick, seed=seed, memory=memory,
-                               dtype=None if dtype is None else str(dtype).removeprefix("torch.")),
+            models={"base": base_model, "tuned": tuned_model}, seeds={"seed": seed}, started=started, call=call,
         )  # fmt: skip
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
             "downstream_free_spec": downstream_free, "spec": base_model.spec.to_dict(), "backend": base_model.backend,
-            "quick": quick, "memory": memory, "seed": seed,
+            "quick": quick, "memory": memory, "seed": seed, "store": None if store is None else str(store),
             "dtype": str(dtype or torch.float32).removeprefix("torch."),
             "device_map": {which: m.metadata.get("device_map") for which, m in (("base", base_model), ("tuned", tuned_model))}
             if dispatch is not None else None,

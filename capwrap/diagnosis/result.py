@@ -18,6 +18,9 @@ from capwrap.report import Report
 
 __all__ = ["Diagnosis"]
 
+#: Rows of each analyzer's table an HTML report shows (it says when there are more).
+REPORT_ROWS = 12
+
 _QUESTIONS = {
     "deletion": "Did the capability survive under a thin change, or is it gone?",
     "creation": "Is the new behaviour a genuine capability, or a wrapper over an old one?",
@@ -191,7 +194,10 @@ class Diagnosis:
             report.add_heading(f"{ev.analyzer} ({ev.question}): {ev.direction} ({ev.strength:.2f})")
             report.add_list(None, ev.reasons)
             report.add_figure(ev.figure(), empty_note="No data to plot.")
-            report.add_table(ev.table.head(12))
+            report.add_table(ev.table.head(REPORT_ROWS))
+            if len(ev.table) > REPORT_ROWS:
+                report.add_text(None, f"(The first {REPORT_ROWS} of {len(ev.table)} rows; "
+                                f"{ev.analyzer}'s evidence holds them all.)")  # fmt: skip
 
     def to_html(
         self,

@@ -46,7 +46,7 @@ from capwrap.models.adapters import (
 )
 from capwrap.models.dispatch import load_dispatched
 from capwrap.models.layouts import checkpoint_shapes
-from capwrap.models.model import CapModel, resolve_backend, resolve_dtype
+from capwrap.models.model import COPY_OF, CapModel, resolve_backend, resolve_dtype
 from capwrap.models.spec import ModelSpec
 from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
 
@@ -80,7 +80,8 @@ def save_model(
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it or choose another folder")
-    meta = {**model.metadata, **(metadata or {})}
+    # where the model was loaded from, or copied from, is not where this folder comes from
+    meta = {k: v for k, v in model.metadata.items() if k not in ("source", "revision", COPY_OF)} | (metadata or {})
     try:
         json.dumps(meta)
     except TypeError as exc:
@@ -178,7 +179,7 @@ def load_model(
     spec = read_spec(folder, capwrap_doc, trust_remote_code)
     tokenizer = _read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
-    metadata.setdefault("source", str(source))
+    metadata["source"] = str(source)  # this folder (not a source its capwrap.json may have kept)
     dtype = resolve_dtype(dtype)
     check_placement(device, device_map, max_memory, offload_folder)
     lora = None
@@ -271,9 +272,22 @@ def _resolve_source(source: str | os.PathLike, revision: str | None, allow_pickl
     text = str(source)
     # hub names are "owner/name"; "runs/tuned" is a folder when "runs" is one here
     looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or path.parent.name and path.parent.is_dir()
-    if looks_local:
+    if looks_local or not _is_hub_name(text):
         raise CheckpointError(f"checkpoint folder {text} does not exist; check the path")
     return _download_from_hub(text, revision, allow_pickle)
+
+
+def _is_hub_name(text: str) -> bool:
+    """Whether ``text`` has the form of a hub repository name (``owner/name``: letters, digits, ``-``,
+    ``_``, ``.``), so that a missing folder such as ``no where`` is said to be missing rather than
+    sent to the hub (which answered with its own validation error)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = False) -> Path:

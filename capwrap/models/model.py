@@ -579,7 +579,7 @@ class CapModel:
         if (backend is None or backend == self.backend) and (dtype is None or dtype == self.dtype):
             return copy.deepcopy(self)
         return CapModel.from_state(
-            self.spec, self.checkpoint_state(), backend or self.backend, self.tokenizer, copy.deepcopy(self.metadata),
+            self.spec, self.checkpoint_state(), backend or self.backend, self.tokenizer, _copied_metadata(self.metadata),
             dtype or self.dtype,
         ).to(self.device)
 
@@ -589,7 +589,7 @@ class CapModel:
             self.checkpoint_state(),
             self.backend,
             self.tokenizer,
-            copy.deepcopy(self.metadata, memo),
+            _copied_metadata(self.metadata, memo),
             self.dtype,
         ).to(self.device)
 
@@ -641,6 +641,19 @@ def _adapt_hooked(module: nn.Module, spec: ModelSpec) -> None:
                 return out * torch.tensor(scale, dtype=out.dtype)
 
         module.embed.__class__ = ScaledEmbed
+
+
+#: ``metadata`` key of an in-memory copy (:meth:`CapModel.clone`): the source of the model it copies,
+#: which its own ``source`` keeps naming (a LoRA adapter trained on the copy names that base), while
+#: provenance says the copy was made in memory.
+COPY_OF = "copy_of"
+
+
+def _copied_metadata(metadata: dict[str, Any], memo: dict | None = None) -> dict[str, Any]:
+    out = copy.deepcopy(metadata, memo)
+    if out.get("source") is not None:
+        out[COPY_OF] = out["source"]
+    return out
 
 
 def _split_copies(spec: ModelSpec, bridge: nn.Module, storage: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -135,7 +135,10 @@ def load_texts(
 
     Args:
         source: a local file or folder (``.txt``, ``.json``, ``.jsonl``, ``.csv``, ``.parquet``) or
-            a hub dataset name (e.g. ``roneneldan/TinyStories``; needs the hub).
+            a hub dataset name (e.g. ``roneneldan/TinyStories``; needs the hub). A ``.txt`` file holds
+            one text per ``<|endoftext|>``-separated part when it has that marker (TinyStories' own
+            files), else one per blank-line-separated paragraph: a file of one story per line is
+            one text.
         split: the split of a hub dataset.
         field: the column holding the text (json / csv / parquet / hub).
         limit: keep the first ``limit`` texts.

@@ -300,7 +300,8 @@ class ValidationResult:
             "",
             _table_text(self.families(), "no scored findings, so no accuracy per family"),
             "",
-            _table_text(self.analyzers(), "no scored findings, so no analyzer is compared with the truth"),
+            _table_text(self.analyzers(), "no scored finding has the truth wrapper or capability_change, so no "
+                                          "analyzer is compared with the truth"),
         ]
         unknown = self.unknown()
         if len(unknown):

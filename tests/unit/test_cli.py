@@ -101,7 +101,12 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
            f"generalization, new_latent from {out / 'evidence'}" in capsys.readouterr().out  # fmt: skip
     again = json.loads((out / "summary.json").read_text())
     assert len(again["resumed"]) == 8 and again["evidence"] == summary["evidence"] and again["seconds"] == summary["seconds"]
-    assert summary["dtype"] == "float32" and "memory='normal'" in summary["provenance"]["call"]
+    assert summary["dtype"] == "float32" and summary["store"] is None
+    # the call that reproduces it: every argument given, none left out (store, rule, placement were)
+    assert summary["provenance"]["call"] == (
+        f"capwrap.diagnosis.diagnose_checkpoints(base={str(pair_on_disk / 'base')!r}, "
+        f"tuned={str(pair_on_disk / 'tuned')!r}, capability='pcfg=count,operand=a,{CONFIG}', "
+        f"downstream='pcfg=count,operand=b,{CONFIG}', out={str(out)!r}, quick=True)")  # fmt: skip
     assert "was read back from an earlier run of this diagnosis" in (out / "report.html").read_text()
     # another seed into the same folder is refused, not mixed in
     assert main(["diagnose", str(pair_on_disk / "base"), str(pair_on_disk / "tuned"), "--seed", "1",
@@ -169,6 +174,8 @@ def test_diagnose_command_bad_input(pair_on_disk, tmp_path, capsys):
 
     assert "differ in architecture" in run(base, str(pair_on_disk / "llama"), "--capability", cap, "--downstream", down)
     assert "does not exist" in run(base, str(tmp_path / "nowhere"), "--capability", cap, "--downstream", down)
+    # a missing folder whose name cannot be a hub name is said to be missing (the hub library answered)
+    assert "checkpoint folder no where does not exist" in run(base, "no where", "--capability", cap, "--downstream", down)
     assert "not key=value" in run(base, tuned, "--capability", "count a", "--downstream", down)
     assert "names no task kind" in run(base, tuned, "--capability", "operand=a", "--downstream", down)
     assert "needs the model's tokenizer" in run(
@@ -189,6 +196,17 @@ def test_diagnose_command_bad_input(pair_on_disk, tmp_path, capsys):
     if not torch.cuda.is_available():  # a device the machine lacks is refused before anything loads
         err = run(base, tuned, "--capability", cap, "--downstream", down, "--device", "cuda")
         assert "no CUDA GPU" in err and "use device 'cpu'" in err
+    # an --out that holds another tool's summary (a demo's): it was replaced, with its report, unsaid
+    demo_out = tmp_path / "demo-out"
+    demo_out.mkdir()
+    (demo_out / "summary.json").write_text(json.dumps({"made_by": "capwrap demo", "verdict": "wrapper"}))
+    err = run(base, tuned, "--capability", cap, "--downstream", down, "--out", str(demo_out))
+    assert f"{demo_out / 'summary.json'} is not an earlier `capwrap diagnose`'s summary" in err
+    assert json.loads((demo_out / "summary.json").read_text())["made_by"] == "capwrap demo"
+    # an --out that cannot be created fails before the models load (it failed after the evaluation set)
+    (tmp_path / "a-file").write_text("x")
+    err = run(base, tuned, "--capability", cap, "--downstream", down, "--out", str(tmp_path / "a-file" / "out"))
+    assert f"cannot be created: {tmp_path / 'a-file'} is a file" in err
 
 
 def test_diagnose_command_on_a_tracr_pair(tmp_path, capsys):
@@ -344,3 +362,18 @@ def test_a_demo_stopped_on_the_way_leaves_no_earlier_demos_outputs_beside_its_ru
     with pytest.raises(KeyboardInterrupt):
         run_demo(out, finetune_steps=2, eval_size=16, diagnose_pair=False, progress=False, log=stop_at_fine_tuning)
     assert not {"summary.json", "report.html", "tuned"} & {p.name for p in out.iterdir()}
+
+
+def test_an_interrupted_validate_says_its_finished_records_are_kept(tmp_path, capsys, monkeypatch):
+    import capwrap.validation
+    from capwrap.files import write_json_atomic
+    from capwrap.validation.runner import record_path
+
+    def interrupted(chosen, out, **kwargs):  # one scenario finished, then Ctrl-C
+        write_json_atomic(record_path(out, chosen[0]), {"scenario": chosen[0].to_dict()})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(capwrap.validation, "run_suite", interrupted)
+    assert main(["validate", "--scenario", "held/kept/*", "--out", str(tmp_path), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert f"the records of 1 finished scenario are kept in {tmp_path / 'scenarios'}; run the same command again" in err

@@ -128,3 +128,22 @@ def test_a_report_escapes_user_strings_and_states_its_models(diagnosis_with_ever
     assert weights_sha256(base) in html and "/data/&lt;script&gt;" in html
     assert "<pre>" not in html and '<ul class="reasons">' in html  # reasons are prose, not a clipped code block
     json.dumps(provenance)  # JSON-serializable, for summary.json
+
+
+def test_provenance_names_where_each_model_comes_from(tmp_path):
+    # a fine-tune of a copy of the base was named after the base: "tuned model .../demo_base" in every
+    # report (the copy kept the base's source, and a saved copy's capwrap.json kept it through loading)
+    from capwrap.models import load_model, save_model
+    from capwrap.provenance import model_provenance
+
+    spec = ModelSpec(d_vocab=20, n_ctx=16, n_layers=1, d_model=16, n_heads=2)
+    save_model(build_model(spec, seed=0), tmp_path / "base")
+    base = load_model(tmp_path / "base")
+    assert model_provenance(base)["source"] == str(tmp_path / "base")
+    copy = base.clone()
+    assert model_provenance(copy)["source"].startswith(f"a copy made in memory of {tmp_path / 'base'}")
+    assert copy.metadata["source"] == str(tmp_path / "base")  # what a LoRA adapter trained on it names as its base
+    save_model(copy, tmp_path / "tuned")
+    assert model_provenance(load_model(tmp_path / "tuned"))["source"] == str(tmp_path / "tuned")
+    assert "source" not in json.loads((tmp_path / "tuned" / "capwrap.json").read_text())["metadata"]
+    assert model_provenance(build_model(spec, seed=1))["source"] == "built in memory"

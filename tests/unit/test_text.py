@@ -137,6 +137,21 @@ def test_the_probe_contrast_does_not_give_its_label_away_by_a_mention_in_view(st
     assert 0.1 < shares[0] < 0.4 and abs(shares[0] - shares[1]) < 0.06, shares
 
 
+def test_new_latent_probing_reads_a_text_downstream_task_through_its_contrast_task(stories, model260k):
+    # a downstream text task with a feature was probed on its own sequences, which all end before a
+    # mention: "the probe label has a single class", after every other analyzer had run
+    from capwrap.analyzers import NewLatentProbing
+    from capwrap.diagnosis import diagnose
+
+    capability = TextTask(stories, model260k.tokenizer, seq_len=32, feature="dialogue")
+    downstream = TextTask(stories, model260k.tokenizer, seq_len=32, feature="word:Lily")
+    d = diagnose(model260k, model260k.clone(), capability, downstream, analyzers=[NewLatentProbing(n=64, steps=20)],
+                 eval_size=16, progress=False)  # fmt: skip
+    ev = d["new_latent"]
+    assert "(probe contrast)" in ev.summary and set(ev.table["model"]) == {"base", "tuned", "untrained"}
+    assert 0.5 <= ev.headline["majority_baseline"] < 0.8  # both labels, balanced (its test split is small)
+
+
 def test_tokens_the_texts_never_use_need_no_embedding(stories, model260k):
     """A tokenizer given a token the model was not resized for (a chat or pad token, common in
     fine-tunes): the task's sequences never hold it, so the model runs them. Until 2026-12-07 a text

@@ -236,6 +236,8 @@ def test_capwrap_diagnose_base_and_adapter_folder(tmp_path, make_adapter, capsys
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tuned"] == str(adapter) and summary["adapter"]["adapter"]["rank"] == 4
+    assert summary["provenance"]["models"]["tuned"]["adapter"] == str(adapter)  # the base with it merged in
+    assert "adapter" not in summary["provenance"]["models"]["base"]
     assert summary["adapter"]["weight_diff"]["total_change"] > 0
     assert {m["module"].rsplit(".", 1)[-1] for m in summary["adapter"]["largest_modules"]} <= {"c_attn", "c_fc"}
     weight_diff = next(e for e in summary["evidence"] if e["analyzer"] == "weight_diff")
