@@ -428,7 +428,10 @@ def _write_report(
     n = summary["eval_size"]
     report.add_text("Accuracy", f"Base and fine-tuned model on the capability (count a) and on count b with the "
                     f"spurious correlation present (C_Te=1) and absent (C_Te=0), on {n:,} sequences each; the "
-                    "error bars are 95% (Wilson) intervals.")  # fmt: skip
+                    "error bars are 95% (Wilson) intervals."
+                    + (f" The diagnosis above measures on its own evaluation set ({min(n, DIAGNOSIS_EVAL_SIZE):,} "
+                       "sequences per test set, another draw), so the accuracies its reasons cite differ from these "
+                       "by sampling." if diagnosis is not None else ""))  # fmt: skip
     report.add_table(table, float_format="{:.1%}")
     fig = go.Figure()
     for model in table.columns:

@@ -159,8 +159,11 @@ def _check_out_folder(out: str | os.PathLike) -> None:
     it and ``report.html``. (An earlier diagnosis's folder is read back, or refused as another
     diagnosis, by its evidence folder.)"""
     folder = check_output_folder(out)
-    summary = folder / "summary.json"
+    summary, report = folder / "summary.json", folder / "report.html"
     if not summary.exists():
+        if report.exists():  # a diagnosis writes its summary first: a report alone is another tool's
+            raise ConfigError(f"{report} is not an earlier `capwrap diagnose`'s report, and the diagnosis would "
+                              "replace it; choose another --out, or move it")  # fmt: skip
         return
     try:
         data = json.loads(summary.read_text())

@@ -81,7 +81,10 @@ def save_model(
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it or choose another folder")
     # where the model was loaded from, or copied from, is not where this folder comes from
-    meta = {k: v for k, v in model.metadata.items() if k not in ("source", "revision", COPY_OF)} | (metadata or {})
+    meta = {k: v for k, v in model.metadata.items() if k not in ("source", "revision", COPY_OF, "adapter")}
+    if "adapter" in model.metadata:  # merged into these weights now: not an adapter to apply on loading them
+        meta["merged_adapter"] = model.metadata["adapter"]
+    meta |= metadata or {}
     try:
         json.dumps(meta)
     except TypeError as exc:

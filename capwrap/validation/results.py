@@ -330,7 +330,8 @@ class ValidationResult:
             "confidence",
             "reason",
         ]
-        scenarios = [{k: _clean(v) for k, v in row.items()} for row in self.rows[cols].to_dict(orient="records")]
+        rows = self.rows.assign(gated=self.rows.get("gated", False))  # (rows scored before the column existed)
+        scenarios = [{k: _clean(v) for k, v in row.items()} for row in rows[cols].to_dict(orient="records")]
         return {
             "scenarios": scenarios,
             "targets": {k: _clean(v) for k, v in self.targets().items()},

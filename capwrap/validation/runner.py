@@ -41,7 +41,7 @@ from capwrap.analyzers import (
     Revival,
     WeightDiff,
 )
-from capwrap.analyzers.bootstrap import LEVEL, check_n_boot
+from capwrap.analyzers.bootstrap import LEVEL, check_n_boot, min_replicates
 from capwrap.diagnosis.rule import Finding, VerdictRule, default_rule
 from capwrap.diagnosis.run import Memory, check_memory, diagnose, gates
 from capwrap.errors import CapwrapError, ConfigError, whole_number
@@ -443,4 +443,10 @@ def findings_from_record(record: dict[str, Any], rule: VerdictRule) -> dict[str,
         evidence.append(rule.judge(ev))
     reasons = gates(rule, record["accuracy"], record["capability_floor"])
     n_boot = int(record.get("n_boot", 200))
+    if n_boot < (least := min_replicates(rule.level)):
+        raise ConfigError(
+            f"the record of {record['scenario']['name']} holds {n_boot} bootstrap replicates, too few for the rule's "
+            f"{rule.level:.0%} intervals (at least {least}); run the scenario again with n_boot >= {least} (capwrap "
+            "validate --n-boot) into another results folder"
+        )
     return {q: rule.weigh(q, evidence, reasons[q], n_boot=n_boot) for q in ("deletion", "creation")}

@@ -203,6 +203,10 @@ def test_diagnose_command_bad_input(pair_on_disk, tmp_path, capsys):
     err = run(base, tuned, "--capability", cap, "--downstream", down, "--out", str(demo_out))
     assert f"{demo_out / 'summary.json'} is not an earlier `capwrap diagnose`'s summary" in err
     assert json.loads((demo_out / "summary.json").read_text())["made_by"] == "capwrap demo"
+    (demo_out / "summary.json").unlink()  # a report alone: no diagnosis writes one without its summary
+    (demo_out / "report.html").write_text("<html>another tool's</html>")
+    err = run(base, tuned, "--capability", cap, "--downstream", down, "--out", str(demo_out))
+    assert f"{demo_out / 'report.html'} is not an earlier `capwrap diagnose`'s report" in err
     # an --out that cannot be created fails before the models load (it failed after the evaluation set)
     (tmp_path / "a-file").write_text("x")
     err = run(base, tuned, "--capability", cap, "--downstream", down, "--out", str(tmp_path / "a-file" / "out"))

@@ -147,3 +147,5 @@ def test_provenance_names_where_each_model_comes_from(tmp_path):
     assert model_provenance(load_model(tmp_path / "tuned"))["source"] == str(tmp_path / "tuned")
     assert "source" not in json.loads((tmp_path / "tuned" / "capwrap.json").read_text())["metadata"]
     assert model_provenance(build_model(spec, seed=1))["source"] == "built in memory"
+    copy.metadata["source"] = "run 7"  # a source set on the copy since wins
+    assert model_provenance(copy)["source"] == "run 7"

@@ -53,7 +53,7 @@ def test_full_strings_are_derivable_by_the_grammar():
         kids = pcfg._TABLE[symbols, rng.integers(0, 2, size=len(symbols))]
         symbols = kids[kids >= 0]
     text = "".join("abc"[i - len(GRAMMAR)] for i in symbols)
-    assert 64 <= len(text) <= 729
+    assert pcfg.MIN_STRING_LENGTH <= len(text) <= 432
     assert _derivable(text)
     assert not _derivable(text[:-1] + ("a" if text[-1] != "a" else "b") * 2)
 

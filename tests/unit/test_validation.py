@@ -557,6 +557,18 @@ def test_a_record_of_another_definition_of_its_scenario_is_refused_not_reused(tm
         run_suite(chosen, tmp_path, n_boot=5)
 
 
+def test_a_record_of_too_few_replicates_says_to_run_it_again():
+    from capwrap.diagnosis.rule import default_rule
+    from capwrap.validation.runner import findings_from_record
+
+    record = _record("cal/count-b/adamw-small-c1/s1", [("probing", "deletion", "probe_kept_share", 0.9)], LOST)
+    assert set(findings_from_record(record, default_rule())) == {"deletion", "creation"}
+    record["n_boot"] = 5  # written before n_boot had a minimum: its intervals cannot be placed
+    with pytest.raises(ConfigError, match=r"holds 5 bootstrap replicates, too few for the rule's 90% intervals \(at "
+                                          r"least 20\); run the scenario again"):  # fmt: skip
+        findings_from_record(record, default_rule())
+
+
 def test_a_rule_is_fitted_only_on_calibration_records_with_both_truths(records):
     held = [{**r, "scenario": {**r["scenario"], "split": "held-out"}} for r in records]
     with pytest.raises(ConfigError, match="held-out scenarios .*Fit on the calibration half"):

@@ -385,6 +385,23 @@ def test_lora_variants_capwrap_cannot_read_as_factors_are_refused_saved_or_live(
     live = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(llama_folder), adapter)
     with pytest.raises(ConfigError, match=f"capwrap follows plain LoRA adapters.*{refusal}"):
         wrap_hf_model(live)
+    # the same layers injected without a PeftModel around them (peft's inject_adapter_in_model)
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], **options)
+    injected = peft.inject_adapter_in_model(config, transformers.AutoModelForCausalLM.from_pretrained(llama_folder))
+    with pytest.raises(ConfigError, match="capwrap follows plain LoRA adapters"):
+        wrap_hf_model(injected)
+
+
+def test_a_saved_merged_model_does_not_name_its_adapter_as_one_to_apply(llama_folder, make_adapter, tmp_path):
+    from capwrap.models import save_model
+    from capwrap.provenance import model_provenance
+
+    adapter = make_adapter(llama_folder, target_modules=["q_proj"])
+    merged = load_model(llama_folder, adapter=adapter)
+    assert model_provenance(merged)["adapter"] == str(adapter)
+    save_model(merged, tmp_path / "merged")
+    again = load_model(tmp_path / "merged")
+    assert "adapter" not in model_provenance(again) and again.metadata["merged_adapter"]["path"] == str(adapter)
 
 
 def test_an_unchanged_copy_peft_saves_beside_embedding_factors_is_not_counted_as_a_change(llama_folder, make_adapter):
