@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_option(demo)
     _add_device_option(demo)
     demo.add_argument("--pretrain", action="store_true", help="pretrain the base model here (about 15 min)")
-    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300)")
-    demo.add_argument("--eval-size", type=int, default=2048, help="sequences per test set (default 2048)")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default 300)")
+    demo.add_argument("--eval-size", type=_positive_int, default=2048, help="sequences per test set (default 2048)")
     demo.add_argument("--no-diagnose", action="store_true", help="skip diagnose() (no verdict)")
     demo.set_defaults(func=_demo)
 
@@ -293,14 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--kind", action="append", default=None, choices=["wrapper", "removed", "genuine", "kept", "unknown"],
                      help="only scenarios of this kind (repeatable)")  # fmt: skip
     val.add_argument("--out", default="capwrap_validation", help="results folder (default capwrap_validation)")
-    val.add_argument("--workers", type=int, default=2, help="local worker processes (default 2)")
+    val.add_argument("--workers", type=_positive_int, default=2, help="local worker processes (default 2)")
     val.add_argument("--ray", default=None, metavar="ADDRESS", help="run on a Ray cluster ('local' starts one here)")
     val.add_argument("--cache", default=None, help="where tuned models are kept between runs (default OUT/cache)")
     val.add_argument("--rule", default=None, help="a verdict rule file to score with (default: the fitted rule)")
     val.add_argument(
         "--fit", default=None, metavar="RULE.json", help="fit the verdict rule on these scenarios and save it"
     )
-    val.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates (default 200)")
+    val.add_argument("--n-boot", type=_positive_int, default=200,
+                     help="bootstrap replicates (default 200; at least 20 for the rule's 90%% intervals)")
     val.add_argument("--memory", choices=["normal", "low"], default="normal",
                      help="diagnose as --memory low does (models taking turns, revival in about one model's memory)")  # fmt: skip
     val.add_argument("--list", action="store_true", help="list the scenarios and exit")

@@ -643,8 +643,8 @@ CASES = [
                          "--out", str(e.root / "v")]),
     Case(
         "cli-demo-eval-size-zero",
-        None,
-        "eval_size must be positive",
+        SystemExit,
+        "argument --eval-size: expected a positive whole number, got '0'",
         argv=lambda e: ["demo", "--out", str(e.root / "d2"), "--eval-size", "0"],
     ),  # fmt: skip
     Case(
