@@ -109,7 +109,8 @@ def test_report_and_recording_are_written(demo_out, capsys):
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--eval-size", "0"]) == 2
-    assert "eval_size must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # read with the command line, naming the option
+        main(["demo", "--out", str(tmp_path), "--eval-size", "0"])
+    assert info.value.code == 2 and "argument --eval-size: expected a positive whole number" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--scenario", "nope"])

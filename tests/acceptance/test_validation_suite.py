@@ -62,8 +62,10 @@ def test_a_removed_capability_is_a_capability_change(validated):
     assert rows[(REMOVED, "deletion")]["truth"] == "capability_change"
     assert rows[(REMOVED, "deletion")]["verdict"] == "capability_change", rows[(REMOVED, "deletion")]["reason"]
     # a model that never learned to count, fine-tuned where the correlation never holds, gains nothing on
-    # count a where it holds (downstream 39% in the base -> 17% on seed 73): there is no gain to explain
-    assert rows[(REMOVED, "creation")]["truth"] == "inconclusive"
+    # count a where it holds (downstream 39% in the base -> 17% on seed 73): there is no gain to explain,
+    # and a removed scenario's creation question is not scored, gated or not (until 2026-12-07 the gate
+    # made its truth "inconclusive", counted right by construction)
+    assert rows[(REMOVED, "creation")]["truth"] == "unknown"
     assert rows[(REMOVED, "creation")]["verdict"] == "inconclusive"
 
 

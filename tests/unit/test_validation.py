@@ -629,7 +629,7 @@ def test_a_suite_without_scored_findings_says_so_instead_of_printing_empty_table
     result = ValidationResult.from_records(kept, VerdictRule())
     text = result.summary_text()
     assert "Empty DataFrame" not in text
-    assert "(no scored findings, so no analyzer is compared with the truth)" in text
+    assert "(no scored finding has the truth wrapper or capability_change, so no analyzer is compared with the truth)" in text
     assert "(no scored findings)" in result.report().to_html()
 
 
