@@ -29,7 +29,6 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -50,7 +49,7 @@ from capwrap.analyzers import (
 from capwrap.analyzers.controls import never_had_it
 from capwrap.diagnosis import Diagnosis, diagnose
 from capwrap.errors import ConfigError
-from capwrap.files import check_output_folder, copy_missing, write_json_atomic
+from capwrap.files import check_output_folder, copy_missing, read_json, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
 from capwrap.models.io import CAPWRAP_FILE
 from capwrap.models.model import resolve_device
@@ -311,8 +310,8 @@ def _check_earlier_demo(out: Path) -> None:
         path for path, mine in (
             (tuned, lambda: _marked(_json_field(tuned / CAPWRAP_FILE, "metadata"))),
             (run, lambda: run.is_dir() and (not any(run.iterdir()) or _marked(_json_field(run / "meta.json", "user")))),
-            (summary, lambda: _marked(_read_json(summary))),
-            (report, lambda: _marked(_read_json(summary))),
+            (summary, lambda: _marked(read_json(summary))),
+            (report, lambda: _marked(read_json(summary))),
         ) if path.exists() and (path.is_symlink() or not mine())
     ]  # fmt: skip
     if foreign:
@@ -334,15 +333,8 @@ def _clear_earlier_demo(out: Path) -> None:
             path.unlink()
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _json_field(path: Path, key: str) -> Any:
-    doc = _read_json(path)
+    doc = read_json(path)
     return doc.get(key) if isinstance(doc, dict) else None
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "write_bytes_atomic",
     "write_text_atomic",
     "write_json_atomic",
+    "read_json",
     "fsync_dir",
     "umask",
     "check_output_folder",
@@ -64,6 +65,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document at ``path``, or ``None`` when it cannot be read or is not JSON (for checks
+    that only ask whether a file is one capwrap wrote)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def umask() -> int:

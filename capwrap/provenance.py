@@ -124,7 +124,7 @@ def model_provenance(model: CapModel) -> dict[str, Any]:
 
     meta = model.metadata
     source = str(meta.get("source") or "built in memory")
-    if meta.get(COPY_OF) is not None and meta.get(COPY_OF) == meta.get("source"):  # (a source set since wins)
+    if meta.get(COPY_OF) is not None and meta[COPY_OF] == meta.get("source"):  # (a source set since wins)
         source = f"a copy made in memory of {meta[COPY_OF]} (its weights' digest says whether it changed since)"
     adapter = meta.get("adapter", {})
     return {

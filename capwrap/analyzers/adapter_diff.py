@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 from torch import Tensor
 
-from capwrap.analyzers.streaming import StreamedWeightDiff, checkpoint_spec, stream_changes
+from capwrap.analyzers.streaming import StreamedWeightDiff, checkpoint_spec, stream_changes, streams
 from capwrap.analyzers.weight_diff import change_summary
 from capwrap.errors import CheckpointError
 from capwrap.models.adapters import LoraAdapter, adapter_base, read_adapter
@@ -132,19 +132,17 @@ def adapter_summary(base: str | os.PathLike, adapter: str | os.PathLike, allow_p
     weight diff's headline and five largest modules, as JSON-serializable data (``summary.json``'s
     ``adapter`` entry; a base of pickle files, which the streamed diff does not read, gets
     ``weight_diff_skipped`` instead: the diagnosis's own weight diff measures the merged change)."""
-    lora = read_adapter(adapter, allow_pickle)
-    out: dict = {"adapter": lora.describe(), "applied_to": str(base)}  # (the diff's own description, below, knows the base)
     folder = Path(base)
-    if folder.is_dir() and not any((folder / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+    if folder.is_dir() and streams(folder):  # the diff's description of the adapter knows the base's tensors
+        diff = adapter_weight_diff(base, adapter, allow_pickle)
+        heads = diff.table[diff.table["kind"].isin(("head", "neuron"))].head(5)
+        return {"adapter": diff.adapter, "applied_to": str(base), "weight_diff": diff.headline,
+                "largest_modules": diff.modules.head(5).to_dict(orient="records"),
+                "largest_units": heads[["component", "change", "share"]].to_dict(orient="records")}  # fmt: skip
+    out: dict = {"adapter": read_adapter(adapter, allow_pickle).describe(), "applied_to": str(base)}
+    if folder.is_dir():
         out["weight_diff_skipped"] = (
             "the base folder holds pickle files only, which the streamed adapter diff does not read; the diagnosis's "
             "weight_diff evidence measures the merged change"
         )
-    elif folder.is_dir():
-        diff = adapter_weight_diff(base, adapter, allow_pickle)
-        out["adapter"] = diff.adapter
-        out["weight_diff"] = diff.headline
-        out["largest_modules"] = diff.modules.head(5).to_dict(orient="records")
-        heads = diff.table[diff.table["kind"].isin(("head", "neuron"))].head(5)
-        out["largest_units"] = heads[["component", "change", "share"]].to_dict(orient="records")
     return out

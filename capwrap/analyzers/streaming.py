@@ -41,7 +41,8 @@ from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
 
-__all__ = ["stream_weight_diff", "stream_weight_change", "stream_changes", "StreamedWeightDiff", "checkpoint_spec"]
+__all__ = ["stream_weight_diff", "stream_weight_change", "stream_changes", "StreamedWeightDiff", "checkpoint_spec",
+           "streams"]
 
 
 
@@ -64,13 +65,22 @@ def _tensor_files(folder: Path, spec: ModelSpec) -> dict[str, tuple[Path, str]]:
     return {name: (files[key], key) for name, key in stored_keys(spec, files).items()}
 
 
+def streams(folder: str | os.PathLike) -> bool:
+    """Whether streaming reads ``folder``'s weights: it holds ``model.safetensors`` or a sharded
+    index of them (pickle files it does not read)."""
+    return any((Path(folder) / name).exists() for name in (_INDEX, _SINGLE))
+
+
+_INDEX, _SINGLE = "model.safetensors.index.json", "model.safetensors"
+
+
 def _stored_files(folder: Path) -> dict[str, Path]:
     """Stored tensor name -> the safetensors file holding it."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / _INDEX
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
+    single = folder / _SINGLE
     if not single.exists():
         pickled = any(folder.glob("*.bin"))
         raise CheckpointError(

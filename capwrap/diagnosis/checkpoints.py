@@ -18,7 +18,7 @@ from capwrap.diagnosis.result import Diagnosis, json_default
 from capwrap.diagnosis.rule import VerdictRule
 from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagnose
 from capwrap.errors import ConfigError
-from capwrap.files import check_output_folder, write_text_atomic
+from capwrap.files import check_output_folder, read_json, write_text_atomic
 from capwrap.models.io import check_placement
 from capwrap.models.model import resolve_device, resolve_dtype
 from capwrap.models.residency import Residency
@@ -99,7 +99,7 @@ def diagnose_checkpoints(
     started = time.perf_counter()
     call = _call(locals())
     if out is not None:
-        check_output_folder(out)
+        _check_out_folder(out)
     check_memory(memory)  # before anything is loaded
     device = None if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype)  # a bad name fails before anything is loaded
@@ -165,10 +165,7 @@ def _check_out_folder(out: str | os.PathLike) -> None:
             raise ConfigError(f"{report} is not an earlier `capwrap diagnose`'s report, and the diagnosis would "
                               "replace it; choose another --out, or move it")  # fmt: skip
         return
-    try:
-        data = json.loads(summary.read_text())
-    except (OSError, ValueError):
-        data = None
+    data = read_json(summary)
     if not (isinstance(data, dict) and {"base", "tuned", "capability_spec", "downstream_spec"} <= set(data)):
         raise ConfigError(
             f"{summary} is not an earlier `capwrap diagnose`'s summary, and the diagnosis would replace it and "
@@ -204,8 +201,6 @@ def _diagnose_files(
     for spec in (capability, downstream, downstream_free):  # their form, before any model loads
         if spec:
             check_spec(spec)
-    if out is not None:
-        _check_out_folder(out)
     if is_adapter_folder(base):
         trained_on = named_base(base)
         raise ConfigError(

@@ -269,11 +269,13 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
         model = model.get_base_model()
     layers = [m for m in model.modules() if _is_lora_layer(m)]
     for layer in layers:  # LoRA layers injected without a PeftModel around them (peft's inject_adapter_in_model)
-        variants = {type(v).__name__ for v in getattr(layer, "lora_variant", {}).values()} - _FOLLOWED_VARIANTS
-        if any(getattr(layer, "use_dora", {}).values()) or any(getattr(layer, "lora_bias", {}).values()) or variants:
-            what = sorted(variants) or ["DoRA (use_dora=True)" if any(getattr(layer, "use_dora", {}).values())
-                                        else "a bias on lora_B (lora_bias=True)"]  # fmt: skip
-            raise ConfigError(f"capwrap follows plain LoRA adapters (scaling·B·A); this one uses {', '.join(what)}")
+        uses = sorted({type(v).__name__ for v in getattr(layer, "lora_variant", {}).values()} - _FOLLOWED_VARIANTS)
+        if any(getattr(layer, "use_dora", {}).values()) and not uses:  # (peft without lora_variant)
+            uses.append("DoRA (use_dora=True)")
+        if any(getattr(layer, "lora_bias", {}).values()):
+            uses.append("a bias on lora_B (lora_bias=True)")
+        if uses:
+            raise ConfigError(f"capwrap follows plain LoRA adapters (scaling·B·A); this one uses {', '.join(uses)}")
     return model, layers
 
 

@@ -331,6 +331,8 @@ def _fit_thresholds(records: Sequence[dict[str, Any]], rule: VerdictRule, questi
     for record in records:
         scenario = scenario_of(record)
         truth = record_truth(record, rule)[question]
+        if truth == "unknown":  # (not weighed for nothing: the fit weighs every record once per candidate rule)
+            continue
         finding = findings_from_record(record, rule)[question]
         if is_scored(scenario.kind, truth, bool(finding.support.get("gated"))):
             cases.append((scenario.kind, truth, finding))

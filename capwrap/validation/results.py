@@ -132,22 +132,22 @@ class ValidationResult:
     def scored(self) -> pd.DataFrame:
         """The rows whose truth is known and not decided by the diagnosis's own gates
         (:func:`~capwrap.validation.scenarios.is_scored`)."""
-        return self.rows[self._mask(scored=True)] if len(self.rows) else self.rows
+        return self.rows[self._scored_mask()] if len(self.rows) else self.rows
 
     @property
     def gated(self) -> pd.DataFrame:
         """The rows left out of :attr:`scored` because a gate decided both their truth and their
         verdict (nothing to explain: ``inconclusive`` on both sides, right by construction)."""
-        return self.rows[self._mask(scored=False) & (self.rows["truth"] != "unknown")] if len(self.rows) else self.rows
+        return self.rows[~self._scored_mask() & (self.rows["truth"] != "unknown")] if len(self.rows) else self.rows
 
-    def _mask(self, scored: bool) -> pd.Series:
+    def _scored_mask(self) -> pd.Series:
         """Which rows :func:`~capwrap.validation.scenarios.is_scored` counts (rows built by hand,
         without ``kind`` and ``gated``: those of known truth)."""
         rows = self.rows
         if not {"kind", "gated"} <= set(rows.columns):
-            return (rows["truth"] != "unknown") == scored
+            return rows["truth"] != "unknown"
         mask = [is_scored(k, t, g) for k, t, g in zip(rows["kind"], rows["truth"], rows["gated"], strict=True)]
-        return pd.Series(mask, index=rows.index, dtype=bool) == scored
+        return pd.Series(mask, index=rows.index, dtype=bool)
 
     @property
     def accuracy(self) -> float:
