@@ -51,7 +51,7 @@ from capwrap.analyzers.bootstrap import LEVEL, check_n_boot, percentile_interval
 from capwrap.errors import ConfigError, whole_number
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.residency import Residency
-from capwrap.recording import RunStore
+from capwrap.recording import RunStore, weight_sample
 from capwrap.tasks.base import Task, TaskBatch, check_task, check_task_fits, correctness
 
 if TYPE_CHECKING:
@@ -250,7 +250,8 @@ class ModelPair:
 
 
 def check_store_matches(pair: ModelPair, store: RunStore) -> None:
-    """Raise if ``store`` was recorded from a model of another shape than ``pair``'s, or holds no step."""
+    """Raise if ``store`` holds no step, was recorded from a model of another shape than ``pair``'s, or by a
+    run that did not end with the tuned model (where the store sampled its weights: :mod:`~capwrap.recording.weight_sample`)."""
     if not store.steps:
         raise ConfigError(
             f"the RunStore at {store.path} holds no recorded step (its steps.jsonl is empty or ends inside its first "
@@ -262,6 +263,24 @@ def check_store_matches(pair: ModelPair, store: RunStore) -> None:
             f"the RunStore at {store.path} was recorded from another model: it differs in {detail} (this pair's "
             "value first); pass the store of the run that produced this tuned model"
         )
+    match = weight_sample.match_steps(store, lambda name: pair.weight(pair.tuned, name))
+    if match is None or match.ends_the_run:  # a store recorded without sampled weights cannot tell
+        return
+    if match.steps:
+        raise ConfigError(
+            f"the tuned model has the weights the run in the RunStore at {store.path} had at step {match.steps[-1]}, "
+            f"but the store goes on to step {match.last_step}, and its later steps would be read as this model's past "
+            "(a checkpoint saved before the end, or the best one a Trainer loaded at the end); diagnose the run's "
+            f"final model with this store, this model without one, or this model with a copy of the store rolled "
+            f"back to its step (RunStore.resume(copy).rollback({match.steps[-1]}))"
+        )
+    raise ConfigError(
+        f"the RunStore at {store.path} was recorded from another run: the tuned model's weights are none of the "
+        f"steps it recorded ({match.mismatched} of {match.sampled} sampled weights differ from its last step's, "
+        f"at step {match.last_step}, by more than {match.precision} rounding; the largest by "
+        f"{match.largest_difference:.2g} of the value); pass the store of the run that produced this tuned model, "
+        "or none"
+    )
 
 
 @dataclass

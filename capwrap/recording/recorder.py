@@ -53,6 +53,7 @@ from capwrap.models import CapModel
 from capwrap.models.components import tensor_norms
 from capwrap.models.layouts import one_name_per_tensor
 from capwrap.models.live import as_cap_model
+from capwrap.recording import weight_sample
 from capwrap.recording.store import RunStore
 from capwrap.tasks.base import TaskBatch
 
@@ -180,6 +181,8 @@ class Recorder:
         self._step = first_step
         self._start: dict[str, Tensor] = {}
         self._once: list[str] = []  # the weights whose change sums to weight_delta (a tied embedding once)
+        self._sampled: weight_sample.Positions | None = None  # where the weights are sampled (a store before them: none)
+        self._sample_index: dict = {}  # the sampled positions as indices, per weight and device
         self._shadow: _Shadow | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -205,14 +208,16 @@ class Recorder:
             self._start = self._load_start()
             self._once = one_name_per_tensor(self.model.weights())
             self._start_sq = _start_sq(self._start, self._once)
+            self._sampled = weight_sample.positions_from_meta(self.store.meta)
             self._step = self.store.last_step or 0
             self._shadow = shadow
             return self
+        weights = self.model.weights()
+        self._once = one_name_per_tensor(weights)
+        self._sampled = weight_sample.sample_positions(weights, self._once)
         self.store = RunStore.create(self.path, meta=self._meta(), arrays=self._array_specs(), overwrite=self.overwrite)
         self._writer = self._open_writer()
-        weights = self.model.weights()
         self._start = {k: v.detach().clone() for k, v in weights.items()}
-        self._once = one_name_per_tensor(weights)
         self._start_sq = _start_sq(self._start, self._once)
         self._save_tensors(_START_FILE, {k: v.contiguous() for k, v in self.model.checkpoint_state().items()})
         if self.probe is not None:
@@ -357,6 +362,8 @@ class Recorder:
         delta = dict(zip(names, moved, strict=True))
         for kind, sq in model.components.sq_norms_by_kind(delta, self.component_kinds).items():
             arrays[f"weight_delta.{kind}"] = sq.sqrt().float()
+        if self._sampled is not None:
+            arrays[weight_sample.ARRAY] = weight_sample.gather(weights.__getitem__, self._sampled, self._sample_index)
         total_sq = _total_sq(delta[k] for k in self._once)  # over the parameters: a tied embedding once
         scalars: dict[str, Tensor | float] = {
             "weight_delta": total_sq.sqrt(),
@@ -385,6 +392,8 @@ class Recorder:
             size = len(self.model.components.select(kind))
             specs[f"weight_delta.{kind}"] = ((size,), "float32")
             specs[f"grad_norm.{kind}"] = ((size,), "float32")
+        if self._sampled is not None:
+            specs[weight_sample.ARRAY] = ((sum(len(p) for p in self._sampled.values()),), "float32")
         return specs
 
     def _meta(self) -> dict[str, Any]:
@@ -398,6 +407,7 @@ class Recorder:
             "probe_size": None if self.probe is None else len(self.probe),
             "first_step": self.first_step,
             "components": {k: [c.name for c in self.model.components.select(k)] for k in self.component_kinds},
+            weight_sample.ARRAY: weight_sample.positions_to_meta(self._sampled or {}),
             **self.user_meta,
         }
 

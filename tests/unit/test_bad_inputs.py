@@ -473,6 +473,9 @@ CASES = [
          lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, eval_size=10.0)),
     Case("diagnose-too-few-replicates", ConfigError, r"n_boot=5 bootstrap replicates cannot place the ends of a 90% "
          r"interval .*give n_boot >= 20", lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, n_boot=5)),
+    Case("diagnose-store-of-another-run", ConfigError, r"recorded from another run: the tuned model's weights are "
+         r"none of the steps it recorded \(\d+ of \d+ sampled weights differ",
+         lambda e: diagnose(e.model, build_model(SPEC, seed=3), TASK, TASK, store=RunStore.open(e.plain_store))),
     Case("analyzer-context-and-another-pair", ConfigError, r"the context given to the analyzer holds its own pair",
          lambda e: WeightDiff()(ModelPair(e.model, e.model.clone()), TASK, TASK,
                                 context=Context.build(ModelPair(e.model, e.model.clone()), TASK, TASK, eval_size=8))),
@@ -619,6 +622,9 @@ CASES = [
     Case("cli-diagnose-store-without-a-step", None, "holds no recorded step",
          argv=lambda e: ["diagnose", str(e.ckpt), str(e.ckpt), "--capability", CAP, "--downstream", DOWN,
                          "--store", str(e.store_without_a_step())]),
+    Case("cli-diagnose-store-going-on-after-the-model", None, "had at step 0, but the store goes on to step 1",
+         argv=lambda e: ["diagnose", str(e.ckpt), str(e.ckpt), "--capability", CAP, "--downstream", DOWN,
+                         "--store", str(e.plain_store)]),
     Case("cli-diagnose-spec-before-loading", None, "not key=value",
          argv=lambda e: ["diagnose", str(e.root / "nowhere"), str(e.root / "nowhere"), "--capability", "count a",
                          "--downstream", DOWN]),

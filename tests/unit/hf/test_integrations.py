@@ -9,11 +9,13 @@ import pytest
 import torch
 import transformers
 
-from capwrap.analyzers import weight_change_table
+from capwrap.analyzers import ModelPair, weight_change_table
+from capwrap.analyzers.base import check_store_matches
 from capwrap.errors import CapwrapWarning, StoreError
 from capwrap.integrations import RecorderCallback, task_dataset
 from capwrap.models import load_model
 from capwrap.recording import Recorder, RunStore
+from capwrap.recording.weight_sample import match_steps
 from capwrap.tasks import PCFGConfig, PCFGTask
 from capwrap.training import TrainConfig, train
 
@@ -92,6 +94,9 @@ def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_p
     torch.testing.assert_close(recorded, torch.tensor(expected[store.meta["components"]["head"]].to_numpy()),
                                rtol=1e-4, atol=1e-6)  # fmt: skip
     assert recorded.min() > 0 and float(store.array("weight_delta.mlp")[-1].abs().max()) == 0.0  # only c_attn moved
+    # the adapter merged on load is the model the run ended with: the store is taken as its run's
+    assert match_steps(store, merged.weights().__getitem__).steps == [6]
+    check_store_matches(ModelPair(load_model(gpt2_folder), merged), store)
 
 
 def test_a_background_recording_of_a_lora_trainer_run_equals_the_inline_one(gpt2_folder, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capwrap.analyzers import weight_change_table
+from capwrap.analyzers import ModelPair, weight_change_table
+from capwrap.analyzers.base import check_store_matches
 from capwrap.analyzers.weight_diff import change_ranks
 from capwrap.errors import ConfigError
 from capwrap.methods import LoRA
@@ -54,6 +55,7 @@ def test_lora_trains_the_merged_model_the_recorder_and_peft_see(backend, tmp_pat
     merged = load_model(tmp_path / "adapter", backend=backend)
     for name, weight in model.weights().items():
         torch.testing.assert_close(merged.weights()[name], weight, rtol=0, atol=1e-6, msg=name)
+    check_store_matches(ModelPair(base, merged), store)  # the saved adapter is the run's last model
 
 
 def test_lora_state_resumes_the_adapter_exactly(tmp_path):
