@@ -52,7 +52,7 @@ from capwrap.errors import ConfigError
 from capwrap.files import check_output_folder, copy_missing, read_json, write_json_atomic
 from capwrap.models import CapModel, ModelSpec, build_model, load_model, save_model
 from capwrap.models.io import CAPWRAP_FILE
-from capwrap.models.model import resolve_device
+from capwrap.models.model import PROVENANCE_KEYS, resolve_device
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import Recorder, RunStore
 from capwrap.report import Report, error_bars, proportion_interval
@@ -216,6 +216,8 @@ def run_demo(
     batches = {k: t.sample(eval_size, seed=10_000 + seed) for k, t in test_sets.items()}
     acc_base = {k: accuracy(base, b) for k, b in batches.items()}
     tuned = base.clone()
+    # what the base's maker wrote about it (its pretraining, accuracy, wall time) is not the tuned model's
+    tuned.metadata = {k: v for k, v in tuned.metadata.items() if k in PROVENANCE_KEYS}
     if scenario == "removed":
         log("negative control: re-initializing every transformer block before fine-tuning (the capability is gone)")
         remove_capability(tuned, seed=seed)
@@ -239,7 +241,10 @@ def run_demo(
         tuned,
         out / "tuned",
         overwrite=True,
-        metadata={"task": ft_task.describe(), "train_config": finetune.to_dict(), MADE_BY: DEMO_MARK},
+        metadata={
+            "task": ft_task.describe(), "train_config": finetune.to_dict(), "final_metrics": result.final_metrics,
+            "accuracy": acc_tuned, "wall_seconds": round(ft_seconds, 1), MADE_BY: DEMO_MARK,
+        },  # fmt: skip
     )
     store = RunStore.open(store_path)
     diagnosis = None

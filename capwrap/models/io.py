@@ -46,7 +46,7 @@ from capwrap.models.adapters import (
 )
 from capwrap.models.dispatch import load_dispatched
 from capwrap.models.layouts import checkpoint_shapes
-from capwrap.models.model import COPY_OF, CapModel, resolve_backend, resolve_dtype
+from capwrap.models.model import PROVENANCE_KEYS, CapModel, resolve_backend, resolve_dtype
 from capwrap.models.spec import ModelSpec
 from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
 
@@ -81,7 +81,7 @@ def save_model(
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it or choose another folder")
     # where the model was loaded from, or copied from, is not where this folder comes from
-    meta = {k: v for k, v in model.metadata.items() if k not in ("source", "revision", COPY_OF, "adapter")}
+    meta = {k: v for k, v in model.metadata.items() if k not in PROVENANCE_KEYS}
     if "adapter" in model.metadata:  # merged into these weights now: not an adapter to apply on loading them
         meta["merged_adapter"] = model.metadata["adapter"]
     meta |= metadata or {}

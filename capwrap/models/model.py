@@ -647,6 +647,9 @@ def _adapt_hooked(module: nn.Module, spec: ModelSpec) -> None:
 #: which its own ``source`` keeps naming (a LoRA adapter trained on the copy names that base), while
 #: provenance says the copy was made in memory.
 COPY_OF = "copy_of"
+#: The metadata keys that say where a model's weights come from (the rest is free-form: what its
+#: maker wrote about it).
+PROVENANCE_KEYS = ("source", "revision", COPY_OF, "adapter")
 
 
 def _copied_metadata(metadata: dict[str, Any], memo: dict | None = None) -> dict[str, Any]:

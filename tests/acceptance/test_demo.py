@@ -9,7 +9,9 @@ import json
 import pytest
 
 from capwrap.cli import main
+from capwrap.models import load_model
 from capwrap.recording import RunStore
+from capwrap.recording.weight_sample import match_steps
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,17 @@ def test_report_and_recording_are_written(demo_out, capsys):
     assert store.last_step == 300
     assert store.array_steps("blocks.3.hook_resid_post") == list(range(0, 301, 10))
     assert (demo_out / "tuned" / "model.safetensors").exists()
+
+
+def test_the_saved_tuned_model_says_what_it_is_and_its_run_ends_with_it(demo_out):
+    """Its capwrap.json describes the fine-tune (it kept the base's pretraining accuracy and wall time),
+    and the recorded run's sampled weights end with the saved weights."""
+    summary = json.loads((demo_out / "summary.json").read_text())
+    tuned = load_model(demo_out / "tuned")
+    assert tuned.metadata["accuracy"] == summary["accuracy"]["tuned"]
+    assert tuned.metadata["task"]["name"].startswith("fine-tuning: count b")
+    assert tuned.metadata["train_config"]["steps"] == 300 and tuned.metadata["wall_seconds"] > 0
+    assert match_steps(RunStore.open(demo_out / "run"), tuned.weights().__getitem__).steps == [300]
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
