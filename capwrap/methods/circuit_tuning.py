@@ -14,7 +14,9 @@ Done right where the authors' code is not:
 * frozen means frozen: a tensor with no kept slice gets no gradient, so the optimizer gives it no
   update, no weight decay and no state; in a tensor with some kept slices (a fused query/key/value
   weight) the frozen elements keep their values and their optimizer state through the step (weight
-  decay and momentum do not reach them; elements never trained hold no state);
+  decay and momentum do not reach them; elements never trained hold no state), and AdamW corrects
+  each element's moments by the steps that element took (AdamW counts them per tensor, which gave a
+  head kept late up to 6x the learning rate);
 * scoring costs no extra pass: with the default metric (the training loss) the training step's own
   forward and backward pass give the edge scores (one forward, one backward per step, as plain
   fine-tuning), and the gradients are masked before the update.
@@ -265,23 +267,27 @@ class CircuitTuning(TrainingMethod):
         def keep_frozen(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             saved.clear()
             for param, mask in self._masks.items():
-                if param.grad is not None and not bool(mask.all()):
-                    state = {k: v.clone() for k, v in opt.state.get(param, {}).items() if _is_like(v, param)}
-                    saved[param] = (param.detach().clone(), state)
+                state = opt.state.get(param, {})
+                if param.grad is not None and (not bool(mask.all()) or ELEMENT_STEPS in state):
+                    kept = {k: v.clone() for k, v in state.items() if _is_like(v, param) and k != ELEMENT_STEPS}
+                    saved[param] = (param.detach().clone(), kept)
 
         def restore_frozen(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             with torch.no_grad():
                 for param, (value, state) in saved.items():
                     mask = self._masks[param]
+                    if isinstance(opt, torch.optim.AdamW):
+                        _adam_per_element(opt, param, mask, value)
                     param.copy_(torch.where(mask, param, value))
                     for key, current in opt.state.get(param, {}).items():
-                        if _is_like(current, param):
+                        if _is_like(current, param) and key != ELEMENT_STEPS:
                             before = state.get(key, torch.zeros_like(current))
                             current.copy_(torch.where(mask, current, before))
             saved.clear()
 
         optimizer.register_step_pre_hook(keep_frozen)
         optimizer.register_step_post_hook(restore_frozen)
+        _keep_element_steps_exact(optimizer)
         return optimizer
 
     def loss(self, model: CapModel, batch: TaskBatch, step: int) -> Float[Tensor, ""]:
@@ -439,6 +445,65 @@ def _within_budget(graph: Graph, scores: Tensor, n: int, cost: list[list[int]], 
         mask[e] = True
         kept += 1
     return mask
+
+
+#: AdamW's state key for the steps each element of a partly kept tensor took (AdamW counts steps per tensor).
+ELEMENT_STEPS = "capwrap_element_steps"
+
+
+def _adam_per_element(opt: torch.optim.AdamW, param: Tensor, mask: Tensor, before: Tensor) -> None:
+    """Give the kept elements of ``param`` the update AdamW gives an element that took as many steps
+    as they did: AdamW corrects its moments' bias by one step count per tensor, so an element kept
+    after the rest of its tensor took ``T`` steps starts from zero moments with ``T`` steps of
+    correction (an update up to 6x the learning rate, tens of steps long). The count per element
+    (kept in the optimizer's state, saved with it) is the tensor's while every element has taken
+    every step, and from the first step that keeps only some of them, each element's own; where it
+    differs from the tensor's, the kept element is updated from its value ``before`` the step with
+    the moments AdamW has just updated, as AdamW updates it (decoupled weight decay first)."""
+    state = opt.state[param]
+    step = float(state["step"])
+    counts = state.get(ELEMENT_STEPS)
+    if counts is None:  # every element took the tensor's steps before this one
+        counts = torch.full_like(param, step - 1, dtype=torch.float32)
+    counts = counts + mask
+    state[ELEMENT_STEPS] = counts
+    fix = mask & (counts != step)
+    if not bool(fix.any()):
+        return
+    group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
+    if group.get("amsgrad") or group.get("maximize"):
+        raise ConfigError("circuit-tuning's per-element AdamW takes AdamW's defaults (no amsgrad, no maximize)")
+    lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    t = counts[fix].double()
+    exp_avg, exp_avg_sq = state["exp_avg"][fix].double(), state["exp_avg_sq"][fix].double()
+    denom = exp_avg_sq.sqrt() / (1 - beta2**t).sqrt() + eps
+    updated = before[fix].double() * (1 - lr * decay) - lr / (1 - beta1**t) * exp_avg / denom
+    param[fix] = updated.to(param.dtype)
+
+
+def _keep_element_steps_exact(optimizer: torch.optim.Optimizer) -> None:
+    """Load the per-element step counts as they were saved: ``load_state_dict`` casts every state
+    tensor but ``step`` to its parameter's dtype, and bfloat16 holds whole numbers exactly only up to 256."""
+    held: dict[Any, Tensor] = {}
+
+    def set_aside(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        held.clear()
+        state = {}
+        for key, entry in state_dict["state"].items():
+            if ELEMENT_STEPS in entry:
+                entry = dict(entry)
+                held[key] = entry.pop(ELEMENT_STEPS)
+            state[key] = entry
+        return {**state_dict, "state": state}
+
+    def put_back(opt: torch.optim.Optimizer) -> None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for key, counts in held.items():
+            opt.state[params[int(key)]][ELEMENT_STEPS] = counts.to(params[int(key)].device, torch.float32)
+        held.clear()
+
+    optimizer.register_load_state_dict_pre_hook(set_aside)
+    optimizer.register_load_state_dict_post_hook(put_back)
 
 
 def _is_like(value: Any, param: Tensor) -> bool:

@@ -234,3 +234,69 @@ def test_metrics_by_name_and_numpy_budgets(tiny, tiny_task):
         CircuitTuning(top_n=3, metric="logodds")
     assert CircuitTuning(top_n=3, max_params=np.float32(0.25)).max_params == pytest.approx(0.25)
     assert CircuitTuning(top_n=3, max_params=np.int64(600)).max_params == 600
+
+
+def _keep(method: CircuitTuning, names: list[str]) -> None:
+    """Keep exactly the edges ``names`` from now on (as a re-choice would)."""
+    edges = torch.zeros(method.graph.n_edges, dtype=torch.bool)
+    edges[[method.graph.edge_index(name) for name in names]] = True
+    method.edges, method.ever = edges, edges if method.ever is None else method.ever | edges
+    method._set_masks()
+
+
+def test_a_head_kept_late_takes_the_updates_a_fresh_adamw_gives_it(tiny, tiny_task):
+    """AdamW counts steps per tensor: a head whose slice of W_O is first kept after the others' took
+    300 steps had its fresh moments corrected by 300 steps (first update 1.9x the learning rate, later
+    ones up to 6x). Each element now takes AdamW's update for the steps it took itself."""
+    model = tiny("gpt2", "bridge")
+    config = TrainConfig(steps=400, batch_size=8, lr=1e-4, weight_decay=0.01, grad_clip=None, progress=False)
+    method = CircuitTuning(top_n=1)
+    optimizer = method.optimizer(method.setup(model, tiny_task, config), config)
+    batch = tiny_task.sample(8, seed=0)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(batch.tokens)[:, -1], batch.answers).backward()
+        method._mask_gradients()
+        grad = model.gradients()["blocks.0.attn.W_O"][1].clone()
+        optimizer.step()
+        return grad
+
+    _keep(method, ["L0H0->logits"])
+    for _ in range(300):
+        step()
+    _keep(method, ["L0H0->logits", "L0H1->logits"])
+    head = model.weights()["blocks.0.attn.W_O"][1]
+    fresh = torch.nn.Parameter(head.detach().clone())  # head 1 alone, under a fresh AdamW
+    reference = torch.optim.AdamW([fresh], lr=config.lr, weight_decay=0.01)
+    for _ in range(5):
+        before = head.detach().clone()
+        fresh.grad = step()
+        reference.step()
+        torch.testing.assert_close(head.detach(), fresh.detach(), rtol=0, atol=1e-7)
+        assert float((head.detach() - before).abs().median()) == pytest.approx(config.lr, rel=0.05)
+
+
+def test_the_steps_each_element_took_survive_a_checkpoint_of_a_bfloat16_model(tiny, tiny_task):
+    """load_state_dict casts optimizer state to the parameter's dtype; bfloat16 holds 300 as 300 but
+    not 301: the counts are loaded as they were saved."""
+    model = tiny("gpt2", "bridge").clone(dtype="bfloat16")
+    config = TrainConfig(steps=400, batch_size=8, lr=1e-4, grad_clip=None, progress=False)
+    method = CircuitTuning(top_n=1)
+    params = method.setup(model, tiny_task, config)
+    optimizer = method.optimizer(params, config)
+    _keep(method, ["L0H0->logits"])
+    batch = tiny_task.sample(8, seed=0)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(batch.tokens)[:, -1].float(), batch.answers).backward()
+        method._mask_gradients()
+        optimizer.step()
+    param, counts = next((p, s["capwrap_element_steps"]) for p, s in optimizer.state.items()
+                         if "capwrap_element_steps" in s)  # fmt: skip
+    counts.add_(299)  # as if 301 steps had been taken
+    saved = optimizer.state_dict()
+    again = method.optimizer(params, config)
+    again.load_state_dict(saved)
+    loaded = again.state[param]["capwrap_element_steps"]
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, counts) and float(loaded.max()) == 301
