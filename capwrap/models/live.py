@@ -68,15 +68,18 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
     spec = ModelSpec.from_hf_config(config)
     if not spec.has_hf_equivalent:  # pragma: no cover - from_hf_config never returns such a spec
         raise ConfigError(f"{spec.architecture} models have no Hugging Face equivalent")
-    shell, merged = _shell(hf, config, adapter_layers)
-    names = checkpoint_shapes(spec)
-    shell_params = dict(shell.named_parameters(remove_duplicate=False))
-    missing = sorted(set(names) - set(shell_params))
-    if missing:
-        raise ConfigError(f"the live model has no tensors {missing[:5]}; is it a {ARCHITECTURES[spec.architecture]}?")
-    _warn_if_untied(spec, shell_params)
-    storage = {name: shell_params[name] for name in names}
-    bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
+    with torch.random.fork_rng(devices=[]):  # building draws from torch's generator; the run's draws stay its own
+        shell, merged = _shell(hf, config, adapter_layers)
+        names = checkpoint_shapes(spec)
+        shell_params = dict(shell.named_parameters(remove_duplicate=False))
+        missing = sorted(set(names) - set(shell_params))
+        if missing:
+            raise ConfigError(
+                f"the live model has no tensors {missing[:5]}; is it a {ARCHITECTURES[spec.architecture]}?"
+            )
+        _warn_if_untied(spec, shell_params)
+        storage = {name: shell_params[name] for name in names}
+        bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
     meta = {"source": f"live {type(hf).__name__}", **(metadata or {})}
     return LiveModel(spec, bridge, storage, tokenizer, meta, merged, _SplitCopies(spec, bridge, storage))
 

@@ -255,13 +255,16 @@ class CapModel:
         dtype: torch.dtype | None = None,
     ) -> CapModel:
         """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend,
-        with weights of ``dtype`` (default float32)."""
+        with weights of ``dtype`` (default float32). Building the modules draws from torch's random
+        generator; its state is put back (a model loaded, cloned or copied in the middle of a run leaves
+        the run's dropout and sampling as they were)."""
         backend = resolve_backend(backend, spec)
-        if backend == "hooked":
-            return cls._hooked_from_state(spec, state, tokenizer, metadata, dtype)
-        if spec.has_hf_equivalent:
-            return cls._bridge_from_hf_state(spec, state, tokenizer, metadata, dtype)
-        return cls._bridge_from_native_state(spec, state, metadata, dtype)
+        with torch.random.fork_rng(devices=[]):
+            if backend == "hooked":
+                return cls._hooked_from_state(spec, state, tokenizer, metadata, dtype)
+            if spec.has_hf_equivalent:
+                return cls._bridge_from_hf_state(spec, state, tokenizer, metadata, dtype)
+            return cls._bridge_from_native_state(spec, state, metadata, dtype)
 
     @classmethod
     def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata, dtype=None) -> CapModel:

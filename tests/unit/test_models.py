@@ -275,6 +275,17 @@ def test_clone_is_independent(small_model):
     assert not torch.equal(twin.weights()["embed.W_E"], small_model.weights()["embed.W_E"])
 
 
+def test_copying_saving_and_loading_a_model_leave_torch_s_generator_as_it_was(small_model, tmp_path):
+    """A model copied in the middle of a run (the recorder's background copy, a checkpoint loaded)
+    must not move the run's dropout masks: building the modules draws from the generator."""
+    folder = save_model(small_model, tmp_path / "m")
+    state = torch.get_rng_state()
+    small_model.clone()
+    load_model(folder, backend=small_model.backend)
+    CapModel.from_state(small_model.spec, small_model.checkpoint_state(), small_model.backend)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_capture_in_chunks_equals_one_pass(small_model):
     tokens = torch.randint(0, small_model.spec.d_vocab, (10, 6))
     whole = small_model.capture(tokens, "blocks.*.hook_resid_post")

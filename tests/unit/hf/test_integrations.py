@@ -70,6 +70,23 @@ def test_a_trainer_run_records_the_store_capwrap_train_writes(gpt2_folder, tmp_p
     assert _layout(store) == _layout(RunStore.open(tmp_path / "capwrap_run"))
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_recording_a_run_with_dropout_leaves_it_as_it_is(gpt2_folder, tmp_path, background):
+    """Dropout draws from torch's generator; wrapping the live model (and the background copy) drew
+    from it too, so a recorded run trained on other masks (final weights 0.055 away)."""
+    data = task_dataset(TASK, 48, seed=0)
+    dropout = dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    finals = []
+    for record in (False, True):
+        model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder, **dropout)
+        callbacks = [RecorderCallback(tmp_path / "run", probe=PROBE.tokens, every=2, background=background)] if record else []
+        transformers.Trainer(model, _arguments(tmp_path / f"trainer{record}"), train_dataset=data,
+                             callbacks=callbacks).train()  # fmt: skip
+        finals.append(model.state_dict())
+    for name, weight in finals[0].items():
+        assert torch.equal(weight, finals[1][name]), name
+
+
 def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_path):
     import peft
 
