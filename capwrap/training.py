@@ -282,8 +282,10 @@ def train(
             recording), as ``recorder=Recorder(model, resume, resume=True)`` does.
         eval_tasks: name -> task, evaluated every ``config.eval_every`` steps and at the end
             (accuracy, reported as ``acc/<name>``).
-        callbacks: called with a :class:`StepInfo` after every step; a callback may add entries to
-            ``info.metrics`` (they go into the history) or raise :class:`StopTraining` to end early.
+        callbacks: called with a :class:`StepInfo` after every step, before the recorder; a callback
+            may add entries to ``info.metrics`` (they go into the history and the store) or raise
+            :class:`StopTraining` to end early (the step it stops at is recorded in full, as a run's
+            last step is).
         description: label of the progress bar.
         device: train there (the model is moved there, in place, and stays); default: where it is.
         dtype: the forward passes' precision: ``"float32"`` (default) or ``"bfloat16"`` (autocast:
@@ -411,15 +413,15 @@ def train(
                 metrics |= {f"acc/{name}": accuracy(model, b) for name, b in eval_batches.items()}
                 model.train()
             info = StepInfo(done, loss.item(), lr, grad_norm, metrics)
-            if recorder is not None:
-                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, arrays=method.arrays(step),
-                              final=done == config.steps, **metrics)  # fmt: skip
             stop = False
             for callback in callbacks:
                 try:
                     callback(info)
                 except StopTraining:
                     stop = True
+            if recorder is not None:  # after the callbacks: a run they stop ends here, recorded in full
+                recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, arrays=method.arrays(step),
+                              final=done == config.steps or stop, **info.metrics)  # fmt: skip
             rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **info.metrics})
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps or stop):
                 save_checkpoint(done, finished=stop or done == config.steps)

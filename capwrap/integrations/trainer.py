@@ -144,6 +144,12 @@ class RecorderCallback(transformers.TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._repeated("epoch_begin", state)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # the Trainer evaluates after this event and may stop there (early stopping), with the model
+        # of this step: the last step of every epoch is recorded in full
+        if self.recorder is not None and self.recorder.is_open and not self._repeated("epoch_end", state):
+            self.recorder.finish()
+
     def on_step_begin(self, args, state, control, **kwargs):
         self._repeated("step_begin", state)
 
@@ -172,7 +178,11 @@ class RecorderCallback(transformers.TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_hooks()
         if self.recorder is not None:
-            self.recorder.close()
+            try:
+                if self.recorder.is_open and not (args.load_best_model_at_end and state.best_model_checkpoint):
+                    self.recorder.finish()  # a run stopped early ends with its last step (not a best model loaded since)
+            finally:
+                self.recorder.close()
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _open(self, model: torch.nn.Module, step: int) -> None:

@@ -34,6 +34,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -251,6 +252,25 @@ class Recorder:
         self.flush()
         self.store.rollback(step)
         self._step = step
+
+    def finish(self) -> None:
+        """Make the last recorded step a full record, if it is not: a run that ends before its planned
+        last step (a Trainer's early stopping) is recorded with the model it ends with. Call it while
+        the model still has the weights that step left. The step keeps its scalars and arrays; its
+        activations and weight changes are measured now; its gradient norms per component are not
+        (the gradients are gone), and the total ``grad_norm`` stays."""
+        if self.store is None:
+            raise StoreError("the recorder is not open; use it as a context manager or call .open() first")
+        self.flush()
+        store, last = self.store, self.store.last_step
+        if last is None or len(store) < 2 or not math.isnan(store.scalars()["weight_delta"].iloc[-1]):
+            return  # nothing recorded after step 0, or the last step is already full
+        scalars = {k: v for k, v in store.scalars().iloc[-1].items() if not math.isnan(v)}
+        arrays = {name: store.array(name)[-1].clone() for name in store.array_names if store.array_steps(name)[-1:] == [last]}
+        store.rollback(store.steps[-2])
+        self._step = store.steps[-1]
+        self.step(final=True, arrays=arrays, **scalars)
+        self.flush()
 
     def close(self) -> None:
         """Wait for pending writes, then close the store.

@@ -11,8 +11,9 @@ from capwrap.errors import ConfigError, HookNameError, StoreError
 from capwrap.models import build_model, load_model, save_model
 from capwrap.models.layouts import canonical_views
 from capwrap.recording import Recorder, RunStore, load_probe, start_weights
+from capwrap.recording.weight_sample import match_steps
 from capwrap.tasks import answer_loss
-from capwrap.training import TrainConfig, train
+from capwrap.training import StopTraining, TrainConfig, train
 
 
 def test_records_what_the_model_computed(small_model, small_task, tmp_path):
@@ -385,3 +386,38 @@ def test_a_new_store_of_a_resumed_run_numbers_on_from_its_first_step(small_model
         Recorder(small_model, tmp_path / "run", resume=True, first_step=2)
     with pytest.raises(ConfigError, match="first_step must be a step count"):
         Recorder(small_model, tmp_path / "other", hooks=(), first_step=-1)
+
+
+def test_a_run_a_callback_stops_ends_its_recording_with_the_model_it_ends_with(small_model, small_task, tmp_path):
+    def stop_at_5(info):
+        if info.step == 5:
+            raise StopTraining
+
+    recorder = Recorder(small_model, tmp_path / "run", probe=small_task.sample(8, seed=0), every=4)
+    result = train(small_model, small_task, TrainConfig(steps=8, batch_size=8, lr=1e-2, progress=False),
+                   recorder=recorder, callbacks=[stop_at_5, lambda info: info.metrics.update(mine=info.step)])  # fmt: skip
+    store = RunStore.open(tmp_path / "run")
+    assert len(result.history) == 5 and store.array_steps("blocks.1.hook_resid_post") == [0, 4, 5]
+    assert store.scalars()["mine"].loc[1:].tolist() == [1, 2, 3, 4, 5]  # a callback's metrics reach the store too
+    assert match_steps(store, small_model.weights().__getitem__).steps == [5]
+
+
+def test_finish_makes_the_last_step_a_full_record_once(small_model, small_task, tmp_path):
+    """A loop of one's own that ends before it planned: finish() measures the model the last step left,
+    keeping that step's scalars and arrays."""
+    batch = small_task.sample(8, seed=1)
+    optimizer = torch.optim.SGD(small_model.parameters(), lr=1e-2)
+    with Recorder(small_model, tmp_path / "run", probe=small_task.sample(8, seed=0), every=4) as rec:
+        for step in range(3):
+            answer_loss(small_model(batch.tokens), batch).backward()
+            optimizer.step()
+            rec.step(loss=float(step), arrays={"mine": torch.full((2,), float(step))})
+            optimizer.zero_grad(set_to_none=True)
+        rec.finish()
+        rec.finish()
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == [0, 1, 2, 3] and store.array_steps("blocks.0.hook_resid_post") == [0, 3]
+    assert store.scalars()["loss"].loc[1:].tolist() == [0.0, 1.0, 2.0]
+    assert store.array("mine")[-1].tolist() == [2.0, 2.0] and store.array_steps("mine") == [1, 2, 3]
+    assert store.array_steps("grad_norm.head") == []  # the gradients were gone
+    assert match_steps(store, small_model.weights().__getitem__).ends_the_run

@@ -14,6 +14,7 @@ from capwrap.analyzers.base import check_store_matches
 from capwrap.errors import CapwrapWarning, StoreError
 from capwrap.integrations import RecorderCallback, task_dataset
 from capwrap.models import load_model
+from capwrap.models.live import wrap_hf_model
 from capwrap.recording import Recorder, RunStore
 from capwrap.recording.weight_sample import match_steps
 from capwrap.tasks import PCFGConfig, PCFGTask
@@ -85,6 +86,30 @@ def test_recording_a_run_with_dropout_leaves_it_as_it_is(gpt2_folder, tmp_path, 
         finals.append(model.state_dict())
     for name, weight in finals[0].items():
         assert torch.equal(weight, finals[1][name]), name
+
+
+class _StopAt(transformers.TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def test_a_trainer_run_stopped_early_ends_its_recording_with_the_model_it_ends_with(gpt2_folder, tmp_path):
+    """A run stopped at step 5 of 8, recorded every 4 steps, has its full records at 0, 4 and 5 (it
+    had them at 0 and 4 only: its analyzers read the model of step 4 as the tuned one)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+    callback = RecorderCallback(tmp_path / "run", probe=PROBE.tokens, every=4)
+    trainer = transformers.Trainer(model, _arguments(tmp_path / "trainer", max_steps=8), callbacks=[callback, _StopAt(5)],
+                                   train_dataset=task_dataset(TASK, 96, seed=0))  # fmt: skip
+    trainer.train()
+    store = RunStore.open(tmp_path / "run")
+    assert store.steps == list(range(6)) and store.array_steps("blocks.1.hook_resid_post") == [0, 4, 5]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert store.scalars()["loss"].loc[1:].tolist() == pytest.approx([e["loss"] for e in logged], rel=1e-4)
+    assert store.scalars()["grad_norm"].loc[5] == pytest.approx(logged[-1]["grad_norm"], rel=1e-4)
+    assert match_steps(store, wrap_hf_model(model).weights().__getitem__).steps == [5]
 
 
 def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_path):
