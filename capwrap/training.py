@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -116,6 +117,11 @@ class TrainConfig:
             raise ConfigError(
                 "step_in_backward updates each weight before the other gradients exist, so the gradient norm "
                 "cannot be clipped: pass grad_clip=None (optimizer='adafactor' clips its updates itself)"
+            )
+        momentum_is_number = isinstance(self.momentum, numbers.Real) and not isinstance(self.momentum, bool)
+        if not momentum_is_number or not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(
+                f"TrainConfig.momentum is SGD's momentum, a number in [0, 1) (0.9 is usual), got {self.momentum!r}"
             )
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"TrainConfig.warmup is a fraction of the steps in [0, 1), got {self.warmup}")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -55,7 +56,7 @@ from capwrap.circuits.circuit import SELECTIONS, Circuit, Selection
 from capwrap.circuits.graph import Graph
 from capwrap.circuits.metrics import Metric, resolve_metric
 from capwrap.circuits.nodes import SELF_ABLATIONS, NodeCapture, check_readable
-from capwrap.errors import ConfigError, whole_number
+from capwrap.errors import CapwrapWarning, ConfigError, whole_number
 from capwrap.methods.base import TrainingMethod
 from capwrap.tasks.base import Task, TaskBatch, task_loss
 
@@ -127,7 +128,9 @@ class CircuitTuning(TrainingMethod):
     """Fine-tuning restricted to the top-``N`` edges of the model's graph, re-found every ``every`` steps.
 
     Args:
-        top_n: edges kept (components with ``select="nodes"``), at the end of the schedule.
+        top_n: edges kept (components with ``select="nodes"``), at the end of the schedule (a run of
+            one step takes it). One that keeps every edge (component) of the graph warns
+            (:class:`~capwrap.errors.CapwrapWarning`): that is full fine-tuning of the graph's parameters.
         top_n_start: ``N`` at the first step (default: ``top_n``, a constant ``N``).
         schedule: how ``N`` goes from ``top_n_start`` to ``top_n`` over the run: ``constant``,
             ``linear`` or ``cosine``.
@@ -216,7 +219,7 @@ class CircuitTuning(TrainingMethod):
         """``N`` at optimizer step ``step`` (0-based) of a run of ``steps``."""
         if self.schedule == "constant" or self.top_n_start == self.top_n:
             return self.top_n
-        t = step / max(1, steps - 1)
+        t = step / (steps - 1) if steps > 1 else 1.0  # a run of one step is its last: it ends at top_n
         shape = t if self.schedule == "linear" else 0.5 * (1 - math.cos(math.pi * t))
         return max(1, round(self.top_n_start + (self.top_n - self.top_n_start) * shape))
 
@@ -237,6 +240,8 @@ class CircuitTuning(TrainingMethod):
         self._steps = config.steps
         self.graph = Graph.from_spec(model.spec)
         check_readable(model, self.graph)
+        if self.max_params is None:
+            self._warn_if_whole_graph()
         weights = model.weights()
         self._cost = [
             [sum(piece.of(weights).numel() for piece in self.graph.node_params(node)) for node in side]
@@ -259,6 +264,22 @@ class CircuitTuning(TrainingMethod):
         self.edges = self.scores = self.ever = self.scored_step = self._previous = None
         self._masks, self._trainable, self._ever_params = {}, 0, 0
         return params
+
+    def _warn_if_whole_graph(self) -> None:
+        """Warn when ``top_n`` keeps every edge (every component with ``select="nodes"``) of the graph."""
+        assert self.graph is not None
+        if self.select == "nodes":
+            size, unit = len([c for c in self.graph.components if c not in ("input", "logits")]), "components"
+        else:
+            size, unit = self.graph.n_edges, "edges"
+        if self.top_n >= size:
+            warnings.warn(
+                f"CircuitTuning(top_n={self.top_n}, select={self.select!r}) keeps all {size} {unit} of this model's "
+                f"graph, so it is full fine-tuning of the graph's parameters (the heads' and MLPs' weights; the embeddings, "
+                f"norms, unembedding and attention output bias stay frozen), not of a subgraph: give top_n < {size}",
+                CapwrapWarning,
+                stacklevel=4,  # the caller of train()
+            )
 
     def optimizer(self, params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
         optimizer = super().optimizer(params, config)

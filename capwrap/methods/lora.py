@@ -55,15 +55,19 @@ class LoRA(TrainingMethod):
     Args:
         r: the adapter's rank.
         alpha: ``lora_alpha``; the change is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
-        target: which modules get an adapter, by their Hugging Face names (``["c_attn"]`` for GPT-2,
-            ``["q_proj", "v_proj"]`` for Llama, ``"all-linear"``); ``None``: peft's default for the
+        target: which modules get an adapter: a list of their Hugging Face names (``["c_attn"]`` for
+            GPT-2, ``["q_proj", "v_proj"]`` for Llama), ``"all-linear"``, or, as in peft, a string
+            that is a regular expression matched against each module's full name
+            (``".*(c_attn|c_fc)"``; ``"c_attn"`` alone matches no module:
+            ``transformer.h.0.attn.c_attn`` is a full name); ``None``: peft's default for the
             architecture (GPT-2: ``c_attn``; Llama: ``q_proj``, ``v_proj``).
         dropout: dropout on the adapter's input during training.
         rslora: rank-stabilized scaling.
 
     Raises:
         ConfigError: peft is not installed (``pip install 'capwrap[hf]'``), the model has no Hugging
-            Face form (tracr), or ``target`` names no module of the model.
+            Face form (tracr), or ``target`` names no module of the model (a string that matches no
+            full module name: the error suggests the list form).
     """
 
     name: ClassVar[str] = "lora"
@@ -100,12 +104,23 @@ class LoRA(TrainingMethod):
             config = peft.LoraConfig(target_modules=self.target, task_type="CAUSAL_LM", **options)
             self._peft = peft.get_peft_model(shell, config)
         except ValueError as exc:
-            names = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in shell.named_modules() if isinstance(m, _adaptable_types())}
-            )
+            full = [n for n, m in shell.named_modules() if isinstance(m, _adaptable_types())]
+            names = sorted({n.rsplit(".", 1)[-1] for n in full})
+            regex = ""
+            if isinstance(self.target, str) and full:  # peft: a string is a regular expression over full names
+                named = [n for n in full if n.rsplit(".", 1)[-1] == self.target]
+                fix = (
+                    f"to adapt the layers named {self.target!r}, give a list: target=[{self.target!r}]"
+                    if named
+                    else f"give a list of layer names, e.g. target=[{names[0]!r}]"
+                )
+                regex = (
+                    ". A string target is a regular expression that peft matches against each module's full name "
+                    f"({(named or full)[0]!r}), not a layer's name: {fix}"
+                )
             raise ConfigError(
                 f"LoRA target {self.target!r} does not fit this {model.spec.architecture} model ({exc}); "
-                f"its layers are {names}"
+                f"its layers are {names}{regex}"
             ) from exc
         adapted = [f"{name}.weight" for name in self._layers()]
         if tied := tied_change(model.spec, adapted):

@@ -8,6 +8,13 @@ optionally with a *retain* task whose ordinary loss keeps the rest of the model 
   likelihood below a frozen copy of the starting model's, with a loss that saturates instead of
   diverging: ``(2/β)·softplus(β·(log π_θ(y|x) − log π_ref(y|x))) + λ·L(retain)``.
 
+Each step logs ``method/forget_loss``, the forget term (``-L(forget)``, the negated cross-entropy,
+for gradient ascent; the NPO term for NPO) and, with a retain task of nonzero weight,
+``method/retain_loss``, the retain task's ordinary loss ``L(retain)`` (with ``retain_weight=0`` it is
+not computed, so not logged). The history's ``loss`` is the combined objective the step minimizes,
+forget term plus ``retain_weight`` times the retain loss: for gradient ascent negative whenever the
+forget task's loss exceeds the weighted retain loss (without a retain task, always).
+
 Whether they delete the capability or hide it is exactly what :func:`capwrap.diagnose` asks.
 
 Examples:
@@ -24,6 +31,8 @@ Examples:
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -46,8 +55,12 @@ class _Unlearning(TrainingMethod):
     """Shared parts: the retain task, its weight, and the per-step losses it logs."""
 
     def __init__(self, retain: Task | None = None, retain_weight: float = 1.0):
-        if retain_weight < 0:
-            raise ConfigError(f"retain_weight must not be negative, got {retain_weight}")
+        number = isinstance(retain_weight, numbers.Real) and not isinstance(retain_weight, bool)
+        if not number or not math.isfinite(retain_weight) or retain_weight < 0:
+            raise ConfigError(
+                f"{type(self).__name__}'s retain_weight (the retain loss's weight) must be a finite number >= 0, "
+                f"got {retain_weight!r}: give e.g. retain_weight=1.0, or 0 to train on the forget task alone"
+            )
         self.retain = retain
         self.retain_weight = float(retain_weight)
         self._logged: dict[str, float] = {}
@@ -67,7 +80,7 @@ class _Unlearning(TrainingMethod):
     def _combine(self, forget: Tensor, model: CapModel, step: int) -> Tensor:
         retain = self._retain_loss(model, step)
         self._logged = {"method/forget_loss": float(forget.detach())}
-        if self.retain is not None:
+        if self.retain is not None and self.retain_weight != 0:  # (weight 0: not computed, so not logged)
             self._logged["method/retain_loss"] = float(retain.detach())
         return forget + self.retain_weight * retain
 
@@ -88,6 +101,10 @@ class GradientAscent(_Unlearning):
 
     The forget term is unbounded, so runs are short (the unlearning literature stops after a few
     hundred steps) and gradient clipping stays on.
+
+    Args:
+        retain: a task whose ordinary loss is added (``None``: forget only).
+        retain_weight: the retain loss's weight, a finite number >= 0.
     """
 
     name: ClassVar[str] = "gradient_ascent"
@@ -104,7 +121,7 @@ class NPO(_Unlearning):
         beta: inverse temperature; small ``beta`` approaches gradient ascent, large ``beta``
             saturates sooner.
         retain: a task whose ordinary loss is added (``None``: forget only).
-        retain_weight: the retain loss's weight.
+        retain_weight: the retain loss's weight, a finite number >= 0.
     """
 
     name: ClassVar[str] = "npo"

@@ -23,7 +23,7 @@ from capwrap.cli import main
 from capwrap.diagnosis import diagnose
 from capwrap.diagnosis.rule import VerdictRule, default_rule
 from capwrap.errors import CheckpointError, ConfigError, HookNameError, StoreError
-from capwrap.methods import FineTune
+from capwrap.methods import FineTune, GradientAscent
 from capwrap.models import ModelSpec, available_backends, build_model, load_model, save_model
 from capwrap.recording import Recorder, RunStore
 from capwrap.tasks import Feature, PCFGConfig, PCFGTask, TaskBatch, load_texts, task_from_spec
@@ -330,6 +330,8 @@ CASES = [
         lambda e: train(e.model_with_nan_row(), TASK, TrainConfig(steps=1, progress=False)),
     ),  # fmt: skip
     Case("train-bad-lr", ConfigError, "lr must be a positive", lambda e: TrainConfig(lr=0)),
+    Case("train-momentum-out-of-range", ConfigError, r"TrainConfig\.momentum is SGD's momentum, a number in \[0, 1\)",
+         lambda e: TrainConfig(optimizer="sgd", momentum=1.5)),
     Case(
         "train-config-a-dict",
         ConfigError,
@@ -342,6 +344,8 @@ CASES = [
         "TrainingMethod",
         lambda e: train(e.model, TASK, TrainConfig(steps=1, progress=False), method="npo"),
     ),  # fmt: skip
+    Case("train-retain-weight-nan", ConfigError, r"GradientAscent's retain_weight .* must be a finite number >= 0",
+         lambda e: GradientAscent(retain_weight=float("nan"))),
     Case(
         "train-recorder-of-another-model",
         ConfigError,

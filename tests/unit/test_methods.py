@@ -82,3 +82,25 @@ def test_bad_methods_are_refused(small_model, small_task):
     with pytest.raises(ConfigError, match="retain_weight"):
         GradientAscent(retain_weight=-1)
     assert isinstance(FineTune(), TrainingMethod)
+
+
+@pytest.mark.parametrize("method", [GradientAscent, NPO])
+def test_a_retain_task_of_weight_zero_logs_no_retain_loss(method, small_spec, small_task):
+    """With ``retain_weight=0`` the retain loss is never computed: it used to be logged as 0.0 every
+    step, which reads as perfect retention."""
+    retain = PCFGTask("index", "a", config=small_task.config)
+    cfg = TrainConfig(steps=2, batch_size=8, progress=False)
+    unweighted = method(retain=retain, retain_weight=0)
+    history = train(build_model(small_spec, seed=0), small_task, cfg, method=unweighted).history
+    assert "method/retain_loss" not in history.columns and "method/forget_loss" in history.columns
+    weighted = train(build_model(small_spec, seed=0), small_task, cfg, method=method(retain=retain, retain_weight=0.5))
+    assert (weighted.history["method/retain_loss"] > 0).all()  # computed and logged when it counts
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1.0, "1", True])
+@pytest.mark.parametrize("method", [GradientAscent, NPO])
+def test_retain_weight_must_be_a_finite_number_at_least_zero(method, weight):
+    """NaN passed the ``< 0`` check and the run failed at step 1 with advice to lower the learning rate."""
+    with pytest.raises(ConfigError, match=rf"{method.__name__}'s retain_weight .* must be a finite number >= 0"):
+        method(retain_weight=weight)
+    assert method(retain_weight=0).retain_weight == 0.0

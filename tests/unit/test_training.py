@@ -97,6 +97,12 @@ def test_non_finite_loss_stops_with_the_step_and_a_consistent_store(small_model,
         ({"optimizer": "adam"}, "optimizer must be one of"),
         ({"warmup": 1.0}, "warmup"),
         ({"grad_clip": 0.0}, "grad_clip"),
+        # momentum was never checked: -1 was torch's bare ValueError once training started, 1.5 trained silently
+        ({"momentum": -1.0, "optimizer": "sgd"}, r"TrainConfig.momentum .* in \[0, 1\)"),
+        ({"momentum": 1.5, "optimizer": "sgd"}, r"TrainConfig.momentum .* in \[0, 1\)"),
+        ({"momentum": 1.0}, r"TrainConfig.momentum .* in \[0, 1\)"),
+        ({"momentum": float("nan")}, r"TrainConfig.momentum .* in \[0, 1\)"),
+        ({"momentum": "0.9"}, r"TrainConfig.momentum .* in \[0, 1\)"),
     ],
 )
 def test_bad_train_config(kwargs, match):
@@ -125,3 +131,8 @@ def test_a_configs_identity_keeps_keys_made_before_later_fields():
     assert TrainConfig(recompute_activations=True).identity() == TrainConfig().identity()
     low = TrainConfig().low_memory().identity()
     assert low["step_in_backward"] is True and low["optimizer"] == "adafactor" and "recompute_activations" not in low
+
+
+def test_momentum_in_range_is_taken():
+    assert TrainConfig(optimizer="sgd", momentum=0.0).momentum == 0.0
+    assert TrainConfig(optimizer="sgd", momentum=0.99).momentum == 0.99

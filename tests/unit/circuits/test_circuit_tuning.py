@@ -9,7 +9,7 @@ import torch
 from capwrap import CircuitTuning, Recorder, RunStore, TrainConfig, train
 from capwrap.circuits import Graph, attribute
 from capwrap.circuits.metrics import answer_logodds, answer_logprob, negative_loss
-from capwrap.errors import ConfigError
+from capwrap.errors import CapwrapWarning, ConfigError
 from capwrap.methods.circuit_tuning import parameter_masks
 from capwrap.models import CapModel
 from capwrap.training import StepInfo
@@ -86,7 +86,8 @@ def test_with_every_edge_kept_every_nodes_weight_trains_and_is_counted_once(arch
     graph = Graph.from_spec(model.spec)
     before = _weights(model)
     config = TrainConfig(steps=1, batch_size=8, lr=1e-2, warmup=0.0, progress=False)
-    result = train(model, tiny_task, config, method=CircuitTuning(top_n=graph.n_edges))
+    with pytest.warns(CapwrapWarning, match="is full fine-tuning of the graph.s parameters"):
+        result = train(model, tiny_task, config, method=CircuitTuning(top_n=graph.n_edges))
     owned = {piece.param for node in (*graph.upstream, *graph.downstream) for piece in graph.node_params(node)}
     for name in sorted(owned):
         if name in before:
@@ -300,3 +301,37 @@ def test_the_steps_each_element_took_survive_a_checkpoint_of_a_bfloat16_model(ti
     again.load_state_dict(saved)
     loaded = again.state[param]["capwrap_element_steps"]
     assert loaded.dtype == torch.float32 and torch.equal(loaded, counts) and float(loaded.max()) == 301
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_one_step_run_ends_at_top_n(schedule, tiny, tiny_task):
+    """The schedule's position was 0 when ``steps - 1 == 0``: a one-step run kept ``top_n_start``
+    edges, where the docs promise a run ends at ``top_n``."""
+    method = CircuitTuning(top_n=3, top_n_start=20, schedule=schedule)
+    assert method.top_n_at(0, 1) == 3
+    assert method.top_n_at(0, 5) == 20 and method.top_n_at(4, 5) == 3
+    config = TrainConfig(steps=1, batch_size=8, progress=False)
+    result = train(tiny("gpt2", "bridge"), tiny_task, config, method=method)
+    assert result.history["method/top_n"].tolist() == [3.0] and result.history["method/edges"].tolist() == [3.0]
+
+
+def test_a_top_n_that_keeps_the_whole_graph_warns(tiny, tiny_task):
+    """A ``top_n`` past the graph's edges (components with ``select="nodes"``) silently kept every edge."""
+    from capwrap.errors import CapwrapWarning
+
+    config = TrainConfig(steps=1, batch_size=8, progress=False)
+    graph = Graph.from_spec(tiny("gpt2", "bridge").spec)
+    n_components = len([c for c in graph.components if c not in ("input", "logits")])
+    for method, size in [(CircuitTuning(top_n=100_000), graph.n_edges),
+                         (CircuitTuning(top_n=n_components, select="nodes"), n_components)]:  # fmt: skip
+        with pytest.warns(CapwrapWarning, match=rf"keeps all {size} .* full fine-tuning of the graph's parameters"):
+            result = train(tiny("gpt2", "bridge"), tiny_task, config, method=method)
+        assert result.history["method/edges"].iloc[-1] == graph.n_edges
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapwrapWarning)
+        train(tiny("gpt2", "bridge"), tiny_task, config, method=CircuitTuning(top_n=graph.n_edges - 1))
+        train(tiny("gpt2", "bridge"), tiny_task, config, method=CircuitTuning(top_n=n_components - 1, select="nodes"))
+        # a parameter budget decides what trains: no warning (the budget benchmark asks for every edge)
+        train(tiny("gpt2", "bridge"), tiny_task, config, method=CircuitTuning(top_n=100_000, max_params=600))

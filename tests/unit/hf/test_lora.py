@@ -96,3 +96,21 @@ def test_lora_bad_settings(tmp_path):
     assert LoRA(r=4, target="all-linear").describe() == {
         "method": "lora", "r": 4, "alpha": 16.0, "target": "all-linear", "dropout": 0.0, "rslora": False,
     }  # fmt: skip
+
+
+def test_a_string_target_is_peft_s_regular_expression_and_the_error_says_so(tmp_path):
+    """peft matches a string against full module names (``transformer.h.0.attn.c_attn``): ``"c_attn"``
+    matched none, and the error listed ``c_attn`` among the model's layers without saying why."""
+    model = _base("gpt2", None, tmp_path)
+    with pytest.raises(ConfigError, match=r"a regular expression that peft matches against each module's full name "
+                                          r"\('transformer\.h\.0\.attn\.c_attn'\).*give a list: target=\['c_attn'\]"):  # fmt: skip
+        train(model, TASK, CONFIG, method=LoRA(target="c_attn"))
+    with pytest.raises(ConfigError, match=r"regular expression .* a list of layer names, e\.g\. target=\['c_attn'\]"):
+        train(model, TASK, CONFIG, method=LoRA(target="attention"))
+    one_step = TrainConfig(steps=1, batch_size=4, progress=False)
+    lora = LoRA(r=2, target=r".*\.(c_attn|c_fc)")  # a regular expression still works, as "all-linear" does
+    train(model, TASK, one_step, method=lora)
+    assert sorted({name.rsplit(".", 1)[-1] for name in lora._layers()}) == ["c_attn", "c_fc"]
+    everything = LoRA(r=2, target="all-linear")
+    train(model, TASK, one_step, method=everything)
+    assert {"c_attn", "c_fc", "c_proj"} <= {name.rsplit(".", 1)[-1] for name in everything._layers()}
