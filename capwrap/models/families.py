@@ -333,7 +333,9 @@ FAMILIES: dict[str, Family] = {
             "LlamaForCausalLM",
             _LLAMA_FEATURES,
             _LLAMA_TENSORS,
-            _GQA | {"d_head", "attention_bias", "mlp_bias", "act"},
+            # no mlp_bias: a gate's bias is a term capwrap's blocks (and TransformerLens 3's GatedMLP, which
+            # adds b_in after the gate's product) do not compute; such checkpoints run on the bridge
+            _GQA | {"d_head", "attention_bias", "act"},
             lambda s: {**_llama_like(s), "attention_bias": s.features.qkv_bias, "mlp_bias": s.features.mlp_bias},
         ),
         Family(
