@@ -30,6 +30,7 @@ Examples:
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,16 +54,23 @@ _PRUNE_HIGHEST = {"grad_x_weight": True, "magnitude": False, "wanda": False}
 _WEIGHT_PARAMS = ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in", "mlp.W_gate", "mlp.W_out")
 
 
+def _input_sites(model: CapModel) -> dict[str, str]:
+    """Where each weight's input is read, by hook pattern: the normalized residual stream (the raw one
+    in a model without normalization, as compiled Tracr programs; the block's input for a parallel MLP),
+    the MLP's hidden activations and the heads' outputs."""
+    f = model.spec.features
+    if f.has_norm:
+        attn_in, mlp_in = "blocks.*.ln1.hook_normalized", "blocks.*.ln2.hook_normalized"
+    else:
+        attn_in, mlp_in = "blocks.*.hook_resid_pre", "blocks.*.hook_resid_pre" if f.parallel else "blocks.*.hook_resid_mid"
+    return {"attn.in": attn_in, "mlp.in": mlp_in, "mlp.post": "blocks.*.mlp.hook_post", "attn.z": "blocks.*.attn.hook_z"}
+
+
 def _input_norms(model: CapModel, tokens: Tensor) -> dict[str, Tensor]:
-    """‖X‖ over all positions of each weight's input, per input dimension (for Wanda)."""
-    hooks = model.resolve_hooks(
-        [
-            "blocks.*.ln1.hook_normalized",
-            "blocks.*.ln2.hook_normalized",
-            "blocks.*.mlp.hook_post",
-            "blocks.*.attn.hook_z",
-        ]
-    )
+    """‖X‖ over all positions of each weight's input, per input dimension (for Wanda), by
+    ``blocks.{layer}.{site}`` (sites of :func:`_input_sites`)."""
+    sites = _input_sites(model)
+    hooks = model.resolve_hooks(list(dict.fromkeys(sites.values())))
 
     def squares(name: str, act: Tensor, rows: slice) -> Tensor:  # each pass keeps its sums of squares
         return torch.linalg.vector_norm(act.float(), dim=(0, 1)).double().square().unsqueeze(0)
@@ -71,15 +79,9 @@ def _input_norms(model: CapModel, tokens: Tensor) -> dict[str, Tensor]:
     norms: dict[str, Tensor] = {}
     for name, per_pass in sums.items():
         layer = name.split(".")[1]
-        norm = per_pass.sum(0).sqrt().float()
-        if name.endswith("ln1.hook_normalized"):
-            norms[f"blocks.{layer}.attn.in"] = norm  # [d_model]
-        elif name.endswith("ln2.hook_normalized"):
-            norms[f"blocks.{layer}.mlp.in"] = norm
-        elif name.endswith("mlp.hook_post"):
-            norms[f"blocks.{layer}.mlp.post"] = norm  # [d_mlp]
-        else:
-            norms[f"blocks.{layer}.attn.z"] = norm  # [head, d_head]
+        for site, pattern in sites.items():  # a raw residual stream may be the input of both sites
+            if fnmatch.fnmatchcase(name, pattern):
+                norms[f"blocks.{layer}.{site}"] = per_pass.sum(0).sqrt().float()  # [d_model], [d_mlp], [head, d_head]
     return norms
 
 
@@ -178,7 +180,11 @@ def unit_gradient_scores(model: CapModel, batch: TaskBatch, granularity: Literal
     precision (checked on every architecture capwrap supports, on both backends).
     """
     comps = model.components.select(granularity)
-    table = _UNIT_HOOKS | (_GATED_UNIT_HOOKS if model.spec.features.gated else {})
+    if not comps:  # no such units (a mixture of experts has no neurons capwrap names)
+        return {}
+    # gated or not as the weights are (a model no family describes has its features guessed from its config)
+    gated = any(sl.param.endswith("mlp.W_gate") for comp in comps for sl in comp.slices)
+    table = _UNIT_HOOKS | (_GATED_UNIT_HOOKS if gated else {})
     per_comp: list[tuple[str, int, int, list[str]]] = []  # name, layer, index, hooks
     for comp in comps:
         params = {sl.param.split(".", 2)[2] for sl in comp.slices}
@@ -289,6 +295,10 @@ class Pruning(Analyzer):
         pair, capability = context.pair, context.capability
         scores = unit_scores(pair.tuned, capability, self.method, self.granularity, self.score_size,
                              context.seed_for(self.name, "scores"))  # fmt: skip
+        if scores.empty:  # not applicable: the value defaults to NaN
+            return Evidence(self.name, {}, pd.DataFrame(), summary=(
+                f"the model has no {self.granularity} units capwrap names (a mixture of experts' MLPs have no "
+                "neurons in its component map): nothing to prune; use granularity='head' or 'weight'"))  # fmt: skip
         too_big = [k for k in self.ks if k > len(scores)]
         if too_big:
             raise ConfigError(

@@ -320,6 +320,45 @@ def test_capwrap_info_on_a_model_without_a_family_claims_no_blocks(tmp_path, cap
     assert "no biases" not in out and "hooks engine only" in out
 
 
+_GENERIC = {  # architectures the bridge runs without a capwrap family, whose guessed features were wrong
+    "mixtral": lambda v: transformers.MixtralConfig(vocab_size=v, hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    num_local_experts=2, num_experts_per_tok=1),
+    "cohere": lambda v: transformers.CohereConfig(vocab_size=v, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=4, pad_token_id=0,
+                                                  bos_token_id=1, eos_token_id=2),
+    "arcee": lambda v: transformers.ArceeConfig(vocab_size=v, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=4),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(_GENERIC))
+def test_pruning_scores_the_units_the_weights_have(family):
+    """Pruning chose its hooks by the features capwrap guesses for a model no family describes (an
+    RMSNorm model gated, a LayerNorm one not): Cohere's gated MLP under LayerNorm and Arcee's plain
+    one under RMSNorm failed with KeyErrors, and a mixture of experts, with no neurons in the component
+    map, with autograd's "inputs argument to grad() cannot be empty", stopping the whole diagnosis."""
+    from capwrap.analyzers import ModelPair, Pruning
+    from capwrap.analyzers.pruning import _accumulate_gradients, unit_gradient_scores
+    from capwrap.models import ModelSpec, build_model
+    from capwrap.tasks import PCFGConfig, PCFGTask
+
+    task = PCFGTask(family="count", operand="a", config=PCFGConfig(length=8, window=4, occurrence=2))
+    model = build_model(ModelSpec.from_hf_config(_GENERIC[family](task.d_vocab)), seed=0)
+    batch = task.sample(8, seed=0)
+    neurons = model.components.select("neuron")
+    if not neurons:
+        ev = Pruning(ks=(0, 1), score_size=8)(ModelPair(model, model.clone()), task, task, eval_size=8)
+        assert not ev.applicable and "has no neuron units" in ev.summary
+        return
+    scores = unit_gradient_scores(model, batch, "neuron")
+    _accumulate_gradients(model, batch)
+    grads, weights = model.gradients(), model.weights()
+    for comp in neurons[:: len(neurons) // 7]:
+        expected = sum(float(sl.of({sl.param: grads[sl.param] * weights[sl.param].detach()}).sum()) for sl in comp.slices)
+        assert scores[comp.name] == pytest.approx(expected, rel=1e-4, abs=1e-7), comp.name
+
+
 def _every_analyzer_on_a_tiny_budget() -> list:
     """Every analyzer with samples and budgets that fit a unit test on a 2-layer model."""
     from capwrap.analyzers import AttentionComparison, Patching, Probing, Pruning, Revival, Subgraph, WeightDiff

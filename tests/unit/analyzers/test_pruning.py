@@ -124,3 +124,25 @@ def test_pruning_single_weights_of_a_compiled_model():
     changed = sum(int((model.weights()[k] != v).sum()) for k, v in before.items())
     assert changed == sum(float(before[u[:-1].split("[")[0]].flatten()[int(u[:-1].split("[")[1])]) != 0
                           for u in scores["unit"].iloc[:3])  # fmt: skip
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_wanda_scales_a_model_without_normalization_by_its_raw_residual_stream(granularity):
+    """A compiled Tracr model has no normalization: Wanda looked for ``ln1.hook_normalized`` and
+    stopped with a HookNameError (the error Pruning gives for Tracr models recommends
+    granularity='weight'). Its attention reads the residual stream before the block, its MLP the one
+    between attention and MLP."""
+    from capwrap.tasks.spec import task_from_spec
+    from capwrap.validation.bases import load_base
+
+    model = load_base("tracr-counter")
+    task = task_from_spec("tracr=counter,operand=a", model=model)
+    scores = unit_scores(model, task, "wanda", granularity, n=32, seed=0).set_index("unit")["score"]
+    tokens = task.sample(32, seed=0).tokens
+    acts = model.capture(tokens, ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid"])
+    mid = torch.linalg.vector_norm(acts["blocks.0.hook_resid_mid"].float(), dim=(0, 1))
+    w_in = model.weights()["blocks.0.mlp.W_in"].detach().abs()  # [d_model, d_mlp]
+    if granularity == "weight":
+        assert scores["blocks.0.mlp.W_in[0]"] == pytest.approx(float(w_in[0, 0] * mid[0]), rel=1e-5)
+    else:
+        assert len(scores) == model.spec.d_mlp and scores.notna().all()
