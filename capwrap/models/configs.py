@@ -51,7 +51,13 @@ class ConfigReading:
 def _get(config: Any, *names: str, default: Any = None) -> Any:
     """The first of ``names`` the config has (and is not ``None``)."""
     for name in names:
-        value = getattr(config, name, None)
+        try:
+            value = getattr(config, name, None)
+        except Exception as exc:  # noqa: BLE001 - transformers raises for a value set per layer (Gemma-4's head_dim)
+            raise ConfigError(
+                f"the {getattr(config, 'model_type', '?')} config's {name} cannot be read as one value "
+                f"({type(exc).__name__}: {exc}); capwrap reads models whose layers share their sizes"
+            ) from None
         if value is not None:
             return value
     return default

@@ -271,7 +271,14 @@ class CapModel:
         hf = _hf_model(spec, state)
         hf.to(dtype=dtype or torch.float32)  # before bridging: the bridge reads some weights through views
         storage = dict(hf.named_parameters())  # before bridging renames the modules
-        bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
+        # a config capwrap does not model runs on TransformerLens's adapter alone: checked against transformers
+        check = _ForwardCheck(spec, hf) if spec.hf_config else None
+        try:
+            bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
+        except Exception as exc:  # noqa: BLE001 - an adapter's own failure, said with what to do
+            raise _bridge_error(spec, f"fails to wrap it ({type(exc).__name__}: {exc})") from exc
+        if check is not None:
+            check(bridge)
         storage, layout = bridge_storage(spec, bridge, storage)
         return cls(spec, "bridge", bridge, storage, layout, tokenizer, metadata)
 
@@ -757,6 +764,49 @@ def _bridge_architecture(spec: ModelSpec) -> str:
             "upgrade transformer-lens, or use a checkpoint of a family capwrap knows"
         )
     return name
+
+
+def _bridge_error(spec: ModelSpec, what: str) -> ConfigError:
+    """TransformerLens's adapter cannot run a checkpoint capwrap does not model itself: why, and what to do."""
+    import transformers
+
+    versions = f"TransformerLens {'.'.join(map(str, tl_version()))} with transformers {transformers.__version__}"
+    return ConfigError(
+        f"{versions}: its {_bridge_architecture(spec)} adapter {what}, so capwrap cannot analyze this "
+        f"{spec.architecture} checkpoint, whose configuration capwrap does not compute itself "
+        f"({'; '.join(spec.unsupported) or 'no capwrap family'}); the other TransformerLens line "
+        "(3.9 or 4.x) may run it"
+    )
+
+
+class _ForwardCheck:
+    """The logits ``transformers`` computes for a few tokens, kept before bridging, to compare with the
+    bridge's: an adapter that computes another model (TransformerLens 3.9's Cohere: 0.19 off where logits
+    reach 0.25) or fails on its first pass (CodeGen under transformers 5) is refused at load."""
+
+    #: Of the largest logit, by the weights' dtype: reordered float32 sums stay near 1e-6.
+    TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+    def __init__(self, spec: ModelSpec, hf: nn.Module):
+        self.spec = spec
+        self.tolerance = self.TOLERANCE.get(next(hf.parameters()).dtype, 5e-2)
+        n = max(1, min(8, spec.n_ctx))
+        self.tokens = (torch.arange(n) * 7 + 3).remainder(spec.d_vocab)[None]
+        with torch.no_grad():
+            self.expected = hf(self.tokens).logits.float()
+
+    def __call__(self, bridge: nn.Module) -> None:
+        try:
+            with torch.no_grad():
+                logits = bridge(self.tokens).float()
+        except Exception as exc:  # noqa: BLE001 - an adapter's own failure, said with what to do
+            raise _bridge_error(self.spec, f"fails on its first forward pass ({type(exc).__name__}: {exc})") from exc
+        off = float((logits - self.expected).abs().max())
+        scale = float(self.expected.abs().max()) or 1.0
+        if not off <= self.tolerance * max(scale, 1.0):
+            raise _bridge_error(
+                self.spec, f"computes other logits than transformers does (up to {off:.3g} apart where they reach {scale:.3g})"
+            )
 
 
 def _build_bridge(module: nn.Module, architecture: str, **config: Any) -> nn.Module:
