@@ -5,12 +5,13 @@ Compares the raw (unprocessed: no layer-norm folding) canonical weights of the p
 
 * per-component change, absolute ``‖ΔW‖`` and relative ``‖ΔW‖ / ‖W_base‖``, for heads, neurons,
   attention and MLP layers, embeddings;
-* concentration: the share of the total squared change held by the top 1% / 10% of units (heads and
-  neurons; an even spread gives 1% / 10%);
+* concentration: the share of the units' (heads', neurons') squared change held by the most-changed
+  units (per weight) that make up 1% / 10% of their weights (an even spread gives 1% / 10%; ranked by
+  their whole change, in which a head outweighs a neuron a hundredfold, it gave 34% / 41%);
 * the effective rank (exp of the entropy of the normalized singular values) of each weight matrix's
   change: a wrapper tends to be low-rank;
-* grafting: the base model with only the top-k% most-changed units copied from the tuned model,
-  and the share of the downstream accuracy gain they carry;
+* grafting: the base model with only the most-changed units making up k% of the units' weights
+  copied from the tuned model, and the share of the downstream accuracy gain they carry;
 * with a :class:`~capwrap.recording.RunStore`: when each unit moved (the step at which it reached
   half its final change).
 
@@ -143,11 +144,14 @@ def accumulate_changes(
     tied = {"unembed.W_U"} if spec.tie_embeddings else set()
     change_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     norm_sq = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
+    sizes = {k: torch.zeros(len(cmap.select(k)), dtype=torch.float64) for k in present}
     rank_frames, total_sq, base_sq = [], 0.0, 0.0
     for wb, delta in groups:
+        ones = {n: torch.ones_like(w, dtype=torch.float32) for n, w in wb.items()}  # squared norms of ones: sizes
         for kind in present:
             change_sq[kind] += cmap.sq_norms(delta, kind, partial=True)
             norm_sq[kind] += cmap.sq_norms(wb, kind, partial=True)
+            sizes[kind] += cmap.sq_norms(ones, kind, partial=True)
         total_sq += sum(float(d.float().square().sum()) for n, d in delta.items() if n not in tied)
         base_sq += sum(float(w.detach().float().square().sum()) for n, w in wb.items() if n not in tied)
         once = {n: d for n, d in delta.items() if n not in tied}
@@ -155,10 +159,12 @@ def accumulate_changes(
             rank_frames.append(frame)  # (empty frames would make the columns' dtype object)
     rows = []
     for kind in present:
-        for comp, c2, n2 in zip(cmap.select(kind), change_sq[kind].tolist(), norm_sq[kind].tolist(), strict=True):
+        per = zip(cmap.select(kind), change_sq[kind].tolist(), norm_sq[kind].tolist(), sizes[kind].tolist(), strict=True)
+        for comp, c2, n2, size in per:
             c, n = math.sqrt(c2), math.sqrt(n2)
-            rows.append((comp.name, kind, comp.layer, comp.index, c, c / n if n > 0 else math.nan))
-    table = pd.DataFrame(rows, columns=["component", "kind", "layer", "index", "change", "relative_change"])
+            rows.append((comp.name, kind, comp.layer, comp.index, c, c / n if n > 0 else math.nan, int(size)))
+    columns = ["component", "kind", "layer", "index", "change", "relative_change", "weights"]
+    table = pd.DataFrame(rows, columns=columns)
     ranks = pd.concat(rank_frames, ignore_index=True) if rank_frames else change_ranks({})
     return Changes(table.sort_values("change", ascending=False, ignore_index=True), ranks, total_sq, base_sq)
 
@@ -193,15 +199,13 @@ def _layer_changes(pair: ModelPair) -> Iterator[GroupChange]:
 def change_summary(table: pd.DataFrame, ranks: pd.DataFrame, total_sq: float) -> dict[str, float]:
     """Headline numbers of a change table (:func:`weight_change_table`) and its matrices' ranks
     (:func:`change_ranks`): the total change (from ``total_sq``, the summed squared change of every
-    weight), the share of the units' (heads', neurons') squared change held by the top 1% and 10%
-    of them, and the median effective rank of the matrices' change relative to the largest possible."""
-    units = table[table["kind"].isin(_UNIT_KINDS)].sort_values("change", ascending=False)
-    sq = units["change"].to_numpy() ** 2
-    total = sq.sum()
+    weight), the share of the units' (heads', neurons') squared change held by the most-changed units
+    making up 1% and 10% of their weights (:func:`most_changed`), and the median effective rank of the matrices' change relative to the largest possible."""
+    units = table[table["kind"].isin(_UNIT_KINDS)]
+    total = float((units["change"] ** 2).sum())
 
     def share(fraction: float) -> float:
-        k = max(1, math.ceil(fraction * len(units)))
-        return float(sq[:k].sum() / total) if total > 0 else math.nan
+        return float((most_changed(units, fraction)["change"] ** 2).sum() / total) if total > 0 else math.nan
 
     ratio = (ranks["effective_rank"] / ranks["max_rank"]).median() if len(ranks) else math.nan
     return {
@@ -210,6 +214,16 @@ def change_summary(table: pd.DataFrame, ranks: pd.DataFrame, total_sq: float) ->
         "top10pct_share": share(0.10),
         "median_effective_rank_ratio": float(ratio),
     }
+
+
+def most_changed(units: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """The most-changed units of a change table that hold ``fraction`` of the units' weights (at least
+    one unit), most changed per weight first (root mean square change, ``change / sqrt(weights)``): a
+    head holds many times a neuron's weights, so units ranked by their whole change put every head
+    first, and an even spread of the change gave the "top 10% of units" 41% of it; here it gives 10%."""
+    order = units.assign(_rms=units["change"] / np.sqrt(units["weights"])).sort_values("_rms", ascending=False)
+    before = order["weights"].cumsum().shift(fill_value=0)  # the weights of the units ranked above each
+    return order[(before < fraction * order["weights"].sum()) | (before == 0)].drop(columns="_rms")
 
 
 def graft(base: CapModel, tuned: CapModel, components: Sequence[str], into: CapModel | None = None) -> CapModel:
@@ -308,13 +322,13 @@ class WeightDiff(Analyzer):
             )
             headline[f"graft_{key}_carried"] = row.carried
         if store is not None and "t50_step" in table:
-            top = table[table["kind"].isin(_UNIT_KINDS)].head(max(1, len(units) // 10))
+            top = most_changed(table[table["kind"].isin(_UNIT_KINDS)], 0.1)
             headline["t50_top10pct_units"] = float(top["t50_step"].median())
             headline["t50_all_units"] = float(table.loc[table["kind"].isin(_UNIT_KINDS), "t50_step"].median())
         carried = grafts.dropna(subset=["fraction"]).set_index("fraction")["carried"]
         small = carried[carried.index <= 0.1].dropna()
         graft_text = (
-            f"; grafting the {float(small.idxmax()):.0%} most-changed units into the base carries "
+            f"; grafting the most-changed units holding {float(small.idxmax()):.0%} of the units' weights into the base carries "
             f"{float(small.max()):.0%} of the downstream gain"
             if len(small)
             else ""
@@ -322,8 +336,9 @@ class WeightDiff(Analyzer):
         if total_sq == 0:
             summary = "the weights did not change: the tuned model's are the base's"
         else:
-            summary = (f"the weights moved by {relative:.1%} of their norm; the top 10% of units hold "
-                       f"{headline['top10pct_share']:.0%} of the squared change{graft_text}")  # fmt: skip
+            summary = (f"the weights moved by {relative:.1%} of their norm; the most-changed units holding 10% of "
+                       f"the units' weights hold {headline['top10pct_share']:.0%} of their squared change (an even "
+                       f"spread: 10%){graft_text}")  # fmt: skip
         if store is not None and (first := int(store.meta.get("first_step", 0))) > 0:
             summary += (f"; the run store starts at step {first} (a run resumed from a checkpoint into a new store): "
                         f"its movement times count the change from step {first}'s weights, not from the base's")  # fmt: skip
@@ -343,7 +358,7 @@ class WeightDiff(Analyzer):
         layers = {kind: [c.name for c in cmap.select(kind)] for kind in ("attn", "mlp")}
         present = set(cmap.counts())
         plans = [
-            (f"top {f:g} of units", f, units["component"].head(max(1, math.ceil(f * len(units)))).tolist())
+            (f"top {f:g} of units", f, most_changed(units, f)["component"].tolist())
             for f in self.graft_fractions
         ]
         plans += [
