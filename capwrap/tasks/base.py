@@ -204,6 +204,13 @@ def check_task_fits(model: CapModel, task: Task) -> None:
             if not model.spec.has_hf_equivalent
             else f"give a task whose tokens fit, or build the model with d_vocab >= {task.d_vocab}"
         )
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None and model.spec.has_hf_equivalent and len(tokenizer) > model.spec.d_vocab:
+            fix = (  # a text task takes its ids from the model's own tokenizer
+                f"the model's tokenizer has {len(tokenizer)} tokens, more than the model embeds: its tokenizer "
+                "files do not belong to this checkpoint (or a fine-tune added tokens without "
+                "resize_token_embeddings); put the tokenizer the model was trained with in its folder"
+            )
         raise ConfigError(
             f"task {task.name!r} uses {task.d_vocab} token ids but the model embeds only {model.spec.d_vocab}; {fix}"
         )

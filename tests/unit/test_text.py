@@ -204,3 +204,17 @@ def test_generation_and_feature_frequency(model260k):
     freq, texts = feature_frequency(model260k, "Lily", n=8, max_new_tokens=40, seed=0)
     assert len(texts) == 8 and freq == sum(Feature.parse("Lily").present(t) for t in texts) / 8
     assert feature_frequency(model260k, "Lily", n=8, max_new_tokens=40, seed=0) == (freq, texts)  # seeded
+
+
+def test_a_tokenizer_larger_than_the_model_is_said_not_to_belong_to_it(stories, model260k):
+    """A folder whose tokenizer files came from another checkpoint: the advice was to build the model
+    with a larger d_vocab, which a checkpoint one did not build cannot follow."""
+    from capwrap.models import ModelSpec, build_model
+    from capwrap.tasks.base import check_task_fits
+
+    small = build_model(ModelSpec(d_vocab=100, n_ctx=512, n_layers=1, d_model=16, n_heads=2))
+    small.tokenizer = model260k.tokenizer  # 512 tokens
+    task = TextTask(stories, model260k.tokenizer, feature="dialogue")
+    with pytest.raises(ConfigError, match="the model's tokenizer has 512 tokens, more than the model embeds: its "
+                                          "tokenizer files do not belong to this checkpoint"):  # fmt: skip
+        check_task_fits(small, task)
