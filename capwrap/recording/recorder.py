@@ -48,10 +48,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from capwrap.checks import check_token_ids
-from capwrap.errors import ConfigError, StoreError
+from capwrap.errors import ConfigError, StoreError, closest_matches
 from capwrap.files import write_bytes_atomic
 from capwrap.models import CapModel
-from capwrap.models.components import tensor_norms
+from capwrap.models.components import COMPONENT_KINDS, tensor_norms
 from capwrap.models.layouts import one_name_per_tensor
 from capwrap.models.live import as_cap_model
 from capwrap.recording import weight_sample
@@ -145,6 +145,24 @@ class Recorder:
             recorded.get("component_kinds", DEFAULT_COMPONENT_KINDS) if component_kinds is None else component_kinds
         )
         dtype = recorded.get("dtype", "float32") if dtype is None else dtype
+        if isinstance(component_kinds, str):
+            raise ConfigError(
+                f"component_kinds must be a list of kinds, got the string {component_kinds!r}; "
+                f"pass [{component_kinds!r}] for one kind (kinds: {list(COMPONENT_KINDS)})"
+            )
+        try:
+            component_kinds = list(component_kinds)
+        except TypeError:
+            raise ConfigError(
+                f"component_kinds must be a list of kinds such as ['head', 'mlp'], got {component_kinds!r}"
+            ) from None
+        if unknown := [k for k in component_kinds if not isinstance(k, str) or k not in COMPONENT_KINDS]:
+            hints = sorted({h for k in unknown if isinstance(k, str) for h in closest_matches(k, COMPONENT_KINDS)})
+            raise ConfigError(
+                f"unknown component kind{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} in component_kinds"
+                + (f"; did you mean {hints}?" if hints else "")
+                + f" Choose from {list(COMPONENT_KINDS)}."
+            )
         if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
             raise ConfigError(f"every must be a positive number of steps, got {every!r}")
         if dtype not in ("float32", "float16"):

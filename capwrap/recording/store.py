@@ -9,6 +9,9 @@ A :class:`RunStore` is a directory holding
 
 Array bytes are written and fsynced *before* the commit line, so a writer killed at any moment
 leaves a store that opens and shows exactly the steps whose commit line was completely written.
+A writer never shrinks an array file below the records a reader may have memory-mapped: only a
+:meth:`RunStore.rollback` drops committed records, and it puts a shortened copy in the file's place
+(the readers' mappings keep the old file), so a reader is never killed by ``SIGBUS``.
 NaN scalars are stored as ``null`` and infinities as ``"inf"``/``"-inf"``; all read back as floats.
 
 Examples:
@@ -30,12 +33,14 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import operator
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,7 @@ import pandas as pd
 import torch
 
 from capwrap.errors import ConfigError, StoreError, closest_matches
-from capwrap.files import write_json_atomic
+from capwrap.files import fsync_dir, write_json_atomic
 
 try:  # POSIX only: keeps two processes from appending to the same store at once.
     import fcntl
@@ -67,6 +72,66 @@ def _safe_file_name(name: str, taken: set[str]) -> str:
         n += 1
         candidate = f"{base}~{n}.bin"
     return candidate
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest folder above ``path`` that exists as a file, if one does (``path`` cannot be made)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def _copy_prefix(src: Path, dst: Path, n: int) -> None:
+    """Write the first ``n`` bytes of ``src`` to a new file ``dst`` and flush them to disk."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        left = n
+        if hasattr(os, "copy_file_range"):  # in the kernel; a reflink where the file system can
+            try:
+                while left and (done := os.copy_file_range(fin.fileno(), fout.fileno(), left)):
+                    left -= done
+            except OSError:  # not supported here: copy through memory from where it stopped
+                fin.seek(n - left)
+                fout.seek(n - left)
+        while left:
+            chunk = fin.read(min(left, 1 << 24))
+            if not chunk:
+                raise StoreError(f"{src} ended {left} bytes short of the {n} bytes to keep while copying it")
+            fout.write(chunk)
+            left -= len(chunk)
+        fout.flush()
+        _sync(fout.fileno())
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """Hold the writer lock of the store at ``path`` (if it has a commit log) while the block runs.
+
+    Raises:
+        StoreError: another process holds it (is appending to the store).
+    """
+    log = path / "steps.jsonl"
+    if fcntl is None or not log.is_file():
+        yield
+        return
+    try:
+        f = open(log, "r+b")  # noqa: SIM115 - as a writer opens it (some file systems lock only such)
+    except PermissionError:  # a read-only log: its folder may still be deleted
+        f = open(log, "rb")  # noqa: SIM115
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError(
+                f"Another process is appending to {path}, so overwrite=True refuses to delete it; "
+                "close the store there first (or choose another path)."
+            ) from None
+        yield
+
+
+def _rollback_copy(file: Path) -> Path:
+    """Where :meth:`RunStore.rollback` prepares the shortened copy of array file ``file``."""
+    return file.with_name(file.name + ".rollback")
 
 
 def _sync(fd: int) -> None:
@@ -122,8 +187,8 @@ class RunStore:
     """One training run on disk: per-step scalars plus fixed-shape float arrays at some steps.
 
     Build one with :meth:`create`, :meth:`open` (read-only) or :meth:`resume` (append again).
-    Readers re-read the commit log when it grew, so a store another process appends to can be
-    followed live.
+    Readers re-read the commit log when it changed, so a store another process appends to (or
+    rolls back) can be followed live.
     """
 
     def __init__(self, path: Path, writable: bool):
@@ -132,11 +197,8 @@ class RunStore:
         self._closed = False
         self._log_file = None  # binary handle on steps.jsonl, writers only
         self._load_meta()
-        self._log_end = 0  # bytes of steps.jsonl that hold committed lines
-        self._seen_size = -1
-        self._steps: list[int] = []
-        self._scalar_rows: list[dict[str, float]] = []
-        self._array_steps: dict[str, list[int]] = {}
+        self._forget_log()
+        self._reparses = 0  # times the log was parsed again from its start (a rollback was seen)
         self._refresh()
 
     # ---------------------------------------------------------------- construction
@@ -151,7 +213,8 @@ class RunStore:
         """Create a new, empty store at ``path`` and open it for appending.
 
         ``arrays`` may declare arrays up front as ``{name: (shape, dtype)}``; others are declared
-        on their first :meth:`append`. ``overwrite=True`` deletes an existing store at ``path``.
+        on their first :meth:`append`. ``overwrite=True`` deletes an existing store at ``path``
+        (a :class:`~capwrap.errors.StoreError` if another process is appending to it).
         """
         path = Path(path)
         specs = {name: _check_spec(name, *spec) for name, spec in (arrays or {}).items()}
@@ -160,6 +223,11 @@ class RunStore:
             json.dumps(user, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"meta is not JSON-serializable ({e}); pass only str/number/list/dict.") from e
+        if (blocker := _file_in_the_way(path)) is not None:
+            raise StoreError(
+                f"Cannot create a run store at {path}: {blocker} is a file, not a folder; "
+                "choose a path under a folder (or move that file)."
+            )
         if path.exists():
             if not path.is_dir():
                 raise StoreError(f"{path} exists and is a file, not a run store; choose another path.")
@@ -174,7 +242,8 @@ class RunStore:
                     f"{path} is not a run store, so overwrite=True refuses to delete it; "
                     "choose another path or delete it yourself."
                 )
-            shutil.rmtree(path)
+            with _writer_lock(path):  # never delete a store another process is appending to
+                shutil.rmtree(path)
         (path / "arrays").mkdir(parents=True)
         (path / "steps.jsonl").touch()
         info: dict[str, dict] = {}
@@ -193,7 +262,8 @@ class RunStore:
 
     @classmethod
     def resume(cls, path: str | os.PathLike) -> RunStore:
-        """Open the store at ``path`` for appending; uncommitted bytes left by a crash are cut off."""
+        """Open the store at ``path`` for appending; uncommitted bytes left by a crash are cut off
+        (and a :meth:`rollback` a crash interrupted is finished or undone)."""
         return cls._writer(Path(path))
 
     @classmethod
@@ -211,12 +281,29 @@ class RunStore:
                 ) from None
         self._refresh()  # re-read under the lock, then drop everything uncommitted
         self._log_file.truncate(self._log_end)
+        self._finish_rollback()
         self._cut_uncommitted_arrays()
         self._writable = True
         return self
 
+    def _finish_rollback(self) -> None:
+        """Complete a rollback a crash interrupted after its commit point: put each shortened copy
+        it prepared in its array's place, or delete copies of a rollback that did not commit."""
+        found = False
+        for name, info in self._arrays.items():
+            copy = _rollback_copy(self.path / "arrays" / info["file"])
+            if copy.is_file():  # it holds fewer records than the log committed before the cut
+                found = True
+                if copy.stat().st_size == self._committed_bytes(name):  # the cut was made
+                    os.replace(copy, self.path / "arrays" / info["file"])
+                else:
+                    copy.unlink()
+        if found:
+            fsync_dir(self.path / "arrays")
+
     def _cut_uncommitted_arrays(self) -> None:
-        """Truncate each array file to the records the commit log covers."""
+        """Truncate each array file to the records the commit log covers. The bytes cut were never
+        committed (a rollback shortens files by replacing them), so no reader has them mapped."""
         for name, info in self._arrays.items():
             file = self.path / "arrays" / info["file"]
             if file.exists() and file.stat().st_size > self._committed_bytes(name):
@@ -227,6 +314,8 @@ class RunStore:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"No run store at {self.path}: it is a file; a run store is a folder (meta.json, steps.jsonl, ...).")
         if not self.path.is_dir():
+            if (blocker := _file_in_the_way(self.path)) is not None:
+                raise StoreError(f"No run store at {self.path}: {blocker} is a file, not a folder; check the path.")
             raise StoreError(f"No run store at {self.path}: the directory does not exist; check the path.")
         meta_file = self.path / "meta.json"
         if not meta_file.is_file():
@@ -249,27 +338,57 @@ class RunStore:
         self._doc, self._arrays, self.meta = doc, arrays, user
 
     # ---------------------------------------------------------------- reading the log
+    def _forget_log(self) -> None:
+        """Drop what was parsed of the commit log (it is parsed again from its start)."""
+        self._log_end = 0  # bytes of steps.jsonl that hold committed lines
+        self._last_line = b""  # the last committed line, with its newline: ends at _log_end
+        self._steps: list[int] = []
+        self._scalar_rows: list[dict[str, float]] = []
+        self._array_steps: dict[str, list[int]] = {}
+
+    def _read_log(self, start: int) -> bytes:
+        try:
+            with open(self.path / "steps.jsonl", "rb") as f:
+                f.seek(start)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
     def _refresh(self) -> None:
-        """Parse commit lines appended since the last call (cheap when the log did not grow)."""
-        log = self.path / "steps.jsonl"
-        size = log.stat().st_size if log.exists() else 0
-        if size == self._seen_size:
+        """Parse the commit lines appended since the last call.
+
+        A writer's :meth:`rollback` (a resumed training run does one) cuts the log and appends
+        other lines in place of the dropped ones, so the last line parsed is read again: if it
+        changed, or the log no longer reaches it, the log is parsed again from its start.
+        """
+        if self._writable and not self._closed:  # the one writer: nobody else changes the log
             return
-        with open(log, "rb") as f:
-            f.seek(self._log_end)
-            data = f.read()
-        self._seen_size = self._log_end + len(data)
+        start = self._log_end - len(self._last_line)
+        data = self._read_log(start)
+        if data.startswith(self._last_line) and self._parse(data[len(self._last_line) :], raise_corrupt=False):
+            return
+        self._forget_log()  # rolled back since it was read (or read while being rolled back)
+        self._reparses += 1
+        self._parse(self._read_log(0), raise_corrupt=True)
+
+    def _parse(self, data: bytes, raise_corrupt: bool) -> bool:
+        """Apply the commit lines of ``data``, which starts at ``_log_end``; False where a line that
+        is no commit is followed by more lines (corrupt, or read across a rollback)."""
         lines = data.split(b"\n")[:-1]  # the part after the last newline is incomplete
         for i, line in enumerate(lines):
             if not self._commit_line(line):
                 later = [j for j in range(i + 1, len(lines)) if lines[j].strip()]
-                if later:
+                if not later:
+                    break
+                if raise_corrupt:
                     raise StoreError(
-                        f"{log} has an undecodable commit line followed by {len(later)} more lines; "
-                        "the store is corrupt: truncate the file before that line to recover."
+                        f"{self.path / 'steps.jsonl'} has an undecodable commit line followed by {len(later)} "
+                        "more lines; the store is corrupt: truncate the file before that line to recover."
                     )
-                break
+                return False
             self._log_end += len(line) + 1
+            self._last_line = line + b"\n"
+        return True
 
     def _commit_line(self, line: bytes) -> bool:
         """Apply one commit line to the cached state; False if it is not a valid commit."""
@@ -293,9 +412,12 @@ class RunStore:
             self._array_steps.setdefault(name, []).append(step)
         return True
 
-    def _committed_bytes(self, name: str) -> int:
+    def _record_bytes(self, name: str) -> int:
         shape, dtype = self.array_spec(name)
-        return len(self._array_steps.get(name, [])) * int(np.prod(shape)) * _DTYPES[dtype].itemsize
+        return int(np.prod(shape)) * _DTYPES[dtype].itemsize
+
+    def _committed_bytes(self, name: str) -> int:
+        return len(self._array_steps.get(name, [])) * self._record_bytes(name)
 
     # ---------------------------------------------------------------- public reading API
     @property
@@ -350,19 +472,27 @@ class RunStore:
         """
         self._refresh()
         shape, dtype = self.array_spec(name)
-        n = len(self._array_steps.get(name, []))
-        if n == 0 or self._committed_bytes(name) == 0:
-            return torch.zeros((n, *shape), dtype=getattr(torch, dtype))
         file = self.path / "arrays" / self._arrays[name]["file"]
-        size = file.stat().st_size if file.is_file() else None
-        if size is None or size < self._committed_bytes(name):
+        for _ in range(3):  # again while a writer's rollback replaces the file under this read
+            reparses = self._reparses
+            n, need = len(self._array_steps.get(name, [])), self._committed_bytes(name)
+            if n == 0 or need == 0:
+                return torch.zeros((n, *shape), dtype=getattr(torch, dtype))
+            size, mm = None, None
+            with contextlib.suppress(FileNotFoundError), open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size  # measured and mapped: one and the same file
+                if size >= need:
+                    mm = np.memmap(f, dtype=_DTYPES[dtype], mode="c", shape=(n, *shape))
+            self._refresh()
+            if self._reparses == reparses:  # no rollback since the log was read: the file is the one it commits
+                break
+        if mm is None:
             held = "is missing" if size is None else f"holds {size} bytes"
             raise StoreError(
                 f"{file} {held} where the {n} records of array {name!r} that {self.path / 'steps.jsonl'} "
-                f"commits need {self._committed_bytes(name)}: the file was cut or lost after it was written "
+                f"commits need {need}: the file was cut or lost after it was written "
                 "(an incomplete copy?). Copy the store again from where it was recorded, or record the run again."
             )
-        mm = np.memmap(file, dtype=_DTYPES[dtype], mode="c", shape=(n, *shape))
         return torch.from_numpy(mm)
 
     def scalars(self) -> pd.DataFrame:
@@ -385,10 +515,16 @@ class RunStore:
     ) -> None:
         """Commit ``step`` with its scalars and arrays; it is durable once this returns."""
         self._check_writable()
+        if isinstance(step, (bool, np.bool_)) or (isinstance(step, torch.Tensor) and step.dtype == torch.bool):
+            raise ConfigError(f"step must be an int, got the bool {step!r}; pass the optimizer step number.")
         try:
             step = operator.index(step)
         except TypeError:
             raise ConfigError(f"step must be an int, got {step!r}; pass the optimizer step number.") from None
+        if step < 0:
+            raise ConfigError(
+                f"step must be >= 0, got {step}; pass the optimizer step number (0 before the first update)."
+            )
         if self._steps and step <= self._steps[-1]:
             raise ConfigError(
                 f"step {step} does not follow the last step {self._steps[-1]} of {self.path}; "
@@ -405,9 +541,19 @@ class RunStore:
         index = {}
         for name, (arr, _) in data.items():
             index[name] = len(self._array_steps.get(name, []))
-            with open(self.path / "arrays" / self._arrays[name]["file"], "ab") as f:
-                f.truncate(self._committed_bytes(name))  # drop bytes of a failed earlier append
-                f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))  # no copy of the data
+            file = self.path / "arrays" / self._arrays[name]["file"]
+            with open(file, "ab") as f:
+                committed, size = self._committed_bytes(name), os.fstat(f.fileno()).st_size
+                if size < committed:
+                    raise StoreError(
+                        f"{file} holds {size} bytes where the records of array {name!r} committed so far need "
+                        f"{committed}: the file was cut or lost after it was written. Record into a new store "
+                        "(or roll this one back to a step before the loss)."
+                    )
+                if size > committed:  # bytes of a failed earlier append: committed nowhere, mapped by no reader
+                    f.truncate(committed)
+                if arr.nbytes:  # a record of size 0 has no bytes to write
+                    f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))  # no copy of the data
                 f.flush()
                 _sync(f.fileno())
         line = json.dumps({"step": step, "scalars": encoded, "arrays": index}, separators=(",", ":"))
@@ -418,7 +564,7 @@ class RunStore:
         self._log_file.flush()
         _sync(self._log_file.fileno())
         self._log_end += len(raw)
-        self._seen_size = self._log_end
+        self._last_line = raw
         self._steps.append(step)
         self._scalar_rows.append({k: _decode_scalar(v) for k, v in encoded.items()})
         for name in data:
@@ -445,24 +591,51 @@ class RunStore:
         """Drop every committed step after ``step``, so that appending continues from it.
 
         A resumed training run goes back to its last checkpoint and records the steps after it
-        again; this removes their first recording. Cutting the commit log is the one commit point:
-        a crash during the rollback leaves either the old store or the rolled-back one.
+        again; this removes their first recording. Readers may have the dropped records
+        memory-mapped, so an array file is never shortened in place: in order,
+
+        1. each array file that loses committed records gets a copy of the records it keeps beside
+           it (``<file>.rollback``, fsynced; the disk needs room for them);
+        2. the commit log is cut after ``step``'s line (fsynced): the one commit point;
+        3. each copy replaces its array file (``os.replace``; a reader's mapping keeps the old file).
+
+        A crash before 2 leaves the old store (:meth:`resume` deletes the copies), a crash after it
+        the rolled-back one (:meth:`resume` puts the copies in place).
         """
         self._check_writable()
-        self._refresh()
         keep = sum(1 for s in self._steps if s <= step)
         if keep == len(self._steps):
             return
+        array_steps = {name: [s for s in steps if s <= step] for name, steps in self._array_steps.items()}
         with open(self.path / "steps.jsonl", "rb") as f:
             lines = f.read(self._log_end).split(b"\n")
         end = sum(len(line) + 1 for line in lines[:keep])
-        self._log_file.truncate(end)
+        copies = []
+        try:
+            for name, info in self._arrays.items():
+                file = self.path / "arrays" / info["file"]
+                kept = len(array_steps.get(name, [])) * self._record_bytes(name)
+                if kept < self._committed_bytes(name) and file.is_file() and file.stat().st_size > kept:
+                    copies.append((_rollback_copy(file), file))
+                    _copy_prefix(file, copies[-1][0], kept)
+            if copies:
+                fsync_dir(self.path / "arrays")
+            self._log_file.truncate(end)  # the commit point
+        except BaseException:  # nothing was cut: the store is as it was
+            for copy, _ in copies:
+                copy.unlink(missing_ok=True)
+            raise
+        self._log_end = end
+        self._last_line = lines[keep - 1] + b"\n" if keep else b""
+        self._steps, self._scalar_rows = self._steps[:keep], self._scalar_rows[:keep]
+        self._array_steps = array_steps
         self._log_file.flush()
         _sync(self._log_file.fileno())
-        self._log_end = self._seen_size = end
-        self._steps, self._scalar_rows = self._steps[:keep], self._scalar_rows[:keep]
-        self._array_steps = {name: [s for s in steps if s <= step] for name, steps in self._array_steps.items()}
-        self._cut_uncommitted_arrays()
+        for copy, file in copies:
+            os.replace(copy, file)
+        if copies:
+            fsync_dir(self.path / "arrays")
+        self._cut_uncommitted_arrays()  # bytes of a failed append, never committed
 
     def update_meta(self, **entries: Any) -> None:
         """Merge ``entries`` into the user metadata and rewrite ``meta.json`` atomically."""

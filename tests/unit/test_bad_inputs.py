@@ -238,6 +238,12 @@ def _unavailable_backend() -> str:
     return next((b for b in ("hooked", "bridge") if b not in available_backends()), "nonsense")
 
 
+def _in_a_new_store(env: Env, name: str, act: Callable[[RunStore], Any]) -> Any:
+    """``act(store)`` on a new store that this process appends to, closed afterwards."""
+    with RunStore.create(env.root / name, overwrite=True) as store:
+        return act(store)
+
+
 CASES = [
     # models and checkpoints
     Case("load-missing-folder", CheckpointError, "does not exist", lambda e: load_model(e.root / "nowhere")),
@@ -436,6 +442,10 @@ CASES = [
         "does not exist",
         lambda e: Recorder(e.model, e.root / "nowhere", resume=True),
     ),  # fmt: skip
+    Case("recorder-unknown-component-kind", ConfigError, r"unknown component kind 'heads'.*did you mean \['head'",
+         lambda e: Recorder(e.model, e.root / "r8", hooks=(), component_kinds=["heads"])),
+    Case("recorder-component-kinds-a-string", ConfigError, r"got the string 'head'; pass \['head'\]",
+         lambda e: Recorder(e.model, e.root / "r9", hooks=(), component_kinds="head")),
     Case("store-not-a-store", StoreError, "not a run store", lambda e: RunStore.open(e.root)),
     Case("rule-value-of-another-type", ConfigError,
          r"the verdict rule .*rule.json: QuestionRule field 'wrapper_threshold' must be a number, got '0.3'",
@@ -450,6 +460,13 @@ CASES = [
         "did you mean",
         lambda e: RunStore.open(e.plain_store).array("weight_delta.heads"),
     ),  # fmt: skip
+    Case("store-under-a-file", StoreError, r"Cannot create a run store at .*a_file.txt is a file, not a folder",
+         lambda e: RunStore.create(e.file / "run")),
+    Case("store-overwrite-while-appending", StoreError,
+         "Another process is appending to .*, so overwrite=True refuses to delete it",
+         lambda e: _in_a_new_store(e, "live_run", lambda store: RunStore.create(store.path, overwrite=True))),
+    Case("store-step-not-a-count", ConfigError, "step must be an int, got the bool True",
+         lambda e: _in_a_new_store(e, "bool_step_run", lambda store: store.append(True))),
     # analysis
     Case(
         "pair-of-different-shapes",

@@ -421,3 +421,34 @@ def test_finish_makes_the_last_step_a_full_record_once(small_model, small_task, 
     assert store.array("mine")[-1].tolist() == [2.0, 2.0] and store.array_steps("mine") == [1, 2, 3]
     assert store.array_steps("grad_norm.head") == []  # the gradients were gone
     assert match_steps(store, small_model.weights().__getitem__).ends_the_run
+
+
+def test_component_kinds_must_be_known_kinds(small_model, small_task, tmp_path):
+    """A misspelt kind or a bare string recorded no weight or gradient arrays at all, silently, until
+    2026-12-08; a valid kind the model lacks is still dropped quietly."""
+    with pytest.raises(ConfigError, match=r"unknown component kind 'heads' in component_kinds; did you mean \['head'"):
+        Recorder(small_model, tmp_path / "r", hooks=(), component_kinds=["heads"])
+    with pytest.raises(ConfigError, match=r"got the string 'head'; pass \['head'\] for one kind"):
+        Recorder(small_model, tmp_path / "r", hooks=(), component_kinds="head")
+    with pytest.raises(ConfigError, match=r"unknown component kinds 3, 'mlps'.*Choose from \['embed'"):
+        Recorder(small_model, tmp_path / "r", hooks=(), component_kinds=("head", 3, "mlps"))
+    with pytest.raises(ConfigError, match="must be a list of kinds"):
+        Recorder(small_model, tmp_path / "r", hooks=(), component_kinds=7)
+    assert not (tmp_path / "r").exists()
+    rec = Recorder(small_model, tmp_path / "ok", hooks=(), component_kinds=("head", "kv_head", "mlp"))
+    assert rec.component_kinds == ["head", "mlp"]  # this model has no grouped key/value heads
+    with rec:
+        pass
+    assert {"weight_delta.head", "weight_delta.mlp"} <= set(RunStore.open(tmp_path / "ok").array_names)
+
+
+def test_a_store_a_recorder_cannot_create_gets_a_store_error(small_model, small_task, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(StoreError, match="notes.txt is a file, not a folder"):
+        Recorder(small_model, tmp_path / "notes.txt" / "run", hooks=()).open()
+    writer = RunStore.create(tmp_path / "live")  # another run appending to the store
+    with pytest.raises(StoreError, match="Another process is appending to .*overwrite=True refuses to delete it"):
+        Recorder(small_model, tmp_path / "live", hooks=(), overwrite=True).open()
+    writer.append(0, scalars={"loss": 1.0})
+    writer.close()
+    assert RunStore.open(tmp_path / "live").steps == [0]

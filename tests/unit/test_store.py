@@ -312,3 +312,278 @@ def test_two_writers_are_refused(tmp_path):
         RunStore.resume(tmp_path / "run")
     store.close()
     RunStore.resume(tmp_path / "run").close()
+
+
+# ------------------------------------------------------------------------------ readers and rollback
+
+
+def test_a_live_reader_follows_a_rollback_and_the_lines_appended_after_it(tmp_path):
+    """A resumed train() rolls back and records the dropped steps again: a reader opened before
+    sees the new recording, whether its lines are longer than the dropped ones or just as long.
+    Until 2026-12-08 the reader raised "undecodable commit line ... the store is corrupt" (longer)
+    or kept the dropped values (as long)."""
+    path = tmp_path / "run"
+    writer = RunStore.create(path)
+    for step in range(6):
+        writer.append(step, scalars={"loss": float(step)}, arrays={"a": _fill(step, (2,))})
+    reader = RunStore.open(path)
+    assert reader.steps == list(range(6))
+    writer.rollback(3)
+    assert reader.steps == [0, 1, 2, 3] and reader.array("a")[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    for step in range(4, 9):  # longer lines: loss 104.0 ... 108.0
+        writer.append(step, scalars={"loss": 100.0 + step}, arrays={"a": _fill(100 + step, (2,))})
+    assert reader.steps == list(range(9))
+    assert reader.scalars()["loss"].tolist() == [0.0, 1.0, 2.0, 3.0, 104.0, 105.0, 106.0, 107.0, 108.0]
+    assert reader.array("a")[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 104.0, 105.0, 106.0, 107.0, 108.0]
+
+    size = (path / "steps.jsonl").stat().st_size
+    writer.rollback(6)  # lines of the same length: the log ends where it ended
+    writer.append(7, scalars={"loss": 207.0}, arrays={"a": _fill(207, (2,))})
+    writer.append(8, scalars={"loss": 208.0}, arrays={"a": _fill(208, (2,))})
+    assert (path / "steps.jsonl").stat().st_size == size
+    assert reader.scalars()["loss"].tolist()[-3:] == [106.0, 207.0, 208.0]
+    assert reader.array("a")[-3:, 0].tolist() == [106.0, 207.0, 208.0]
+    writer.close()
+
+
+def test_a_reader_sees_the_step_a_resumed_writer_appends_in_place_of_a_cut_tail(tmp_path):
+    """The crash's partial line is cut by resume() and a line of its very length takes its place:
+    the log has the size the reader last saw, and still the reader reads the new step."""
+    path = tmp_path / "run"
+    with RunStore.create(path) as store:
+        for step in range(3):
+            store.append(step)
+    line = b'{"step":3,"scalars":{},"arrays":{}}\n'
+    with open(path / "steps.jsonl", "ab") as f:
+        f.write(b'{"step":3,"scalars":{"loss":1.0' + b"x" * (len(line) - 31))  # the writer died mid-line
+    reader = RunStore.open(path)
+    assert reader.steps == [0, 1, 2]
+    with RunStore.resume(path) as store:
+        store.append(3)
+    assert (path / "steps.jsonl").read_bytes().endswith(line)
+    assert reader.steps == [0, 1, 2, 3]
+
+
+READER_ACROSS_ROLLBACK = """
+import sys, numpy as np
+sys.path.insert(0, {repo!r})
+from capwrap.recording.store import RunStore
+writer = RunStore.create({path!r})
+for step in range(6):
+    writer.append(step, arrays={{"acts": np.full((64, 64), step, np.float32)}})  # 16 KiB a record
+acts = RunStore.open({path!r}).array("acts")  # mapped
+writer.rollback(2)
+writer.append(3, arrays={{"acts": np.full((64, 64), -3, np.float32)}})
+print(float(acts[-1].sum()), float(acts[3].sum()), flush=True)
+"""
+
+
+def test_a_readers_mapped_records_survive_a_rollback(tmp_path):
+    """rollback() put a shortened file in place of the mapped one instead of cutting it: a reader
+    touching a dropped record read it, and was not killed by SIGBUS (as it was until 2026-12-08)."""
+    path = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", READER_ACROSS_ROLLBACK.format(repo=str(REPO), path=str(path))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # -7: SIGBUS
+    assert proc.stdout.split() == [str(5.0 * 64 * 64), str(3.0 * 64 * 64)]  # the old records, unchanged
+    run = RunStore.open(path)
+    assert run.array("acts")[:, 0, 0].tolist() == [0.0, 1.0, 2.0, -3.0]
+    assert (path / "arrays" / "acts.bin").stat().st_size == 4 * 64 * 64 * 4
+    assert sorted(p.name for p in (path / "arrays").iterdir()) == ["acts.bin"]
+
+
+def _store_of_six_steps(path: Path) -> RunStore:
+    store = RunStore.create(path)
+    for step in range(6):
+        arrays = {"x": _fill(step, (4,))} if step % 2 == 0 else {}
+        store.append(step, scalars={"loss": float(step)}, arrays={**arrays, "y": _fill(-step, (3,))})
+    return store
+
+
+def test_a_rollback_a_crash_interrupted_is_finished_or_undone_by_resume(tmp_path):
+    """rollback() writes shortened copies beside the array files, cuts the log (its commit point),
+    then puts the copies in place. Here the two crashes are made by hand: before the cut, resume()
+    deletes the copies and the store is the old one; after it, resume() puts the copies in place."""
+    for cut in (False, True):
+        path = tmp_path / f"run_{cut}"
+        _store_of_six_steps(path).close()
+        arrays, log = path / "arrays", path / "steps.jsonl"
+        for name, keep in (("x", 2), ("y", 4)):  # rollback(3) keeps x of steps 0, 2 and y of steps 0-3
+            record = (arrays / f"{name}.bin").read_bytes()
+            (arrays / f"{name}.bin.rollback").write_bytes(record[: keep * len(record) // (3 if name == "x" else 6)])
+        if cut:
+            lines = log.read_bytes().splitlines(keepends=True)
+            log.write_bytes(b"".join(lines[:4]))
+        reader = RunStore.open(path)  # a reader before resume reads the committed steps
+        assert reader.steps == ([0, 1, 2, 3] if cut else list(range(6)))
+        with RunStore.resume(path) as store:
+            assert sorted(p.name for p in arrays.iterdir()) == ["x.bin", "y.bin"]
+            expected = [0, 1, 2, 3] if cut else list(range(6))
+            assert store.steps == expected
+            store.append(10, arrays={"x": _fill(10, (4,)), "y": _fill(10, (3,))})
+        run = RunStore.open(path)
+        assert run.array("x")[:, 0].tolist() == [float(s) for s in expected if s % 2 == 0] + [10.0]
+        assert run.array("y")[:, 0].tolist() == [float(-s) for s in expected] + [10.0]
+
+
+def test_a_rollback_that_fails_before_its_commit_point_changes_nothing(tmp_path):
+    path = tmp_path / "run"
+    store = _store_of_six_steps(path)
+    before = {p.name: p.read_bytes() for p in (path / "arrays").iterdir()}
+    log = (path / "steps.jsonl").read_bytes()
+    (path / "arrays" / "y.bin.rollback").mkdir()  # the copy of y cannot be written
+    with pytest.raises(OSError):
+        store.rollback(3)
+    (path / "arrays" / "y.bin.rollback").rmdir()
+    assert {p.name: p.read_bytes() for p in (path / "arrays").iterdir()} == before  # x's copy removed
+    assert (path / "steps.jsonl").read_bytes() == log and store.steps == list(range(6))
+    store.rollback(3)
+    store.append(4, arrays={"x": _fill(40, (4,))})
+    store.close()
+    run = RunStore.open(path)
+    assert run.steps == [0, 1, 2, 3, 4] and run.array("x")[:, 0].tolist() == [0.0, 2.0, 40.0]
+    assert run.array_steps("y") == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- more bad inputs
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="writer lock uses fcntl")
+def test_overwrite_refuses_to_delete_a_store_another_writer_appends_to(tmp_path):
+    """Until 2026-12-08 create(overwrite=True) deleted the store under a live writer (whose later
+    steps then went to deleted files) while resume() was refused."""
+    path = tmp_path / "run"
+    writer = RunStore.create(path)
+    writer.append(0, scalars={"loss": 1.0}, arrays={"a": _fill(0, (2,))})
+    with pytest.raises(StoreError, match="Another process is appending to .*overwrite=True refuses to delete it"):
+        RunStore.create(path, overwrite=True)
+    writer.append(1, scalars={"loss": 2.0}, arrays={"a": _fill(1, (2,))})
+    assert RunStore.open(path).steps == [0, 1]
+    writer.close()
+    with RunStore.create(path, overwrite=True) as store:
+        assert store.steps == [] and store.array_names == []
+
+
+def test_zero_size_arrays_are_appended_and_read(tmp_path):
+    path = tmp_path / "run"
+    with RunStore.create(path) as store:
+        store.append(0, arrays={"none": np.zeros((0, 4), np.float32), "x": _fill(0, (2,))})
+        store.append(1, arrays={"none": torch.zeros(0, 4)})
+    run = RunStore.open(path)
+    assert run.array("none").shape == (2, 0, 4) and run.array_steps("none") == [0, 1]
+    assert (path / "arrays" / "none.bin").stat().st_size == 0
+    with RunStore.resume(path) as store:
+        store.rollback(0)
+        store.append(2, arrays={"none": np.zeros((0, 4))})
+    assert RunStore.open(path).array_steps("none") == [0, 2]
+
+
+def test_a_store_path_under_a_file_names_the_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    for make in (RunStore.create, RunStore.open, RunStore.resume):
+        with pytest.raises(StoreError, match=r"notes.txt is a file, not a folder") as info:
+            make(tmp_path / "notes.txt" / "run" / "deeper")
+        assert str(tmp_path / "notes.txt" / "run" / "deeper") in str(info.value)
+    assert (tmp_path / "notes.txt").read_text() == "x"
+
+
+def test_a_step_must_be_a_count(tmp_path):
+    with RunStore.create(tmp_path / "run") as store:
+        for bad in (True, np.bool_(False), torch.tensor(True)):
+            with pytest.raises(ConfigError, match="step must be an int, got the bool"):
+                store.append(bad)
+        for bad in (-1, np.int64(-5)):
+            with pytest.raises(ConfigError, match=r"step must be >= 0, got -\d"):
+                store.append(bad)
+        with pytest.raises(ConfigError, match="step must be an int"):
+            store.append(1.0)
+        assert store.steps == []
+        store.append(np.int64(0))
+        store.append(torch.tensor(1))
+        assert store.steps == [0, 1]
+
+
+def test_appending_to_an_array_file_that_lost_records_is_refused(tmp_path):
+    """An array file shorter than its committed records (an incomplete copy) was silently
+    padded with zeros by the next append."""
+    path = tmp_path / "run"
+    with RunStore.create(path) as store:
+        store.append(0, arrays={"a": _fill(1, (4,))})
+        store.append(1, arrays={"a": _fill(2, (4,))})
+    file = path / "arrays" / "a.bin"
+    file.write_bytes(file.read_bytes()[:-4])
+    with RunStore.resume(path) as store:
+        with pytest.raises(StoreError, match=r"a.bin holds 28 bytes where the records of array 'a' .* need 32"):
+            store.append(2, arrays={"a": _fill(3, (4,))})
+        store.rollback(0)  # the advice: go back to a step before the loss
+        store.append(2, arrays={"a": _fill(3, (4,))})
+    assert RunStore.open(path).array("a")[:, 0].tolist() == [1.0, 3.0]
+
+
+ROLLING_WRITER = """
+import sys, numpy as np
+sys.path.insert(0, {repo!r})
+from capwrap.recording.store import RunStore
+store = RunStore.create({path!r})
+store.append(0, scalars={{"gen": 0.0}}, arrays={{"acts": np.zeros((16, 64), np.float32)}})
+print("ready", flush=True)
+step, n = 1, 1
+while True:  # every 7th append goes back 3 steps, as a resumed run goes back to its checkpoint
+    store.append(step, scalars={{"gen": float(n // 7)}}, arrays={{"acts": np.full((16, 64), step, np.float32)}})
+    step, n = step + 1, n + 1
+    if n % 7 == 0:
+        store.rollback(step - 4)
+        step -= 3
+"""
+
+FOLLOWING_READER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from capwrap.recording.store import RunStore
+run, held, t0, reads = RunStore.open({path!r}), [], time.time(), 0
+while time.time() - t0 < 1.0:
+    steps = run.steps
+    assert steps == list(range(len(steps))), steps
+    acts = run.array("acts")
+    assert acts[:, 0, 0].tolist() == [float(s) for s in range(len(acts))], acts[:, 0, 0].tolist()
+    held = [*held[-20:], acts]
+    for old in held:  # records mapped before a rollback dropped them are still there
+        float(old[-1].sum())
+    reads += 1
+print("reads", reads, "rollbacks seen", run._reparses, flush=True)
+"""
+
+
+def test_a_reader_follows_a_writer_that_keeps_rolling_back(tmp_path):
+    """A writer appends and rolls back, over and over; a reader in another process follows it. The
+    reader always sees consecutive steps with their own records, and is never killed (SIGBUS) by a
+    mapped record the writer dropped; then the writer is killed, and the store resumes cleanly."""
+    path = tmp_path / "run"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", ROLLING_WRITER.format(repo=str(REPO), path=str(path))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        reader = subprocess.run(
+            [sys.executable, "-c", FOLLOWING_READER.format(repo=str(REPO), path=str(path))],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdout.close()
+    assert reader.returncode == 0, (reader.returncode, reader.stderr[-3000:])  # -7: SIGBUS
+    assert int(reader.stdout.split()[-1]) > 0  # it saw rollbacks
+
+    n = len(RunStore.open(path).steps)
+    with RunStore.resume(path) as store:
+        store.append(n, arrays={"acts": _fill(n, (16, 64))})
+    run = RunStore.open(path)
+    assert run.steps == list(range(n + 1)) and run.array("acts")[:, 0, 0].tolist() == [float(s) for s in range(n + 1)]
+    assert [p.name for p in (path / "arrays").iterdir()] == ["acts.bin"]
