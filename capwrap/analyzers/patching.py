@@ -639,7 +639,8 @@ class Patching(Analyzer):
         table["after_share"] = after
         table["wrapper_evidence"] = table["restored"].clip(lower=0, upper=1) * table["after_share"]
         gap = float(result.source_baseline.mean() - result.target_baseline.mean())
-        applicable = gap >= self.min_gap
+        # one layer: no component has a layer after it, so the statistic is 0 whatever patching restores
+        applicable = gap >= self.min_gap and n_layers > 1
         scored = applicable and self.method == "exact"
         value = float(table["wrapper_evidence"].max()) if scored else math.nan
         # bootstrap over sequences: per replicate, each patch's restored share times its after share
@@ -652,7 +653,7 @@ class Patching(Analyzer):
         headline = {
             "logprob_base": float(result.source_baseline.mean()),
             "logprob_tuned": float(result.target_baseline.mean()),
-            "best_restored": float(order["restored"].max()) if applicable else math.nan,
+            "best_restored": float(order["restored"].max()) if gap >= self.min_gap else math.nan,
             "patching_deep_restore": value,
             "patches": float(len(table)),
         }
@@ -660,10 +661,15 @@ class Patching(Analyzer):
         if gap < 0:
             summary = (f"the tuned model's answer log-probability is above the base's {nats}: it lost nothing "
                        "to restore")  # fmt: skip
-        elif not applicable:
+        elif gap < self.min_gap:
             summary = f"the tuned model's answer log-probability is within {gap:.2f} nats of the base's; nothing to restore"
+        elif not applicable:
+            top = order.iloc[0]
+            summary = (f"a one-layer model has no layers after any component, so no restoration can show its later "
+                       f"layers computing the capability: not applicable (largest restoration: {top.component}, "
+                       f"{_share(top.restored)} of the gap {nats})")  # fmt: skip
         else:
-            best = table.loc[table["wrapper_evidence"].idxmax()]
+            best = table.sort_values(["wrapper_evidence", "restored"], ascending=False).iloc[0]
             top = order.iloc[0]
             summary = (f"giving {best.component} its base output back restores {_share(best.restored)} of the "
                        f"capability's log-probability gap {nats} with {best.after_share:.0%} of the layers after it "

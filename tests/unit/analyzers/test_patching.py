@@ -25,13 +25,13 @@ def task() -> PCFGTask:
     return PCFGTask(family="count", operand="a", config=PCFGConfig(length=10, window=5, occurrence=2))
 
 
-def _sharp_model(task, backend, architecture="gpt2", seed=0):
+def _sharp_model(task, backend, architecture="gpt2", seed=0, n_layers=2):
     """A random model with weights scaled up so that patches have visible effects."""
     extra = {
         "llama": {"n_key_value_heads": 2},
         "gpt_neo": {"attention_layers": ("local", "global"), "window_size": 3},  # TinyStories' layer kinds
     }.get(architecture, {})
-    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=2, d_model=32, n_heads=4,
+    spec = ModelSpec(d_vocab=task.d_vocab, n_ctx=task.seq_len, n_layers=n_layers, d_model=32, n_heads=4,
                      architecture=architecture, **extra)  # fmt: skip
     model = build_model(spec, backend=backend, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -165,8 +165,8 @@ def test_attribution_patching_tracks_exact_patching(task, backend):
     assert correlation(exact.table["effect"], approx.table["effect"]) > 0.7
 
 
-def _pair_differing_in_one_head(task, backend, layer):
-    first = _sharp_model(task, backend)
+def _pair_differing_in_one_head(task, backend, layer, n_layers=2):
+    first = _sharp_model(task, backend, n_layers=n_layers)
     second = first.clone()
     with torch.no_grad():
         second.weights()[f"blocks.{layer}.attn.W_O"][2] *= -4.0  # one head is the only difference
@@ -206,6 +206,17 @@ def test_patching_analyzer_does_not_read_a_last_layer_change_as_a_wrapper(task, 
     assert ev.headline["best_restored"] > 0.99
     assert ev.value < 0.05  # restoring the read-out says nothing about what lies underneath
     assert ev.direction != "wrapper"
+
+
+def test_patching_does_not_weigh_a_one_layer_model(task, backend):
+    """No component of a one-layer model has a layer after it: the statistic was 0 whatever patching
+    restored (a Tracr counter's MLP restores 98% of the gap), and still counted as applicable, diluting
+    the other evidence. It is not applicable there, and the summary names the largest restoration."""
+    ev = Patching(n=32)(_pair_differing_in_one_head(task, backend, layer=0, n_layers=1), task, task, eval_size=32)
+    assert math.isnan(ev.value) and not ev.applicable and ev.direction == "neutral"
+    assert ev.headline["best_restored"] > 0.99
+    assert "a one-layer model has no layers after any component" in ev.summary
+    assert f"largest restoration: {ev.table.iloc[0]['component']}" in ev.summary
 
 
 def test_patching_bad_input(task, backend):
