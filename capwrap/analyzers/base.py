@@ -258,6 +258,12 @@ def check_store_matches(pair: ModelPair, store: RunStore) -> None:
             "line: the recording stopped before its first step was written); pass the store of a run that recorded "
             "steps, or none"
         )
+    if "spec" not in store.meta:
+        raise ConfigError(
+            f"the RunStore at {store.path} was not written by a Recorder (its meta.json names no model spec), so "
+            "the analyzers cannot read it as a fine-tuning run; pass the store a Recorder (capwrap.train, "
+            "RecorderCallback) wrote, or none"
+        )
     if detail := pair.spec.mismatch(store.meta.get("spec")):
         raise ConfigError(
             f"the RunStore at {store.path} was recorded from another model: it differs in {detail} (this pair's "

@@ -95,7 +95,7 @@ class RecorderCallback(transformers.TrainerCallback):
         meta: dict[str, Any] | None = None,
         background: bool = False,
     ):
-        if not isinstance(every, int) or every <= 0:
+        if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
             raise ConfigError(f"every must be a positive number of steps, got {every!r}")
         if hooks and probe is None:
             raise ConfigError(

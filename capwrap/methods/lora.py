@@ -80,7 +80,7 @@ class LoRA(TrainingMethod):
         dropout: float = 0.0,
         rslora: bool = False,
     ):
-        if not isinstance(r, int) or r <= 0:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ConfigError(f"LoRA's rank r must be a positive integer, got {r!r}")
         if not alpha > 0:
             raise ConfigError(f"LoRA's alpha must be positive, got {alpha!r}")

@@ -156,6 +156,14 @@ class Env:
             (folder / "steps.jsonl").write_text('{"step": 0, "scal')
         return folder
 
+    def store_not_a_recording(self) -> Path:
+        """A run store written without a Recorder: per-step data of one's own, no model spec."""
+        folder = self.root / "own_data_run"
+        if not folder.exists():
+            with RunStore.create(folder, meta={"lr": 1e-3}) as store:
+                store.append(0, scalars={"loss": 1.0})
+        return folder
+
     def store_with_a_cut_array(self) -> Path:
         """A copy of the recorded run whose ``weight_delta.head`` file lost its last bytes (an incomplete copy)."""
         folder = self.root / "cut_array_run"
@@ -494,6 +502,8 @@ CASES = [
          lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, eval_size=10.0)),
     Case("diagnose-too-few-replicates", ConfigError, r"n_boot=5 bootstrap replicates cannot place the ends of a 90% "
          r"interval .*give n_boot >= 20", lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, n_boot=5)),
+    Case("diagnose-store-not-a-recording", ConfigError, r"was not written by a Recorder \(its meta.json names no model "
+         r"spec\)", lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, store=RunStore.open(e.store_not_a_recording()))),
     Case("diagnose-store-of-another-run", ConfigError, r"recorded from another run: the tuned model's weights are "
          r"none of the steps it recorded \(\d+ of \d+ sampled weights differ",
          lambda e: diagnose(e.model, build_model(SPEC, seed=3), TASK, TASK, store=RunStore.open(e.plain_store))),

@@ -11,7 +11,7 @@ import transformers
 
 from capwrap.analyzers import ModelPair, weight_change_table
 from capwrap.analyzers.base import check_store_matches
-from capwrap.errors import CapwrapWarning, StoreError
+from capwrap.errors import CapwrapWarning, ConfigError, StoreError
 from capwrap.integrations import RecorderCallback, task_dataset
 from capwrap.models import load_model
 from capwrap.models.live import wrap_hf_model
@@ -342,3 +342,10 @@ def test_a_model_in_a_wrapper_of_ones_own_and_a_tokenizer_made_in_memory_record(
     assert store.steps == [0, 1, 2] and store.scalars()["loss"].notna().sum() == 2
     heads = weight_change_table(load_model(gpt2_folder), callback.recorder.model, kinds=("head",))
     assert float(heads["change"].sum()) > 0  # the wrapped model's own weights are the ones recorded
+
+
+def test_the_callback_checks_its_settings_when_made(tmp_path):
+    """every=True was taken for one step until the Trainer started."""
+    for every in (True, 0, 2.5):
+        with pytest.raises(ConfigError, match="every must be a positive number of steps"):
+            RecorderCallback(tmp_path / "run", probe=PROBE.tokens, every=every)

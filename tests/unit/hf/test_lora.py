@@ -83,8 +83,9 @@ def test_lora_state_resumes_the_adapter_exactly(tmp_path):
 
 
 def test_lora_bad_settings(tmp_path):
-    with pytest.raises(ConfigError, match="rank r must be a positive integer"):
-        LoRA(r=0)
+    for r in (0, True):  # (True passed as rank 1)
+        with pytest.raises(ConfigError, match="rank r must be a positive integer"):
+            LoRA(r=r)
     model = _base("gpt2", None, tmp_path)
     with pytest.raises(ConfigError, match=r"does not fit this gpt2 model .* its layers are \[.*'c_attn'"):
         train(model, TASK, CONFIG, method=LoRA(target=["q_proj"]))
