@@ -224,6 +224,9 @@ class Revival(Analyzer):
         summary = (f"reverse fine-tuning brings the capability back to {threshold:.0%} in {text['tuned']} for the "
                    f"tuned model and {text['control']} for a model that never had it "
                    f"({2.0**value:.1f}x; {f'median of {self.seeds} seeds' if self.seeds > 1 else 'one seed'})")  # fmt: skip
+        if med["tuned"] == self.eval_every and self.eval_every > 1:  # it came back by the first check
+            summary += (f"; the capability is checked every {self.eval_every} steps, so the tuned model may need "
+                        "fewer and the speed-up is a lower bound")  # fmt: skip
         return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps, intervals=intervals,
                         summary=summary)  # fmt: skip
 
