@@ -217,6 +217,21 @@ class TrainResult:
         return {"config": self.config.to_dict(), "final_metrics": self.final_metrics, "steps": len(self.history)}
 
 
+#: Scalars train passes the recorder itself: a callback's metric of one of these names stays in the history.
+_RECORDER_OWN = frozenset({"loss", "lr", "grad_norm", "arrays", "final"})
+
+
+def _storable(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics a recorder stores: numbers (and one-element tensors) under names of their own; others
+    (a callback's text or list) stay in the history only."""
+    def number(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.numel() == 1 and not value.is_complex()
+        return isinstance(value, numbers.Real)
+
+    return {k: v for k, v in metrics.items() if k not in _RECORDER_OWN and number(v)}
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine."""
     warm = int(config.warmup * config.steps)
@@ -427,7 +442,7 @@ def train(
                     stop = True
             if recorder is not None:  # after the callbacks: a run they stop ends here, recorded in full
                 recorder.step(loss=info.loss, lr=lr, grad_norm=grad_norm, arrays=method.arrays(step),
-                              final=done == config.steps or stop, **info.metrics)  # fmt: skip
+                              final=done == config.steps or stop, **_storable(info.metrics))  # fmt: skip
             rows.append({"step": done, "loss": info.loss, "lr": lr, "grad_norm": grad_norm, **info.metrics})
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps or stop):
                 save_checkpoint(done, finished=stop or done == config.steps)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from capwrap.analyzers.bootstrap import LEVEL, check_n_boot, percentile_interval, resample
-from capwrap.errors import ConfigError, whole_number
+from capwrap.errors import CapwrapWarning, ConfigError, whole_number
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.residency import Residency
 from capwrap.recording import RunStore, weight_sample
@@ -269,8 +270,21 @@ def check_store_matches(pair: ModelPair, store: RunStore) -> None:
             f"the RunStore at {store.path} was recorded from another model: it differs in {detail} (this pair's "
             "value first); pass the store of the run that produced this tuned model"
         )
-    match = weight_sample.match_steps(store, lambda name: pair.weight(pair.tuned, name))
+    weights = pair.tuned.weights() if pair.residency is None else None  # (once: a live LoRA model merges each time)
+    match = weight_sample.match_steps(
+        store, weights.__getitem__ if weights is not None else lambda name: pair.weight(pair.tuned, name)
+    )
     if match is None or match.ends_the_run:  # a store recorded without sampled weights cannot tell
+        return
+    if not match.steps and store.last_step != match.last_step:
+        warnings.warn(
+            f"the RunStore at {store.path} does not end with a full record (its last step {store.last_step} was "
+            f"not measured: a loop that passed neither final=True nor recorder.finish(), or a run that stopped "
+            f"without closing its recorder), so it cannot be checked against the tuned model, which is none of the "
+            f"steps it measured (the last, {match.last_step}); it is read as this model's run",
+            CapwrapWarning,
+            stacklevel=3,
+        )
         return
     if match.steps:
         raise ConfigError(
@@ -282,7 +296,7 @@ def check_store_matches(pair: ModelPair, store: RunStore) -> None:
         )
     raise ConfigError(
         f"the RunStore at {store.path} was recorded from another run: the tuned model's weights are none of the "
-        f"steps it recorded ({match.mismatched} of {match.sampled} sampled weights differ from its last step's, "
+        f"steps it measured in full ({match.mismatched} of {match.sampled} sampled weights differ from its last step's, "
         f"at step {match.last_step}, by more than {match.precision} rounding; the largest by "
         f"{match.largest_difference:.2g} of the value); pass the store of the run that produced this tuned model, "
         "or none"

@@ -69,7 +69,8 @@ class RecorderCallback(transformers.TrainerCallback):
         probe: the fixed batch activations are recorded on: a :class:`~capwrap.tasks.TaskBatch`
             (its labels are kept for probes) or token ids ``[batch, pos]``.
         hooks: hook names or glob patterns (``"blocks.*.hook_resid_post"``); ``()`` for none.
-        every: record activations and component norms every this many optimizer steps (and at 0).
+        every: record activations and component norms every this many optimizer steps (and at 0, at
+            every checkpoint the Trainer saves and at the run's last step, early or not).
         component_kinds: component kinds whose weight-change and gradient norms are recorded.
         dtype: ``"float32"`` or ``"float16"`` for stored activations.
         overwrite: replace an existing store.
@@ -145,9 +146,15 @@ class RecorderCallback(transformers.TrainerCallback):
         self._repeated("epoch_begin", state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        # the Trainer evaluates after this event and may stop there (early stopping), with the model
-        # of this step: the last step of every epoch is recorded in full
-        if self.recorder is not None and self.recorder.is_open and not self._repeated("epoch_end", state):
+        # a run a callback stopped (control.should_training_stop) ends with this step: recorded in full
+        if control.should_training_stop and self.recorder is not None and self.recorder.is_open:
+            if not self._repeated("epoch_end", state):
+                self.recorder.finish()
+
+    def on_save(self, args, state, control, **kwargs):
+        # every checkpoint is a step recorded in full: the one a Trainer loads as its best at the end
+        # (load_best_model_at_end, as early stopping needs) can be diagnosed with the store rolled back to it
+        if self.recorder is not None and self.recorder.is_open and not self._repeated("save", state):
             self.recorder.finish()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -179,8 +186,11 @@ class RecorderCallback(transformers.TrainerCallback):
         self._remove_hooks()
         if self.recorder is not None:
             try:
-                if self.recorder.is_open and not (args.load_best_model_at_end and state.best_model_checkpoint):
-                    self.recorder.finish()  # a run stopped early ends with its last step (not a best model loaded since)
+                if self.recorder.is_open:
+                    if args.load_best_model_at_end and state.best_model_checkpoint:
+                        self._best_loaded(state)
+                    else:
+                        self.recorder.finish()  # a run stopped early ends with its last step
             finally:
                 self.recorder.close()
 
@@ -215,6 +225,24 @@ class RecorderCallback(transformers.TrainerCallback):
                 CapwrapWarning,
                 stacklevel=3,
             )
+
+    def _best_loaded(self, state: Any) -> None:
+        """The Trainer ends with its best checkpoint, not the run's last step: said in the store's
+        ``meta["best_step"]`` and a warning with the way to diagnose it with this store."""
+        assert self.recorder is not None and self.recorder.store is not None
+        best = getattr(state, "best_global_step", None)
+        if best is None:
+            tail = str(state.best_model_checkpoint).rstrip("/").rsplit("-", 1)[-1]
+            best = int(tail) if tail.isdigit() else None
+        self.recorder.store.update_meta(best_step=best)
+        warnings.warn(
+            f"the Trainer loaded its best checkpoint ({state.best_model_checkpoint}, step {best}) at the end, so the "
+            f"model it ends with is not the run's last step ({self.recorder.current_step}); to diagnose it with this "
+            f"store, roll a copy of the store back to step {best}: shutil.copytree(store, copy); "
+            f"RunStore.resume(copy).rollback({best})",
+            CapwrapWarning,
+            stacklevel=2,
+        )
 
     def _repeated(self, event: str, state: Any) -> bool:
         """Whether this event is the one this callback just handled: a callback given to the Trainer

@@ -306,6 +306,8 @@ class CircuitTuning(TrainingMethod):
                             current.copy_(torch.where(mask, current, before))
             saved.clear()
 
+        if isinstance(optimizer, torch.optim.AdamW) and any(g.get("amsgrad") or g.get("maximize") for g in optimizer.param_groups):
+            raise ConfigError("circuit-tuning's per-element AdamW takes AdamW's defaults (no amsgrad, no maximize)")
         optimizer.register_step_pre_hook(keep_frozen)
         optimizer.register_step_post_hook(restore_frozen)
         _keep_element_steps_exact(optimizer)
@@ -492,8 +494,6 @@ def _adam_per_element(opt: torch.optim.AdamW, param: Tensor, mask: Tensor, befor
     if not bool(fix.any()):
         return
     group = next(g for g in opt.param_groups if any(p is param for p in g["params"]))
-    if group.get("amsgrad") or group.get("maximize"):
-        raise ConfigError("circuit-tuning's per-element AdamW takes AdamW's defaults (no amsgrad, no maximize)")
     lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     t = counts[fix].double()
     exp_avg, exp_avg_sq = state["exp_avg"][fix].double(), state["exp_avg_sq"][fix].double()

@@ -286,7 +286,7 @@ class Recorder:
         scalars = {k: v for k, v in store.scalars().iloc[-1].items() if not math.isnan(v)}
         arrays = {name: store.array(name)[-1].clone() for name in store.array_names if store.array_steps(name)[-1:] == [last]}
         store.rollback(store.steps[-2])
-        self._step = store.steps[-1]
+        self._step = last - 1  # step() counts on to the step it records again
         self.step(final=True, arrays=arrays, **scalars)
         self.flush()
 

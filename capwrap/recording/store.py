@@ -124,7 +124,8 @@ def _writer_lock(path: Path) -> Iterator[None]:
         except OSError:
             raise StoreError(
                 f"Another process is appending to {path}, so overwrite=True refuses to delete it; "
-                "close the store there first (or choose another path)."
+                "close the store there first (or choose another path). In this process, a RunStore or Recorder "
+                "left open holds it too (a Trainer run that failed before its end): close it (recorder.close())."
             ) from None
         yield
 
@@ -277,7 +278,9 @@ class RunStore:
             except OSError:
                 self._log_file.close()
                 raise StoreError(
-                    f"Another process is appending to {path}; close it there first (or open read-only)."
+                    f"Another process is appending to {path}; close it there first (or open read-only). In this "
+                    "process, a RunStore or Recorder left open holds it too (a Trainer run that failed before its "
+                    "end): close it (recorder.close())."
                 ) from None
         self._refresh()  # re-read under the lock, then drop everything uncommitted
         self._log_file.truncate(self._log_end)

@@ -505,7 +505,7 @@ CASES = [
     Case("diagnose-store-not-a-recording", ConfigError, r"was not written by a Recorder \(its meta.json names no model "
          r"spec\)", lambda e: diagnose(e.model, e.model.clone(), TASK, TASK, store=RunStore.open(e.store_not_a_recording()))),
     Case("diagnose-store-of-another-run", ConfigError, r"recorded from another run: the tuned model's weights are "
-         r"none of the steps it recorded \(\d+ of \d+ sampled weights differ",
+         r"none of the steps it measured in full \(\d+ of \d+ sampled weights differ",
          lambda e: diagnose(e.model, build_model(SPEC, seed=3), TASK, TASK, store=RunStore.open(e.plain_store))),
     Case("analyzer-context-and-another-pair", ConfigError, r"the context given to the analyzer holds its own pair",
          lambda e: WeightDiff()(ModelPair(e.model, e.model.clone()), TASK, TASK,

@@ -395,10 +395,13 @@ def test_a_run_a_callback_stops_ends_its_recording_with_the_model_it_ends_with(s
 
     recorder = Recorder(small_model, tmp_path / "run", probe=small_task.sample(8, seed=0), every=4)
     result = train(small_model, small_task, TrainConfig(steps=8, batch_size=8, lr=1e-2, progress=False),
-                   recorder=recorder, callbacks=[stop_at_5, lambda info: info.metrics.update(mine=info.step)])  # fmt: skip
+                   recorder=recorder, callbacks=[stop_at_5, lambda info: info.metrics.update(mine=info.step, note="x",
+                                                                                         final=1.0)])  # fmt: skip
     store = RunStore.open(tmp_path / "run")
     assert len(result.history) == 5 and store.array_steps("blocks.1.hook_resid_post") == [0, 4, 5]
     assert store.scalars()["mine"].loc[1:].tolist() == [1, 2, 3, 4, 5]  # a callback's metrics reach the store too
+    # (its text, and a name the recorder takes itself, stay in the history)
+    assert "note" not in store.scalars() and "final" not in store.scalars() and (result.history["note"] == "x").all()
     assert match_steps(store, small_model.weights().__getitem__).steps == [5]
 
 

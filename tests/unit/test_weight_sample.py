@@ -10,7 +10,7 @@ import torch
 
 from capwrap.analyzers import ModelPair
 from capwrap.analyzers.base import check_store_matches
-from capwrap.errors import ConfigError
+from capwrap.errors import CapwrapWarning, ConfigError
 from capwrap.models import load_model, save_model
 from capwrap.recording import Recorder, RunStore
 from capwrap.recording.weight_sample import ARRAY, PER_TENSOR, match_steps
@@ -111,3 +111,22 @@ def test_a_store_recorded_without_sampled_weights_cannot_tell_and_is_taken(small
     store = RunStore.open(tmp_path / "old")
     assert match_steps(store, _weights_of(small_model)) is None
     check_store_matches(ModelPair(small_model, small_model.clone()), store)
+
+
+def test_a_store_whose_last_step_was_not_measured_is_taken_with_a_warning(small_model, small_task, tmp_path):
+    """A loop of one's own that passed neither final=True nor finish(), or a run that stopped without
+    closing its recorder: the model it ends with was never sampled, so the store cannot be checked
+    (it was refused as another run's)."""
+    base = small_model.clone()
+    batch = small_task.sample(8, seed=1)
+    optimizer = torch.optim.SGD(small_model.parameters(), lr=1e-1)
+    with Recorder(small_model, tmp_path / "run", hooks=(), every=4) as recorder:
+        for _ in range(3):
+            answer_loss(small_model(batch.tokens), batch).backward()
+            optimizer.step()
+            recorder.step()
+            optimizer.zero_grad()
+    store = RunStore.open(tmp_path / "run")
+    assert store.last_step == 3 and store.array_steps(ARRAY) == [0]
+    with pytest.warns(CapwrapWarning, match="its last step 3 was not measured"):
+        check_store_matches(ModelPair(base, small_model), store)

@@ -112,6 +112,34 @@ def test_a_trainer_run_stopped_early_ends_its_recording_with_the_model_it_ends_w
     assert match_steps(store, wrap_hf_model(model).weights().__getitem__).steps == [5]
 
 
+def test_a_trainer_that_loads_its_best_checkpoint_at_the_end_can_be_diagnosed_with_its_store(gpt2_folder, tmp_path):
+    """Early stopping needs load_best_model_at_end: the Trainer ends with its best checkpoint, not the
+    run's last step. Every checkpoint is recorded in full (every=3 does not divide save_steps=2), the
+    store says which step the Trainer loaded, and a copy rolled back to it is the model's run."""
+    import shutil
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+    callback = RecorderCallback(tmp_path / "run", probe=PROBE.tokens, every=3)
+    args = _arguments(tmp_path / "trainer", max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                      save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False,
+                      learning_rate=3e-2)  # fmt: skip
+    trainer = transformers.Trainer(model, args, train_dataset=task_dataset(TASK, 96, seed=0),
+                                   eval_dataset=task_dataset(TASK, 16, seed=1), callbacks=[callback])  # fmt: skip
+    with pytest.warns(CapwrapWarning, match="the Trainer loaded its best checkpoint"):
+        trainer.train()
+    store = RunStore.open(tmp_path / "run")
+    best = store.meta["best_step"]
+    assert best == trainer.state.best_global_step and {2, 4, 6, 8} <= set(store.array_steps("blocks.1.hook_resid_post"))
+    ended_with = wrap_hf_model(model)  # the best checkpoint, loaded
+    shutil.copytree(tmp_path / "run", tmp_path / "best")
+    with RunStore.resume(tmp_path / "best") as copy:
+        copy.rollback(best)
+    check_store_matches(ModelPair(load_model(gpt2_folder), ended_with), RunStore.open(tmp_path / "best"))
+    if best != 8:  # the whole store goes on after the model the Trainer ended with
+        with pytest.raises(ConfigError, match=f"had at step {best}, but the store goes on to step 8"):
+            check_store_matches(ModelPair(load_model(gpt2_folder), ended_with), store)
+
+
 def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_path):
     import peft
 
@@ -138,6 +166,27 @@ def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_p
     assert recorded.min() > 0 and float(store.array("weight_delta.mlp")[-1].abs().max()) == 0.0  # only c_attn moved
     # the adapter merged on load is the model the run ended with: the store is taken as its run's
     assert match_steps(store, merged.weights().__getitem__).steps == [6]
+    check_store_matches(ModelPair(load_model(gpt2_folder), merged), store)
+
+
+def test_a_lora_run_on_a_bfloat16_base_is_taken_as_the_run_of_its_adapter_merged_in_float32(gpt2_folder, tmp_path):
+    """The usual peft setup: the base in bfloat16, so the run's merged weights (and the store's sampled
+    values) are bfloat16; the adapter merged on load is float32 (98.6% of the sampled values were
+    farther apart than float32's tolerance, and the run's own store was refused)."""
+    import peft
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder, dtype=torch.bfloat16)
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    )
+    callback = RecorderCallback(tmp_path / "run", probe=PROBE.tokens, hooks=(), every=3)
+    transformers.Trainer(model, _arguments(tmp_path / "trainer", learning_rate=1e-2), callbacks=[callback],
+                         train_dataset=task_dataset(TASK, 48, seed=0)).train()  # fmt: skip
+    model.save_pretrained(tmp_path / "adapter")
+    merged = load_model(gpt2_folder, adapter=tmp_path / "adapter")  # float32
+    store = RunStore.open(tmp_path / "run")
+    match = match_steps(store, merged.weights().__getitem__)
+    assert match.steps == [6] and match.precision == "bfloat16"
     check_store_matches(ModelPair(load_model(gpt2_folder), merged), store)
 
 
