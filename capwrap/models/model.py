@@ -253,9 +253,13 @@ class CapModel:
         tokenizer: Any = None,
         metadata: dict[str, Any] | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        compare: bool = True,
     ) -> CapModel:
         """Wrap tensors in the spec's checkpoint layout (as in ``model.safetensors``) in a backend,
-        with weights of ``dtype`` (default float32). Building the modules draws from torch's random
+        with weights of ``dtype`` (default float32). ``compare``: for a spec capwrap does not compute
+        itself (``hf_config``), compare the bridge with ``transformers`` on a few tokens (a copy of a
+        model that was compared when it loaded skips it). Building the modules draws from torch's random
         generator; its state is put back (a model loaded, cloned or copied in the middle of a run leaves
         the run's dropout and sampling as they were)."""
         backend = resolve_backend(backend, spec)
@@ -263,16 +267,16 @@ class CapModel:
             if backend == "hooked":
                 return cls._hooked_from_state(spec, state, tokenizer, metadata, dtype)
             if spec.has_hf_equivalent:
-                return cls._bridge_from_hf_state(spec, state, tokenizer, metadata, dtype)
+                return cls._bridge_from_hf_state(spec, state, tokenizer, metadata, dtype, compare)
             return cls._bridge_from_native_state(spec, state, metadata, dtype)
 
     @classmethod
-    def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata, dtype=None) -> CapModel:
+    def _bridge_from_hf_state(cls, spec, state, tokenizer, metadata, dtype=None, compare=True) -> CapModel:
         hf = _hf_model(spec, state)
         hf.to(dtype=dtype or torch.float32)  # before bridging: the bridge reads some weights through views
         storage = dict(hf.named_parameters())  # before bridging renames the modules
         # a config capwrap does not model runs on TransformerLens's adapter alone: checked against transformers
-        check = _ForwardCheck(spec, hf) if spec.hf_config else None
+        check = _ForwardCheck(spec, hf) if spec.hf_config and compare else None
         try:
             bridge = _build_bridge(hf, _bridge_architecture(spec), hf_config=hf.config, tokenizer=tokenizer)
         except (MemoryError, torch.OutOfMemoryError):
@@ -592,7 +596,7 @@ class CapModel:
             return copy.deepcopy(self)
         return CapModel.from_state(
             self.spec, self.checkpoint_state(), backend or self.backend, self.tokenizer, _copied_metadata(self.metadata),
-            dtype or self.dtype,
+            dtype or self.dtype, compare=False,
         ).to(self.device)
 
     def __deepcopy__(self, memo: dict) -> CapModel:
@@ -603,6 +607,7 @@ class CapModel:
             self.tokenizer,
             _copied_metadata(self.metadata, memo),
             self.dtype,
+            compare=False,
         ).to(self.device)
 
     def __repr__(self) -> str:
