@@ -281,9 +281,12 @@ class Recorder:
             raise StoreError("the recorder is not open; use it as a context manager or call .open() first")
         self.flush()
         store, last = self.store, self.store.last_step
-        if last is None or len(store) < 2 or not math.isnan(store.scalars()["weight_delta"].iloc[-1]):
-            return  # nothing recorded after step 0, or the last step is already full
-        scalars = {k: v for k, v in store.scalars().iloc[-1].items() if not math.isnan(v)}
+        if last is None or len(store) < 2:
+            return  # nothing recorded after step 0
+        row = store.scalars().iloc[-1]  # (one table of every step's scalars, read once)
+        if not math.isnan(row["weight_delta"]):
+            return  # the last step is already full
+        scalars = {k: v for k, v in row.items() if not math.isnan(v)}
         arrays = {name: store.array(name)[-1].clone() for name in store.array_names if store.array_steps(name)[-1:] == [last]}
         store.rollback(store.steps[-2])
         self._step = last - 1  # step() counts on to the step it records again
