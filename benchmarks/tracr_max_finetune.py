@@ -31,7 +31,7 @@ from capwrap.validation.build import make_tuned
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipes", nargs="+", metavar="LR:STEPS:OPTIMIZER:NOISE")
-    parser.add_argument("--scenario", default="held/tracr-max/sgd-small-c1/s85")
+    parser.add_argument("--scenario", default="held/tracr-max/sgd-small-c1/s95")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scenario's)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -6,10 +6,13 @@ The base: the demo model (4 blocks, 4 heads, d_model 128) pretrained on the pape
 at lr 1e-3; about 17 minutes on a 2-core CPU. The control (``--control``, from the shipped base): a
 fresh model of the same shape trained 300 steps on count b (``capwrap.demo.make_demo_control``),
 then the default demo is run once (seed 0, both scenarios share it) to keep the control's reverse
-fine-tuning runs in ``demo_control/revival``; about 8 minutes.
+fine-tuning runs in ``demo_control/revival``; about 8 minutes. ``--control-runs`` keeps the shipped
+control and only makes its reverse fine-tuning runs again (after a change to how revival runs or
+checks them, which changes their keys): the old runs are replaced; about 2 minutes.
 
     python scripts/train_demo_base.py [--out capwrap/assets/demo_base] [--backend bridge]
     python scripts/train_demo_base.py --control
+    python scripts/train_demo_base.py --control-runs
 """
 
 from __future__ import annotations
@@ -33,11 +36,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(DEMO_BASE))
     parser.add_argument("--backend", default=None, choices=["hooked", "bridge"])
     parser.add_argument("--control", action="store_true", help="make the revival control of the shipped base instead")
+    parser.add_argument("--control-runs", action="store_true",
+                        help="keep the shipped control and make its reverse fine-tuning runs again")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     if args.control:
         make_control(args.backend, started)
+        return
+    if args.control_runs:
+        keep_control_runs(args.backend)
         return
     model = pretrain_demo_base(backend=args.backend)
     tasks = demo_tasks()
@@ -60,10 +68,18 @@ def make_control(backend: str | None, started: float) -> None:
     }
     shutil.rmtree(DEMO_CONTROL, ignore_errors=True)
     save_model(control, str(DEMO_CONTROL))
+    keep_control_runs(backend)
+
+
+def keep_control_runs(backend: str | None) -> None:
+    """Run the default demo once with no kept runs and keep the control's reverse fine-tuning runs
+    in ``demo_control/revival`` (replacing the ones there)."""
+    kept = Path(DEMO_CONTROL) / "revival"
     with tempfile.TemporaryDirectory() as tmp:
+        shutil.rmtree(kept, ignore_errors=True)  # so the demo makes every run afresh
         result = run_demo(tmp, seed=0, backend=backend, progress=False)
-        runs = copy_missing(Path(tmp, "revival_cache"), Path(DEMO_CONTROL) / "revival")
-    print(f"saved {DEMO_CONTROL} and {runs} reverse fine-tuning run(s); demo verdict {result.summary['verdict']}")
+        runs = copy_missing(Path(tmp, "revival_cache"), kept)
+    print(f"kept {runs} reverse fine-tuning run(s) of {DEMO_CONTROL}; demo verdict {result.summary['verdict']}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Revival: how fast does reverse fine-tuning bring the capability back, compared with a model that
 never had it?
 
-The tuned model is fine-tuned back on the capability task, with its accuracy checked every few steps
-on the diagnosis's evaluation sequences until it reaches a threshold (default: 90% of the base
+The tuned model is fine-tuned back on the capability task, with its accuracy checked after every one
+of the first ten steps and every ten steps after that on the diagnosis's evaluation sequences until it reaches a threshold (default: 90% of the base
 model's accuracy on the same sequences). The same loop runs from a *control* that never had the
 capability — by default a freshly initialized model of the same shape trained on the downstream task
 alone for the fine-tuning's budget, or a model you pass. If fine-tuning only wrapped the capability,
@@ -55,11 +55,12 @@ __all__ = ["Revival", "steps_to_threshold", "first_reaching"]
 
 def steps_to_threshold(
     model: CapModel, task: Task, batch: TaskBatch, threshold: float, config: TrainConfig, eval_every: int,
-    progress: str | None = None,
+    progress: str | None = None, dense_until: int = 0,
 ) -> tuple[float, pd.DataFrame, Bool[Tensor, "check n"]]:  # fmt: skip
-    """Train ``model`` on ``task`` until its accuracy on ``batch`` reaches ``threshold`` (checked every
-    ``eval_every`` steps and at step 0). ``progress``: the label of a progress bar over the steps
-    (none when ``None``; kept apart from ``config``, which keys kept runs).
+    """Train ``model`` on ``task`` until its accuracy on ``batch`` reaches ``threshold`` (checked at
+    step 0, after every step up to ``dense_until``, then every ``eval_every`` steps, and at the
+    budget's end). ``progress``: the label of a progress bar over the steps (none when ``None``; kept
+    apart from ``config``, which keys kept runs).
 
     Returns:
         The first step that reached it (NaN if none within ``config.steps``), the curve
@@ -70,7 +71,7 @@ def steps_to_threshold(
     if float(checks[0].float().mean()) < threshold:
 
         def check(info: StepInfo) -> None:
-            if info.step % eval_every == 0 or info.step == config.steps:
+            if is_check(info.step, eval_every, dense_until) or info.step == config.steps:
                 checks.append(correctness(model, batch))
                 steps.append(info.step)
                 if float(checks[-1].float().mean()) >= threshold:
@@ -83,6 +84,17 @@ def steps_to_threshold(
     reached = (acc >= threshold).nonzero()
     first = float(steps[int(reached[0])]) if len(reached) else math.nan
     return first, pd.DataFrame({"step": steps, "accuracy": acc.tolist()}), correct
+
+
+def is_check(step: int, eval_every: int, dense_until: int) -> bool:
+    """Whether revival checks the accuracy after reverse fine-tuning step ``step``: after every step
+    up to ``dense_until``, then every ``eval_every`` steps."""
+    return step <= dense_until or step % eval_every == 0
+
+
+def next_check(step: int, eval_every: int, dense_until: int) -> int:
+    """The first step after ``step`` at which revival checks (:func:`is_check`)."""
+    return step + 1 if step < dense_until else (step // eval_every + 1) * eval_every
 
 
 @contextmanager
@@ -124,7 +136,11 @@ class Revival(Analyzer):
             constant (no warmup, no decay), so the steps a run takes to reach the threshold do not
             depend on ``max_steps``, which only bounds them.
         batch_size: sequences per step.
-        eval_every: check the accuracy every this many steps.
+        eval_every: after the first ``dense_until`` steps, check the accuracy every this many steps.
+        dense_until: check the accuracy after every one of the first this many steps (a wrapped
+            capability can be back after one or two, which checks every ``eval_every`` steps would
+            read as ``eval_every``; 0: every ``eval_every`` steps from the start). Checks do not
+            change the training, only where a run is seen to reach the threshold.
         check_size: the first this many sequences of the evaluation set are the checks' sequences.
         threshold_fraction: revival = this share of the base model's accuracy on them.
         control: a model that never had the capability; default: one built and trained here.
@@ -145,6 +161,7 @@ class Revival(Analyzer):
     lr: float = 1e-4
     batch_size: int = 96
     eval_every: int = 10
+    dense_until: int = 10
     check_size: int = 256
     threshold_fraction: float = 0.9
     control: CapModel | None = field(default=None, repr=False)
@@ -160,6 +177,8 @@ class Revival(Analyzer):
         for attr in ("max_steps", "batch_size", "eval_every", "check_size", "control_steps", "seeds"):
             if getattr(self, attr) <= 0:
                 raise ConfigError(f"Revival.{attr} must be positive, got {getattr(self, attr)}")
+        if self.dense_until < 0:
+            raise ConfigError(f"Revival.dense_until must not be negative (0: no dense checks), got {self.dense_until}")
         if not 0 < self.threshold_fraction <= 1:
             raise ConfigError(f"threshold_fraction must be in (0, 1], got {self.threshold_fraction}")
 
@@ -193,7 +212,7 @@ class Revival(Analyzer):
             with _trainable_scratch(pair, pair.tuned) as work:
                 label = f"revival: reverse fine-tuning the tuned model (seed {len(runs['tuned'])})"
                 runs["tuned"].append(steps_to_threshold(work, capability, batch, threshold, config, self.eval_every,
-                                                        label if context.progress else None))  # fmt: skip
+                                                        label if context.progress else None, self.dense_until))  # fmt: skip
         control = self.control if self.control is not None else self._make_control(context)
         pair.adopt(control)  # (with a residency: it takes turns with the pair)
         for config in configs:
@@ -224,8 +243,9 @@ class Revival(Analyzer):
         summary = (f"reverse fine-tuning brings the capability back to {threshold:.0%} in {text['tuned']} for the "
                    f"tuned model and {text['control']} for a model that never had it "
                    f"({2.0**value:.1f}x; {f'median of {self.seeds} seeds' if self.seeds > 1 else 'one seed'})")  # fmt: skip
-        if med["tuned"] == self.eval_every and self.eval_every > 1:  # it came back by the first check
-            summary += (f"; the capability is checked every {self.eval_every} steps, so the tuned model may need "
+        first_check = next_check(0, self.eval_every, self.dense_until)
+        if med["tuned"] == first_check and first_check > 1:  # it came back by the first check
+            summary += (f"; the capability is first checked after {first_check} steps, so the tuned model may need "
                         "fewer and the speed-up is a lower bound")  # fmt: skip
         return Evidence(self.name, headline, table, plot=_plot, value=value, replicates=reps, intervals=intervals,
                         summary=summary)  # fmt: skip
@@ -236,11 +256,12 @@ class Revival(Analyzer):
 
         def run() -> tuple[float, pd.DataFrame, Tensor]:
             with _trainable_scratch(pair, control) as work:
-                return steps_to_threshold(work, capability, batch, threshold, config, self.eval_every, progress)
+                return steps_to_threshold(work, capability, batch, threshold, config, self.eval_every, progress,
+                                          self.dense_until)  # fmt: skip
 
         if self.cache is None:
             return run()
-        key = _fingerprint(control, capability, batch, threshold, config, self.eval_every)
+        key = _fingerprint(control, capability, batch, threshold, config, self.eval_every, self.dense_until)
         path = Path(self.cache) / f"revival-control-{key}.pt"
         if path.exists():
             saved = torch.load(path, weights_only=True)
@@ -273,7 +294,7 @@ class Revival(Analyzer):
                 curves = correct.float()[:, idx].mean(-1).T  # [n_boot, check]
                 last = int(curve["step"].iloc[-1])
                 stopped = math.isfinite(first) and last < self.max_steps  # stopped at the threshold, budget left
-                after = float(min(last + self.eval_every, self.max_steps)) if stopped else censored
+                after = float(min(next_check(last, self.eval_every, self.dense_until), self.max_steps)) if stopped else censored
                 per_seed.append(first_reaching(curves, torch.tensor(curve["step"].to_numpy()), thresholds, after))
             seed_of = torch.arange(len(idx)) % len(rs)
             firsts[which] = torch.stack(per_seed)[seed_of, torch.arange(len(idx))]
@@ -288,7 +309,7 @@ class Revival(Analyzer):
 
 
 def _fingerprint(control: CapModel, task: Task, batch: TaskBatch, threshold: float, config: TrainConfig,
-                 eval_every: int) -> str:  # fmt: skip
+                 eval_every: int, dense_until: int) -> str:  # fmt: skip
     """A hash of everything that makes a control's reverse fine-tuning run."""
     digest = hashlib.sha256()
     for name, weight in sorted(control.weights().items()):
@@ -296,6 +317,7 @@ def _fingerprint(control: CapModel, task: Task, batch: TaskBatch, threshold: flo
         digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
     digest.update(batch.tokens.numpy().tobytes())
     meta = [task.describe(), round(threshold, 9), config.identity(), eval_every]
+    meta += [dense_until] if dense_until else []  # (keys of runs made before dense checks unchanged)
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 

@@ -20,12 +20,12 @@ from capwrap.validation import scenario
 from capwrap.validation.runner import record_path
 
 WRAPPER = "cal/count-b/adamw-small-c1/s1"
-REMOVED = "held/removed-count-b/retrained/s83"
+REMOVED = "held/removed-count-b/retrained/s93"
 REINITIALIZED = "cal/removed-count-a/reinit-blocks/s3"
 TRACR_WRAPPER = "cal/tracr-counter/sgd-small-c1/s5"
-TRACR_REMOVED = "held/tracr-max/reinit-blocks/s85"
-KEPT = "held/kept/tiny/s84"
-INDEX_WRAPPER = "held/index-a/adamw-small-c1/s86"
+TRACR_REMOVED = "held/tracr-max/reinit-blocks/s95"
+KEPT = "held/kept/tiny/s94"
+INDEX_WRAPPER = "held/index-a/adamw-small-c1/s96"
 PINNED = (WRAPPER, REMOVED, REINITIALIZED, TRACR_WRAPPER, TRACR_REMOVED, KEPT, INDEX_WRAPPER)
 
 
@@ -82,7 +82,7 @@ def test_a_reinitialized_tracr_program_is_never_a_wrapper_but_its_change_is_not_
     Weight diff and attention carry the score to the change side, but no functional analyzer can show
     the change here: the tuned model and the never-had-it control both stay below the revival
     threshold for the whole budget (statistic 0), and probes keep about none of the base's margin
-    (-0.01 on seeds 65, 75 and 85), above the change cut of -0.02 that the calibration half's index
+    (-0.01 on seeds 65, 75 and 85, -0.02 on 95), above the change cut of -0.02 that the calibration half's index
     wrappers set. The rule asks a functional analyzer to agree before it calls a change, so the
     finding is `inconclusive` (on seed 55, where probing read -0.03, it was a `capability_change`)."""
     out, rows, _ = validated
@@ -105,7 +105,7 @@ def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
 
 def test_an_index_wrapper_whose_probes_lose_most_of_the_latent_is_a_wrapper(validated):
     """Index a learned through index b + 1 on the pcfg-b base: probes find little of index b where they
-    read it (kept share about 0.17 on seed 76, 0.24 on seed 86, below the 0.355 change cut of the rule fitted on
+    read it (kept share about 0.17 on seed 76, 0.24 on seed 86, 0.01 on seed 96, below the 0.355 change cut of the rule fitted on
     counting alone), but reverse fine-tuning brings it back fast. Left `inconclusive` by that rule; a
     wrapper since the calibration half has an index family, whose wrappers keep -0.02 to 0.95
     (benchmarks/RESULTS.md, 2026-12-06)."""

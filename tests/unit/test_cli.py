@@ -124,7 +124,8 @@ def test_diagnose_command_writes_summary_and_report(pair_on_disk, tmp_path, caps
     assert main(["diagnose", str(pair_on_disk / "base"), str(pair_on_disk / "tuned"), "--rule", str(tmp_path / "rule.json"),
                  "--capability", f"pcfg=count,operand=a,{CONFIG}", "--downstream", f"pcfg=count,operand=b,{CONFIG}",
                  "--out", str(out), "--quick", "--quiet"]) == 2  # fmt: skip
-    assert "rule.deletion.wrapper_threshold differs (0.225 there, 0.3 here)" in capsys.readouterr().err
+    shipped = default_rule().to_dict()["deletion"]["wrapper_threshold"]
+    assert f"rule.deletion.wrapper_threshold differs ({shipped} there, 0.3 here)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sigterm --debug"])

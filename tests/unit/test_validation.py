@@ -517,7 +517,7 @@ def test_relearning_says_when_the_budget_ran_out(records):
 def test_validate_lists_and_refuses_bad_input(capsys, tmp_path):
     assert main(["validate", "--list", "--split", "held-out"]) == 0
     listed = capsys.readouterr().out
-    assert "held/tracr-max/sgd-small-c1/s85" in listed and "cal/" not in listed
+    assert "held/tracr-max/sgd-small-c1/s95" in listed and "cal/" not in listed
     assert main(["validate", "--scenario", "no/such/scenario", "--out", str(tmp_path)]) == 2
     assert "no scenario named" in capsys.readouterr().err
 
@@ -612,7 +612,7 @@ def test_validate_keeps_each_splits_result_and_says_when_nothing_matches(capsys,
     assert sorted(p.name for p in tmp_path.glob("validation*")) == [
         "validation.held-out.json", "validation.html", "validation.json"]
     assert "kept the held-out split's result as validation.held-out.json" in capsys.readouterr().out
-    assert main(["validate", "--kind", "removed", "--scenario", "held/kept/noop/s84", "--out", str(tmp_path)]) == 2
+    assert main(["validate", "--kind", "removed", "--scenario", "held/kept/noop/s94", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("capwrap: error: no scenario matches")
 
 

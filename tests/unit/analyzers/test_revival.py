@@ -35,8 +35,8 @@ def test_fine_tuned_capability_revives_faster_than_the_control(small_spec, small
     curve = ev.table[(ev.table["model"] == "tuned") & (ev.table["seed"] == 1)]
     assert curve["step"].iloc[0] == 0 and curve["accuracy"].iloc[-1] >= ev.headline["threshold"]
     assert set(ev.table["seed"]) == {0, 1} and ev.figure().data
-    # back by the first check (step 5): the count of steps is the check grid's, an upper bound
-    assert ("the speed-up is a lower bound" in ev.summary) == (ev.headline["steps_tuned"] == 5)
+    # checked after every one of the first 10 steps (then every 5): the count is the run's own
+    assert curve["step"].tolist()[:3] == [0, 1, 2] and "lower bound" not in ev.summary
 
 
 def test_a_model_already_at_the_threshold_has_nothing_to_revive(small_model, small_task, monkeypatch):
@@ -67,7 +67,7 @@ def test_the_budget_only_bounds_the_run(small_spec, small_task, backend):
                      threshold_fraction=1.0, seeds=1)(ModelPair(base, fresh), small_task, small_task,
                                                        eval_size=64)  # fmt: skip
         curves[budget] = ev.table[ev.table["model"] == "tuned"].set_index("step")["accuracy"]
-    assert list(curves[20].index) == [0, 5, 10, 15, 20]  # never reached the threshold: the whole budget
+    assert list(curves[20].index) == [*range(11), 15, 20]  # never reached the threshold: the whole budget
     assert curves[40].loc[curves[20].index].tolist() == curves[20].tolist()
     assert curves[20].iloc[-1] != curves[20].iloc[0]  # and the run did move
 
@@ -113,6 +113,11 @@ def test_a_run_that_stopped_at_the_threshold_is_not_read_as_never_reaching_it(sm
     reps = revival._replicates(context, runs, base_correct, censored=200.0)
     at_10, at_20 = (abs(reps - math.log2(200 / s)) < 1e-5 for s in (10, 20))
     assert (at_10 | at_20).all() and at_20.any()  # some resamples fall short at step 10, and reach it at 20
+    dense = {"tuned": [(3.0, pd.DataFrame({"step": [0, 1, 2, 3]}), stopped[[0, 0, 0, 1]])],
+             "control": runs["control"]}  # fmt: skip
+    at_3, at_4 = (abs(revival._replicates(context, dense, base_correct, censored=200.0) - math.log2(200 / s)) < 1e-5
+                  for s in (3, 4))  # fmt: skip
+    assert (at_3 | at_4).all() and at_4.any()  # within the dense checks, the next check is the next step
     at_the_end = {"tuned": [(100.0, pd.DataFrame({"step": [0, 100]}), stopped)], "control": runs["control"]}
     assert (revival._replicates(context, at_the_end, base_correct, censored=200.0) == 0).any()  # no budget left
 
@@ -133,15 +138,27 @@ def test_a_diagnosis_with_progress_shows_each_reverse_fine_tuning_run(small_spec
     assert "revival" not in capsys.readouterr().err
 
 
-def test_a_capability_back_by_the_first_check_is_said_to_be_a_lower_bound(small_spec, small_task):
-    """Revival checks every eval_every steps: a model back by the first check may have needed one
-    step (the demo pair is back at 97% after 1 step; reported 10 against the control's 60)."""
+def test_a_capability_back_after_a_step_is_counted_at_that_step(small_spec, small_task):
+    """A wrapped capability can be back after a step or two: checked only every ``eval_every`` steps,
+    it read as ``eval_every`` (the demo pair, back at 97% after 1 step, read 10 against the
+    control's 60). Revival now checks after every one of the first ``dense_until`` steps: the count
+    is the one checks after every step give, and with no dense checks the summary says the count
+    is the grid's."""
     downstream = PCFGTask("count", "b", correlation=1.0, config=small_task.config)
     base = build_model(small_spec, seed=0)
     train(base, small_task, TrainConfig(steps=150, batch_size=64, lr=3e-3, progress=False))
     tuned = base.clone()
     train(tuned, downstream, TrainConfig(steps=60, batch_size=64, lr=1e-3, progress=False, seed=1))
-    revival = Revival(max_steps=200, eval_every=50, check_size=128, lr=1e-3, control_steps=60, batch_size=64, seeds=1)
-    ev = revival(ModelPair(base, tuned), small_task, downstream, eval_size=128)
-    assert ev.headline["steps_tuned"] == 50
-    assert "checked every 50 steps, so the tuned model may need fewer and the speed-up is a lower bound" in ev.summary
+    control = build_model(small_spec, seed=2)
+    settings = dict(max_steps=200, check_size=128, lr=1e-3, control=control, batch_size=64, seeds=1)
+    steps = {}
+    for name, checks in {"every step": dict(eval_every=1, dense_until=0), "dense": dict(eval_every=50, dense_until=60),
+                         "grid": dict(eval_every=50, dense_until=0)}.items():  # fmt: skip
+        ev = Revival(**settings, **checks)(ModelPair(base, tuned), small_task, downstream, eval_size=128)
+        steps[name] = (ev.headline["steps_tuned"], ev.headline["steps_control"], ev.summary)
+    assert steps["every step"][0] < 50 and steps["dense"][0] == steps["every step"][0]  # (41 here)
+    assert steps["grid"][0] == 50
+    assert "first checked after 50 steps, so the tuned model may need fewer and the speed-up is a lower bound" in steps["grid"][2]
+    assert "lower bound" not in steps["dense"][2]
+    with pytest.raises(ConfigError, match="dense_until must not be negative"):
+        Revival(dense_until=-1)
