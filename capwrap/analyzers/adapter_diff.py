@@ -1,4 +1,4 @@
-"""The weight diff of a LoRA adapter, read straight from its low-rank factors.
+"""The weight diff of a PEFT adapter, read straight from its factors (LoRA) or formed per module (DoRA, IA3).
 
 A PEFT LoRA adapter *is* a weight change: ``ΔW = scaling · B·A`` per adapted module.
 :func:`adapter_weight_diff` reads the base checkpoint one layer at a time, forms each module's
@@ -8,6 +8,13 @@ the same per-component table (plus each component's share of its kind's squared 
 matrix's effective rank of change (found in ``O(size · r)``: the change has rank at most ``r``)
 and the concentration headline — plus one row per adapted module: its rank, scaling, ``‖ΔW‖``
 (from the factors alone) and share. The merged model is never built.
+
+DoRA and IA3 changes are not low-rank and depend on the base's weights (DoRA rescales each output
+row of ``W + scaling · B·A``; IA3 scales a module's inputs or outputs): their ``ΔW`` is formed
+densely, module by module, from the base's tensors of the layer being read, the effective ranks
+are found without a rank bound, and a module's ``change`` is the norm of that dense change (an
+IA3 output scaling's bias change included). The adapter's description says which
+(``delta``: ``"low-rank"`` or ``"dense"``).
 
 Examples:
     >>> import json, tempfile, torch
@@ -45,7 +52,7 @@ from torch import Tensor
 from capwrap.analyzers.streaming import StreamedWeightDiff, checkpoint_spec, stream_changes, streams
 from capwrap.analyzers.weight_diff import change_summary
 from capwrap.errors import CheckpointError
-from capwrap.models.adapters import LoraAdapter, adapter_base, read_adapter
+from capwrap.models.adapters import LoraAdapter, LoraModule, adapter_base, read_adapter
 from capwrap.models.layouts import checkpoint_shapes
 
 __all__ = ["AdapterWeightDiff", "adapter_weight_diff", "adapter_summary"]
@@ -61,9 +68,11 @@ class AdapterWeightDiff(StreamedWeightDiff):
         ranks: effective rank of each changed matrix's change.
         headline: ``total_change``, ``top1pct_share``, ``top10pct_share``,
             ``median_effective_rank_ratio`` (as :func:`~capwrap.analyzers.streaming.stream_weight_diff`).
-        modules: one row per adapted module (``module, kind, rank, scaling, change, share``) and
-            per tensor the adapter replaces whole with other values (``kind`` ``"replaced"``; a copy
-            equal to the base's is named in ``adapter["unchanged_copies"]`` instead).
+        modules: one row per adapted module (``module, kind, method, rank, scaling, change, share``;
+            ``method``: ``"lora"``, ``"dora"`` or ``"ia3"``; ``rank`` and ``scaling`` are the factors',
+            none for IA3) and per tensor the adapter replaces whole with other values (``kind``
+            ``"replaced"``; a copy equal to the base's is named in ``adapter["unchanged_copies"]``
+            instead).
         adapter: the adapter's description (:meth:`~capwrap.models.adapters.LoraAdapter.describe`).
     """
 
@@ -77,11 +86,12 @@ def adapter_weight_diff(
     allow_pickle: bool = False,
     progress: bool = False,
 ) -> AdapterWeightDiff:
-    """The weight diff of a PEFT LoRA adapter against its base checkpoint folder, one layer at a time.
+    """The weight diff of a PEFT adapter (LoRA, DoRA or IA3) against its base checkpoint folder, one
+    layer at a time (DoRA and IA3 modules: each change formed densely from the layer's base tensors).
 
     Args:
         base: the base model's folder (``None``: the one ``adapter_config.json`` names).
-        adapter: the adapter folder, as peft's ``save_pretrained`` writes it.
+        adapter: the adapter folder, as peft's ``save_pretrained`` writes it (LoRA, DoRA or IA3).
         allow_pickle: also accept ``adapter_model.bin`` (the base must be safetensors).
         progress: show a progress bar over the layers.
 
@@ -93,6 +103,7 @@ def adapter_weight_diff(
     spec = checkpoint_spec(base)
     lora.check_fits(spec, checkpoint_shapes(spec))
     replaced_change: dict[str, float] = {}
+    dense_change: dict[str, float] = {}  # DoRA and IA3 modules: ‖ΔW‖ of the change formed from the base
 
     def change(names: list[str], base_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
@@ -100,12 +111,19 @@ def adapter_weight_diff(
             if name in lora.replaced:
                 out[name] = lora.replaced[name].float() - base_tensors[name]
                 replaced_change[name] = float(out[name].double().square().sum()) ** 0.5
-        for name, delta in lora.deltas(spec, names).items():
-            out[name] = out[name] + delta if name in out else delta
+        base_now = {**base_tensors, **{name: t.float() for name, t in lora.replaced.items() if name in base_tensors}}
+        for module in lora.modules.values():
+            if module.weight_name not in names:
+                continue
+            deltas = lora.deltas(spec, [module.weight_name], base_now)  # DoRA, IA3: from the base, replaced put in
+            if module.method != "lora":
+                dense_change[module.name] = sum(float(d.double().square().sum()) for d in deltas.values()) ** 0.5
+            for name, delta in deltas.items():
+                out[name] = out[name] + delta if name in out else delta
         return out
 
-    # Whole replaced matrices can have any rank; LoRA changes have rank at most r.
-    low_rank = not any(t.ndim >= 2 for t in lora.replaced.values())
+    # Whole replaced matrices can have any rank; LoRA changes have rank at most r, DoRA and IA3 changes any.
+    low_rank = lora.low_rank and not any(t.ndim >= 2 for t in lora.replaced.values())
     bound = max((m.rank for m in lora.modules.values()), default=None) if low_rank else None
     table, ranks, total_sq = stream_changes(base, spec, change, rank_bound=bound, progress=progress)
     if not lora.modules and not replaced_change:
@@ -113,15 +131,20 @@ def adapter_weight_diff(
     kind_sq = (table["change"] ** 2).groupby(table["kind"]).transform("sum")
     table["share"] = (table["change"] ** 2 / kind_sq).where(kind_sq > 0)
     unchanged = [name for name, change in replaced_change.items() if change == 0]  # a copy of the base's tensor
-    return AdapterWeightDiff(table, ranks, change_summary(table, ranks, total_sq), _module_table(lora, replaced_change),
-                             lora.describe(unchanged))  # fmt: skip
+    modules = _module_table(lora, replaced_change, dense_change)
+    return AdapterWeightDiff(table, ranks, change_summary(table, ranks, total_sq), modules, lora.describe(unchanged))
 
 
-def _module_table(lora: LoraAdapter, replaced_change: dict[str, float]) -> pd.DataFrame:
-    """One row per adapted module and per replaced tensor that differs from the base's."""
-    rows = [(m.name, m.kind, m.rank, m.scaling, math.sqrt(m.sq_norm())) for m in lora.modules.values()]
-    rows += [(name, "replaced", None, None, change) for name, change in replaced_change.items() if change > 0]
-    table = pd.DataFrame(rows, columns=["module", "kind", "rank", "scaling", "change"])
+def _module_table(lora: LoraAdapter, replaced_change: dict[str, float], dense_change: dict[str, float]) -> pd.DataFrame:
+    """One row per adapted module (plain LoRA: ``‖ΔW‖`` from the factors; DoRA, IA3: of the change
+    formed from the base) and per replaced tensor that differs from the base's."""
+    rows = [
+        (m.name, m.kind, m.method, m.rank, getattr(m, "scaling", None),
+         math.sqrt(m.sq_norm()) if isinstance(m, LoraModule) and m.method == "lora" else dense_change[m.name])
+        for m in lora.modules.values()
+    ]  # fmt: skip
+    rows += [(name, "replaced", None, None, None, change) for name, change in replaced_change.items() if change > 0]
+    table = pd.DataFrame(rows, columns=["module", "kind", "method", "rank", "scaling", "change"])
     total = float((table["change"] ** 2).sum())
     table["share"] = table["change"] ** 2 / total if total > 0 else math.nan
     return table.sort_values("change", ascending=False, ignore_index=True)

@@ -1,14 +1,26 @@
-"""PEFT LoRA adapters: read an adapter folder, its low-rank weight changes, and merge it into a base.
+"""PEFT adapters (LoRA, DoRA, IA3): read an adapter folder, its weight changes, and merge it into a base.
 
 A LoRA adapter saved by `peft <https://github.com/huggingface/peft>`_ (``save_pretrained``) is a
 folder with ``adapter_config.json`` and ``adapter_model.safetensors``: for each adapted module a
 pair of factors ``A`` ``[r, in]`` and ``B`` ``[out, r]``, whose weight change is
 ``ΔW = scaling · B·A`` (``scaling = lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA; per-module
 ranks and alphas from ``rank_pattern`` / ``alpha_pattern``), plus whole tensors the adapter
-replaces (``modules_to_save``, trained biases). :func:`read_adapter` reads it (safetensors only,
-unless ``allow_pickle``), :meth:`LoraAdapter.deltas` gives ``ΔW`` in the checkpoint's tensor
-names one module at a time, and :meth:`LoraAdapter.merge_into` adds them to a model's weights:
-what ``load_model(BASE, adapter=DIR)`` does, equal to peft's ``merge_and_unload``.
+replaces (``modules_to_save``, trained biases). Two kinds change a weight by more than a low-rank
+term, so that their change depends on the base weight ``W`` (``[out, in]``):
+
+* DoRA (``use_dora=True``) adds a magnitude ``m`` (``[out]``) per module: the merged weight is
+  ``m / ‖V‖ · V`` with ``V = W + scaling · B·A``, each output row of ``V`` scaled by its magnitude
+  over its own norm (for an embedding, each embedding dimension, its norm over the vocabulary);
+* IA3 (``peft_type`` ``"IA3"``) learns one vector ``l`` per module: a feedforward module
+  (``feedforward_modules``) scales its inputs, the merged weight is ``W · diag(l)``; any other
+  scales its outputs, ``diag(l) · W``, and its bias with them.
+
+:func:`read_adapter` reads it (safetensors only, unless ``allow_pickle``),
+:meth:`LoraAdapter.deltas` gives ``ΔW`` in the checkpoint's tensor names one module at a time
+(DoRA and IA3: formed densely from the base's tensors), and :meth:`LoraAdapter.merge_into` merges
+the adapter into a model's weights one module at a time, on each weight's device, forming each
+merged tensor as peft does: what ``load_model(BASE, adapter=DIR)`` does, equal to peft's
+``merge_and_unload`` bit for bit (in bfloat16 and float16 too).
 
 Examples:
     >>> import json, tempfile, torch
@@ -57,11 +69,13 @@ from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
 
 __all__ = [
     "ADAPTER_CONFIG",
+    "IA3Module",
     "LoraAdapter",
     "LoraModule",
     "adapter_base",
     "adapter_hint",
     "check_adapter_base",
+    "check_adapter_folder",
     "is_adapter_folder",
     "named_base",
     "read_adapter",
@@ -75,8 +89,14 @@ _FACTORS = {
     ".lora_B.weight": ("linear", "b"),
     ".lora_embedding_A": ("embedding", "a"),
     ".lora_embedding_B": ("embedding", "b"),
+    ".lora_magnitude_vector": (None, "magnitude"),  # DoRA (older peft: with ".weight")
+    ".lora_magnitude_vector.weight": (None, "magnitude"),
 }
-#: LoRA options whose weight change is not ``scaling · B·A`` (peft can merge them).
+_IA3_VECTOR = ".ia3_l"
+#: What a module's merge puts into its weight, by :attr:`LoraModule.method` / :attr:`IA3Module.method`.
+_MERGED_AS = {"lora": "its LoRA factors", "dora": "its DoRA factors and magnitudes", "ia3": "its IA3 scaling vector"}
+#: LoRA options whose weight change is not ``scaling · B·A`` (peft can merge them; :func:`read_adapter`
+#: merges those of :data:`_MERGED_OPTIONS` itself).
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA (use_dora=True)",
     "use_qalora": "QALoRA (use_qalora=True)",
@@ -89,6 +109,9 @@ _UNSUPPORTED_OPTIONS = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "arrow_config": "Arrow routing (arrow_config)",
 }
+#: Options of :data:`_UNSUPPORTED_OPTIONS` that :func:`read_adapter` reads and merges as peft does
+#: (a live model using them is still not followed: its merged weights would not be ``W + scaling·B·A``).
+_MERGED_OPTIONS = frozenset({"use_dora"})
 #: LoRA options under which no weight change stands for the adapter (peft does not merge them either).
 _UNMERGEABLE_OPTIONS = {
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens), which acts only on the tokens after its invocation "
@@ -102,7 +125,8 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 def unsupported_lora_options(config: dict[str, Any]) -> tuple[list[str], list[str]]:
     """What in a LoRA ``config`` (``adapter_config.json``, or a live ``LoraConfig.to_dict()``) capwrap
-    does not read as ``scaling · B·A``: the options peft can merge, and those it cannot.
+    does not read as ``scaling · B·A``: the options peft can merge, and those it cannot. (Of the first,
+    :func:`read_adapter` merges DoRA itself; a live model is followed only with plain LoRA.)
 
     Example:
         >>> unsupported_lora_options({"use_dora": True, "alora_invocation_tokens": [5, 6]})[0]
@@ -120,7 +144,9 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: ``ΔW = scaling · B·A``.
+    """One adapted module: ``ΔW = scaling · B·A``; with DoRA (``magnitude``), the change that
+    rescaling each output row of ``V = W + scaling · B·A`` to its magnitude makes,
+    ``ΔW = m / ‖V‖ · V − W``.
 
     Attributes:
         name: the module's path in the Hugging Face model (``model.layers.0.self_attn.q_proj``).
@@ -128,6 +154,7 @@ class LoraModule:
         a: ``[r, in]`` (embeddings: ``[r, vocabulary]``).
         b: ``[out, r]`` (embeddings: ``[d_model, r]``).
         scaling: ``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``).
+        magnitude: DoRA's magnitude per output (``[out]``; embeddings: ``[d_model]``), or ``None``.
     """
 
     name: str
@@ -135,6 +162,7 @@ class LoraModule:
     a: Float[Tensor, "r fan_in"]
     b: Float[Tensor, "fan_out r"]
     scaling: float
+    magnitude: Float[Tensor, " fan_out"] | None = None
 
     @property
     def rank(self) -> int:
@@ -142,15 +170,94 @@ class LoraModule:
         return int(self.a.shape[0])
 
     @property
+    def method(self) -> Literal["lora", "dora"]:
+        """``"dora"`` when the module has a magnitude, else ``"lora"``."""
+        return "lora" if self.magnitude is None else "dora"
+
+    @property
     def weight_name(self) -> str:
         """The name of the weight the module changes."""
         return f"{self.name}.weight"
 
-    def delta(self, transpose: bool = False) -> Float[Tensor, "rows cols"]:
-        """``scaling · B·A`` in float32, ``[out, in]``; transposed (``[in, out]``) for weights
-        stored input-first (GPT-2's ``Conv1D``, embeddings)."""
-        delta = (self.b.float() @ self.a.float()) * self.scaling
-        return delta.T if transpose or self.kind == "embedding" else delta
+    @property
+    def parameters(self) -> int:
+        """How many numbers the adapter holds for the module."""
+        return self.a.numel() + self.b.numel() + (0 if self.magnitude is None else self.magnitude.numel())
+
+    def needs(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+        """The base tensors :meth:`deltas` and :meth:`merged` need (DoRA: the weight; plain LoRA:
+        none for :meth:`deltas`)."""
+        return [] if self.magnitude is None else [self.weight_name]
+
+    def deltas(self, transpose: bool = False, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{weight name: ΔW}`` (see :meth:`delta`)."""
+        weight = None if self.magnitude is None else _needed(base, self.weight_name)
+        return {self.weight_name: self.delta(transpose, weight)}
+
+    def delta(self, transpose: bool = False, base: Tensor | None = None,
+              device: torch.device | str | None = None) -> Float[Tensor, "rows cols"]:  # fmt: skip
+        """``ΔW`` in float32, ``[out, in]``; transposed (``[in, out]``) for weights stored
+        input-first (GPT-2's ``Conv1D``, embeddings). Plain LoRA: ``scaling · B·A``, formed on
+        ``device`` (default: where the factors are). DoRA: from ``base``, the base's weight as
+        stored (same layout as the result), on its device: peft's merged weight (:meth:`merged`,
+        before rounding to the weight's dtype) minus the weight."""
+        input_first = transpose or self.kind == "embedding"
+        if self.magnitude is None:
+            low = self._low(device, torch.float32)
+            return low.T if input_first else low
+        if base is None:
+            raise ValueError(f"the DoRA change of {self.name} depends on the base's weight: pass it as base")
+        return self._dora_merged(base, input_first).sub_(base).float()
+
+    def merged(self, transpose: bool = False, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{weight name: merged weight}``: the weight after peft's ``merge_and_unload``, in the
+        base weight's dtype and layout (``transpose``: ``[in, out]``, GPT-2's ``Conv1D``), formed on
+        its device as peft forms it — the same operations in the same order and precision, so that a
+        bfloat16 or float16 merge equals peft's bit for bit. Plain LoRA: ``W + scaling·B·A``, the
+        change in float32 added and rounded once (an embedding: the change rounded to the weight's
+        dtype first, as peft's ``Embedding.merge`` does). DoRA: ``m / ‖V‖ · V``, ``V = W + scaling·B·A``,
+        in float32, rounded once. ``base`` holds the weight (checkpoint name and layout)."""
+        weight = _needed(base, self.weight_name)
+        input_first = transpose or self.kind == "embedding"
+        if self.magnitude is not None:
+            return {self.weight_name: self._dora_merged(weight, input_first).to(weight.dtype)}
+        delta = self.delta(transpose, device=weight.device)
+        merged = weight + (delta.to(weight.dtype) if self.kind == "embedding" else delta)
+        return {self.weight_name: merged.to(weight.dtype)}
+
+    def _low(self, device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
+        """``scaling · B·A``, ``[out, in]``, as peft's ``get_delta_weight`` forms it (the product, then the scaling)."""
+        low = self.b.to(device=device, dtype=dtype) @ self.a.to(device=device, dtype=dtype)
+        return low.mul_(self.scaling)
+
+    def _dora_merged(self, weight: Tensor, input_first: bool) -> Tensor:
+        """DoRA's merged weight ``m / ‖V‖ · V`` in ``weight``'s layout and on its device, in float32
+        (float64 for a float64 weight), not yet rounded to the weight's dtype: peft's
+        ``DoraLinearVariant.merge_unsafe`` (``DoraEmbeddingVariant`` for embeddings) step by step —
+        its change ``transpose(B·A) · scaling`` from the factors (float32 once peft has loaded
+        them), the norm of each output row of ``W + change`` (``DoraLinearLayer.get_weight_norm``,
+        in the layouts peft takes it in: the sums' order follows them), then
+        ``m / norm · (W + change)``. One dense change at a time: the module's."""
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        low = self._low(weight.device, compute)  # [out, in]
+        change = low.T if input_first else low  # weight's layout (peft: transpose(B·A, fan_in_fan_out) · scaling)
+        rows = weight.T if input_first else weight  # [out, in]: one row per output (embeddings: per dimension)
+        norm = torch.linalg.norm(rows + (change.T if input_first else change), dim=1)
+        if not bool((norm > 0).all()):
+            index = int((~(norm > 0)).nonzero()[0, 0])
+            where = (
+                f"embedding dimension {index} of {self.weight_name} (column {index} of the embedding plus its DoRA "
+                "change) is zero over the whole vocabulary"
+                if self.kind == "embedding"
+                else f"the weights of output {index} of {self.name} (row {index} of W + scaling·B·A) are all zero"
+            )
+            raise CheckpointError(
+                f"{where}, so DoRA's rescaling of it to its magnitude (m / its norm) is undefined (peft's merge gives "
+                "NaN or infinities there); the adapter or the base is not the pair it was trained as"
+            )
+        factor = (self.magnitude.to(device=weight.device, dtype=compute) / norm).view(-1, 1)  # type: ignore[union-attr]
+        del norm
+        return change.add_(weight).mul_(factor.T if input_first else factor)  # change: now m / ‖V‖ · (W + change)
 
     def delta_shape(self, transpose: bool = False) -> tuple[int, int]:
         """The shape of :meth:`delta` (without forming it)."""
@@ -158,19 +265,109 @@ class LoraModule:
         return (inp, out) if transpose or self.kind == "embedding" else (out, inp)
 
     def sq_norm(self) -> float:
-        """``‖ΔW‖²`` from the factors alone (``scaling² · tr(AAᵀ · BᵀB)``), without forming ``ΔW``."""
+        """``‖ΔW‖²`` from the factors alone (``scaling² · tr(AAᵀ · BᵀB)``), without forming ``ΔW``
+        (plain LoRA only: DoRA's change depends on the base weight)."""
+        if self.magnitude is not None:
+            raise ValueError(f"the DoRA change of {self.name} depends on the base's weight: form it with delta()")
         a, b = self.a.double(), self.b.double()
         return float((a @ a.T * (b.T @ b)).sum()) * self.scaling**2
 
 
+@dataclass(frozen=True)
+class IA3Module:
+    """One module adapted by IA3: a learned vector ``l`` scales its inputs (a feedforward module:
+    ``W · diag(l)``, ``ΔW = W · diag(l − 1)``) or its outputs (``diag(l) · W``, and its bias
+    ``b ⊙ l``). The change depends on the base's tensors, and has the rank of ``W``.
+
+    Attributes:
+        name: the module's path in the Hugging Face model.
+        vector: ``ia3_l`` as peft saves it: ``[1, in]`` for a feedforward module, else ``[out, 1]``.
+        feedforward: whether ``l`` scales the inputs (peft's ``feedforward_modules``).
+    """
+
+    name: str
+    vector: Float[Tensor, "rows cols"]
+    feedforward: bool
+
+    @property
+    def kind(self) -> Literal["linear"]:
+        """``"linear"``: peft adapts ``nn.Linear`` and GPT-2's ``Conv1D`` with IA3."""
+        return "linear"
+
+    @property
+    def method(self) -> Literal["ia3"]:
+        """``"ia3"``."""
+        return "ia3"
+
+    @property
+    def rank(self) -> None:
+        """IA3 has no rank."""
+        return None
+
+    @property
+    def weight_name(self) -> str:
+        """The name of the weight the module changes."""
+        return f"{self.name}.weight"
+
+    @property
+    def parameters(self) -> int:
+        """How many numbers the adapter holds for the module."""
+        return self.vector.numel()
+
+    def needs(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+        """The base tensors :meth:`deltas` needs: the weight, and the bias an output scaling changes."""
+        bias = f"{self.name}.bias"
+        return [self.weight_name] + ([bias] if not self.feedforward and bias in shapes else [])
+
+    def deltas(self, transpose: bool = False, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{weight name: ΔW}`` in float32, as stored (``transpose``: ``[in, out]``, GPT-2's
+        ``Conv1D``), and for an output scaling the bias's change when ``base`` holds the bias:
+        peft's merged tensors (:meth:`merged`, before rounding) minus the base's."""
+        merged = self._merged(transpose, base)
+        return {name: t.sub_(_needed(base, name)).float() for name, t in merged.items()}
+
+    def merged(self, transpose: bool = False, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{name: merged tensor}`` for the weight (and the bias an output scaling changes, when
+        ``base`` holds it): peft's ``IA3 Linear.merge`` — ``W · l`` (``l`` broadcast over the
+        weight as stored) formed in float32 on the weight's device and rounded once to its dtype
+        — so that a bfloat16 or float16 merge equals peft's bit for bit."""
+        return {name: t.to(_needed(base, name).dtype) for name, t in self._merged(transpose, base).items()}
+
+    def _merged(self, transpose: bool, base: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        weight = _needed(base, self.weight_name)
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        scale = self.vector.to(device=weight.device, dtype=compute)  # [out, 1] or [1, in]
+        out = {self.weight_name: torch.mul(weight, scale.T if transpose else scale)}
+        bias = f"{self.name}.bias"
+        if not self.feedforward and base is not None and bias in base:
+            out[bias] = torch.mul(base[bias], scale.reshape(base[bias].shape))
+        return out
+
+    def delta_shape(self, transpose: bool = False) -> tuple[int | None, int | None]:
+        """The shape of the weight the module changes, as far as ``l`` tells it (``None``: any)."""
+        size = int(self.vector.numel())
+        shape = (None, size) if self.feedforward else (size, None)
+        return shape[::-1] if transpose else shape
+
+
+AdapterModule = LoraModule | IA3Module
+
+
+def _needed(base: Mapping[str, Tensor] | None, name: str) -> Tensor:
+    if base is None or name not in base:
+        raise ValueError(f"the change of {name} depends on the base's tensor: pass it in base")
+    return base[name]
+
+
 @dataclass
 class LoraAdapter:
-    """A PEFT LoRA adapter read from disk (see :func:`read_adapter`).
+    """A PEFT adapter (LoRA, DoRA or IA3) read from disk (see :func:`read_adapter`).
 
     Attributes:
         path: the adapter folder.
         config: ``adapter_config.json``.
-        modules: the adapted modules, by module name, in file order.
+        modules: the adapted modules, by module name, in file order (:class:`LoraModule`, or
+            :class:`IA3Module` for an IA3 adapter).
         replaced: tensors the adapter replaces whole, by the base model's tensor name:
             ``modules_to_save``, trained biases, and base layers peft saves with the adapter
             (embeddings it adapts); the LoRA changes apply on top of them.
@@ -178,8 +375,19 @@ class LoraAdapter:
 
     path: Path
     config: dict[str, Any]
-    modules: dict[str, LoraModule]
+    modules: dict[str, AdapterModule]
     replaced: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def peft_type(self) -> str:
+        """``"LORA"`` (DoRA included) or ``"IA3"``, as ``adapter_config.json`` names it."""
+        return str(self.config.get("peft_type", "LORA"))
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether every module's change is ``scaling · B·A`` (of rank at most ``r``, known from the
+        factors alone); DoRA and IA3 changes depend on the base's weights and are formed densely."""
+        return all(m.method == "lora" for m in self.modules.values())
 
     @property
     def base_name(self) -> str | None:
@@ -192,20 +400,26 @@ class LoraAdapter:
         own weights beside its factors), listed apart and not counted as the adapter's parameters."""
         unchanged = set(unchanged) & set(self.replaced)
         replaced = {name: t for name, t in self.replaced.items() if name not in unchanged}
-        ranks = sorted({m.rank for m in self.modules.values()})
+        ranks = sorted({m.rank for m in self.modules.values() if m.rank is not None})
+        if self.peft_type == "IA3":
+            inputs = {m.name.rsplit(".", 1)[-1] for m in self.modules.values() if getattr(m, "feedforward", False)}
+            kind: dict[str, Any] = {"rank": None, "feedforward_modules": sorted(inputs)}
+        else:
+            kind = {"rank": ranks[0] if len(ranks) == 1 else ranks, "lora_alpha": self.config.get("lora_alpha"),
+                    "rslora": bool(self.config.get("use_rslora")), "dora": bool(self.config.get("use_dora"))}  # fmt: skip
         return {
             "path": str(self.path),
-            "peft_type": "LORA",
+            "peft_type": self.peft_type,
             "base": self.base_name,
-            "rank": ranks[0] if len(ranks) == 1 else ranks,
-            "lora_alpha": self.config.get("lora_alpha"),
-            "rslora": bool(self.config.get("use_rslora")),
+            **kind,
+            # "low-rank": scaling·B·A from the factors alone; "dense": DoRA's and IA3's changes, formed per module
+            # from the base's weights
+            "delta": "low-rank" if self.low_rank else "dense",
             "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in self.modules.values()}),
             "modules": len(self.modules),
             "replaced_tensors": sorted(replaced),
             **({"unchanged_copies": sorted(unchanged)} if unchanged else {}),
-            "parameters": sum(m.a.numel() + m.b.numel() for m in self.modules.values())
-            + sum(t.numel() for t in replaced.values()),
+            "parameters": sum(m.parameters for m in self.modules.values()) + sum(t.numel() for t in replaced.values()),
         }
 
     def check_fits(self, spec: ModelSpec, shapes: Mapping[str, Sequence[int]]) -> None:
@@ -217,18 +431,21 @@ class LoraAdapter:
                 embedding or the output layer of a base that ties them.
         """
         if (tied := tied_change(spec, [*self.replaced, *self.changed_weights])) and not self._kept_tied(spec):
+            module = next((m for m in self.modules.values() if m.weight_name == tied[0]), None)
+            merged = "its trained copy" if module is None else _MERGED_AS[module.method]
+            merge = f"a merge of {merged} into the one tied tensor"
+            merge += "" if module is None else " (as peft's merge_and_unload does)"
             raise CheckpointError(
                 f"the adapter at {self.path} changes {tied[0]}, which this base ties to its {tied[1]}, and not the "
                 "other the same way: peft trained that side only (the other kept the base's weights; "
                 "ensure_weight_tying=True ties modules_to_save where peft finds the tie), so the model it trained no "
-                "longer ties them, "
-                "and a merge into the one tied tensor (as peft's merge_and_unload does with LoRA factors) computes "
-                "another model. Untie a copy of the base (tie_word_embeddings=False, its output layer a copy of the "
-                "embedding), merge the adapter into that copy with peft, and diagnose the two: see "
-                "docs/guide/lora-and-trainer.md, 'Adapters on tied embeddings'"
+                f"longer ties them, and {merge} computes another model. Untie a copy of the base "
+                "(tie_word_embeddings=False, its output layer a copy of the embedding), merge the adapter into that "
+                "copy with peft, and diagnose the two: see docs/guide/lora-and-trainer.md, 'Adapters on tied "
+                "embeddings'"
             )
         transposed = _input_first_modules(spec)
-        changed = {name: tuple(t.shape) for name, t in self.replacing(spec).items()}
+        changed: dict[str, tuple[int | None, ...]] = {name: tuple(t.shape) for name, t in self.replacing(spec).items()}
         changed |= {m.weight_name: m.delta_shape(m.name in transposed) for m in self.modules.values()}
         for name, shape in changed.items():
             if name not in shapes:
@@ -238,10 +455,12 @@ class LoraAdapter:
                     + (f" (closest: {hint})" if hint else "")
                     + f"; it was made for another model (its config names {self.base_name!r} as base)"
                 )
-            if tuple(shapes[name]) != shape:
+            have = tuple(shapes[name])
+            if len(have) != len(shape) or any(w is not None and w != h for w, h in zip(shape, have, strict=True)):
+                described = ["*" if size is None else size for size in shape]  # IA3: only the scaled side is known
                 raise CheckpointError(
-                    f"the adapter at {self.path} changes {name} with shape {list(shape)}, but the base's "
-                    f"{name} has shape {list(shapes[name])}; it was made for another model "
+                    f"the adapter at {self.path} changes {name} with shape {described}, but the base's "
+                    f"{name} has shape {list(have)}; it was made for another model "
                     f"(its config names {self.base_name!r} as base)"
                 )
 
@@ -265,28 +484,49 @@ class LoraAdapter:
         return (both and embed not in self.changed_weights and unembed not in self.changed_weights
                 and torch.equal(self.replaced[embed], self.replaced[unembed]))  # fmt: skip
 
-    def deltas(self, spec: ModelSpec, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+    def deltas(
+        self, spec: ModelSpec, names: Iterable[str] | None = None, base: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """``ΔW`` (float32) for each weight the adapter changes, by the spec's checkpoint names;
-        with ``names``, only for those weights (the rest is not formed). Replaced tensors are
-        not included: their change depends on the base (see :meth:`merge_into`)."""
+        with ``names``, only for the modules of those weights (the rest is not formed). Replaced
+        tensors are not included: their change depends on the base (see :meth:`merge_into`).
+
+        DoRA and IA3 changes depend on the base's tensors (:meth:`base_tensors_needed`): ``base``
+        must hold them (checkpoint names and layout, after the replaced tensors are put in), and
+        each module's change is formed densely; an IA3 output scaling also changes the bias.
+
+        Raises:
+            ValueError: a DoRA or IA3 module is wanted and ``base`` lacks its tensors.
+        """
         transposed = _input_first_modules(spec)
         wanted = None if names is None else set(names)
         out = {}
         for module in self.modules.values():
             if wanted is None or module.weight_name in wanted:
-                out[module.weight_name] = module.delta(transpose=module.name in transposed)
+                out.update(module.deltas(module.name in transposed, base))
         return out
+
+    def base_tensors_needed(self, spec: ModelSpec) -> list[str]:
+        """The base tensors (checkpoint names) that :meth:`deltas` needs: DoRA and IA3 modules' weights,
+        and the biases of IA3 modules that scale their outputs; none for plain LoRA."""
+        shapes = checkpoint_shapes(spec)
+        return [name for m in self.modules.values() for name in m.needs(shapes)]
 
     @property
     def changed_weights(self) -> list[str]:
-        """The names of the weights the adapter's LoRA factors change."""
+        """The names of the weights the adapter's modules change (an IA3 output scaling changes the
+        module's bias too)."""
         return [m.weight_name for m in self.modules.values()]
 
     def merge_into(self, model: CapModel) -> None:
-        """Add every ``ΔW`` to ``model``'s weights and put in the tensors the adapter replaces, in
-        place, through :meth:`~capwrap.models.CapModel.weights` — the tensors the model computes
-        with, on any backend and any placement (a model accelerate dispatched included) — each
-        weight keeping its dtype and device.
+        """Merge the adapter into ``model``'s weights as peft's ``merge_and_unload`` does, in place,
+        through :meth:`~capwrap.models.CapModel.weights` — the tensors the model computes with, on
+        any backend and any placement (a model accelerate dispatched included) — each weight keeping
+        its dtype and device: the tensors the adapter replaces are put in, then each module is
+        merged in turn, on its weight's device. Plain LoRA adds ``scaling·B·A``; a DoRA or IA3
+        module's weight is read back, its merged tensors formed as peft forms them
+        (:meth:`LoraModule.merged`, :meth:`IA3Module.merged`) and written in, so that half-precision
+        merges equal peft's bit for bit. Only one module's dense tensors exist at a time.
 
         Raises:
             CheckpointError: the adapter changes a tensor the base does not have, or one of
@@ -294,15 +534,36 @@ class LoraAdapter:
                 its weights.
         """
         spec = model.spec
-        self.check_fits(spec, checkpoint_shapes(spec))
+        shapes = checkpoint_shapes(spec)
+        self.check_fits(spec, shapes)
         weights = model.weights()
+        transposed = _input_first_modules(spec)
         with torch.no_grad():
-            for name, value in _canonical_parts(spec, self.replacing(spec), self.path).items():  # replaced tensors first
+            replacing = _canonical_parts(spec, self.replacing(spec), self.path)
+            for name, value in replacing.items():  # replaced tensors first
                 weights[name].copy_(value)
-            deltas = _canonical_parts(spec, self.deltas(spec), self.path)
-            for name in one_name_per_tensor(deltas):  # a tied embedding: one tensor under two names, changed once
-                delta, target = deltas[name], weights[name]
-                target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
+            for module in self.modules.values():  # one at a time: formed, written, freed
+                flip = module.name in transposed
+                if isinstance(module, LoraModule) and module.magnitude is None:
+                    # peft adds the float32 change to a Linear's (Conv1D's) weight, rounding once, and rounds an
+                    # embedding's change to the weight's dtype before adding it
+                    device = weights[_canonical_of(spec, module.weight_name, self.path)[0]].device
+                    delta = module.delta(flip, device=device)
+                    views = _canonical_parts(spec, {module.weight_name: delta}, self.path)
+                    # (a tied embedding: one tensor under two names, changed once)
+                    for name in one_name_per_tensor(views):
+                        target = weights[name]
+                        dtype = target.dtype if module.kind == "embedding" else views[name].dtype
+                        target.add_(views[name].to(device=target.device, dtype=dtype))
+                    del delta, views
+                else:  # DoRA, IA3: the merged tensors, from the base's, written over them
+                    base = _checkpoint_tensors(spec, weights, module.needs(shapes), self.path)
+                    merged = module.merged(flip, base)
+                    del base
+                    views = _canonical_parts(spec, merged, self.path)
+                    for name in one_name_per_tensor(views):
+                        weights[name].copy_(views[name])
+                    del merged, views
 
 
 def tied_change(spec: ModelSpec, changed: Iterable[str]) -> tuple[str, str] | None:
@@ -322,6 +583,41 @@ def tied_change(spec: ModelSpec, changed: Iterable[str]) -> tuple[str, str] | No
     return None
 
 
+def _canonical_of(spec: ModelSpec, name: str, path: Path) -> list[str]:
+    """The canonical weights that the checkpoint tensor ``name`` makes up (found on a placeholder
+    without memory: a zero-stride tensor of its shape)."""
+    probe = torch.empty(()).expand(checkpoint_shapes(spec)[name])
+    names = list(canonical_views_of_some(spec, {name: probe}))
+    if not names:
+        raise CheckpointError(
+            f"the adapter at {path} changes {name}, which capwrap does not map onto the model's weights; merge it with "
+            "peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and load the "
+            "merged folder"
+        )
+    return names
+
+
+def _checkpoint_tensors(spec: ModelSpec, weights: Mapping[str, Tensor], names: Sequence[str],
+                        path: Path) -> dict[str, Tensor]:  # fmt: skip
+    """Copies of the checkpoint tensors ``names``, in their own dtype and on their own device
+    (those of the canonical weights they make up), read back from a model's canonical ``weights``
+    (the inverse of the views :func:`_canonical_parts` gives)."""
+    shapes = checkpoint_shapes(spec)
+    out = {}
+    for name in names:
+        held = weights[_canonical_of(spec, name, path)[0]]
+        out[name] = torch.full(shapes[name], math.nan, dtype=held.dtype, device=held.device)
+    for name, view in canonical_views_of_some(spec, out).items():
+        view.copy_(weights[name])
+    if unread := [name for name, t in out.items() if t.isnan().any()]:  # a part no canonical weight holds
+        raise CheckpointError(
+            f"the change of the adapter at {path} depends on {unread[:3]}, which capwrap cannot read back from the "
+            "model's weights; merge it with peft (PeftModel.from_pretrained(base, folder).merge_and_unload()"
+            ".save_pretrained(out)) and load the merged folder"
+        )
+    return out
+
+
 def _canonical_parts(spec: ModelSpec, tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
     """The canonical weights that checkpoint ``tensors`` make up (views); every tensor must make up
     at least one."""
@@ -337,7 +633,8 @@ def _canonical_parts(spec: ModelSpec, tensors: Mapping[str, Tensor], path: Path)
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
-    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+    """Read a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``): LoRA
+    (DoRA included) or IA3.
 
     Args:
         path: the adapter folder, as ``PeftModel.save_pretrained`` writes it.
@@ -345,21 +642,39 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAda
 
     Raises:
         CheckpointError: the folder is missing or has no adapter, its files are corrupt, its
-            weights are only a pickle (without ``allow_pickle``), or its kind is not plain LoRA
-            (DoRA, LoHa, IA3 ...: merge those with peft's ``merge_and_unload`` and load the result).
+            weights are only a pickle (without ``allow_pickle``), or its kind is neither LoRA nor
+            IA3 (LoHa, LoKr, VeRA ...), or a LoRA variant capwrap does not merge (KaSA, ``lora_bias``
+            ...): merge those with peft's ``merge_and_unload`` and load the result.
     """
-    folder = Path(path).expanduser()
-    config_file = folder / ADAPTER_CONFIG
-    if not folder.is_dir():
-        raise CheckpointError(f"adapter folder {folder} does not exist; check the path")
-    if not config_file.is_file():
-        raise CheckpointError(f"{folder} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder")
+    folder = check_adapter_folder(path)
     config = _adapter_config(folder)
     _check_supported(folder, config)
     tensors = _read_tensors(folder, allow_pickle)
     check_finite_weights(tensors, f"the adapter {folder}", CheckpointError)
-    modules, replaced = _parse(folder, config, tensors)
+    parse = _parse_ia3 if config["peft_type"] == "IA3" else _parse
+    modules, replaced = parse(folder, config, tensors)
     return LoraAdapter(folder, config, modules, replaced)
+
+
+def check_adapter_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder, or a :class:`~capwrap.errors.CheckpointError` saying that it does not
+    exist or holds no ``adapter_config.json`` (a full checkpoint given as the adapter, say), before
+    anything reads it.
+
+    Examples:
+        >>> check_adapter_folder("nowhere")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.CheckpointError: adapter folder nowhere does not exist; check the path
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"adapter folder {folder} does not exist; check the path")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        whole = " (it holds a config.json: a whole checkpoint, which loads as a model, not as an adapter)"
+        raise CheckpointError(f"{folder} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter folder"
+                              + (whole if (folder / "config.json").is_file() else ""))  # fmt: skip
+    return folder
 
 
 def adapter_hint(folder: str | os.PathLike) -> str:
@@ -372,6 +687,7 @@ def adapter_hint(folder: str | os.PathLike) -> str:
     base = config.get("base_model_name_or_path")
     kind = config.get("peft_type", "PEFT")
     what = f"{kind} r={config['r']}" if "r" in config else kind
+    what += ", DoRA" if config.get("use_dora") else ""
     return (
         f"{folder} is a PEFT adapter ({what}"
         + (f", trained on {base!r}" if base else "")
@@ -465,12 +781,15 @@ def _check_supported(folder: Path, config: dict[str, Any]) -> None:
             f"{folder / ADAPTER_CONFIG} names no peft_type, which every adapter peft saves names; the adapter is corrupt "
             "(or not written by peft)"
         )
+    if kind == "IA3":
+        return
     if kind != "LORA":
         raise CheckpointError(
-            f"{folder} is a {kind} adapter; capwrap reads LoRA adapters. Merge it into its base with peft "
-            "(PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and load the result"
+            f"{folder} is a {kind} adapter; capwrap reads LoRA (DoRA included) and IA3 adapters. Merge it into its "
+            "base with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and "
+            "load the result"
         )
-    used, unmergeable = unsupported_lora_options(config)
+    used, unmergeable = unsupported_lora_options({k: v for k, v in config.items() if k not in _MERGED_OPTIONS})
     if unmergeable:
         raise CheckpointError(
             f"{folder} is a LoRA adapter with {', '.join(unmergeable)}: no one weight change stands for it, so "
@@ -478,8 +797,8 @@ def _check_supported(folder: Path, config: dict[str, Any]) -> None:
         )
     if used:
         raise CheckpointError(
-            f"{folder} is a LoRA adapter with {', '.join(used)}, whose weight change is not scaling·B·A; "
-            "merge it with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) "
+            f"{folder} is a LoRA adapter with {', '.join(used)}, whose weight change capwrap does not compute "
+            "(it reads scaling·B·A and DoRA); merge it with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) "
             "and load the merged folder"
         )
     init = config.get("init_lora_weights")
@@ -517,7 +836,8 @@ def _parse(
             if name.endswith(suffix):
                 module = name[: -len(suffix)]
                 factors.setdefault(module, {})[role] = tensor
-                kinds[module] = kind
+                if kind is not None:
+                    kinds[module] = kind
                 break
         else:
             if ".lora_" in name:
@@ -526,20 +846,103 @@ def _parse(
                     "(merge_and_unload) and load the merged model"
                 )
             replaced[name.replace(".base_layer.", ".")] = tensor  # trained biases, modules_to_save
-    modules = {}
+    dora = bool(config.get("use_dora"))
+    modules: dict[str, AdapterModule] = {}
     for module, pair in factors.items():
-        if set(pair) != {"a", "b"}:
+        if not {"a", "b"} <= set(pair):
             raise CheckpointError(f"{folder} has only one of the two LoRA factors of {module}; the adapter is corrupt")
-        a, b = pair["a"], pair["b"]
+        a, b, magnitude = pair["a"], pair["b"], pair.get("magnitude")
         if a.shape[0] != b.shape[1]:
             raise CheckpointError(
                 f"{folder}: the LoRA factors of {module} disagree in rank ({list(a.shape)} vs {list(b.shape)}); "
                 "the adapter is corrupt"
             )
-        modules[module] = LoraModule(module, kinds[module], a, b, _scaling(config, module, int(a.shape[0])))  # type: ignore[arg-type]
+        if dora and magnitude is None:
+            if all("magnitude" not in roles for roles in factors.values()):
+                raise CheckpointError(_no_magnitudes(folder, module))
+            raise CheckpointError(
+                f"{folder} is a DoRA adapter (use_dora=True) without the magnitude vector of {module} "
+                "(lora_magnitude_vector), which its other modules have; the adapter is corrupt (truncated or edited)"
+            )
+        if not dora and magnitude is not None:
+            raise CheckpointError(
+                f"{folder} holds a DoRA magnitude vector for {module} but its {ADAPTER_CONFIG} does not say "
+                "use_dora=True; the adapter is corrupt"
+            )
+        if magnitude is not None and tuple(magnitude.shape) != (b.shape[0],):
+            raise CheckpointError(
+                f"{folder}: the DoRA magnitude vector of {module} has shape {list(magnitude.shape)}, not [{b.shape[0]}] "
+                "(one per output of its factors); the adapter is corrupt"
+            )
+        scaling = _scaling(config, module, int(a.shape[0]))
+        modules[module] = LoraModule(module, kinds[module], a, b, scaling, magnitude)  # type: ignore[arg-type]
     if not modules and not replaced:
         raise CheckpointError(f"{folder}'s adapter weights hold no tensors")
     return modules, replaced
+
+
+def _no_magnitudes(folder: Path, module: str) -> str:
+    """What to say of a DoRA adapter that has no magnitude vector at all. peft writes one when it
+    converts a PiSSA, OLoRA, CorDA or LoRA-GA adapter trained with DoRA to plain LoRA
+    (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``): it saves only the
+    converted factors ``[A | A₀]``, ``[B | −B₀]`` (rank and alpha doubled, ``init_lora_weights``
+    set to true) and keeps ``use_dora=True``, dropping the trained magnitudes. The factors give the
+    trained direction ``V`` but not the magnitudes the model scales it to, so the trained model
+    cannot be rebuilt from the folder: peft itself loads it with each magnitude reset to the norm
+    of the base's row (warning of missing adapter keys), which is the trained model only where the
+    magnitudes were not trained."""
+    return (
+        f"{folder} is a DoRA adapter (use_dora=True) without the magnitude vector of any module "
+        f"(lora_magnitude_vector; {module} has only LoRA factors), so the magnitudes its model scales each output to "
+        "are missing and the model it trained cannot be rebuilt from it. The likely cause is peft's conversion of a "
+        "PiSSA, OLoRA, CorDA or LoRA-GA adapter trained with DoRA to plain LoRA "
+        "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which saves only the converted factors, "
+        "drops the trained magnitudes and keeps use_dora=True (peft loads such a folder with every magnitude reset to "
+        "the norm of the base's row, warning of missing adapter keys). Save the trained adapter without the conversion "
+        "and merge it with peft into the base it was initialized on (PeftModel.from_pretrained(base, folder)"
+        ".merge_and_unload().save_pretrained(out)), then load the merged folder"
+    )
+
+
+def _parse_ia3(
+    folder: Path, config: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, AdapterModule], dict[str, Tensor]]:
+    modules: dict[str, AdapterModule] = {}
+    replaced: dict[str, Tensor] = {}
+    for key, vector in tensors.items():
+        name = key.removeprefix(_PREFIX)
+        if not name.endswith(_IA3_VECTOR):
+            if ".ia3_" in name or ".lora_" in name:
+                raise CheckpointError(
+                    f"{folder} holds {key}, a tensor an IA3 adapter does not have; merge the adapter with peft "
+                    "(merge_and_unload) and load the merged model"
+                )
+            replaced[name.replace(".base_layer.", ".")] = vector  # modules_to_save
+            continue
+        module = name.removesuffix(_IA3_VECTOR)
+        feedforward = _is_feedforward(config, module, vector)
+        if vector.ndim != 2 or vector.shape[0 if feedforward else 1] != 1:
+            want = "[1, in] (it scales the module's inputs)" if feedforward else "[out, 1] (it scales its outputs)"
+            raise CheckpointError(
+                f"{folder}: the IA3 vector of {module} has shape {list(vector.shape)}, not {want}; the adapter is "
+                "corrupt (or its feedforward_modules do not match its tensors)"
+            )
+        modules[module] = IA3Module(module, vector, feedforward)
+    if not modules and not replaced:
+        raise CheckpointError(f"{folder}'s adapter weights hold no tensors")
+    return modules, replaced
+
+
+def _is_feedforward(config: dict[str, Any], module: str, vector: Tensor) -> bool:
+    """Whether IA3 scales the inputs of ``module``: peft's test of ``feedforward_modules`` (a regex
+    the whole module name matches, or names it ends with); without them in the config, what the
+    vector's shape says (``[1, in]``)."""
+    wanted = config.get("feedforward_modules")
+    if wanted is None:
+        return vector.ndim == 2 and vector.shape[0] == 1 and vector.shape[1] != 1
+    if isinstance(wanted, str):
+        return re.fullmatch(wanted, module) is not None
+    return any(module.endswith(name) for name in wanted)
 
 
 def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
@@ -562,7 +965,7 @@ def _input_first_modules(spec: ModelSpec) -> frozenset[str]:
     from transformers.pytorch_utils import Conv1D
 
     if not spec.has_hf_equivalent:
-        raise ConfigError(f"{spec.architecture} models have no Hugging Face layers, so LoRA adapters do not apply")
+        raise ConfigError(f"{spec.architecture} models have no Hugging Face layers, so PEFT adapters do not apply")
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(spec.to_hf_config())
     return frozenset(name for name, module in model.named_modules() if isinstance(module, Conv1D))

@@ -89,11 +89,19 @@ def test_bad_adapters_get_clear_errors(gpt2_folder, llama_folder, make_adapter, 
     dora = tmp_path / "dora"
     shutil.copytree(adapter, dora)
     config = json.loads((dora / "adapter_config.json").read_text())
-    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(CheckpointError, match="DoRA.*merge_and_unload"):
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # DoRA without magnitudes
+    with pytest.raises(CheckpointError, match=r"DoRA adapter \(use_dora=True\) without the magnitude vector"):
         read_adapter(dora)
-    (dora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(CheckpointError, match="is a IA3 adapter; capwrap reads LoRA adapters"):
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))  # IA3 holding LoRA factors
+    with pytest.raises(CheckpointError, match="a tensor an IA3 adapter does not have.*merge_and_unload"):
+        read_adapter(dora)
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    with pytest.raises(CheckpointError, match="is a LOHA adapter; capwrap reads LoRA .DoRA included. and IA3 adapters.*"
+                                              "merge_and_unload"):  # fmt: skip
+        read_adapter(dora)
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True, "kasa_config": {"k": 1}}))
+    with pytest.raises(CheckpointError, match=r"with KaSA \(kasa_config\), whose weight change capwrap does not "
+                                              r"compute.*merge_and_unload"):  # fmt: skip
         read_adapter(dora)
 
     from safetensors.torch import load_file, save_file
@@ -330,7 +338,7 @@ def test_capwrap_diagnose_refuses_an_adapter_as_base_and_warns_of_another_base_i
 
     assert main(["diagnose", str(adapter), str(tmp_path / "base"), *specs, "--quiet"]) == 2  # swapped
     err = capsys.readouterr().err
-    assert f"BASE {adapter} is a LoRA adapter" in err and f"capwrap diagnose {tmp_path / 'base'} {adapter}" in err
+    assert f"BASE {adapter} is a PEFT adapter" in err and f"capwrap diagnose {tmp_path / 'base'} {adapter}" in err
     assert "Traceback" not in err
 
     monkeypatch.setattr(capwrap.diagnosis.checkpoints, "default_analyzers", lambda quick, memory, compiled: [WeightDiff((0.1,))])
