@@ -18,7 +18,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from capwrap.errors import CapwrapError, CapwrapWarning, ConfigError
 from capwrap.tasks.spec import spec_help
@@ -90,7 +90,9 @@ def _info(args: argparse.Namespace) -> int:
         print("  patching: fast engine (resumed) and hooks engine")
     print(f"  tokenizer: {info['tokenizer'] or 'none'}")
     if adapter := info.get("adapter"):
-        print(f"  merged adapter: LoRA r={adapter['rank']} on {', '.join(adapter['target_modules'])} "
+        kind = ("IA3" if adapter.get("peft_type") == "IA3"
+                else f"{'DoRA' if adapter.get('dora') else 'LoRA'} r={adapter['rank']}")  # fmt: skip
+        print(f"  merged adapter: {kind} on {', '.join(adapter['target_modules'])} "
               f"({adapter['modules']} modules) from {adapter['path']}")  # fmt: skip
     return 0
 
@@ -207,8 +209,16 @@ def _read_json_key(path: Path, key: str) -> Any:
     return data.get(key) if isinstance(data, dict) else None
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of an option is one line (the reason and where the options
+    are listed) instead of the usage block and the reason; its subcommands' parsers are the same."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (the options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="capwrap",
         description="Did fine-tuning change a capability, or only wrap it? Analyses on TransformerLens models.",
     )

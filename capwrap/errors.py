@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -31,6 +33,7 @@ __all__ = [
     "check_fields",
     "closest_matches",
     "whole_number",
+    "real_number",
     "lookup",
 ]
 
@@ -116,6 +119,40 @@ def whole_number(value: Any, what: str, minimum: int = 0) -> int:
     if number is None or number < minimum:
         raise ConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def real_number(
+    value: Any, what: str, minimum: float | None = None, below: float | None = None, hint: str = ""
+) -> float:
+    """``value`` as a ``float`` (NumPy floats and integers included; ``bool``, tensors, strings and
+    NaN or infinite values refused), at least ``minimum`` and less than ``below`` where given, or a
+    :class:`ConfigError` ``"{what} must be ..., got {value!r}{hint}"``.
+
+    Examples:
+        >>> real_number(1, "retain_weight", minimum=0)
+        1.0
+        >>> real_number(float("nan"), "retain_weight", minimum=0)
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: retain_weight must be a finite number >= 0, got nan
+        >>> real_number(True, "momentum", minimum=0, below=1, hint="; 0.9 is usual")
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: momentum must be a number in [0, 1), got True; 0.9 is usual
+    """
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and (minimum is None or value >= minimum) and (below is None or value < below)):
+        raise ConfigError(f"{what} must be {_real_range(minimum, below)}, got {value!r}{hint}")
+    return float(value)
+
+
+def _real_range(minimum: float | None, below: float | None) -> str:
+    """What :func:`real_number` asks for, in words: ``a number in [0, 1)``, ``a finite number >= 0``."""
+    if minimum is not None and below is not None:
+        return f"a number in [{minimum}, {below})"
+    if below is not None:
+        return f"a finite number < {below}"
+    return "a finite number" + ("" if minimum is None else f" >= {minimum}")
 
 
 def as_list(value: Any, what: str, hint: str = "") -> list[Any]:

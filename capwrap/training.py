@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from capwrap.checks import check_finite_weights
-from capwrap.errors import ConfigError, StoreError, TrainingDivergedError
+from capwrap.errors import ConfigError, StoreError, TrainingDivergedError, real_number
 from capwrap.methods.base import FineTune, TrainingMethod, step_seed
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.model import resolve_dtype
@@ -118,11 +118,9 @@ class TrainConfig:
                 "step_in_backward updates each weight before the other gradients exist, so the gradient norm "
                 "cannot be clipped: pass grad_clip=None (optimizer='adafactor' clips its updates itself)"
             )
-        momentum_is_number = isinstance(self.momentum, numbers.Real) and not isinstance(self.momentum, bool)
-        if not momentum_is_number or not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(
-                f"TrainConfig.momentum is SGD's momentum, a number in [0, 1) (0.9 is usual), got {self.momentum!r}"
-            )
+        momentum = real_number(self.momentum, "TrainConfig.momentum (SGD's momentum)", minimum=0, below=1,
+                               hint="; 0.9 is usual")  # fmt: skip
+        object.__setattr__(self, "momentum", momentum)  # a float (a NumPy number would not reach a checkpoint's JSON)
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"TrainConfig.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -223,7 +221,9 @@ _RECORDER_OWN = frozenset({"loss", "lr", "grad_norm", "arrays", "final"})
 
 def _storable(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The metrics a recorder stores: numbers (and one-element tensors) under names of their own; others
-    (a callback's text or list) stay in the history only."""
+    (a callback's text or list) stay in the history only. Unlike a setting (:func:`~capwrap.errors.real_number`),
+    a metric may be a bool (stored as 0 or 1) or NaN (a measurement that failed, kept as such)."""
+
     def number(value: Any) -> bool:
         if isinstance(value, torch.Tensor):
             return value.numel() == 1 and not value.is_complex()

@@ -8,8 +8,9 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,13 +18,16 @@ from capwrap.analyzers import ModelPair
 from capwrap.diagnosis.result import Diagnosis, json_default
 from capwrap.diagnosis.rule import VerdictRule
 from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagnose
-from capwrap.errors import ConfigError
+from capwrap.errors import CapwrapWarning, ConfigError
 from capwrap.files import check_output_folder, read_json, write_text_atomic
 from capwrap.models.io import check_placement
 from capwrap.models.model import resolve_device, resolve_dtype
 from capwrap.models.residency import Residency
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import RunStore
+
+if TYPE_CHECKING:
+    from capwrap.models import CapModel
 
 __all__ = ["diagnose_checkpoints"]
 
@@ -59,8 +63,12 @@ def diagnose_checkpoints(
     """:func:`diagnose` for two checkpoints (folders or hub names) and task specs
     (:func:`~capwrap.tasks.spec.task_from_spec`); writes ``summary.json`` and ``report.html`` to ``out``.
 
-    ``tuned`` may be a PEFT LoRA adapter folder: the tuned model is then ``base`` with it merged in,
+    ``tuned`` may be a PEFT adapter folder (LoRA, DoRA, IA3): the tuned model is then ``base`` with it merged in,
     and ``summary.json`` adds the adapter's own weight diff (``adapter``).
+
+    Text tasks read both models' texts with one tokenizer, the base's; a checkpoint folder without a
+    tokenizer has its texts read with the other's, and a warning says so. The provenance's
+    ``tokenizer`` records the folder each model's tokenizer came from.
 
     ``quick``: smaller samples and budgets, and an evaluation set of :data:`QUICK_EVAL_SIZE` sequences per task.
 
@@ -196,7 +204,7 @@ def _diagnose_files(
 ) -> Diagnosis:
     from capwrap.models import load_model
     from capwrap.models.adapters import is_adapter_folder, named_base
-    from capwrap.tasks.spec import check_spec, task_from_spec
+    from capwrap.tasks.spec import check_spec, parse_spec, task_from_spec
 
     for spec in (capability, downstream, downstream_free):  # their form, before any model loads
         if spec:
@@ -204,7 +212,7 @@ def _diagnose_files(
     if is_adapter_folder(base):
         trained_on = named_base(base)
         raise ConfigError(
-            f"BASE {base} is a LoRA adapter, not a base model: the base of a diagnosis is the model before "
+            f"BASE {base} is a PEFT adapter, not a base model: the base of a diagnosis is the model before "
             f"fine-tuning, and an adapter goes second, as TUNED (`capwrap diagnose {trained_on or 'BASE'} {base} ...`; "
             "were the two swapped?). To compare two fine-tunes, merge the first adapter into its base "
             "(save_model(load_model(BASE, adapter=ADAPTER), FOLDER)) and pass that folder as BASE"
@@ -220,11 +228,14 @@ def _diagnose_files(
     if residency is not None:  # the base waits in a file while the tuned model loads
         residency.add(base_model)
         residency.release_all()
-    adapter = tuned if is_adapter_folder(tuned) else None  # a LoRA adapter: BASE with it merged in
+    adapter = tuned if is_adapter_folder(tuned) else None  # a PEFT adapter: BASE with it merged in
     tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter,
                              dtype=dtype, **placement("tuned"))  # fmt: skip
     ModelPair(base_model, tuned_model, residency)  # one architecture, shape and tokenizer, before the tasks are built
-    tokenizer = base_model.tokenizer or tuned_model.tokenizer
+    reads_text = any(spec and "text" in parse_spec(spec) for spec in (capability, downstream, downstream_free))
+    tokenizer, tokenizer_folders = _pair_tokenizer(
+        {"base": str(base), "tuned": str(base if adapter else tuned)}, base_model, tuned_model, reads_text
+    )
     cap_task = task_from_spec(capability, tokenizer, model=base_model)  # a Tracr task reads the base's vocabularies
     down_task = task_from_spec(downstream, tokenizer, model=base_model)
     free_task = task_from_spec(downstream_free, tokenizer, model=base_model) if downstream_free else "auto"
@@ -240,6 +251,7 @@ def _diagnose_files(
         folder.mkdir(parents=True, exist_ok=True)
         provenance = run_provenance(
             models={"base": base_model, "tuned": tuned_model}, seeds={"seed": seed}, started=started, call=call,
+            tokenizer=tokenizer_folders,
         )  # fmt: skip
         summary = {
             "base": str(base), "tuned": str(tuned), "capability_spec": capability, "downstream_spec": downstream,
@@ -262,3 +274,33 @@ def _diagnose_files(
             provenance=provenance,
         )
     return diagnosis
+
+
+def _pair_tokenizer(
+    folders: dict[str, str], base: CapModel, tuned: CapModel, reads_text: bool
+) -> tuple[Any, dict[str, str] | None]:
+    """The tokenizer a pair's tasks read text with (the base's, else the tuned model's) and, where the
+    tasks read text, the folder each model's tokenizer came from (the provenance's ``tokenizer``).
+
+    ``folders``: the folder each model loaded from (a LoRA-tuned model: its base's). A model whose
+    folder has no tokenizer has its texts read with the other's: said in a warning naming both
+    folders, since a fine-tune that changed its tokenizer would then be read with the wrong one.
+    """
+    models = {"base": base, "tuned": tuned}
+    tokenizer = base.tokenizer or tuned.tokenizer
+    if tokenizer is None or not reads_text:
+        return tokenizer, None
+    lacking = next((role for role, model in models.items() if model.tokenizer is None), None)
+    if lacking is None:
+        return tokenizer, dict(folders)
+    other = "tuned" if lacking == "base" else "base"
+    warnings.warn(
+        f"the {lacking} checkpoint {folders[lacking]} has no tokenizer (no readable tokenizer files): the "
+        f"{lacking} model's texts are read with the {other} model's tokenizer, from {folders[other]}. If the "
+        f"fine-tune changed the tokenizer (added or replaced tokens), copy the tokenizer it was trained with "
+        f"(tokenizer.json, tokenizer_config.json, ...) into {folders[lacking]}; if it did not, copy the {other}'s "
+        "files there to say so and silence this warning",
+        CapwrapWarning,
+        stacklevel=4,
+    )
+    return tokenizer, {**folders, lacking: folders[other]}

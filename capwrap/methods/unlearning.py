@@ -31,8 +31,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -40,7 +38,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, real_number
 from capwrap.methods.base import TrainingMethod, step_seed
 from capwrap.tasks.base import Task, TaskBatch, check_task_fits, sequence_logprob, task_loss
 
@@ -55,14 +53,11 @@ class _Unlearning(TrainingMethod):
     """Shared parts: the retain task, its weight, and the per-step losses it logs."""
 
     def __init__(self, retain: Task | None = None, retain_weight: float = 1.0):
-        number = isinstance(retain_weight, numbers.Real) and not isinstance(retain_weight, bool)
-        if not number or not math.isfinite(retain_weight) or retain_weight < 0:
-            raise ConfigError(
-                f"{type(self).__name__}'s retain_weight (the retain loss's weight) must be a finite number >= 0, "
-                f"got {retain_weight!r}: give e.g. retain_weight=1.0, or 0 to train on the forget task alone"
-            )
+        self.retain_weight = real_number(
+            retain_weight, f"{type(self).__name__}'s retain_weight (the retain loss's weight)", minimum=0,
+            hint=": give e.g. retain_weight=1.0, or 0 to train on the forget task alone",
+        )  # fmt: skip
         self.retain = retain
-        self.retain_weight = float(retain_weight)
         self._logged: dict[str, float] = {}
 
     def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[torch.nn.Parameter]:

@@ -41,6 +41,7 @@ from capwrap.models.adapters import (
     adapter_base,
     adapter_hint,
     check_adapter_base,
+    check_adapter_folder,
     is_adapter_folder,
     read_adapter,
 )
@@ -142,7 +143,7 @@ def load_model(
         allow_pickle: also accept ``pytorch_model.bin`` (read with ``weights_only=True``).
         trust_remote_code: let ``transformers`` run the checkpoint's own Python code.
         revision: hub revision (branch, tag or commit) for hub names.
-        adapter: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+        adapter: a PEFT adapter folder (LoRA, DoRA or IA3) (``adapter_config.json`` + ``adapter_model.safetensors``)
             to merge into ``source`` (see :mod:`capwrap.models.adapters`); ``allow_pickle`` also
             admits ``adapter_model.bin``.
         dtype: the weights' dtype (``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a
@@ -167,7 +168,7 @@ def load_model(
         named_by = adapter = source
         source = adapter_base(source)
     elif adapter is not None:
-        check_adapter_base(adapter, source)
+        check_adapter_base(check_adapter_folder(adapter), source)
     try:
         folder = _resolve_source(source, revision, allow_pickle)
     except CheckpointError as exc:
@@ -314,9 +315,10 @@ def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = Fal
         ) from exc
     except (LocalEntryNotFoundError, OSError) as exc:
         raise CheckpointError(
-            f"cannot reach the Hugging Face hub to download {name!r} (offline?). On a machine with "
-            f"access run `hf download {name} --local-dir DIR` (huggingface_hub's command line), copy DIR here, "
-            "and pass its path instead of the hub name; no local folder of that name exists either"
+            f"no local folder {name!r} exists (check the path), and the Hugging Face hub cannot be reached to "
+            f"download a model of that name (offline?). If it is a hub name: on a machine with access run "
+            f"`hf download {name} --local-dir DIR` (huggingface_hub's command line), copy DIR here, and pass its "
+            "path instead of the hub name"
         ) from exc
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from capwrap.errors import CapwrapWarning, CheckpointError, ConfigError, closest_matches
+from capwrap.models.generation import start_token_id
 from capwrap.tasks.base import TaskBase, TaskBatch
 
 if TYPE_CHECKING:
@@ -285,7 +286,8 @@ class TextTask(TaskBase):
         name: a name for reports.
 
     Raises:
-        ConfigError: no text contains the feature, or the tokenizer is missing.
+        ConfigError: no text contains the feature, or the tokenizer is missing or has neither a BOS nor an
+            EOS token to start a text with.
     """
 
     def __init__(
@@ -392,8 +394,7 @@ class TextTask(TaskBase):
         return _Doc(ids, sorted(set(starts)))
 
     def _bos(self) -> int:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return int(bos if bos is not None else (self.tokenizer.eos_token_id or 0))
+        return start_token_id(self.tokenizer)
 
     def _window(self, ids: list[int], answer_at: int | None, gen: torch.Generator) -> list[int]:
         """Tokens ending with the one before ``answer_at`` (random if None), at most ``seq_len`` + the answer."""

@@ -344,8 +344,12 @@ CASES = [
         lambda e: train(e.model_with_nan_row(), TASK, TrainConfig(steps=1, progress=False)),
     ),  # fmt: skip
     Case("train-bad-lr", ConfigError, "lr must be a positive", lambda e: TrainConfig(lr=0)),
-    Case("train-momentum-out-of-range", ConfigError, r"TrainConfig\.momentum is SGD's momentum, a number in \[0, 1\)",
-         lambda e: TrainConfig(optimizer="sgd", momentum=1.5)),
+    Case(
+        "train-momentum-out-of-range",
+        ConfigError,
+        r"TrainConfig\.momentum \(SGD's momentum\) must be a number in \[0, 1\), got 1\.5; 0\.9 is usual",
+        lambda e: TrainConfig(optimizer="sgd", momentum=1.5),
+    ),
     Case(
         "train-config-a-dict",
         ConfigError,
@@ -608,6 +612,10 @@ CASES = [
     # adapters, task specs, stores
     Case("adapter-config-a-list", CheckpointError, "holds a JSON list, not the object of settings peft writes",
          lambda e: load_model(e.adapter('["a", "list"]'))),
+    Case("adapter-path-missing", CheckpointError, r"adapter folder .*nowhere does not exist; check the path",
+         lambda e: load_model(e.ckpt, adapter=e.root / "nowhere")),
+    Case("adapter-path-a-checkpoint", CheckpointError, r"has no adapter_config\.json, so it is not a PEFT adapter folder",
+         lambda e: load_model(e.ckpt, adapter=e.ckpt)),
     Case("adapter-no-peft-type", CheckpointError, "names no peft_type",
          lambda e: __import__("capwrap.models.adapters").models.adapters.read_adapter(e.adapter('{"r": 4}'))),
     Case("pcfg-operand-and-prior", ConfigError, r"give operand= .* not both; got operand='b' and prior='low'",
@@ -766,10 +774,12 @@ def test_bad_input_gets_a_clear_error(case: Case, env: Env, capsys):
         with pytest.raises(case.error, match=case.match):
             case.run(env)
         return
-    if case.error is SystemExit:  # argparse's own check: usage and the reason, exit code 2
+    if case.error is SystemExit:  # argparse's own check: one line (not its usage block), exit code 2
         with pytest.raises(SystemExit) as info:
             main(case.argv(env))
-        assert info.value.code == 2 and re.search(case.match, capsys.readouterr().err)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and re.search(case.match, err)
+        assert len(err.strip().splitlines()) == 1 and re.match(r"capwrap( \w+)?: error: ", err), err
         return
     assert main(case.argv(env)) == 2
     err = capsys.readouterr().err

@@ -4,6 +4,7 @@ the capability task, generation."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -218,3 +219,48 @@ def test_a_tokenizer_larger_than_the_model_is_said_not_to_belong_to_it(stories, 
     with pytest.raises(ConfigError, match="the model's tokenizer has 512 tokens, more than the model embeds: its "
                                           "tokenizer files do not belong to this checkpoint"):  # fmt: skip
         check_task_fits(small, task)
+
+
+WORDS = ["<unk>", "<eos>", "the", "dog", "ran", "home", "a", "cat", "sat", "down"]
+
+
+def _word_tokenizer(folder: Path, **special: str):
+    """A real fast tokenizer over ``WORDS`` with only the ``special`` tokens given, saved to ``folder``
+    by transformers and loaded back from it."""
+    import tokenizers
+    import transformers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    built = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **special)
+    built.save_pretrained(folder)
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_a_text_starts_from_bos_else_eos_and_a_tokenizer_with_neither_is_refused(tmp_path):
+    """A tokenizer without BOS or EOS token used to start every text with id 0 ('<unk>' here), silently;
+    generation started from TransformerLens's stand-in, '<|endoftext|>', which this vocabulary reads as
+    '<unk>' (id 0) too."""
+    from capwrap.models import ModelSpec, build_model, save_model
+    from capwrap.models.generation import start_token_id
+
+    texts = ["the dog ran home", "a cat sat down"]
+    eos_only = _word_tokenizer(tmp_path / "eos-only", eos_token="<eos>")
+    assert eos_only.bos_token_id is None and start_token_id(eos_only) == WORDS.index("<eos>")
+    task = TextTask(texts, eos_only, seq_len=16)
+    assert (task.sample(8, seed=0).tokens[:, 0] == WORDS.index("<eos>")).all()  # GPT-2's way: EOS starts a text
+
+    neither = _word_tokenizer(tmp_path / "neither")
+    assert neither.bos_token_id is None and neither.eos_token_id is None
+    message = (rf"the tokenizer \w+ of {re.escape(str(tmp_path / 'neither'))} has neither a BOS nor an EOS token in "
+               r"its vocabulary, so .*tokenizer\.bos_token = '<s>'.*save_pretrained")  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        TextTask(texts, neither, seq_len=16)
+    model = build_model(ModelSpec(d_vocab=len(WORDS), n_ctx=16, n_layers=1, d_model=16, n_heads=2), seed=0)
+    model.tokenizer = neither
+    loaded = load_model(save_model(model, tmp_path / "model"))  # its tokenizer read from the folder
+    assert loaded.tokenizer.get_vocab() == neither.get_vocab()
+    with pytest.raises(ConfigError, match="has neither a BOS nor an EOS token in its vocabulary"):
+        generate(loaded, n=1, max_new_tokens=3)
+    with pytest.raises(ConfigError, match="has neither a BOS nor an EOS token in its vocabulary"):
+        TextTask(texts, loaded.tokenizer, seq_len=16)  # the model's tokenizer, as the text specs take it

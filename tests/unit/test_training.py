@@ -136,3 +136,32 @@ def test_a_configs_identity_keeps_keys_made_before_later_fields():
 def test_momentum_in_range_is_taken():
     assert TrainConfig(optimizer="sgd", momentum=0.0).momentum == 0.0
     assert TrainConfig(optimizer="sgd", momentum=0.99).momentum == 0.99
+
+
+def test_real_number_takes_numpy_numbers_and_refuses_bools_tensors_and_non_finite_values():
+    """The one check behind TrainConfig.momentum and the unlearning methods' retain_weight."""
+    import numpy as np
+
+    from capwrap.errors import real_number
+
+    assert real_number(np.float32(0.5), "x", minimum=0, below=1) == 0.5 and real_number(np.int64(3), "x") == 3.0
+    assert real_number(0, "x", minimum=0, below=1) == 0.0 and real_number(-1e300, "x") == -1e300
+    for bad in (True, torch.tensor(0.5), "0.5", None, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"^x must be a finite number, got "):
+            real_number(bad, "x")
+    with pytest.raises(ConfigError, match=r"^x must be a number in \[0, 1\), got 1; e\.g\. 0\.9$"):
+        real_number(1, "x", minimum=0, below=1, hint="; e.g. 0.9")
+    with pytest.raises(ConfigError, match=r"^x must be a finite number < 2, got 2\.5$"):
+        real_number(2.5, "x", below=2)
+
+
+def test_a_numpy_momentum_is_kept_as_a_float_a_checkpoint_can_write():
+    """TrainConfig kept the NumPy number it was given: a recorded SGD run then failed at its first
+    checkpoint ("Object of type float32 is not JSON serializable")."""
+    import json
+
+    import numpy as np
+
+    config = TrainConfig(optimizer="sgd", momentum=np.float32(0.5), steps=2)
+    assert type(config.momentum) is float and config.momentum == 0.5
+    assert json.loads(json.dumps(config.to_dict()))["momentum"] == 0.5
