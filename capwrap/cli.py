@@ -213,8 +213,20 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse's parser, whose refusal of an option is one line (the reason and where the options
     are listed) instead of the usage block and the reason; its subcommands' parsers are the same."""
 
+    #: The subcommands' parsers by name (set on the top-level parser by :func:`build_parser`).
+    commands: dict[str, argparse.ArgumentParser] = {}
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (the options: {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, but an option no parser knows is refused by the subcommand it follows
+        (argparse's top-level parser names itself and points to its own help, which lists no option
+        of the subcommand)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in sub.choices.values():  # every command, including ones added above later
         _add_common_options(command)
+    parser.commands = dict(sub.choices)
     return parser
 
 

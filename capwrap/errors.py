@@ -140,10 +140,18 @@ def real_number(
         ...
         capwrap.errors.ConfigError: momentum must be a number in [0, 1), got True; 0.9 is usual
     """
-    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
     if not (number and (minimum is None or value >= minimum) and (below is None or value < below)):
         raise ConfigError(f"{what} must be {_real_range(minimum, below)}, got {value!r}{hint}")
     return float(value)
+
+
+def _finite(value: numbers.Real) -> bool:
+    """Whether ``value`` is finite as a float (an int too large for one is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _real_range(minimum: float | None, below: float | None) -> str:

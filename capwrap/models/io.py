@@ -300,7 +300,7 @@ def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = Fal
     TinyStories checkpoints are published that way)."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
         raise CheckpointError("loading hub names needs the huggingface_hub package") from exc
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
@@ -312,6 +312,11 @@ def _download_from_hub(name: str, revision: str | None, allow_pickle: bool = Fal
     except RepositoryNotFoundError as exc:
         raise CheckpointError(
             f"no model named {name!r} on the Hugging Face hub, and no local folder of that name"
+        ) from exc
+    except RevisionNotFoundError as exc:  # (an OSError: before the offline case)
+        raise CheckpointError(
+            f"the Hugging Face hub has {name!r} but no revision {revision!r} of it (a branch, tag or commit); "
+            "check the revision, or leave it out for the main branch"
         ) from exc
     except (LocalEntryNotFoundError, OSError) as exc:
         raise CheckpointError(

@@ -135,6 +135,25 @@ def test_hub_name_while_offline_says_how_to_use_a_local_folder(monkeypatch):
     assert "offline" in str(err.value)
 
 
+def test_a_hub_revision_that_does_not_exist_is_named(monkeypatch):
+    """The hub answers a missing revision with an OSError: it was reported as the hub being
+    unreachable ("offline?"). No network here: the hub's own exception, as its client raises it
+    for a 404 on the revision."""
+    import huggingface_hub
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    def missing_revision(name, revision=None, **_):
+        import httpx2
+
+        url = f"https://huggingface.co/api/models/{name}/revision/{revision}"
+        raise RevisionNotFoundError("404 Revision Not Found", response=httpx2.Response(404, request=httpx2.Request("GET", url)))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing_revision)
+    with pytest.raises(CheckpointError, match=r"has 'roneneldan/TinyStories-1M' but no revision 'nope' of it") as err:
+        load_model("roneneldan/TinyStories-1M", revision="nope")
+    assert "offline" not in str(err.value)
+
+
 def test_pickle_checkpoints_need_opt_in(small_model, tmp_path):
     save_model(small_model, tmp_path / "ckpt")
     from safetensors.torch import load_file

@@ -146,7 +146,7 @@ def test_real_number_takes_numpy_numbers_and_refuses_bools_tensors_and_non_finit
 
     assert real_number(np.float32(0.5), "x", minimum=0, below=1) == 0.5 and real_number(np.int64(3), "x") == 3.0
     assert real_number(0, "x", minimum=0, below=1) == 0.0 and real_number(-1e300, "x") == -1e300
-    for bad in (True, torch.tensor(0.5), "0.5", None, float("nan"), float("inf")):
+    for bad in (True, torch.tensor(0.5), "0.5", None, float("nan"), float("inf"), 10**400):  # (an OverflowError)
         with pytest.raises(ConfigError, match=r"^x must be a finite number, got "):
             real_number(bad, "x")
     with pytest.raises(ConfigError, match=r"^x must be a number in \[0, 1\), got 1; e\.g\. 0\.9$"):
