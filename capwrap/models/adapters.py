@@ -959,8 +959,11 @@ def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
 
 
 @functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _input_first_modules(spec: ModelSpec) -> frozenset[str]:
-    """Modules of the spec's Hugging Face model that store weights ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    """Modules of the spec's Hugging Face model that store weights ``[in, out]`` (GPT-2's ``Conv1D``);
+    cached, as :func:`~capwrap.models.layouts.hf_shapes` is (building the model on the meta device
+    takes 1.4 s for a 7B Llama, and the adapter's weight diff asks once per module)."""
     import transformers
     from transformers.pytorch_utils import Conv1D
 
