@@ -67,6 +67,7 @@ def _info(args: argparse.Namespace) -> int:
     import json
 
     from capwrap.models import describe_model, load_model
+    from capwrap.models.adapters import adapter_name
 
     info = describe_model(load_model(args.source, backend=args.backend, allow_pickle=args.allow_pickle))
     info["source"] = args.source
@@ -90,8 +91,7 @@ def _info(args: argparse.Namespace) -> int:
         print("  patching: fast engine (resumed) and hooks engine")
     print(f"  tokenizer: {info['tokenizer'] or 'none'}")
     if adapter := info.get("adapter"):
-        kind = ("IA3" if adapter.get("peft_type") == "IA3"
-                else f"{'DoRA' if adapter.get('dora') else 'LoRA'} r={adapter['rank']}")  # fmt: skip
+        kind = adapter_name(adapter["peft_type"], adapter.get("rank"), bool(adapter.get("dora")))
         print(f"  merged adapter: {kind} on {', '.join(adapter['target_modules'])} "
               f"({adapter['modules']} modules) from {adapter['path']}")  # fmt: skip
     return 0

@@ -122,11 +122,16 @@ def whole_number(value: Any, what: str, minimum: int = 0) -> int:
 
 
 def real_number(
-    value: Any, what: str, minimum: float | None = None, below: float | None = None, hint: str = ""
+    value: Any,
+    what: str,
+    minimum: float | None = None,
+    below: float | None = None,
+    hint: str = "",
+    above: float | None = None,
 ) -> float:
     """``value`` as a ``float`` (NumPy floats and integers included; ``bool``, tensors, strings and
-    NaN or infinite values refused), at least ``minimum`` and less than ``below`` where given, or a
-    :class:`ConfigError` ``"{what} must be ..., got {value!r}{hint}"``.
+    NaN or infinite values refused), at least ``minimum``, more than ``above`` and less than
+    ``below`` where given, or a :class:`ConfigError` ``"{what} must be ..., got {value!r}{hint}"``.
 
     Examples:
         >>> real_number(1, "retain_weight", minimum=0)
@@ -139,10 +144,19 @@ def real_number(
         Traceback (most recent call last):
         ...
         capwrap.errors.ConfigError: momentum must be a number in [0, 1), got True; 0.9 is usual
+        >>> real_number(0, "NPO's beta", above=0)
+        Traceback (most recent call last):
+        ...
+        capwrap.errors.ConfigError: NPO's beta must be a finite number > 0, got 0
     """
     number = isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
-    if not (number and (minimum is None or value >= minimum) and (below is None or value < below)):
-        raise ConfigError(f"{what} must be {_real_range(minimum, below)}, got {value!r}{hint}")
+    if not (
+        number
+        and (minimum is None or value >= minimum)
+        and (above is None or value > above)
+        and (below is None or value < below)
+    ):
+        raise ConfigError(f"{what} must be {_real_range(minimum, below, above)}, got {value!r}{hint}")
     return float(value)
 
 
@@ -154,13 +168,18 @@ def _finite(value: numbers.Real) -> bool:
         return False
 
 
-def _real_range(minimum: float | None, below: float | None) -> str:
-    """What :func:`real_number` asks for, in words: ``a number in [0, 1)``, ``a finite number >= 0``."""
-    if minimum is not None and below is not None:
-        return f"a number in [{minimum}, {below})"
+def _real_range(minimum: float | None, below: float | None, above: float | None = None) -> str:
+    """What :func:`real_number` asks for, in words: ``a number in [0, 1)``, ``a finite number >= 0``,
+    ``a number in (0, 1)``, ``a finite number > 0``."""
+    opening = "[" if minimum is not None else "("
+    low = minimum if minimum is not None else above
+    if low is not None and below is not None:
+        return f"a number in {opening}{low}, {below})"
     if below is not None:
         return f"a finite number < {below}"
-    return "a finite number" + ("" if minimum is None else f" >= {minimum}")
+    if low is None:
+        return "a finite number"
+    return f"a finite number {'>=' if minimum is not None else '>'} {low}"
 
 
 def as_list(value: Any, what: str, hint: str = "") -> list[Any]:

@@ -2,8 +2,8 @@
 
 Add it to any ``transformers.Trainer`` (TRL's ``SFTTrainer`` and other trainers built on it
 included) that trains a causal LM of an architecture capwrap supports, full fine-tuning or with a
-peft LoRA adapter. When training starts it wraps the live model with
-:func:`~capwrap.models.live.wrap_hf_model` (no weight copy; a LoRA model is seen merged) and
+peft LoRA, DoRA or IA3 adapter. When training starts it wraps the live model with
+:func:`~capwrap.models.live.wrap_hf_model` (no weight copy; an adapted model is seen merged) and
 opens a :class:`~capwrap.recording.Recorder`; after every optimizer step — with the weights just
 updated and the gradients still there — it records the step: the training loss (the mean over the
 step's micro-batches, from the model's own output; a Trainer that computes the loss itself, with

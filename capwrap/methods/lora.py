@@ -36,10 +36,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from capwrap.errors import ConfigError
+from capwrap.errors import ConfigError, real_number
 from capwrap.methods.base import TrainingMethod
 from capwrap.models.adapters import tied_change
 from capwrap.models.layouts import canonical_views_of_some
+from capwrap.models.peft_layers import merged_tensors
 from capwrap.tasks.base import Task, TaskBatch, task_loss
 
 if TYPE_CHECKING:
@@ -63,6 +64,9 @@ class LoRA(TrainingMethod):
             architecture (GPT-2: ``c_attn``; Llama: ``q_proj``, ``v_proj``).
         dropout: dropout on the adapter's input during training.
         rslora: rank-stabilized scaling.
+        dora: weight-decomposed LoRA (peft's ``use_dora``): each adapted weight's direction is
+            ``W0 + scaling·B·A`` and a trained magnitude per output scales each row of it; the
+            model gets the merged weights as peft merges them.
 
     Raises:
         ConfigError: peft is not installed (``pip install 'capwrap[hf]'``), the model has no Hugging
@@ -79,14 +83,14 @@ class LoRA(TrainingMethod):
         target: str | Sequence[str] | None = None,
         dropout: float = 0.0,
         rslora: bool = False,
+        dora: bool = False,
     ):
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ConfigError(f"LoRA's rank r must be a positive integer, got {r!r}")
-        if not alpha > 0:
-            raise ConfigError(f"LoRA's alpha must be positive, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"LoRA's dropout must be in [0, 1), got {dropout!r}")
-        self.r, self.alpha, self.dropout, self.rslora = r, float(alpha), float(dropout), bool(rslora)
+        self.r = r
+        self.alpha = real_number(alpha, "LoRA's alpha", above=0, hint="; twice r is usual")
+        self.dropout = real_number(dropout, "LoRA's dropout", minimum=0, below=1)
+        self.rslora, self.dora = bool(rslora), bool(dora)
         self.target = target if target is None or isinstance(target, str) else list(target)
         self._peft: nn.Module | None = None
         self._model: CapModel | None = None
@@ -99,7 +103,8 @@ class LoRA(TrainingMethod):
         if not model.spec.has_hf_equivalent:
             raise ConfigError(f"LoRA trains Hugging Face layers; {model.spec.architecture} models have none")
         shell = _frozen_hf_copy(model)
-        options = dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.rslora)
+        options = dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.rslora,
+                       use_dora=self.dora)  # fmt: skip
         try:
             config = peft.LoraConfig(target_modules=self.target, task_type="CAUSAL_LM", **options)
             self._peft = peft.get_peft_model(shell, config)
@@ -181,17 +186,19 @@ class LoRA(TrainingMethod):
         self.write_merged(self._model)
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "r": self.r, "alpha": self.alpha, "target": self.target,
-                "dropout": self.dropout, "rslora": self.rslora}  # fmt: skip
+        described = {"method": self.name, "r": self.r, "alpha": self.alpha, "target": self.target,
+                     "dropout": self.dropout, "rslora": self.rslora}  # fmt: skip
+        # (named only when on: a checkpoint of a plain LoRA run from before the option still resumes)
+        return described | ({"dora": True} if self.dora else {})
 
     # ---- LoRA's own --------------------------------------------------------------------------------
     @torch.no_grad()
     def write_merged(self, model: CapModel) -> None:
-        """Write ``W0 + scaling·B·A`` of every adapted weight into ``model`` (canonical views, so any backend)."""
-        merged = {
-            f"{name}.weight": layer.get_base_layer().weight.float() + layer.get_delta_weight("default").float()
-            for name, layer in self._layers().items()
-        }
+        """Write every adapted weight, merged as peft merges it (``W0 + scaling·B·A``; DoRA: rescaled
+        to its magnitudes), into ``model`` (canonical views, so any backend)."""
+        merged: dict[str, Tensor] = {}
+        for name, layer in self._layers().items():
+            merged.update(merged_tensors(name, layer))
         weights = model.weights()
         for canonical, value in canonical_views_of_some(model.spec, merged).items():
             weights[canonical].copy_(value)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from capwrap.errors import ConfigError, real_number
+from capwrap.errors import real_number
 from capwrap.methods.base import TrainingMethod, step_seed
 from capwrap.tasks.base import Task, TaskBatch, check_task_fits, sequence_logprob, task_loss
 
@@ -123,9 +123,7 @@ class NPO(_Unlearning):
 
     def __init__(self, beta: float = 0.1, retain: Task | None = None, retain_weight: float = 1.0):
         super().__init__(retain, retain_weight)
-        if not beta > 0:
-            raise ConfigError(f"NPO's beta must be positive, got {beta}")
-        self.beta = float(beta)
+        self.beta = real_number(beta, "NPO's beta", above=0, hint="; 0.1 is usual")
         self._reference: CapModel | None = None
 
     def setup(self, model: CapModel, task: Task, config: TrainConfig) -> list[torch.nn.Parameter]:

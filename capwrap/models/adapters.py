@@ -74,6 +74,7 @@ __all__ = [
     "LoraModule",
     "adapter_base",
     "adapter_hint",
+    "adapter_name",
     "check_adapter_base",
     "check_adapter_folder",
     "is_adapter_folder",
@@ -109,8 +110,8 @@ _UNSUPPORTED_OPTIONS = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "arrow_config": "Arrow routing (arrow_config)",
 }
-#: Options of :data:`_UNSUPPORTED_OPTIONS` that :func:`read_adapter` reads and merges as peft does
-#: (a live model using them is still not followed: its merged weights would not be ``W + scaling·B·A``).
+#: Options of :data:`_UNSUPPORTED_OPTIONS` that capwrap merges as peft does (read from a folder, or
+#: followed on a live model: :mod:`capwrap.models.peft_layers`).
 _MERGED_OPTIONS = frozenset({"use_dora"})
 #: LoRA options under which no weight change stands for the adapter (peft does not merge them either).
 _UNMERGEABLE_OPTIONS = {
@@ -125,14 +126,14 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 def unsupported_lora_options(config: dict[str, Any]) -> tuple[list[str], list[str]]:
     """What in a LoRA ``config`` (``adapter_config.json``, or a live ``LoraConfig.to_dict()``) capwrap
-    does not read as ``scaling · B·A``: the options peft can merge, and those it cannot. (Of the first,
-    :func:`read_adapter` merges DoRA itself; a live model is followed only with plain LoRA.)
+    does not merge itself (it merges ``scaling · B·A`` and DoRA): the options peft can merge, and
+    those it cannot.
 
     Example:
-        >>> unsupported_lora_options({"use_dora": True, "alora_invocation_tokens": [5, 6]})[0]
-        ['DoRA (use_dora=True)']
+        >>> unsupported_lora_options({"use_dora": True, "use_qalora": True, "alora_invocation_tokens": [5, 6]})
+        (['QALoRA (use_qalora=True)'], ['aLoRA (alora_invocation_tokens), which acts only on the tokens after its invocation sequence'])
     """
-    mergeable = [what for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key)]
+    mergeable = [what for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key) and key not in _MERGED_OPTIONS]
     return mergeable, [what for key, what in _UNMERGEABLE_OPTIONS.items() if config.get(key)]
 
 
@@ -677,6 +678,20 @@ def check_adapter_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+def adapter_name(peft_type: str, rank: Any = None, dora: bool = False) -> str:
+    """How capwrap names an adapter in what it prints: ``LoRA r=8``, ``DoRA r=8``, ``IA3``, or peft's
+    own name of another kind.
+
+    Example:
+        >>> adapter_name("LORA", 8, dora=True), adapter_name("IA3"), adapter_name("LOHA", 8)
+        ('DoRA r=8', 'IA3', 'LOHA r=8')
+    """
+    if peft_type == "IA3":
+        return "IA3"
+    kind = ("DoRA" if dora else "LoRA") if peft_type == "LORA" else peft_type
+    return kind if rank is None else f"{kind} r={rank}"
+
+
 def adapter_hint(folder: str | os.PathLike) -> str:
     """What to say when an adapter folder is passed where a full checkpoint was expected."""
     folder = Path(folder)
@@ -685,9 +700,7 @@ def adapter_hint(folder: str | os.PathLike) -> str:
     except CheckpointError:  # the hint is that it is an adapter; what is wrong with it is said on loading
         config = {}
     base = config.get("base_model_name_or_path")
-    kind = config.get("peft_type", "PEFT")
-    what = f"{kind} r={config['r']}" if "r" in config else kind
-    what += ", DoRA" if config.get("use_dora") else ""
+    what = adapter_name(str(config.get("peft_type", "PEFT")), config.get("r"), bool(config.get("use_dora")))
     return (
         f"{folder} is a PEFT adapter ({what}"
         + (f", trained on {base!r}" if base else "")
@@ -789,7 +802,7 @@ def _check_supported(folder: Path, config: dict[str, Any]) -> None:
             "base with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and "
             "load the result"
         )
-    used, unmergeable = unsupported_lora_options({k: v for k, v in config.items() if k not in _MERGED_OPTIONS})
+    used, unmergeable = unsupported_lora_options(config)
     if unmergeable:
         raise CheckpointError(
             f"{folder} is a LoRA adapter with {', '.join(unmergeable)}: no one weight change stands for it, so "
@@ -845,7 +858,8 @@ def _parse(
                     f"{folder} holds {key}, a LoRA tensor capwrap does not know; merge the adapter with peft "
                     "(merge_and_unload) and load the merged model"
                 )
-            replaced[name.replace(".base_layer.", ".")] = tensor  # trained biases, modules_to_save
+            if (replacing := _replaced_name(name)) is not None:
+                replaced[replacing] = tensor  # trained biases, modules_to_save
     dora = bool(config.get("use_dora"))
     modules: dict[str, AdapterModule] = {}
     for module, pair in factors.items():
@@ -879,6 +893,17 @@ def _parse(
     if not modules and not replaced:
         raise CheckpointError(f"{folder}'s adapter weights hold no tensors")
     return modules, replaced
+
+
+def _replaced_name(name: str) -> str | None:
+    """The base tensor a saved tensor that is not an adapter's own replaces (a trained bias, a module
+    of ``modules_to_save``), or ``None`` for the copies peft saves beside them with ``bias="all"``:
+    a ``modules_to_save`` module's untrained original (``.original_module.``, which its merge drops)
+    and a second copy of its trained bias (``.modules_to_save.``, which peft's loading ignores as
+    unexpected: the module's own name holds the trained tensor)."""
+    if ".original_module." in name or ".modules_to_save." in name:
+        return None
+    return name.replace(".base_layer.", ".")
 
 
 def _no_magnitudes(folder: Path, module: str) -> str:
@@ -917,7 +942,8 @@ def _parse_ia3(
                     f"{folder} holds {key}, a tensor an IA3 adapter does not have; merge the adapter with peft "
                     "(merge_and_unload) and load the merged model"
                 )
-            replaced[name.replace(".base_layer.", ".")] = vector  # modules_to_save
+            if (replacing := _replaced_name(name)) is not None:
+                replaced[replacing] = vector  # modules_to_save
             continue
         module = name.removesuffix(_IA3_VECTOR)
         feedforward = _is_feedforward(config, module, vector)
@@ -958,7 +984,6 @@ def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-@functools.lru_cache(maxsize=16)
 @functools.lru_cache(maxsize=64)
 def _input_first_modules(spec: ModelSpec) -> frozenset[str]:
     """Modules of the spec's Hugging Face model that store weights ``[in, out]`` (GPT-2's ``Conv1D``);

@@ -8,9 +8,10 @@ until they are replaced by the live model's own tensors), because TransformerLen
 it bridges (GPT-2's fused ``c_attn`` is read through split q/k/v views), which would change what an
 optimizer holding the live parameters trains.
 
-A model trained with a PEFT LoRA adapter is seen merged: each adapted weight is
-``W + scaling·B·A`` with the adapter as it is now (recomputed before each use), so the
-weight changes a :class:`~capwrap.recording.Recorder` stores are the merged deltas.
+A model trained with a PEFT adapter (LoRA, DoRA or IA3) is seen merged: each adapted weight is
+what peft's merge would make of it with the adapter as it is now (``W + scaling·B·A`` for LoRA;
+:mod:`capwrap.models.peft_layers`), recomputed before each use, so the weight changes a
+:class:`~capwrap.recording.Recorder` stores are the merged deltas.
 
 Examples:
     >>> import torch, transformers
@@ -38,6 +39,7 @@ from capwrap.errors import CapwrapWarning, ConfigError
 from capwrap.models.adapters import unsupported_lora_options
 from capwrap.models.layouts import checkpoint_shapes, one_name_per_tensor
 from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
+from capwrap.models.peft_layers import changed_tensors, is_peft_layer, merged_tensors
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
 
 __all__ = ["LiveModel", "wrap_hf_model", "as_cap_model"]
@@ -48,7 +50,7 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
 
     Args:
         model: an ``AutoModelForCausalLM`` of a supported architecture, a peft ``PeftModel`` of
-            one with a LoRA adapter (seen merged), or either inside ``DistributedDataParallel`` or
+            one with a LoRA, DoRA or IA3 adapter (seen merged), or either inside ``DistributedDataParallel`` or
             inside a module of your own that holds one of them (a Trainer's wrapper).
         tokenizer: its tokenizer, if any (kept as ``.tokenizer``).
         metadata: free-form information kept as ``.metadata``.
@@ -56,7 +58,7 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
     Raises:
         ConfigError: the architecture is not one capwrap maps onto TransformerLens components,
             the model is not a causal LM, its weights are sharded (DeepSpeed ZeRO-3, FSDP) or on the
-            ``meta`` device, or the adapter is not LoRA.
+            ``meta`` device, or the adapter is neither LoRA (DoRA included) nor IA3.
     """
     hf, adapter_layers = _unwrap(model)
     config = getattr(hf, "config", None)
@@ -121,8 +123,8 @@ def as_cap_model(model: Any) -> CapModel:
 class LiveModel(CapModel):
     """A :class:`CapModel` whose weights are a live model's (see :func:`wrap_hf_model`).
 
-    It differs from a loaded model in two ways: a LoRA-adapted weight is the merged ``W +
-    scaling·B·A``, recomputed before every forward pass and weight read;
+    It differs from a loaded model in two ways: an adapted weight (LoRA, DoRA, IA3) is the merged
+    one, recomputed before every forward pass and weight read;
     and it cannot be moved (move the live model itself). ``clone()`` returns an ordinary,
     independent :class:`CapModel` of the weights as they are now.
     """
@@ -134,7 +136,7 @@ class LiveModel(CapModel):
         storage: dict[str, Tensor],
         tokenizer: Any,
         metadata: dict[str, Any],
-        merged: list[_MergedWeight],
+        merged: list[_MergedLayer],
         split: _SplitCopies | None = None,
     ):
         super().__init__(spec, "bridge", module, storage, "checkpoint", tokenizer, metadata)
@@ -142,7 +144,7 @@ class LiveModel(CapModel):
         self._split = split
 
     def refresh(self) -> None:
-        """Recompute the merged LoRA weights from the adapter as it is now, and the bridge's copies
+        """Recompute the merged weights from the adapters as they are now, and the bridge's copies
         of a fused projection it split (GPT-NeoX's query/key/value) from the live fused weight."""
         for weight in self._merged:
             weight.refresh()
@@ -166,30 +168,26 @@ class LiveModel(CapModel):
         return self
 
 
-class _MergedWeight:
-    """The weight of one LoRA-adapted module, merged: ``base + Σ active deltas`` (peft's own
-    ``get_delta_weight``). Recomputed on every :meth:`refresh`: optimizers update parameters in
-    ways that do not all move their version counters, so nothing cheaper tells reliably whether
-    the adapter changed (forming ``B·A`` costs about what one token's forward pass through the
-    module does)."""
+class _MergedLayer:
+    """The tensors of one peft-adapted layer that its adapters change (its weight; and its bias
+    under an IA3 output scaling), merged as peft would merge them now
+    (:func:`~capwrap.models.peft_layers.merged_tensors`). Recomputed on every :meth:`refresh`:
+    optimizers update parameters in ways that do not all move their version counters, so nothing
+    cheaper tells reliably whether the adapter changed (forming ``B·A`` costs about what one
+    token's forward pass through the module does)."""
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self.base = layer.get_base_layer().weight
-        self.tensor = nn.Parameter(torch.empty_like(self.base), requires_grad=False)
-
-    def _active(self) -> list[str]:
-        return [a for a in self.layer.active_adapters if a in getattr(self.layer, "lora_A", {})] + [
-            a for a in self.layer.active_adapters if a in getattr(self.layer, "lora_embedding_A", {})
-        ]
+    def __init__(self, name: str, layer: nn.Module):
+        self.name, self.layer = name, layer
+        base = layer.get_base_layer()
+        self.tensors = {
+            leaf: nn.Parameter(torch.empty_like(getattr(base, leaf)), requires_grad=False)
+            for leaf in changed_tensors(layer)
+        }
 
     @torch.no_grad()
     def refresh(self) -> None:
-        merged = self.base.detach().float()
-        if not (self.layer.merged or self.layer.disable_adapters):
-            for adapter in self._active():
-                merged = merged + self.layer.get_delta_weight(adapter).float()
-        self.tensor.copy_(merged)
+        for name, value in merged_tensors(self.name, self.layer).items():
+            self.tensors[name.rpartition(".")[2]].copy_(value)
 
 
 class _SplitCopies:
@@ -252,68 +250,59 @@ def _inside_a_wrapper(model: nn.Module) -> nn.Module:
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
-    """The Hugging Face model inside ``model`` (DDP, a module of the user's own, peft) and its LoRA
-    layers (if a peft model)."""
+    """The Hugging Face model inside ``model`` (DDP, a module of the user's own, peft) and its
+    adapted layers (if a peft model: LoRA, DoRA or IA3)."""
     while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         model = model.module
     model = _inside_a_wrapper(model)
     if _is_peft_model(model):
         kinds = {str(getattr(c, "peft_type", "")).rsplit(".", 1)[-1] for c in model.peft_config.values()}
-        if kinds != {"LORA"}:
-            raise ConfigError(f"capwrap follows LoRA adapters; this peft model has {sorted(kinds)}")
+        if not kinds <= {"LORA", "IA3"}:
+            raise ConfigError(
+                f"capwrap follows LoRA (DoRA included) and IA3 adapters; this peft model has {sorted(kinds)}"
+            )
         for name, config in model.peft_config.items():
             # (a base-changing initialization, PiSSA and the like, is followed: the live base is the changed one)
-            mergeable, unmergeable = unsupported_lora_options(config.to_dict())
+            mergeable, unmergeable = unsupported_lora_options(config.to_dict()) if config.peft_type == "LORA" else ([], [])
             if mergeable or unmergeable:
                 raise ConfigError(
-                    f"capwrap follows plain LoRA adapters (scaling·B·A); the adapter {name!r} uses "
+                    f"capwrap follows LoRA adapters (scaling·B·A, DoRA) and IA3; the adapter {name!r} uses "
                     f"{', '.join(unmergeable + mergeable)}, which the merged weights capwrap computes would leave out"
                 )
         model = model.get_base_model()
-    layers = [m for m in model.modules() if _is_lora_layer(m)]
-    for layer in layers:  # LoRA layers injected without a PeftModel around them (peft's inject_adapter_in_model)
+    layers = [m for m in model.modules() if is_peft_layer(m)]
+    for layer in layers:  # adapters injected without a PeftModel around them (peft's inject_adapter_in_model)
         uses = sorted({type(v).__name__ for v in getattr(layer, "lora_variant", {}).values()} - _FOLLOWED_VARIANTS)
-        if any(getattr(layer, "use_dora", {}).values()) and not uses:  # (peft without lora_variant)
-            uses.append("DoRA (use_dora=True)")
         if any(getattr(layer, "lora_bias", {}).values()):
             uses.append("a bias on lora_B (lora_bias=True)")
         if uses:
-            raise ConfigError(f"capwrap follows plain LoRA adapters (scaling·B·A); this one uses {', '.join(uses)}")
+            raise ConfigError(
+                f"capwrap follows LoRA adapters (scaling·B·A, DoRA) and IA3; this one uses {', '.join(uses)}"
+            )
     return model, layers
 
 
-#: peft LoRA variants whose merged weight is ``base + get_delta_weight`` (MiCA: plain factors, another
-#: initialization); any other variant (DoRA, aLoRA, KaSA, BD-LoRA, ...) computes something else.
-_FOLLOWED_VARIANTS = {"MiCALinearVariant", "MiCAEmbeddingVariant"}
+#: peft LoRA variants whose merged weight capwrap forms (DoRA's; MiCA: plain factors, another
+#: initialization); any other variant (aLoRA, KaSA, BD-LoRA, ...) computes something else.
+_FOLLOWED_VARIANTS = {"DoraLinearVariant", "DoraEmbeddingVariant", "MiCALinearVariant", "MiCAEmbeddingVariant"}
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # no peft, no LoRA layers
-        return False
-    return isinstance(module, LoraLayer)
-
-
-def _shell(hf: nn.Module, config: Any, lora_layers: list[nn.Module]) -> tuple[nn.Module, list[_MergedWeight]]:
+def _shell(hf: nn.Module, config: Any, adapted: list[nn.Module]) -> tuple[nn.Module, list[_MergedLayer]]:
     """A second module tree of ``hf``'s class whose parameters and buffers are ``hf``'s own tensors
-    (LoRA-adapted weights: merged copies), built on ``meta`` so that nothing is allocated twice."""
+    (the tensors adapters change: merged copies), built on ``meta`` so that nothing is allocated twice."""
     import transformers
 
     with torch.device("meta"):
         shell = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
     shell.eval()
-    lora_ids = {id(layer) for layer in lora_layers}
-    lora_paths = {path: m for path, m in hf.named_modules() if id(m) in lora_ids}
-    merged: list[_MergedWeight] = []
+    adapted_ids = {id(layer) for layer in adapted}
+    merged = {path: _MergedLayer(path, m) for path, m in hf.named_modules() if id(m) in adapted_ids}
 
     def live_tensor(name: str, kind: str) -> Tensor:
         path, _, leaf = name.rpartition(".")
         module = hf.get_submodule(path)
-        if path in lora_paths and leaf == "weight" and kind == "parameter":
-            weight = _MergedWeight(lora_paths[path])
-            merged.append(weight)
-            return weight.tensor
+        if path in merged and leaf in merged[path].tensors and kind == "parameter":
+            return merged[path].tensors[leaf]
         if hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
         return getattr(module, leaf)  # peft's modules_to_save wrappers answer with the active copy
@@ -329,6 +318,6 @@ def _shell(hf: nn.Module, config: Any, lora_layers: list[nn.Module]) -> tuple[nn
             path, _, leaf = name.rpartition(".")
             owner = shell.get_submodule(path)
             getattr(owner, f"_{kind}s")[leaf] = tensor
-    for weight in merged:
-        weight.refresh()
-    return shell, merged
+    for layer in merged.values():
+        layer.refresh()
+    return shell, list(merged.values())

@@ -77,8 +77,9 @@ def test_seed_streams_are_distinct_and_the_training_stream_is_unchanged():
 def test_bad_methods_are_refused(small_model, small_task):
     with pytest.raises(ConfigError, match="TrainingMethod"):
         train(small_model, small_task, TrainConfig(steps=1, progress=False), method="npo")
-    with pytest.raises(ConfigError, match="beta must be positive"):
-        NPO(beta=0)
+    for beta in (0, True, float("inf")):  # (True was taken as beta 1)
+        with pytest.raises(ConfigError, match=r"NPO's beta must be a finite number > 0, got .*; 0.1 is usual"):
+            NPO(beta=beta)
     with pytest.raises(ConfigError, match="retain_weight"):
         GradientAscent(retain_weight=-1)
     assert isinstance(FineTune(), TrainingMethod)

@@ -34,6 +34,18 @@ def test_gpt2_adapter_merges_like_peft(gpt2_folder, make_adapter, peft_merged):
     assert info["base"] == str(gpt2_folder)
 
 
+def test_every_bias_trained_beside_a_module_to_save_merges_like_peft(gpt2_folder, make_adapter, peft_merged):
+    """bias="all" with modules_to_save on a module with a bias: peft saves, beside the trained module
+    under its own name, its untrained original (.original_module.) and a second copy of its bias
+    (.modules_to_save., which peft's loading ignores); they were taken for tensors the base lacks and
+    the adapter refused (until 2026-12-07)."""
+    adapter = make_adapter(gpt2_folder, target_modules=["c_attn"], bias="all", modules_to_save=["ln_f"])
+    replaced = read_adapter(adapter).replaced
+    assert {"transformer.ln_f.weight", "transformer.ln_f.bias", "transformer.h.0.ln_1.bias"} <= set(replaced)
+    assert not [name for name in replaced if "original_module" in name or "modules_to_save" in name]
+    _assert_merged_like_peft(load_model(gpt2_folder, adapter=adapter), peft_merged(gpt2_folder, adapter))
+
+
 def test_llama_adapter_with_rank_and_alpha_patterns_merges_like_peft(llama_folder, make_adapter, peft_merged):
     adapter = make_adapter(
         llama_folder,
@@ -58,7 +70,7 @@ def test_adapter_folder_alone_loads_onto_the_base_its_config_names(gpt2_folder, 
     config = json.loads((moved / "adapter_config.json").read_text())
     (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
     with pytest.raises(
-        CheckpointError, match=r"is a PEFT adapter \(LORA r=4.*load_model\(BASE, adapter=.*/nowhere/base"
+        CheckpointError, match=r"is a PEFT adapter \(LoRA r=4.*load_model\(BASE, adapter=.*/nowhere/base"
     ):
         load_model(moved)
 
@@ -184,7 +196,7 @@ def test_adapter_where_a_checkpoint_is_expected_says_how_to_use_it(gpt2_folder, 
     from capwrap.analyzers.streaming import checkpoint_spec
 
     adapter = make_adapter(gpt2_folder, target_modules=["c_attn"])
-    with pytest.raises(CheckpointError, match=r"PEFT adapter \(LORA r=4, trained on .*gpt2'\), not a full checkpoint"):
+    with pytest.raises(CheckpointError, match=r"PEFT adapter \(LoRA r=4, trained on .*gpt2'\), not a full checkpoint"):
         checkpoint_spec(adapter)
 
 
@@ -391,12 +403,12 @@ def test_lora_variants_capwrap_cannot_read_as_factors_are_refused_saved_or_live(
     with pytest.raises(CheckpointError, match=refusal):
         load_model(llama_folder, adapter=adapter)
     live = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(llama_folder), adapter)
-    with pytest.raises(ConfigError, match=f"capwrap follows plain LoRA adapters.*{refusal}"):
+    with pytest.raises(ConfigError, match=rf"capwrap follows LoRA adapters \(scaling·B·A, DoRA\) and IA3.*{refusal}"):
         wrap_hf_model(live)
     # the same layers injected without a PeftModel around them (peft's inject_adapter_in_model)
     config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], **options)
     injected = peft.inject_adapter_in_model(config, transformers.AutoModelForCausalLM.from_pretrained(llama_folder))
-    with pytest.raises(ConfigError, match="capwrap follows plain LoRA adapters"):
+    with pytest.raises(ConfigError, match=r"capwrap follows LoRA adapters \(scaling·B·A, DoRA\) and IA3"):
         wrap_hf_model(injected)
 
 

@@ -169,6 +169,37 @@ def test_a_lora_trainer_run_records_the_merged_weight_changes(gpt2_folder, tmp_p
     check_store_matches(ModelPair(load_model(gpt2_folder), merged), store)
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_dora_and_ia3_trainer_runs_record_the_merged_weight_changes(method, gpt2_folder, tmp_path):
+    """Their merged weights are the base's rescaled (DoRA: each output to its trained magnitude;
+    IA3: by the trained vector), so every head of an adapted layer moves, beyond any rank bound;
+    the store is the run of the adapter the run saved (both refused until 2026-12-07)."""
+    import peft
+
+    config = (
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], use_dora=True, task_type="CAUSAL_LM")
+        if method == "dora"
+        else peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                            task_type="CAUSAL_LM")  # fmt: skip
+    )
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder), config)
+    callback = RecorderCallback(tmp_path / "run", probe=PROBE.tokens, hooks=(), every=3)
+    args = _arguments(tmp_path / "trainer", learning_rate=1e-2)
+    transformers.Trainer(model, args, train_dataset=task_dataset(TASK, 48, seed=0), callbacks=[callback]).train()
+    model.save_pretrained(tmp_path / "adapter")
+    merged = load_model(gpt2_folder, adapter=tmp_path / "adapter")
+    store = RunStore.open(tmp_path / "run")
+    assert match_steps(store, merged.weights().__getitem__).steps == [6]
+    check_store_matches(ModelPair(load_model(gpt2_folder), merged), store)
+    table = weight_change_table(load_model(gpt2_folder), merged, kinds=("head", "mlp")).set_index("component")
+    recorded = store.array("weight_delta.head")[-1].double()
+    torch.testing.assert_close(recorded, torch.tensor(table.loc[store.meta["components"]["head"], "change"].to_numpy()),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert recorded.min() > 0
+    moved_mlp = float(store.array("weight_delta.mlp")[-1].abs().max())
+    assert (moved_mlp > 0) == (method == "ia3")  # IA3 scales the MLP's output projection's inputs too
+
+
 def test_a_lora_run_on_a_bfloat16_base_is_taken_as_the_run_of_its_adapter_merged_in_float32(gpt2_folder, tmp_path):
     """The usual peft setup: the base in bfloat16, so the run's merged weights (and the store's sampled
     values) are bfloat16; the adapter merged on load is float32 (98.6% of the sampled values were

@@ -82,10 +82,42 @@ def test_lora_state_resumes_the_adapter_exactly(tmp_path):
         other.load_state_dict(state)
 
 
+def test_dora_trains_the_model_its_saved_adapter_merges_into_and_resumes(tmp_path):
+    """LoRA(dora=True): the model holds each adapted weight as peft merges it (its direction
+    W0 + scaling·B·A rescaled to the trained magnitudes), which the saved DoRA adapter gives on load
+    to the bit; the magnitudes are part of the state a resumed run continues from."""
+    model = _base("llama", None, tmp_path)
+    dora = LoRA(r=2, target=["q_proj", "v_proj", "down_proj"], dora=True)
+    assert dora.describe()["dora"] is True and "dora" not in LoRA(r=2).describe()  # (old checkpoints resume)
+    train(model, TASK, CONFIG, method=dora)
+    state = dora.state_dict()
+    assert sum("lora_magnitude_vector" in name for name in state["adapter"]) == 6
+
+    base = load_model(tmp_path / "base")
+    delta = {k: model.weights()[k] - w for k, w in base.weights().items()}
+    assert float(delta["blocks.0.attn.W_Q"].abs().max()) > 0 and float(delta["blocks.0.attn.W_K"].abs().max()) == 0
+    dora.save_adapter(tmp_path / "adapter")
+    merged = load_model(tmp_path / "adapter")
+    assert merged.metadata["adapter"]["dora"]
+    for name, weight in model.weights().items():
+        assert torch.equal(merged.weights()[name], weight), name
+
+    save_model(model, tmp_path / "tuned")
+    resumed_model, resumed = load_model(tmp_path / "tuned"), LoRA(r=2, target=["q_proj", "v_proj", "down_proj"], dora=True)
+    resumed.setup(resumed_model, TASK, CONFIG)
+    resumed.load_state_dict(state)
+    batch = TASK.sample(4, seed=3)
+    torch.testing.assert_close(resumed.loss(resumed_model, batch, 0), dora.loss(model, batch, 0))
+
+
 def test_lora_bad_settings(tmp_path):
     for r in (0, True):  # (True passed as rank 1)
         with pytest.raises(ConfigError, match="rank r must be a positive integer"):
             LoRA(r=r)
+    with pytest.raises(ConfigError, match=r"LoRA's alpha must be a finite number > 0, got True; twice r is usual"):
+        LoRA(alpha=True)
+    with pytest.raises(ConfigError, match=r"LoRA's dropout must be a number in \[0, 1\), got 1.0"):
+        LoRA(dropout=1.0)
     model = _base("gpt2", None, tmp_path)
     with pytest.raises(ConfigError, match=r"does not fit this gpt2 model .* its layers are \[.*'c_attn'"):
         train(model, TASK, CONFIG, method=LoRA(target=["q_proj"]))
