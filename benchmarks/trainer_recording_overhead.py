@@ -4,7 +4,9 @@ The demo's fine-tuning (the shipped base model as a ``GPT2LMHeadModel``; count b
 the demo's batch, 48; AdamW, lr 3e-5, warmup + cosine) run by ``transformers.Trainer`` with and without a
 ``RecorderCallback`` at the demo's recording settings: every ``blocks.*.hook_resid_post`` on a
 256-sequence probe batch every 10 steps, plus per-component weight-change and gradient norms.
-``--lora`` trains a peft LoRA adapter (r 8 on c_attn and c_fc, lr 1e-3) instead of every weight.
+``--adapter lora`` trains a peft LoRA adapter (r 8 on c_attn and c_fc, lr 1e-3) instead of every
+weight; ``dora`` the same with DoRA (whose merged weights, rescaled per output, the recorder forms
+densely at each due step); ``ia3`` an IA3 adapter on the same modules (c_fc's inputs scaled).
 ``--every`` and ``--probe-size`` change the recording settings (what a cheaper recording costs).
 ``--background`` measures due steps in a background thread on a copy of the weights
 (``RecorderCallback(background=True)``): with ``--threads 1`` on a machine of two or more cores,
@@ -14,7 +16,7 @@ is reported, with the bare probe forward passes (the floor of any recorder) as a
 at these settings the probe's 256 sequences are 5.3 training batches, and a forward pass costs about
 a third of a training step per sequence, so recording activations costs ~1.6 steps every 10.
 
-    python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--lora] [--device cuda]
+    python benchmarks/trainer_recording_overhead.py [--steps 200] [--repeats 3] [--threads 1] [--adapter lora|dora|ia3] [--device cuda]
         [--every 10] [--probe-size 256] [--background]
 """
 
@@ -38,14 +40,23 @@ from capwrap.models import wrap_hf_model
 from capwrap.recording import RunStore
 from capwrap.recording.recorder import CAPTURE_ROWS
 
+#: What ``--adapter`` trains: a peft config (built when asked for), and the run's name.
+ADAPTERS = {
+    "lora": (lambda peft: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM"),
+             "LoRA r=8 (c_attn, c_fc)"),
+    "dora": (lambda peft: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], use_dora=True,
+                                          task_type="CAUSAL_LM"), "DoRA r=8 (c_attn, c_fc)"),
+    "ia3": (lambda peft: peft.IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"],
+                                        task_type="CAUSAL_LM"), "IA3 (c_attn, c_fc)"),
+}  # fmt: skip
 
-def make_model(lora: bool) -> torch.nn.Module:
+
+def make_model(adapter: str | None) -> torch.nn.Module:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(DEMO_BASE))
-    if lora:
+    if adapter is not None:
         import peft
 
-        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, config)
+        model = peft.get_peft_model(model, ADAPTERS[adapter][0](peft))
     return model
 
 
@@ -76,10 +87,10 @@ class TimedCallback(RecorderCallback):
 
 
 def one_run(
-    steps: int, record: bool, lora: bool, seed: int, out: Path, data, device: str, every: int = 10, probe_size: int = 256,
+    steps: int, record: bool, adapter: str | None, seed: int, out: Path, data, device: str, every: int = 10, probe_size: int = 256,
     background: bool = False,
 ) -> tuple[float, dict]:
-    model = make_model(lora)
+    model = make_model(adapter)
     callbacks = []
     if record:
         probe = demo_tasks()["capability"].sample(probe_size, seed=0)
@@ -87,7 +98,7 @@ def one_run(
                                        background=background))
     args = transformers.TrainingArguments(
         str(out / f"trainer{seed}"), max_steps=steps, per_device_train_batch_size=FINETUNE_CONFIG.batch_size,
-        learning_rate=1e-3 if lora else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
+        learning_rate=1e-3 if adapter else FINETUNE_CONFIG.lr, warmup_steps=FINETUNE_CONFIG.warmup,
         lr_scheduler_type="cosine", weight_decay=FINETUNE_CONFIG.applied_weight_decay, max_grad_norm=1.0, logging_steps=50,
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=device == "cpu", seed=seed, dataloader_num_workers=0,
     )  # fmt: skip
@@ -99,11 +110,11 @@ def one_run(
     return elapsed, callbacks[0].seconds if record else {}
 
 
-def probe_forward_seconds(lora: bool, device: str, probe_size: int = 256) -> tuple[float, float]:
+def probe_forward_seconds(adapter: str | None, device: str, probe_size: int = 256) -> tuple[float, float]:
     """One pass over the probe batch in the recorder's chunks (:data:`~capwrap.recording.recorder.CAPTURE_ROWS`): through the plain
     Hugging Face model (the floor of any recorder), and capwrap's capture through the wrapped model's hooks."""
-    plain = make_model(lora).to(device)
-    model = wrap_hf_model(make_model(lora).to(device))
+    plain = make_model(adapter).to(device)
+    model = wrap_hf_model(make_model(adapter).to(device))
     tokens = demo_tasks()["capability"].sample(probe_size, seed=0).tokens.to(device)
     hooks = model.resolve_hooks("blocks.*.hook_resid_post")
     rows = CAPTURE_ROWS.get(torch.device(device).type) or len(tokens)  # as the recorder runs it
@@ -125,7 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--adapter", choices=sorted(ADAPTERS), help="train a peft adapter, not every weight")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Trainer's own placement)")
     parser.add_argument("--every", type=int, default=10, help="record every this many steps (the demo's: 10)")
     parser.add_argument("--probe-size", type=int, default=256, help="probe sequences (the demo's: 256)")
@@ -136,23 +147,23 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="capwrap-bench-"))
     try:
         data = task_dataset(demo_tasks()["downstream_correlated"], args.steps * FINETUNE_CONFIG.batch_size, seed=1)
-        one_run(10, True, args.lora, 999, out, data, args.device)  # warm-up (allocator, kernels, imports)
+        one_run(10, True, args.adapter, 999, out, data, args.device)  # warm-up (allocator, kernels, imports)
         times: dict[bool, list[float]] = {False: [], True: []}
         parts: list[dict] = []
         for r in range(args.repeats):
             for record in (False, True):
                 elapsed, seconds = one_run(
-                    args.steps, record, args.lora, r, out, data, args.device, args.every, args.probe_size,
+                    args.steps, record, args.adapter, r, out, data, args.device, args.every, args.probe_size,
                     args.background,
                 )
                 times[record].append(elapsed)
                 parts += [seconds] if record else []
         off, on = statistics.median(times[False]), statistics.median(times[True])
-        bare, capture = probe_forward_seconds(args.lora, args.device, args.probe_size)
+        bare, capture = probe_forward_seconds(args.adapter, args.device, args.probe_size)
         records = args.steps // args.every + 1
         size = sum(f.stat().st_size for f in (out / "run0").rglob("*") if f.is_file())
         result = {
-            "training": "LoRA r=8 (c_attn, c_fc)" if args.lora else "full fine-tuning",
+            "training": ADAPTERS[args.adapter][1] if args.adapter else "full fine-tuning",
             "threads": args.threads,
             "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
             "transformers": transformers.__version__,

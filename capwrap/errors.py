@@ -149,6 +149,8 @@ def real_number(
         ...
         capwrap.errors.ConfigError: NPO's beta must be a finite number > 0, got 0
     """
+    if minimum is not None and above is not None:
+        raise ValueError("real_number takes minimum (inclusive) or above (exclusive), not both")
     number = isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
     if not (
         number

@@ -3,9 +3,10 @@
 :class:`LoRA` puts a peft LoRA adapter on a Hugging Face copy of the model (frozen: the base
 weights ``W0``) and trains only the adapter's factors, with the task's own loss computed through
 that copy. After every optimizer step it writes the merged weights ``W0 + scaling·B·A`` into the
-model being trained, so the model :func:`capwrap.train` returns *is* the fine-tuned model — its
+model being trained (with ``dora=True``: each merged direction rescaled to its trained
+magnitudes), so the model :func:`capwrap.train` returns *is* the fine-tuned model — its
 accuracy, its checkpoint, the analyzers, and a :class:`~capwrap.recording.Recorder`'s weight
-changes (the merged deltas, of rank at most ``r`` per adapted matrix) all see it. The adapter
+changes (the merged deltas: of rank at most ``r`` per adapted matrix for plain LoRA) all see it. The adapter
 itself can be saved as a peft adapter folder (:meth:`LoRA.save_adapter`), which
 ``load_model(BASE, adapter=...)`` merges back.
 

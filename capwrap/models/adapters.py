@@ -210,18 +210,25 @@ class LoraModule:
             raise ValueError(f"the DoRA change of {self.name} depends on the base's weight: pass it as base")
         return self._dora_merged(base, input_first).sub_(base).float()
 
-    def merged(self, transpose: bool = False, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def merged(
+        self, transpose: bool = False, base: Mapping[str, Tensor] | None = None,
+        unmerged: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
         """``{weight name: merged weight}``: the weight after peft's ``merge_and_unload``, in the
         base weight's dtype and layout (``transpose``: ``[in, out]``, GPT-2's ``Conv1D``), formed on
         its device as peft forms it — the same operations in the same order and precision, so that a
         bfloat16 or float16 merge equals peft's bit for bit. Plain LoRA: ``W + scaling·B·A``, the
         change in float32 added and rounded once (an embedding: the change rounded to the weight's
         dtype first, as peft's ``Embedding.merge`` does). DoRA: ``m / ‖V‖ · V``, ``V = W + scaling·B·A``,
-        in float32, rounded once. ``base`` holds the weight (checkpoint name and layout)."""
+        in float32, rounded once. ``base`` holds the weight (checkpoint name and layout).
+        ``unmerged``: where ``base`` already holds other adapters merged (several active on one live
+        layer), the weight before them, which DoRA takes its norms on as peft's forward pass (and
+        peft 0.22's merge) does: ``m / ‖W₀ + scaling·B·A‖ · (base + scaling·B·A)``."""
         weight = _needed(base, self.weight_name)
         input_first = transpose or self.kind == "embedding"
         if self.magnitude is not None:
-            return {self.weight_name: self._dora_merged(weight, input_first).to(weight.dtype)}
+            norm_of = None if unmerged is None else _needed(unmerged, self.weight_name)
+            return {self.weight_name: self._dora_merged(weight, input_first, norm_of).to(weight.dtype)}
         delta = self.delta(transpose, device=weight.device)
         merged = weight + (delta.to(weight.dtype) if self.kind == "embedding" else delta)
         return {self.weight_name: merged.to(weight.dtype)}
@@ -231,18 +238,20 @@ class LoraModule:
         low = self.b.to(device=device, dtype=dtype) @ self.a.to(device=device, dtype=dtype)
         return low.mul_(self.scaling)
 
-    def _dora_merged(self, weight: Tensor, input_first: bool) -> Tensor:
+    def _dora_merged(self, weight: Tensor, input_first: bool, norm_of: Tensor | None = None) -> Tensor:
         """DoRA's merged weight ``m / ‖V‖ · V`` in ``weight``'s layout and on its device, in float32
         (float64 for a float64 weight), not yet rounded to the weight's dtype: peft's
         ``DoraLinearVariant.merge_unsafe`` (``DoraEmbeddingVariant`` for embeddings) step by step —
         its change ``transpose(B·A) · scaling`` from the factors (float32 once peft has loaded
         them), the norm of each output row of ``W + change`` (``DoraLinearLayer.get_weight_norm``,
         in the layouts peft takes it in: the sums' order follows them), then
-        ``m / norm · (W + change)``. One dense change at a time: the module's."""
+        ``m / norm · (W + change)``. One dense change at a time: the module's. ``norm_of``: the
+        weight the norms are taken on, if not ``weight`` (see :meth:`merged`)."""
         compute = torch.promote_types(weight.dtype, torch.float32)
         low = self._low(weight.device, compute)  # [out, in]
         change = low.T if input_first else low  # weight's layout (peft: transpose(B·A, fan_in_fan_out) · scaling)
-        rows = weight.T if input_first else weight  # [out, in]: one row per output (embeddings: per dimension)
+        norm_of = weight if norm_of is None else norm_of
+        rows = norm_of.T if input_first else norm_of  # [out, in]: one row per output (embeddings: per dimension)
         norm = torch.linalg.norm(rows + (change.T if input_first else change), dim=1)
         if not bool((norm > 0).all()):
             index = int((~(norm > 0)).nonzero()[0, 0])
@@ -327,11 +336,15 @@ class IA3Module:
         merged = self._merged(transpose, base)
         return {name: t.sub_(_needed(base, name)).float() for name, t in merged.items()}
 
-    def merged(self, transpose: bool = False, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def merged(
+        self, transpose: bool = False, base: Mapping[str, Tensor] | None = None,
+        unmerged: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
         """``{name: merged tensor}`` for the weight (and the bias an output scaling changes, when
         ``base`` holds it): peft's ``IA3 Linear.merge`` — ``W · l`` (``l`` broadcast over the
         weight as stored) formed in float32 on the weight's device and rounded once to its dtype
-        — so that a bfloat16 or float16 merge equals peft's bit for bit."""
+        — so that a bfloat16 or float16 merge equals peft's bit for bit. (``unmerged`` is not
+        used: IA3 scales the tensors it is given, other adapters merged in or not.)"""
         return {name: t.to(_needed(base, name).dtype) for name, t in self._merged(transpose, base).items()}
 
     def _merged(self, transpose: bool, base: Mapping[str, Tensor] | None) -> dict[str, Tensor]:

@@ -39,7 +39,13 @@ from capwrap.errors import CapwrapWarning, ConfigError
 from capwrap.models.adapters import unsupported_lora_options
 from capwrap.models.layouts import checkpoint_shapes, one_name_per_tensor
 from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge
-from capwrap.models.peft_layers import changed_tensors, is_peft_layer, merged_tensors
+from capwrap.models.peft_layers import (
+    changed_tensors,
+    computing_copy,
+    is_modules_to_save,
+    is_peft_layer,
+    merged_tensors,
+)
 from capwrap.models.spec import ARCHITECTURES, ModelSpec
 
 __all__ = ["LiveModel", "wrap_hf_model", "as_cap_model"]
@@ -71,7 +77,7 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
     if not spec.has_hf_equivalent:  # pragma: no cover - from_hf_config never returns such a spec
         raise ConfigError(f"{spec.architecture} models have no Hugging Face equivalent")
     with torch.random.fork_rng(devices=[]):  # building draws from torch's generator; the run's draws stay its own
-        shell, merged = _shell(hf, config, adapter_layers)
+        shell, merged, copies = _shell(hf, config, adapter_layers)
         names = checkpoint_shapes(spec)
         shell_params = dict(shell.named_parameters(remove_duplicate=False))
         missing = sorted(set(names) - set(shell_params))
@@ -83,7 +89,7 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
         storage = {name: shell_params[name] for name in names}
         bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
     meta = {"source": f"live {type(hf).__name__}", **(metadata or {})}
-    return LiveModel(spec, bridge, storage, tokenizer, meta, merged, _SplitCopies(spec, bridge, storage))
+    return LiveModel(spec, bridge, storage, tokenizer, meta, merged, _SplitCopies(spec, bridge, storage), copies)
 
 
 def _warn_if_untied(spec: ModelSpec, tensors: dict[str, Tensor]) -> None:
@@ -138,16 +144,22 @@ class LiveModel(CapModel):
         metadata: dict[str, Any],
         merged: list[_MergedLayer],
         split: _SplitCopies | None = None,
+        copies: list[_ActiveCopy] | None = None,
     ):
         super().__init__(spec, "bridge", module, storage, "checkpoint", tokenizer, metadata)
         self._merged = merged
         self._split = split
+        self._copies = copies or []
 
     def refresh(self) -> None:
-        """Recompute the merged weights from the adapters as they are now, and the bridge's copies
-        of a fused projection it split (GPT-NeoX's query/key/value) from the live fused weight."""
+        """Recompute the merged weights from the adapters as they are now, compute with the copy of
+        each module trained whole (``modules_to_save``) that the live model computes with now, and
+        refresh the bridge's copies of a fused projection it split (GPT-NeoX's query/key/value) from
+        the live fused weight."""
         for weight in self._merged:
             weight.refresh()
+        for active in self._copies:
+            active.rebind(self._storage)
         if self._split is not None:
             self._split.refresh()
 
@@ -188,6 +200,24 @@ class _MergedLayer:
     def refresh(self) -> None:
         for name, value in merged_tensors(self.name, self.layer).items():
             self.tensors[name.rpartition(".")[2]].copy_(value)
+
+
+class _ActiveCopy:
+    """One tensor of a module peft trains whole (``modules_to_save``), which the live model computes
+    with from the active adapter's copy, or from the original while adapters are disabled: the
+    shell computes with the tensor the live model computes with now (rebound, not copied, when the
+    live model switches copies: ``disable_adapter()``, ``set_adapter(...)``)."""
+
+    def __init__(self, wrapper: nn.Module, owner: nn.Module, leaf: str, kind: str, name: str):
+        self.wrapper, self.owner, self.leaf, self.kind, self.name = wrapper, owner, leaf, kind, name
+
+    def rebind(self, storage: dict[str, Tensor]) -> None:
+        current = getattr(computing_copy(self.wrapper), self.leaf)
+        tensors = getattr(self.owner, f"_{self.kind}s")
+        if tensors[self.leaf] is not current:
+            tensors[self.leaf] = current
+            if self.name in storage:
+                storage[self.name] = current
 
 
 class _SplitCopies:
@@ -287,9 +317,12 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
 _FOLLOWED_VARIANTS = {"DoraLinearVariant", "DoraEmbeddingVariant", "MiCALinearVariant", "MiCAEmbeddingVariant"}
 
 
-def _shell(hf: nn.Module, config: Any, adapted: list[nn.Module]) -> tuple[nn.Module, list[_MergedLayer]]:
+def _shell(
+    hf: nn.Module, config: Any, adapted: list[nn.Module]
+) -> tuple[nn.Module, list[_MergedLayer], list[_ActiveCopy]]:
     """A second module tree of ``hf``'s class whose parameters and buffers are ``hf``'s own tensors
-    (the tensors adapters change: merged copies), built on ``meta`` so that nothing is allocated twice."""
+    (the tensors adapters change: merged copies; modules trained whole: the active copy's, rebound
+    when it changes), built on ``meta`` so that nothing is allocated twice."""
     import transformers
 
     with torch.device("meta"):
@@ -297,15 +330,18 @@ def _shell(hf: nn.Module, config: Any, adapted: list[nn.Module]) -> tuple[nn.Mod
     shell.eval()
     adapted_ids = {id(layer) for layer in adapted}
     merged = {path: _MergedLayer(path, m) for path, m in hf.named_modules() if id(m) in adapted_ids}
+    copies: list[_ActiveCopy] = []
 
     def live_tensor(name: str, kind: str) -> Tensor:
         path, _, leaf = name.rpartition(".")
         module = hf.get_submodule(path)
         if path in merged and leaf in merged[path].tensors and kind == "parameter":
             return merged[path].tensors[leaf]
-        if hasattr(module, "get_base_layer"):
+        if is_modules_to_save(module):
+            module = computing_copy(module)
+        elif hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
-        return getattr(module, leaf)  # peft's modules_to_save wrappers answer with the active copy
+        return getattr(module, leaf)
 
     for kind, named in (("parameter", shell.named_parameters), ("buffer", shell.named_buffers)):
         for name, _ in list(named(remove_duplicate=False)):
@@ -318,6 +354,8 @@ def _shell(hf: nn.Module, config: Any, adapted: list[nn.Module]) -> tuple[nn.Mod
             path, _, leaf = name.rpartition(".")
             owner = shell.get_submodule(path)
             getattr(owner, f"_{kind}s")[leaf] = tensor
+            if is_modules_to_save(wrapper := hf.get_submodule(path)):
+                copies.append(_ActiveCopy(wrapper, owner, leaf, kind, name))
     for layer in merged.values():
         layer.refresh()
-    return shell, list(merged.values())
+    return shell, list(merged.values()), copies

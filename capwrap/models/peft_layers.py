@@ -5,7 +5,8 @@ tensors as they are now. :func:`adapter_modules` reads one peft layer's active a
 DoRA, IA3) as the :class:`~capwrap.models.adapters.LoraModule` / :class:`~capwrap.models.adapters.IA3Module`
 records an adapter folder is read into, sharing the live tensors (no copy), and
 :func:`merged_tensors` forms the layer's weight (and the bias an IA3 output scaling changes) as
-peft's ``merge`` would now — each active adapter merged in turn, in peft's order, by the code that
+peft's ``merge`` would now — each active adapter merged in turn, in peft's order (DoRA's norms taken
+on the weight before any adapter, as peft's forward pass takes them), by the code that
 merges an adapter read from disk (:meth:`LoraModule.merged`, :meth:`IA3Module.merged`). A wrapped
 live model (:func:`~capwrap.models.wrap_hf_model`) and :class:`~capwrap.methods.LoRA` both compute
 their merged weights here.
@@ -31,7 +32,14 @@ from torch import Tensor, nn
 
 from capwrap.models.adapters import AdapterModule, IA3Module, LoraModule
 
-__all__ = ["adapter_modules", "changed_tensors", "is_peft_layer", "merged_tensors"]
+__all__ = [
+    "adapter_modules",
+    "changed_tensors",
+    "computing_copy",
+    "is_modules_to_save",
+    "is_peft_layer",
+    "merged_tensors",
+]
 
 
 def _layer_types() -> tuple[type, ...]:
@@ -47,6 +55,27 @@ def is_peft_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a layer peft adapted with LoRA (DoRA included) or IA3."""
     types = _layer_types()
     return bool(types) and isinstance(module, types)
+
+
+def is_modules_to_save(module: nn.Module) -> bool:
+    """Whether ``module`` is peft's wrapper of a module trained whole (``modules_to_save``): it keeps
+    the original and a trained copy per adapter, and computes with the active adapter's copy (the
+    original while adapters are disabled)."""
+    try:
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:
+        return False
+    return isinstance(module, ModulesToSaveWrapper)
+
+
+def computing_copy(wrapper: nn.Module) -> nn.Module:
+    """The module a ``modules_to_save`` wrapper computes with now, chosen as its forward pass
+    chooses: the original while adapters are disabled or an active adapter has no copy of it (the
+    wrapper's attributes then fail: peft resolves them otherwise), else the first active adapter's copy."""
+    active = wrapper.active_adapters
+    if wrapper.disable_adapters or not active or any(a not in wrapper.modules_to_save for a in active):
+        return wrapper.original_module
+    return wrapper.modules_to_save[active[0]]
 
 
 def _is_ia3(layer: nn.Module) -> bool:
@@ -89,8 +118,9 @@ def merged_tensors(name: str, layer: nn.Module) -> dict[str, Tensor]:
     adapters merged in turn as peft merges them (each in the base tensor's dtype, on its device).
     Called without gradients (``torch.no_grad()``) to form weights to record or write."""
     base = layer.get_base_layer()
-    tensors = {f"{name}.{leaf}": getattr(base, leaf).detach() for leaf in changed_tensors(layer)}
+    unmerged = {f"{name}.{leaf}": getattr(base, leaf).detach() for leaf in changed_tensors(layer)}
     transpose = bool(getattr(layer, "fan_in_fan_out", False))  # GPT-2's Conv1D
-    for module in adapter_modules(name, layer):
-        tensors.update(module.merged(transpose, tensors))
+    tensors = dict(unmerged)
+    for module in adapter_modules(name, layer):  # (DoRA takes its norms on the unmerged weight, as peft's forward does)
+        tensors.update(module.merged(transpose, tensors, unmerged))
     return tensors

@@ -78,7 +78,7 @@ class Recorder:
 
     Args:
         model: the model being trained: a :class:`~capwrap.models.CapModel`, or a Hugging Face causal
-            LM (or a peft LoRA model of one) trained by your own loop, which is wrapped with
+            LM (or a peft LoRA, DoRA or IA3 model of one) trained by your own loop, which is wrapped with
             :func:`~capwrap.models.live.wrap_hf_model` (no weight copy; ``recorder.model`` is the wrapper).
         path: the store's folder (created; must not exist unless ``resume`` or ``overwrite``).
         hooks: hook names or glob patterns (default ``"blocks.*.hook_resid_post"``); ``()`` for none.
