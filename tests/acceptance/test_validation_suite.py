@@ -77,22 +77,28 @@ def test_a_capability_whose_blocks_were_reinitialized_is_a_capability_change(val
     assert row["high"] < 0  # the whole interval on the change side, not just the point
 
 
-def test_a_reinitialized_tracr_program_is_never_a_wrapper_but_its_change_is_not_shown(validated):
+def test_a_reinitialized_tracr_program_is_never_a_wrapper_and_a_change_only_with_a_functional_analyzer(validated):
     """The rule's known gap: a compiled Max-identifier whose blocks were re-initialized, then fine-tuned.
-    Weight diff and attention carry the score to the change side, but no functional analyzer can show
-    the change here: the tuned model and the never-had-it control both stay below the revival
-    threshold for the whole budget (statistic 0), and probes keep about none of the base's margin
-    (-0.01 on seeds 65, 75 and 85, -0.02 on 95), above the change cut of -0.02 that the calibration half's index
-    wrappers set. The rule asks a functional analyzer to agree before it calls a change, so the
-    finding is `inconclusive` (on seed 55, where probing read -0.03, it was a `capability_change`)."""
+    Weight diff and attention carry the score to the change side, but the functional analyzers barely
+    show the change: the tuned model and the never-had-it control both stay below the revival
+    threshold for the whole budget (statistic 0), and probes keep about none of the base's margin,
+    right at the change cut of -0.02 that the calibration half's index wrappers set (-0.01 on seeds
+    65, 75 and 85; on 95 -0.02 on the machines of earlier sessions, -0.028 on an AMD EPYC on
+    2026-12-07: two of 256 held-out sequences, so the side of the cut is the CPU's floating point).
+    The rule asks a functional analyzer to agree before it calls a change, so the finding is
+    `capability_change` exactly when probing points to a change, and `inconclusive` otherwise."""
     out, rows, _ = validated
     row = rows[(TRACR_REMOVED, "deletion")]
     assert row["truth"] == "capability_change"
-    assert row["verdict"] == "inconclusive", row["reason"]
-    assert "no functional analyzer does" in row["reason"]
-    assert row["high"] < 0  # yet the whole interval of the score lies on the change side
+    assert row["high"] < 0  # the whole interval of the score lies on the change side
     revival = _evidence(out, TRACR_REMOVED, "revival")
     assert revival["value"] == 0.0 and revival["direction"] == "neutral"  # neither model relearned
+    probing = _evidence(out, TRACR_REMOVED, "probing")
+    assert -0.05 < probing["value"] < 0.0  # about none of the margin kept
+    if probing["direction"] == "change":
+        assert row["verdict"] == "capability_change" and "probing points to a change" in row["reason"]
+    else:
+        assert row["verdict"] == "inconclusive" and "no functional analyzer does" in row["reason"]
 
 
 def test_a_tracr_counter_wrapper_is_a_wrapper_on_both_questions(validated):
@@ -126,10 +132,12 @@ def test_a_fine_tune_too_small_to_change_anything_is_inconclusive(validated):
 
 def test_validate_writes_its_report_and_resumes(validated, capsys):
     out, rows, data = validated
-    # every pinned finding is right but the re-initialized Tracr program's (inconclusive, above)
+    # every pinned finding is right but perhaps the re-initialized Tracr program's (inconclusive where its
+    # probes keep a hair more than the change cut, above)
     scored = [key for key, row in rows.items() if row["truth"] != "unknown"]
     assert (TRACR_REMOVED, "deletion") in scored
-    assert data["targets"]["accuracy"] == pytest.approx((len(scored) - 1) / len(scored), abs=1e-4)  # (rounded)
+    missed = int(rows[(TRACR_REMOVED, "deletion")]["verdict"] == "inconclusive")
+    assert data["targets"]["accuracy"] == pytest.approx((len(scored) - missed) / len(scored), abs=1e-4)  # (rounded)
     assert data["targets"]["wrapper_on_removed"] == 0 and data["scenario_seconds"] > 0
     assert (out / "validation.html").read_text().count("Plotly.newPlot") >= 1
     # each record says which software made its numbers, and which made its tuned model

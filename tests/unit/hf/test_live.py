@@ -151,16 +151,23 @@ def _tiny_live(family: str) -> transformers.PreTrainedModel:
 
 
 @pytest.mark.backend  # the bridge's split of a fused projection, on either TransformerLens line
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 @pytest.mark.parametrize("family", ["gpt_neox", "phi3", "gpt2"])
-def test_a_live_model_computes_with_its_weights_as_they_are_now(family):
+def test_a_live_model_computes_with_its_weights_as_they_are_now(family, method):
     # GPT-NeoX's per-head query_key_value is computed by the bridge from split copies, not views: a
     # wrapped model kept computing with the weights it had when it was wrapped (logits off by 2.3
-    # after an in-place edit, recorded activations off by 0.8 after four Trainer steps)
+    # after an in-place edit, recorded activations off by 0.8 after four Trainer steps). DoRA and IA3
+    # (followed since 2026-12-07) on the fused projections: the split copies follow their merged weights.
     import peft
 
     hf = _tiny_live(family)
     targets = {"gpt_neox": ["query_key_value"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"]}[family]
-    live = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    config = (
+        peft.IA3Config(target_modules=targets, feedforward_modules=[])
+        if method == "ia3"
+        else peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False, use_dora=method == "dora")
+    )
+    live = peft.get_peft_model(hf, config)
     model = wrap_hf_model(live)
     tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
