@@ -89,7 +89,13 @@ def wrap_hf_model(model: nn.Module, tokenizer: Any = None, metadata: dict[str, A
         storage = {name: shell_params[name] for name in names}
         bridge = _build_bridge(shell, _bridge_architecture(spec), hf_config=shell.config, tokenizer=tokenizer)
     meta = {"source": f"live {type(hf).__name__}", **(metadata or {})}
-    return LiveModel(spec, bridge, storage, tokenizer, meta, merged, _SplitCopies(spec, bridge, storage), copies)
+    trains = [(p, p.requires_grad) for p in hf.parameters()]
+    model = LiveModel(spec, bridge, storage, tokenizer, meta, merged, _SplitCopies(spec, bridge, storage), copies)
+    # (a CapModel freezes the tensors its storage does not hold; a live model's own are not its to freeze: a tied
+    # base's lm_head trained whole by peft, modules_to_save=["lm_head"], stopped training once wrapped)
+    for param, flag in trains:
+        param.requires_grad_(flag)
+    return model
 
 
 def _warn_if_untied(spec: ModelSpec, tensors: dict[str, Tensor]) -> None:
@@ -171,6 +177,11 @@ class LiveModel(CapModel):
         self.refresh()
         return super().weights()
 
+    def gradients(self) -> dict[str, Tensor]:
+        for active in self._copies:  # (the gradients of the copies the live model computes with now)
+            active.rebind(self._storage)
+        return super().gradients()
+
     def to(self, device: str | torch.device) -> CapModel:
         if torch.device(device) != self.device:
             raise ConfigError(
@@ -208,11 +219,11 @@ class _ActiveCopy:
     shell computes with the tensor the live model computes with now (rebound, not copied, when the
     live model switches copies: ``disable_adapter()``, ``set_adapter(...)``)."""
 
-    def __init__(self, wrapper: nn.Module, owner: nn.Module, leaf: str, kind: str, name: str):
-        self.wrapper, self.owner, self.leaf, self.kind, self.name = wrapper, owner, leaf, kind, name
+    def __init__(self, wrapper: nn.Module, below: str, owner: nn.Module, leaf: str, kind: str, name: str):
+        self.wrapper, self.below, self.owner, self.leaf, self.kind, self.name = wrapper, below, owner, leaf, kind, name
 
     def rebind(self, storage: dict[str, Tensor]) -> None:
-        current = getattr(computing_copy(self.wrapper), self.leaf)
+        current = getattr(computing_copy(self.wrapper).get_submodule(self.below), self.leaf)
         tensors = getattr(self.owner, f"_{self.kind}s")
         if tensors[self.leaf] is not current:
             tensors[self.leaf] = current
@@ -317,6 +328,18 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
 _FOLLOWED_VARIANTS = {"DoraLinearVariant", "DoraEmbeddingVariant", "MiCALinearVariant", "MiCAEmbeddingVariant"}
 
 
+def _saved_ancestor(hf: nn.Module, path: str) -> tuple[nn.Module, str] | None:
+    """The ``modules_to_save`` wrapper at ``path`` in ``hf`` or above it (a module trained whole may
+    hold others: ``modules_to_save=["mlp"]``), and the path below it; ``None`` when there is none.
+    Walked through the module tree itself: peft's wrapper resolves attributes to its active copy."""
+    module, parts = hf, path.split(".") if path else []
+    for index, part in enumerate(parts):
+        if is_modules_to_save(module):
+            return module, ".".join(parts[index:])
+        module = module._modules[part]  # type: ignore[assignment]
+    return (module, "") if is_modules_to_save(module) else None
+
+
 def _shell(
     hf: nn.Module, config: Any, adapted: list[nn.Module]
 ) -> tuple[nn.Module, list[_MergedLayer], list[_ActiveCopy]]:
@@ -334,12 +357,12 @@ def _shell(
 
     def live_tensor(name: str, kind: str) -> Tensor:
         path, _, leaf = name.rpartition(".")
-        module = hf.get_submodule(path)
         if path in merged and leaf in merged[path].tensors and kind == "parameter":
             return merged[path].tensors[leaf]
-        if is_modules_to_save(module):
-            module = computing_copy(module)
-        elif hasattr(module, "get_base_layer"):
+        if (saved := _saved_ancestor(hf, path)) is not None:  # a module trained whole, or one inside it
+            return getattr(computing_copy(saved[0]).get_submodule(saved[1]), leaf)
+        module = hf.get_submodule(path)
+        if hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
         return getattr(module, leaf)
 
@@ -354,8 +377,8 @@ def _shell(
             path, _, leaf = name.rpartition(".")
             owner = shell.get_submodule(path)
             getattr(owner, f"_{kind}s")[leaf] = tensor
-            if is_modules_to_save(wrapper := hf.get_submodule(path)):
-                copies.append(_ActiveCopy(wrapper, owner, leaf, kind, name))
+            if (saved := _saved_ancestor(hf, path)) is not None:
+                copies.append(_ActiveCopy(*saved, owner, leaf, kind, name))
     for layer in merged.values():
         layer.refresh()
     return shell, list(merged.values()), copies

@@ -85,8 +85,10 @@ def test_a_reinitialized_tracr_program_is_never_a_wrapper_and_a_change_only_with
     right at the change cut of -0.02 that the calibration half's index wrappers set (-0.01 on seeds
     65, 75 and 85; on 95 -0.02 on the machines of earlier sessions, -0.028 on an AMD EPYC on
     2026-12-07: two of 256 held-out sequences, so the side of the cut is the CPU's floating point).
-    The rule asks a functional analyzer to agree before it calls a change, so the finding is
-    `capability_change` exactly when probing points to a change, and `inconclusive` otherwise."""
+    The rule asks a functional analyzer to agree before it calls a change: on this pair probing is
+    the only one that can (revival is 0), and its point has the whole score interval on the change
+    side behind it, so the finding is `capability_change` when probing points to a change and
+    `inconclusive` when it does not."""
     out, rows, _ = validated
     row = rows[(TRACR_REMOVED, "deletion")]
     assert row["truth"] == "capability_change"

@@ -141,15 +141,15 @@ def test_live_dora_and_ia3_models_are_followed_merged(arch, config, gpt2_folder,
 def test_a_live_model_with_two_active_adapters_and_modules_to_save_is_followed_as_it_computes(llama_folder):
     """Two DoRA adapters active at once: each takes its norms on the weight before any adapter, as
     peft's forward pass does (capwrap took them on the weight holding the first: logits 0.04-0.17
-    off); and the copy of a module trained whole (modules_to_save) that the live model computes with
-    is followed when the adapters are disabled or another is set (capwrap kept the copy active
-    when wrapped: logits up to 7.5 off)."""
+    off); and the copy of a module trained whole (modules_to_save) that the live model computes with,
+    and of the modules inside it (the MLPs), is followed when the adapters are disabled or another is
+    set (capwrap kept the copy active when wrapped: logits up to 7.5 off)."""
     import copy
 
     import peft
 
     live = _perturbed(llama_folder, _lora(target_modules=["q_proj", "v_proj"]))
-    live.add_adapter("second", _lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "model.norm"]))
+    live.add_adapter("second", _lora(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "model.norm", "mlp"]))
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, param in live.named_parameters():

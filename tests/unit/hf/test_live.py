@@ -77,6 +77,7 @@ def test_a_live_peft_model_is_seen_merged_and_followed(gpt2_folder, make_adapter
         ({"target_modules": ["c_attn"]}, False),
         ({"target_modules": ["c_attn", "wte"]}, True),  # LoRA on the embedding: the input side only
         ({"target_modules": ["c_attn"], "modules_to_save": ["wte"]}, True),  # a trained copy of it
+        ({"target_modules": ["c_attn"], "modules_to_save": ["lm_head"]}, True),  # a trained copy of the other side
     ],
 )
 def test_a_live_adapter_that_unties_a_tied_embedding_is_warned_of(gpt2_folder, options, unties):
@@ -91,9 +92,12 @@ def test_a_live_adapter_that_unties_a_tied_embedding_is_warned_of(gpt2_folder, o
     hf = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()
     assert hf.config.tie_word_embeddings
     live = peft.get_peft_model(hf, peft.LoraConfig(r=2, init_lora_weights=False, **options))
+    trains = {name: p.requires_grad for name, p in live.named_parameters()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = wrap_hf_model(live)
+    # wrapping trains nothing less (the lm_head copy was frozen: held by the shell, not by the tied storage)
+    assert {name: p.requires_grad for name, p in live.named_parameters()} == trains
     said = [str(w.message) for w in caught if issubclass(w.category, CapwrapWarning)]
     assert len(said) == unties
     if unties:
