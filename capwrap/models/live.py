@@ -164,8 +164,7 @@ class LiveModel(CapModel):
         the live fused weight."""
         for weight in self._merged:
             weight.refresh()
-        for active in self._copies:
-            active.rebind(self._storage)
+        self._rebind_copies()
         if self._split is not None:
             self._split.refresh()
 
@@ -178,9 +177,12 @@ class LiveModel(CapModel):
         return super().weights()
 
     def gradients(self) -> dict[str, Tensor]:
-        for active in self._copies:  # (the gradients of the copies the live model computes with now)
-            active.rebind(self._storage)
+        self._rebind_copies()  # (the gradients of the copies the live model computes with now)
         return super().gradients()
+
+    def _rebind_copies(self) -> None:
+        for active in self._copies:
+            active.rebind(self._storage)
 
     def to(self, device: str | torch.device) -> CapModel:
         if torch.device(device) != self.device:
@@ -222,8 +224,12 @@ class _ActiveCopy:
     def __init__(self, wrapper: nn.Module, below: str, owner: nn.Module, leaf: str, kind: str, name: str):
         self.wrapper, self.below, self.owner, self.leaf, self.kind, self.name = wrapper, below, owner, leaf, kind, name
 
+    def current(self) -> Tensor:
+        """The tensor the live model computes with now."""
+        return getattr(computing_copy(self.wrapper).get_submodule(self.below), self.leaf)
+
     def rebind(self, storage: dict[str, Tensor]) -> None:
-        current = getattr(computing_copy(self.wrapper).get_submodule(self.below), self.leaf)
+        current = self.current()
         tensors = getattr(self.owner, f"_{self.kind}s")
         if tensors[self.leaf] is not current:
             tensors[self.leaf] = current
@@ -355,30 +361,32 @@ def _shell(
     merged = {path: _MergedLayer(path, m) for path, m in hf.named_modules() if id(m) in adapted_ids}
     copies: list[_ActiveCopy] = []
 
-    def live_tensor(name: str, kind: str) -> Tensor:
-        path, _, leaf = name.rpartition(".")
+    def live_tensor(path: str, leaf: str, kind: str, owner: nn.Module) -> tuple[Tensor, _ActiveCopy | None]:
+        """The live tensor the shell's ``owner`` takes as ``leaf``, and the copy to follow if it is
+        one of a module trained whole (or of one inside it)."""
         if path in merged and leaf in merged[path].tensors and kind == "parameter":
-            return merged[path].tensors[leaf]
-        if (saved := _saved_ancestor(hf, path)) is not None:  # a module trained whole, or one inside it
-            return getattr(computing_copy(saved[0]).get_submodule(saved[1]), leaf)
+            return merged[path].tensors[leaf], None
+        if (saved := _saved_ancestor(hf, path)) is not None:
+            active = _ActiveCopy(*saved, owner, leaf, kind, f"{path}.{leaf}")
+            return active.current(), active
         module = hf.get_submodule(path)
         if hasattr(module, "get_base_layer"):
             module = module.get_base_layer()
-        return getattr(module, leaf)
+        return getattr(module, leaf), None
 
     for kind, named in (("parameter", shell.named_parameters), ("buffer", shell.named_buffers)):
         for name, _ in list(named(remove_duplicate=False)):
-            tensor = live_tensor(name, kind)
+            path, _, leaf = name.rpartition(".")
+            owner = shell.get_submodule(path)
+            tensor, active = live_tensor(path, leaf, kind, owner)
             if tensor is None or tensor.device.type == "meta" or (tensor.numel() == 0 and kind == "parameter"):
                 raise ConfigError(
                     f"the live model's {name} is not in memory (sharded by DeepSpeed ZeRO-3 or FSDP, or offloaded); "
                     "capwrap records models whose weights are whole on one process"
                 )
-            path, _, leaf = name.rpartition(".")
-            owner = shell.get_submodule(path)
             getattr(owner, f"_{kind}s")[leaf] = tensor
-            if (saved := _saved_ancestor(hf, path)) is not None:
-                copies.append(_ActiveCopy(*saved, owner, leaf, kind, name))
+            if active is not None:
+                copies.append(active)
     for layer in merged.values():
         layer.refresh()
     return shell, list(merged.values()), copies
