@@ -94,6 +94,9 @@ def _info(args: argparse.Namespace) -> int:
         kind = adapter_name(adapter["peft_type"], adapter.get("rank"), bool(adapter.get("dora")))
         print(f"  merged adapter: {kind} on {', '.join(adapter['target_modules'])} "
               f"({adapter['modules']} modules) from {adapter['path']}")  # fmt: skip
+        for module, ids in adapter.get("trainable_tokens", {}).items():
+            shown = ", ".join(map(str, ids[:8])) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+            print(f"  trained token rows: {module}, ids {shown}")
     return 0
 
 

@@ -118,8 +118,8 @@ def weights_sha256(model: CapModel) -> str:
 
 
 def model_provenance(model: CapModel) -> dict[str, Any]:
-    """Where ``model`` came from (its folder or hub name, and hub revision when known), its spec,
-    backend and :func:`weights_sha256`."""
+    """Where ``model`` came from (its folder or hub name, and hub revision when known; the adapter merged
+    into it, and the token rows it was loaded without, if any), its spec, backend and :func:`weights_sha256`."""
     from capwrap.models.model import COPY_OF
 
     meta = model.metadata
@@ -130,6 +130,7 @@ def model_provenance(model: CapModel) -> dict[str, Any]:
     return {
         "source": source,
         **({"adapter": str(adapter["path"])} if isinstance(adapter, dict) and adapter.get("path") else {}),
+        **({"vocabulary": meta["vocabulary"]} if meta.get("vocabulary") else {}),  # loaded on fewer tokens
         "revision": meta.get("revision"),
         "architecture": model.spec.architecture,
         "backend": model.backend,

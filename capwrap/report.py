@@ -351,6 +351,10 @@ def _model_rows(name: str, model: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows.append(
         (f"{name} architecture", f"{model.get('architecture', '')} ({shape}), backend {model.get('backend', '')}")
     )
+    if model.get("vocabulary"):
+        from capwrap.models.vocabulary import VocabularyCut
+
+        rows.append((f"{name} vocabulary", "compared on " + VocabularyCut.from_dict(model["vocabulary"]).describe()))
     if model.get("weights_sha256"):
         rows.append((f"{name} weights SHA-256", str(model["weights_sha256"])))
     return rows

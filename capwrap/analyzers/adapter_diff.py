@@ -53,7 +53,9 @@ from capwrap.analyzers.streaming import StreamedWeightDiff, checkpoint_spec, str
 from capwrap.analyzers.weight_diff import change_summary
 from capwrap.errors import CheckpointError
 from capwrap.models.adapters import LoraAdapter, LoraModule, adapter_base, read_adapter
+from capwrap.models.io import read_tokenizer
 from capwrap.models.layouts import checkpoint_shapes
+from capwrap.models.vocabulary import vocabulary_cut
 
 __all__ = ["AdapterWeightDiff", "adapter_weight_diff", "adapter_summary"]
 
@@ -86,14 +88,18 @@ def adapter_weight_diff(
     allow_pickle: bool = False,
     progress: bool = False,
 ) -> AdapterWeightDiff:
-    """The weight diff of a PEFT adapter (LoRA, DoRA or IA3) against its base checkpoint folder, one
+    """The weight diff of a PEFT adapter (LoRA, DoRA, IA3, trainable tokens) against its base checkpoint folder, one
     layer at a time (DoRA and IA3 modules: each change formed densely from the layer's base tensors).
 
     Args:
         base: the base model's folder (``None``: the one ``adapter_config.json`` names).
-        adapter: the adapter folder, as peft's ``save_pretrained`` writes it (LoRA, DoRA or IA3).
+        adapter: the adapter folder, as peft's ``save_pretrained`` writes it (LoRA, DoRA, IA3, trainable tokens).
         allow_pickle: also accept ``adapter_model.bin`` (the base must be safetensors).
         progress: show a progress bar over the layers.
+
+    An adapter trained on the base grown by added tokens (peft saved the grown embedding layers) is
+    measured on the base's tokens, and its description's ``vocabulary`` says what that left out
+    (:mod:`capwrap.models.vocabulary`).
 
     Raises:
         CheckpointError: a folder is missing or corrupt, or the adapter does not fit the base.
@@ -101,6 +107,9 @@ def adapter_weight_diff(
     lora = read_adapter(adapter, allow_pickle)
     base = Path(base if base is not None else adapter_base(adapter))
     spec = checkpoint_spec(base)
+    trained = lora.trained_spec(spec)
+    if trained is not spec:  # trained on the base grown by added tokens: its change to the base's tokens
+        lora = lora.cut_tokens(trained, spec.d_vocab)
     lora.check_fits(spec, checkpoint_shapes(spec))
     replaced_change: dict[str, float] = {}
     dense_change: dict[str, float] = {}  # DoRA and IA3 modules: ‖ΔW‖ of the change formed from the base
@@ -132,7 +141,10 @@ def adapter_weight_diff(
     table["share"] = (table["change"] ** 2 / kind_sq).where(kind_sq > 0)
     unchanged = [name for name, change in replaced_change.items() if change == 0]  # a copy of the base's tensor
     modules = _module_table(lora, replaced_change, dense_change)
-    return AdapterWeightDiff(table, ranks, change_summary(table, ranks, total_sq), modules, lora.describe(unchanged))
+    described = lora.describe(unchanged)
+    if trained is not spec:
+        described["vocabulary"] = vocabulary_cut(trained.d_vocab, spec.d_vocab, read_tokenizer(lora.path)).to_dict()
+    return AdapterWeightDiff(table, ranks, change_summary(table, ranks, total_sq), modules, described)
 
 
 def _module_table(lora: LoraAdapter, replaced_change: dict[str, float], dense_change: dict[str, float]) -> pd.DataFrame:

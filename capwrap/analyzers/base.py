@@ -52,6 +52,7 @@ from capwrap.analyzers.bootstrap import LEVEL, check_n_boot, percentile_interval
 from capwrap.errors import CapwrapWarning, ConfigError, whole_number
 from capwrap.models import CapModel, ModelSpec
 from capwrap.models.residency import Residency
+from capwrap.models.vocabulary import shared_vocabulary
 from capwrap.recording import RunStore, weight_sample
 from capwrap.tasks.base import Task, TaskBatch, check_task, check_task_fits, correctness
 
@@ -117,16 +118,25 @@ def check_same_tokenizer(base: CapModel, tuned: CapModel, roles: tuple[str, str]
 
 
 def _check_same_hf_tokenizer(base: CapModel, tuned: CapModel, roles: tuple[str, str]) -> None:
-    """Raise if both models have a Hugging Face tokenizer and their vocabularies differ."""
+    """Raise if both models have a Hugging Face tokenizer and they read a token id the models have
+    differently. Tokens a tokenizer has beyond its model's rows (a fine-tune's added chat tokens on a
+    model loaded on its base's vocabulary) no model of the pair can read; tokens one tokenizer adds
+    in rows the other's leaves unnamed (a padded embedding's spare rows) the other's texts never hold.
+    """
     a, b = base.tokenizer, tuned.tokenizer
     if a is not None and b is not None:
-        va, vb = a.get_vocab(), b.get_vocab()
-        if va != vb:
+        va, vb = _model_vocabulary(a, base.spec.d_vocab), _model_vocabulary(b, tuned.spec.d_vocab)
+        if not (va.items() <= vb.items() or vb.items() <= va.items()):
             differ = len(set(va.items()) ^ set(vb.items()))
             raise ConfigError(
                 f"the {roles[0]} and {roles[1]} models use different tokenizers ({len(va)} vs {len(vb)} tokens, {differ} entries "
                 "differ); a pair must share its tokenizer (was one of them fine-tuned from the other?)"
             )
+
+
+def _model_vocabulary(tokenizer: Any, d_vocab: int) -> dict[str, int]:
+    """The tokens of ``tokenizer`` whose ids a model of ``d_vocab`` token rows has."""
+    return {token: i for token, i in tokenizer.get_vocab().items() if i < d_vocab}
 
 
 def _check_same_tracr_vocabularies(base: CapModel, tuned: CapModel, roles: tuple[str, str]) -> None:
@@ -140,14 +150,22 @@ def _check_same_tracr_vocabularies(base: CapModel, tuned: CapModel, roles: tuple
             )
 
 
-def _pair_hint(base: ModelSpec, tuned: ModelSpec, roles: tuple[str, str]) -> str:
-    """What a pair that differs should do: the common fine-tunes that change a shape named, with their way back."""
+def _pair_hint(base: ModelSpec, tuned: ModelSpec, roles: tuple[str, str], adapter: bool = False) -> str:
+    """What a pair that differs should do: the common fine-tunes that change a shape named, with their
+    way back (``adapter``: the second model is a base with an adapter merged in)."""
     differing = set(base.differing(tuned))
-    if differing <= {"d_vocab", "d_vocab_out"}:
+    if shared_vocabulary(base, tuned) is not None:
+        load = "BASE, adapter=ADAPTER" if adapter else "PATH"
         return (f"the fine-tune resized the vocabulary ({base.d_vocab} -> {tuned.d_vocab} tokens: tokens added, e.g. a "
-                f"pad or chat token, or the embedding padded). capwrap compares models of one shape: cut the {roles[1]} "
-                f"model's embedding back to the {roles[0]}'s rows (transformers: model.resize_token_embeddings({base.d_vocab}), "
-                f"then save_pretrained, with the {roles[0]}'s tokenizer files) if the tasks do not use the added tokens")  # fmt: skip
+                f"pad or chat token, or the embedding padded). Compare it on the {roles[0]}'s tokens: load the "
+                f"{roles[1]} model with load_model({load}, d_vocab={base.d_vocab}) (diagnose_checkpoints and "
+                "`capwrap diagnose` do so by themselves)")  # fmt: skip
+    if shared_vocabulary(base, tuned, base_tokens=0) is not None:
+        return (f"the {roles[1]} model has fewer token rows than the {roles[0]} ({base.d_vocab} -> {tuned.d_vocab}): "
+                f"were the two swapped? A fine-tune that cut rows no token of the {roles[0]}'s tokenizer uses (a padded "
+                f"embedding cut back by resize_token_embeddings(len(tokenizer))) is compared on its rows: load the "
+                f"{roles[0]} with load_model(PATH, d_vocab={tuned.d_vocab}) (`capwrap diagnose` does so when the "
+                f"{roles[0]}'s tokenizer uses none of the rows cut)")  # fmt: skip
     if differing == {"tie_embeddings"}:
         return ("the fine-tune untied (or tied) the embedding and unembedding. capwrap compares models of one shape: "
                 f"save the {roles[1]} model with the {roles[0]}'s tie_word_embeddings setting, if its two matrices are "
@@ -186,7 +204,7 @@ class ModelPair:
         if detail:
             raise ConfigError(
                 f"the {roles[0]} and {roles[1]} models differ in {detail}; "
-                + _pair_hint(self.base.spec, self.tuned.spec, roles)
+                + _pair_hint(self.base.spec, self.tuned.spec, roles, adapter="adapter" in self.tuned.metadata)
             )
         _check_same_hf_tokenizer(self.base, self.tuned, roles)  # with the Tracr check above: check_same_tokenizer
         if self.residency is not None:

@@ -40,6 +40,7 @@ from capwrap.analyzers.weight_diff import _KINDS, GroupChange, accumulate_change
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models.layouts import canonical_views_of_some, checkpoint_shapes
 from capwrap.models.spec import ModelSpec
+from capwrap.models.vocabulary import cut_state, shared_vocabulary
 
 __all__ = ["stream_weight_diff", "stream_weight_change", "stream_changes", "StreamedWeightDiff", "checkpoint_spec",
            "streams"]
@@ -135,6 +136,7 @@ def stream_weight_diff(base: str | os.PathLike, tuned: str | os.PathLike, progre
     """The weight diff of two checkpoint folders, read one layer at a time: the per-component table,
     each matrix's effective rank of change and the concentration headline — everything the
     :class:`~capwrap.analyzers.WeightDiff` analyzer reports except grafting (which runs models).
+    A tuned checkpoint that added tokens is compared on the base's (:mod:`capwrap.models.vocabulary`).
 
     Raises:
         CheckpointError: a folder is missing, has no safetensors weights, or a file is corrupt.
@@ -168,16 +170,19 @@ def _stream(
     """One pass over the two checkpoints: the change table, the matrices' ranks (if asked) and the
     summed squared change of every canonical weight."""
     spec_b, spec_t = checkpoint_spec(base), checkpoint_spec(tuned)
-    detail = spec_b.differences(spec_t)
+    d_vocab = shared_vocabulary(spec_b, spec_t)  # a fine-tune that added tokens: compared on the base's
+    detail = "" if d_vocab else spec_b.differences(spec_t)
     if detail:
         raise ConfigError(f"the base and tuned checkpoints differ in {detail}")
-    files_t = _tensor_files(Path(tuned), spec_b)
-    missing = sorted(set(checkpoint_shapes(spec_b)) - set(files_t))
+    files_t = _tensor_files(Path(tuned), spec_t)
+    missing = sorted(set(checkpoint_shapes(spec_t)) - set(files_t))
     if missing:
         raise CheckpointError(f"tensors missing from a checkpoint: {missing[:5]}")
 
     def tuned_minus_base(names: list[str], base_tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         tuned_tensors = _read_group(files_t, names)
+        if d_vocab:
+            tuned_tensors = cut_state(spec_t, tuned_tensors, d_vocab)
         return {n: tuned_tensors[n] - base_tensors[n] for n in names}
 
     return stream_changes(base, spec_b, tuned_minus_base, kinds, with_ranks, progress)

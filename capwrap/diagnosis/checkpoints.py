@@ -20,9 +20,10 @@ from capwrap.diagnosis.rule import VerdictRule
 from capwrap.diagnosis.run import Memory, check_memory, default_analyzers, diagnose
 from capwrap.errors import CapwrapWarning, ConfigError
 from capwrap.files import check_output_folder, read_json, write_text_atomic
-from capwrap.models.io import check_placement
+from capwrap.models.io import check_placement, source_spec, source_tokenizer
 from capwrap.models.model import resolve_device, resolve_dtype
 from capwrap.models.residency import Residency
+from capwrap.models.vocabulary import VocabularyCut, shared_vocabulary
 from capwrap.provenance import describe_call, run_provenance
 from capwrap.recording import RunStore
 
@@ -63,8 +64,13 @@ def diagnose_checkpoints(
     """:func:`diagnose` for two checkpoints (folders or hub names) and task specs
     (:func:`~capwrap.tasks.spec.task_from_spec`); writes ``summary.json`` and ``report.html`` to ``out``.
 
-    ``tuned`` may be a PEFT adapter folder (LoRA, DoRA, IA3): the tuned model is then ``base`` with it merged in,
+    ``tuned`` may be a PEFT adapter folder (LoRA, DoRA, IA3, trainable tokens): the tuned model is then ``base`` with it merged in,
     and ``summary.json`` adds the adapter's own weight diff (``adapter``).
+
+    A ``tuned`` checkpoint that added tokens to the base's (more token rows, the same shape otherwise: a
+    chat fine-tune's ``<|im_start|>``, a pad token, an embedding padded to a round size) is compared on the
+    base's tokens (:mod:`capwrap.models.vocabulary`): a warning names the tokens left out, and the provenance's
+    ``vocabulary`` records them.
 
     Text tasks read both models' texts with one tokenizer, the base's; a checkpoint folder without a
     tokenizer has its texts read with the other's, and a warning says so. The provenance's
@@ -224,18 +230,23 @@ def _diagnose_files(
             return {"device": device}
         return {**dispatch, "offload_folder": dispatch["offload_folder"] / which}
 
-    base_model = load_model(base, backend=backend, allow_pickle=allow_pickle, dtype=dtype, **placement("base"))
+    adapter = tuned if is_adapter_folder(tuned) else None  # a PEFT adapter: BASE with it merged in
+    # a pair that differs only in its token rows is compared on the rows both have (capwrap.models.vocabulary)
+    shared = None if adapter else _shared_vocabulary(base, tuned, allow_pickle)
+    base_model = load_model(base, backend=backend, allow_pickle=allow_pickle, dtype=dtype, d_vocab=shared,
+                            **placement("base"))  # fmt: skip
     if residency is not None:  # the base waits in a file while the tuned model loads
         residency.add(base_model)
         residency.release_all()
-    adapter = tuned if is_adapter_folder(tuned) else None  # a PEFT adapter: BASE with it merged in
     tuned_model = load_model(base if adapter else tuned, backend=backend, allow_pickle=allow_pickle, adapter=adapter,
-                             dtype=dtype, **placement("tuned"))  # fmt: skip
+                             dtype=dtype, d_vocab=base_model.spec.d_vocab if adapter else shared,
+                             **placement("tuned"))  # fmt: skip
     ModelPair(base_model, tuned_model, residency)  # one architecture, shape and tokenizer, before the tasks are built
     reads_text = any(spec and "text" in parse_spec(spec) for spec in (capability, downstream, downstream_free))
-    tokenizer, tokenizer_folders = _pair_tokenizer(
-        {"base": str(base), "tuned": str(base if adapter else tuned)}, base_model, tuned_model, reads_text
-    )
+    _say_vocabulary_cuts({"base": str(base), "tuned": str(tuned)}, base_model, tuned_model, reads_text)
+    # the folder each model's tokenizer came from (a grown adapter's: its own folder's)
+    folders = {"base": str(base), "tuned": str(tuned_model.metadata.get("tokenizer_source") or (base if adapter else tuned))}
+    tokenizer, tokenizer_folders = _pair_tokenizer(folders, base_model, tuned_model, reads_text)
     cap_task = task_from_spec(capability, tokenizer, model=base_model)  # a Tracr task reads the base's vocabularies
     down_task = task_from_spec(downstream, tokenizer, model=base_model)
     free_task = task_from_spec(downstream_free, tokenizer, model=base_model) if downstream_free else "auto"
@@ -274,6 +285,42 @@ def _diagnose_files(
             provenance=provenance,
         )
     return diagnosis
+
+
+def _shared_vocabulary(base: str | os.PathLike, tuned: str | os.PathLike, allow_pickle: bool) -> int | None:
+    """The token rows a pair of checkpoints is compared on, read from their configs (and, for a base
+    with more rows than the fine-tune, from its tokenizer), or ``None`` when nothing is cut."""
+    base_spec, tuned_spec = source_spec(base, allow_pickle), source_spec(tuned, allow_pickle)
+    if tuned_spec.d_vocab >= base_spec.d_vocab:
+        return shared_vocabulary(base_spec, tuned_spec)
+    tokenizer = source_tokenizer(base, allow_pickle)  # a padded base cut back by the fine-tune: rows its tokens lack?
+    return shared_vocabulary(base_spec, tuned_spec, None if tokenizer is None else len(tokenizer))
+
+
+def _say_vocabulary_cuts(folders: dict[str, str], base: CapModel, tuned: CapModel, reads_text: bool) -> None:
+    """Warn of each model of the pair loaded on fewer token rows than its checkpoint has, and say what
+    that leaves out; refuse a pair whose texts (``reads_text``) would be read with a tokenizer of tokens
+    the base lacks. ``folders``: the checkpoints as given."""
+    if reads_text and "vocabulary" in tuned.metadata and base.tokenizer is None and tuned.tokenizer is not None:
+        raise ConfigError(
+            f"the base checkpoint {folders['base']} has no tokenizer, and the tuned one added tokens the base lacks: its "
+            "tokenizer would read the texts with ids (its pad token's among them) no base row holds. Copy the base's "
+            f"tokenizer files (tokenizer.json, tokenizer_config.json, ...) into {folders['base']}"
+        )
+    for role, model in (("base", base), ("tuned", tuned)):
+        if "vocabulary" not in model.metadata:
+            continue
+        cut = VocabularyCut.from_dict(model.metadata["vocabulary"])
+        if role == "tuned":
+            why = (f"its base {cut.kept}: the fine-tune added tokens, so the pair is compared on the base's tokens — "
+                   f"{cut.describe()}. Every analysis sees the tuned model's weights and logits for the base's tokens "
+                   "only (its softmax renormalized without the added ones); how the added tokens were trained is not "
+                   "measured")  # fmt: skip
+        else:
+            why = (f"the tuned one {cut.kept}, and no token of the base's tokenizer is beyond them (a padded embedding "
+                   f"the fine-tune cut back): the pair is compared on the first {cut.kept} — {cut.describe()}")
+        warnings.warn(f"the {role} checkpoint {folders[role]} has {cut.rows} token rows, {why}", CapwrapWarning,
+                      stacklevel=4)  # fmt: skip
 
 
 def _pair_tokenizer(

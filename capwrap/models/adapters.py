@@ -1,4 +1,4 @@
-"""PEFT adapters (LoRA, DoRA, IA3): read an adapter folder, its weight changes, and merge it into a base.
+"""PEFT adapters (LoRA, DoRA, IA3, trainable tokens): read an adapter folder, its weight changes, and merge it into a base.
 
 A LoRA adapter saved by `peft <https://github.com/huggingface/peft>`_ (``save_pretrained``) is a
 folder with ``adapter_config.json`` and ``adapter_model.safetensors``: for each adapted module a
@@ -14,6 +14,13 @@ term, so that their change depends on the base weight ``W`` (``[out, in]``):
 * IA3 (``peft_type`` ``"IA3"``) learns one vector ``l`` per module: a feedforward module
   (``feedforward_modules``) scales its inputs, the merged weight is ``W · diag(l)``; any other
   scales its outputs, ``diag(l) · W``, and its bias with them.
+
+Trainable tokens (a LoRA adapter's ``trainable_token_indices``, or a ``TRAINABLE_TOKENS`` adapter)
+train the rows of a few token ids whole (:class:`TokenRowsModule`): they replace those rows of the
+embedding, and a tied output layer follows. An adapter trained on its base grown by added tokens
+(``resize_token_embeddings``) builds the grown model from the embedding layers peft saved with it,
+or is cut to the base's tokens (:meth:`LoraAdapter.trained_spec`, :meth:`LoraAdapter.cut_tokens`;
+see :mod:`capwrap.models.vocabulary`).
 
 :func:`read_adapter` reads it (safetensors only, unless ``allow_pickle``),
 :meth:`LoraAdapter.deltas` gives ``ΔW`` in the checkpoint's tensor names one module at a time
@@ -45,6 +52,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -54,7 +62,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
@@ -94,6 +102,7 @@ _FACTORS = {
     ".lora_magnitude_vector.weight": (None, "magnitude"),
 }
 _IA3_VECTOR = ".ia3_l"
+_TOKEN_ROWS = ".trainable_tokens_delta"  # peft's trainable tokens (the rows' trained values, not a change)
 #: What a module's merge puts into its weight, by :attr:`LoraModule.method` / :attr:`IA3Module.method`.
 _MERGED_AS = {"lora": "its LoRA factors", "dora": "its DoRA factors and magnitudes", "ia3": "its IA3 scaling vector"}
 #: LoRA options whose weight change is not ``scaling · B·A`` (peft can merge them; :func:`read_adapter`
@@ -113,6 +122,10 @@ _UNSUPPORTED_OPTIONS = {
 #: Options of :data:`_UNSUPPORTED_OPTIONS` that capwrap merges as peft does (read from a folder, or
 #: followed on a live model: :mod:`capwrap.models.peft_layers`).
 _MERGED_OPTIONS = frozenset({"use_dora"})
+#: Options capwrap merges when it reads an adapter folder (:func:`read_adapter`): those of
+#: :data:`_MERGED_OPTIONS` and trainable tokens (:class:`TokenRowsModule`), which a live model's
+#: wrapper does not follow.
+_MERGED_FROM_FOLDERS = _MERGED_OPTIONS | {"trainable_token_indices"}
 #: LoRA options under which no weight change stands for the adapter (peft does not merge them either).
 _UNMERGEABLE_OPTIONS = {
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens), which acts only on the tokens after its invocation "
@@ -124,16 +137,19 @@ _UNMERGEABLE_OPTIONS = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
-def unsupported_lora_options(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+def unsupported_lora_options(
+    config: dict[str, Any], merged: frozenset[str] = _MERGED_OPTIONS
+) -> tuple[list[str], list[str]]:
     """What in a LoRA ``config`` (``adapter_config.json``, or a live ``LoraConfig.to_dict()``) capwrap
-    does not merge itself (it merges ``scaling · B·A`` and DoRA): the options peft can merge, and
-    those it cannot.
+    does not merge itself (it merges ``scaling · B·A`` and DoRA; ``merged``: the options it merges
+    where the config is used — an adapter folder's also trainable tokens): the options peft can merge,
+    and those it cannot.
 
     Example:
         >>> unsupported_lora_options({"use_dora": True, "use_qalora": True, "alora_invocation_tokens": [5, 6]})
         (['QALoRA (use_qalora=True)'], ['aLoRA (alora_invocation_tokens), which acts only on the tokens after its invocation sequence'])
     """
-    mergeable = [what for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key) and key not in _MERGED_OPTIONS]
+    mergeable = [what for key, what in _UNSUPPORTED_OPTIONS.items() if config.get(key) and key not in merged]
     return mergeable, [what for key, what in _UNMERGEABLE_OPTIONS.items() if config.get(key)]
 
 
@@ -143,8 +159,19 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
 
 
+class _AdaptedModule:
+    """What every adapted module has: its path in the Hugging Face model, and the weight it changes."""
+
+    name: str
+
+    @property
+    def weight_name(self) -> str:
+        """The name of the weight the module changes."""
+        return f"{self.name}.weight"
+
+
 @dataclass(frozen=True)
-class LoraModule:
+class LoraModule(_AdaptedModule):
     """One adapted module: ``ΔW = scaling · B·A``; with DoRA (``magnitude``), the change that
     rescaling each output row of ``V = W + scaling · B·A`` to its magnitude makes,
     ``ΔW = m / ‖V‖ · V − W``.
@@ -174,11 +201,6 @@ class LoraModule:
     def method(self) -> Literal["lora", "dora"]:
         """``"dora"`` when the module has a magnitude, else ``"lora"``."""
         return "lora" if self.magnitude is None else "dora"
-
-    @property
-    def weight_name(self) -> str:
-        """The name of the weight the module changes."""
-        return f"{self.name}.weight"
 
     @property
     def parameters(self) -> int:
@@ -269,6 +291,31 @@ class LoraModule:
         del norm
         return change.add_(weight).mul_(factor.T if input_first else factor)  # change: now m / ‖V‖ · (W + change)
 
+    def token_count(self, axis: int, transpose: bool = False) -> int:
+        """The size of the changed weight's ``axis`` (as stored; ``transpose``: GPT-2's ``Conv1D``)."""
+        return self.delta_shape(transpose)[axis]
+
+    def cut_tokens(self, axis: int, count: int, transpose: bool = False) -> LoraModule:
+        """The module as it changes the first ``count`` entries of its weight's ``axis`` (as stored):
+        the factor on that side cut (an output side's DoRA magnitudes too: each output's norm is its own).
+
+        Raises:
+            CheckpointError: DoRA on an input side (its norms run over every input).
+        """
+        if self.token_count(axis, transpose) <= count:
+            return self
+        output_axis = 1 if (transpose or self.kind == "embedding") else 0
+        if axis == output_axis:
+            magnitude = None if self.magnitude is None else self.magnitude[:count]
+            return dataclasses.replace(self, b=self.b[:count], magnitude=magnitude)
+        if self.magnitude is not None:
+            raise CheckpointError(
+                f"{self.name} is adapted with DoRA, whose norms run over all of its tokens: its change to the first "
+                f"{count} cannot be told apart; merge the adapter with peft (merge_and_unload), save the merged model, "
+                "and diagnose that folder"
+            )
+        return dataclasses.replace(self, a=self.a[:, :count])
+
     def delta_shape(self, transpose: bool = False) -> tuple[int, int]:
         """The shape of :meth:`delta` (without forming it)."""
         out, inp = int(self.b.shape[0]), int(self.a.shape[1])
@@ -284,7 +331,7 @@ class LoraModule:
 
 
 @dataclass(frozen=True)
-class IA3Module:
+class IA3Module(_AdaptedModule):
     """One module adapted by IA3: a learned vector ``l`` scales its inputs (a feedforward module:
     ``W · diag(l)``, ``ΔW = W · diag(l − 1)``) or its outputs (``diag(l) · W``, and its bias
     ``b ⊙ l``). The change depends on the base's tensors, and has the rank of ``W``.
@@ -299,25 +346,9 @@ class IA3Module:
     vector: Float[Tensor, "rows cols"]
     feedforward: bool
 
-    @property
-    def kind(self) -> Literal["linear"]:
-        """``"linear"``: peft adapts ``nn.Linear`` and GPT-2's ``Conv1D`` with IA3."""
-        return "linear"
-
-    @property
-    def method(self) -> Literal["ia3"]:
-        """``"ia3"``."""
-        return "ia3"
-
-    @property
-    def rank(self) -> None:
-        """IA3 has no rank."""
-        return None
-
-    @property
-    def weight_name(self) -> str:
-        """The name of the weight the module changes."""
-        return f"{self.name}.weight"
+    kind: ClassVar[Literal["linear"]] = "linear"  # peft adapts nn.Linear and GPT-2's Conv1D with IA3
+    method: ClassVar[Literal["ia3"]] = "ia3"
+    rank: ClassVar[None] = None  # IA3 has no rank
 
     @property
     def parameters(self) -> int:
@@ -357,6 +388,18 @@ class IA3Module:
             out[bias] = torch.mul(base[bias], scale.reshape(base[bias].shape))
         return out
 
+    def token_count(self, axis: int, transpose: bool = False) -> int | None:
+        """The size of the changed weight's ``axis`` as ``l`` tells it (``None``: any)."""
+        return self.delta_shape(transpose)[axis]
+
+    def cut_tokens(self, axis: int, count: int, transpose: bool = False) -> IA3Module:
+        """The module as it changes the first ``count`` entries of its weight's ``axis`` (as stored):
+        ``l`` cut where it runs along that axis (it scales each entry on its own)."""
+        size = self.token_count(axis, transpose)
+        if size is None or size <= count:
+            return self
+        return dataclasses.replace(self, vector=self.vector[:, :count] if self.feedforward else self.vector[:count])
+
     def delta_shape(self, transpose: bool = False) -> tuple[int | None, int | None]:
         """The shape of the weight the module changes, as far as ``l`` tells it (``None``: any)."""
         size = int(self.vector.numel())
@@ -364,7 +407,67 @@ class IA3Module:
         return shape[::-1] if transpose else shape
 
 
-AdapterModule = LoraModule | IA3Module
+@dataclass(frozen=True)
+class TokenRowsModule(_AdaptedModule):
+    """The rows of some tokens trained on their own (peft's trainable tokens: a LoRA adapter's
+    ``trainable_token_indices``, or a ``TRAINABLE_TOKENS`` adapter): the trained values replace those
+    rows of the embedding (or output layer) whole; a tied output layer follows them, as in peft.
+
+    Attributes:
+        name: the module's path in the Hugging Face model (``model.embed_tokens``).
+        indices: the token ids whose rows are trained, in the order of ``values``.
+        values: ``[len(indices), d_model]``, the trained rows.
+    """
+
+    name: str
+    indices: tuple[int, ...]
+    values: Float[Tensor, "tokens d_model"]
+
+    kind: ClassVar[Literal["embedding"]] = "embedding"  # rows of an embedding (or of an output layer tied to it)
+    method: ClassVar[Literal["trainable_tokens"]] = "trainable_tokens"
+    rank: ClassVar[None] = None  # trained rows have no rank
+
+    @property
+    def parameters(self) -> int:
+        """How many numbers the adapter holds for the module."""
+        return int(self.values.numel())
+
+    def needs(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+        """The base tensor :meth:`deltas` needs: the weight (its other rows stay)."""
+        return [self.weight_name]
+
+    def deltas(self, transpose: bool = False, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{weight name: ΔW}`` in float32: the trained rows minus the base's, zero elsewhere."""
+        merged = self.merged(transpose, base)
+        return {self.weight_name: merged[self.weight_name].float() - _needed(base, self.weight_name).float()}
+
+    def merged(
+        self, transpose: bool = False, base: Mapping[str, Tensor] | None = None,
+        unmerged: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """``{weight name: merged weight}``: the weight with the trained rows put in (peft's
+        ``index_copy``), in the weight's dtype, on its device."""
+        weight = _needed(base, self.weight_name)
+        index = torch.tensor(self.indices, device=weight.device)
+        return {self.weight_name: weight.index_copy(0, index, self.values.to(device=weight.device, dtype=weight.dtype))}
+
+    def delta_shape(self, transpose: bool = False) -> tuple[int | None, int]:
+        """The shape of the weight the module changes, as far as its rows tell it (any number of tokens)."""
+        return None, int(self.values.shape[1])
+
+    def token_count(self, axis: int, transpose: bool = False) -> None:
+        """``None``: trained rows do not say how many tokens their weight has (only that it has their ids)."""
+        return None
+
+    def cut_tokens(self, axis: int, count: int, transpose: bool = False) -> TokenRowsModule:
+        """The module as it changes the first ``count`` tokens' rows: the trained rows of those tokens."""
+        kept = [i for i, token in enumerate(self.indices) if token < count]
+        if len(kept) == len(self.indices):
+            return self
+        return TokenRowsModule(self.name, tuple(self.indices[i] for i in kept), self.values[kept])
+
+
+AdapterModule = LoraModule | IA3Module | TokenRowsModule
 
 
 def _needed(base: Mapping[str, Tensor] | None, name: str) -> Tensor:
@@ -375,7 +478,7 @@ def _needed(base: Mapping[str, Tensor] | None, name: str) -> Tensor:
 
 @dataclass
 class LoraAdapter:
-    """A PEFT adapter (LoRA, DoRA or IA3) read from disk (see :func:`read_adapter`).
+    """A PEFT adapter (LoRA, DoRA, IA3, trainable tokens) read from disk (see :func:`read_adapter`).
 
     Attributes:
         path: the adapter folder.
@@ -415,9 +518,12 @@ class LoraAdapter:
         unchanged = set(unchanged) & set(self.replaced)
         replaced = {name: t for name, t in self.replaced.items() if name not in unchanged}
         ranks = sorted({m.rank for m in self.modules.values() if m.rank is not None})
+        tokens = {m.name: list(m.indices) for m in self.modules.values() if isinstance(m, TokenRowsModule)}
         if self.peft_type == "IA3":
             inputs = {m.name.rsplit(".", 1)[-1] for m in self.modules.values() if getattr(m, "feedforward", False)}
             kind: dict[str, Any] = {"rank": None, "feedforward_modules": sorted(inputs)}
+        elif self.peft_type == "TRAINABLE_TOKENS":
+            kind = {"rank": None}
         else:
             kind = {"rank": ranks[0] if len(ranks) == 1 else ranks, "lora_alpha": self.config.get("lora_alpha"),
                     "rslora": bool(self.config.get("use_rslora")), "dora": bool(self.config.get("use_dora"))}  # fmt: skip
@@ -433,6 +539,7 @@ class LoraAdapter:
             "modules": len(self.modules),
             "replaced_tensors": sorted(replaced),
             **({"unchanged_copies": sorted(unchanged)} if unchanged else {}),
+            **({"trainable_tokens": tokens} if tokens else {}),  # module -> the token ids whose rows it trains
             "parameters": sum(m.parameters for m in self.modules.values()) + sum(t.numel() for t in replaced.values()),
         }
 
@@ -444,7 +551,9 @@ class LoraAdapter:
             CheckpointError: the adapter was made for another model, or changes the input
                 embedding or the output layer of a base that ties them.
         """
-        if (tied := tied_change(spec, [*self.replaced, *self.changed_weights])) and not self._kept_tied(spec):
+        # trainable tokens keep a tie: peft's tied output layer follows the embedding's trained rows
+        untying = [m.weight_name for m in self.modules.values() if m.method != "trainable_tokens"]
+        if (tied := tied_change(spec, [*self.replaced, *untying])) and not self._kept_tied(spec):
             module = next((m for m in self.modules.values() if m.weight_name == tied[0]), None)
             merged = "its trained copy" if module is None else _MERGED_AS[module.method]
             merge = f"a merge of {merged} into the one tied tensor"
@@ -470,6 +579,14 @@ class LoraAdapter:
                     + f"; it was made for another model (its config names {self.base_name!r} as base)"
                 )
             have = tuple(shapes[name])
+            beyond = [i for m in self.modules.values() if m.weight_name == name for i in getattr(m, "indices", ()) if i >= have[0]]
+            if beyond:
+                raise CheckpointError(
+                    f"the adapter at {self.path} trains the rows of token ids {beyond[:5]} of {name}, but the base has "
+                    f"{have[0]} tokens: it was trained on the base grown by added tokens, and holds no grown {name}, so "
+                    f"the model it trained cannot be built. Load it on the base's tokens: load_model(BASE, "
+                    f"adapter=ADAPTER, d_vocab={have[0]}) (`capwrap diagnose` does so)"
+                )
             if len(have) != len(shape) or any(w is not None and w != h for w, h in zip(shape, have, strict=True)):
                 described = ["*" if size is None else size for size in shape]  # IA3: only the scaled side is known
                 raise CheckpointError(
@@ -477,6 +594,59 @@ class LoraAdapter:
                     f"{name} has shape {list(have)}; it was made for another model "
                     f"(its config names {self.base_name!r} as base)"
                 )
+
+    def token_rows(self, spec: ModelSpec) -> int | None:
+        """How many tokens the model the adapter was trained on has, as its tensors with an entry per
+        token say (a replaced embedding or output layer, factors on them; trained rows alone: at least
+        their largest id plus one); ``None`` when it changes none.
+        More than ``spec.d_vocab``: the base's vocabulary was grown for the fine-tune (added tokens,
+        ``resize_token_embeddings``) and peft saved the grown layers with the adapter.
+
+        Raises:
+            CheckpointError: its per-token tensors disagree on the count (the adapter is corrupt).
+        """
+        from capwrap.models.vocabulary import token_axes
+
+        axes, transposed = token_axes(spec), _input_first_modules(spec)
+        counts = {name: int(t.shape[axes[name]]) for name, t in self.replacing(spec).items()
+                  if name in axes and t.dim() > axes[name]}  # fmt: skip
+        for module in self.modules.values():
+            if module.weight_name in axes:
+                count = module.token_count(axes[module.weight_name], module.name in transposed)
+                if count is not None:
+                    counts[module.weight_name] = count
+        if len(set(counts.values())) > 1:
+            raise CheckpointError(f"{self.path}: its per-token tensors disagree on the number of tokens ({counts}); "
+                                  "the adapter is corrupt")  # fmt: skip
+        # trained rows alone tell only that their ids exist (rows of ids an exact count lacks: check_fits says so)
+        least = max((max(m.indices) + 1 for m in self.modules.values() if isinstance(m, TokenRowsModule)), default=None)
+        return next(iter(counts.values()), least)
+
+    def trained_spec(self, base: ModelSpec) -> ModelSpec:
+        """The spec of the model the adapter was trained on: ``base``, with its vocabulary grown when
+        the adapter's per-token tensors have more tokens (:meth:`token_rows`)."""
+        rows = self.token_rows(base)
+        return base.with_vocabulary(rows) if rows is not None and rows > base.d_vocab else base
+
+    def cut_tokens(self, spec: ModelSpec, d_vocab: int) -> LoraAdapter:
+        """The adapter as it changes the first ``d_vocab`` tokens of a model of ``spec`` (the model it was
+        trained on, :meth:`trained_spec`): its replaced per-token tensors and the factors on them cut.
+
+        Raises:
+            CheckpointError: a DoRA module adapts the tokens' input side (its norms run over all of them).
+        """
+        from capwrap.models.vocabulary import stored_token_axes
+
+        axes, transposed = stored_token_axes(spec), _input_first_modules(spec)  # (a tied output layer peft saved apart)
+        replaced = {name: t.narrow(axes[name], 0, d_vocab) if name in axes and t.shape[axes[name]] == spec.d_vocab else t
+                    for name, t in self.replaced.items()}  # fmt: skip
+        modules = {
+            name: module.cut_tokens(axes[module.weight_name], d_vocab, module.name in transposed)
+            if module.weight_name in axes else module
+            for name, module in self.modules.items()
+        }  # fmt: skip
+        modules = {name: m for name, m in modules.items() if not isinstance(m, TokenRowsModule) or m.indices}
+        return dataclasses.replace(self, modules=modules, replaced=replaced)
 
     def replacing(self, spec: ModelSpec) -> dict[str, Tensor]:
         """The tensors the adapter replaces in a base of ``spec``: :attr:`replaced`, less the output
@@ -648,7 +818,7 @@ def _canonical_parts(spec: ModelSpec, tensors: Mapping[str, Tensor], path: Path)
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
     """Read a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``): LoRA
-    (DoRA included) or IA3.
+    (DoRA and trainable tokens included), IA3 or trainable tokens.
 
     Args:
         path: the adapter folder, as ``PeftModel.save_pretrained`` writes it.
@@ -656,8 +826,8 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAda
 
     Raises:
         CheckpointError: the folder is missing or has no adapter, its files are corrupt, its
-            weights are only a pickle (without ``allow_pickle``), or its kind is neither LoRA nor
-            IA3 (LoHa, LoKr, VeRA ...), or a LoRA variant capwrap does not merge (KaSA, ``lora_bias``
+            weights are only a pickle (without ``allow_pickle``), or its kind is none of LoRA, IA3 and
+            trainable tokens (LoHa, LoKr, VeRA ...), or a LoRA variant capwrap does not merge (KaSA, ``lora_bias``
             ...): merge those with peft's ``merge_and_unload`` and load the result.
     """
     folder = check_adapter_folder(path)
@@ -692,15 +862,15 @@ def check_adapter_folder(path: str | os.PathLike) -> Path:
 
 
 def adapter_name(peft_type: str, rank: Any = None, dora: bool = False) -> str:
-    """How capwrap names an adapter in what it prints: ``LoRA r=8``, ``DoRA r=8``, ``IA3``, or peft's
-    own name of another kind.
+    """How capwrap names an adapter in what it prints: ``LoRA r=8``, ``DoRA r=8``, ``IA3``, ``trainable
+    tokens``, or peft's own name of another kind.
 
     Example:
         >>> adapter_name("LORA", 8, dora=True), adapter_name("IA3"), adapter_name("LOHA", 8)
         ('DoRA r=8', 'IA3', 'LOHA r=8')
     """
-    if peft_type == "IA3":
-        return "IA3"
+    if peft_type in ("IA3", "TRAINABLE_TOKENS"):
+        return "IA3" if peft_type == "IA3" else "trainable tokens"
     kind = ("DoRA" if dora else "LoRA") if peft_type == "LORA" else peft_type
     return kind if rank is None else f"{kind} r={rank}"
 
@@ -807,15 +977,16 @@ def _check_supported(folder: Path, config: dict[str, Any]) -> None:
             f"{folder / ADAPTER_CONFIG} names no peft_type, which every adapter peft saves names; the adapter is corrupt "
             "(or not written by peft)"
         )
-    if kind == "IA3":
+    if kind in ("IA3", "TRAINABLE_TOKENS"):
         return
     if kind != "LORA":
         raise CheckpointError(
-            f"{folder} is a {kind} adapter; capwrap reads LoRA (DoRA included) and IA3 adapters. Merge it into its "
+            f"{folder} is a {kind} adapter; capwrap reads LoRA (DoRA included), IA3 and trainable-tokens adapters. "
+            "Merge it into its "
             "base with peft (PeftModel.from_pretrained(base, folder).merge_and_unload().save_pretrained(out)) and "
             "load the result"
         )
-    used, unmergeable = unsupported_lora_options(config)
+    used, unmergeable = unsupported_lora_options(config, merged=_MERGED_FROM_FOLDERS)
     if unmergeable:
         raise CheckpointError(
             f"{folder} is a LoRA adapter with {', '.join(unmergeable)}: no one weight change stands for it, so "
@@ -856,8 +1027,12 @@ def _parse(
     factors: dict[str, dict[str, Tensor]] = {}
     kinds: dict[str, str] = {}
     replaced: dict[str, Tensor] = {}
+    rows: dict[str, Tensor] = {}  # trainable tokens: module -> the trained rows
     for key, tensor in tensors.items():
         name = key.removeprefix(_PREFIX)
+        if name.endswith(_TOKEN_ROWS):
+            rows[name.removesuffix(_TOKEN_ROWS).removesuffix(".token_adapter")] = tensor
+            continue
         for suffix, (kind, role) in _FACTORS.items():
             if name.endswith(suffix):
                 module = name[: -len(suffix)]
@@ -903,9 +1078,38 @@ def _parse(
             )
         scaling = _scaling(config, module, int(a.shape[0]))
         modules[module] = LoraModule(module, kinds[module], a, b, scaling, magnitude)  # type: ignore[arg-type]
+    modules |= _token_rows_modules(folder, config, rows)
     if not modules and not replaced:
         raise CheckpointError(f"{folder}'s adapter weights hold no tensors")
     return modules, replaced
+
+
+def _token_rows_modules(folder: Path, config: dict[str, Any], rows: Mapping[str, Tensor]) -> dict[str, TokenRowsModule]:
+    """The trainable-tokens modules of an adapter: each module's trained rows with the token ids its
+    config gives them (a ``TRAINABLE_TOKENS`` adapter: ``token_indices``; a LoRA adapter:
+    ``trainable_token_indices``, a list for the input embedding or ``{module: ids}``). peft saves a
+    tied output layer's rows beside the embedding's (the same ids and values): they are one tensor,
+    kept once."""
+    out: dict[str, TokenRowsModule] = {}
+    given = config.get("token_indices") if config.get("peft_type") == "TRAINABLE_TOKENS" else config.get("trainable_token_indices")
+    for module, values in sorted(rows.items(), key=lambda item: item[0].endswith("lm_head")):  # an embedding first
+        indices = given
+        if isinstance(given, dict):
+            indices = next((ids for key, ids in given.items() if module == key or module.endswith(f".{key}")), None)
+        if not isinstance(indices, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in indices):
+            raise CheckpointError(
+                f"{folder} holds trained rows of {module} (trainable tokens) but its {ADAPTER_CONFIG} gives no token ids "
+                f"for them ({indices!r}); the adapter is corrupt"
+            )
+        if values.ndim != 2 or values.shape[0] != len(indices) or len(set(indices)) != len(indices):
+            raise CheckpointError(
+                f"{folder}: the trained rows of {module} have shape {list(values.shape)} for the {len(indices)} token "
+                f"ids its {ADAPTER_CONFIG} gives ({sorted(indices)[:8]}); the adapter is corrupt"
+            )
+        tied = next((m for m in out.values() if m.indices == tuple(indices) and torch.equal(m.values, values)), None)
+        if tied is None:
+            out[module] = TokenRowsModule(module, tuple(indices), values)
+    return out
 
 
 def _replaced_name(name: str) -> str | None:
@@ -916,7 +1120,7 @@ def _replaced_name(name: str) -> str | None:
     unexpected: the module's own name holds the trained tensor)."""
     if ".original_module." in name or ".modules_to_save." in name:
         return None
-    return name.replace(".base_layer.", ".")
+    return name.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
 
 
 def _no_magnitudes(folder: Path, module: str) -> str:

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from capwrap.errors import CheckpointError, ConfigError
 from capwrap.models.model import CapModel, _bridge_architecture, _build_bridge, bridge_storage, tl_version
 from capwrap.models.spec import ModelSpec
+from capwrap.models.vocabulary import cut_module, stored_token_axes
 
 __all__ = ["DispatchedModel", "load_dispatched"]
 
@@ -65,9 +66,11 @@ def load_dispatched(
     tokenizer: Any = None,
     metadata: dict[str, Any] | None = None,
     allow_pickle: bool = False,
+    d_vocab: int | None = None,
 ) -> DispatchedModel:
     """Load ``folder`` with ``transformers`` and accelerate's ``device_map`` / ``max_memory`` and
-    wrap it in a TransformerBridge (see the module docstring).
+    wrap it in a TransformerBridge (see the module docstring). ``d_vocab``: keep the first
+    ``d_vocab`` tokens only (:func:`~capwrap.models.vocabulary.cut_module`).
 
     Raises:
         CheckpointError: the weights cannot be read (pickle-only without ``allow_pickle``, corrupt),
@@ -93,6 +96,10 @@ def load_dispatched(
             f"accelerate could not load {folder} with device_map={device_map!r}: {exc}{hint}"
         ) from exc
     hf.eval()
+    if d_vocab is not None and d_vocab != spec.d_vocab:
+        _cut_offloaded_rows(hf, spec, d_vocab, folder)
+        cut_module(hf, spec, d_vocab)
+        spec = spec.with_vocabulary(d_vocab)
     storage = dict(hf.named_parameters())  # before bridging renames the modules
     offloaded = [name for name, tensor in storage.items() if tensor.device.type == "meta"]
     sources = _offload_sources(hf, spec, storage, offloaded)
@@ -165,6 +172,40 @@ def _offload_sources(
             "load the model with a device_map that places every module on a device"
         )
     return sources
+
+
+def _cut_offloaded_rows(hf: nn.Module, spec: ModelSpec, d_vocab: int, folder: Path) -> None:
+    """Before :func:`~capwrap.models.vocabulary.cut_module` cuts an accelerate-placed model to its first
+    ``d_vocab`` tokens: each offloaded per-token tensor (accelerate offloads the output layer first) read
+    from its hook's offload map once, cut, and put in front of the map, so that the hook loads the cut
+    tensor into the cut (``meta``) parameter before each forward pass.
+
+    Raises:
+        ConfigError: an offloaded per-token tensor no hook loads under a name its map holds.
+    """
+    from accelerate.utils import named_module_tensors
+
+    axes = stored_token_axes(spec)
+    covered: set[int] = set()
+    for module_name, module in hf.named_modules():
+        for hook in _offload_hooks(module):
+            overlay = {}
+            for key, tensor in named_module_tensors(module, include_buffers=False, recurse=hook.place_submodules):
+                name = f"{module_name}.{key}" if module_name else key
+                if name in axes and tensor.is_meta:
+                    try:  # (read from disk once, cut, and kept)
+                        overlay[key] = hook.weights_map[key].narrow(axes[name], 0, d_vocab).clone()
+                    except KeyError:
+                        continue
+                    covered.add(id(tensor))
+            if overlay:
+                hook.weights_map = ChainMap(overlay, hook.weights_map)
+    lost = [n for n, t in hf.named_parameters() if n in axes and t.is_meta and id(t) not in covered]
+    if lost:
+        raise ConfigError(
+            f"{folder}'s {lost[0]} was offloaded where capwrap cannot cut it to its first {d_vocab} tokens; place it "
+            f"on a device (a device_map that names it, or max_memory room for it)"
+        )
 
 
 def _offload_what_the_bridge_added(hf: nn.Module) -> None:

@@ -38,6 +38,7 @@ from capwrap.errors import CheckpointError, ConfigError
 from capwrap.files import umask
 from capwrap.models.adapters import (
     ADAPTER_CONFIG,
+    LoraAdapter,
     adapter_base,
     adapter_hint,
     check_adapter_base,
@@ -50,8 +51,9 @@ from capwrap.models.layouts import checkpoint_shapes
 from capwrap.models.model import PROVENANCE_KEYS, CapModel, resolve_backend, resolve_dtype
 from capwrap.models.spec import ModelSpec
 from capwrap.models.tensor_files import read_pickle_tensors, read_safetensors
+from capwrap.models.vocabulary import check_vocabulary_cut, cut_state, token_axes, vocabulary_cut
 
-__all__ = ["save_model", "load_model", "normalize_state", "stored_keys", "CAPWRAP_FILE"]
+__all__ = ["save_model", "load_model", "source_spec", "source_tokenizer", "normalize_state", "stored_keys", "CAPWRAP_FILE"]
 
 CAPWRAP_FILE = "capwrap.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
@@ -85,6 +87,8 @@ def save_model(
     meta = {k: v for k, v in model.metadata.items() if k not in PROVENANCE_KEYS}
     if "adapter" in model.metadata:  # merged into these weights now: not an adapter to apply on loading them
         meta["merged_adapter"] = model.metadata["adapter"]
+    if "vocabulary" in model.metadata:  # these weights have the kept rows only: nothing to leave out on loading them
+        meta["loaded_on_vocabulary"] = model.metadata["vocabulary"]
     meta |= metadata or {}
     try:
         json.dumps(meta)
@@ -129,6 +133,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    d_vocab: int | None = None,
 ) -> CapModel:
     """Load a capwrap checkpoint, a local Hugging Face folder, or a hub name (``gpt2``,
     ``roneneldan/TinyStories-1M`` ...) into a :class:`CapModel`, optionally with a PEFT LoRA
@@ -143,7 +148,7 @@ def load_model(
         allow_pickle: also accept ``pytorch_model.bin`` (read with ``weights_only=True``).
         trust_remote_code: let ``transformers`` run the checkpoint's own Python code.
         revision: hub revision (branch, tag or commit) for hub names.
-        adapter: a PEFT adapter folder (LoRA, DoRA or IA3) (``adapter_config.json`` + ``adapter_model.safetensors``)
+        adapter: a PEFT adapter folder (LoRA, DoRA, IA3, trainable tokens) (``adapter_config.json`` + ``adapter_model.safetensors``)
             to merge into ``source`` (see :mod:`capwrap.models.adapters`); ``allow_pickle`` also
             admits ``adapter_model.bin``.
         dtype: the weights' dtype (``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a
@@ -153,10 +158,13 @@ def load_model(
             or accelerate's ``{module: device}``); see :mod:`capwrap.models.dispatch`.
         max_memory: with ``device_map``, how much each device may hold (``{0: "20GiB", "cpu": "60GiB"}``).
         offload_folder: with ``device_map``, where accelerate puts what does not fit (disk offload).
+        d_vocab: keep only the first ``d_vocab`` tokens' rows of the embedding and unembedding: a
+            fine-tune that added tokens, loaded on its base's vocabulary to be compared with it
+            (``load_model(TUNED, d_vocab=base.spec.d_vocab)``; see :mod:`capwrap.models.vocabulary`).
 
     Returns:
         The model, with ``metadata`` from ``capwrap.json`` (and ``source``; ``adapter``: what
-        the merged adapter is) and its tokenizer if any.
+        the merged adapter is; ``vocabulary``: what ``d_vocab`` left out) and its tokenizer if any.
 
     Raises:
         CheckpointError: the folder is missing or not a checkpoint, its weights are corrupt or only
@@ -180,27 +188,51 @@ def load_model(
             f"`capwrap diagnose BASE {named_by} ...`"
         ) from exc
     capwrap_doc = _read_capwrap_file(folder)
-    spec = read_spec(folder, capwrap_doc, trust_remote_code)
-    tokenizer = _read_tokenizer(folder)
+    stored_spec = read_spec(folder, capwrap_doc, trust_remote_code)
+    tokenizer = read_tokenizer(folder)
     metadata: dict[str, Any] = dict((capwrap_doc or {}).get("metadata", {}))
     metadata["source"] = str(source)  # this folder (not a source its capwrap.json may have kept)
     dtype = resolve_dtype(dtype)
     check_placement(device, device_map, max_memory, offload_folder)
     lora = None
+    trained_spec = stored_spec  # the model the checkpoint, with its adapter, is
     if adapter is not None:  # read and checked before the base loads
         lora = read_adapter(adapter, allow_pickle)
+        trained_spec = lora.trained_spec(stored_spec)  # a base grown by added tokens for the fine-tune
+        if trained_spec is not stored_spec and (own := read_tokenizer(Path(adapter))) is not None:
+            tokenizer = own  # the grown model's tokens are the adapter's tokenizer's
+            metadata["tokenizer_source"] = str(adapter)
+    spec = trained_spec
+    if d_vocab is not None and d_vocab != trained_spec.d_vocab:
+        check_vocabulary_cut(trained_spec, d_vocab, str(adapter or folder))
+        spec = trained_spec.with_vocabulary(d_vocab)
+        metadata["vocabulary"] = vocabulary_cut(trained_spec.d_vocab, d_vocab, tokenizer).to_dict()
+    if lora is not None:
+        if d_vocab is not None:  # (trained rows of tokens beyond d_vocab left out, whatever the base's size)
+            lora = lora.cut_tokens(trained_spec, spec.d_vocab)
         lora.check_fits(spec, checkpoint_shapes(spec))
     if device_map is not None and (backend or "bridge") != "bridge":
         raise ConfigError("device_map loads through transformers and the TransformerBridge: use backend='bridge'")
     backend = resolve_backend(backend, spec)
     try:
         if device_map is not None:
+            if spec.d_vocab > stored_spec.d_vocab:
+                raise ConfigError(
+                    f"the adapter {adapter} was trained on its base grown to {trained_spec.d_vocab} tokens, which "
+                    f"device_map does not load (transformers loads the base's {stored_spec.d_vocab}): load it on the "
+                    f"base's tokens (d_vocab={stored_spec.d_vocab}), or without device_map"
+                )
             model: CapModel = load_dispatched(
-                folder, spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle
+                folder, stored_spec, device_map, max_memory, offload_folder, dtype, tokenizer, metadata, allow_pickle,
+                d_vocab=spec.d_vocab,
             )
         else:
-            state = normalize_state(spec, _read_weights(folder, allow_pickle))
+            state = normalize_state(stored_spec, _read_weights(folder, allow_pickle))
             check_finite_weights(state, f"the checkpoint {folder}", CheckpointError)
+            if spec.d_vocab < stored_spec.d_vocab:
+                state = cut_state(stored_spec, state, spec.d_vocab)
+            elif spec.d_vocab > stored_spec.d_vocab:  # the added tokens' rows are the adapter's alone
+                state = _grown_state(state, lora, spec, stored_spec.d_vocab)  # type: ignore[arg-type]
             model = CapModel.from_state(spec, state, backend, tokenizer, metadata, dtype)
     except ConfigError as exc:  # the weights do not fit the config: say which checkpoint
         if str(folder) in str(exc):
@@ -210,6 +242,29 @@ def load_model(
         lora.merge_into(model)
         model.metadata["adapter"] = lora.describe()
     return model.to(device) if device is not None else model
+
+
+def _grown_state(
+    state: dict[str, torch.Tensor], lora: LoraAdapter, spec: ModelSpec, base_vocabulary: int
+) -> dict[str, torch.Tensor]:
+    """A base's state for a model of ``spec``, its vocabulary grown by the tokens a fine-tune added:
+    each per-token tensor is the one the adapter holds whole (peft saves a grown base's embedding layers
+    with the adapter), since the base has no rows for the added tokens.
+
+    Raises:
+        CheckpointError: the adapter does not hold a per-token tensor whole.
+    """
+    replacing = lora.replacing(spec)
+    missing = [name for name in token_axes(spec) if name not in replacing]
+    if missing:
+        raise CheckpointError(
+            f"the adapter at {lora.path} was trained on its base grown to {spec.d_vocab} tokens, but holds no whole "
+            f"{missing[0]} (peft saves every grown embedding layer when save_embedding_layers is left 'auto' and it "
+            "finds the base's vocabulary grown, and otherwise only those it adapts), so the "
+            f"added tokens' rows are unknown. Load it on the base's tokens: load_model(BASE, adapter=ADAPTER, "
+            f"d_vocab={base_vocabulary}) (`capwrap diagnose` does so)"
+        )
+    return {**state, **{name: replacing[name] for name in token_axes(spec)}}
 
 
 def check_placement(
@@ -252,6 +307,21 @@ def read_spec(folder: Path, capwrap_doc: dict[str, Any] | None, trust_remote_cod
         except ConfigError as exc:
             raise ConfigError(f"{folder / 'config.json'}: {exc}") from None
     return ModelSpec.from_dict(capwrap_doc["spec"])
+
+
+def source_spec(
+    source: str | os.PathLike, allow_pickle: bool = False, revision: str | None = None, trust_remote_code: bool = False
+) -> ModelSpec:
+    """The spec of what :func:`load_model` loads from ``source`` (a folder, or a hub name, fetched
+    first), read from its config files alone: what a caller decides before the weights load."""
+    folder = _resolve_source(source, revision, allow_pickle)
+    return read_spec(folder, _read_capwrap_file(folder), trust_remote_code)
+
+
+def source_tokenizer(source: str | os.PathLike, allow_pickle: bool = False, revision: str | None = None) -> Any:
+    """The tokenizer :func:`load_model` gives the model of ``source`` (a folder, or a hub name, fetched
+    first), or ``None``: what a caller decides before the weights load."""
+    return read_tokenizer(_resolve_source(source, revision, allow_pickle))
 
 
 def _read_capwrap_file(folder: Path) -> dict[str, Any] | None:
@@ -477,7 +547,9 @@ def normalize_state(spec: ModelSpec, state: dict[str, torch.Tensor]) -> dict[str
     return out | {name: state[key] for name, key in keys.items()}
 
 
-def _read_tokenizer(folder: Path) -> Any:
+def read_tokenizer(folder: Path) -> Any:
+    """The tokenizer saved in ``folder`` (``transformers.AutoTokenizer``), or ``None`` when it has no
+    tokenizer files or they cannot be read (a warning says which)."""
     if not any((folder / f).exists() for f in _TOKENIZER_FILES):
         return None
     import transformers

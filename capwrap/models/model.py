@@ -665,8 +665,9 @@ def _adapt_hooked(module: nn.Module, spec: ModelSpec) -> None:
 #: provenance says the copy was made in memory.
 COPY_OF = "copy_of"
 #: The metadata keys that say where a model's weights come from (the rest is free-form: what its
-#: maker wrote about it).
-PROVENANCE_KEYS = ("source", "revision", COPY_OF, "adapter")
+#: maker wrote about it): ``vocabulary`` (the token rows a load left out, :mod:`capwrap.models.vocabulary`)
+#: and ``tokenizer_source`` (the folder of a tokenizer read from elsewhere than ``source``) included.
+PROVENANCE_KEYS = ("source", "revision", COPY_OF, "adapter", "vocabulary", "tokenizer_source")
 
 
 def _copied_metadata(metadata: dict[str, Any], memo: dict | None = None) -> dict[str, Any]:

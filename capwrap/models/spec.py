@@ -252,6 +252,30 @@ class ModelSpec:
 
         return sum(shape.numel() for shape in checkpoint_shapes(self).values())
 
+    def with_vocabulary(self, d_vocab: int) -> ModelSpec:
+        """This spec with ``d_vocab`` tokens: the shape of a fine-tune that added tokens cut back to
+        its base's vocabulary, or of a base grown by them (see :mod:`capwrap.models.vocabulary`). A kept
+        Hugging Face config says ``vocab_size=d_vocab``, and its token ids beyond it (a pad or end
+        token the fine-tune added) become ``None``.
+
+        Examples:
+            >>> ModelSpec(d_vocab=66, n_ctx=8).with_vocabulary(64).d_vocab_out
+            64
+        """
+        if self.d_vocab_out != self.d_vocab:
+            raise ConfigError(f"{self.architecture} models have a separate output vocabulary; their tokens are not cut")
+        hf_config = self.hf_config
+        if hf_config:
+            config = json.loads(hf_config)
+            config["vocab_size"] = d_vocab
+            for key, value in config.items():
+                if key.endswith("token_id") and isinstance(value, int) and value >= d_vocab:
+                    config[key] = None
+                elif key.endswith("token_id") and isinstance(value, list):  # several end tokens
+                    config[key] = [v for v in value if not isinstance(v, int) or v < d_vocab] or None
+            hf_config = json.dumps(config, sort_keys=True)
+        return dataclasses.replace(self, d_vocab=d_vocab, d_vocab_out=d_vocab, hf_config=hf_config)
+
     # ---- dicts -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-serializable dict (what reading it back from JSON gives)."""
@@ -293,19 +317,27 @@ class ModelSpec:
             if f == "features":
                 out += [f"features.{d}" for d in self.features.differences(other.features)]  # type: ignore[union-attr]
             elif f == "hf_config":
-                out.append("hf_config (the checkpoints' Hugging Face configs differ)")
+                ca, cb = _computing_entries(self.hf_config), _computing_entries(other.hf_config)
+                keys = sorted(k for k in {*ca, *cb} if ca.get(k) != cb.get(k))
+                named = f" in {', '.join(keys[:6])}" + (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else ""
+                out.append(f"hf_config (the checkpoints' Hugging Face configs differ{named})")
             else:
                 out.append(f"{f} ({a.get(f)} vs {b.get(f)})")
         return ", ".join(out)
 
     def differing(self, other: ModelSpec) -> list[str]:
         """The names of the fields in which ``other`` differs (what :meth:`differences` describes).
+        Two kept Hugging Face configs that differ only in token ids (``pad_token_id``, ``eos_token_id``
+        ...: a chat fine-tune's end token) do not differ: the ids say how text is framed, not what
+        the model computes.
 
         Examples:
             >>> ModelSpec(d_vocab=9, n_ctx=8).differing(ModelSpec(d_vocab=10, n_ctx=8))
             ['d_vocab', 'd_vocab_out']
         """
         a, b = self.to_dict(), other.to_dict()
+        if "hf_config" in a and "hf_config" in b:  # configs alike but for token ids compute alike
+            a["hf_config"], b["hf_config"] = _computing_entries(a["hf_config"]), _computing_entries(b["hf_config"])
         return [f for f in dict.fromkeys([*a, *b]) if a.get(f) != b.get(f)]
 
     def mismatch(self, recorded: dict[str, Any] | None) -> str:
@@ -468,3 +500,9 @@ def _config_from_json(text: str) -> Any:
 
     data = json.loads(text)
     return transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _computing_entries(hf_config: str) -> dict[str, Any]:
+    """A kept Hugging Face config (JSON) less its token ids (``*_token_id``), which do not change
+    what the model computes."""
+    return {k: v for k, v in json.loads(hf_config).items() if not k.endswith("token_id")} if hf_config else {}

@@ -8,6 +8,7 @@ step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -517,9 +518,29 @@ CASES = [
     Case(
         "pair-of-a-resized-vocabulary",
         ConfigError,
-        r"the fine-tune resized the vocabulary \(.* -> .* tokens.*resize_token_embeddings",
-        lambda e: diagnose(e.model, build_model(ModelSpec(d_vocab=SPEC.d_vocab + 1, n_ctx=SPEC.n_ctx, n_layers=1,
-                                                          d_model=16, n_heads=2)), TASK, TASK),  # fmt: skip
+        rf"the fine-tune resized the vocabulary \({SPEC.d_vocab} -> {SPEC.d_vocab + 1} tokens.*load the tuned model with "
+        rf"load_model\(PATH, d_vocab={SPEC.d_vocab}\)",
+        lambda e: diagnose(e.model, build_model(dataclasses.replace(SPEC, d_vocab=SPEC.d_vocab + 1, d_vocab_out=0)),
+                           TASK, TASK),  # fmt: skip
+    ),
+    Case(
+        "pair-of-a-vocabulary-cut-the-wrong-way",
+        ConfigError,
+        rf"the tuned model has fewer token rows than the base \({SPEC.d_vocab + 1} -> {SPEC.d_vocab}\).*were the two swapped",
+        lambda e: diagnose(build_model(dataclasses.replace(SPEC, d_vocab=SPEC.d_vocab + 1, d_vocab_out=0)), e.model,
+                           TASK, TASK),  # fmt: skip
+    ),
+    Case(
+        "load-model-on-more-tokens",
+        ConfigError,
+        rf"d_vocab={SPEC.d_vocab + 5} is more tokens than .* has \({SPEC.d_vocab}\)",
+        lambda e: load_model(e.ckpt, d_vocab=SPEC.d_vocab + 5),
+    ),
+    Case(
+        "load-model-on-no-tokens",
+        ConfigError,
+        r"d_vocab must be a whole number of tokens >= 1, got 0",
+        lambda e: load_model(e.ckpt, d_vocab=0),
     ),
     Case(
         "diagnose-paths-not-models",

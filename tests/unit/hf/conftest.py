@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_helpers import perturb_trained
 
 pytest.importorskip("peft", reason="the hf extra (peft, trl) is not installed")
 
@@ -60,11 +61,7 @@ def make_adapter(tmp_path_factory) -> AdapterFactory:
         options.setdefault("r", 4)
         options.setdefault("lora_alpha", 8)
         peft_model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **options))
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in peft_model.parameters():
-                if param.requires_grad:  # the factors, trained biases and modules to save
-                    param.add_(torch.randn(param.shape, generator=gen) * 0.2)
+        perturb_trained(peft_model, seed)  # the factors, trained biases and modules to save
         folder = tmp_path_factory.mktemp("adapter") / "adapter"
         peft_model.save_pretrained(folder)
         return folder

@@ -108,7 +108,7 @@ def test_bad_adapters_get_clear_errors(gpt2_folder, llama_folder, make_adapter, 
     with pytest.raises(CheckpointError, match="a tensor an IA3 adapter does not have.*merge_and_unload"):
         read_adapter(dora)
     (dora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
-    with pytest.raises(CheckpointError, match="is a LOHA adapter; capwrap reads LoRA .DoRA included. and IA3 adapters.*"
+    with pytest.raises(CheckpointError, match="is a LOHA adapter; capwrap reads LoRA .DoRA included., IA3 and trainable-tokens adapters.*"
                                               "merge_and_unload"):  # fmt: skip
         read_adapter(dora)
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True, "kasa_config": {"k": 1}}))

@@ -11,25 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_helpers import WORDS, save_word_tokenizer
 
 from capwrap.diagnosis import diagnose_checkpoints
 from capwrap.errors import CapwrapWarning
-
-WORDS = ["<eos>", "<unk>", *"the a dog cat ran sat home down big small red and saw to park in".split()]
-
-
-def _save_tokenizer(folder: Path) -> None:
-    """A real word-level tokenizer of the GPT-2 fixture's 64 tokens (EOS as BOS), saved by transformers."""
-    import tokenizers
-    import transformers
-
-    vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(64 - len(WORDS))])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", bos_token="<eos>"
-    )
-    tokenizer.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +25,7 @@ def text_pair(gpt2_folder, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("text-pair")
     shutil.copytree(gpt2_folder, root / "base")
-    _save_tokenizer(root / "base")
+    save_word_tokenizer(root / "base")
     tuned = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -81,6 +66,6 @@ def test_a_tuned_folder_without_a_tokenizer_is_read_with_the_bases_and_says_so(t
 
     own = tmp_path / "tuned-with-tokenizer"  # the same tuned model, with tokenizer files of its own
     shutil.copytree(tuned, own)
-    _save_tokenizer(own)
+    save_word_tokenizer(own)
     provenance, said = _diagnose(text_pair, own, tmp_path / "out-own")
     assert said == [] and provenance["tokenizer"] == {"base": str(base), "tuned": str(own)}
