@@ -104,7 +104,8 @@ _FACTORS = {
 _IA3_VECTOR = ".ia3_l"
 _TOKEN_ROWS = ".trainable_tokens_delta"  # peft's trainable tokens (the rows' trained values, not a change)
 #: What a module's merge puts into its weight, by :attr:`LoraModule.method` / :attr:`IA3Module.method`.
-_MERGED_AS = {"lora": "its LoRA factors", "dora": "its DoRA factors and magnitudes", "ia3": "its IA3 scaling vector"}
+_MERGED_AS = {"lora": "its LoRA factors", "dora": "its DoRA factors and magnitudes", "ia3": "its IA3 scaling vector",
+              "trainable_tokens": "its trained token rows"}
 #: LoRA options whose weight change is not ``scaling · B·A`` (peft can merge them; :func:`read_adapter`
 #: merges those of :data:`_MERGED_OPTIONS` itself).
 _UNSUPPORTED_OPTIONS = {
@@ -551,8 +552,8 @@ class LoraAdapter:
             CheckpointError: the adapter was made for another model, or changes the input
                 embedding or the output layer of a base that ties them.
         """
-        # trainable tokens keep a tie: peft's tied output layer follows the embedding's trained rows
-        untying = [m.weight_name for m in self.modules.values() if m.method != "trainable_tokens"]
+        # trainable tokens on the embedding keep a tie: peft's tied output layer follows the trained rows
+        untying = [m.weight_name for m in self.modules.values() if not _keeps_tie(spec, m)]
         if (tied := tied_change(spec, [*self.replaced, *untying])) and not self._kept_tied(spec):
             module = next((m for m in self.modules.values() if m.weight_name == tied[0]), None)
             merged = "its trained copy" if module is None else _MERGED_AS[module.method]
@@ -665,7 +666,9 @@ class LoraAdapter:
             return False
         embed, unembed = f"{names.embed}.weight", f"{names.unembed}.weight"
         both = embed in self.replaced and unembed in self.replaced
-        return (both and embed not in self.changed_weights and unembed not in self.changed_weights
+        # (trained token rows on the embedding keep the tie: peft's tied output layer follows them)
+        untying = {m.weight_name for m in self.modules.values() if not _keeps_tie(spec, m)}
+        return (both and embed not in untying and unembed not in untying
                 and torch.equal(self.replaced[embed], self.replaced[unembed]))  # fmt: skip
 
     def deltas(
@@ -748,6 +751,14 @@ class LoraAdapter:
                     for name in one_name_per_tensor(views):
                         weights[name].copy_(views[name])
                     del merged, views
+
+
+def _keeps_tie(spec: ModelSpec, module: AdapterModule) -> bool:
+    """Whether ``module`` changes a tied base's embedding and output layer alike, as peft trained them:
+    trained token rows of the input embedding (peft ties the output layer's to them). Rows of the
+    output layer alone peft trains untied (and then merges into the tied tensor)."""
+    names = spec.family.tensors if spec.family is not None else None
+    return isinstance(module, TokenRowsModule) and names is not None and module.weight_name == f"{names.embed}.weight"
 
 
 def tied_change(spec: ModelSpec, changed: Iterable[str]) -> tuple[str, str] | None:
@@ -1078,7 +1089,13 @@ def _parse(
             )
         scaling = _scaling(config, module, int(a.shape[0]))
         modules[module] = LoraModule(module, kinds[module], a, b, scaling, magnitude)  # type: ignore[arg-type]
-    modules |= _token_rows_modules(folder, config, rows)
+    rows_modules = _token_rows_modules(folder, config, rows)
+    if both := sorted(set(modules) & set(rows_modules)):
+        raise CheckpointError(
+            f"{folder} adapts {both[0]} with LoRA factors and trains its token rows too, a combination peft cannot "
+            "train (its forward pass refuses it); the adapter was not saved by a run of peft"
+        )
+    modules |= rows_modules
     if not modules and not replaced:
         raise CheckpointError(f"{folder}'s adapter weights hold no tensors")
     return modules, replaced
@@ -1088,11 +1105,16 @@ def _token_rows_modules(folder: Path, config: dict[str, Any], rows: Mapping[str,
     """The trainable-tokens modules of an adapter: each module's trained rows with the token ids its
     config gives them (a ``TRAINABLE_TOKENS`` adapter: ``token_indices``; a LoRA adapter:
     ``trainable_token_indices``, a list for the input embedding or ``{module: ids}``). peft saves a
-    tied output layer's rows beside the embedding's (the same ids and values): they are one tensor,
-    kept once."""
+    tied output layer's rows beside the embedding's (the same values, the embedding's ids): they are
+    one tensor, kept once, as the embedding's. Modules with no ids change nothing and are left out."""
+    from capwrap.models.families import FAMILIES
+
+    outputs = {f.tensors.unembed for f in FAMILIES.values() if f.tensors is not None}
     out: dict[str, TokenRowsModule] = {}
     given = config.get("token_indices") if config.get("peft_type") == "TRAINABLE_TOKENS" else config.get("trainable_token_indices")
-    for module, values in sorted(rows.items(), key=lambda item: item[0].endswith("lm_head")):  # an embedding first
+    for module, values in sorted(rows.items(), key=lambda item: item[0].rsplit(".", 1)[-1] in outputs):  # embeddings first
+        if any(torch.equal(m.values, values) and len(m.indices) == len(values) for m in out.values()):
+            continue  # a tied output layer's copy of the embedding's rows
         indices = given
         if isinstance(given, dict):
             indices = next((ids for key, ids in given.items() if module == key or module.endswith(f".{key}")), None)
@@ -1101,13 +1123,17 @@ def _token_rows_modules(folder: Path, config: dict[str, Any], rows: Mapping[str,
                 f"{folder} holds trained rows of {module} (trainable tokens) but its {ADAPTER_CONFIG} gives no token ids "
                 f"for them ({indices!r}); the adapter is corrupt"
             )
-        if values.ndim != 2 or values.shape[0] != len(indices) or len(set(indices)) != len(indices):
+        if values.ndim != 2 or values.shape[0] != len(indices):
             raise CheckpointError(
                 f"{folder}: the trained rows of {module} have shape {list(values.shape)} for the {len(indices)} token "
                 f"ids its {ADAPTER_CONFIG} gives ({sorted(indices)[:8]}); the adapter is corrupt"
             )
-        tied = next((m for m in out.values() if m.indices == tuple(indices) and torch.equal(m.values, values)), None)
-        if tied is None:
+        if len(set(indices)) != len(indices):
+            raise CheckpointError(
+                f"{folder} trains the rows of {module} for repeated token ids ({sorted(indices)[:8]}): which trained row "
+                "peft's merge keeps for a repeated id is not defined, so capwrap cannot build the model it trained"
+            )
+        if indices:
             out[module] = TokenRowsModule(module, tuple(indices), values)
     return out
 

@@ -56,6 +56,7 @@ from torch import Tensor
 from capwrap.errors import ConfigError
 from capwrap.models.allocator import LARGE_MODEL_BYTES, return_freed_memory
 from capwrap.models.model import CapModel
+from capwrap.provenance import forget_weights_digest
 
 __all__ = ["Residency"]
 
@@ -165,6 +166,7 @@ class _Member:
                     if device_part is not None:
                         device_part.copy_(torch.frombuffer(buffer, dtype=torch.uint8))
         self.resident, self.versions = True, self._versions()
+        forget_weights_digest(self.model)  # (read into their memory: no version counter saw it)
 
     def read_weight(self, name: str) -> Tensor:
         """One canonical weight, read from the file (a new tensor on the CPU)."""

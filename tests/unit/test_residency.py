@@ -383,3 +383,26 @@ with Residency() as residency:
 
     assert run("small")[1] >= 250  # glibc's default: the freed 300 MiB stay resident
     assert run("large")[1] < 50
+
+
+def test_the_kept_weights_digest_follows_changes_a_residency_reads_back(small_model, small_task, monkeypatch):
+    """weights_sha256 keeps a model's digest until a weight changes (a diagnosis names the weights twice):
+    a change through a tensor, and weights read back from the file (no tensor operation), are seen."""
+    import capwrap.provenance as provenance
+
+    tuned = _perturbed(small_model)
+    reads = []
+    monkeypatch.setattr(provenance, "tensors_sha256", lambda t, read=provenance.tensors_sha256: reads.append(1) or read(t))
+    first = provenance.weights_sha256(tuned)
+    assert provenance.weights_sha256(tuned) == first and len(reads) == 1  # read once
+    with Residency() as residency:
+        residency.add(tuned)
+        with residency.scratch(tuned) as work:
+            with torch.no_grad():
+                work.weights()["blocks.0.mlp.W_out"].zero_()
+            changed = provenance.weights_sha256(work)
+            assert changed != first
+            residency.revert(tuned)  # read back from the file into the weights' memory
+            assert provenance.weights_sha256(tuned) == first
+        residency.release_all()
+        assert provenance.weights_sha256(tuned) == first  # freed and read back: the same weights

@@ -148,3 +148,41 @@ def test_capwrap_info_and_diagnose_of_a_trainable_tokens_adapter(llama_folder, t
     assert summary["adapter"]["adapter"]["trainable_tokens"] == {"model.embed_tokens": [3, 7, 11]}
     methods = {row["method"] for row in summary["adapter"]["largest_modules"]}
     assert methods == {"lora", "trainable_tokens"}
+
+
+@pytest.mark.parametrize("indices", [[64, 65], {"wte": [64, 65]}], ids=["list", "per-module"])
+def test_trainable_added_tokens_of_a_tied_base_merge_like_peft(indices, gpt2_folder, tmp_path):
+    """The usual way to train new chat tokens on a small tied model (GPT-2, Gemma, Qwen2.5-0.5B): the
+    base grown, the new rows trained. peft saves the grown embedding and its tied output layer's copies
+    (rows and trained rows); both were refused (review of 2026-12-08)."""
+    import peft
+    import transformers
+
+    def grown():
+        model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+        model.resize_token_embeddings(66, mean_resizing=False)
+        return model
+
+    config = _config("lora", "wte", trainable_token_indices=indices)
+    perturb_trained(peft.get_peft_model(grown(), config), seed=1).save_pretrained(tmp_path / "ad")
+    reference = peft.PeftModel.from_pretrained(grown(), tmp_path / "ad").merge_and_unload().eval()
+    ids = torch.cat([TOKENS, torch.tensor([[64, 65] * 6])])
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(load_model(gpt2_folder, adapter=tmp_path / "ad")(ids), expected, atol=1e-5, rtol=1e-5)
+        cut = load_model(gpt2_folder, adapter=tmp_path / "ad", d_vocab=64)
+        torch.testing.assert_close(cut(TOKENS), expected[:2, :, :64], atol=1e-5, rtol=1e-5)
+
+
+def test_trained_rows_of_a_tied_output_layer_alone_are_refused_as_untied(gpt2_folder, tmp_path):
+    """peft trains the output layer's rows apart from the embedding (the model it trained is untied)
+    and merges them into the one tied tensor: said as for every adapter that unties a tied base."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_folder)
+    config = peft.TrainableTokensConfig(target_modules=["lm_head"], token_indices=[3, 7])
+    perturb_trained(peft.get_peft_model(model, config), seed=1).save_pretrained(tmp_path / "ad")
+    with pytest.raises(CheckpointError, match=r"changes lm_head.weight, which this base ties to its input embedding.*"
+                                              r"a merge of its trained token rows into the one tied tensor"):  # fmt: skip
+        load_model(gpt2_folder, adapter=tmp_path / "ad")
