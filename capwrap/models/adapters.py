@@ -170,6 +170,11 @@ class _AdaptedModule:
         """The name of the weight the module changes."""
         return f"{self.name}.weight"
 
+    def token_count(self, axis: int, transpose: bool = False) -> int | None:
+        """The size of the changed weight's ``axis`` as stored (``transpose``: GPT-2's ``Conv1D``), as far
+        as the module tells it (``None``: any; trained token rows say only that their ids exist)."""
+        return self.delta_shape(transpose)[axis]  # type: ignore[attr-defined]
+
 
 @dataclass(frozen=True)
 class LoraModule(_AdaptedModule):
@@ -292,10 +297,6 @@ class LoraModule(_AdaptedModule):
         del norm
         return change.add_(weight).mul_(factor.T if input_first else factor)  # change: now m / ‖V‖ · (W + change)
 
-    def token_count(self, axis: int, transpose: bool = False) -> int:
-        """The size of the changed weight's ``axis`` (as stored; ``transpose``: GPT-2's ``Conv1D``)."""
-        return self.delta_shape(transpose)[axis]
-
     def cut_tokens(self, axis: int, count: int, transpose: bool = False) -> LoraModule:
         """The module as it changes the first ``count`` entries of its weight's ``axis`` (as stored):
         the factor on that side cut (an output side's DoRA magnitudes too: each output's norm is its own).
@@ -303,7 +304,7 @@ class LoraModule(_AdaptedModule):
         Raises:
             CheckpointError: DoRA on an input side (its norms run over every input).
         """
-        if self.token_count(axis, transpose) <= count:
+        if self.token_count(axis, transpose) <= count:  # type: ignore[operator]
             return self
         output_axis = 1 if (transpose or self.kind == "embedding") else 0
         if axis == output_axis:
@@ -389,10 +390,6 @@ class IA3Module(_AdaptedModule):
             out[bias] = torch.mul(base[bias], scale.reshape(base[bias].shape))
         return out
 
-    def token_count(self, axis: int, transpose: bool = False) -> int | None:
-        """The size of the changed weight's ``axis`` as ``l`` tells it (``None``: any)."""
-        return self.delta_shape(transpose)[axis]
-
     def cut_tokens(self, axis: int, count: int, transpose: bool = False) -> IA3Module:
         """The module as it changes the first ``count`` entries of its weight's ``axis`` (as stored):
         ``l`` cut where it runs along that axis (it scales each entry on its own)."""
@@ -455,10 +452,6 @@ class TokenRowsModule(_AdaptedModule):
     def delta_shape(self, transpose: bool = False) -> tuple[int | None, int]:
         """The shape of the weight the module changes, as far as its rows tell it (any number of tokens)."""
         return None, int(self.values.shape[1])
-
-    def token_count(self, axis: int, transpose: bool = False) -> None:
-        """``None``: trained rows do not say how many tokens their weight has (only that it has their ids)."""
-        return None
 
     def cut_tokens(self, axis: int, count: int, transpose: bool = False) -> TokenRowsModule:
         """The module as it changes the first ``count`` tokens' rows: the trained rows of those tokens."""
@@ -636,18 +629,16 @@ class LoraAdapter:
         Raises:
             CheckpointError: a DoRA module adapts the tokens' input side (its norms run over all of them).
         """
-        from capwrap.models.vocabulary import stored_token_axes
+        from capwrap.models.vocabulary import cut_state, stored_token_axes
 
         axes, transposed = stored_token_axes(spec), _input_first_modules(spec)  # (a tied output layer peft saved apart)
-        replaced = {name: t.narrow(axes[name], 0, d_vocab) if name in axes and t.shape[axes[name]] == spec.d_vocab else t
-                    for name, t in self.replaced.items()}  # fmt: skip
         modules = {
             name: module.cut_tokens(axes[module.weight_name], d_vocab, module.name in transposed)
             if module.weight_name in axes else module
             for name, module in self.modules.items()
         }  # fmt: skip
         modules = {name: m for name, m in modules.items() if not isinstance(m, TokenRowsModule) or m.indices}
-        return dataclasses.replace(self, modules=modules, replaced=replaced)
+        return dataclasses.replace(self, modules=modules, replaced=cut_state(spec, self.replaced, d_vocab))
 
     def replacing(self, spec: ModelSpec) -> dict[str, Tensor]:
         """The tensors the adapter replaces in a base of ``spec``: :attr:`replaced`, less the output

@@ -254,8 +254,8 @@ def _grown_state(
     Raises:
         CheckpointError: the adapter does not hold a per-token tensor whole.
     """
-    replacing = lora.replacing(spec)
-    missing = [name for name in token_axes(spec) if name not in replacing]
+    replacing, per_token = lora.replacing(spec), token_axes(spec)
+    missing = [name for name in per_token if name not in replacing]
     if missing:
         raise CheckpointError(
             f"the adapter at {lora.path} was trained on its base grown to {spec.d_vocab} tokens, but holds no whole "
@@ -264,7 +264,7 @@ def _grown_state(
             f"added tokens' rows are unknown. Load it on the base's tokens: load_model(BASE, adapter=ADAPTER, "
             f"d_vocab={base_vocabulary}) (`capwrap diagnose` does so)"
         )
-    return {**state, **{name: replacing[name] for name in token_axes(spec)}}
+    return {**state, **{name: replacing[name] for name in per_token}}
 
 
 def check_placement(
